@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Turn the benchmark's results log into a Markdown report (standard library only).
+
+    python3 bench/summarize.py RESULTS_LOG > report.md
+
+RESULTS_LOG is written by bench/run.sh, one measurement a line, as key=value words:
+
+    META key=value ...
+    WRK round=1 scenario=small target=nginx requests=... rps=... p50_us=... p99_us=... err_*=...
+    RSS target=backstop state=idle|conns|peak rss_kb=... open=... connections=... ok=...
+
+For every scenario and target the report gives the median over rounds of req/s, p50 and
+p99 latency, and req/s and p99 as a ratio to nginx.
+"""
+
+import statistics
+import sys
+from collections import defaultdict
+
+TARGETS = ["direct", "nginx", "haproxy", "backstop"]
+LABELS = {
+    "direct": "backend direct (no proxy)",
+    "nginx": "nginx",
+    "haproxy": "HAProxy",
+    "backstop": "**Backstop**",
+}
+SCENARIOS = {"small": "GET /bench/small (13 B body)", "16k": "GET /bench/16k (16 KiB body)"}
+BASELINE = "nginx"
+
+
+def parse(path):
+    meta, wrk, rss = {}, [], {}
+    with open(path) as f:
+        for line in f:
+            kind, *words = line.split()
+            fields = dict(w.split("=", 1) for w in words if "=" in w)
+            if kind == "META":
+                meta.update(fields)
+            elif kind == "WRK":
+                wrk.append(fields)
+            elif kind == "RSS":
+                rss[(fields["target"], fields["state"])] = fields
+    return meta, wrk, rss
+
+
+def fmt_ms(us):
+    ms = us / 1000
+    return f"{ms:.2f} ms" if ms < 10 else f"{ms:.1f} ms"
+
+
+def fmt_ratio(x, base):
+    return f"{x / base:.2f}×" if base else "n/a"
+
+
+def fmt_mib(kb):
+    return f"{int(kb) / 1024:.1f} MiB"
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    meta, wrk, rss = parse(sys.argv[1])
+
+    runs = defaultdict(list)  # (scenario, target) -> list of runs
+    for r in wrk:
+        runs[(r["scenario"], r["target"])].append(r)
+
+    def median(scenario, target, key):
+        vals = [float(r[key]) for r in runs[(scenario, target)]]
+        return statistics.median(vals) if vals else None
+
+    def errors(scenario, target):
+        return sum(int(r[k]) for r in runs[(scenario, target)] for k in r if k.startswith("err_"))
+
+    warmup = meta.get("warmup", "?")
+    warmup = "no warm-up" if warmup == "0" else f"after a {warmup} warm-up"
+    out = []
+    w = out.append
+    w(f"# Backstop benchmark — {meta.get('date', '?')}")
+    w("")
+    w(f"- Host: {meta.get('cpu', '?').replace('_', ' ')}, {meta.get('cores', '?')} cores, "
+      f"Linux {meta.get('kernel', '?')}")
+    w(f"- Versions: Backstop {meta.get('backstop', '?')}, nginx {meta.get('nginx', '?')}, "
+      f"HAProxy {meta.get('haproxy', '?')}, wrk {meta.get('wrk', '?')}")
+    w(f"- Load: `wrk -t1 -c{meta.get('connections', '?')} -d{meta.get('duration', '?')} --latency` "
+      f"on 127.0.0.1, {meta.get('rounds', '?')} interleaved round(s), {warmup}; "
+      "every number is the median over rounds. "
+      f"CPU pinning: {'wrk on CPU 0, servers on CPU 1' if meta.get('pin') == '1' else 'none'}.")
+    w("- Each proxy runs one worker (nginx `worker_processes 1`, HAProxy `nbthread 1`, "
+      "Backstop `workers = 1`) in front of the same backend, with upstream keep-alive.")
+    w("")
+
+    for scenario, title in SCENARIOS.items():
+        if not any(runs[(scenario, t)] for t in TARGETS):
+            continue
+        base_rps = median(scenario, BASELINE, "rps")
+        base_p99 = median(scenario, BASELINE, "p99_us")
+        w(f"## {title}")
+        w("")
+        w("| target | req/s | req/s vs nginx | p50 | p99 | p99 vs nginx | errors |")
+        w("|---|---:|---:|---:|---:|---:|---:|")
+        for t in TARGETS:
+            if not runs[(scenario, t)]:
+                continue
+            rps = median(scenario, t, "rps")
+            p50 = median(scenario, t, "p50_us")
+            p99 = median(scenario, t, "p99_us")
+            w(f"| {LABELS[t]} | {rps:,.0f} | {fmt_ratio(rps, base_rps)} | {fmt_ms(p50)} | "
+              f"{fmt_ms(p99)} | {fmt_ratio(p99, base_p99)} | {errors(scenario, t)} |")
+        w("")
+
+    if rss:
+        n = meta.get("idle_conns", "1000")
+        w("## Memory (resident set size)")
+        w("")
+        w(f"| proxy | idle after start | with {int(n):,} idle keep-alive connections | "
+          "connections still open | peak over the run (VmHWM) |")
+        w("|---|---:|---:|---:|---:|")
+        for t in TARGETS[1:]:
+            idle, conns, peak = (rss.get((t, s)) for s in ("idle", "conns", "peak"))
+            if not (idle or conns or peak):
+                continue
+            w(f"| {LABELS[t]} | {fmt_mib(idle['rss_kb']) if idle else '—'} | "
+              f"{fmt_mib(conns['rss_kb']) if conns else '—'} | "
+              f"{conns['open'] + '/' + conns['connections'] if conns else '—'} | "
+              f"{fmt_mib(peak['rss_kb']) if peak else '—'} |")
+        w("")
+        w("VmRSS from /proc/PID/status; nginx is master + worker summed. The connections each "
+          "sent one `GET /health` (answered by the proxy itself) and then stayed idle.")
+        w("")
+
+    w("## Every run")
+    w("")
+    w("| round | scenario | target | req/s | p50 | p99 | errors |")
+    w("|---:|---|---|---:|---:|---:|---:|")
+    for r in sorted(wrk, key=lambda r: (int(r["round"]), list(SCENARIOS).index(r["scenario"]),
+                                        TARGETS.index(r["target"]))):
+        errs = sum(int(r[k]) for k in r if k.startswith("err_"))
+        w(f"| {r['round']} | {r['scenario']} | {r['target']} | {float(r['rps']):,.0f} | "
+          f"{fmt_ms(float(r['p50_us']))} | {fmt_ms(float(r['p99_us']))} | {errs} |")
+    w("")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+//! Capture: a request that its backend could not take is written durably and
+//! the client is told so — only after the write is durable.
+//!
+//! `record` is the format, `spool` the embedded store. The [`Capturer`]
+//! decides where a record goes and builds the answer.
+
+pub mod record;
+pub mod spool;
+
+use std::sync::Arc;
+
+use http::{HeaderName, HeaderValue, StatusCode};
+
+use crate::classify::Failure;
+use crate::error::{ErrorCode, ProxyError};
+use crate::pipeline::{Outgoing, OutgoingBody, RequestContext};
+use crate::routing::Route;
+use record::{CaptureRecord, CapturedRequest, ClientMeta};
+use spool::{Destination, Spool};
+
+pub const X_BACKSTOP_CAPTURE_ID: HeaderName = HeaderName::from_static("x-backstop-capture-id");
+
+/// The answer to a capture attempt; both sides are proxy-made answers.
+pub enum CaptureOutcome {
+    Captured(ProxyError),
+    Failed(ProxyError),
+}
+
+/// Where captured requests go.
+pub struct Capturer {
+    pub spool: Arc<Spool>,
+    /// `Retry-After` suggested to clients whose request was captured.
+    retry_after_s: u64,
+}
+
+impl Capturer {
+    pub fn new(spool: Arc<Spool>, retry_after_s: u64) -> Self {
+        Capturer { spool, retry_after_s }
+    }
+
+    /// Builds the record of a failed request, stores it durably, and returns
+    /// the answer for the client.
+    pub async fn capture(
+        &self,
+        route: &Route,
+        outgoing: Outgoing,
+        failure: Failure,
+        ctx: &RequestContext,
+    ) -> CaptureOutcome {
+        let body = match &outgoing.body {
+            OutgoingBody::Buffered(b) => b.0.clone(),
+            OutgoingBody::Streaming(_) => bytes::Bytes::new(),
+        };
+        let headers = outgoing.client_headers.as_ref().unwrap_or(&outgoing.headers);
+        let request = CapturedRequest::new(
+            &outgoing.method,
+            &outgoing.original_path,
+            outgoing.original_query.as_deref(),
+            headers,
+            &body,
+            &route.config.capture.redact_headers,
+        );
+        let client = ClientMeta {
+            addr: ctx.client.addr.to_string(),
+            request_id: ctx.request_id.clone(),
+        };
+        let record = CaptureRecord::new(route.name(), failure.reason(), ctx.attempts, request, client);
+        match self.store(&record).await {
+            Ok(()) => {
+                tracing::info!(route = %route.name(), capture_id = %record.id, reason = %record.reason, "request captured");
+                CaptureOutcome::Captured(self.captured_answer(route, &record))
+            }
+            Err(e) => {
+                tracing::error!(route = %route.name(), error = %e, "capture failed: the request is lost to the client's retry");
+                CaptureOutcome::Failed(
+                    ProxyError::new(
+                        ErrorCode::CaptureFailed,
+                        "The backend is unavailable and the request could not be stored; please retry",
+                    )
+                    .with_field("captured", false),
+                )
+            }
+        }
+    }
+
+    /// Stores a record durably.
+    pub async fn store(&self, record: &CaptureRecord) -> Result<(), spool::SpoolError> {
+        self.spool
+            .append(&record.id, &record.route, record.to_json(), Destination::Replay)
+            .await
+    }
+
+    fn captured_answer(&self, route: &Route, record: &CaptureRecord) -> ProxyError {
+        let status = StatusCode::from_u16(route.config.capture.respond_status)
+            .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let mut answer = ProxyError::new(
+            ErrorCode::Captured,
+            "The backend is unavailable; the request was stored and will be delivered when it recovers",
+        )
+        .with_status(status)
+        .with_field("captured", true)
+        .with_field("capture_id", record.id.as_str());
+        if let Ok(id) = HeaderValue::from_str(&record.id) {
+            answer = answer.with_header(X_BACKSTOP_CAPTURE_ID, id);
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            answer = answer.with_retry_after(self.retry_after_s);
+        }
+        answer
+    }
+}

@@ -1,0 +1,182 @@
+//! The capture record: one JSON document per captured request, versioned
+//! (`v`), as DESIGN.md defines it and `schema/capture-record.schema.json`
+//! describes it.
+
+use std::time::SystemTime;
+
+use base64::Engine;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The record format this build writes and reads.
+pub const RECORD_VERSION: u32 = 1;
+
+/// What replaces a redacted header's value.
+pub const REDACTED: &str = "[redacted]";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaptureRecord {
+    pub v: u32,
+    pub id: String,
+    pub captured_at: String,
+    pub route: String,
+    pub reason: String,
+    /// Upstream attempts made before the request was captured.
+    pub attempts: u32,
+    pub request: CapturedRequest,
+    pub client: ClientMeta,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CapturedRequest {
+    pub method: String,
+    /// The client's original path (before any prefix stripping).
+    pub path: String,
+    pub query: Option<String>,
+    /// In the client's order, repeated names kept.
+    pub headers: Vec<(String, String)>,
+    pub body_b64: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientMeta {
+    pub addr: String,
+    pub request_id: String,
+}
+
+/// Why a stored record cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not a capture record: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("unsupported record version {0} (this build reads version {RECORD_VERSION})")]
+    Version(u32),
+    #[error("invalid body_b64: {0}")]
+    Body(#[from] base64::DecodeError),
+}
+
+impl CaptureRecord {
+    /// A new record with a fresh time-ordered id.
+    pub fn new(route: &str, reason: String, attempts: u32, request: CapturedRequest, client: ClientMeta) -> Self {
+        CaptureRecord {
+            v: RECORD_VERSION,
+            id: Uuid::now_v7().to_string(),
+            captured_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            route: route.to_string(),
+            reason,
+            attempts,
+            request,
+            client,
+        }
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serialising plain strings and numbers cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses a stored record, refusing versions this build does not know.
+    pub fn from_json(bytes: &[u8]) -> Result<CaptureRecord, DecodeError> {
+        #[derive(Deserialize)]
+        struct Version {
+            v: u32,
+        }
+        let Version { v } = serde_json::from_slice(bytes)?;
+        if v != RECORD_VERSION {
+            return Err(DecodeError::Version(v));
+        }
+        Ok(serde_json::from_slice(bytes)?)
+    }
+
+    pub fn body(&self) -> Result<Vec<u8>, DecodeError> {
+        Ok(base64::engine::general_purpose::STANDARD.decode(&self.request.body_b64)?)
+    }
+}
+
+impl CapturedRequest {
+    /// Captures a request's parts; values of `redact` headers are replaced.
+    pub fn new(
+        method: &http::Method,
+        path: &str,
+        query: Option<&str>,
+        headers: &HeaderMap,
+        body: &[u8],
+        redact: &[HeaderName],
+    ) -> Self {
+        let headers = headers
+            .iter()
+            .map(|(name, value)| {
+                let value = if redact.contains(name) {
+                    REDACTED.to_string()
+                } else {
+                    String::from_utf8_lossy(value.as_bytes()).into_owned()
+                };
+                (name.as_str().to_string(), value)
+            })
+            .collect();
+        CapturedRequest {
+            method: method.as_str().to_string(),
+            path: path.to_string(),
+            query: query.map(str::to_string),
+            headers,
+            body_b64: base64::engine::general_purpose::STANDARD.encode(body),
+        }
+    }
+
+    /// The stored headers as a map; names or values that are no longer valid
+    /// are dropped.
+    pub fn header_map(&self) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.headers.len());
+        for (name, value) in &self.headers {
+            if let (Ok(n), Ok(v)) = (HeaderName::try_from(name.as_str()), HeaderValue::try_from(value.as_str())) {
+                map.append(n, v);
+            }
+        }
+        map
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_keeps_headers_in_order_and_body_bytes() {
+        let mut headers = HeaderMap::new();
+        headers.append("x-b", HeaderValue::from_static("1"));
+        headers.append("x-a", HeaderValue::from_static("2"));
+        headers.append("x-b", HeaderValue::from_static("3"));
+        headers.append("authorization", HeaderValue::from_static("Bearer secret"));
+        let body = [0xff, 0x00, 0xfe, b'a'];
+        let req = CapturedRequest::new(
+            &http::Method::POST,
+            "/api/x",
+            Some("a=1"),
+            &headers,
+            &body,
+            &[HeaderName::from_static("authorization")],
+        );
+        let record = CaptureRecord::new(
+            "users",
+            "connect_refused".into(),
+            1,
+            req,
+            ClientMeta { addr: "127.0.0.1:1".into(), request_id: "r".into() },
+        );
+        let back = CaptureRecord::from_json(&record.to_json()).unwrap();
+        assert_eq!(back, record);
+        assert_eq!(back.body().unwrap(), body);
+        let map = back.request.header_map();
+        let xb: Vec<_> = map.get_all("x-b").iter().collect();
+        assert_eq!(xb, ["1", "3"]);
+        assert_eq!(map["authorization"], REDACTED);
+    }
+
+    #[test]
+    fn unknown_version_is_refused() {
+        let err = CaptureRecord::from_json(br#"{"v":2}"#).unwrap_err();
+        assert!(matches!(err, DecodeError::Version(2)));
+        assert!(CaptureRecord::from_json(b"not json").is_err());
+    }
+}

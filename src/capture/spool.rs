@@ -1,0 +1,471 @@
+//! The embedded spool: captured requests and dead letters in SQLite under
+//! `data_dir`, written durably with group commit.
+//!
+//! Why SQLite: an ACID store whose file other processes may open at the same
+//! time (WAL mode), so `backstop queue ...` can read and change the queue of
+//! a running instance. Every write goes through one writer thread, which
+//! takes all pending writes, applies them in one transaction, and answers
+//! each caller only after that transaction's commit (and its fsync, with
+//! `synchronous = FULL`) returned — many records per fsync.
+//!
+//! Only `capture/` and `replay/` (through this type) touch the spool.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+/// How many writes one transaction takes at most.
+const MAX_BATCH: usize = 2048;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool database: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("spool directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("spool commit failed: {0}")]
+    Commit(String),
+    #[error("the spool writer has stopped")]
+    Closed,
+    #[error("no record {0}")]
+    NotFound(String),
+}
+
+/// Where a queued record goes next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// To the backend, by the spool's replay worker.
+    Replay,
+    /// To Kafka, by the forwarder (Kafka was down when it was captured).
+    Kafka,
+}
+
+impl Destination {
+    fn as_str(self) -> &'static str {
+        match self {
+            Destination::Replay => "replay",
+            Destination::Kafka => "kafka",
+        }
+    }
+}
+
+/// A row of the queue.
+#[derive(Debug, Clone)]
+pub struct QueuedRecord {
+    pub id: String,
+    pub route: String,
+    pub record: Vec<u8>,
+    pub attempts: u32,
+    pub next_at_ms: i64,
+    pub last_error: Option<String>,
+}
+
+/// A row of the dead-letter table.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub id: String,
+    pub route: String,
+    pub record: Vec<u8>,
+    pub attempts: u32,
+    pub error: String,
+    pub dead_at_ms: i64,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SpoolStats {
+    pub depth: u64,
+    pub oldest_age_s: f64,
+    pub dead_letters: u64,
+    pub waiting_for_kafka: u64,
+}
+
+enum Write {
+    Append {
+        id: String,
+        route: String,
+        record: Vec<u8>,
+        dest: Destination,
+    },
+    Delete {
+        id: String,
+    },
+    RetryLater {
+        id: String,
+        attempts: u32,
+        next_at_ms: i64,
+        error: String,
+    },
+    DeadLetter {
+        id: String,
+        attempts: u32,
+        error: String,
+    },
+    Requeue {
+        id: Option<String>,
+    },
+    PurgeDead,
+}
+
+struct Job {
+    write: Write,
+    reply: oneshot::Sender<Result<u64, SpoolError>>,
+}
+
+pub struct Spool {
+    path: PathBuf,
+    writer: mpsc::Sender<Job>,
+    reader: Mutex<Connection>,
+    /// Woken after every commit that queued something.
+    pub appended: Arc<Notify>,
+    commits: Arc<std::sync::atomic::AtomicU64>,
+    records_written: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Spool {
+    /// Opens (or creates) `data_dir/spool.sqlite3` and starts its writer.
+    pub fn open(data_dir: &Path) -> Result<Arc<Spool>, SpoolError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| SpoolError::Dir {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        let path = data_dir.join("spool.sqlite3");
+        let writer_conn = open_connection(&path)?;
+        writer_conn.execute_batch(SCHEMA)?;
+        let reader = open_connection(&path)?;
+        let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
+        let appended = Arc::new(Notify::new());
+        let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let records_written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let notify = appended.clone();
+        let (c, r) = (commits.clone(), records_written.clone());
+        std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || writer_loop(writer_conn, rx, notify, c, r))
+            .map_err(|source| SpoolError::Dir {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(Arc::new(Spool {
+            path,
+            writer: tx,
+            reader: Mutex::new(reader),
+            appended,
+            commits,
+            records_written,
+        }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// (commits, records appended) since start: records per fsync.
+    pub fn commit_stats(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.commits.load(Relaxed), self.records_written.load(Relaxed))
+    }
+
+    async fn write(&self, write: Write) -> Result<u64, SpoolError> {
+        let (reply, answer) = oneshot::channel();
+        self.writer
+            .send(Job { write, reply })
+            .await
+            .map_err(|_| SpoolError::Closed)?;
+        answer.await.map_err(|_| SpoolError::Closed)?
+    }
+
+    /// Stores a record; returns only once it is committed to disk.
+    pub async fn append(&self, id: &str, route: &str, record: Vec<u8>, dest: Destination) -> Result<(), SpoolError> {
+        self.write(Write::Append {
+            id: id.to_string(),
+            route: route.to_string(),
+            record,
+            dest,
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Removes a delivered (or forwarded) record.
+    pub async fn delete(&self, id: &str) -> Result<(), SpoolError> {
+        self.write(Write::Delete { id: id.to_string() }).await.map(drop)
+    }
+
+    pub async fn retry_later(&self, id: &str, attempts: u32, next_at_ms: i64, error: &str) -> Result<(), SpoolError> {
+        self.write(Write::RetryLater {
+            id: id.to_string(),
+            attempts,
+            next_at_ms,
+            error: error.to_string(),
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Moves a record to the dead-letter table with the reason.
+    pub async fn dead_letter(&self, id: &str, attempts: u32, error: &str) -> Result<(), SpoolError> {
+        self.write(Write::DeadLetter {
+            id: id.to_string(),
+            attempts,
+            error: error.to_string(),
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Moves one dead letter (or all, with `None`) back to the queue with a
+    /// fresh attempt count; returns how many moved.
+    pub async fn requeue(&self, id: Option<&str>) -> Result<u64, SpoolError> {
+        let moved = self.write(Write::Requeue { id: id.map(str::to_string) }).await?;
+        if let (Some(id), 0) = (id, moved) {
+            return Err(SpoolError::NotFound(id.to_string()));
+        }
+        Ok(moved)
+    }
+
+    pub async fn purge_dead_letters(&self) -> Result<u64, SpoolError> {
+        self.write(Write::PurgeDead).await
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, SpoolError> {
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(f(&conn)?)
+    }
+
+    /// Queued records bound for `dest`, oldest first.
+    pub fn queued(&self, dest: Destination, limit: usize) -> Result<Vec<QueuedRecord>, SpoolError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, route, record, attempts, next_at_ms, last_error FROM queue \
+                 WHERE dest = ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![dest.as_str(), limit as i64], queued_row)?;
+            rows.collect()
+        })
+    }
+
+    /// Every queued record, oldest first (for `backstop queue list`).
+    pub fn list(&self, limit: usize) -> Result<Vec<QueuedRecord>, SpoolError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, route, record, attempts, next_at_ms, last_error FROM queue \
+                 ORDER BY id LIMIT ?1",
+            )?;
+            let rows = stmt.query_map(params![limit as i64], queued_row)?;
+            rows.collect()
+        })
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<QueuedRecord>, SpoolError> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT id, route, record, attempts, next_at_ms, last_error FROM queue WHERE id = ?1",
+                params![id],
+                queued_row,
+            )
+            .optional()
+        })
+    }
+
+    pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, SpoolError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, route, record, attempts, error, dead_at_ms FROM dead_letters \
+                 ORDER BY id LIMIT ?1",
+            )?;
+            let rows = stmt.query_map(params![limit as i64], dead_row)?;
+            rows.collect()
+        })
+    }
+
+    pub fn get_dead(&self, id: &str) -> Result<Option<DeadLetter>, SpoolError> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT id, route, record, attempts, error, dead_at_ms FROM dead_letters WHERE id = ?1",
+                params![id],
+                dead_row,
+            )
+            .optional()
+        })
+    }
+
+    pub fn stats(&self) -> Result<SpoolStats, SpoolError> {
+        self.read(|c| {
+            let depth: i64 = c.query_row("SELECT COUNT(*) FROM queue WHERE dest = 'replay'", [], |r| r.get(0))?;
+            let kafka: i64 = c.query_row("SELECT COUNT(*) FROM queue WHERE dest = 'kafka'", [], |r| r.get(0))?;
+            let dead: i64 = c.query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0))?;
+            let oldest: Option<i64> = c.query_row("SELECT MIN(captured_ms) FROM queue", [], |r| r.get(0))?;
+            let oldest_age_s = oldest.map_or(0.0, |ms| ((now_ms() - ms).max(0) as f64) / 1000.0);
+            Ok(SpoolStats {
+                depth: depth as u64,
+                oldest_age_s,
+                dead_letters: dead as u64,
+                waiting_for_kafka: kafka as u64,
+            })
+        })
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS queue (
+    id          TEXT PRIMARY KEY,
+    route       TEXT NOT NULL,
+    record      BLOB NOT NULL,
+    dest        TEXT NOT NULL,
+    captured_ms INTEGER NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    next_at_ms  INTEGER NOT NULL DEFAULT 0,
+    last_error  TEXT
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS queue_dest ON queue (dest, id);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id          TEXT PRIMARY KEY,
+    route       TEXT NOT NULL,
+    record      BLOB NOT NULL,
+    attempts    INTEGER NOT NULL,
+    error       TEXT NOT NULL,
+    dead_at_ms  INTEGER NOT NULL
+) WITHOUT ROWID;
+";
+
+fn open_connection(path: &Path) -> Result<Connection, SpoolError> {
+    let conn = Connection::open(path)?;
+    // WAL lets readers (the CLI, the admin API) work beside the writer;
+    // synchronous = FULL makes every commit wait for fsync: the durability
+    // the client is promised.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    Ok(conn)
+}
+
+fn queued_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<QueuedRecord> {
+    Ok(QueuedRecord {
+        id: r.get(0)?,
+        route: r.get(1)?,
+        record: r.get(2)?,
+        attempts: r.get(3)?,
+        next_at_ms: r.get(4)?,
+        last_error: r.get(5)?,
+    })
+}
+
+fn dead_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
+    Ok(DeadLetter {
+        id: r.get(0)?,
+        route: r.get(1)?,
+        record: r.get(2)?,
+        attempts: r.get(3)?,
+        error: r.get(4)?,
+        dead_at_ms: r.get(5)?,
+    })
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The writer thread: one transaction per batch of pending writes.
+fn writer_loop(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Job>,
+    appended: Arc<Notify>,
+    commits: Arc<std::sync::atomic::AtomicU64>,
+    records_written: Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let appends = batch
+            .iter()
+            .filter(|j| matches!(j.write, Write::Append { .. } | Write::Requeue { .. }))
+            .count();
+        match apply_batch(&mut conn, &batch) {
+            Ok(results) => {
+                commits.fetch_add(1, Relaxed);
+                records_written.fetch_add(appends as u64, Relaxed);
+                for (job, result) in batch.drain(..).zip(results) {
+                    let _ = job.reply.send(result);
+                }
+                if appends > 0 {
+                    appended.notify_one();
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "spool commit failed");
+                let message = e.to_string();
+                for job in batch.drain(..) {
+                    let _ = job.reply.send(Err(SpoolError::Commit(message.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// Applies a batch in one transaction. A write that fails alone (a bad id)
+/// gets its own error; the others still commit.
+fn apply_batch(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<Vec<Result<u64, SpoolError>>> {
+    let tx = conn.transaction()?;
+    let mut results = Vec::with_capacity(batch.len());
+    let now = now_ms();
+    for job in batch {
+        let result = match &job.write {
+            Write::Append { id, route, record, dest } => tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO queue (id, route, record, dest, captured_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .and_then(|mut s| s.execute(params![id, route, record, dest.as_str(), now])),
+            Write::Delete { id } => tx
+                .prepare_cached("DELETE FROM queue WHERE id = ?1")
+                .and_then(|mut s| s.execute(params![id])),
+            Write::RetryLater {
+                id,
+                attempts,
+                next_at_ms,
+                error,
+            } => tx
+                .prepare_cached("UPDATE queue SET attempts = ?2, next_at_ms = ?3, last_error = ?4 WHERE id = ?1")
+                .and_then(|mut s| s.execute(params![id, attempts, next_at_ms, error])),
+            Write::DeadLetter { id, attempts, error } => tx
+                .execute(
+                    "INSERT OR REPLACE INTO dead_letters (id, route, record, attempts, error, dead_at_ms) \
+                     SELECT id, route, record, ?2, ?3, ?4 FROM queue WHERE id = ?1",
+                    params![id, attempts, error, now],
+                )
+                .and_then(|n| tx.execute("DELETE FROM queue WHERE id = ?1", params![id]).map(|_| n)),
+            Write::Requeue { id } => {
+                let filter = if id.is_some() { "WHERE id = ?1" } else { "WHERE ?1 IS NULL" };
+                tx.execute(
+                    &format!(
+                        "INSERT OR IGNORE INTO queue (id, route, record, dest, captured_ms) \
+                         SELECT id, route, record, 'replay', {now} FROM dead_letters {filter}"
+                    ),
+                    params![id],
+                )
+                .and_then(|n| {
+                    tx.execute(&format!("DELETE FROM dead_letters {filter}"), params![id])
+                        .map(|_| n)
+                })
+            }
+            Write::PurgeDead => tx.execute("DELETE FROM dead_letters", []),
+        };
+        results.push(result.map(|n| n as u64).map_err(SpoolError::Db));
+    }
+    tx.commit()?;
+    Ok(results)
+}

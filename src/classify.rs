@@ -1,0 +1,123 @@
+//! The one outcome classifier of an upstream attempt.
+//!
+//! Retry, capture, statistics (and later the circuit breaker and the cache)
+//! all ask this module what an attempt's result means, so they can never
+//! disagree about what counts as a failure.
+
+use std::error::Error as StdError;
+use std::io;
+
+use crate::config::{RetryConfig, RetryableError};
+
+/// Why an attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The connection was refused: nothing reached the backend.
+    ConnectRefused,
+    /// Connecting took longer than `connect_timeout`: nothing reached it.
+    ConnectTimeout,
+    /// The upstream host name did not resolve: nothing reached it.
+    Dns,
+    /// Any other error before the request was written (TLS handshake, ...).
+    ConnectFailed,
+    /// The connection broke after the request may have been sent.
+    Reset,
+    /// No response head within `request_timeout`.
+    Timeout,
+    /// The backend answered with a status listed as a failure.
+    Status(u16),
+}
+
+impl Failure {
+    /// Classifies an error of the upstream client.
+    pub fn from_client_error(err: &hyper_util::client::legacy::Error) -> Failure {
+        let io_kind = io_error_kind(err);
+        if err.is_connect() {
+            if chain_mentions(err, "dns error") {
+                return Failure::Dns;
+            }
+            return match io_kind {
+                Some(io::ErrorKind::ConnectionRefused) => Failure::ConnectRefused,
+                Some(io::ErrorKind::TimedOut) => Failure::ConnectTimeout,
+                _ if chain_mentions(err, "timed out") => Failure::ConnectTimeout,
+                _ => Failure::ConnectFailed,
+            };
+        }
+        Failure::Reset
+    }
+
+    /// True when the request provably never reached the backend, so that even
+    /// a non-idempotent request may be sent again.
+    pub fn before_send(self) -> bool {
+        matches!(
+            self,
+            Failure::ConnectRefused | Failure::ConnectTimeout | Failure::Dns | Failure::ConnectFailed
+        )
+    }
+
+    /// Whether the route's retry policy retries this failure.
+    pub fn is_retryable(self, retry: &RetryConfig) -> bool {
+        let kind = match self {
+            Failure::Status(code) => return retry.retry_on_status.contains(&code),
+            Failure::ConnectRefused | Failure::ConnectFailed => RetryableError::ConnectionRefused,
+            Failure::ConnectTimeout | Failure::Timeout => RetryableError::Timeout,
+            Failure::Dns => RetryableError::Dns,
+            Failure::Reset => RetryableError::ConnectionReset,
+        };
+        retry.retry_on_errors.contains(&kind)
+    }
+
+    /// Whether this failure means the backend is down, so a request may be
+    /// captured for later delivery (502/503/504 and transport failures; not
+    /// 500, which is the backend's answer about this request).
+    pub fn is_capturable(self) -> bool {
+        match self {
+            Failure::Status(code) => matches!(code, 502..=504),
+            _ => true,
+        }
+    }
+
+    /// The `reason` of a capture record and the label of metrics.
+    pub fn reason(self) -> String {
+        match self {
+            Failure::ConnectRefused => "connect_refused".into(),
+            Failure::ConnectTimeout => "connect_timeout".into(),
+            Failure::Dns => "dns".into(),
+            Failure::ConnectFailed => "connect_failed".into(),
+            Failure::Reset => "connection_reset".into(),
+            Failure::Timeout => "timeout".into(),
+            Failure::Status(code) => format!("upstream_{code}"),
+        }
+    }
+}
+
+/// A backend answer that counts as a failure (for retries and capture): the
+/// route's retryable statuses and the gateway errors.
+pub fn status_failure(status: u16, retry: &RetryConfig) -> Option<Failure> {
+    (retry.retry_on_status.contains(&status) || matches!(status, 502..=504))
+        .then_some(Failure::Status(status))
+}
+
+fn io_error_kind(err: &(dyn StdError + 'static)) -> Option<io::ErrorKind> {
+    let mut source: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            return Some(io.kind());
+        }
+        source = e.source();
+    }
+    None
+}
+
+/// hyper-util reports DNS failures only as a message ("dns error"), so the
+/// error chain's text is the one place that tells them apart.
+fn chain_mentions(err: &(dyn StdError + 'static), needle: &str) -> bool {
+    let mut source: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = source {
+        if e.to_string().contains(needle) {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}

@@ -1,0 +1,297 @@
+//! The command line: `run`, `check`, `replay`, `queue ...`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use crate::capture::record::CaptureRecord;
+use crate::capture::spool::{DeadLetter, QueuedRecord, Spool};
+use crate::pipeline::Proxy;
+use crate::replay::{deliver, Delivery, ReplayCounters, SpoolReplayer};
+use crate::runtime;
+
+#[derive(Parser, Debug)]
+#[command(name = "backstop", version, about = "A resilient HTTP reverse proxy that never loses a request")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ConfigArg {
+    /// The configuration file.
+    #[arg(short, long, default_value = "backstop.toml", env = "BACKSTOP_CONFIG")]
+    pub config: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the proxy, the admin listener and (by default) the replay worker.
+    Run(ConfigArg),
+    /// Validate the configuration; every error names its key.
+    Check(ConfigArg),
+    /// Run a replay worker alone.
+    Replay(ConfigArg),
+    /// Inspect and act on captured requests and dead letters.
+    Queue {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        action: QueueAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum QueueAction {
+    /// List queued records (or dead letters).
+    List {
+        #[arg(long)]
+        dead_letters: bool,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Show one record, queued or dead.
+    Show { id: String },
+    /// Deliver one queued or dead record now.
+    Replay { id: String },
+    /// Move dead letters back to the queue.
+    Requeue {
+        id: Option<String>,
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+    /// Delete every dead letter.
+    Purge {
+        #[arg(long, required = true)]
+        dead_letters: bool,
+    },
+}
+
+pub fn main(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Check(arg) => check(&arg.config),
+        Command::Run(arg) => run(&arg.config, Mode::Proxy),
+        Command::Replay(arg) => run(&arg.config, Mode::ReplayOnly),
+        Command::Queue { config, json, action } => queue(&config.config, json, action),
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match runtime::load_active(path) {
+        Ok(active) => {
+            println!("{}: OK ({} routes)", path.display(), active.config.routes.len());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("{} error(s)", errors.errors.len());
+            ExitCode::from(2)
+        }
+    }
+}
+
+enum Mode {
+    Proxy,
+    ReplayOnly,
+}
+
+fn run(path: &Path, mode: Mode) -> ExitCode {
+    let active = match runtime::load_active(path) {
+        Ok(a) => a,
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("{} error(s); not starting", errors.errors.len());
+            return ExitCode::from(2);
+        }
+    };
+    crate::logging::init(&active.config.log);
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if active.config.server.workers > 0 {
+        builder.worker_threads(active.config.server.workers);
+    }
+    let rt = match builder.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match mode {
+            Mode::Proxy => runtime::run(path.to_path_buf(), active).await,
+            Mode::ReplayOnly => replay_only(active).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("backstop: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn replay_only(active: crate::pipeline::Active) -> Result<(), String> {
+    let spool = Spool::open(&active.config.server.data_dir).map_err(|e| e.to_string())?;
+    let proxy = Arc::new(Proxy {
+        active: ArcSwap::from_pointee(active),
+        capturer: None,
+    });
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let worker = SpoolReplayer {
+        spool,
+        proxy,
+        counters: Arc::new(ReplayCounters::default()),
+    };
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        stop.cancel();
+    });
+    worker.run(shutdown).await;
+    Ok(())
+}
+
+fn queue(path: &Path, as_json: bool, action: QueueAction) -> ExitCode {
+    let active = match runtime::load_active(path) {
+        Ok(a) => a,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(queue_action(active, as_json, action)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("backstop queue: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn queue_action(active: crate::pipeline::Active, as_json: bool, action: QueueAction) -> Result<(), String> {
+    let spool = Spool::open(runtime::data_dir(&active.config)).map_err(|e| e.to_string())?;
+    let err = |e: crate::capture::spool::SpoolError| e.to_string();
+    match action {
+        QueueAction::List { dead_letters: false, limit } => {
+            let rows = spool.list(limit).map_err(err)?;
+            print_queued(&rows, as_json);
+        }
+        QueueAction::List { dead_letters: true, limit } => {
+            let rows = spool.dead_letters(limit).map_err(err)?;
+            print_dead(&rows, as_json);
+        }
+        QueueAction::Show { id } => {
+            let (bytes, status) = match (spool.get(&id).map_err(err)?, spool.get_dead(&id).map_err(err)?) {
+                (Some(q), _) => (q.record, json!({"state": "queued", "attempts": q.attempts, "last_error": q.last_error})),
+                (None, Some(d)) => (d.record, json!({"state": "dead", "attempts": d.attempts, "error": d.error})),
+                (None, None) => return Err(format!("no record {id}")),
+            };
+            let record: serde_json::Value =
+                serde_json::from_slice(&bytes).unwrap_or_else(|_| json!(String::from_utf8_lossy(&bytes)));
+            let shown = json!({"status": status, "record": record});
+            println!("{}", serde_json::to_string_pretty(&shown).unwrap_or_default());
+        }
+        QueueAction::Replay { id } => {
+            let bytes = match (spool.get(&id).map_err(err)?, spool.get_dead(&id).map_err(err)?) {
+                (Some(q), _) => q.record,
+                (None, Some(d)) => d.record,
+                (None, None) => return Err(format!("no record {id}")),
+            };
+            let record = CaptureRecord::from_json(&bytes).map_err(|e| e.to_string())?;
+            let route = active
+                .routes
+                .get(&record.route)
+                .ok_or_else(|| format!("route {:?} is not configured", record.route))?;
+            match deliver(route, &record, 1, &active.config.replay.idempotency_header).await {
+                Delivery::Delivered(status) => {
+                    spool.delete(&id).await.map_err(err)?;
+                    // A dead letter that was delivered by hand leaves the DLQ too.
+                    if spool.get_dead(&id).map_err(err)?.is_some() {
+                        spool.requeue(Some(&id)).await.map_err(err)?;
+                        spool.delete(&id).await.map_err(err)?;
+                    }
+                    println!("{id}: delivered ({status})");
+                }
+                Delivery::Retry(reason) | Delivery::Dead(reason) => {
+                    return Err(format!("{id}: not delivered: {reason}"));
+                }
+            }
+        }
+        QueueAction::Requeue { id, all } => {
+            let moved = match (id, all) {
+                (Some(id), _) => spool.requeue(Some(&id)).await.map_err(err)?,
+                (None, true) => spool.requeue(None).await.map_err(err)?,
+                (None, false) => return Err("give a dead letter id or --all".into()),
+            };
+            println!("requeued {moved} record(s)");
+        }
+        QueueAction::Purge { .. } => {
+            let purged = spool.purge_dead_letters().await.map_err(err)?;
+            println!("purged {purged} dead letter(s)");
+        }
+    }
+    Ok(())
+}
+
+fn print_queued(rows: &[QueuedRecord], as_json: bool) {
+    if as_json {
+        let list: Vec<_> = rows
+            .iter()
+            .map(|r| json!({"id": r.id, "route": r.route, "attempts": r.attempts, "last_error": r.last_error, "summary": summary(&r.record)}))
+            .collect();
+        println!("{}", serde_json::Value::from(list));
+        return;
+    }
+    println!("{:<38} {:<16} {:>8}  {:<40} LAST ERROR", "ID", "ROUTE", "ATTEMPTS", "REQUEST");
+    for r in rows {
+        println!(
+            "{:<38} {:<16} {:>8}  {:<40} {}",
+            r.id,
+            r.route,
+            r.attempts,
+            summary(&r.record),
+            r.last_error.as_deref().unwrap_or("-")
+        );
+    }
+    println!("{} record(s)", rows.len());
+}
+
+fn print_dead(rows: &[DeadLetter], as_json: bool) {
+    if as_json {
+        let list: Vec<_> = rows
+            .iter()
+            .map(|r| json!({"id": r.id, "route": r.route, "attempts": r.attempts, "error": r.error, "summary": summary(&r.record)}))
+            .collect();
+        println!("{}", serde_json::Value::from(list));
+        return;
+    }
+    println!("{:<38} {:<16} {:>8}  {:<40} ERROR", "ID", "ROUTE", "ATTEMPTS", "REQUEST");
+    for r in rows {
+        println!("{:<38} {:<16} {:>8}  {:<40} {}", r.id, r.route, r.attempts, summary(&r.record), r.error);
+    }
+    println!("{} dead letter(s)", rows.len());
+}
+
+/// "POST /api/users" for a record, or a note that it is not readable.
+fn summary(bytes: &[u8]) -> String {
+    match CaptureRecord::from_json(bytes) {
+        Ok(r) => format!("{} {}", r.request.method, r.request.path),
+        Err(_) => "(unreadable record)".to_string(),
+    }
+}

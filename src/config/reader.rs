@@ -1,0 +1,215 @@
+//! A TOML reader that collects every error instead of stopping at the first.
+//!
+//! serde's derive stops at the first wrong key, but `backstop check` must list
+//! every problem in a file at once, each with its full key path
+//! (`routes[1].retry.max_attempts`). So each section is read key by key: a leaf
+//! is still decoded by serde, but a failure is recorded and the default kept,
+//! and when a section is finished every key that nobody asked for is reported
+//! as unknown.
+
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use toml::{Table, Value};
+
+use super::ConfigError;
+
+/// What a plain number means for a duration key (DESIGN.md: milliseconds for
+/// `request_timeout`, seconds for every other duration).
+#[derive(Clone, Copy)]
+pub(crate) enum NumberUnit {
+    Seconds,
+    Milliseconds,
+}
+
+/// Errors found so far in one file.
+#[derive(Default)]
+pub(crate) struct Errors(RefCell<Vec<ConfigError>>);
+
+impl Errors {
+    pub(crate) fn push(&self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.borrow_mut().push(ConfigError {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    pub(crate) fn into_vec(self) -> Vec<ConfigError> {
+        self.0.into_inner()
+    }
+}
+
+/// One table of the file, read key by key.
+pub(crate) struct Section<'a> {
+    table: Option<&'a Table>,
+    path: String,
+    errors: &'a Errors,
+    seen: RefCell<BTreeSet<String>>,
+}
+
+impl<'a> Section<'a> {
+    pub(crate) fn root(table: &'a Table, errors: &'a Errors) -> Self {
+        Section {
+            table: Some(table),
+            path: String::new(),
+            errors,
+            seen: RefCell::default(),
+        }
+    }
+
+    /// The full key path of `key` in this section, for error messages.
+    pub(crate) fn key(&self, key: &str) -> String {
+        if self.path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.path)
+        }
+    }
+
+    pub(crate) fn error(&self, key: &str, message: impl Into<String>) {
+        self.errors.push(self.key(key), message);
+    }
+
+    fn raw(&self, key: &str) -> Option<&'a Value> {
+        self.seen.borrow_mut().insert(key.to_string());
+        self.table.and_then(|t| t.get(key))
+    }
+
+    pub(crate) fn contains(&self, key: &str) -> bool {
+        self.table.is_some_and(|t| t.contains_key(key))
+    }
+
+    /// An optional value; a present value of the wrong type is an error.
+    pub(crate) fn opt<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
+        let value = self.raw(key)?;
+        match T::deserialize(value.clone()) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.error(key, e.message().to_string());
+                None
+            }
+        }
+    }
+
+    /// A value with a default used when the key is absent (or wrong).
+    pub(crate) fn get<T: DeserializeOwned>(&self, key: &str, default: T) -> T {
+        self.opt(key).unwrap_or(default)
+    }
+
+    /// A duration: `"1s"`, `"250ms"`, `"1m 30s"`, or a plain number in `unit`.
+    pub(crate) fn duration(&self, key: &str, default: Duration, unit: NumberUnit) -> Duration {
+        let Some(value) = self.raw(key) else {
+            return default;
+        };
+        let parsed = match value {
+            Value::String(s) => humantime::parse_duration(s.trim())
+                .map_err(|e| format!("invalid duration {s:?}: {e} (use e.g. \"1s\" or \"250ms\")")),
+            Value::Integer(n) if *n >= 0 => Ok(number_duration(*n as f64, unit)),
+            Value::Float(f) if f.is_finite() && *f >= 0.0 => Ok(number_duration(*f, unit)),
+            other => Err(format!(
+                "expected a duration such as \"1s\" or a non-negative number, found {}",
+                describe(other)
+            )),
+        };
+        parsed.unwrap_or_else(|message| {
+            self.error(key, message);
+            default
+        })
+    }
+
+    /// A nested table (`[server]`, `[routes.retry]`). An absent table reads
+    /// as empty, so every key takes its default.
+    pub(crate) fn section(&self, key: &str) -> Section<'a> {
+        let table = match self.raw(key) {
+            None => None,
+            Some(Value::Table(t)) => Some(t),
+            Some(other) => {
+                self.error(key, format!("expected a table, found {}", describe(other)));
+                None
+            }
+        };
+        Section {
+            table,
+            path: self.key(key),
+            errors: self.errors,
+            seen: RefCell::default(),
+        }
+    }
+
+    /// An array of tables (`[[routes]]`).
+    pub(crate) fn array_of_tables(&self, key: &str) -> Vec<Section<'a>> {
+        match self.raw(key) {
+            None => Vec::new(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .filter_map(|(i, item)| {
+                    let path = format!("{}[{i}]", self.key(key));
+                    match item {
+                        Value::Table(t) => Some(Section {
+                            table: Some(t),
+                            path,
+                            errors: self.errors,
+                            seen: RefCell::default(),
+                        }),
+                        other => {
+                            self.errors.push(
+                                path,
+                                format!("expected a table, found {}", describe(other)),
+                            );
+                            None
+                        }
+                    }
+                })
+                .collect(),
+            Some(other) => {
+                self.error(
+                    key,
+                    format!("expected an array of tables, found {}", describe(other)),
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    /// Reports every key of this table that was never read.
+    pub(crate) fn reject_unknown_keys(&self) {
+        let Some(table) = self.table else { return };
+        let seen = self.seen.borrow();
+        for key in table.keys() {
+            if !seen.contains(key) {
+                self.error(key, "unknown key");
+            }
+        }
+    }
+}
+
+fn number_duration(n: f64, unit: NumberUnit) -> Duration {
+    match unit {
+        NumberUnit::Seconds => Duration::from_secs_f64(n),
+        NumberUnit::Milliseconds => Duration::from_secs_f64(n / 1000.0),
+    }
+}
+
+fn describe(value: &Value) -> &'static str {
+    match value {
+        Value::String(_) => "a string",
+        Value::Integer(_) => "an integer",
+        Value::Float(_) => "a float",
+        Value::Boolean(_) => "a boolean",
+        Value::Datetime(_) => "a datetime",
+        Value::Array(_) => "an array",
+        Value::Table(_) => "a table",
+    }
+}
+
+/// `forward_headers = true | false | ["X-API-KEY", ...]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum BoolOrList {
+    Bool(bool),
+    List(Vec<String>),
+}

@@ -1,0 +1,899 @@
+//! The configuration schema: every key of DESIGN.md, its default, and how it
+//! is read and checked. Each `read` function reads one table key by key and
+//! records every problem it finds (see `reader`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method, Uri};
+
+use super::reader::{BoolOrList, NumberUnit, Section};
+
+const SECONDS: NumberUnit = NumberUnit::Seconds;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub log: LogConfig,
+    pub redis: Option<RedisConfig>,
+    pub kafka: Option<KafkaConfig>,
+    pub outbound_proxies: Vec<String>,
+    pub replay: ReplayConfig,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub max_body_bytes: u64,
+    pub workers: usize,
+    pub max_header_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub admin_token: Option<String>,
+    pub admin_insecure: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+    pub access_log: bool,
+}
+
+#[derive(Clone)]
+pub struct RedisConfig {
+    pub url: String,
+    pub key_prefix: String,
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_url(&self.url))
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub topic: String,
+    pub dlq_topic: String,
+    pub ack_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplayConfig {
+    pub enabled: bool,
+    pub max_attempts: u32,
+    pub initial_delay: Duration,
+    pub max_delay: Duration,
+    pub idempotency_header: HeaderName,
+    pub group_id: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    pub path_prefix: String,
+    pub strip_prefix: bool,
+    pub host: Option<String>,
+    pub upstreams: Vec<Uri>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub forward_headers: ForwardHeaders,
+    pub tls_ca_file: Option<PathBuf>,
+    pub tls_verify: bool,
+    pub upstream_h2c: bool,
+    pub capture: CaptureConfig,
+    pub circuit_breaker: BreakerConfig,
+    pub retry: RetryConfig,
+    pub cache: CacheConfig,
+    pub proxy: ProxyConfig,
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+/// Which of the client's headers go upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForwardHeaders {
+    All,
+    /// Only the headers that describe the body (`Content-Type`, ...).
+    None,
+    Only(Vec<HeaderName>),
+}
+
+#[derive(Debug, Clone)]
+pub struct CaptureConfig {
+    pub enabled: bool,
+    pub methods: Vec<Method>,
+    pub respond_status: u16,
+    pub redact_headers: Vec<HeaderName>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BreakerConfig {
+    pub failure_threshold: u32,
+    pub reset_timeout: Duration,
+    pub request_timeout: Duration,
+    pub success_threshold: u32,
+}
+
+/// Failure kinds a retry may be made on (`retry_on_errors`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RetryableError {
+    Timeout,
+    ConnectionRefused,
+    ConnectionReset,
+    Dns,
+}
+
+#[derive(Debug, Clone)]
+pub struct RetryConfig {
+    pub max_attempts: u32,
+    pub initial_delay: Duration,
+    pub max_delay: Duration,
+    pub backoff_factor: f64,
+    pub retry_on_status: Vec<u16>,
+    pub retry_on_errors: Vec<RetryableError>,
+    pub retry_non_idempotent: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderStrategy {
+    None,
+    All,
+    List,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStore {
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    pub ttl: Duration,
+    pub methods: Vec<Method>,
+    pub header_strategy: HeaderStrategy,
+    pub headers: Vec<HeaderName>,
+    pub store: CacheStore,
+    pub cacheable_status: Vec<u16>,
+    pub ignore_cache_control: bool,
+    pub stale_if_error: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyStrategy {
+    RoundRobin,
+    OnRateLimit,
+    Never,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub use_proxy: bool,
+    pub strategy: ProxyStrategy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RateLimitKey {
+    Route,
+    ClientIp,
+    Header(HeaderName),
+}
+
+#[derive(Debug, Clone)]
+pub struct RateLimitConfig {
+    pub requests_per_second: f64,
+    pub burst: u32,
+    pub key: RateLimitKey,
+}
+
+impl Config {
+    pub(crate) fn read(root: &Section<'_>) -> Config {
+        let server = ServerConfig::read(&root.section("server"));
+        let log = LogConfig::read(&root.section("log"));
+        let redis = root
+            .contains("redis")
+            .then(|| RedisConfig::read(&root.section("redis")));
+        let kafka = root
+            .contains("kafka")
+            .then(|| KafkaConfig::read(&root.section("kafka")));
+        let outbound_proxies = read_outbound_proxies(&root.section("outbound_proxies"));
+        let replay = ReplayConfig::read(&root.section("replay"));
+        let routes: Vec<RouteConfig> = root
+            .array_of_tables("routes")
+            .iter()
+            .map(RouteConfig::read)
+            .collect();
+        let config = Config {
+            server,
+            log,
+            redis,
+            kafka,
+            outbound_proxies,
+            replay,
+            routes,
+        };
+        config.check_routes(root);
+        config
+    }
+
+    /// Rules that span several routes or sections.
+    fn check_routes(&self, root: &Section<'_>) {
+        if self.routes.is_empty() {
+            root.error("routes", "at least one [[routes]] entry is required");
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            let key = |k: &str| format!("routes[{i}].{k}");
+            for (j, earlier) in self.routes[..i].iter().enumerate() {
+                if !route.name.is_empty() && earlier.name == route.name {
+                    root.error(
+                        &key("name"),
+                        format!("duplicate route name {:?} (also routes[{j}])", route.name),
+                    );
+                }
+                if normalize_prefix(&earlier.path_prefix) == normalize_prefix(&route.path_prefix)
+                    && earlier.host == route.host
+                {
+                    root.error(
+                        &key("path_prefix"),
+                        format!(
+                            "prefix {:?} overlaps routes[{j}] ({:?}): same prefix and host",
+                            route.path_prefix, earlier.name
+                        ),
+                    );
+                }
+            }
+            if route.cache.enabled && route.cache.store == CacheStore::Redis && self.redis.is_none()
+            {
+                root.error(&key("cache.store"), "\"redis\" needs a [redis] section");
+            }
+            if route.proxy.use_proxy
+                && route.proxy.strategy != ProxyStrategy::Never
+                && self.outbound_proxies.is_empty()
+            {
+                root.error(
+                    &key("proxy.use_proxy"),
+                    "needs [outbound_proxies] urls (or PROXY_URLS)",
+                );
+            }
+        }
+    }
+
+    /// Whether the proxy listener terminates TLS.
+    pub fn tls_enabled(&self) -> bool {
+        self.server.tls_cert.is_some()
+    }
+}
+
+impl ServerConfig {
+    fn read(s: &Section<'_>) -> Self {
+        let listen = socket_addr(s, "listen", "0.0.0.0:8080");
+        let admin_listen = socket_addr(s, "admin_listen", "127.0.0.1:9901");
+        let max_body_bytes = s.get("max_body_bytes", 10 * 1024 * 1024u64);
+        if max_body_bytes == 0 {
+            s.error("max_body_bytes", "must be greater than 0");
+        }
+        let max_header_bytes = s.get("max_header_bytes", 32 * 1024usize);
+        if max_header_bytes < 8192 {
+            s.error("max_header_bytes", "must be at least 8192");
+        }
+        let tls_cert: Option<PathBuf> = s.opt("tls_cert");
+        let tls_key: Option<PathBuf> = s.opt("tls_key");
+        match (&tls_cert, &tls_key) {
+            (Some(_), None) => s.error("tls_key", "required when tls_cert is set"),
+            (None, Some(_)) => s.error("tls_cert", "required when tls_key is set"),
+            _ => {}
+        }
+        for (k, path) in [("tls_cert", &tls_cert), ("tls_key", &tls_key)] {
+            if let Some(p) = path {
+                if !p.is_file() {
+                    s.error(k, format!("file {} does not exist", p.display()));
+                }
+            }
+        }
+        let admin_token: Option<String> = s.opt("admin_token");
+        if admin_token.as_deref() == Some("") {
+            s.error("admin_token", "must not be empty");
+        }
+        let admin_insecure = s.get("admin_insecure", false);
+        if !admin_listen.ip().is_loopback() && admin_token.is_none() && !admin_insecure {
+            s.error(
+                "admin_listen",
+                format!(
+                    "{admin_listen} is not a loopback address: set server.admin_token, \
+                     or server.admin_insecure = true to allow an unauthenticated admin API"
+                ),
+            );
+        }
+        let config = ServerConfig {
+            listen,
+            admin_listen,
+            data_dir: s.get("data_dir", PathBuf::from("./backstop-data")),
+            max_body_bytes,
+            workers: s.get("workers", 0usize),
+            max_header_bytes,
+            header_read_timeout: s.duration("header_read_timeout", secs(10), SECONDS),
+            idle_timeout: s.duration("idle_timeout", secs(60), SECONDS),
+            drain_timeout: s.duration("drain_timeout", secs(30), SECONDS),
+            connect_timeout: s.duration("connect_timeout", secs(2), SECONDS),
+            tls_cert,
+            tls_key,
+            admin_token,
+            admin_insecure,
+        };
+        for (k, d) in [
+            ("header_read_timeout", config.header_read_timeout),
+            ("idle_timeout", config.idle_timeout),
+            ("connect_timeout", config.connect_timeout),
+        ] {
+            if d.is_zero() {
+                s.error(k, "must be greater than 0");
+            }
+        }
+        s.reject_unknown_keys();
+        config
+    }
+}
+
+impl LogConfig {
+    fn read(s: &Section<'_>) -> Self {
+        let format = match s.get("format", "text".to_string()).as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                s.error("format", format!("expected \"text\" or \"json\", found {other:?}"));
+                LogFormat::Text
+            }
+        };
+        let level = s.get("level", "info".to_string());
+        if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+            s.error("level", format!("invalid log filter {level:?}"));
+        }
+        let config = LogConfig {
+            format,
+            level,
+            access_log: s.get("access_log", false),
+        };
+        s.reject_unknown_keys();
+        config
+    }
+}
+
+impl RedisConfig {
+    fn read(s: &Section<'_>) -> Self {
+        let url = s.get("url", "redis://127.0.0.1:6379".to_string());
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            s.error(
+                "url",
+                format!("expected a redis:// or rediss:// URL, found {:?}", redact_url(&url)),
+            );
+        }
+        let config = RedisConfig {
+            url,
+            key_prefix: s.get("key_prefix", "backstop:".to_string()),
+            timeout: s.duration("timeout", Duration::from_millis(50), SECONDS),
+        };
+        s.reject_unknown_keys();
+        config
+    }
+}
+
+impl KafkaConfig {
+    fn read(s: &Section<'_>) -> Self {
+        let brokers = s.get("brokers", "127.0.0.1:9092".to_string());
+        if brokers.trim().is_empty() {
+            s.error("brokers", "must not be empty");
+        }
+        let config = KafkaConfig {
+            brokers,
+            topic: non_empty(s, "topic", "failed-requests"),
+            dlq_topic: non_empty(s, "dlq_topic", "failed-requests.dlq"),
+            ack_timeout: s.duration("ack_timeout", secs(5), SECONDS),
+        };
+        s.reject_unknown_keys();
+        config
+    }
+}
+
+impl ReplayConfig {
+    fn read(s: &Section<'_>) -> Self {
+        let max_attempts = s.get("max_attempts", 10u32);
+        if max_attempts == 0 {
+            s.error("max_attempts", "must be at least 1");
+        }
+        let initial_delay = s.duration("initial_delay", secs(1), SECONDS);
+        let max_delay = s.duration("max_delay", secs(60), SECONDS);
+        if max_delay < initial_delay {
+            s.error("max_delay", "must not be shorter than initial_delay");
+        }
+        let config = ReplayConfig {
+            enabled: s.get("enabled", true),
+            max_attempts,
+            initial_delay,
+            max_delay,
+            idempotency_header: header_name(s, "idempotency_header", "Idempotency-Key"),
+            group_id: non_empty(s, "group_id", "backstop-replay"),
+        };
+        s.reject_unknown_keys();
+        config
+    }
+}
+
+impl RouteConfig {
+    fn read(s: &Section<'_>) -> Self {
+        let name: String = s.get("name", String::new());
+        if !s.contains("name") {
+            s.error("name", "required");
+        } else if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            s.error(
+                "name",
+                format!("{name:?}: use letters, digits, '-', '_' and '.' only"),
+            );
+        }
+        let path_prefix: String = s.get("path_prefix", String::new());
+        if !s.contains("path_prefix") {
+            s.error("path_prefix", "required");
+        } else if !path_prefix.starts_with('/') {
+            s.error(
+                "path_prefix",
+                format!("{path_prefix:?} must start with '/'"),
+            );
+        } else if path_prefix.contains(['?', '#']) {
+            s.error(
+                "path_prefix",
+                format!("{path_prefix:?} must be a path, without '?' or '#'"),
+            );
+        }
+        let upstreams = read_upstreams(s);
+        let tls_ca_file: Option<PathBuf> = s.opt("tls_ca_file");
+        if let Some(path) = &tls_ca_file {
+            if !path.is_file() {
+                s.error("tls_ca_file", format!("file {} does not exist", path.display()));
+            }
+        }
+        let config = RouteConfig {
+            name,
+            path_prefix,
+            strip_prefix: s.get("strip_prefix", false),
+            host: s.opt::<String>("host").map(|h| h.to_ascii_lowercase()),
+            upstreams,
+            headers: read_header_map(s, "headers"),
+            forward_headers: read_forward_headers(s),
+            tls_ca_file,
+            tls_verify: s.get("tls_verify", true),
+            upstream_h2c: s.get("upstream_h2c", false),
+            capture: CaptureConfig::read(&s.section("capture")),
+            circuit_breaker: BreakerConfig::read(&s.section("circuit_breaker")),
+            retry: RetryConfig::read(&s.section("retry")),
+            cache: CacheConfig::read(&s.section("cache")),
+            proxy: ProxyConfig::read(&s.section("proxy")),
+            rate_limit: s
+                .contains("rate_limit")
+                .then(|| RateLimitConfig::read(&s.section("rate_limit"))),
+        };
+        s.reject_unknown_keys();
+        config
+    }
+
+    /// Whether requests with this method must be buffered: a body that may be
+    /// sent twice (retry) or written to the capture store must be held whole.
+    pub fn buffers_body(&self, method: &Method) -> bool {
+        let capturable = self.capture.enabled && self.capture.methods.contains(method);
+        let retryable = self.retry.max_attempts > 1;
+        capturable || retryable
+    }
+}
+
+impl CaptureConfig {
+    fn read(s: &Section<'_>) -> Self {
+        let respond_status = s.get("respond_status", 503u16);
+        if respond_status != 503 && respond_status != 202 {
+            s.error(
+                "respond_status",
+                format!("expected 503 or 202, found {respond_status}"),
+            );
+        }
+        let config = CaptureConfig {
+            enabled: s.get("enabled", true),
+            methods: methods(s, "methods", &["POST", "PUT", "PATCH", "DELETE"]),
+            respond_status,
+            redact_headers: header_names(s, "redact_headers"),
+        };
+        s.reject_unknown_keys();
+        config
+    }
+}
+
+impl BreakerConfig {
+    fn read(s: &Section<'_>) -> Self {
+        let config = BreakerConfig {
+            failure_threshold: at_least_one(s, "failure_threshold", 5),
+            reset_timeout: s.duration("reset_timeout", secs(30), SECONDS),
+            request_timeout: s.duration(
+                "request_timeout",
+                Duration::from_millis(10_000),
+                NumberUnit::Milliseconds,
+            ),
+            success_threshold: at_least_one(s, "success_threshold", 2),
+        };
+        if config.request_timeout.is_zero() {
+            s.error("request_timeout", "must be greater than 0");
+        }
+        s.reject_unknown_keys();
+        config
+    }
+}
+
+impl RetryConfig {
+    fn read(s: &Section<'_>) -> Self {
+        let initial_delay = s.duration("initial_delay", secs(1), SECONDS);
+        let max_delay = s.duration("max_delay", secs(10), SECONDS);
+        if max_delay < initial_delay {
+            s.error("max_delay", "must not be shorter than initial_delay");
+        }
+        let backoff_factor = s.get("backoff_factor", 2.0f64);
+        if !(backoff_factor.is_finite() && backoff_factor >= 1.0) {
+            s.error("backoff_factor", "must be a number >= 1.0");
+        }
+        let retry_on_errors = s
+            .get(
+                "retry_on_errors",
+                vec![
+                    "timeout".to_string(),
+                    "connection_refused".into(),
+                    "connection_reset".into(),
+                    "dns".into(),
+                ],
+            )
+            .iter()
+            .filter_map(|e| match e.as_str() {
+                "timeout" => Some(RetryableError::Timeout),
+                "connection_refused" => Some(RetryableError::ConnectionRefused),
+                "connection_reset" => Some(RetryableError::ConnectionReset),
+                "dns" => Some(RetryableError::Dns),
+                other => {
+                    s.error(
+                        "retry_on_errors",
+                        format!(
+                            "unknown error kind {other:?} (expected timeout, \
+                             connection_refused, connection_reset or dns)"
+                        ),
+                    );
+                    None
+                }
+            })
+            .collect();
+        let config = RetryConfig {
+            max_attempts: at_least_one(s, "max_attempts", 3),
+            initial_delay,
+            max_delay,
+            backoff_factor,
+            retry_on_status: status_codes(s, "retry_on_status", &[500, 502, 503, 504, 429]),
+            retry_on_errors,
+            retry_non_idempotent: s.get("retry_non_idempotent", false),
+        };
+        s.reject_unknown_keys();
+        config
+    }
+}
+
+impl CacheConfig {
+    fn read(s: &Section<'_>) -> Self {
+        let header_strategy = match s.get("header_strategy", "none".to_string()).as_str() {
+            "none" => HeaderStrategy::None,
+            "all" => HeaderStrategy::All,
+            "list" => HeaderStrategy::List,
+            other => {
+                s.error(
+                    "header_strategy",
+                    format!("expected none, all or list, found {other:?}"),
+                );
+                HeaderStrategy::None
+            }
+        };
+        let store = match s.get("store", "memory".to_string()).as_str() {
+            "memory" => CacheStore::Memory,
+            "redis" => CacheStore::Redis,
+            other => {
+                s.error("store", format!("expected memory or redis, found {other:?}"));
+                CacheStore::Memory
+            }
+        };
+        let config = CacheConfig {
+            enabled: s.get("enabled", false),
+            ttl: s.duration("ttl", secs(60), SECONDS),
+            methods: methods(s, "methods", &["GET", "HEAD"]),
+            header_strategy,
+            headers: header_names(s, "headers"),
+            store,
+            cacheable_status: status_codes(
+                s,
+                "cacheable_status",
+                &[200, 203, 204, 301, 404, 410],
+            ),
+            ignore_cache_control: s.get("ignore_cache_control", false),
+            stale_if_error: s.duration("stale_if_error", Duration::ZERO, SECONDS),
+        };
+        if config.header_strategy == HeaderStrategy::List && config.headers.is_empty() {
+            s.error("headers", "header_strategy = \"list\" needs at least one header");
+        }
+        s.reject_unknown_keys();
+        config
+    }
+}
+
+impl ProxyConfig {
+    fn read(s: &Section<'_>) -> Self {
+        let strategy = match s.get("strategy", "round_robin".to_string()).as_str() {
+            "round_robin" => ProxyStrategy::RoundRobin,
+            "on_rate_limit" => ProxyStrategy::OnRateLimit,
+            "never" => ProxyStrategy::Never,
+            other => {
+                s.error(
+                    "strategy",
+                    format!("expected round_robin, on_rate_limit or never, found {other:?}"),
+                );
+                ProxyStrategy::RoundRobin
+            }
+        };
+        let config = ProxyConfig {
+            use_proxy: s.get("use_proxy", false),
+            strategy,
+        };
+        s.reject_unknown_keys();
+        config
+    }
+}
+
+impl RateLimitConfig {
+    fn read(s: &Section<'_>) -> Self {
+        let requests_per_second = s.get("requests_per_second", 100.0f64);
+        if !(requests_per_second.is_finite() && requests_per_second > 0.0) {
+            s.error("requests_per_second", "must be a number greater than 0");
+        }
+        let key_text = s.get("key", "route".to_string());
+        let key = match key_text.as_str() {
+            "route" => RateLimitKey::Route,
+            "client_ip" => RateLimitKey::ClientIp,
+            other => match other.strip_prefix("header:").map(HeaderName::try_from) {
+                Some(Ok(name)) => RateLimitKey::Header(name),
+                _ => {
+                    s.error(
+                        "key",
+                        format!("expected route, client_ip or header:<name>, found {other:?}"),
+                    );
+                    RateLimitKey::Route
+                }
+            },
+        };
+        let config = RateLimitConfig {
+            requests_per_second,
+            burst: at_least_one(s, "burst", 200),
+            key,
+        };
+        s.reject_unknown_keys();
+        config
+    }
+}
+
+fn read_outbound_proxies(s: &Section<'_>) -> Vec<String> {
+    let urls: Vec<String> = s.get("urls", Vec::new());
+    for (i, url) in urls.iter().enumerate() {
+        match url.parse::<Uri>() {
+            Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {}
+            _ => s.error(
+                &format!("urls[{i}]"),
+                format!(
+                    "expected http://[user:pass@]host:port, found {:?}",
+                    redact_url(url)
+                ),
+            ),
+        }
+    }
+    s.reject_unknown_keys();
+    urls
+}
+
+fn read_upstreams(s: &Section<'_>) -> Vec<Uri> {
+    if !s.contains("upstreams") {
+        s.error("upstreams", "required: at least one http:// or https:// URL");
+        return Vec::new();
+    }
+    let urls: Vec<String> = s.get("upstreams", Vec::new());
+    if urls.is_empty() && s.contains("upstreams") {
+        s.error("upstreams", "must list at least one URL");
+    }
+    urls.iter()
+        .enumerate()
+        .filter_map(|(i, url)| match check_upstream_url(url) {
+            Ok(uri) => Some(uri),
+            Err(message) => {
+                s.error(&format!("upstreams[{i}]"), message);
+                None
+            }
+        })
+        .collect()
+}
+
+fn check_upstream_url(url: &str) -> Result<Uri, String> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| format!("invalid URL {url:?}: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err(format!("invalid URL {url:?}: scheme must be http or https")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("invalid URL {url:?}: no host"));
+    }
+    if uri.query().is_some() {
+        return Err(format!("invalid URL {url:?}: must not have a query"));
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(format!(
+            "invalid URL {:?}: credentials in upstream URLs are not supported, use headers",
+            redact_url(url)
+        ));
+    }
+    Ok(uri)
+}
+
+fn read_header_map(s: &Section<'_>, key: &str) -> Vec<(HeaderName, HeaderValue)> {
+    let map: BTreeMap<String, String> = s.get(key, BTreeMap::new());
+    map.into_iter()
+        .filter_map(|(name, value)| {
+            let name_ok = HeaderName::try_from(name.as_str());
+            let value_ok = HeaderValue::try_from(value.as_str());
+            match (name_ok, value_ok) {
+                (Ok(n), Ok(v)) => Some((n, v)),
+                (Err(_), _) => {
+                    s.error(&format!("{key}.{name}"), "invalid header name");
+                    None
+                }
+                (_, Err(_)) => {
+                    s.error(&format!("{key}.{name}"), "invalid header value");
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+fn read_forward_headers(s: &Section<'_>) -> ForwardHeaders {
+    match s.opt::<BoolOrList>("forward_headers") {
+        None | Some(BoolOrList::Bool(true)) => ForwardHeaders::All,
+        Some(BoolOrList::Bool(false)) => ForwardHeaders::None,
+        Some(BoolOrList::List(_)) => ForwardHeaders::Only(header_names(s, "forward_headers")),
+    }
+}
+
+fn socket_addr(s: &Section<'_>, key: &str, default: &str) -> SocketAddr {
+    let fallback: SocketAddr = default.parse().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+    match s.opt::<String>(key) {
+        None => fallback,
+        Some(text) => text.parse().unwrap_or_else(|_| {
+            s.error(key, format!("expected an address such as \"{default}\", found {text:?}"));
+            fallback
+        }),
+    }
+}
+
+fn header_name(s: &Section<'_>, key: &str, default: &'static str) -> HeaderName {
+    let text = s.get(key, default.to_string());
+    HeaderName::try_from(text.as_str()).unwrap_or_else(|_| {
+        s.error(key, format!("invalid header name {text:?}"));
+        HeaderName::from_static("idempotency-key")
+    })
+}
+
+fn header_names(s: &Section<'_>, key: &str) -> Vec<HeaderName> {
+    let names: Vec<String> = s.get(key, Vec::new());
+    names
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| {
+            HeaderName::try_from(n.as_str())
+                .map_err(|_| s.error(&format!("{key}[{i}]"), format!("invalid header name {n:?}")))
+                .ok()
+        })
+        .collect()
+}
+
+fn methods(s: &Section<'_>, key: &str, default: &[&str]) -> Vec<Method> {
+    let names: Vec<String> = s.get(key, default.iter().map(|m| m.to_string()).collect());
+    names
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| {
+            let upper = m.to_ascii_uppercase();
+            match Method::from_bytes(upper.as_bytes()) {
+                Ok(method) => Some(method),
+                Err(_) => {
+                    s.error(&format!("{key}[{i}]"), format!("invalid HTTP method {m:?}"));
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+fn status_codes(s: &Section<'_>, key: &str, default: &[u16]) -> Vec<u16> {
+    let codes: Vec<u16> = s.get(key, default.to_vec());
+    for (i, code) in codes.iter().enumerate() {
+        if !(100..=599).contains(code) {
+            s.error(&format!("{key}[{i}]"), format!("{code} is not an HTTP status"));
+        }
+    }
+    codes
+}
+
+fn at_least_one(s: &Section<'_>, key: &str, default: u32) -> u32 {
+    let n = s.get(key, default);
+    if n == 0 {
+        s.error(key, "must be at least 1");
+        return default;
+    }
+    n
+}
+
+fn non_empty(s: &Section<'_>, key: &str, default: &str) -> String {
+    let text = s.get(key, default.to_string());
+    if text.trim().is_empty() {
+        s.error(key, "must not be empty");
+        return default.to_string();
+    }
+    text
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// `/api/` and `/api` route the same requests.
+pub(crate) fn normalize_prefix(prefix: &str) -> &str {
+    match prefix.trim_end_matches('/') {
+        "" => "/",
+        p => p,
+    }
+}
+
+/// Hides the password of `scheme://user:password@host` for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or("");
+            format!("{}{user}:***@{}", &url[..scheme_end + 3], &rest[at + 1..])
+        }
+        None => url.to_string(),
+    }
+}

@@ -1,0 +1,19 @@
+//! Backstop: a resilient HTTP reverse proxy and API gateway that never loses
+//! a request. See ARCHITECTURE.md for the map of this crate.
+
+pub mod admin;
+pub mod body;
+pub mod capture;
+pub mod classify;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod headers;
+pub mod logging;
+pub mod pipeline;
+pub mod replay;
+pub mod resilience;
+pub mod routing;
+pub mod runtime;
+pub mod server;
+pub mod upstream;

@@ -1,0 +1,426 @@
+//! The request path, read top to bottom as its phases:
+//!
+//! 1. **route** — match the path prefix (and host); unknown path → 404.
+//! 2. **prepare** — buffer the body when the route may retry or capture it,
+//!    clean and set headers, map the path.
+//! 3. **forward** — pick a target, send with a per-try timeout, retry with
+//!    backoff while the policy allows.
+//! 4. **capture** — a backend failure on a capturable request is written
+//!    durably and answered with its capture id.
+//! 5. **respond** — stream the backend's answer back without hop-by-hop
+//!    headers; log the outcome once.
+//!
+//! Rate limits, the cache and the circuit breaker slot in between route and
+//! forward as their own phases. Per-request state lives in [`RequestContext`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::header::{HeaderValue, HOST, RETRY_AFTER};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http_body::Body as _;
+use http_body_util::Either;
+use hyper::body::Incoming;
+
+use crate::body::{self, BufferError, BufferedBody, RequestBody, ResponseBody};
+use crate::capture::{CaptureOutcome, Capturer};
+use crate::classify::{status_failure, Failure};
+use crate::config::Config;
+use crate::error::{ErrorCode, ProxyError};
+use crate::headers::{self, ClientInfo, X_REQUEST_ID};
+use crate::resilience::backoff::Backoff;
+use crate::routing::{Route, RouteTable};
+use crate::upstream::upstream_uri;
+
+/// The configuration in force: swapped whole on reload, read lock-free.
+pub struct Active {
+    pub config: Arc<Config>,
+    pub routes: RouteTable,
+}
+
+/// Everything the request path needs, shared by all connections.
+pub struct Proxy {
+    pub active: ArcSwap<Active>,
+    pub capturer: Option<Arc<Capturer>>,
+}
+
+/// Per-request state carried through the phases, logged once at the end.
+pub struct RequestContext {
+    pub request_id: String,
+    pub client: ClientInfo,
+    pub method: Method,
+    pub started: Instant,
+    pub route: Option<Arc<Route>>,
+    pub attempts: u32,
+    pub failure: Option<Failure>,
+}
+
+impl RequestContext {
+    fn route_name(&self) -> Option<&str> {
+        self.route.as_deref().map(Route::name)
+    }
+}
+
+/// Handles one request from a client; never fails: every problem becomes a
+/// proxy-made answer.
+pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>, client: ClientInfo) -> Response<ResponseBody> {
+    let mut ctx = RequestContext {
+        request_id: headers::request_id(req.headers()),
+        client,
+        method: req.method().clone(),
+        started: Instant::now(),
+        route: None,
+        attempts: 0,
+        failure: None,
+    };
+    let path = req.uri().path().to_string();
+    let active = proxy.active.load_full();
+    let mut response = match proxy_request(&proxy, &active, req, &mut ctx).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(ctx.route_name(), &ctx.request_id),
+    };
+    if let Ok(id) = HeaderValue::from_str(&ctx.request_id) {
+        response.headers_mut().insert(X_REQUEST_ID, id);
+    }
+    if active.config.log.access_log {
+        log_access(&ctx, &path, response.status());
+    }
+    response
+}
+
+async fn proxy_request(
+    proxy: &Proxy,
+    active: &Active,
+    req: Request<Incoming>,
+    ctx: &mut RequestContext,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    if req.uri().path() == "/health" && req.method() == Method::GET {
+        return Ok(health());
+    }
+    let route = route_phase(&active.routes, &req)?;
+    ctx.route = Some(route.clone());
+    let mut outgoing = prepare(&route, req, ctx, active.config.server.max_body_bytes).await?;
+    match forward(&route, &mut outgoing, ctx).await {
+        Forwarded::Answer(response) => Ok(respond(response)),
+        Forwarded::Failed { failure, response } => {
+            ctx.failure = Some(failure);
+            capture_phase(proxy, &route, outgoing, failure, response, ctx).await
+        }
+    }
+}
+
+/// Phase 1: which route serves this request.
+fn route_phase(table: &RouteTable, req: &Request<Incoming>) -> Result<Arc<Route>, ProxyError> {
+    let host = request_host(req).map(|h| strip_port(h));
+    table.find(host, req.uri().path()).cloned().ok_or_else(|| {
+        ProxyError::new(
+            ErrorCode::NoRoute,
+            format!("No route for path {}", req.uri().path()),
+        )
+    })
+}
+
+/// A request ready to be sent to any of the route's targets, once or more.
+pub struct Outgoing {
+    pub method: Method,
+    /// The client's original path and query (kept for capture records).
+    pub original_path: String,
+    pub original_query: Option<String>,
+    /// The path as sent upstream (prefix stripped if configured).
+    upstream_path: String,
+    pub headers: HeaderMap,
+    /// The client's own headers, kept only when the request may be captured
+    /// (the record holds what the client sent, not what Backstop added).
+    pub client_headers: Option<HeaderMap>,
+    pub body: OutgoingBody,
+}
+
+pub enum OutgoingBody {
+    /// The client's body streams through; it can be sent only once.
+    Streaming(Option<Incoming>),
+    Buffered(BufferedBody),
+}
+
+/// Phase 2: buffer the body if needed and build the upstream headers.
+async fn prepare(
+    route: &Route,
+    req: Request<Incoming>,
+    ctx: &RequestContext,
+    max_body_bytes: u64,
+) -> Result<Outgoing, ProxyError> {
+    let (parts, incoming) = req.into_parts();
+    let original_host = request_host_parts(&parts).map(str::to_string);
+    let body = if incoming.is_end_stream() {
+        OutgoingBody::Buffered(BufferedBody::default())
+    } else if route.config.buffers_body(&parts.method) {
+        match body::buffer(&parts.headers, incoming, max_body_bytes).await {
+            Ok(buffered) => OutgoingBody::Buffered(buffered),
+            Err(BufferError::TooLarge { limit }) => {
+                return Err(ProxyError::new(
+                    ErrorCode::BodyTooLarge,
+                    format!("Request body is larger than {limit} bytes"),
+                ))
+            }
+            Err(BufferError::Read(e)) => {
+                return Err(ProxyError::new(
+                    ErrorCode::BadRequest,
+                    format!("Could not read the request body: {e}"),
+                ))
+            }
+        }
+    } else {
+        OutgoingBody::Streaming(Some(incoming))
+    };
+
+    let mut headers = parts.headers;
+    headers::strip_hop_by_hop(&mut headers);
+    let capture = &route.config.capture;
+    let client_headers = (capture.enabled && capture.methods.contains(&parts.method)).then(|| {
+        let mut h = headers.clone();
+        h.remove(HOST);
+        h
+    });
+    headers::filter_forwarded(&mut headers, &route.config.forward_headers);
+    headers.remove(HOST);
+    headers::set_forwarded(&mut headers, &ctx.client, original_host.as_deref());
+    for (name, value) in &route.config.headers {
+        headers.insert(name.clone(), value.clone());
+    }
+    if let Ok(id) = HeaderValue::from_str(&ctx.request_id) {
+        headers.insert(X_REQUEST_ID, id);
+    }
+    let path = parts.uri.path();
+    Ok(Outgoing {
+        method: parts.method.clone(),
+        original_path: path.to_string(),
+        original_query: parts.uri.query().map(str::to_string),
+        upstream_path: route.upstream_path(path).to_string(),
+        headers,
+        client_headers,
+        body,
+    })
+}
+
+impl Outgoing {
+    /// How many attempts this request may have at most.
+    fn max_attempts(&self, route: &Route) -> u32 {
+        match self.body {
+            OutgoingBody::Streaming(_) => 1,
+            OutgoingBody::Buffered(_) => route.config.retry.max_attempts,
+        }
+    }
+
+    /// The request for one attempt at `base`. `last` lets the final attempt
+    /// move the headers instead of copying them.
+    fn request_for(&mut self, base: &http::Uri, last: bool) -> Result<Request<RequestBody>, ProxyError> {
+        let uri = upstream_uri(base, &self.upstream_path, self.original_query.as_deref())
+            .map_err(|e| ProxyError::new(ErrorCode::BadRequest, format!("Invalid request path: {e}")))?;
+        let body = match &mut self.body {
+            OutgoingBody::Buffered(b) => b.to_request_body(),
+            OutgoingBody::Streaming(incoming) => match incoming.take() {
+                Some(incoming) => Either::Left(incoming),
+                None => {
+                    return Err(ProxyError::new(
+                        ErrorCode::UpstreamUnreachable,
+                        "The request body was already sent",
+                    ))
+                }
+            },
+        };
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = uri;
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = if last {
+            std::mem::take(&mut self.headers)
+        } else {
+            self.headers.clone()
+        };
+        Ok(request)
+    }
+}
+
+/// What forwarding came to.
+enum Forwarded {
+    /// The backend's answer, to pass on (possibly an error status that is
+    /// not a capturable failure, or the last retryable one).
+    Answer(Response<Incoming>),
+    /// The backend failed: unreachable, timed out, or a failure status.
+    Failed {
+        failure: Failure,
+        response: Option<Response<Incoming>>,
+    },
+}
+
+/// Phase 3: send to a target; retry while the policy allows. POST and PATCH
+/// are retried only when the request provably never reached the backend,
+/// unless the route sets `retry_non_idempotent`.
+async fn forward(route: &Route, outgoing: &mut Outgoing, ctx: &mut RequestContext) -> Forwarded {
+    let retry = &route.config.retry;
+    let timeout = route.config.circuit_breaker.request_timeout;
+    let backoff = Backoff {
+        initial: retry.initial_delay,
+        max: retry.max_delay,
+        factor: retry.backoff_factor,
+    };
+    let max_attempts = outgoing.max_attempts(route);
+    let idempotent = is_idempotent(&outgoing.method) || retry.retry_non_idempotent;
+    loop {
+        ctx.attempts += 1;
+        let attempt = ctx.attempts;
+        let (index, target) = route.upstream.balancer.pick();
+        let request = match outgoing.request_for(&target.base, attempt >= max_attempts) {
+            Ok(r) => r,
+            Err(_) => {
+                return Forwarded::Failed {
+                    failure: Failure::ConnectFailed,
+                    response: None,
+                }
+            }
+        };
+        let (failure, response) = match route.upstream.send(request, timeout).await {
+            Ok(response) => match status_failure(response.status().as_u16(), retry) {
+                None => {
+                    route.upstream.balancer.restore(index);
+                    return Forwarded::Answer(response);
+                }
+                Some(failure) => (failure, Some(response)),
+            },
+            Err(failure) => {
+                if failure.before_send() {
+                    route.upstream.balancer.eject(index);
+                }
+                (failure, None)
+            }
+        };
+        let may_retry = attempt < max_attempts
+            && failure.is_retryable(retry)
+            && (idempotent || failure.before_send());
+        if !may_retry {
+            return match response {
+                Some(response) if !failure.is_capturable() => Forwarded::Answer(response),
+                response => Forwarded::Failed { failure, response },
+            };
+        }
+        let hint = response.as_ref().and_then(|r| retry_after(r.headers()));
+        tracing::debug!(route = %route.name(), attempt, ?failure, "retrying");
+        tokio::time::sleep(backoff.delay_with_hint(attempt, hint)).await;
+    }
+}
+
+/// Phase 4: capture a failed capturable request, or explain the failure.
+async fn capture_phase(
+    proxy: &Proxy,
+    route: &Route,
+    outgoing: Outgoing,
+    failure: Failure,
+    response: Option<Response<Incoming>>,
+    ctx: &RequestContext,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let capture = &route.config.capture;
+    let capturable = capture.enabled
+        && capture.methods.contains(&outgoing.method)
+        && failure.is_capturable()
+        && matches!(outgoing.body, OutgoingBody::Buffered(_));
+    if let (true, Some(capturer)) = (capturable, proxy.capturer.as_ref()) {
+        return Err(match capturer.capture(route, outgoing, failure, ctx).await {
+            CaptureOutcome::Captured(error) | CaptureOutcome::Failed(error) => error,
+        });
+    }
+    if let Some(response) = response {
+        return Ok(respond(response));
+    }
+    Err(failure_error(failure, route.name()))
+}
+
+/// The answer for a backend that could not be reached or did not answer.
+pub fn failure_error(failure: Failure, route: &str) -> ProxyError {
+    match failure {
+        Failure::Timeout | Failure::ConnectTimeout => ProxyError::new(
+            ErrorCode::UpstreamTimeout,
+            format!("The backend of route {route} did not answer in time"),
+        ),
+        Failure::Status(code) => ProxyError::new(
+            ErrorCode::UpstreamUnreachable,
+            format!("The backend of route {route} answered {code}"),
+        ),
+        _ => ProxyError::new(
+            ErrorCode::UpstreamUnreachable,
+            format!(
+                "The backend of route {route} could not be reached ({})",
+                failure.reason()
+            ),
+        ),
+    }
+}
+
+/// Phase 5: the backend's answer, streamed back without hop-by-hop headers.
+fn respond(response: Response<Incoming>) -> Response<ResponseBody> {
+    let (mut parts, body) = response.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    parts.version = Version::HTTP_11;
+    Response::from_parts(parts, Either::Left(body))
+}
+
+fn health() -> Response<ResponseBody> {
+    let mut response = Response::new(Either::Right(http_body_util::Full::new(bytes::Bytes::from_static(
+        br#"{"status":"ok"}"#,
+    ))));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn log_access(ctx: &RequestContext, path: &str, status: StatusCode) {
+    tracing::info!(
+        target: "backstop::access",
+        request_id = %ctx.request_id,
+        client = %ctx.client.addr,
+        method = %ctx.method,
+        path,
+        route = ctx.route_name().unwrap_or("-"),
+        status = status.as_u16(),
+        attempts = ctx.attempts,
+        failure = ctx.failure.map(|f| f.reason()).unwrap_or_default(),
+        duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
+        "request"
+    );
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is rare from APIs and ignored).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let secs: u64 = headers.get(RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs))
+}
+
+fn request_host(req: &Request<Incoming>) -> Option<&str> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(HOST).and_then(|h| h.to_str().ok()))
+}
+
+fn request_host_parts(parts: &http::request::Parts) -> Option<&str> {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| parts.headers.get(HOST).and_then(|h| h.to_str().ok()))
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split(']').next().map_or(host, |h| &h[1..]);
+    }
+    host.rsplit_once(':').map_or(host, |(h, _)| h)
+}

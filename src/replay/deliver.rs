@@ -1,0 +1,129 @@
+//! One replay attempt: the captured request, mapped through the route's
+//! *current* configuration (upstreams, prefix stripping, configured headers),
+//! with `Idempotency-Key: <id>` and `X-Backstop-Replay-Attempt: n`.
+
+use std::net::SocketAddr;
+
+use http::header::{HeaderValue, HOST};
+use http::{HeaderName, Method, Request, Version};
+
+use crate::body::BufferedBody;
+use crate::capture::record::CaptureRecord;
+use crate::classify::Failure;
+use crate::headers::{self, ClientInfo, X_REQUEST_ID};
+use crate::routing::Route;
+use crate::upstream::upstream_uri;
+
+pub const X_BACKSTOP_REPLAY_ATTEMPT: HeaderName = HeaderName::from_static("x-backstop-replay-attempt");
+
+/// What a replay attempt came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// The backend accepted it (2xx/3xx): done.
+    Delivered(u16),
+    /// Worth trying again later (5xx, 408, 429, transport failures).
+    Retry(String),
+    /// Never going to work (other 4xx, an unusable record): dead letter.
+    Dead(String),
+}
+
+pub async fn deliver(route: &Route, record: &CaptureRecord, attempt: u32, idempotency_header: &HeaderName) -> Delivery {
+    let request = match build_request(route, record, attempt, idempotency_header) {
+        Ok(r) => r,
+        Err(reason) => return Delivery::Dead(reason),
+    };
+    let timeout = route.config.circuit_breaker.request_timeout;
+    match route.upstream.send(request, timeout).await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            // Drain the body so the pooled connection can be reused.
+            let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+            classify_status(status)
+        }
+        Err(failure) => Delivery::Retry(describe(failure)),
+    }
+}
+
+fn classify_status(status: u16) -> Delivery {
+    match status {
+        200..=399 => Delivery::Delivered(status),
+        408 | 429 => Delivery::Retry(format!("backend answered {status}")),
+        400..=499 => Delivery::Dead(format!("backend answered {status}")),
+        _ => Delivery::Retry(format!("backend answered {status}")),
+    }
+}
+
+fn describe(failure: Failure) -> String {
+    match failure {
+        Failure::Status(code) => format!("backend answered {code}"),
+        other => other.reason(),
+    }
+}
+
+fn build_request(
+    route: &Route,
+    record: &CaptureRecord,
+    attempt: u32,
+    idempotency_header: &HeaderName,
+) -> Result<Request<crate::body::RequestBody>, String> {
+    let req = &record.request;
+    let method = Method::from_bytes(req.method.as_bytes()).map_err(|_| format!("invalid method {:?}", req.method))?;
+    let body = record.body().map_err(|e| e.to_string())?;
+    let (index, target) = route.upstream.balancer.pick();
+    let _ = index;
+    let uri = upstream_uri(&target.base, route.upstream_path(&req.path), req.query.as_deref())
+        .map_err(|e| format!("invalid path {:?}: {e}", req.path))?;
+
+    let mut headers = req.header_map();
+    headers::strip_hop_by_hop(&mut headers);
+    headers::filter_forwarded(&mut headers, &route.config.forward_headers);
+    let original_host = headers.remove(HOST);
+    if let Ok(addr) = record.client.addr.parse::<SocketAddr>() {
+        let client = ClientInfo { addr, proto: "http" };
+        headers::set_forwarded(&mut headers, &client, original_host.as_ref().and_then(|h| h.to_str().ok()));
+    }
+    for (name, value) in &route.config.headers {
+        headers.insert(name.clone(), value.clone());
+    }
+    let id = HeaderValue::from_str(&record.id).map_err(|_| format!("invalid id {:?}", record.id))?;
+    headers.insert(idempotency_header.clone(), id);
+    headers.insert(X_BACKSTOP_REPLAY_ATTEMPT, HeaderValue::from(attempt));
+    if let Ok(rid) = HeaderValue::from_str(&record.client.request_id) {
+        headers.insert(X_REQUEST_ID, rid);
+    }
+
+    let mut request = Request::new(BufferedBody(body.into()).to_request_body());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    Ok(request)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_map_to_outcomes() {
+        let cases = [
+            (200, "delivered"),
+            (204, "delivered"),
+            (302, "delivered"),
+            (400, "dead"),
+            (404, "dead"),
+            (408, "retry"),
+            (429, "retry"),
+            (500, "retry"),
+            (503, "retry"),
+        ];
+        for (status, want) in cases {
+            let got = match classify_status(status) {
+                Delivery::Delivered(_) => "delivered",
+                Delivery::Retry(_) => "retry",
+                Delivery::Dead(_) => "dead",
+            };
+            assert_eq!(got, want, "{status}");
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! The replay worker: delivers captured requests from the spool once their
+//! backend recovers, at least once, in capture order per route.
+//!
+//! A record leaves the queue only after the backend accepted it (2xx/3xx) or
+//! it went to the dead-letter table. A route whose head record failed waits
+//! (backoff from `replay.initial_delay` to `replay.max_delay`) and its later
+//! records wait behind it, so per-route order holds; other routes go on.
+
+mod deliver;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+pub use deliver::{deliver, Delivery, X_BACKSTOP_REPLAY_ATTEMPT};
+
+use crate::capture::record::CaptureRecord;
+use crate::capture::spool::{now_ms, Destination, QueuedRecord, Spool};
+use crate::pipeline::Proxy;
+use crate::resilience::backoff::Backoff;
+
+/// How many queued records one pass looks at.
+const PASS_SIZE: usize = 512;
+/// The longest the worker sleeps when nothing wakes it.
+const IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// Replay outcomes since start, for `/queue` and metrics.
+#[derive(Default)]
+pub struct ReplayCounters {
+    delivered: AtomicU64,
+    dead: AtomicU64,
+    retried: AtomicU64,
+}
+
+impl ReplayCounters {
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
+    }
+    pub fn dead(&self) -> u64 {
+        self.dead.load(Ordering::Relaxed)
+    }
+    pub fn retried(&self) -> u64 {
+        self.retried.load(Ordering::Relaxed)
+    }
+}
+
+pub struct SpoolReplayer {
+    pub spool: Arc<Spool>,
+    pub proxy: Arc<Proxy>,
+    pub counters: Arc<ReplayCounters>,
+}
+
+impl SpoolReplayer {
+    pub async fn run(self, shutdown: CancellationToken) {
+        tracing::info!("replay worker started");
+        loop {
+            let wait = match self.pass().await {
+                Ok(wait) => wait,
+                Err(e) => {
+                    tracing::error!(error = %e, "replay pass failed");
+                    IDLE_POLL
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.spool.appended.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        tracing::info!("replay worker stopped");
+    }
+
+    /// Delivers what is due, route by route (routes in parallel, each in
+    /// order); returns how long to sleep before the next pass.
+    async fn pass(&self) -> Result<Duration, crate::capture::spool::SpoolError> {
+        let spool = self.spool.clone();
+        let records = tokio::task::spawn_blocking(move || spool.queued(Destination::Replay, PASS_SIZE))
+            .await
+            .map_err(|_| crate::capture::spool::SpoolError::Closed)??;
+        if records.is_empty() {
+            return Ok(IDLE_POLL);
+        }
+        let mut by_route: HashMap<String, Vec<QueuedRecord>> = HashMap::new();
+        for r in records {
+            by_route.entry(r.route.clone()).or_default().push(r);
+        }
+        let passes = by_route.into_values().map(|queue| self.replay_route(queue));
+        let waits = futures_util::future::join_all(passes).await;
+        Ok(waits.into_iter().min().unwrap_or(IDLE_POLL).min(IDLE_POLL))
+    }
+
+    /// Replays one route's records in order until one must wait; returns
+    /// how long until that one is due (or the idle poll).
+    async fn replay_route(&self, queue: Vec<QueuedRecord>) -> Duration {
+        for queued in queue {
+            let now = now_ms();
+            if queued.next_at_ms > now {
+                return Duration::from_millis((queued.next_at_ms - now) as u64);
+            }
+            match self.replay_one(&queued).await {
+                Ok(None) => continue,
+                Ok(Some(wait)) => return wait,
+                Err(e) => {
+                    tracing::error!(id = %queued.id, error = %e, "spool update failed");
+                    return IDLE_POLL;
+                }
+            }
+        }
+        Duration::ZERO
+    }
+
+    /// One record: `Ok(None)` when it left the queue, `Ok(Some(wait))` when
+    /// it must be tried again later.
+    async fn replay_one(&self, queued: &QueuedRecord) -> Result<Option<Duration>, crate::capture::spool::SpoolError> {
+        let active = self.proxy.active.load_full();
+        let replay = &active.config.replay;
+        let attempt = queued.attempts + 1;
+        let record = match CaptureRecord::from_json(&queued.record) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(id = %queued.id, error = %e, "undecodable record sent to the dead-letter queue");
+                self.spool.dead_letter(&queued.id, queued.attempts, &e.to_string()).await?;
+                self.counters.dead.fetch_add(1, Ordering::Relaxed);
+                return Ok(None);
+            }
+        };
+        let outcome = match active.routes.get(&record.route) {
+            Some(route) => deliver(route, &record, attempt, &replay.idempotency_header).await,
+            None => Delivery::Retry(format!("route {:?} is not configured", record.route)),
+        };
+        match outcome {
+            Delivery::Delivered(status) => {
+                self.spool.delete(&queued.id).await?;
+                self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(id = %queued.id, route = %record.route, attempt, status, "replayed");
+                Ok(None)
+            }
+            Delivery::Dead(reason) => {
+                self.spool.dead_letter(&queued.id, attempt, &reason).await?;
+                self.counters.dead.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(id = %queued.id, route = %record.route, %reason, "replay gave up: dead letter");
+                Ok(None)
+            }
+            Delivery::Retry(reason) if attempt >= replay.max_attempts => {
+                let reason = format!("{reason} (after {attempt} attempts)");
+                self.spool.dead_letter(&queued.id, attempt, &reason).await?;
+                self.counters.dead.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(id = %queued.id, route = %record.route, %reason, "replay gave up: dead letter");
+                Ok(None)
+            }
+            Delivery::Retry(reason) => {
+                let backoff = Backoff {
+                    initial: replay.initial_delay,
+                    max: replay.max_delay,
+                    factor: 2.0,
+                };
+                let wait = backoff.delay(attempt);
+                let next_at = now_ms() + wait.as_millis() as i64;
+                self.spool.retry_later(&queued.id, attempt, next_at, &reason).await?;
+                self.counters.retried.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(id = %queued.id, route = %record.route, attempt, %reason, ?wait, "replay failed; backing off");
+                Ok(Some(wait))
+            }
+        }
+    }
+}

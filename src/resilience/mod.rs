@@ -1,0 +1,3 @@
+//! Policies that protect backends and their callers.
+
+pub mod backoff;

@@ -1,0 +1,155 @@
+//! The route table: longest path prefix wins (on a segment boundary), a route
+//! with a `host` only matches that Host, and the prefix may be stripped.
+//!
+//! A table is built whole from a [`Config`] and never changed: a reload builds
+//! a new table and swaps it in (see `runtime`).
+
+use std::sync::Arc;
+
+use crate::config::{normalize_prefix, Config, ConfigError, RouteConfig};
+use crate::upstream::Upstream;
+
+/// A route at run time: its configuration and its handles.
+pub struct Route {
+    pub config: RouteConfig,
+    pub upstream: Upstream,
+    /// `path_prefix` without a trailing slash ("/" stays "/").
+    prefix: String,
+}
+
+impl Route {
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The path sent upstream: with the prefix removed if `strip_prefix`.
+    pub fn upstream_path<'p>(&self, path: &'p str) -> &'p str {
+        if self.config.strip_prefix && self.prefix != "/" {
+            &path[self.prefix.len().min(path.len())..]
+        } else {
+            path
+        }
+    }
+
+    fn matches(&self, host: Option<&str>, path: &str) -> bool {
+        if let Some(want) = &self.config.host {
+            if host.is_none_or(|h| !h.eq_ignore_ascii_case(want)) {
+                return false;
+            }
+        }
+        if self.prefix == "/" {
+            return true;
+        }
+        path.strip_prefix(self.prefix.as_str())
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }
+}
+
+/// Every route, most specific first.
+pub struct RouteTable {
+    routes: Vec<Arc<Route>>,
+}
+
+impl RouteTable {
+    /// Builds the runtime routes (upstream clients, TLS roots). Errors are
+    /// those that only building finds, e.g. a CA file that is not PEM.
+    pub fn build(config: &Config) -> Result<RouteTable, Vec<ConfigError>> {
+        let mut routes = Vec::with_capacity(config.routes.len());
+        let mut errors = Vec::new();
+        for (i, rc) in config.routes.iter().enumerate() {
+            if !rc.tls_verify {
+                tracing::warn!(route = %rc.name, "TLS certificate verification is off for this route");
+            }
+            match Upstream::build(rc, &config.server) {
+                Ok(upstream) => routes.push(Arc::new(Route {
+                    prefix: normalize_prefix(&rc.path_prefix).to_string(),
+                    config: rc.clone(),
+                    upstream,
+                })),
+                Err(message) => errors.push(ConfigError {
+                    key: format!("routes[{i}].tls_ca_file"),
+                    message,
+                }),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        // Longest prefix first; at equal prefix, a route bound to a host first.
+        routes.sort_by(|a, b| {
+            b.prefix
+                .len()
+                .cmp(&a.prefix.len())
+                .then(b.config.host.is_some().cmp(&a.config.host.is_some()))
+        });
+        Ok(RouteTable { routes })
+    }
+
+    /// The route for a request; `host` without its port.
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
+        self.routes.iter().find(|r| r.matches(host, path))
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Route>> {
+        self.routes.iter().find(|r| r.name() == name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.routes.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn table(routes: &str) -> RouteTable {
+        let config = crate::config::load_str(routes, Path::new("t.toml"), |_| None).unwrap();
+        RouteTable::build(&config).unwrap()
+    }
+
+    #[test]
+    fn longest_prefix_on_segment_boundary_wins() {
+        let t = table(
+            r#"
+            [[routes]]
+            name = "root"
+            path_prefix = "/"
+            upstreams = ["http://127.0.0.1:1"]
+            [[routes]]
+            name = "api"
+            path_prefix = "/api"
+            upstreams = ["http://127.0.0.1:2"]
+            [[routes]]
+            name = "users"
+            path_prefix = "/api/users/"
+            strip_prefix = true
+            upstreams = ["http://127.0.0.1:3"]
+            [[routes]]
+            name = "users-example"
+            path_prefix = "/api/users"
+            host = "example.com"
+            upstreams = ["http://127.0.0.1:4"]
+            "#,
+        );
+        let cases = [
+            (None, "/api", "api"),
+            (None, "/api/", "api"),
+            (None, "/apix", "root"),
+            (None, "/api/users", "users"),
+            (None, "/api/users/7", "users"),
+            (None, "/api/usersx", "api"),
+            (Some("example.com"), "/api/users/7", "users-example"),
+            (Some("other.com"), "/api/users/7", "users"),
+            (None, "/", "root"),
+        ];
+        for (host, path, want) in cases {
+            assert_eq!(t.find(host, path).unwrap().name(), want, "{host:?} {path}");
+        }
+        let users = t.get("users").unwrap();
+        assert_eq!(users.upstream_path("/api/users/7"), "/7");
+        assert_eq!(users.upstream_path("/api/users"), "");
+        assert_eq!(t.get("api").unwrap().upstream_path("/api/x"), "/api/x");
+    }
+}

@@ -1,0 +1,175 @@
+//! Starting and running `backstop run`: listeners, the replay worker, hot
+//! reload (SIGHUP or a change of the file) and graceful shutdown.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{self, AdminState};
+use crate::capture::spool::Spool;
+use crate::capture::Capturer;
+use crate::config::{self, Config, ConfigErrors};
+use crate::pipeline::{Active, Proxy};
+use crate::replay::{ReplayCounters, SpoolReplayer};
+use crate::routing::RouteTable;
+use crate::server::{self, ConnSettings};
+
+/// How often the config file's modification time is checked.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Loads a file and builds its route table: everything `check` validates.
+pub fn load_active(path: &Path) -> Result<Active, ConfigErrors> {
+    let config = config::load(path)?;
+    let routes = RouteTable::build(&config).map_err(|errors| ConfigErrors {
+        file: path.to_path_buf(),
+        errors,
+    })?;
+    Ok(Active {
+        config: Arc::new(config),
+        routes,
+    })
+}
+
+/// Runs the proxy until SIGTERM or SIGINT; returns the process exit code.
+pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
+    let config = active.config.clone();
+    let spool = Spool::open(&config.server.data_dir).map_err(|e| e.to_string())?;
+    let retry_after = config.replay.initial_delay.as_secs().max(1);
+    let proxy = Arc::new(Proxy {
+        active: ArcSwap::from_pointee(active),
+        capturer: Some(Arc::new(Capturer::new(spool.clone(), retry_after))),
+    });
+    let shutdown = CancellationToken::new();
+    let connections = TaskTracker::new();
+    let background = TaskTracker::new();
+
+    let tls = match (&config.server.tls_cert, &config.server.tls_key) {
+        (Some(cert), Some(key)) => Some(server::tls::acceptor(cert, key)?),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let listener = server::bind(config.server.listen, "proxy").await.map_err(|e| e.to_string())?;
+    let admin_listener = server::bind(config.server.admin_listen, "admin API")
+        .await
+        .map_err(|e| e.to_string())?;
+    let proxy_addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let admin_addr = admin_listener.local_addr().map_err(|e| e.to_string())?;
+
+    let counters = Arc::new(ReplayCounters::default());
+    let admin_state = AdminState {
+        proxy: proxy.clone(),
+        spool: spool.clone(),
+        replay: counters.clone(),
+        token: config.server.admin_token.as_deref().map(Arc::from),
+    };
+    let admin_shutdown = shutdown.clone();
+    background.spawn(async move {
+        let app = admin::router(admin_state);
+        let serve = axum::serve(admin_listener, app).with_graceful_shutdown(admin_shutdown.cancelled_owned());
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "admin listener failed");
+        }
+    });
+
+    if config.replay.enabled {
+        let replayer = SpoolReplayer {
+            spool: spool.clone(),
+            proxy: proxy.clone(),
+            counters: counters.clone(),
+        };
+        background.spawn(replayer.run(shutdown.clone()));
+    }
+    background.spawn(watch_config(path, proxy.clone(), shutdown.clone()));
+
+    connections.spawn(server::serve_proxy(
+        listener,
+        proxy.clone(),
+        ConnSettings::from_config(&config.server),
+        tls,
+        shutdown.clone(),
+        connections.clone(),
+    ));
+    tracing::info!("proxy listening on {scheme}://{proxy_addr}");
+    tracing::info!("admin listening on http://{admin_addr}");
+
+    wait_for_stop_signal().await;
+    tracing::info!(drain_timeout = ?config.server.drain_timeout, "shutting down: draining in-flight requests");
+    shutdown.cancel();
+    connections.close();
+    background.close();
+    if tokio::time::timeout(config.server.drain_timeout, connections.wait()).await.is_err() {
+        tracing::warn!("drain timeout reached; closing remaining connections");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), background.wait()).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_stop_signal() {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stopping on Ctrl-C only");
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Reloads on SIGHUP and when the file changes. An invalid file keeps the
+/// running configuration; every error is logged.
+async fn watch_config(path: PathBuf, proxy: Arc<Proxy>, shutdown: CancellationToken) {
+    let mut hangup = signal(SignalKind::hangup()).ok();
+    let mut last_modified = modified(&path);
+    let mut ticker = tokio::time::interval(WATCH_INTERVAL);
+    loop {
+        let by_signal = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = async { match hangup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => true,
+            _ = ticker.tick() => false,
+        };
+        let now_modified = modified(&path);
+        if !by_signal && now_modified == last_modified {
+            continue;
+        }
+        last_modified = now_modified;
+        reload(&path, &proxy);
+    }
+}
+
+fn reload(path: &Path, proxy: &Proxy) {
+    match load_active(path) {
+        Ok(active) => {
+            let old = proxy.active.load();
+            if old.config.server.listen != active.config.server.listen
+                || old.config.server.admin_listen != active.config.server.admin_listen
+            {
+                tracing::warn!("listen addresses changed: they take effect after a restart");
+            }
+            let routes = active.config.routes.len();
+            proxy.active.store(Arc::new(active));
+            tracing::info!(routes, "configuration reloaded");
+        }
+        Err(errors) => {
+            for line in errors.to_string().lines() {
+                tracing::error!("{line}");
+            }
+            tracing::error!("reload refused: keeping the running configuration");
+        }
+    }
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// The config's data directory, for commands that work on the spool alone.
+pub fn data_dir(config: &Config) -> &Path {
+    &config.server.data_dir
+}

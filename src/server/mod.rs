@@ -1,0 +1,181 @@
+//! Listeners and connections: accept, optional TLS, HTTP/1.1 and HTTP/2
+//! (h2c and ALPN), header limits and timeouts, idle keep-alive close, and
+//! graceful shutdown (stop accepting, let in-flight requests finish).
+
+mod idle;
+pub mod tls;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ServerConfig;
+use crate::headers::ClientInfo;
+use crate::pipeline::{self, Proxy};
+use idle::{ActivityIo, IdleWatch};
+
+/// Connection settings taken from `[server]` at start.
+#[derive(Clone)]
+pub struct ConnSettings {
+    pub max_header_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl ConnSettings {
+    pub fn from_config(server: &ServerConfig) -> Self {
+        ConnSettings {
+            max_header_bytes: server.max_header_bytes,
+            header_read_timeout: server.header_read_timeout,
+            idle_timeout: server.idle_timeout,
+        }
+    }
+}
+
+/// Accepts connections until `shutdown` is cancelled. Connections are
+/// tracked by `tracker` so the caller can wait for them to drain.
+pub async fn serve_proxy(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    settings: ConnSettings,
+    tls: Option<TlsAcceptor>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let builder = Arc::new(http_builder(&settings));
+    loop {
+        let (stream, addr) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, don't spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = Connection {
+            proxy: proxy.clone(),
+            builder: builder.clone(),
+            settings: settings.clone(),
+            shutdown: shutdown.clone(),
+            addr,
+        };
+        let tls = tls.clone();
+        tracker.spawn(async move {
+            match tls {
+                None => conn.serve(stream, "http").await,
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(conn.settings.header_read_timeout, acceptor.accept(stream));
+                    match handshake.await {
+                        Ok(Ok(tls_stream)) => conn.serve(tls_stream, "https").await,
+                        Ok(Err(e)) => tracing::debug!(client = %addr, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(client = %addr, "TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn http_builder(settings: &ConnSettings) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size(settings.max_header_bytes)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(settings.max_header_bytes as u32)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    builder
+}
+
+struct Connection {
+    proxy: Arc<Proxy>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    settings: ConnSettings,
+    shutdown: CancellationToken,
+    addr: SocketAddr,
+}
+
+impl Connection {
+    async fn serve<S>(self, stream: S, proto: &'static str)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let watch = IdleWatch::new();
+        let io = TokioIo::new(ActivityIo::new(stream, watch.clone()));
+        let client = ClientInfo {
+            addr: self.addr,
+            proto,
+        };
+        let proxy = self.proxy;
+        let in_flight = watch.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let proxy = proxy.clone();
+            let client = client.clone();
+            let guard = in_flight.request_started();
+            async move {
+                let response = pipeline::handle(proxy, req, client).await;
+                drop(guard);
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let conn = self.builder.serve_connection(io, service);
+        tokio::pin!(conn);
+        let mut ticker = tokio::time::interval(self.settings.idle_timeout / idle::TICKS);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(client = %self.addr, error = %e, "connection ended with an error");
+                    }
+                    return;
+                }
+                _ = self.shutdown.cancelled(), if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = ticker.tick(), if !closing => {
+                    if watch.idle_tick() {
+                        tracing::debug!(client = %self.addr, "closing idle connection");
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Binds a listener, with a clear error naming the address.
+pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket
+        .bind(addr)
+        .and_then(|()| socket.listen(1024))
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} for the {what}: {e}")))
+}

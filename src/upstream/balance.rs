@@ -1,0 +1,112 @@
+//! Round-robin load balancing over a route's upstreams, skipping a target
+//! that just failed to connect (passive ejection for a short while).
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use http::Uri;
+
+/// How long a target that refused a connection is skipped.
+const EJECT_FOR: Duration = Duration::from_secs(5);
+
+/// One upstream base URL and when it may be used again.
+#[derive(Debug)]
+pub struct Target {
+    pub base: Uri,
+    /// Milliseconds since the balancer's epoch before which the target is
+    /// skipped; 0 = healthy.
+    ejected_until_ms: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct Balancer {
+    targets: Vec<Target>,
+    next: AtomicUsize,
+    epoch: Instant,
+}
+
+impl Balancer {
+    pub fn new(upstreams: &[Uri]) -> Self {
+        Balancer {
+            targets: upstreams
+                .iter()
+                .map(|base| Target {
+                    base: base.clone(),
+                    ejected_until_ms: AtomicU64::new(0),
+                })
+                .collect(),
+            next: AtomicUsize::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// The next target in turn that is not ejected; when all are ejected, the
+    /// next one anyway (better to try than to refuse).
+    pub fn pick(&self) -> (usize, &Target) {
+        let n = self.targets.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        if n == 1 {
+            return (0, &self.targets[0]);
+        }
+        let now = self.now_ms();
+        for offset in 0..n {
+            let i = (start + offset) % n;
+            if self.targets[i].ejected_until_ms.load(Ordering::Relaxed) <= now {
+                return (i, &self.targets[i]);
+            }
+        }
+        let i = start % n;
+        (i, &self.targets[i])
+    }
+
+    /// Marks a target that could not be connected to.
+    pub fn eject(&self, index: usize) {
+        if let Some(t) = self.targets.get(index) {
+            let until = self.now_ms() + EJECT_FOR.as_millis() as u64;
+            t.ejected_until_ms.store(until, Ordering::Relaxed);
+        }
+    }
+
+    /// Clears the mark after a successful exchange.
+    pub fn restore(&self, index: usize) {
+        if let Some(t) = self.targets.get(index) {
+            if t.ejected_until_ms.load(Ordering::Relaxed) != 0 {
+                t.ejected_until_ms.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uris(list: &[&str]) -> Vec<Uri> {
+        list.iter().map(|u| u.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn round_robin_skips_ejected_targets() {
+        let b = Balancer::new(&uris(&["http://a", "http://b", "http://c"]));
+        let seq: Vec<usize> = (0..3).map(|_| b.pick().0).collect();
+        assert_eq!(seq, [0, 1, 2]);
+        b.eject(1);
+        let seq: Vec<usize> = (0..4).map(|_| b.pick().0).collect();
+        assert!(!seq.contains(&1), "{seq:?}");
+        b.restore(1);
+        let seq: Vec<usize> = (0..3).map(|_| b.pick().0).collect();
+        assert!(seq.contains(&1));
+    }
+
+    #[test]
+    fn all_ejected_still_picks() {
+        let b = Balancer::new(&uris(&["http://a", "http://b"]));
+        b.eject(0);
+        b.eject(1);
+        let _ = b.pick();
+    }
+}

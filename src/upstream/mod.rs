@@ -1,0 +1,135 @@
+//! The pooled HTTP client towards a route's upstreams: keep-alive pools,
+//! HTTP/1.1 and HTTP/2 (ALPN for https, prior knowledge with `upstream_h2c`),
+//! rustls, connect timeout, per-try timeout, and load balancing.
+//!
+//! This module never decides *whether* to send: only the pipeline does. It
+//! connects only to a route's configured upstream URLs — the client's Host
+//! header or path never choose the address.
+
+mod balance;
+pub mod tls;
+
+use std::time::Duration;
+
+use http::uri::{PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+pub use balance::{Balancer, Target};
+
+use crate::body::RequestBody;
+use crate::classify::Failure;
+use crate::config::{RouteConfig, ServerConfig};
+
+type HttpClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
+
+/// How long an idle pooled upstream connection is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A route's way to its backends.
+pub struct Upstream {
+    client: HttpClient,
+    pub balancer: Balancer,
+}
+
+impl Upstream {
+    pub fn build(route: &RouteConfig, server: &ServerConfig) -> Result<Upstream, String> {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(server.connect_timeout));
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let tls = tls::client_config(route.tls_ca_file.as_deref(), route.tls_verify)?;
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http);
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .http2_only(route.upstream_h2c);
+        Ok(Upstream {
+            client: builder.build(connector),
+            balancer: Balancer::new(&route.upstreams),
+        })
+    }
+
+    /// Sends one attempt and waits at most `timeout` for the response head.
+    pub async fn send(
+        &self,
+        request: Request<RequestBody>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, Failure> {
+        match tokio::time::timeout(timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => {
+                let failure = Failure::from_client_error(&e);
+                tracing::debug!(error = %ErrorChain(&e), ?failure, "upstream attempt failed");
+                Err(failure)
+            }
+            Err(_) => Err(Failure::Timeout),
+        }
+    }
+}
+
+/// The upstream URI for a target: its scheme and authority, its base path,
+/// then the (possibly stripped) request path and the query.
+pub fn upstream_uri(base: &Uri, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+    let base_path = base.path().trim_end_matches('/');
+    let mut path_and_query = String::with_capacity(base_path.len() + path.len() + 16);
+    path_and_query.push_str(base_path);
+    path_and_query.push_str(path);
+    if path_and_query.is_empty() {
+        path_and_query.push('/');
+    }
+    if let Some(q) = query {
+        path_and_query.push('?');
+        path_and_query.push_str(q);
+    }
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(base.scheme().cloned().unwrap_or(Scheme::HTTP));
+    parts.authority = base.authority().cloned();
+    parts.path_and_query = Some(PathAndQuery::try_from(path_and_query)?);
+    Ok(Uri::from_parts(parts)?)
+}
+
+/// Displays an error with its sources: "a: b: c".
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_joins_base_path_and_request_path() {
+        let cases = [
+            ("http://h:1", "/a/b", None, "http://h:1/a/b"),
+            ("http://h:1/", "/a", Some("x=1&y=2"), "http://h:1/a?x=1&y=2"),
+            ("https://api.example.com/v1", "/users", None, "https://api.example.com/v1/users"),
+            ("https://api.example.com/v1/", "/", None, "https://api.example.com/v1/"),
+            ("http://h", "", None, "http://h/"),
+        ];
+        for (base, path, query, want) in cases {
+            let got = upstream_uri(&base.parse().unwrap(), path, query).unwrap();
+            assert_eq!(got.to_string(), want, "{base} + {path}");
+        }
+    }
+}
