@@ -55,11 +55,20 @@ async fn handle(req: Request<Incoming>, quiet: bool) -> Result<Response<Full<Byt
         _ => {}
     }
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let headers: Vec<(String, String)> = parts
         .headers
         .iter()
-        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect();
     let echo = serde_json::json!({
         "method": parts.method.as_str(),
@@ -74,11 +83,17 @@ async fn handle(req: Request<Incoming>, quiet: bool) -> Result<Response<Full<Byt
             .get("idempotency-key")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-");
-        println!("{} {} idempotency-key={key} body={}", parts.method, parts.uri, String::from_utf8_lossy(&body));
+        println!(
+            "{} {} idempotency-key={key} body={}",
+            parts.method,
+            parts.uri,
+            String::from_utf8_lossy(&body)
+        );
     }
     let mut response = Response::new(Full::new(Bytes::from(echo.to_string())));
-    response
-        .headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     Ok(response)
 }

@@ -28,7 +28,9 @@ impl BufferedBody {
 /// Why a body could not be buffered.
 #[derive(Debug)]
 pub enum BufferError {
-    TooLarge { limit: u64 },
+    TooLarge {
+        limit: u64,
+    },
     /// The client went away or sent a malformed body.
     Read(String),
 }

@@ -51,7 +51,10 @@ impl Failure {
     pub fn before_send(self) -> bool {
         matches!(
             self,
-            Failure::ConnectRefused | Failure::ConnectTimeout | Failure::Dns | Failure::ConnectFailed
+            Failure::ConnectRefused
+                | Failure::ConnectTimeout
+                | Failure::Dns
+                | Failure::ConnectFailed
         )
     }
 

@@ -15,7 +15,11 @@ use crate::replay::{deliver, Delivery, ReplayCounters, SpoolReplayer};
 use crate::runtime;
 
 #[derive(Parser, Debug)]
-#[command(name = "backstop", version, about = "A resilient HTTP reverse proxy that never loses a request")]
+#[command(
+    name = "backstop",
+    version,
+    about = "A resilient HTTP reverse proxy that never loses a request"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -79,14 +83,22 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Check(arg) => check(&arg.config),
         Command::Run(arg) => run(&arg.config, Mode::Proxy),
         Command::Replay(arg) => run(&arg.config, Mode::ReplayOnly),
-        Command::Queue { config, json, action } => queue(&config.config, json, action),
+        Command::Queue {
+            config,
+            json,
+            action,
+        } => queue(&config.config, json, action),
     }
 }
 
 fn check(path: &Path) -> ExitCode {
     match runtime::load_active(path) {
         Ok(active) => {
-            println!("{}: OK ({} routes)", path.display(), active.config.routes.len());
+            println!(
+                "{}: OK ({} routes)",
+                path.display(),
+                active.config.routes.len()
+            );
             ExitCode::SUCCESS
         }
         Err(errors) => {
@@ -168,7 +180,10 @@ fn queue(path: &Path, as_json: bool, action: QueueAction) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");
@@ -184,31 +199,56 @@ fn queue(path: &Path, as_json: bool, action: QueueAction) -> ExitCode {
     }
 }
 
-async fn queue_action(active: crate::pipeline::Active, as_json: bool, action: QueueAction) -> Result<(), String> {
+async fn queue_action(
+    active: crate::pipeline::Active,
+    as_json: bool,
+    action: QueueAction,
+) -> Result<(), String> {
     let spool = Spool::open(runtime::data_dir(&active.config)).map_err(|e| e.to_string())?;
     let err = |e: crate::capture::spool::SpoolError| e.to_string();
     match action {
-        QueueAction::List { dead_letters: false, limit } => {
+        QueueAction::List {
+            dead_letters: false,
+            limit,
+        } => {
             let rows = spool.list(limit).map_err(err)?;
             print_queued(&rows, as_json);
         }
-        QueueAction::List { dead_letters: true, limit } => {
+        QueueAction::List {
+            dead_letters: true,
+            limit,
+        } => {
             let rows = spool.dead_letters(limit).map_err(err)?;
             print_dead(&rows, as_json);
         }
         QueueAction::Show { id } => {
-            let (bytes, status) = match (spool.get(&id).map_err(err)?, spool.get_dead(&id).map_err(err)?) {
-                (Some(q), _) => (q.record, json!({"state": "queued", "attempts": q.attempts, "last_error": q.last_error})),
-                (None, Some(d)) => (d.record, json!({"state": "dead", "attempts": d.attempts, "error": d.error})),
+            let (bytes, status) = match (
+                spool.get(&id).map_err(err)?,
+                spool.get_dead(&id).map_err(err)?,
+            ) {
+                (Some(q), _) => (
+                    q.record,
+                    json!({"state": "queued", "attempts": q.attempts, "last_error": q.last_error}),
+                ),
+                (None, Some(d)) => (
+                    d.record,
+                    json!({"state": "dead", "attempts": d.attempts, "error": d.error}),
+                ),
                 (None, None) => return Err(format!("no record {id}")),
             };
-            let record: serde_json::Value =
-                serde_json::from_slice(&bytes).unwrap_or_else(|_| json!(String::from_utf8_lossy(&bytes)));
+            let record: serde_json::Value = serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| json!(String::from_utf8_lossy(&bytes)));
             let shown = json!({"status": status, "record": record});
-            println!("{}", serde_json::to_string_pretty(&shown).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&shown).unwrap_or_default()
+            );
         }
         QueueAction::Replay { id } => {
-            let bytes = match (spool.get(&id).map_err(err)?, spool.get_dead(&id).map_err(err)?) {
+            let bytes = match (
+                spool.get(&id).map_err(err)?,
+                spool.get_dead(&id).map_err(err)?,
+            ) {
                 (Some(q), _) => q.record,
                 (None, Some(d)) => d.record,
                 (None, None) => return Err(format!("no record {id}")),
@@ -258,7 +298,10 @@ fn print_queued(rows: &[QueuedRecord], as_json: bool) {
         println!("{}", serde_json::Value::from(list));
         return;
     }
-    println!("{:<38} {:<16} {:>8}  {:<40} LAST ERROR", "ID", "ROUTE", "ATTEMPTS", "REQUEST");
+    println!(
+        "{:<38} {:<16} {:>8}  {:<40} LAST ERROR",
+        "ID", "ROUTE", "ATTEMPTS", "REQUEST"
+    );
     for r in rows {
         println!(
             "{:<38} {:<16} {:>8}  {:<40} {}",
@@ -281,9 +324,19 @@ fn print_dead(rows: &[DeadLetter], as_json: bool) {
         println!("{}", serde_json::Value::from(list));
         return;
     }
-    println!("{:<38} {:<16} {:>8}  {:<40} ERROR", "ID", "ROUTE", "ATTEMPTS", "REQUEST");
+    println!(
+        "{:<38} {:<16} {:>8}  {:<40} ERROR",
+        "ID", "ROUTE", "ATTEMPTS", "REQUEST"
+    );
     for r in rows {
-        println!("{:<38} {:<16} {:>8}  {:<40} {}", r.id, r.route, r.attempts, summary(&r.record), r.error);
+        println!(
+            "{:<38} {:<16} {:>8}  {:<40} {}",
+            r.id,
+            r.route,
+            r.attempts,
+            summary(&r.record),
+            r.error
+        );
     }
     println!("{} dead letter(s)", rows.len());
 }

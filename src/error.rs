@@ -120,7 +120,10 @@ impl ProxyError {
         *response.status_mut() = self.status;
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(X_BACKSTOP_ERROR, HeaderValue::from_static(self.code.as_str()));
+        headers.insert(
+            X_BACKSTOP_ERROR,
+            HeaderValue::from_static(self.code.as_str()),
+        );
         if let Ok(id) = HeaderValue::from_str(request_id) {
             headers.insert(X_REQUEST_ID, id);
         }

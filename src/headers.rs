@@ -100,7 +100,10 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: &ClientInfo, original_host
     let mut forwarded = format!("for={for_node};proto={}", client.proto);
     if let Some(host) = original_host {
         insert_str(headers, X_FORWARDED_HOST, host);
-        if host.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b';') {
+        if host
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b';')
+        {
             forwarded.push_str(";host=");
             forwarded.push_str(host);
         }
@@ -135,7 +138,10 @@ mod tests {
     #[test]
     fn connection_named_headers_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-kept", HeaderValue::from_static("1"));
@@ -155,6 +161,9 @@ mod tests {
         set_forwarded(&mut h, &client, Some("example.com"));
         assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
         assert_eq!(h[&X_FORWARDED_HOST], "example.com");
-        assert_eq!(h[header::FORWARDED], "for=127.0.0.1;proto=http;host=example.com");
+        assert_eq!(
+            h[header::FORWARDED],
+            "for=127.0.0.1;proto=http;host=example.com"
+        );
     }
 }

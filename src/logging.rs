@@ -17,7 +17,9 @@ pub fn init(config: &LogConfig) {
         .with_writer(std::io::stderr);
     let result = match config.format {
         LogFormat::Json => builder.json().with_current_span(false).try_init(),
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
     };
     // Already set (tests that start twice in one process): keep the first.
     let _ = result;

@@ -64,7 +64,11 @@ impl RequestContext {
 
 /// Handles one request from a client; never fails: every problem becomes a
 /// proxy-made answer.
-pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>, client: ClientInfo) -> Response<ResponseBody> {
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    req: Request<Incoming>,
+    client: ClientInfo,
+) -> Response<ResponseBody> {
     let mut ctx = RequestContext {
         request_id: headers::request_id(req.headers()),
         client,
@@ -112,7 +116,7 @@ async fn proxy_request(
 
 /// Phase 1: which route serves this request.
 fn route_phase(table: &RouteTable, req: &Request<Incoming>) -> Result<Arc<Route>, ProxyError> {
-    let host = request_host(req).map(|h| strip_port(h));
+    let host = request_host(req).map(strip_port);
     table.find(host, req.uri().path()).cloned().ok_or_else(|| {
         ProxyError::new(
             ErrorCode::NoRoute,
@@ -213,9 +217,14 @@ impl Outgoing {
 
     /// The request for one attempt at `base`. `last` lets the final attempt
     /// move the headers instead of copying them.
-    fn request_for(&mut self, base: &http::Uri, last: bool) -> Result<Request<RequestBody>, ProxyError> {
-        let uri = upstream_uri(base, &self.upstream_path, self.original_query.as_deref())
-            .map_err(|e| ProxyError::new(ErrorCode::BadRequest, format!("Invalid request path: {e}")))?;
+    fn request_for(
+        &mut self,
+        base: &http::Uri,
+        last: bool,
+    ) -> Result<Request<RequestBody>, ProxyError> {
+        let uri = upstream_uri(base, &self.upstream_path, self.original_query.as_deref()).map_err(
+            |e| ProxyError::new(ErrorCode::BadRequest, format!("Invalid request path: {e}")),
+        )?;
         let body = match &mut self.body {
             OutgoingBody::Buffered(b) => b.to_request_body(),
             OutgoingBody::Streaming(incoming) => match incoming.take() {
@@ -324,9 +333,11 @@ async fn capture_phase(
         && failure.is_capturable()
         && matches!(outgoing.body, OutgoingBody::Buffered(_));
     if let (true, Some(capturer)) = (capturable, proxy.capturer.as_ref()) {
-        return Err(match capturer.capture(route, outgoing, failure, ctx).await {
-            CaptureOutcome::Captured(error) | CaptureOutcome::Failed(error) => error,
-        });
+        return Err(
+            match capturer.capture(route, outgoing, failure, ctx).await {
+                CaptureOutcome::Captured(error) | CaptureOutcome::Failed(error) => error,
+            },
+        );
     }
     if let Some(response) = response {
         return Ok(respond(response));
@@ -364,9 +375,9 @@ fn respond(response: Response<Incoming>) -> Response<ResponseBody> {
 }
 
 fn health() -> Response<ResponseBody> {
-    let mut response = Response::new(Either::Right(http_body_util::Full::new(bytes::Bytes::from_static(
-        br#"{"status":"ok"}"#,
-    ))));
+    let mut response = Response::new(Either::Right(http_body_util::Full::new(
+        bytes::Bytes::from_static(br#"{"status":"ok"}"#),
+    )));
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -399,7 +410,13 @@ fn is_idempotent(method: &Method) -> bool {
 
 /// `Retry-After` in seconds (the HTTP-date form is rare from APIs and ignored).
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let secs: u64 = headers.get(RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    let secs: u64 = headers
+        .get(RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     Some(Duration::from_secs(secs))
 }
 

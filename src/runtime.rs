@@ -53,7 +53,9 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
         _ => None,
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let listener = server::bind(config.server.listen, "proxy").await.map_err(|e| e.to_string())?;
+    let listener = server::bind(config.server.listen, "proxy")
+        .await
+        .map_err(|e| e.to_string())?;
     let admin_listener = server::bind(config.server.admin_listen, "admin API")
         .await
         .map_err(|e| e.to_string())?;
@@ -70,7 +72,8 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
     let admin_shutdown = shutdown.clone();
     background.spawn(async move {
         let app = admin::router(admin_state);
-        let serve = axum::serve(admin_listener, app).with_graceful_shutdown(admin_shutdown.cancelled_owned());
+        let serve = axum::serve(admin_listener, app)
+            .with_graceful_shutdown(admin_shutdown.cancelled_owned());
         if let Err(e) = serve.await {
             tracing::error!(error = %e, "admin listener failed");
         }
@@ -102,7 +105,10 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
     shutdown.cancel();
     connections.close();
     background.close();
-    if tokio::time::timeout(config.server.drain_timeout, connections.wait()).await.is_err() {
+    if tokio::time::timeout(config.server.drain_timeout, connections.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("drain timeout reached; closing remaining connections");
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), background.wait()).await;
@@ -111,7 +117,10 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
 }
 
 async fn wait_for_stop_signal() {
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stopping on Ctrl-C only");
         let _ = tokio::signal::ctrl_c().await;
         return;

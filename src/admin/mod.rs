@@ -50,7 +50,11 @@ async fn require_token(State(state): State<AdminState>, request: Request, next: 
     if presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes())) {
         next.run(request).await
     } else {
-        admin_error(StatusCode::UNAUTHORIZED, "unauthorized", "A valid bearer token is required")
+        admin_error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "A valid bearer token is required",
+        )
     }
 }
 

@@ -28,17 +28,31 @@ async fn queue_status(State(state): State<AdminState>) -> Response {
             "sink": "spool",
         }))
         .into_response(),
-        Ok(Err(e)) => admin_error(StatusCode::INTERNAL_SERVER_ERROR, "spool_error", &e.to_string()),
-        Err(e) => admin_error(StatusCode::INTERNAL_SERVER_ERROR, "spool_error", &e.to_string()),
+        Ok(Err(e)) => admin_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "spool_error",
+            &e.to_string(),
+        ),
+        Err(e) => admin_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "spool_error",
+            &e.to_string(),
+        ),
     }
 }
 
 async fn requeue(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
     match state.spool.requeue(Some(&id)).await {
         Ok(_) => Json(json!({"requeued": id})).into_response(),
-        Err(SpoolError::NotFound(_)) => {
-            admin_error(StatusCode::NOT_FOUND, "not_found", &format!("No dead letter {id}"))
-        }
-        Err(e) => admin_error(StatusCode::INTERNAL_SERVER_ERROR, "spool_error", &e.to_string()),
+        Err(SpoolError::NotFound(_)) => admin_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("No dead letter {id}"),
+        ),
+        Err(e) => admin_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "spool_error",
+            &e.to_string(),
+        ),
     }
 }

@@ -35,7 +35,10 @@ pub struct Capturer {
 
 impl Capturer {
     pub fn new(spool: Arc<Spool>, retry_after_s: u64) -> Self {
-        Capturer { spool, retry_after_s }
+        Capturer {
+            spool,
+            retry_after_s,
+        }
     }
 
     /// Builds the record of a failed request, stores it durably, and returns
@@ -51,7 +54,10 @@ impl Capturer {
             OutgoingBody::Buffered(b) => b.0.clone(),
             OutgoingBody::Streaming(_) => bytes::Bytes::new(),
         };
-        let headers = outgoing.client_headers.as_ref().unwrap_or(&outgoing.headers);
+        let headers = outgoing
+            .client_headers
+            .as_ref()
+            .unwrap_or(&outgoing.headers);
         let request = CapturedRequest::new(
             &outgoing.method,
             &outgoing.original_path,
@@ -64,7 +70,13 @@ impl Capturer {
             addr: ctx.client.addr.to_string(),
             request_id: ctx.request_id.clone(),
         };
-        let record = CaptureRecord::new(route.name(), failure.reason(), ctx.attempts, request, client);
+        let record = CaptureRecord::new(
+            route.name(),
+            failure.reason(),
+            ctx.attempts,
+            request,
+            client,
+        );
         match self.store(&record).await {
             Ok(()) => {
                 tracing::info!(route = %route.name(), capture_id = %record.id, reason = %record.reason, "request captured");
@@ -86,7 +98,12 @@ impl Capturer {
     /// Stores a record durably.
     pub async fn store(&self, record: &CaptureRecord) -> Result<(), spool::SpoolError> {
         self.spool
-            .append(&record.id, &record.route, record.to_json(), Destination::Replay)
+            .append(
+                &record.id,
+                &record.route,
+                record.to_json(),
+                Destination::Replay,
+            )
             .await
     }
 

@@ -58,7 +58,13 @@ pub enum DecodeError {
 
 impl CaptureRecord {
     /// A new record with a fresh time-ordered id.
-    pub fn new(route: &str, reason: String, attempts: u32, request: CapturedRequest, client: ClientMeta) -> Self {
+    pub fn new(
+        route: &str,
+        reason: String,
+        attempts: u32,
+        request: CapturedRequest,
+        client: ClientMeta,
+    ) -> Self {
         CaptureRecord {
             v: RECORD_VERSION,
             id: Uuid::now_v7().to_string(),
@@ -129,7 +135,10 @@ impl CapturedRequest {
     pub fn header_map(&self) -> HeaderMap {
         let mut map = HeaderMap::with_capacity(self.headers.len());
         for (name, value) in &self.headers {
-            if let (Ok(n), Ok(v)) = (HeaderName::try_from(name.as_str()), HeaderValue::try_from(value.as_str())) {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::try_from(name.as_str()),
+                HeaderValue::try_from(value.as_str()),
+            ) {
                 map.append(n, v);
             }
         }
@@ -162,7 +171,10 @@ mod tests {
             "connect_refused".into(),
             1,
             req,
-            ClientMeta { addr: "127.0.0.1:1".into(), request_id: "r".into() },
+            ClientMeta {
+                addr: "127.0.0.1:1".into(),
+                request_id: "r".into(),
+            },
         );
         let back = CaptureRecord::from_json(&record.to_json()).unwrap();
         assert_eq!(back, record);

@@ -168,7 +168,10 @@ impl Spool {
     /// (commits, records appended) since start: records per fsync.
     pub fn commit_stats(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
-        (self.commits.load(Relaxed), self.records_written.load(Relaxed))
+        (
+            self.commits.load(Relaxed),
+            self.records_written.load(Relaxed),
+        )
     }
 
     async fn write(&self, write: Write) -> Result<u64, SpoolError> {
@@ -181,7 +184,13 @@ impl Spool {
     }
 
     /// Stores a record; returns only once it is committed to disk.
-    pub async fn append(&self, id: &str, route: &str, record: Vec<u8>, dest: Destination) -> Result<(), SpoolError> {
+    pub async fn append(
+        &self,
+        id: &str,
+        route: &str,
+        record: Vec<u8>,
+        dest: Destination,
+    ) -> Result<(), SpoolError> {
         self.write(Write::Append {
             id: id.to_string(),
             route: route.to_string(),
@@ -194,10 +203,18 @@ impl Spool {
 
     /// Removes a delivered (or forwarded) record.
     pub async fn delete(&self, id: &str) -> Result<(), SpoolError> {
-        self.write(Write::Delete { id: id.to_string() }).await.map(drop)
+        self.write(Write::Delete { id: id.to_string() })
+            .await
+            .map(drop)
     }
 
-    pub async fn retry_later(&self, id: &str, attempts: u32, next_at_ms: i64, error: &str) -> Result<(), SpoolError> {
+    pub async fn retry_later(
+        &self,
+        id: &str,
+        attempts: u32,
+        next_at_ms: i64,
+        error: &str,
+    ) -> Result<(), SpoolError> {
         self.write(Write::RetryLater {
             id: id.to_string(),
             attempts,
@@ -209,7 +226,12 @@ impl Spool {
     }
 
     /// Moves a record to the dead-letter table with the reason.
-    pub async fn dead_letter(&self, id: &str, attempts: u32, error: &str) -> Result<(), SpoolError> {
+    pub async fn dead_letter(
+        &self,
+        id: &str,
+        attempts: u32,
+        error: &str,
+    ) -> Result<(), SpoolError> {
         self.write(Write::DeadLetter {
             id: id.to_string(),
             attempts,
@@ -222,7 +244,11 @@ impl Spool {
     /// Moves one dead letter (or all, with `None`) back to the queue with a
     /// fresh attempt count; returns how many moved.
     pub async fn requeue(&self, id: Option<&str>) -> Result<u64, SpoolError> {
-        let moved = self.write(Write::Requeue { id: id.map(str::to_string) }).await?;
+        let moved = self
+            .write(Write::Requeue {
+                id: id.map(str::to_string),
+            })
+            .await?;
         if let (Some(id), 0) = (id, moved) {
             return Err(SpoolError::NotFound(id.to_string()));
         }
@@ -242,7 +268,7 @@ impl Spool {
     pub fn queued(&self, dest: Destination, limit: usize) -> Result<Vec<QueuedRecord>, SpoolError> {
         self.read(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT id, route, record, attempts, next_at_ms, last_error FROM queue \
+                "SELECT id, route, CAST(record AS BLOB), attempts, next_at_ms, last_error FROM queue \
                  WHERE dest = ?1 ORDER BY id LIMIT ?2",
             )?;
             let rows = stmt.query_map(params![dest.as_str(), limit as i64], queued_row)?;
@@ -254,7 +280,7 @@ impl Spool {
     pub fn list(&self, limit: usize) -> Result<Vec<QueuedRecord>, SpoolError> {
         self.read(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT id, route, record, attempts, next_at_ms, last_error FROM queue \
+                "SELECT id, route, CAST(record AS BLOB), attempts, next_at_ms, last_error FROM queue \
                  ORDER BY id LIMIT ?1",
             )?;
             let rows = stmt.query_map(params![limit as i64], queued_row)?;
@@ -265,7 +291,7 @@ impl Spool {
     pub fn get(&self, id: &str) -> Result<Option<QueuedRecord>, SpoolError> {
         self.read(|c| {
             c.query_row(
-                "SELECT id, route, record, attempts, next_at_ms, last_error FROM queue WHERE id = ?1",
+                "SELECT id, route, CAST(record AS BLOB), attempts, next_at_ms, last_error FROM queue WHERE id = ?1",
                 params![id],
                 queued_row,
             )
@@ -276,7 +302,7 @@ impl Spool {
     pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, SpoolError> {
         self.read(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT id, route, record, attempts, error, dead_at_ms FROM dead_letters \
+                "SELECT id, route, CAST(record AS BLOB), attempts, error, dead_at_ms FROM dead_letters \
                  ORDER BY id LIMIT ?1",
             )?;
             let rows = stmt.query_map(params![limit as i64], dead_row)?;
@@ -287,7 +313,7 @@ impl Spool {
     pub fn get_dead(&self, id: &str) -> Result<Option<DeadLetter>, SpoolError> {
         self.read(|c| {
             c.query_row(
-                "SELECT id, route, record, attempts, error, dead_at_ms FROM dead_letters WHERE id = ?1",
+                "SELECT id, route, CAST(record AS BLOB), attempts, error, dead_at_ms FROM dead_letters WHERE id = ?1",
                 params![id],
                 dead_row,
             )
@@ -297,10 +323,18 @@ impl Spool {
 
     pub fn stats(&self) -> Result<SpoolStats, SpoolError> {
         self.read(|c| {
-            let depth: i64 = c.query_row("SELECT COUNT(*) FROM queue WHERE dest = 'replay'", [], |r| r.get(0))?;
-            let kafka: i64 = c.query_row("SELECT COUNT(*) FROM queue WHERE dest = 'kafka'", [], |r| r.get(0))?;
+            let depth: i64 = c.query_row(
+                "SELECT COUNT(*) FROM queue WHERE dest = 'replay'",
+                [],
+                |r| r.get(0),
+            )?;
+            let kafka: i64 =
+                c.query_row("SELECT COUNT(*) FROM queue WHERE dest = 'kafka'", [], |r| {
+                    r.get(0)
+                })?;
             let dead: i64 = c.query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0))?;
-            let oldest: Option<i64> = c.query_row("SELECT MIN(captured_ms) FROM queue", [], |r| r.get(0))?;
+            let oldest: Option<i64> =
+                c.query_row("SELECT MIN(captured_ms) FROM queue", [], |r| r.get(0))?;
             let oldest_age_s = oldest.map_or(0.0, |ms| ((now_ms() - ms).max(0) as f64) / 1000.0);
             Ok(SpoolStats {
                 depth: depth as u64,
@@ -419,7 +453,10 @@ fn writer_loop(
 
 /// Applies a batch in one transaction. A write that fails alone (a bad id)
 /// gets its own error; the others still commit.
-fn apply_batch(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<Vec<Result<u64, SpoolError>>> {
+fn apply_batch(
+    conn: &mut Connection,
+    batch: &[Job],
+) -> rusqlite::Result<Vec<Result<u64, SpoolError>>> {
     let tx = conn.transaction()?;
     let mut results = Vec::with_capacity(batch.len());
     let now = now_ms();

@@ -156,10 +156,8 @@ impl<'a> Section<'a> {
                             seen: RefCell::default(),
                         }),
                         other => {
-                            self.errors.push(
-                                path,
-                                format!("expected a table, found {}", describe(other)),
-                            );
+                            self.errors
+                                .push(path, format!("expected a table, found {}", describe(other)));
                             None
                         }
                     }

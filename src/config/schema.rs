@@ -362,7 +362,10 @@ impl LogConfig {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
             other => {
-                s.error("format", format!("expected \"text\" or \"json\", found {other:?}"));
+                s.error(
+                    "format",
+                    format!("expected \"text\" or \"json\", found {other:?}"),
+                );
                 LogFormat::Text
             }
         };
@@ -386,7 +389,10 @@ impl RedisConfig {
         if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
             s.error(
                 "url",
-                format!("expected a redis:// or rediss:// URL, found {:?}", redact_url(&url)),
+                format!(
+                    "expected a redis:// or rediss:// URL, found {:?}",
+                    redact_url(&url)
+                ),
             );
         }
         let config = RedisConfig {
@@ -473,7 +479,10 @@ impl RouteConfig {
         let tls_ca_file: Option<PathBuf> = s.opt("tls_ca_file");
         if let Some(path) = &tls_ca_file {
             if !path.is_file() {
-                s.error("tls_ca_file", format!("file {} does not exist", path.display()));
+                s.error(
+                    "tls_ca_file",
+                    format!("file {} does not exist", path.display()),
+                );
             }
         }
         let config = RouteConfig {
@@ -620,7 +629,10 @@ impl CacheConfig {
             "memory" => CacheStore::Memory,
             "redis" => CacheStore::Redis,
             other => {
-                s.error("store", format!("expected memory or redis, found {other:?}"));
+                s.error(
+                    "store",
+                    format!("expected memory or redis, found {other:?}"),
+                );
                 CacheStore::Memory
             }
         };
@@ -631,16 +643,15 @@ impl CacheConfig {
             header_strategy,
             headers: header_names(s, "headers"),
             store,
-            cacheable_status: status_codes(
-                s,
-                "cacheable_status",
-                &[200, 203, 204, 301, 404, 410],
-            ),
+            cacheable_status: status_codes(s, "cacheable_status", &[200, 203, 204, 301, 404, 410]),
             ignore_cache_control: s.get("ignore_cache_control", false),
             stale_if_error: s.duration("stale_if_error", Duration::ZERO, SECONDS),
         };
         if config.header_strategy == HeaderStrategy::List && config.headers.is_empty() {
-            s.error("headers", "header_strategy = \"list\" needs at least one header");
+            s.error(
+                "headers",
+                "header_strategy = \"list\" needs at least one header",
+            );
         }
         s.reject_unknown_keys();
         config
@@ -721,7 +732,10 @@ fn read_outbound_proxies(s: &Section<'_>) -> Vec<String> {
 
 fn read_upstreams(s: &Section<'_>) -> Vec<Uri> {
     if !s.contains("upstreams") {
-        s.error("upstreams", "required: at least one http:// or https:// URL");
+        s.error(
+            "upstreams",
+            "required: at least one http:// or https:// URL",
+        );
         return Vec::new();
     }
     let urls: Vec<String> = s.get("upstreams", Vec::new());
@@ -741,6 +755,9 @@ fn read_upstreams(s: &Section<'_>) -> Vec<Uri> {
 }
 
 fn check_upstream_url(url: &str) -> Result<Uri, String> {
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(format!("invalid URL {url:?}: scheme must be http or https"));
+    }
     let uri: Uri = url
         .parse()
         .map_err(|e| format!("invalid URL {url:?}: {e}"))?;
@@ -793,11 +810,16 @@ fn read_forward_headers(s: &Section<'_>) -> ForwardHeaders {
 }
 
 fn socket_addr(s: &Section<'_>, key: &str, default: &str) -> SocketAddr {
-    let fallback: SocketAddr = default.parse().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+    let fallback: SocketAddr = default
+        .parse()
+        .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
     match s.opt::<String>(key) {
         None => fallback,
         Some(text) => text.parse().unwrap_or_else(|_| {
-            s.error(key, format!("expected an address such as \"{default}\", found {text:?}"));
+            s.error(
+                key,
+                format!("expected an address such as \"{default}\", found {text:?}"),
+            );
             fallback
         }),
     }
@@ -846,7 +868,10 @@ fn status_codes(s: &Section<'_>, key: &str, default: &[u16]) -> Vec<u16> {
     let codes: Vec<u16> = s.get(key, default.to_vec());
     for (i, code) in codes.iter().enumerate() {
         if !(100..=599).contains(code) {
-            s.error(&format!("{key}[{i}]"), format!("{code} is not an HTTP status"));
+            s.error(
+                &format!("{key}[{i}]"),
+                format!("{code} is not an HTTP status"),
+            );
         }
     }
     codes

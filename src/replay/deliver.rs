@@ -14,7 +14,8 @@ use crate::headers::{self, ClientInfo, X_REQUEST_ID};
 use crate::routing::Route;
 use crate::upstream::upstream_uri;
 
-pub const X_BACKSTOP_REPLAY_ATTEMPT: HeaderName = HeaderName::from_static("x-backstop-replay-attempt");
+pub const X_BACKSTOP_REPLAY_ATTEMPT: HeaderName =
+    HeaderName::from_static("x-backstop-replay-attempt");
 
 /// What a replay attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,7 +28,12 @@ pub enum Delivery {
     Dead(String),
 }
 
-pub async fn deliver(route: &Route, record: &CaptureRecord, attempt: u32, idempotency_header: &HeaderName) -> Delivery {
+pub async fn deliver(
+    route: &Route,
+    record: &CaptureRecord,
+    attempt: u32,
+    idempotency_header: &HeaderName,
+) -> Delivery {
     let request = match build_request(route, record, attempt, idempotency_header) {
         Ok(r) => r,
         Err(reason) => return Delivery::Dead(reason),
@@ -67,25 +73,38 @@ fn build_request(
     idempotency_header: &HeaderName,
 ) -> Result<Request<crate::body::RequestBody>, String> {
     let req = &record.request;
-    let method = Method::from_bytes(req.method.as_bytes()).map_err(|_| format!("invalid method {:?}", req.method))?;
+    let method = Method::from_bytes(req.method.as_bytes())
+        .map_err(|_| format!("invalid method {:?}", req.method))?;
     let body = record.body().map_err(|e| e.to_string())?;
     let (index, target) = route.upstream.balancer.pick();
     let _ = index;
-    let uri = upstream_uri(&target.base, route.upstream_path(&req.path), req.query.as_deref())
-        .map_err(|e| format!("invalid path {:?}: {e}", req.path))?;
+    let uri = upstream_uri(
+        &target.base,
+        route.upstream_path(&req.path),
+        req.query.as_deref(),
+    )
+    .map_err(|e| format!("invalid path {:?}: {e}", req.path))?;
 
     let mut headers = req.header_map();
     headers::strip_hop_by_hop(&mut headers);
     headers::filter_forwarded(&mut headers, &route.config.forward_headers);
     let original_host = headers.remove(HOST);
     if let Ok(addr) = record.client.addr.parse::<SocketAddr>() {
-        let client = ClientInfo { addr, proto: "http" };
-        headers::set_forwarded(&mut headers, &client, original_host.as_ref().and_then(|h| h.to_str().ok()));
+        let client = ClientInfo {
+            addr,
+            proto: "http",
+        };
+        headers::set_forwarded(
+            &mut headers,
+            &client,
+            original_host.as_ref().and_then(|h| h.to_str().ok()),
+        );
     }
     for (name, value) in &route.config.headers {
         headers.insert(name.clone(), value.clone());
     }
-    let id = HeaderValue::from_str(&record.id).map_err(|_| format!("invalid id {:?}", record.id))?;
+    let id =
+        HeaderValue::from_str(&record.id).map_err(|_| format!("invalid id {:?}", record.id))?;
     headers.insert(idempotency_header.clone(), id);
     headers.insert(X_BACKSTOP_REPLAY_ATTEMPT, HeaderValue::from(attempt));
     if let Ok(rid) = HeaderValue::from_str(&record.client.request_id) {

@@ -77,9 +77,10 @@ impl SpoolReplayer {
     /// order); returns how long to sleep before the next pass.
     async fn pass(&self) -> Result<Duration, crate::capture::spool::SpoolError> {
         let spool = self.spool.clone();
-        let records = tokio::task::spawn_blocking(move || spool.queued(Destination::Replay, PASS_SIZE))
-            .await
-            .map_err(|_| crate::capture::spool::SpoolError::Closed)??;
+        let records =
+            tokio::task::spawn_blocking(move || spool.queued(Destination::Replay, PASS_SIZE))
+                .await
+                .map_err(|_| crate::capture::spool::SpoolError::Closed)??;
         if records.is_empty() {
             return Ok(IDLE_POLL);
         }
@@ -114,7 +115,10 @@ impl SpoolReplayer {
 
     /// One record: `Ok(None)` when it left the queue, `Ok(Some(wait))` when
     /// it must be tried again later.
-    async fn replay_one(&self, queued: &QueuedRecord) -> Result<Option<Duration>, crate::capture::spool::SpoolError> {
+    async fn replay_one(
+        &self,
+        queued: &QueuedRecord,
+    ) -> Result<Option<Duration>, crate::capture::spool::SpoolError> {
         let active = self.proxy.active.load_full();
         let replay = &active.config.replay;
         let attempt = queued.attempts + 1;
@@ -122,7 +126,9 @@ impl SpoolReplayer {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(id = %queued.id, error = %e, "undecodable record sent to the dead-letter queue");
-                self.spool.dead_letter(&queued.id, queued.attempts, &e.to_string()).await?;
+                self.spool
+                    .dead_letter(&queued.id, queued.attempts, &e.to_string())
+                    .await?;
                 self.counters.dead.fetch_add(1, Ordering::Relaxed);
                 return Ok(None);
             }
@@ -159,7 +165,9 @@ impl SpoolReplayer {
                 };
                 let wait = backoff.delay(attempt);
                 let next_at = now_ms() + wait.as_millis() as i64;
-                self.spool.retry_later(&queued.id, attempt, next_at, &reason).await?;
+                self.spool
+                    .retry_later(&queued.id, attempt, next_at, &reason)
+                    .await?;
                 self.counters.retried.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(id = %queued.id, route = %record.route, attempt, %reason, ?wait, "replay failed; backing off");
                 Ok(Some(wait))

@@ -79,7 +79,11 @@ impl<S> ActivityIo<S> {
 }
 
 impl<S: AsyncRead> AsyncRead for ActivityIo<S> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let this = self.project();
         let before = buf.filled().len();
         let result = this.inner.poll_read(cx, buf);
@@ -91,7 +95,11 @@ impl<S: AsyncRead> AsyncRead for ActivityIo<S> {
 }
 
 impl<S: AsyncWrite> AsyncWrite for ActivityIo<S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         let this = self.project();
         this.watch.touch();
         this.inner.poll_write(cx, data)

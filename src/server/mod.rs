@@ -79,10 +79,15 @@ pub async fn serve_proxy(
             match tls {
                 None => conn.serve(stream, "http").await,
                 Some(acceptor) => {
-                    let handshake = tokio::time::timeout(conn.settings.header_read_timeout, acceptor.accept(stream));
+                    let handshake = tokio::time::timeout(
+                        conn.settings.header_read_timeout,
+                        acceptor.accept(stream),
+                    );
                     match handshake.await {
                         Ok(Ok(tls_stream)) => conn.serve(tls_stream, "https").await,
-                        Ok(Err(e)) => tracing::debug!(client = %addr, error = %e, "TLS handshake failed"),
+                        Ok(Err(e)) => {
+                            tracing::debug!(client = %addr, error = %e, "TLS handshake failed")
+                        }
                         Err(_) => tracing::debug!(client = %addr, "TLS handshake timed out"),
                     }
                 }
@@ -177,5 +182,10 @@ pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> 
     socket
         .bind(addr)
         .and_then(|()| socket.listen(1024))
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} for the {what}: {e}")))
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot listen on {addr} for the {what}: {e}"),
+            )
+        })
 }

@@ -14,9 +14,13 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| format!("server.tls_cert {}: {e}", cert.display()))?;
     if certs.is_empty() {
-        return Err(format!("server.tls_cert {}: no certificate found", cert.display()));
+        return Err(format!(
+            "server.tls_cert {}: no certificate found",
+            cert.display()
+        ));
     }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("server.tls_key {}: {e}", key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("server.tls_key {}: {e}", key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

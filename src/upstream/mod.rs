@@ -123,8 +123,18 @@ mod tests {
         let cases = [
             ("http://h:1", "/a/b", None, "http://h:1/a/b"),
             ("http://h:1/", "/a", Some("x=1&y=2"), "http://h:1/a?x=1&y=2"),
-            ("https://api.example.com/v1", "/users", None, "https://api.example.com/v1/users"),
-            ("https://api.example.com/v1/", "/", None, "https://api.example.com/v1/"),
+            (
+                "https://api.example.com/v1",
+                "/users",
+                None,
+                "https://api.example.com/v1/users",
+            ),
+            (
+                "https://api.example.com/v1/",
+                "/",
+                None,
+                "https://api.example.com/v1/",
+            ),
             ("http://h", "", None, "http://h/"),
         ];
         for (base, path, query, want) in cases {

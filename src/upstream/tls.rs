@@ -37,9 +37,9 @@ pub fn client_config(ca_file: Option<&Path>, verify: bool) -> Result<ClientConfi
                     return Err(format!("no certificate found in {}", path.display()));
                 }
                 for cert in certs {
-                    roots
-                        .add(cert)
-                        .map_err(|e| format!("invalid CA certificate in {}: {e}", path.display()))?;
+                    roots.add(cert).map_err(|e| {
+                        format!("invalid CA certificate in {}: {e}", path.display())
+                    })?;
                 }
             }
             None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),

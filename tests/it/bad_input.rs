@@ -1,0 +1,160 @@
+//! Bad input over raw sockets: each case gets a clear answer or a closed
+//! connection, and the process stays healthy.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::harness::{client, Backend, Backstop};
+
+async fn raw(bs: &Backstop, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(bs.addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn assert_healthy(bs: &mut Backstop) {
+    assert!(bs.is_running(), "process died");
+    let r = client().get(bs.url("/health")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+fn config(backend: &Backend) -> String {
+    format!(
+        "[server]\nheader_read_timeout = \"1s\"\n\n[[routes]]\nname = \"api\"\npath_prefix = \"/\"\nupstreams = [{:?}]\n",
+        backend.url()
+    )
+}
+
+/// hyper frames such a request by `Transfer-Encoding` alone and closes the
+/// connection after answering (RFC 9112 §6.3), so bytes smuggled behind the
+/// chunked body can never be read as a second request, here or upstream.
+#[tokio::test]
+async fn content_length_with_transfer_encoding_cannot_smuggle_a_request() {
+    let backend = Backend::echo().await;
+    let mut bs = Backstop::start(&config(&backend));
+    let answer = raw(
+        &bs,
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n\
+          0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 400") || answer.contains("connection: close"),
+        "{answer}"
+    );
+    assert_eq!(
+        answer.matches("HTTP/1.1").count(),
+        1,
+        "one answer only: {answer}"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    for seen in backend.seen() {
+        assert_ne!(seen.uri, "/smuggled");
+        assert!(
+            !seen.headers.contains_key("content-length")
+                || !seen.headers.contains_key("transfer-encoding")
+        );
+    }
+    assert_healthy(&mut bs).await;
+}
+
+#[tokio::test]
+async fn invalid_header_bytes_are_refused() {
+    let backend = Backend::echo().await;
+    let mut bs = Backstop::start(&config(&backend));
+    let answer = raw(
+        &bs,
+        b"GET /x HTTP/1.1\r\nHost: a\r\nX-Bad\x01Name: v\r\n\r\n",
+    )
+    .await;
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
+        "{answer}"
+    );
+    let answer = raw(&bs, b"GET /x HTTP/1.1\r\nHost: a\r\nX-Ok: a\x00b\r\n\r\n").await;
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
+        "{answer}"
+    );
+    assert_eq!(backend.hits(), 0);
+    assert_healthy(&mut bs).await;
+}
+
+#[tokio::test]
+async fn a_64_kib_header_gets_431() {
+    let backend = Backend::echo().await;
+    let mut bs = Backstop::start(&config(&backend));
+    let big = "a".repeat(64 * 1024);
+    let request = format!("GET /x HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n");
+    let answer = raw(&bs, request.as_bytes()).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 431"),
+        "{}",
+        &answer[..answer.len().min(200)]
+    );
+    assert_eq!(backend.hits(), 0);
+    assert_healthy(&mut bs).await;
+}
+
+#[tokio::test]
+async fn a_client_sending_headers_byte_by_byte_is_cut_off() {
+    let backend = Backend::echo().await;
+    let mut bs = Backstop::start(&config(&backend));
+    let mut s = TcpStream::connect(bs.addr).await.unwrap();
+    let started = Instant::now();
+    let drip = b"GET /x HTTP/1.1\r\nHost: a\r\nX-Slow: ";
+    let mut closed_after = None;
+    for byte in drip.iter().chain(std::iter::repeat(&b'a')) {
+        if s.write_all(&[*byte]).await.is_err() {
+            closed_after = Some(started.elapsed());
+            break;
+        }
+        let mut buf = [0u8; 256];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf)).await
+        {
+            // EOF or an error answer: the server gave up on us.
+            let _ = n;
+            closed_after = Some(started.elapsed());
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "never cut off");
+    }
+    let after = closed_after.unwrap();
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_secs(5),
+        "cut off after {after:?}"
+    );
+    assert_healthy(&mut bs).await;
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed() {
+    let backend = Backend::echo().await;
+    let toml = format!(
+        "[server]\nidle_timeout = \"1s\"\n\n[[routes]]\nname = \"api\"\npath_prefix = \"/\"\nupstreams = [{:?}]\n",
+        backend.url()
+    );
+    let bs = Backstop::start(&toml);
+    let mut s = TcpStream::connect(bs.addr).await.unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let started = Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "connection closed");
+    let idle = started.elapsed();
+    assert!(
+        idle >= Duration::from_millis(900) && idle < Duration::from_millis(2500),
+        "closed after {idle:?}"
+    );
+}

@@ -1,0 +1,414 @@
+//! Capture and replay through the embedded spool: the reference scenario,
+//! kill -9 durability, dead letters, backoff, poison records, binary bodies
+//! and the `backstop queue` command line.
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::{client, error_of, Backend, Backstop, Reply};
+
+fn config(upstream: &str, capture_extra: &str) -> String {
+    format!(
+        r#"
+[replay]
+initial_delay = "100ms"
+max_delay = "400ms"
+max_attempts = 5
+
+[[routes]]
+name = "users"
+path_prefix = "/api"
+upstreams = [{upstream:?}]
+
+  [routes.retry]
+  max_attempts = 1
+
+  [routes.capture]
+  redact_headers = ["Authorization"]
+  {capture_extra}
+"#
+    )
+}
+
+/// An address where nothing listens (a backend that was stopped).
+async fn stopped_backend() -> std::net::SocketAddr {
+    Backend::echo().await.stop()
+}
+
+async fn queue_status(bs: &Backstop) -> serde_json::Value {
+    client()
+        .get(bs.admin_url("/queue"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn wait_queue(bs: &Backstop, what: &str, want: u64) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let q = queue_status(bs).await;
+        if q[what] == want {
+            return q;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "queue {what} never reached {want}: {q}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn stored_record(bs: &Backstop, id: &str) -> serde_json::Value {
+    let conn = rusqlite::Connection::open(bs.data_dir().join("spool.sqlite3")).unwrap();
+    let bytes: Vec<u8> = conn
+        .query_row("SELECT record FROM queue WHERE id = ?1 UNION ALL SELECT record FROM dead_letters WHERE id = ?1", [id], |r| r.get(0))
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+fn schema_validator() -> jsonschema::Validator {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/schema/capture-record.schema.json"
+    ))
+    .unwrap();
+    jsonschema::validator_for(&serde_json::from_str(&text).unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn backend_down_post_is_captured_then_replayed_once_when_it_returns() {
+    let addr = stopped_backend().await;
+    let bs = Backstop::start(&config(&format!("http://{addr}"), ""));
+    let body = r#"{"name":"John"}"#;
+    let r = client()
+        .post(bs.url("/api/users?source=test"))
+        .header("content-type", "application/json")
+        .header("authorization", "Bearer secret-token")
+        .header("x-trace", "a")
+        .header("x-trace", "b")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let capture_id = r.headers()["x-backstop-capture-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(r.headers()["retry-after"], "1");
+    let (status, code, error) = error_of(r).await;
+    assert_eq!((status, code.as_str()), (503, "captured"));
+    assert_eq!(error["capture_id"], capture_id.as_str());
+    assert_eq!(error["captured"], true);
+
+    let record = stored_record(&bs, &capture_id);
+    let validator = schema_validator();
+    let problems: Vec<String> = validator
+        .iter_errors(&record)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(
+        problems.is_empty(),
+        "record does not match the schema: {problems:?}\n{record}"
+    );
+    assert_eq!(record["route"], "users");
+    assert_eq!(record["reason"], "connect_refused");
+    assert_eq!(record["request"]["path"], "/api/users");
+    assert_eq!(record["request"]["query"], "source=test");
+    let headers = record["request"]["headers"].as_array().unwrap();
+    assert!(
+        headers.contains(&serde_json::json!(["authorization", "[redacted]"])),
+        "{headers:?}"
+    );
+    assert!(!record.to_string().contains("secret-token"));
+
+    // The backend comes back: the request is delivered once, as captured.
+    let backend = Backend::start_on(addr, |_| Reply::status(201)).await;
+    wait_queue(&bs, "depth", 0).await;
+    backend.wait_for_hits(1, Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 1, "delivered exactly once");
+    let got = &seen[0];
+    assert_eq!(got.method, "POST");
+    assert_eq!(got.uri, "/api/users?source=test");
+    assert_eq!(got.body, body.as_bytes());
+    assert_eq!(got.headers["idempotency-key"], capture_id.as_str());
+    let attempt: u32 = got.headers["x-backstop-replay-attempt"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        attempt >= 1,
+        "replay attempts count from 1 (the ones made while the backend was down count too)"
+    );
+    assert_eq!(got.headers["content-type"], "application/json");
+    let traces: Vec<_> = got.headers.get_all("x-trace").iter().collect();
+    assert_eq!(traces, ["a", "b"]);
+    let q = queue_status(&bs).await;
+    assert_eq!(q["replayed_total"], 1);
+    assert_eq!(q["sink"], "spool");
+}
+
+#[tokio::test]
+async fn gets_are_not_captured_and_202_is_configurable() {
+    let addr = stopped_backend().await;
+    let bs = Backstop::start(&config(&format!("http://{addr}"), "respond_status = 202"));
+    let (status, code, _) = error_of(client().get(bs.url("/api/x")).send().await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (502, "upstream_unreachable"));
+    let r = client().delete(bs.url("/api/x/1")).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    assert!(r.headers().get("retry-after").is_none());
+    assert_eq!(queue_status(&bs).await["depth"], 1);
+}
+
+#[tokio::test]
+async fn a_backend_503_is_captured_but_a_500_is_passed_on() {
+    let backend = Backend::start(|seen| {
+        if seen.uri.contains("unavailable") {
+            Reply::status(503)
+        } else {
+            Reply::status(500).body("backend bug")
+        }
+    })
+    .await;
+    let toml = config(&backend.url(), "").replace("[replay]", "[replay]\nenabled = false");
+    let bs = Backstop::start(&toml);
+    let r = client()
+        .post(bs.url("/api/unavailable"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    let (status, code, _) = error_of(r).await;
+    assert_eq!((status, code.as_str()), (503, "captured"));
+    let r = client()
+        .post(bs.url("/api/bug"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    assert_eq!(r.text().await.unwrap(), "backend bug");
+    let q = queue_status(&bs).await;
+    assert_eq!(q["depth"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_acknowledged_capture_survives_kill_9() {
+    let addr = stopped_backend().await;
+    let bs = Backstop::start(
+        &config(&format!("http://{addr}"), "").replace("[replay]", "[replay]\nenabled = false"),
+    );
+    let c = client();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let (c, url) = (c.clone(), bs.url("/api/burst"));
+        tasks.push(tokio::spawn(async move {
+            let r = c
+                .post(url)
+                .body(format!("request {i}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 503);
+            r.headers()["x-backstop-capture-id"]
+                .to_str()
+                .unwrap()
+                .to_string()
+        }));
+    }
+    let mut acknowledged = HashSet::new();
+    for t in tasks {
+        acknowledged.insert(t.await.unwrap());
+    }
+    assert_eq!(acknowledged.len(), 200);
+    let toml = std::fs::read_to_string(&bs.config_path).unwrap();
+    let dir = bs.kill9();
+
+    let backend = Backend::start_on(addr, |_| Reply::status(200)).await;
+    std::fs::write(
+        dir.path().join("backstop.toml"),
+        toml.replace("enabled = false", "enabled = true"),
+    )
+    .unwrap();
+    let bs = Backstop::start_existing(dir);
+    backend.wait_for_hits(200, Duration::from_secs(30)).await;
+    wait_queue(&bs, "depth", 0).await;
+    let delivered: HashSet<String> = backend
+        .seen()
+        .iter()
+        .map(|s| s.headers["idempotency-key"].to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        delivered, acknowledged,
+        "every acknowledged capture delivered"
+    );
+    assert_eq!(backend.hits(), 200, "and each once");
+}
+
+fn queue_cli(bs: &Backstop, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["queue", "-c"])
+        .arg(&bs.config_path)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "queue {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+async fn capture_one(bs: &Backstop, path: &str, body: impl Into<reqwest::Body>) -> String {
+    let r = client().post(bs.url(path)).body(body).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    r.headers()["x-backstop-capture-id"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_400_goes_to_the_dead_letters_and_can_be_requeued() {
+    // Live: 503 (captured). Replay: 400 (dead letter). After requeue: 200.
+    let backend = Backend::scripted(vec![
+        Reply::status(503),
+        Reply::status(400),
+        Reply::status(200),
+    ])
+    .await;
+    let bs = Backstop::start(&config(&backend.url(), ""));
+    let id = capture_one(&bs, "/api/orders", "order").await;
+    let q = wait_queue(&bs, "dead_letters", 1).await;
+    assert_eq!(q["depth"], 0);
+
+    let listed = queue_cli(&bs, &["list", "--dead-letters", "--json"]);
+    let list: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(list[0]["id"], id.as_str());
+    assert_eq!(list[0]["error"], "backend answered 400");
+    assert_eq!(list[0]["summary"], "POST /api/orders");
+
+    let r = client()
+        .post(bs.admin_url(&format!("/queue/dead-letters/{id}/requeue")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = client()
+        .post(bs.admin_url("/queue/dead-letters/nope/requeue"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    wait_queue(&bs, "replayed_total", 1).await;
+    let q = queue_status(&bs).await;
+    assert_eq!(
+        (q["depth"].as_u64(), q["dead_letters"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert_eq!(backend.hits(), 3);
+}
+
+#[tokio::test]
+async fn a_flapping_backend_gets_backoff_then_the_request() {
+    let backend = Backend::scripted(vec![
+        Reply::status(503),
+        Reply::status(503),
+        Reply::status(502),
+        Reply::status(200),
+    ])
+    .await;
+    let bs = Backstop::start(&config(&backend.url(), ""));
+    let id = capture_one(&bs, "/api/flap", "x").await;
+    wait_queue(&bs, "replayed_total", 1).await;
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 4);
+    let attempts: Vec<_> = seen[1..]
+        .iter()
+        .map(|s| {
+            s.headers["x-backstop-replay-attempt"]
+                .to_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(attempts, ["1", "2", "3"]);
+    assert!(seen[1..]
+        .iter()
+        .all(|s| s.headers["idempotency-key"] == id.as_str()));
+}
+
+#[tokio::test]
+async fn gives_up_after_max_attempts_with_the_last_error() {
+    let backend = Backend::scripted(vec![Reply::status(503)]).await;
+    let toml = config(&backend.url(), "").replace("max_attempts = 5", "max_attempts = 2");
+    let bs = Backstop::start(&toml);
+    let id = capture_one(&bs, "/api/never", "x").await;
+    wait_queue(&bs, "dead_letters", 1).await;
+    let shown = queue_cli(&bs, &["show", &id]);
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["status"]["state"], "dead");
+    assert_eq!(
+        shown["status"]["error"],
+        "backend answered 503 (after 2 attempts)"
+    );
+    assert_eq!(shown["record"]["id"], id.as_str());
+    assert_eq!(backend.hits(), 3, "one live attempt and two replays");
+
+    assert!(queue_cli(&bs, &["purge", "--dead-letters"]).contains("purged 1"));
+    assert_eq!(queue_status(&bs).await["dead_letters"], 0);
+}
+
+#[tokio::test]
+async fn poison_records_are_dead_lettered_and_the_worker_goes_on() {
+    let addr = stopped_backend().await;
+    let bs = Backstop::start(&config(&format!("http://{addr}"), ""));
+    let conn = rusqlite::Connection::open(bs.data_dir().join("spool.sqlite3")).unwrap();
+    conn.execute(
+        "INSERT INTO queue (id, route, record, dest, captured_ms) VALUES ('00000000-0000-7000-8000-000000000001', 'users', x'ff00ff', 'replay', 0), ('00000000-0000-7000-8000-000000000002', 'users', '{\"v\":2}', 'replay', 0)",
+        [],
+    )
+    .unwrap();
+    let id = capture_one(&bs, "/api/after-poison", "good").await;
+    let backend = Backend::start_on(addr, |_| Reply::status(200)).await;
+    wait_queue(&bs, "replayed_total", 1).await;
+    let q = wait_queue(&bs, "dead_letters", 2).await;
+    assert_eq!(q["depth"], 0);
+    assert_eq!(backend.seen()[0].headers["idempotency-key"], id.as_str());
+    let dead: serde_json::Value =
+        serde_json::from_str(&queue_cli(&bs, &["list", "--dead-letters", "--json"])).unwrap();
+    let errors: Vec<&str> = dead
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["error"].as_str().unwrap())
+        .collect();
+    assert!(errors[0].starts_with("not a capture record"), "{errors:?}");
+    assert!(
+        errors[1].starts_with("unsupported record version 2"),
+        "{errors:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_body_that_is_not_utf8_is_replayed_byte_for_byte() {
+    let addr = stopped_backend().await;
+    let bs = Backstop::start(&config(&format!("http://{addr}"), ""));
+    let body: Vec<u8> = (0..=255u8).rev().chain([0xff, 0xfe, 0x00, 0xc3]).collect();
+    let id = capture_one(&bs, "/api/binary", body.clone()).await;
+    let listed = queue_cli(&bs, &["list"]);
+    assert!(
+        listed.contains(&id) && listed.contains("POST /api/binary"),
+        "{listed}"
+    );
+    let backend = Backend::start_on(addr, |_| Reply::status(204)).await;
+    wait_queue(&bs, "replayed_total", 1).await;
+    assert_eq!(backend.seen()[0].body.as_ref(), body.as_slice());
+}

@@ -1,0 +1,179 @@
+//! `backstop check`: a table of invalid files and the exact errors listed.
+
+use std::process::Command;
+
+fn check(toml: &str) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["check", "-c"])
+        .arg(&path)
+        .env_remove("PROXY_URLS")
+        .env_remove("REDIS_HOST")
+        .env_remove("KAFKA_BROKERS")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).replace(&path.display().to_string(), "FILE");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    )
+}
+
+const ROUTE: &str =
+    "[[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nupstreams = [\"http://127.0.0.1:1\"]\n";
+
+#[test]
+fn invalid_files_list_every_error_with_its_key() {
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        ("".into(), vec!["FILE: routes: at least one [[routes]] entry is required"]),
+        (
+            format!("[server]\nlisten = 8080\nmax_body_bytes = \"big\"\nbogus = 1\n{ROUTE}"),
+            vec![
+                "FILE: server.listen: invalid type: integer `8080`, expected a string",
+                "FILE: server.max_body_bytes: invalid type: string \"big\", expected u64",
+                "FILE: server.bogus: unknown key",
+            ],
+        ),
+        (
+            "[[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nupstreams = [\"htp:/x\", \"http://h/?q=1\"]\n".into(),
+            vec![
+                "FILE: routes[0].upstreams[0]: invalid URL \"htp:/x\": scheme must be http or https",
+                "FILE: routes[0].upstreams[1]: invalid URL \"http://h/?q=1\": must not have a query",
+            ],
+        ),
+        (
+            format!("{ROUTE}{ROUTE}"),
+            vec![
+                "FILE: routes[1].name: duplicate route name \"a\" (also routes[0])",
+                "FILE: routes[1].path_prefix: prefix \"/a\" overlaps routes[0] (\"a\"): same prefix and host",
+            ],
+        ),
+        (
+            "[[routes]]\nname = \"bad name\"\npath_prefix = \"a\"\n".into(),
+            vec![
+                "FILE: routes[0].name: \"bad name\": use letters, digits, '-', '_' and '.' only",
+                "FILE: routes[0].path_prefix: \"a\" must start with '/'",
+                "FILE: routes[0].upstreams: required: at least one http:// or https:// URL",
+            ],
+        ),
+        (
+            format!("{ROUTE}[routes.retry]\nmax_attempts = 0\nretry_on_errors = [\"gremlins\"]\ninitial_delay = \"soon\"\n[routes.circuit_breaker]\nreset_timeout = -1\n[routes.capture]\nrespond_status = 200\n[routes.cache]\nheader_strategy = \"some\"\nstore = \"redis\"\nenabled = true\n"),
+            vec![
+                "FILE: routes[0].capture.respond_status: expected 503 or 202, found 200",
+                "FILE: routes[0].circuit_breaker.reset_timeout: expected a duration such as \"1s\" or a non-negative number, found an integer",
+                "FILE: routes[0].retry.initial_delay: invalid duration \"soon\": ",
+                "FILE: routes[0].retry.retry_on_errors: unknown error kind \"gremlins\"",
+                "FILE: routes[0].retry.max_attempts: must be at least 1",
+                "FILE: routes[0].cache.header_strategy: expected none, all or list, found \"some\"",
+                "FILE: routes[0].cache.store: \"redis\" needs a [redis] section",
+            ],
+        ),
+        (
+            format!("[server]\nadmin_listen = \"0.0.0.0:9901\"\ntls_cert = \"/nonexistent.pem\"\n{ROUTE}"),
+            vec![
+                "FILE: server.tls_key: required when tls_cert is set",
+                "FILE: server.tls_cert: file /nonexistent.pem does not exist",
+                "FILE: server.admin_listen: 0.0.0.0:9901 is not a loopback address: set server.admin_token",
+            ],
+        ),
+        (
+            format!("{ROUTE}[routes.proxy]\nuse_proxy = true\n[routes.rate_limit]\nkey = \"cookie\"\n"),
+            vec![
+                "FILE: routes[0].rate_limit.key: expected route, client_ip or header:<name>, found \"cookie\"",
+                "FILE: routes[0].proxy.use_proxy: needs [outbound_proxies] urls (or PROXY_URLS)",
+            ],
+        ),
+        ("[server\nlisten=1".into(), vec!["FILE: invalid TOML: "]),
+        (
+            format!("[kafka]\nbrokers = \"\"\nack_timeout = \"5 parsecs\"\n[replay]\nidempotency_header = \"bad header\"\n{ROUTE}"),
+            vec![
+                "FILE: kafka.brokers: must not be empty",
+                "FILE: kafka.ack_timeout: invalid duration \"5 parsecs\"",
+                "FILE: replay.idempotency_header: invalid header name \"bad header\"",
+            ],
+        ),
+    ];
+    for (toml, expected) in cases {
+        let (code, _, stderr) = check(&toml);
+        assert_eq!(code, 2, "exit code for:\n{toml}\n{stderr}");
+        for line in &expected {
+            assert!(
+                stderr.contains(line),
+                "missing {line:?} for:\n{toml}\ngot:\n{stderr}"
+            );
+        }
+        let listed = stderr.lines().filter(|l| l.starts_with("FILE: ")).count();
+        assert_eq!(
+            listed,
+            expected.len(),
+            "error count for:\n{toml}\ngot:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_valid_file_passes_with_every_section() {
+    let toml = r#"
+[server]
+listen = "127.0.0.1:8080"
+workers = 1
+request_ids = true
+"#;
+    // `request_ids` is not a key: the one error proves unknown keys are caught
+    // even in an otherwise valid file.
+    let (code, _, stderr) = check(&format!("{toml}{ROUTE}"));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("server.request_ids: unknown key"));
+
+    let full = format!(
+        r#"
+[server]
+listen = "127.0.0.1:8080"
+admin_listen = "127.0.0.1:9901"
+data_dir = "./data"
+max_body_bytes = 1048576
+connect_timeout = 2
+drain_timeout = "5s"
+[log]
+format = "json"
+access_log = true
+[redis]
+url = "redis://127.0.0.1:6379"
+[kafka]
+brokers = "127.0.0.1:9092"
+[outbound_proxies]
+urls = ["http://user:pass@127.0.0.1:3128"]
+[replay]
+max_attempts = 5
+initial_delay = 0.5
+{ROUTE}
+forward_headers = ["X-API-KEY"]
+[routes.capture]
+respond_status = 202
+redact_headers = ["Authorization"]
+[routes.circuit_breaker]
+request_timeout = 2500
+[routes.retry]
+retry_on_status = [503]
+[routes.cache]
+enabled = true
+store = "redis"
+header_strategy = "list"
+headers = ["Accept"]
+[routes.proxy]
+use_proxy = true
+strategy = "on_rate_limit"
+[routes.rate_limit]
+requests_per_second = 10
+burst = 20
+key = "header:X-Client"
+"#
+    );
+    let (code, stdout, stderr) = check(&full);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("OK (1 routes)"));
+    assert!(!stderr.contains("pass"), "credentials must not be printed");
+}

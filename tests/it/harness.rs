@@ -1,0 +1,504 @@
+//! The test harness: a real `backstop` process on ephemeral ports, backends
+//! we control on real sockets, and real HTTP clients.
+
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// A running `backstop run` process.
+pub struct Backstop {
+    child: Child,
+    pub dir: Arc<tempfile::TempDir>,
+    pub config_path: PathBuf,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub scheme: &'static str,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Backstop {
+    /// Starts Backstop with `toml`; the harness sets `listen`,
+    /// `admin_listen` (ephemeral ports) and `data_dir` (a temp dir) unless
+    /// the file sets them.
+    pub fn start(toml: &str) -> Backstop {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        Self::start_in(dir, toml)
+    }
+
+    /// Starts Backstop with its data and config in `dir` (for restarts).
+    pub fn start_in(dir: Arc<tempfile::TempDir>, toml: &str) -> Backstop {
+        let config_path = dir.path().join("backstop.toml");
+        std::fs::write(&config_path, with_test_server(toml, dir.path())).expect("write config");
+        Self::spawn(dir, config_path)
+    }
+
+    /// Starts with the config file already in `dir` (after a `kill9`).
+    pub fn start_existing(dir: Arc<tempfile::TempDir>) -> Backstop {
+        let path = dir.path().join("backstop.toml");
+        Self::spawn(dir, path)
+    }
+
+    /// Starts again with the same directory and config file.
+    pub fn restart(self) -> Backstop {
+        let dir = self.dir.clone();
+        let path = self.config_path.clone();
+        drop(self);
+        Self::spawn(dir, path)
+    }
+
+    fn spawn(dir: Arc<tempfile::TempDir>, config_path: PathBuf) -> Backstop {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_backstop"))
+            .args(["run", "-c"])
+            .arg(&config_path)
+            .env("RUST_LOG", "info,backstop=debug")
+            .env_remove("PROXY_URLS")
+            .env_remove("KAFKA_BROKERS")
+            .env_remove("REDIS_HOST")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn backstop");
+        let stderr = child.stderr.take().expect("stderr");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                for (marker, kind) in [
+                    ("proxy listening on ", "proxy"),
+                    ("admin listening on ", "admin"),
+                ] {
+                    if let Some(rest) = line.split(marker).nth(1) {
+                        let _ = tx.send((kind, rest.trim().to_string()));
+                    }
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let (mut proxy, mut admin) = (None, None);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while proxy.is_none() || admin.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(("proxy", url)) => proxy = Some(url),
+                Ok((_, url)) => admin = Some(url),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!(
+                        "backstop did not start; logs:\n{}",
+                        logs.lock().unwrap().join("\n")
+                    );
+                }
+            }
+        }
+        let proxy = proxy.unwrap();
+        let (scheme, addr) = proxy.split_once("://").unwrap();
+        let scheme = if scheme == "https" { "https" } else { "http" };
+        let admin = admin.unwrap();
+        Backstop {
+            child,
+            dir,
+            config_path,
+            addr: addr.parse().unwrap(),
+            admin: admin.trim_start_matches("http://").parse().unwrap(),
+            scheme,
+            logs,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}://{}{}", self.scheme, self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// Resident memory of the process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// `kill -9`: no chance to flush anything.
+    pub fn kill9(mut self) -> Arc<tempfile::TempDir> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.dir.clone()
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Waits until a log line contains `needle`.
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.logs().contains(needle) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no log line with {needle:?}; logs:\n{}", self.logs());
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+}
+
+impl Drop for Backstop {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn with_test_server(toml: &str, dir: &Path) -> String {
+    let mut lines = Vec::new();
+    let has = |key: &str| {
+        toml.lines().any(|l| {
+            l.trim_start().starts_with(&format!("{key} "))
+                || l.trim_start().starts_with(&format!("{key}="))
+        })
+    };
+    if !has("listen") {
+        lines.push("listen = \"127.0.0.1:0\"".to_string());
+    }
+    if !has("admin_listen") {
+        lines.push("admin_listen = \"127.0.0.1:0\"".to_string());
+    }
+    if !has("data_dir") {
+        lines.push(format!("data_dir = {:?}", dir.join("data")));
+    }
+    let injected = lines.join("\n");
+    if toml.contains("[server]") {
+        toml.replacen("[server]", &format!("[server]\n{injected}"), 1)
+    } else {
+        format!("[server]\n{injected}\n\n{toml}")
+    }
+}
+
+/// What a test backend saw.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub uri: String,
+    pub version: http::Version,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+    /// For streamed bodies (`/stream-count...`): bytes counted, not kept.
+    pub body_len: u64,
+}
+
+/// What a test backend answers.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+    pub delay: Duration,
+}
+
+impl Reply {
+    pub fn ok(body: &str) -> Reply {
+        Reply::status(200).body(body.to_string())
+    }
+    pub fn status(status: u16) -> Reply {
+        Reply {
+            status,
+            headers: Vec::new(),
+            body: Bytes::new(),
+            delay: Duration::ZERO,
+        }
+    }
+    pub fn body(mut self, body: impl Into<Bytes>) -> Reply {
+        self.body = body.into();
+        self
+    }
+    pub fn header(mut self, name: &str, value: &str) -> Reply {
+        self.headers.push((name.to_string(), value.to_string()));
+        self
+    }
+    pub fn delay(mut self, delay: Duration) -> Reply {
+        self.delay = delay;
+        self
+    }
+}
+
+type Handler = Arc<dyn Fn(&Seen) -> Reply + Send + Sync>;
+
+/// A backend on a real socket that records every request and answers with
+/// a handler (or a scripted sequence of replies).
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    task: JoinHandle<()>,
+}
+
+impl Backend {
+    pub async fn start(handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Backend {
+        Self::start_on("127.0.0.1:0".parse().unwrap(), handler).await
+    }
+
+    /// Replies in order, then repeats the last one.
+    pub async fn scripted(replies: Vec<Reply>) -> Backend {
+        let queue = Mutex::new(VecDeque::from(replies));
+        Self::start(move |_| {
+            let mut q = queue.lock().unwrap();
+            if q.len() > 1 {
+                q.pop_front().unwrap()
+            } else {
+                q.front().cloned().unwrap_or(Reply::status(200))
+            }
+        })
+        .await
+    }
+
+    /// An echo backend: answers 200 with the request body.
+    pub async fn echo() -> Backend {
+        Self::start(|seen| Reply::ok("").body(seen.body.clone())).await
+    }
+
+    pub async fn start_on(
+        addr: SocketAddr,
+        handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
+    ) -> Backend {
+        Self::start_with(addr, None, handler).await
+    }
+
+    /// An HTTPS backend (ALPN h2 and http/1.1) with the given acceptor.
+    pub async fn start_tls(
+        acceptor: tokio_rustls::TlsAcceptor,
+        handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
+    ) -> Backend {
+        Self::start_with("127.0.0.1:0".parse().unwrap(), Some(acceptor), handler).await
+    }
+
+    async fn start_with(
+        addr: SocketAddr,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
+    ) -> Backend {
+        let listener = bind_retrying(addr).await;
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let handler: Handler = Arc::new(handler);
+        let log = seen.clone();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let handler = handler.clone();
+                let log = log.clone();
+                let tls = tls.clone();
+                connections.spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let handler = handler.clone();
+                        let log = log.clone();
+                        async move { Ok::<_, Infallible>(serve(req, handler, log).await) }
+                    });
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        None => {
+                            let _ = builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        }
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = builder
+                                    .serve_connection(TokioIo::new(stream), service)
+                                    .await;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Backend { addr, seen, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn hits(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    /// Stops accepting and drops every open connection.
+    pub fn stop(self) -> SocketAddr {
+        self.task.abort();
+        self.addr
+    }
+
+    pub async fn wait_for_hits(&self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.hits() < n {
+            assert!(
+                Instant::now() < deadline,
+                "backend saw {} requests, wanted {n}",
+                self.hits()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn bind_retrying(addr: SocketAddr) -> TcpListener {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("cannot bind {addr}: {e}"),
+        }
+    }
+}
+
+async fn serve(
+    req: Request<Incoming>,
+    handler: Handler,
+    log: Arc<Mutex<Vec<Seen>>>,
+) -> Response<Full<Bytes>> {
+    let (parts, mut body) = req.into_parts();
+    let counting = parts.uri.path().starts_with("/stream-count");
+    let (bytes, len) = if counting {
+        let mut n = 0u64;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => n += f.data_ref().map_or(0, |d| d.len() as u64),
+                Err(_) => break,
+            }
+        }
+        (Bytes::new(), n)
+    } else {
+        let b = body
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let n = b.len() as u64;
+        (b, n)
+    };
+    let seen = Seen {
+        method: parts.method.to_string(),
+        uri: parts.uri.to_string(),
+        version: parts.version,
+        headers: parts.headers,
+        body: bytes,
+        body_len: len,
+    };
+    let reply = handler(&seen);
+    log.lock().unwrap().push(seen);
+    if !reply.delay.is_zero() {
+        tokio::time::sleep(reply.delay).await;
+    }
+    let mut response = Response::new(Full::new(reply.body));
+    *response.status_mut() = http::StatusCode::from_u16(reply.status).unwrap();
+    for (k, v) in reply.headers {
+        response.headers_mut().append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(&v).unwrap(),
+        );
+    }
+    response
+}
+
+/// A plain HTTP/1.1 client (no connection reuse surprises, no proxy).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// An HTTP/2 (prior knowledge, h2c) client.
+pub fn h2_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// The JSON error object of a proxy-made answer.
+pub async fn error_of(response: reqwest::Response) -> (u16, String, serde_json::Value) {
+    let status = response.status().as_u16();
+    let header = response
+        .headers()
+        .get("x-backstop-error")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let body: serde_json::Value = response.json().await.expect("JSON error body");
+    (status, header, body["error"].clone())
+}

@@ -1,0 +1,322 @@
+//! Proxying: methods, bodies, queries, headers, HTTP/2, load balancing and
+//! the proxy-made error answers.
+
+use std::time::Duration;
+
+use crate::harness::{client, error_of, h2_client, Backend, Backstop, Reply};
+
+fn route(name: &str, prefix: &str, upstreams: &[String], extra: &str) -> String {
+    let list: Vec<String> = upstreams.iter().map(|u| format!("{u:?}")).collect();
+    format!(
+        "[[routes]]\nname = {name:?}\npath_prefix = {prefix:?}\nupstreams = [{}]\n{extra}\n",
+        list.join(", ")
+    )
+}
+
+#[tokio::test]
+async fn get_post_put_with_bodies_queries_and_repeated_headers() {
+    let backend = Backend::echo().await;
+    let bs = Backstop::start(&route("api", "/api", &[backend.url()], ""));
+    let c = client();
+
+    let r = c
+        .get(bs.url("/api/items?b=2&a=1&a=3"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for (method, body) in [("POST", "{\"name\":\"John\"}"), ("PUT", "replace me")] {
+        let r = c
+            .request(method.parse().unwrap(), bs.url("/api/items/7"))
+            .header("x-multi", "one")
+            .header("x-multi", "two")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), body);
+    }
+    let seen = backend.seen();
+    assert_eq!(seen[0].method, "GET");
+    assert_eq!(
+        seen[0].uri, "/api/items?b=2&a=1&a=3",
+        "query passed as sent"
+    );
+    assert_eq!(seen[1].method, "POST");
+    assert_eq!(seen[2].method, "PUT");
+    let multi: Vec<_> = seen[1].headers.get_all("x-multi").iter().collect();
+    assert_eq!(multi, ["one", "two"], "repeated headers kept in order");
+}
+
+#[tokio::test]
+async fn strips_prefix_sets_configured_and_forwarded_headers() {
+    let backend = Backend::echo().await;
+    let extra = "strip_prefix = true\nheaders = { \"X-Api-Key\" = \"k-123\" }";
+    let bs = Backstop::start(&route(
+        "ext",
+        "/api/ext",
+        &[format!("{}/v1", backend.url())],
+        extra,
+    ));
+    let r = client()
+        .get(bs.url("/api/ext/users/5"))
+        .header("x-request-id", "req-abc")
+        .header("x-forwarded-for", "10.1.1.1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["x-request-id"],
+        "req-abc",
+        "request id returned"
+    );
+    let seen = &backend.seen()[0];
+    assert_eq!(seen.uri, "/v1/users/5");
+    assert_eq!(seen.headers["x-api-key"], "k-123");
+    assert_eq!(seen.headers["x-request-id"], "req-abc");
+    assert_eq!(seen.headers["x-forwarded-for"], "10.1.1.1, 127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "http");
+    assert_eq!(seen.headers["x-forwarded-host"], bs.addr.to_string());
+    assert_eq!(
+        seen.headers["host"],
+        backend.addr.to_string(),
+        "Host is the upstream's"
+    );
+    assert!(seen.headers["forwarded"]
+        .to_str()
+        .unwrap()
+        .starts_with("for=127.0.0.1;proto=http"));
+}
+
+#[tokio::test]
+async fn a_request_id_is_created_when_absent() {
+    let backend = Backend::echo().await;
+    let bs = Backstop::start(&route("api", "/", &[backend.url()], ""));
+    let r = client().get(bs.url("/x")).send().await.unwrap();
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(id.len(), 36, "a UUID: {id}");
+    assert_eq!(backend.seen()[0].headers["x-request-id"], id.as_str());
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_removed_both_ways() {
+    let backend = Backend::start(|_| {
+        Reply::ok("hi")
+            .header("connection", "x-backend-hop")
+            .header("x-backend-hop", "secret")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-authenticate", "Basic")
+            .header("x-end-to-end", "yes")
+    })
+    .await;
+    let bs = Backstop::start(&route("api", "/", &[backend.url()], ""));
+    let r = client()
+        .get(bs.url("/x"))
+        .header("connection", "x-client-hop")
+        .header("x-client-hop", "1")
+        .header("proxy-authorization", "Basic abc")
+        .header("te", "trailers")
+        .header("x-kept", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-end-to-end"], "yes");
+    for h in ["x-backend-hop", "keep-alive", "proxy-authenticate"] {
+        assert!(!r.headers().contains_key(h), "response kept {h}");
+    }
+    let seen = &backend.seen()[0];
+    assert_eq!(seen.headers["x-kept"], "1");
+    for h in ["x-client-hop", "proxy-authorization", "te"] {
+        assert!(!seen.headers.contains_key(h), "request kept {h}");
+    }
+}
+
+#[tokio::test]
+async fn forward_headers_false_and_list() {
+    let backend = Backend::echo().await;
+    let toml = format!(
+        "{}{}",
+        route("none", "/none", &[backend.url()], "forward_headers = false"),
+        route(
+            "some",
+            "/some",
+            &[backend.url()],
+            "forward_headers = [\"X-Api-Key\"]"
+        )
+    );
+    let bs = Backstop::start(&toml);
+    for path in ["/none", "/some"] {
+        client()
+            .post(bs.url(path))
+            .header("x-api-key", "k")
+            .header("x-other", "o")
+            .header("content-type", "text/plain")
+            .body("b")
+            .send()
+            .await
+            .unwrap();
+    }
+    let seen = backend.seen();
+    assert!(!seen[0].headers.contains_key("x-api-key"));
+    assert!(!seen[0].headers.contains_key("x-other"));
+    assert_eq!(
+        seen[0].headers["content-type"], "text/plain",
+        "body headers always go"
+    );
+    assert_eq!(seen[1].headers["x-api-key"], "k");
+    assert!(!seen[1].headers.contains_key("x-other"));
+}
+
+#[tokio::test]
+async fn http2_from_the_client_and_to_the_upstream() {
+    let backend = Backend::echo().await;
+    let toml = format!(
+        "{}{}",
+        route("h1", "/h1", &[backend.url()], ""),
+        route("h2", "/h2", &[backend.url()], "upstream_h2c = true")
+    );
+    let bs = Backstop::start(&toml);
+    let c = h2_client();
+    for path in ["/h1/a", "/h2/b"] {
+        let r = c.post(bs.url(path)).body("over h2").send().await.unwrap();
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), "over h2");
+    }
+    let seen = backend.seen();
+    assert_eq!(seen[0].version, http::Version::HTTP_11);
+    assert_eq!(seen[1].version, http::Version::HTTP_2);
+}
+
+#[tokio::test]
+async fn round_robin_and_skipping_a_target_that_refuses() {
+    let a = Backend::echo().await;
+    let b = Backend::echo().await;
+    let dead = Backend::echo().await.stop();
+    let extra = "[routes.retry]\nmax_attempts = 2\ninitial_delay = \"10ms\"";
+    let bs = Backstop::start(&route(
+        "lb",
+        "/",
+        &[a.url(), b.url(), format!("http://{dead}")],
+        extra,
+    ));
+    let c = client();
+    for _ in 0..12 {
+        let r = c.get(bs.url("/x")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "a refused target is retried elsewhere");
+    }
+    assert_eq!(a.hits() + b.hits(), 12);
+    assert!(
+        a.hits() >= 3 && b.hits() >= 3,
+        "each live target gets its share: a={} b={}",
+        a.hits(),
+        b.hits()
+    );
+}
+
+#[tokio::test]
+async fn error_answers_have_the_json_shape() {
+    let slow = Backend::start(|_| Reply::ok("late").delay(Duration::from_secs(3))).await;
+    let dead = Backend::echo().await.stop();
+    let toml = format!(
+        "[server]\nmax_body_bytes = 1024\n\n{}{}{}",
+        route(
+            "slow",
+            "/slow",
+            &[slow.url()],
+            "[routes.circuit_breaker]\nrequest_timeout = 300\n[routes.retry]\nmax_attempts = 1"
+        ),
+        route(
+            "dead",
+            "/dead",
+            &[format!("http://{dead}")],
+            "[routes.retry]\nmax_attempts = 1\n[routes.capture]\nenabled = false"
+        ),
+        route(
+            "small",
+            "/small",
+            &[slow.url()],
+            "[routes.capture]\nenabled = true"
+        ),
+    );
+    let bs = Backstop::start(&toml);
+    let c = client();
+
+    let (status, header, error) = error_of(c.get(bs.url("/nowhere")).send().await.unwrap()).await;
+    assert_eq!((status, header.as_str()), (404, "no_route"));
+    assert_eq!(error["code"], "no_route");
+    assert!(error["request_id"].as_str().unwrap().len() > 8);
+    assert!(error["route"].is_null());
+
+    let (status, header, error) = error_of(c.get(bs.url("/slow")).send().await.unwrap()).await;
+    assert_eq!((status, header.as_str()), (504, "upstream_timeout"));
+    assert_eq!(error["route"], "slow");
+
+    let (status, header, _) =
+        error_of(c.post(bs.url("/dead")).body("x").send().await.unwrap()).await;
+    assert_eq!((status, header.as_str()), (502, "upstream_unreachable"));
+
+    let big = vec![b'x'; 4096];
+    let (status, header, _) =
+        error_of(c.post(bs.url("/small")).body(big).send().await.unwrap()).await;
+    assert_eq!((status, header.as_str()), (413, "body_too_large"));
+    assert_eq!(
+        slow.hits(),
+        1,
+        "nothing sent upstream for a body that is too large"
+    );
+
+    let r = c.get(bs.url("/health")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), r#"{"status":"ok"}"#);
+    let r = c.get(bs.admin_url("/health")).send().await.unwrap();
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["status"], "ok");
+}
+
+#[tokio::test]
+async fn a_100_mib_body_streams_through_without_buffering() {
+    let backend = Backend::echo().await;
+    let extra = "[routes.retry]\nmax_attempts = 1\n[routes.capture]\nenabled = false";
+    let bs = Backstop::start(&route("up", "/", &[backend.url()], extra));
+    // Warm up so that pools and allocator arenas exist before measuring.
+    client().get(bs.url("/warm")).send().await.unwrap();
+    let before = bs.rss_kib();
+    const TOTAL: u64 = 100 * 1024 * 1024;
+    let chunks = futures_util::stream::iter(
+        (0..(TOTAL / 65536)).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![7u8; 65536]))),
+    );
+    let pid = bs.pid();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(before));
+    let peak_w = peak.clone();
+    let sampler = tokio::spawn(async move {
+        loop {
+            if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+                let rss: u64 = s
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                    .unwrap_or(0);
+                peak_w.fetch_max(rss, std::sync::atomic::Ordering::Relaxed);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let r = client()
+        .post(bs.url("/stream-count"))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    sampler.abort();
+    let peak = peak
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .max(bs.rss_kib());
+    assert_eq!(backend.seen()[1].body_len, TOTAL);
+    let grew_mib = (peak.saturating_sub(before)) as f64 / 1024.0;
+    assert!(
+        grew_mib < 8.0,
+        "RSS grew {grew_mib:.1} MiB while streaming 100 MiB"
+    );
+}

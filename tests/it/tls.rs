@@ -1,0 +1,117 @@
+//! TLS: HTTPS upstreams verified against a route's CA file (and refused
+//! without it), and the TLS listener with ALPN.
+
+use std::sync::Arc;
+
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::harness::{error_of, Backend, Backstop, Reply};
+
+struct Pki {
+    ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+}
+
+fn make_pki() -> Pki {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "Backstop Test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca_cert, &ca_key)
+        .unwrap();
+    Pki {
+        ca_pem: ca_cert.pem(),
+        cert_pem: leaf.pem(),
+        key_pem: leaf_key.serialize_pem(),
+    }
+}
+
+fn acceptor(pki: &Pki) -> tokio_rustls::TlsAcceptor {
+    let certs = vec![CertificateDer::from_pem_slice(pki.cert_pem.as_bytes()).unwrap()];
+    let key = PrivateKeyDer::from_pem_slice(pki.key_pem.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+#[tokio::test]
+async fn https_upstream_is_trusted_with_the_route_ca_and_refused_without() {
+    let pki = make_pki();
+    let backend = Backend::start_tls(acceptor(&pki), |_| Reply::ok("secure")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, &pki.ca_pem).unwrap();
+    let upstream = format!("https://localhost:{}", backend.addr.port());
+    let toml = format!(
+        "[[routes]]\nname = \"private\"\npath_prefix = \"/private\"\nupstreams = [{upstream:?}]\ntls_ca_file = {ca_path:?}\n\
+         [[routes]]\nname = \"public\"\npath_prefix = \"/public\"\nupstreams = [{upstream:?}]\n[routes.retry]\nmax_attempts = 1\n"
+    );
+    let bs = Backstop::start(&toml);
+    let c = crate::harness::client();
+    let r = c.get(bs.url("/private/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "secure");
+    assert_eq!(
+        backend.seen()[0].version,
+        http::Version::HTTP_2,
+        "ALPN chose h2 upstream"
+    );
+
+    let (status, code, _) = error_of(c.get(bs.url("/public/x")).send().await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (502, "upstream_unreachable"));
+    assert_eq!(backend.hits(), 1, "the unverified upstream got nothing");
+}
+
+#[tokio::test]
+async fn tls_listener_speaks_h2_and_http1_by_alpn() {
+    let pki = make_pki();
+    let backend = Backend::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, &pki.cert_pem).unwrap();
+    std::fs::write(&key, &pki.key_pem).unwrap();
+    let toml = format!(
+        "[server]\ntls_cert = {cert:?}\ntls_key = {key:?}\n\n[[routes]]\nname = \"a\"\npath_prefix = \"/\"\nupstreams = [{:?}]\n",
+        backend.url()
+    );
+    let bs = Backstop::start(&toml);
+    assert_eq!(bs.scheme, "https");
+    let ca = reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap();
+    let url = format!("https://localhost:{}/x", bs.addr.port());
+    for (h2, want) in [
+        (true, reqwest::Version::HTTP_2),
+        (false, reqwest::Version::HTTP_11),
+    ] {
+        let mut builder = reqwest::Client::builder()
+            .no_proxy()
+            .add_root_certificate(ca.clone());
+        if !h2 {
+            builder = builder.http1_only();
+        }
+        let r = builder
+            .build()
+            .unwrap()
+            .post(&url)
+            .body("tls body")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.version(), want);
+        assert_eq!(r.text().await.unwrap(), "tls body");
+    }
+    assert_eq!(backend.seen()[0].headers["x-forwarded-proto"], "https");
+}
