@@ -26,6 +26,8 @@ pub enum Failure {
     Timeout,
     /// The backend answered with a status listed as a failure.
     Status(u16),
+    /// The route's circuit is open: the backend was not called.
+    CircuitOpen,
 }
 
 impl Failure {
@@ -55,6 +57,7 @@ impl Failure {
                 | Failure::ConnectTimeout
                 | Failure::Dns
                 | Failure::ConnectFailed
+                | Failure::CircuitOpen
         )
     }
 
@@ -66,6 +69,7 @@ impl Failure {
             Failure::ConnectTimeout | Failure::Timeout => RetryableError::Timeout,
             Failure::Dns => RetryableError::Dns,
             Failure::Reset => RetryableError::ConnectionReset,
+            Failure::CircuitOpen => return false,
         };
         retry.retry_on_errors.contains(&kind)
     }
@@ -90,6 +94,7 @@ impl Failure {
             Failure::Reset => "connection_reset".into(),
             Failure::Timeout => "timeout".into(),
             Failure::Status(code) => format!("upstream_{code}"),
+            Failure::CircuitOpen => "circuit_open".into(),
         }
     }
 }

@@ -156,6 +156,7 @@ async fn replay_only(active: crate::pipeline::Active) -> Result<(), String> {
     let proxy = Arc::new(Proxy {
         active: ArcSwap::from_pointee(active),
         capturer: None,
+        metrics: Arc::new(crate::stats::metrics::Metrics::new()),
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
     let worker = SpoolReplayer {

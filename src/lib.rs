@@ -16,4 +16,5 @@ pub mod resilience;
 pub mod routing;
 pub mod runtime;
 pub mod server;
+pub mod stats;
 pub mod upstream;

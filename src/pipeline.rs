@@ -31,6 +31,7 @@ use crate::error::{ErrorCode, ProxyError};
 use crate::headers::{self, ClientInfo, X_REQUEST_ID};
 use crate::resilience::backoff::Backoff;
 use crate::routing::{Route, RouteTable};
+use crate::stats::metrics::{self, Metrics, RouteStatus};
 use crate::upstream::upstream_uri;
 
 /// The configuration in force: swapped whole on reload, read lock-free.
@@ -43,6 +44,7 @@ pub struct Active {
 pub struct Proxy {
     pub active: ArcSwap<Active>,
     pub capturer: Option<Arc<Capturer>>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Per-request state carried through the phases, logged once at the end.
@@ -54,6 +56,10 @@ pub struct RequestContext {
     pub route: Option<Arc<Route>>,
     pub attempts: u32,
     pub failure: Option<Failure>,
+    /// The cache phase's verdict: `hit`, `miss`, `bypass` or `stale`.
+    pub cache: Option<&'static str>,
+    /// The capture id when the request was captured.
+    pub capture_id: Option<String>,
 }
 
 impl RequestContext {
@@ -77,6 +83,8 @@ pub async fn handle(
         route: None,
         attempts: 0,
         failure: None,
+        cache: None,
+        capture_id: None,
     };
     let path = req.uri().path().to_string();
     let active = proxy.active.load_full();
@@ -87,6 +95,7 @@ pub async fn handle(
     if let Ok(id) = HeaderValue::from_str(&ctx.request_id) {
         response.headers_mut().insert(X_REQUEST_ID, id);
     }
+    record_metrics(&proxy.metrics, &ctx, response.status());
     if active.config.log.access_log {
         log_access(&ctx, &path, response.status());
     }
@@ -325,7 +334,7 @@ async fn capture_phase(
     outgoing: Outgoing,
     failure: Failure,
     response: Option<Response<Incoming>>,
-    ctx: &RequestContext,
+    ctx: &mut RequestContext,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let capture = &route.config.capture;
     let capturable = capture.enabled
@@ -335,7 +344,11 @@ async fn capture_phase(
     if let (true, Some(capturer)) = (capturable, proxy.capturer.as_ref()) {
         return Err(
             match capturer.capture(route, outgoing, failure, ctx).await {
-                CaptureOutcome::Captured(error) | CaptureOutcome::Failed(error) => error,
+                CaptureOutcome::Captured { id, answer } => {
+                    ctx.capture_id = Some(id);
+                    answer
+                }
+                CaptureOutcome::Failed(answer) => answer,
             },
         );
     }
@@ -383,6 +396,28 @@ fn health() -> Response<ResponseBody> {
         HeaderValue::from_static("application/json"),
     );
     response
+}
+
+/// Counts the request once, at the end, from its context.
+fn record_metrics(metrics: &Metrics, ctx: &RequestContext, status: StatusCode) {
+    let route = ctx.route_name().unwrap_or("none").to_string();
+    metrics
+        .request_duration
+        .get_or_create(&metrics::route(&route))
+        .observe(ctx.started.elapsed().as_secs_f64());
+    if ctx.attempts > 1 {
+        metrics
+            .upstream_retries
+            .get_or_create(&metrics::route(&route))
+            .inc_by(u64::from(ctx.attempts - 1));
+    }
+    metrics
+        .requests
+        .get_or_create(&RouteStatus {
+            route,
+            status: status.as_u16(),
+        })
+        .inc();
 }
 
 fn log_access(ctx: &RequestContext, path: &str, status: StatusCode) {

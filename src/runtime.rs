@@ -18,6 +18,7 @@ use crate::pipeline::{Active, Proxy};
 use crate::replay::{ReplayCounters, SpoolReplayer};
 use crate::routing::RouteTable;
 use crate::server::{self, ConnSettings};
+use crate::stats::metrics::Metrics;
 
 /// How often the config file's modification time is checked.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -40,9 +41,15 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
     let config = active.config.clone();
     let spool = Spool::open(&config.server.data_dir).map_err(|e| e.to_string())?;
     let retry_after = config.replay.initial_delay.as_secs().max(1);
+    let metrics = Arc::new(Metrics::new());
     let proxy = Arc::new(Proxy {
         active: ArcSwap::from_pointee(active),
-        capturer: Some(Arc::new(Capturer::new(spool.clone(), retry_after))),
+        capturer: Some(Arc::new(Capturer::new(
+            spool.clone(),
+            metrics.clone(),
+            retry_after,
+        ))),
+        metrics,
     });
     let shutdown = CancellationToken::new();
     let connections = TaskTracker::new();

@@ -15,6 +15,7 @@ use crate::classify::Failure;
 use crate::error::{ErrorCode, ProxyError};
 use crate::pipeline::{Outgoing, OutgoingBody, RequestContext};
 use crate::routing::Route;
+use crate::stats::metrics::{self, Metrics, RouteReason};
 use record::{CaptureRecord, CapturedRequest, ClientMeta};
 use spool::{Destination, Spool};
 
@@ -22,21 +23,23 @@ pub const X_BACKSTOP_CAPTURE_ID: HeaderName = HeaderName::from_static("x-backsto
 
 /// The answer to a capture attempt; both sides are proxy-made answers.
 pub enum CaptureOutcome {
-    Captured(ProxyError),
+    Captured { id: String, answer: ProxyError },
     Failed(ProxyError),
 }
 
 /// Where captured requests go.
 pub struct Capturer {
     pub spool: Arc<Spool>,
+    metrics: Arc<Metrics>,
     /// `Retry-After` suggested to clients whose request was captured.
     retry_after_s: u64,
 }
 
 impl Capturer {
-    pub fn new(spool: Arc<Spool>, retry_after_s: u64) -> Self {
+    pub fn new(spool: Arc<Spool>, metrics: Arc<Metrics>, retry_after_s: u64) -> Self {
         Capturer {
             spool,
+            metrics,
             retry_after_s,
         }
     }
@@ -79,10 +82,24 @@ impl Capturer {
         );
         match self.store(&record).await {
             Ok(()) => {
+                self.metrics
+                    .captured
+                    .get_or_create(&RouteReason {
+                        route: route.name().to_string(),
+                        reason: record.reason.clone(),
+                    })
+                    .inc();
                 tracing::info!(route = %route.name(), capture_id = %record.id, reason = %record.reason, "request captured");
-                CaptureOutcome::Captured(self.captured_answer(route, &record))
+                CaptureOutcome::Captured {
+                    answer: self.captured_answer(route, &record),
+                    id: record.id,
+                }
             }
             Err(e) => {
+                self.metrics
+                    .capture_failures
+                    .get_or_create(&metrics::route(route.name()))
+                    .inc();
                 tracing::error!(route = %route.name(), error = %e, "capture failed: the request is lost to the client's retry");
                 CaptureOutcome::Failed(
                     ProxyError::new(

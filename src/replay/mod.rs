@@ -21,6 +21,7 @@ use crate::capture::record::CaptureRecord;
 use crate::capture::spool::{now_ms, Destination, QueuedRecord, Spool};
 use crate::pipeline::Proxy;
 use crate::resilience::backoff::Backoff;
+use crate::stats::metrics::RouteOutcome;
 
 /// How many queued records one pass looks at.
 const PASS_SIZE: usize = 512;
@@ -113,6 +114,17 @@ impl SpoolReplayer {
         Duration::ZERO
     }
 
+    fn count(&self, route: &str, outcome: &str) {
+        self.proxy
+            .metrics
+            .replayed
+            .get_or_create(&RouteOutcome {
+                route: route.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
     /// One record: `Ok(None)` when it left the queue, `Ok(Some(wait))` when
     /// it must be tried again later.
     async fn replay_one(
@@ -130,6 +142,7 @@ impl SpoolReplayer {
                     .dead_letter(&queued.id, queued.attempts, &e.to_string())
                     .await?;
                 self.counters.dead.fetch_add(1, Ordering::Relaxed);
+                self.count(&queued.route, "dead_letter");
                 return Ok(None);
             }
         };
@@ -141,12 +154,14 @@ impl SpoolReplayer {
             Delivery::Delivered(status) => {
                 self.spool.delete(&queued.id).await?;
                 self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+                self.count(&record.route, "delivered");
                 tracing::info!(id = %queued.id, route = %record.route, attempt, status, "replayed");
                 Ok(None)
             }
             Delivery::Dead(reason) => {
                 self.spool.dead_letter(&queued.id, attempt, &reason).await?;
                 self.counters.dead.fetch_add(1, Ordering::Relaxed);
+                self.count(&record.route, "dead_letter");
                 tracing::warn!(id = %queued.id, route = %record.route, %reason, "replay gave up: dead letter");
                 Ok(None)
             }
@@ -154,6 +169,7 @@ impl SpoolReplayer {
                 let reason = format!("{reason} (after {attempt} attempts)");
                 self.spool.dead_letter(&queued.id, attempt, &reason).await?;
                 self.counters.dead.fetch_add(1, Ordering::Relaxed);
+                self.count(&record.route, "dead_letter");
                 tracing::warn!(id = %queued.id, route = %record.route, %reason, "replay gave up: dead letter");
                 Ok(None)
             }
@@ -169,6 +185,7 @@ impl SpoolReplayer {
                     .retry_later(&queued.id, attempt, next_at, &reason)
                     .await?;
                 self.counters.retried.fetch_add(1, Ordering::Relaxed);
+                self.count(&record.route, "retry");
                 tracing::debug!(id = %queued.id, route = %record.route, attempt, %reason, ?wait, "replay failed; backing off");
                 Ok(Some(wait))
             }

@@ -152,6 +152,26 @@ async fn backend_down_post_is_captured_then_replayed_once_when_it_returns() {
     let q = queue_status(&bs).await;
     assert_eq!(q["replayed_total"], 1);
     assert_eq!(q["sink"], "spool");
+
+    let metrics = client()
+        .get(bs.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "backstop_captured_total{route=\"users\",reason=\"connect_refused\"} 1",
+        "backstop_replayed_total{route=\"users\",outcome=\"delivered\"} 1",
+        "backstop_requests_total{route=\"users\",status=\"503\"} 1",
+        "backstop_queue_depth 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -1,0 +1,175 @@
+//! The Prometheus metrics of DESIGN.md, registered in one place so their
+//! names and labels stay stable. Labels are bounded: route names come from
+//! the configuration, statuses are HTTP codes, reasons and outcomes are
+//! fixed sets.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteStatus {
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteResult {
+    pub route: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteReason {
+    pub route: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteOutcome {
+    pub route: String,
+    pub outcome: String,
+}
+
+/// Latency buckets in seconds, from 0.5 ms to 30 s.
+const DURATION_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
+    30.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RouteStatus, Counter>,
+    pub request_duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    pub upstream_retries: Family<RouteLabel, Counter>,
+    pub circuit_state: Family<RouteLabel, Gauge>,
+    pub cache: Family<RouteResult, Counter>,
+    pub captured: Family<RouteReason, Counter>,
+    pub capture_failures: Family<RouteLabel, Counter>,
+    pub queue_depth: Gauge,
+    pub queue_oldest_age_seconds: Gauge<f64, AtomicU64>,
+    pub dead_letters: Gauge,
+    pub replayed: Family<RouteOutcome, Counter>,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("backstop");
+        let requests = Family::<RouteStatus, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by route and status",
+            requests.clone(),
+        );
+        let request_duration =
+            Family::<RouteLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                duration_histogram,
+            );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to response head, by route",
+            request_duration.clone(),
+        );
+        let upstream_retries = Family::<RouteLabel, Counter>::default();
+        registry.register(
+            "upstream_retries",
+            "Upstream attempts after the first",
+            upstream_retries.clone(),
+        );
+        let circuit_state = Family::<RouteLabel, Gauge>::default();
+        registry.register(
+            "circuit_state",
+            "Circuit breaker state: 0 closed, 1 open, 2 half-open",
+            circuit_state.clone(),
+        );
+        let cache = Family::<RouteResult, Counter>::default();
+        registry.register(
+            "cache",
+            "Cache lookups by result (hit, miss, bypass, stale)",
+            cache.clone(),
+        );
+        let captured = Family::<RouteReason, Counter>::default();
+        registry.register(
+            "captured",
+            "Requests captured for later delivery, by reason",
+            captured.clone(),
+        );
+        let capture_failures = Family::<RouteLabel, Counter>::default();
+        registry.register(
+            "capture_failures",
+            "Requests that could be stored nowhere (answered capture_failed)",
+            capture_failures.clone(),
+        );
+        let queue_depth = Gauge::default();
+        registry.register(
+            "queue_depth",
+            "Captured requests waiting for replay",
+            queue_depth.clone(),
+        );
+        let queue_oldest_age_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "queue_oldest_age_seconds",
+            "Age of the oldest captured request waiting for replay",
+            queue_oldest_age_seconds.clone(),
+        );
+        let dead_letters = Gauge::default();
+        registry.register(
+            "dead_letters",
+            "Records in the dead-letter queue",
+            dead_letters.clone(),
+        );
+        let replayed = Family::<RouteOutcome, Counter>::default();
+        registry.register(
+            "replayed",
+            "Replay attempts by outcome (delivered, retry, dead_letter)",
+            replayed.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            upstream_retries,
+            circuit_state,
+            cache,
+            captured,
+            capture_failures,
+            queue_depth,
+            queue_oldest_age_seconds,
+            dead_letters,
+            replayed,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+pub fn route(name: &str) -> RouteLabel {
+    RouteLabel {
+        route: name.to_string(),
+    }
+}
