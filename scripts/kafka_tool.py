@@ -3,6 +3,7 @@
 
   kafka_tool.py consume      --brokers B --topic T [--timeout S] [--group G] [--max N]
   kafka_tool.py create-topic --brokers B --topic T [--partitions N]
+  kafka_tool.py committed    --brokers B --group G --topic T
   kafka_tool.py list-topics  --brokers B [--timeout S]
 
 consume prints one JSON object per message:
@@ -98,6 +99,19 @@ def create_topic(args):
         print(f"{args.topic} already exists")
 
 
+def committed(args):
+    """Prints {partition: next offset} committed by a consumer group."""
+    c = Consumer({"bootstrap.servers": args.brokers, "group.id": args.group, "enable.auto.commit": False})
+    try:
+        md = c.list_topics(args.topic, timeout=10).topics.get(args.topic)
+        if md is None or md.error is not None:
+            sys.exit(f"kafka_tool: topic {args.topic!r} not found")
+        parts = c.committed([TopicPartition(args.topic, p) for p in md.partitions], timeout=10)
+        print(json.dumps({str(tp.partition): tp.offset for tp in parts}))
+    finally:
+        c.close()
+
+
 def list_topics(args):
     md = AdminClient({"bootstrap.servers": args.brokers}).list_topics(timeout=args.timeout)
     print(json.dumps({t: len(m.partitions) for t, m in sorted(md.topics.items())}))
@@ -118,6 +132,11 @@ def main():
     t.add_argument("--topic", required=True)
     t.add_argument("--partitions", type=int, default=1)
     t.set_defaults(func=create_topic)
+    o = sub.add_parser("committed", help="prints {partition: committed offset} of a group (negative = none)")
+    o.add_argument("--brokers", required=True)
+    o.add_argument("--group", required=True)
+    o.add_argument("--topic", required=True)
+    o.set_defaults(func=committed)
     l = sub.add_parser("list-topics", help="prints {topic: partitions}; fails if broker unreachable")
     l.add_argument("--brokers", required=True)
     l.add_argument("--timeout", type=float, default=5.0)

@@ -8,9 +8,11 @@ use arc_swap::ArcSwap;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
+use crate::capture::kafka_sink::KafkaSink;
 use crate::capture::record::CaptureRecord;
 use crate::capture::spool::{DeadLetter, QueuedRecord, Spool};
 use crate::pipeline::Proxy;
+use crate::replay::kafka_consumer::KafkaReplayer;
 use crate::replay::{deliver, Delivery, ReplayCounters, SpoolReplayer};
 use crate::runtime;
 
@@ -159,18 +161,35 @@ async fn replay_only(active: crate::pipeline::Active) -> Result<(), String> {
         metrics: Arc::new(crate::stats::metrics::Metrics::new()),
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let worker = SpoolReplayer {
-        spool,
-        proxy,
-        counters: Arc::new(ReplayCounters::default()),
-    };
     let stop = shutdown.clone();
     tokio::spawn(async move {
         let _ = tokio::signal::ctrl_c().await;
         stop.cancel();
     });
-    worker.run(shutdown).await;
-    Ok(())
+    let counters = Arc::new(ReplayCounters::default());
+    let config = proxy.active.load().config.clone();
+    match &config.kafka {
+        // With Kafka, a standalone worker is one more member of the group.
+        Some(kafka) => {
+            let worker = KafkaReplayer {
+                sink: Arc::new(KafkaSink::new(kafka)?),
+                proxy,
+                counters,
+            };
+            worker
+                .run(kafka.clone(), config.replay.group_id.clone(), shutdown)
+                .await
+        }
+        None => {
+            let worker = SpoolReplayer {
+                spool,
+                proxy,
+                counters,
+            };
+            worker.run(shutdown).await;
+            Ok(())
+        }
+    }
 }
 
 fn queue(path: &Path, as_json: bool, action: QueueAction) -> ExitCode {

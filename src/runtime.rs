@@ -11,10 +11,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
+use crate::capture::kafka_sink::KafkaSink;
 use crate::capture::spool::Spool;
-use crate::capture::Capturer;
+use crate::capture::{forwarder, Capturer};
 use crate::config::{self, Config, ConfigErrors};
 use crate::pipeline::{Active, Proxy};
+use crate::replay::kafka_consumer::KafkaReplayer;
 use crate::replay::{ReplayCounters, SpoolReplayer};
 use crate::routing::RouteTable;
 use crate::server::{self, ConnSettings};
@@ -42,10 +44,15 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
     let spool = Spool::open(&config.server.data_dir).map_err(|e| e.to_string())?;
     let retry_after = config.replay.initial_delay.as_secs().max(1);
     let metrics = Arc::new(Metrics::new());
+    let kafka = match &config.kafka {
+        Some(k) => Some(Arc::new(KafkaSink::new(k)?)),
+        None => None,
+    };
     let proxy = Arc::new(Proxy {
         active: ArcSwap::from_pointee(active),
         capturer: Some(Arc::new(Capturer::new(
             spool.clone(),
+            kafka.clone(),
             metrics.clone(),
             retry_after,
         ))),
@@ -86,7 +93,29 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
         }
     });
 
+    if let (Some(sink), Some(kafka_config)) = (&kafka, &config.kafka) {
+        background.spawn(forwarder::run(
+            spool.clone(),
+            sink.clone(),
+            shutdown.clone(),
+        ));
+        if config.replay.enabled {
+            let replayer = KafkaReplayer {
+                proxy: proxy.clone(),
+                sink: sink.clone(),
+                counters: counters.clone(),
+            };
+            let (kafka_config, group) = (kafka_config.clone(), config.replay.group_id.clone());
+            let stop = shutdown.clone();
+            background.spawn(async move {
+                if let Err(e) = replayer.run(kafka_config, group, stop).await {
+                    tracing::error!("Kafka replay worker: {e}");
+                }
+            });
+        }
+    }
     if config.replay.enabled {
+        // Also with Kafka: records requeued into the spool are replayed here.
         let replayer = SpoolReplayer {
             spool: spool.clone(),
             proxy: proxy.clone(),
@@ -119,6 +148,9 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
         tracing::warn!("drain timeout reached; closing remaining connections");
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), background.wait()).await;
+    if let Some(sink) = &kafka {
+        sink.flush(Duration::from_secs(2));
+    }
     tracing::info!("stopped");
     Ok(())
 }

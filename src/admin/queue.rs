@@ -19,15 +19,18 @@ pub fn routes() -> Router<AdminState> {
 async fn queue_status(State(state): State<AdminState>) -> Response {
     let spool = state.spool.clone();
     match tokio::task::spawn_blocking(move || spool.stats()).await {
-        Ok(Ok(stats)) => Json(json!({
-            "depth": stats.depth,
-            "oldest_age_s": stats.oldest_age_s,
-            "dead_letters": stats.dead_letters,
-            "waiting_for_kafka": stats.waiting_for_kafka,
-            "replayed_total": state.replay.delivered(),
-            "sink": "spool",
-        }))
-        .into_response(),
+        Ok(Ok(stats)) => {
+            let kafka = state.proxy.active.load().config.kafka.is_some();
+            Json(json!({
+                "depth": stats.depth + stats.waiting_for_kafka,
+                "oldest_age_s": stats.oldest_age_s,
+                "dead_letters": stats.dead_letters,
+                "waiting_for_kafka": stats.waiting_for_kafka,
+                "replayed_total": state.replay.delivered(),
+                "sink": if kafka { "kafka" } else { "spool" },
+            }))
+            .into_response()
+        }
         Ok(Err(e)) => admin_error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "spool_error",

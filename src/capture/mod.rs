@@ -4,6 +4,8 @@
 //! `record` is the format, `spool` the embedded store. The [`Capturer`]
 //! decides where a record goes and builds the answer.
 
+pub mod forwarder;
+pub mod kafka_sink;
 pub mod record;
 pub mod spool;
 
@@ -16,6 +18,7 @@ use crate::error::{ErrorCode, ProxyError};
 use crate::pipeline::{Outgoing, OutgoingBody, RequestContext};
 use crate::routing::Route;
 use crate::stats::metrics::{self, Metrics, RouteReason};
+use kafka_sink::{KafkaSink, Outbound};
 use record::{CaptureRecord, CapturedRequest, ClientMeta};
 use spool::{Destination, Spool};
 
@@ -30,15 +33,23 @@ pub enum CaptureOutcome {
 /// Where captured requests go.
 pub struct Capturer {
     pub spool: Arc<Spool>,
+    /// With `[kafka]`: tried first; the spool is the fallback.
+    pub kafka: Option<Arc<KafkaSink>>,
     metrics: Arc<Metrics>,
     /// `Retry-After` suggested to clients whose request was captured.
     retry_after_s: u64,
 }
 
 impl Capturer {
-    pub fn new(spool: Arc<Spool>, metrics: Arc<Metrics>, retry_after_s: u64) -> Self {
+    pub fn new(
+        spool: Arc<Spool>,
+        kafka: Option<Arc<KafkaSink>>,
+        metrics: Arc<Metrics>,
+        retry_after_s: u64,
+    ) -> Self {
         Capturer {
             spool,
+            kafka,
             metrics,
             retry_after_s,
         }
@@ -112,16 +123,33 @@ impl Capturer {
         }
     }
 
-    /// Stores a record durably.
+    /// Stores a record durably: in Kafka when configured and acknowledging
+    /// within `ack_timeout`, else in the spool (marked for forwarding to
+    /// Kafka when Kafka is configured).
     pub async fn store(&self, record: &CaptureRecord) -> Result<(), spool::SpoolError> {
-        self.spool
-            .append(
-                &record.id,
-                &record.route,
-                record.to_json(),
-                Destination::Replay,
-            )
-            .await
+        let payload = record.to_json();
+        let Some(kafka) = &self.kafka else {
+            return self
+                .spool
+                .append(&record.id, &record.route, payload, Destination::Replay)
+                .await;
+        };
+        let outbound = Outbound {
+            id: &record.id,
+            route: &record.route,
+            reason: &record.reason,
+            payload: &payload,
+        };
+        match kafka.send(&outbound).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::warn!(capture_id = %record.id, error = %e, "Kafka unavailable: capture goes to the spool");
+                self.metrics.kafka_fallbacks.inc();
+                self.spool
+                    .append(&record.id, &record.route, payload, Destination::Kafka)
+                    .await
+            }
+        }
     }
 
     fn captured_answer(&self, route: &Route, record: &CaptureRecord) -> ProxyError {

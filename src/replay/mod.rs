@@ -7,6 +7,7 @@
 //! records wait behind it, so per-route order holds; other routes go on.
 
 mod deliver;
+pub mod kafka_consumer;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +38,12 @@ pub struct ReplayCounters {
 }
 
 impl ReplayCounters {
+    pub fn add_delivered(&self) {
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add_dead(&self) {
+        self.dead.fetch_add(1, Ordering::Relaxed);
+    }
     pub fn delivered(&self) -> u64 {
         self.delivered.load(Ordering::Relaxed)
     }

@@ -58,6 +58,7 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub queue_oldest_age_seconds: Gauge<f64, AtomicU64>,
     pub dead_letters: Gauge,
+    pub kafka_fallbacks: Counter,
     pub replayed: Family<RouteOutcome, Counter>,
 }
 
@@ -131,6 +132,12 @@ impl Metrics {
             "Records in the dead-letter queue",
             dead_letters.clone(),
         );
+        let kafka_fallbacks = Counter::default();
+        registry.register(
+            "kafka_fallbacks",
+            "Captures written to the spool because Kafka failed or was slower than ack_timeout",
+            kafka_fallbacks.clone(),
+        );
         let replayed = Family::<RouteOutcome, Counter>::default();
         registry.register(
             "replayed",
@@ -149,6 +156,7 @@ impl Metrics {
             queue_depth,
             queue_oldest_age_seconds,
             dead_letters,
+            kafka_fallbacks,
             replayed,
         }
     }

@@ -1,0 +1,70 @@
+//! Store and forward: records that went to the spool because Kafka was down
+//! or slow (`Destination::Kafka`) are sent to Kafka once it is back, oldest
+//! first, and removed from the spool only after Kafka acknowledged them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::kafka_sink::{KafkaSink, Outbound};
+use super::record::CaptureRecord;
+use super::spool::{Destination, Spool};
+
+const BATCH: usize = 256;
+const POLL: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+pub async fn run(spool: Arc<Spool>, sink: Arc<KafkaSink>, shutdown: CancellationToken) {
+    let mut backoff = POLL;
+    loop {
+        let wait = match forward_batch(&spool, &sink).await {
+            Ok(0) => {
+                backoff = POLL;
+                POLL
+            }
+            Ok(n) => {
+                tracing::info!(records = n, "forwarded spooled captures to Kafka");
+                backoff = POLL;
+                Duration::ZERO
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "Kafka still unavailable for spooled captures");
+                let wait = backoff;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                wait
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Forwards up to one batch; returns how many went to Kafka.
+async fn forward_batch(spool: &Arc<Spool>, sink: &KafkaSink) -> Result<usize, String> {
+    let reader = spool.clone();
+    let rows = tokio::task::spawn_blocking(move || reader.queued(Destination::Kafka, BATCH))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let mut sent = 0;
+    for row in rows {
+        // The reason header comes from the record; an unreadable record is
+        // forwarded as it is and dead-lettered by the consumer.
+        let reason = CaptureRecord::from_json(&row.record)
+            .map(|r| r.reason)
+            .unwrap_or_default();
+        let outbound = Outbound {
+            id: &row.id,
+            route: &row.route,
+            reason: &reason,
+            payload: &row.record,
+        };
+        sink.send(&outbound).await?;
+        spool.delete(&row.id).await.map_err(|e| e.to_string())?;
+        sent += 1;
+    }
+    Ok(sent)
+}

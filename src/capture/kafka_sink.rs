@@ -1,0 +1,152 @@
+//! The Kafka sink: captured records go to the `failed-requests` topic with an
+//! idempotent producer and `acks=all`; the client is answered only after the
+//! delivery report. Message key = route name (order per route), Kafka headers
+//! repeat `id`, `route` and `reason`.
+//!
+//! A send that fails or takes longer than `ack_timeout` is reported as an
+//! error so the caller can fall back to the spool. If the broker acknowledges
+//! it later anyway, the record exists twice; both copies carry the same id,
+//! which replays send as `Idempotency-Key` (at-least-once, never lost).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+
+use crate::config::KafkaConfig;
+
+/// A record as the sink sends it.
+pub struct Outbound<'a> {
+    pub id: &'a str,
+    pub route: &'a str,
+    pub reason: &'a str,
+    pub payload: &'a [u8],
+}
+
+pub struct KafkaSink {
+    /// Replaced when librdkafka reports a fatal error (e.g. the idempotent
+    /// producer was fenced after a broker lost its state): a fatal producer
+    /// never recovers by itself.
+    producer: ArcSwap<FutureProducer>,
+    client_config: ClientConfig,
+    pub topic: String,
+    pub dlq_topic: String,
+    ack_timeout: Duration,
+}
+
+impl KafkaSink {
+    pub fn new(config: &KafkaConfig) -> Result<KafkaSink, String> {
+        let timeout_ms = config.ack_timeout.as_millis().max(1).to_string();
+        let mut client_config = ClientConfig::new();
+        client_config
+            .set("bootstrap.servers", &config.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", "lz4")
+            // Small batches: captures are latency-sensitive (a client waits).
+            .set("linger.ms", "2")
+            .set("message.timeout.ms", &timeout_ms)
+            .set("request.timeout.ms", &timeout_ms)
+            .set("socket.connection.setup.timeout.ms", "2000")
+            .set("client.id", "backstop");
+        let producer: FutureProducer = client_config
+            .create()
+            .map_err(|e| format!("kafka producer: {e}"))?;
+        Ok(KafkaSink {
+            producer: ArcSwap::from_pointee(producer),
+            client_config,
+            topic: config.topic.clone(),
+            dlq_topic: config.dlq_topic.clone(),
+            ack_timeout: config.ack_timeout,
+        })
+    }
+
+    /// Sends to the capture topic; returns once the broker acknowledged.
+    pub async fn send(&self, record: &Outbound<'_>) -> Result<(), String> {
+        self.send_to(&self.topic, record, &[]).await
+    }
+
+    /// Sends to `topic` with extra headers (e.g. the dead-letter reason).
+    pub async fn send_to(
+        &self,
+        topic: &str,
+        record: &Outbound<'_>,
+        extra: &[(&str, &str)],
+    ) -> Result<(), String> {
+        let mut headers = OwnedHeaders::new_with_capacity(3 + extra.len());
+        for (key, value) in [
+            ("id", record.id),
+            ("route", record.route),
+            ("reason", record.reason),
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let message = FutureRecord::to(topic)
+            .key(record.route)
+            .payload(record.payload)
+            .headers(headers);
+        let producer = self.producer.load_full();
+        let delivery = producer.send(message, Timeout::After(self.ack_timeout));
+        match tokio::time::timeout(self.ack_timeout, delivery).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => {
+                if let Some(reason) = producer_is_broken(&producer, &e) {
+                    self.replace_producer(&reason);
+                }
+                Err(format!("kafka delivery failed: {e}"))
+            }
+            Err(_) => Err(format!(
+                "kafka did not acknowledge within {:?}",
+                self.ack_timeout
+            )),
+        }
+    }
+
+    fn replace_producer(&self, reason: &str) {
+        match self.client_config.create::<FutureProducer>() {
+            Ok(fresh) => {
+                tracing::warn!(%reason, "Kafka producer hit a fatal error; replaced it");
+                self.producer.store(Arc::new(fresh));
+            }
+            Err(e) => {
+                tracing::error!(%reason, error = %e, "Kafka producer hit a fatal error and cannot be recreated")
+            }
+        }
+    }
+
+    /// Waits for in-flight messages on shutdown.
+    pub fn flush(&self, timeout: Duration) {
+        let _ = self.producer.load().flush(Timeout::After(timeout));
+    }
+}
+
+/// Whether the producer can no longer send: librdkafka's fatal errors, and
+/// the idempotence errors a broker answers after losing producer state
+/// (Tansu after a restart answers `ProducerFenced` forever otherwise).
+fn producer_is_broken(producer: &FutureProducer, error: &KafkaError) -> Option<String> {
+    if let Some((_, reason)) = producer.client().fatal_error() {
+        return Some(reason);
+    }
+    match error.rdkafka_error_code() {
+        Some(
+            code @ (RDKafkaErrorCode::ProducerFenced
+            | RDKafkaErrorCode::InvalidProducerEpoch
+            | RDKafkaErrorCode::UnknownProducerId
+            | RDKafkaErrorCode::OutOfOrderSequenceNumber
+            | RDKafkaErrorCode::InvalidProducerIdMapping),
+        ) => Some(code.to_string()),
+        _ => None,
+    }
+}

@@ -1,0 +1,375 @@
+//! The Kafka replay worker: a member of the consumer group `replay.group_id`
+//! on the capture topic, so several workers share the partitions.
+//!
+//! At least once: an offset is committed only after the backend accepted the
+//! record or it went to the dead-letter topic. Records of one partition are
+//! handled one at a time, in order (the key is the route, so this is per-route
+//! order); partitions proceed independently. Consumed records wait in a small
+//! per-partition buffer, so a record in backoff does not block the worker: it
+//! keeps polling (the group does not drop it) and pauses a partition only
+//! while that partition's buffer is full. Attempt counts live in memory:
+//! after a restart or a rebalance a record starts counting again.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{deliver, Delivery, ReplayCounters};
+use crate::capture::kafka_sink::{KafkaSink, Outbound};
+use crate::capture::record::CaptureRecord;
+use crate::config::KafkaConfig;
+use crate::pipeline::Proxy;
+use crate::resilience::backoff::Backoff;
+use crate::stats::metrics::RouteOutcome;
+
+type Partition = (String, i32);
+
+/// Records buffered per partition before it is paused.
+const BUFFER: usize = 512;
+/// Consume errors (broker down) are logged at most this often.
+const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// What a delivery task reports back to the polling loop.
+struct Done {
+    partition: Partition,
+    verdict: Verdict,
+}
+
+enum Verdict {
+    /// Delivered or dead-lettered: commit and move on.
+    Finished,
+    /// Try again after this long.
+    Later(Duration),
+}
+
+/// One partition's buffered records; the head is the one being worked on.
+#[derive(Default)]
+struct PartitionQueue {
+    jobs: VecDeque<Job>,
+    in_flight: bool,
+    due: Option<Instant>,
+    paused: bool,
+}
+
+pub struct KafkaReplayer {
+    pub proxy: Arc<Proxy>,
+    pub sink: Arc<KafkaSink>,
+    pub counters: Arc<ReplayCounters>,
+}
+
+/// Tells the polling loop which partitions a rebalance took away, so their
+/// buffered records are dropped (the new owner consumes them) instead of
+/// being delivered twice.
+struct RebalanceContext {
+    revoked: mpsc::UnboundedSender<Vec<Partition>>,
+}
+
+impl ClientContext for RebalanceContext {}
+
+impl ConsumerContext for RebalanceContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let partitions = list
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_string(), e.partition()))
+                .collect();
+            let _ = self.revoked.send(partitions);
+        }
+    }
+}
+
+type ReplayConsumer = StreamConsumer<RebalanceContext>;
+
+fn consumer(
+    config: &KafkaConfig,
+    group_id: &str,
+    revoked: mpsc::UnboundedSender<Vec<Partition>>,
+) -> Result<ReplayConsumer, String> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        // Short group timeouts: a worker joins (and a dead one is replaced)
+        // in seconds. The loop below polls continuously, so a long
+        // max.poll.interval is not needed.
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("max.poll.interval.ms", "10000")
+        .set("fetch.wait.max.ms", "100")
+        .set("client.id", "backstop-replay")
+        .create_with_context(RebalanceContext { revoked })
+        .map_err(|e| format!("kafka consumer: {e}"))
+}
+
+impl KafkaReplayer {
+    pub async fn run(
+        self,
+        config: KafkaConfig,
+        group_id: String,
+        shutdown: CancellationToken,
+    ) -> Result<(), String> {
+        let (revoked_tx, mut revoked_rx) = mpsc::unbounded_channel();
+        let consumer = consumer(&config, &group_id, revoked_tx)?;
+        consumer
+            .subscribe(&[config.topic.as_str()])
+            .map_err(|e| format!("kafka subscribe to {}: {e}", config.topic))?;
+        tracing::info!(topic = %config.topic, group = %group_id, "Kafka replay worker started");
+        let this = Arc::new(self);
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+        let mut queues: HashMap<Partition, PartitionQueue> = HashMap::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let mut last_error_log: Option<Instant> = None;
+        loop {
+            let ready: Option<Partition> = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                message = consumer.recv() => match message {
+                    Ok(message) => {
+                        let partition = (message.topic().to_string(), message.partition());
+                        let queue = queues.entry(partition.clone()).or_default();
+                        queue.jobs.push_back(Job::from_message(&message, partition.clone()));
+                        if queue.jobs.len() >= BUFFER && !queue.paused {
+                            queue.paused = set_paused(&consumer, &partition, true);
+                        }
+                        Some(partition)
+                    }
+                    Err(e) => {
+                        if last_error_log.is_none_or(|t| t.elapsed() >= ERROR_LOG_EVERY) {
+                            tracing::warn!(error = %e, "Kafka consume error (logged every {ERROR_LOG_EVERY:?} at most)");
+                            last_error_log = Some(Instant::now());
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        None
+                    }
+                },
+                Some(done) = done_rx.recv() => {
+                    // The partition may have been revoked meanwhile: then
+                    // there is nothing to commit here.
+                    let Some(queue) = queues.get_mut(&done.partition) else { continue };
+                    queue.in_flight = false;
+                    match done.verdict {
+                        Verdict::Finished => {
+                            if let Some(job) = queue.jobs.pop_front() {
+                                commit(&consumer, &done.partition, job.offset + 1);
+                            }
+                            if queue.paused && queue.jobs.len() < BUFFER / 2 {
+                                queue.paused = !set_paused(&consumer, &done.partition, false);
+                            }
+                        }
+                        Verdict::Later(wait) => queue.due = Some(Instant::now() + wait),
+                    }
+                    Some(done.partition)
+                }
+                Some(revoked) = revoked_rx.recv() => {
+                    for partition in revoked {
+                        if let Some(queue) = queues.remove(&partition) {
+                            tracing::debug!(topic = %partition.0, partition = partition.1, dropped = queue.jobs.len(), "partition revoked");
+                        }
+                    }
+                    None
+                }
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    for queue in queues.values_mut() {
+                        if queue.due.is_some_and(|due| due <= now) {
+                            queue.due = None;
+                        }
+                    }
+                    None
+                }
+            };
+            // Start the head of every partition that is free to go.
+            let candidates: Vec<Partition> = match ready {
+                Some(p) => vec![p],
+                None => queues.keys().cloned().collect(),
+            };
+            for partition in candidates {
+                let Some(queue) = queues.get_mut(&partition) else {
+                    continue;
+                };
+                if queue.in_flight || queue.due.is_some() {
+                    continue;
+                }
+                let Some(head) = queue.jobs.front_mut() else {
+                    continue;
+                };
+                head.attempt += 1;
+                queue.in_flight = true;
+                let job = head.clone();
+                let (this, tx) = (this.clone(), done_tx.clone());
+                tokio::spawn(async move {
+                    let partition = job.partition.clone();
+                    let verdict = this.handle(job).await;
+                    let _ = tx.send(Done { partition, verdict });
+                });
+            }
+        }
+        tracing::info!("Kafka replay worker stopped");
+        Ok(())
+    }
+
+    /// Delivers one record, or dead-letters it; never panics on its content.
+    async fn handle(&self, job: Job) -> Verdict {
+        let active = self.proxy.active.load_full();
+        let replay = &active.config.replay;
+        let record = match CaptureRecord::from_json(&job.payload) {
+            Ok(r) => r,
+            Err(e) => {
+                return self.dead_letter(&job, &e.to_string(), job.attempt).await;
+            }
+        };
+        let outcome = match active.routes.get(&record.route) {
+            Some(route) => deliver(route, &record, job.attempt, &replay.idempotency_header).await,
+            None => Delivery::Retry(format!("route {:?} is not configured", record.route)),
+        };
+        match outcome {
+            Delivery::Delivered(status) => {
+                self.count(&record.route, "delivered");
+                self.counters.add_delivered();
+                tracing::info!(id = %record.id, route = %record.route, attempt = job.attempt, status, "replayed from Kafka");
+                Verdict::Finished
+            }
+            Delivery::Dead(reason) => self.dead_letter(&job, &reason, job.attempt).await,
+            Delivery::Retry(reason) if job.attempt >= replay.max_attempts => {
+                let reason = format!("{reason} (after {} attempts)", job.attempt);
+                self.dead_letter(&job, &reason, job.attempt).await
+            }
+            Delivery::Retry(reason) => {
+                self.count(&record.route, "retry");
+                let backoff = Backoff {
+                    initial: replay.initial_delay,
+                    max: replay.max_delay,
+                    factor: 2.0,
+                };
+                let wait = backoff.delay(job.attempt);
+                tracing::debug!(id = %record.id, attempt = job.attempt, %reason, ?wait, "replay failed; backing off");
+                Verdict::Later(wait)
+            }
+        }
+    }
+
+    /// Sends the record to the dead-letter topic with the reason; if that
+    /// fails the record is retried later rather than lost.
+    async fn dead_letter(&self, job: &Job, reason: &str, attempts: u32) -> Verdict {
+        let attempts_text = attempts.to_string();
+        let outbound = Outbound {
+            id: &job.id,
+            route: &job.route,
+            reason: &job.reason,
+            payload: &job.payload,
+        };
+        let extra = [("error", reason), ("attempts", attempts_text.as_str())];
+        match self
+            .sink
+            .send_to(&self.sink.dlq_topic, &outbound, &extra)
+            .await
+        {
+            Ok(()) => {
+                self.count(&job.route, "dead_letter");
+                self.counters.add_dead();
+                tracing::warn!(id = %job.id, route = %job.route, %reason, "replay gave up: dead letter");
+                Verdict::Finished
+            }
+            Err(e) => {
+                tracing::error!(id = %job.id, error = %e, "cannot write the dead-letter topic; will retry");
+                Verdict::Later(Duration::from_secs(5))
+            }
+        }
+    }
+
+    fn count(&self, route: &str, outcome: &str) {
+        self.proxy
+            .metrics
+            .replayed
+            .get_or_create(&RouteOutcome {
+                route: route.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+}
+
+/// A consumed message, owned, for a delivery task.
+#[derive(Clone)]
+struct Job {
+    partition: Partition,
+    offset: i64,
+    attempt: u32,
+    payload: Vec<u8>,
+    id: String,
+    route: String,
+    reason: String,
+}
+
+impl Job {
+    fn from_message(message: &BorrowedMessage<'_>, partition: Partition) -> Job {
+        use rdkafka::message::Headers;
+        let header = |name: &str| -> String {
+            message
+                .headers()
+                .and_then(|h| h.iter().find(|x| x.key == name).and_then(|x| x.value))
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default()
+        };
+        let (id, reason) = (header("id"), header("reason"));
+        let route = message
+            .key()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .unwrap_or_else(|| header("route"));
+        Job {
+            partition,
+            offset: message.offset(),
+            attempt: 0,
+            payload: message.payload().unwrap_or_default().to_vec(),
+            id,
+            route,
+            reason,
+        }
+    }
+}
+
+fn partition_list(partition: &Partition, offset: Option<i64>) -> TopicPartitionList {
+    let mut list = TopicPartitionList::new();
+    match offset {
+        Some(o) => {
+            let _ = list.add_partition_offset(&partition.0, partition.1, Offset::Offset(o));
+        }
+        None => {
+            list.add_partition(&partition.0, partition.1);
+        }
+    }
+    list
+}
+
+/// Pauses or resumes a partition; true when it worked.
+fn set_paused(consumer: &ReplayConsumer, partition: &Partition, paused: bool) -> bool {
+    let list = partition_list(partition, None);
+    let result = if paused {
+        consumer.pause(&list)
+    } else {
+        consumer.resume(&list)
+    };
+    if let Err(e) = &result {
+        tracing::debug!(topic = %partition.0, partition = partition.1, error = %e, paused, "pause/resume failed (partition revoked?)");
+    }
+    result.is_ok()
+}
+
+fn commit(consumer: &ReplayConsumer, partition: &Partition, next_offset: i64) {
+    let list = partition_list(partition, Some(next_offset));
+    if let Err(e) = consumer.commit(&list, CommitMode::Async) {
+        tracing::warn!(topic = %partition.0, partition = partition.1, error = %e, "offset commit failed; the record may be replayed again");
+    }
+}

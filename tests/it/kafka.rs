@@ -1,0 +1,386 @@
+//! Capture and replay through a real Kafka-protocol broker (Tansu, started
+//! by scripts/start-tansu.sh): the reference scenario, a broker outage in the
+//! middle of a burst, and two replay workers in one consumer group.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::harness::{client, error_of, Backend, Backstop, Reply};
+
+const SCRIPTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts");
+
+/// A Tansu broker on its own port and directory, stopped on drop.
+struct Tansu {
+    port: u16,
+    dir: tempfile::TempDir,
+    durable: bool,
+}
+
+impl Tansu {
+    /// Starts a broker; `durable` keeps topics and offsets across a restart.
+    fn start(durable: bool) -> Tansu {
+        let port = free_port();
+        let tansu = Tansu {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            durable,
+        };
+        tansu.launch();
+        for topic in ["failed-requests", "failed-requests.dlq"] {
+            tansu.tool(&["create-topic", "--topic", topic, "--partitions", "1"]);
+        }
+        tansu
+    }
+
+    fn launch(&self) {
+        let out = Command::new("bash")
+            .arg(format!("{SCRIPTS}/start-tansu.sh"))
+            .arg(self.port.to_string())
+            .arg(self.dir.path())
+            .env("TANSU_STORAGE", if self.durable { "s3" } else { "memory" })
+            .stdin(Stdio::null())
+            .output()
+            .expect("run start-tansu.sh");
+        assert!(
+            out.status.success(),
+            "cannot start Tansu (run scripts/install-tansu.sh): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Stops the broker, keeping its store for a restart.
+    fn stop(&self) {
+        let out = Command::new("bash")
+            .arg(format!("{SCRIPTS}/stop-tansu.sh"))
+            .arg(self.port.to_string())
+            .arg(self.dir.path())
+            .arg("--keep-store")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn tool(&self, args: &[&str]) -> String {
+        let brokers = self.brokers();
+        let out = Command::new("python3")
+            .arg(format!("{SCRIPTS}/kafka_tool.py"))
+            .arg(args[0])
+            .args(["--brokers", &brokers])
+            .args(&args[1..])
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "kafka_tool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Every message of a topic, read with a stock Kafka client.
+    fn messages(&self, topic: &str) -> Vec<serde_json::Value> {
+        self.tool(&["consume", "--topic", topic, "--timeout", "2"])
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn committed(&self, group: &str) -> HashMap<String, i64> {
+        serde_json::from_str(&self.tool(&[
+            "committed",
+            "--group",
+            group,
+            "--topic",
+            "failed-requests",
+        ]))
+        .unwrap()
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(format!("{SCRIPTS}/stop-tansu.sh"))
+            .arg(self.port.to_string())
+            .arg(self.dir.path())
+            .output();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn config(tansu: &Tansu, upstream: &str, replay_enabled: bool) -> String {
+    format!(
+        r#"
+[kafka]
+brokers = "{}"
+ack_timeout = "2s"
+
+[replay]
+enabled = {replay_enabled}
+initial_delay = "200ms"
+max_delay = "1s"
+
+[[routes]]
+name = "users"
+path_prefix = "/api"
+upstreams = [{upstream:?}]
+  [routes.retry]
+  max_attempts = 1
+"#,
+        tansu.brokers()
+    )
+}
+
+async fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn validator() -> jsonschema::Validator {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/schema/capture-record.schema.json"
+    ))
+    .unwrap();
+    jsonschema::validator_for(&serde_json::from_str(&text).unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_down_post_goes_to_kafka_and_is_replayed_once() {
+    let tansu = Tansu::start(false);
+    let addr = Backend::echo().await.stop();
+    let bs = Backstop::start(&config(&tansu, &format!("http://{addr}"), true));
+    let body = r#"{"name":"John"}"#;
+    let r = client()
+        .post(bs.url("/api/users"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let id = r.headers()["x-backstop-capture-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let (status, code, _) = error_of(r).await;
+    assert_eq!((status, code.as_str()), (503, "captured"));
+
+    let messages = tokio::task::block_in_place(|| tansu.messages("failed-requests"));
+    assert_eq!(messages.len(), 1);
+    let m = &messages[0];
+    assert_eq!(m["key"], "users", "the route is the message key");
+    assert_eq!(m["headers"]["id"], id.as_str());
+    assert_eq!(m["headers"]["route"], "users");
+    assert_eq!(m["headers"]["reason"], "connect_refused");
+    let record: serde_json::Value = serde_json::from_str(m["value"].as_str().unwrap()).unwrap();
+    let problems: Vec<String> = validator()
+        .iter_errors(&record)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(problems.is_empty(), "{problems:?}");
+    let q: serde_json::Value = client()
+        .get(bs.admin_url("/queue"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(q["sink"], "kafka");
+
+    let backend = Backend::start_on(addr, |_| Reply::status(200)).await;
+    backend.wait_for_hits(1, Duration::from_secs(30)).await;
+    let seen = &backend.seen()[0];
+    assert_eq!(seen.headers["idempotency-key"], id.as_str());
+    assert_eq!(seen.body, body.as_bytes());
+    wait_until("the offset commit", Duration::from_secs(15), || {
+        tansu.committed("backstop-replay").get("0") == Some(&1)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(backend.hits(), 1, "delivered once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_stopped_mid_burst_loses_nothing() {
+    let tansu = Tansu::start(true);
+    let addr = Backend::echo().await.stop();
+    let bs = Backstop::start(&config(&tansu, &format!("http://{addr}"), true));
+    let c = client();
+    let mut ids = HashSet::new();
+    for i in 0..20 {
+        if i == 10 {
+            tokio::task::block_in_place(|| tansu.stop());
+        }
+        let r = c
+            .post(bs.url("/api/burst"))
+            .body(format!("n={i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503, "request {i}");
+        ids.insert(
+            r.headers()["x-backstop-capture-id"]
+                .to_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let q: serde_json::Value = c
+        .get(bs.admin_url("/queue"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        q["waiting_for_kafka"], 10,
+        "captures during the outage wait in the spool: {q}"
+    );
+
+    tokio::task::block_in_place(|| tansu.launch());
+    let backend = Backend::start_on(addr, |_| Reply::status(200)).await;
+    let delivered = || -> HashSet<String> {
+        backend
+            .seen()
+            .iter()
+            .map(|s| s.headers["idempotency-key"].to_str().unwrap().to_string())
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while delivered() != ids && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(delivered(), ids, "every capture delivered");
+    let q: serde_json::Value = c
+        .get(bs.admin_url("/queue"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(q["waiting_for_kafka"], 0);
+}
+
+struct Worker(Child, PathBuf);
+
+impl Worker {
+    fn start(config: &std::path::Path, log: PathBuf) -> Worker {
+        let child = Command::new(env!("CARGO_BIN_EXE_backstop"))
+            .args(["replay", "-c"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Worker(child, log)
+    }
+
+    fn replayed(&self) -> usize {
+        std::fs::read_to_string(&self.1)
+            .unwrap_or_default()
+            .matches("replayed from Kafka")
+            .count()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_replay_workers_share_the_group_and_deliver_everything() {
+    let tansu = Tansu::start(false);
+    tansu.tool(&[
+        "create-topic",
+        "--topic",
+        "shared-requests",
+        "--partitions",
+        "4",
+    ]);
+    let addr = Backend::echo().await.stop();
+    let routes: String = (0..8)
+        .map(|i| {
+            format!(
+                "[[routes]]\nname = \"r{i}\"\npath_prefix = \"/r{i}\"\nupstreams = [\"http://{addr}\"]\n[routes.retry]\nmax_attempts = 1\n"
+            )
+        })
+        .collect();
+    let toml = format!(
+        "[kafka]\nbrokers = \"{}\"\ntopic = \"shared-requests\"\n[replay]\nenabled = false\ninitial_delay = \"200ms\"\nmax_delay = \"1s\"\n{routes}",
+        tansu.brokers()
+    );
+    let bs = Backstop::start(&toml);
+    let c = client();
+    let mut ids = HashSet::new();
+    for i in 0..80 {
+        let r = c
+            .post(bs.url(&format!("/r{}/x", i % 8)))
+            .body(format!("{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+        ids.insert(
+            r.headers()["x-backstop-capture-id"]
+                .to_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let a = Worker::start(&bs.config_path, dir.path().join("a.log"));
+    let b = Worker::start(&bs.config_path, dir.path().join("b.log"));
+    let backend = Backend::start_on(addr, |_| Reply::status(200)).await;
+    backend.wait_for_hits(80, Duration::from_secs(90)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let keys: Vec<String> = backend
+        .seen()
+        .iter()
+        .map(|s| s.headers["idempotency-key"].to_str().unwrap().to_string())
+        .collect();
+    let unique: HashSet<String> = keys.iter().cloned().collect();
+    assert_eq!(unique, ids, "every record delivered");
+    // Duplicates can only come from a rebalance and carry the same key, so
+    // the set comparison above is the whole contract; report them anyway.
+    if keys.len() != unique.len() {
+        eprintln!(
+            "{} duplicate deliveries across a rebalance",
+            keys.len() - unique.len()
+        );
+    }
+    assert!(
+        a.replayed() > 0 && b.replayed() > 0,
+        "both workers took part: a={} b={}",
+        a.replayed(),
+        b.replayed()
+    );
+}
