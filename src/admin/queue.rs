@@ -21,6 +21,7 @@ async fn queue_status(State(state): State<AdminState>) -> Response {
     match tokio::task::spawn_blocking(move || spool.stats()).await {
         Ok(Ok(stats)) => {
             let kafka = state.proxy.active.load().config.kafka.is_some();
+            let (commits, written) = state.spool.commit_stats();
             Json(json!({
                 "depth": stats.depth + stats.waiting_for_kafka,
                 "oldest_age_s": stats.oldest_age_s,
@@ -28,6 +29,8 @@ async fn queue_status(State(state): State<AdminState>) -> Response {
                 "waiting_for_kafka": stats.waiting_for_kafka,
                 "replayed_total": state.replay.delivered(),
                 "sink": if kafka { "kafka" } else { "spool" },
+                "spool_commits": commits,
+                "spool_records_written": written,
             }))
             .into_response()
         }

@@ -104,21 +104,39 @@ impl SpoolReplayer {
     /// Replays one route's records in order until one must wait; returns
     /// how long until that one is due (or the idle poll).
     async fn replay_route(&self, queue: Vec<QueuedRecord>) -> Duration {
+        // Deletes of delivered records are committed in the background (the
+        // writer batches them) while the next record is delivered; the pass
+        // waits for all of them before the queue is read again, so a record
+        // is never read back after its delivery.
+        let mut deletes = tokio::task::JoinSet::new();
+        let mut wait = Duration::ZERO;
         for queued in queue {
             let now = now_ms();
             if queued.next_at_ms > now {
-                return Duration::from_millis((queued.next_at_ms - now) as u64);
+                wait = Duration::from_millis((queued.next_at_ms - now) as u64);
+                break;
             }
-            match self.replay_one(&queued).await {
+            match self.replay_one(&queued, &mut deletes).await {
                 Ok(None) => continue,
-                Ok(Some(wait)) => return wait,
+                Ok(Some(w)) => {
+                    wait = w;
+                    break;
+                }
                 Err(e) => {
                     tracing::error!(id = %queued.id, error = %e, "spool update failed");
-                    return IDLE_POLL;
+                    wait = IDLE_POLL;
+                    break;
                 }
             }
         }
-        Duration::ZERO
+        while let Some(result) = deletes.join_next().await {
+            if let Ok(Err(e)) = result {
+                // The record stays queued and will be delivered again, with
+                // the same Idempotency-Key: at least once, never lost.
+                tracing::error!(error = %e, "removing a delivered record failed");
+            }
+        }
+        wait
     }
 
     fn count(&self, route: &str, outcome: &str) {
@@ -137,6 +155,7 @@ impl SpoolReplayer {
     async fn replay_one(
         &self,
         queued: &QueuedRecord,
+        deletes: &mut tokio::task::JoinSet<Result<(), crate::capture::spool::SpoolError>>,
     ) -> Result<Option<Duration>, crate::capture::spool::SpoolError> {
         let active = self.proxy.active.load_full();
         let replay = &active.config.replay;
@@ -159,7 +178,8 @@ impl SpoolReplayer {
         };
         match outcome {
             Delivery::Delivered(status) => {
-                self.spool.delete(&queued.id).await?;
+                let (spool, id) = (self.spool.clone(), queued.id.clone());
+                deletes.spawn(async move { spool.delete(&id).await });
                 self.counters.delivered.fetch_add(1, Ordering::Relaxed);
                 self.count(&record.route, "delivered");
                 tracing::info!(id = %queued.id, route = %record.route, attempt, status, "replayed");
