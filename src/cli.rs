@@ -65,8 +65,14 @@ pub enum QueueAction {
     },
     /// Show one record, queued or dead.
     Show { id: String },
-    /// Deliver one queued or dead record now.
-    Replay { id: String },
+    /// Deliver one queued or dead record now (or, with --all, every queued
+    /// record, in capture order per route).
+    Replay {
+        #[arg(required_unless_present = "all")]
+        id: Option<String>,
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
     /// Move dead letters back to the queue.
     Requeue {
         id: Option<String>,
@@ -264,35 +270,11 @@ async fn queue_action(
                 serde_json::to_string_pretty(&shown).unwrap_or_default()
             );
         }
-        QueueAction::Replay { id } => {
-            let bytes = match (
-                spool.get(&id).map_err(err)?,
-                spool.get_dead(&id).map_err(err)?,
-            ) {
-                (Some(q), _) => q.record,
-                (None, Some(d)) => d.record,
-                (None, None) => return Err(format!("no record {id}")),
-            };
-            let record = CaptureRecord::from_json(&bytes).map_err(|e| e.to_string())?;
-            let route = active
-                .routes
-                .get(&record.route)
-                .ok_or_else(|| format!("route {:?} is not configured", record.route))?;
-            match deliver(route, &record, 1, &active.config.replay.idempotency_header).await {
-                Delivery::Delivered(status) => {
-                    spool.delete(&id).await.map_err(err)?;
-                    // A dead letter that was delivered by hand leaves the DLQ too.
-                    if spool.get_dead(&id).map_err(err)?.is_some() {
-                        spool.requeue(Some(&id)).await.map_err(err)?;
-                        spool.delete(&id).await.map_err(err)?;
-                    }
-                    println!("{id}: delivered ({status})");
-                }
-                Delivery::Retry(reason) | Delivery::Dead(reason) => {
-                    return Err(format!("{id}: not delivered: {reason}"));
-                }
-            }
+        QueueAction::Replay { id: Some(id), .. } => {
+            let status = replay_now(&spool, &active, &id).await?;
+            println!("{id}: delivered ({status})");
         }
+        QueueAction::Replay { id: None, .. } => replay_all(&spool, &active, as_json).await?,
         QueueAction::Requeue { id, all } => {
             let moved = match (id, all) {
                 (Some(id), _) => spool.requeue(Some(&id)).await.map_err(err)?,
@@ -307,6 +289,90 @@ async fn queue_action(
         }
     }
     Ok(())
+}
+
+/// Delivers one queued or dead record now; returns the backend's status.
+async fn replay_now(
+    spool: &Spool,
+    active: &crate::pipeline::Active,
+    id: &str,
+) -> Result<u16, String> {
+    let err = |e: crate::capture::spool::SpoolError| e.to_string();
+    let (bytes, dead) = match (
+        spool.get(id).map_err(err)?,
+        spool.get_dead(id).map_err(err)?,
+    ) {
+        (Some(q), _) => (q.record, false),
+        (None, Some(d)) => (d.record, true),
+        (None, None) => return Err(format!("no record {id}")),
+    };
+    let record = CaptureRecord::from_json(&bytes).map_err(|e| format!("{id}: {e}"))?;
+    let route = active
+        .routes
+        .get(&record.route)
+        .ok_or_else(|| format!("{id}: route {:?} is not configured", record.route))?;
+    match deliver(route, &record, 1, &active.config.replay.idempotency_header).await {
+        Delivery::Delivered(status) => {
+            if dead {
+                // A dead letter delivered by hand leaves the dead-letter table.
+                spool.requeue(Some(id)).await.map_err(err)?;
+            }
+            spool.delete(id).await.map_err(err)?;
+            Ok(status)
+        }
+        Delivery::Retry(reason) | Delivery::Dead(reason) => {
+            Err(format!("{id}: not delivered: {reason}"))
+        }
+    }
+}
+
+/// Delivers every queued record now, oldest first; after a failure the rest
+/// of that route waits (per-route order), other routes go on.
+async fn replay_all(
+    spool: &Spool,
+    active: &crate::pipeline::Active,
+    as_json: bool,
+) -> Result<(), String> {
+    let rows = spool.list(usize::MAX >> 1).map_err(|e| e.to_string())?;
+    let bar = if as_json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(rows.len() as u64)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} delivered {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut blocked = std::collections::HashSet::new();
+    let (mut delivered, mut failed) = (0u64, Vec::new());
+    for row in rows {
+        if blocked.contains(&row.route) {
+            bar.inc(1);
+            continue;
+        }
+        match replay_now(spool, active, &row.id).await {
+            Ok(_) => delivered += 1,
+            Err(e) => {
+                blocked.insert(row.route.clone());
+                failed.push(e);
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if as_json {
+        println!("{}", json!({"delivered": delivered, "failed": failed}));
+    } else {
+        println!("delivered {delivered} record(s)");
+        for e in &failed {
+            println!("  {e}");
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{} route(s) could not be delivered", failed.len()))
+    }
 }
 
 fn print_queued(rows: &[QueuedRecord], as_json: bool) {

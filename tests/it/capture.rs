@@ -432,3 +432,27 @@ async fn a_body_that_is_not_utf8_is_replayed_byte_for_byte() {
     wait_queue(&bs, "replayed_total", 1).await;
     assert_eq!(backend.seen()[0].body.as_ref(), body.as_slice());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queue_replay_all_delivers_in_capture_order() {
+    let addr = stopped_backend().await;
+    let toml =
+        config(&format!("http://{addr}"), "").replace("[replay]", "[replay]\nenabled = false");
+    let bs = Backstop::start(&toml);
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(capture_one(&bs, "/api/ordered", format!("n={i}")).await);
+    }
+    let backend = Backend::start_on(addr, |_| Reply::status(200)).await;
+    // The CLI blocks this thread; the backend runs on the other worker.
+    let out = tokio::task::block_in_place(|| queue_cli(&bs, &["replay", "--all", "--json"]));
+    let out: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(out["delivered"], 3);
+    let keys: Vec<String> = backend
+        .seen()
+        .iter()
+        .map(|s| s.headers["idempotency-key"].to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(keys, ids, "delivered once each, in capture order");
+    assert_eq!(queue_status(&bs).await["depth"], 0);
+}
