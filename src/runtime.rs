@@ -17,6 +17,7 @@ use crate::capture::{forwarder, Capturer};
 use crate::config::{self, Config, ConfigErrors};
 use crate::pipeline::{Active, Proxy};
 use crate::replay::kafka_consumer::KafkaReplayer;
+use crate::replay::kafka_lag::KafkaLag;
 use crate::replay::{ReplayCounters, SpoolReplayer};
 use crate::routing::RouteTable;
 use crate::server::{self, ConnSettings};
@@ -81,6 +82,10 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
         proxy: proxy.clone(),
         spool: spool.clone(),
         replay: counters.clone(),
+        kafka_lag: match &config.kafka {
+            Some(k) => Some(Arc::new(KafkaLag::new(k, &config.replay.group_id)?)),
+            None => None,
+        },
         token: config.server.admin_token.as_deref().map(Arc::from),
     };
     let admin_shutdown = shutdown.clone();

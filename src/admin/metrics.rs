@@ -15,28 +15,14 @@ pub fn routes() -> Router<AdminState> {
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
-    let spool = state.spool.clone();
-    match tokio::task::spawn_blocking(move || spool.stats()).await {
-        Ok(Ok(stats)) => {
+    match super::queue::snapshot(&state).await {
+        Ok(snapshot) => {
             let m = &state.proxy.metrics;
-            m.queue_depth.set(stats.depth as i64);
-            m.dead_letters.set(stats.dead_letters as i64);
-            m.queue_oldest_age_seconds.set(stats.oldest_age_s);
+            m.queue_depth.set(snapshot.depth() as i64);
+            m.dead_letters.set(snapshot.stats.dead_letters as i64);
+            m.queue_oldest_age_seconds.set(snapshot.stats.oldest_age_s);
         }
-        Ok(Err(e)) => {
-            return admin_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "spool_error",
-                &e.to_string(),
-            )
-        }
-        Err(e) => {
-            return admin_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "spool_error",
-                &e.to_string(),
-            )
-        }
+        Err(e) => return admin_error(StatusCode::INTERNAL_SERVER_ERROR, "spool_error", &e),
     }
     (
         [(

@@ -4,7 +4,7 @@
 //! `server.admin_token` is set.
 
 mod metrics;
-mod queue;
+pub(crate) mod queue;
 
 use std::sync::Arc;
 
@@ -18,6 +18,7 @@ use serde_json::json;
 
 use crate::capture::spool::Spool;
 use crate::pipeline::Proxy;
+use crate::replay::kafka_lag::KafkaLag;
 use crate::replay::ReplayCounters;
 
 /// What admin handlers may read and act on.
@@ -26,6 +27,8 @@ pub struct AdminState {
     pub proxy: Arc<Proxy>,
     pub spool: Arc<Spool>,
     pub replay: Arc<ReplayCounters>,
+    /// With `[kafka]`: reads the replay group's backlog.
+    pub kafka_lag: Option<Arc<KafkaLag>>,
     pub token: Option<Arc<str>>,
 }
 

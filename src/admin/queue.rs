@@ -8,7 +8,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use super::{admin_error, AdminState};
-use crate::capture::spool::SpoolError;
+use crate::capture::spool::{SpoolError, SpoolStats};
 
 pub fn routes() -> Router<AdminState> {
     Router::new()
@@ -16,35 +16,55 @@ pub fn routes() -> Router<AdminState> {
         .route("/queue/dead-letters/{id}/requeue", post(requeue))
 }
 
-async fn queue_status(State(state): State<AdminState>) -> Response {
-    let spool = state.spool.clone();
-    match tokio::task::spawn_blocking(move || spool.stats()).await {
-        Ok(Ok(stats)) => {
-            let kafka = state.proxy.active.load().config.kafka.is_some();
-            let (commits, written) = state.spool.commit_stats();
-            Json(json!({
-                "depth": stats.depth + stats.waiting_for_kafka,
-                "oldest_age_s": stats.oldest_age_s,
-                "dead_letters": stats.dead_letters,
-                "waiting_for_kafka": stats.waiting_for_kafka,
-                "replayed_total": state.replay.delivered(),
-                "sink": if kafka { "kafka" } else { "spool" },
-                "spool_commits": commits,
-                "spool_records_written": written,
-            }))
-            .into_response()
-        }
-        Ok(Err(e)) => admin_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "spool_error",
-            &e.to_string(),
-        ),
-        Err(e) => admin_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "spool_error",
-            &e.to_string(),
-        ),
+/// The queue as `/queue` and `/metrics` report it.
+pub(super) struct QueueSnapshot {
+    pub stats: SpoolStats,
+    /// Records in the Kafka topic not yet committed by the replay group;
+    /// `None` without Kafka or when Kafka does not answer.
+    pub kafka_lag: Option<u64>,
+}
+
+impl QueueSnapshot {
+    /// Everything waiting for delivery: spool, spool-to-Kafka, Kafka backlog.
+    pub fn depth(&self) -> u64 {
+        self.stats.depth + self.stats.waiting_for_kafka + self.kafka_lag.unwrap_or(0)
     }
+}
+
+pub(super) async fn snapshot(state: &AdminState) -> Result<QueueSnapshot, String> {
+    let spool = state.spool.clone();
+    let stats = tokio::task::spawn_blocking(move || spool.stats())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let kafka_lag = match state.kafka_lag.clone() {
+        Some(reader) => tokio::task::spawn_blocking(move || reader.lag())
+            .await
+            .ok()
+            .and_then(Result::ok),
+        None => None,
+    };
+    Ok(QueueSnapshot { stats, kafka_lag })
+}
+
+async fn queue_status(State(state): State<AdminState>) -> Response {
+    let snapshot = match snapshot(&state).await {
+        Ok(s) => s,
+        Err(e) => return admin_error(StatusCode::INTERNAL_SERVER_ERROR, "spool_error", &e),
+    };
+    let (commits, written) = state.spool.commit_stats();
+    Json(json!({
+        "depth": snapshot.depth(),
+        "oldest_age_s": snapshot.stats.oldest_age_s,
+        "dead_letters": snapshot.stats.dead_letters,
+        "waiting_for_kafka": snapshot.stats.waiting_for_kafka,
+        "kafka_lag": snapshot.kafka_lag,
+        "replayed_total": state.replay.delivered(),
+        "sink": if state.kafka_lag.is_some() { "kafka" } else { "spool" },
+        "spool_commits": commits,
+        "spool_records_written": written,
+    }))
+    .into_response()
 }
 
 async fn requeue(State(state): State<AdminState>, Path(id): Path<String>) -> Response {

@@ -8,6 +8,7 @@
 
 mod deliver;
 pub mod kafka_consumer;
+pub mod kafka_lag;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -209,6 +209,8 @@ async fn backend_down_post_goes_to_kafka_and_is_replayed_once() {
         .await
         .unwrap();
     assert_eq!(q["sink"], "kafka");
+    assert_eq!(q["kafka_lag"], 1, "the record waits in the topic: {q}");
+    assert_eq!(q["depth"], 1);
 
     let backend = Backend::start_on(addr, |_| Reply::status(200)).await;
     backend.wait_for_hits(1, Duration::from_secs(30)).await;
@@ -221,6 +223,19 @@ async fn backend_down_post_goes_to_kafka_and_is_replayed_once() {
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(backend.hits(), 1, "delivered once");
+    let q: serde_json::Value = client()
+        .get(bs.admin_url("/queue"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (q["depth"].as_u64(), q["replayed_total"].as_u64()),
+        (Some(0), Some(1)),
+        "{q}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
