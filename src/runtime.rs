@@ -16,6 +16,7 @@ use crate::capture::Capturer;
 use crate::config::{self, Config, ConfigErrors};
 use crate::pipeline::{Active, Proxy};
 use crate::replay::{ReplayCounters, SpoolReplayer};
+use crate::resilience::Registry;
 use crate::routing::RouteTable;
 use crate::server::{self, ConnSettings};
 use crate::stats::metrics::Metrics;
@@ -49,6 +50,7 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
             metrics.clone(),
             retry_after,
         ))),
+        resilience: Arc::new(Registry::new(metrics.clone())),
         metrics,
     });
     let shutdown = CancellationToken::new();

@@ -102,6 +102,12 @@ impl SpoolReplayer {
             if queued.next_at_ms > now {
                 return Duration::from_millis((queued.next_at_ms - now) as u64);
             }
+            // An open circuit means the backend is known to be down: wait
+            // for it to turn half-open instead of spending replay attempts.
+            let breaker = &self.proxy.resilience.route(&queued.route).breaker;
+            if let Some(wait) = breaker.open_for() {
+                return wait;
+            }
             match self.replay_one(&queued).await {
                 Ok(None) => continue,
                 Ok(Some(wait)) => return wait,
