@@ -40,7 +40,7 @@ use crate::resilience::rate_limit::Decision;
 use crate::resilience::{Registry, RouteGuards};
 use crate::routing::{Route, RouteTable};
 use crate::stats::metrics::{self, Metrics, RouteStatus};
-use crate::upstream::upstream_uri;
+use crate::upstream::{proxy_pool, upstream_uri};
 
 /// The configuration in force: swapped whole on reload, read lock-free.
 pub struct Active {
@@ -360,7 +360,8 @@ enum Forwarded {
     },
 }
 
-/// Phase 5: send to a target; retry while the policy allows. POST and PATCH
+/// Phase 5: send to a target (directly or through an outbound proxy, as the
+/// route's proxy strategy says); retry while the policy allows. POST and PATCH
 /// are retried only when the request provably never reached the backend,
 /// unless the route sets `retry_non_idempotent`. Every attempt's outcome is
 /// reported to the breaker; a retry also needs time left before
@@ -387,6 +388,7 @@ async fn forward(
     let deadline = (!retry.deadline.is_zero()).then(|| Instant::now() + retry.deadline);
     guards.budget.on_request(retry);
     let mut permit = first_permit;
+    let mut saw_429 = false;
     loop {
         ctx.attempts += 1;
         let attempt = ctx.attempts;
@@ -404,8 +406,10 @@ async fn forward(
             Some(d) => timeout.min(d.saturating_duration_since(Instant::now())),
             None => timeout,
         };
+        let proxies = route.upstream.proxies.as_ref();
+        let via = proxy_pool::choose(proxies, &route.config.proxy, saw_429);
         let sent_at = Instant::now();
-        let result = route.upstream.send(request, try_timeout).await;
+        let result = route.upstream.send_via(via, request, try_timeout).await;
         let trips = match &result {
             Ok(response) => status_trips_breaker(response.status().as_u16()),
             Err(failure) => failure.trips_breaker(),
@@ -421,11 +425,12 @@ async fn forward(
             },
             Err(failure) => {
                 if failure.before_send() {
-                    route.upstream.balancer.eject(index);
+                    route.upstream.eject(via, index);
                 }
                 (failure, None)
             }
         };
+        saw_429 |= failure == Failure::Status(429);
         let give_up = |failure: Failure, response: Option<Response<Incoming>>| match response {
             Some(response) if !failure.is_capturable() => Forwarded::Answer(response),
             response => Forwarded::Failed { failure, response },

@@ -5,6 +5,7 @@ mod harness;
 mod bad_input;
 mod capture;
 mod config_check;
+mod forward_proxy;
 mod lifecycle;
 mod proxy;
 mod resilience;

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::forward_proxy::ForwardProxy;
 use crate::harness::{client, error_of, Backend, Backstop, Reply};
 
 /// A backend that answers 503 while `failing` is set, else 200 (after
@@ -544,4 +545,218 @@ async fn rate_limits_keyed_by_header_are_per_client() {
     let a: Vec<u16> = vec![send("a").await, send("a").await, send("a").await];
     assert_eq!(a, [200, 200, 429]);
     assert_eq!(send("b").await, 200, "another key has its own bucket");
+}
+
+fn proxied_route(upstream: &str, proxies: &[String], strategy: &str, extra: &str) -> String {
+    format!(
+        r#"
+[outbound_proxies]
+urls = {proxies:?}
+
+[[routes]]
+name = "thirdparty"
+path_prefix = "/api"
+upstreams = [{upstream:?}]
+{extra}
+  [routes.retry]
+  initial_delay = "10ms"
+  [routes.proxy]
+  use_proxy = true
+  strategy = {strategy:?}
+"#
+    )
+}
+
+const PROXY_PASSWORD: &str = "s3cr3t-pw";
+
+fn proxy_url(addr: std::net::SocketAddr) -> String {
+    format!("http://user:{PROXY_PASSWORD}@{addr}")
+}
+
+/// `Basic base64("user:s3cr3t-pw")`.
+const PROXY_AUTH: &str = "Basic dXNlcjpzM2NyM3QtcHc=";
+
+async fn dead_address() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+#[tokio::test]
+async fn round_robin_rotates_through_two_forward_proxies() {
+    let backend = Backend::start(|_| Reply::ok("ok")).await;
+    let (a, b) = (
+        ForwardProxy::start("proxy-a").await,
+        ForwardProxy::start("proxy-b").await,
+    );
+    let bs = Backstop::start(&proxied_route(
+        &backend.url(),
+        &[proxy_url(a.addr), proxy_url(b.addr)],
+        "round_robin",
+        "",
+    ));
+    for _ in 0..10 {
+        let r = client().get(bs.url("/api/items?x=1")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!((a.hits(), b.hits()), (5, 5), "each proxy sees its share");
+    for seen in a.seen().iter().chain(b.seen().iter()) {
+        assert_eq!(seen.method, "GET");
+        assert_eq!(
+            seen.target,
+            format!("{}/api/items?x=1", backend.url()),
+            "absolute form"
+        );
+        assert_eq!(seen.proxy_authorization.as_deref(), Some(PROXY_AUTH));
+    }
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 10);
+    let vias: Vec<_> = seen.iter().map(|s| s.headers["via"].clone()).collect();
+    assert_eq!(vias.iter().filter(|v| *v == "proxy-a").count(), 5);
+    assert!(seen
+        .iter()
+        .all(|s| !s.headers.contains_key("proxy-authorization")));
+
+    let status = client()
+        .get(bs.admin_url("/circuit-status"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!status.contains(PROXY_PASSWORD), "{status}");
+    assert!(!bs.logs().contains(PROXY_PASSWORD));
+}
+
+#[tokio::test]
+async fn https_targets_go_through_connect_tunnels() {
+    let pki = tls_pki();
+    let backend = Backend::start_tls(pki.acceptor(), |_| Reply::ok("secure")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, &pki.ca_pem).unwrap();
+    let (a, b) = (
+        ForwardProxy::start("proxy-a").await,
+        ForwardProxy::start("proxy-b").await,
+    );
+    let upstream = format!("https://localhost:{}", backend.addr.port());
+    let bs = Backstop::start(&proxied_route(
+        &upstream,
+        &[proxy_url(a.addr), proxy_url(b.addr)],
+        "round_robin",
+        &format!("tls_ca_file = {ca_path:?}"),
+    ));
+    for _ in 0..4 {
+        let r = client().get(bs.url("/api/secure")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), "secure");
+    }
+    for proxy in [&a, &b] {
+        let seen = proxy.seen();
+        assert!(!seen.is_empty(), "both proxies carried a tunnel");
+        for s in seen {
+            assert_eq!(s.method, "CONNECT");
+            assert_eq!(s.target, format!("localhost:{}", backend.addr.port()));
+            assert_eq!(s.proxy_authorization.as_deref(), Some(PROXY_AUTH));
+        }
+    }
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 4);
+    assert!(
+        seen.iter()
+            .all(|s| !s.headers.contains_key("proxy-authorization")),
+        "the credentials stay on the CONNECT"
+    );
+}
+
+#[tokio::test]
+async fn on_rate_limit_goes_direct_first_then_through_a_proxy() {
+    let backend = Backend::start(|seen| {
+        if seen.headers.contains_key("via") {
+            Reply::ok("through a proxy")
+        } else {
+            Reply::status(429)
+        }
+    })
+    .await;
+    let proxy = ForwardProxy::start("proxy-a").await;
+    let bs = Backstop::start(&proxied_route(
+        &backend.url(),
+        &[proxy_url(proxy.addr)],
+        "on_rate_limit",
+        "",
+    ));
+    let r = client().get(bs.url("/api/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "through a proxy");
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        !seen[0].headers.contains_key("via"),
+        "the first try is direct"
+    );
+    assert_eq!(proxy.hits(), 1);
+}
+
+#[tokio::test]
+async fn a_dead_proxy_is_skipped() {
+    let backend = Backend::start(|_| Reply::ok("ok")).await;
+    let live = ForwardProxy::start("live").await;
+    let dead = dead_address().await;
+    let bs = Backstop::start(&proxied_route(
+        &backend.url(),
+        &[proxy_url(dead), proxy_url(live.addr)],
+        "round_robin",
+        "",
+    ));
+    for _ in 0..6 {
+        let r = client().get(bs.url("/api/x")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(live.hits(), 6);
+    assert_eq!(backend.hits(), 6);
+    bs.wait_for_log("outbound proxy failed", Duration::from_secs(5))
+        .await;
+    assert!(!bs.logs().contains(PROXY_PASSWORD), "{}", bs.logs());
+}
+
+struct Pki {
+    ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl Pki {
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = vec![CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).unwrap()];
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
+}
+
+fn tls_pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca_cert, &ca_key)
+        .unwrap();
+    Pki {
+        ca_pem: ca_cert.pem(),
+        cert_pem: leaf.pem(),
+        key_pem: leaf_key.serialize_pem(),
+    }
 }
