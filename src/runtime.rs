@@ -97,6 +97,10 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
         background.spawn(replayer.run(shutdown.clone()));
     }
     background.spawn(watch_config(path, proxy.clone(), shutdown.clone()));
+    background.spawn(crate::resilience::health::run(
+        proxy.clone(),
+        shutdown.clone(),
+    ));
 
     connections.spawn(server::serve_proxy(
         listener,

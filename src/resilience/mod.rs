@@ -1,5 +1,5 @@
 //! Policies that protect backends and their callers: the circuit breaker,
-//! retry backoff and budget, and rate limits.
+//! retry backoff and budget, rate limits and active health checks.
 //!
 //! Their state must outlive a reload (a reload rebuilds every `Route`), so it
 //! lives in the [`Registry`], keyed by route name and held by the `Proxy`.
@@ -9,6 +9,7 @@
 pub mod backoff;
 pub mod breaker;
 pub mod budget;
+pub mod health;
 pub mod rate_limit;
 mod window;
 

@@ -760,3 +760,66 @@ fn tls_pki() -> Pki {
         key_pem: leaf_key.serialize_pem(),
     }
 }
+
+#[tokio::test]
+async fn active_health_checks_take_a_target_out_of_rotation_and_back() {
+    let sick = Arc::new(AtomicBool::new(true));
+    let flag = sick.clone();
+    let a = Backend::start(|_| Reply::ok("a")).await;
+    let b = Backend::start(move |seen| {
+        if seen.uri == "/healthz" && flag.load(Ordering::SeqCst) {
+            Reply::status(503)
+        } else {
+            Reply::ok("b")
+        }
+    })
+    .await;
+    let toml = format!(
+        r#"
+[[routes]]
+name = "pair"
+path_prefix = "/api"
+upstreams = [{:?}, {:?}]
+  [routes.health_check]
+  path = "/healthz"
+  interval = "100ms"
+  unhealthy_threshold = 2
+  healthy_threshold = 2
+"#,
+        a.url(),
+        b.url()
+    );
+    let bs = Backstop::start(&toml);
+    bs.wait_for_log("target unhealthy", Duration::from_secs(5))
+        .await;
+    let api_hits = |backend: &Backend| {
+        backend
+            .seen()
+            .iter()
+            .filter(|s| s.uri.starts_with("/api"))
+            .count()
+    };
+    for _ in 0..6 {
+        assert_eq!(
+            client()
+                .get(bs.url("/api/x"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+            "a"
+        );
+    }
+    assert_eq!(api_hits(&b), 0, "an unhealthy target gets no traffic");
+
+    sick.store(false, Ordering::SeqCst);
+    bs.wait_for_log("target healthy again", Duration::from_secs(5))
+        .await;
+    for _ in 0..6 {
+        client().get(bs.url("/api/x")).send().await.unwrap();
+    }
+    assert_eq!(api_hits(&b), 3, "back in the rotation");
+    assert!(b.seen().iter().any(|s| s.uri == "/healthz"));
+}
