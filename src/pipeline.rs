@@ -130,7 +130,7 @@ async fn proxy_request(
     let route = route_phase(&active.routes, &req)?;
     ctx.route = Some(route.clone());
     let guards = proxy.resilience.route(route.name());
-    rate_limit_phase(&route, &guards, &req, ctx)?;
+    rate_limit_phase(proxy, active, &route, &guards, &req, ctx).await?;
     let mut outgoing = prepare(&route, req, ctx, active.config.server.max_body_bytes).await?;
     let permit = match breaker_phase(&route, &guards) {
         Ok(permit) => permit,
@@ -164,9 +164,13 @@ fn route_phase(table: &RouteTable, req: &Request<Incoming>) -> Result<Arc<Route>
 }
 
 /// Phase 2: take a token from the route's bucket for this request's key
-/// (route, client IP or header). Over the limit → 429 `rate_limited` with
-/// `Retry-After`; the `RateLimit-*` headers go on every answer.
-fn rate_limit_phase(
+/// (route, client IP or header), in this process or, with `shared`, in
+/// Redis. Over the limit → 429 `rate_limited` with `Retry-After`; the
+/// `RateLimit-*` headers go on every answer. When Redis cannot answer, the
+/// request goes on (fail open) and is counted.
+async fn rate_limit_phase(
+    proxy: &Proxy,
+    active: &Active,
     route: &Route,
     guards: &RouteGuards,
     req: &Request<Incoming>,
@@ -176,7 +180,23 @@ fn rate_limit_phase(
         return Ok(());
     };
     let key = rate_limit_key(&limit.key, req.headers(), &ctx.client);
-    let decision = guards.limiter.check(limit, &key);
+    let decision = match (&active.config.redis, limit.shared) {
+        (Some(redis), true) => {
+            let shared = &proxy.resilience.shared;
+            match shared.check(redis, route.name(), &key, limit).await {
+                Some(decision) => decision,
+                None => {
+                    proxy
+                        .metrics
+                        .rate_limit_fail_open
+                        .get_or_create(&metrics::route(route.name()))
+                        .inc();
+                    return Ok(());
+                }
+            }
+        }
+        _ => guards.limiter.check(limit, &key),
+    };
     ctx.rate_limit = Some(decision);
     if decision.allowed {
         return Ok(());

@@ -11,6 +11,7 @@ pub mod breaker;
 pub mod budget;
 pub mod health;
 pub mod rate_limit;
+pub mod shared_limit;
 mod window;
 
 use std::collections::HashMap;
@@ -22,6 +23,7 @@ use crate::stats::metrics::{self, Metrics};
 use breaker::Breaker;
 use budget::RetryBudget;
 use rate_limit::RateLimiter;
+use shared_limit::SharedLimiter;
 
 /// The run-time state of one route's policies.
 #[derive(Debug)]
@@ -36,6 +38,8 @@ pub struct Registry {
     routes: ArcSwap<HashMap<String, Arc<RouteGuards>>>,
     adding: Mutex<()>,
     metrics: Arc<Metrics>,
+    /// The rate limits shared across instances through Redis.
+    pub shared: SharedLimiter,
 }
 
 impl Registry {
@@ -44,6 +48,7 @@ impl Registry {
             routes: ArcSwap::from_pointee(HashMap::new()),
             adding: Mutex::new(()),
             metrics,
+            shared: SharedLimiter::default(),
         }
     }
 

@@ -59,6 +59,7 @@ pub struct Metrics {
     pub queue_oldest_age_seconds: Gauge<f64, AtomicU64>,
     pub dead_letters: Gauge,
     pub replayed: Family<RouteOutcome, Counter>,
+    pub rate_limit_fail_open: Family<RouteLabel, Counter>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -137,6 +138,12 @@ impl Metrics {
             "Replay attempts by outcome (delivered, retry, dead_letter)",
             replayed.clone(),
         );
+        let rate_limit_fail_open = Family::<RouteLabel, Counter>::default();
+        registry.register(
+            "rate_limit_fail_open",
+            "Requests let through unchecked because the shared (Redis) rate limit was unavailable",
+            rate_limit_fail_open.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -150,6 +157,7 @@ impl Metrics {
             queue_oldest_age_seconds,
             dead_letters,
             replayed,
+            rate_limit_fail_open,
         }
     }
 

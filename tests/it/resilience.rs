@@ -823,3 +823,135 @@ upstreams = [{:?}, {:?}]
     assert_eq!(api_hits(&b), 3, "back in the rotation");
     assert!(b.seen().iter().any(|s| s.uri == "/healthz"));
 }
+
+fn shared_limit_config(upstream: &str, redis_url: &str, prefix: &str) -> String {
+    format!(
+        r#"
+[redis]
+url = {redis_url:?}
+key_prefix = {prefix:?}
+timeout = "500ms"
+
+[[routes]]
+name = "shared"
+path_prefix = "/api"
+upstreams = [{upstream:?}]
+  [routes.rate_limit]
+  requests_per_second = 0.1
+  burst = 4
+  shared = true
+"#
+    )
+}
+
+#[tokio::test]
+async fn a_shared_rate_limit_holds_across_two_instances() {
+    let backend = Backend::start(|_| Reply::ok("ok")).await;
+    let prefix = format!(
+        "backstop-test-{}-{}:",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let toml = shared_limit_config(&backend.url(), "redis://127.0.0.1:6379", &prefix);
+    let (one, two) = (Backstop::start(&toml), Backstop::start(&toml));
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let bs = if i % 2 == 0 { &one } else { &two };
+        let r = client().get(bs.url("/api/x")).send().await.unwrap();
+        statuses.push(r.status().as_u16());
+        if r.status() == 200 {
+            assert_eq!(r.headers()["ratelimit-limit"], "4");
+        }
+    }
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 200, 429, 429],
+        "one bucket for both"
+    );
+    assert_eq!(backend.hits(), 4);
+}
+
+#[tokio::test]
+async fn a_shared_rate_limit_fails_open_when_redis_is_down() {
+    let backend = Backend::start(|_| Reply::ok("ok")).await;
+    let dead = dead_address().await;
+    let bs = Backstop::start(&shared_limit_config(
+        &backend.url(),
+        &format!("redis://{dead}"),
+        "unused:",
+    ));
+    for _ in 0..6 {
+        let r = client().get(bs.url("/api/x")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "Redis down: requests go on");
+    }
+    assert_eq!(backend.hits(), 6);
+    assert!(has_line(
+        &metrics(&bs).await,
+        "backstop_rate_limit_fail_open_total{route=\"shared\"} 6"
+    ));
+    assert_eq!(
+        bs.logs().matches("shared rate limit unavailable").count(),
+        1,
+        "one log line per skip period, not one per request"
+    );
+}
+
+#[test]
+fn invalid_resilience_keys_are_listed_by_check() {
+    let route =
+        "[[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nupstreams = [\"http://127.0.0.1:1\"]\n";
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        (
+            format!("{route}[routes.circuit_breaker]\nmode = \"sometimes\"\nfailure_rate_threshold = 150\nwindow = \"10ms\"\nminimum_calls = 0\n"),
+            vec![
+                "routes[0].circuit_breaker.mode: expected consecutive or failure_rate, found \"sometimes\"",
+                "routes[0].circuit_breaker.failure_rate_threshold: must be a percentage in (0, 100]",
+                "routes[0].circuit_breaker.window: must be at least 1s",
+                "routes[0].circuit_breaker.minimum_calls: must be at least 1",
+            ],
+        ),
+        (
+            format!("{route}[routes.retry]\nbudget_percent = -1\nbudget_min_per_second = -2\nbudget_window = \"0s\"\ndeadline = \"soon\"\n"),
+            vec![
+                "routes[0].retry.budget_percent: must be a number >= 0",
+                "routes[0].retry.budget_min_per_second: must be a number >= 0",
+                "routes[0].retry.budget_window: must be at least 1s",
+                "routes[0].retry.deadline: invalid duration \"soon\"",
+            ],
+        ),
+        (
+            format!("{route}[routes.rate_limit]\nshared = true\nmax_keys = 0\n"),
+            vec![
+                "routes[0].rate_limit.max_keys: must be at least 1",
+                "routes[0].rate_limit.shared: needs a [redis] section",
+            ],
+        ),
+        (
+            format!("{route}[routes.health_check]\npath = \"healthz\"\ninterval = \"0s\"\nunhealthy_threshold = 0\n"),
+            vec![
+                "routes[0].health_check.path: \"healthz\" must start with '/'",
+                "routes[0].health_check.interval: must be greater than 0",
+                "routes[0].health_check.unhealthy_threshold: must be at least 1",
+            ],
+        ),
+    ];
+    for (toml, want) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, &toml).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+            .args(["check", "-c"])
+            .arg(&path)
+            .env_remove("REDIS_HOST")
+            .output()
+            .unwrap();
+        assert_ne!(out.status.code(), Some(0), "{toml}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        for line in want {
+            assert!(stderr.contains(line), "no {line:?} in\n{stderr}");
+        }
+    }
+}
