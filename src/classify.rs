@@ -1,6 +1,6 @@
 //! The one outcome classifier of an upstream attempt.
 //!
-//! Retry, capture, statistics (and later the circuit breaker and the cache)
+//! Retry, capture, statistics, the circuit breaker (and later the cache)
 //! all ask this module what an attempt's result means, so they can never
 //! disagree about what counts as a failure.
 
@@ -84,6 +84,17 @@ impl Failure {
         }
     }
 
+    /// Whether this failure counts against the circuit breaker: transport
+    /// failures and timeouts do, statuses only when 5xx (a 429 is the
+    /// backend protecting itself, not failing).
+    pub fn trips_breaker(self) -> bool {
+        match self {
+            Failure::Status(code) => status_trips_breaker(code),
+            Failure::CircuitOpen => false,
+            _ => true,
+        }
+    }
+
     /// The `reason` of a capture record and the label of metrics.
     pub fn reason(self) -> String {
         match self {
@@ -128,4 +139,10 @@ fn chain_mentions(err: &(dyn StdError + 'static), needle: &str) -> bool {
         source = e.source();
     }
     false
+}
+
+/// Whether an answer with this status counts against the circuit breaker:
+/// 5xx say the backend is in trouble; 4xx are about the request.
+pub fn status_trips_breaker(status: u16) -> bool {
+    status >= 500
 }

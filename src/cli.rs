@@ -161,10 +161,12 @@ fn run(path: &Path, mode: Mode) -> ExitCode {
 
 async fn replay_only(active: crate::pipeline::Active) -> Result<(), String> {
     let spool = Spool::open(&active.config.server.data_dir).map_err(|e| e.to_string())?;
+    let metrics = Arc::new(crate::stats::metrics::Metrics::new());
     let proxy = Arc::new(Proxy {
         active: ArcSwap::from_pointee(active),
         capturer: None,
-        metrics: Arc::new(crate::stats::metrics::Metrics::new()),
+        resilience: Arc::new(crate::resilience::Registry::new(metrics.clone())),
+        metrics,
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
     let stop = shutdown.clone();

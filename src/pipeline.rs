@@ -1,17 +1,22 @@
 //! The request path, read top to bottom as its phases:
 //!
 //! 1. **route** — match the path prefix (and host); unknown path → 404.
-//! 2. **prepare** — buffer the body when the route may retry or capture it,
+//! 2. **rate limit** — over the route's limit → 429.
+//! 3. **prepare** — buffer the body when the route may retry or capture it,
 //!    clean and set headers, map the path.
-//! 3. **forward** — pick a target, send with a per-try timeout, retry with
-//!    backoff while the policy allows.
-//! 4. **capture** — a backend failure on a capturable request is written
+//! 4. **circuit breaker** — open → the backend is not called: capture, or
+//!    503 `circuit_open`.
+//! 5. **forward** — pick a target, send with a per-try timeout, retry with
+//!    backoff while the policy, the deadline, the retry budget and the
+//!    breaker allow.
+//! 6. **capture** — a backend failure on a capturable request is written
 //!    durably and answered with its capture id.
-//! 5. **respond** — stream the backend's answer back without hop-by-hop
+//! 7. **respond** — stream the backend's answer back without hop-by-hop
 //!    headers; log the outcome once.
 //!
-//! Rate limits, the cache and the circuit breaker slot in between route and
-//! forward as their own phases. Per-request state lives in [`RequestContext`].
+//! The cache slots in before the breaker as its own phase. Per-request state
+//! lives in [`RequestContext`]; policy state that outlives a reload lives in
+//! the [`Registry`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,14 +30,17 @@ use hyper::body::Incoming;
 
 use crate::body::{self, BufferError, BufferedBody, RequestBody, ResponseBody};
 use crate::capture::{CaptureOutcome, Capturer};
-use crate::classify::{status_failure, Failure};
-use crate::config::Config;
+use crate::classify::{status_failure, status_trips_breaker, Failure};
+use crate::config::{Config, RateLimitKey};
 use crate::error::{ErrorCode, ProxyError};
 use crate::headers::{self, ClientInfo, X_REQUEST_ID};
 use crate::resilience::backoff::Backoff;
+use crate::resilience::breaker::{self, Admission, Permit};
+use crate::resilience::rate_limit::Decision;
+use crate::resilience::{Registry, RouteGuards};
 use crate::routing::{Route, RouteTable};
 use crate::stats::metrics::{self, Metrics, RouteStatus};
-use crate::upstream::upstream_uri;
+use crate::upstream::{proxy_pool, upstream_uri};
 
 /// The configuration in force: swapped whole on reload, read lock-free.
 pub struct Active {
@@ -45,6 +53,8 @@ pub struct Proxy {
     pub active: ArcSwap<Active>,
     pub capturer: Option<Arc<Capturer>>,
     pub metrics: Arc<Metrics>,
+    /// Breakers, retry budgets and rate-limit buckets, by route name.
+    pub resilience: Arc<Registry>,
 }
 
 /// Per-request state carried through the phases, logged once at the end.
@@ -60,6 +70,8 @@ pub struct RequestContext {
     pub cache: Option<&'static str>,
     /// The capture id when the request was captured.
     pub capture_id: Option<String>,
+    /// The rate-limit verdict, echoed in `RateLimit-*` headers.
+    pub rate_limit: Option<Decision>,
 }
 
 impl RequestContext {
@@ -85,6 +97,7 @@ pub async fn handle(
         failure: None,
         cache: None,
         capture_id: None,
+        rate_limit: None,
     };
     let path = req.uri().path().to_string();
     let active = proxy.active.load_full();
@@ -94,6 +107,9 @@ pub async fn handle(
     };
     if let Ok(id) = HeaderValue::from_str(&ctx.request_id) {
         response.headers_mut().insert(X_REQUEST_ID, id);
+    }
+    if let Some(decision) = &ctx.rate_limit {
+        decision.apply(response.headers_mut());
     }
     record_metrics(&proxy.metrics, &ctx, response.status());
     if active.config.log.access_log {
@@ -113,8 +129,21 @@ async fn proxy_request(
     }
     let route = route_phase(&active.routes, &req)?;
     ctx.route = Some(route.clone());
+    let guards = proxy.resilience.route(route.name());
+    rate_limit_phase(proxy, active, &route, &guards, &req, ctx).await?;
     let mut outgoing = prepare(&route, req, ctx, active.config.server.max_body_bytes).await?;
-    match forward(&route, &mut outgoing, ctx).await {
+    let permit = match breaker_phase(&route, &guards) {
+        Ok(permit) => permit,
+        Err(retry_in) => {
+            ctx.failure = Some(Failure::CircuitOpen);
+            if capturable(proxy, &route, &outgoing, Failure::CircuitOpen) {
+                return capture_phase(proxy, &route, outgoing, Failure::CircuitOpen, None, ctx)
+                    .await;
+            }
+            return Err(circuit_open_error(retry_in));
+        }
+    };
+    match forward(&route, &guards, permit, &mut outgoing, ctx).await {
         Forwarded::Answer(response) => Ok(respond(response)),
         Forwarded::Failed { failure, response } => {
             ctx.failure = Some(failure);
@@ -132,6 +161,86 @@ fn route_phase(table: &RouteTable, req: &Request<Incoming>) -> Result<Arc<Route>
             format!("No route for path {}", req.uri().path()),
         )
     })
+}
+
+/// Phase 2: take a token from the route's bucket for this request's key
+/// (route, client IP or header), in this process or, with `shared`, in
+/// Redis. Over the limit → 429 `rate_limited` with `Retry-After`; the
+/// `RateLimit-*` headers go on every answer. When Redis cannot answer, the
+/// request goes on (fail open) and is counted.
+async fn rate_limit_phase(
+    proxy: &Proxy,
+    active: &Active,
+    route: &Route,
+    guards: &RouteGuards,
+    req: &Request<Incoming>,
+    ctx: &mut RequestContext,
+) -> Result<(), ProxyError> {
+    let Some(limit) = &route.config.rate_limit else {
+        return Ok(());
+    };
+    let key = rate_limit_key(&limit.key, req.headers(), &ctx.client);
+    let decision = match (&active.config.redis, limit.shared) {
+        (Some(redis), true) => {
+            let shared = &proxy.resilience.shared;
+            match shared.check(redis, route.name(), &key, limit).await {
+                Some(decision) => decision,
+                None => {
+                    proxy
+                        .metrics
+                        .rate_limit_fail_open
+                        .get_or_create(&metrics::route(route.name()))
+                        .inc();
+                    return Ok(());
+                }
+            }
+        }
+        _ => guards.limiter.check(limit, &key),
+    };
+    ctx.rate_limit = Some(decision);
+    if decision.allowed {
+        return Ok(());
+    }
+    Err(ProxyError::new(
+        ErrorCode::RateLimited,
+        format!(
+            "Too many requests. Please try again in {} seconds",
+            decision.retry_after_s
+        ),
+    )
+    .with_retry_after(decision.retry_after_s))
+}
+
+fn rate_limit_key(key: &RateLimitKey, headers: &HeaderMap, client: &ClientInfo) -> String {
+    match key {
+        RateLimitKey::Route => String::new(),
+        RateLimitKey::ClientIp => client.addr.ip().to_string(),
+        // Requests without the header share one bucket.
+        RateLimitKey::Header(name) => headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default(),
+    }
+}
+
+/// Phase 4: ask the route's circuit breaker for the first attempt. `Err`
+/// holds the time until the circuit may admit calls again: the backend is
+/// not called, the request is captured if it can be, else answered 503.
+fn breaker_phase(route: &Route, guards: &RouteGuards) -> Result<Permit, Duration> {
+    match guards.breaker.admit(&route.config.circuit_breaker) {
+        Admission::Allowed(permit) => Ok(permit),
+        Admission::Rejected { retry_in } => Err(retry_in),
+    }
+}
+
+/// The answer while a circuit is open, in the reference setup's words.
+fn circuit_open_error(retry_in: Duration) -> ProxyError {
+    let secs = breaker::retry_after_secs(retry_in);
+    ProxyError::new(
+        ErrorCode::CircuitOpen,
+        format!("Service temporarily unavailable. Please try again in {secs} seconds"),
+    )
+    .with_retry_after(secs)
 }
 
 /// A request ready to be sent to any of the route's targets, once or more.
@@ -155,7 +264,7 @@ pub enum OutgoingBody {
     Buffered(BufferedBody),
 }
 
-/// Phase 2: buffer the body if needed and build the upstream headers.
+/// Phase 3: buffer the body if needed and build the upstream headers.
 async fn prepare(
     route: &Route,
     req: Request<Incoming>,
@@ -271,12 +380,24 @@ enum Forwarded {
     },
 }
 
-/// Phase 3: send to a target; retry while the policy allows. POST and PATCH
+/// Phase 5: send to a target (directly or through an outbound proxy, as the
+/// route's proxy strategy says); retry while the policy allows. POST and PATCH
 /// are retried only when the request provably never reached the backend,
-/// unless the route sets `retry_non_idempotent`.
-async fn forward(route: &Route, outgoing: &mut Outgoing, ctx: &mut RequestContext) -> Forwarded {
+/// unless the route sets `retry_non_idempotent`. Every attempt's outcome is
+/// reported to the breaker; a retry also needs time left before
+/// `retry.deadline`, a token of the retry budget and the breaker's consent
+/// (an open circuit stops a retry loop). Without them the last failure is
+/// the outcome.
+async fn forward(
+    route: &Route,
+    guards: &RouteGuards,
+    first_permit: Permit,
+    outgoing: &mut Outgoing,
+    ctx: &mut RequestContext,
+) -> Forwarded {
     let retry = &route.config.retry;
-    let timeout = route.config.circuit_breaker.request_timeout;
+    let breaker_config = &route.config.circuit_breaker;
+    let timeout = breaker_config.request_timeout;
     let backoff = Backoff {
         initial: retry.initial_delay,
         max: retry.max_delay,
@@ -284,6 +405,10 @@ async fn forward(route: &Route, outgoing: &mut Outgoing, ctx: &mut RequestContex
     };
     let max_attempts = outgoing.max_attempts(route);
     let idempotent = is_idempotent(&outgoing.method) || retry.retry_non_idempotent;
+    let deadline = (!retry.deadline.is_zero()).then(|| Instant::now() + retry.deadline);
+    guards.budget.on_request(retry);
+    let mut permit = first_permit;
+    let mut saw_429 = false;
     loop {
         ctx.attempts += 1;
         let attempt = ctx.attempts;
@@ -297,7 +422,20 @@ async fn forward(route: &Route, outgoing: &mut Outgoing, ctx: &mut RequestContex
                 }
             }
         };
-        let (failure, response) = match route.upstream.send(request, timeout).await {
+        let try_timeout = match deadline {
+            Some(d) => timeout.min(d.saturating_duration_since(Instant::now())),
+            None => timeout,
+        };
+        let proxies = route.upstream.proxies.as_ref();
+        let via = proxy_pool::choose(proxies, &route.config.proxy, saw_429);
+        let sent_at = Instant::now();
+        let result = route.upstream.send_via(via, request, try_timeout).await;
+        let trips = match &result {
+            Ok(response) => status_trips_breaker(response.status().as_u16()),
+            Err(failure) => failure.trips_breaker(),
+        };
+        permit.record(breaker_config, trips, sent_at.elapsed());
+        let (failure, response) = match result {
             Ok(response) => match status_failure(response.status().as_u16(), retry) {
                 None => {
                     route.upstream.balancer.restore(index);
@@ -307,27 +445,59 @@ async fn forward(route: &Route, outgoing: &mut Outgoing, ctx: &mut RequestContex
             },
             Err(failure) => {
                 if failure.before_send() {
-                    route.upstream.balancer.eject(index);
+                    route.upstream.eject(via, index);
                 }
                 (failure, None)
             }
+        };
+        saw_429 |= failure == Failure::Status(429);
+        let give_up = |failure: Failure, response: Option<Response<Incoming>>| match response {
+            Some(response) if !failure.is_capturable() => Forwarded::Answer(response),
+            response => Forwarded::Failed { failure, response },
         };
         let may_retry = attempt < max_attempts
             && failure.is_retryable(retry)
             && (idempotent || failure.before_send());
         if !may_retry {
-            return match response {
-                Some(response) if !failure.is_capturable() => Forwarded::Answer(response),
-                response => Forwarded::Failed { failure, response },
-            };
+            return give_up(failure, response);
         }
         let hint = response.as_ref().and_then(|r| retry_after(r.headers()));
-        tracing::debug!(route = %route.name(), attempt, ?failure, "retrying");
-        tokio::time::sleep(backoff.delay_with_hint(attempt, hint)).await;
+        let delay = backoff.delay_with_hint(attempt, hint);
+        if deadline.is_some_and(|d| Instant::now() + delay >= d) {
+            tracing::debug!(route = %route.name(), attempt, "no retry: the deadline is too close");
+            return give_up(failure, response);
+        }
+        permit = match guards.breaker.admit(breaker_config) {
+            Admission::Allowed(next) => next,
+            Admission::Rejected { .. } => {
+                tracing::debug!(route = %route.name(), attempt, "no retry: the circuit is open");
+                return give_up(failure, response);
+            }
+        };
+        if !guards.budget.try_retry(retry) {
+            tracing::debug!(route = %route.name(), attempt, "no retry: the retry budget is spent");
+            return give_up(failure, response);
+        }
+        tracing::debug!(route = %route.name(), attempt, ?failure, ?delay, "retrying");
+        // The failed answer is dropped before waiting, so its connection is
+        // not held through the backoff.
+        drop(response);
+        tokio::time::sleep(delay).await;
     }
 }
 
-/// Phase 4: capture a failed capturable request, or explain the failure.
+/// Whether a failed request can be captured: capture is on for its method,
+/// the failure says the backend is down, and the body was kept.
+fn capturable(proxy: &Proxy, route: &Route, outgoing: &Outgoing, failure: Failure) -> bool {
+    let capture = &route.config.capture;
+    proxy.capturer.is_some()
+        && capture.enabled
+        && capture.methods.contains(&outgoing.method)
+        && failure.is_capturable()
+        && matches!(outgoing.body, OutgoingBody::Buffered(_))
+}
+
+/// Phase 6: capture a failed capturable request, or explain the failure.
 async fn capture_phase(
     proxy: &Proxy,
     route: &Route,
@@ -336,11 +506,7 @@ async fn capture_phase(
     response: Option<Response<Incoming>>,
     ctx: &mut RequestContext,
 ) -> Result<Response<ResponseBody>, ProxyError> {
-    let capture = &route.config.capture;
-    let capturable = capture.enabled
-        && capture.methods.contains(&outgoing.method)
-        && failure.is_capturable()
-        && matches!(outgoing.body, OutgoingBody::Buffered(_));
+    let capturable = capturable(proxy, route, &outgoing, failure);
     if let (true, Some(capturer)) = (capturable, proxy.capturer.as_ref()) {
         return Err(
             match capturer.capture(route, outgoing, failure, ctx).await {
@@ -379,7 +545,7 @@ pub fn failure_error(failure: Failure, route: &str) -> ProxyError {
     }
 }
 
-/// Phase 5: the backend's answer, streamed back without hop-by-hop headers.
+/// Phase 7: the backend's answer, streamed back without hop-by-hop headers.
 fn respond(response: Response<Incoming>) -> Response<ResponseBody> {
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);

@@ -60,7 +60,7 @@ impl RouteTable {
             if !rc.tls_verify {
                 tracing::warn!(route = %rc.name, "TLS certificate verification is off for this route");
             }
-            match Upstream::build(rc, &config.server) {
+            match Upstream::build(rc, &config.server, &config.outbound_proxies) {
                 Ok(upstream) => routes.push(Arc::new(Route {
                     prefix: normalize_prefix(&rc.path_prefix).to_string(),
                     config: rc.clone(),

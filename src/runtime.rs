@@ -19,6 +19,7 @@ use crate::pipeline::{Active, Proxy};
 use crate::replay::kafka_consumer::KafkaReplayer;
 use crate::replay::kafka_lag::KafkaLag;
 use crate::replay::{ReplayCounters, SpoolReplayer};
+use crate::resilience::Registry;
 use crate::routing::RouteTable;
 use crate::server::{self, ConnSettings};
 use crate::stats::metrics::Metrics;
@@ -57,6 +58,7 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
             metrics.clone(),
             retry_after,
         ))),
+        resilience: Arc::new(Registry::new(metrics.clone())),
         metrics,
     });
     let shutdown = CancellationToken::new();
@@ -129,6 +131,10 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
         background.spawn(replayer.run(shutdown.clone()));
     }
     background.spawn(watch_config(path, proxy.clone(), shutdown.clone()));
+    background.spawn(crate::resilience::health::run(
+        proxy.clone(),
+        shutdown.clone(),
+    ));
 
     connections.spawn(server::serve_proxy(
         listener,

@@ -3,6 +3,7 @@
 //! merged here; a bearer token guards everything but `/health` when
 //! `server.admin_token` is set.
 
+mod circuits;
 mod metrics;
 pub(crate) mod queue;
 
@@ -36,6 +37,7 @@ pub fn router(state: AdminState) -> Router {
     let guarded = Router::new()
         .merge(queue::routes())
         .merge(metrics::routes())
+        .merge(circuits::routes())
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))

@@ -108,6 +108,7 @@ pub struct RouteConfig {
     pub cache: CacheConfig,
     pub proxy: ProxyConfig,
     pub rate_limit: Option<RateLimitConfig>,
+    pub health_check: Option<HealthCheckConfig>,
 }
 
 /// Which of the client's headers go upstream.
@@ -127,12 +128,29 @@ pub struct CaptureConfig {
     pub redact_headers: Vec<HeaderName>,
 }
 
+/// What opens a circuit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerMode {
+    /// `failure_threshold` failures in a row.
+    Consecutive,
+    /// At least `failure_rate_threshold` % of the calls in the last `window`
+    /// failed (once `minimum_calls` were made), as resilience4j does.
+    FailureRate,
+}
+
 #[derive(Debug, Clone)]
 pub struct BreakerConfig {
     pub failure_threshold: u32,
     pub reset_timeout: Duration,
     pub request_timeout: Duration,
     pub success_threshold: u32,
+    pub mode: BreakerMode,
+    /// Percent (0–100] of failed calls in the window that opens the circuit.
+    pub failure_rate_threshold: f64,
+    pub minimum_calls: u32,
+    pub window: Duration,
+    /// A call slower than this counts as a failure; zero = never.
+    pub slow_call_duration: Duration,
 }
 
 /// Failure kinds a retry may be made on (`retry_on_errors`).
@@ -153,6 +171,15 @@ pub struct RetryConfig {
     pub retry_on_status: Vec<u16>,
     pub retry_on_errors: Vec<RetryableError>,
     pub retry_non_idempotent: bool,
+    /// Bounds the whole forwarding of one request (every attempt and every
+    /// backoff); zero = no bound beyond the attempts.
+    pub deadline: Duration,
+    /// Retries may add at most this percentage of extra load (retry budget).
+    pub budget_percent: f64,
+    /// Retries always allowed per second, whatever the budget.
+    pub budget_min_per_second: f64,
+    /// How far back the budget looks at requests and retries.
+    pub budget_window: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,6 +233,20 @@ pub struct RateLimitConfig {
     pub requests_per_second: f64,
     pub burst: u32,
     pub key: RateLimitKey,
+    /// Most clients (IPs or header values) tracked per route.
+    pub max_keys: usize,
+    /// Count in Redis, shared by every instance (needs `[redis]`).
+    pub shared: bool,
+}
+
+/// Active health checks of a route's targets.
+#[derive(Debug, Clone)]
+pub struct HealthCheckConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
 }
 
 impl Config {
@@ -267,6 +308,9 @@ impl Config {
             if route.cache.enabled && route.cache.store == CacheStore::Redis && self.redis.is_none()
             {
                 root.error(&key("cache.store"), "\"redis\" needs a [redis] section");
+            }
+            if route.rate_limit.as_ref().is_some_and(|r| r.shared) && self.redis.is_none() {
+                root.error(&key("rate_limit.shared"), "needs a [redis] section");
             }
             if route.proxy.use_proxy
                 && route.proxy.strategy != ProxyStrategy::Never
@@ -504,6 +548,9 @@ impl RouteConfig {
             rate_limit: s
                 .contains("rate_limit")
                 .then(|| RateLimitConfig::read(&s.section("rate_limit"))),
+            health_check: s
+                .contains("health_check")
+                .then(|| HealthCheckConfig::read(&s.section("health_check"))),
         };
         s.reject_unknown_keys();
         config
@@ -540,7 +587,31 @@ impl CaptureConfig {
 
 impl BreakerConfig {
     fn read(s: &Section<'_>) -> Self {
+        let mode = match s.get("mode", "consecutive".to_string()).as_str() {
+            "consecutive" => BreakerMode::Consecutive,
+            "failure_rate" => BreakerMode::FailureRate,
+            other => {
+                s.error(
+                    "mode",
+                    format!("expected consecutive or failure_rate, found {other:?}"),
+                );
+                BreakerMode::Consecutive
+            }
+        };
+        let failure_rate_threshold = s.get("failure_rate_threshold", 50.0f64);
+        if !(failure_rate_threshold > 0.0 && failure_rate_threshold <= 100.0) {
+            s.error("failure_rate_threshold", "must be a percentage in (0, 100]");
+        }
+        let window = s.duration("window", secs(60), SECONDS);
+        if window < Duration::from_secs(1) {
+            s.error("window", "must be at least 1s");
+        }
         let config = BreakerConfig {
+            mode,
+            failure_rate_threshold,
+            minimum_calls: at_least_one(s, "minimum_calls", 10),
+            window,
+            slow_call_duration: s.duration("slow_call_duration", Duration::ZERO, SECONDS),
             failure_threshold: at_least_one(s, "failure_threshold", 5),
             reset_timeout: s.duration("reset_timeout", secs(30), SECONDS),
             request_timeout: s.duration(
@@ -605,7 +676,20 @@ impl RetryConfig {
             retry_on_status: status_codes(s, "retry_on_status", &[500, 502, 503, 504, 429]),
             retry_on_errors,
             retry_non_idempotent: s.get("retry_non_idempotent", false),
+            deadline: s.duration("deadline", secs(30), SECONDS),
+            budget_percent: s.get("budget_percent", 20.0f64),
+            budget_min_per_second: s.get("budget_min_per_second", 10.0f64),
+            budget_window: s.duration("budget_window", secs(10), SECONDS),
         };
+        if !(config.budget_percent.is_finite() && config.budget_percent >= 0.0) {
+            s.error("budget_percent", "must be a number >= 0");
+        }
+        if !(config.budget_min_per_second.is_finite() && config.budget_min_per_second >= 0.0) {
+            s.error("budget_min_per_second", "must be a number >= 0");
+        }
+        if config.budget_window < Duration::from_secs(1) {
+            s.error("budget_window", "must be at least 1s");
+        }
         s.reject_unknown_keys();
         config
     }
@@ -706,7 +790,35 @@ impl RateLimitConfig {
             requests_per_second,
             burst: at_least_one(s, "burst", 200),
             key,
+            max_keys: s.get("max_keys", 100_000usize),
+            shared: s.get("shared", false),
         };
+        if config.max_keys == 0 {
+            s.error("max_keys", "must be at least 1");
+        }
+        s.reject_unknown_keys();
+        config
+    }
+}
+
+impl HealthCheckConfig {
+    fn read(s: &Section<'_>) -> Self {
+        let path = s.get("path", "/health".to_string());
+        if !path.starts_with('/') {
+            s.error("path", format!("{path:?} must start with '/'"));
+        }
+        let config = HealthCheckConfig {
+            path,
+            interval: s.duration("interval", secs(10), SECONDS),
+            timeout: s.duration("timeout", secs(2), SECONDS),
+            healthy_threshold: at_least_one(s, "healthy_threshold", 2),
+            unhealthy_threshold: at_least_one(s, "unhealthy_threshold", 3),
+        };
+        for (k, d) in [("interval", config.interval), ("timeout", config.timeout)] {
+            if d.is_zero() {
+                s.error(k, "must be greater than 0");
+            }
+        }
         s.reject_unknown_keys();
         config
     }

@@ -205,6 +205,13 @@ impl KafkaReplayer {
                 let Some(head) = queue.jobs.front_mut() else {
                     continue;
                 };
+                // An open circuit means the backend is known to be down:
+                // wait for it to turn half-open instead of spending attempts.
+                let open_for = this.proxy.resilience.route(&head.route).breaker.open_for();
+                if let Some(open_for) = open_for {
+                    queue.due = Some(Instant::now() + open_for);
+                    continue;
+                }
                 head.attempt += 1;
                 queue.in_flight = true;
                 let job = head.clone();

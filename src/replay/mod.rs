@@ -117,6 +117,13 @@ impl SpoolReplayer {
                 wait = Duration::from_millis((queued.next_at_ms - now) as u64);
                 break;
             }
+            // An open circuit means the backend is known to be down: wait
+            // for it to turn half-open instead of spending replay attempts.
+            let breaker = &self.proxy.resilience.route(&queued.route).breaker;
+            if let Some(open_for) = breaker.open_for() {
+                wait = open_for;
+                break;
+            }
             match self.replay_one(&queued, &mut deletes).await {
                 Ok(None) => continue,
                 Ok(Some(w)) => {

@@ -80,4 +80,37 @@ mod tests {
         let capped = POLICY.delay_with_hint(1, Some(Duration::from_secs(100)));
         assert_eq!(capped, Duration::from_secs(10));
     }
+
+    proptest::proptest! {
+        /// For any policy: the base schedule never shrinks and never passes
+        /// `max`; jitter only lengthens, by less than 20 %; a `Retry-After`
+        /// hint is honoured but capped by `max`.
+        #[test]
+        fn policy_invariants(
+            initial_ms in 1u64..5_000,
+            extra_ms in 0u64..60_000,
+            factor in 1.0f64..4.0,
+            n in 1u32..40,
+            hint_ms in proptest::option::of(0u64..120_000),
+        ) {
+            let policy = Backoff {
+                initial: Duration::from_millis(initial_ms),
+                max: Duration::from_millis(initial_ms + extra_ms),
+                factor,
+            };
+            let base = policy.base_delay(n);
+            proptest::prop_assert!(base <= policy.max);
+            proptest::prop_assert!(base >= policy.initial.min(policy.max));
+            proptest::prop_assert!(policy.base_delay(n + 1) >= base);
+            let jittered = policy.delay(n);
+            proptest::prop_assert!(jittered >= base && jittered <= base.mul_f64(1.2));
+            let hint = hint_ms.map(Duration::from_millis);
+            let with_hint = policy.delay_with_hint(n, hint);
+            proptest::prop_assert!(with_hint >= base.min(policy.max));
+            proptest::prop_assert!(with_hint <= policy.max.max(base.mul_f64(1.2)));
+            if let Some(h) = hint {
+                proptest::prop_assert!(with_hint >= h.min(policy.max));
+            }
+        }
+    }
 }

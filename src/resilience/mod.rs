@@ -1,3 +1,81 @@
-//! Policies that protect backends and their callers.
+//! Policies that protect backends and their callers: the circuit breaker,
+//! retry backoff and budget, rate limits and active health checks.
+//!
+//! Their state must outlive a reload (a reload rebuilds every `Route`), so it
+//! lives in the [`Registry`], keyed by route name and held by the `Proxy`.
+//! Looking a route up is a lock-free map read; only the first request of a
+//! route that is new since start takes a lock, to add it.
 
 pub mod backoff;
+pub mod breaker;
+pub mod budget;
+pub mod health;
+pub mod rate_limit;
+pub mod shared_limit;
+mod window;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+
+use crate::stats::metrics::{self, Metrics};
+use breaker::Breaker;
+use budget::RetryBudget;
+use rate_limit::RateLimiter;
+use shared_limit::SharedLimiter;
+
+/// The run-time state of one route's policies.
+#[derive(Debug)]
+pub struct RouteGuards {
+    pub breaker: Arc<Breaker>,
+    pub budget: RetryBudget,
+    pub limiter: RateLimiter,
+}
+
+/// Every route's policy state, by route name.
+pub struct Registry {
+    routes: ArcSwap<HashMap<String, Arc<RouteGuards>>>,
+    adding: Mutex<()>,
+    metrics: Arc<Metrics>,
+    /// The rate limits shared across instances through Redis.
+    pub shared: SharedLimiter,
+}
+
+impl Registry {
+    pub fn new(metrics: Arc<Metrics>) -> Registry {
+        Registry {
+            routes: ArcSwap::from_pointee(HashMap::new()),
+            adding: Mutex::new(()),
+            metrics,
+            shared: SharedLimiter::default(),
+        }
+    }
+
+    /// The state of route `name`, created (closed breaker, full buckets) on
+    /// first use.
+    pub fn route(&self, name: &str) -> Arc<RouteGuards> {
+        if let Some(guards) = self.routes.load().get(name) {
+            return guards.clone();
+        }
+        let _adding = self.adding.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.routes.load_full();
+        if let Some(guards) = current.get(name) {
+            return guards.clone();
+        }
+        let gauge = self
+            .metrics
+            .circuit_state
+            .get_or_create(&metrics::route(name))
+            .clone();
+        let guards = Arc::new(RouteGuards {
+            breaker: Arc::new(Breaker::new(gauge)),
+            budget: RetryBudget::default(),
+            limiter: RateLimiter::default(),
+        });
+        let mut next = HashMap::clone(&current);
+        next.insert(name.to_string(), guards.clone());
+        self.routes.store(Arc::new(next));
+        guards
+    }
+}

@@ -60,6 +60,7 @@ pub struct Metrics {
     pub dead_letters: Gauge,
     pub kafka_fallbacks: Counter,
     pub replayed: Family<RouteOutcome, Counter>,
+    pub rate_limit_fail_open: Family<RouteLabel, Counter>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -144,6 +145,12 @@ impl Metrics {
             "Replay attempts by outcome (delivered, retry, dead_letter)",
             replayed.clone(),
         );
+        let rate_limit_fail_open = Family::<RouteLabel, Counter>::default();
+        registry.register(
+            "rate_limit_fail_open",
+            "Requests let through unchecked because the shared (Redis) rate limit was unavailable",
+            rate_limit_fail_open.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -158,6 +165,7 @@ impl Metrics {
             dead_letters,
             kafka_fallbacks,
             replayed,
+            rate_limit_fail_open,
         }
     }
 

@@ -1,7 +1,8 @@
 //! Round-robin load balancing over a route's upstreams, skipping a target
-//! that just failed to connect (passive ejection for a short while).
+//! that just failed to connect (passive ejection for a short while) or that
+//! active health checks found unhealthy.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use http::Uri;
@@ -16,6 +17,15 @@ pub struct Target {
     /// Milliseconds since the balancer's epoch before which the target is
     /// skipped; 0 = healthy.
     ejected_until_ms: AtomicU64,
+    /// Set by active health checks (`routes.health_check`); true otherwise.
+    healthy: AtomicBool,
+}
+
+impl Target {
+    fn usable(&self, now_ms: u64) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+            && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
+    }
 }
 
 #[derive(Debug)]
@@ -33,6 +43,7 @@ impl Balancer {
                 .map(|base| Target {
                     base: base.clone(),
                     ejected_until_ms: AtomicU64::new(0),
+                    healthy: AtomicBool::new(true),
                 })
                 .collect(),
             next: AtomicUsize::new(0),
@@ -44,8 +55,8 @@ impl Balancer {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// The next target in turn that is not ejected; when all are ejected, the
-    /// next one anyway (better to try than to refuse).
+    /// The next target in turn that is healthy and not ejected; when none
+    /// is, the next one anyway (better to try than to refuse).
     pub fn pick(&self) -> (usize, &Target) {
         let n = self.targets.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
@@ -55,7 +66,7 @@ impl Balancer {
         let now = self.now_ms();
         for offset in 0..n {
             let i = (start + offset) % n;
-            if self.targets[i].ejected_until_ms.load(Ordering::Relaxed) <= now {
+            if self.targets[i].usable(now) {
                 return (i, &self.targets[i]);
             }
         }
@@ -69,6 +80,17 @@ impl Balancer {
             let until = self.now_ms() + EJECT_FOR.as_millis() as u64;
             t.ejected_until_ms.store(until, Ordering::Relaxed);
         }
+    }
+
+    /// Records the verdict of the active health checks for a target.
+    pub fn set_healthy(&self, index: usize, healthy: bool) {
+        if let Some(t) = self.targets.get(index) {
+            t.healthy.store(healthy, Ordering::Relaxed);
+        }
+    }
+
+    pub fn targets(&self) -> &[Target] {
+        &self.targets
     }
 
     /// Clears the mark after a successful exchange.

@@ -7,6 +7,7 @@
 //! header or path never choose the address.
 
 mod balance;
+pub mod proxy_pool;
 pub mod tls;
 
 use std::time::Duration;
@@ -20,6 +21,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use balance::{Balancer, Target};
+use proxy_pool::{ProxyPool, Via};
 
 use crate::body::RequestBody;
 use crate::classify::Failure;
@@ -34,10 +36,16 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub struct Upstream {
     client: HttpClient,
     pub balancer: Balancer,
+    /// The outbound proxies, when the route uses them.
+    pub proxies: Option<ProxyPool>,
 }
 
 impl Upstream {
-    pub fn build(route: &RouteConfig, server: &ServerConfig) -> Result<Upstream, String> {
+    pub fn build(
+        route: &RouteConfig,
+        server: &ServerConfig,
+        outbound_proxies: &[String],
+    ) -> Result<Upstream, String> {
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(server.connect_timeout));
         http.set_nodelay(true);
@@ -57,7 +65,30 @@ impl Upstream {
         Ok(Upstream {
             client: builder.build(connector),
             balancer: Balancer::new(&route.upstreams),
+            proxies: ProxyPool::build(outbound_proxies, route, server)?,
         })
+    }
+
+    /// Sends one attempt directly or through an outbound proxy.
+    pub async fn send_via(
+        &self,
+        via: Via,
+        request: Request<RequestBody>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, Failure> {
+        match (via, &self.proxies) {
+            (Via::Proxy(index), Some(pool)) => pool.send(index, request, timeout).await,
+            _ => self.send(request, timeout).await,
+        }
+    }
+
+    /// After an attempt that never reached the backend: skip for a while
+    /// the proxy it went through, or else the target itself.
+    pub fn eject(&self, via: Via, target: usize) {
+        match (via, &self.proxies) {
+            (Via::Proxy(index), Some(pool)) => pool.eject(index),
+            _ => self.balancer.eject(target),
+        }
     }
 
     /// Sends one attempt and waits at most `timeout` for the response head.

@@ -1,0 +1,126 @@
+//! Active health checks (`routes.health_check`): every `interval`, a `GET
+//! path` to each of the route's targets. `unhealthy_threshold` failures in a
+//! row (no answer within `timeout`, or a status other than 2xx/3xx) take a
+//! target out of the balancer's rotation; `healthy_threshold` successes in
+//! a row bring it back.
+//!
+//! The verdicts are kept here by (route, target URL), not in the `Route`, so
+//! they survive a reload: each round applies them to the routes in force.
+//! Checks go straight to the targets (never through outbound proxies) and
+//! never carry client data.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Method, Request, Version};
+use tokio_util::sync::CancellationToken;
+
+use crate::body::BufferedBody;
+use crate::config::HealthCheckConfig;
+use crate::pipeline::Proxy;
+use crate::routing::Route;
+use crate::upstream::upstream_uri;
+
+/// How often the checker looks for due checks.
+const TICK: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone, Copy)]
+struct TargetHealth {
+    healthy: bool,
+    /// Consecutive results that disagree with `healthy`.
+    streak: u32,
+    next_check: Instant,
+}
+
+/// Runs the checks of every route that has them, until `shutdown`.
+pub async fn run(proxy: Arc<Proxy>, shutdown: CancellationToken) {
+    let mut health: HashMap<(String, String), TargetHealth> = HashMap::new();
+    let mut ticker = tokio::time::interval(TICK);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let active = proxy.active.load_full();
+        let now = Instant::now();
+        let mut due = Vec::new();
+        for route in active.routes.iter() {
+            let Some(check) = &route.config.health_check else {
+                continue;
+            };
+            for (index, target) in route.upstream.balancer.targets().iter().enumerate() {
+                let key = (route.name().to_string(), target.base.to_string());
+                let state = health.entry(key.clone()).or_insert(TargetHealth {
+                    healthy: true,
+                    streak: 0,
+                    next_check: now,
+                });
+                // Applied every round: a reload builds new balancers.
+                route.upstream.balancer.set_healthy(index, state.healthy);
+                if state.next_check <= now {
+                    state.next_check = now + check.interval;
+                    due.push((key, route.clone(), index, check.clone()));
+                }
+            }
+        }
+        if due.is_empty() {
+            continue;
+        }
+        let checks = due
+            .into_iter()
+            .map(|(key, route, index, check)| async move {
+                let ok = probe(&route, index, &check).await;
+                (key, route, index, check, ok)
+            });
+        for (key, route, index, check, ok) in futures_util::future::join_all(checks).await {
+            let Some(state) = health.get_mut(&key) else {
+                continue;
+            };
+            if ok == state.healthy {
+                state.streak = 0;
+                continue;
+            }
+            state.streak += 1;
+            let needed = if ok {
+                check.healthy_threshold
+            } else {
+                check.unhealthy_threshold
+            };
+            if state.streak >= needed {
+                state.healthy = ok;
+                state.streak = 0;
+                route.upstream.balancer.set_healthy(index, ok);
+                let (route_name, target) = &key;
+                if ok {
+                    tracing::info!(route = %route_name, %target, "target healthy again");
+                } else {
+                    tracing::warn!(route = %route_name, %target, "target unhealthy: out of rotation");
+                }
+            }
+        }
+    }
+}
+
+/// One check: whether the target answered 2xx/3xx in time.
+async fn probe(route: &Route, index: usize, check: &HealthCheckConfig) -> bool {
+    let Some(target) = route.upstream.balancer.targets().get(index) else {
+        return false;
+    };
+    let Ok(uri) = upstream_uri(&target.base, &check.path, None) else {
+        return false;
+    };
+    let mut request = Request::new(BufferedBody::default().to_request_body());
+    *request.method_mut() = Method::GET;
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    match route.upstream.send(request, check.timeout).await {
+        Ok(response) => {
+            let ok = response.status().is_success() || response.status().is_redirection();
+            // Drain the body so the pooled connection can be reused.
+            let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+            ok
+        }
+        Err(_) => false,
+    }
+}

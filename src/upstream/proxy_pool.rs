@@ -1,0 +1,393 @@
+//! Outbound forward proxies (`[outbound_proxies]` or `PROXY_URLS`) for
+//! routes with `proxy.use_proxy`: one pooled client per proxy, rotated round
+//! robin, a proxy that fails to connect skipped for a while.
+//!
+//! `http://` targets are sent in absolute form to the proxy (with
+//! `Proxy-Authorization` on each request); `https://` targets go through a
+//! `CONNECT` tunnel (authorised on the tunnel only, so the target never sees
+//! the proxy's credentials) and TLS runs end to end inside it.
+//!
+//! Proxy credentials live only in the `Proxy-Authorization` value: this
+//! module never logs, formats or returns them — a proxy is named by its
+//! `host:port` alone.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use http::header::{HeaderValue, PROXY_AUTHORIZATION};
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{tls, ErrorChain, POOL_IDLE_TIMEOUT};
+use crate::body::RequestBody;
+use crate::classify::Failure;
+use crate::config::{ProxyConfig, ProxyStrategy, RouteConfig, ServerConfig};
+
+/// How long a proxy that could not be reached is skipped.
+const EJECT_FOR: Duration = Duration::from_secs(10);
+/// The longest `CONNECT` answer head we read.
+const MAX_CONNECT_HEAD: usize = 8 * 1024;
+
+/// Where one attempt goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Direct,
+    /// The pool's proxy with this index.
+    Proxy(usize),
+}
+
+/// Picks the way for one attempt: `round_robin` sends every attempt through
+/// the next proxy; `on_rate_limit` goes direct until the target answered
+/// 429 to this request, then through a proxy.
+pub fn choose(pool: Option<&ProxyPool>, config: &ProxyConfig, saw_429: bool) -> Via {
+    let Some(pool) = pool else {
+        return Via::Direct;
+    };
+    match config.strategy {
+        ProxyStrategy::RoundRobin => Via::Proxy(pool.pick()),
+        ProxyStrategy::OnRateLimit if saw_429 => Via::Proxy(pool.pick()),
+        ProxyStrategy::OnRateLimit | ProxyStrategy::Never => Via::Direct,
+    }
+}
+
+struct OutboundProxy {
+    /// `host:port`, for logs (never the credentials).
+    name: String,
+    auth: Option<HeaderValue>,
+    client: Client<HttpsConnector<ProxyConnector>, RequestBody>,
+    /// Milliseconds since the pool's epoch before which it is skipped.
+    ejected_until_ms: AtomicU64,
+}
+
+/// A route's outbound proxies.
+pub struct ProxyPool {
+    proxies: Vec<OutboundProxy>,
+    next: AtomicUsize,
+    epoch: Instant,
+}
+
+impl ProxyPool {
+    /// The pool of a route, or `None` when the route does not use proxies.
+    pub fn build(
+        urls: &[String],
+        route: &RouteConfig,
+        server: &ServerConfig,
+    ) -> Result<Option<ProxyPool>, String> {
+        if !route.proxy.use_proxy || route.proxy.strategy == ProxyStrategy::Never || urls.is_empty()
+        {
+            return Ok(None);
+        }
+        let mut proxies = Vec::with_capacity(urls.len());
+        for (i, url) in urls.iter().enumerate() {
+            let (host, port, auth) = parse_proxy_url(url)
+                .ok_or_else(|| format!("outbound proxy {i} is not a valid URL"))?;
+            let connector = ProxyConnector {
+                host: host.clone(),
+                port,
+                auth: auth.clone(),
+                connect_timeout: server.connect_timeout,
+            };
+            let tls = tls::client_config(route.tls_ca_file.as_deref(), route.tls_verify)?;
+            let https = HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_or_http()
+                .enable_all_versions()
+                .wrap_connector(connector);
+            let mut builder = Client::builder(TokioExecutor::new());
+            builder
+                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new());
+            proxies.push(OutboundProxy {
+                name: format!("{host}:{port}"),
+                auth,
+                client: builder.build(https),
+                ejected_until_ms: AtomicU64::new(0),
+            });
+        }
+        Ok(Some(ProxyPool {
+            proxies,
+            next: AtomicUsize::new(0),
+            epoch: Instant::now(),
+        }))
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// The next proxy in turn that is not skipped; when all are, the next
+    /// one anyway (better to try than to refuse).
+    pub fn pick(&self) -> usize {
+        let n = self.proxies.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let now = self.now_ms();
+        (0..n)
+            .map(|offset| (start + offset) % n)
+            .find(|&i| self.proxies[i].ejected_until_ms.load(Ordering::Relaxed) <= now)
+            .unwrap_or(start % n)
+    }
+
+    /// Skips a proxy that could not be reached (or refused the tunnel).
+    pub fn eject(&self, index: usize) {
+        if let Some(p) = self.proxies.get(index) {
+            let until = self.now_ms() + EJECT_FOR.as_millis() as u64;
+            p.ejected_until_ms.store(until, Ordering::Relaxed);
+            tracing::warn!(proxy = %p.name, "outbound proxy failed; skipping it for {EJECT_FOR:?}");
+        }
+    }
+
+    /// Sends one attempt through proxy `index`, waiting at most `timeout`
+    /// for the response head.
+    pub async fn send(
+        &self,
+        index: usize,
+        mut request: Request<RequestBody>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, Failure> {
+        let Some(proxy) = self.proxies.get(index) else {
+            return Err(Failure::ConnectFailed);
+        };
+        // Absolute form: the proxy reads the credentials from each request.
+        // Over a tunnel they were on the CONNECT and must not reach the target.
+        if request.uri().scheme_str() == Some("http") {
+            if let Some(auth) = &proxy.auth {
+                request
+                    .headers_mut()
+                    .insert(PROXY_AUTHORIZATION, auth.clone());
+            }
+        }
+        match tokio::time::timeout(timeout, proxy.client.request(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => {
+                let failure = Failure::from_client_error(&e);
+                tracing::debug!(proxy = %proxy.name, error = %ErrorChain(&e), ?failure, "attempt through proxy failed");
+                Err(failure)
+            }
+            Err(_) => Err(Failure::Timeout),
+        }
+    }
+}
+
+/// `http://[user:pass@]host[:port]` → host, port, `Basic` credentials.
+fn parse_proxy_url(url: &str) -> Option<(String, u16, Option<HeaderValue>)> {
+    let rest = url.strip_prefix("http://")?;
+    let authority = rest.split('/').next()?;
+    let (userinfo, hostport) = match authority.rfind('@') {
+        Some(at) => (Some(&authority[..at]), &authority[at + 1..]),
+        None => (None, authority),
+    };
+    let uri: Uri = format!("http://{hostport}/").parse().ok()?;
+    let host = uri.host()?.trim_matches(['[', ']']).to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let auth = match userinfo {
+        Some(info) => {
+            let decoded = percent_decode(info);
+            let token = base64::engine::general_purpose::STANDARD.encode(decoded);
+            let mut value = HeaderValue::from_str(&format!("Basic {token}")).ok()?;
+            value.set_sensitive(true);
+            Some(value)
+        }
+        None => None,
+    };
+    Some((host, port, auth))
+}
+
+/// `%XX` escapes in URL user info (a password may contain `@` or `:`).
+fn percent_decode(s: &str) -> Vec<u8> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = (bytes[i] == b'%' && i + 2 < bytes.len())
+            .then(|| std::str::from_utf8(&bytes[i + 1..i + 3]).ok())
+            .flatten();
+        if let Some(hex) = hex {
+            if let Ok(b) = u8::from_str_radix(hex, 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Connects to the proxy; for `https://` targets opens a `CONNECT` tunnel.
+#[derive(Clone)]
+struct ProxyConnector {
+    host: String,
+    port: u16,
+    auth: Option<HeaderValue>,
+    connect_timeout: Duration,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<Uri> for ProxyConnector {
+    type Response = ProxyStream;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<ProxyStream, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let connect = TcpStream::connect((this.host.as_str(), this.port));
+            let mut stream = tokio::time::timeout(this.connect_timeout, connect)
+                .await
+                .map_err(|_| {
+                    io::Error::new(io::ErrorKind::TimedOut, "proxy connect timed out")
+                })??;
+            stream.set_nodelay(true)?;
+            if dst.scheme_str() != Some("https") {
+                return Ok(ProxyStream {
+                    io: TokioIo::new(stream),
+                    absolute_form: true,
+                });
+            }
+            let host = dst
+                .host()
+                .ok_or_else(|| io::Error::other("target without host"))?;
+            let port = dst.port_u16().unwrap_or(443);
+            let target = if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            };
+            tokio::time::timeout(
+                this.connect_timeout,
+                tunnel(&mut stream, &target, this.auth.as_ref()),
+            )
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "proxy CONNECT timed out"))??;
+            Ok(ProxyStream {
+                io: TokioIo::new(stream),
+                absolute_form: false,
+            })
+        })
+    }
+}
+
+/// Asks the proxy for a tunnel to `target` and reads its answer head.
+async fn tunnel(
+    stream: &mut TcpStream,
+    target: &str,
+    auth: Option<&HeaderValue>,
+) -> io::Result<()> {
+    let mut head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n").into_bytes();
+    if let Some(auth) = auth {
+        head.extend_from_slice(b"Proxy-Authorization: ");
+        head.extend_from_slice(auth.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    stream.write_all(&head).await?;
+    // Read byte-wise up to the blank line: anything after it belongs to
+    // the tunnel (the TLS handshake), so nothing may be read past it.
+    let mut answer = Vec::with_capacity(256);
+    while !answer.ends_with(b"\r\n\r\n") {
+        if answer.len() >= MAX_CONNECT_HEAD {
+            return Err(io::Error::other("proxy CONNECT answer too long"));
+        }
+        let byte = stream.read_u8().await?;
+        answer.push(byte);
+    }
+    let status_line = answer.split(|&b| b == b'\n').next().unwrap_or_default();
+    let status = std::str::from_utf8(status_line)
+        .ok()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse::<u16>().ok());
+    match status {
+        Some(200..=299) => Ok(()),
+        Some(code) => Err(io::Error::other(format!(
+            "proxy refused CONNECT with {code}"
+        ))),
+        None => Err(io::Error::other("proxy sent an invalid CONNECT answer")),
+    }
+}
+
+/// A connection to a proxy: plain (absolute-form requests) or a tunnel.
+pub struct ProxyStream {
+    io: TokioIo<TcpStream>,
+    absolute_form: bool,
+}
+
+impl Connection for ProxyStream {
+    fn connected(&self) -> Connected {
+        // `proxy(true)` makes hyper write absolute-form request targets.
+        Connected::new().proxy(self.absolute_form)
+    }
+}
+
+impl hyper::rt::Read for ProxyStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for ProxyStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_urls_give_address_and_basic_credentials() {
+        let (host, port, auth) = parse_proxy_url("http://user:p%40ss@10.0.0.1:3128").unwrap();
+        assert_eq!((host.as_str(), port), ("10.0.0.1", 3128));
+        // base64("user:p@ss")
+        assert_eq!(auth.unwrap(), "Basic dXNlcjpwQHNz");
+        let (host, port, auth) = parse_proxy_url("http://proxy.local").unwrap();
+        assert_eq!((host.as_str(), port, auth), ("proxy.local", 80, None));
+        assert!(parse_proxy_url("socks5://x:1").is_none());
+    }
+}

@@ -1,0 +1,957 @@
+//! Circuit breakers, retries, retry budgets and rate limits, over real
+//! sockets: the reference setup's scenarios, with backends we control.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::forward_proxy::ForwardProxy;
+use crate::harness::{client, error_of, Backend, Backstop, Reply};
+
+/// A backend that answers 503 while `failing` is set, else 200 (after
+/// `ok_delay`).
+async fn switchable(failing: Arc<AtomicBool>, ok_delay: Duration) -> Backend {
+    Backend::start(move |_| {
+        if failing.load(Ordering::SeqCst) {
+            Reply::status(503)
+        } else {
+            Reply::ok("fine").delay(ok_delay)
+        }
+    })
+    .await
+}
+
+fn route(upstream: &str, extra: &str) -> String {
+    format!(
+        r#"
+[[routes]]
+name = "flaky"
+path_prefix = "/api"
+upstreams = [{upstream:?}]
+{extra}
+"#
+    )
+}
+
+async fn metrics(bs: &Backstop) -> String {
+    client()
+        .get(bs.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn circuit(bs: &Backstop) -> serde_json::Value {
+    let status: serde_json::Value = client()
+        .get(bs.admin_url("/circuit-status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    status["circuits"][0].clone()
+}
+
+fn has_line(text: &str, line: &str) -> bool {
+    text.lines().any(|l| l == line)
+}
+
+#[tokio::test]
+async fn circuit_opens_after_the_threshold_and_closes_after_successful_probes() {
+    let failing = Arc::new(AtomicBool::new(true));
+    let backend = switchable(failing.clone(), Duration::ZERO).await;
+    let bs = Backstop::start(&route(
+        &backend.url(),
+        r#"
+  [routes.retry]
+  max_attempts = 1
+  [routes.circuit_breaker]
+  failure_threshold = 3
+  reset_timeout = "2s"
+  success_threshold = 2
+"#,
+    ));
+    let c = client();
+    for _ in 0..3 {
+        let r = c.get(bs.url("/api/x")).send().await.unwrap();
+        assert_eq!(r.status(), 503);
+        assert!(
+            r.headers().get("x-backstop-error").is_none(),
+            "the backend's own 503"
+        );
+    }
+    assert_eq!(backend.hits(), 3);
+
+    // Open: the backend is not called; the answer says when to come back.
+    let r = c.get(bs.url("/api/x")).send().await.unwrap();
+    assert_eq!(r.headers()["retry-after"], "2");
+    let (status, code, error) = error_of(r).await;
+    assert_eq!((status, code.as_str()), (503, "circuit_open"));
+    assert_eq!(
+        error["message"],
+        "Service temporarily unavailable. Please try again in 2 seconds"
+    );
+    assert_eq!(error["retry_after_s"], 2);
+    assert_eq!(error["route"], "flaky");
+    assert_eq!(
+        backend.hits(),
+        3,
+        "an open circuit never reaches the backend"
+    );
+    let status = circuit(&bs).await;
+    assert_eq!(status["route"], "flaky");
+    assert_eq!(status["state"], "open");
+    assert!(status["time_to_reset"].as_f64().unwrap() > 1.0, "{status}");
+    assert_eq!(status["config"]["failure_threshold"], 3);
+    assert!(has_line(
+        &metrics(&bs).await,
+        "backstop_circuit_state{route=\"flaky\"} 1"
+    ));
+
+    // After reset_timeout: half-open; two successful probes close it.
+    failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(circuit(&bs).await["state"], "half_open");
+    assert_eq!(c.get(bs.url("/api/x")).send().await.unwrap().status(), 200);
+    let status = circuit(&bs).await;
+    assert_eq!(status["state"], "half_open");
+    assert_eq!(status["successes"], 1);
+    assert!(has_line(
+        &metrics(&bs).await,
+        "backstop_circuit_state{route=\"flaky\"} 2"
+    ));
+    assert_eq!(c.get(bs.url("/api/x")).send().await.unwrap().status(), 200);
+    assert_eq!(circuit(&bs).await["state"], "closed");
+    assert!(has_line(
+        &metrics(&bs).await,
+        "backstop_circuit_state{route=\"flaky\"} 0"
+    ));
+    assert_eq!(backend.hits(), 5);
+}
+
+#[tokio::test]
+async fn retries_count_towards_the_threshold_and_stop_when_the_circuit_opens() {
+    let failing = Arc::new(AtomicBool::new(true));
+    let backend = switchable(failing, Duration::ZERO).await;
+    let bs = Backstop::start(&route(
+        &backend.url(),
+        r#"
+  [routes.retry]
+  max_attempts = 3
+  initial_delay = "10ms"
+  [routes.circuit_breaker]
+  failure_threshold = 5
+"#,
+    ));
+    // 3 attempts, then 2 more: the fifth failure opens the circuit and the
+    // second request's third attempt is never made.
+    for _ in 0..2 {
+        let r = client().get(bs.url("/api/x")).send().await.unwrap();
+        assert_eq!(r.status(), 503);
+    }
+    assert_eq!(backend.hits(), 5, "exactly failure_threshold calls");
+    let (_, code, _) = error_of(client().get(bs.url("/api/x")).send().await.unwrap()).await;
+    assert_eq!(code, "circuit_open");
+    assert_eq!(backend.hits(), 5);
+}
+
+#[tokio::test]
+async fn half_open_lets_only_a_limited_number_of_probes_through() {
+    let failing = Arc::new(AtomicBool::new(true));
+    let backend = switchable(failing.clone(), Duration::from_millis(500)).await;
+    let bs = Backstop::start(&route(
+        &backend.url(),
+        r#"
+  [routes.retry]
+  max_attempts = 1
+  [routes.circuit_breaker]
+  failure_threshold = 1
+  reset_timeout = "500ms"
+  success_threshold = 2
+"#,
+    ));
+    assert_eq!(
+        client()
+            .get(bs.url("/api/x"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let requests = (0..6).map(|_| {
+        let url = bs.url("/api/x");
+        async move { client().get(url).send().await.unwrap() }
+    });
+    let answers = futures_util::future::join_all(requests).await;
+    let mut ok = 0;
+    let mut open = 0;
+    for r in answers {
+        match r.status().as_u16() {
+            200 => ok += 1,
+            503 => {
+                assert_eq!(r.headers()["x-backstop-error"], "circuit_open");
+                open += 1;
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!((ok, open), (2, 4), "two probes at once, the rest refused");
+    assert_eq!(backend.hits(), 1 + 2);
+    assert_eq!(circuit(&bs).await["state"], "closed");
+}
+
+#[tokio::test]
+async fn a_post_is_captured_while_open_and_replayed_after_a_reset() {
+    let failing = Arc::new(AtomicBool::new(false));
+    let flag = failing.clone();
+    let backend = Backend::start(move |seen| {
+        if seen.method == "GET" {
+            Reply::status(500)
+        } else if flag.load(Ordering::SeqCst) {
+            Reply::status(503)
+        } else {
+            Reply::status(201)
+        }
+    })
+    .await;
+    let bs = Backstop::start(&route(
+        &backend.url(),
+        r#"
+  [routes.retry]
+  max_attempts = 1
+  [routes.circuit_breaker]
+  failure_threshold = 2
+  reset_timeout = "60s"
+"#,
+    ));
+    for _ in 0..2 {
+        let r = client().get(bs.url("/api/x")).send().await.unwrap();
+        assert_eq!(r.status(), 500, "a 500 is passed on (and counted)");
+    }
+    let r = client()
+        .post(bs.url("/api/orders"))
+        .body("{\"n\":1}")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().contains_key("x-backstop-capture-id"));
+    let (status, code, error) = error_of(r).await;
+    assert_eq!((status, code.as_str()), (503, "captured"));
+    assert_eq!(error["captured"], true);
+    assert!(has_line(
+        &metrics(&bs).await,
+        "backstop_captured_total{route=\"flaky\",reason=\"circuit_open\"} 1"
+    ));
+
+    // The replay worker waits while the circuit is open.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(backend.hits(), 2, "nothing replayed into an open circuit");
+
+    let r = client()
+        .post(bs.admin_url("/circuits/flaky/reset"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(circuit(&bs).await["state"], "closed");
+    backend.wait_for_hits(3, Duration::from_secs(10)).await;
+    let seen = backend.seen();
+    assert_eq!(seen[2].method, "POST");
+    assert_eq!(seen[2].body, "{\"n\":1}");
+
+    let r = client()
+        .post(bs.admin_url("/circuits/nope/reset"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test]
+async fn failure_rate_mode_opens_on_the_share_of_failures() {
+    let backend = Backend::start(|seen| {
+        if seen.uri.contains("bad") {
+            Reply::status(502)
+        } else {
+            Reply::ok("ok")
+        }
+    })
+    .await;
+    let bs = Backstop::start(&route(
+        &backend.url(),
+        r#"
+  [routes.retry]
+  max_attempts = 1
+  [routes.circuit_breaker]
+  mode = "failure_rate"
+  failure_rate_threshold = 50
+  minimum_calls = 4
+  window = "30s"
+"#,
+    ));
+    let c = client();
+    for path in ["/api/ok", "/api/bad", "/api/ok"] {
+        c.get(bs.url(path)).send().await.unwrap();
+    }
+    assert_eq!(circuit(&bs).await["state"], "closed", "under minimum_calls");
+    c.get(bs.url("/api/bad")).send().await.unwrap();
+    let status = circuit(&bs).await;
+    assert_eq!(status["state"], "open", "2 of 4 failed: {status}");
+    assert_eq!(status["config"]["mode"], "failure_rate");
+    let (_, code, _) = error_of(c.get(bs.url("/api/ok")).send().await.unwrap()).await;
+    assert_eq!(code, "circuit_open");
+}
+
+/// A backend that notes when each request arrived.
+async fn timed(
+    reply: impl Fn(usize) -> Reply + Send + Sync + 'static,
+) -> (Backend, Arc<Mutex<Vec<Instant>>>) {
+    let times = Arc::new(Mutex::new(Vec::new()));
+    let log = times.clone();
+    let backend = Backend::start(move |_| {
+        let mut t = log.lock().unwrap();
+        t.push(Instant::now());
+        reply(t.len())
+    })
+    .await;
+    (backend, times)
+}
+
+fn gaps(times: &Mutex<Vec<Instant>>) -> Vec<Duration> {
+    let t = times.lock().unwrap();
+    t.windows(2).map(|w| w[1] - w[0]).collect()
+}
+
+#[tokio::test]
+async fn backoff_follows_the_configured_schedule() {
+    let (backend, times) = timed(|_| Reply::status(503)).await;
+    let bs = Backstop::start(&route(
+        &backend.url(),
+        r#"
+  [routes.retry]
+  max_attempts = 4
+  initial_delay = "200ms"
+  backoff_factor = 2.0
+  max_delay = "600ms"
+  [routes.circuit_breaker]
+  failure_threshold = 100
+"#,
+    ));
+    let r = client().get(bs.url("/api/x")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(backend.hits(), 4);
+    // 200 ms, 400 ms, then capped at 600 ms; jitter adds up to 20 %.
+    let want = [200u64, 400, 600];
+    for (gap, base) in gaps(&times).iter().zip(want) {
+        let base = Duration::from_millis(base);
+        assert!(*gap >= base, "{gap:?} shorter than {base:?}");
+        assert!(
+            *gap < base.mul_f64(1.2) + Duration::from_millis(250),
+            "{gap:?} much longer than {base:?}"
+        );
+    }
+    assert!(has_line(
+        &metrics(&bs).await,
+        "backstop_upstream_retries_total{route=\"flaky\"} 3"
+    ));
+}
+
+#[tokio::test]
+async fn retry_after_from_the_backend_is_honoured_up_to_max_delay() {
+    let (backend, times) = timed(|n| match n {
+        1 => Reply::status(503).header("retry-after", "1"),
+        3 => Reply::status(429).header("retry-after", "30"),
+        _ => Reply::ok("done"),
+    })
+    .await;
+    let bs = Backstop::start(&route(
+        &backend.url(),
+        r#"
+  [routes.retry]
+  initial_delay = "50ms"
+  max_delay = "1500ms"
+"#,
+    ));
+    let r = client().get(bs.url("/api/a")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = client().get(bs.url("/api/b")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let g = gaps(&times);
+    assert!(
+        g[0] >= Duration::from_secs(1),
+        "Retry-After: 1 honoured: {g:?}"
+    );
+    assert!(
+        g[2] >= Duration::from_millis(1500) && g[2] < Duration::from_secs(5),
+        "Retry-After: 30 capped by max_delay: {g:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_post_is_not_retried_on_a_500_but_a_get_is() {
+    let backend = Backend::start(|_| Reply::status(500)).await;
+    let bs = Backstop::start(&route(
+        &backend.url(),
+        r#"
+  [routes.retry]
+  initial_delay = "10ms"
+  [routes.capture]
+  enabled = false
+"#,
+    ));
+    let r = client()
+        .post(bs.url("/api/x"))
+        .body("once")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    assert_eq!(
+        backend.hits(),
+        1,
+        "a POST may have had effects: never resent"
+    );
+    let r = client().get(bs.url("/api/x")).send().await.unwrap();
+    assert_eq!(r.status(), 500);
+    assert_eq!(backend.hits(), 4, "a GET is retried up to max_attempts");
+}
+
+#[tokio::test]
+async fn the_retry_budget_stops_a_retry_storm() {
+    let backend = Backend::start(|_| Reply::status(503)).await;
+    let bs = Backstop::start(&route(
+        &backend.url(),
+        r#"
+  [routes.retry]
+  max_attempts = 5
+  initial_delay = "1ms"
+  max_delay = "2ms"
+  budget_percent = 20
+  budget_min_per_second = 0
+  [routes.circuit_breaker]
+  failure_threshold = 100000
+"#,
+    ));
+    let requests = 50;
+    for _ in 0..requests {
+        let r = client().get(bs.url("/api/x")).send().await.unwrap();
+        assert_eq!(r.status(), 503);
+    }
+    let attempts = backend.hits();
+    // Without a budget: 5 × 50 = 250 attempts. With it: 50 + 20 %.
+    assert!(
+        attempts > requests && attempts <= requests + requests / 5,
+        "{attempts} attempts for {requests} requests"
+    );
+    assert!(has_line(
+        &metrics(&bs).await,
+        &format!(
+            "backstop_upstream_retries_total{{route=\"flaky\"}} {}",
+            attempts - requests
+        )
+    ));
+}
+
+#[tokio::test]
+async fn the_deadline_bounds_the_whole_request() {
+    let backend = Backend::start(|_| Reply::ok("late").delay(Duration::from_secs(5))).await;
+    let bs = Backstop::start(&route(
+        &backend.url(),
+        r#"
+  [routes.retry]
+  max_attempts = 10
+  initial_delay = "50ms"
+  deadline = "1s"
+  [routes.circuit_breaker]
+  request_timeout = 300
+  failure_threshold = 100
+"#,
+    ));
+    let started = Instant::now();
+    let (status, code, _) = error_of(client().get(bs.url("/api/x")).send().await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (504, "upstream_timeout"));
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(backend.hits() <= 4, "{} attempts", backend.hits());
+}
+
+#[tokio::test]
+async fn over_the_rate_limit_is_429_with_ratelimit_headers() {
+    let backend = Backend::start(|_| Reply::ok("ok")).await;
+    let bs = Backstop::start(&route(
+        &backend.url(),
+        r#"
+  [routes.rate_limit]
+  requests_per_second = 0.5
+  burst = 3
+"#,
+    ));
+    let c = client();
+    for remaining in ["2", "1", "0"] {
+        let r = c.get(bs.url("/api/x")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["ratelimit-limit"], "3");
+        assert_eq!(r.headers()["ratelimit-remaining"], remaining);
+    }
+    let r = c.get(bs.url("/api/x")).send().await.unwrap();
+    assert_eq!(r.headers()["retry-after"], "2");
+    assert_eq!(r.headers()["ratelimit-remaining"], "0");
+    assert_eq!(r.headers()["ratelimit-reset"], "6");
+    let (status, code, error) = error_of(r).await;
+    assert_eq!((status, code.as_str()), (429, "rate_limited"));
+    assert_eq!(error["retry_after_s"], 2);
+    assert_eq!(backend.hits(), 3);
+    assert!(has_line(
+        &metrics(&bs).await,
+        "backstop_requests_total{route=\"flaky\",status=\"429\"} 1"
+    ));
+}
+
+#[tokio::test]
+async fn rate_limits_keyed_by_header_are_per_client() {
+    let backend = Backend::start(|_| Reply::ok("ok")).await;
+    let bs = Backstop::start(&route(
+        &backend.url(),
+        r#"
+  [routes.rate_limit]
+  requests_per_second = 0.1
+  burst = 2
+  key = "header:X-API-Key"
+"#,
+    ));
+    let send = |key: &'static str| {
+        let url = bs.url("/api/x");
+        async move {
+            client()
+                .get(url)
+                .header("x-api-key", key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let a: Vec<u16> = vec![send("a").await, send("a").await, send("a").await];
+    assert_eq!(a, [200, 200, 429]);
+    assert_eq!(send("b").await, 200, "another key has its own bucket");
+}
+
+fn proxied_route(upstream: &str, proxies: &[String], strategy: &str, extra: &str) -> String {
+    format!(
+        r#"
+[outbound_proxies]
+urls = {proxies:?}
+
+[[routes]]
+name = "thirdparty"
+path_prefix = "/api"
+upstreams = [{upstream:?}]
+{extra}
+  [routes.retry]
+  initial_delay = "10ms"
+  [routes.proxy]
+  use_proxy = true
+  strategy = {strategy:?}
+"#
+    )
+}
+
+const PROXY_PASSWORD: &str = "s3cr3t-pw";
+
+fn proxy_url(addr: std::net::SocketAddr) -> String {
+    format!("http://user:{PROXY_PASSWORD}@{addr}")
+}
+
+/// `Basic base64("user:s3cr3t-pw")`.
+const PROXY_AUTH: &str = "Basic dXNlcjpzM2NyM3QtcHc=";
+
+async fn dead_address() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+#[tokio::test]
+async fn round_robin_rotates_through_two_forward_proxies() {
+    let backend = Backend::start(|_| Reply::ok("ok")).await;
+    let (a, b) = (
+        ForwardProxy::start("proxy-a").await,
+        ForwardProxy::start("proxy-b").await,
+    );
+    let bs = Backstop::start(&proxied_route(
+        &backend.url(),
+        &[proxy_url(a.addr), proxy_url(b.addr)],
+        "round_robin",
+        "",
+    ));
+    for _ in 0..10 {
+        let r = client().get(bs.url("/api/items?x=1")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!((a.hits(), b.hits()), (5, 5), "each proxy sees its share");
+    for seen in a.seen().iter().chain(b.seen().iter()) {
+        assert_eq!(seen.method, "GET");
+        assert_eq!(
+            seen.target,
+            format!("{}/api/items?x=1", backend.url()),
+            "absolute form"
+        );
+        assert_eq!(seen.proxy_authorization.as_deref(), Some(PROXY_AUTH));
+    }
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 10);
+    let vias: Vec<_> = seen.iter().map(|s| s.headers["via"].clone()).collect();
+    assert_eq!(vias.iter().filter(|v| *v == "proxy-a").count(), 5);
+    assert!(seen
+        .iter()
+        .all(|s| !s.headers.contains_key("proxy-authorization")));
+
+    let status = client()
+        .get(bs.admin_url("/circuit-status"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!status.contains(PROXY_PASSWORD), "{status}");
+    assert!(!bs.logs().contains(PROXY_PASSWORD));
+}
+
+#[tokio::test]
+async fn https_targets_go_through_connect_tunnels() {
+    let pki = tls_pki();
+    let backend = Backend::start_tls(pki.acceptor(), |_| Reply::ok("secure")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, &pki.ca_pem).unwrap();
+    let (a, b) = (
+        ForwardProxy::start("proxy-a").await,
+        ForwardProxy::start("proxy-b").await,
+    );
+    let upstream = format!("https://localhost:{}", backend.addr.port());
+    let bs = Backstop::start(&proxied_route(
+        &upstream,
+        &[proxy_url(a.addr), proxy_url(b.addr)],
+        "round_robin",
+        &format!("tls_ca_file = {ca_path:?}"),
+    ));
+    for _ in 0..4 {
+        let r = client().get(bs.url("/api/secure")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), "secure");
+    }
+    for proxy in [&a, &b] {
+        let seen = proxy.seen();
+        assert!(!seen.is_empty(), "both proxies carried a tunnel");
+        for s in seen {
+            assert_eq!(s.method, "CONNECT");
+            assert_eq!(s.target, format!("localhost:{}", backend.addr.port()));
+            assert_eq!(s.proxy_authorization.as_deref(), Some(PROXY_AUTH));
+        }
+    }
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 4);
+    assert!(
+        seen.iter()
+            .all(|s| !s.headers.contains_key("proxy-authorization")),
+        "the credentials stay on the CONNECT"
+    );
+}
+
+#[tokio::test]
+async fn on_rate_limit_goes_direct_first_then_through_a_proxy() {
+    let backend = Backend::start(|seen| {
+        if seen.headers.contains_key("via") {
+            Reply::ok("through a proxy")
+        } else {
+            Reply::status(429)
+        }
+    })
+    .await;
+    let proxy = ForwardProxy::start("proxy-a").await;
+    let bs = Backstop::start(&proxied_route(
+        &backend.url(),
+        &[proxy_url(proxy.addr)],
+        "on_rate_limit",
+        "",
+    ));
+    let r = client().get(bs.url("/api/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "through a proxy");
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        !seen[0].headers.contains_key("via"),
+        "the first try is direct"
+    );
+    assert_eq!(proxy.hits(), 1);
+}
+
+#[tokio::test]
+async fn a_dead_proxy_is_skipped() {
+    let backend = Backend::start(|_| Reply::ok("ok")).await;
+    let live = ForwardProxy::start("live").await;
+    let dead = dead_address().await;
+    let bs = Backstop::start(&proxied_route(
+        &backend.url(),
+        &[proxy_url(dead), proxy_url(live.addr)],
+        "round_robin",
+        "",
+    ));
+    for _ in 0..6 {
+        let r = client().get(bs.url("/api/x")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(live.hits(), 6);
+    assert_eq!(backend.hits(), 6);
+    bs.wait_for_log("outbound proxy failed", Duration::from_secs(5))
+        .await;
+    assert!(!bs.logs().contains(PROXY_PASSWORD), "{}", bs.logs());
+}
+
+struct Pki {
+    ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl Pki {
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = vec![CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).unwrap()];
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
+}
+
+fn tls_pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca_cert, &ca_key)
+        .unwrap();
+    Pki {
+        ca_pem: ca_cert.pem(),
+        cert_pem: leaf.pem(),
+        key_pem: leaf_key.serialize_pem(),
+    }
+}
+
+#[tokio::test]
+async fn active_health_checks_take_a_target_out_of_rotation_and_back() {
+    let sick = Arc::new(AtomicBool::new(true));
+    let flag = sick.clone();
+    let a = Backend::start(|_| Reply::ok("a")).await;
+    let b = Backend::start(move |seen| {
+        if seen.uri == "/healthz" && flag.load(Ordering::SeqCst) {
+            Reply::status(503)
+        } else {
+            Reply::ok("b")
+        }
+    })
+    .await;
+    let toml = format!(
+        r#"
+[[routes]]
+name = "pair"
+path_prefix = "/api"
+upstreams = [{:?}, {:?}]
+  [routes.health_check]
+  path = "/healthz"
+  interval = "100ms"
+  unhealthy_threshold = 2
+  healthy_threshold = 2
+"#,
+        a.url(),
+        b.url()
+    );
+    let bs = Backstop::start(&toml);
+    bs.wait_for_log("target unhealthy", Duration::from_secs(5))
+        .await;
+    let api_hits = |backend: &Backend| {
+        backend
+            .seen()
+            .iter()
+            .filter(|s| s.uri.starts_with("/api"))
+            .count()
+    };
+    for _ in 0..6 {
+        assert_eq!(
+            client()
+                .get(bs.url("/api/x"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+            "a"
+        );
+    }
+    assert_eq!(api_hits(&b), 0, "an unhealthy target gets no traffic");
+
+    sick.store(false, Ordering::SeqCst);
+    bs.wait_for_log("target healthy again", Duration::from_secs(5))
+        .await;
+    for _ in 0..6 {
+        client().get(bs.url("/api/x")).send().await.unwrap();
+    }
+    assert_eq!(api_hits(&b), 3, "back in the rotation");
+    assert!(b.seen().iter().any(|s| s.uri == "/healthz"));
+}
+
+fn shared_limit_config(upstream: &str, redis_url: &str, prefix: &str) -> String {
+    format!(
+        r#"
+[redis]
+url = {redis_url:?}
+key_prefix = {prefix:?}
+timeout = "500ms"
+
+[[routes]]
+name = "shared"
+path_prefix = "/api"
+upstreams = [{upstream:?}]
+  [routes.rate_limit]
+  requests_per_second = 0.1
+  burst = 4
+  shared = true
+"#
+    )
+}
+
+#[tokio::test]
+async fn a_shared_rate_limit_holds_across_two_instances() {
+    let backend = Backend::start(|_| Reply::ok("ok")).await;
+    let prefix = format!(
+        "backstop-test-{}-{}:",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let toml = shared_limit_config(&backend.url(), "redis://127.0.0.1:6379", &prefix);
+    let (one, two) = (Backstop::start(&toml), Backstop::start(&toml));
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let bs = if i % 2 == 0 { &one } else { &two };
+        let r = client().get(bs.url("/api/x")).send().await.unwrap();
+        statuses.push(r.status().as_u16());
+        if r.status() == 200 {
+            assert_eq!(r.headers()["ratelimit-limit"], "4");
+        }
+    }
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 200, 429, 429],
+        "one bucket for both"
+    );
+    assert_eq!(backend.hits(), 4);
+}
+
+#[tokio::test]
+async fn a_shared_rate_limit_fails_open_when_redis_is_down() {
+    let backend = Backend::start(|_| Reply::ok("ok")).await;
+    let dead = dead_address().await;
+    let bs = Backstop::start(&shared_limit_config(
+        &backend.url(),
+        &format!("redis://{dead}"),
+        "unused:",
+    ));
+    for _ in 0..6 {
+        let r = client().get(bs.url("/api/x")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "Redis down: requests go on");
+    }
+    assert_eq!(backend.hits(), 6);
+    assert!(has_line(
+        &metrics(&bs).await,
+        "backstop_rate_limit_fail_open_total{route=\"shared\"} 6"
+    ));
+    assert_eq!(
+        bs.logs().matches("shared rate limit unavailable").count(),
+        1,
+        "one log line per skip period, not one per request"
+    );
+}
+
+#[test]
+fn invalid_resilience_keys_are_listed_by_check() {
+    let route =
+        "[[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nupstreams = [\"http://127.0.0.1:1\"]\n";
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        (
+            format!("{route}[routes.circuit_breaker]\nmode = \"sometimes\"\nfailure_rate_threshold = 150\nwindow = \"10ms\"\nminimum_calls = 0\n"),
+            vec![
+                "routes[0].circuit_breaker.mode: expected consecutive or failure_rate, found \"sometimes\"",
+                "routes[0].circuit_breaker.failure_rate_threshold: must be a percentage in (0, 100]",
+                "routes[0].circuit_breaker.window: must be at least 1s",
+                "routes[0].circuit_breaker.minimum_calls: must be at least 1",
+            ],
+        ),
+        (
+            format!("{route}[routes.retry]\nbudget_percent = -1\nbudget_min_per_second = -2\nbudget_window = \"0s\"\ndeadline = \"soon\"\n"),
+            vec![
+                "routes[0].retry.budget_percent: must be a number >= 0",
+                "routes[0].retry.budget_min_per_second: must be a number >= 0",
+                "routes[0].retry.budget_window: must be at least 1s",
+                "routes[0].retry.deadline: invalid duration \"soon\"",
+            ],
+        ),
+        (
+            format!("{route}[routes.rate_limit]\nshared = true\nmax_keys = 0\n"),
+            vec![
+                "routes[0].rate_limit.max_keys: must be at least 1",
+                "routes[0].rate_limit.shared: needs a [redis] section",
+            ],
+        ),
+        (
+            format!("{route}[routes.health_check]\npath = \"healthz\"\ninterval = \"0s\"\nunhealthy_threshold = 0\n"),
+            vec![
+                "routes[0].health_check.path: \"healthz\" must start with '/'",
+                "routes[0].health_check.interval: must be greater than 0",
+                "routes[0].health_check.unhealthy_threshold: must be at least 1",
+            ],
+        ),
+    ];
+    for (toml, want) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, &toml).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+            .args(["check", "-c"])
+            .arg(&path)
+            .env_remove("REDIS_HOST")
+            .output()
+            .unwrap();
+        assert_ne!(out.status.code(), Some(0), "{toml}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        for line in want {
+            assert!(stderr.contains(line), "no {line:?} in\n{stderr}");
+        }
+    }
+}
