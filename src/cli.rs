@@ -157,6 +157,7 @@ async fn replay_only(active: crate::pipeline::Active) -> Result<(), String> {
         active: ArcSwap::from_pointee(active),
         capturer: None,
         metrics: Arc::new(crate::stats::metrics::Metrics::new()),
+        stats: crate::stats::Stats::disabled(),
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
     let worker = SpoolReplayer {

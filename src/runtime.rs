@@ -19,6 +19,7 @@ use crate::replay::{ReplayCounters, SpoolReplayer};
 use crate::routing::RouteTable;
 use crate::server::{self, ConnSettings};
 use crate::stats::metrics::Metrics;
+use crate::stats::Stats;
 
 /// How often the config file's modification time is checked.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -49,6 +50,7 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
             metrics.clone(),
             retry_after,
         ))),
+        stats: Stats::start(metrics.clone()),
         metrics,
     });
     let shutdown = CancellationToken::new();

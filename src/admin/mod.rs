@@ -5,6 +5,7 @@
 
 mod metrics;
 mod queue;
+mod stats;
 
 use std::sync::Arc;
 
@@ -33,6 +34,7 @@ pub fn router(state: AdminState) -> Router {
     let guarded = Router::new()
         .merge(queue::routes())
         .merge(metrics::routes())
+        .merge(stats::routes())
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))

@@ -59,6 +59,7 @@ pub struct Metrics {
     pub queue_oldest_age_seconds: Gauge<f64, AtomicU64>,
     pub dead_letters: Gauge,
     pub replayed: Family<RouteOutcome, Counter>,
+    pub stats_dropped: Counter,
 }
 
 fn duration_histogram() -> Histogram {
@@ -137,8 +138,15 @@ impl Metrics {
             "Replay attempts by outcome (delivered, retry, dead_letter)",
             replayed.clone(),
         );
+        let stats_dropped = Counter::default();
+        registry.register(
+            "stats_dropped",
+            "Requests not counted in statistics because the aggregator fell behind",
+            stats_dropped.clone(),
+        );
         Metrics {
             registry,
+            stats_dropped,
             requests,
             request_duration,
             upstream_retries,

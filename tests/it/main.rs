@@ -7,4 +7,5 @@ mod capture;
 mod config_check;
 mod lifecycle;
 mod proxy;
+mod stats;
 mod tls;
