@@ -1,8 +1,9 @@
-//! The admin listener: health, the capture queue, and (as later parts land)
-//! metrics, statistics, circuits and dashboards. Each area is a small router
-//! merged here; a bearer token guards everything but `/health` when
-//! `server.admin_token` is set.
+//! The admin listener: health, the capture queue, metrics, statistics and
+//! the dashboards (and, as later parts land, circuits). Each area is a small
+//! router merged here; a bearer token guards everything but `/health` and the
+//! dashboard pages (which hold no data) when `server.admin_token` is set.
 
+mod dashboards;
 mod metrics;
 mod queue;
 mod stats;
@@ -38,6 +39,7 @@ pub fn router(state: AdminState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .merge(dashboards::routes())
         .merge(guarded)
         .with_state(state)
 }
