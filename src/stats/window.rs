@@ -183,13 +183,26 @@ fn ms(us: u64) -> f64 {
 }
 
 /// A route's counts and its paths' counts in one period.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Aggregate {
     pub route: Counts,
     pub paths: HashMap<String, Counts>,
 }
 
 impl Aggregate {
+    /// Adds a finished period (an hour into its day and into `all`).
+    pub fn merge(&mut self, other: &Aggregate) {
+        self.route.merge(&other.route);
+        for (path, counts) in &other.paths {
+            match self.paths.get_mut(path) {
+                Some(c) => c.merge(counts),
+                None => {
+                    self.paths.insert(path.clone(), counts.clone());
+                }
+            }
+        }
+    }
+
     pub fn add(&mut self, path: Option<&str>, s: &Sample) {
         self.route.add(s);
         if let Some(p) = path {
@@ -244,27 +257,39 @@ impl Window {
     }
 
     /// Moves to the period holding `now_ms` if it has begun: the finished
-    /// one becomes a summary; summaries older than `keep` periods go.
-    pub fn roll(&mut self, now_ms: i64) {
+    /// one becomes a summary (summaries older than `keep` periods go) and
+    /// is returned with its start, for the caller to fold into longer ones.
+    pub fn roll(&mut self, now_ms: i64) -> Option<(i64, Aggregate)> {
         let start = now_ms - now_ms.rem_euclid(self.len_ms);
         if start <= self.start_ms {
-            return;
+            return None;
         }
         let done = std::mem::take(&mut self.current);
+        let done_start = std::mem::replace(&mut self.start_ms, start);
         if done.route.total > 0 {
-            self.history.push_back(done.route.summary(self.start_ms));
+            self.history.push_back(done.route.summary(done_start));
         }
-        self.start_ms = start;
-        let oldest = start - self.len_ms * self.keep as i64;
+        self.push_summary_limit();
+        Some((done_start, done))
+    }
+
+    /// Records a summary of a period built elsewhere (a day from its hours).
+    pub fn push_summary(&mut self, summary: Summary) {
+        self.history.push_back(summary);
+        self.push_summary_limit();
+    }
+
+    fn push_summary_limit(&mut self) {
+        let oldest = self.start_ms - self.len_ms * self.keep as i64;
         while self.history.front().is_some_and(|s| s.start_ms < oldest) {
             self.history.pop_front();
         }
     }
 
-    pub fn add(&mut self, at_ms: i64, path: &str, s: &Sample) {
-        self.roll(at_ms);
-        // A sample stamped just before a roll (it waited in the channel)
-        // counts in the current period: close enough, and never lost.
+    /// Counts a sample in the current period (the caller rolled first).
+    /// A sample stamped just before a roll (it waited in the channel)
+    /// counts in the current period: close enough, and never lost.
+    pub fn add(&mut self, path: &str, s: &Sample) {
         let path = self.with_paths.then_some(path);
         self.current.add(path, s);
     }
@@ -322,11 +347,15 @@ mod tests {
     fn window_rolls_and_forgets() {
         let hour = 3_600_000;
         let mut w = Window::new(hour, 2, 0, true);
-        w.add(10, "/a", &sample(200, 5));
-        w.add(hour + 1, "/a", &sample(200, 5));
+        w.add("/a", &sample(200, 5));
+        let (start, done) = w.roll(hour + 1).unwrap();
+        assert_eq!((start, done.route.total), (0, 1));
+        w.add("/a", &sample(200, 5));
         assert_eq!(w.history.len(), 1);
         assert_eq!(w.current.route.total, 1);
-        w.add(5 * hour, "/a", &sample(200, 5));
+        assert!(w.roll(hour + 2).is_none());
+        w.roll(5 * hour);
+        w.add("/a", &sample(200, 5));
         assert_eq!(w.history.len(), 0, "older than 2 periods: forgotten");
         assert_eq!(w.series().len(), 1);
     }
