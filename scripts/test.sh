@@ -14,6 +14,11 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
     for _ in $(seq 50); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.1; done
 fi
 
+# Headless Chromium and chromedriver for the dashboard tests (tests/it/dashboards.rs).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver
+fi
+
 # Tansu (started per test by tests/it/kafka.rs through scripts/start-tansu.sh)
 # and the Python Kafka client the tests read topics with.
 bash scripts/install-tansu.sh >/dev/null

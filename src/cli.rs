@@ -166,6 +166,7 @@ async fn replay_only(active: crate::pipeline::Active) -> Result<(), String> {
         active: ArcSwap::from_pointee(active),
         capturer: None,
         resilience: Arc::new(crate::resilience::Registry::new(metrics.clone())),
+        stats: crate::stats::Stats::disabled(),
         metrics,
     });
     let shutdown = tokio_util::sync::CancellationToken::new();

@@ -17,4 +17,5 @@ pub mod routing;
 pub mod runtime;
 pub mod server;
 pub mod stats;
+pub mod traceparent;
 pub mod upstream;

@@ -19,7 +19,7 @@
 //! the [`Registry`].
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use http::header::{HeaderValue, HOST, RETRY_AFTER};
@@ -32,14 +32,16 @@ use crate::body::{self, BufferError, BufferedBody, RequestBody, ResponseBody};
 use crate::capture::{CaptureOutcome, Capturer};
 use crate::classify::{status_failure, status_trips_breaker, Failure};
 use crate::config::{Config, RateLimitKey};
-use crate::error::{ErrorCode, ProxyError};
+use crate::error::{ErrorCode, ProxyError, X_BACKSTOP_ERROR};
 use crate::headers::{self, ClientInfo, X_REQUEST_ID};
 use crate::resilience::backoff::Backoff;
 use crate::resilience::breaker::{self, Admission, Permit};
 use crate::resilience::rate_limit::Decision;
 use crate::resilience::{Registry, RouteGuards};
 use crate::routing::{Route, RouteTable};
-use crate::stats::metrics::{self, Metrics, RouteStatus};
+use crate::stats::metrics::Metrics;
+use crate::stats::{Event, Stats};
+use crate::traceparent::TraceContext;
 use crate::upstream::{proxy_pool, upstream_uri};
 
 /// The configuration in force: swapped whole on reload, read lock-free.
@@ -55,6 +57,8 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     /// Breakers, retry budgets and rate-limit buckets, by route name.
     pub resilience: Arc<Registry>,
+    /// Per-route statistics, keyed by route name: they outlive reloads.
+    pub stats: Arc<Stats>,
 }
 
 /// Per-request state carried through the phases, logged once at the end.
@@ -63,6 +67,8 @@ pub struct RequestContext {
     pub client: ClientInfo,
     pub method: Method,
     pub started: Instant,
+    /// The W3C trace context sent upstream (the client's, or a new one).
+    pub trace: TraceContext,
     pub route: Option<Arc<Route>>,
     pub attempts: u32,
     pub failure: Option<Failure>,
@@ -92,6 +98,7 @@ pub async fn handle(
         client,
         method: req.method().clone(),
         started: Instant::now(),
+        trace: TraceContext::from_request(req.headers()),
         route: None,
         attempts: 0,
         failure: None,
@@ -111,9 +118,12 @@ pub async fn handle(
     if let Some(decision) = &ctx.rate_limit {
         decision.apply(response.headers_mut());
     }
-    record_metrics(&proxy.metrics, &ctx, response.status());
     if active.config.log.access_log {
         log_access(&ctx, &path, response.status());
+    }
+    if active.config.stats.enabled {
+        let max_paths = active.config.stats.max_paths_per_route;
+        record_metrics(&proxy.stats, max_paths, &ctx, path, &response);
     }
     response
 }
@@ -189,7 +199,7 @@ async fn rate_limit_phase(
                     proxy
                         .metrics
                         .rate_limit_fail_open
-                        .get_or_create(&metrics::route(route.name()))
+                        .get_or_create(&crate::stats::metrics::route(route.name()))
                         .inc();
                     return Ok(());
                 }
@@ -312,6 +322,7 @@ async fn prepare(
     if let Ok(id) = HeaderValue::from_str(&ctx.request_id) {
         headers.insert(X_REQUEST_ID, id);
     }
+    ctx.trace.apply(&mut headers);
     let path = parts.uri.path();
     Ok(Outgoing {
         method: parts.method.clone(),
@@ -564,26 +575,37 @@ fn health() -> Response<ResponseBody> {
     response
 }
 
-/// Counts the request once, at the end, from its context.
-fn record_metrics(metrics: &Metrics, ctx: &RequestContext, status: StatusCode) {
-    let route = ctx.route_name().unwrap_or("none").to_string();
-    metrics
-        .request_duration
-        .get_or_create(&metrics::route(&route))
-        .observe(ctx.started.elapsed().as_secs_f64());
-    if ctx.attempts > 1 {
-        metrics
-            .upstream_retries
-            .get_or_create(&metrics::route(&route))
-            .inc_by(u64::from(ctx.attempts - 1));
-    }
-    metrics
-        .requests
-        .get_or_create(&RouteStatus {
-            route,
-            status: status.as_u16(),
-        })
-        .inc();
+/// Counts the request once, at the end, from its context: statistics and
+/// the request metrics. The event goes to the stats aggregator
+/// (`stats::recorder`); nothing here locks or waits.
+fn record_metrics(
+    stats: &Stats,
+    max_paths: usize,
+    ctx: &RequestContext,
+    path: String,
+    response: &Response<ResponseBody>,
+) {
+    let error_code = response
+        .headers()
+        .get(X_BACKSTOP_ERROR)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let at_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    stats.record(Event {
+        route: ctx.route.clone(),
+        path,
+        status: response.status().as_u16(),
+        duration: ctx.started.elapsed(),
+        attempts: ctx.attempts,
+        cache: ctx.cache,
+        capture_id: ctx.capture_id.clone(),
+        failure: ctx.failure,
+        error_code,
+        at_ms,
+        max_paths,
+    });
 }
 
 fn log_access(ctx: &RequestContext, path: &str, status: StatusCode) {
@@ -597,6 +619,9 @@ fn log_access(ctx: &RequestContext, path: &str, status: StatusCode) {
         status = status.as_u16(),
         attempts = ctx.attempts,
         failure = ctx.failure.map(|f| f.reason()).unwrap_or_default(),
+        cache = ctx.cache.unwrap_or_default(),
+        capture_id = ctx.capture_id.as_deref().unwrap_or_default(),
+        trace_id = ctx.trace.trace_id(),
         duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
         "request"
     );

@@ -23,6 +23,7 @@ use crate::resilience::Registry;
 use crate::routing::RouteTable;
 use crate::server::{self, ConnSettings};
 use crate::stats::metrics::Metrics;
+use crate::stats::Stats;
 
 /// How often the config file's modification time is checked.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -59,6 +60,7 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
             retry_after,
         ))),
         resilience: Arc::new(Registry::new(metrics.clone())),
+        stats: Stats::start(metrics.clone()),
         metrics,
     });
     let shutdown = CancellationToken::new();

@@ -15,6 +15,9 @@ pub fn routes() -> Router<AdminState> {
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
+    // Request metrics are applied by the stats aggregator: let it catch up
+    // so a scrape counts every request that finished before it.
+    state.proxy.stats.flush().await;
     match super::queue::snapshot(&state).await {
         Ok(snapshot) => {
             let m = &state.proxy.metrics;

@@ -1,11 +1,13 @@
-//! The admin listener: health, the capture queue, and (as later parts land)
-//! metrics, statistics, circuits and dashboards. Each area is a small router
-//! merged here; a bearer token guards everything but `/health` when
-//! `server.admin_token` is set.
+//! The admin listener: health, the capture queue, metrics, statistics and
+//! the dashboards (and, as later parts land, circuits). Each area is a small
+//! router merged here; a bearer token guards everything but `/health` and the
+//! dashboard pages (which hold no data) when `server.admin_token` is set.
 
 mod circuits;
+mod dashboards;
 mod metrics;
 pub(crate) mod queue;
+mod stats;
 
 use std::sync::Arc;
 
@@ -38,9 +40,11 @@ pub fn router(state: AdminState) -> Router {
         .merge(queue::routes())
         .merge(metrics::routes())
         .merge(circuits::routes())
+        .merge(stats::routes())
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .merge(dashboards::routes())
         .merge(guarded)
         .with_state(state)
 }

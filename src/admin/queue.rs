@@ -1,6 +1,7 @@
-//! `GET /queue` and `POST /queue/dead-letters/{id}/requeue`.
+//! `GET /queue`, `GET /queue/dead-letters` (the list, newest last, for the
+//! queue dashboard) and `POST /queue/dead-letters/{id}/requeue`.
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -13,6 +14,7 @@ use crate::capture::spool::{SpoolError, SpoolStats};
 pub fn routes() -> Router<AdminState> {
     Router::new()
         .route("/queue", get(queue_status))
+        .route("/queue/dead-letters", get(dead_letters))
         .route("/queue/dead-letters/{id}/requeue", post(requeue))
 }
 
@@ -74,6 +76,51 @@ async fn requeue(State(state): State<AdminState>, Path(id): Path<String>) -> Res
             StatusCode::NOT_FOUND,
             "not_found",
             &format!("No dead letter {id}"),
+        ),
+        Err(e) => admin_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "spool_error",
+            &e.to_string(),
+        ),
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ListQuery {
+    limit: Option<usize>,
+}
+
+/// Dead letters with what an operator needs to decide on a requeue: the
+/// request line, the last error and when it gave up. Bodies and headers
+/// stay out (they may hold credentials).
+async fn dead_letters(State(state): State<AdminState>, Query(q): Query<ListQuery>) -> Response {
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let spool = state.spool.clone();
+    match tokio::task::spawn_blocking(move || spool.dead_letters(limit)).await {
+        Ok(Ok(list)) => {
+            let items: Vec<serde_json::Value> = list
+                .into_iter()
+                .map(|d| {
+                    let record: serde_json::Value =
+                        serde_json::from_slice(&d.record).unwrap_or_default();
+                    json!({
+                        "id": d.id,
+                        "route": d.route,
+                        "attempts": d.attempts,
+                        "error": d.error,
+                        "dead_at": crate::stats::recorder::rfc3339(d.dead_at_ms),
+                        "captured_at": record["captured_at"],
+                        "method": record["request"]["method"],
+                        "path": record["request"]["path"],
+                    })
+                })
+                .collect();
+            Json(json!({ "dead_letters": items })).into_response()
+        }
+        Ok(Err(e)) => admin_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "spool_error",
+            &e.to_string(),
         ),
         Err(e) => admin_error(
             StatusCode::INTERNAL_SERVER_ERROR,

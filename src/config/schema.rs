@@ -21,6 +21,7 @@ pub struct Config {
     pub kafka: Option<KafkaConfig>,
     pub outbound_proxies: Vec<String>,
     pub replay: ReplayConfig,
+    pub stats: StatsConfig,
     pub routes: Vec<RouteConfig>,
 }
 
@@ -53,6 +54,16 @@ pub struct LogConfig {
     pub format: LogFormat,
     pub level: String,
     pub access_log: bool,
+}
+
+/// `[stats]`: per-route and per-path statistics and the request metrics.
+#[derive(Debug, Clone)]
+pub struct StatsConfig {
+    /// Off: no statistics and no per-request Prometheus metrics (for
+    /// measuring their cost; everything else still works).
+    pub enabled: bool,
+    /// Distinct paths kept per route; more go to one `{other}` entry.
+    pub max_paths_per_route: usize,
 }
 
 #[derive(Clone)]
@@ -261,6 +272,7 @@ impl Config {
             .then(|| KafkaConfig::read(&root.section("kafka")));
         let outbound_proxies = read_outbound_proxies(&root.section("outbound_proxies"));
         let replay = ReplayConfig::read(&root.section("replay"));
+        let stats = StatsConfig::read(&root.section("stats"));
         let routes: Vec<RouteConfig> = root
             .array_of_tables("routes")
             .iter()
@@ -273,6 +285,7 @@ impl Config {
             kafka,
             outbound_proxies,
             replay,
+            stats,
             routes,
         };
         config.check_routes(root);
@@ -421,6 +434,21 @@ impl LogConfig {
             format,
             level,
             access_log: s.get("access_log", false),
+        };
+        s.reject_unknown_keys();
+        config
+    }
+}
+
+impl StatsConfig {
+    fn read(s: &Section<'_>) -> Self {
+        let max_paths_per_route = s.get("max_paths_per_route", 100usize);
+        if !(1..=10_000).contains(&max_paths_per_route) {
+            s.error("max_paths_per_route", "must be between 1 and 10000");
+        }
+        let config = StatsConfig {
+            enabled: s.get("enabled", true),
+            max_paths_per_route,
         };
         s.reject_unknown_keys();
         config

@@ -61,6 +61,7 @@ pub struct Metrics {
     pub kafka_fallbacks: Counter,
     pub replayed: Family<RouteOutcome, Counter>,
     pub rate_limit_fail_open: Family<RouteLabel, Counter>,
+    pub stats_dropped: Counter,
 }
 
 fn duration_histogram() -> Histogram {
@@ -151,8 +152,15 @@ impl Metrics {
             "Requests let through unchecked because the shared (Redis) rate limit was unavailable",
             rate_limit_fail_open.clone(),
         );
+        let stats_dropped = Counter::default();
+        registry.register(
+            "stats_dropped",
+            "Requests not counted in statistics because the aggregator fell behind",
+            stats_dropped.clone(),
+        );
         Metrics {
             registry,
+            stats_dropped,
             requests,
             request_duration,
             upstream_retries,

@@ -86,7 +86,9 @@ impl Backstop {
                     ("admin listening on ", "admin"),
                 ] {
                     if let Some(rest) = line.split(marker).nth(1) {
-                        let _ = tx.send((kind, rest.trim().to_string()));
+                        // With `log.format = "json"` the URL ends at the quote.
+                        let url = rest.split('"').next().unwrap_or(rest);
+                        let _ = tx.send((kind, url.trim().to_string()));
                     }
                 }
                 sink.lock().unwrap().push(line);

@@ -1,13 +1,16 @@
 //! Integration tests: a real Backstop process, real backends, real sockets.
 
+mod browser;
 mod harness;
 
 mod bad_input;
 mod capture;
 mod config_check;
+mod dashboards;
 mod forward_proxy;
 mod kafka;
 mod lifecycle;
 mod proxy;
 mod resilience;
+mod stats;
 mod tls;

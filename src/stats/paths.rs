@@ -1,0 +1,142 @@
+//! Path normalisation and the per-route path budget, so that statistics per
+//! path stay bounded whatever clients send.
+//!
+//! A segment that looks like an identifier (all digits, a UUID, or a long
+//! hex string) becomes `{id}`, so `/users/42` and `/users/43` are one entry.
+//! Each route keeps at most `max_paths` distinct normalised paths; any new
+//! path past that is counted under [`OTHER`]. This module never allocates
+//! more than the budget allows and never looks at the query string.
+
+use std::collections::HashSet;
+
+/// The entry that takes every path past a route's budget.
+pub const OTHER: &str = "{other}";
+/// What an identifier segment becomes.
+pub const ID: &str = "{id}";
+
+/// Longest path kept as is (longer ones are cut, so that one long path
+/// cannot take much memory even under the budget).
+const MAX_PATH_LEN: usize = 200;
+/// A hex segment at least this long is an id (a short one may be a word
+/// such as `cafe` or `add`).
+const MIN_HEX_ID_LEN: usize = 16;
+
+/// The normalised form of a request path (without its query).
+pub fn normalize(path: &str) -> String {
+    let mut out = String::with_capacity(path.len().min(MAX_PATH_LEN));
+    for segment in path.split('/').skip(1) {
+        out.push('/');
+        if is_id(segment) {
+            out.push_str(ID);
+        } else {
+            out.push_str(segment);
+        }
+        if out.len() > MAX_PATH_LEN {
+            let mut cut = MAX_PATH_LEN;
+            while !out.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            out.truncate(cut);
+            out.push('…');
+            break;
+        }
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
+fn is_id(segment: &str) -> bool {
+    if segment.is_empty() {
+        return false;
+    }
+    let b = segment.as_bytes();
+    if b.iter().all(u8::is_ascii_digit) {
+        return true;
+    }
+    if is_uuid(b) {
+        return true;
+    }
+    b.len() >= MIN_HEX_ID_LEN && b.iter().all(u8::is_ascii_hexdigit)
+}
+
+fn is_uuid(b: &[u8]) -> bool {
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+/// The distinct paths one route has seen, up to its budget.
+#[derive(Debug, Default)]
+pub struct PathBudget {
+    known: HashSet<String>,
+}
+
+impl PathBudget {
+    /// The key to count `normalized` under: itself while the budget allows,
+    /// else [`OTHER`].
+    pub fn admit(&mut self, normalized: String, max_paths: usize) -> String {
+        if self.known.contains(&normalized) {
+            return normalized;
+        }
+        if self.known.len() < max_paths {
+            self.known.insert(normalized.clone());
+            return normalized;
+        }
+        OTHER.to_string()
+    }
+
+    pub fn len(&self) -> usize {
+        self.known.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.known.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_become_id() {
+        for (path, want) in [
+            ("/api/users/42", "/api/users/{id}"),
+            ("/api/users/42/orders/7", "/api/users/{id}/orders/{id}"),
+            (
+                "/api/items/0193a2b4-7c1d-7e2f-8a9b-0c1d2e3f4a5b",
+                "/api/items/{id}",
+            ),
+            ("/api/blobs/deadbeefdeadbeefdeadbeef", "/api/blobs/{id}"),
+            ("/api/blobs/cafe", "/api/blobs/cafe"),
+            ("/api/v1/users", "/api/v1/users"),
+            ("/", "/"),
+            ("", "/"),
+            ("/api/users/", "/api/users/"),
+        ] {
+            assert_eq!(normalize(path), want, "{path}");
+        }
+    }
+
+    #[test]
+    fn long_paths_are_cut() {
+        let long = format!("/api/{}", "z".repeat(1000));
+        let n = normalize(&long);
+        assert!(n.len() <= MAX_PATH_LEN + '…'.len_utf8());
+        assert!(n.ends_with('…'));
+    }
+
+    #[test]
+    fn budget_overflows_to_other() {
+        let mut budget = PathBudget::default();
+        assert_eq!(budget.admit("/a".into(), 2), "/a");
+        assert_eq!(budget.admit("/b".into(), 2), "/b");
+        assert_eq!(budget.admit("/c".into(), 2), OTHER);
+        assert_eq!(budget.admit("/a".into(), 2), "/a");
+        assert_eq!(budget.len(), 2);
+    }
+}

@@ -1,0 +1,545 @@
+//! Recording requests for statistics and metrics, off the hot path.
+//!
+//! The request path only builds an [`Event`] (it already owns the path
+//! string) and `try_send`s it on a bounded channel: no lock, no map lookup,
+//! no histogram update per request. One aggregator task receives events in
+//! batches and applies them — to the per-route statistics ([`State`]) and to
+//! the Prometheus request metrics, whose handles it caches per route so no
+//! label map is searched per request either. The state sits behind a mutex
+//! that only the aggregator (once per batch) and admin readers take.
+//!
+//! If the aggregator falls behind by a whole channel, events are dropped and
+//! counted (`backstop_stats_dropped_total`), never queued without bound and
+//! never allowed to slow a request down.
+//!
+//! State is keyed by route name and held by `Proxy`, so it survives a
+//! configuration reload.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, UNIX_EPOCH};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use super::metrics::{self, Metrics, RouteStatus};
+use super::paths::{self, PathBudget};
+use super::window::{Aggregate, Counts, Sample, Summary, Window};
+use crate::classify::Failure;
+use crate::routing::Route;
+
+/// Events waiting for the aggregator at most; past this they are dropped.
+const CHANNEL_CAPACITY: usize = 65_536;
+/// Events applied per lock of the state.
+const BATCH: usize = 1024;
+/// Errors kept per route.
+pub const RECENT_ERRORS: usize = 100;
+
+const MINUTE_MS: i64 = 60_000;
+const HOUR_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 86_400_000;
+
+/// One finished request, as the request path reports it.
+pub struct Event {
+    /// `None` when no route matched (counted in metrics as route `none`).
+    pub route: Option<Arc<Route>>,
+    pub path: String,
+    pub status: u16,
+    pub duration: Duration,
+    pub attempts: u32,
+    pub cache: Option<&'static str>,
+    pub capture_id: Option<String>,
+    pub failure: Option<Failure>,
+    /// The `X-Backstop-Error` code of a proxy-made answer.
+    pub error_code: Option<String>,
+    pub at_ms: i64,
+    pub max_paths: usize,
+}
+
+impl Event {
+    /// Success is a 1xx–3xx answer that the classifier did not call a
+    /// backend failure; everything else (4xx, 5xx, captures) is a failure.
+    fn success(&self) -> bool {
+        self.failure.is_none() && self.status < 400
+    }
+}
+
+enum Msg {
+    Event(Box<Event>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// The statistics of every route; shared by the proxy and the admin API.
+pub struct Stats {
+    tx: Option<mpsc::Sender<Msg>>,
+    dropped: Counter,
+    state: Arc<Mutex<State>>,
+}
+
+impl Stats {
+    /// Starts the aggregator task (needs a tokio runtime).
+    pub fn start(metrics: Arc<Metrics>) -> Arc<Stats> {
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let state = Arc::new(Mutex::new(State::default()));
+        let dropped = metrics.stats_dropped.clone();
+        tokio::spawn(aggregate(rx, state.clone(), metrics));
+        Arc::new(Stats {
+            tx: Some(tx),
+            dropped,
+            state,
+        })
+    }
+
+    /// Statistics that record nothing (the replay-only process).
+    pub fn disabled() -> Arc<Stats> {
+        Arc::new(Stats {
+            tx: None,
+            dropped: Counter::default(),
+            state: Arc::new(Mutex::new(State::default())),
+        })
+    }
+
+    /// Hands a finished request to the aggregator; never blocks.
+    pub fn record(&self, event: Event) {
+        if let Some(tx) = &self.tx {
+            if tx.try_send(Msg::Event(Box::new(event))).is_err() {
+                self.dropped.inc();
+            }
+        }
+    }
+
+    /// Waits until every event recorded before this call is counted, so an
+    /// admin answer includes the requests that finished before it was asked.
+    pub async fn flush(&self) {
+        let Some(tx) = &self.tx else { return };
+        let (done, wait) = oneshot::channel();
+        if tx.send(Msg::Flush(done)).await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), wait).await;
+        }
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.dropped.get()
+    }
+
+    /// The state, for reading (admin) — a poisoned lock still holds valid
+    /// counters, so it is used as is.
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+async fn aggregate(mut rx: mpsc::Receiver<Msg>, state: Arc<Mutex<State>>, metrics: Arc<Metrics>) {
+    let mut handles = PromHandles::new(metrics);
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut flushed = Vec::new();
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        {
+            let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+            for msg in batch.drain(..) {
+                match msg {
+                    Msg::Event(event) => {
+                        handles.apply(&event);
+                        state.apply(*event);
+                    }
+                    Msg::Flush(done) => flushed.push(done),
+                }
+            }
+        }
+        for done in flushed.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Prometheus handles per route, so the aggregator neither allocates label
+/// strings nor searches a family's map per event.
+struct PromHandles {
+    metrics: Arc<Metrics>,
+    routes: HashMap<String, RouteHandles>,
+}
+
+struct RouteHandles {
+    duration: Histogram,
+    retries: Counter,
+    by_status: HashMap<u16, Counter>,
+}
+
+impl PromHandles {
+    fn new(metrics: Arc<Metrics>) -> Self {
+        PromHandles {
+            metrics,
+            routes: HashMap::new(),
+        }
+    }
+
+    fn apply(&mut self, e: &Event) {
+        let name = e.route.as_deref().map_or("none", Route::name);
+        if !self.routes.contains_key(name) {
+            let label = metrics::route(name);
+            let h = RouteHandles {
+                duration: self.metrics.request_duration.get_or_create(&label).clone(),
+                retries: self.metrics.upstream_retries.get_or_create(&label).clone(),
+                by_status: HashMap::new(),
+            };
+            self.routes.insert(name.to_string(), h);
+        }
+        let Some(h) = self.routes.get_mut(name) else {
+            return;
+        };
+        h.duration.observe(e.duration.as_secs_f64());
+        if e.attempts > 1 {
+            h.retries.inc_by(u64::from(e.attempts - 1));
+        }
+        let metrics = &self.metrics;
+        h.by_status
+            .entry(e.status)
+            .or_insert_with(|| {
+                metrics
+                    .requests
+                    .get_or_create(&RouteStatus {
+                        route: name.to_string(),
+                        status: e.status,
+                    })
+                    .clone()
+            })
+            .inc();
+    }
+}
+
+/// Which period a question is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    All,
+    Daily,
+    Hourly,
+}
+
+impl Period {
+    pub fn parse(s: &str) -> Option<Period> {
+        match s {
+            "all" => Some(Period::All),
+            "daily" => Some(Period::Daily),
+            "hourly" => Some(Period::Hourly),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::All => "all",
+            Period::Daily => "daily",
+            Period::Hourly => "hourly",
+        }
+    }
+}
+
+/// One of the last errors of a route.
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorEntry {
+    pub time: String,
+    #[serde(skip)]
+    pub at_ms: i64,
+    pub route: String,
+    pub path: String,
+    pub status: u16,
+    pub error: Option<String>,
+    pub message: String,
+}
+
+/// Everything counted for one route.
+///
+/// Each request is counted once per route and path, in the current hour
+/// (and once per route in the current minute, for charts). When an hour
+/// ends it is folded into today's and all-time totals, so `daily` and
+/// `all` are those totals plus the current hour: a third of the work per
+/// request of counting every period separately.
+pub struct RouteStats {
+    budget: PathBudget,
+    started_ms: i64,
+    /// Every finished hour since the start.
+    all_before: Aggregate,
+    /// The finished hours of the current day.
+    today_before: Aggregate,
+    /// Past days as summaries, and the current day's start.
+    pub days: Window,
+    pub hours: Window,
+    pub minutes: Window,
+    pub errors: VecDeque<ErrorEntry>,
+}
+
+impl RouteStats {
+    /// A route with nothing counted yet.
+    pub fn new(now_ms: i64) -> Self {
+        RouteStats {
+            budget: PathBudget::default(),
+            started_ms: now_ms,
+            all_before: Aggregate::default(),
+            today_before: Aggregate::default(),
+            days: Window::new(DAY_MS, 30, now_ms, false),
+            hours: Window::new(HOUR_MS, 7 * 24, now_ms, true),
+            minutes: Window::new(MINUTE_MS, 60, now_ms, false),
+            errors: VecDeque::with_capacity(RECENT_ERRORS),
+        }
+    }
+
+    /// Moves every window to the period holding `now_ms`.
+    pub fn roll(&mut self, now_ms: i64) {
+        self.minutes.roll(now_ms);
+        if let Some((start, hour)) = self.hours.roll(now_ms) {
+            self.all_before.merge(&hour);
+            self.roll_day(start);
+            self.today_before.merge(&hour);
+        }
+        self.roll_day(now_ms);
+    }
+
+    /// Starts the day holding `t` if it has begun; the finished day
+    /// becomes a summary.
+    fn roll_day(&mut self, t: i64) {
+        let before = self.days.start_ms;
+        if self.days.roll(t).is_some() {
+            let done = std::mem::take(&mut self.today_before);
+            if done.route.total > 0 {
+                self.days.push_summary(done.route.summary(before));
+            }
+        }
+    }
+
+    /// Counts one request; returns the path key it was counted under.
+    fn count(&mut self, at_ms: i64, raw_path: &str, max_paths: usize, sample: &Sample) -> String {
+        let path = self.budget.admit(paths::normalize(raw_path), max_paths);
+        self.roll(at_ms);
+        self.hours.add(&path, sample);
+        self.minutes.add(&path, sample);
+        path
+    }
+
+    pub fn path_count(&self) -> usize {
+        self.budget.len()
+    }
+
+    /// The counts of a period (and when it started).
+    pub fn period(&self, period: Period) -> (Aggregate, i64) {
+        let current = &self.hours.current;
+        match period {
+            Period::Hourly => (current.clone(), self.hours.start_ms),
+            Period::Daily => {
+                let mut day = self.today_before.clone();
+                day.merge(current);
+                (day, self.days.start_ms)
+            }
+            Period::All => {
+                let mut all = self.all_before.clone();
+                all.merge(current);
+                (all, self.started_ms)
+            }
+        }
+    }
+
+    /// Summaries over time for charts: per minute for `all` (the last
+    /// hour), per hour for `hourly` (7 days), per day for `daily` (30 days).
+    pub fn history(&self, period: Period) -> (i64, Value) {
+        let series = match period {
+            Period::All => self.minutes.series(),
+            Period::Hourly => self.hours.series(),
+            Period::Daily => {
+                let mut past: Vec<Summary> = self.days.history.iter().cloned().collect();
+                let (today, start) = self.period(Period::Daily);
+                past.push(today.route.summary(start));
+                past
+            }
+        };
+        let len_ms = match period {
+            Period::All => MINUTE_MS,
+            Period::Hourly => HOUR_MS,
+            Period::Daily => DAY_MS,
+        };
+        (len_ms / 1000, json!(series))
+    }
+}
+
+/// The statistics of every route, by route name.
+#[derive(Default)]
+pub struct State {
+    pub routes: HashMap<String, RouteStats>,
+}
+
+impl State {
+    fn apply(&mut self, e: Event) {
+        let Some(route) = e.route.as_deref() else {
+            return;
+        };
+        let name = route.name();
+        let stats = match self.routes.get_mut(name) {
+            Some(s) => s,
+            None => self
+                .routes
+                .entry(name.to_string())
+                .or_insert_with(|| RouteStats::new(e.at_ms)),
+        };
+        let sample = Sample {
+            status: e.status,
+            success: e.success(),
+            duration_us: u64::try_from(e.duration.as_micros()).unwrap_or(u64::MAX),
+            retries: e.attempts.saturating_sub(1),
+            cache: e.cache,
+            captured: e.capture_id.is_some(),
+        };
+        let path = stats.count(e.at_ms, &e.path, e.max_paths, &sample);
+        if !sample.success {
+            if stats.errors.len() == RECENT_ERRORS {
+                stats.errors.pop_front();
+            }
+            stats.errors.push_back(ErrorEntry {
+                time: rfc3339(e.at_ms),
+                at_ms: e.at_ms,
+                route: name.to_string(),
+                message: error_message(&e, name),
+                error: e
+                    .failure
+                    .map(Failure::reason)
+                    .or_else(|| e.error_code.clone()),
+                status: e.status,
+                path,
+            });
+        }
+    }
+
+    /// Route names with statistics, sorted.
+    pub fn route_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.routes.keys().cloned().collect();
+        names.sort();
+        names
+    }
+}
+
+fn error_message(e: &Event, route: &str) -> String {
+    match (e.failure, &e.capture_id, &e.error_code) {
+        (Some(f), Some(id), _) => format!("captured as {id} ({})", f.reason()),
+        (Some(f), None, _) => crate::pipeline::failure_error(f, route).message,
+        (None, _, Some(code)) => format!("answered by Backstop: {code}"),
+        (None, _, None) => format!("the backend answered {}", e.status),
+    }
+}
+
+/// The answer for one route and period (`/api-stats?api=...`).
+pub struct RouteQuery<'a> {
+    pub period: Period,
+    pub paths: bool,
+    pub path: Option<&'a str>,
+}
+
+/// `None` when the path asked for has no statistics.
+pub fn route_json(stats: &RouteStats, name: &str, q: &RouteQuery<'_>) -> Option<Value> {
+    let (agg, start_ms) = stats.period(q.period);
+    let agg = &agg;
+    let (counts, path) = match q.path {
+        Some(p) => {
+            let key = paths::normalize(p);
+            let counts = agg
+                .paths
+                .get(&key)
+                .or_else(|| agg.paths.get(paths::OTHER).filter(|_| p == paths::OTHER))?;
+            (counts, Some(key))
+        }
+        None => (&agg.route, None),
+    };
+    let mut out = counts.to_json();
+    let errors: Vec<&ErrorEntry> = stats
+        .errors
+        .iter()
+        .rev()
+        .filter(|e| e.at_ms >= start_ms || q.period == Period::All)
+        .filter(|e| path.as_ref().is_none_or(|p| &e.path == p))
+        .collect();
+    let (interval_s, history) = stats.history(q.period);
+    if let Some(obj) = out.as_object_mut() {
+        obj.insert("api".into(), json!(name));
+        obj.insert("period".into(), json!(q.period.as_str()));
+        obj.insert("period_start".into(), json!(rfc3339(start_ms)));
+        obj.insert("recent_errors".into(), json!(errors));
+        if let Some(p) = &path {
+            obj.insert("path".into(), json!(p));
+        } else {
+            obj.insert("path_count".into(), json!(stats.path_count()));
+            obj.insert("history_interval_s".into(), json!(interval_s));
+            obj.insert("history".into(), history);
+        }
+        if q.paths && path.is_none() {
+            obj.insert("paths".into(), paths_json(&agg.paths));
+        }
+    }
+    Some(out)
+}
+
+fn paths_json(paths: &HashMap<String, Counts>) -> Value {
+    let mut sorted: Vec<(&String, &Counts)> = paths.iter().collect();
+    sorted.sort_by(|a, b| b.1.total.cmp(&a.1.total).then(a.0.cmp(b.0)));
+    let map: serde_json::Map<String, Value> = sorted
+        .into_iter()
+        .map(|(p, c)| (p.clone(), c.to_json()))
+        .collect();
+    Value::Object(map)
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Epoch milliseconds → RFC 3339 UTC with milliseconds.
+pub fn rfc3339(ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok() -> Sample {
+        Sample {
+            status: 200,
+            success: true,
+            duration_us: 1500,
+            retries: 0,
+            cache: None,
+            captured: false,
+        }
+    }
+
+    #[test]
+    fn hours_fold_into_days_and_all() {
+        let t0 = 10 * DAY_MS + 30 * MINUTE_MS;
+        let mut r = RouteStats::new(t0);
+        r.count(t0, "/a/1", 10, &ok());
+        r.count(t0 + HOUR_MS, "/a/2", 10, &ok());
+        r.count(t0 + 2 * HOUR_MS, "/b", 10, &ok());
+        let total = |r: &RouteStats, p| r.period(p).0.route.total;
+        assert_eq!(total(&r, Period::Hourly), 1);
+        assert_eq!(total(&r, Period::Daily), 3);
+        assert_eq!(total(&r, Period::All), 3);
+        assert_eq!(r.period(Period::All).0.paths["/a/{id}"].total, 2);
+
+        // The next day: yesterday becomes a summary; `all` keeps everything.
+        r.count(t0 + DAY_MS, "/b", 10, &ok());
+        assert_eq!(total(&r, Period::Daily), 1);
+        assert_eq!(total(&r, Period::All), 4);
+        assert_eq!(r.days.history.len(), 1);
+        assert_eq!(r.days.history[0].total, 3);
+        assert_eq!(r.days.history[0].start_ms, 10 * DAY_MS);
+        let (interval, series) = r.history(Period::Daily);
+        assert_eq!(interval, 86_400);
+        assert_eq!(series.as_array().map(Vec::len), Some(2));
+
+        // A quiet hour later, a query sees an empty current hour.
+        r.roll(t0 + DAY_MS + 3 * HOUR_MS);
+        assert_eq!(total(&r, Period::Hourly), 0);
+        assert_eq!(total(&r, Period::Daily), 1);
+    }
+}

@@ -1,0 +1,369 @@
+//! Counters of one period: [`Counts`] (totals, statuses, an HDR latency
+//! histogram), [`Aggregate`] (a route and its paths), [`Window`] (the
+//! current hour or day, and summaries of the past ones).
+//!
+//! Everything here is plain data owned by the one aggregator task: no locks,
+//! no atomics. Past periods keep only a [`Summary`] (a few numbers), never a
+//! histogram, so history costs little memory.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+/// Latencies are recorded in microseconds, from 1 µs to 10 minutes (longer
+/// ones are clamped), with 2 significant digits (1 % precision): 3,072
+/// `u32` buckets, 12 KiB per histogram.
+const LATENCY_MAX_US: u64 = 600_000_000;
+const SIGNIFICANT_DIGITS: u8 = 2;
+
+/// One request's outcome, as counted.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub status: u16,
+    pub success: bool,
+    pub duration_us: u64,
+    pub retries: u32,
+    pub cache: Option<&'static str>,
+    pub captured: bool,
+}
+
+/// Totals of one route or path in one period.
+#[derive(Debug, Clone)]
+pub struct Counts {
+    pub total: u64,
+    pub success: u64,
+    pub failure: u64,
+    pub status_codes: BTreeMap<u16, u64>,
+    pub retries: u64,
+    pub cache: BTreeMap<&'static str, u64>,
+    pub captures: u64,
+    latency: Histogram<u32>,
+}
+
+impl Default for Counts {
+    fn default() -> Self {
+        Counts {
+            total: 0,
+            success: 0,
+            failure: 0,
+            status_codes: BTreeMap::new(),
+            retries: 0,
+            cache: BTreeMap::new(),
+            captures: 0,
+            latency: new_histogram(),
+        }
+    }
+}
+
+fn new_histogram() -> Histogram<u32> {
+    // Constant bounds that hdrhistogram documents as valid: not input.
+    Histogram::new_with_bounds(1, LATENCY_MAX_US, SIGNIFICANT_DIGITS)
+        .expect("constant histogram bounds are valid")
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct Latency {
+    pub min: f64,
+    pub median: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Counts {
+    pub fn add(&mut self, s: &Sample) {
+        self.total += 1;
+        if s.success {
+            self.success += 1;
+        } else {
+            self.failure += 1;
+        }
+        *self.status_codes.entry(s.status).or_default() += 1;
+        self.retries += u64::from(s.retries);
+        if let Some(c) = s.cache {
+            *self.cache.entry(c).or_default() += 1;
+        }
+        if s.captured {
+            self.captures += 1;
+        }
+        let us = s.duration_us.clamp(1, LATENCY_MAX_US);
+        // u32 buckets halve the memory; a bucket saturates at 4 billion
+        // requests of one latency in one period, which is harmless.
+        self.latency.saturating_record(us);
+    }
+
+    /// Adds another period's counts (used for cluster totals).
+    pub fn merge(&mut self, other: &Counts) {
+        self.total += other.total;
+        self.success += other.success;
+        self.failure += other.failure;
+        for (k, v) in &other.status_codes {
+            *self.status_codes.entry(*k).or_default() += v;
+        }
+        self.retries += other.retries;
+        for (k, v) in &other.cache {
+            *self.cache.entry(k).or_default() += v;
+        }
+        self.captures += other.captures;
+        let _ = self.latency.add(&other.latency);
+    }
+
+    /// min ≤ median ≤ p95 ≤ p99 ≤ max, in ms; all zero when empty.
+    pub fn latency(&self) -> Latency {
+        let h = &self.latency;
+        if h.is_empty() {
+            return Latency::default();
+        }
+        let (min, max) = (h.min(), h.max());
+        // Percentiles are bucket values: keep them inside [min, max] and in
+        // order, which is what a reader expects of them.
+        let mut last = min;
+        let mut at = |q: f64| {
+            let v = h.value_at_quantile(q).clamp(last, max);
+            last = v;
+            v
+        };
+        let (median, p95, p99) = (at(0.5), at(0.95), at(0.99));
+        Latency {
+            min: ms(min),
+            median: ms(median),
+            p95: ms(p95),
+            p99: ms(p99),
+            max: ms(max),
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        let codes: serde_json::Map<String, Value> = self
+            .status_codes
+            .iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect();
+        json!({
+            "total": self.total,
+            "success": self.success,
+            "failure": self.failure,
+            "status_codes": codes,
+            "response_time": self.latency(),
+            "retries": self.retries,
+            "cache": self.cache,
+            "captures": self.captures,
+        })
+    }
+
+    pub fn summary(&self, start_ms: i64) -> Summary {
+        let l = self.latency();
+        Summary {
+            start_ms,
+            total: self.total,
+            success: self.success,
+            failure: self.failure,
+            median: l.median,
+            p95: l.p95,
+            p99: l.p99,
+            max: l.max,
+        }
+    }
+
+    /// Serialized histogram and counters, for pushing to Redis.
+    pub fn latency_histogram(&self) -> &Histogram<u32> {
+        &self.latency
+    }
+
+    pub fn add_latency_histogram(&mut self, h: &Histogram<u32>) {
+        let _ = self.latency.add(h);
+    }
+}
+
+fn ms(us: u64) -> f64 {
+    (us as f64 / 1000.0 * 1000.0).round() / 1000.0
+}
+
+/// A route's counts and its paths' counts in one period.
+#[derive(Debug, Default, Clone)]
+pub struct Aggregate {
+    pub route: Counts,
+    pub paths: HashMap<String, Counts>,
+}
+
+impl Aggregate {
+    /// Adds a finished period (an hour into its day and into `all`).
+    pub fn merge(&mut self, other: &Aggregate) {
+        self.route.merge(&other.route);
+        for (path, counts) in &other.paths {
+            match self.paths.get_mut(path) {
+                Some(c) => c.merge(counts),
+                None => {
+                    self.paths.insert(path.clone(), counts.clone());
+                }
+            }
+        }
+    }
+
+    pub fn add(&mut self, path: Option<&str>, s: &Sample) {
+        self.route.add(s);
+        if let Some(p) = path {
+            match self.paths.get_mut(p) {
+                Some(c) => c.add(s),
+                None => {
+                    let mut c = Counts::default();
+                    c.add(s);
+                    self.paths.insert(p.to_string(), c);
+                }
+            }
+        }
+    }
+}
+
+/// One past period, kept for charts.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub start_ms: i64,
+    pub total: u64,
+    pub success: u64,
+    pub failure: u64,
+    pub median: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+/// The current period of a fixed length (an hour, a day) and summaries of
+/// the past ones, kept `keep` periods back.
+#[derive(Debug)]
+pub struct Window {
+    pub len_ms: i64,
+    keep: usize,
+    pub start_ms: i64,
+    pub current: Aggregate,
+    pub history: VecDeque<Summary>,
+    /// Whether paths are counted in this window (not for minute charts).
+    with_paths: bool,
+}
+
+impl Window {
+    pub fn new(len_ms: i64, keep: usize, now_ms: i64, with_paths: bool) -> Window {
+        Window {
+            len_ms,
+            keep,
+            start_ms: now_ms - now_ms.rem_euclid(len_ms),
+            current: Aggregate::default(),
+            history: VecDeque::new(),
+            with_paths,
+        }
+    }
+
+    /// Moves to the period holding `now_ms` if it has begun: the finished
+    /// one becomes a summary (summaries older than `keep` periods go) and
+    /// is returned with its start, for the caller to fold into longer ones.
+    pub fn roll(&mut self, now_ms: i64) -> Option<(i64, Aggregate)> {
+        let start = now_ms - now_ms.rem_euclid(self.len_ms);
+        if start <= self.start_ms {
+            return None;
+        }
+        let done = std::mem::take(&mut self.current);
+        let done_start = std::mem::replace(&mut self.start_ms, start);
+        if done.route.total > 0 {
+            self.history.push_back(done.route.summary(done_start));
+        }
+        self.push_summary_limit();
+        Some((done_start, done))
+    }
+
+    /// Records a summary of a period built elsewhere (a day from its hours).
+    pub fn push_summary(&mut self, summary: Summary) {
+        self.history.push_back(summary);
+        self.push_summary_limit();
+    }
+
+    fn push_summary_limit(&mut self) {
+        let oldest = self.start_ms - self.len_ms * self.keep as i64;
+        while self.history.front().is_some_and(|s| s.start_ms < oldest) {
+            self.history.pop_front();
+        }
+    }
+
+    /// Counts a sample in the current period (the caller rolled first).
+    /// A sample stamped just before a roll (it waited in the channel)
+    /// counts in the current period: close enough, and never lost.
+    pub fn add(&mut self, path: &str, s: &Sample) {
+        let path = self.with_paths.then_some(path);
+        self.current.add(path, s);
+    }
+
+    /// History then the current period, for charts.
+    pub fn series(&self) -> Vec<Summary> {
+        let mut out: Vec<Summary> = self.history.iter().cloned().collect();
+        out.push(self.current.route.summary(self.start_ms));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(status: u16, us: u64) -> Sample {
+        Sample {
+            status,
+            success: status < 400,
+            duration_us: us,
+            retries: 0,
+            cache: None,
+            captured: false,
+        }
+    }
+
+    #[test]
+    fn percentiles_are_ordered_and_in_ms() {
+        let mut c = Counts::default();
+        for us in 1..=1000u64 {
+            c.add(&sample(200, us * 1000));
+        }
+        let l = c.latency();
+        assert!(l.min <= l.median && l.median <= l.p95 && l.p95 <= l.p99 && l.p99 <= l.max);
+        assert!((l.min - 1.0).abs() < 0.02, "{l:?}");
+        assert!((l.median - 500.0).abs() < 6.0, "{l:?}");
+        assert!((l.p99 - 990.0).abs() < 11.0, "{l:?}");
+        assert!((l.max - 1000.0).abs() < 11.0, "{l:?}");
+        assert_eq!(Counts::default().latency(), Latency::default());
+    }
+
+    #[test]
+    fn counts_statuses_and_outcomes() {
+        let mut c = Counts::default();
+        c.add(&sample(200, 10));
+        c.add(&sample(200, 10));
+        c.add(&sample(503, 10));
+        assert_eq!((c.total, c.success, c.failure), (3, 2, 1));
+        assert_eq!(c.status_codes[&200], 2);
+        assert_eq!(c.status_codes[&503], 1);
+    }
+
+    #[test]
+    fn window_rolls_and_forgets() {
+        let hour = 3_600_000;
+        let mut w = Window::new(hour, 2, 0, true);
+        w.add("/a", &sample(200, 5));
+        let (start, done) = w.roll(hour + 1).unwrap();
+        assert_eq!((start, done.route.total), (0, 1));
+        w.add("/a", &sample(200, 5));
+        assert_eq!(w.history.len(), 1);
+        assert_eq!(w.current.route.total, 1);
+        assert!(w.roll(hour + 2).is_none());
+        w.roll(5 * hour);
+        w.add("/a", &sample(200, 5));
+        assert_eq!(w.history.len(), 0, "older than 2 periods: forgotten");
+        assert_eq!(w.series().len(), 1);
+    }
+
+    #[test]
+    fn histogram_stays_small() {
+        let h = new_histogram();
+        eprintln!("histogram buckets: {}", h.distinct_values());
+        assert!(h.distinct_values() <= 4096, "{}", h.distinct_values());
+    }
+}

@@ -1,0 +1,176 @@
+//! W3C Trace Context (`traceparent`, `tracestate`) for upstream requests.
+//!
+//! A valid `traceparent` from the client goes upstream unchanged (with its
+//! `tracestate`), whatever `forward_headers` says, so a backend's spans join
+//! the caller's trace. Without one (or with an invalid one) Backstop starts
+//! a trace: a random trace id and parent id, flagged sampled so backends
+//! record it. Backstop exports no spans itself, so it never replaces the
+//! parent id with one of its own: that would point backends at a span that
+//! exists nowhere.
+//!
+//! This module never fails a request: a malformed header is replaced.
+
+use http::header::HeaderName;
+use http::{HeaderMap, HeaderValue};
+use rand::Rng;
+
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+/// The trace context of one request.
+#[derive(Debug, Clone)]
+pub struct TraceContext {
+    traceparent: HeaderValue,
+    tracestate: Option<HeaderValue>,
+}
+
+impl TraceContext {
+    /// The client's context if its `traceparent` is valid, else a new one.
+    pub fn from_request(headers: &HeaderMap) -> TraceContext {
+        let incoming = headers
+            .get(&TRACEPARENT)
+            .filter(|v| v.to_str().is_ok_and(is_valid));
+        match incoming {
+            Some(tp) => TraceContext {
+                traceparent: tp.clone(),
+                tracestate: headers.get(&TRACESTATE).cloned(),
+            },
+            None => TraceContext::new_root(),
+        }
+    }
+
+    fn new_root() -> TraceContext {
+        let mut rng = rand::rng();
+        // All-zero ids are invalid; a random u128/u64 is zero with
+        // negligible odds, and `max(1)` removes even those.
+        let trace_id: u128 = rng.random::<u128>().max(1);
+        let parent_id: u64 = rng.random::<u64>().max(1);
+        let value = format!("00-{trace_id:032x}-{parent_id:016x}-01");
+        TraceContext {
+            traceparent: HeaderValue::from_str(&value)
+                .unwrap_or_else(|_| HeaderValue::from_static("")),
+            tracestate: None,
+        }
+    }
+
+    /// The 32-hex-digit trace id (for logs).
+    pub fn trace_id(&self) -> &str {
+        self.traceparent
+            .to_str()
+            .ok()
+            .and_then(|s| s.get(3..35))
+            .unwrap_or("")
+    }
+
+    /// Sets the context on an upstream request's headers.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        headers.insert(TRACEPARENT, self.traceparent.clone());
+        match &self.tracestate {
+            Some(ts) => {
+                headers.insert(TRACESTATE, ts.clone());
+            }
+            None => {
+                headers.remove(TRACESTATE);
+            }
+        }
+    }
+}
+
+/// `version-traceid-parentid-flags`, lowercase hex, non-zero ids, version
+/// not `ff`. Later versions may append fields after the flags.
+fn is_valid(s: &str) -> bool {
+    let b = s.as_bytes();
+    if b.len() < 55 || (b.len() > 55 && b[55] != b'-') {
+        return false;
+    }
+    let hex = |r: std::ops::Range<usize>| {
+        b[r].iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+    };
+    let zero = |r: std::ops::Range<usize>| b[r].iter().all(|c| *c == b'0');
+    hex(0..2)
+        && &b[0..2] != b"ff"
+        && (&b[0..2] != b"00" || b.len() == 55)
+        && b[2] == b'-'
+        && hex(3..35)
+        && !zero(3..35)
+        && b[35] == b'-'
+        && hex(36..52)
+        && !zero(36..52)
+        && b[52] == b'-'
+        && hex(53..55)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn validates_traceparent() {
+        for (value, ok) in [
+            (VALID, true),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+                true,
+            ),
+            (
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+                false,
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+                false,
+            ),
+            (
+                "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                false,
+            ),
+            (
+                "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+                false,
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+                false,
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+                false,
+            ),
+            (
+                "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+                true,
+            ),
+            ("", false),
+        ] {
+            assert_eq!(is_valid(value), ok, "{value}");
+        }
+    }
+
+    #[test]
+    fn keeps_a_valid_context_and_creates_one_otherwise() {
+        let mut h = HeaderMap::new();
+        h.insert(TRACEPARENT, HeaderValue::from_static(VALID));
+        h.insert(TRACESTATE, HeaderValue::from_static("k=v"));
+        let ctx = TraceContext::from_request(&h);
+        assert_eq!(ctx.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        let mut out = HeaderMap::new();
+        ctx.apply(&mut out);
+        assert_eq!(out[TRACEPARENT], VALID);
+        assert_eq!(out[TRACESTATE], "k=v");
+
+        h.insert(TRACEPARENT, HeaderValue::from_static("garbage"));
+        let ctx = TraceContext::from_request(&h);
+        let mut out = HeaderMap::new();
+        out.insert(TRACESTATE, HeaderValue::from_static("stale"));
+        ctx.apply(&mut out);
+        let tp = out[TRACEPARENT].to_str().unwrap();
+        assert!(is_valid(tp), "{tp}");
+        assert!(
+            out.get(TRACESTATE).is_none(),
+            "no tracestate with a new trace"
+        );
+    }
+}
