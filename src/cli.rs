@@ -153,10 +153,12 @@ fn run(path: &Path, mode: Mode) -> ExitCode {
 
 async fn replay_only(active: crate::pipeline::Active) -> Result<(), String> {
     let spool = Spool::open(&active.config.server.data_dir).map_err(|e| e.to_string())?;
+    let metrics = Arc::new(crate::stats::metrics::Metrics::new());
     let proxy = Arc::new(Proxy {
         active: ArcSwap::from_pointee(active),
         capturer: None,
-        metrics: Arc::new(crate::stats::metrics::Metrics::new()),
+        caches: crate::cache::Caches::new(metrics.clone()),
+        metrics,
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
     let worker = SpoolReplayer {

@@ -1,8 +1,11 @@
 //! The request path, read top to bottom as its phases:
 //!
 //! 1. **route** — match the path prefix (and host); unknown path → 404.
-//! 2. **prepare** — buffer the body when the route may retry or capture it,
-//!    clean and set headers, map the path.
+//! 2. **prepare** — buffer the body when the route may retry, capture or
+//!    cache-key it, clean and set headers, map the path.
+//!    Then (2b) **cache** — a fresh stored answer is served (`X-Cache:
+//!    HIT`); a miss goes on, coalesced with its concurrent twins; a stale
+//!    entry is served if forward fails; the answer is stored in respond.
 //! 3. **forward** — pick a target, send with a per-try timeout, retry with
 //!    backoff while the policy allows.
 //! 4. **capture** — a backend failure on a capturable request is written
@@ -10,8 +13,8 @@
 //! 5. **respond** — stream the backend's answer back without hop-by-hop
 //!    headers; log the outcome once.
 //!
-//! Rate limits, the cache and the circuit breaker slot in between route and
-//! forward as their own phases. Per-request state lives in [`RequestContext`].
+//! Rate limits and the circuit breaker slot in between route and forward as
+//! their own phases. Per-request state lives in [`RequestContext`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +27,7 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 
 use crate::body::{self, BufferError, BufferedBody, RequestBody, ResponseBody};
+use crate::cache::{self, CachePlan, CacheState, Caches, Lookup};
 use crate::capture::{CaptureOutcome, Capturer};
 use crate::classify::{status_failure, Failure};
 use crate::config::Config;
@@ -45,6 +49,8 @@ pub struct Proxy {
     pub active: ArcSwap<Active>,
     pub capturer: Option<Arc<Capturer>>,
     pub metrics: Arc<Metrics>,
+    /// Cache stores and in-flight misses, by route name (kept across reloads).
+    pub caches: Caches,
 }
 
 /// Per-request state carried through the phases, logged once at the end.
@@ -113,11 +119,24 @@ async fn proxy_request(
     }
     let route = route_phase(&active.routes, &req)?;
     ctx.route = Some(route.clone());
+    // Read before prepare rewrites the headers for the upstream.
+    let cache_plan = cache::plan(&route, &req);
     let mut outgoing = prepare(&route, req, ctx, active.config.server.max_body_bytes).await?;
+    let mut cache = match cache_phase(proxy, active, &route, cache_plan, &outgoing, ctx).await {
+        Lookup::Answer(response, _) => return Ok(response),
+        Lookup::Forward(state) => state,
+    };
     match forward(&route, &mut outgoing, ctx).await {
-        Forwarded::Answer(response) => Ok(respond(response)),
+        Forwarded::Answer(response) => {
+            let answer = cache.finish(&route.config, respond(response)).await;
+            ctx.cache = cache.verdict().map(|v| v.as_str());
+            answer
+        }
         Forwarded::Failed { failure, response } => {
             ctx.failure = Some(failure);
+            if let Some(stale) = stale_phase(&mut cache, ctx) {
+                return Ok(stale);
+            }
             capture_phase(proxy, &route, outgoing, failure, response, ctx).await
         }
     }
@@ -213,6 +232,39 @@ async fn prepare(
         client_headers,
         body,
     })
+}
+
+/// Phase 2b: the cache lookup, after the body is buffered (it is part of
+/// the key). May answer the request from a fresh entry (`HIT`), or from the
+/// answer a concurrent identical request got upstream; otherwise returns
+/// the state that stores the upstream answer and knows the stale entry.
+async fn cache_phase(
+    proxy: &Proxy,
+    active: &Active,
+    route: &Route,
+    plan: CachePlan,
+    outgoing: &Outgoing,
+    ctx: &mut RequestContext,
+) -> Lookup {
+    let body = match &outgoing.body {
+        OutgoingBody::Buffered(b) => Some(&b.0[..]),
+        OutgoingBody::Streaming(_) => None,
+    };
+    let lookup = proxy.caches.lookup(&active.config, route, plan, body).await;
+    ctx.cache = match &lookup {
+        Lookup::Answer(_, verdict) => Some(verdict.as_str()),
+        Lookup::Forward(state) => state.verdict().map(|v| v.as_str()),
+    };
+    lookup
+}
+
+/// Stale-if-error: when the backend failed (or, for the circuit-breaker
+/// phase, the circuit is open), a stale entry within `stale_if_error` is
+/// served with `X-Cache: STALE` instead of an error or a capture.
+fn stale_phase(cache: &mut CacheState, ctx: &mut RequestContext) -> Option<Response<ResponseBody>> {
+    let stale = cache.stale_response()?;
+    ctx.cache = Some(cache::Verdict::Stale.as_str());
+    Some(stale)
 }
 
 impl Outgoing {
@@ -384,7 +436,7 @@ fn respond(response: Response<Incoming>) -> Response<ResponseBody> {
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     parts.version = Version::HTTP_11;
-    Response::from_parts(parts, Either::Left(body))
+    Response::from_parts(parts, Either::Left(body.into()))
 }
 
 fn health() -> Response<ResponseBody> {
@@ -405,6 +457,15 @@ fn record_metrics(metrics: &Metrics, ctx: &RequestContext, status: StatusCode) {
         .request_duration
         .get_or_create(&metrics::route(&route))
         .observe(ctx.started.elapsed().as_secs_f64());
+    if let Some(result) = ctx.cache {
+        metrics
+            .cache
+            .get_or_create(&metrics::RouteResult {
+                route: route.clone(),
+                result: result.to_string(),
+            })
+            .inc();
+    }
     if ctx.attempts > 1 {
         metrics
             .upstream_retries

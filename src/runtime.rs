@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
+use crate::cache::Caches;
 use crate::capture::spool::Spool;
 use crate::capture::Capturer;
 use crate::config::{self, Config, ConfigErrors};
@@ -49,6 +50,7 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
             metrics.clone(),
             retry_after,
         ))),
+        caches: Caches::new(metrics.clone()),
         metrics,
     });
     let shutdown = CancellationToken::new();

@@ -3,6 +3,7 @@
 //! merged here; a bearer token guards everything but `/health` when
 //! `server.admin_token` is set.
 
+mod cache;
 mod metrics;
 mod queue;
 
@@ -32,6 +33,7 @@ pub struct AdminState {
 pub fn router(state: AdminState) -> Router {
     let guarded = Router::new()
         .merge(queue::routes())
+        .merge(cache::routes())
         .merge(metrics::routes())
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()

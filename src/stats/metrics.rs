@@ -59,6 +59,7 @@ pub struct Metrics {
     pub queue_oldest_age_seconds: Gauge<f64, AtomicU64>,
     pub dead_letters: Gauge,
     pub replayed: Family<RouteOutcome, Counter>,
+    pub redis_errors: Counter,
 }
 
 fn duration_histogram() -> Histogram {
@@ -137,6 +138,12 @@ impl Metrics {
             "Replay attempts by outcome (delivered, retry, dead_letter)",
             replayed.clone(),
         );
+        let redis_errors = Counter::default();
+        registry.register(
+            "redis_errors",
+            "Redis commands that failed or timed out (the cache skipped them)",
+            redis_errors.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -150,6 +157,7 @@ impl Metrics {
             queue_oldest_age_seconds,
             dead_letters,
             replayed,
+            redis_errors,
         }
     }
 
