@@ -3,6 +3,7 @@
 mod harness;
 
 mod bad_input;
+mod cache;
 mod capture;
 mod config_check;
 mod lifecycle;
