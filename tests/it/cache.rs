@@ -148,6 +148,13 @@ async fn query_parameters_are_keyed_sorted() {
     assert_eq!(seen[0].uri, "/s?b=2&a=1", "upstream gets the query as sent");
 }
 
+/// (path, request headers, X-Cache)
+type HeaderCase = (
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    &'static str,
+);
+
 #[tokio::test]
 async fn each_header_strategy_keys_its_headers() {
     let backend = counting_backend(vec![]).await;
@@ -172,8 +179,7 @@ async fn each_header_strategy_keys_its_headers() {
         }
         async move { got(req.send().await.unwrap()).await.x_cache }
     };
-    // (path, headers, X-Cache)
-    let cases: [(&str, &[(&str, &str)], &str); 12] = [
+    let cases: [HeaderCase; 12] = [
         ("/none/a", &[("x-tenant", "1")], "MISS"),
         ("/none/a", &[("x-tenant", "2")], "HIT"),
         ("/none/a", &[], "HIT"),
