@@ -181,7 +181,7 @@ impl CacheState {
             policy::storable(cache, slot.unkeyed_auth, status, response.headers())
                 && declared_length(&response).is_none_or(|n| n <= cache.max_entry_bytes)
         });
-        let (mut parts, body) = response.into_parts();
+        let (parts, body) = response.into_parts();
         let (slot, upstream) = match (self.slot.as_ref(), body) {
             (Some(slot), Either::Left(upstream)) if storable => (slot, upstream),
             (_, body) => {
@@ -220,7 +220,6 @@ impl CacheState {
         if let Some(leader) = self.leader.take() {
             leader.finish(Shared::Fresh(entry));
         }
-        parts.headers.remove(CONTENT_LENGTH);
         Ok(mark(
             Response::from_parts(parts, Either::Right(Full::new(body))),
             verdict,

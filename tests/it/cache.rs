@@ -115,12 +115,19 @@ async fn second_request_is_a_hit_with_age_and_counted() {
     assert!(second.age.unwrap() >= 1, "Age counts from storing");
     assert_eq!(backend.hits(), 1);
     // HEAD is cached separately from GET.
-    let head = client().head(bs.url("/items/1")).send().await.unwrap();
-    assert_eq!(head.headers()["x-cache"], "MISS");
+    for want in ["MISS", "HIT"] {
+        let head = client().head(bs.url("/items/1")).send().await.unwrap();
+        assert_eq!(head.headers()["x-cache"], want);
+        assert_eq!(
+            head.headers()["content-length"],
+            "17",
+            "the backend's length"
+        );
+    }
     let text = metrics(&bs).await;
     assert_eq!(
         metric_value(&text, "backstop_cache_total{route=\"r\",result=\"hit\"}"),
-        1.0
+        2.0
     );
     assert_eq!(
         metric_value(&text, "backstop_cache_total{route=\"r\",result=\"miss\"}"),
@@ -707,4 +714,88 @@ async fn an_unreachable_redis_at_startup_only_skips_the_cache() {
         .await
         .unwrap();
     assert_eq!(r.status(), 502, "a purge that cannot reach Redis says so");
+}
+
+/// A raw HTTP/1.1 backend answering every request with a chunked body of
+/// `size` bytes (`z`), in 1000-byte chunks: answers of unknown length.
+async fn chunked_backend(size: usize) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut head = Vec::new();
+                loop {
+                    let Ok(n) = stream.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                    if !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        continue;
+                    }
+                    head.clear();
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let mut out = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+                    let mut left = size;
+                    while left > 0 {
+                        let n = left.min(1000);
+                        out.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+                        out.extend(std::iter::repeat_n(b'z', n));
+                        out.extend_from_slice(b"\r\n");
+                        left -= n;
+                    }
+                    out.extend_from_slice(b"0\r\n\r\n");
+                    if stream.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, hits)
+}
+
+#[tokio::test]
+async fn answers_of_unknown_length_are_cached_when_small_and_streamed_when_large() {
+    let (small, small_hits) = chunked_backend(5_000).await;
+    let (large, large_hits) = chunked_backend(300_000).await;
+    let config = [
+        route_with(
+            "small",
+            "/small",
+            &format!("http://{small}"),
+            "",
+            "max_entry_bytes = 100000",
+        ),
+        route_with(
+            "large",
+            "/large",
+            &format!("http://{large}"),
+            "",
+            "max_entry_bytes = 100000",
+        ),
+    ]
+    .concat();
+    let bs = Backstop::start(&config);
+    for want in ["MISS", "HIT"] {
+        let r = get(&bs.url("/small/x")).await;
+        assert_eq!(r.x_cache, want);
+        assert_eq!(r.body, "z".repeat(5_000));
+    }
+    assert_eq!(small_hits.load(Ordering::SeqCst), 1);
+    for _ in 0..2 {
+        let r = get(&bs.url("/large/x")).await;
+        assert_eq!(r.x_cache, "MISS");
+        assert_eq!(r.body.len(), 300_000, "read prefix + rest, nothing lost");
+        assert!(r.body.bytes().all(|b| b == b'z'));
+    }
+    assert_eq!(large_hits.load(Ordering::SeqCst), 2);
 }
