@@ -1,17 +1,18 @@
 //! The request path, read top to bottom as its phases:
 //!
 //! 1. **route** — match the path prefix (and host); unknown path → 404.
-//! 2. **prepare** — buffer the body when the route may retry, capture or
-//!    cache-key it, clean and set headers, map the path.
-//!    Then (2b) **cache** — a fresh stored answer is served (`X-Cache:
-//!    HIT`); a miss goes on, coalesced with its concurrent twins; a stale
-//!    entry is served if forward fails; the answer is stored in respond.
-//! 3. **forward** — pick a target, send with a per-try timeout, retry with
+//! 2. **read body** — buffer the body when the route may retry, capture or
+//!    cache-key it.
+//! 3. **cache** — a fresh stored answer is served (`X-Cache: HIT`); a miss
+//!    goes on, coalesced with its concurrent twins; a stale entry is served
+//!    if forward fails; the answer is stored in respond.
+//! 4. **prepare** — clean and set the upstream headers, map the path.
+//! 5. **forward** — pick a target, send with a per-try timeout, retry with
 //!    backoff while the policy allows.
-//! 4. **capture** — a backend failure on a capturable request is written
+//! 6. **capture** — a backend failure on a capturable request is written
 //!    durably and answered with its capture id.
-//! 5. **respond** — stream the backend's answer back without hop-by-hop
-//!    headers; log the outcome once.
+//! 7. **respond** — stream the backend's answer back without hop-by-hop
+//!    headers (storing it in the cache if it may be); log the outcome once.
 //!
 //! Rate limits and the circuit breaker slot in between route and forward as
 //! their own phases. Per-request state lives in [`RequestContext`].
@@ -27,7 +28,7 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 
 use crate::body::{self, BufferError, BufferedBody, RequestBody, ResponseBody};
-use crate::cache::{self, CachePlan, CacheState, Caches, Lookup};
+use crate::cache::{self, CacheState, Caches, Lookup};
 use crate::capture::{CaptureOutcome, Capturer};
 use crate::classify::{status_failure, Failure};
 use crate::config::Config;
@@ -119,13 +120,12 @@ async fn proxy_request(
     }
     let route = route_phase(&active.routes, &req)?;
     ctx.route = Some(route.clone());
-    // Read before prepare rewrites the headers for the upstream.
-    let cache_plan = cache::plan(&route, &req);
-    let mut outgoing = prepare(&route, req, ctx, active.config.server.max_body_bytes).await?;
-    let mut cache = match cache_phase(proxy, active, &route, cache_plan, &outgoing, ctx).await {
+    let (parts, body) = read_body(&route, req, active.config.server.max_body_bytes).await?;
+    let mut cache = match cache_phase(proxy, active, &route, &parts, &body, ctx).await {
         Lookup::Answer(response, _) => return Ok(response),
         Lookup::Forward(state) => state,
     };
+    let mut outgoing = prepare(&route, parts, body, ctx);
     match forward(&route, &mut outgoing, ctx).await {
         Forwarded::Answer(response) => {
             let answer = cache.finish(&route.config, respond(response)).await;
@@ -174,15 +174,14 @@ pub enum OutgoingBody {
     Buffered(BufferedBody),
 }
 
-/// Phase 2: buffer the body if needed and build the upstream headers.
-async fn prepare(
+/// Phase 2: read the body whole when the route may send it twice (retry),
+/// capture it or key the cache on it; otherwise it streams through.
+async fn read_body(
     route: &Route,
     req: Request<Incoming>,
-    ctx: &RequestContext,
     max_body_bytes: u64,
-) -> Result<Outgoing, ProxyError> {
+) -> Result<(http::request::Parts, OutgoingBody), ProxyError> {
     let (parts, incoming) = req.into_parts();
-    let original_host = request_host_parts(&parts).map(str::to_string);
     let body = if incoming.is_end_stream() {
         OutgoingBody::Buffered(BufferedBody::default())
     } else if route.config.buffers_body(&parts.method) {
@@ -204,7 +203,17 @@ async fn prepare(
     } else {
         OutgoingBody::Streaming(Some(incoming))
     };
+    Ok((parts, body))
+}
 
+/// Phase 4: the upstream request's headers and path.
+fn prepare(
+    route: &Route,
+    parts: http::request::Parts,
+    body: OutgoingBody,
+    ctx: &RequestContext,
+) -> Outgoing {
+    let original_host = request_host_parts(&parts).map(str::to_string);
     let mut headers = parts.headers;
     headers::strip_hop_by_hop(&mut headers);
     let capture = &route.config.capture;
@@ -223,7 +232,7 @@ async fn prepare(
         headers.insert(X_REQUEST_ID, id);
     }
     let path = parts.uri.path();
-    Ok(Outgoing {
+    Outgoing {
         method: parts.method.clone(),
         original_path: path.to_string(),
         original_query: parts.uri.query().map(str::to_string),
@@ -231,26 +240,30 @@ async fn prepare(
         headers,
         client_headers,
         body,
-    })
+    }
 }
 
-/// Phase 2b: the cache lookup, after the body is buffered (it is part of
-/// the key). May answer the request from a fresh entry (`HIT`), or from the
-/// answer a concurrent identical request got upstream; otherwise returns
-/// the state that stores the upstream answer and knows the stale entry.
+/// Phase 3: the cache lookup, on the client's request as it came (the body
+/// is part of the key), before anything is prepared for the upstream. May
+/// answer from a fresh entry (`HIT`), or from the answer a concurrent
+/// identical request got upstream; otherwise returns the state that stores
+/// the upstream answer and knows the stale entry.
 async fn cache_phase(
     proxy: &Proxy,
     active: &Active,
     route: &Route,
-    plan: CachePlan,
-    outgoing: &Outgoing,
+    request: &http::request::Parts,
+    body: &OutgoingBody,
     ctx: &mut RequestContext,
 ) -> Lookup {
-    let body = match &outgoing.body {
+    let body = match body {
         OutgoingBody::Buffered(b) => Some(&b.0[..]),
         OutgoingBody::Streaming(_) => None,
     };
-    let lookup = proxy.caches.lookup(&active.config, route, plan, body).await;
+    let lookup = proxy
+        .caches
+        .lookup(&active.config, route, request, body)
+        .await;
     ctx.cache = match &lookup {
         Lookup::Answer(_, verdict) => Some(verdict.as_str()),
         Lookup::Forward(state) => state.verdict().map(|v| v.as_str()),
@@ -323,7 +336,7 @@ enum Forwarded {
     },
 }
 
-/// Phase 3: send to a target; retry while the policy allows. POST and PATCH
+/// Phase 5: send to a target; retry while the policy allows. POST and PATCH
 /// are retried only when the request provably never reached the backend,
 /// unless the route sets `retry_non_idempotent`.
 async fn forward(route: &Route, outgoing: &mut Outgoing, ctx: &mut RequestContext) -> Forwarded {
@@ -379,7 +392,7 @@ async fn forward(route: &Route, outgoing: &mut Outgoing, ctx: &mut RequestContex
     }
 }
 
-/// Phase 4: capture a failed capturable request, or explain the failure.
+/// Phase 6: capture a failed capturable request, or explain the failure.
 async fn capture_phase(
     proxy: &Proxy,
     route: &Route,
@@ -431,7 +444,7 @@ pub fn failure_error(failure: Failure, route: &str) -> ProxyError {
     }
 }
 
-/// Phase 5: the backend's answer, streamed back without hop-by-hop headers.
+/// Phase 7: the backend's answer, streamed back without hop-by-hop headers.
 fn respond(response: Response<Incoming>) -> Response<ResponseBody> {
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);

@@ -1,8 +1,7 @@
 //! Response caching: the cache phase of the request path and the stores.
 //!
-//! - [`plan`] reads the client's request head (before the pipeline rewrites
-//!   it for the upstream) and decides whether the cache is consulted.
-//! - [`Caches::lookup`] answers a fresh entry (`X-Cache: HIT`), or makes the
+//! - [`Caches::lookup`] keys the client's request as it came (before the
+//!   pipeline rewrites it for the upstream), answers a fresh entry (`X-Cache: HIT`), or makes the
 //!   request the one upstream call for its key (coalescing) and remembers a
 //!   stale entry for stale-if-error.
 //! - [`CacheState::finish`] stores the upstream's answer when it may be
@@ -28,7 +27,8 @@ use std::time::Duration;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderValue, AGE, CONTENT_LENGTH, SET_COOKIE};
-use http::{HeaderName, Request, Response};
+use http::request::Parts;
+use http::{HeaderName, Response};
 use http_body_util::{BodyExt, Either, Full};
 
 use crate::body::{ResponseBody, UpstreamBody};
@@ -78,33 +78,19 @@ impl Verdict {
     }
 }
 
-/// What the cache phase needs from the client's request head.
-pub struct CachePlan {
-    plan: RequestPlan,
-    head: Option<KeyHead>,
-    unkeyed_auth: bool,
-}
-
-/// Reads the request head for the cache, before anything rewrites it.
-pub fn plan<B>(route: &Route, req: &Request<B>) -> CachePlan {
+/// The key of a request as the client sent it.
+fn key_of(route: &Route, req: &Parts, body: &[u8]) -> CacheKey {
     let cache = &route.config.cache;
-    let plan = policy::request_plan(cache, req.method(), req.headers());
-    let head = matches!(plan, RequestPlan::Lookup | RequestPlan::Refresh).then(|| {
-        KeyHead::new(&KeyInput {
-            route: route.name(),
-            method: req.method(),
-            path: req.uri().path(),
-            query: req.uri().query(),
-            headers: req.headers(),
-            strategy: cache.header_strategy,
-            listed: &cache.headers,
-        })
-    });
-    CachePlan {
-        plan,
-        unkeyed_auth: policy::unkeyed_authorization(cache, req.headers()),
-        head,
-    }
+    KeyHead::new(&KeyInput {
+        route: route.name(),
+        method: &req.method,
+        path: req.uri.path(),
+        query: req.uri.query(),
+        headers: &req.headers,
+        strategy: cache.header_strategy,
+        listed: &cache.headers,
+    })
+    .finish(body)
 }
 
 /// What the lookup came to.
@@ -319,15 +305,18 @@ impl Caches {
         &self,
         config: &Config,
         route: &Route,
-        plan: CachePlan,
+        request: &Parts,
         body: Option<&[u8]>,
     ) -> Lookup {
-        let (Some(head), Some(body)) = (plan.head, body) else {
-            let verdict = (plan.plan != RequestPlan::Off).then_some(Verdict::Bypass);
-            return Lookup::Forward(CacheState::passthrough(verdict));
-        };
         let cache = &route.config.cache;
-        let key = head.finish(body);
+        let plan = policy::request_plan(cache, &request.method, &request.headers);
+        let body = match (plan, body) {
+            (RequestPlan::Off, _) => return Lookup::Forward(CacheState::passthrough(None)),
+            (RequestPlan::Lookup | RequestPlan::Refresh, Some(body)) => body,
+            // Not cached, or a body that was not buffered (cannot be keyed).
+            _ => return Lookup::Forward(CacheState::passthrough(Some(Verdict::Bypass))),
+        };
+        let key = key_of(route, request, body);
         let rc = self.route_cache(&route.config);
         let store = match cache.store {
             CacheStore::Memory => StoreRef::Memory(rc.clone()),
@@ -341,12 +330,12 @@ impl Caches {
             slot: Some(Slot {
                 key,
                 store: store.clone(),
-                unkeyed_auth: plan.unkeyed_auth,
+                unkeyed_auth: policy::unkeyed_authorization(cache, &request.headers),
             }),
             stale: None,
             leader: None,
         };
-        if plan.plan == RequestPlan::Refresh {
+        if plan == RequestPlan::Refresh {
             state.verdict = Some(Verdict::Bypass);
             return Lookup::Forward(state);
         }

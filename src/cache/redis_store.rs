@@ -193,8 +193,14 @@ impl Breaker {
     }
 
     fn success(&self) {
-        self.failures.store(0, Ordering::Relaxed);
-        self.open_until.store(0, Ordering::Relaxed);
+        // Read first: on the hot path nothing changes, and a load does not
+        // bounce the cache line between cores as a store would.
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+        if self.open_until.load(Ordering::Relaxed) != 0 {
+            self.open_until.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Records a failure; true when the breaker is (now) open.
