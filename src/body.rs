@@ -4,16 +4,84 @@
 //! on a route that may send it twice (retry) or write it to the capture store,
 //! is read whole first ([`BufferedBody`]), bounded by `server.max_body_bytes`.
 
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
 use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 
 /// What goes upstream: the client's stream, or a buffered copy.
 pub type RequestBody = Either<Incoming, Full<Bytes>>;
 
-/// What goes back to the client: the backend's stream, or a proxy-made body.
-pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+/// What goes back to the client: the backend's stream, or a body made here
+/// (a proxy-made answer, a cached answer).
+pub type ResponseBody = Either<UpstreamBody, Full<Bytes>>;
+
+pin_project_lite::pin_project! {
+    /// The backend's answer body, streamed. Its first chunks may already have
+    /// been read: the cache reads an answer of unknown length up to its size
+    /// bound before it knows whether it can store it, and hands what it read
+    /// back here when it cannot.
+    pub struct UpstreamBody {
+        read: VecDeque<Bytes>,
+        #[pin]
+        rest: Incoming,
+    }
+}
+
+impl UpstreamBody {
+    /// Puts chunks read from this body back in front of it, in order.
+    pub fn prepend(mut self, chunks: Vec<Bytes>) -> UpstreamBody {
+        for chunk in chunks.into_iter().rev() {
+            self.read.push_front(chunk);
+        }
+        self
+    }
+}
+
+impl From<Incoming> for UpstreamBody {
+    fn from(rest: Incoming) -> Self {
+        UpstreamBody {
+            read: VecDeque::new(),
+            rest,
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.project();
+        if let Some(chunk) = this.read.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        this.rest.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.read.is_empty() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let read: u64 = self.read.iter().map(|c| c.len() as u64).sum();
+        let rest = self.rest.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + read);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + read);
+        }
+        hint
+    }
+}
 
 /// A request body read whole, so it can be sent again or captured.
 #[derive(Debug, Clone, Default)]

@@ -167,6 +167,7 @@ async fn replay_only(active: crate::pipeline::Active) -> Result<(), String> {
         capturer: None,
         resilience: Arc::new(crate::resilience::Registry::new(metrics.clone())),
         stats: crate::stats::Stats::disabled(),
+        caches: crate::cache::Caches::new(metrics.clone()),
         metrics,
     });
     let shutdown = tokio_util::sync::CancellationToken::new();

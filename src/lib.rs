@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod cache;
 pub mod capture;
 pub mod classify;
 pub mod cli;

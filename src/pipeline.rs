@@ -2,21 +2,26 @@
 //!
 //! 1. **route** — match the path prefix (and host); unknown path → 404.
 //! 2. **rate limit** — over the route's limit → 429.
-//! 3. **prepare** — buffer the body when the route may retry or capture it,
-//!    clean and set headers, map the path.
-//! 4. **circuit breaker** — open → the backend is not called: capture, or
-//!    503 `circuit_open`.
-//! 5. **forward** — pick a target, send with a per-try timeout, retry with
+//! 3. **read body** — buffer the body when the route may retry, capture or
+//!    cache-key it (413 above `max_body_bytes`); otherwise it streams.
+//! 4. **cache** — a fresh stored answer is served (`X-Cache: HIT`); a miss
+//!    goes on, coalesced with its concurrent twins.
+//! 5. **prepare** — clean and set the upstream headers, map the path.
+//! 6. **circuit breaker** — open → the backend is not called: a stale cache
+//!    entry, a capture, or 503 `circuit_open`.
+//! 7. **forward** — pick a target, send with a per-try timeout, retry with
 //!    backoff while the policy, the deadline, the retry budget and the
 //!    breaker allow.
-//! 6. **capture** — a backend failure on a capturable request is written
-//!    durably and answered with its capture id.
-//! 7. **respond** — stream the backend's answer back without hop-by-hop
-//!    headers; log the outcome once.
+//! 8. **capture** — a backend failure is answered from a stale cache entry
+//!    (stale-if-error) or, on a capturable request, written durably and
+//!    answered with its capture id.
+//! 9. **respond** — stream the backend's answer back without hop-by-hop
+//!    headers, storing it in the cache if it may be; count and log the
+//!    outcome once.
 //!
-//! The cache slots in before the breaker as its own phase. Per-request state
-//! lives in [`RequestContext`]; policy state that outlives a reload lives in
-//! the [`Registry`].
+//! Per-request state lives in [`RequestContext`]; state that outlives a
+//! reload (breakers, limits, caches, statistics) lives in registries keyed
+//! by route name, held by [`Proxy`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -29,6 +34,7 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 
 use crate::body::{self, BufferError, BufferedBody, RequestBody, ResponseBody};
+use crate::cache::{self, CacheState, Caches, Lookup};
 use crate::capture::{CaptureOutcome, Capturer};
 use crate::classify::{status_failure, status_trips_breaker, Failure};
 use crate::config::{Config, RateLimitKey};
@@ -59,6 +65,8 @@ pub struct Proxy {
     pub resilience: Arc<Registry>,
     /// Per-route statistics, keyed by route name: they outlive reloads.
     pub stats: Arc<Stats>,
+    /// Cache stores and in-flight misses, by route name (kept across reloads).
+    pub caches: Caches,
 }
 
 /// Per-request state carried through the phases, logged once at the end.
@@ -141,11 +149,19 @@ async fn proxy_request(
     ctx.route = Some(route.clone());
     let guards = proxy.resilience.route(route.name());
     rate_limit_phase(proxy, active, &route, &guards, &req, ctx).await?;
-    let mut outgoing = prepare(&route, req, ctx, active.config.server.max_body_bytes).await?;
+    let (parts, body) = read_body(&route, req, active.config.server.max_body_bytes).await?;
+    let mut cache = match cache_phase(proxy, active, &route, &parts, &body, ctx).await {
+        Lookup::Answer(response, _) => return Ok(response),
+        Lookup::Forward(state) => state,
+    };
+    let mut outgoing = prepare(&route, parts, body, ctx);
     let permit = match breaker_phase(&route, &guards) {
         Ok(permit) => permit,
         Err(retry_in) => {
             ctx.failure = Some(Failure::CircuitOpen);
+            if let Some(stale) = stale_phase(&mut cache, ctx) {
+                return Ok(stale);
+            }
             if capturable(proxy, &route, &outgoing, Failure::CircuitOpen) {
                 return capture_phase(proxy, &route, outgoing, Failure::CircuitOpen, None, ctx)
                     .await;
@@ -154,9 +170,16 @@ async fn proxy_request(
         }
     };
     match forward(&route, &guards, permit, &mut outgoing, ctx).await {
-        Forwarded::Answer(response) => Ok(respond(response)),
+        Forwarded::Answer(response) => {
+            let answer = cache.finish(&route.config, respond(response)).await;
+            ctx.cache = cache.verdict().map(|v| v.as_str());
+            answer
+        }
         Forwarded::Failed { failure, response } => {
             ctx.failure = Some(failure);
+            if let Some(stale) = stale_phase(&mut cache, ctx) {
+                return Ok(stale);
+            }
             capture_phase(proxy, &route, outgoing, failure, response, ctx).await
         }
     }
@@ -233,7 +256,7 @@ fn rate_limit_key(key: &RateLimitKey, headers: &HeaderMap, client: &ClientInfo) 
     }
 }
 
-/// Phase 4: ask the route's circuit breaker for the first attempt. `Err`
+/// Phase 6: ask the route's circuit breaker for the first attempt. `Err`
 /// holds the time until the circuit may admit calls again: the backend is
 /// not called, the request is captured if it can be, else answered 503.
 fn breaker_phase(route: &Route, guards: &RouteGuards) -> Result<Permit, Duration> {
@@ -274,15 +297,14 @@ pub enum OutgoingBody {
     Buffered(BufferedBody),
 }
 
-/// Phase 3: buffer the body if needed and build the upstream headers.
-async fn prepare(
+/// Phase 3: read the body whole when the route may send it twice (retry),
+/// capture it or key the cache on it; otherwise it streams through.
+async fn read_body(
     route: &Route,
     req: Request<Incoming>,
-    ctx: &RequestContext,
     max_body_bytes: u64,
-) -> Result<Outgoing, ProxyError> {
+) -> Result<(http::request::Parts, OutgoingBody), ProxyError> {
     let (parts, incoming) = req.into_parts();
-    let original_host = request_host_parts(&parts).map(str::to_string);
     let body = if incoming.is_end_stream() {
         OutgoingBody::Buffered(BufferedBody::default())
     } else if route.config.buffers_body(&parts.method) {
@@ -304,7 +326,17 @@ async fn prepare(
     } else {
         OutgoingBody::Streaming(Some(incoming))
     };
+    Ok((parts, body))
+}
 
+/// Phase 5: the upstream request's headers and path.
+fn prepare(
+    route: &Route,
+    parts: http::request::Parts,
+    body: OutgoingBody,
+    ctx: &RequestContext,
+) -> Outgoing {
+    let original_host = request_host_parts(&parts).map(str::to_string);
     let mut headers = parts.headers;
     headers::strip_hop_by_hop(&mut headers);
     let capture = &route.config.capture;
@@ -324,7 +356,7 @@ async fn prepare(
     }
     ctx.trace.apply(&mut headers);
     let path = parts.uri.path();
-    Ok(Outgoing {
+    Outgoing {
         method: parts.method.clone(),
         original_path: path.to_string(),
         original_query: parts.uri.query().map(str::to_string),
@@ -332,7 +364,44 @@ async fn prepare(
         headers,
         client_headers,
         body,
-    })
+    }
+}
+
+/// Phase 4: the cache lookup, on the client's request as it came (the body
+/// is part of the key), before anything is prepared for the upstream. May
+/// answer from a fresh entry (`HIT`), or from the answer a concurrent
+/// identical request got upstream; otherwise returns the state that stores
+/// the upstream answer and knows the stale entry.
+async fn cache_phase(
+    proxy: &Proxy,
+    active: &Active,
+    route: &Route,
+    request: &http::request::Parts,
+    body: &OutgoingBody,
+    ctx: &mut RequestContext,
+) -> Lookup {
+    let body = match body {
+        OutgoingBody::Buffered(b) => Some(&b.0[..]),
+        OutgoingBody::Streaming(_) => None,
+    };
+    let lookup = proxy
+        .caches
+        .lookup(&active.config, route, request, body)
+        .await;
+    ctx.cache = match &lookup {
+        Lookup::Answer(_, verdict) => Some(verdict.as_str()),
+        Lookup::Forward(state) => state.verdict().map(|v| v.as_str()),
+    };
+    lookup
+}
+
+/// Stale-if-error: when the backend failed (or, for the circuit-breaker
+/// phase, the circuit is open), a stale entry within `stale_if_error` is
+/// served with `X-Cache: STALE` instead of an error or a capture.
+fn stale_phase(cache: &mut CacheState, ctx: &mut RequestContext) -> Option<Response<ResponseBody>> {
+    let stale = cache.stale_response()?;
+    ctx.cache = Some(cache::Verdict::Stale.as_str());
+    Some(stale)
 }
 
 impl Outgoing {
@@ -391,7 +460,7 @@ enum Forwarded {
     },
 }
 
-/// Phase 5: send to a target (directly or through an outbound proxy, as the
+/// Phase 7: send to a target (directly or through an outbound proxy, as the
 /// route's proxy strategy says); retry while the policy allows. POST and PATCH
 /// are retried only when the request provably never reached the backend,
 /// unless the route sets `retry_non_idempotent`. Every attempt's outcome is
@@ -508,7 +577,7 @@ fn capturable(proxy: &Proxy, route: &Route, outgoing: &Outgoing, failure: Failur
         && matches!(outgoing.body, OutgoingBody::Buffered(_))
 }
 
-/// Phase 6: capture a failed capturable request, or explain the failure.
+/// Phase 8: capture a failed capturable request, or explain the failure.
 async fn capture_phase(
     proxy: &Proxy,
     route: &Route,
@@ -556,12 +625,12 @@ pub fn failure_error(failure: Failure, route: &str) -> ProxyError {
     }
 }
 
-/// Phase 7: the backend's answer, streamed back without hop-by-hop headers.
+/// Phase 9: the backend's answer, streamed back without hop-by-hop headers.
 fn respond(response: Response<Incoming>) -> Response<ResponseBody> {
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     parts.version = Version::HTTP_11;
-    Response::from_parts(parts, Either::Left(body))
+    Response::from_parts(parts, Either::Left(body.into()))
 }
 
 fn health() -> Response<ResponseBody> {

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
+use crate::cache::Caches;
 use crate::capture::kafka_sink::KafkaSink;
 use crate::capture::spool::Spool;
 use crate::capture::{forwarder, Capturer};
@@ -61,6 +62,7 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
         ))),
         resilience: Arc::new(Registry::new(metrics.clone())),
         stats: Stats::start(metrics.clone()),
+        caches: Caches::new(metrics.clone()),
         metrics,
     });
     let shutdown = CancellationToken::new();

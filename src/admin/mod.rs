@@ -3,6 +3,7 @@
 //! router merged here; a bearer token guards everything but `/health` and the
 //! dashboard pages (which hold no data) when `server.admin_token` is set.
 
+mod cache;
 mod circuits;
 mod dashboards;
 mod metrics;
@@ -38,6 +39,7 @@ pub struct AdminState {
 pub fn router(state: AdminState) -> Router {
     let guarded = Router::new()
         .merge(queue::routes())
+        .merge(cache::routes())
         .merge(metrics::routes())
         .merge(circuits::routes())
         .merge(stats::routes())

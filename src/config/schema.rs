@@ -217,6 +217,10 @@ pub struct CacheConfig {
     pub cacheable_status: Vec<u16>,
     pub ignore_cache_control: bool,
     pub stale_if_error: Duration,
+    /// Bound of the route's memory store, in bytes (bodies, headers, keys).
+    pub max_bytes: u64,
+    /// Larger answers stream through uncached (they are never buffered).
+    pub max_entry_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -585,11 +589,13 @@ impl RouteConfig {
     }
 
     /// Whether requests with this method must be buffered: a body that may be
-    /// sent twice (retry) or written to the capture store must be held whole.
+    /// sent twice (retry), written to the capture store or hashed into a
+    /// cache key must be held whole.
     pub fn buffers_body(&self, method: &Method) -> bool {
         let capturable = self.capture.enabled && self.capture.methods.contains(method);
         let retryable = self.retry.max_attempts > 1;
-        capturable || retryable
+        let cacheable = self.cache.enabled && self.cache.methods.contains(method);
+        capturable || retryable || cacheable
     }
 }
 
@@ -758,7 +764,21 @@ impl CacheConfig {
             cacheable_status: status_codes(s, "cacheable_status", &[200, 203, 204, 301, 404, 410]),
             ignore_cache_control: s.get("ignore_cache_control", false),
             stale_if_error: s.duration("stale_if_error", Duration::ZERO, SECONDS),
+            max_bytes: s.get("max_bytes", 64 * 1024 * 1024u64),
+            max_entry_bytes: s.get("max_entry_bytes", 1024 * 1024u64),
         };
+        if config.ttl.is_zero() {
+            s.error("ttl", "must be greater than 0");
+        }
+        if config.max_bytes == 0 {
+            s.error("max_bytes", "must be greater than 0");
+        }
+        // The memory store weighs entries in u32, and one entry must fit.
+        if config.max_entry_bytes == 0 || config.max_entry_bytes > u64::from(u32::MAX) {
+            s.error("max_entry_bytes", "must be between 1 and 4294967295");
+        } else if config.max_entry_bytes > config.max_bytes {
+            s.error("max_entry_bytes", "must not be larger than max_bytes");
+        }
         if config.header_strategy == HeaderStrategy::List && config.headers.is_empty() {
             s.error(
                 "headers",

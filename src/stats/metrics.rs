@@ -62,6 +62,7 @@ pub struct Metrics {
     pub replayed: Family<RouteOutcome, Counter>,
     pub rate_limit_fail_open: Family<RouteLabel, Counter>,
     pub stats_dropped: Counter,
+    pub redis_errors: Counter,
 }
 
 fn duration_histogram() -> Histogram {
@@ -158,6 +159,12 @@ impl Metrics {
             "Requests not counted in statistics because the aggregator fell behind",
             stats_dropped.clone(),
         );
+        let redis_errors = Counter::default();
+        registry.register(
+            "redis_errors",
+            "Redis commands that failed or timed out (the cache skipped them)",
+            redis_errors.clone(),
+        );
         Metrics {
             registry,
             stats_dropped,
@@ -174,6 +181,7 @@ impl Metrics {
             kafka_fallbacks,
             replayed,
             rate_limit_fail_open,
+            redis_errors,
         }
     }
 

@@ -194,6 +194,15 @@ impl PromHandles {
         if e.attempts > 1 {
             h.retries.inc_by(u64::from(e.attempts - 1));
         }
+        if let Some(result) = e.cache {
+            self.metrics
+                .cache
+                .get_or_create(&metrics::RouteResult {
+                    route: name.to_string(),
+                    result: result.to_string(),
+                })
+                .inc();
+        }
         let metrics = &self.metrics;
         h.by_status
             .entry(e.status)

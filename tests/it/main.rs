@@ -4,6 +4,7 @@ mod browser;
 mod harness;
 
 mod bad_input;
+mod cache;
 mod capture;
 mod config_check;
 mod dashboards;

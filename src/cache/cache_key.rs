@@ -1,0 +1,459 @@
+//! The cache key, as the reference setup builds it: route, method, path, the
+//! query parameters sorted by name, the request headers chosen by
+//! `header_strategy`, and the body.
+//!
+//! Everything is fed, length-prefixed (so that no two different requests can
+//! produce the same input), into one SHA-256 digest. The key is therefore the
+//! same in every Backstop instance (entries are shared through Redis) and
+//! cannot be steered into a collision by a client.
+//!
+//! This module never looks at the response and never decides whether a
+//! request is cacheable: it only names it.
+
+use http::{HeaderMap, HeaderName, Method};
+use ring::digest::{Context, SHA256};
+
+use crate::config::HeaderStrategy;
+
+/// The digest of one request's cache-relevant parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CacheKey([u8; 32]);
+
+impl CacheKey {
+    /// Lowercase hex, as used in Redis keys.
+    pub fn hex(&self) -> String {
+        use std::fmt::Write;
+        self.0.iter().fold(String::with_capacity(64), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+    }
+}
+
+/// The key of a request whose head has been read but whose body has not:
+/// the head is read before the pipeline rewrites the headers for the
+/// upstream, the body only once it is buffered.
+#[derive(Clone)]
+pub struct KeyHead(Context);
+
+/// Headers that never go into a key: they describe the connection or the
+/// framing (hop-by-hop, `Content-Length` — the body itself is keyed), or are
+/// unique per request by design (`X-Request-Id`), so keying on them would
+/// make every request a miss.
+const NEVER_KEYED: [&str; 11] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "x-request-id",
+    "cache-control",
+];
+
+/// What of the request head goes into the key.
+pub struct KeyInput<'a> {
+    pub route: &'a str,
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+    pub strategy: HeaderStrategy,
+    /// The names for `HeaderStrategy::List`.
+    pub listed: &'a [HeaderName],
+}
+
+impl KeyHead {
+    pub fn new(input: &KeyInput<'_>) -> KeyHead {
+        let mut ctx = Context::new(&SHA256);
+        field(&mut ctx, b"backstop-cache-v1");
+        field(&mut ctx, input.route.as_bytes());
+        field(&mut ctx, input.method.as_str().as_bytes());
+        field(&mut ctx, input.path.as_bytes());
+        let params = sorted_query(input.query.unwrap_or(""));
+        count(&mut ctx, params.len());
+        for param in params {
+            field(&mut ctx, param.as_bytes());
+        }
+        match input.strategy {
+            HeaderStrategy::None => count(&mut ctx, 0),
+            HeaderStrategy::All => {
+                let mut pairs: Vec<(&str, &[u8])> = input
+                    .headers
+                    .iter()
+                    .filter(|(name, _)| !NEVER_KEYED.contains(&name.as_str()))
+                    .map(|(name, value)| (name.as_str(), value.as_bytes()))
+                    .collect();
+                // Stable: repeated headers keep their order.
+                pairs.sort_by_key(|(name, _)| *name);
+                count(&mut ctx, pairs.len());
+                for (name, value) in pairs {
+                    field(&mut ctx, name.as_bytes());
+                    field(&mut ctx, value);
+                }
+            }
+            HeaderStrategy::List => {
+                count(&mut ctx, input.listed.len());
+                for name in input.listed {
+                    field(&mut ctx, name.as_str().as_bytes());
+                    // A missing header and an empty one are different keys.
+                    let values: Vec<&[u8]> = input
+                        .headers
+                        .get_all(name)
+                        .iter()
+                        .map(|v| v.as_bytes())
+                        .collect();
+                    count(&mut ctx, values.len());
+                    for value in values {
+                        field(&mut ctx, value);
+                    }
+                }
+            }
+        }
+        KeyHead(ctx)
+    }
+
+    /// The key, once the body is known (empty for requests without one).
+    pub fn finish(self, body: &[u8]) -> CacheKey {
+        let mut ctx = self.0;
+        field(&mut ctx, body);
+        let digest = ctx.finish();
+        let mut key = [0u8; 32];
+        key.copy_from_slice(digest.as_ref());
+        CacheKey(key)
+    }
+}
+
+/// The query's `name=value` parameters sorted by name; the values of a
+/// repeated name keep their order (`a=1&a=2` is not `a=2&a=1` for many
+/// APIs). Parameters are compared as sent, without percent-decoding: two
+/// spellings of one value are two keys, which costs a miss, never a wrong hit.
+fn sorted_query(query: &str) -> Vec<&str> {
+    let mut params: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
+    params.sort_by_key(|p| p.split('=').next().unwrap_or(""));
+    params
+}
+
+fn field(ctx: &mut Context, bytes: &[u8]) {
+    ctx.update(&(bytes.len() as u64).to_le_bytes());
+    ctx.update(bytes);
+}
+
+fn count(ctx: &mut Context, n: usize) {
+    ctx.update(&(n as u64).to_le_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request described compactly: method, path?query, headers, body.
+    struct Req {
+        route: &'static str,
+        method: &'static str,
+        target: &'static str,
+        headers: &'static [(&'static str, &'static str)],
+        body: &'static str,
+    }
+
+    const fn get(target: &'static str) -> Req {
+        Req {
+            route: "api",
+            method: "GET",
+            target,
+            headers: &[],
+            body: "",
+        }
+    }
+
+    fn key(req: &Req, strategy: HeaderStrategy, listed: &[&str]) -> CacheKey {
+        let (path, query) = match req.target.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (req.target, None),
+        };
+        let mut headers = HeaderMap::new();
+        for (name, value) in req.headers {
+            headers.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        let listed: Vec<HeaderName> = listed
+            .iter()
+            .map(|n| HeaderName::from_bytes(n.as_bytes()).unwrap())
+            .collect();
+        let method = Method::from_bytes(req.method.as_bytes()).unwrap();
+        KeyHead::new(&KeyInput {
+            route: req.route,
+            method: &method,
+            path,
+            query,
+            headers: &headers,
+            strategy,
+            listed: &listed,
+        })
+        .finish(req.body.as_bytes())
+    }
+
+    use HeaderStrategy::{All, List, None as NoHeaders};
+
+    /// (why, request a, request b, strategy, listed headers, same key?)
+    type Case = (
+        &'static str,
+        Req,
+        Req,
+        HeaderStrategy,
+        &'static [&'static str],
+        bool,
+    );
+
+    #[test]
+    fn keys_name_what_the_strategy_says_and_nothing_else() {
+        let cases: Vec<Case> = vec![
+            (
+                "identical",
+                get("/a?x=1"),
+                get("/a?x=1"),
+                NoHeaders,
+                &[],
+                true,
+            ),
+            (
+                "query sorted",
+                get("/a?b=2&a=1"),
+                get("/a?a=1&b=2"),
+                NoHeaders,
+                &[],
+                true,
+            ),
+            (
+                "empty params ignored",
+                get("/a?a=1&&b=2"),
+                get("/a?b=2&a=1"),
+                NoHeaders,
+                &[],
+                true,
+            ),
+            (
+                "repeated keep order",
+                get("/a?a=1&a=2"),
+                get("/a?a=2&a=1"),
+                NoHeaders,
+                &[],
+                false,
+            ),
+            (
+                "query value",
+                get("/a?a=1"),
+                get("/a?a=2"),
+                NoHeaders,
+                &[],
+                false,
+            ),
+            (
+                "no query vs empty",
+                get("/a"),
+                get("/a?"),
+                NoHeaders,
+                &[],
+                true,
+            ),
+            ("path", get("/a"), get("/b"), NoHeaders, &[], false),
+            (
+                "path vs query",
+                get("/a?b"),
+                get("/a%3Fb"),
+                NoHeaders,
+                &[],
+                false,
+            ),
+            (
+                "method",
+                get("/a"),
+                Req {
+                    method: "HEAD",
+                    ..get("/a")
+                },
+                NoHeaders,
+                &[],
+                false,
+            ),
+            (
+                "route",
+                get("/a"),
+                Req {
+                    route: "other",
+                    ..get("/a")
+                },
+                NoHeaders,
+                &[],
+                false,
+            ),
+            (
+                "body",
+                Req {
+                    method: "POST",
+                    body: "{\"q\":1}",
+                    ..get("/s")
+                },
+                Req {
+                    method: "POST",
+                    body: "{\"q\":2}",
+                    ..get("/s")
+                },
+                NoHeaders,
+                &[],
+                false,
+            ),
+            (
+                "same body",
+                Req {
+                    method: "POST",
+                    body: "{\"q\":1}",
+                    ..get("/s")
+                },
+                Req {
+                    method: "POST",
+                    body: "{\"q\":1}",
+                    ..get("/s")
+                },
+                NoHeaders,
+                &[],
+                true,
+            ),
+            (
+                "none ignores headers",
+                Req {
+                    headers: &[("accept", "a/b")],
+                    ..get("/a")
+                },
+                Req {
+                    headers: &[("accept", "c/d")],
+                    ..get("/a")
+                },
+                NoHeaders,
+                &[],
+                true,
+            ),
+            (
+                "all sees headers",
+                Req {
+                    headers: &[("accept", "a/b")],
+                    ..get("/a")
+                },
+                Req {
+                    headers: &[("accept", "c/d")],
+                    ..get("/a")
+                },
+                All,
+                &[],
+                false,
+            ),
+            (
+                "all: header order irrelevant",
+                Req {
+                    headers: &[("a", "1"), ("b", "2")],
+                    ..get("/a")
+                },
+                Req {
+                    headers: &[("b", "2"), ("a", "1")],
+                    ..get("/a")
+                },
+                All,
+                &[],
+                true,
+            ),
+            (
+                "all: request id and framing ignored",
+                Req {
+                    headers: &[("accept", "x"), ("x-request-id", "1")],
+                    ..get("/a")
+                },
+                Req {
+                    headers: &[
+                        ("accept", "x"),
+                        ("x-request-id", "2"),
+                        ("connection", "close"),
+                    ],
+                    ..get("/a")
+                },
+                All,
+                &[],
+                true,
+            ),
+            (
+                "list: listed header counts",
+                Req {
+                    headers: &[("x-tenant", "a")],
+                    ..get("/a")
+                },
+                Req {
+                    headers: &[("x-tenant", "b")],
+                    ..get("/a")
+                },
+                List,
+                &["x-tenant"],
+                false,
+            ),
+            (
+                "list: other headers ignored",
+                Req {
+                    headers: &[("x-tenant", "a"), ("accept", "1")],
+                    ..get("/a")
+                },
+                Req {
+                    headers: &[("x-tenant", "a"), ("accept", "2")],
+                    ..get("/a")
+                },
+                List,
+                &["x-tenant"],
+                true,
+            ),
+            (
+                "list: missing is not empty",
+                get("/a"),
+                Req {
+                    headers: &[("x-tenant", "")],
+                    ..get("/a")
+                },
+                List,
+                &["x-tenant"],
+                false,
+            ),
+            (
+                "list: header names are case-insensitive",
+                Req {
+                    headers: &[("X-Tenant", "a")],
+                    ..get("/a")
+                },
+                Req {
+                    headers: &[("x-tenant", "a")],
+                    ..get("/a")
+                },
+                List,
+                &["X-TENANT"],
+                true,
+            ),
+        ];
+        for (why, a, b, strategy, listed, same) in cases {
+            let (ka, kb) = (key(&a, strategy, listed), key(&b, strategy, listed));
+            assert_eq!(ka == kb, same, "{why}");
+        }
+    }
+
+    #[test]
+    fn key_is_stable_across_processes() {
+        // The key is shared through Redis: it must not depend on a random seed.
+        let k = key(&get("/a?b=2&a=1"), NoHeaders, &[]);
+        // Pinned: changing the key layout must be a deliberate act (bump the
+        // version tag), since it turns every shared entry into a miss.
+        assert_eq!(
+            k.hex(),
+            "1802299dd876973b6004c2fef704c0fceed6d63a2d6ae60e013ab46689ecd2ac"
+        );
+        assert_eq!(k, key(&get("/a?a=1&b=2"), NoHeaders, &[]));
+    }
+}

@@ -1,0 +1,151 @@
+//! A stored answer: status, headers, body and when it was stored, with the
+//! compact binary form it has in Redis.
+//!
+//! The stored time is wall-clock (Unix milliseconds), not a monotonic
+//! instant, because an entry written by one instance is read by another.
+//! Decoding never trusts its input: a value that is not a well-formed entry
+//! (another program's key, a truncated write) is a miss, never a panic.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+/// The first byte of an encoded entry; a new layout gets a new number and
+/// old values become misses.
+const FORMAT_V1: u8 = 1;
+
+/// Bytes counted for an entry beyond its headers and body (key, bookkeeping),
+/// so that many tiny entries still weigh something in the memory bound.
+const OVERHEAD_BYTES: usize = 128;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// Unix time in milliseconds.
+    pub stored_at_ms: u64,
+}
+
+impl Entry {
+    pub fn new(status: StatusCode, headers: HeaderMap, body: Bytes) -> Entry {
+        Entry {
+            status,
+            headers,
+            body,
+            stored_at_ms: now_ms(),
+        }
+    }
+
+    /// How old the entry is now (zero if clocks disagree).
+    pub fn age(&self) -> Duration {
+        Duration::from_millis(now_ms().saturating_sub(self.stored_at_ms))
+    }
+
+    /// What the entry costs in memory, approximately.
+    pub fn weight(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 16)
+            .sum();
+        OVERHEAD_BYTES + headers + self.body.len()
+    }
+
+    /// `[1][status u16][stored_at u64][n u16]([name len u16][name][value len u32][value])*n[body]`,
+    /// all big-endian. Small and copy-free to decode, unlike JSON + base64.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = BytesMut::with_capacity(self.weight());
+        out.put_u8(FORMAT_V1);
+        out.put_u16(self.status.as_u16());
+        out.put_u64(self.stored_at_ms);
+        out.put_u16(u16::try_from(self.headers.len()).unwrap_or(u16::MAX));
+        for (name, value) in self.headers.iter().take(usize::from(u16::MAX)) {
+            out.put_u16(name.as_str().len() as u16);
+            out.put_slice(name.as_str().as_bytes());
+            out.put_u32(value.len() as u32);
+            out.put_slice(value.as_bytes());
+        }
+        out.put_slice(&self.body);
+        out.to_vec()
+    }
+
+    pub fn decode(bytes: Bytes) -> Option<Entry> {
+        let mut buf = bytes;
+        if buf.remaining() < 13 || buf.get_u8() != FORMAT_V1 {
+            return None;
+        }
+        let status = StatusCode::from_u16(buf.get_u16()).ok()?;
+        let stored_at_ms = buf.get_u64();
+        let count = buf.get_u16();
+        let mut headers = HeaderMap::with_capacity(usize::from(count));
+        for _ in 0..count {
+            let name_len = usize::from(take_u16(&mut buf)?);
+            let name = HeaderName::from_bytes(take(&mut buf, name_len)?.as_ref()).ok()?;
+            let value_len = take_u32(&mut buf)? as usize;
+            let value = HeaderValue::from_maybe_shared(take(&mut buf, value_len)?).ok()?;
+            headers.append(name, value);
+        }
+        Some(Entry {
+            status,
+            headers,
+            body: buf,
+            stored_at_ms,
+        })
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn take(buf: &mut Bytes, n: usize) -> Option<Bytes> {
+    (buf.remaining() >= n).then(|| buf.split_to(n))
+}
+
+fn take_u16(buf: &mut Bytes) -> Option<u16> {
+    (buf.remaining() >= 2).then(|| buf.get_u16())
+}
+
+fn take_u32(buf: &mut Bytes) -> Option<u32> {
+    (buf.remaining() >= 4).then(|| buf.get_u32())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Entry {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        headers.append("x-multi", HeaderValue::from_static("one"));
+        headers.append("x-multi", HeaderValue::from_static("two"));
+        Entry::new(StatusCode::OK, headers, Bytes::from_static(b"{\"a\":1}"))
+    }
+
+    #[test]
+    fn entries_survive_encoding_byte_for_byte() {
+        let entry = sample();
+        assert_eq!(Entry::decode(Bytes::from(entry.encode())), Some(entry));
+        let empty = Entry::new(StatusCode::NO_CONTENT, HeaderMap::new(), Bytes::new());
+        assert_eq!(Entry::decode(Bytes::from(empty.encode())), Some(empty));
+    }
+
+    #[test]
+    fn malformed_values_are_misses() {
+        let good = sample().encode();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("empty", vec![]),
+            ("other format", [&[9u8][..], &good[1..]].concat()),
+            ("truncated head", good[..10].to_vec()),
+            ("truncated header", good[..20].to_vec()),
+            ("not ours", b"hello world, this is a string".to_vec()),
+        ];
+        for (why, bytes) in cases {
+            assert_eq!(Entry::decode(Bytes::from(bytes)), None, "{why}");
+        }
+    }
+}

@@ -1,0 +1,511 @@
+//! Response caching: the cache phase of the request path and the stores.
+//!
+//! - [`Caches::lookup`] keys the client's request as it came (before the
+//!   pipeline rewrites it for the upstream), answers a fresh entry (`X-Cache: HIT`), or makes the
+//!   request the one upstream call for its key (coalescing) and remembers a
+//!   stale entry for stale-if-error.
+//! - [`CacheState::finish`] stores the upstream's answer when it may be
+//!   (`MISS`), and [`CacheState::stale_response`] serves the remembered stale
+//!   entry when the upstream failed or the circuit is open (`STALE`).
+//!
+//! State that must outlive a config reload (stores, flights, the Redis
+//! connection) lives in [`Caches`], held by `Proxy` and keyed by route name.
+//! This module never decides whether an upstream answer is a failure: it
+//! asks `classify`.
+
+pub mod cache_key;
+pub mod entry;
+pub mod flight;
+pub mod memory;
+pub mod policy;
+pub mod redis_store;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderValue, AGE, CONTENT_LENGTH, SET_COOKIE};
+use http::request::Parts;
+use http::{HeaderName, Response};
+use http_body_util::{BodyExt, Either, Full};
+
+use crate::body::{ResponseBody, UpstreamBody};
+use crate::classify::status_failure;
+use crate::config::{CacheConfig, CacheStore, Config, RedisConfig, RouteConfig};
+use crate::error::{ErrorCode, ProxyError};
+use crate::routing::Route;
+use crate::stats::metrics::Metrics;
+
+use cache_key::{CacheKey, KeyHead, KeyInput};
+use entry::Entry;
+use flight::{Flights, Joined, Leader, Shared};
+use memory::MemoryStore;
+use policy::RequestPlan;
+use redis_store::RedisStore;
+
+pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+
+/// The cache's verdict on one request: the `X-Cache` header and the
+/// `result` label of `backstop_cache_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Hit,
+    Miss,
+    Bypass,
+    Stale,
+}
+
+impl Verdict {
+    /// The metric label and `RequestContext::cache` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Hit => "hit",
+            Verdict::Miss => "miss",
+            Verdict::Bypass => "bypass",
+            Verdict::Stale => "stale",
+        }
+    }
+
+    fn header(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            Verdict::Hit => "HIT",
+            Verdict::Miss => "MISS",
+            Verdict::Bypass => "BYPASS",
+            Verdict::Stale => "STALE",
+        })
+    }
+}
+
+/// The key of a request as the client sent it.
+fn key_of(route: &Route, req: &Parts, body: &[u8]) -> CacheKey {
+    let cache = &route.config.cache;
+    KeyHead::new(&KeyInput {
+        route: route.name(),
+        method: &req.method,
+        path: req.uri.path(),
+        query: req.uri.query(),
+        headers: &req.headers,
+        strategy: cache.header_strategy,
+        listed: &cache.headers,
+    })
+    .finish(body)
+}
+
+/// What the lookup came to.
+pub enum Lookup {
+    /// Answer the client with this; nothing goes upstream.
+    Answer(Response<ResponseBody>, Verdict),
+    /// Go upstream; hand the answer to [`CacheState::finish`].
+    Forward(CacheState),
+}
+
+/// A request's cache state between lookup and answer.
+pub struct CacheState {
+    verdict: Option<Verdict>,
+    /// Where the answer is stored (absent when it must not be).
+    slot: Option<Slot>,
+    /// An entry past its ttl but within `stale_if_error`.
+    stale: Option<Arc<Entry>>,
+    /// Set when this request is the one upstream call for its key.
+    leader: Option<Leader>,
+}
+
+struct Slot {
+    key: CacheKey,
+    store: StoreRef,
+    unkeyed_auth: bool,
+}
+
+impl CacheState {
+    fn passthrough(verdict: Option<Verdict>) -> CacheState {
+        CacheState {
+            verdict,
+            slot: None,
+            stale: None,
+            leader: None,
+        }
+    }
+
+    /// `hit`, `miss`, `bypass`, `stale`; `None` when the route does not cache.
+    pub fn verdict(&self) -> Option<Verdict> {
+        self.verdict
+    }
+
+    /// Stale-if-error: the remembered stale entry as an answer, if there is
+    /// one. Called when the upstream failed, and by the circuit-breaker phase
+    /// when the circuit is open. Waiting coalesced requests get it too.
+    pub fn stale_response(&mut self) -> Option<Response<ResponseBody>> {
+        let entry = self.stale.clone()?;
+        self.verdict = Some(Verdict::Stale);
+        if let Some(leader) = self.leader.take() {
+            leader.finish(Shared::Stale(entry.clone()));
+        }
+        Some(entry_response(&entry, Verdict::Stale))
+    }
+
+    /// The upstream's answer (hop-by-hop headers already removed): served
+    /// stale instead if it is a failure and a stale entry exists, stored if
+    /// it may be, and marked with `X-Cache`.
+    pub async fn finish(
+        &mut self,
+        route: &RouteConfig,
+        response: Response<ResponseBody>,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let Some(verdict) = self.verdict else {
+            return Ok(response);
+        };
+        let status = response.status();
+        if status_failure(status.as_u16(), &route.retry).is_some() {
+            if let Some(stale) = self.stale_response() {
+                return Ok(stale);
+            }
+        }
+        let cache = &route.cache;
+        let storable = self.slot.as_ref().is_some_and(|slot| {
+            policy::storable(cache, slot.unkeyed_auth, status, response.headers())
+                && declared_length(&response).is_none_or(|n| n <= cache.max_entry_bytes)
+        });
+        let (parts, body) = response.into_parts();
+        let (slot, upstream) = match (self.slot.as_ref(), body) {
+            (Some(slot), Either::Left(upstream)) if storable => (slot, upstream),
+            (_, body) => {
+                // Not stored: the waiters (if any) go upstream on their own.
+                self.leader = None;
+                return Ok(mark(Response::from_parts(parts, body), verdict));
+            }
+        };
+        let limit = usize::try_from(cache.max_entry_bytes).unwrap_or(usize::MAX);
+        let body = match read_bounded(upstream, limit).await {
+            Bounded::Whole(body) => body,
+            Bounded::TooLarge(rest) => {
+                self.leader = None;
+                return Ok(mark(
+                    Response::from_parts(parts, Either::Left(rest)),
+                    verdict,
+                ));
+            }
+            Bounded::Broken(e) => {
+                tracing::debug!(route = %route.name, error = %e, "backend answer broke off");
+                return Err(ProxyError::new(
+                    ErrorCode::UpstreamUnreachable,
+                    format!("The backend of route {} broke off its answer", route.name),
+                ));
+            }
+        };
+        // Only under ignore_cache_control can a stored answer carry a cookie:
+        // it is one client's, so it is served to that client only.
+        let mut stored_headers = parts.headers.clone();
+        stored_headers.remove(SET_COOKIE);
+        let entry = Arc::new(Entry::new(parts.status, stored_headers, body.clone()));
+        let keep_for = cache.ttl + cache.stale_if_error;
+        slot.store
+            .put(&route.name, slot.key, entry.clone(), keep_for)
+            .await;
+        if let Some(leader) = self.leader.take() {
+            leader.finish(Shared::Fresh(entry));
+        }
+        Ok(mark(
+            Response::from_parts(parts, Either::Right(Full::new(body))),
+            verdict,
+        ))
+    }
+}
+
+/// The registry of caches: per route (by name) a memory store and the
+/// in-flight map, and one Redis store. Survives config reloads.
+pub struct Caches {
+    routes: ArcSwap<HashMap<String, Arc<RouteCache>>>,
+    redis: ArcSwapOption<RedisSlot>,
+    /// Serializes the rare changes of the two maps above.
+    changes: Mutex<()>,
+    metrics: Arc<Metrics>,
+}
+
+struct RouteCache {
+    memory: MemoryStore,
+    flights: Flights,
+}
+
+/// The Redis store for one `[redis]` configuration, or the reason there is
+/// none (so the reason is logged once, not on every request).
+struct RedisSlot {
+    config: RedisConfig,
+    store: Option<Arc<RedisStore>>,
+}
+
+/// Where one route's entries live.
+#[derive(Clone)]
+enum StoreRef {
+    Memory(Arc<RouteCache>),
+    Redis(Arc<RedisStore>),
+    /// `store = "redis"` but Redis cannot be used: nothing is stored.
+    Unavailable,
+}
+
+impl StoreRef {
+    async fn get(&self, route: &str, key: &CacheKey) -> Option<Arc<Entry>> {
+        match self {
+            StoreRef::Memory(rc) => rc.memory.get(key).await,
+            StoreRef::Redis(redis) => redis.get(route, key).await.map(Arc::new),
+            StoreRef::Unavailable => None,
+        }
+    }
+
+    async fn put(&self, route: &str, key: CacheKey, entry: Arc<Entry>, keep_for: Duration) {
+        match self {
+            StoreRef::Memory(rc) => rc.memory.put(key, entry, keep_for).await,
+            StoreRef::Redis(redis) => redis.put(route, &key, &entry, keep_for).await,
+            StoreRef::Unavailable => {}
+        }
+    }
+}
+
+/// How fresh an entry is for the route's current settings.
+enum Freshness {
+    Fresh,
+    /// Usable only when the upstream fails.
+    Stale,
+    Expired,
+}
+
+fn freshness(entry: &Entry, cache: &CacheConfig) -> Freshness {
+    let age = entry.age();
+    if age < cache.ttl {
+        Freshness::Fresh
+    } else if age < cache.ttl + cache.stale_if_error {
+        Freshness::Stale
+    } else {
+        Freshness::Expired
+    }
+}
+
+/// What a purge removed.
+pub struct Purged {
+    pub memory: u64,
+    /// `None` without a `[redis]` section.
+    pub redis: Option<Result<u64, String>>,
+}
+
+impl Caches {
+    pub fn new(metrics: Arc<Metrics>) -> Caches {
+        Caches {
+            routes: ArcSwap::from_pointee(HashMap::new()),
+            redis: ArcSwapOption::empty(),
+            changes: Mutex::new(()),
+            metrics,
+        }
+    }
+
+    /// The cache phase: a fresh entry answers the request; otherwise the
+    /// request goes upstream — alone, or as the leader its concurrent twins
+    /// wait for. `body` is the buffered request body (keyed).
+    pub async fn lookup(
+        &self,
+        config: &Config,
+        route: &Route,
+        request: &Parts,
+        body: Option<&[u8]>,
+    ) -> Lookup {
+        let cache = &route.config.cache;
+        let plan = policy::request_plan(cache, &request.method, &request.headers);
+        let body = match (plan, body) {
+            (RequestPlan::Off, _) => return Lookup::Forward(CacheState::passthrough(None)),
+            (RequestPlan::Lookup | RequestPlan::Refresh, Some(body)) => body,
+            // Not cached, or a body that was not buffered (cannot be keyed).
+            _ => return Lookup::Forward(CacheState::passthrough(Some(Verdict::Bypass))),
+        };
+        let key = key_of(route, request, body);
+        let rc = self.route_cache(&route.config);
+        let store = match cache.store {
+            CacheStore::Memory => StoreRef::Memory(rc.clone()),
+            CacheStore::Redis => match self.redis(config.redis.as_ref()) {
+                Some(redis) => StoreRef::Redis(redis),
+                None => StoreRef::Unavailable,
+            },
+        };
+        let mut state = CacheState {
+            verdict: Some(Verdict::Miss),
+            slot: Some(Slot {
+                key,
+                store: store.clone(),
+                unkeyed_auth: policy::unkeyed_authorization(cache, &request.headers),
+            }),
+            stale: None,
+            leader: None,
+        };
+        if plan == RequestPlan::Refresh {
+            state.verdict = Some(Verdict::Bypass);
+            return Lookup::Forward(state);
+        }
+        if let Some(entry) = store.get(route.name(), &key).await {
+            match freshness(&entry, cache) {
+                Freshness::Fresh => return hit(&entry),
+                Freshness::Stale => state.stale = Some(entry),
+                Freshness::Expired => {}
+            }
+        }
+        match rc.flights.join(key) {
+            Joined::Leader(leader) => {
+                // A leader that finished between our lookup and our join has
+                // stored its answer: look again rather than call twice.
+                if let Some(entry) = store.get(route.name(), &key).await {
+                    if let Freshness::Fresh = freshness(&entry, cache) {
+                        leader.finish(Shared::Fresh(entry.clone()));
+                        return hit(&entry);
+                    }
+                }
+                state.leader = Some(leader);
+            }
+            Joined::Waiter(rx) => match flight::wait(rx).await {
+                Shared::Fresh(entry) => return hit(&entry),
+                Shared::Stale(entry) => {
+                    return Lookup::Answer(entry_response(&entry, Verdict::Stale), Verdict::Stale)
+                }
+                Shared::Nothing | Shared::Pending => {}
+            },
+        }
+        Lookup::Forward(state)
+    }
+
+    /// Removes every entry of a route from both stores.
+    pub async fn purge(&self, config: &Config, route: &str) -> Purged {
+        let memory = self
+            .routes
+            .load()
+            .get(route)
+            .map_or(0, |rc| rc.memory.purge());
+        let redis = match self.redis(config.redis.as_ref()) {
+            Some(redis) => Some(redis.purge(route).await),
+            None if config.redis.is_some() => Some(Err("redis is not usable".to_string())),
+            None => None,
+        };
+        Purged { memory, redis }
+    }
+
+    fn route_cache(&self, route: &RouteConfig) -> Arc<RouteCache> {
+        let max_bytes = route.cache.max_bytes;
+        let current = |map: &HashMap<String, Arc<RouteCache>>| {
+            map.get(&route.name)
+                .filter(|rc| rc.memory.max_bytes == max_bytes)
+                .cloned()
+        };
+        if let Some(rc) = current(&self.routes.load()) {
+            return rc;
+        }
+        let _changing = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        let map = self.routes.load_full();
+        if let Some(rc) = current(&map) {
+            return rc;
+        }
+        // New route, or a new bound: a new (empty) store for it.
+        let rc = Arc::new(RouteCache {
+            memory: MemoryStore::new(max_bytes),
+            flights: Flights::default(),
+        });
+        let mut next = (*map).clone();
+        next.insert(route.name.clone(), rc.clone());
+        self.routes.store(Arc::new(next));
+        rc
+    }
+
+    fn redis(&self, config: Option<&RedisConfig>) -> Option<Arc<RedisStore>> {
+        let config = config?;
+        let same = |slot: &RedisSlot| {
+            slot.config.url == config.url
+                && slot.config.key_prefix == config.key_prefix
+                && slot.config.timeout == config.timeout
+        };
+        if let Some(slot) = self.redis.load().as_deref().filter(|s| same(s)) {
+            return slot.store.clone();
+        }
+        let _changing = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = self.redis.load().as_deref().filter(|s| same(s)) {
+            return slot.store.clone();
+        }
+        let store = match RedisStore::new(config, self.metrics.redis_errors.clone()) {
+            Ok(store) => Some(Arc::new(store)),
+            Err(e) => {
+                tracing::error!(error = %e, "redis store unusable: the cache is skipped");
+                None
+            }
+        };
+        self.redis.store(Some(Arc::new(RedisSlot {
+            config: config.clone(),
+            store: store.clone(),
+        })));
+        store
+    }
+}
+
+fn hit(entry: &Entry) -> Lookup {
+    Lookup::Answer(entry_response(entry, Verdict::Hit), Verdict::Hit)
+}
+
+/// An answer from a stored entry, with `X-Cache` and `Age`.
+fn entry_response(entry: &Entry, verdict: Verdict) -> Response<ResponseBody> {
+    let mut response = Response::new(Either::Right(Full::new(entry.body.clone())));
+    *response.status_mut() = entry.status;
+    *response.headers_mut() = entry.headers.clone();
+    response
+        .headers_mut()
+        .insert(AGE, HeaderValue::from(entry.age().as_secs()));
+    mark(response, verdict)
+}
+
+fn mark(mut response: Response<ResponseBody>, verdict: Verdict) -> Response<ResponseBody> {
+    response.headers_mut().insert(X_CACHE, verdict.header());
+    response
+}
+
+fn declared_length(response: &Response<ResponseBody>) -> Option<u64> {
+    response
+        .headers()
+        .get(CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+enum Bounded {
+    Whole(Bytes),
+    /// Longer than the bound: what was read, then the rest, streamed.
+    TooLarge(UpstreamBody),
+    Broken(hyper::Error),
+}
+
+/// Reads a body whole if it is at most `limit` bytes. Trailers are dropped
+/// (a cached answer has none).
+async fn read_bounded(mut body: UpstreamBody, limit: usize) -> Bounded {
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut total = 0usize;
+    loop {
+        match body.frame().await {
+            None => break,
+            Some(Err(e)) => return Bounded::Broken(e),
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                total += data.len();
+                chunks.push(data);
+                if total > limit {
+                    return Bounded::TooLarge(body.prepend(chunks));
+                }
+            }
+        }
+    }
+    Bounded::Whole(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => {
+            let mut all = BytesMut::with_capacity(total);
+            for chunk in chunks {
+                all.extend_from_slice(&chunk);
+            }
+            all.freeze()
+        }
+    })
+}

@@ -1,0 +1,339 @@
+//! Whether a request may be answered from the cache, and whether an answer
+//! may be stored: the route's `cache` settings plus the HTTP rules a shared
+//! cache must follow (RFC 9111), so that one client's private answer is
+//! never served to another.
+//!
+//! Pure functions over headers: no I/O, no clock.
+
+use http::header::{AUTHORIZATION, CACHE_CONTROL, PRAGMA, SET_COOKIE, VARY};
+use http::{HeaderMap, Method, StatusCode};
+
+use crate::config::{CacheConfig, HeaderStrategy};
+
+/// What the cache does for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestPlan {
+    /// The route does not cache: no `X-Cache` header, no metric.
+    Off,
+    /// Not looked up and not stored (method not cached, `no-store`).
+    Bypass,
+    /// Not looked up (`Cache-Control: no-cache`), but the fresh answer
+    /// replaces the stored one.
+    Refresh,
+    /// Looked up; a miss is stored.
+    Lookup,
+}
+
+pub fn request_plan(cache: &CacheConfig, method: &Method, headers: &HeaderMap) -> RequestPlan {
+    if !cache.enabled {
+        return RequestPlan::Off;
+    }
+    if !cache.methods.contains(method) {
+        return RequestPlan::Bypass;
+    }
+    let directives = cache_control(headers);
+    if directives.no_store {
+        return RequestPlan::Bypass;
+    }
+    let pragma_no_cache = headers
+        .get_all(PRAGMA)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"no-cache"));
+    if directives.no_cache || pragma_no_cache {
+        return RequestPlan::Refresh;
+    }
+    RequestPlan::Lookup
+}
+
+/// Whether the request carried credentials that are not part of its key:
+/// its answer may then be stored only if the backend says it is shared.
+pub fn unkeyed_authorization(cache: &CacheConfig, request: &HeaderMap) -> bool {
+    request.contains_key(AUTHORIZATION) && !authorization_keyed(cache)
+}
+
+/// Whether an answer may be stored. `unkeyed_auth`: see
+/// [`unkeyed_authorization`].
+pub fn storable(
+    cache: &CacheConfig,
+    unkeyed_auth: bool,
+    status: StatusCode,
+    response: &HeaderMap,
+) -> bool {
+    if !cache.cacheable_status.contains(&status.as_u16()) {
+        return false;
+    }
+    if cache.ignore_cache_control {
+        return true;
+    }
+    let directives = cache_control(response);
+    if directives.no_store || directives.private || directives.no_cache {
+        return false;
+    }
+    // A cookie set for one client must not be handed to the next.
+    if response.contains_key(SET_COOKIE) {
+        return false;
+    }
+    // `Vary: *` says no stored answer can ever match.
+    let vary_any = response
+        .get_all(VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| v.trim() == "*");
+    if vary_any {
+        return false;
+    }
+    // RFC 9111 §3.5: an answer to an authenticated request is shared only
+    // when the backend says it may be, unless the credential is in the key.
+    if unkeyed_auth && !(directives.public || directives.s_maxage) {
+        return false;
+    }
+    true
+}
+
+fn authorization_keyed(cache: &CacheConfig) -> bool {
+    match cache.header_strategy {
+        HeaderStrategy::All => true,
+        HeaderStrategy::List => cache.headers.contains(&AUTHORIZATION),
+        HeaderStrategy::None => false,
+    }
+}
+
+/// The `Cache-Control` directives the cache acts on.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Directives {
+    no_store: bool,
+    no_cache: bool,
+    private: bool,
+    public: bool,
+    s_maxage: bool,
+}
+
+fn cache_control(headers: &HeaderMap) -> Directives {
+    let mut d = Directives::default();
+    let tokens = headers
+        .get_all(CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','));
+    for token in tokens {
+        // `private="set-cookie"` and `no-cache="x"` still count as the
+        // directive: treating them as the whole-answer form is the safe side.
+        let name = token.split('=').next().unwrap_or("").trim();
+        match name.to_ascii_lowercase().as_str() {
+            "no-store" => d.no_store = true,
+            "no-cache" => d.no_cache = true,
+            "private" => d.private = true,
+            "public" => d.public = true,
+            "s-maxage" => d.s_maxage = true,
+            _ => {}
+        }
+    }
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn cache(extra: &str) -> CacheConfig {
+        let toml = format!(
+            "[[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstreams = [\"http://127.0.0.1:1\"]\n\
+             [routes.cache]\nenabled = true\n{extra}\n"
+        );
+        crate::config::load_str(&toml, Path::new("t.toml"), |_| None)
+            .unwrap()
+            .routes[0]
+            .cache
+            .clone()
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(*n, v.parse().unwrap());
+        }
+        h
+    }
+
+    type Headers = &'static [(&'static str, &'static str)];
+    /// (why, config, method, request headers, plan)
+    type PlanCase<'a> = (&'static str, &'a CacheConfig, Method, Headers, RequestPlan);
+    /// (why, config, request headers, status, response headers, storable?)
+    type StoreCase<'a> = (&'static str, &'a CacheConfig, Headers, u16, Headers, bool);
+
+    #[test]
+    fn request_plans() {
+        let default = cache("");
+        let post = cache("methods = [\"GET\", \"POST\"]");
+        let cases: Vec<PlanCase> = vec![
+            ("plain GET", &default, Method::GET, &[], RequestPlan::Lookup),
+            ("HEAD", &default, Method::HEAD, &[], RequestPlan::Lookup),
+            (
+                "POST not listed",
+                &default,
+                Method::POST,
+                &[],
+                RequestPlan::Bypass,
+            ),
+            ("POST listed", &post, Method::POST, &[], RequestPlan::Lookup),
+            (
+                "no-store",
+                &default,
+                Method::GET,
+                &[("cache-control", "no-store")],
+                RequestPlan::Bypass,
+            ),
+            (
+                "no-cache",
+                &default,
+                Method::GET,
+                &[("cache-control", "max-age=0, No-Cache")],
+                RequestPlan::Refresh,
+            ),
+            (
+                "pragma",
+                &default,
+                Method::GET,
+                &[("pragma", "no-cache")],
+                RequestPlan::Refresh,
+            ),
+            (
+                "max-age only",
+                &default,
+                Method::GET,
+                &[("cache-control", "max-age=10")],
+                RequestPlan::Lookup,
+            ),
+        ];
+        for (why, config, method, h, want) in cases {
+            assert_eq!(request_plan(config, &method, &headers(h)), want, "{why}");
+        }
+        let off = CacheConfig {
+            enabled: false,
+            ..default.clone()
+        };
+        assert_eq!(
+            request_plan(&off, &Method::GET, &HeaderMap::new()),
+            RequestPlan::Off
+        );
+    }
+
+    #[test]
+    fn storable_answers() {
+        let default = cache("");
+        let ignore = cache("ignore_cache_control = true");
+        let keyed = cache("header_strategy = \"list\"\nheaders = [\"Authorization\"]");
+        let auth: Headers = &[("authorization", "Bearer x")];
+        let cases: Vec<StoreCase> = vec![
+            ("200", &default, &[], 200, &[], true),
+            ("404 listed", &default, &[], 404, &[], true),
+            ("500 not listed", &default, &[], 500, &[], false),
+            (
+                "no-store",
+                &default,
+                &[],
+                200,
+                &[("cache-control", "no-store")],
+                false,
+            ),
+            (
+                "private",
+                &default,
+                &[],
+                200,
+                &[("cache-control", "max-age=60, private")],
+                false,
+            ),
+            (
+                "private=field",
+                &default,
+                &[],
+                200,
+                &[("cache-control", "private=\"x\"")],
+                false,
+            ),
+            (
+                "no-cache",
+                &default,
+                &[],
+                200,
+                &[("cache-control", "no-cache")],
+                false,
+            ),
+            (
+                "max-age",
+                &default,
+                &[],
+                200,
+                &[("cache-control", "public, max-age=60")],
+                true,
+            ),
+            (
+                "set-cookie",
+                &default,
+                &[],
+                200,
+                &[("set-cookie", "s=1")],
+                false,
+            ),
+            (
+                "vary *",
+                &default,
+                &[],
+                200,
+                &[("vary", "accept, *")],
+                false,
+            ),
+            (
+                "vary accept",
+                &default,
+                &[],
+                200,
+                &[("vary", "accept")],
+                true,
+            ),
+            (
+                "ignore no-store",
+                &ignore,
+                &[],
+                200,
+                &[("cache-control", "no-store")],
+                true,
+            ),
+            ("ignore keeps status rule", &ignore, &[], 500, &[], false),
+            ("authorization", &default, auth, 200, &[], false),
+            (
+                "authorization public",
+                &default,
+                auth,
+                200,
+                &[("cache-control", "public")],
+                true,
+            ),
+            (
+                "authorization s-maxage",
+                &default,
+                auth,
+                200,
+                &[("cache-control", "s-maxage=5")],
+                true,
+            ),
+            ("authorization keyed", &keyed, auth, 200, &[], true),
+        ];
+        for (why, config, req, status, resp, want) in cases {
+            let status = StatusCode::from_u16(status).unwrap();
+            assert_eq!(
+                storable(
+                    config,
+                    unkeyed_authorization(config, &headers(req)),
+                    status,
+                    &headers(resp)
+                ),
+                want,
+                "{why}"
+            );
+        }
+    }
+}

@@ -1,0 +1,801 @@
+//! Response caching over real sockets: hits and misses, keys (sorted query,
+//! header strategies, POST bodies), TTL, Cache-Control, stale-if-error,
+//! coalescing, the memory bound, purge, reloads, and the Redis store —
+//! shared by two instances, and a Redis server killed mid-test.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::harness::{client, error_of, Backend, Backstop, Reply};
+
+/// A backend that answers every request with a new body (`n=<count>`), so a
+/// test sees whether an answer came from the cache or from upstream.
+async fn counting_backend(extra: Vec<(&'static str, &'static str)>) -> Backend {
+    let n = Arc::new(AtomicUsize::new(0));
+    Backend::start(move |seen| {
+        let i = n.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut reply = Reply::ok(&format!("n={i} {} {}", seen.method, seen.uri));
+        for (k, v) in &extra {
+            reply = reply.header(k, v);
+        }
+        reply
+    })
+    .await
+}
+
+fn route(name: &str, prefix: &str, upstream: &str, cache: &str) -> String {
+    route_with(name, prefix, upstream, "", cache)
+}
+
+/// A cached route; `extra` are route keys, `cache` keys of `[routes.cache]`.
+fn route_with(name: &str, prefix: &str, upstream: &str, extra: &str, cache: &str) -> String {
+    format!(
+        "[[routes]]\nname = {name:?}\npath_prefix = {prefix:?}\nupstreams = [{upstream:?}]\n\
+         {extra}\n[routes.retry]\nmax_attempts = 1\n[routes.cache]\nenabled = true\n{cache}\n"
+    )
+}
+
+/// A fresh Redis key prefix per test, so tests never see each other's entries.
+fn prefix(test: &str) -> String {
+    format!("bs-test:{test}:{}:{}:", std::process::id(), entry_nanos())
+}
+
+fn entry_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn redis_section(url: &str, prefix: &str) -> String {
+    format!("[redis]\nurl = {url:?}\nkey_prefix = {prefix:?}\ntimeout = \"50ms\"\n\n")
+}
+
+struct Got {
+    status: u16,
+    x_cache: String,
+    age: Option<u64>,
+    body: String,
+}
+
+async fn get(url: &str) -> Got {
+    got(client().get(url).send().await.unwrap()).await
+}
+
+async fn got(r: reqwest::Response) -> Got {
+    let header = |name: &str| {
+        r.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    let x_cache = header("x-cache").unwrap_or_default();
+    let age = header("age").map(|a| a.parse().unwrap());
+    let status = r.status().as_u16();
+    Got {
+        status,
+        x_cache,
+        age,
+        body: r.text().await.unwrap(),
+    }
+}
+
+async fn metrics(bs: &Backstop) -> String {
+    client()
+        .get(bs.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+fn metric_value(text: &str, line_start: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn second_request_is_a_hit_with_age_and_counted() {
+    let backend = counting_backend(vec![("content-type", "text/plain")]).await;
+    let bs = Backstop::start(&route("r", "/", &backend.url(), ""));
+    let first = get(&bs.url("/items/1")).await;
+    assert_eq!((first.status, first.x_cache.as_str()), (200, "MISS"));
+    assert_eq!(first.body, "n=1 GET /items/1");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let second = get(&bs.url("/items/1")).await;
+    assert_eq!((second.status, second.x_cache.as_str()), (200, "HIT"));
+    assert_eq!(second.body, "n=1 GET /items/1", "the stored answer");
+    assert!(second.age.unwrap() >= 1, "Age counts from storing");
+    assert_eq!(backend.hits(), 1);
+    // HEAD is cached separately from GET.
+    for want in ["MISS", "HIT"] {
+        let head = client().head(bs.url("/items/1")).send().await.unwrap();
+        assert_eq!(head.headers()["x-cache"], want);
+        assert_eq!(
+            head.headers()["content-length"],
+            "17",
+            "the backend's length"
+        );
+    }
+    let text = metrics(&bs).await;
+    assert_eq!(
+        metric_value(&text, "backstop_cache_total{route=\"r\",result=\"hit\"}"),
+        2.0
+    );
+    assert_eq!(
+        metric_value(&text, "backstop_cache_total{route=\"r\",result=\"miss\"}"),
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn query_parameters_are_keyed_sorted() {
+    let backend = counting_backend(vec![]).await;
+    let bs = Backstop::start(&route("r", "/", &backend.url(), ""));
+    let cases = [
+        ("/s?b=2&a=1", "MISS"),
+        ("/s?a=1&b=2", "HIT"),
+        ("/s?a=1&b=3", "MISS"),
+        ("/s?a=1&a=2", "MISS"),
+        ("/s?a=2&a=1", "MISS"),
+        ("/s", "MISS"),
+        ("/s?", "HIT"),
+    ];
+    for (path, want) in cases {
+        assert_eq!(get(&bs.url(path)).await.x_cache, want, "{path}");
+    }
+    let seen = backend.seen();
+    assert_eq!(seen[0].uri, "/s?b=2&a=1", "upstream gets the query as sent");
+}
+
+/// (path, request headers, X-Cache)
+type HeaderCase = (
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    &'static str,
+);
+
+#[tokio::test]
+async fn each_header_strategy_keys_its_headers() {
+    let backend = counting_backend(vec![]).await;
+    let url = backend.url();
+    let config = [
+        route("none", "/none", &url, ""),
+        route("all", "/all", &url, "header_strategy = \"all\""),
+        route(
+            "list",
+            "/list",
+            &url,
+            "header_strategy = \"list\"\nheaders = [\"X-Tenant\"]",
+        ),
+    ]
+    .concat();
+    let bs = Backstop::start(&config);
+    let c = client();
+    let send = |path: &'static str, headers: &'static [(&'static str, &'static str)]| {
+        let mut req = c.get(bs.url(path));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        async move { got(req.send().await.unwrap()).await.x_cache }
+    };
+    let cases: [HeaderCase; 12] = [
+        ("/none/a", &[("x-tenant", "1")], "MISS"),
+        ("/none/a", &[("x-tenant", "2")], "HIT"),
+        ("/none/a", &[], "HIT"),
+        ("/all/a", &[("x-tenant", "1")], "MISS"),
+        ("/all/a", &[("x-tenant", "1")], "HIT"),
+        ("/all/a", &[("x-tenant", "2")], "MISS"),
+        (
+            "/all/a",
+            &[("x-tenant", "1"), ("x-request-id", "other")],
+            "HIT",
+        ),
+        ("/list/a", &[("x-tenant", "1"), ("accept", "a/b")], "MISS"),
+        ("/list/a", &[("x-tenant", "1"), ("accept", "c/d")], "HIT"),
+        ("/list/a", &[("x-tenant", "2")], "MISS"),
+        ("/list/a", &[], "MISS"),
+        ("/list/a", &[("X-TENANT", "2")], "HIT"),
+    ];
+    for (i, (path, headers, want)) in cases.into_iter().enumerate() {
+        assert_eq!(
+            send(path, headers).await,
+            want,
+            "case {i}: {path} {headers:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn post_bodies_are_part_of_the_key_when_post_is_cached() {
+    let backend = counting_backend(vec![]).await;
+    let url = backend.url();
+    let config = [
+        route("read", "/search", &url, "methods = [\"GET\", \"POST\"]"),
+        route("write", "/orders", &url, ""),
+    ]
+    .concat();
+    let bs = Backstop::start(&config);
+    let c = client();
+    let post = |path: &'static str, body: &'static str| {
+        let req = c.post(bs.url(path)).body(body);
+        async move { got(req.send().await.unwrap()).await }
+    };
+    let a = post("/search", "{\"q\":\"rust\"}").await;
+    assert_eq!(a.x_cache, "MISS");
+    let b = post("/search", "{\"q\":\"rust\"}").await;
+    assert_eq!((b.x_cache.as_str(), b.body), ("HIT", a.body));
+    assert_eq!(post("/search", "{\"q\":\"go\"}").await.x_cache, "MISS");
+    // The upstream got the body.
+    assert_eq!(backend.seen()[0].body, "{\"q\":\"rust\"}");
+    // POST is not in the default methods: never cached.
+    assert_eq!(post("/orders", "x").await.x_cache, "BYPASS");
+    assert_eq!(post("/orders", "x").await.x_cache, "BYPASS");
+    assert_eq!(backend.hits(), 4);
+}
+
+#[tokio::test]
+async fn entries_expire_after_ttl() {
+    let backend = counting_backend(vec![]).await;
+    let bs = Backstop::start(&route("r", "/", &backend.url(), "ttl = \"1s\""));
+    assert_eq!(get(&bs.url("/t")).await.x_cache, "MISS");
+    assert_eq!(get(&bs.url("/t")).await.x_cache, "HIT");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let after = get(&bs.url("/t")).await;
+    assert_eq!(
+        (after.x_cache.as_str(), after.body.as_str()),
+        ("MISS", "n=2 GET /t")
+    );
+    assert_eq!(get(&bs.url("/t")).await.x_cache, "HIT");
+}
+
+#[tokio::test]
+async fn cache_control_no_store_and_private_are_respected_unless_ignored() {
+    let backend = Backend::start(|seen| {
+        let reply = Reply::ok("answer");
+        match seen.uri.as_str() {
+            "/no-store" => reply.header("cache-control", "no-store"),
+            "/private" => reply.header("cache-control", "private, max-age=60"),
+            "/cookie" => reply.header("set-cookie", "session=abc"),
+            "/error" => Reply::status(500),
+            _ => reply.header("cache-control", "max-age=60"),
+        }
+    })
+    .await;
+    let url = backend.url();
+    let config = [
+        route("strict", "/", &url, ""),
+        route_with(
+            "ignore",
+            "/ignore",
+            &url,
+            "strip_prefix = true",
+            "ignore_cache_control = true",
+        ),
+    ]
+    .concat();
+    let bs = Backstop::start(&config);
+    for path in ["/no-store", "/private", "/cookie", "/error"] {
+        assert_eq!(get(&bs.url(path)).await.x_cache, "MISS", "{path}");
+        assert_eq!(
+            get(&bs.url(path)).await.x_cache,
+            "MISS",
+            "{path} not stored"
+        );
+    }
+    assert_eq!(get(&bs.url("/max-age")).await.x_cache, "MISS");
+    assert_eq!(get(&bs.url("/max-age")).await.x_cache, "HIT");
+
+    // The client's own Cache-Control.
+    let c = client();
+    let with = |value: &'static str| {
+        let req = c.get(bs.url("/max-age")).header("cache-control", value);
+        async move { got(req.send().await.unwrap()).await.x_cache }
+    };
+    assert_eq!(with("no-cache").await, "BYPASS");
+    assert_eq!(with("no-store").await, "BYPASS");
+
+    // ignore_cache_control: stored anyway, and a cookie is never replayed.
+    for path in ["/ignore/no-store", "/ignore/private"] {
+        assert_eq!(get(&bs.url(path)).await.x_cache, "MISS", "{path}");
+        assert_eq!(get(&bs.url(path)).await.x_cache, "HIT", "{path} stored");
+    }
+    assert_eq!(get(&bs.url("/ignore/cookie")).await.x_cache, "MISS");
+    let r = client().get(bs.url("/ignore/cookie")).send().await.unwrap();
+    assert_eq!(r.headers()["x-cache"], "HIT");
+    assert!(r.headers().get("set-cookie").is_none(), "cookie not shared");
+    assert_eq!(get(&bs.url("/ignore/error")).await.x_cache, "MISS");
+    assert_eq!(
+        get(&bs.url("/ignore/error")).await.x_cache,
+        "MISS",
+        "500 is not a cacheable status"
+    );
+}
+
+#[tokio::test]
+async fn requests_with_credentials_are_not_shared() {
+    let backend = counting_backend(vec![]).await;
+    let bs = Backstop::start(&route("r", "/", &backend.url(), ""));
+    let c = client();
+    let authed = || {
+        let req = c.get(bs.url("/me")).header("authorization", "Bearer alice");
+        async move { got(req.send().await.unwrap()).await }
+    };
+    assert_eq!(authed().await.x_cache, "MISS");
+    assert_eq!(authed().await.x_cache, "MISS", "not stored");
+    assert_eq!(
+        get(&bs.url("/me")).await.body,
+        "n=3 GET /me",
+        "never served to others"
+    );
+}
+
+#[tokio::test]
+async fn a_stale_entry_is_served_when_the_backend_is_down() {
+    let backend = counting_backend(vec![]).await;
+    let url = backend.url();
+    let config = [
+        route(
+            "stale",
+            "/stale",
+            &url,
+            "ttl = \"1s\"\nstale_if_error = \"30s\"",
+        ),
+        route("fresh-only", "/fresh", &url, "ttl = \"1s\""),
+    ]
+    .concat();
+    let bs = Backstop::start(&config);
+    assert_eq!(get(&bs.url("/stale/a")).await.x_cache, "MISS");
+    assert_eq!(get(&bs.url("/fresh/a")).await.x_cache, "MISS");
+    backend.stop();
+    // Still fresh: a hit, whatever the backend's state.
+    assert_eq!(get(&bs.url("/stale/a")).await.x_cache, "HIT");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let stale = get(&bs.url("/stale/a")).await;
+    assert_eq!(stale.status, 200);
+    assert_eq!(stale.x_cache, "STALE");
+    assert_eq!(stale.body, "n=1 GET /stale/a");
+    assert!(stale.age.unwrap() >= 1);
+    // Without stale_if_error the failure is the answer.
+    let r = client().get(bs.url("/fresh/a")).send().await.unwrap();
+    let (status, code, _) = error_of(r).await;
+    assert_eq!((status, code.as_str()), (502, "upstream_unreachable"));
+    let text = metrics(&bs).await;
+    assert_eq!(
+        metric_value(
+            &text,
+            "backstop_cache_total{route=\"stale\",result=\"stale\"}"
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_stale_entry_is_served_when_the_backend_answers_503() {
+    let backend = Backend::scripted(vec![
+        Reply::ok("good"),
+        Reply::status(503).body("overloaded"),
+    ])
+    .await;
+    let bs = Backstop::start(&route(
+        "r",
+        "/",
+        &backend.url(),
+        "ttl = \"1s\"\nstale_if_error = \"30s\"",
+    ));
+    assert_eq!(get(&bs.url("/x")).await.x_cache, "MISS");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let stale = get(&bs.url("/x")).await;
+    assert_eq!((stale.status, stale.x_cache.as_str()), (200, "STALE"));
+    assert_eq!(stale.body, "good");
+}
+
+#[tokio::test]
+async fn concurrent_misses_make_one_upstream_call() {
+    let backend =
+        Backend::start(|_| Reply::ok("slow answer").delay(Duration::from_millis(500))).await;
+    let bs = Backstop::start(&route("r", "/", &backend.url(), ""));
+    let c = client();
+    let requests = (0..100).map(|_| {
+        let req = c.get(bs.url("/slow?a=1&b=2"));
+        tokio::spawn(async move { got(req.send().await.unwrap()).await })
+    });
+    let answers: Vec<Got> = futures_join(requests.collect()).await;
+    assert_eq!(backend.hits(), 1, "one upstream call for 100 requests");
+    assert!(answers
+        .iter()
+        .all(|a| a.status == 200 && a.body == "slow answer"));
+    let misses = answers.iter().filter(|a| a.x_cache == "MISS").count();
+    let hits = answers.iter().filter(|a| a.x_cache == "HIT").count();
+    assert_eq!((misses, hits), (1, 99));
+}
+
+#[tokio::test]
+async fn waiters_go_upstream_themselves_when_the_answer_cannot_be_shared() {
+    // no-store: the leader's answer is one client's; each waiter asks itself.
+    let backend = Backend::start(|_| {
+        Reply::ok("private")
+            .header("cache-control", "no-store")
+            .delay(Duration::from_millis(300))
+    })
+    .await;
+    let bs = Backstop::start(&route("r", "/", &backend.url(), ""));
+    let c = client();
+    let requests = (0..5).map(|_| {
+        let req = c.get(bs.url("/p"));
+        tokio::spawn(async move { got(req.send().await.unwrap()).await })
+    });
+    let answers = futures_join(requests.collect()).await;
+    assert!(answers
+        .iter()
+        .all(|a| a.status == 200 && a.x_cache == "MISS"));
+    assert_eq!(backend.hits(), 5);
+}
+
+async fn futures_join<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_memory_store_stays_within_max_bytes() {
+    let body = "x".repeat(10_000);
+    let backend = Backend::start(move |_| Reply::ok(&body)).await;
+    let bs = Backstop::start(&route(
+        "r",
+        "/",
+        &backend.url(),
+        "max_bytes = 65536\nmax_entry_bytes = 16384",
+    ));
+    for i in 0..20 {
+        assert_eq!(get(&bs.url(&format!("/big/{i}"))).await.x_cache, "MISS");
+    }
+    // moka applies its bound in maintenance passes, run as the cache is used.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let _ = get(&bs.url("/big/0")).await;
+    let mut hits = 0;
+    for i in 0..20 {
+        if get(&bs.url(&format!("/big/{i}"))).await.x_cache == "HIT" {
+            hits += 1;
+        }
+    }
+    // 64 KiB holds at most six 10 kB answers (and does hold some).
+    assert!(
+        (1..=6).contains(&hits),
+        "{hits} answers of 10 kB kept in 64 KiB"
+    );
+}
+
+#[tokio::test]
+async fn answers_over_max_entry_bytes_stream_through_uncached() {
+    let big = "y".repeat(200_000);
+    let expected = big.clone();
+    let backend = Backend::start(move |_| Reply::ok(&big)).await;
+    let bs = Backstop::start(&route("r", "/", &backend.url(), "max_entry_bytes = 100000"));
+    for _ in 0..2 {
+        let r = get(&bs.url("/huge")).await;
+        assert_eq!(r.x_cache, "MISS");
+        assert_eq!(r.body, expected);
+    }
+    assert_eq!(backend.hits(), 2);
+}
+
+#[tokio::test]
+async fn purge_empties_a_routes_memory_store() {
+    let backend = counting_backend(vec![]).await;
+    let bs = Backstop::start(&route("r", "/", &backend.url(), ""));
+    assert_eq!(get(&bs.url("/p")).await.x_cache, "MISS");
+    assert_eq!(get(&bs.url("/p")).await.x_cache, "HIT");
+    let r = client()
+        .delete(bs.admin_url("/cache/r"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["route"], "r");
+    assert_eq!(body["purged"]["redis"], serde_json::Value::Null);
+    assert_eq!(get(&bs.url("/p")).await.x_cache, "MISS");
+    let missing = client()
+        .delete(bs.admin_url("/cache/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+}
+
+#[tokio::test]
+async fn cached_entries_survive_a_config_reload() {
+    let backend = counting_backend(vec![]).await;
+    let config = route("r", "/", &backend.url(), "");
+    let bs = Backstop::start(&config);
+    assert_eq!(get(&bs.url("/keep")).await.x_cache, "MISS");
+    std::fs::write(
+        &bs.config_path,
+        std::fs::read_to_string(&bs.config_path)
+            .unwrap()
+            .replace("enabled = true", "enabled = true\nttl = \"120s\""),
+    )
+    .unwrap();
+    bs.signal("HUP");
+    bs.wait_for_log("configuration reloaded", Duration::from_secs(10))
+        .await;
+    assert_eq!(get(&bs.url("/keep")).await.x_cache, "HIT");
+}
+
+// ---- Redis ----------------------------------------------------------------
+
+const MACHINE_REDIS: &str = "redis://127.0.0.1:6379";
+
+/// The TTL Redis holds for the one key under `prefix`, in milliseconds.
+fn redis_pttl(url: &str, prefix: &str) -> i64 {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client
+        .get_connection()
+        .expect("the machine's Redis on 127.0.0.1:6379");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(keys.len(), 1, "one entry stored: {keys:?}");
+    redis::cmd("PTTL").arg(&keys[0]).query(&mut conn).unwrap()
+}
+
+#[tokio::test]
+async fn two_instances_share_entries_through_redis() {
+    let prefix = prefix("share");
+    let backend = counting_backend(vec![]).await;
+    let config = format!(
+        "{}{}",
+        redis_section(MACHINE_REDIS, &prefix),
+        route(
+            "r",
+            "/",
+            &backend.url(),
+            "store = \"redis\"\nttl = \"60s\"\nstale_if_error = \"30s\""
+        )
+    );
+    let a = Backstop::start(&config);
+    let b = Backstop::start(&config);
+    let first = get(&a.url("/shared?x=1&y=2")).await;
+    assert_eq!(first.x_cache, "MISS");
+    let other = get(&b.url("/shared?y=2&x=1")).await;
+    assert_eq!((other.x_cache.as_str(), other.body), ("HIT", first.body));
+    assert_eq!(backend.hits(), 1);
+    // Redis keeps the entry for ttl + stale_if_error.
+    let pttl = redis_pttl(MACHINE_REDIS, &prefix);
+    assert!((85_000..=90_000).contains(&pttl), "PTTL {pttl}");
+
+    // A purge on one instance empties Redis for both.
+    let r = client()
+        .delete(b.admin_url("/cache/r"))
+        .send()
+        .await
+        .unwrap();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["purged"]["redis"], 1);
+    assert_eq!(get(&a.url("/shared?x=1&y=2")).await.x_cache, "MISS");
+    assert_eq!(backend.hits(), 2);
+}
+
+/// A `redis-server` of our own on an ephemeral port, killed on drop.
+struct OwnRedis {
+    child: Child,
+    port: u16,
+}
+
+impl OwnRedis {
+    fn start_on(port: u16) -> OwnRedis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        OwnRedis { child, port }
+    }
+
+    fn start() -> OwnRedis {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_on(port)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test]
+async fn traffic_flows_when_redis_dies_and_the_cache_returns_with_it() {
+    let mut redis = OwnRedis::start();
+    let backend = Backend::start(|seen| {
+        Reply::ok(&format!("answer {}", seen.uri)).delay(Duration::from_millis(20))
+    })
+    .await;
+    let config = format!(
+        "{}{}",
+        redis_section(&redis.url(), "bs:"),
+        route("r", "/", &backend.url(), "store = \"redis\"")
+    );
+    let bs = Backstop::start(&config);
+    assert_eq!(get(&bs.url("/a")).await.x_cache, "MISS");
+    assert_eq!(get(&bs.url("/a")).await.x_cache, "HIT");
+
+    redis.kill();
+    let before = backend.hits();
+    for i in 0..30 {
+        let started = Instant::now();
+        let r = get(&bs.url("/a")).await;
+        let took = started.elapsed();
+        assert_eq!(r.status, 200, "request {i} answered");
+        assert_eq!(r.body, "answer /a");
+        assert_ne!(r.x_cache, "HIT", "nothing to hit without Redis");
+        // Redis timeout (50 ms) + upstream (20 ms), asserted generously.
+        assert!(took < Duration::from_secs(1), "request {i} took {took:?}");
+    }
+    assert_eq!(backend.hits() - before, 30, "every request went upstream");
+    let text = metrics(&bs).await;
+    assert!(
+        metric_value(&text, "backstop_redis_errors_total") >= 1.0,
+        "{text}"
+    );
+    bs.wait_for_log("redis unavailable", Duration::from_secs(5))
+        .await;
+    let warnings = bs.logs().matches("redis unavailable").count();
+    assert!(warnings <= 2, "rate-limited log: {warnings} lines");
+
+    // Redis comes back on the same port: after the breaker's cool-down the
+    // cache is used again.
+    let _again = OwnRedis::start_on(redis.port);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if get(&bs.url("/b")).await.x_cache == "HIT" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cache never came back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_at_startup_only_skips_the_cache() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let backend = counting_backend(vec![]).await;
+    let config = format!(
+        "{}{}",
+        redis_section(&format!("redis://127.0.0.1:{port}"), "bs:"),
+        route("r", "/", &backend.url(), "store = \"redis\"")
+    );
+    let bs = Backstop::start(&config);
+    for _ in 0..5 {
+        let started = Instant::now();
+        let r = get(&bs.url("/x")).await;
+        assert_eq!((r.status, r.x_cache.as_str()), (200, "MISS"));
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+    let r = client()
+        .delete(bs.admin_url("/cache/r"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502, "a purge that cannot reach Redis says so");
+}
+
+/// A raw HTTP/1.1 backend answering every request with a chunked body of
+/// `size` bytes (`z`), in 1000-byte chunks: answers of unknown length.
+async fn chunked_backend(size: usize) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut head = Vec::new();
+                loop {
+                    let Ok(n) = stream.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                    if !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        continue;
+                    }
+                    head.clear();
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let mut out = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+                    let mut left = size;
+                    while left > 0 {
+                        let n = left.min(1000);
+                        out.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+                        out.extend(std::iter::repeat_n(b'z', n));
+                        out.extend_from_slice(b"\r\n");
+                        left -= n;
+                    }
+                    out.extend_from_slice(b"0\r\n\r\n");
+                    if stream.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, hits)
+}
+
+#[tokio::test]
+async fn answers_of_unknown_length_are_cached_when_small_and_streamed_when_large() {
+    let (small, small_hits) = chunked_backend(5_000).await;
+    let (large, large_hits) = chunked_backend(300_000).await;
+    let config = [
+        route_with(
+            "small",
+            "/small",
+            &format!("http://{small}"),
+            "",
+            "max_entry_bytes = 100000",
+        ),
+        route_with(
+            "large",
+            "/large",
+            &format!("http://{large}"),
+            "",
+            "max_entry_bytes = 100000",
+        ),
+    ]
+    .concat();
+    let bs = Backstop::start(&config);
+    for want in ["MISS", "HIT"] {
+        let r = get(&bs.url("/small/x")).await;
+        assert_eq!(r.x_cache, want);
+        assert_eq!(r.body, "z".repeat(5_000));
+    }
+    assert_eq!(small_hits.load(Ordering::SeqCst), 1);
+    for _ in 0..2 {
+        let r = get(&bs.url("/large/x")).await;
+        assert_eq!(r.x_cache, "MISS");
+        assert_eq!(r.body.len(), 300_000, "read prefix + rest, nothing lost");
+        assert!(r.body.bytes().all(|b| b == b'z'));
+    }
+    assert_eq!(large_hits.load(Ordering::SeqCst), 2);
+}
