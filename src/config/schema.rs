@@ -464,7 +464,10 @@ impl RedisConfig {
         let url = s.get("url", "redis://127.0.0.1:6379".to_string());
         if url.starts_with("rediss://") {
             // TLS to Redis would pull a second TLS stack into the redis crate.
-            s.error("url", "rediss:// (TLS) is not supported by this build; use redis://");
+            s.error(
+                "url",
+                "rediss:// (TLS) is not supported by this build; use redis://",
+            );
         } else if !url.starts_with("redis://") {
             s.error(
                 "url",

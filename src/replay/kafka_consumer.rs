@@ -30,7 +30,6 @@ use crate::capture::record::CaptureRecord;
 use crate::config::KafkaConfig;
 use crate::pipeline::Proxy;
 use crate::resilience::backoff::Backoff;
-use crate::stats::metrics::RouteOutcome;
 
 type Partition = (String, i32);
 
@@ -297,14 +296,7 @@ impl KafkaReplayer {
     }
 
     fn count(&self, route: &str, outcome: &str) {
-        self.proxy
-            .metrics
-            .replayed
-            .get_or_create(&RouteOutcome {
-                route: route.to_string(),
-                outcome: outcome.to_string(),
-            })
-            .inc();
+        self.proxy.metrics.count_replay(route, outcome);
     }
 }
 

@@ -23,7 +23,6 @@ use crate::capture::record::CaptureRecord;
 use crate::capture::spool::{now_ms, Destination, QueuedRecord, Spool};
 use crate::pipeline::Proxy;
 use crate::resilience::backoff::Backoff;
-use crate::stats::metrics::RouteOutcome;
 
 /// How many queued records one pass looks at.
 const PASS_SIZE: usize = 512;
@@ -148,14 +147,7 @@ impl SpoolReplayer {
     }
 
     fn count(&self, route: &str, outcome: &str) {
-        self.proxy
-            .metrics
-            .replayed
-            .get_or_create(&RouteOutcome {
-                route: route.to_string(),
-                outcome: outcome.to_string(),
-            })
-            .inc();
+        self.proxy.metrics.count_replay(route, outcome);
     }
 
     /// One record: `Ok(None)` when it left the queue, `Ok(Some(wait))` when

@@ -185,6 +185,16 @@ impl Metrics {
         }
     }
 
+    /// Counts one replay outcome (`delivered`, `retry`, `dead_letter`).
+    pub fn count_replay(&self, route: &str, outcome: &str) {
+        self.replayed
+            .get_or_create(&RouteOutcome {
+                route: route.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();

@@ -37,14 +37,7 @@ async fn stopped_backend() -> std::net::SocketAddr {
 }
 
 async fn queue_status(bs: &Backstop) -> serde_json::Value {
-    client()
-        .get(bs.admin_url("/queue"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    bs.admin_json("/queue").await
 }
 
 async fn wait_queue(bs: &Backstop, what: &str, want: u64) -> serde_json::Value {

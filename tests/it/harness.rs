@@ -133,6 +133,18 @@ impl Backstop {
         format!("http://{}{}", self.admin, path)
     }
 
+    /// GET an admin path and parse its JSON answer.
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        client()
+            .get(self.admin_url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

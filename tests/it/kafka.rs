@@ -200,14 +200,7 @@ async fn backend_down_post_goes_to_kafka_and_is_replayed_once() {
         .map(|e| e.to_string())
         .collect();
     assert!(problems.is_empty(), "{problems:?}");
-    let q: serde_json::Value = client()
-        .get(bs.admin_url("/queue"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let q: serde_json::Value = bs.admin_json("/queue").await;
     assert_eq!(q["sink"], "kafka");
     assert_eq!(q["kafka_lag"], 1, "the record waits in the topic: {q}");
     assert_eq!(q["depth"], 1);
@@ -223,14 +216,7 @@ async fn backend_down_post_goes_to_kafka_and_is_replayed_once() {
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(backend.hits(), 1, "delivered once");
-    let q: serde_json::Value = client()
-        .get(bs.admin_url("/queue"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let q: serde_json::Value = bs.admin_json("/queue").await;
     assert_eq!(
         (q["depth"].as_u64(), q["replayed_total"].as_u64()),
         (Some(0), Some(1)),
@@ -263,14 +249,7 @@ async fn broker_stopped_mid_burst_loses_nothing() {
                 .to_string(),
         );
     }
-    let q: serde_json::Value = c
-        .get(bs.admin_url("/queue"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let q: serde_json::Value = bs.admin_json("/queue").await;
     assert_eq!(
         q["waiting_for_kafka"], 10,
         "captures during the outage wait in the spool: {q}"
@@ -290,14 +269,7 @@ async fn broker_stopped_mid_burst_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(delivered(), ids, "every capture delivered");
-    let q: serde_json::Value = c
-        .get(bs.admin_url("/queue"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let q: serde_json::Value = bs.admin_json("/queue").await;
     assert_eq!(q["waiting_for_kafka"], 0);
 }
 

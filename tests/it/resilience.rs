@@ -45,14 +45,7 @@ async fn metrics(bs: &Backstop) -> String {
 }
 
 async fn circuit(bs: &Backstop) -> serde_json::Value {
-    let status: serde_json::Value = client()
-        .get(bs.admin_url("/circuit-status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: serde_json::Value = bs.admin_json("/circuit-status").await;
     status["circuits"][0].clone()
 }
 
