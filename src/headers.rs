@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use uuid::Uuid;
 
 use crate::config::ForwardHeaders;
 
@@ -128,12 +127,35 @@ pub fn request_id(headers: &HeaderMap) -> String {
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .map(str::to_string)
-        .unwrap_or_else(|| Uuid::now_v7().to_string())
+        .unwrap_or_else(new_id)
+}
+
+/// A new time-ordered id (UUIDv7). Its random part comes from the
+/// thread-local generator: `Uuid::now_v7` would ask the kernel
+/// (`getrandom`) once per request, a syscall on the hot path.
+pub fn new_id() -> String {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let random: [u8; 10] = rand::random();
+    uuid::Builder::from_unix_timestamp_millis(millis, &random)
+        .into_uuid()
+        .to_string()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_ids_are_version_7_and_time_ordered() {
+        let a = new_id();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = new_id();
+        let parsed = uuid::Uuid::parse_str(&a).unwrap();
+        assert_eq!(parsed.get_version_num(), 7);
+        assert!(a < b, "{a} < {b}");
+    }
 
     #[test]
     fn connection_named_headers_are_removed() {

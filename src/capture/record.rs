@@ -7,7 +7,6 @@ use std::time::SystemTime;
 use base64::Engine;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
 
 /// The record format this build writes and reads.
 pub const RECORD_VERSION: u32 = 1;
@@ -67,7 +66,7 @@ impl CaptureRecord {
     ) -> Self {
         CaptureRecord {
             v: RECORD_VERSION,
-            id: Uuid::now_v7().to_string(),
+            id: crate::headers::new_id(),
             captured_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             route: route.to_string(),
             reason,
