@@ -30,7 +30,13 @@ pub struct Cli {
 #[derive(Args, Debug, Clone)]
 pub struct ConfigArg {
     /// The configuration file.
-    #[arg(short, long, default_value = "backstop.toml", env = "BACKSTOP_CONFIG")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        default_value = "backstop.toml",
+        env = "BACKSTOP_CONFIG"
+    )]
     pub config: PathBuf,
 }
 

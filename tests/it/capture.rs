@@ -266,9 +266,11 @@ async fn every_acknowledged_capture_survives_kill_9() {
 
 fn queue_cli(bs: &Backstop, args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_backstop"))
-        .args(["queue", "-c"])
-        .arg(&bs.config_path)
+        // The README's order: `backstop queue <action> ... -c FILE`.
+        .arg("queue")
         .args(args)
+        .arg("-c")
+        .arg(&bs.config_path)
         .output()
         .unwrap();
     assert!(
