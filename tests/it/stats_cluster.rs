@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::browser::Browser;
 use crate::harness::{client, error_of, Backend, Backstop, Reply};
 
 const MACHINE_REDIS: &str = "redis://127.0.0.1:6379";
@@ -307,4 +308,51 @@ async fn assert_history(bs: &Backstop, past_hour: i64, past_day: i64) -> Value {
     let cluster = get_json(bs.admin_url("/api-stats?api=users&period=hourly&scope=cluster")).await;
     assert!(has_period(&cluster, past_hour, 42), "{cluster}");
     hourly
+}
+
+#[tokio::test]
+async fn the_stats_dashboard_shows_the_cluster_and_switches_to_the_instance() {
+    let prefix = prefix("dashboard");
+    let backend = path_backend().await;
+    let config = config(Some(MACHINE_REDIS), &prefix, &backend);
+    let a = Backstop::start(&config);
+    let b = Backstop::start(&config);
+    for i in 0..5 {
+        assert_eq!(get_status(a.url(&format!("/api/a/{i}"))).await, 200);
+    }
+    for i in 0..3 {
+        assert_eq!(get_status(b.url(&format!("/api/b/{i}"))).await, 200);
+    }
+    wait_for(a.admin_url("/api-stats?api=users&scope=cluster"), |s| {
+        s["total"] == 8
+    })
+    .await;
+
+    let browser = Browser::start().await;
+    browser.goto(&a.admin_url("/stats-dashboard")).await;
+    let total_is = |n: u32| {
+        format!(
+            "const r = document.querySelector('#routes tr[data-api=users]'); \
+             return r && r.cells[1].innerText === '{n}'"
+        )
+    };
+    // With [redis], the dashboard opens on the cluster.
+    browser.wait_for("the cluster total", &total_is(8)).await;
+    let shown = browser
+        .eval("return document.getElementById('scope').style.display !== 'none'")
+        .await;
+    assert_eq!(shown, true, "the scope switch is shown");
+    let kpis = browser.text("#kpis").await;
+    assert!(kpis.contains("INSTANCES\n2"), "{kpis}");
+    browser.screenshot("stats-dashboard-cluster").await;
+
+    browser.click("#scope button[data-s=local]").await;
+    browser
+        .wait_for("this instance's total", &total_is(5))
+        .await;
+    let kpis = browser.text("#kpis").await;
+    assert!(!kpis.contains("INSTANCES"), "{kpis}");
+    let errors = browser.console_errors(|_| false).await;
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+    drop(b);
 }
