@@ -4,7 +4,8 @@
 //!
 //! Keys (under `[redis] key_prefix`):
 //! - `stats:instances` — a sorted set of instance ids, scored by their last
-//!   push (epoch ms); members silent for an hour are removed on push.
+//!   push (epoch ms); members silent for an hour are removed on push, and
+//!   the set expires an hour after the last push.
 //! - `stats:{instance}:{route}` — one route's [`Snapshot`] as JSON, with a
 //!   TTL of three push intervals (at least a second), so a dead instance
 //!   drops out of the cluster view by itself.
@@ -192,6 +193,11 @@ impl Cluster {
             .arg(&members)
             .arg("-inf")
             .arg(now - FORGET_INSTANCE_MS)
+            .ignore();
+        // The set itself goes an hour after the last push of any instance.
+        pipe.cmd("PEXPIRE")
+            .arg(&members)
+            .arg(FORGET_INSTANCE_MS)
             .ignore();
         let pipe = &pipe;
         let pushed: Option<()> = store
