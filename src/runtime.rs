@@ -139,6 +139,7 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
         proxy.clone(),
         shutdown.clone(),
     ));
+    background.spawn(crate::stats::cluster::run(proxy.clone(), shutdown.clone()));
 
     connections.spawn(server::serve_proxy(
         listener,

@@ -41,6 +41,8 @@ pub struct RedisStore {
     breaker: Breaker,
     errors: Counter,
     log: RateLimitedLog,
+    /// What goes missing when Redis fails, for the log line.
+    used_for: &'static str,
 }
 
 impl RedisStore {
@@ -62,7 +64,20 @@ impl RedisStore {
             breaker: Breaker::default(),
             errors,
             log: RateLimitedLog::default(),
+            used_for: "the shared cache",
         })
+    }
+
+    /// Names what Redis is used for in the "unavailable" log line (another
+    /// user than the cache, e.g. cluster statistics).
+    pub fn used_for(mut self, what: &'static str) -> RedisStore {
+        self.used_for = what;
+        self
+    }
+
+    /// The configured key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.config.key_prefix
     }
 
     fn key(&self, route: &str, key: &CacheKey) -> String {
@@ -127,11 +142,24 @@ impl RedisStore {
     /// Runs one command under the timeout and the breaker; `None` when it was
     /// skipped or failed.
     async fn run<T: redis::FromRedisValue>(&self, op: &str, cmd: &redis::Cmd) -> Option<T> {
+        self.guarded(op, |mut conn| async move {
+            cmd.query_async::<T>(&mut conn).await
+        })
+        .await
+    }
+
+    /// Runs one Redis call (a command, a pipeline) made by `call` on a
+    /// connection, under the timeout and the breaker; `None` when it was
+    /// skipped or failed (counted and logged, rate-limited).
+    pub async fn guarded<T, F, Fut>(&self, op: &str, call: F) -> Option<T>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
         if !self.breaker.allow() {
             return None;
         }
-        let mut conn = self.conn.clone();
-        let outcome = tokio::time::timeout(self.config.timeout, cmd.query_async::<T>(&mut conn));
+        let outcome = tokio::time::timeout(self.config.timeout, call(self.conn.clone()));
         match outcome.await {
             Ok(Ok(value)) => {
                 self.breaker.success();
@@ -158,7 +186,8 @@ impl RedisStore {
                 suppressed,
                 breaker_open = opened,
                 url = %redact_url(&self.config.url),
-                "redis unavailable: serving without the shared cache"
+                "redis unavailable: serving without {}",
+                self.used_for
             );
         }
     }

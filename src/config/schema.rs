@@ -64,6 +64,9 @@ pub struct StatsConfig {
     pub enabled: bool,
     /// Distinct paths kept per route; more go to one `{other}` entry.
     pub max_paths_per_route: usize,
+    /// With `[redis]`: how often this instance pushes its statistics for
+    /// the cluster view (`/api-stats?scope=cluster`).
+    pub push_interval: Duration,
 }
 
 #[derive(Clone)]
@@ -450,9 +453,14 @@ impl StatsConfig {
         if !(1..=10_000).contains(&max_paths_per_route) {
             s.error("max_paths_per_route", "must be between 1 and 10000");
         }
+        let push_interval = s.duration("push_interval", secs(5), SECONDS);
+        if !(Duration::from_millis(100)..=Duration::from_secs(600)).contains(&push_interval) {
+            s.error("push_interval", "must be between 100ms and 10m");
+        }
         let config = StatsConfig {
             enabled: s.get("enabled", true),
             max_paths_per_route,
+            push_interval,
         };
         s.reject_unknown_keys();
         config

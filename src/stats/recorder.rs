@@ -21,10 +21,11 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
+use super::cluster::Cluster;
 use super::metrics::{self, Metrics, RouteStatus};
 use super::paths::{self, PathBudget};
 use super::window::{Aggregate, Counts, Sample, Summary, Window};
@@ -77,6 +78,8 @@ pub struct Stats {
     tx: Option<mpsc::Sender<Msg>>,
     dropped: Counter,
     state: Arc<Mutex<State>>,
+    /// This instance's place in the cluster view (`[redis]`).
+    pub cluster: Cluster,
 }
 
 impl Stats {
@@ -85,11 +88,13 @@ impl Stats {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let state = Arc::new(Mutex::new(State::default()));
         let dropped = metrics.stats_dropped.clone();
+        let cluster = Cluster::new(metrics.redis_errors.clone());
         tokio::spawn(aggregate(rx, state.clone(), metrics));
         Arc::new(Stats {
             tx: Some(tx),
             dropped,
             state,
+            cluster,
         })
     }
 
@@ -99,6 +104,7 @@ impl Stats {
             tx: None,
             dropped: Counter::default(),
             state: Arc::new(Mutex::new(State::default())),
+            cluster: Cluster::new(Counter::default()),
         })
     }
 
@@ -247,7 +253,7 @@ impl Period {
 }
 
 /// One of the last errors of a route.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorEntry {
     pub time: String,
     #[serde(skip)]
@@ -352,6 +358,12 @@ impl RouteStats {
     /// Summaries over time for charts: per minute for `all` (the last
     /// hour), per hour for `hourly` (7 days), per day for `daily` (30 days).
     pub fn history(&self, period: Period) -> (i64, Value) {
+        let (interval_s, series) = self.history_series(period);
+        (interval_s, json!(series))
+    }
+
+    /// [`Self::history`] as summaries (the cluster view merges them).
+    pub fn history_series(&self, period: Period) -> (i64, Vec<Summary>) {
         let series = match period {
             Period::All => self.minutes.series(),
             Period::Hourly => self.hours.series(),
@@ -367,7 +379,7 @@ impl RouteStats {
             Period::Hourly => HOUR_MS,
             Period::Daily => DAY_MS,
         };
-        (len_ms / 1000, json!(series))
+        (len_ms / 1000, series)
     }
 }
 
@@ -442,10 +454,36 @@ pub struct RouteQuery<'a> {
     pub path: Option<&'a str>,
 }
 
+/// What a route's answer is made of: this instance's statistics, or the
+/// cluster's merged from every instance (`cluster`).
+pub struct RouteView<'a> {
+    pub agg: &'a Aggregate,
+    pub start_ms: i64,
+    /// Oldest first.
+    pub errors: Vec<&'a ErrorEntry>,
+    pub path_count: usize,
+    pub interval_s: i64,
+    pub history: Value,
+}
+
 /// `None` when the path asked for has no statistics.
 pub fn route_json(stats: &RouteStats, name: &str, q: &RouteQuery<'_>) -> Option<Value> {
     let (agg, start_ms) = stats.period(q.period);
-    let agg = &agg;
+    let (interval_s, history) = stats.history(q.period);
+    let view = RouteView {
+        agg: &agg,
+        start_ms,
+        errors: stats.errors.iter().collect(),
+        path_count: stats.path_count(),
+        interval_s,
+        history,
+    };
+    view_json(view, name, q)
+}
+
+/// The answer for one route and period, from any view of it.
+pub fn view_json(view: RouteView<'_>, name: &str, q: &RouteQuery<'_>) -> Option<Value> {
+    let (agg, start_ms) = (view.agg, view.start_ms);
     let (counts, path) = match q.path {
         Some(p) => {
             let key = paths::normalize(p);
@@ -458,14 +496,13 @@ pub fn route_json(stats: &RouteStats, name: &str, q: &RouteQuery<'_>) -> Option<
         None => (&agg.route, None),
     };
     let mut out = counts.to_json();
-    let errors: Vec<&ErrorEntry> = stats
+    let errors: Vec<&ErrorEntry> = view
         .errors
-        .iter()
+        .into_iter()
         .rev()
         .filter(|e| e.at_ms >= start_ms || q.period == Period::All)
         .filter(|e| path.as_ref().is_none_or(|p| &e.path == p))
         .collect();
-    let (interval_s, history) = stats.history(q.period);
     if let Some(obj) = out.as_object_mut() {
         obj.insert("api".into(), json!(name));
         obj.insert("period".into(), json!(q.period.as_str()));
@@ -474,9 +511,9 @@ pub fn route_json(stats: &RouteStats, name: &str, q: &RouteQuery<'_>) -> Option<
         if let Some(p) = &path {
             obj.insert("path".into(), json!(p));
         } else {
-            obj.insert("path_count".into(), json!(stats.path_count()));
-            obj.insert("history_interval_s".into(), json!(interval_s));
-            obj.insert("history".into(), history);
+            obj.insert("path_count".into(), json!(view.path_count));
+            obj.insert("history_interval_s".into(), json!(view.interval_s));
+            obj.insert("history".into(), view.history);
         }
         if q.paths && path.is_none() {
             obj.insert("paths".into(), paths_json(&agg.paths));

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 /// Latencies are recorded in microseconds, from 1 µs to 10 minutes (longer
@@ -219,7 +219,7 @@ impl Aggregate {
 }
 
 /// One past period, kept for charts.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub start_ms: i64,
     pub total: u64,
@@ -276,6 +276,20 @@ impl Window {
     /// Records a summary of a period built elsewhere (a day from its hours).
     pub fn push_summary(&mut self, summary: Summary) {
         self.history.push_back(summary);
+        self.push_summary_limit();
+    }
+
+    /// Adds summaries of past periods kept elsewhere (Redis, across a
+    /// restart). Periods already known, the current one and those older
+    /// than `keep` periods are left out.
+    pub fn restore(&mut self, past: Vec<Summary>) {
+        for s in past {
+            let known = self.history.iter().any(|h| h.start_ms == s.start_ms);
+            if s.start_ms < self.start_ms && !known {
+                self.history.push_back(s);
+            }
+        }
+        self.history.make_contiguous().sort_by_key(|s| s.start_ms);
         self.push_summary_limit();
     }
 
@@ -358,6 +372,26 @@ mod tests {
         w.add("/a", &sample(200, 5));
         assert_eq!(w.history.len(), 0, "older than 2 periods: forgotten");
         assert_eq!(w.series().len(), 1);
+    }
+
+    #[test]
+    fn restored_history_is_ordered_and_bounded() {
+        let hour = 3_600_000;
+        let mut w = Window::new(hour, 3, 10 * hour, true);
+        w.add("/a", &sample(200, 5));
+        w.roll(11 * hour);
+        let summary = |h: i64| Counts::default().summary(h * hour);
+        w.restore(vec![
+            summary(9),
+            summary(10),
+            summary(11),
+            summary(2),
+            summary(8),
+        ]);
+        let starts: Vec<i64> = w.history.iter().map(|s| s.start_ms / hour).collect();
+        // 10 was already there, 11 is current, 2 is older than 3 periods.
+        assert_eq!(starts, vec![8, 9, 10]);
+        assert_eq!(w.history[2].total, 1, "the known period is kept as it was");
     }
 
     #[test]

@@ -86,6 +86,10 @@ fn invalid_files_list_every_error_with_its_key() {
                 "FILE: routes[0].proxy.use_proxy: needs [outbound_proxies] urls (or PROXY_URLS)",
             ],
         ),
+        (
+            format!("[stats]\npush_interval = \"10ms\"\n{ROUTE}"),
+            vec!["FILE: stats.push_interval: must be between 100ms and 10m"],
+        ),
         ("[server\nlisten=1".into(), vec!["FILE: invalid TOML: "]),
         (
             format!("[kafka]\nbrokers = \"\"\nack_timeout = \"5 parsecs\"\n[replay]\nidempotency_header = \"bad header\"\n{ROUTE}"),

@@ -14,4 +14,5 @@ mod lifecycle;
 mod proxy;
 mod resilience;
 mod stats;
+mod stats_cluster;
 mod tls;
