@@ -52,6 +52,9 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
         Some(k) => Some(Arc::new(KafkaSink::new(k)?)),
         None => None,
     };
+    if let Some(sink) = &kafka {
+        sink.warm_up().await;
+    }
     let proxy = Arc::new(Proxy {
         active: ArcSwap::from_pointee(active),
         capturer: Some(Arc::new(Capturer::new(
