@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs Backstop's whole test suite on a fresh machine: installs and starts
-# what the tests need (Redis, the Tansu Kafka-protocol broker), then
+# what the tests need (Redis, headless Chromium + chromedriver, the Tansu
+# Kafka-protocol broker and its Python client), then
 # `cargo test`. Tests that need a service fail (never skip) without it.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -187,7 +187,7 @@ async fn proxy_request(
 
 /// Phase 1: which route serves this request.
 fn route_phase(table: &RouteTable, req: &Request<Incoming>) -> Result<Arc<Route>, ProxyError> {
-    let host = request_host(req).map(strip_port);
+    let host = request_host(req.uri(), req.headers()).map(strip_port);
     table.find(host, req.uri().path()).cloned().ok_or_else(|| {
         ProxyError::new(
             ErrorCode::NoRoute,
@@ -336,7 +336,7 @@ fn prepare(
     body: OutgoingBody,
     ctx: &RequestContext,
 ) -> Outgoing {
-    let original_host = request_host_parts(&parts).map(str::to_string);
+    let original_host = request_host(&parts.uri, &parts.headers).map(str::to_string);
     let mut headers = parts.headers;
     headers::strip_hop_by_hop(&mut headers);
     let capture = &route.config.capture;
@@ -715,19 +715,12 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     Some(Duration::from_secs(secs))
 }
 
-fn request_host(req: &Request<Incoming>) -> Option<&str> {
-    req.uri()
-        .authority()
+/// The host the client asked for: the URI's authority (HTTP/2, absolute
+/// form), else the Host header.
+fn request_host<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> Option<&'a str> {
+    uri.authority()
         .map(|a| a.as_str())
-        .or_else(|| req.headers().get(HOST).and_then(|h| h.to_str().ok()))
-}
-
-fn request_host_parts(parts: &http::request::Parts) -> Option<&str> {
-    parts
-        .uri
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| parts.headers.get(HOST).and_then(|h| h.to_str().ok()))
+        .or_else(|| headers.get(HOST).and_then(|h| h.to_str().ok()))
 }
 
 fn strip_port(host: &str) -> &str {

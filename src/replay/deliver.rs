@@ -76,8 +76,7 @@ fn build_request(
     let method = Method::from_bytes(req.method.as_bytes())
         .map_err(|_| format!("invalid method {:?}", req.method))?;
     let body = record.body().map_err(|e| e.to_string())?;
-    let (index, target) = route.upstream.balancer.pick();
-    let _ = index;
+    let (_, target) = route.upstream.balancer.pick();
     let uri = upstream_uri(
         &target.base,
         route.upstream_path(&req.path),

@@ -83,14 +83,7 @@ async fn got(r: reqwest::Response) -> Got {
 }
 
 async fn metrics(bs: &Backstop) -> String {
-    client()
-        .get(bs.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    bs.admin_text("/metrics").await
 }
 
 fn metric_value(text: &str, line_start: &str) -> f64 {

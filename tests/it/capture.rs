@@ -146,14 +146,7 @@ async fn backend_down_post_is_captured_then_replayed_once_when_it_returns() {
     assert_eq!(q["replayed_total"], 1);
     assert_eq!(q["sink"], "spool");
 
-    let metrics = client()
-        .get(bs.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = bs.admin_text("/metrics").await;
     for line in [
         "backstop_captured_total{route=\"users\",reason=\"connect_refused\"} 1",
         "backstop_replayed_total{route=\"users\",outcome=\"delivered\"} 1",

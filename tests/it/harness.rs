@@ -145,6 +145,18 @@ impl Backstop {
             .unwrap()
     }
 
+    /// GET an admin path and return its body as text.
+    pub async fn admin_text(&self, path: &str) -> String {
+        client()
+            .get(self.admin_url(path))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

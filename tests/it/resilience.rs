@@ -34,14 +34,7 @@ upstreams = [{upstream:?}]
 }
 
 async fn metrics(bs: &Backstop) -> String {
-    client()
-        .get(bs.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    bs.admin_text("/metrics").await
 }
 
 async fn circuit(bs: &Backstop) -> serde_json::Value {
@@ -609,14 +602,7 @@ async fn round_robin_rotates_through_two_forward_proxies() {
         .iter()
         .all(|s| !s.headers.contains_key("proxy-authorization")));
 
-    let status = client()
-        .get(bs.admin_url("/circuit-status"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let status = bs.admin_text("/circuit-status").await;
     assert!(!status.contains(PROXY_PASSWORD), "{status}");
     assert!(!bs.logs().contains(PROXY_PASSWORD));
 }

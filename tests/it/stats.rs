@@ -10,7 +10,7 @@ use crate::harness::{client, Backend, Backstop, Reply};
 
 /// A backend whose answer depends on the path: `/api/fail` → 500,
 /// `/api/missing` → 404, `/api/slow/N` → 200 after N ms, else 200.
-async fn path_backend() -> Backend {
+pub(crate) async fn path_backend() -> Backend {
     Backend::start(|seen| {
         let path = seen.uri.split('?').next().unwrap_or("").to_string();
         if path == "/api/fail" {
@@ -227,14 +227,7 @@ async fn prometheus_output_parses_and_matches_the_traffic() {
     drive_mixed_traffic(&bs).await;
     client().get(bs.url("/nowhere")).send().await.unwrap();
 
-    let text = client()
-        .get(bs.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = bs.admin_text("/metrics").await;
     let lines = text.lines().map(|l| Ok(l.to_string()));
     let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
     let value = |name: &str, labels: &[(&str, &str)]| -> f64 {

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::browser::Browser;
-use crate::harness::{client, error_of, Backend, Backstop, Reply};
+use crate::harness::{client, error_of, Backend, Backstop};
+use crate::stats::path_backend;
 
 const MACHINE_REDIS: &str = "redis://127.0.0.1:6379";
 
@@ -19,24 +20,6 @@ fn prefix(test: &str) -> String {
         .unwrap()
         .as_nanos();
     format!("bs-test:{test}:{}:{nanos}:", std::process::id())
-}
-
-/// `/api/fail` → 500, `/api/missing` → 404, `/api/slow/N` → 200 after N ms,
-/// anything else → 200.
-async fn path_backend() -> Backend {
-    Backend::start(|seen| {
-        let path = seen.uri.split('?').next().unwrap_or("").to_string();
-        if path == "/api/fail" {
-            Reply::status(500)
-        } else if path == "/api/missing" {
-            Reply::status(404)
-        } else if let Some(ms) = path.strip_prefix("/api/slow/") {
-            Reply::ok("slow").delay(Duration::from_millis(ms.parse().unwrap_or(0)))
-        } else {
-            Reply::ok("ok")
-        }
-    })
-    .await
 }
 
 fn config(redis: Option<&str>, prefix: &str, backend: &Backend) -> String {
