@@ -11,7 +11,7 @@
 #   BENCH_CONNECTIONS wrk connections                    (default 64)
 #   BENCH_WARMUP      untimed warm-up per target/scenario before round 1, 0 to skip (default 2s)
 #   BENCH_IDLE_CONNS  idle keep-alive connections for the memory test (default 1000)
-#   BENCH_PORT_BASE   first of 5 consecutive ports on 127.0.0.1 (default 18080)
+#   BENCH_PORT_BASE   first of 6 consecutive ports on 127.0.0.1 (default 18080)
 #   BENCH_PIN=1       pin wrk to CPU 0 and every server to CPU 1 (default: no pinning)
 #   BENCH_NO_BUILD=1  skip the cargo build and use the binaries already in target/release
 set -euo pipefail
@@ -33,10 +33,13 @@ NGINX_PORT=$((PORT_BASE + 1))
 HAPROXY_PORT=$((PORT_BASE + 2))
 BACKSTOP_PORT=$((PORT_BASE + 3))
 BACKSTOP_ADMIN_PORT=$((PORT_BASE + 4))
+BARE_PORT=$((PORT_BASE + 5))
 
-TARGETS=(direct nginx haproxy backstop)
+# `bare` is examples/bare_proxy.rs: hyper-util's server and client with no
+# pipeline, the floor of what Backstop's libraries cost.
+TARGETS=(direct nginx haproxy bare backstop)
 SCENARIOS=(small 16k)
-declare -A PORT=([direct]=$BACKEND_PORT [nginx]=$NGINX_PORT [haproxy]=$HAPROXY_PORT [backstop]=$BACKSTOP_PORT)
+declare -A PORT=([direct]=$BACKEND_PORT [nginx]=$NGINX_PORT [haproxy]=$HAPROXY_PORT [bare]=$BARE_PORT [backstop]=$BACKSTOP_PORT)
 declare -A BODY_BYTES=([small]=13 [16k]=16384)
 
 log() { printf '[bench] %s\n' "$*" >&2; }
@@ -80,12 +83,14 @@ command -v python3 >/dev/null || die "python3 is required"
 # --- 2. build ----------------------------------------------------------------
 if [[ ${BENCH_NO_BUILD:-0} != 1 ]]; then
     log "building Backstop (release)"
-    (cd "$ROOT" && cargo build --release --bin backstop --example backend)
+    (cd "$ROOT" && cargo build --release --bin backstop --example backend --example bare_proxy)
 fi
 BACKSTOP_BIN=$TARGET_DIR/release/backstop
 BACKEND_BIN=$TARGET_DIR/release/examples/backend
-[[ -x $BACKSTOP_BIN ]] || die "$BACKSTOP_BIN is missing"
-[[ -x $BACKEND_BIN ]] || die "$BACKEND_BIN is missing"
+BARE_BIN=$TARGET_DIR/release/examples/bare_proxy
+for bin in "$BACKSTOP_BIN" "$BACKEND_BIN" "$BARE_BIN"; do
+    [[ -x $bin ]] || die "$bin is missing"
+done
 
 # --- 3. processes, temp dir, cleanup ------------------------------------------
 TMP=$(mktemp -d -t backstop-bench.XXXXXX)
@@ -111,14 +116,14 @@ trap 'exit 130' INT TERM
 # 1,000 idle connections plus the load: lift the descriptor limit for everything we start.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-for p in "$BACKEND_PORT" "$NGINX_PORT" "$HAPROXY_PORT" "$BACKSTOP_PORT" "$BACKSTOP_ADMIN_PORT"; do
+for p in "$BACKEND_PORT" "$NGINX_PORT" "$HAPROXY_PORT" "$BACKSTOP_PORT" "$BACKSTOP_ADMIN_PORT" "$BARE_PORT"; do
     # SO_REUSEADDR like the servers use, so TIME_WAIT leftovers from a previous run don't count.
     python3 -c 'import socket, sys
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", int(sys.argv[1])))
 s.listen()' "$p" 2>/dev/null \
-        || die "port $p on 127.0.0.1 is in use (set BENCH_PORT_BASE to move all five)"
+        || die "port $p on 127.0.0.1 is in use (set BENCH_PORT_BASE to move all six)"
 done
 
 # start NAME CMD...: run CMD in the background, log to $TMP/NAME.log, pid in LAST_PID.
@@ -169,7 +174,11 @@ start backstop "$BACKSTOP_BIN" run -c "$TMP/backstop.toml"
 BACKSTOP_PID=$LAST_PID
 wait_ready backstop "$BACKSTOP_PID" "http://127.0.0.1:$BACKSTOP_PORT/health"
 
-declare -A PID_OF=([nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID [backstop]=$BACKSTOP_PID)
+start bare "$BARE_BIN" "127.0.0.1:$BARE_PORT" "127.0.0.1:$BACKEND_PORT"
+BARE_PID=$LAST_PID
+wait_ready bare "$BARE_PID" "http://127.0.0.1:$BARE_PORT/bench/small"
+
+declare -A PID_OF=([direct]=$BACKEND_PID [nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID [bare]=$BARE_PID [backstop]=$BACKSTOP_PID)
 declare -A RSS_ARGS=([nginx]="--with-children" [haproxy]="" [backstop]="")
 
 # Every target must serve the same bodies before it is measured.
@@ -180,7 +189,7 @@ for t in "${TARGETS[@]}"; do
         [[ $got -eq ${BODY_BYTES[$s]} ]] || die "$t: GET /bench/$s gave $got bytes, want ${BODY_BYTES[$s]}"
     done
 done
-log "all targets up: backend :$BACKEND_PORT, nginx :$NGINX_PORT, haproxy :$HAPROXY_PORT, backstop :$BACKSTOP_PORT"
+log "all targets up: backend :$BACKEND_PORT, nginx :$NGINX_PORT, haproxy :$HAPROXY_PORT, bare :$BARE_PORT, backstop :$BACKSTOP_PORT"
 
 RESULTS=$TMP/results.log   # one key=value line per measurement, read by summarize.py
 {
@@ -224,15 +233,34 @@ if [[ $WARMUP != 0 ]]; then
     done
 fi
 
+# CPU time (user + system, clock ticks) of a process and its children that
+# are still running (nginx's worker), read from /proc.
+cpu_ticks() { # PID...
+    local total=0 pid f
+    for pid in "$@"; do
+        for f in /proc/"$pid"/stat $(pgrep -P "$pid" | sed 's|.*|/proc/&/stat|'); do
+            [[ -r $f ]] || continue
+            # Fields 14 and 15 (utime, stime), counted after the ")" that ends the name.
+            total=$((total + $(sed 's/.*) //' "$f" | awk '{print $12 + $13}')))
+        done
+    done
+    echo "$total"
+}
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
 mkdir -p "$TMP/wrk"
 for r in $(seq "$ROUNDS"); do
     for s in "${SCENARIOS[@]}"; do
         for t in "${TARGETS[@]}"; do
             out=$TMP/wrk/$r-$s-$t.txt
+            proxy_before=$(cpu_ticks "${PID_OF[$t]}")
+            backend_before=$(cpu_ticks "$BACKEND_PID")
             run_wrk "$DURATION" "http://127.0.0.1:${PORT[$t]}/bench/$s" >"$out" 2>&1 \
                 || { cat "$out" >&2; die "wrk failed for $t /bench/$s"; }
+            proxy_cpu=$(( ($(cpu_ticks "${PID_OF[$t]}") - proxy_before) * TICK_US ))
+            backend_cpu=$(( ($(cpu_ticks "$BACKEND_PID") - backend_before) * TICK_US ))
             line=$(grep '^BENCH_RESULT' "$out") || { cat "$out" >&2; die "no result from wrk"; }
-            echo "WRK round=$r scenario=$s target=$t ${line#BENCH_RESULT }" >>"$RESULTS"
+            echo "WRK round=$r scenario=$s target=$t ${line#BENCH_RESULT } cpu_us=$proxy_cpu backend_cpu_us=$backend_cpu" >>"$RESULTS"
             log "round $r/$ROUNDS $s $t: $(awk '/Requests\/sec/{print $2 " req/s"}' "$out")"
             sleep 1
         done

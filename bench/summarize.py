@@ -7,21 +7,24 @@ RESULTS_LOG is written by bench/run.sh, one measurement a line, as key=value wor
 
     META key=value ...
     WRK round=1 scenario=small target=nginx requests=... rps=... p50_us=... p99_us=... err_*=...
+        cpu_us=... backend_cpu_us=...
     RSS target=backstop state=idle|conns|peak rss_kb=... open=... connections=... ok=...
 
 For every scenario and target the report gives the median over rounds of req/s, p50 and
-p99 latency, and req/s and p99 as a ratio to nginx.
+p99 latency, req/s and p99 as a ratio to nginx, and the proxy's CPU time per request
+(user + system, from /proc; less sensitive to a noisy host than req/s).
 """
 
 import statistics
 import sys
 from collections import defaultdict
 
-TARGETS = ["direct", "nginx", "haproxy", "backstop"]
+TARGETS = ["direct", "nginx", "haproxy", "bare", "backstop"]
 LABELS = {
     "direct": "backend direct (no proxy)",
     "nginx": "nginx",
     "haproxy": "HAProxy",
+    "bare": "bare hyper-util proxy",
     "backstop": "**Backstop**",
 }
 SCENARIOS = {"small": "GET /bench/small (13 B body)", "16k": "GET /bench/16k (16 KiB body)"}
@@ -69,6 +72,11 @@ def main():
         vals = [float(r[key]) for r in runs[(scenario, target)]]
         return statistics.median(vals) if vals else None
 
+    def cpu_per_request(scenario, target):
+        vals = [float(r["cpu_us"]) / float(r["requests"]) for r in runs[(scenario, target)]
+                if "cpu_us" in r and float(r["requests"]) > 0]
+        return f"{statistics.median(vals):.1f}" if vals else "—"
+
     def errors(scenario, target):
         return sum(int(r[k]) for r in runs[(scenario, target)] for k in r if k.startswith("err_"))
 
@@ -97,8 +105,8 @@ def main():
         base_p99 = median(scenario, BASELINE, "p99_us")
         w(f"## {title}")
         w("")
-        w("| target | req/s | req/s vs nginx | p50 | p99 | p99 vs nginx | errors |")
-        w("|---|---:|---:|---:|---:|---:|---:|")
+        w("| target | req/s | req/s vs nginx | p50 | p99 | p99 vs nginx | CPU µs/req | errors |")
+        w("|---|---:|---:|---:|---:|---:|---:|---:|")
         for t in TARGETS:
             if not runs[(scenario, t)]:
                 continue
@@ -106,7 +114,8 @@ def main():
             p50 = median(scenario, t, "p50_us")
             p99 = median(scenario, t, "p99_us")
             w(f"| {LABELS[t]} | {rps:,.0f} | {fmt_ratio(rps, base_rps)} | {fmt_ms(p50)} | "
-              f"{fmt_ms(p99)} | {fmt_ratio(p99, base_p99)} | {errors(scenario, t)} |")
+              f"{fmt_ms(p99)} | {fmt_ratio(p99, base_p99)} | {cpu_per_request(scenario, t)} | "
+              f"{errors(scenario, t)} |")
         w("")
 
     if rss:
@@ -116,7 +125,7 @@ def main():
         w(f"| proxy | idle after start | with {int(n):,} idle keep-alive connections | "
           "connections still open | peak over the run (VmHWM) |")
         w("|---|---:|---:|---:|---:|")
-        for t in TARGETS[1:]:
+        for t in ("nginx", "haproxy", "backstop"):
             idle, conns, peak = (rss.get((t, s)) for s in ("idle", "conns", "peak"))
             if not (idle or conns or peak):
                 continue
@@ -131,13 +140,14 @@ def main():
 
     w("## Every run")
     w("")
-    w("| round | scenario | target | req/s | p50 | p99 | errors |")
-    w("|---:|---|---|---:|---:|---:|---:|")
+    w("| round | scenario | target | req/s | p50 | p99 | CPU µs/req | errors |")
+    w("|---:|---|---|---:|---:|---:|---:|---:|")
     for r in sorted(wrk, key=lambda r: (int(r["round"]), list(SCENARIOS).index(r["scenario"]),
                                         TARGETS.index(r["target"]))):
         errs = sum(int(r[k]) for k in r if k.startswith("err_"))
+        cpu = float(r.get("cpu_us", "nan")) / max(float(r["requests"]), 1)
         w(f"| {r['round']} | {r['scenario']} | {r['target']} | {float(r['rps']):,.0f} | "
-          f"{fmt_ms(float(r['p50_us']))} | {fmt_ms(float(r['p99_us']))} | {errs} |")
+          f"{fmt_ms(float(r['p50_us']))} | {fmt_ms(float(r['p99_us']))} | {cpu:.1f} | {errs} |")
     w("")
     print("\n".join(out))
 
