@@ -37,6 +37,12 @@ const REPRESENTATION: [HeaderName; 3] = [
 
 /// Removes hop-by-hop headers, including those that `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none (HTTP/1.1 keeps connections alive without
+    // `Connection`): one pass over the few names present is cheaper than
+    // nine removals, each hashing a name.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -74,60 +80,109 @@ impl KeepOnly for HeaderMap {
     }
 }
 
-/// What the proxy knows about the client side of a request.
+/// What the proxy knows about the client side of a request. Made once per
+/// connection, with the forwarding header values it implies already
+/// rendered, so requests only clone them.
 #[derive(Debug, Clone)]
 pub struct ClientInfo {
     pub addr: SocketAddr,
     /// `"http"` or `"https"`: the scheme the client used to reach Backstop.
     pub proto: &'static str,
+    /// The client's IP, as `X-Forwarded-For` names it.
+    ip: HeaderValue,
+    /// `for=IP;proto=SCHEME`, this hop's `Forwarded` element without a host.
+    forwarded: HeaderValue,
+}
+
+impl ClientInfo {
+    pub fn new(addr: SocketAddr, proto: &'static str) -> ClientInfo {
+        let ip = addr.ip().to_string();
+        let for_node = if addr.is_ipv6() {
+            format!("\"[{ip}]\"")
+        } else {
+            ip.clone()
+        };
+        let forwarded = format!("for={for_node};proto={proto}");
+        ClientInfo {
+            addr,
+            proto,
+            // An IP address and these fixed words are always valid values.
+            ip: HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown")),
+            forwarded: HeaderValue::from_str(&forwarded)
+                .unwrap_or(HeaderValue::from_static("for=unknown")),
+        }
+    }
 }
 
 /// Sets `X-Forwarded-For` (appended), `-Proto`, `-Host` and `Forwarded`.
-pub fn set_forwarded(headers: &mut HeaderMap, client: &ClientInfo, original_host: Option<&str>) {
-    let ip = client.addr.ip().to_string();
+/// `original_host` is the host the client asked for.
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    client: &ClientInfo,
+    original_host: Option<&HeaderValue>,
+) {
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
-        _ => ip.clone(),
-    };
-    insert_str(headers, X_FORWARDED_FOR, &xff);
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(client.proto));
-    let for_node = if client.addr.is_ipv6() {
-        format!("\"[{ip}]\"")
-    } else {
-        ip
-    };
-    let mut forwarded = format!("for={for_node};proto={}", client.proto);
-    if let Some(host) = original_host {
-        insert_str(headers, X_FORWARDED_HOST, host);
-        if host
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b';')
-        {
-            forwarded.push_str(";host=");
-            forwarded.push_str(host);
+        Some(prior) if !prior.trim().is_empty() => {
+            joined(&[prior.as_bytes(), b", ", client.ip.as_bytes()])
         }
-    }
-    let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {forwarded}"),
-        None => forwarded,
+        _ => Some(client.ip.clone()),
     };
-    insert_str(headers, header::FORWARDED, &forwarded);
-}
-
-fn insert_str(headers: &mut HeaderMap, name: HeaderName, value: &str) {
-    if let Ok(v) = HeaderValue::from_str(value) {
-        headers.insert(name, v);
+    if let Some(xff) = xff {
+        headers.insert(X_FORWARDED_FOR, xff);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(client.proto));
+    // Forwarded's host is a token or a quoted string: a host with other
+    // characters is left out rather than escaped.
+    let host = original_host.filter(|host| {
+        host.as_bytes()
+            .iter()
+            .all(|b| b.is_ascii_graphic() && *b != b'"' && *b != b';')
+    });
+    if let Some(host) = original_host {
+        headers.insert(X_FORWARDED_HOST, host.clone());
+    }
+    let prior = headers
+        .get(header::FORWARDED)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.trim().is_empty());
+    let element = client.forwarded.as_bytes();
+    let forwarded = match (prior, host) {
+        (None, None) => Some(client.forwarded.clone()),
+        (None, Some(host)) => joined(&[element, b";host=", host.as_bytes()]),
+        (Some(prior), None) => joined(&[prior.as_bytes(), b", ", element]),
+        (Some(prior), Some(host)) => {
+            joined(&[prior.as_bytes(), b", ", element, b";host=", host.as_bytes()])
+        }
+    };
+    if let Some(forwarded) = forwarded {
+        headers.insert(header::FORWARDED, forwarded);
     }
 }
 
-/// The client's `X-Request-Id` when it is reasonable, else a new UUIDv7.
-pub fn request_id(headers: &HeaderMap) -> String {
-    headers
+/// The concatenation of `parts` as a header value (without `format!`: this
+/// runs for every proxied request).
+fn joined(parts: &[&[u8]]) -> Option<HeaderValue> {
+    let mut value = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for part in parts {
+        value.extend_from_slice(part);
+    }
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(value)).ok()
+}
+
+/// The client's `X-Request-Id` when it is reasonable, else a new UUIDv7;
+/// as text and as the header value sent upstream and back.
+pub fn request_id(headers: &HeaderMap) -> (String, HeaderValue) {
+    let client_id = headers
         .get(&X_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128)
-        .map(str::to_string)
-        .unwrap_or_else(new_id)
+        .filter(|v| v.to_str().is_ok_and(|s| !s.is_empty() && s.len() <= 128));
+    if let Some(value) = client_id {
+        let text = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        return (text, value.clone());
+    }
+    let id = new_id();
+    // A UUID's text is always a valid header value.
+    let value = HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("invalid"));
+    (id, value)
 }
 
 /// A new time-ordered id (UUIDv7). Its random part comes from the
@@ -138,8 +193,10 @@ pub fn new_id() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     let random: [u8; 10] = rand::random();
-    uuid::Builder::from_unix_timestamp_millis(millis, &random)
-        .into_uuid()
+    let uuid = uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid();
+    // Encoding into a stack buffer skips the formatting machinery.
+    uuid.hyphenated()
+        .encode_lower(&mut uuid::Uuid::encode_buffer())
         .to_string()
 }
 
@@ -176,16 +233,52 @@ mod tests {
     fn forwarded_for_is_appended() {
         let mut h = HeaderMap::new();
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
-        let client = ClientInfo {
-            addr: "127.0.0.1:5000".parse().unwrap(),
-            proto: "http",
-        };
-        set_forwarded(&mut h, &client, Some("example.com"));
+        let client = ClientInfo::new("127.0.0.1:5000".parse().unwrap(), "http");
+        set_forwarded(
+            &mut h,
+            &client,
+            Some(&HeaderValue::from_static("example.com")),
+        );
         assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
         assert_eq!(h[&X_FORWARDED_HOST], "example.com");
         assert_eq!(
             h[header::FORWARDED],
             "for=127.0.0.1;proto=http;host=example.com"
         );
+    }
+
+    #[test]
+    fn forwarded_is_appended_quotes_ipv6_and_skips_unsafe_hosts() {
+        let mut h = HeaderMap::new();
+        h.insert(header::FORWARDED, HeaderValue::from_static("for=10.0.0.1"));
+        let client = ClientInfo::new("[::1]:5000".parse().unwrap(), "https");
+        set_forwarded(&mut h, &client, Some(&HeaderValue::from_static("a;b")));
+        assert_eq!(
+            h[header::FORWARDED],
+            "for=10.0.0.1, for=\"[::1]\";proto=https"
+        );
+        assert_eq!(h[&X_FORWARDED_FOR], "::1");
+        assert_eq!(h[&X_FORWARDED_PROTO], "https");
+        assert_eq!(h[&X_FORWARDED_HOST], "a;b");
+
+        let mut h = HeaderMap::new();
+        set_forwarded(&mut h, &client, None);
+        assert_eq!(h[header::FORWARDED], "for=\"[::1]\";proto=https");
+        assert!(h.get(&X_FORWARDED_HOST).is_none());
+    }
+
+    #[test]
+    fn request_id_is_kept_when_reasonable() {
+        let mut h = HeaderMap::new();
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
+        let (text, value) = request_id(&h);
+        assert_eq!(
+            (text.as_str(), value.to_str().unwrap()),
+            ("abc-123", "abc-123")
+        );
+        h.insert(X_REQUEST_ID, HeaderValue::from_static(""));
+        let (text, value) = request_id(&h);
+        assert_eq!(text.len(), 36);
+        assert_eq!(value.to_str().unwrap(), text);
     }
 }

@@ -72,6 +72,8 @@ pub struct Proxy {
 /// Per-request state carried through the phases, logged once at the end.
 pub struct RequestContext {
     pub request_id: String,
+    /// The request id as the header value sent upstream and back.
+    request_id_value: HeaderValue,
     pub client: ClientInfo,
     pub method: Method,
     pub started: Instant,
@@ -101,8 +103,10 @@ pub async fn handle(
     req: Request<Incoming>,
     client: ClientInfo,
 ) -> Response<ResponseBody> {
+    let (request_id, request_id_value) = headers::request_id(req.headers());
     let mut ctx = RequestContext {
-        request_id: headers::request_id(req.headers()),
+        request_id,
+        request_id_value,
         client,
         method: req.method().clone(),
         started: Instant::now(),
@@ -114,24 +118,33 @@ pub async fn handle(
         capture_id: None,
         rate_limit: None,
     };
-    let path = req.uri().path().to_string();
     let active = proxy.active.load_full();
+    let (log, stats) = (&active.config.log, &active.config.stats);
+    // The path outlives the request only for the log and the statistics.
+    let path = (log.access_log || stats.enabled).then(|| req.uri().path().to_string());
     let mut response = match proxy_request(&proxy, &active, req, &mut ctx).await {
         Ok(response) => response,
         Err(error) => error.into_response(ctx.route_name(), &ctx.request_id),
     };
-    if let Ok(id) = HeaderValue::from_str(&ctx.request_id) {
-        response.headers_mut().insert(X_REQUEST_ID, id);
-    }
+    response
+        .headers_mut()
+        .insert(X_REQUEST_ID, ctx.request_id_value.clone());
     if let Some(decision) = &ctx.rate_limit {
         decision.apply(response.headers_mut());
     }
-    if active.config.log.access_log {
-        log_access(&ctx, &path, response.status());
-    }
-    if active.config.stats.enabled {
-        let max_paths = active.config.stats.max_paths_per_route;
-        record_metrics(&proxy.stats, max_paths, &ctx, path, &response);
+    if let Some(path) = path {
+        if log.access_log {
+            log_access(&ctx, &path, response.status());
+        }
+        if stats.enabled {
+            record_metrics(
+                &proxy.stats,
+                stats.max_paths_per_route,
+                &ctx,
+                path,
+                &response,
+            );
+        }
     }
     response
 }
@@ -279,11 +292,12 @@ fn circuit_open_error(retry_in: Duration) -> ProxyError {
 /// A request ready to be sent to any of the route's targets, once or more.
 pub struct Outgoing {
     pub method: Method,
-    /// The client's original path and query (kept for capture records).
-    pub original_path: String,
-    pub original_query: Option<String>,
-    /// The path as sent upstream (prefix stripped if configured).
-    upstream_path: String,
+    /// The client's request target (its path and query go into capture
+    /// records as they came).
+    uri: http::Uri,
+    /// Where the path sent upstream starts in the client's path (after the
+    /// route's prefix when `strip_prefix` is on).
+    upstream_path_start: usize,
     pub headers: HeaderMap,
     /// The client's own headers, kept only when the request may be captured
     /// (the record holds what the client sent, not what Backstop added).
@@ -336,7 +350,10 @@ fn prepare(
     body: OutgoingBody,
     ctx: &RequestContext,
 ) -> Outgoing {
-    let original_host = request_host(&parts.uri, &parts.headers).map(str::to_string);
+    let original_host = match parts.uri.authority() {
+        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+        None => parts.headers.get(HOST).cloned(),
+    };
     let mut headers = parts.headers;
     headers::strip_hop_by_hop(&mut headers);
     let capture = &route.config.capture;
@@ -347,20 +364,17 @@ fn prepare(
     });
     headers::filter_forwarded(&mut headers, &route.config.forward_headers);
     headers.remove(HOST);
-    headers::set_forwarded(&mut headers, &ctx.client, original_host.as_deref());
+    headers::set_forwarded(&mut headers, &ctx.client, original_host.as_ref());
     for (name, value) in &route.config.headers {
         headers.insert(name.clone(), value.clone());
     }
-    if let Ok(id) = HeaderValue::from_str(&ctx.request_id) {
-        headers.insert(X_REQUEST_ID, id);
-    }
+    headers.insert(X_REQUEST_ID, ctx.request_id_value.clone());
     ctx.trace.apply(&mut headers);
     let path = parts.uri.path();
     Outgoing {
-        method: parts.method.clone(),
-        original_path: path.to_string(),
-        original_query: parts.uri.query().map(str::to_string),
-        upstream_path: route.upstream_path(path).to_string(),
+        method: parts.method,
+        upstream_path_start: path.len() - route.upstream_path(path).len(),
+        uri: parts.uri,
         headers,
         client_headers,
         body,
@@ -405,6 +419,21 @@ fn stale_phase(cache: &mut CacheState, ctx: &mut RequestContext) -> Option<Respo
 }
 
 impl Outgoing {
+    /// The client's path, as it came.
+    pub fn original_path(&self) -> &str {
+        self.uri.path()
+    }
+
+    /// The client's query string, as it came.
+    pub fn original_query(&self) -> Option<&str> {
+        self.uri.query()
+    }
+
+    /// The path as sent upstream.
+    fn upstream_path(&self) -> &str {
+        &self.uri.path()[self.upstream_path_start..]
+    }
+
     /// How many attempts this request may have at most.
     fn max_attempts(&self, route: &Route) -> u32 {
         match self.body {
@@ -420,9 +449,9 @@ impl Outgoing {
         base: &http::Uri,
         last: bool,
     ) -> Result<Request<RequestBody>, ProxyError> {
-        let uri = upstream_uri(base, &self.upstream_path, self.original_query.as_deref()).map_err(
-            |e| ProxyError::new(ErrorCode::BadRequest, format!("Invalid request path: {e}")),
-        )?;
+        let uri = upstream_uri(base, self.upstream_path(), self.original_query()).map_err(|e| {
+            ProxyError::new(ErrorCode::BadRequest, format!("Invalid request path: {e}"))
+        })?;
         let body = match &mut self.body {
             OutgoingBody::Buffered(b) => b.to_request_body(),
             OutgoingBody::Streaming(incoming) => match incoming.take() {

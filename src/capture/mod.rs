@@ -74,8 +74,8 @@ impl Capturer {
             .unwrap_or(&outgoing.headers);
         let request = CapturedRequest::new(
             &outgoing.method,
-            &outgoing.original_path,
-            outgoing.original_query.as_deref(),
+            outgoing.original_path(),
+            outgoing.original_query(),
             headers,
             &body,
             &route.config.capture.redact_headers,

@@ -89,15 +89,8 @@ fn build_request(
     headers::filter_forwarded(&mut headers, &route.config.forward_headers);
     let original_host = headers.remove(HOST);
     if let Ok(addr) = record.client.addr.parse::<SocketAddr>() {
-        let client = ClientInfo {
-            addr,
-            proto: "http",
-        };
-        headers::set_forwarded(
-            &mut headers,
-            &client,
-            original_host.as_ref().and_then(|h| h.to_str().ok()),
-        );
+        let client = ClientInfo::new(addr, "http");
+        headers::set_forwarded(&mut headers, &client, original_host.as_ref());
     }
     for (name, value) in &route.config.headers {
         headers.insert(name.clone(), value.clone());

@@ -14,10 +14,10 @@ pub mod rate_limit;
 pub mod shared_limit;
 mod window;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use foldhash::HashMap;
 
 use crate::stats::metrics::{self, Metrics};
 use breaker::Breaker;
@@ -45,7 +45,7 @@ pub struct Registry {
 impl Registry {
     pub fn new(metrics: Arc<Metrics>) -> Registry {
         Registry {
-            routes: ArcSwap::from_pointee(HashMap::new()),
+            routes: ArcSwap::from_pointee(HashMap::default()),
             adding: Mutex::new(()),
             metrics,
             shared: SharedLimiter::default(),

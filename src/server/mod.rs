@@ -127,10 +127,7 @@ impl Connection {
     {
         let watch = IdleWatch::new();
         let io = TokioIo::new(ActivityIo::new(stream, watch.clone()));
-        let client = ClientInfo {
-            addr: self.addr,
-            proto,
-        };
+        let client = ClientInfo::new(self.addr, proto);
         let proxy = self.proxy;
         let in_flight = watch.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {

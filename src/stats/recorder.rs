@@ -15,10 +15,11 @@
 //! State is keyed by route name and held by `Proxy`, so it survives a
 //! configuration reload.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, UNIX_EPOCH};
 
+use foldhash::HashMap;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use serde::{Deserialize, Serialize};
@@ -178,7 +179,7 @@ impl PromHandles {
     fn new(metrics: Arc<Metrics>) -> Self {
         PromHandles {
             metrics,
-            routes: HashMap::new(),
+            routes: HashMap::default(),
         }
     }
 
@@ -189,7 +190,7 @@ impl PromHandles {
             let h = RouteHandles {
                 duration: self.metrics.request_duration.get_or_create(&label).clone(),
                 retries: self.metrics.upstream_retries.get_or_create(&label).clone(),
-                by_status: HashMap::new(),
+                by_status: HashMap::default(),
             };
             self.routes.insert(name.to_string(), h);
         }

@@ -6,7 +6,9 @@
 //! no atomics. Past periods keep only a [`Summary`] (a few numbers), never a
 //! histogram, so history costs little memory.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+use foldhash::HashMap;
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
