@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -137,7 +137,10 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
         };
         background.spawn(replayer.run(shutdown.clone()));
     }
-    background.spawn(watch_config(path, proxy.clone(), shutdown.clone()));
+    // Installed before "listening" is logged: a SIGHUP from then on reloads
+    // (without a handler it would end the process).
+    let hangup = signal(SignalKind::hangup()).ok();
+    background.spawn(watch_config(path, hangup, proxy.clone(), shutdown.clone()));
     background.spawn(crate::resilience::health::run(
         proxy.clone(),
         shutdown.clone(),
@@ -191,8 +194,12 @@ async fn wait_for_stop_signal() {
 
 /// Reloads on SIGHUP and when the file changes. An invalid file keeps the
 /// running configuration; every error is logged.
-async fn watch_config(path: PathBuf, proxy: Arc<Proxy>, shutdown: CancellationToken) {
-    let mut hangup = signal(SignalKind::hangup()).ok();
+async fn watch_config(
+    path: PathBuf,
+    mut hangup: Option<Signal>,
+    proxy: Arc<Proxy>,
+    shutdown: CancellationToken,
+) {
     let mut last_modified = modified(&path);
     let mut ticker = tokio::time::interval(WATCH_INTERVAL);
     loop {
