@@ -2,7 +2,9 @@
 # Runs Backstop's whole test suite on a fresh machine: installs and starts
 # what the tests need (Redis, headless Chromium + chromedriver, the Tansu
 # Kafka-protocol broker and its Python client), then
-# `cargo test`. Tests that need a service fail (never skip) without it.
+# `cargo test --all-features` (every optional part, such as the OTLP
+# exporter, is built and tested). Tests that need a service fail (never
+# skip) without it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,4 +26,4 @@ fi
 # and the Python Kafka client the tests read topics with.
 bash scripts/install-tansu.sh >/dev/null
 
-cargo test "$@"
+cargo test --all-features "$@"

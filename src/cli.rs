@@ -175,6 +175,8 @@ async fn replay_only(active: crate::pipeline::Active) -> Result<(), String> {
         stats: crate::stats::Stats::disabled(),
         caches: crate::cache::Caches::new(metrics.clone()),
         metrics,
+        // A standalone replay worker serves no client requests.
+        otel: crate::otel::Tracing::disabled(),
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
     let stop = shutdown.clone();

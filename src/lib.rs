@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod headers;
 pub mod logging;
+pub mod otel;
 pub mod pipeline;
 pub mod replay;
 pub mod resilience;

@@ -21,7 +21,9 @@
 //!
 //! Per-request state lives in [`RequestContext`]; state that outlives a
 //! reload (breakers, limits, caches, statistics) lives in registries keyed
-//! by route name, held by [`Proxy`].
+//! by route name, held by [`Proxy`]. With the `otlp` feature, the request
+//! and each upstream attempt are also spans (`otel`): a handful of calls
+//! below, which do nothing when exporting is off.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -40,6 +42,7 @@ use crate::classify::{status_failure, status_trips_breaker, Failure};
 use crate::config::{Config, RateLimitKey};
 use crate::error::{ErrorCode, ProxyError, X_BACKSTOP_ERROR};
 use crate::headers::{self, ClientInfo, X_REQUEST_ID};
+use crate::otel;
 use crate::resilience::backoff::Backoff;
 use crate::resilience::breaker::{self, Admission, Permit};
 use crate::resilience::rate_limit::Decision;
@@ -67,6 +70,8 @@ pub struct Proxy {
     pub stats: Arc<Stats>,
     /// Cache stores and in-flight misses, by route name (kept across reloads).
     pub caches: Caches,
+    /// The OTLP trace exporter (settings fixed at start; a no-op when off).
+    pub otel: otel::Tracing,
 }
 
 /// Per-request state carried through the phases, logged once at the end.
@@ -88,6 +93,8 @@ pub struct RequestContext {
     pub capture_id: Option<String>,
     /// The rate-limit verdict, echoed in `RateLimit-*` headers.
     pub rate_limit: Option<Decision>,
+    /// The request's SERVER span, when it is exported.
+    pub span: otel::RequestSpan,
 }
 
 impl RequestContext {
@@ -117,6 +124,7 @@ pub async fn handle(
         cache: None,
         capture_id: None,
         rate_limit: None,
+        span: otel::RequestSpan::none(),
     };
     let active = proxy.active.load_full();
     let (log, stats) = (&active.config.log, &active.config.stats);
@@ -132,6 +140,7 @@ pub async fn handle(
     if let Some(decision) = &ctx.rate_limit {
         decision.apply(response.headers_mut());
     }
+    ctx.span.finish(&ctx, &response);
     if let Some(path) = path {
         if log.access_log {
             log_access(&ctx, &path, response.status());
@@ -158,7 +167,9 @@ async fn proxy_request(
     if req.uri().path() == "/health" && req.method() == Method::GET {
         return Ok(health());
     }
+    ctx.span = proxy.otel.server_span(&mut ctx.trace, &req, &ctx.client);
     let route = route_phase(&active.routes, &req)?;
+    ctx.span.set_route(&route);
     ctx.route = Some(route.clone());
     let guards = proxy.resilience.route(route.name());
     rate_limit_phase(proxy, active, &route, &guards, &req, ctx).await?;
@@ -522,7 +533,7 @@ async fn forward(
         ctx.attempts += 1;
         let attempt = ctx.attempts;
         let (index, target) = route.upstream.balancer.pick();
-        let request = match outgoing.request_for(&target.base, attempt >= max_attempts) {
+        let mut request = match outgoing.request_for(&target.base, attempt >= max_attempts) {
             Ok(r) => r,
             Err(_) => {
                 return Forwarded::Failed {
@@ -537,8 +548,10 @@ async fn forward(
         };
         let proxies = route.upstream.proxies.as_ref();
         let via = proxy_pool::choose(proxies, &route.config.proxy, saw_429);
+        let span = ctx.span.attempt(attempt, &mut request);
         let sent_at = Instant::now();
         let result = route.upstream.send_via(via, request, try_timeout).await;
+        span.end(&result);
         let trips = match &result {
             Ok(response) => status_trips_breaker(response.status().as_u16()),
             Err(failure) => failure.trips_breaker(),

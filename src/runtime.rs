@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -16,6 +16,7 @@ use crate::capture::kafka_sink::KafkaSink;
 use crate::capture::spool::Spool;
 use crate::capture::{forwarder, Capturer};
 use crate::config::{self, Config, ConfigErrors};
+use crate::otel;
 use crate::pipeline::{Active, Proxy};
 use crate::replay::kafka_consumer::KafkaReplayer;
 use crate::replay::kafka_lag::KafkaLag;
@@ -28,6 +29,9 @@ use crate::stats::Stats;
 
 /// How often the config file's modification time is checked.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The longest wait for the last spans to reach the collector at shutdown.
+const OTLP_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Loads a file and builds its route table: everything `check` validates.
 pub fn load_active(path: &Path) -> Result<Active, ConfigErrors> {
@@ -55,6 +59,7 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
     if let Some(sink) = &kafka {
         sink.warm_up().await;
     }
+    let otel = otel::Tracing::start(&config.otlp, &metrics)?;
     let proxy = Arc::new(Proxy {
         active: ArcSwap::from_pointee(active),
         capturer: Some(Arc::new(Capturer::new(
@@ -67,6 +72,7 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
         stats: Stats::start(metrics.clone()),
         caches: Caches::new(metrics.clone()),
         metrics,
+        otel,
     });
     let shutdown = CancellationToken::new();
     let connections = TaskTracker::new();
@@ -137,7 +143,10 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
         };
         background.spawn(replayer.run(shutdown.clone()));
     }
-    background.spawn(watch_config(path, proxy.clone(), shutdown.clone()));
+    // Installed before "listening" is logged: a SIGHUP from then on reloads
+    // (without a handler it would end the process).
+    let hangup = signal(SignalKind::hangup()).ok();
+    background.spawn(watch_config(path, hangup, proxy.clone(), shutdown.clone()));
     background.spawn(crate::resilience::health::run(
         proxy.clone(),
         shutdown.clone(),
@@ -170,6 +179,8 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
     if let Some(sink) = &kafka {
         sink.flush(Duration::from_secs(2));
     }
+    // Every request has finished: its spans are queued. Export them.
+    proxy.otel.shutdown(OTLP_FLUSH_TIMEOUT).await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -191,8 +202,12 @@ async fn wait_for_stop_signal() {
 
 /// Reloads on SIGHUP and when the file changes. An invalid file keeps the
 /// running configuration; every error is logged.
-async fn watch_config(path: PathBuf, proxy: Arc<Proxy>, shutdown: CancellationToken) {
-    let mut hangup = signal(SignalKind::hangup()).ok();
+async fn watch_config(
+    path: PathBuf,
+    mut hangup: Option<Signal>,
+    proxy: Arc<Proxy>,
+    shutdown: CancellationToken,
+) {
     let mut last_modified = modified(&path);
     let mut ticker = tokio::time::interval(WATCH_INTERVAL);
     loop {
@@ -218,6 +233,12 @@ fn reload(path: &Path, proxy: &Proxy) {
                 || old.config.server.admin_listen != active.config.server.admin_listen
             {
                 tracing::warn!("listen addresses changed: they take effect after a restart");
+            }
+            if old.config.otlp != active.config.otlp {
+                tracing::warn!(
+                    "[otlp] changed: it takes effect after a restart; \
+                     the exporter keeps its running settings"
+                );
             }
             let routes = active.config.routes.len();
             proxy.active.store(Arc::new(active));

@@ -4,9 +4,11 @@
 //! `tracestate`), whatever `forward_headers` says, so a backend's spans join
 //! the caller's trace. Without one (or with an invalid one) Backstop starts
 //! a trace: a random trace id and parent id, flagged sampled so backends
-//! record it. Backstop exports no spans itself, so it never replaces the
-//! parent id with one of its own: that would point backends at a span that
-//! exists nowhere.
+//! record it. Only when Backstop exports the request's spans (the `otlp`
+//! feature, `[otlp] enabled`, and the trace sampled) does an attempt's
+//! `traceparent` name Backstop's own span as the parent (`otel::spans`);
+//! otherwise the parent id is never replaced, as a span that is not exported
+//! would point backends at a span that exists nowhere.
 //!
 //! This module never fails a request: a malformed header is replaced.
 
@@ -22,6 +24,16 @@ pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 pub struct TraceContext {
     traceparent: HeaderValue,
     tracestate: Option<HeaderValue>,
+    /// Whether the context came from the client (else Backstop started it).
+    incoming: bool,
+}
+
+/// The fields of a `traceparent` as numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceIds {
+    pub trace_id: u128,
+    pub parent_id: u64,
+    pub flags: u8,
 }
 
 impl TraceContext {
@@ -34,6 +46,7 @@ impl TraceContext {
             Some(tp) => TraceContext {
                 traceparent: tp.clone(),
                 tracestate: headers.get(&TRACESTATE).cloned(),
+                incoming: true,
             },
             None => TraceContext::new_root(),
         }
@@ -45,16 +58,52 @@ impl TraceContext {
         // negligible odds, and `max(1)` removes even those.
         let trace_id: u128 = rng.random::<u128>().max(1);
         let parent_id: u64 = rng.random::<u64>().max(1);
-        // `00-{trace_id:032x}-{parent_id:016x}-01`, written by hand: this
-        // runs for most requests and `format!` costs several times more.
-        let mut value = *b"00-00000000000000000000000000000000-0000000000000000-01";
-        write_hex(trace_id, &mut value[3..35]);
-        write_hex(u128::from(parent_id), &mut value[36..52]);
         TraceContext {
-            traceparent: HeaderValue::from_bytes(&value)
-                .unwrap_or_else(|_| HeaderValue::from_static("")),
+            traceparent: encode(TraceIds {
+                trace_id,
+                parent_id,
+                flags: SAMPLED,
+            }),
             tracestate: None,
+            incoming: false,
         }
+    }
+
+    /// A trace Backstop started with these ids (the OTLP exporter's root
+    /// span, whose trace id the SDK chose).
+    pub fn started(ids: TraceIds) -> TraceContext {
+        TraceContext {
+            traceparent: encode(ids),
+            tracestate: None,
+            incoming: false,
+        }
+    }
+
+    /// Whether the client sent this context (else Backstop started it).
+    pub fn is_incoming(&self) -> bool {
+        self.incoming
+    }
+
+    /// The trace id, parent id and flags as numbers.
+    pub fn ids(&self) -> TraceIds {
+        let b = self.traceparent.as_bytes();
+        // Validated (or written) on creation: 55 bytes or more, lowercase hex.
+        let hex = |r: std::ops::Range<usize>| {
+            b.get(r)
+                .and_then(|d| std::str::from_utf8(d).ok())
+                .and_then(|d| u128::from_str_radix(d, 16).ok())
+                .unwrap_or(0)
+        };
+        TraceIds {
+            trace_id: hex(3..35),
+            parent_id: hex(36..52) as u64,
+            flags: hex(53..55) as u8,
+        }
+    }
+
+    /// The client's `tracestate`, if it sent one with a valid `traceparent`.
+    pub fn tracestate(&self) -> Option<&HeaderValue> {
+        self.tracestate.as_ref()
     }
 
     /// The 32-hex-digit trace id (for logs).
@@ -78,6 +127,20 @@ impl TraceContext {
             }
         }
     }
+}
+
+/// The `sampled` trace flag.
+pub const SAMPLED: u8 = 0x01;
+
+/// `00-{trace_id:032x}-{parent_id:016x}-{flags:02x}`, written by hand: this
+/// runs for most requests and `format!` costs several times more.
+pub fn encode(ids: TraceIds) -> HeaderValue {
+    let mut value = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    write_hex(ids.trace_id, &mut value[3..35]);
+    write_hex(u128::from(ids.parent_id), &mut value[36..52]);
+    write_hex(u128::from(ids.flags), &mut value[53..55]);
+    // Hex digits and dashes are always a valid header value.
+    HeaderValue::from_bytes(&value).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 /// Writes the low `out.len()` hex digits of `n`, lowercase, zero-padded.
@@ -178,6 +241,12 @@ mod tests {
         h.insert(TRACESTATE, HeaderValue::from_static("k=v"));
         let ctx = TraceContext::from_request(&h);
         assert_eq!(ctx.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert!(ctx.is_incoming());
+        let ids = ctx.ids();
+        assert_eq!(ids.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+        assert_eq!(ids.parent_id, 0x00f067aa0ba902b7);
+        assert_eq!(ids.flags, SAMPLED);
+        assert_eq!(encode(ids), VALID, "encode is the inverse of ids");
         let mut out = HeaderMap::new();
         ctx.apply(&mut out);
         assert_eq!(out[TRACEPARENT], VALID);
@@ -190,6 +259,8 @@ mod tests {
         ctx.apply(&mut out);
         let tp = out[TRACEPARENT].to_str().unwrap();
         assert!(is_valid(tp), "{tp}");
+        assert!(!ctx.is_incoming());
+        assert_eq!(ctx.ids().flags, SAMPLED, "a new trace is flagged sampled");
         assert!(
             out.get(TRACESTATE).is_none(),
             "no tracestate with a new trace"

@@ -22,6 +22,7 @@ pub struct Config {
     pub outbound_proxies: Vec<String>,
     pub replay: ReplayConfig,
     pub stats: StatsConfig,
+    pub otlp: OtlpConfig,
     pub routes: Vec<RouteConfig>,
 }
 
@@ -67,6 +68,44 @@ pub struct StatsConfig {
     /// With `[redis]`: how often this instance pushes its statistics for
     /// the cluster view (`/api-stats?scope=cluster`).
     pub push_interval: Duration,
+}
+
+/// `[otlp]`: the OpenTelemetry trace exporter. Read and checked in every
+/// build, so a file means the same everywhere; only a build with the `otlp`
+/// cargo feature can turn it on.
+#[derive(Clone, PartialEq)]
+pub struct OtlpConfig {
+    pub enabled: bool,
+    /// The collector's OTLP/HTTP traces URL, used as is (no path is added).
+    pub endpoint: String,
+    /// The `service.name` resource attribute of every span.
+    pub service_name: String,
+    /// Share of the traces Backstop starts that are exported (0.0–1.0). A
+    /// request with a `traceparent` follows its caller's sampled flag.
+    pub sample_ratio: f64,
+    /// Sent to the collector with every export (e.g. credentials): never
+    /// logged, never shown (`Debug` prints the names only).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Longest wait for one export request.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for OtlpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let headers: Vec<String> = self
+            .headers
+            .iter()
+            .map(|(name, _)| format!("{name}: ***"))
+            .collect();
+        f.debug_struct("OtlpConfig")
+            .field("enabled", &self.enabled)
+            .field("endpoint", &redact_url(&self.endpoint))
+            .field("service_name", &self.service_name)
+            .field("sample_ratio", &self.sample_ratio)
+            .field("headers", &headers)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 #[derive(Clone)]
@@ -280,6 +319,7 @@ impl Config {
         let outbound_proxies = read_outbound_proxies(&root.section("outbound_proxies"));
         let replay = ReplayConfig::read(&root.section("replay"));
         let stats = StatsConfig::read(&root.section("stats"));
+        let otlp = OtlpConfig::read(&root.section("otlp"));
         let routes: Vec<RouteConfig> = root
             .array_of_tables("routes")
             .iter()
@@ -293,6 +333,7 @@ impl Config {
             outbound_proxies,
             replay,
             stats,
+            otlp,
             routes,
         };
         config.check_routes(root);
@@ -465,6 +506,63 @@ impl StatsConfig {
         s.reject_unknown_keys();
         config
     }
+}
+
+impl OtlpConfig {
+    fn read(s: &Section<'_>) -> Self {
+        let enabled = s.get("enabled", false);
+        if enabled && !cfg!(feature = "otlp") {
+            s.error(
+                "enabled",
+                "this build has no OTLP exporter (build with --features otlp)",
+            );
+        }
+        let endpoint = s.get("endpoint", "http://127.0.0.1:4318/v1/traces".to_string());
+        if let Err(message) = check_collector_url(&endpoint) {
+            s.error("endpoint", message);
+        }
+        let sample_ratio = s.get("sample_ratio", 1.0f64);
+        if !(0.0..=1.0).contains(&sample_ratio) {
+            s.error("sample_ratio", "must be a number between 0.0 and 1.0");
+        }
+        let timeout = s.duration("timeout", secs(10), SECONDS);
+        if timeout.is_zero() {
+            s.error("timeout", "must be greater than 0");
+        }
+        let config = OtlpConfig {
+            enabled,
+            endpoint,
+            service_name: non_empty(s, "service_name", "backstop"),
+            sample_ratio,
+            headers: read_header_map(s, "headers"),
+            timeout,
+        };
+        s.reject_unknown_keys();
+        config
+    }
+}
+
+/// The collector URL: http or https, with a host. Credentials belong in
+/// `otlp.headers`, where they are never logged.
+fn check_collector_url(url: &str) -> Result<(), String> {
+    let shown = redact_url(url);
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| format!("invalid URL {shown:?}: {e}"))?;
+    if !matches!(uri.scheme_str(), Some("http") | Some("https")) {
+        return Err(format!(
+            "invalid URL {shown:?}: scheme must be http or https"
+        ));
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("invalid URL {shown:?}: no host"));
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(format!(
+            "invalid URL {shown:?}: put credentials in otlp.headers, not in the URL"
+        ));
+    }
+    Ok(())
 }
 
 impl RedisConfig {

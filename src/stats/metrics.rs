@@ -40,6 +40,11 @@ pub struct RouteOutcome {
     pub outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
 /// Latency buckets in seconds, from 0.5 ms to 30 s.
 const DURATION_BUCKETS: [f64; 16] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
@@ -63,6 +68,9 @@ pub struct Metrics {
     pub rate_limit_fail_open: Family<RouteLabel, Counter>,
     pub stats_dropped: Counter,
     pub redis_errors: Counter,
+    pub otlp_spans_exported: Counter,
+    /// By `reason`: `queue_full` or `export_failed`.
+    pub otlp_spans_dropped: Family<ReasonLabel, Counter>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -165,8 +173,29 @@ impl Metrics {
             "Redis commands that failed or timed out (the cache skipped them)",
             redis_errors.clone(),
         );
+        // Registered in every build, so dashboards and alerts need not know
+        // how Backstop was built: both stay 0 while no exporter runs.
+        let otlp_spans_exported = Counter::default();
+        registry.register(
+            "otlp_spans_exported",
+            "Spans the OTLP collector accepted",
+            otlp_spans_exported.clone(),
+        );
+        let otlp_spans_dropped = Family::<ReasonLabel, Counter>::default();
+        for reason in ["queue_full", "export_failed"] {
+            let _ = otlp_spans_dropped.get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            });
+        }
+        registry.register(
+            "otlp_spans_dropped",
+            "Spans not exported: the export queue was full, or the collector failed or timed out",
+            otlp_spans_dropped.clone(),
+        );
         Metrics {
             registry,
+            otlp_spans_exported,
+            otlp_spans_dropped,
             stats_dropped,
             requests,
             request_duration,

@@ -99,6 +99,33 @@ fn invalid_files_list_every_error_with_its_key() {
                 "FILE: replay.idempotency_header: invalid header name \"bad header\"",
             ],
         ),
+        (
+            format!("[otlp]\nendpoint = \"grpc://collector:4317\"\nsample_ratio = 1.5\ntimeout = \"0s\"\nservice_name = \" \"\nbogus = 1\n[otlp.headers]\n\"bad header\" = \"x\"\n{ROUTE}"),
+            vec![
+                "FILE: otlp.endpoint: invalid URL \"grpc://collector:4317\": scheme must be http or https",
+                "FILE: otlp.sample_ratio: must be a number between 0.0 and 1.0",
+                "FILE: otlp.timeout: must be greater than 0",
+                "FILE: otlp.service_name: must not be empty",
+                "FILE: otlp.headers.bad header: invalid header name",
+                "FILE: otlp.bogus: unknown key",
+            ],
+        ),
+        (
+            format!("[otlp]\nendpoint = \"http://user:hunter2@collector/v1/traces\"\nsample_ratio = -0.1\ntimeout = \"soon\"\nheaders = \"x\"\n{ROUTE}"),
+            vec![
+                "FILE: otlp.endpoint: invalid URL \"http://user:***@collector/v1/traces\": put credentials in otlp.headers, not in the URL",
+                "FILE: otlp.sample_ratio: must be a number between 0.0 and 1.0",
+                "FILE: otlp.timeout: invalid duration \"soon\"",
+                "FILE: otlp.headers: invalid type: string \"x\", expected a map",
+            ],
+        ),
+        (
+            format!("[otlp]\nendpoint = \"http:///v1/traces\"\nenabled = \"yes\"\n{ROUTE}"),
+            vec![
+                "FILE: otlp.endpoint: invalid URL \"http:///v1/traces\"",
+                "FILE: otlp.enabled: invalid type: string \"yes\", expected a boolean",
+            ],
+        ),
     ];
     for (toml, expected) in cases {
         let (code, _, stderr) = check(&toml);
@@ -115,6 +142,37 @@ fn invalid_files_list_every_error_with_its_key() {
             expected.len(),
             "error count for:\n{toml}\ngot:\n{stderr}"
         );
+    }
+}
+
+/// `[otlp] enabled = true` needs a build with the exporter; the rest of
+/// the section is checked the same way in every build.
+#[test]
+fn otlp_enabled_is_refused_only_by_a_build_without_the_exporter() {
+    let toml = format!(
+        "[otlp]\nenabled = true\nsample_ratio = 2\n[otlp.headers]\nauthorization = \"Bearer s3cret\"\n{ROUTE}"
+    );
+    let (code, stdout, stderr) = check(&toml);
+    assert_eq!(code, 2, "{stderr}");
+    let mut expected = vec!["FILE: otlp.sample_ratio: must be a number between 0.0 and 1.0"];
+    if !cfg!(feature = "otlp") {
+        expected.push(
+            "FILE: otlp.enabled: this build has no OTLP exporter (build with --features otlp)",
+        );
+    }
+    let listed: Vec<&str> = stderr.lines().filter(|l| l.starts_with("FILE: ")).collect();
+    assert_eq!(listed.len(), expected.len(), "{stderr}");
+    for line in expected {
+        assert!(listed.contains(&line), "missing {line:?} in:\n{stderr}");
+    }
+    assert!(!format!("{stdout}{stderr}").contains("s3cret"));
+
+    let (code, _, stderr) = check(&format!("[otlp]\nenabled = true\n{ROUTE}"));
+    if cfg!(feature = "otlp") {
+        assert_eq!(code, 0, "{stderr}");
+    } else {
+        assert_eq!(code, 2);
+        assert!(stderr.contains("otlp.enabled: this build has no OTLP exporter"));
     }
 }
 
@@ -174,7 +232,16 @@ strategy = "on_rate_limit"
 requests_per_second = 10
 burst = 20
 key = "header:X-Client"
-"#
+[otlp]
+enabled = {otlp}
+endpoint = "https://collector.example:4318/v1/traces"
+service_name = "edge"
+sample_ratio = 0.25
+timeout = "3s"
+[otlp.headers]
+authorization = "Bearer pass-token"
+"#,
+        otlp = cfg!(feature = "otlp"),
     );
     let (code, stdout, stderr) = check(&full);
     assert_eq!(code, 0, "{stderr}");

@@ -43,9 +43,23 @@ impl Backstop {
 
     /// Starts Backstop with its data and config in `dir` (for restarts).
     pub fn start_in(dir: Arc<tempfile::TempDir>, toml: &str) -> Backstop {
+        Self::start_in_with_env(dir, toml, &[])
+    }
+
+    /// Starts Backstop with extra environment variables.
+    pub fn start_with_env(toml: &str, env: &[(&str, &str)]) -> Backstop {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        Self::start_in_with_env(dir, toml, env)
+    }
+
+    fn start_in_with_env(
+        dir: Arc<tempfile::TempDir>,
+        toml: &str,
+        env: &[(&str, &str)],
+    ) -> Backstop {
         let config_path = dir.path().join("backstop.toml");
         std::fs::write(&config_path, with_test_server(toml, dir.path())).expect("write config");
-        Self::spawn(dir, config_path)
+        Self::spawn_with_env(dir, config_path, env)
     }
 
     /// Starts with the config file already in `dir` (after a `kill9`).
@@ -63,6 +77,14 @@ impl Backstop {
     }
 
     fn spawn(dir: Arc<tempfile::TempDir>, config_path: PathBuf) -> Backstop {
+        Self::spawn_with_env(dir, config_path, &[])
+    }
+
+    fn spawn_with_env(
+        dir: Arc<tempfile::TempDir>,
+        config_path: PathBuf,
+        env: &[(&str, &str)],
+    ) -> Backstop {
         let mut child = Command::new(env!("CARGO_BIN_EXE_backstop"))
             .args(["run", "-c"])
             .arg(&config_path)
@@ -70,6 +92,7 @@ impl Backstop {
             .env_remove("PROXY_URLS")
             .env_remove("KAFKA_BROKERS")
             .env_remove("REDIS_HOST")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

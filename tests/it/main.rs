@@ -11,6 +11,8 @@ mod dashboards;
 mod forward_proxy;
 mod kafka;
 mod lifecycle;
+#[cfg(feature = "otlp")]
+mod otlp;
 mod proxy;
 mod resilience;
 mod stats;
