@@ -25,7 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use opentelemetry_http::{HttpClient, HttpError};
 
 use crate::config::OtlpConfig;
-use crate::upstream::tls;
+use crate::upstream::{tls, ErrorChain};
 
 /// A collector's answer is a small protobuf; more is not read.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
@@ -114,10 +114,15 @@ impl HyperClient {
                 .to_bytes();
             Ok::<_, HttpError>(Response::from_parts(parts, body))
         };
-        match tokio::time::timeout(self.timeout, exchange).await {
+        let result = match tokio::time::timeout(self.timeout, exchange).await {
             Ok(result) => result,
             Err(_) => Err(format!("no answer within {:?}", self.timeout).into()),
+        };
+        // The exporter reports a failed send as "network error" only.
+        if let Err(e) = &result {
+            tracing::debug!(error = %ErrorChain(e.as_ref()), "otlp: export request failed");
         }
+        result
     }
 }
 

@@ -7,11 +7,13 @@
 //! shutdown. This processor does the same job in a few lines on the runtime
 //! Backstop already has: `on_end` is a `try_send` into a channel of
 //! [`QUEUE_SIZE`] spans (a full queue drops the span and counts it: a
-//! request never waits for tracing), and the task sends batches of up to
-//! [`MAX_BATCH`] spans every schedule delay, one export at a time, each
-//! bounded by `otlp.timeout`. While an export hangs, the queue fills and
-//! the overflow is counted as `queue_full`; a failed export counts its
-//! spans as `export_failed`.
+//! request never waits for tracing), and the task sends what is queued in
+//! batches of up to [`MAX_BATCH`] spans every schedule delay, or as soon as
+//! a batch is full, one export at a time, each bounded by `otlp.timeout`.
+//! The task never waits on the channel itself, so a span wakes nothing;
+//! only a full batch does. While an export hangs, the queue fills and the
+//! overflow is counted as `queue_full`; a failed export counts its spans as
+//! `export_failed`.
 //!
 //! What is read from the environment (nothing else of OTEL_* is):
 //! `OTEL_BSP_SCHEDULE_DELAY` (milliseconds between exports, default 5000;
@@ -34,6 +36,7 @@ use opentelemetry_sdk::trace::{
 use opentelemetry_sdk::Resource;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -73,9 +76,14 @@ pub fn start(config: &OtlpConfig, metrics: Arc<Metrics>) -> Result<(SdkTracer, E
     exporter.set_resource(&resource);
 
     let (queue, receiver) = mpsc::channel(QUEUE_SIZE);
+    let batch_ready = Arc::new(Notify::new());
     let queue_full = dropped(&metrics, "queue_full");
     let provider = SdkTracerProvider::builder()
-        .with_span_processor(QueueProcessor { queue, queue_full })
+        .with_span_processor(QueueProcessor {
+            queue,
+            batch_ready: batch_ready.clone(),
+            queue_full,
+        })
         // Set explicitly, so OTEL_TRACES_SAMPLER and OTEL_SPAN_* cannot
         // change them.
         .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
@@ -97,7 +105,7 @@ pub fn start(config: &OtlpConfig, metrics: Arc<Metrics>) -> Result<(SdkTracer, E
         failed: dropped(&metrics, "export_failed"),
         failing: false,
     };
-    let task = tokio::spawn(worker.run(receiver, stop.clone()));
+    let task = tokio::spawn(worker.run(receiver, batch_ready, stop.clone()));
     Ok((
         tracer,
         Exporter {
@@ -152,6 +160,8 @@ fn schedule_delay() -> Duration {
 #[derive(Debug)]
 struct QueueProcessor {
     queue: mpsc::Sender<SpanData>,
+    /// Wakes the export task once a batch is waiting.
+    batch_ready: Arc<Notify>,
     queue_full: Counter,
 }
 
@@ -163,7 +173,11 @@ impl SpanProcessor for QueueProcessor {
             return;
         }
         match self.queue.try_send(span) {
-            Ok(()) => {}
+            Ok(()) => {
+                if QUEUE_SIZE - self.queue.capacity() >= MAX_BATCH {
+                    self.batch_ready.notify_one();
+                }
+            }
             Err(TrySendError::Full(_)) => {
                 self.queue_full.inc();
             }
@@ -195,7 +209,12 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(mut self, mut queue: mpsc::Receiver<SpanData>, stop: CancellationToken) {
+    async fn run(
+        mut self,
+        mut queue: mpsc::Receiver<SpanData>,
+        batch_ready: Arc<Notify>,
+        stop: CancellationToken,
+    ) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         let mut tick = tokio::time::interval(self.delay);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -203,20 +222,18 @@ impl Worker {
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
-                span = queue.recv() => match span {
-                    Some(span) => {
-                        batch.push(span);
-                        if batch.len() >= MAX_BATCH {
-                            self.export(&mut batch).await;
-                        }
-                    }
-                    None => break,
-                },
-                _ = tick.tick() => {
-                    if !batch.is_empty() {
-                        self.export(&mut batch).await;
-                    }
+                _ = batch_ready.notified() => {}
+                _ = tick.tick() => {}
+            }
+            // Everything queued now, in batches.
+            while let Ok(span) = queue.try_recv() {
+                batch.push(span);
+                if batch.len() >= MAX_BATCH {
+                    self.export(&mut batch).await;
                 }
+            }
+            if !batch.is_empty() {
+                self.export(&mut batch).await;
             }
         }
         // Shutdown: what is queued now goes out, then nothing more.

@@ -509,6 +509,9 @@ async fn a_collector_that_is_down_costs_spans_not_requests() {
     assert_eq!(counter(&bs, EXPORTED).await, 0.0);
     bs.wait_for_log("otlp: export failed", Duration::from_secs(5))
         .await;
+    // The cause, at debug level (the exporter only says "network error").
+    bs.wait_for_log("Connection refused", Duration::from_secs(5))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
