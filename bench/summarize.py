@@ -19,12 +19,13 @@ import statistics
 import sys
 from collections import defaultdict
 
-TARGETS = ["direct", "nginx", "haproxy", "bare", "backstop"]
+TARGETS = ["direct", "nginx", "haproxy", "bare", "pool", "backstop"]
 LABELS = {
     "direct": "backend direct (no proxy)",
     "nginx": "nginx",
     "haproxy": "HAProxy",
     "bare": "bare hyper-util proxy",
+    "pool": "bare proxy, own HTTP/1 pool",
     "backstop": "**Backstop**",
 }
 SCENARIOS = {"small": "GET /bench/small (13 B body)", "16k": "GET /bench/16k (16 KiB body)"}
