@@ -104,30 +104,12 @@ for c in "${CONFIGS[@]}"; do
         all) otlp=$'[otlp]\nenabled = true\nsample_ratio = 1.0\nendpoint = "http://127.0.0.1:'$SINK_PORT$'/v1/traces"' ;;
         *) otlp="" ;;
     esac
-    cat >"$TMP/$c.toml" <<EOF
-[server]
-listen = "127.0.0.1:${PORT[$c]}"
-admin_listen = "127.0.0.1:${ADMIN[$c]}"
-data_dir = "$TMP/data-$c"
-workers = 1
-
-[log]
-level = "warn"
-
-[replay]
-enabled = false
-
-$otlp
-
-[[routes]]
-name = "bench"
-path_prefix = "/bench"
-upstreams = ["http://127.0.0.1:$BACKEND_PORT"]
-  [routes.retry]
-  max_attempts = 1
-  [routes.capture]
-  enabled = false
-EOF
+    # bench/run.sh's Backstop config, each with its own ports and data dir,
+    # plus the [otlp] table of this configuration.
+    mkdir -p "$TMP/$c"
+    sed -e "s|@TMPDIR@|$TMP/$c|g" -e "s|@PORT@|${PORT[$c]}|g" -e "s|@BACKEND_PORT@|$BACKEND_PORT|g" \
+        -e "s|@ADMIN_PORT@|${ADMIN[$c]}|g" "$BENCH_DIR/backstop.toml.tmpl" >"$TMP/$c.toml"
+    printf '\n%s\n' "$otlp" >>"$TMP/$c.toml"
     "$BIN_DIR/${BIN[$c]}" run -c "$TMP/$c.toml" >"$TMP/$c.log" 2>&1 &
     PID[$c]=$!
     PIDS+=($!)

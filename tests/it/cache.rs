@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::harness::{client, error_of, Backend, Backstop, Reply};
+use crate::harness::{client, error_of, metric_value, Backend, Backstop, Reply};
 
 /// A backend that answers every request with a new body (`n=<count>`), so a
 /// test sees whether an answer came from the cache or from upstream.
@@ -84,14 +84,6 @@ async fn got(r: reqwest::Response) -> Got {
 
 async fn metrics(bs: &Backstop) -> String {
     bs.admin_text("/metrics").await
-}
-
-fn metric_value(text: &str, line_start: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test]

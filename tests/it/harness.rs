@@ -168,6 +168,11 @@ impl Backstop {
             .unwrap()
     }
 
+    /// One series' value in `/metrics` (0 when the line is absent).
+    pub async fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.admin_text("/metrics").await, series)
+    }
+
     /// GET an admin path and return its body as text.
     pub async fn admin_text(&self, path: &str) -> String {
         client()
@@ -550,4 +555,12 @@ pub async fn error_of(response: reqwest::Response) -> (u16, String, serde_json::
         .unwrap_or_default();
     let body: serde_json::Value = response.json().await.expect("JSON error body");
     (status, header, body["error"].clone())
+}
+
+/// The value of `series` (name and labels, exactly) in Prometheus text, or
+/// 0 when the line is absent.
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
 }

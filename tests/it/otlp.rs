@@ -252,14 +252,6 @@ fn is_error(span: &Span) -> bool {
         .is_some_and(|s| s.code == StatusCode::Error as i32)
 }
 
-/// A counter's value in `/metrics` (0 when the line is absent).
-async fn counter(bs: &Backstop, series: &str) -> f64 {
-    let text = bs.admin_text("/metrics").await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 const EXPORTED: &str = "backstop_otlp_spans_exported_total";
 const QUEUE_FULL: &str = "backstop_otlp_spans_dropped_total{reason=\"queue_full\"}";
 const EXPORT_FAILED: &str = "backstop_otlp_spans_dropped_total{reason=\"export_failed\"}";
@@ -267,7 +259,7 @@ const EXPORT_FAILED: &str = "backstop_otlp_spans_dropped_total{reason=\"export_f
 async fn wait_for_counter(bs: &Backstop, series: &str, at_least: f64, timeout: Duration) -> f64 {
     let deadline = Instant::now() + timeout;
     loop {
-        let value = counter(bs, series).await;
+        let value = bs.metric(series).await;
         if value >= at_least {
             return value;
         }
@@ -346,8 +338,8 @@ async fn a_traced_request_is_a_server_span_under_the_caller_and_a_client_span_th
 
     assert_eq!(collector.service_names()[0], "backstop-test");
     wait_for_counter(&bs, EXPORTED, 2.0, Duration::from_secs(5)).await;
-    assert_eq!(counter(&bs, QUEUE_FULL).await, 0.0);
-    assert_eq!(counter(&bs, EXPORT_FAILED).await, 0.0);
+    assert_eq!(bs.metric(QUEUE_FULL).await, 0.0);
+    assert_eq!(bs.metric(EXPORT_FAILED).await, 0.0);
 }
 
 #[tokio::test]
@@ -467,7 +459,7 @@ async fn sample_ratio_zero_exports_nothing_but_a_sampled_caller_is_honoured() {
     assert_eq!(r.status(), 200);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(collector.spans().len(), 0, "nothing sampled, nothing sent");
-    assert_eq!(counter(&bs, EXPORTED).await, 0.0);
+    assert_eq!(bs.metric(EXPORTED).await, 0.0);
     let seen = backend.seen();
     assert_eq!(seen.len(), 21);
     // Traces Backstop starts still reach backends, as without the exporter.
@@ -506,7 +498,7 @@ async fn a_collector_that_is_down_costs_spans_not_requests() {
         assert!(started.elapsed() < Duration::from_secs(1));
     }
     wait_for_counter(&bs, EXPORT_FAILED, 20.0, Duration::from_secs(10)).await;
-    assert_eq!(counter(&bs, EXPORTED).await, 0.0);
+    assert_eq!(bs.metric(EXPORTED).await, 0.0);
     bs.wait_for_log("otlp: export failed", Duration::from_secs(5))
         .await;
     // The cause, at debug level (the exporter only says "network error").
@@ -567,7 +559,7 @@ async fn a_stalled_collector_fills_the_queue_and_requests_stay_fast() {
         dropped <= 3202.0 - 2048.0,
         "at most the overflow is dropped: {dropped}"
     );
-    assert_eq!(counter(&bs, EXPORTED).await, 0.0);
+    assert_eq!(bs.metric(EXPORTED).await, 0.0);
     assert_eq!(collector.exports().len(), 1, "one export at a time");
 }
 
