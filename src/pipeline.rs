@@ -361,10 +361,8 @@ fn prepare(
     body: OutgoingBody,
     ctx: &RequestContext,
 ) -> Outgoing {
-    let original_host = match parts.uri.authority() {
-        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
-        None => parts.headers.get(HOST).cloned(),
-    };
+    let original_host =
+        request_host(&parts.uri, &parts.headers).and_then(|h| HeaderValue::from_str(h).ok());
     let mut headers = parts.headers;
     headers::strip_hop_by_hop(&mut headers);
     let capture = &route.config.capture;
