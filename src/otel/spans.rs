@@ -89,9 +89,10 @@ impl Tracing {
             .tracer
             .span_builder(method.to_string())
             .with_kind(SpanKind::Server);
-        let parent = match trace.is_incoming() {
-            true => remote_parent(trace),
-            false => Context::new(),
+        let parent = if trace.is_incoming() {
+            remote_parent(trace)
+        } else {
+            Context::new()
         };
         let mut span = active.tracer.build_with_context(builder, &parent);
         let context = span.span_context();
