@@ -33,19 +33,24 @@ pub enum Failure {
 impl Failure {
     /// Classifies an error of the upstream client.
     pub fn from_client_error(err: &hyper_util::client::legacy::Error) -> Failure {
-        let io_kind = io_error_kind(err);
         if err.is_connect() {
-            if chain_mentions(err, "dns error") {
-                return Failure::Dns;
-            }
-            return match io_kind {
-                Some(io::ErrorKind::ConnectionRefused) => Failure::ConnectRefused,
-                Some(io::ErrorKind::TimedOut) => Failure::ConnectTimeout,
-                _ if chain_mentions(err, "timed out") => Failure::ConnectTimeout,
-                _ => Failure::ConnectFailed,
-            };
+            return Failure::from_connect_error(err);
         }
         Failure::Reset
+    }
+
+    /// Classifies an error of connecting (hyper-util's `HttpConnector`,
+    /// directly or inside its client).
+    pub fn from_connect_error(err: &(dyn StdError + 'static)) -> Failure {
+        if chain_mentions(err, "dns error") {
+            return Failure::Dns;
+        }
+        match io_error_kind(err) {
+            Some(io::ErrorKind::ConnectionRefused) => Failure::ConnectRefused,
+            Some(io::ErrorKind::TimedOut) => Failure::ConnectTimeout,
+            _ if chain_mentions(err, "timed out") => Failure::ConnectTimeout,
+            _ => Failure::ConnectFailed,
+        }
     }
 
     /// True when the request provably never reached the backend, so that even

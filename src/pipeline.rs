@@ -548,7 +548,10 @@ async fn forward(
         let via = proxy_pool::choose(proxies, &route.config.proxy, saw_429);
         let span = ctx.span.attempt(attempt, &mut request);
         let sent_at = Instant::now();
-        let result = route.upstream.send_via(via, request, try_timeout).await;
+        let result = route
+            .upstream
+            .send_via(via, index, request, try_timeout)
+            .await;
         span.end(&result);
         let trips = match &result {
             Ok(response) => status_trips_breaker(response.status().as_u16()),

@@ -34,12 +34,12 @@ pub async fn deliver(
     attempt: u32,
     idempotency_header: &HeaderName,
 ) -> Delivery {
-    let request = match build_request(route, record, attempt, idempotency_header) {
+    let (target, request) = match build_request(route, record, attempt, idempotency_header) {
         Ok(r) => r,
         Err(reason) => return Delivery::Dead(reason),
     };
     let timeout = route.config.circuit_breaker.request_timeout;
-    match route.upstream.send(request, timeout).await {
+    match route.upstream.send(target, request, timeout).await {
         Ok(response) => {
             let status = response.status().as_u16();
             // Drain the body so the pooled connection can be reused.
@@ -71,12 +71,12 @@ fn build_request(
     record: &CaptureRecord,
     attempt: u32,
     idempotency_header: &HeaderName,
-) -> Result<Request<crate::body::RequestBody>, String> {
+) -> Result<(usize, Request<crate::body::RequestBody>), String> {
     let req = &record.request;
     let method = Method::from_bytes(req.method.as_bytes())
         .map_err(|_| format!("invalid method {:?}", req.method))?;
     let body = record.body().map_err(|e| e.to_string())?;
-    let (_, target) = route.upstream.balancer.pick();
+    let (index, target) = route.upstream.balancer.pick();
     let uri = upstream_uri(
         &target.base,
         route.upstream_path(&req.path),
@@ -108,7 +108,7 @@ fn build_request(
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = headers;
-    Ok(request)
+    Ok((index, request))
 }
 
 #[cfg(test)]

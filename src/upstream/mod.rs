@@ -7,6 +7,7 @@
 //! header or path never choose the address.
 
 mod balance;
+mod h1_pool;
 pub mod proxy_pool;
 pub mod tls;
 
@@ -21,6 +22,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use balance::{Balancer, Target};
+use h1_pool::H1Pool;
 use proxy_pool::{ProxyPool, Via};
 
 use crate::body::RequestBody;
@@ -32,8 +34,11 @@ type HttpClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// A route's way to its backends.
+/// A route's way to its backends: plain `http://` targets over our own
+/// HTTP/1.1 pool (unless the route speaks h2c), the rest over hyper-util's
+/// client.
 pub struct Upstream {
+    h1: Option<H1Pool>,
     client: HttpClient,
     pub balancer: Balancer,
     /// The outbound proxies, when the route uses them.
@@ -62,23 +67,30 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .http2_only(route.upstream_h2c);
+        let h1 = match route.upstream_h2c {
+            true => None,
+            false => H1Pool::new(&route.upstreams, server.connect_timeout, POOL_IDLE_TIMEOUT),
+        };
         Ok(Upstream {
+            h1,
             client: builder.build(connector),
             balancer: Balancer::new(&route.upstreams),
             proxies: ProxyPool::build(outbound_proxies, route, server)?,
         })
     }
 
-    /// Sends one attempt directly or through an outbound proxy.
+    /// Sends one attempt to target `index`, directly or through an outbound
+    /// proxy.
     pub async fn send_via(
         &self,
         via: Via,
+        index: usize,
         request: Request<RequestBody>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, Failure> {
         match (via, &self.proxies) {
-            (Via::Proxy(index), Some(pool)) => pool.send(index, request, timeout).await,
-            _ => self.send(request, timeout).await,
+            (Via::Proxy(proxy), Some(pool)) => pool.send(proxy, request, timeout).await,
+            _ => self.send(index, request, timeout).await,
         }
     }
 
@@ -91,21 +103,27 @@ impl Upstream {
         }
     }
 
-    /// Sends one attempt and waits at most `timeout` for the response head.
+    /// Sends one attempt to target `index` (the request's URI is that
+    /// target's) and waits at most `timeout` for the response head.
     pub async fn send(
         &self,
+        index: usize,
         request: Request<RequestBody>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, Failure> {
-        match tokio::time::timeout(timeout, self.client.request(request)).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => {
-                let failure = Failure::from_client_error(&e);
-                tracing::debug!(error = %ErrorChain(&e), ?failure, "upstream attempt failed");
-                Err(failure)
+        let attempt = async {
+            match &self.h1 {
+                Some(pool) if pool.serves(index) => pool.send(index, request).await,
+                _ => self.client.request(request).await.map_err(|e| {
+                    let failure = Failure::from_client_error(&e);
+                    tracing::debug!(error = %ErrorChain(&e), ?failure, "upstream attempt failed");
+                    failure
+                }),
             }
-            Err(_) => Err(Failure::Timeout),
-        }
+        };
+        tokio::time::timeout(timeout, attempt)
+            .await
+            .unwrap_or(Err(Failure::Timeout))
     }
 }
 

@@ -294,6 +294,8 @@ pub struct Seen {
     pub body: Bytes,
     /// For streamed bodies (`/stream-count...`): bytes counted, not kept.
     pub body_len: u64,
+    /// The connection's remote address: one per upstream connection.
+    pub peer: SocketAddr,
 }
 
 /// What a test backend answers.
@@ -393,7 +395,7 @@ impl Backend {
         let task = tokio::spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
+                let Ok((stream, peer)) = listener.accept().await else {
                     continue;
                 };
                 let handler = handler.clone();
@@ -403,7 +405,7 @@ impl Backend {
                     let service = hyper::service::service_fn(move |req| {
                         let handler = handler.clone();
                         let log = log.clone();
-                        async move { Ok::<_, Infallible>(serve(req, handler, log).await) }
+                        async move { Ok::<_, Infallible>(serve(req, peer, handler, log).await) }
                     });
                     let builder = auto::Builder::new(TokioExecutor::new());
                     match tls {
@@ -479,6 +481,7 @@ async fn bind_retrying(addr: SocketAddr) -> TcpListener {
 
 async fn serve(
     req: Request<Incoming>,
+    peer: SocketAddr,
     handler: Handler,
     log: Arc<Mutex<Vec<Seen>>>,
 ) -> Response<Full<Bytes>> {
@@ -509,6 +512,7 @@ async fn serve(
         headers: parts.headers,
         body: bytes,
         body_len: len,
+        peer,
     };
     let reply = handler(&seen);
     log.lock().unwrap().push(seen);

@@ -1,7 +1,13 @@
 //! Proxying: methods, bodies, queries, headers, HTTP/2, load balancing and
 //! the proxy-made error answers.
 
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::{client, error_of, h2_client, Backend, Backstop, Reply};
 
@@ -214,6 +220,101 @@ async fn round_robin_and_skipping_a_target_that_refuses() {
         a.hits(),
         b.hits()
     );
+}
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let backend = Backend::start(|seen| match seen.uri.starts_with("/slow") {
+        true => Reply::ok("slow").delay(Duration::from_millis(300)),
+        false => Reply::ok("fast"),
+    })
+    .await;
+    let bs = Backstop::start(&route("api", "/", &[backend.url()], ""));
+    let c = client();
+    let peers = |from: usize| -> HashSet<SocketAddr> {
+        backend.seen()[from..].iter().map(|s| s.peer).collect()
+    };
+
+    for _ in 0..20 {
+        let r = c.get(bs.url("/one")).send().await.unwrap();
+        assert_eq!(r.text().await.unwrap(), "fast");
+    }
+    assert_eq!(
+        peers(0).len(),
+        1,
+        "sequential requests share one connection"
+    );
+
+    let concurrent = (0..8).map(|_| async {
+        let r = c.get(bs.url("/slow")).send().await.unwrap();
+        assert_eq!(r.text().await.unwrap(), "slow");
+    });
+    futures_util::future::join_all(concurrent).await;
+    let busy = peers(20);
+    assert_eq!(
+        busy.len(),
+        8,
+        "each concurrent request has its own connection"
+    );
+
+    for _ in 0..20 {
+        let r = c.get(bs.url("/two")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let after = peers(28);
+    assert!(
+        after.is_subset(&peers(0)),
+        "no new connection once enough are open: {after:?}"
+    );
+}
+
+/// A backend that answers one request per connection and then closes it
+/// while idle (as servers with a short keep-alive timeout do, without
+/// saying `Connection: close`).
+#[tokio::test]
+async fn a_backend_closing_idle_connections_costs_no_request() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let backend = tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                continue;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    match conn.read(&mut buf[..1]).await {
+                        Ok(1) => head.push(buf[0]),
+                        _ => return,
+                    }
+                }
+                let _ = conn
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                // Idle for 100 ms, then gone (the next request, if any,
+                // would be left unanswered).
+                let _ = tokio::time::timeout(Duration::from_millis(100), conn.read(&mut buf)).await;
+            });
+        }
+    });
+    let bs = Backstop::start(&route("api", "/", &[format!("http://{addr}")], ""));
+    let c = client();
+    for i in 0..5 {
+        let r = c.get(bs.url("/x")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(r.text().await.unwrap(), "ok");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        5,
+        "a new connection each time"
+    );
+    backend.abort();
 }
 
 #[tokio::test]
