@@ -9,7 +9,8 @@
 //! - `--own-pool`: a plain list of `hyper::client::conn::http1` senders to the
 //!   one upstream (take the first ready one, put it back once the response
 //!   head is in, open a connection when none is ready). HTTP/1.1 only, no
-//!   timeouts, no idle expiry: an experiment for the benchmark, not a client.
+//!   timeouts, no idle expiry: the floor under Backstop's own pool
+//!   (`src/upstream/h1_pool.rs`), which adds those.
 //!
 //! `cargo run --release --example bare_proxy -- LISTEN_ADDR UPSTREAM_ADDR [--own-pool]`
 
