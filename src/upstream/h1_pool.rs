@@ -13,11 +13,14 @@
 //!
 //! A sender goes back on its target's list as soon as the response head is
 //! in; hyper turns it ready again once the body has been read. A request
-//! takes the most recently used ready sender (so a burst's extra connections
-//! age out), or opens a new connection through hyper-util's `HttpConnector`
-//! (DNS, connect timeout, `TCP_NODELAY`). A request that hyper gives back
-//! unsent because its pooled connection had just closed is tried once more on
-//! a fresh connection, as hyper-util's client does.
+//! takes the most recently returned ready sender (so a burst's extra
+//! connections age out), looking at no more than [`SCAN_LIMIT`] of them, or
+//! opens a new connection through hyper-util's `HttpConnector` (DNS, connect
+//! timeout, `TCP_NODELAY`). The limit keeps a checkout cheap when a target has
+//! thousands of long-busy connections (streams, long polls): those sink to
+//! the front of the list, where only the sweeper looks. A request that hyper
+//! gives back unsent because its pooled connection had just closed is tried
+//! on another, as hyper-util's client does.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -34,6 +37,10 @@ use crate::classify::Failure;
 
 /// How often idle connections are looked over for expiry.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// How many of a target's most recently returned connections a request
+/// looks at for a ready one before it opens a new connection.
+const SCAN_LIMIT: usize = 128;
 
 /// The HTTP/1.1 connections of one route, per target index; `None` for a
 /// target this pool does not serve (https, or the route speaks h2c).
@@ -205,15 +212,19 @@ impl TargetConns {
         })
     }
 
-    /// The most recently returned ready sender, dropping closed and expired
-    /// ones on the way.
+    /// The most recently returned ready sender among the last
+    /// [`SCAN_LIMIT`], dropping closed and expired ones on the way.
     fn checkout(&self, idle_timeout: Duration) -> Option<SendRequest<RequestBody>> {
         let now = Instant::now();
         let mut conns = self.lock();
-        while let Some(i) = conns
-            .iter()
-            .rposition(|c| c.sender.is_ready() || c.sender.is_closed())
-        {
+        let mut i = conns.len();
+        let stop = i.saturating_sub(SCAN_LIMIT);
+        while i > stop {
+            i -= 1;
+            let sender = &conns[i].sender;
+            if !sender.is_ready() && !sender.is_closed() {
+                continue; // busy
+            }
             let conn = conns.remove(i);
             if !conn.is_done(now, idle_timeout) {
                 return Some(conn.sender);

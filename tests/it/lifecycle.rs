@@ -120,3 +120,65 @@ async fn shutdown_drains_in_flight_requests() {
     let code = tokio::task::block_in_place(|| bs.wait_exit(Duration::from_secs(10)));
     assert_eq!(code, Some(0), "exits cleanly after draining");
 }
+
+/// Idle upstream connections belong to the route table that opened them: a
+/// reload must not leave them open forever (one leak per reload).
+#[tokio::test]
+async fn a_reload_closes_the_old_tables_idle_upstream_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let open = Arc::new(AtomicUsize::new(0));
+    let counter = open.clone();
+    let backend = tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let open = counter.clone();
+            open.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                // Keep-alive: answer every request until the peer closes.
+                while let Ok(1) = conn.read(&mut byte).await {
+                    head.push(byte[0]);
+                    if head.ends_with(b"\r\n\r\n") {
+                        head.clear();
+                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if conn.write_all(reply).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    let upstream = format!("http://{addr}");
+    let bs = Backstop::start(&one_route(&upstream));
+    let c = client();
+    for _ in 0..3 {
+        let r = c.get(bs.url("/api/x")).send().await.unwrap();
+        assert_eq!(r.text().await.unwrap(), "ok");
+    }
+    assert_eq!(open.load(Ordering::SeqCst), 1, "one kept-alive connection");
+
+    bs.signal("HUP");
+    bs.wait_for_log("configuration reloaded", Duration::from_secs(5))
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while open.load(Ordering::SeqCst) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old table's idle connection is still open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = c.get(bs.url("/api/x")).send().await.unwrap();
+    assert_eq!(
+        r.text().await.unwrap(),
+        "ok",
+        "the new table connects afresh"
+    );
+    assert_eq!(open.load(Ordering::SeqCst), 1);
+    backend.abort();
+}
