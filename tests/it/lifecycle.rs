@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::harness::{client, Backend, Backstop, Reply};
+use crate::harness::{client, Backend, Backstop, RawBackend, Reply};
 
 fn one_route(upstream: &str) -> String {
     format!("[[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nupstreams = [{upstream:?}]\n")
@@ -125,48 +125,20 @@ async fn shutdown_drains_in_flight_requests() {
 /// reload must not leave them open forever (one leak per reload).
 #[tokio::test]
 async fn a_reload_closes_the_old_tables_idle_upstream_connections() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let open = Arc::new(AtomicUsize::new(0));
-    let counter = open.clone();
-    let backend = tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            let open = counter.clone();
-            open.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                // Keep-alive: answer every request until the peer closes.
-                while let Ok(1) = conn.read(&mut byte).await {
-                    head.push(byte[0]);
-                    if head.ends_with(b"\r\n\r\n") {
-                        head.clear();
-                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        if conn.write_all(reply).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-                open.fetch_sub(1, Ordering::SeqCst);
-            });
-        }
-    });
-    let upstream = format!("http://{addr}");
-    let bs = Backstop::start(&one_route(&upstream));
+    let backend = RawBackend::start(None).await;
+    let bs = Backstop::start(&one_route(&backend.url()));
     let c = client();
     for _ in 0..3 {
         let r = c.get(bs.url("/api/x")).send().await.unwrap();
         assert_eq!(r.text().await.unwrap(), "ok");
     }
-    assert_eq!(open.load(Ordering::SeqCst), 1, "one kept-alive connection");
+    assert_eq!(backend.open(), 1, "one kept-alive connection");
 
     bs.signal("HUP");
     bs.wait_for_log("configuration reloaded", Duration::from_secs(5))
         .await;
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while open.load(Ordering::SeqCst) > 0 {
+    while backend.open() > 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "the old table's idle connection is still open"
@@ -179,6 +151,5 @@ async fn a_reload_closes_the_old_tables_idle_upstream_connections() {
         "ok",
         "the new table connects afresh"
     );
-    assert_eq!(open.load(Ordering::SeqCst), 1);
-    backend.abort();
+    assert_eq!(backend.open(), 1);
 }

@@ -3,13 +3,9 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-use crate::harness::{client, error_of, h2_client, Backend, Backstop, Reply};
+use crate::harness::{client, error_of, h2_client, Backend, Backstop, RawBackend, Reply};
 
 fn route(name: &str, prefix: &str, upstreams: &[String], extra: &str) -> String {
     let list: Vec<String> = upstreams.iter().map(|u| format!("{u:?}")).collect();
@@ -268,40 +264,12 @@ async fn upstream_connections_are_kept_alive_and_reused() {
     );
 }
 
-/// A backend that answers one request per connection and then closes it
-/// while idle (as servers with a short keep-alive timeout do, without
-/// saying `Connection: close`).
+/// A backend that closes connections idle for 100 ms without saying
+/// `Connection: close` first (as servers with a short keep-alive timeout do).
 #[tokio::test]
 async fn a_backend_closing_idle_connections_costs_no_request() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
-    let backend = tokio::spawn(async move {
-        loop {
-            let Ok((mut conn, _)) = listener.accept().await else {
-                continue;
-            };
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut head = Vec::new();
-                while !head.ends_with(b"\r\n\r\n") {
-                    match conn.read(&mut buf[..1]).await {
-                        Ok(1) => head.push(buf[0]),
-                        _ => return,
-                    }
-                }
-                let _ = conn
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
-                // Idle for 100 ms, then gone (the next request, if any,
-                // would be left unanswered).
-                let _ = tokio::time::timeout(Duration::from_millis(100), conn.read(&mut buf)).await;
-            });
-        }
-    });
-    let bs = Backstop::start(&route("api", "/", &[format!("http://{addr}")], ""));
+    let backend = RawBackend::start(Some(Duration::from_millis(100))).await;
+    let bs = Backstop::start(&route("api", "/", &[backend.url()], ""));
     let c = client();
     for i in 0..5 {
         let r = c.get(bs.url("/x")).send().await.unwrap();
@@ -309,12 +277,7 @@ async fn a_backend_closing_idle_connections_costs_no_request() {
         assert_eq!(r.text().await.unwrap(), "ok");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    assert_eq!(
-        accepted.load(Ordering::SeqCst),
-        5,
-        "a new connection each time"
-    );
-    backend.abort();
+    assert_eq!(backend.accepted(), 5, "a new connection each time");
 }
 
 #[tokio::test]
