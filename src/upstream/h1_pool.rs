@@ -66,7 +66,9 @@ struct TargetConns {
 
 struct Conn {
     sender: SendRequest<RequestBody>,
-    /// When the sender last came back: its idle time is counted from here.
+    /// When the sender came back, or the sweeper last saw it busy: its idle
+    /// time is counted from here (so a long response body does not count as
+    /// idle time, give or take one sweep interval).
     returned_at: Instant,
 }
 
@@ -241,8 +243,20 @@ impl TargetConns {
         self.lock().push(conn);
     }
 
+    /// Drops closed and expired connections, and moves the busy ones to the
+    /// front (in their order), so that idle ones come back within a
+    /// checkout's [`SCAN_LIMIT`] even behind many long-busy ones.
     fn sweep(&self, now: Instant, idle_timeout: Duration) {
-        self.lock().retain(|c| !c.is_done(now, idle_timeout));
+        let mut conns = self.lock();
+        let (mut busy, idle): (Vec<Conn>, Vec<Conn>) = std::mem::take(&mut *conns)
+            .into_iter()
+            .filter(|c| !c.is_done(now, idle_timeout))
+            .partition(|c| !c.sender.is_ready());
+        for conn in &mut busy {
+            conn.returned_at = now;
+        }
+        busy.extend(idle);
+        *conns = busy;
     }
 
     /// The list stays usable after a panic elsewhere: it holds no invariant
@@ -266,6 +280,7 @@ fn origin_form(request: Request<RequestBody>, host: &HeaderValue) -> Request<Req
 mod tests {
     use super::*;
     use crate::body::BufferedBody;
+    use futures_util::FutureExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
@@ -343,6 +358,71 @@ mod tests {
             .sweep(Instant::now(), pool.shared.idle_timeout);
         let closed = tokio::time::timeout(Duration::from_secs(2), read_head(&mut conn)).await;
         assert_eq!(closed, Ok(None), "the expired connection is closed");
+    }
+
+    #[tokio::test]
+    async fn a_sweep_moves_busy_connections_behind_idle_ones() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base: Uri = format!("http://{}/", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let pool = H1Pool::new(
+            std::slice::from_ref(&base),
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        // Two connections: the first answers whole, the second sends a head
+        // and only part of its body, so it stays busy.
+        let backend = async {
+            let mut conns = Vec::new();
+            for reply in [
+                &b"content-length: 2\r\n\r\nok"[..],
+                b"content-length: 9\r\n\r\npart",
+            ] {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                read_head(&mut conn).await.unwrap();
+                conn.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
+                conn.write_all(reply).await.unwrap();
+                conns.push(conn);
+            }
+            conns
+        };
+        let client = async {
+            let target = pool.shared.targets[0].as_ref().unwrap();
+            let first = pool.send(0, get(&base, "/whole")).await.unwrap();
+            http_body_util::BodyExt::collect(first.into_body())
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let idle = target.checkout(Duration::from_secs(60)).unwrap();
+            // The second request checks out first (finding nothing, so it
+            // connects); the idle one goes back before its head arrives.
+            let second = pool.send(0, get(&base, "/partial"));
+            tokio::pin!(second);
+            assert!(second.as_mut().now_or_never().is_none());
+            target.check_in(idle);
+            second.await.unwrap()
+        };
+        let both = async { tokio::join!(backend, client) };
+        // Both sockets and the unfinished response stay open until the end.
+        let (_sockets, _unfinished) = tokio::time::timeout(Duration::from_secs(5), both)
+            .await
+            .unwrap();
+        let target = pool.shared.targets[0].as_ref().unwrap();
+        let ready = |t: &TargetConns| -> Vec<bool> {
+            t.lock().iter().map(|c| c.sender.is_ready()).collect()
+        };
+        assert_eq!(
+            ready(target),
+            [true, false],
+            "the idle one behind the busy one"
+        );
+        target.sweep(Instant::now(), Duration::from_secs(60));
+        assert_eq!(ready(target), [false, true], "busy ones moved to the front");
+        // The idle one is what the next checkout finds.
+        assert!(target.checkout(Duration::from_secs(60)).is_some());
+        assert_eq!(ready(target), [false]);
     }
 
     #[test]
