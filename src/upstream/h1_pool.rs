@@ -217,7 +217,6 @@ impl TargetConns {
     /// The most recently returned ready sender among the last
     /// [`SCAN_LIMIT`], dropping closed and expired ones on the way.
     fn checkout(&self, idle_timeout: Duration) -> Option<SendRequest<RequestBody>> {
-        let now = Instant::now();
         let mut conns = self.lock();
         let mut i = conns.len();
         let stop = i.saturating_sub(SCAN_LIMIT);
@@ -228,7 +227,7 @@ impl TargetConns {
                 continue; // busy
             }
             let conn = conns.remove(i);
-            if !conn.is_done(now, idle_timeout) {
+            if !conn.is_done(Instant::now(), idle_timeout) {
                 return Some(conn.sender);
             }
         }
@@ -297,6 +296,25 @@ mod tests {
         Some(String::from_utf8_lossy(&head).into_owned())
     }
 
+    /// A listener standing in for the backend, and a pool to it alone.
+    async fn pool_to_listener(idle_timeout: Duration) -> (TcpListener, Uri, H1Pool) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base: Uri = format!("http://{}/", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let pool = H1Pool::new(
+            std::slice::from_ref(&base),
+            Duration::from_secs(1),
+            idle_timeout,
+        )
+        .unwrap();
+        (listener, base, pool)
+    }
+
+    fn only_target(pool: &H1Pool) -> &TargetConns {
+        pool.shared.targets[0].as_ref().unwrap()
+    }
+
     fn get(base: &Uri, path: &str) -> Request<RequestBody> {
         let mut request = Request::new(BufferedBody::default().to_request_body());
         *request.uri_mut() = format!("{base}{}", &path[1..]).parse().unwrap();
@@ -305,16 +323,7 @@ mod tests {
 
     #[tokio::test]
     async fn reuses_a_connection_and_closes_it_once_idle_too_long() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base: Uri = format!("http://{}/", listener.local_addr().unwrap())
-            .parse()
-            .unwrap();
-        let pool = H1Pool::new(
-            std::slice::from_ref(&base),
-            Duration::from_secs(1),
-            Duration::from_millis(200),
-        )
-        .unwrap();
+        let (listener, base, pool) = pool_to_listener(Duration::from_millis(200)).await;
 
         let send = |path: &'static str| {
             let request = get(&base, path);
@@ -349,29 +358,17 @@ mod tests {
         let (mut conn, ()) = tokio::time::timeout(Duration::from_secs(5), both)
             .await
             .expect("the second request reused the first connection");
-        assert_eq!(pool.shared.targets[0].as_ref().unwrap().lock().len(), 1);
+        assert_eq!(only_target(&pool).lock().len(), 1);
 
         tokio::time::sleep(Duration::from_millis(300)).await;
-        pool.shared.targets[0]
-            .as_ref()
-            .unwrap()
-            .sweep(Instant::now(), pool.shared.idle_timeout);
+        only_target(&pool).sweep(Instant::now(), pool.shared.idle_timeout);
         let closed = tokio::time::timeout(Duration::from_secs(2), read_head(&mut conn)).await;
         assert_eq!(closed, Ok(None), "the expired connection is closed");
     }
 
     #[tokio::test]
-    async fn a_sweep_moves_busy_connections_behind_idle_ones() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base: Uri = format!("http://{}/", listener.local_addr().unwrap())
-            .parse()
-            .unwrap();
-        let pool = H1Pool::new(
-            std::slice::from_ref(&base),
-            Duration::from_secs(1),
-            Duration::from_secs(60),
-        )
-        .unwrap();
+    async fn a_sweep_moves_busy_connections_in_front_of_idle_ones() {
+        let (listener, base, pool) = pool_to_listener(Duration::from_secs(60)).await;
         // Two connections: the first answers whole, the second sends a head
         // and only part of its body, so it stays busy.
         let backend = async {
@@ -389,7 +386,7 @@ mod tests {
             conns
         };
         let client = async {
-            let target = pool.shared.targets[0].as_ref().unwrap();
+            let target = only_target(&pool);
             let first = pool.send(0, get(&base, "/whole")).await.unwrap();
             http_body_util::BodyExt::collect(first.into_body())
                 .await
@@ -409,7 +406,7 @@ mod tests {
         let (_sockets, _unfinished) = tokio::time::timeout(Duration::from_secs(5), both)
             .await
             .unwrap();
-        let target = pool.shared.targets[0].as_ref().unwrap();
+        let target = only_target(&pool);
         let ready = |t: &TargetConns| -> Vec<bool> {
             t.lock().iter().map(|c| c.sender.is_ready()).collect()
         };

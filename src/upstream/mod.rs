@@ -67,9 +67,10 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .http2_only(route.upstream_h2c);
-        let h1 = match route.upstream_h2c {
-            true => None,
-            false => H1Pool::new(&route.upstreams, server.connect_timeout, POOL_IDLE_TIMEOUT),
+        let h1 = if route.upstream_h2c {
+            None
+        } else {
+            H1Pool::new(&route.upstreams, server.connect_timeout, POOL_IDLE_TIMEOUT)
         };
         Ok(Upstream {
             h1,
