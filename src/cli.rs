@@ -138,10 +138,18 @@ fn run(path: &Path, mode: Mode) -> ExitCode {
         }
     };
     crate::logging::init(&active.config.log);
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if active.config.server.workers > 0 {
-        builder.worker_threads(active.config.server.workers);
-    }
+    let mut builder = match active.config.server.workers {
+        // One worker: Tokio's single-threaded scheduler, which runs every
+        // task on this thread without the work-stealing machinery (atomics,
+        // cross-thread wake-ups) that one worker never needs.
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+    };
     let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

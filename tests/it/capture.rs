@@ -441,3 +441,41 @@ async fn queue_replay_all_delivers_in_capture_order() {
     assert_eq!(keys, ids, "delivered once each, in capture order");
     assert_eq!(queue_status(&bs).await["depth"], 0);
 }
+
+/// `workers = 1` runs everything on Tokio's single-threaded scheduler: the
+/// proxy, capture, replay and the admin listener must all still make
+/// progress on that one thread, and SIGTERM must still drain and exit.
+#[tokio::test]
+async fn one_worker_proxies_captures_replays_and_shuts_down() {
+    let addr = stopped_backend().await;
+    let toml = format!(
+        "[server]\nworkers = 1\n{}",
+        config(&format!("http://{addr}"), "")
+    );
+    let mut bs = Backstop::start(&toml);
+    let captured = client()
+        .post(bs.url("/api/orders"))
+        .body("order-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(captured.status(), 503);
+    assert_eq!(captured.headers()["x-backstop-error"], "captured");
+
+    let backend = Backend::start_on(addr, |_| Reply::ok("served")).await;
+    wait_queue(&bs, "depth", 0).await;
+    backend.wait_for_hits(1, Duration::from_secs(5)).await;
+    assert_eq!(backend.seen()[0].body, &b"order-1"[..]);
+
+    // Concurrent clients are all served by the one thread.
+    let requests = (0..32).map(|i| {
+        let url = bs.url(&format!("/api/item/{i}"));
+        async move { client().get(url).send().await.unwrap().status() }
+    });
+    let statuses = futures_util::future::join_all(requests).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(queue_status(&bs).await["replayed_total"], 1);
+
+    bs.signal("TERM");
+    assert_eq!(bs.wait_exit(Duration::from_secs(10)), Some(0));
+}
