@@ -1,8 +1,9 @@
 //! The floor the benchmark compares Backstop with: the smallest reverse
-//! proxy built on the same libraries (hyper-util's server on a one-worker
-//! tokio runtime), with none of Backstop's pipeline. The gap between this and
-//! Backstop is what Backstop's own code costs; the gap between this and nginx
-//! is what the libraries cost.
+//! proxy built on the same libraries (hyper-util's server on Tokio's
+//! single-threaded runtime, as Backstop runs with `workers = 1`), with none
+//! of Backstop's pipeline. The gap between this and Backstop is what
+//! Backstop's own code costs; the gap between this and nginx is what the
+//! libraries cost.
 //!
 //! Two upstream clients, to measure what the client costs:
 //! - default: hyper-util's pooled legacy client, the one Backstop uses;
@@ -44,8 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("--own-pool") => Upstream::OwnPool(Arc::default()),
         Some(other) => return Err(format!("unknown option {other:?}").into()),
     };
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
         .block_on(serve(listen, upstream, client))
