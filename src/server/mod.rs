@@ -2,11 +2,13 @@
 //! (h2c and ALPN), header limits and timeouts, idle keep-alive close, and
 //! graceful shutdown (stop accepting, let in-flight requests finish).
 
-mod idle;
+mod reaper;
 pub mod tls;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::ServerConfig;
 use crate::headers::ClientInfo;
 use crate::pipeline::{self, Proxy};
-use idle::{ActivityIo, IdleWatch};
+use reaper::{Closable, Ended, Reaper, Registration};
 
 /// Connection settings taken from `[server]` at start.
 #[derive(Clone)]
@@ -53,6 +55,8 @@ pub async fn serve_proxy(
     tracker: TaskTracker,
 ) {
     let builder = Arc::new(http_builder(&settings));
+    let reaper = Reaper::new(settings.idle_timeout, settings.header_read_timeout);
+    tokio::spawn(reaper.clone().run(shutdown.clone()));
     loop {
         let (stream, addr) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -70,19 +74,17 @@ pub async fn serve_proxy(
         let conn = Connection {
             proxy: proxy.clone(),
             builder: builder.clone(),
-            settings: settings.clone(),
-            shutdown: shutdown.clone(),
+            registration: reaper.register(),
             addr,
         };
         let tls = tls.clone();
+        let settings = settings.clone();
         tracker.spawn(async move {
             match tls {
                 None => conn.serve(stream, "http").await,
                 Some(acceptor) => {
-                    let handshake = tokio::time::timeout(
-                        conn.settings.header_read_timeout,
-                        acceptor.accept(stream),
-                    );
+                    let handshake =
+                        tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream));
                     match handshake.await {
                         Ok(Ok(tls_stream)) => conn.serve(tls_stream, "https").await,
                         Ok(Err(e)) => {
@@ -101,7 +103,9 @@ fn http_builder(settings: &ConnSettings) -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
+        // The reaper enforces `header_read_timeout` (see server/reaper.rs):
+        // hyper's would arm a timer for every request.
+        .header_read_timeout(None::<Duration>)
         .max_buf_size(settings.max_header_bytes)
         .keep_alive(true);
     builder
@@ -115,8 +119,7 @@ fn http_builder(settings: &ConnSettings) -> auto::Builder<TokioExecutor> {
 struct Connection {
     proxy: Arc<Proxy>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    settings: ConnSettings,
-    shutdown: CancellationToken,
+    registration: Registration,
     addr: SocketAddr,
 }
 
@@ -125,51 +128,50 @@ impl Connection {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let watch = IdleWatch::new();
-        let io = TokioIo::new(ActivityIo::new(stream, watch.clone()));
+        let io = TokioIo::new(self.registration.io(stream));
         let client = ClientInfo::new(self.addr, proto);
         let proxy = self.proxy;
-        let in_flight = watch.clone();
+        let marks = self.registration.state().clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let proxy = proxy.clone();
             let client = client.clone();
-            let guard = in_flight.request_started();
+            let in_flight = marks.request_started();
             // Boxed: hyper keeps room for one request future in every
             // connection, idle or not; the pipeline's (≈ 5.7 KiB) would cost
             // that much per idle keep-alive connection.
             let handling = Box::pin(pipeline::handle(proxy, req, client));
             async move {
                 let response = handling.await;
-                drop(guard);
+                drop(in_flight);
                 Ok::<_, Infallible>(response)
             }
         });
         let conn = self.builder.serve_connection(io, service);
         tokio::pin!(conn);
-        let mut ticker = tokio::time::interval(self.settings.idle_timeout / idle::TICKS);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut closing = false;
-        loop {
-            tokio::select! {
-                result = conn.as_mut() => {
-                    if let Err(e) = result {
-                        tracing::debug!(client = %self.addr, error = %e, "connection ended with an error");
-                    }
-                    return;
-                }
-                _ = self.shutdown.cancelled(), if !closing => {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-                _ = ticker.tick(), if !closing => {
-                    if watch.idle_tick() {
-                        tracing::debug!(client = %self.addr, "closing idle connection");
-                        closing = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                }
+        match self.registration.serve(conn).await {
+            Ended::Done(Ok(())) => {}
+            Ended::Done(Err(e)) => {
+                tracing::debug!(client = %self.addr, error = %e, "connection ended with an error")
+            }
+            Ended::HeadTimeout => {
+                tracing::debug!(client = %self.addr, "request head not complete in time; closed")
             }
         }
+    }
+}
+
+impl<I, S, E> Closable for auto::Connection<'_, I, S, E>
+where
+    Self: Future,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    S: hyper::service::HttpService<Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: hyper::body::Body + 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
+{
+    fn close_gracefully(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
     }
 }
 

@@ -158,3 +158,47 @@ async fn idle_keep_alive_connections_are_closed() {
         "closed after {idle:?}"
     );
 }
+
+/// The header timeout is for a request head that has begun: a keep-alive
+/// connection waiting between requests is governed by `idle_timeout` alone.
+#[tokio::test]
+async fn the_header_timeout_does_not_cut_idle_keep_alive_connections() {
+    let backend = Backend::echo().await;
+    let toml = format!(
+        "[server]\nheader_read_timeout = \"300ms\"\nidle_timeout = \"10s\"\n\n[[routes]]\nname = \"api\"\npath_prefix = \"/\"\nupstreams = [{:?}]\n",
+        backend.url()
+    );
+    let bs = Backstop::start(&toml);
+    let mut s = TcpStream::connect(bs.addr).await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    for round in 0..2 {
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(
+            String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+            "round {round}: {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+    }
+
+    // HTTP/2 (prior knowledge): frames between requests are not a head.
+    let stream = TcpStream::connect(bs.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for round in 0..2 {
+        let request = http::Request::get(format!("http://{}/health", bs.addr))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200, "round {round}");
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+    }
+}
