@@ -7,6 +7,7 @@
 //! path past that is counted under [`OTHER`]. This module never allocates
 //! more than the budget allows and never looks at the query string.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 
 /// The entry that takes every path past a route's budget.
@@ -21,8 +22,15 @@ const MAX_PATH_LEN: usize = 200;
 /// such as `cafe` or `add`).
 const MIN_HEX_ID_LEN: usize = 16;
 
-/// The normalised form of a request path (without its query).
-pub fn normalize(path: &str) -> String {
+/// The normalised form of a request path (without its query): the path
+/// itself, not copied, when it has no identifier and is not too long (the
+/// usual case, checked for every request).
+pub fn normalize(path: &str) -> Cow<'_, str> {
+    let unchanged =
+        path.len() <= MAX_PATH_LEN && path.len() > 1 && !path.split('/').skip(1).any(is_id);
+    if unchanged || path == "/" {
+        return Cow::Borrowed(path);
+    }
     let mut out = String::with_capacity(path.len().min(MAX_PATH_LEN));
     for segment in path.split('/').skip(1) {
         out.push('/');
@@ -44,7 +52,7 @@ pub fn normalize(path: &str) -> String {
     if out.is_empty() {
         out.push('/');
     }
-    out
+    Cow::Owned(out)
 }
 
 fn is_id(segment: &str) -> bool {
@@ -78,15 +86,15 @@ pub struct PathBudget {
 impl PathBudget {
     /// The key to count `normalized` under: itself while the budget allows,
     /// else [`OTHER`].
-    pub fn admit(&mut self, normalized: String, max_paths: usize) -> String {
-        if self.known.contains(&normalized) {
+    pub fn admit<'p>(&mut self, normalized: Cow<'p, str>, max_paths: usize) -> Cow<'p, str> {
+        if self.known.contains(normalized.as_ref()) {
             return normalized;
         }
         if self.known.len() < max_paths {
-            self.known.insert(normalized.clone());
+            self.known.insert(normalized.clone().into_owned());
             return normalized;
         }
-        OTHER.to_string()
+        Cow::Borrowed(OTHER)
     }
 
     pub fn len(&self) -> usize {
@@ -101,6 +109,18 @@ impl PathBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_without_identifiers_is_not_copied() {
+        for path in ["/", "/api/users", "/api/users/", "/bench/small"] {
+            assert!(
+                matches!(normalize(path), Cow::Borrowed(p) if p == path),
+                "{path}"
+            );
+        }
+        assert_eq!(normalize(""), "/");
+        assert!(matches!(normalize("/users/42"), Cow::Owned(_)));
+    }
 
     #[test]
     fn identifiers_become_id() {

@@ -15,6 +15,7 @@
 //! State is keyed by route name and held by `Proxy`, so it survives a
 //! configuration reload.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, UNIX_EPOCH};
@@ -326,7 +327,13 @@ impl RouteStats {
     }
 
     /// Counts one request; returns the path key it was counted under.
-    fn count(&mut self, at_ms: i64, raw_path: &str, max_paths: usize, sample: &Sample) -> String {
+    fn count<'p>(
+        &mut self,
+        at_ms: i64,
+        raw_path: &'p str,
+        max_paths: usize,
+        sample: &Sample,
+    ) -> Cow<'p, str> {
         let path = self.budget.admit(paths::normalize(raw_path), max_paths);
         self.roll(at_ms);
         self.hours.add(&path, sample);
@@ -426,7 +433,7 @@ impl State {
                     .map(Failure::reason)
                     .or_else(|| e.error_code.clone()),
                 status: e.status,
-                path,
+                path: path.into_owned(),
             });
         }
     }
@@ -490,7 +497,7 @@ pub fn view_json(view: RouteView<'_>, name: &str, q: &RouteQuery<'_>) -> Option<
             let key = paths::normalize(p);
             let counts = agg
                 .paths
-                .get(&key)
+                .get(key.as_ref())
                 .or_else(|| agg.paths.get(paths::OTHER).filter(|_| p == paths::OTHER))?;
             (counts, Some(key))
         }
@@ -502,7 +509,7 @@ pub fn view_json(view: RouteView<'_>, name: &str, q: &RouteQuery<'_>) -> Option<
         .into_iter()
         .rev()
         .filter(|e| e.at_ms >= start_ms || q.period == Period::All)
-        .filter(|e| path.as_ref().is_none_or(|p| &e.path == p))
+        .filter(|e| path.as_ref().is_none_or(|p| e.path == *p))
         .collect();
     if let Some(obj) = out.as_object_mut() {
         obj.insert("api".into(), json!(name));
