@@ -11,7 +11,7 @@
 #   BENCH_CONNECTIONS wrk connections                    (default 64)
 #   BENCH_WARMUP      untimed warm-up per target/scenario before round 1, 0 to skip (default 2s)
 #   BENCH_IDLE_CONNS  idle keep-alive connections for the memory test (default 1000)
-#   BENCH_PORT_BASE   first of 7 consecutive ports on 127.0.0.1 (default 18080)
+#   BENCH_PORT_BASE   first of 8 consecutive ports on 127.0.0.1 (default 18080)
 #   BENCH_PIN=1       pin wrk to CPU 0 and every server to CPU 1 (default: no pinning)
 #   BENCH_NO_BUILD=1  skip the cargo build and use the binaries already in target/release
 set -euo pipefail
@@ -35,14 +35,17 @@ BACKSTOP_PORT=$((PORT_BASE + 3))
 BACKSTOP_ADMIN_PORT=$((PORT_BASE + 4))
 BARE_PORT=$((PORT_BASE + 5))
 POOL_PORT=$((PORT_BASE + 6))
+NGINX_FWD_PORT=$((PORT_BASE + 7))
 
 # `bare` is examples/bare_proxy.rs: hyper-util's server and client with no
 # pipeline, the floor of what Backstop's libraries cost. `pool` is the same
 # with `--own-pool`: a plain list of hyper http1 senders instead of
 # hyper-util's legacy client, to show what that client costs.
-TARGETS=(direct nginx haproxy bare pool backstop)
+# `nginx-fwd` is nginx (same process, a second server) setting the headers
+# Backstop sets on every request: the cost of that work, for comparison.
+TARGETS=(direct nginx nginx-fwd haproxy bare pool backstop)
 SCENARIOS=(small 16k)
-declare -A PORT=([direct]=$BACKEND_PORT [nginx]=$NGINX_PORT [haproxy]=$HAPROXY_PORT [bare]=$BARE_PORT [pool]=$POOL_PORT [backstop]=$BACKSTOP_PORT)
+declare -A PORT=([direct]=$BACKEND_PORT [nginx]=$NGINX_PORT [nginx-fwd]=$NGINX_FWD_PORT [haproxy]=$HAPROXY_PORT [bare]=$BARE_PORT [pool]=$POOL_PORT [backstop]=$BACKSTOP_PORT)
 declare -A BODY_BYTES=([small]=13 [16k]=16384)
 
 log() { printf '[bench] %s\n' "$*" >&2; }
@@ -119,14 +122,14 @@ trap 'exit 130' INT TERM
 # 1,000 idle connections plus the load: lift the descriptor limit for everything we start.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-for p in "$BACKEND_PORT" "$NGINX_PORT" "$HAPROXY_PORT" "$BACKSTOP_PORT" "$BACKSTOP_ADMIN_PORT" "$BARE_PORT" "$POOL_PORT"; do
+for p in "$BACKEND_PORT" "$NGINX_PORT" "$NGINX_FWD_PORT" "$HAPROXY_PORT" "$BACKSTOP_PORT" "$BACKSTOP_ADMIN_PORT" "$BARE_PORT" "$POOL_PORT"; do
     # SO_REUSEADDR like the servers use, so TIME_WAIT leftovers from a previous run don't count.
     python3 -c 'import socket, sys
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", int(sys.argv[1])))
 s.listen()' "$p" 2>/dev/null \
-        || die "port $p on 127.0.0.1 is in use (set BENCH_PORT_BASE to move all six)"
+        || die "port $p on 127.0.0.1 is in use (set BENCH_PORT_BASE to move them all)"
 done
 
 # start NAME CMD...: run CMD in the background, log to $TMP/NAME.log, pid in LAST_PID.
@@ -152,7 +155,7 @@ wait_ready() {
 
 render() { # TEMPLATE OUTPUT PORT
     sed -e "s|@TMPDIR@|$TMP|g" -e "s|@PORT@|$3|g" -e "s|@BACKEND_PORT@|$BACKEND_PORT|g" \
-        -e "s|@ADMIN_PORT@|$BACKSTOP_ADMIN_PORT|g" "$1" >"$2"
+        -e "s|@ADMIN_PORT@|$BACKSTOP_ADMIN_PORT|g" -e "s|@FWD_PORT@|$NGINX_FWD_PORT|g" "$1" >"$2"
 }
 
 log "temp dir $TMP"
@@ -185,7 +188,7 @@ start pool "$BARE_BIN" "127.0.0.1:$POOL_PORT" "127.0.0.1:$BACKEND_PORT" --own-po
 POOL_PID=$LAST_PID
 wait_ready pool "$POOL_PID" "http://127.0.0.1:$POOL_PORT/bench/small"
 
-declare -A PID_OF=([direct]=$BACKEND_PID [nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID [bare]=$BARE_PID [pool]=$POOL_PID [backstop]=$BACKSTOP_PID)
+declare -A PID_OF=([direct]=$BACKEND_PID [nginx]=$NGINX_PID [nginx-fwd]=$NGINX_PID [haproxy]=$HAPROXY_PID [bare]=$BARE_PID [pool]=$POOL_PID [backstop]=$BACKSTOP_PID)
 declare -A RSS_ARGS=([nginx]="--with-children" [haproxy]="" [backstop]="")
 
 # Every target must serve the same bodies before it is measured.
@@ -196,7 +199,7 @@ for t in "${TARGETS[@]}"; do
         [[ $got -eq ${BODY_BYTES[$s]} ]] || die "$t: GET /bench/$s gave $got bytes, want ${BODY_BYTES[$s]}"
     done
 done
-log "all targets up: backend :$BACKEND_PORT, nginx :$NGINX_PORT, haproxy :$HAPROXY_PORT, bare :$BARE_PORT, pool :$POOL_PORT, backstop :$BACKSTOP_PORT"
+log "all targets up: backend :$BACKEND_PORT, nginx :$NGINX_PORT (+headers :$NGINX_FWD_PORT), haproxy :$HAPROXY_PORT, bare :$BARE_PORT, pool :$POOL_PORT, backstop :$BACKSTOP_PORT"
 
 RESULTS=$TMP/results.log   # one key=value line per measurement, read by summarize.py
 {

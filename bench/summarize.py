@@ -19,10 +19,11 @@ import statistics
 import sys
 from collections import defaultdict
 
-TARGETS = ["direct", "nginx", "haproxy", "bare", "pool", "backstop"]
+TARGETS = ["direct", "nginx", "nginx-fwd", "haproxy", "bare", "pool", "backstop"]
 LABELS = {
     "direct": "backend direct (no proxy)",
     "nginx": "nginx",
+    "nginx-fwd": "nginx + Backstop's headers (X-Forwarded-*, Forwarded, request id)",
     "haproxy": "HAProxy",
     "bare": "bare hyper-util proxy",
     "pool": "bare proxy, own HTTP/1 pool",
