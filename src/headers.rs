@@ -194,10 +194,12 @@ pub fn new_id() -> String {
         .map_or(0, |d| d.as_millis() as u64);
     let random: [u8; 10] = rand::random();
     let uuid = uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid();
-    // Encoding into a stack buffer skips the formatting machinery.
-    uuid.hyphenated()
-        .encode_lower(&mut uuid::Uuid::encode_buffer())
-        .to_string()
+    // Encoding into a stack buffer and copying it (`to_owned`, not
+    // `to_string`, which pads through the formatter) skips the formatting
+    // machinery.
+    let mut buffer = uuid::Uuid::encode_buffer();
+    let text: &str = uuid.hyphenated().encode_lower(&mut buffer);
+    text.to_owned()
 }
 
 #[cfg(test)]

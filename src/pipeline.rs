@@ -187,8 +187,9 @@ async fn proxy_request(
                 return Ok(stale);
             }
             if capturable(proxy, &route, &outgoing, Failure::CircuitOpen) {
-                return capture_phase(proxy, &route, outgoing, Failure::CircuitOpen, None, ctx)
-                    .await;
+                let capture =
+                    capture_phase(proxy, &route, outgoing, Failure::CircuitOpen, None, ctx);
+                return Box::pin(capture).await;
             }
             return Err(circuit_open_error(retry_in));
         }
@@ -204,7 +205,12 @@ async fn proxy_request(
             if let Some(stale) = stale_phase(&mut cache, ctx) {
                 return Ok(stale);
             }
-            capture_phase(proxy, &route, outgoing, failure, response, ctx).await
+            // Boxed, here and above: the capture path is the largest and the
+            // rarest, and every request's future would be as large as it.
+            Box::pin(capture_phase(
+                proxy, &route, outgoing, failure, response, ctx,
+            ))
+            .await
         }
     }
 }

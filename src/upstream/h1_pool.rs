@@ -122,7 +122,9 @@ impl H1Pool {
             let reused = pooled.is_some();
             let mut sender = match pooled {
                 Some(sender) => sender,
-                None => self.connect(target).await?,
+                // Boxed: connecting is rare, and its future would make
+                // every request's future larger.
+                None => Box::pin(self.connect(target)).await?,
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
