@@ -40,7 +40,7 @@ use crate::cache::{self, CacheState, Caches, Lookup};
 use crate::capture::{CaptureOutcome, Capturer};
 use crate::classify::{status_failure, status_trips_breaker, Failure};
 use crate::config::{Config, RateLimitKey};
-use crate::error::{ErrorCode, ProxyError, X_BACKSTOP_ERROR};
+use crate::error::{ErrorCode, ProxyError};
 use crate::headers::{self, ClientInfo, X_REQUEST_ID};
 use crate::otel;
 use crate::resilience::backoff::Backoff;
@@ -93,6 +93,8 @@ pub struct RequestContext {
     pub capture_id: Option<String>,
     /// The rate-limit verdict, echoed in `RateLimit-*` headers.
     pub rate_limit: Option<Decision>,
+    /// The code of the proxy-made answer, when the answer is one.
+    pub error: Option<ErrorCode>,
     /// The request's SERVER span, when it is exported.
     pub span: otel::RequestSpan,
 }
@@ -124,6 +126,7 @@ pub async fn handle(
         cache: None,
         capture_id: None,
         rate_limit: None,
+        error: None,
         span: otel::RequestSpan::none(),
     };
     let active = proxy.active.load_full();
@@ -132,7 +135,10 @@ pub async fn handle(
     let path = (log.access_log || stats.enabled).then(|| req.uri().path().to_string());
     let mut response = match proxy_request(&proxy, &active, req, &mut ctx).await {
         Ok(response) => response,
-        Err(error) => error.into_response(ctx.route_name(), &ctx.request_id),
+        Err(error) => {
+            ctx.error = Some(error.code);
+            error.into_response(ctx.route_name(), &ctx.request_id)
+        }
     };
     response
         .headers_mut()
@@ -703,11 +709,6 @@ fn record_metrics(
     path: String,
     response: &Response<ResponseBody>,
 ) {
-    let error_code = response
-        .headers()
-        .get(X_BACKSTOP_ERROR)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
     let at_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);
@@ -720,7 +721,7 @@ fn record_metrics(
         cache: ctx.cache,
         capture_id: ctx.capture_id.clone(),
         failure: ctx.failure,
-        error_code,
+        error_code: ctx.error.map(ErrorCode::as_str),
         at_ms,
         max_paths,
     });

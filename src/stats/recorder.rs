@@ -57,7 +57,7 @@ pub struct Event {
     pub capture_id: Option<String>,
     pub failure: Option<Failure>,
     /// The `X-Backstop-Error` code of a proxy-made answer.
-    pub error_code: Option<String>,
+    pub error_code: Option<&'static str>,
     pub at_ms: i64,
     pub max_paths: usize,
 }
@@ -431,7 +431,7 @@ impl State {
                 error: e
                     .failure
                     .map(Failure::reason)
-                    .or_else(|| e.error_code.clone()),
+                    .or_else(|| e.error_code.map(str::to_string)),
                 status: e.status,
                 path: path.into_owned(),
             });
@@ -447,7 +447,7 @@ impl State {
 }
 
 fn error_message(e: &Event, route: &str) -> String {
-    match (e.failure, &e.capture_id, &e.error_code) {
+    match (e.failure, &e.capture_id, e.error_code) {
         (Some(f), Some(id), _) => format!("captured as {id} ({})", f.reason()),
         (Some(f), None, _) => crate::pipeline::failure_error(f, route).message,
         (None, _, Some(code)) => format!("answered by Backstop: {code}"),
