@@ -137,7 +137,7 @@ impl Connection {
             let client = client.clone();
             let in_flight = marks.request_started();
             // Boxed: hyper keeps room for one request future in every
-            // connection, idle or not; the pipeline's (≈ 5.7 KiB) would cost
+            // connection, idle or not; the pipeline's (≈ 4.6 KiB) would cost
             // that much per idle keep-alive connection.
             let handling = Box::pin(pipeline::handle(proxy, req, client));
             async move {
