@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::ServerConfig;
 use crate::headers::ClientInfo;
 use crate::pipeline::{self, Proxy};
-use reaper::{Closable, Ended, Reaper, Registration};
+use reaper::{Closable, Ended, InFlightBody, Reaper};
 
 /// Connection settings taken from `[server]` at start.
 #[derive(Clone)]
@@ -74,7 +74,7 @@ pub async fn serve_proxy(
         let conn = Connection {
             proxy: proxy.clone(),
             builder: builder.clone(),
-            registration: reaper.register(),
+            reaper: reaper.clone(),
             addr,
         };
         let tls = tls.clone();
@@ -119,7 +119,7 @@ fn http_builder(settings: &ConnSettings) -> auto::Builder<TokioExecutor> {
 struct Connection {
     proxy: Arc<Proxy>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    registration: Registration,
+    reaper: Reaper,
     addr: SocketAddr,
 }
 
@@ -128,10 +128,14 @@ impl Connection {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let io = TokioIo::new(self.registration.io(stream));
+        // Registered once the connection is ready for HTTP (after any TLS
+        // handshake, which has its own limit), so the handshake's time does
+        // not count as idle.
+        let registration = self.reaper.register();
+        let io = TokioIo::new(registration.io(stream));
         let client = ClientInfo::new(self.addr, proto);
         let proxy = self.proxy;
-        let marks = self.registration.state().clone();
+        let marks = registration.state().clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let proxy = proxy.clone();
             let client = client.clone();
@@ -142,13 +146,12 @@ impl Connection {
             let handling = Box::pin(pipeline::handle(proxy, req, client));
             async move {
                 let response = handling.await;
-                drop(in_flight);
-                Ok::<_, Infallible>(response)
+                Ok::<_, Infallible>(response.map(|body| InFlightBody::new(body, in_flight)))
             }
         });
         let conn = self.builder.serve_connection(io, service);
         tokio::pin!(conn);
-        match self.registration.serve(conn).await {
+        match registration.serve(conn).await {
             Ended::Done(Ok(())) => {}
             Ended::Done(Err(e)) => {
                 tracing::debug!(client = %self.addr, error = %e, "connection ended with an error")

@@ -76,7 +76,9 @@ impl Reaper {
     pub fn new(idle_timeout: Duration, header_read_timeout: Duration) -> Reaper {
         let period = (idle_timeout.min(header_read_timeout) / TICKS_PER_TIMEOUT)
             .max(Duration::from_millis(1));
-        let ticks = |timeout: Duration| (timeout.as_nanos() / period.as_nanos()).max(1) as u64;
+        // Rounded up, so that a timeout is never cut short.
+        let ticks =
+            |timeout: Duration| timeout.as_nanos().div_ceil(period.as_nanos()).max(1) as u64;
         Reaper(Arc::new(Shared {
             clock: AtomicU64::new(1),
             period,
@@ -86,8 +88,10 @@ impl Reaper {
         }))
     }
 
-    /// Ticks until `shutdown`, then asks every connection to close; run it
-    /// as a task.
+    /// Ticks until `shutdown`, then asks every connection to close and goes
+    /// on ticking while they drain (a client still sending its first request
+    /// head is not cut short by a graceful close, only by the head timeout);
+    /// run it as a task.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut ticker = tokio::time::interval(self.0.period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -99,6 +103,10 @@ impl Reaper {
             }
         }
         self.shut_down();
+        while !self.registry().conns.is_empty() {
+            ticker.tick().await;
+            self.tick();
+        }
     }
 
     /// One look at every connection.
@@ -106,13 +114,14 @@ impl Reaper {
         let now = self.0.clock.fetch_add(1, Ordering::Relaxed) + 1;
         let registry = self.registry();
         for conn in registry.conns.values() {
-            if conn.close.load(Ordering::Relaxed) != KEEP {
-                continue;
-            }
-            if conn.head_overdue(now, self.0.head_ticks) {
-                conn.ask(ABORT);
-            } else if conn.idle_tick(self.0.idle_ticks) {
-                conn.ask(GRACEFUL);
+            // A graceful close does not end a connection whose first request
+            // head is still coming (hyper waits for it), so the head timeout
+            // applies to those too.
+            match conn.close.load(Ordering::Relaxed) {
+                ABORT => {}
+                _ if conn.head_overdue(now, self.0.head_ticks) => conn.ask(ABORT),
+                KEEP if conn.idle_tick(self.0.idle_ticks) => conn.ask(GRACEFUL),
+                _ => {}
             }
         }
     }
@@ -228,8 +237,12 @@ impl<C: Future + Closable> Future for Serve<'_, C> {
         // read wakes this task.
         this.state.waker.register(cx.waker());
         match this.state.close.load(Ordering::Acquire) {
-            ABORT => return Poll::Ready(Ended::HeadTimeout),
-            GRACEFUL if !this.graceful_sent => {
+            // A head that completed just as the reaper looked: its request
+            // runs, so the close is graceful after all.
+            ABORT if this.state.in_flight.load(Ordering::Relaxed) == 0 => {
+                return Poll::Ready(Ended::HeadTimeout)
+            }
+            ABORT | GRACEFUL if !this.graceful_sent => {
                 this.graceful_sent = true;
                 this.conn.as_mut().close_gracefully();
             }
@@ -254,8 +267,10 @@ impl ConnState {
 
     fn head_overdue(&self, now: u64, limit: u64) -> bool {
         let since = self.head_since.load(Ordering::Relaxed);
+        // `>`: the first byte came some time during tick `since`, so only
+        // from `since + limit + 1` on has a whole `limit` surely passed.
         since != 0
-            && now.saturating_sub(since) >= limit
+            && now.saturating_sub(since) > limit
             && self.in_flight.load(Ordering::Relaxed) == 0
     }
 
@@ -270,8 +285,46 @@ impl ConnState {
     }
 }
 
-/// Held while a request is being handled.
+/// Held while a request is being handled, until its answer's body is sent
+/// (see [`InFlightBody`]).
 pub struct InFlight(Arc<ConnState>);
+
+pin_project_lite::pin_project! {
+    /// An answer's body that keeps its request counted as in flight until
+    /// the body is sent whole (or dropped): a streaming answer is neither
+    /// idle nor followed by a request head while it lasts.
+    pub struct InFlightBody<B> {
+        #[pin]
+        inner: B,
+        in_flight: InFlight,
+    }
+}
+
+impl<B> InFlightBody<B> {
+    pub fn new(inner: B, in_flight: InFlight) -> Self {
+        InFlightBody { inner, in_flight }
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for InFlightBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -425,28 +478,44 @@ mod tests {
 
     #[test]
     fn a_pending_head_is_aborted_and_an_idle_connection_closed_gracefully() {
+        // One tick a second; the head may take 4 ticks, idleness 8.
         let reaper = Reaper::new(Duration::from_secs(8), Duration::from_secs(4));
         let slow = reaper.register();
         let idle = reaper.register();
         let busy = reaper.register();
         slow.state.head_since.store(1, Ordering::Relaxed);
         let _request = busy.state().request_started();
-        for _ in 0..3 {
+        for _ in 0..4 {
             reaper.tick();
         }
-        assert_eq!(slow.state.close.load(Ordering::Relaxed), KEEP);
+        assert_eq!(
+            slow.state.close.load(Ordering::Relaxed),
+            KEEP,
+            "the first byte may have come just before tick 2: 4 ticks are not a sure 4 s"
+        );
         reaper.tick();
         assert_eq!(slow.state.close.load(Ordering::Relaxed), ABORT);
         assert_eq!(idle.state.close.load(Ordering::Relaxed), KEEP);
-        for _ in 0..4 {
+        for _ in 0..3 {
             reaper.tick();
         }
         assert_eq!(idle.state.close.load(Ordering::Relaxed), GRACEFUL);
         assert_eq!(busy.state.close.load(Ordering::Relaxed), KEEP);
         drop(slow);
         assert_eq!(reaper.len(), 2);
+
+        // Shutting down: graceful for all, and a head still coming is
+        // aborted when its time is up all the same.
+        let late = reaper.register();
+        let now = reaper.0.clock.load(Ordering::Relaxed);
+        late.state.head_since.store(now, Ordering::Relaxed);
         reaper.shut_down();
         assert_eq!(busy.state.close.load(Ordering::Relaxed), GRACEFUL);
+        assert_eq!(late.state.close.load(Ordering::Relaxed), GRACEFUL);
+        for _ in 0..5 {
+            reaper.tick();
+        }
+        assert_eq!(late.state.close.load(Ordering::Relaxed), ABORT);
         assert_eq!(
             reaper.register().state.close.load(Ordering::Relaxed),
             GRACEFUL,

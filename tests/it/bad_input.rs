@@ -202,3 +202,48 @@ async fn the_header_timeout_does_not_cut_idle_keep_alive_connections() {
         tokio::time::sleep(Duration::from_millis(1200)).await;
     }
 }
+
+/// A request head that never completes is cut at `header_read_timeout`
+/// even when the connection was first marked idle (a shorter
+/// `idle_timeout`) or asked to finish at shutdown: a graceful close waits
+/// for the head, so only the head timeout ends it.
+#[tokio::test]
+async fn a_stalled_head_is_cut_even_after_an_idle_or_shutdown_close() {
+    let backend = Backend::echo().await;
+    let toml = format!(
+        "[server]\nheader_read_timeout = \"1s\"\nidle_timeout = \"300ms\"\ndrain_timeout = \"20s\"\n\n[[routes]]\nname = \"api\"\npath_prefix = \"/\"\nupstreams = [{:?}]\n",
+        backend.url()
+    );
+    let mut bs = Backstop::start(&toml);
+    let stall = |addr| async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n")
+            .await
+            .unwrap();
+        s
+    };
+    let closed_within = |mut s: TcpStream, limit: Duration| async move {
+        let started = Instant::now();
+        let mut buf = [0u8; 256];
+        let read = tokio::time::timeout(limit, s.read(&mut buf)).await;
+        assert!(read.is_ok(), "still open after {limit:?}");
+        started.elapsed()
+    };
+
+    let s = stall(bs.addr).await;
+    let after = closed_within(s, Duration::from_secs(5)).await;
+    assert!(after >= Duration::from_millis(900), "cut after {after:?}");
+
+    // At shutdown the stalled client does not hold the drain for 20 s.
+    let s = stall(bs.addr).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    bs.signal("TERM");
+    closed_within(s, Duration::from_secs(5)).await;
+    assert_eq!(bs.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "exited after {:?}",
+        started.elapsed()
+    );
+}
