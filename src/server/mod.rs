@@ -78,13 +78,13 @@ pub async fn serve_proxy(
             addr,
         };
         let tls = tls.clone();
-        let settings = settings.clone();
+        let handshake_timeout = settings.header_read_timeout;
         tracker.spawn(async move {
             match tls {
                 None => conn.serve(stream, "http").await,
                 Some(acceptor) => {
                     let handshake =
-                        tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream));
+                        tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
                     match handshake.await {
                         Ok(Ok(tls_stream)) => conn.serve(tls_stream, "https").await,
                         Ok(Err(e)) => {

@@ -184,7 +184,7 @@ impl Registration {
         ActivityIo {
             inner,
             state: self.state.clone(),
-            clock: self.reaper.clone(),
+            reaper: self.reaper.clone(),
             preface: Preface::Undecided(0),
         }
     }
@@ -372,7 +372,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: S,
         state: Arc<ConnState>,
-        clock: Reaper,
+        reaper: Reaper,
         preface: Preface,
     }
 }
@@ -396,7 +396,7 @@ impl<S: AsyncRead> AsyncRead for ActivityIo<S> {
             } else if state.in_flight.load(Ordering::Relaxed) == 0
                 && state.head_since.load(Ordering::Relaxed) == 0
             {
-                let now = this.clock.0.clock.load(Ordering::Relaxed);
+                let now = this.reaper.0.clock.load(Ordering::Relaxed);
                 state.head_since.store(now, Ordering::Relaxed);
             }
         }

@@ -29,10 +29,9 @@ pub fn normalize(path: &str) -> Cow<'_, str> {
     // Split as bytes: `str::split` sets up a searcher per call, which cost
     // more than the rest of this check.
     let unchanged = path.len() <= MAX_PATH_LEN
-        && path.len() > 1
         && path.starts_with('/')
         && !path.as_bytes()[1..].split(|b| *b == b'/').any(is_id);
-    if unchanged || path == "/" {
+    if unchanged {
         return Cow::Borrowed(path);
     }
     let mut out = String::with_capacity(path.len().min(MAX_PATH_LEN));
