@@ -14,6 +14,8 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 
+use crate::upstream::ConnBody;
+
 /// What goes upstream: the client's stream, or a buffered copy.
 pub type RequestBody = Either<Incoming, Full<Bytes>>;
 
@@ -29,9 +31,12 @@ pin_project_lite::pin_project! {
     pub struct UpstreamBody {
         read: VecDeque<Bytes>,
         #[pin]
-        rest: Incoming,
+        rest: Either<Incoming, ConnBody>,
     }
 }
+
+/// An error of a body read from a backend.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl UpstreamBody {
     /// Puts chunks read from this body back in front of it, in order.
@@ -44,22 +49,34 @@ impl UpstreamBody {
 }
 
 impl From<Incoming> for UpstreamBody {
+    /// A body read by hyper's client (HTTP/2, TLS, outbound proxies, and
+    /// request bodies that stream).
     fn from(rest: Incoming) -> Self {
         UpstreamBody {
             read: VecDeque::new(),
-            rest,
+            rest: Either::Left(rest),
+        }
+    }
+}
+
+impl From<ConnBody> for UpstreamBody {
+    /// A body read by Backstop's own HTTP/1.1 exchange.
+    fn from(rest: ConnBody) -> Self {
+        UpstreamBody {
+            read: VecDeque::new(),
+            rest: Either::Right(rest),
         }
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.project();
         if let Some(chunk) = this.read.pop_front() {
             return Poll::Ready(Some(Ok(Frame::data(chunk))));

@@ -35,7 +35,7 @@ use http_body::Body as _;
 use http_body_util::Either;
 use hyper::body::Incoming;
 
-use crate::body::{self, BufferError, BufferedBody, RequestBody, ResponseBody};
+use crate::body::{self, BufferError, BufferedBody, RequestBody, ResponseBody, UpstreamBody};
 use crate::cache::{self, CacheState, Caches, Lookup};
 use crate::capture::{CaptureOutcome, Capturer};
 use crate::classify::{status_failure, status_trips_breaker, Failure};
@@ -51,7 +51,7 @@ use crate::routing::{Route, RouteTable};
 use crate::stats::metrics::Metrics;
 use crate::stats::{Event, Stats};
 use crate::traceparent::TraceContext;
-use crate::upstream::{proxy_pool, upstream_uri};
+use crate::upstream::{proxy_pool, upstream_uri_for};
 
 /// The configuration in force: swapped whole on reload, read lock-free.
 pub struct Active {
@@ -366,6 +366,11 @@ async fn read_body(
     Ok((parts, body))
 }
 
+/// How many headers `prepare` and the upstream client add at most, besides
+/// the route's own: `X-Forwarded-For`, `-Proto`, `-Host`, `Forwarded`,
+/// `X-Request-Id`, `traceparent`, `tracestate` and `Host`.
+const ADDED_HEADERS: usize = 8;
+
 /// Phase 5: the upstream request's headers and path.
 fn prepare(
     route: &Route,
@@ -385,6 +390,11 @@ fn prepare(
     });
     headers::filter_forwarded(&mut headers, &route.config.forward_headers);
     headers.remove(HOST);
+    // Room for what is added below (forwarding headers, request id, trace
+    // context, the target's Host) at once: the map hyper parsed is sized
+    // for the client's headers, and growing it one insert at a time
+    // rehashes it several times.
+    headers.reserve(ADDED_HEADERS + route.config.headers.len());
     headers::set_forwarded(&mut headers, &ctx.client, original_host.as_ref());
     for (name, value) in &route.config.headers {
         headers.insert(name.clone(), value.clone());
@@ -450,11 +460,6 @@ impl Outgoing {
         self.uri.query()
     }
 
-    /// The path as sent upstream.
-    fn upstream_path(&self) -> &str {
-        &self.uri.path()[self.upstream_path_start..]
-    }
-
     /// How many attempts this request may have at most.
     fn max_attempts(&self, route: &Route) -> u32 {
         match self.body {
@@ -470,7 +475,7 @@ impl Outgoing {
         base: &http::Uri,
         last: bool,
     ) -> Result<Request<RequestBody>, ProxyError> {
-        let uri = upstream_uri(base, self.upstream_path(), self.original_query()).map_err(|e| {
+        let uri = upstream_uri_for(base, &self.uri, self.upstream_path_start).map_err(|e| {
             ProxyError::new(ErrorCode::BadRequest, format!("Invalid request path: {e}"))
         })?;
         let body = match &mut self.body {
@@ -502,11 +507,11 @@ impl Outgoing {
 enum Forwarded {
     /// The backend's answer, to pass on (possibly an error status that is
     /// not a capturable failure, or the last retryable one).
-    Answer(Response<Incoming>),
+    Answer(Response<UpstreamBody>),
     /// The backend failed: unreachable, timed out, or a failure status.
     Failed {
         failure: Failure,
-        response: Option<Response<Incoming>>,
+        response: Option<Response<UpstreamBody>>,
     },
 }
 
@@ -586,7 +591,7 @@ async fn forward(
             }
         };
         saw_429 |= failure == Failure::Status(429);
-        let give_up = |failure: Failure, response: Option<Response<Incoming>>| match response {
+        let give_up = |failure: Failure, response: Option<Response<UpstreamBody>>| match response {
             Some(response) if !failure.is_capturable() => Forwarded::Answer(response),
             response => Forwarded::Failed { failure, response },
         };
@@ -638,7 +643,7 @@ async fn capture_phase(
     route: &Route,
     outgoing: Outgoing,
     failure: Failure,
-    response: Option<Response<Incoming>>,
+    response: Option<Response<UpstreamBody>>,
     ctx: &mut RequestContext,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let capturable = capturable(proxy, route, &outgoing, failure);
@@ -681,11 +686,11 @@ pub fn failure_error(failure: Failure, route: &str) -> ProxyError {
 }
 
 /// Phase 9: the backend's answer, streamed back without hop-by-hop headers.
-fn respond(response: Response<Incoming>) -> Response<ResponseBody> {
+fn respond(response: Response<UpstreamBody>) -> Response<ResponseBody> {
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     parts.version = Version::HTTP_11;
-    Response::from_parts(parts, Either::Left(body.into()))
+    Response::from_parts(parts, Either::Left(body))
 }
 
 fn health() -> Response<ResponseBody> {

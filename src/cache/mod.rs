@@ -473,7 +473,7 @@ enum Bounded {
     Whole(Bytes),
     /// Longer than the bound: what was read, then the rest, streamed.
     TooLarge(UpstreamBody),
-    Broken(hyper::Error),
+    Broken(crate::body::BodyError),
 }
 
 /// Reads a body whole if it is at most `limit` bytes. Trailers are dropped

@@ -323,18 +323,16 @@ impl Spool {
 
     pub fn stats(&self) -> Result<SpoolStats, SpoolError> {
         self.read(|c| {
-            let depth: i64 = c.query_row(
-                "SELECT COUNT(*) FROM queue WHERE dest = 'replay'",
+            // One statement, so one snapshot: counted one by one, a record
+            // moving to the dead letters in between was counted in both.
+            let (depth, kafka, dead, oldest): (i64, i64, i64, Option<i64>) = c.query_row(
+                "SELECT (SELECT COUNT(*) FROM queue WHERE dest = 'replay'), \
+                        (SELECT COUNT(*) FROM queue WHERE dest = 'kafka'), \
+                        (SELECT COUNT(*) FROM dead_letters), \
+                        (SELECT MIN(captured_ms) FROM queue)",
                 [],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )?;
-            let kafka: i64 =
-                c.query_row("SELECT COUNT(*) FROM queue WHERE dest = 'kafka'", [], |r| {
-                    r.get(0)
-                })?;
-            let dead: i64 = c.query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0))?;
-            let oldest: Option<i64> =
-                c.query_row("SELECT MIN(captured_ms) FROM queue", [], |r| r.get(0))?;
             let oldest_age_s = oldest.map_or(0.0, |ms| ((now_ms() - ms).max(0) as f64) / 1000.0);
             Ok(SpoolStats {
                 depth: depth as u64,

@@ -66,5 +66,5 @@ pub struct AttemptSpan;
 
 impl AttemptSpan {
     #[inline(always)]
-    pub fn end(self, _result: &Result<Response<Incoming>, Failure>) {}
+    pub fn end(self, _result: &Result<Response<crate::body::UpstreamBody>, Failure>) {}
 }

@@ -264,7 +264,7 @@ pub struct AttemptSpan(Option<Span>);
 impl AttemptSpan {
     /// Ends the span with the attempt's outcome: the backend's status, or
     /// why there was none.
-    pub fn end(self, result: &Result<Response<Incoming>, Failure>) {
+    pub fn end(self, result: &Result<Response<crate::body::UpstreamBody>, Failure>) {
         let Some(mut span) = self.0 else { return };
         match result {
             Ok(response) => {

@@ -143,7 +143,12 @@ impl Connection {
             // Boxed: hyper keeps room for one request future in every
             // connection, idle or not; the pipeline's (≈ 4.6 KiB) would cost
             // that much per idle keep-alive connection.
-            let handling = Box::pin(pipeline::handle(proxy, req, client));
+            // Written straight into its box (`Box::write`): `Box::pin(f)`
+            // builds the future on the stack and copies all of it over.
+            let handling = Box::into_pin(Box::write(
+                Box::new_uninit(),
+                pipeline::handle(proxy, req, client),
+            ));
             async move {
                 let response = handling.await;
                 Ok::<_, Infallible>(response.map(|body| InFlightBody::new(body, in_flight)))

@@ -25,14 +25,20 @@
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::header::{HeaderValue, HOST};
-use http::{Request, Response, Uri};
+use http::{Method, Request, Response, Uri};
+use http_body::Body as _;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 use tower_service::Service;
 
-use crate::body::RequestBody;
+use super::h1_client::{self, IdleConns};
+use crate::body::{RequestBody, UpstreamBody};
 use crate::classify::Failure;
 
 /// How often idle connections are looked over for expiry.
@@ -61,7 +67,10 @@ struct TargetConns {
     address: Uri,
     /// The `Host` header its requests carry unless the route sets one.
     host: HeaderValue,
+    /// hyper's connections, for request bodies that stream.
     conns: Mutex<Vec<Conn>>,
+    /// Idle connections of Backstop's own exchange (`h1_client`).
+    idle: Arc<IdleConns>,
 }
 
 struct Conn {
@@ -107,24 +116,78 @@ impl H1Pool {
     }
 
     /// Sends `request` (with an absolute URI of target `index`) and returns
-    /// the response head. Callers check `serves(index)` first.
+    /// the response head. Callers check `serves(index)` first. A buffered
+    /// (or empty) body goes through Backstop's own exchange; a body that
+    /// streams from the client goes through hyper's connection.
     pub async fn send(
         &self,
         index: usize,
         request: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, Failure> {
+    ) -> Result<Response<UpstreamBody>, Failure> {
         let Some(Some(target)) = self.shared.targets.get(index) else {
             return Err(Failure::ConnectFailed);
         };
+        let (parts, body) = request.into_parts();
+        match body {
+            Either::Right(buffered) => self.exchange(target, parts, full_bytes(buffered)).await,
+            // Boxed: streaming bodies are the rarer case, and hyper's future
+            // would make every request's future larger.
+            streaming => Box::pin(self.send_hyper(target, Request::from_parts(parts, streaming)))
+                .await
+                .map(|response| response.map(UpstreamBody::from)),
+        }
+    }
+
+    /// The request on one of the target's idle connections (or a new one),
+    /// exchanged in this future (`h1_client`).
+    async fn exchange(
+        &self,
+        target: &TargetConns,
+        parts: http::request::Parts,
+        body: Bytes,
+    ) -> Result<Response<UpstreamBody>, Failure> {
+        let head = h1_client::Head {
+            method: &parts.method,
+            target: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+            headers: &parts.headers,
+            host: &target.host,
+        };
+        loop {
+            let (conn, reused) = match target.idle.checkout(self.shared.idle_timeout) {
+                Some(conn) => (conn, true),
+                // Boxed: connecting is rare, and its future would make
+                // every request's future larger.
+                None => (Box::pin(self.connect_conn(target)).await?, false),
+            };
+            match h1_client::exchange(conn, &head, &body, &target.idle).await {
+                Ok(response) => return Ok(response.map(UpstreamBody::from)),
+                // A kept-alive connection that the backend closed while it
+                // sat idle (its close still on the way when it was checked
+                // out) answers nothing; an idempotent request goes again on
+                // another. Each turn takes a connection off the idle list, so
+                // this ends with a new connection at the latest.
+                Err(failed) if reused && !failed.answered && idempotent(&parts.method) => {
+                    tracing::debug!("pooled connection closed before answering; trying another");
+                }
+                Err(failed) => return Err(failed.failure),
+            }
+        }
+    }
+
+    /// The request over hyper's HTTP/1.1 connection, which writes a body as
+    /// it streams in (and can take an early answer meanwhile).
+    async fn send_hyper(
+        &self,
+        target: &TargetConns,
+        request: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, Failure> {
         let mut request = origin_form(request, &target.host);
         loop {
             let pooled = target.checkout(self.shared.idle_timeout);
             let reused = pooled.is_some();
             let mut sender = match pooled {
                 Some(sender) => sender,
-                // Boxed: connecting is rare, and its future would make
-                // every request's future larger.
-                None => Box::pin(self.connect(target)).await?,
+                None => self.connect(target).await?,
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
@@ -148,16 +211,28 @@ impl H1Pool {
         }
     }
 
-    async fn connect(&self, target: &TargetConns) -> Result<SendRequest<RequestBody>, Failure> {
+    /// A new connection to the target, as a plain socket for `h1_client`.
+    async fn connect_conn(&self, target: &TargetConns) -> Result<h1_client::Conn, Failure> {
+        let io = self.connect_io(target).await?;
+        Ok(h1_client::Conn::new(io.into_inner()))
+    }
+
+    /// Connects (DNS, connect timeout, `TCP_NODELAY`) and starts the sweeper
+    /// with the first connection.
+    async fn connect_io(&self, target: &TargetConns) -> Result<TokioIo<TcpStream>, Failure> {
         self.start_sweeper();
         // `HttpConnector` is always ready (its resolver is), so `call`
         // needs no `poll_ready` first.
         let mut connector = self.shared.connector.clone();
-        let io = connector.call(target.address.clone()).await.map_err(|e| {
+        connector.call(target.address.clone()).await.map_err(|e| {
             let failure = Failure::from_connect_error(&e);
             tracing::debug!(error = %super::ErrorChain(&e), ?failure, "upstream connect failed");
             failure
-        })?;
+        })
+    }
+
+    async fn connect(&self, target: &TargetConns) -> Result<SendRequest<RequestBody>, Failure> {
+        let io = self.connect_io(target).await?;
         let (sender, connection) = http1::handshake(io).await.map_err(|e| {
             tracing::debug!(error = %e, "upstream handshake failed");
             Failure::ConnectFailed
@@ -184,6 +259,7 @@ impl H1Pool {
                     let now = Instant::now();
                     for target in shared.targets.iter().flatten() {
                         target.sweep(now, shared.idle_timeout);
+                        target.idle.sweep(now, shared.idle_timeout);
                     }
                 }
             });
@@ -213,6 +289,7 @@ impl TargetConns {
             address,
             host,
             conns: Mutex::new(Vec::new()),
+            idle: Arc::default(),
         })
     }
 
@@ -265,6 +342,24 @@ impl TargetConns {
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Conn>> {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// The bytes of a buffered body (`Full` yields them at once, whole).
+fn full_bytes(mut body: Full<Bytes>) -> Bytes {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::Pin::new(&mut body).poll_frame(&mut cx) {
+        std::task::Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
+        _ => Bytes::new(),
+    }
+}
+
+/// Methods that may be sent twice without changing their effect (RFC 9110
+/// §9.2.2).
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 /// An HTTP/1.1 connection to a known target takes the path only, and the
@@ -352,18 +447,19 @@ mod tests {
         };
         let client = async {
             send("/p").await;
-            // hyper marks the connection idle again just after the body.
-            tokio::time::sleep(Duration::from_millis(20)).await;
             send("/p").await;
         };
         let both = async { tokio::join!(backend, client) };
         let (mut conn, ()) = tokio::time::timeout(Duration::from_secs(5), both)
             .await
             .expect("the second request reused the first connection");
-        assert_eq!(only_target(&pool).lock().len(), 1);
+        assert_eq!(only_target(&pool).idle.len(), 1);
 
         tokio::time::sleep(Duration::from_millis(300)).await;
-        only_target(&pool).sweep(Instant::now(), pool.shared.idle_timeout);
+        only_target(&pool)
+            .idle
+            .sweep(Instant::now(), pool.shared.idle_timeout);
+        assert_eq!(only_target(&pool).idle.len(), 0);
         let closed = tokio::time::timeout(Duration::from_secs(2), read_head(&mut conn)).await;
         assert_eq!(closed, Ok(None), "the expired connection is closed");
     }
@@ -389,7 +485,7 @@ mod tests {
         };
         let client = async {
             let target = only_target(&pool);
-            let first = pool.send(0, get(&base, "/whole")).await.unwrap();
+            let first = pool.send_hyper(target, get(&base, "/whole")).await.unwrap();
             http_body_util::BodyExt::collect(first.into_body())
                 .await
                 .unwrap();
@@ -397,7 +493,7 @@ mod tests {
             let idle = target.checkout(Duration::from_secs(60)).unwrap();
             // The second request checks out first (finding nothing, so it
             // connects); the idle one goes back before its head arrives.
-            let second = pool.send(0, get(&base, "/partial"));
+            let second = pool.send_hyper(target, get(&base, "/partial"));
             tokio::pin!(second);
             assert!(second.as_mut().now_or_never().is_none());
             target.check_in(idle);
@@ -422,6 +518,244 @@ mod tests {
         // The idle one is what the next checkout finds.
         assert!(target.checkout(Duration::from_secs(60)).is_some());
         assert_eq!(ready(target), [false]);
+    }
+
+    /// A backend that answers each request on its connections with the
+    /// next reply of `script`, written in the pieces given (a reply of no
+    /// pieces closes the connection instead), and returns the request heads
+    /// it saw per connection.
+    async fn scripted_backend(
+        listener: TcpListener,
+        script: Vec<Vec<&'static [u8]>>,
+    ) -> Vec<Vec<String>> {
+        let mut replies = script.into_iter();
+        let mut seen = Vec::new();
+        'conns: while replies.len() > 0 {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut heads = Vec::new();
+            loop {
+                let Some(head) = read_head(&mut conn).await else {
+                    seen.push(heads);
+                    continue 'conns;
+                };
+                heads.push(head);
+                let Some(reply) = replies.next() else { break };
+                if reply.is_empty() {
+                    break;
+                }
+                for piece in reply {
+                    conn.write_all(piece).await.unwrap();
+                    conn.flush().await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                if replies.len() == 0 {
+                    break;
+                }
+            }
+            seen.push(heads);
+        }
+        seen
+    }
+
+    async fn body_text(response: Response<UpstreamBody>) -> String {
+        let bytes = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    fn request(base: &Uri, method: Method, path: &str) -> Request<RequestBody> {
+        let mut request = get(base, path);
+        *request.method_mut() = method;
+        request
+    }
+
+    #[tokio::test]
+    async fn decodes_chunked_bodies_split_anywhere_and_reuses_the_connection() {
+        let (listener, base, pool) = pool_to_listener(Duration::from_secs(60)).await;
+        let backend = scripted_backend(
+            listener,
+            vec![
+                vec![
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r",
+                    b"\nhel",
+                    b"lo\r\n7\r\n, world\r\n0\r\nx-trailer: t\r\n",
+                    b"\r\n",
+                ],
+                vec![b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nab", b"c"],
+            ],
+        );
+        let client = async {
+            let first = pool.send(0, get(&base, "/chunked")).await.unwrap();
+            assert_eq!(body_text(first).await, "hello, world");
+            let second = pool.send(0, get(&base, "/length")).await.unwrap();
+            assert_eq!(body_text(second).await, "abc");
+        };
+        let (seen, ()) = tokio::time::timeout(Duration::from_secs(5), async {
+            tokio::join!(backend, client)
+        })
+        .await
+        .unwrap();
+        assert_eq!(seen.len(), 1, "one connection for both: {seen:?}");
+        assert_eq!(only_target(&pool).idle.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn skips_interim_answers_and_frames_bodiless_ones() {
+        let (listener, base, pool) = pool_to_listener(Duration::from_secs(60)).await;
+        let backend = scripted_backend(
+            listener,
+            vec![
+                vec![b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok"],
+                // HEAD: a length, but no body follows.
+                vec![b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n"],
+                vec![b"HTTP/1.1 204 No Content\r\n\r\n"],
+                vec![b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n!"],
+            ],
+        );
+        let client = async {
+            let created = pool
+                .send(0, request(&base, Method::POST, "/c"))
+                .await
+                .unwrap();
+            assert_eq!(created.status(), 201);
+            assert_eq!(body_text(created).await, "ok");
+            let head = pool
+                .send(0, request(&base, Method::HEAD, "/h"))
+                .await
+                .unwrap();
+            assert_eq!(head.headers()["content-length"], "10");
+            assert_eq!(body_text(head).await, "");
+            let none = pool.send(0, get(&base, "/n")).await.unwrap();
+            assert_eq!(none.status(), 204);
+            assert_eq!(body_text(none).await, "");
+            let last = pool.send(0, get(&base, "/l")).await.unwrap();
+            assert_eq!(body_text(last).await, "!");
+        };
+        let (seen, ()) = tokio::time::timeout(Duration::from_secs(5), async {
+            tokio::join!(backend, client)
+        })
+        .await
+        .unwrap();
+        assert_eq!(seen.len(), 1, "all on one connection: {seen:?}");
+        let heads = &seen[0];
+        assert!(heads[0].starts_with("POST /c HTTP/1.1\r\n"), "{}", heads[0]);
+        assert!(
+            heads[0].contains("\r\ncontent-length: 0\r\n"),
+            "{}",
+            heads[0]
+        );
+        assert!(heads[1].starts_with("HEAD /h HTTP/1.1\r\n"), "{}", heads[1]);
+        assert!(!heads[2].contains("content-length"), "{}", heads[2]);
+    }
+
+    #[tokio::test]
+    async fn a_body_until_close_is_read_whole_and_its_connection_not_reused() {
+        let (listener, base, pool) = pool_to_listener(Duration::from_secs(60)).await;
+        let backend = async {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            read_head(&mut conn).await.unwrap();
+            conn.write_all(b"HTTP/1.1 200 OK\r\n\r\nall of ")
+                .await
+                .unwrap();
+            conn.write_all(b"it").await.unwrap();
+            drop(conn);
+        };
+        let client = async {
+            let response = pool.send(0, get(&base, "/close")).await.unwrap();
+            body_text(response).await
+        };
+        let ((), text) = tokio::time::timeout(Duration::from_secs(5), async {
+            tokio::join!(backend, client)
+        })
+        .await
+        .unwrap();
+        assert_eq!(text, "all of it");
+        assert_eq!(only_target(&pool).idle.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_unanswered_is_retried_only_when_idempotent() {
+        let (listener, base, pool) = pool_to_listener(Duration::from_secs(60)).await;
+        let ok: &'static [u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        // Connection 1 answers once, then closes on the next request
+        // unanswered, as a backend closing an idle connection does when a
+        // request crosses its close; connection 2 answers the GET again and
+        // closes on the POST the same way.
+        let backend = scripted_backend(listener, vec![vec![ok], vec![], vec![ok], vec![]]);
+        let client = async {
+            let first = pool.send(0, get(&base, "/a")).await.unwrap();
+            assert_eq!(body_text(first).await, "ok");
+            let again = pool.send(0, get(&base, "/b")).await.unwrap();
+            assert_eq!(body_text(again).await, "ok", "retried on a new connection");
+            let post = pool.send(0, request(&base, Method::POST, "/c")).await;
+            assert_eq!(post.err(), Some(Failure::Reset), "a POST is not sent twice");
+        };
+        let (seen, ()) = tokio::time::timeout(Duration::from_secs(5), async {
+            tokio::join!(backend, client)
+        })
+        .await
+        .unwrap();
+        let paths: Vec<Vec<&str>> = seen
+            .iter()
+            .map(|heads| {
+                heads
+                    .iter()
+                    .map(|h| h.split(' ').nth(1).unwrap_or(""))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(paths, [vec!["/a", "/b"], vec!["/b", "/c"]]);
+    }
+
+    #[tokio::test]
+    async fn answers_that_cannot_be_framed_are_failures() {
+        for reply in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            b"NOT HTTP\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n",
+        ] {
+            let (listener, base, pool) = pool_to_listener(Duration::from_secs(60)).await;
+            let backend = scripted_backend(listener, vec![vec![reply]]);
+            let client = pool.send(0, get(&base, "/bad"));
+            let (_, result) = tokio::time::timeout(Duration::from_secs(5), async {
+                tokio::join!(backend, client)
+            })
+            .await
+            .unwrap();
+            assert_eq!(
+                result.err(),
+                Some(Failure::Reset),
+                "{}",
+                String::from_utf8_lossy(reply)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_broken_chunked_body_is_an_error_not_an_end() {
+        let (listener, base, pool) = pool_to_listener(Duration::from_secs(60)).await;
+        let backend = scripted_backend(
+            listener,
+            vec![vec![
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+            ]],
+        );
+        let client = async {
+            let response = pool.send(0, get(&base, "/broken")).await.unwrap();
+            http_body_util::BodyExt::collect(response.into_body())
+                .await
+                .is_err()
+        };
+        let (_, failed) = tokio::time::timeout(Duration::from_secs(5), async {
+            tokio::join!(backend, client)
+        })
+        .await
+        .unwrap();
+        assert!(failed);
+        assert_eq!(only_target(&pool).idle.len(), 0);
     }
 
     #[test]

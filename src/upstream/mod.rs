@@ -7,6 +7,7 @@
 //! header or path never choose the address.
 
 mod balance;
+mod h1_client;
 mod h1_pool;
 pub mod proxy_pool;
 pub mod tls;
@@ -15,17 +16,17 @@ use std::time::Duration;
 
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use balance::{Balancer, Target};
+pub use h1_client::ConnBody;
 use h1_pool::H1Pool;
 use proxy_pool::{ProxyPool, Via};
 
-use crate::body::RequestBody;
+use crate::body::{RequestBody, UpstreamBody};
 use crate::classify::Failure;
 use crate::config::{RouteConfig, ServerConfig};
 
@@ -88,11 +89,13 @@ impl Upstream {
         index: usize,
         request: Request<RequestBody>,
         timeout: Duration,
-    ) -> Result<Response<Incoming>, Failure> {
+    ) -> Result<Response<UpstreamBody>, Failure> {
         match (via, &self.proxies) {
             // Boxed: its future is larger than the direct path's, which
             // would make every request's future larger.
-            (Via::Proxy(proxy), Some(pool)) => Box::pin(pool.send(proxy, request, timeout)).await,
+            (Via::Proxy(proxy), Some(pool)) => Box::pin(pool.send(proxy, request, timeout))
+                .await
+                .map(|response| response.map(UpstreamBody::from)),
             _ => self.send(index, request, timeout).await,
         }
     }
@@ -113,7 +116,7 @@ impl Upstream {
         index: usize,
         request: Request<RequestBody>,
         timeout: Duration,
-    ) -> Result<Response<Incoming>, Failure> {
+    ) -> Result<Response<UpstreamBody>, Failure> {
         // One `timeout` per branch rather than around an async block that
         // picks the branch: a level less of futures nested by value, each
         // copied as it is created (measured, callgrind).
@@ -123,15 +126,38 @@ impl Upstream {
             }
             _ => tokio::time::timeout(timeout, self.client.request(request))
                 .await
-                .map(|result| {
-                    result.map_err(|e| {
+                .map(|result| match result {
+                    Ok(response) => Ok(response.map(UpstreamBody::from)),
+                    Err(e) => {
                         let failure = Failure::from_client_error(&e);
                         tracing::debug!(error = %ErrorChain(&e), ?failure, "upstream attempt failed");
-                        failure
-                    })
+                        Err(failure)
+                    }
                 }),
         };
         result.unwrap_or(Err(Failure::Timeout))
+    }
+}
+
+/// The upstream URI for a client's request target, with the first `skip`
+/// bytes of its path removed (a stripped prefix): as [`upstream_uri`], but
+/// when nothing is stripped and the target has no base path (the common
+/// case) the client's path and query are reused as they are, without a
+/// copy or a second parse.
+pub fn upstream_uri_for(base: &Uri, client: &Uri, skip: usize) -> Result<Uri, http::Error> {
+    match client.path_and_query() {
+        Some(path_and_query)
+            if skip == 0
+                && path_and_query.path().starts_with('/')
+                && base.path().trim_end_matches('/').is_empty() =>
+        {
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(base.scheme().cloned().unwrap_or(Scheme::HTTP));
+            parts.authority = base.authority().cloned();
+            parts.path_and_query = Some(path_and_query.clone());
+            Ok(Uri::from_parts(parts)?)
+        }
+        _ => upstream_uri(base, &client.path()[skip..], client.query()),
     }
 }
 
@@ -197,6 +223,30 @@ mod tests {
         for (base, path, query, want) in cases {
             let got = upstream_uri(&base.parse().unwrap(), path, query).unwrap();
             assert_eq!(got.to_string(), want, "{base} + {path}");
+        }
+    }
+
+    #[test]
+    fn uri_for_a_client_target_matches_the_general_join() {
+        let bases = ["http://h:1", "http://h:1/", "https://api.example.com/v1/"];
+        // A client's target and the length of a route prefix it matches.
+        let targets = [
+            ("/a/b", 0),
+            ("/a/b", 2),
+            ("/a/b?x=1&y=%20", 0),
+            ("/a/b?x=1&y=%20", 2),
+            ("/", 0),
+            ("/api?q", 4),
+            ("/api/users?q", 4),
+        ];
+        for base in bases {
+            let base: Uri = base.parse().unwrap();
+            for (target, skip) in targets {
+                let client: Uri = target.parse().unwrap();
+                let want = upstream_uri(&base, &client.path()[skip..], client.query()).unwrap();
+                let got = upstream_uri_for(&base, &client, skip).unwrap();
+                assert_eq!(got, want, "{base} + {target} skipping {skip}");
+            }
         }
     }
 }

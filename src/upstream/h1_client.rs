@@ -1,0 +1,607 @@
+//! One HTTP/1.1 exchange on a pooled connection, run inside the request's
+//! own future: the request head and its buffered body go out in one write,
+//! the response head is parsed (`httparse`, as hyper does) and its body is
+//! read by the body that goes back to the client, which returns the
+//! connection to its idle list as soon as the last byte is in.
+//!
+//! Why by hand: hyper's client connection is a task of its own, fed through
+//! a channel, with a oneshot back for the answer; every request crossed
+//! those twice and woke two tasks, and its head went through a header map
+//! twice (once filled by the pipeline, once encoded). This is the one part
+//! of the upstream path that profiling showed costing more than the whole of
+//! nginx's request handling, and no crate offers a client connection that
+//! runs in the caller's future. It is used only where it is simple: plain
+//! `http://` targets and request bodies already buffered (or empty). A body
+//! that streams from the client goes over hyper's connection, which can
+//! answer while the body is still being sent (`h1_pool`).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::{HeaderMap, Method, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::io::poll_read_buf;
+
+use crate::classify::Failure;
+
+/// Response header lines accepted at most.
+const MAX_HEADERS: usize = 128;
+/// Bytes of a response head accepted at most.
+const MAX_HEAD_BYTES: usize = 256 * 1024;
+/// Room made in the read buffer before reading a response head.
+const HEAD_READ: usize = 16 * 1024;
+/// Room made at most before reading more of a body.
+const BODY_READ_MAX: usize = 64 * 1024;
+/// A request body up to this size is copied behind its head and written
+/// with it; a larger one is written on its own (no copy).
+const COALESCE_BODY: usize = 16 * 1024;
+/// A chunk-size line (with extensions) or a trailer line at most.
+const MAX_LINE: usize = 8 * 1024;
+
+/// One keep-alive connection to a backend, with what it has read but not
+/// used yet.
+pub struct Conn {
+    io: TcpStream,
+    read: BytesMut,
+    write: Vec<u8>,
+    /// When it last became idle (for the idle timeout).
+    pub idle_since: Instant,
+}
+
+/// A target's idle connections, most recently used last.
+#[derive(Default)]
+pub struct IdleConns(Mutex<Vec<Conn>>);
+
+impl IdleConns {
+    /// The most recently used connection that is still open, dropping
+    /// closed and expired ones on the way.
+    pub fn checkout(&self, idle_timeout: Duration) -> Option<Conn> {
+        let mut idle = self.lock();
+        let now = Instant::now();
+        while let Some(conn) = idle.pop() {
+            if conn.is_reusable(now, idle_timeout) {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    fn check_in(&self, mut conn: Conn) {
+        conn.idle_since = Instant::now();
+        self.lock().push(conn);
+    }
+
+    /// Closes connections that the backend closed or that were idle too long.
+    pub fn sweep(&self, now: Instant, idle_timeout: Duration) {
+        self.lock().retain(|c| c.is_reusable(now, idle_timeout));
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// The list stays usable after a panic elsewhere: it holds no invariant
+    /// a half-done update could break.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Conn>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Conn {
+    pub fn new(io: TcpStream) -> Conn {
+        Conn {
+            io,
+            read: BytesMut::new(),
+            write: Vec::new(),
+            idle_since: Instant::now(),
+        }
+    }
+
+    /// Open, not expired, and nothing unasked-for arrived while idle. The
+    /// probe reads only when the reactor has seen the socket readable (a
+    /// close or stray bytes); otherwise it costs no system call.
+    fn is_reusable(&self, now: Instant, idle_timeout: Duration) -> bool {
+        now.duration_since(self.idle_since) < idle_timeout
+            && self.read.is_empty()
+            && matches!(self.io.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
+/// The request line and headers of an exchange; the body is sent with them.
+pub struct Head<'a> {
+    pub method: &'a Method,
+    /// The origin-form target: path and query.
+    pub target: &'a str,
+    pub headers: &'a HeaderMap,
+    /// The `Host` sent when `headers` has none.
+    pub host: &'a HeaderValue,
+}
+
+/// Why an exchange failed, and whether the connection had answered anything
+/// (a reused connection that answered nothing was most likely closed by
+/// the backend while it sat idle).
+#[derive(Debug)]
+pub struct Failed {
+    pub failure: Failure,
+    pub answered: bool,
+}
+
+impl Failed {
+    fn before_answer() -> Failed {
+        Failed {
+            failure: Failure::Reset,
+            answered: false,
+        }
+    }
+
+    fn after_answer() -> Failed {
+        Failed {
+            failure: Failure::Reset,
+            answered: true,
+        }
+    }
+}
+
+/// Sends `head` and `body` on `conn` and reads the response head. The
+/// response's body reads the rest and gives the connection back to `idle`
+/// when the answer allows reuse.
+pub async fn exchange(
+    mut conn: Conn,
+    head: &Head<'_>,
+    body: &Bytes,
+    idle: &Arc<IdleConns>,
+) -> Result<Response<ConnBody>, Failed> {
+    encode_head(&mut conn.write, head, body.len());
+    let coalesced = body.len() <= COALESCE_BODY;
+    if coalesced {
+        conn.write.extend_from_slice(body);
+    }
+    let written = conn.io.write_all(&conn.write).await;
+    conn.write.clear();
+    written.map_err(|e| {
+        tracing::debug!(error = %e, "upstream write failed");
+        Failed::before_answer()
+    })?;
+    if !coalesced {
+        conn.io.write_all(body).await.map_err(|e| {
+            tracing::debug!(error = %e, "upstream write failed");
+            Failed::before_answer()
+        })?;
+    }
+    loop {
+        if let Some(parsed) = parse_head(&conn.read)? {
+            let response_head = conn.read.split_to(parsed.len).freeze();
+            if parsed.status.is_informational() {
+                // 100 Continue and the like precede the real answer; 101
+                // (an upgrade) is never asked for: upgrades are hop-by-hop
+                // headers, removed before a request goes upstream.
+                if parsed.status == StatusCode::SWITCHING_PROTOCOLS {
+                    return Err(Failed::after_answer());
+                }
+                continue;
+            }
+            return respond(conn, &parsed, &response_head, head.method, idle);
+        }
+        if conn.read.len() >= MAX_HEAD_BYTES {
+            tracing::debug!("upstream response head too large");
+            return Err(Failed::after_answer());
+        }
+        conn.read.reserve(HEAD_READ);
+        let answered = !conn.read.is_empty();
+        match conn.io.read_buf(&mut conn.read).await {
+            Ok(0) => {
+                return Err(Failed {
+                    failure: Failure::Reset,
+                    answered,
+                })
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "upstream read failed");
+                return Err(Failed {
+                    failure: Failure::Reset,
+                    answered,
+                });
+            }
+        }
+    }
+}
+
+/// `METHOD target HTTP/1.1`, the headers (the framing ones replaced by the
+/// body's length), `Host` if missing, and the blank line.
+fn encode_head(out: &mut Vec<u8>, head: &Head<'_>, body_len: usize) {
+    out.extend_from_slice(head.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(head.target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in head.headers {
+        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !head.headers.contains_key(HOST) {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(head.host.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    // A body, or a method whose meaning implies one: say its length (as
+    // hyper does; a GET without a body says nothing).
+    if body_len > 0 || matches!(*head.method, Method::POST | Method::PUT | Method::PATCH) {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(body_len).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A parsed response head: its length, and where its headers are.
+struct ParsedHead {
+    len: usize,
+    status: StatusCode,
+    version: Version,
+    /// Name and value of each header, as byte ranges of the head.
+    fields: Vec<(usize, usize, usize, usize)>,
+}
+
+/// Parses the head at the start of `buf`: `None` while it is incomplete.
+fn parse_head(buf: &[u8]) -> Result<Option<ParsedHead>, Failed> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut headers);
+    let len = match response.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => {
+            tracing::debug!(error = %e, "upstream sent an invalid response head");
+            return Err(Failed::after_answer());
+        }
+    };
+    let status = response
+        .code
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .ok_or_else(Failed::after_answer)?;
+    let version = match response.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let start = buf.as_ptr() as usize;
+    let fields = response
+        .headers
+        .iter()
+        .map(|h| {
+            let name = h.name.as_ptr() as usize - start;
+            let value = h.value.as_ptr() as usize - start;
+            (name, name + h.name.len(), value, value + h.value.len())
+        })
+        .collect();
+    Ok(Some(ParsedHead {
+        len,
+        status,
+        version,
+        fields,
+    }))
+}
+
+/// The response for a parsed head, with a body framed as the head says.
+fn respond(
+    conn: Conn,
+    parsed: &ParsedHead,
+    head: &Bytes,
+    method: &Method,
+    idle: &Arc<IdleConns>,
+) -> Result<Response<ConnBody>, Failed> {
+    // Room for the few the proxy adds (`X-Request-Id`, `X-Cache`, ...)
+    // without growing the map.
+    let mut headers = HeaderMap::with_capacity(parsed.fields.len() + 4);
+    for &(name_start, name_end, value_start, value_end) in &parsed.fields {
+        let name = HeaderName::from_bytes(&head[name_start..name_end]);
+        let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end));
+        match (name, value) {
+            (Ok(name), Ok(value)) => {
+                headers.append(name, value);
+            }
+            _ => {
+                tracing::debug!("upstream sent an invalid header");
+                return Err(Failed::after_answer());
+            }
+        }
+    }
+    let framing = framing(parsed.status, method, &headers)?;
+    let reusable = parsed.version == Version::HTTP_11
+        && !matches!(framing, Framing::UntilClose)
+        && !has_token(&headers, CONNECTION, "close");
+    let mut body = ConnBody {
+        conn: Some(conn),
+        framing,
+        idle: reusable.then(|| idle.clone()),
+    };
+    if body.framing == Framing::Length(0) {
+        body.finish();
+    }
+    let mut response = Response::new(body);
+    *response.status_mut() = parsed.status;
+    *response.headers_mut() = headers;
+    Ok(response)
+}
+
+/// How the body's end is known (RFC 9112 §6.3).
+fn framing(status: StatusCode, method: &Method, headers: &HeaderMap) -> Result<Framing, Failed> {
+    if *method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(Framing::Length(0));
+    }
+    if headers.contains_key(TRANSFER_ENCODING) {
+        // Chunked must be the last coding; any other ends with the connection.
+        let chunked = headers
+            .get_all(TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+        return Ok(if chunked {
+            Framing::Chunked(Chunk::Size)
+        } else {
+            Framing::UntilClose
+        });
+    }
+    let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
+    let Some(first) = lengths.next() else {
+        return Ok(Framing::UntilClose);
+    };
+    let parse = |v: &HeaderValue| {
+        v.to_str()
+            .ok()
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|s| s.parse::<u64>().ok())
+    };
+    let length = parse(first).ok_or_else(Failed::after_answer)?;
+    // Repeated lengths must agree, or the answer cannot be framed safely.
+    if lengths.any(|v| parse(v) != Some(length)) {
+        return Err(Failed::after_answer());
+    }
+    Ok(Framing::Length(length))
+}
+
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// This many bytes are left.
+    Length(u64),
+    Chunked(Chunk),
+    /// The body ends when the backend closes the connection.
+    UntilClose,
+    /// All read; the connection went back to its list or was closed.
+    Done,
+}
+
+/// Where a chunked body's decoder stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk's data, this many bytes left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines until a blank one (dropped).
+    Trailers,
+}
+
+/// A response body read from its connection as the client takes it.
+pub struct ConnBody {
+    conn: Option<Conn>,
+    framing: Framing,
+    /// Where the connection goes once the body is read, if it may be reused.
+    idle: Option<Arc<IdleConns>>,
+}
+
+impl ConnBody {
+    /// The body is read: the connection goes back for reuse when nothing
+    /// else arrived behind the answer, otherwise it is closed.
+    fn finish(&mut self) {
+        self.framing = Framing::Done;
+        if let (Some(conn), Some(idle)) = (self.conn.take(), self.idle.take()) {
+            if conn.read.is_empty() {
+                idle.check_in(conn);
+            }
+        }
+        self.conn = None;
+    }
+
+    /// The next data from what is already read, or `None` when more must be
+    /// read first. Moves the framing on; `finish`es at the end.
+    fn next_data(&mut self) -> Result<Option<Frame<Bytes>>, io::Error> {
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return Ok(None);
+            };
+            let buf = &mut conn.read;
+            match self.framing {
+                Framing::Done => return Ok(None),
+                Framing::Length(left) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let data = buf.split_to(n).freeze();
+                    self.framing = Framing::Length(left - n as u64);
+                    if left == n as u64 {
+                        self.finish();
+                    }
+                    return Ok(Some(Frame::data(data)));
+                }
+                Framing::UntilClose => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    return Ok(Some(Frame::data(buf.split().freeze())));
+                }
+                Framing::Chunked(Chunk::Size) => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(None);
+                    };
+                    let size = chunk_size(&line)?;
+                    self.framing = Framing::Chunked(if size == 0 {
+                        Chunk::Trailers
+                    } else {
+                        Chunk::Data(size)
+                    });
+                }
+                Framing::Chunked(Chunk::Data(left)) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let data = buf.split_to(n).freeze();
+                    let left = left - n as u64;
+                    self.framing = Framing::Chunked(if left == 0 {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(left)
+                    });
+                    return Ok(Some(Frame::data(data)));
+                }
+                Framing::Chunked(Chunk::DataEnd) => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(None);
+                    };
+                    if !line.is_empty() {
+                        return Err(invalid("chunk data longer than its size"));
+                    }
+                    self.framing = Framing::Chunked(Chunk::Size);
+                }
+                Framing::Chunked(Chunk::Trailers) => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(None);
+                    };
+                    if line.is_empty() {
+                        self.finish();
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Body for ConnBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        loop {
+            match this.next_data() {
+                Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
+                Ok(None) => {}
+                Err(e) => {
+                    this.conn = None;
+                    this.framing = Framing::Done;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            let want = match this.framing {
+                Framing::Length(left) | Framing::Chunked(Chunk::Data(left)) => {
+                    usize::try_from(left).unwrap_or(usize::MAX)
+                }
+                _ => HEAD_READ,
+            };
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            if this.framing == Framing::Done {
+                return Poll::Ready(None);
+            }
+            conn.read.reserve(want.clamp(HEAD_READ, BODY_READ_MAX));
+            let n = ready!(poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.read))?;
+            if n == 0 {
+                if this.framing == Framing::UntilClose {
+                    this.framing = Framing::Done;
+                    this.conn = None;
+                    return Poll::Ready(None);
+                }
+                this.conn = None;
+                this.framing = Framing::Done;
+                return Poll::Ready(Some(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the backend closed the connection before the end of the body",
+                ))));
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.framing, Framing::Done | Framing::Length(0))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(left) => SizeHint::with_exact(left),
+            Framing::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// Takes one line (without its CRLF or LF) off the front of `buf`; `None`
+/// while the line is incomplete.
+fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, io::Error> {
+    let Some(end) = buf.iter().position(|&b| b == b'\n') else {
+        if buf.len() > MAX_LINE {
+            return Err(invalid("chunk line too long"));
+        }
+        return Ok(None);
+    };
+    let mut line = buf.split_to(end + 1);
+    line.truncate(end);
+    if line.last() == Some(&b'\r') {
+        line.truncate(end - 1);
+    }
+    Ok(Some(line))
+}
+
+/// The size on a chunk-size line (hex, then optional `;extensions`).
+fn chunk_size(line: &[u8]) -> Result<u64, io::Error> {
+    let digits = line
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    if digits.is_empty() || digits.len() > 15 {
+        return Err(invalid("invalid chunk size"));
+    }
+    let text = std::str::from_utf8(digits).map_err(|_| invalid("invalid chunk size"))?;
+    u64::from_str_radix(text, 16).map_err(|_| invalid("invalid chunk size"))
+}
+
+fn invalid(what: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
+}
