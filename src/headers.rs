@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::ForwardHeaders;
 
@@ -121,14 +121,22 @@ pub fn set_forwarded(
     client: &ClientInfo,
     original_host: Option<&HeaderValue>,
 ) {
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => {
-            joined(&[prior.as_bytes(), b", ", client.ip.as_bytes()])
+    // Entries, not a lookup then an insert: one hash of the name each.
+    match headers.entry(X_FORWARDED_FOR) {
+        Entry::Vacant(slot) => {
+            slot.insert(client.ip.clone());
         }
-        _ => Some(client.ip.clone()),
-    };
-    if let Some(xff) = xff {
-        headers.insert(X_FORWARDED_FOR, xff);
+        Entry::Occupied(mut slot) => {
+            let xff = match slot.get().to_str() {
+                Ok(prior) if !prior.trim().is_empty() => {
+                    joined(&[prior.as_bytes(), b", ", client.ip.as_bytes()])
+                }
+                _ => Some(client.ip.clone()),
+            };
+            if let Some(xff) = xff {
+                slot.insert(xff);
+            }
+        }
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(client.proto));
     // Forwarded's host is a token or a quoted string: a host with other
@@ -141,10 +149,11 @@ pub fn set_forwarded(
     if let Some(host) = original_host {
         headers.insert(X_FORWARDED_HOST, host.clone());
     }
-    let prior = headers
-        .get(header::FORWARDED)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.trim().is_empty());
+    let mut slot = headers.entry(header::FORWARDED);
+    let prior = match &slot {
+        Entry::Occupied(prior) => prior.get().to_str().ok().filter(|v| !v.trim().is_empty()),
+        Entry::Vacant(_) => None,
+    };
     let element = client.forwarded.as_bytes();
     let forwarded = match (prior, host) {
         (None, None) => Some(client.forwarded.clone()),
@@ -155,7 +164,14 @@ pub fn set_forwarded(
         }
     };
     if let Some(forwarded) = forwarded {
-        headers.insert(header::FORWARDED, forwarded);
+        match slot {
+            Entry::Occupied(ref mut prior) => {
+                prior.insert(forwarded);
+            }
+            Entry::Vacant(vacant) => {
+                vacant.insert(forwarded);
+            }
+        }
     }
 }
 
@@ -186,13 +202,13 @@ pub fn request_id(headers: &HeaderMap) -> (String, HeaderValue) {
 }
 
 /// A new time-ordered id (UUIDv7). Its random part comes from the
-/// thread-local generator: `Uuid::now_v7` would ask the kernel
+/// thread's fast generator (`ids`): `Uuid::now_v7` would ask the kernel
 /// (`getrandom`) once per request, a syscall on the hot path.
 pub fn new_id() -> String {
     let millis = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let random: [u8; 10] = rand::random();
+    let random: [u8; 10] = crate::ids::random_bytes();
     let uuid = uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid();
     // Encoding into a stack buffer and copying it (`to_owned`, not
     // `to_string`, which pads through the formatter) skips the formatting

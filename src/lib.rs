@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod headers;
+pub mod ids;
 pub mod logging;
 pub mod otel;
 pub mod pipeline;

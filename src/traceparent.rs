@@ -53,11 +53,10 @@ impl TraceContext {
     }
 
     fn new_root() -> TraceContext {
-        let mut rng = rand::rng();
         // All-zero ids are invalid; a random u128/u64 is zero with
         // negligible odds, and `max(1)` removes even those.
-        let trace_id: u128 = rng.random::<u128>().max(1);
-        let parent_id: u64 = rng.random::<u64>().max(1);
+        let (trace_id, parent_id) =
+            crate::ids::with_rng(|rng| (rng.random::<u128>().max(1), rng.random::<u64>().max(1)));
         TraceContext {
             traceparent: encode(TraceIds {
                 trace_id,

@@ -16,6 +16,7 @@
 //! answer while the body is still being sent (`h1_pool`).
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
@@ -32,7 +33,7 @@ use tokio_util::io::poll_read_buf;
 use crate::classify::Failure;
 
 /// Response header lines accepted at most.
-const MAX_HEADERS: usize = 128;
+const MAX_HEADERS: usize = 100;
 /// Bytes of a response head accepted at most.
 const MAX_HEAD_BYTES: usize = 256 * 1024;
 /// Room made in the read buffer before reading a response head.
@@ -51,8 +52,11 @@ pub struct Conn {
     io: TcpStream,
     read: BytesMut,
     write: Vec<u8>,
-    /// When it last became idle (for the idle timeout).
-    pub idle_since: Instant,
+    /// The first sweep that found it idle (`None` until one has): its idle
+    /// time counts from there, so a connection is closed after
+    /// `idle_timeout` plus at most one sweep interval, and going idle costs
+    /// no clock reading.
+    idle_since: Option<Instant>,
 }
 
 /// A target's idle connections, most recently used last.
@@ -61,12 +65,11 @@ pub struct IdleConns(Mutex<Vec<Conn>>);
 
 impl IdleConns {
     /// The most recently used connection that is still open, dropping
-    /// closed and expired ones on the way.
-    pub fn checkout(&self, idle_timeout: Duration) -> Option<Conn> {
+    /// closed ones on the way (expired ones are the sweeper's).
+    pub fn checkout(&self) -> Option<Conn> {
         let mut idle = self.lock();
-        let now = Instant::now();
         while let Some(conn) = idle.pop() {
-            if conn.is_reusable(now, idle_timeout) {
+            if conn.is_open() {
                 return Some(conn);
             }
         }
@@ -74,13 +77,17 @@ impl IdleConns {
     }
 
     fn check_in(&self, mut conn: Conn) {
-        conn.idle_since = Instant::now();
+        conn.idle_since = None;
         self.lock().push(conn);
     }
 
-    /// Closes connections that the backend closed or that were idle too long.
+    /// Closes connections that the backend closed or that were idle too
+    /// long, and starts the idle clock of those newly idle.
     pub fn sweep(&self, now: Instant, idle_timeout: Duration) {
-        self.lock().retain(|c| c.is_reusable(now, idle_timeout));
+        self.lock().retain_mut(|c| {
+            let since = *c.idle_since.get_or_insert(now);
+            c.is_open() && now.duration_since(since) < idle_timeout
+        });
     }
 
     #[cfg(test)]
@@ -101,16 +108,15 @@ impl Conn {
             io,
             read: BytesMut::new(),
             write: Vec::new(),
-            idle_since: Instant::now(),
+            idle_since: None,
         }
     }
 
-    /// Open, not expired, and nothing unasked-for arrived while idle. The
-    /// probe reads only when the reactor has seen the socket readable (a
-    /// close or stray bytes); otherwise it costs no system call.
-    fn is_reusable(&self, now: Instant, idle_timeout: Duration) -> bool {
-        now.duration_since(self.idle_since) < idle_timeout
-            && self.read.is_empty()
+    /// Open, and nothing unasked-for arrived while idle. The probe reads
+    /// only when the reactor has seen the socket readable (a close or stray
+    /// bytes); otherwise it costs no system call.
+    fn is_open(&self) -> bool {
+        self.read.is_empty()
             && matches!(self.io.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 }
@@ -222,16 +228,18 @@ fn encode_head(out: &mut Vec<u8>, head: &Head<'_>, body_len: usize) {
     out.push(b' ');
     out.extend_from_slice(head.target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut has_host = false;
     for (name, value) in head.headers {
         if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
             continue;
         }
+        has_host |= name == HOST;
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if !head.headers.contains_key(HOST) {
+    if !has_host {
         out.extend_from_slice(b"host: ");
         out.extend_from_slice(head.host.as_bytes());
         out.extend_from_slice(b"\r\n");
@@ -260,9 +268,16 @@ fn parse_head(buf: &[u8]) -> Result<Option<ParsedHead>, Failed> {
     if buf.is_empty() {
         return Ok(None);
     }
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut headers);
-    let len = match response.parse(buf) {
+    // Left uninitialised (as hyper does): filling the array first costs
+    // more than parsing a small head.
+    let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        buf,
+        &mut headers,
+    );
+    let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => {
@@ -307,23 +322,30 @@ fn respond(
     // Room for the few the proxy adds (`X-Request-Id`, `X-Cache`, ...)
     // without growing the map.
     let mut headers = HeaderMap::with_capacity(parsed.fields.len() + 4);
+    // What framing and reuse depend on, noted on the way rather than looked
+    // up in the map afterwards.
+    let mut length = Length::Absent;
+    let mut transfer_encoding: Option<HeaderValue> = None;
+    let mut close = false;
     for &(name_start, name_end, value_start, value_end) in &parsed.fields {
         let name = HeaderName::from_bytes(&head[name_start..name_end]);
         let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end));
-        match (name, value) {
-            (Ok(name), Ok(value)) => {
-                headers.append(name, value);
-            }
-            _ => {
-                tracing::debug!("upstream sent an invalid header");
-                return Err(Failed::after_answer());
-            }
+        let (Ok(name), Ok(value)) = (name, value) else {
+            tracing::debug!("upstream sent an invalid header");
+            return Err(Failed::after_answer());
+        };
+        if name == CONTENT_LENGTH {
+            length = length.and(&value);
+        } else if name == TRANSFER_ENCODING {
+            transfer_encoding = Some(value.clone());
+        } else if name == CONNECTION {
+            close |= has_token(&value, "close");
         }
+        headers.append(name, value);
     }
-    let framing = framing(parsed.status, method, &headers)?;
-    let reusable = parsed.version == Version::HTTP_11
-        && !matches!(framing, Framing::UntilClose)
-        && !has_token(&headers, CONNECTION, "close");
+    let framing = framing(parsed.status, method, length, transfer_encoding.as_ref())?;
+    let reusable =
+        parsed.version == Version::HTTP_11 && !matches!(framing, Framing::UntilClose) && !close;
     let mut body = ConnBody {
         conn: Some(conn),
         framing,
@@ -338,21 +360,48 @@ fn respond(
     Ok(response)
 }
 
+/// The `Content-Length` lines of a head so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Length {
+    Absent,
+    Is(u64),
+    /// Not a number, or lines that disagree: the answer cannot be framed.
+    Invalid,
+}
+
+impl Length {
+    fn and(self, line: &HeaderValue) -> Length {
+        let parsed = line
+            .to_str()
+            .ok()
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|s| s.parse::<u64>().ok());
+        match (self, parsed) {
+            (Length::Absent, Some(n)) => Length::Is(n),
+            (Length::Is(before), Some(n)) if before == n => Length::Is(n),
+            _ => Length::Invalid,
+        }
+    }
+}
+
 /// How the body's end is known (RFC 9112 §6.3).
-fn framing(status: StatusCode, method: &Method, headers: &HeaderMap) -> Result<Framing, Failed> {
+fn framing(
+    status: StatusCode,
+    method: &Method,
+    length: Length,
+    transfer_encoding: Option<&HeaderValue>,
+) -> Result<Framing, Failed> {
     if *method == Method::HEAD
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
         return Ok(Framing::Length(0));
     }
-    if headers.contains_key(TRANSFER_ENCODING) {
+    if let Some(codings) = transfer_encoding {
         // Chunked must be the last coding; any other ends with the connection.
-        let chunked = headers
-            .get_all(TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
+        let chunked = codings
+            .to_str()
+            .ok()
             .and_then(|v| v.rsplit(',').next())
             .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
         return Ok(if chunked {
@@ -361,31 +410,17 @@ fn framing(status: StatusCode, method: &Method, headers: &HeaderMap) -> Result<F
             Framing::UntilClose
         });
     }
-    let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
-    let Some(first) = lengths.next() else {
-        return Ok(Framing::UntilClose);
-    };
-    let parse = |v: &HeaderValue| {
-        v.to_str()
-            .ok()
-            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|s| s.parse::<u64>().ok())
-    };
-    let length = parse(first).ok_or_else(Failed::after_answer)?;
-    // Repeated lengths must agree, or the answer cannot be framed safely.
-    if lengths.any(|v| parse(v) != Some(length)) {
-        return Err(Failed::after_answer());
+    match length {
+        Length::Absent => Ok(Framing::UntilClose),
+        Length::Is(n) => Ok(Framing::Length(n)),
+        Length::Invalid => Err(Failed::after_answer()),
     }
-    Ok(Framing::Length(length))
 }
 
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+fn has_token(value: &HeaderValue, token: &str) -> bool {
+    value
+        .to_str()
+        .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

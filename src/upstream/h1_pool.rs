@@ -153,7 +153,7 @@ impl H1Pool {
             host: &target.host,
         };
         loop {
-            let (conn, reused) = match target.idle.checkout(self.shared.idle_timeout) {
+            let (conn, reused) = match target.idle.checkout() {
                 Some(conn) => (conn, true),
                 // Boxed: connecting is rare, and its future would make
                 // every request's future larger.

@@ -1,0 +1,26 @@
+//! Random bits for the ids made per request (request ids, trace and span
+//! ids): a small fast generator per thread, seeded once from the
+//! thread's cryptographic generator.
+//!
+//! These ids must be unique, not secret: nothing trusts them, so the
+//! ChaCha generator behind `rand::random` (a few hundred instructions per
+//! request in its buffer refills) is more than they need.
+
+use std::cell::RefCell;
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+thread_local! {
+    static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_rng(&mut rand::rng()));
+}
+
+/// Runs `f` with this thread's generator.
+pub fn with_rng<T>(f: impl FnOnce(&mut SmallRng) -> T) -> T {
+    RNG.with(|rng| f(&mut rng.borrow_mut()))
+}
+
+/// Random bytes.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    with_rng(|rng| rng.random())
+}
