@@ -36,7 +36,10 @@ use crate::classify::Failure;
 const MAX_HEADERS: usize = 100;
 /// Bytes of a response head accepted at most.
 const MAX_HEAD_BYTES: usize = 256 * 1024;
-/// Room made in the read buffer before reading a response head.
+/// Room made in the read buffer before reading a response head, at first
+/// and at least: it doubles (up to `BODY_READ_MAX`) while reads fill it, so
+/// a backend's usual answer comes in one read, and halves again when reads
+/// use less than a quarter of it.
 const HEAD_READ: usize = 16 * 1024;
 /// Room made at most before reading more of a body.
 const BODY_READ_MAX: usize = 64 * 1024;
@@ -52,6 +55,8 @@ pub struct Conn {
     io: TcpStream,
     read: BytesMut,
     write: Vec<u8>,
+    /// The room to make for the next response head (see `HEAD_READ`).
+    head_read: usize,
     /// The first sweep that found it idle (`None` until one has): its idle
     /// time counts from there, so a connection is closed after
     /// `idle_timeout` plus at most one sweep interval, and going idle costs
@@ -108,6 +113,7 @@ impl Conn {
             io,
             read: BytesMut::new(),
             write: Vec::new(),
+            head_read: HEAD_READ,
             idle_since: None,
         }
     }
@@ -200,7 +206,8 @@ pub async fn exchange(
             tracing::debug!("upstream response head too large");
             return Err(Failed::after_answer());
         }
-        conn.read.reserve(HEAD_READ);
+        conn.read.reserve(conn.head_read);
+        let room = conn.read.capacity() - conn.read.len();
         let answered = !conn.read.is_empty();
         match conn.io.read_buf(&mut conn.read).await {
             Ok(0) => {
@@ -209,6 +216,8 @@ pub async fn exchange(
                     answered,
                 })
             }
+            Ok(n) if n == room => conn.head_read = (conn.head_read * 2).min(BODY_READ_MAX),
+            Ok(n) if n < conn.head_read / 4 => conn.head_read = (conn.head_read / 2).max(HEAD_READ),
             Ok(_) => {}
             Err(e) => {
                 tracing::debug!(error = %e, "upstream read failed");
