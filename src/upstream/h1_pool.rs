@@ -557,6 +557,18 @@ mod tests {
         seen
     }
 
+    /// Runs the backend and the client side by side, within 5 s.
+    async fn both<B: std::future::Future, C: std::future::Future>(
+        backend: B,
+        client: C,
+    ) -> (B::Output, C::Output) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            tokio::join!(backend, client)
+        })
+        .await
+        .expect("backend and client done within 5 s")
+    }
+
     async fn body_text(response: Response<UpstreamBody>) -> String {
         let bytes = http_body_util::BodyExt::collect(response.into_body())
             .await
@@ -592,11 +604,7 @@ mod tests {
             let second = pool.send(0, get(&base, "/length")).await.unwrap();
             assert_eq!(body_text(second).await, "abc");
         };
-        let (seen, ()) = tokio::time::timeout(Duration::from_secs(5), async {
-            tokio::join!(backend, client)
-        })
-        .await
-        .unwrap();
+        let (seen, ()) = both(backend, client).await;
         assert_eq!(seen.len(), 1, "one connection for both: {seen:?}");
         assert_eq!(only_target(&pool).idle.len(), 1);
     }
@@ -633,11 +641,7 @@ mod tests {
             let last = pool.send(0, get(&base, "/l")).await.unwrap();
             assert_eq!(body_text(last).await, "!");
         };
-        let (seen, ()) = tokio::time::timeout(Duration::from_secs(5), async {
-            tokio::join!(backend, client)
-        })
-        .await
-        .unwrap();
+        let (seen, ()) = both(backend, client).await;
         assert_eq!(seen.len(), 1, "all on one connection: {seen:?}");
         let heads = &seen[0];
         assert!(heads[0].starts_with("POST /c HTTP/1.1\r\n"), "{}", heads[0]);
@@ -666,11 +670,7 @@ mod tests {
             let response = pool.send(0, get(&base, "/close")).await.unwrap();
             body_text(response).await
         };
-        let ((), text) = tokio::time::timeout(Duration::from_secs(5), async {
-            tokio::join!(backend, client)
-        })
-        .await
-        .unwrap();
+        let ((), text) = both(backend, client).await;
         assert_eq!(text, "all of it");
         assert_eq!(only_target(&pool).idle.len(), 0);
     }
@@ -692,11 +692,7 @@ mod tests {
             let post = pool.send(0, request(&base, Method::POST, "/c")).await;
             assert_eq!(post.err(), Some(Failure::Reset), "a POST is not sent twice");
         };
-        let (seen, ()) = tokio::time::timeout(Duration::from_secs(5), async {
-            tokio::join!(backend, client)
-        })
-        .await
-        .unwrap();
+        let (seen, ()) = both(backend, client).await;
         let paths: Vec<Vec<&str>> = seen
             .iter()
             .map(|heads| {
@@ -720,11 +716,7 @@ mod tests {
             let (listener, base, pool) = pool_to_listener(Duration::from_secs(60)).await;
             let backend = scripted_backend(listener, vec![vec![reply]]);
             let client = pool.send(0, get(&base, "/bad"));
-            let (_, result) = tokio::time::timeout(Duration::from_secs(5), async {
-                tokio::join!(backend, client)
-            })
-            .await
-            .unwrap();
+            let (_, result) = both(backend, client).await;
             assert_eq!(
                 result.err(),
                 Some(Failure::Reset),
@@ -749,11 +741,7 @@ mod tests {
                 .await
                 .is_err()
         };
-        let (_, failed) = tokio::time::timeout(Duration::from_secs(5), async {
-            tokio::join!(backend, client)
-        })
-        .await
-        .unwrap();
+        let (_, failed) = both(backend, client).await;
         assert!(failed);
         assert_eq!(only_target(&pool).idle.len(), 0);
     }
