@@ -353,8 +353,13 @@ fn respond(
         headers.append(name, value);
     }
     let framing = framing(parsed.status, method, length, transfer_encoding.as_ref())?;
-    let reusable =
-        parsed.version == Version::HTTP_11 && !matches!(framing, Framing::UntilClose) && !close;
+    // Both framings at once is how responses get desynchronised (RFC 9112
+    // §6.3): the body is read by `Transfer-Encoding`, the connection not reused.
+    let ambiguous = transfer_encoding.is_some() && length != Length::Absent;
+    let reusable = parsed.version == Version::HTTP_11
+        && !matches!(framing, Framing::UntilClose)
+        && !close
+        && !ambiguous;
     let mut body = ConnBody {
         conn: Some(conn),
         framing,

@@ -727,6 +727,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_answer_framed_both_ways_is_read_chunked_and_its_connection_closed() {
+        let (listener, base, pool) = pool_to_listener(Duration::from_secs(60)).await;
+        let backend = scripted_backend(
+            listener,
+            vec![vec![
+                b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            ]],
+        );
+        let client = async {
+            let response = pool.send(0, get(&base, "/both")).await.unwrap();
+            body_text(response).await
+        };
+        let (_, text) = both(backend, client).await;
+        assert_eq!(text, "ok");
+        assert_eq!(only_target(&pool).idle.len(), 0);
+    }
+
+    #[tokio::test]
     async fn a_broken_chunked_body_is_an_error_not_an_end() {
         let (listener, base, pool) = pool_to_listener(Duration::from_secs(60)).await;
         let backend = scripted_backend(
