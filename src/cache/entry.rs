@@ -29,11 +29,22 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// An entry that owns exactly its bytes: an answer's headers and body
+    /// may be slices of a larger read buffer (the upstream exchange reads
+    /// into 16–64 KiB buffers), which a long-lived entry would otherwise
+    /// keep alive whole, unseen by `weight`.
     pub fn new(status: StatusCode, headers: HeaderMap, body: Bytes) -> Entry {
+        let mut owned = HeaderMap::with_capacity(headers.len());
+        for (name, value) in &headers {
+            let mut copy =
+                HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+            copy.set_sensitive(value.is_sensitive());
+            owned.append(name.clone(), copy);
+        }
         Entry {
             status,
-            headers,
-            body,
+            headers: owned,
+            body: Bytes::copy_from_slice(&body),
             stored_at_ms: now_ms(),
         }
     }

@@ -11,9 +11,10 @@
 //! of the upstream path that profiling showed costing more than the whole of
 //! nginx's request handling, and no crate offers a client connection that
 //! runs in the caller's future. It is used only where it is simple: plain
-//! `http://` targets and request bodies already buffered (or empty). A body
-//! that streams from the client goes over hyper's connection, which can
-//! answer while the body is still being sent (`h1_pool`).
+//! `http://` targets and request bodies already buffered (or empty) of at
+//! most [`MAX_BODY`]. A larger body, or one that streams from the client,
+//! goes over hyper's connection, which can take an answer while the body is
+//! still being sent (`h1_pool`).
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -43,9 +44,10 @@ const MAX_HEAD_BYTES: usize = 256 * 1024;
 const HEAD_READ: usize = 16 * 1024;
 /// Room made at most before reading more of a body.
 const BODY_READ_MAX: usize = 64 * 1024;
-/// A request body up to this size is copied behind its head and written
-/// with it; a larger one is written on its own (no copy).
-const COALESCE_BODY: usize = 16 * 1024;
+/// The largest request body this exchange sends (copied behind its head,
+/// written in one go). A larger one goes over hyper's connection, which
+/// reads an early answer (a 413, a 401) while the body is still going out.
+pub const MAX_BODY: usize = 16 * 1024;
 /// A chunk-size line (with extensions) or a trailer line at most.
 const MAX_LINE: usize = 8 * 1024;
 
@@ -172,22 +174,15 @@ pub async fn exchange(
     idle: &Arc<IdleConns>,
 ) -> Result<Response<ConnBody>, Failed> {
     encode_head(&mut conn.write, head, body.len());
-    let coalesced = body.len() <= COALESCE_BODY;
-    if coalesced {
-        conn.write.extend_from_slice(body);
-    }
+    conn.write.extend_from_slice(body);
     let written = conn.io.write_all(&conn.write).await;
     conn.write.clear();
     written.map_err(|e| {
         tracing::debug!(error = %e, "upstream write failed");
         Failed::before_answer()
     })?;
-    if !coalesced {
-        conn.io.write_all(body).await.map_err(|e| {
-            tracing::debug!(error = %e, "upstream write failed");
-            Failed::before_answer()
-        })?;
-    }
+    // Whether an interim (1xx) answer came: the backend has the request.
+    let mut interim = false;
     loop {
         if let Some(parsed) = parse_head(&conn.read)? {
             let response_head = conn.read.split_to(parsed.len).freeze();
@@ -198,6 +193,7 @@ pub async fn exchange(
                 if parsed.status == StatusCode::SWITCHING_PROTOCOLS {
                     return Err(Failed::after_answer());
                 }
+                interim = true;
                 continue;
             }
             return respond(conn, &parsed, &response_head, head.method, idle);
@@ -208,7 +204,7 @@ pub async fn exchange(
         }
         conn.read.reserve(conn.head_read);
         let room = conn.read.capacity() - conn.read.len();
-        let answered = !conn.read.is_empty();
+        let answered = interim || !conn.read.is_empty();
         match conn.io.read_buf(&mut conn.read).await {
             Ok(0) => {
                 return Err(Failed {
@@ -356,6 +352,12 @@ fn respond(
     // Both framings at once is how responses get desynchronised (RFC 9112
     // §6.3): the body is read by `Transfer-Encoding`, the connection not reused.
     let ambiguous = transfer_encoding.is_some() && length != Length::Absent;
+    if ambiguous {
+        // And the length goes: the client is sent the body as decoded, which
+        // the stale length would cut short or make it wait for (§6.3: an
+        // intermediary removes it).
+        headers.remove(CONTENT_LENGTH);
+    }
     let reusable = parsed.version == Version::HTTP_11
         && !matches!(framing, Framing::UntilClose)
         && !close
@@ -384,17 +386,23 @@ enum Length {
 }
 
 impl Length {
+    /// With one more `Content-Length` line, which may itself list the same
+    /// length several times (`5, 5`), as hyper accepts.
     fn and(self, line: &HeaderValue) -> Length {
-        let parsed = line
-            .to_str()
-            .ok()
-            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|s| s.parse::<u64>().ok());
-        match (self, parsed) {
-            (Length::Absent, Some(n)) => Length::Is(n),
-            (Length::Is(before), Some(n)) if before == n => Length::Is(n),
-            _ => Length::Invalid,
-        }
+        let Ok(text) = line.to_str() else {
+            return Length::Invalid;
+        };
+        text.split(',').fold(self, |sofar, item| {
+            let item = item.trim();
+            let parsed = Some(item)
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok());
+            match (sofar, parsed) {
+                (Length::Absent, Some(n)) => Length::Is(n),
+                (Length::Is(before), Some(n)) if before == n => Length::Is(n),
+                _ => Length::Invalid,
+            }
+        })
     }
 }
 
@@ -590,7 +598,14 @@ impl Body for ConnBody {
                 return Poll::Ready(None);
             }
             conn.read.reserve(want.clamp(HEAD_READ, BODY_READ_MAX));
-            let n = ready!(poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.read))?;
+            let n = match ready!(poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.read)) {
+                Ok(n) => n,
+                Err(e) => {
+                    this.conn = None;
+                    this.framing = Framing::Done;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            };
             if n == 0 {
                 if this.framing == Framing::UntilClose {
                     this.framing = Framing::Done;
@@ -639,18 +654,73 @@ fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, io::Error> {
 
 /// The size on a chunk-size line (hex, then optional `;extensions`).
 fn chunk_size(line: &[u8]) -> Result<u64, io::Error> {
-    let digits = line
-        .split(|&b| b == b';')
-        .next()
-        .unwrap_or_default()
-        .trim_ascii();
-    if digits.is_empty() || digits.len() > 15 {
+    // Hex digits, then optional whitespace before any extensions; nothing
+    // else (no sign, no leading space).
+    let size = line.split(|&b| b == b';').next().unwrap_or_default();
+    let spaces = size.iter().rev().take_while(|&&b| b == b' ' || b == b'\t').count();
+    let digits = &size[..size.len() - spaces];
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_hexdigit) {
         return Err(invalid("invalid chunk size"));
     }
-    let text = std::str::from_utf8(digits).map_err(|_| invalid("invalid chunk size"))?;
-    u64::from_str_radix(text, 16).map_err(|_| invalid("invalid chunk size"))
+    let significant = &digits[digits.iter().take_while(|&&b| b == b'0').count()..];
+    if significant.len() > 15 {
+        return Err(invalid("chunk size too large"));
+    }
+    Ok(significant.iter().fold(0u64, |n, &b| {
+        (n << 4) | u64::from((b as char).to_digit(16).unwrap_or(0))
+    }))
 }
 
 fn invalid(what: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_sizes_are_hex_digits_and_nothing_else() {
+        let good: [(&[u8], u64); 6] = [
+            (b"0", 0),
+            (b"a", 10),
+            (b"1F", 31),
+            (b"5;name=value", 5),
+            (b"5 ;ext", 5),
+            (b"0000000000000000000010", 16),
+        ];
+        for (line, want) in good {
+            assert_eq!(
+                chunk_size(line).unwrap(),
+                want,
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        let bad: [&[u8]; 7] = [b"", b"+5", b" 5", b"5\r", b"x", b"-1", b"1000000000000000"];
+        for line in bad {
+            assert!(
+                chunk_size(line).is_err(),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
+
+    #[test]
+    fn content_lengths_must_agree() {
+        let of = |lines: &[&'static str]| {
+            lines.iter().fold(Length::Absent, |sofar, line| {
+                sofar.and(&HeaderValue::from_static(line))
+            })
+        };
+        assert_eq!(of(&["5"]), Length::Is(5));
+        assert_eq!(of(&["5, 5"]), Length::Is(5));
+        assert_eq!(of(&["5", "5"]), Length::Is(5));
+        assert_eq!(of(&["5", "6"]), Length::Invalid);
+        assert_eq!(of(&["5, 6"]), Length::Invalid);
+        assert_eq!(of(&["-1"]), Length::Invalid);
+        assert_eq!(of(&[""]), Length::Invalid);
+        assert_eq!(of(&["+5"]), Length::Invalid);
+    }
 }
