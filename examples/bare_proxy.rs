@@ -6,12 +6,15 @@
 //! libraries cost.
 //!
 //! Two upstream clients, to measure what the client costs:
-//! - default: hyper-util's pooled legacy client, the one Backstop uses;
+//! - default: hyper-util's pooled legacy client, the one Backstop uses for
+//!   https and h2c targets;
 //! - `--own-pool`: a plain list of `hyper::client::conn::http1` senders to the
 //!   one upstream (take the first ready one, put it back once the response
 //!   head is in, open a connection when none is ready). HTTP/1.1 only, no
-//!   timeouts, no idle expiry: the floor under Backstop's own pool
-//!   (`src/upstream/h1_pool.rs`), which adds those.
+//!   timeouts, no idle expiry: the floor under Backstop's list of hyper
+//!   connections (`src/upstream/h1_pool.rs`, for streaming request bodies).
+//!   Backstop's own exchange (`src/upstream/h1_client.rs`, every GET) costs
+//!   less than hyper's client, so for it this floor is not a floor.
 //!
 //! `cargo run --release --example bare_proxy -- LISTEN_ADDR UPSTREAM_ADDR [--own-pool]`
 

@@ -657,7 +657,11 @@ fn chunk_size(line: &[u8]) -> Result<u64, io::Error> {
     // Hex digits, then optional whitespace before any extensions; nothing
     // else (no sign, no leading space).
     let size = line.split(|&b| b == b';').next().unwrap_or_default();
-    let spaces = size.iter().rev().take_while(|&&b| b == b' ' || b == b'\t').count();
+    let spaces = size
+        .iter()
+        .rev()
+        .take_while(|&&b| b == b' ' || b == b'\t')
+        .count();
     let digits = &size[..size.len() - spaces];
     if digits.is_empty() || !digits.iter().all(u8::is_ascii_hexdigit) {
         return Err(invalid("invalid chunk size"));
