@@ -115,6 +115,16 @@ impl Failure {
     }
 }
 
+/// Methods that may be sent twice without changing their effect (RFC 9110
+/// §9.2.2): the ones retried after the request may have reached the backend.
+pub fn is_idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
 /// A backend answer that counts as a failure (for retries and capture): the
 /// route's retryable statuses and the gateway errors.
 pub fn status_failure(status: u16, retry: &RetryConfig) -> Option<Failure> {

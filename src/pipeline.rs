@@ -38,7 +38,7 @@ use hyper::body::Incoming;
 use crate::body::{self, BufferError, BufferedBody, RequestBody, ResponseBody, UpstreamBody};
 use crate::cache::{self, CacheState, Caches, Lookup};
 use crate::capture::{CaptureOutcome, Capturer};
-use crate::classify::{status_failure, status_trips_breaker, Failure};
+use crate::classify::{is_idempotent, status_failure, status_trips_breaker, Failure};
 use crate::config::{Config, RateLimitKey};
 use crate::error::{ErrorCode, ProxyError};
 use crate::headers::{self, ClientInfo, X_REQUEST_ID};
@@ -749,13 +749,6 @@ fn log_access(ctx: &RequestContext, path: &str, status: StatusCode) {
         duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
         "request"
     );
-}
-
-fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is rare from APIs and ignored).

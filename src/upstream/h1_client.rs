@@ -487,7 +487,14 @@ impl ConnBody {
                 idle.check_in(conn);
             }
         }
+    }
+
+    /// The body ends here, cleanly or not: the connection is closed, and
+    /// `result` is what the client is given last.
+    fn end(&mut self, result: Option<io::Error>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.framing = Framing::Done;
         self.conn = None;
+        Poll::Ready(result.map(Err))
     }
 
     /// The next data from what is already read, or `None` when more must be
@@ -579,11 +586,7 @@ impl Body for ConnBody {
             match this.next_data() {
                 Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
                 Ok(None) => {}
-                Err(e) => {
-                    this.conn = None;
-                    this.framing = Framing::Done;
-                    return Poll::Ready(Some(Err(e)));
-                }
+                Err(e) => return this.end(Some(e)),
             }
             let want = match this.framing {
                 Framing::Length(left) | Framing::Chunked(Chunk::Data(left)) => {
@@ -591,33 +594,21 @@ impl Body for ConnBody {
                 }
                 _ => HEAD_READ,
             };
+            // Every end (`finish`, `end`) lets go of the connection.
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            if this.framing == Framing::Done {
-                return Poll::Ready(None);
-            }
             conn.read.reserve(want.clamp(HEAD_READ, BODY_READ_MAX));
-            let n = match ready!(poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.read)) {
-                Ok(n) => n,
-                Err(e) => {
-                    this.conn = None;
-                    this.framing = Framing::Done;
-                    return Poll::Ready(Some(Err(e)));
+            match ready!(poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.read)) {
+                Ok(0) if this.framing == Framing::UntilClose => return this.end(None),
+                Ok(0) => {
+                    return this.end(Some(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the backend closed the connection before the end of the body",
+                    )))
                 }
-            };
-            if n == 0 {
-                if this.framing == Framing::UntilClose {
-                    this.framing = Framing::Done;
-                    this.conn = None;
-                    return Poll::Ready(None);
-                }
-                this.conn = None;
-                this.framing = Framing::Done;
-                return Poll::Ready(Some(Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the backend closed the connection before the end of the body",
-                ))));
+                Ok(_) => {}
+                Err(e) => return this.end(Some(e)),
             }
         }
     }

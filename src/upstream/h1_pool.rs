@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, HOST};
-use http::{Method, Request, Response, Uri};
+use http::{Request, Response, Uri};
 use http_body::Body as _;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -39,7 +39,7 @@ use tower_service::Service;
 
 use super::h1_client::{self, IdleConns};
 use crate::body::{RequestBody, UpstreamBody};
-use crate::classify::Failure;
+use crate::classify::{is_idempotent, Failure};
 
 /// How often idle connections are looked over for expiry.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -128,24 +128,22 @@ impl H1Pool {
             return Err(Failure::ConnectFailed);
         };
         let (parts, body) = request.into_parts();
-        match body {
+        let request = match body {
             Either::Right(buffered) => {
                 let body = full_bytes(buffered);
                 if body.len() <= h1_client::MAX_BODY {
                     return self.exchange(target, parts, body).await;
                 }
                 // A large body goes the way that can take an early answer.
-                let request = Request::from_parts(parts, Either::Right(Full::new(body)));
-                Box::pin(self.send_hyper(target, request))
-                    .await
-                    .map(|response| response.map(UpstreamBody::from))
+                Request::from_parts(parts, Either::Right(Full::new(body)))
             }
-            // Boxed: streaming bodies are the rarer case, and hyper's future
-            // would make every request's future larger.
-            streaming => Box::pin(self.send_hyper(target, Request::from_parts(parts, streaming)))
-                .await
-                .map(|response| response.map(UpstreamBody::from)),
-        }
+            streaming => Request::from_parts(parts, streaming),
+        };
+        // Boxed: the rarer way, whose future would make every request's
+        // future larger.
+        Box::pin(self.send_hyper(target, request))
+            .await
+            .map(|response| response.map(UpstreamBody::from))
     }
 
     /// The request on one of the target's idle connections (or a new one),
@@ -182,7 +180,7 @@ impl H1Pool {
                 // out) answers nothing; an idempotent request goes again,
                 // once, on a new connection.
                 Err(failed)
-                    if reused && !failed.answered && !retried && idempotent(&parts.method) =>
+                    if reused && !failed.answered && !retried && is_idempotent(&parts.method) =>
                 {
                     tracing::debug!("pooled connection closed before answering; trying a new one");
                     retried = true;
@@ -371,15 +369,6 @@ fn full_bytes(mut body: Full<Bytes>) -> Bytes {
     }
 }
 
-/// Methods that may be sent twice without changing their effect (RFC 9110
-/// §9.2.2).
-fn idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
-}
-
 /// An HTTP/1.1 connection to a known target takes the path only, and the
 /// `Host` header in place of the authority.
 fn origin_form(request: Request<RequestBody>, host: &HeaderValue) -> Request<RequestBody> {
@@ -395,6 +384,7 @@ mod tests {
     use super::*;
     use crate::body::BufferedBody;
     use futures_util::FutureExt;
+    use http::Method;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
@@ -471,13 +461,16 @@ mod tests {
         let (mut conn, ()) = tokio::time::timeout(Duration::from_secs(5), both)
             .await
             .expect("the second request reused the first connection");
-        assert_eq!(only_target(&pool).idle.len(), 1);
+        let idle = &only_target(&pool).idle;
+        assert_eq!(idle.len(), 1);
 
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        only_target(&pool)
-            .idle
-            .sweep(Instant::now(), pool.shared.idle_timeout);
-        assert_eq!(only_target(&pool).idle.len(), 0);
+        // A sweep starts the idle clock (this one, or the sweeper task's
+        // first, moments ago); one a timeout later closes the connection.
+        let now = Instant::now();
+        idle.sweep(now, pool.shared.idle_timeout);
+        assert_eq!(idle.len(), 1, "idle for less than the timeout");
+        idle.sweep(now + Duration::from_millis(250), pool.shared.idle_timeout);
+        assert_eq!(idle.len(), 0);
         let closed = tokio::time::timeout(Duration::from_secs(2), read_head(&mut conn)).await;
         assert_eq!(closed, Ok(None), "the expired connection is closed");
     }
@@ -587,6 +580,18 @@ mod tests {
         .expect("backend and client done within 5 s")
     }
 
+    /// A pool to a backend that follows `script` (see `scripted_backend`).
+    async fn scripted_pool(
+        script: Vec<Vec<&'static [u8]>>,
+    ) -> (
+        H1Pool,
+        Uri,
+        impl std::future::Future<Output = Vec<Vec<String>>>,
+    ) {
+        let (listener, base, pool) = pool_to_listener(Duration::from_secs(60)).await;
+        (pool, base, scripted_backend(listener, script))
+    }
+
     async fn body_text(response: Response<UpstreamBody>) -> String {
         let bytes = http_body_util::BodyExt::collect(response.into_body())
             .await
@@ -603,19 +608,16 @@ mod tests {
 
     #[tokio::test]
     async fn decodes_chunked_bodies_split_anywhere_and_reuses_the_connection() {
-        let (listener, base, pool) = pool_to_listener(Duration::from_secs(60)).await;
-        let backend = scripted_backend(
-            listener,
+        let (pool, base, backend) = scripted_pool(vec![
             vec![
-                vec![
-                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r",
-                    b"\nhel",
-                    b"lo\r\n7\r\n, world\r\n0\r\nx-trailer: t\r\n",
-                    b"\r\n",
-                ],
-                vec![b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nab", b"c"],
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r",
+                b"\nhel",
+                b"lo\r\n7\r\n, world\r\n0\r\nx-trailer: t\r\n",
+                b"\r\n",
             ],
-        );
+            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nab", b"c"],
+        ])
+        .await;
         let client = async {
             let first = pool.send(0, get(&base, "/chunked")).await.unwrap();
             assert_eq!(body_text(first).await, "hello, world");
@@ -629,17 +631,16 @@ mod tests {
 
     #[tokio::test]
     async fn skips_interim_answers_and_frames_bodiless_ones() {
-        let (listener, base, pool) = pool_to_listener(Duration::from_secs(60)).await;
-        let backend = scripted_backend(
-            listener,
+        let (pool, base, backend) = scripted_pool(vec![
             vec![
-                vec![b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok"],
-                // HEAD: a length, but no body follows.
-                vec![b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n"],
-                vec![b"HTTP/1.1 204 No Content\r\n\r\n"],
-                vec![b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n!"],
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok",
             ],
-        );
+            // HEAD: a length, but no body follows.
+            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n"],
+            vec![b"HTTP/1.1 204 No Content\r\n\r\n"],
+            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n!"],
+        ])
+        .await;
         let client = async {
             let created = pool
                 .send(0, request(&base, Method::POST, "/c"))
@@ -731,8 +732,7 @@ mod tests {
             b"NOT HTTP\r\n\r\n",
             b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n",
         ] {
-            let (listener, base, pool) = pool_to_listener(Duration::from_secs(60)).await;
-            let backend = scripted_backend(listener, vec![vec![reply]]);
+            let (pool, base, backend) = scripted_pool(vec![vec![reply]]).await;
             let client = pool.send(0, get(&base, "/bad"));
             let (_, result) = both(backend, client).await;
             assert_eq!(
@@ -746,13 +746,11 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_framed_both_ways_is_read_chunked_and_its_connection_closed() {
-        let (listener, base, pool) = pool_to_listener(Duration::from_secs(60)).await;
-        let backend = scripted_backend(
-            listener,
+        let (pool, base, backend) = scripted_pool(
             vec![vec![
                 b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
             ]],
-        );
+        ).await;
         let client = async {
             let response = pool.send(0, get(&base, "/both")).await.unwrap();
             let length = response.headers().get("content-length").cloned();
@@ -766,13 +764,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_broken_chunked_body_is_an_error_not_an_end() {
-        let (listener, base, pool) = pool_to_listener(Duration::from_secs(60)).await;
-        let backend = scripted_backend(
-            listener,
-            vec![vec![
-                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
-            ]],
-        );
+        let (pool, base, backend) = scripted_pool(vec![vec![
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+        ]])
+        .await;
         let client = async {
             let response = pool.send(0, get(&base, "/broken")).await.unwrap();
             http_body_util::BodyExt::collect(response.into_body())
