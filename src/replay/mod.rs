@@ -178,10 +178,17 @@ impl SpoolReplayer {
         };
         match outcome {
             Delivery::Delivered(status) => {
+                // Counted once the delete is committed, so `/queue` never
+                // shows a record as replayed and still queued.
                 let (spool, id) = (self.spool.clone(), queued.id.clone());
-                deletes.spawn(async move { spool.delete(&id).await });
-                self.counters.delivered.fetch_add(1, Ordering::Relaxed);
-                self.count(&record.route, "delivered");
+                let (counters, proxy) = (self.counters.clone(), self.proxy.clone());
+                let route = record.route.clone();
+                deletes.spawn(async move {
+                    spool.delete(&id).await?;
+                    counters.add_delivered();
+                    proxy.metrics.count_replay(&route, "delivered");
+                    Ok(())
+                });
                 tracing::info!(id = %queued.id, route = %record.route, attempt, status, "replayed");
                 Ok(None)
             }
