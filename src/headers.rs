@@ -2,6 +2,7 @@
 //! `forward_headers` filter, `X-Forwarded-*` / `Forwarded`, and the request id.
 
 use std::net::SocketAddr;
+use std::sync::Mutex;
 
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 
@@ -81,9 +82,9 @@ impl KeepOnly for HeaderMap {
 }
 
 /// What the proxy knows about the client side of a request. Made once per
-/// connection, with the forwarding header values it implies already
-/// rendered, so requests only clone them.
-#[derive(Debug, Clone)]
+/// connection (and shared by its requests), with the forwarding header
+/// values it implies already rendered, so requests only clone them.
+#[derive(Debug)]
 pub struct ClientInfo {
     pub addr: SocketAddr,
     /// `"http"` or `"https"`: the scheme the client used to reach Backstop.
@@ -92,6 +93,10 @@ pub struct ClientInfo {
     ip: HeaderValue,
     /// `for=IP;proto=SCHEME`, this hop's `Forwarded` element without a host.
     forwarded: HeaderValue,
+    /// The last host asked for on this connection and the `Forwarded`
+    /// element naming it: a connection's requests nearly always ask for one
+    /// host, so the element is rendered once, not per request.
+    forwarded_to_host: Mutex<Option<(HeaderValue, HeaderValue)>>,
 }
 
 impl ClientInfo {
@@ -110,7 +115,24 @@ impl ClientInfo {
             ip: HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown")),
             forwarded: HeaderValue::from_str(&forwarded)
                 .unwrap_or(HeaderValue::from_static("for=unknown")),
+            forwarded_to_host: Mutex::new(None),
         }
+    }
+
+    /// This hop's `Forwarded` element naming `host`.
+    fn forwarded_to(&self, host: &HeaderValue) -> Option<HeaderValue> {
+        let mut last = self
+            .forwarded_to_host
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some((last_host, element)) = last.as_ref() {
+            if last_host == host {
+                return Some(element.clone());
+            }
+        }
+        let element = joined(&[self.forwarded.as_bytes(), b";host=", host.as_bytes()])?;
+        *last = Some((host.clone(), element.clone()));
+        Some(element)
     }
 }
 
@@ -157,7 +179,7 @@ pub fn set_forwarded(
     let element = client.forwarded.as_bytes();
     let forwarded = match (prior, host) {
         (None, None) => Some(client.forwarded.clone()),
-        (None, Some(host)) => joined(&[element, b";host=", host.as_bytes()]),
+        (None, Some(host)) => client.forwarded_to(host),
         (Some(prior), None) => joined(&[prior.as_bytes(), b", ", element]),
         (Some(prior), Some(host)) => {
             joined(&[prior.as_bytes(), b", ", element, b";host=", host.as_bytes()])
@@ -185,37 +207,52 @@ fn joined(parts: &[&[u8]]) -> Option<HeaderValue> {
     HeaderValue::from_maybe_shared(bytes::Bytes::from(value)).ok()
 }
 
-/// The client's `X-Request-Id` when it is reasonable, else a new UUIDv7;
-/// as text and as the header value sent upstream and back.
-pub fn request_id(headers: &HeaderMap) -> (String, HeaderValue) {
+/// The client's `X-Request-Id` when it is reasonable (visible ASCII, 1 to
+/// 128 bytes, so it is also text: see [`request_id_text`]), else a new
+/// UUIDv7.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     let client_id = headers
         .get(&X_REQUEST_ID)
         .filter(|v| v.to_str().is_ok_and(|s| !s.is_empty() && s.len() <= 128));
     if let Some(value) = client_id {
-        let text = String::from_utf8_lossy(value.as_bytes()).into_owned();
-        return (text, value.clone());
+        return value.clone();
     }
-    let id = new_id();
-    // A UUID's text is always a valid header value.
-    let value = HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("invalid"));
-    (id, value)
+    let mut buffer = uuid::Uuid::encode_buffer();
+    let len = encode_id(new_uuid(), &mut buffer).len();
+    // The value is cloned twice (upstream and back): bytes owned this way
+    // are shared from the start, where a copied `Vec` would be moved into a
+    // shared allocation at its first clone. A UUID's text is always a valid
+    // header value.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buffer).slice(..len))
+        .unwrap_or(HeaderValue::from_static("invalid"))
 }
 
-/// A new time-ordered id (UUIDv7). Its random part comes from the
-/// thread's fast generator (`ids`): `Uuid::now_v7` would ask the kernel
-/// (`getrandom`) once per request, a syscall on the hot path.
+/// A request id from [`request_id`] as text.
+pub fn request_id_text(value: &HeaderValue) -> &str {
+    value.to_str().unwrap_or("invalid")
+}
+
+/// A new time-ordered id (UUIDv7) as text.
 pub fn new_id() -> String {
+    let mut buffer = uuid::Uuid::encode_buffer();
+    encode_id(new_uuid(), &mut buffer).to_owned()
+}
+
+/// A new UUIDv7. Its random part comes from the thread's fast generator
+/// (`ids`): `Uuid::now_v7` would ask the kernel (`getrandom`) once per
+/// request, a syscall on the hot path.
+fn new_uuid() -> uuid::Uuid {
     let millis = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     let random: [u8; 10] = crate::ids::random_bytes();
-    let uuid = uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid();
-    // Encoding into a stack buffer and copying it (`to_owned`, not
-    // `to_string`, which pads through the formatter) skips the formatting
-    // machinery.
-    let mut buffer = uuid::Uuid::encode_buffer();
-    let text: &str = uuid.hyphenated().encode_lower(&mut buffer);
-    text.to_owned()
+    uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
+}
+
+/// Encodes into a stack buffer: `to_string` pads through the formatting
+/// machinery.
+fn encode_id(uuid: uuid::Uuid, buffer: &mut [u8]) -> &str {
+    uuid.hyphenated().encode_lower(buffer)
 }
 
 #[cfg(test)]
@@ -289,14 +326,10 @@ mod tests {
     fn request_id_is_kept_when_reasonable() {
         let mut h = HeaderMap::new();
         h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
-        let (text, value) = request_id(&h);
-        assert_eq!(
-            (text.as_str(), value.to_str().unwrap()),
-            ("abc-123", "abc-123")
-        );
+        assert_eq!(request_id_text(&request_id(&h)), "abc-123");
         h.insert(X_REQUEST_ID, HeaderValue::from_static(""));
-        let (text, value) = request_id(&h);
-        assert_eq!(text.len(), 36);
-        assert_eq!(value.to_str().unwrap(), text);
+        let created = request_id(&h);
+        let parsed = uuid::Uuid::parse_str(request_id_text(&created)).unwrap();
+        assert_eq!(parsed.get_version_num(), 7);
     }
 }

@@ -76,10 +76,10 @@ pub struct Proxy {
 
 /// Per-request state carried through the phases, logged once at the end.
 pub struct RequestContext {
-    pub request_id: String,
-    /// The request id as the header value sent upstream and back.
-    request_id_value: HeaderValue,
-    pub client: ClientInfo,
+    /// The request id as the header value sent upstream and back; as text
+    /// from [`RequestContext::request_id`].
+    request_id: HeaderValue,
+    pub client: Arc<ClientInfo>,
     pub method: Method,
     pub started: Instant,
     /// The W3C trace context sent upstream (the client's, or a new one).
@@ -103,6 +103,10 @@ impl RequestContext {
     fn route_name(&self) -> Option<&str> {
         self.route.as_deref().map(Route::name)
     }
+
+    pub fn request_id(&self) -> &str {
+        headers::request_id_text(&self.request_id)
+    }
 }
 
 /// Handles one request from a client; never fails: every problem becomes a
@@ -110,12 +114,10 @@ impl RequestContext {
 pub async fn handle(
     proxy: Arc<Proxy>,
     req: Request<Incoming>,
-    client: ClientInfo,
+    client: Arc<ClientInfo>,
 ) -> Response<ResponseBody> {
-    let (request_id, request_id_value) = headers::request_id(req.headers());
     let mut ctx = RequestContext {
-        request_id,
-        request_id_value,
+        request_id: headers::request_id(req.headers()),
         client,
         method: req.method().clone(),
         started: Instant::now(),
@@ -137,12 +139,12 @@ pub async fn handle(
         Ok(response) => response,
         Err(error) => {
             ctx.error = Some(error.code);
-            error.into_response(ctx.route_name(), &ctx.request_id)
+            error.into_response(ctx.route_name(), ctx.request_id())
         }
     };
     response
         .headers_mut()
-        .insert(X_REQUEST_ID, ctx.request_id_value.clone());
+        .insert(X_REQUEST_ID, ctx.request_id.clone());
     if let Some(decision) = &ctx.rate_limit {
         decision.apply(response.headers_mut());
     }
@@ -378,8 +380,16 @@ fn prepare(
     body: OutgoingBody,
     ctx: &RequestContext,
 ) -> Outgoing {
-    let original_host =
-        request_host(&parts.uri, &parts.headers).and_then(|h| HeaderValue::from_str(h).ok());
+    // The Host header's value is shared, not copied (as `request_host`'s
+    // text would be).
+    let original_host = match parts.uri.authority() {
+        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+        None => parts
+            .headers
+            .get(HOST)
+            .filter(|h| h.to_str().is_ok())
+            .cloned(),
+    };
     let mut headers = parts.headers;
     headers::strip_hop_by_hop(&mut headers);
     let capture = &route.config.capture;
@@ -399,7 +409,7 @@ fn prepare(
     for (name, value) in &route.config.headers {
         headers.insert(name.clone(), value.clone());
     }
-    headers.insert(X_REQUEST_ID, ctx.request_id_value.clone());
+    headers.insert(X_REQUEST_ID, ctx.request_id.clone());
     ctx.trace.apply(&mut headers);
     let path = parts.uri.path();
     Outgoing {
@@ -557,17 +567,18 @@ async fn forward(
                 }
             }
         };
-        let try_timeout = match deadline {
-            Some(d) => timeout.min(d.saturating_duration_since(Instant::now())),
-            None => timeout,
-        };
         let proxies = route.upstream.proxies.as_ref();
         let via = proxy_pool::choose(proxies, &route.config.proxy, saw_429);
         let span = ctx.span.attempt(attempt, &mut request);
         let sent_at = Instant::now();
+        // The attempt's timeout, cut short by the request's deadline.
+        let try_deadline = match deadline {
+            Some(d) => d.min(sent_at + timeout),
+            None => sent_at + timeout,
+        };
         let result = route
             .upstream
-            .send_via(via, index, request, try_timeout)
+            .send_via(via, index, request, try_deadline)
             .await;
         span.end(&result);
         let trips = match &result {
@@ -735,7 +746,7 @@ fn record_metrics(
 fn log_access(ctx: &RequestContext, path: &str, status: StatusCode) {
     tracing::info!(
         target: "backstop::access",
-        request_id = %ctx.request_id,
+        request_id = ctx.request_id(),
         client = %ctx.client.addr,
         method = %ctx.method,
         path,

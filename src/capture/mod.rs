@@ -82,7 +82,7 @@ impl Capturer {
         );
         let client = ClientMeta {
             addr: ctx.client.addr.to_string(),
-            request_id: ctx.request_id.clone(),
+            request_id: ctx.request_id().to_owned(),
         };
         let record = CaptureRecord::new(
             route.name(),

@@ -203,7 +203,10 @@ impl RequestSpan {
             "http.response.status_code",
             i64::from(status),
         ));
-        span.set_attribute(KeyValue::new("backstop.request_id", ctx.request_id.clone()));
+        span.set_attribute(KeyValue::new(
+            "backstop.request_id",
+            ctx.request_id().to_owned(),
+        ));
         span.set_attribute(KeyValue::new("backstop.attempts", i64::from(ctx.attempts)));
         if let Some(failure) = ctx.failure {
             span.set_attribute(KeyValue::new("backstop.failure", failure.reason()));

@@ -38,8 +38,8 @@ pub async fn deliver(
         Ok(r) => r,
         Err(reason) => return Delivery::Dead(reason),
     };
-    let timeout = route.config.circuit_breaker.request_timeout;
-    match route.upstream.send(target, request, timeout).await {
+    let deadline = std::time::Instant::now() + route.config.circuit_breaker.request_timeout;
+    match route.upstream.send(target, request, deadline).await {
         Ok(response) => {
             let status = response.status().as_u16();
             // Drain the body so the pooled connection can be reused.

@@ -114,7 +114,11 @@ async fn probe(route: &Route, index: usize, check: &HealthCheckConfig) -> bool {
     *request.method_mut() = Method::GET;
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
-    match route.upstream.send(index, request, check.timeout).await {
+    match route
+        .upstream
+        .send(index, request, std::time::Instant::now() + check.timeout)
+        .await
+    {
         Ok(response) => {
             let ok = response.status().is_success() || response.status().is_redirection();
             // Drain the body so the pooled connection can be reused.

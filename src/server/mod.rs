@@ -133,7 +133,7 @@ impl Connection {
         // not count as idle.
         let registration = self.reaper.register();
         let io = TokioIo::new(registration.io(stream));
-        let client = ClientInfo::new(self.addr, proto);
+        let client = Arc::new(ClientInfo::new(self.addr, proto));
         let proxy = self.proxy;
         let marks = registration.state().clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {

@@ -35,6 +35,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::time::timeout_at;
 use tower_service::Service;
 
 use super::h1_client::{self, IdleConns};
@@ -123,6 +124,7 @@ impl H1Pool {
         &self,
         index: usize,
         request: Request<RequestBody>,
+        deadline: Instant,
     ) -> Result<Response<UpstreamBody>, Failure> {
         let Some(Some(target)) = self.shared.targets.get(index) else {
             return Err(Failure::ConnectFailed);
@@ -132,7 +134,7 @@ impl H1Pool {
             Either::Right(buffered) => {
                 let body = full_bytes(buffered);
                 if body.len() <= h1_client::MAX_BODY {
-                    return self.exchange(target, parts, body).await;
+                    return self.exchange(target, parts, body, deadline).await;
                 }
                 // A large body goes the way that can take an early answer.
                 Request::from_parts(parts, Either::Right(Full::new(body)))
@@ -141,18 +143,25 @@ impl H1Pool {
         };
         // Boxed: the rarer way, whose future would make every request's
         // future larger.
-        Box::pin(self.send_hyper(target, request))
-            .await
-            .map(|response| response.map(UpstreamBody::from))
+        let sent = Box::pin(timeout_at(
+            deadline.into(),
+            self.send_hyper(target, request),
+        ))
+        .await;
+        match sent {
+            Ok(result) => result.map(|response| response.map(UpstreamBody::from)),
+            Err(_) => Err(Failure::Timeout),
+        }
     }
 
     /// The request on one of the target's idle connections (or a new one),
-    /// exchanged in this future (`h1_client`).
+    /// exchanged in this future (`h1_client`), by `deadline`.
     async fn exchange(
         &self,
         target: &TargetConns,
         parts: http::request::Parts,
         body: Bytes,
+        deadline: Instant,
     ) -> Result<Response<UpstreamBody>, Failure> {
         let head = h1_client::Head {
             method: &parts.method,
@@ -171,16 +180,26 @@ impl H1Pool {
                 Some(conn) => (conn, true),
                 // Boxed: connecting is rare, and its future would make
                 // every request's future larger.
-                None => (Box::pin(self.connect_conn(target)).await?, false),
+                None => {
+                    let connect = timeout_at(deadline.into(), self.connect_conn(target));
+                    match Box::pin(connect).await {
+                        Ok(conn) => (conn?, false),
+                        Err(_) => return Err(Failure::Timeout),
+                    }
+                }
             };
-            match h1_client::exchange(conn, &head, &body, &target.idle).await {
+            match h1_client::exchange(conn, &head, &body, &target.idle, deadline.into()).await {
                 Ok(response) => return Ok(response.map(UpstreamBody::from)),
                 // A kept-alive connection that the backend closed while it
                 // sat idle (its close still on the way when it was checked
                 // out) answers nothing; an idempotent request goes again,
                 // once, on a new connection.
                 Err(failed)
-                    if reused && !failed.answered && !retried && is_idempotent(&parts.method) =>
+                    if reused
+                        && !failed.answered
+                        && failed.failure != Failure::Timeout
+                        && !retried
+                        && is_idempotent(&parts.method) =>
                 {
                     tracing::debug!("pooled connection closed before answering; trying a new one");
                     retried = true;
@@ -434,7 +453,7 @@ mod tests {
             let request = get(&base, path);
             let pool = &pool;
             async move {
-                let response = pool.send(0, request).await.unwrap();
+                let response = pool.send(0, request, far()).await.unwrap();
                 assert_eq!(response.status(), 200);
                 http_body_util::BodyExt::collect(response.into_body())
                     .await
@@ -619,9 +638,9 @@ mod tests {
         ])
         .await;
         let client = async {
-            let first = pool.send(0, get(&base, "/chunked")).await.unwrap();
+            let first = pool.send(0, get(&base, "/chunked"), far()).await.unwrap();
             assert_eq!(body_text(first).await, "hello, world");
-            let second = pool.send(0, get(&base, "/length")).await.unwrap();
+            let second = pool.send(0, get(&base, "/length"), far()).await.unwrap();
             assert_eq!(body_text(second).await, "abc");
         };
         let (seen, ()) = both(backend, client).await;
@@ -643,21 +662,21 @@ mod tests {
         .await;
         let client = async {
             let created = pool
-                .send(0, request(&base, Method::POST, "/c"))
+                .send(0, request(&base, Method::POST, "/c"), far())
                 .await
                 .unwrap();
             assert_eq!(created.status(), 201);
             assert_eq!(body_text(created).await, "ok");
             let head = pool
-                .send(0, request(&base, Method::HEAD, "/h"))
+                .send(0, request(&base, Method::HEAD, "/h"), far())
                 .await
                 .unwrap();
             assert_eq!(head.headers()["content-length"], "10");
             assert_eq!(body_text(head).await, "");
-            let none = pool.send(0, get(&base, "/n")).await.unwrap();
+            let none = pool.send(0, get(&base, "/n"), far()).await.unwrap();
             assert_eq!(none.status(), 204);
             assert_eq!(body_text(none).await, "");
-            let last = pool.send(0, get(&base, "/l")).await.unwrap();
+            let last = pool.send(0, get(&base, "/l"), far()).await.unwrap();
             assert_eq!(body_text(last).await, "!");
         };
         let (seen, ()) = both(backend, client).await;
@@ -686,7 +705,7 @@ mod tests {
             drop(conn);
         };
         let client = async {
-            let response = pool.send(0, get(&base, "/close")).await.unwrap();
+            let response = pool.send(0, get(&base, "/close"), far()).await.unwrap();
             body_text(response).await
         };
         let ((), text) = both(backend, client).await;
@@ -704,11 +723,13 @@ mod tests {
         // closes on the POST the same way.
         let backend = scripted_backend(listener, vec![vec![ok], vec![], vec![ok], vec![]]);
         let client = async {
-            let first = pool.send(0, get(&base, "/a")).await.unwrap();
+            let first = pool.send(0, get(&base, "/a"), far()).await.unwrap();
             assert_eq!(body_text(first).await, "ok");
-            let again = pool.send(0, get(&base, "/b")).await.unwrap();
+            let again = pool.send(0, get(&base, "/b"), far()).await.unwrap();
             assert_eq!(body_text(again).await, "ok", "retried on a new connection");
-            let post = pool.send(0, request(&base, Method::POST, "/c")).await;
+            let post = pool
+                .send(0, request(&base, Method::POST, "/c"), far())
+                .await;
             assert_eq!(post.err(), Some(Failure::Reset), "a POST is not sent twice");
         };
         let (seen, ()) = both(backend, client).await;
@@ -724,6 +745,56 @@ mod tests {
         assert_eq!(paths, [vec!["/a", "/b"], vec!["/b", "/c"]]);
     }
 
+    /// A deadline no test reaches.
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
+    #[tokio::test]
+    async fn an_attempt_past_its_deadline_times_out_and_its_connection_is_dropped() {
+        let (listener, base, pool) = pool_to_listener(Duration::from_secs(60)).await;
+        // Connection 1 answers the first request and then holds the second
+        // unanswered; connection 2 answers the third.
+        let backend = async {
+            let (mut first, _) = listener.accept().await.unwrap();
+            read_head(&mut first).await.unwrap();
+            first
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+            let held = read_head(&mut first).await.unwrap();
+            let (mut second, _) = listener.accept().await.unwrap();
+            let third = read_head(&mut second).await.unwrap();
+            second
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+            (held, third, first)
+        };
+        let client = async {
+            let first = pool.send(0, get(&base, "/a"), far()).await.unwrap();
+            assert_eq!(body_text(first).await, "ok");
+            // The connection's timer was set far ahead; this deadline is
+            // nearer, so the timer must move back, not only forward.
+            let started = Instant::now();
+            let late = pool
+                .send(0, get(&base, "/b"), started + Duration::from_millis(200))
+                .await;
+            let waited = started.elapsed();
+            assert_eq!(late.err(), Some(Failure::Timeout));
+            assert!(
+                waited >= Duration::from_millis(150) && waited < Duration::from_secs(2),
+                "{waited:?}"
+            );
+            assert_eq!(only_target(&pool).idle.len(), 0, "not kept for reuse");
+            let third = pool.send(0, get(&base, "/c"), far()).await.unwrap();
+            assert_eq!(body_text(third).await, "ok");
+        };
+        let ((held, third, _first), ()) = both(backend, client).await;
+        assert!(held.starts_with("GET /b "), "{held}");
+        assert!(third.starts_with("GET /c "), "{third}");
+    }
+
     #[tokio::test]
     async fn answers_that_cannot_be_framed_are_failures() {
         for reply in [
@@ -733,7 +804,7 @@ mod tests {
             b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n",
         ] {
             let (pool, base, backend) = scripted_pool(vec![vec![reply]]).await;
-            let client = pool.send(0, get(&base, "/bad"));
+            let client = pool.send(0, get(&base, "/bad"), far());
             let (_, result) = both(backend, client).await;
             assert_eq!(
                 result.err(),
@@ -752,7 +823,7 @@ mod tests {
             ]],
         ).await;
         let client = async {
-            let response = pool.send(0, get(&base, "/both")).await.unwrap();
+            let response = pool.send(0, get(&base, "/both"), far()).await.unwrap();
             let length = response.headers().get("content-length").cloned();
             (length, body_text(response).await)
         };
@@ -769,7 +840,7 @@ mod tests {
         ]])
         .await;
         let client = async {
-            let response = pool.send(0, get(&base, "/broken")).await.unwrap();
+            let response = pool.send(0, get(&base, "/broken"), far()).await.unwrap();
             http_body_util::BodyExt::collect(response.into_body())
                 .await
                 .is_err()

@@ -12,7 +12,7 @@ mod h1_pool;
 pub mod proxy_pool;
 pub mod tls;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
@@ -88,15 +88,15 @@ impl Upstream {
         via: Via,
         index: usize,
         request: Request<RequestBody>,
-        timeout: Duration,
+        deadline: Instant,
     ) -> Result<Response<UpstreamBody>, Failure> {
         match (via, &self.proxies) {
             // Boxed: its future is larger than the direct path's, which
             // would make every request's future larger.
-            (Via::Proxy(proxy), Some(pool)) => Box::pin(pool.send(proxy, request, timeout))
+            (Via::Proxy(proxy), Some(pool)) => Box::pin(pool.send(proxy, request, deadline))
                 .await
                 .map(|response| response.map(UpstreamBody::from)),
-            _ => self.send(index, request, timeout).await,
+            _ => self.send(index, request, deadline).await,
         }
     }
 
@@ -110,32 +110,27 @@ impl Upstream {
     }
 
     /// Sends one attempt to target `index` (the request's URI is that
-    /// target's) and waits at most `timeout` for the response head.
+    /// target's) and waits until `deadline` at most for the response head.
     pub async fn send(
         &self,
         index: usize,
         request: Request<RequestBody>,
-        timeout: Duration,
+        deadline: Instant,
     ) -> Result<Response<UpstreamBody>, Failure> {
-        // One `timeout` per branch rather than around an async block that
-        // picks the branch: a level less of futures nested by value, each
-        // copied as it is created (measured, callgrind).
-        let result = match &self.h1 {
-            Some(pool) if pool.serves(index) => {
-                tokio::time::timeout(timeout, pool.send(index, request)).await
-            }
-            _ => tokio::time::timeout(timeout, self.client.request(request))
-                .await
-                .map(|result| match result {
-                    Ok(response) => Ok(response.map(UpstreamBody::from)),
-                    Err(e) => {
-                        let failure = Failure::from_client_error(&e);
-                        tracing::debug!(error = %ErrorChain(&e), ?failure, "upstream attempt failed");
-                        Err(failure)
-                    }
-                }),
-        };
-        result.unwrap_or(Err(Failure::Timeout))
+        match &self.h1 {
+            // The pool keeps the deadline itself (a timer per connection).
+            Some(pool) if pool.serves(index) => pool.send(index, request, deadline).await,
+            _ => match tokio::time::timeout_at(deadline.into(), self.client.request(request)).await
+            {
+                Ok(Ok(response)) => Ok(response.map(UpstreamBody::from)),
+                Ok(Err(e)) => {
+                    let failure = Failure::from_client_error(&e);
+                    tracing::debug!(error = %ErrorChain(&e), ?failure, "upstream attempt failed");
+                    Err(failure)
+                }
+                Err(_) => Err(Failure::Timeout),
+            },
+        }
     }
 }
 

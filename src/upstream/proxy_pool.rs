@@ -148,13 +148,13 @@ impl ProxyPool {
         }
     }
 
-    /// Sends one attempt through proxy `index`, waiting at most `timeout`
-    /// for the response head.
+    /// Sends one attempt through proxy `index`, waiting until `deadline` at
+    /// most for the response head.
     pub async fn send(
         &self,
         index: usize,
         mut request: Request<RequestBody>,
-        timeout: Duration,
+        deadline: std::time::Instant,
     ) -> Result<Response<Incoming>, Failure> {
         let Some(proxy) = self.proxies.get(index) else {
             return Err(Failure::ConnectFailed);
@@ -168,7 +168,7 @@ impl ProxyPool {
                     .insert(PROXY_AUTHORIZATION, auth.clone());
             }
         }
-        match tokio::time::timeout(timeout, proxy.client.request(request)).await {
+        match tokio::time::timeout_at(deadline.into(), proxy.client.request(request)).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => {
                 let failure = Failure::from_client_error(&e);
