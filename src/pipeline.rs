@@ -41,7 +41,7 @@ use crate::capture::{CaptureOutcome, Capturer};
 use crate::classify::{is_idempotent, status_failure, status_trips_breaker, Failure};
 use crate::config::{Config, RateLimitKey};
 use crate::error::{ErrorCode, ProxyError};
-use crate::headers::{self, ClientInfo, X_REQUEST_ID};
+use crate::headers::{self, ClientInfo, Forwarding, ProxySet, X_REQUEST_ID};
 use crate::otel;
 use crate::resilience::backoff::Backoff;
 use crate::resilience::breaker::{self, Admission, Permit};
@@ -323,7 +323,10 @@ pub struct Outgoing {
     /// Where the path sent upstream starts in the client's path (after the
     /// route's prefix when `strip_prefix` is on).
     upstream_path_start: usize,
+    /// The client's headers, cleaned (hop-by-hop and filtered ones gone).
     pub headers: HeaderMap,
+    /// What the proxy sets on top of them.
+    pub set: ProxySet,
     /// The client's own headers, kept only when the request may be captured
     /// (the record holds what the client sent, not what Backstop added).
     pub client_headers: Option<HeaderMap>,
@@ -368,12 +371,8 @@ async fn read_body(
     Ok((parts, body))
 }
 
-/// How many headers `prepare` and the upstream client add at most, besides
-/// the route's own: `X-Forwarded-For`, `-Proto`, `-Host`, `Forwarded`,
-/// `X-Request-Id`, `traceparent`, `tracestate` and `Host`.
-const ADDED_HEADERS: usize = 8;
-
-/// Phase 5: the upstream request's headers and path.
+/// Phase 5: the upstream request's headers and path. The client's headers
+/// are cleaned in place; what the proxy sets is kept apart (`ProxySet`).
 fn prepare(
     route: &Route,
     parts: http::request::Parts,
@@ -399,24 +398,20 @@ fn prepare(
         h
     });
     headers::filter_forwarded(&mut headers, &route.config.forward_headers);
-    headers.remove(HOST);
-    // Room for what is added below (forwarding headers, request id, trace
-    // context, the target's Host) at once: the map hyper parsed is sized
-    // for the client's headers, and growing it one insert at a time
-    // rehashes it several times.
-    headers.reserve(ADDED_HEADERS + route.config.headers.len());
-    headers::set_forwarded(&mut headers, &ctx.client, original_host.as_ref());
-    for (name, value) in &route.config.headers {
-        headers.insert(name.clone(), value.clone());
-    }
-    headers.insert(X_REQUEST_ID, ctx.request_id.clone());
-    ctx.trace.apply(&mut headers);
+    let set = ProxySet {
+        forwarding: Forwarding::new(&headers, &ctx.client, original_host.as_ref()),
+        route: route.config.headers.clone(),
+        request_id: ctx.request_id.clone(),
+        traceparent: ctx.trace.traceparent().clone(),
+        tracestate: ctx.trace.tracestate().cloned(),
+    };
     let path = parts.uri.path();
     Outgoing {
         method: parts.method,
         upstream_path_start: path.len() - route.upstream_path(path).len(),
         uri: parts.uri,
         headers,
+        set,
         client_headers,
         body,
     }
@@ -558,7 +553,7 @@ async fn forward(
         ctx.attempts += 1;
         let attempt = ctx.attempts;
         let (index, target) = route.upstream.balancer.pick();
-        let mut request = match outgoing.request_for(&target.base, attempt >= max_attempts) {
+        let request = match outgoing.request_for(&target.base, attempt >= max_attempts) {
             Ok(r) => r,
             Err(_) => {
                 return Forwarded::Failed {
@@ -569,7 +564,9 @@ async fn forward(
         };
         let proxies = route.upstream.proxies.as_ref();
         let via = proxy_pool::choose(proxies, &route.config.proxy, saw_429);
-        let span = ctx.span.attempt(attempt, &mut request);
+        let span = ctx
+            .span
+            .attempt(attempt, request.uri(), &mut outgoing.set.traceparent);
         let sent_at = Instant::now();
         // The attempt's timeout, cut short by the request's deadline.
         let try_deadline = match deadline {
@@ -578,7 +575,7 @@ async fn forward(
         };
         let result = route
             .upstream
-            .send_via(via, index, request, try_deadline)
+            .send_via(via, index, request, Some(&outgoing.set), try_deadline)
             .await;
         span.end(&result);
         let trips = match &result {

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method, Uri};
@@ -150,7 +151,8 @@ pub struct RouteConfig {
     pub strip_prefix: bool,
     pub host: Option<String>,
     pub upstreams: Vec<Uri>,
-    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Shared: every request's `ProxySet` holds them.
+    pub headers: Arc<[(HeaderName, HeaderValue)]>,
     pub forward_headers: ForwardHeaders,
     pub tls_ca_file: Option<PathBuf>,
     pub tls_verify: bool,
@@ -676,7 +678,7 @@ impl RouteConfig {
             strip_prefix: s.get("strip_prefix", false),
             host: s.opt::<String>("host").map(|h| h.to_ascii_lowercase()),
             upstreams,
-            headers: read_header_map(s, "headers"),
+            headers: read_header_map(s, "headers").into(),
             forward_headers: read_forward_headers(s),
             tls_ca_file,
             tls_verify: s.get("tls_verify", true),

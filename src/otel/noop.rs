@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 
 use crate::body::ResponseBody;
@@ -54,7 +54,12 @@ impl RequestSpan {
     pub fn set_route(&self, _route: &Route) {}
 
     #[inline(always)]
-    pub fn attempt<B>(&self, _attempt: u32, _request: &mut Request<B>) -> AttemptSpan {
+    pub fn attempt(
+        &self,
+        _attempt: u32,
+        _uri: &http::Uri,
+        _traceparent: &mut HeaderValue,
+    ) -> AttemptSpan {
         AttemptSpan
     }
 

@@ -38,7 +38,7 @@ use crate::headers::ClientInfo;
 use crate::pipeline::RequestContext;
 use crate::routing::Route;
 use crate::stats::metrics::Metrics;
-use crate::traceparent::{self, TraceContext, TraceIds, TRACEPARENT};
+use crate::traceparent::{self, TraceContext, TraceIds};
 
 /// The exporter, or nothing when `[otlp] enabled = false`.
 pub struct Tracing {
@@ -153,11 +153,15 @@ impl RequestSpan {
 
     /// Starts the CLIENT span of one upstream attempt (1 for the first) and
     /// makes it the parent in the attempt's `traceparent`.
-    pub fn attempt<B>(&self, attempt: u32, request: &mut Request<B>) -> AttemptSpan {
+    pub fn attempt(
+        &self,
+        attempt: u32,
+        uri: &http::Uri,
+        sent_traceparent: &mut HeaderValue,
+    ) -> AttemptSpan {
         let Some(rec) = &self.0 else {
             return AttemptSpan(None);
         };
-        let uri = request.uri();
         let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
             Some("https") => 443,
             _ => 80,
@@ -184,8 +188,7 @@ impl RequestSpan {
         let span = rec.active.tracer.build_with_context(builder, &rec.cx);
         let context = span.span_context();
         if context.is_sampled() {
-            let value = traceparent::encode(ids_of(context));
-            request.headers_mut().insert(TRACEPARENT, value);
+            *sent_traceparent = traceparent::encode(ids_of(context));
         }
         AttemptSpan(Some(span))
     }

@@ -39,7 +39,7 @@ pub async fn deliver(
         Err(reason) => return Delivery::Dead(reason),
     };
     let deadline = std::time::Instant::now() + route.config.circuit_breaker.request_timeout;
-    match route.upstream.send(target, request, deadline).await {
+    match route.upstream.send(target, request, None, deadline).await {
         Ok(response) => {
             let status = response.status().as_u16();
             // Drain the body so the pooled connection can be reused.
@@ -92,7 +92,7 @@ fn build_request(
         let client = ClientInfo::new(addr, "http");
         headers::set_forwarded(&mut headers, &client, original_host.as_ref());
     }
-    for (name, value) in &route.config.headers {
+    for (name, value) in route.config.headers.iter() {
         headers.insert(name.clone(), value.clone());
     }
     let id =

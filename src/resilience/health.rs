@@ -116,7 +116,12 @@ async fn probe(route: &Route, index: usize, check: &HealthCheckConfig) -> bool {
     *request.version_mut() = Version::HTTP_11;
     match route
         .upstream
-        .send(index, request, std::time::Instant::now() + check.timeout)
+        .send(
+            index,
+            request,
+            None,
+            std::time::Instant::now() + check.timeout,
+        )
         .await
     {
         Ok(response) => {

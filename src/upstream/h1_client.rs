@@ -33,6 +33,7 @@ use tokio::net::TcpStream;
 use tokio_util::io::poll_read_buf;
 
 use crate::classify::Failure;
+use crate::headers::ProxySet;
 
 /// Response header lines accepted at most.
 const MAX_HEADERS: usize = 100;
@@ -153,7 +154,10 @@ pub struct Head<'a> {
     /// The origin-form target: path and query.
     pub target: &'a str,
     pub headers: &'a HeaderMap,
-    /// The `Host` sent when `headers` has none.
+    /// What the proxy sets on top of `headers` (`None`: they are complete).
+    pub set: Option<&'a ProxySet>,
+    /// The target's `Host`, sent unless `set` (or, without one, `headers`)
+    /// names another.
     pub host: &'a HeaderValue,
 }
 
@@ -281,29 +285,29 @@ async fn send_and_read_head(
     }
 }
 
-/// `METHOD target HTTP/1.1`, the headers (the framing ones replaced by the
-/// body's length), `Host` if missing, and the blank line.
+/// `METHOD target HTTP/1.1`, the client's headers that the proxy's do not
+/// replace, the proxy's (the framing ones replaced by the body's length),
+/// `Host`, and the blank line.
 fn encode_head(out: &mut Vec<u8>, head: &Head<'_>, body_len: usize) {
     out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(head.target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut has_host = false;
+    let mut host = head.host;
     for (name, value) in head.headers {
-        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
-            continue;
+        match head.set {
+            Some(set) if set.covers(name) => continue,
+            None if name == HOST => host = value,
+            _ => write_field(out, name, value),
         }
-        has_host |= name == HOST;
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
     }
-    if !has_host {
-        out.extend_from_slice(b"host: ");
-        out.extend_from_slice(head.host.as_bytes());
-        out.extend_from_slice(b"\r\n");
+    if let Some(set) = head.set {
+        host = set.host().unwrap_or(host);
+        for (name, value) in set.each() {
+            write_field(out, &name, value);
+        }
     }
+    write_field(out, &HOST, host);
     // A body, or a method whose meaning implies one: say its length (as
     // hyper does; a GET without a body says nothing).
     if body_len > 0 || matches!(*head.method, Method::POST | Method::PUT | Method::PATCH) {
@@ -311,6 +315,18 @@ fn encode_head(out: &mut Vec<u8>, head: &Head<'_>, body_len: usize) {
         out.extend_from_slice(itoa::Buffer::new().format(body_len).as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `name: value` and the line end; framing headers are left out (the
+/// exchange writes the body's own length).
+fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+        return;
+    }
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
     out.extend_from_slice(b"\r\n");
 }
 
@@ -728,6 +744,127 @@ fn invalid(what: &'static str) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::headers::{ClientInfo, Forwarding};
+
+    /// The headers of a written head, lowercased, sorted.
+    fn written_fields(head: &Head<'_>) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        encode_head(&mut out, head, 0);
+        let text = String::from_utf8(out).unwrap();
+        let mut fields: Vec<(String, String)> = text
+            .split("\r\n")
+            .skip(1)
+            .filter(|line| !line.is_empty())
+            .map(|line| {
+                let (name, value) = line.split_once(": ").unwrap();
+                (name.to_ascii_lowercase(), value.to_string())
+            })
+            .collect();
+        fields.sort();
+        fields
+    }
+
+    /// The headers `apply_to` leaves in the map, with the Host the map
+    /// ways send (the map's, else the target's), sorted.
+    fn applied_fields(
+        set: &ProxySet,
+        client: &HeaderMap,
+        target: &HeaderValue,
+    ) -> Vec<(String, String)> {
+        let mut map = client.clone();
+        set.apply_to(&mut map);
+        map.entry(HOST).or_insert_with(|| target.clone());
+        let mut fields: Vec<(String, String)> = map
+            .iter()
+            .map(|(n, v)| (n.as_str().to_string(), v.to_str().unwrap().to_string()))
+            .collect();
+        fields.sort();
+        fields
+    }
+
+    #[test]
+    fn the_head_carries_what_the_map_ways_send() {
+        let mut client = HeaderMap::new();
+        for (name, value) in [
+            ("host", "shop.example"),
+            ("accept", "*/*"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("forwarded", "for=10.0.0.1"),
+            ("x-request-id", "from-client"),
+            ("tracestate", "orphan=1"),
+            ("x-kept", "1"),
+            ("x-kept", "2"),
+        ] {
+            client.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        let info = ClientInfo::new("127.0.0.1:5000".parse().unwrap(), "http");
+        let host = HeaderValue::from_static("shop.example");
+        let target = HeaderValue::from_static("10.1.1.1:8080");
+        let route_sets: [&[(&'static str, &'static str)]; 3] = [
+            &[],
+            // The route's values win over the forwarding ones, and lose to
+            // the request id and trace context; its Host is sent.
+            &[
+                ("x-forwarded-proto", "https"),
+                ("x-request-id", "from-route"),
+                ("host", "internal.example"),
+                ("x-extra", "yes"),
+            ],
+            &[("traceparent", "nope"), ("x-forwarded-for", "hidden")],
+        ];
+        for route in route_sets {
+            let set = ProxySet {
+                forwarding: Forwarding::new(&client, &info, Some(&host)),
+                route: route
+                    .iter()
+                    .map(|(n, v)| (HeaderName::from_static(n), HeaderValue::from_static(v)))
+                    .collect(),
+                request_id: HeaderValue::from_static("rid-1"),
+                traceparent: HeaderValue::from_static(
+                    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                ),
+                tracestate: None,
+            };
+            let head = Head {
+                method: &Method::GET,
+                target: "/",
+                headers: &client,
+                set: Some(&set),
+                host: &target,
+            };
+            let written = written_fields(&head);
+            assert_eq!(
+                written,
+                applied_fields(&set, &client, &target),
+                "route {route:?}"
+            );
+            let get = |name: &str| -> Vec<&str> {
+                written
+                    .iter()
+                    .filter(|(n, _)| n == name)
+                    .map(|(_, v)| v.as_str())
+                    .collect()
+            };
+            assert_eq!(get("x-request-id"), ["rid-1"]);
+            assert!(
+                get("tracestate").is_empty(),
+                "a trace Backstop started drops it"
+            );
+            assert_eq!(get("x-kept"), ["1", "2"]);
+            if route.is_empty() {
+                assert_eq!(get("host"), ["10.1.1.1:8080"]);
+                assert_eq!(get("x-forwarded-for"), ["10.0.0.1, 127.0.0.1"]);
+                assert_eq!(
+                    get("forwarded"),
+                    ["for=10.0.0.1, for=127.0.0.1;proto=http;host=shop.example"]
+                );
+            }
+        }
+    }
 
     #[test]
     fn chunk_sizes_are_hex_digits_and_nothing_else() {

@@ -41,6 +41,7 @@ use tower_service::Service;
 use super::h1_client::{self, IdleConns};
 use crate::body::{RequestBody, UpstreamBody};
 use crate::classify::{is_idempotent, Failure};
+use crate::headers::ProxySet;
 
 /// How often idle connections are looked over for expiry.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -124,23 +125,28 @@ impl H1Pool {
         &self,
         index: usize,
         request: Request<RequestBody>,
+        set: Option<&ProxySet>,
         deadline: Instant,
     ) -> Result<Response<UpstreamBody>, Failure> {
         let Some(Some(target)) = self.shared.targets.get(index) else {
             return Err(Failure::ConnectFailed);
         };
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
         let request = match body {
             Either::Right(buffered) => {
                 let body = full_bytes(buffered);
                 if body.len() <= h1_client::MAX_BODY {
-                    return self.exchange(target, parts, body, deadline).await;
+                    return self.exchange(target, parts, set, body, deadline).await;
                 }
                 // A large body goes the way that can take an early answer.
-                Request::from_parts(parts, Either::Right(Full::new(body)))
+                Either::Right(Full::new(body))
             }
-            streaming => Request::from_parts(parts, streaming),
+            streaming => streaming,
         };
+        if let Some(set) = set {
+            set.apply_to(&mut parts.headers);
+        }
+        let request = Request::from_parts(parts, request);
         // Boxed: the rarer way, whose future would make every request's
         // future larger.
         let sent = Box::pin(timeout_at(
@@ -160,6 +166,7 @@ impl H1Pool {
         &self,
         target: &TargetConns,
         parts: http::request::Parts,
+        set: Option<&ProxySet>,
         body: Bytes,
         deadline: Instant,
     ) -> Result<Response<UpstreamBody>, Failure> {
@@ -167,6 +174,7 @@ impl H1Pool {
             method: &parts.method,
             target: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
             headers: &parts.headers,
+            set,
             host: &target.host,
         };
         let mut retried = false;
@@ -453,7 +461,7 @@ mod tests {
             let request = get(&base, path);
             let pool = &pool;
             async move {
-                let response = pool.send(0, request, far()).await.unwrap();
+                let response = pool.send(0, request, None, far()).await.unwrap();
                 assert_eq!(response.status(), 200);
                 http_body_util::BodyExt::collect(response.into_body())
                     .await
@@ -638,9 +646,15 @@ mod tests {
         ])
         .await;
         let client = async {
-            let first = pool.send(0, get(&base, "/chunked"), far()).await.unwrap();
+            let first = pool
+                .send(0, get(&base, "/chunked"), None, far())
+                .await
+                .unwrap();
             assert_eq!(body_text(first).await, "hello, world");
-            let second = pool.send(0, get(&base, "/length"), far()).await.unwrap();
+            let second = pool
+                .send(0, get(&base, "/length"), None, far())
+                .await
+                .unwrap();
             assert_eq!(body_text(second).await, "abc");
         };
         let (seen, ()) = both(backend, client).await;
@@ -662,21 +676,21 @@ mod tests {
         .await;
         let client = async {
             let created = pool
-                .send(0, request(&base, Method::POST, "/c"), far())
+                .send(0, request(&base, Method::POST, "/c"), None, far())
                 .await
                 .unwrap();
             assert_eq!(created.status(), 201);
             assert_eq!(body_text(created).await, "ok");
             let head = pool
-                .send(0, request(&base, Method::HEAD, "/h"), far())
+                .send(0, request(&base, Method::HEAD, "/h"), None, far())
                 .await
                 .unwrap();
             assert_eq!(head.headers()["content-length"], "10");
             assert_eq!(body_text(head).await, "");
-            let none = pool.send(0, get(&base, "/n"), far()).await.unwrap();
+            let none = pool.send(0, get(&base, "/n"), None, far()).await.unwrap();
             assert_eq!(none.status(), 204);
             assert_eq!(body_text(none).await, "");
-            let last = pool.send(0, get(&base, "/l"), far()).await.unwrap();
+            let last = pool.send(0, get(&base, "/l"), None, far()).await.unwrap();
             assert_eq!(body_text(last).await, "!");
         };
         let (seen, ()) = both(backend, client).await;
@@ -705,7 +719,10 @@ mod tests {
             drop(conn);
         };
         let client = async {
-            let response = pool.send(0, get(&base, "/close"), far()).await.unwrap();
+            let response = pool
+                .send(0, get(&base, "/close"), None, far())
+                .await
+                .unwrap();
             body_text(response).await
         };
         let ((), text) = both(backend, client).await;
@@ -723,12 +740,12 @@ mod tests {
         // closes on the POST the same way.
         let backend = scripted_backend(listener, vec![vec![ok], vec![], vec![ok], vec![]]);
         let client = async {
-            let first = pool.send(0, get(&base, "/a"), far()).await.unwrap();
+            let first = pool.send(0, get(&base, "/a"), None, far()).await.unwrap();
             assert_eq!(body_text(first).await, "ok");
-            let again = pool.send(0, get(&base, "/b"), far()).await.unwrap();
+            let again = pool.send(0, get(&base, "/b"), None, far()).await.unwrap();
             assert_eq!(body_text(again).await, "ok", "retried on a new connection");
             let post = pool
-                .send(0, request(&base, Method::POST, "/c"), far())
+                .send(0, request(&base, Method::POST, "/c"), None, far())
                 .await;
             assert_eq!(post.err(), Some(Failure::Reset), "a POST is not sent twice");
         };
@@ -772,13 +789,18 @@ mod tests {
             (held, third, first)
         };
         let client = async {
-            let first = pool.send(0, get(&base, "/a"), far()).await.unwrap();
+            let first = pool.send(0, get(&base, "/a"), None, far()).await.unwrap();
             assert_eq!(body_text(first).await, "ok");
             // The connection's timer was set far ahead; this deadline is
             // nearer, so the timer must move back, not only forward.
             let started = Instant::now();
             let late = pool
-                .send(0, get(&base, "/b"), started + Duration::from_millis(200))
+                .send(
+                    0,
+                    get(&base, "/b"),
+                    None,
+                    started + Duration::from_millis(200),
+                )
                 .await;
             let waited = started.elapsed();
             assert_eq!(late.err(), Some(Failure::Timeout));
@@ -787,7 +809,7 @@ mod tests {
                 "{waited:?}"
             );
             assert_eq!(only_target(&pool).idle.len(), 0, "not kept for reuse");
-            let third = pool.send(0, get(&base, "/c"), far()).await.unwrap();
+            let third = pool.send(0, get(&base, "/c"), None, far()).await.unwrap();
             assert_eq!(body_text(third).await, "ok");
         };
         let ((held, third, _first), ()) = both(backend, client).await;
@@ -804,7 +826,7 @@ mod tests {
             b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n",
         ] {
             let (pool, base, backend) = scripted_pool(vec![vec![reply]]).await;
-            let client = pool.send(0, get(&base, "/bad"), far());
+            let client = pool.send(0, get(&base, "/bad"), None, far());
             let (_, result) = both(backend, client).await;
             assert_eq!(
                 result.err(),
@@ -823,7 +845,10 @@ mod tests {
             ]],
         ).await;
         let client = async {
-            let response = pool.send(0, get(&base, "/both"), far()).await.unwrap();
+            let response = pool
+                .send(0, get(&base, "/both"), None, far())
+                .await
+                .unwrap();
             let length = response.headers().get("content-length").cloned();
             (length, body_text(response).await)
         };
@@ -840,7 +865,10 @@ mod tests {
         ]])
         .await;
         let client = async {
-            let response = pool.send(0, get(&base, "/broken"), far()).await.unwrap();
+            let response = pool
+                .send(0, get(&base, "/broken"), None, far())
+                .await
+                .unwrap();
             http_body_util::BodyExt::collect(response.into_body())
                 .await
                 .is_err()

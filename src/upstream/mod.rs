@@ -29,6 +29,7 @@ use proxy_pool::{ProxyPool, Via};
 use crate::body::{RequestBody, UpstreamBody};
 use crate::classify::Failure;
 use crate::config::{RouteConfig, ServerConfig};
+use crate::headers::ProxySet;
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
 
@@ -82,21 +83,27 @@ impl Upstream {
     }
 
     /// Sends one attempt to target `index`, directly or through an outbound
-    /// proxy.
+    /// proxy, with the headers in `set` on top of the request's own.
     pub async fn send_via(
         &self,
         via: Via,
         index: usize,
-        request: Request<RequestBody>,
+        mut request: Request<RequestBody>,
+        set: Option<&ProxySet>,
         deadline: Instant,
     ) -> Result<Response<UpstreamBody>, Failure> {
         match (via, &self.proxies) {
             // Boxed: its future is larger than the direct path's, which
             // would make every request's future larger.
-            (Via::Proxy(proxy), Some(pool)) => Box::pin(pool.send(proxy, request, deadline))
-                .await
-                .map(|response| response.map(UpstreamBody::from)),
-            _ => self.send(index, request, deadline).await,
+            (Via::Proxy(proxy), Some(pool)) => {
+                if let Some(set) = set {
+                    set.apply_to(request.headers_mut());
+                }
+                Box::pin(pool.send(proxy, request, deadline))
+                    .await
+                    .map(|response| response.map(UpstreamBody::from))
+            }
+            _ => self.send(index, request, set, deadline).await,
         }
     }
 
@@ -110,26 +117,31 @@ impl Upstream {
     }
 
     /// Sends one attempt to target `index` (the request's URI is that
-    /// target's) and waits until `deadline` at most for the response head.
+    /// target's), with the headers in `set` on top of the request's own,
+    /// and waits until `deadline` at most for the response head.
     pub async fn send(
         &self,
         index: usize,
-        request: Request<RequestBody>,
+        mut request: Request<RequestBody>,
+        set: Option<&ProxySet>,
         deadline: Instant,
     ) -> Result<Response<UpstreamBody>, Failure> {
-        match &self.h1 {
-            // The pool keeps the deadline itself (a timer per connection).
-            Some(pool) if pool.serves(index) => pool.send(index, request, deadline).await,
-            _ => match tokio::time::timeout_at(deadline.into(), self.client.request(request)).await
-            {
-                Ok(Ok(response)) => Ok(response.map(UpstreamBody::from)),
-                Ok(Err(e)) => {
-                    let failure = Failure::from_client_error(&e);
-                    tracing::debug!(error = %ErrorChain(&e), ?failure, "upstream attempt failed");
-                    Err(failure)
-                }
-                Err(_) => Err(Failure::Timeout),
-            },
+        if let Some(pool) = self.h1.as_ref().filter(|pool| pool.serves(index)) {
+            // The pool keeps the deadline itself (a timer per connection)
+            // and writes `set` into the request head.
+            return pool.send(index, request, set, deadline).await;
+        }
+        if let Some(set) = set {
+            set.apply_to(request.headers_mut());
+        }
+        match tokio::time::timeout_at(deadline.into(), self.client.request(request)).await {
+            Ok(Ok(response)) => Ok(response.map(UpstreamBody::from)),
+            Ok(Err(e)) => {
+                let failure = Failure::from_client_error(&e);
+                tracing::debug!(error = %ErrorChain(&e), ?failure, "upstream attempt failed");
+                Err(failure)
+            }
+            Err(_) => Err(Failure::Timeout),
         }
     }
 }
