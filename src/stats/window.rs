@@ -262,6 +262,11 @@ impl Window {
     /// one becomes a summary (summaries older than `keep` periods go) and
     /// is returned with its start, for the caller to fold into longer ones.
     pub fn roll(&mut self, now_ms: i64) -> Option<(i64, Aggregate)> {
+        // Within the current period (nearly every call, once per request):
+        // no division.
+        if now_ms < self.start_ms.saturating_add(self.len_ms) {
+            return None;
+        }
         let start = now_ms - now_ms.rem_euclid(self.len_ms);
         if start <= self.start_ms {
             return None;
