@@ -51,7 +51,7 @@ use crate::routing::{Route, RouteTable};
 use crate::stats::metrics::Metrics;
 use crate::stats::{Event, Stats};
 use crate::traceparent::TraceContext;
-use crate::upstream::{proxy_pool, upstream_uri_for};
+use crate::upstream::{deadline_after, proxy_pool, upstream_uri_for};
 
 /// The configuration in force: swapped whole on reload, read lock-free.
 pub struct Active {
@@ -545,7 +545,8 @@ async fn forward(
     };
     let max_attempts = outgoing.max_attempts(route);
     let idempotent = is_idempotent(&outgoing.method) || retry.retry_non_idempotent;
-    let deadline = (!retry.deadline.is_zero()).then(|| Instant::now() + retry.deadline);
+    let deadline =
+        (!retry.deadline.is_zero()).then(|| deadline_after(Instant::now(), retry.deadline));
     guards.budget.on_request(retry);
     let mut permit = first_permit;
     let mut saw_429 = false;
@@ -570,8 +571,8 @@ async fn forward(
         let sent_at = Instant::now();
         // The attempt's timeout, cut short by the request's deadline.
         let try_deadline = match deadline {
-            Some(d) => d.min(sent_at + timeout),
-            None => sent_at + timeout,
+            Some(d) => d.min(deadline_after(sent_at, timeout)),
+            None => deadline_after(sent_at, timeout),
         };
         let result = route
             .upstream

@@ -1053,24 +1053,42 @@ fn check_upstream_url(url: &str) -> Result<Uri, String> {
 
 fn read_header_map(s: &Section<'_>, key: &str) -> Vec<(HeaderName, HeaderValue)> {
     let map: BTreeMap<String, String> = s.get(key, BTreeMap::new());
-    map.into_iter()
-        .filter_map(|(name, value)| {
-            let name_ok = HeaderName::try_from(name.as_str());
-            let value_ok = HeaderValue::try_from(value.as_str());
-            match (name_ok, value_ok) {
-                (Ok(n), Ok(v)) => Some((n, v)),
-                (Err(_), _) => {
-                    s.error(&format!("{key}.{name}"), "invalid header name");
-                    None
-                }
-                (_, Err(_)) => {
-                    s.error(&format!("{key}.{name}"), "invalid header value");
-                    None
-                }
+    let mut headers: Vec<(HeaderName, HeaderValue)> = Vec::with_capacity(map.len());
+    for (name, value) in map {
+        let at = format!("{key}.{name}");
+        match (
+            HeaderName::try_from(name.as_str()),
+            HeaderValue::try_from(value.as_str()),
+        ) {
+            (Err(_), _) => s.error(&at, "invalid header name"),
+            (_, Err(_)) => s.error(&at, "invalid header value"),
+            (Ok(n), Ok(_)) if PER_MESSAGE_HEADERS.iter().any(|h| *h == n.as_str()) => s.error(
+                &at,
+                "is set for each message or connection; it cannot be configured",
+            ),
+            // TOML keys are case-sensitive, header names are not.
+            (Ok(n), Ok(_)) if headers.iter().any(|(seen, _)| *seen == n) => {
+                s.error(&at, "duplicate header name (names are case-insensitive)")
             }
-        })
-        .collect()
+            (Ok(n), Ok(v)) => headers.push((n, v)),
+        }
+    }
+    headers
 }
+
+/// Headers that frame a message or describe one connection: the proxy
+/// writes or removes them itself, so a configured value would be dropped
+/// on one way to the backend and misframe the request on another.
+const PER_MESSAGE_HEADERS: [&str; 8] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
 
 fn read_forward_headers(s: &Section<'_>) -> ForwardHeaders {
     match s.opt::<BoolOrList>("forward_headers") {

@@ -38,7 +38,10 @@ pub async fn deliver(
         Ok(r) => r,
         Err(reason) => return Delivery::Dead(reason),
     };
-    let deadline = std::time::Instant::now() + route.config.circuit_breaker.request_timeout;
+    let deadline = crate::upstream::deadline_after(
+        std::time::Instant::now(),
+        route.config.circuit_breaker.request_timeout,
+    );
     match route.upstream.send(target, request, None, deadline).await {
         Ok(response) => {
             let status = response.status().as_u16();

@@ -120,7 +120,7 @@ async fn probe(route: &Route, index: usize, check: &HealthCheckConfig) -> bool {
             index,
             request,
             None,
-            std::time::Instant::now() + check.timeout,
+            crate::upstream::deadline_after(std::time::Instant::now(), check.timeout),
         )
         .await
     {

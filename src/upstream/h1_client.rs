@@ -218,9 +218,10 @@ pub async fn exchange(
     let (parsed, response_head) = sent?;
     // The timer goes on waking this request's task until it is polled
     // again; the connection outlives the request, so it wakes no one.
-    let _ = timer
-        .as_mut()
-        .poll(&mut Context::from_waker(std::task::Waker::noop()));
+    // Unconstrained: a task out of its cooperative budget would get
+    // `Pending` before the waker is replaced.
+    let mut forget_waker = tokio::task::unconstrained(timer.as_mut());
+    let _ = Pin::new(&mut forget_waker).poll(&mut Context::from_waker(std::task::Waker::noop()));
     conn.timer = Some(timer);
     respond(conn, &parsed, &response_head, head.method, idle)
 }
@@ -804,7 +805,10 @@ mod tests {
         let info = ClientInfo::new("127.0.0.1:5000".parse().unwrap(), "http");
         let host = HeaderValue::from_static("shop.example");
         let target = HeaderValue::from_static("10.1.1.1:8080");
-        let route_sets: [&[(&'static str, &'static str)]; 3] = [
+        let route_sets: [&[(&'static str, &'static str)]; 4] = [
+            // No host asked for (`X-Forwarded-Host` is not set; the
+            // client's passes through on both ways).
+            &[("x-no-host", "1")],
             &[],
             // The route's values win over the forwarding ones, and lose to
             // the request id and trace context; its Host is sent.
@@ -816,9 +820,14 @@ mod tests {
             ],
             &[("traceparent", "nope"), ("x-forwarded-for", "hidden")],
         ];
+        client.insert(
+            HeaderName::from_static("x-forwarded-host"),
+            HeaderValue::from_static("client.example"),
+        );
         for route in route_sets {
+            let asked = (route.first() != Some(&("x-no-host", "1"))).then_some(&host);
             let set = ProxySet {
-                forwarding: Forwarding::new(&client, &info, Some(&host)),
+                forwarding: Forwarding::new(&client, &info, asked),
                 route: route
                     .iter()
                     .map(|(n, v)| (HeaderName::from_static(n), HeaderValue::from_static(v)))
@@ -855,6 +864,12 @@ mod tests {
                 "a trace Backstop started drops it"
             );
             assert_eq!(get("x-kept"), ["1", "2"]);
+            let forwarded_host = if asked.is_some() {
+                "shop.example"
+            } else {
+                "client.example"
+            };
+            assert_eq!(get("x-forwarded-host"), [forwarded_host]);
             if route.is_empty() {
                 assert_eq!(get("host"), ["10.1.1.1:8080"]);
                 assert_eq!(get("x-forwarded-for"), ["10.0.0.1, 127.0.0.1"]);

@@ -146,6 +146,18 @@ impl Upstream {
     }
 }
 
+/// `start + timeout`, or a time far ahead when a configured timeout is
+/// too long to add (`Instant + Duration` panics on overflow).
+pub fn deadline_after(start: Instant, timeout: Duration) -> Instant {
+    start
+        .checked_add(timeout)
+        .or_else(|| start.checked_add(FAR_AHEAD))
+        .unwrap_or(start)
+}
+
+/// About thirty years: a deadline that never comes.
+const FAR_AHEAD: Duration = Duration::from_secs(30 * 365 * 86_400);
+
 /// The upstream URI for a client's request target, with the first `skip`
 /// bytes of its path removed (a stripped prefix): as [`upstream_uri`], but
 /// when nothing is stripped and the target has no base path (the common

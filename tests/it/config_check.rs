@@ -90,6 +90,14 @@ fn invalid_files_list_every_error_with_its_key() {
             format!("[stats]\npush_interval = \"10ms\"\n{ROUTE}"),
             vec!["FILE: stats.push_interval: must be between 100ms and 10m"],
         ),
+        (
+            format!("{ROUTE}[routes.headers]\n\"X-Extra\" = \"a\"\n\"x-extra\" = \"b\"\n\"Content-Length\" = \"5\"\nConnection = \"close\"\n"),
+            vec![
+                "FILE: routes[0].headers.x-extra: duplicate header name (names are case-insensitive)",
+                "FILE: routes[0].headers.Content-Length: is set for each message or connection; it cannot be configured",
+                "FILE: routes[0].headers.Connection: is set for each message or connection; it cannot be configured",
+            ],
+        ),
         ("[server\nlisten=1".into(), vec!["FILE: invalid TOML: "]),
         (
             format!("[kafka]\nbrokers = \"\"\nack_timeout = \"5 parsecs\"\n[replay]\nidempotency_header = \"bad header\"\n{ROUTE}"),
