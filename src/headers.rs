@@ -29,6 +29,22 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
+/// Headers that frame a message or describe one connection: the proxy
+/// writes or removes them itself, so configuration may not set them (a
+/// configured value would be dropped on one way to the backend and misframe
+/// the request on another). `Proxy-Authorization` and `-Authenticate`,
+/// hop-by-hop too, stay configurable.
+pub const PER_MESSAGE: [HeaderName; 8] = [
+    header::CONTENT_LENGTH,
+    header::TRANSFER_ENCODING,
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
 /// Headers that describe the body; kept even with `forward_headers = false`
 /// because without them the backend cannot read what it is sent.
 const REPRESENTATION: [HeaderName; 3] = [
@@ -248,14 +264,16 @@ pub struct ProxySet {
     pub tracestate: Option<HeaderValue>,
 }
 
+/// What a `ProxySet` sets after the route's headers, so a route cannot
+/// replace them.
+const SET_LAST: [HeaderName; 3] = [X_REQUEST_ID, TRACEPARENT, TRACESTATE];
+
 impl ProxySet {
     /// Whether the client's header `name` gives way to this set.
     pub fn covers(&self, name: &HeaderName) -> bool {
         name == HOST
             || self.forwarding.each().any(|(set, _)| set == *name)
-            || name == X_REQUEST_ID
-            || name == TRACEPARENT
-            || name == TRACESTATE
+            || SET_LAST.contains(name)
             || self.by_route(name)
     }
 
@@ -273,9 +291,7 @@ impl ProxySet {
         let route = self
             .route
             .iter()
-            .filter(|(name, _)| {
-                name != HOST && name != X_REQUEST_ID && name != TRACEPARENT && name != TRACESTATE
-            })
+            .filter(|(name, _)| name != HOST && !SET_LAST.contains(name))
             .map(|(name, value)| (name.clone(), value));
         let own = [
             (X_REQUEST_ID, Some(&self.request_id)),
@@ -300,7 +316,8 @@ impl ProxySet {
     /// other than the own exchange).
     pub fn apply_to(&self, headers: &mut HeaderMap) {
         headers.remove(HOST);
-        headers.reserve(8 + self.route.len());
+        // Room for everything inserted below at once.
+        headers.reserve(4 + self.route.len() + SET_LAST.len());
         self.forwarding.apply_to(headers);
         for (name, value) in self.route.iter() {
             headers.insert(name.clone(), value.clone());

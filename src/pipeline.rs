@@ -570,10 +570,8 @@ async fn forward(
             .attempt(attempt, request.uri(), &mut outgoing.set.traceparent);
         let sent_at = Instant::now();
         // The attempt's timeout, cut short by the request's deadline.
-        let try_deadline = match deadline {
-            Some(d) => d.min(deadline_after(sent_at, timeout)),
-            None => deadline_after(sent_at, timeout),
-        };
+        let try_deadline = deadline_after(sent_at, timeout);
+        let try_deadline = deadline.map_or(try_deadline, |d| d.min(try_deadline));
         let result = route
             .upstream
             .send_via(via, index, request, Some(&outgoing.set), try_deadline)

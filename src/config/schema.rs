@@ -1062,7 +1062,7 @@ fn read_header_map(s: &Section<'_>, key: &str) -> Vec<(HeaderName, HeaderValue)>
         ) {
             (Err(_), _) => s.error(&at, "invalid header name"),
             (_, Err(_)) => s.error(&at, "invalid header value"),
-            (Ok(n), Ok(_)) if PER_MESSAGE_HEADERS.iter().any(|h| *h == n.as_str()) => s.error(
+            (Ok(n), Ok(_)) if crate::headers::PER_MESSAGE.contains(&n) => s.error(
                 &at,
                 "is set for each message or connection; it cannot be configured",
             ),
@@ -1075,20 +1075,6 @@ fn read_header_map(s: &Section<'_>, key: &str) -> Vec<(HeaderName, HeaderValue)>
     }
     headers
 }
-
-/// Headers that frame a message or describe one connection: the proxy
-/// writes or removes them itself, so a configured value would be dropped
-/// on one way to the backend and misframe the request on another.
-const PER_MESSAGE_HEADERS: [&str; 8] = [
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "upgrade",
-];
 
 fn read_forward_headers(s: &Section<'_>) -> ForwardHeaders {
     match s.opt::<BoolOrList>("forward_headers") {
