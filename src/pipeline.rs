@@ -41,7 +41,7 @@ use crate::capture::{CaptureOutcome, Capturer};
 use crate::classify::{is_idempotent, status_failure, status_trips_breaker, Failure};
 use crate::config::{Config, RateLimitKey};
 use crate::error::{ErrorCode, ProxyError};
-use crate::headers::{self, ClientInfo, Forwarding, ProxySet, X_REQUEST_ID};
+use crate::headers::{self, ClientInfo, Forwarding, ProxySet, RequestNames, X_REQUEST_ID};
 use crate::otel;
 use crate::resilience::backoff::Backoff;
 use crate::resilience::breaker::{self, Admission, Permit};
@@ -116,12 +116,13 @@ pub async fn handle(
     req: Request<Incoming>,
     client: Arc<ClientInfo>,
 ) -> Response<ResponseBody> {
+    let names = RequestNames::find(req.headers());
     let mut ctx = RequestContext {
-        request_id: headers::request_id(req.headers()),
+        request_id: headers::request_id(names.request_id),
         client,
         method: req.method().clone(),
         started: Instant::now(),
-        trace: TraceContext::from_request(req.headers()),
+        trace: TraceContext::from_client(&names),
         route: None,
         attempts: 0,
         failure: None,
@@ -182,9 +183,15 @@ async fn proxy_request(
     let guards = proxy.resilience.route(route.name());
     rate_limit_phase(proxy, active, &route, &guards, &req, ctx).await?;
     let (parts, body) = read_body(&route, req, active.config.server.max_body_bytes).await?;
-    let mut cache = match cache_phase(proxy, active, &route, &parts, &body, ctx).await {
-        Lookup::Answer(response, _) => return Ok(response),
-        Lookup::Forward(state) => state,
+    // Only a route that caches goes through the cache phase: elsewhere its
+    // future, and the request's moves through it, are not paid for.
+    let mut cache = if route.config.cache.enabled {
+        match cache_phase(proxy, active, &route, &parts, &body, ctx).await {
+            Lookup::Answer(response, _) => return Ok(response),
+            Lookup::Forward(state) => state,
+        }
+    } else {
+        CacheState::off()
     };
     let mut outgoing = prepare(&route, parts, body, ctx);
     let permit = match breaker_phase(&route, &guards) {
@@ -204,7 +211,12 @@ async fn proxy_request(
     };
     match forward(&route, &guards, permit, &mut outgoing, ctx).await {
         Forwarded::Answer(response) => {
-            let answer = cache.finish(&route.config, respond(response)).await;
+            let response = respond(response);
+            if cache.verdict().is_none() {
+                // Nothing to store or mark.
+                return Ok(response);
+            }
+            let answer = cache.finish(&route.config, response).await;
             ctx.cache = cache.verdict().map(|v| v.as_str());
             answer
         }

@@ -16,6 +16,8 @@ use http::header::HeaderName;
 use http::{HeaderMap, HeaderValue};
 use rand::Rng;
 
+use crate::headers::RequestNames;
+
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
@@ -39,13 +41,19 @@ pub struct TraceIds {
 impl TraceContext {
     /// The client's context if its `traceparent` is valid, else a new one.
     pub fn from_request(headers: &HeaderMap) -> TraceContext {
-        let incoming = headers
-            .get(&TRACEPARENT)
+        TraceContext::from_client(&RequestNames::find(headers))
+    }
+
+    /// [`TraceContext::from_request`] from the client's headers already
+    /// found.
+    pub fn from_client(client: &RequestNames<'_>) -> TraceContext {
+        let incoming = client
+            .traceparent
             .filter(|v| v.to_str().is_ok_and(is_valid));
         match incoming {
             Some(tp) => TraceContext {
                 traceparent: tp.clone(),
-                tracestate: headers.get(&TRACESTATE).cloned(),
+                tracestate: client.tracestate.cloned(),
                 incoming: true,
             },
             None => TraceContext::new_root(),

@@ -119,6 +119,11 @@ struct Slot {
 }
 
 impl CacheState {
+    /// The state of a request on a route that does not cache.
+    pub fn off() -> CacheState {
+        CacheState::passthrough(None)
+    }
+
     fn passthrough(verdict: Option<Verdict>) -> CacheState {
         CacheState {
             verdict,
