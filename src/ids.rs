@@ -9,7 +9,7 @@
 use std::cell::RefCell;
 
 use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngCore, SeedableRng};
 
 thread_local! {
     static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_rng(&mut rand::rng()));
@@ -20,7 +20,10 @@ pub fn with_rng<T>(f: impl FnOnce(&mut SmallRng) -> T) -> T {
     RNG.with(|rng| f(&mut rng.borrow_mut()))
 }
 
-/// Random bytes.
+/// Random bytes, filled a word at a time (`random::<[u8; N]>` draws a
+/// word for each byte).
 pub fn random_bytes<const N: usize>() -> [u8; N] {
-    with_rng(|rng| rng.random())
+    let mut bytes = [0; N];
+    with_rng(|rng| rng.fill_bytes(&mut bytes));
+    bytes
 }

@@ -107,6 +107,15 @@ fn http_builder(settings: &ConnSettings) -> auto::Builder<TokioExecutor> {
         // hyper's would arm a timer for every request.
         .header_read_timeout(None::<Duration>)
         .max_buf_size(settings.max_header_bytes)
+        // A client that closes its side while its request is in flight
+        // does not cancel the request: it runs its course upstream (a
+        // request the proxy took is not dropped halfway; HAProxy's default
+        // too), and a half-closed client still gets its answer. Without
+        // it hyper also watches for that close during every request, and
+        // to do so takes a new read buffer (8 KiB) per request while the
+        // request still holds the old one: about 950 instructions per
+        // request (callgrind).
+        .half_close(true)
         .keep_alive(true);
     builder
         .http2()

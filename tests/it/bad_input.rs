@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::harness::{client, Backend, Backstop};
+use crate::harness::{client, Backend, Backstop, Reply};
 
 async fn raw(bs: &Backstop, request: &[u8]) -> String {
     let mut s = TcpStream::connect(bs.addr).await.unwrap();
@@ -246,4 +246,52 @@ async fn a_stalled_head_is_cut_even_after_an_idle_or_shutdown_close() {
         "exited after {:?}",
         started.elapsed()
     );
+}
+
+/// A client may shut down its sending side once its request is out (as
+/// `nc -N` does): it still gets the answer.
+#[tokio::test]
+async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
+    let backend = Backend::echo().await;
+    let mut bs = Backstop::start(&config(&backend));
+    let mut s = TcpStream::connect(bs.addr).await.unwrap();
+    s.write_all(b"POST /half HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("the answer and the close come in time")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&out);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(&seen[0].body[..], b"hello");
+    assert_healthy(&mut bs).await;
+}
+
+/// A client that goes away while its request is being proxied does not
+/// cancel it: the request runs its course upstream (here a retry after a
+/// backoff the client does not wait for), so a request the proxy took is
+/// never dropped halfway.
+#[tokio::test]
+async fn a_request_whose_client_leaves_runs_its_course_upstream() {
+    let backend = Backend::scripted(vec![Reply::status(503), Reply::ok("done")]).await;
+    let mut bs = Backstop::start(&format!(
+        "{}  [routes.retry]\n  max_attempts = 2\n  initial_delay = \"400ms\"\n  max_delay = \"400ms\"\n",
+        config(&backend)
+    ));
+    let mut s = TcpStream::connect(bs.addr).await.unwrap();
+    s.write_all(b"PUT /leaving HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc")
+        .await
+        .unwrap();
+    backend.wait_for_hits(1, Duration::from_secs(5)).await;
+    drop(s);
+    backend.wait_for_hits(2, Duration::from_secs(5)).await;
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 2, "the retry went out after the client left");
+    assert_eq!(&seen[1].body[..], b"abc");
+    assert_healthy(&mut bs).await;
 }
