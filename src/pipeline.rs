@@ -26,7 +26,7 @@
 //! below, which do nothing when exporting is off.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::header::{HeaderValue, HOST, RETRY_AFTER};
@@ -733,9 +733,6 @@ fn record_metrics(
     path: String,
     response: &Response<ResponseBody>,
 ) {
-    let at_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
     stats.record(Event {
         route: ctx.route.clone(),
         path,
@@ -746,7 +743,6 @@ fn record_metrics(
         capture_id: ctx.capture_id.clone(),
         failure: ctx.failure,
         error_code: ctx.error.map(ErrorCode::as_str),
-        at_ms,
         max_paths,
     });
 }

@@ -58,7 +58,6 @@ pub struct Event {
     pub failure: Option<Failure>,
     /// The `X-Backstop-Error` code of a proxy-made answer.
     pub error_code: Option<&'static str>,
-    pub at_ms: i64,
     pub max_paths: usize,
 }
 
@@ -146,12 +145,16 @@ async fn aggregate(mut rx: mpsc::Receiver<Msg>, state: Arc<Mutex<State>>, metric
     let mut flushed = Vec::new();
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         {
+            // One clock reading per batch, not one per request: a batch is
+            // what arrived while the aggregator last ran, well under a
+            // millisecond's worth under load.
+            let at_ms = now_ms();
             let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
             for msg in batch.drain(..) {
                 match msg {
                     Msg::Event(event) => {
                         handles.apply(&event);
-                        state.apply(*event);
+                        state.apply(*event, at_ms);
                     }
                     Msg::Flush(done) => flushed.push(done),
                 }
@@ -305,6 +308,13 @@ impl RouteStats {
 
     /// Moves every window to the period holding `now_ms`.
     pub fn roll(&mut self, now_ms: i64) {
+        // Periods start at multiples of their length since the epoch, so
+        // an hour or a day can only end where a minute does: within the
+        // current minute (nearly every call, once per request) nothing
+        // rolls.
+        if now_ms < self.minutes.start_ms.saturating_add(self.minutes.len_ms) {
+            return;
+        }
         self.minutes.roll(now_ms);
         if let Some((start, hour)) = self.hours.roll(now_ms) {
             self.all_before.merge(&hour);
@@ -398,7 +408,8 @@ pub struct State {
 }
 
 impl State {
-    fn apply(&mut self, e: Event) {
+    /// Counts `e`, which finished at `at_ms`.
+    fn apply(&mut self, e: Event, at_ms: i64) {
         let Some(route) = e.route.as_deref() else {
             return;
         };
@@ -408,7 +419,7 @@ impl State {
             None => self
                 .routes
                 .entry(name.to_string())
-                .or_insert_with(|| RouteStats::new(e.at_ms)),
+                .or_insert_with(|| RouteStats::new(at_ms)),
         };
         let sample = Sample {
             status: e.status,
@@ -418,14 +429,14 @@ impl State {
             cache: e.cache,
             captured: e.capture_id.is_some(),
         };
-        let path = stats.count(e.at_ms, &e.path, e.max_paths, &sample);
+        let path = stats.count(at_ms, &e.path, e.max_paths, &sample);
         if !sample.success {
             if stats.errors.len() == RECENT_ERRORS {
                 stats.errors.pop_front();
             }
             stats.errors.push_back(ErrorEntry {
-                time: rfc3339(e.at_ms),
-                at_ms: e.at_ms,
+                time: rfc3339(at_ms),
+                at_ms,
                 route: name.to_string(),
                 message: error_message(&e, name),
                 error: e
