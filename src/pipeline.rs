@@ -557,9 +557,10 @@ async fn forward(
     };
     let max_attempts = outgoing.max_attempts(route);
     let idempotent = is_idempotent(&outgoing.method) || retry.retry_non_idempotent;
-    let deadline =
-        (!retry.deadline.is_zero()).then(|| deadline_after(Instant::now(), retry.deadline));
-    guards.budget.on_request(retry);
+    // When this attempt went out; the clock is read once for all three.
+    let mut sent_at = Instant::now();
+    let deadline = (!retry.deadline.is_zero()).then(|| deadline_after(sent_at, retry.deadline));
+    guards.budget.on_request_at(retry, sent_at);
     let mut permit = first_permit;
     let mut saw_429 = false;
     loop {
@@ -580,7 +581,6 @@ async fn forward(
         let span = ctx
             .span
             .attempt(attempt, request.uri(), &mut outgoing.set.traceparent);
-        let sent_at = Instant::now();
         // The attempt's timeout, cut short by the request's deadline.
         let try_deadline = deadline_after(sent_at, timeout);
         let try_deadline = deadline.map_or(try_deadline, |d| d.min(try_deadline));
@@ -593,7 +593,7 @@ async fn forward(
             Ok(response) => status_trips_breaker(response.status().as_u16()),
             Err(failure) => failure.trips_breaker(),
         };
-        permit.record(breaker_config, trips, sent_at.elapsed());
+        permit.record(breaker_config, trips, sent_at);
         let (failure, response) = match result {
             Ok(response) => match status_failure(response.status().as_u16(), retry) {
                 None => {
@@ -642,6 +642,7 @@ async fn forward(
         // not held through the backoff.
         drop(response);
         tokio::time::sleep(delay).await;
+        sent_at = Instant::now();
     }
 }
 

@@ -138,8 +138,12 @@ pub fn encode(ids: TraceIds) -> HeaderValue {
     write_hex(ids.trace_id, &mut value[3..35]);
     write_hex(u128::from(ids.parent_id), &mut value[36..52]);
     write_hex(u128::from(ids.flags), &mut value[53..55]);
-    // Hex digits and dashes are always a valid header value.
-    HeaderValue::from_bytes(&value).unwrap_or_else(|_| HeaderValue::from_static(""))
+    // Hex digits and dashes are always a valid header value. Owned this
+    // way the bytes are shared from the start: the value is cloned for
+    // the upstream request, and a copied `Vec` would be moved into a
+    // shared allocation at its first clone.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(value))
+        .unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 /// Writes the low `out.len()` hex digits of `n`, lowercase, zero-padded.

@@ -109,12 +109,14 @@ pub struct Permit {
 }
 
 impl Permit {
-    /// Reports the call's outcome: `failed` as classified by `classify`,
-    /// `elapsed` to count slow calls.
-    pub fn record(mut self, config: &BreakerConfig, failed: bool, elapsed: Duration) {
+    /// Reports the outcome of the call made at `sent_at`: `failed` as
+    /// classified by `classify`; its duration counts slow calls.
+    pub fn record(mut self, config: &BreakerConfig, failed: bool, sent_at: Instant) {
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(sent_at);
         let slow = !config.slow_call_duration.is_zero() && elapsed > config.slow_call_duration;
         let breaker = self.breaker.clone();
-        breaker.record_at(&mut self, config, failed || slow, Instant::now());
+        breaker.record_at(&mut self, config, failed || slow, now);
     }
 }
 

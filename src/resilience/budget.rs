@@ -30,11 +30,6 @@ impl Default for RetryBudget {
 }
 
 impl RetryBudget {
-    /// Counts one request (its first attempt): it earns the budget.
-    pub fn on_request(&self, config: &RetryConfig) {
-        self.on_request_at(config, Instant::now());
-    }
-
     /// Takes one retry from the budget if there is one left.
     pub fn try_retry(&self, config: &RetryConfig) -> bool {
         self.try_retry_at(config, Instant::now())
@@ -48,7 +43,9 @@ impl RetryBudget {
         f(&mut window)
     }
 
-    fn on_request_at(&self, config: &RetryConfig, now: Instant) {
+    /// Counts one request (its first attempt, at `now`): it earns the
+    /// budget.
+    pub fn on_request_at(&self, config: &RetryConfig, now: Instant) {
         let since = now.saturating_duration_since(self.origin);
         self.with_window(config, |w| w.add(since, 1, 0));
     }
