@@ -13,7 +13,7 @@
 //! This module never fails a request: a malformed header is replaced.
 
 use http::header::HeaderName;
-use http::{HeaderMap, HeaderValue};
+use http::HeaderValue;
 use rand::Rng;
 
 use crate::headers::RequestNames;
@@ -40,12 +40,6 @@ pub struct TraceIds {
 
 impl TraceContext {
     /// The client's context if its `traceparent` is valid, else a new one.
-    pub fn from_request(headers: &HeaderMap) -> TraceContext {
-        TraceContext::from_client(&RequestNames::find(headers))
-    }
-
-    /// [`TraceContext::from_request`] from the client's headers already
-    /// found.
     pub fn from_client(client: &RequestNames<'_>) -> TraceContext {
         let incoming = client
             .traceparent
@@ -182,6 +176,7 @@ fn is_valid(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderMap;
 
     const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
@@ -242,7 +237,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(TRACEPARENT, HeaderValue::from_static(VALID));
         h.insert(TRACESTATE, HeaderValue::from_static("k=v"));
-        let ctx = TraceContext::from_request(&h);
+        let ctx = TraceContext::from_client(&RequestNames::find(&h));
         assert_eq!(ctx.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert!(ctx.is_incoming());
         let ids = ctx.ids();
@@ -254,7 +249,7 @@ mod tests {
         assert_eq!(ctx.tracestate().unwrap(), "k=v");
 
         h.insert(TRACEPARENT, HeaderValue::from_static("garbage"));
-        let ctx = TraceContext::from_request(&h);
+        let ctx = TraceContext::from_client(&RequestNames::find(&h));
         let tp = ctx.traceparent().to_str().unwrap();
         assert!(is_valid(tp), "{tp}");
         assert!(!ctx.is_incoming());
