@@ -107,10 +107,11 @@ fn http_builder(settings: &ConnSettings) -> auto::Builder<TokioExecutor> {
         // hyper's would arm a timer for every request.
         .header_read_timeout(None::<Duration>)
         .max_buf_size(settings.max_header_bytes)
-        // A client that closes its side while its request is in flight
-        // does not cancel the request: it runs its course upstream (a
-        // request the proxy took is not dropped halfway; HAProxy's default
-        // too), and a half-closed client still gets its answer. Without
+        // An HTTP/1 client that closes its side while its request is in
+        // flight does not cancel the request: it runs its course upstream
+        // (a request the proxy took is not dropped halfway; HAProxy's
+        // default too), and a half-closed client still gets its answer.
+        // (An HTTP/2 client's RST_STREAM still cancels its request.) Without
         // it hyper also watches for that close during every request, and
         // to do so takes a new read buffer (8 KiB) per request while the
         // request still holds the old one: about 950 instructions per
@@ -150,7 +151,7 @@ impl Connection {
             let client = client.clone();
             let in_flight = marks.request_started();
             // Boxed: hyper keeps room for one request future in every
-            // connection, idle or not; the pipeline's (≈ 4.6 KiB) would cost
+            // connection, idle or not; the pipeline's (≈ 5.9 KiB) would cost
             // that much per idle keep-alive connection.
             // Written straight into its box (`Box::write`): `Box::pin(f)`
             // builds the future on the stack and copies all of it over.

@@ -272,7 +272,7 @@ async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
     assert_healthy(&mut bs).await;
 }
 
-/// A client that goes away while its request is being proxied does not
+/// An HTTP/1 client that goes away while its request is being proxied does not
 /// cancel it: the request runs its course upstream (here a retry after a
 /// backoff the client does not wait for), so a request the proxy took is
 /// never dropped halfway.
