@@ -261,12 +261,9 @@ impl Window {
     /// Moves to the period holding `now_ms` if it has begun: the finished
     /// one becomes a summary (summaries older than `keep` periods go) and
     /// is returned with its start, for the caller to fold into longer ones.
+    /// (Per request, `RouteStats::roll` returns before calling this within
+    /// the current minute.)
     pub fn roll(&mut self, now_ms: i64) -> Option<(i64, Aggregate)> {
-        // Within the current period (nearly every call, once per request):
-        // no division.
-        if now_ms < self.start_ms.saturating_add(self.len_ms) {
-            return None;
-        }
         let start = now_ms - now_ms.rem_euclid(self.len_ms);
         if start <= self.start_ms {
             return None;
