@@ -16,6 +16,11 @@ use hyper::body::Incoming;
 
 use crate::upstream::ConnBody;
 
+/// A client's request body: hyper's stream, or none for a request read by
+/// Backstop's own HTTP/1.1 server side (`server/h1.rs`), which serves only
+/// requests that carry no body.
+pub type ClientBody = Option<Incoming>;
+
 /// What goes upstream: the client's stream, or a buffered copy.
 pub type RequestBody = Either<Incoming, Full<Bytes>>;
 

@@ -35,7 +35,9 @@ use http_body::Body as _;
 use http_body_util::Either;
 use hyper::body::Incoming;
 
-use crate::body::{self, BufferError, BufferedBody, RequestBody, ResponseBody, UpstreamBody};
+use crate::body::{
+    self, BufferError, BufferedBody, ClientBody, RequestBody, ResponseBody, UpstreamBody,
+};
 use crate::cache::{self, CacheState, Caches, Lookup};
 use crate::capture::{CaptureOutcome, Capturer};
 use crate::classify::{is_idempotent, status_failure, status_trips_breaker, Failure};
@@ -113,7 +115,7 @@ impl RequestContext {
 /// proxy-made answer.
 pub async fn handle(
     proxy: Arc<Proxy>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     client: Arc<ClientInfo>,
 ) -> Response<ResponseBody> {
     let names = RequestNames::find(req.headers());
@@ -170,7 +172,7 @@ pub async fn handle(
 async fn proxy_request(
     proxy: &Proxy,
     active: &Active,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     ctx: &mut RequestContext,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     if req.uri().path() == "/health" && req.method() == Method::GET {
@@ -236,7 +238,7 @@ async fn proxy_request(
 }
 
 /// Phase 1: which route serves this request.
-fn route_phase(table: &RouteTable, req: &Request<Incoming>) -> Result<Arc<Route>, ProxyError> {
+fn route_phase(table: &RouteTable, req: &Request<ClientBody>) -> Result<Arc<Route>, ProxyError> {
     let host = request_host(req.uri(), req.headers()).map(strip_port);
     table.find(host, req.uri().path()).cloned().ok_or_else(|| {
         ProxyError::new(
@@ -256,7 +258,7 @@ async fn rate_limit_phase(
     active: &Active,
     route: &Route,
     guards: &RouteGuards,
-    req: &Request<Incoming>,
+    req: &Request<ClientBody>,
     ctx: &mut RequestContext,
 ) -> Result<(), ProxyError> {
     let Some(limit) = &route.config.rate_limit else {
@@ -355,13 +357,15 @@ pub enum OutgoingBody {
 /// capture it or key the cache on it; otherwise it streams through.
 async fn read_body(
     route: &Route,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     max_body_bytes: u64,
 ) -> Result<(http::request::Parts, OutgoingBody), ProxyError> {
     let (parts, incoming) = req.into_parts();
-    let body = if incoming.is_end_stream() {
-        OutgoingBody::Buffered(BufferedBody::default())
-    } else if route.config.buffers_body(&parts.method) {
+    let incoming = match incoming {
+        Some(incoming) if !incoming.is_end_stream() => incoming,
+        _ => return Ok((parts, OutgoingBody::Buffered(BufferedBody::default()))),
+    };
+    let body = if route.config.buffers_body(&parts.method) {
         match body::buffer(&parts.headers, incoming, max_body_bytes).await {
             Ok(buffered) => OutgoingBody::Buffered(buffered),
             Err(BufferError::TooLarge { limit }) => {

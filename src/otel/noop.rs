@@ -6,9 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response};
-use hyper::body::Incoming;
 
-use crate::body::ResponseBody;
+use crate::body::{ClientBody, ResponseBody};
 use crate::classify::Failure;
 use crate::config::OtlpConfig;
 use crate::headers::ClientInfo;
@@ -33,7 +32,7 @@ impl Tracing {
     pub fn server_span(
         &self,
         _trace: &mut TraceContext,
-        _request: &Request<Incoming>,
+        _request: &Request<ClientBody>,
         _client: &ClientInfo,
     ) -> RequestSpan {
         RequestSpan

@@ -21,7 +21,6 @@ use std::time::Duration;
 
 use http::header::HeaderValue;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use opentelemetry::trace::{
     Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _, TraceFlags, TraceId,
     TraceState, Tracer as _,
@@ -30,7 +29,7 @@ use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::trace::{SdkTracer, Span};
 
 use super::export::{self, Exporter};
-use crate::body::ResponseBody;
+use crate::body::{ClientBody, ResponseBody};
 use crate::classify::Failure;
 use crate::config::{redact_url, OtlpConfig};
 use crate::error::X_BACKSTOP_ERROR;
@@ -78,7 +77,7 @@ impl Tracing {
     pub fn server_span(
         &self,
         trace: &mut TraceContext,
-        request: &Request<Incoming>,
+        request: &Request<ClientBody>,
         client: &ClientInfo,
     ) -> RequestSpan {
         let Some(active) = &self.active else {

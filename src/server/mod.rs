@@ -2,7 +2,9 @@
 //! (h2c and ALPN), header limits and timeouts, idle keep-alive close, and
 //! graceful shutdown (stop accepting, let in-flight requests finish).
 
+mod h1;
 mod reaper;
+mod rewind;
 pub mod tls;
 
 use std::convert::Infallible;
@@ -25,6 +27,7 @@ use crate::config::ServerConfig;
 use crate::headers::ClientInfo;
 use crate::pipeline::{self, Proxy};
 use reaper::{Closable, Ended, InFlightBody, Reaper};
+use rewind::Rewind;
 
 /// Connection settings taken from `[server]` at start.
 #[derive(Clone)]
@@ -76,6 +79,7 @@ pub async fn serve_proxy(
             builder: builder.clone(),
             reaper: reaper.clone(),
             addr,
+            max_head: settings.max_header_bytes,
         };
         let tls = tls.clone();
         let handshake_timeout = settings.header_read_timeout;
@@ -131,6 +135,7 @@ struct Connection {
     builder: Arc<auto::Builder<TokioExecutor>>,
     reaper: Reaper,
     addr: SocketAddr,
+    max_head: usize,
 }
 
 impl Connection {
@@ -142,8 +147,34 @@ impl Connection {
         // handshake, which has its own limit), so the handshake's time does
         // not count as idle.
         let registration = self.reaper.register();
-        let io = TokioIo::new(registration.io(stream));
+        let io = registration.io(stream);
         let client = Arc::new(ClientInfo::new(self.addr, proto));
+        // HTTP/1.1 requests without a body are served by Backstop's own
+        // side (server/h1.rs) until the first request that is not.
+        let own = h1::serve(
+            io,
+            h1::Serving {
+                proxy: self.proxy.clone(),
+                client: client.clone(),
+                state: registration.state().clone(),
+                max_head: self.max_head,
+            },
+        );
+        tokio::pin!(own);
+        let (io, read) = match registration.serve(own).await {
+            Ended::Done(h1::Outcome::HandOver(io, read)) => (io, read),
+            Ended::Done(h1::Outcome::Closed(result)) => {
+                if let Err(e) = result {
+                    tracing::debug!(client = %self.addr, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            Ended::HeadTimeout => {
+                tracing::debug!(client = %self.addr, "request head not complete in time; closed");
+                return;
+            }
+        };
+        let io = TokioIo::new(Rewind::new(io, read));
         let proxy = self.proxy;
         let marks = registration.state().clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -157,7 +188,7 @@ impl Connection {
             // builds the future on the stack and copies all of it over.
             let handling = Box::into_pin(Box::write(
                 Box::new_uninit(),
-                pipeline::handle(proxy, req, client),
+                pipeline::handle(proxy, req.map(Some), client),
             ));
             async move {
                 let response = handling.await;

@@ -260,6 +260,12 @@ impl ConnState {
         InFlight(self.clone())
     }
 
+    /// The connection has been asked to close (idle, shutdown, a head
+    /// overdue): Backstop's own HTTP/1 side reads this between requests.
+    pub fn closing(&self) -> bool {
+        self.close.load(Ordering::Acquire) != KEEP
+    }
+
     fn ask(&self, what: u8) {
         self.close.store(what, Ordering::Release);
         self.waker.wake();

@@ -9,6 +9,7 @@ mod capture;
 mod config_check;
 mod dashboards;
 mod forward_proxy;
+mod http1;
 mod kafka;
 mod lifecycle;
 #[cfg(feature = "otlp")]
