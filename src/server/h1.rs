@@ -39,7 +39,7 @@ use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 
-use super::reaper::{Closable, ConnState};
+use super::reaper::{Closable, ConnState, H2_PREFACE};
 use crate::body::{ClientBody, ResponseBody};
 use crate::headers::ClientInfo;
 use crate::pipeline::{self, Proxy};
@@ -60,8 +60,30 @@ pub enum Outcome<S> {
     /// answer could not be framed for reuse, or the proxy is closing it).
     Closed(io::Result<()>),
     /// A request this side does not serve: the connection and the bytes
-    /// read from it but not used go to hyper.
-    HandOver(S, Bytes),
+    /// read from it but not used go to hyper, for the protocol they are.
+    HandOver(S, Bytes, Protocol),
+}
+
+/// What hyper is to speak on a connection handed over: decided here, so
+/// that hyper never has to read ahead to tell (a connection still telling
+/// would be cancelled, not finished, by a graceful close).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    /// The HTTP/2 preface, as the connection's first bytes (h2c with prior
+    /// knowledge, or TLS with ALPN `h2`).
+    Http2,
+}
+
+impl Protocol {
+    fn of(read: &[u8], first: bool) -> Protocol {
+        let n = read.len().min(H2_PREFACE.len());
+        if first && read[..n] == H2_PREFACE[..n] {
+            Protocol::Http2
+        } else {
+            Protocol::Http1
+        }
+    }
 }
 
 /// What one connection's requests need from the proxy.
@@ -109,12 +131,16 @@ where
 {
     let mut read = BytesMut::new();
     let mut out = Vec::new();
+    let mut first = true;
     loop {
         let head = loop {
             match parse_request(&mut read, serving.max_head) {
                 Ok(Some(head)) => break head,
                 Ok(None) => {}
-                Err(HandOver) => return Outcome::HandOver(io, read.freeze()),
+                Err(HandOver) => {
+                    let protocol = Protocol::of(&read, first);
+                    return Outcome::HandOver(io, read.freeze(), protocol);
+                }
             }
             if read.capacity() - read.len() < READ_MIN {
                 read.reserve(READ_GROW);
@@ -136,6 +162,7 @@ where
                 Err(e) => return Outcome::Closed(Err(e)),
             }
         };
+        first = false;
         let in_flight = serving.state.request_started();
         // Boxed: the pipeline's future (≈ 5.9 KiB) would otherwise make
         // every connection, idle or not, that much larger. Written straight
@@ -292,12 +319,13 @@ enum Framing {
 }
 
 /// Writes the status line and headers of an answer into `out` and returns
-/// how its body is framed. Hyper's rules: a `HEAD` answer, 1xx, 204 and 304
-/// carry no body (a `HEAD` answer keeps the `Content-Length` it has, or is
-/// given the body's known length); otherwise the body's known length becomes
+/// how its body is framed, and whether the connection may stay open. Hyper's
+/// rules: a `HEAD` answer, 204 and 304 carry no body (a `HEAD` answer keeps
+/// the `Content-Length` it has, or is given the body's known length; 204 and
+/// 304 go without one); otherwise the body's known length becomes
 /// `Content-Length`, a length header is used when the body's length is not
 /// known, else the body is chunked; `Transfer-Encoding` is this side's to
-/// write; `Date` is added when missing.
+/// write; `Date` is added when missing; `closing` says `Connection: close`.
 fn encode_head(
     out: &mut Vec<u8>,
     status: StatusCode,
@@ -306,9 +334,7 @@ fn encode_head(
     known: Option<u64>,
     closing: bool,
 ) -> (Framing, bool) {
-    let bodiless = is_head
-        || status.is_informational()
-        || matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
+    let bodiless = is_head || matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
@@ -327,9 +353,17 @@ fn encode_head(
                 declared = declared.or_else(|| content_length(value));
                 continue;
             }
+            if !is_head {
+                // 204 and 304 go without one, as with hyper.
+                continue;
+            }
         } else if name == DATE {
             has_date = true;
         } else if name == CONNECTION {
+            if closing {
+                // Replaced by `close` below.
+                continue;
+            }
             has_connection = true;
             close |= has_token(value, "close");
         }
@@ -418,8 +452,21 @@ async fn write_response<S: AsyncWrite + Unpin>(
     is_head: bool,
     closing: bool,
 ) -> io::Result<bool> {
-    let (parts, body) = response.into_parts();
+    let (mut parts, body) = response.into_parts();
     let mut body = pin!(body);
+    if parts.status.is_informational() {
+        // Not a final answer (the upstream exchange never passes one on):
+        // as hyper does, the client gets a 500 rather than a head that
+        // would leave it waiting or switching protocols.
+        tracing::warn!(status = %parts.status, "a 1xx status as a final answer; sent as 500");
+        parts.status = StatusCode::INTERNAL_SERVER_ERROR;
+        parts.headers.clear();
+        out.clear();
+        encode_head(out, parts.status, &parts.headers, is_head, Some(0), true);
+        io.write_all(out).await?;
+        io.flush().await?;
+        return Ok(false);
+    }
     out.clear();
     let (framing, keep) = encode_head(
         out,
@@ -440,19 +487,16 @@ async fn write_response<S: AsyncWrite + Unpin>(
         Framing::Chunked => u64::MAX,
     };
     let chunked = framing == Framing::Chunked;
-    // The head waits for the first chunk when that is ready now, so both go
-    // out in one write; a body that is not ready lets the head go first.
-    let mut head_sent = false;
     loop {
+        // The head waits for the first chunk when that is ready now, so both
+        // go out in one write. A body that is not ready lets what is written
+        // so far go first, flushed (TLS holds records back until then): a
+        // stream's events reach the client as they come.
         let frame = match poll_fn(|cx| Poll::Ready(poll_now(body.as_mut(), cx))).await {
             Some(frame) => frame,
             None => {
-                if !head_sent && !out.is_empty() {
-                    io.write_all(out).await?;
-                    io.flush().await?;
-                    out.clear();
-                    head_sent = true;
-                }
+                write_out(io, out, &[], false).await?;
+                io.flush().await?;
                 poll_fn(|cx| body.as_mut().poll_frame(cx)).await
             }
         };
@@ -487,7 +531,6 @@ async fn write_response<S: AsyncWrite + Unpin>(
         }
         let last = !chunked && left == 0;
         write_out(io, out, &data, chunked).await?;
-        head_sent = true;
         if last {
             io.flush().await?;
             return Ok(keep);
@@ -648,6 +691,29 @@ mod tests {
         assert!(second.close);
         assert!(matches!(parse_request(&mut read, 1024), Ok(None)));
         assert_eq!(&read[..], b"GET");
+    }
+
+    #[test]
+    fn only_a_first_request_can_be_the_http2_preface() {
+        assert_eq!(Protocol::of(b"PRI * HTTP/2", true), Protocol::Http2);
+        assert_eq!(Protocol::of(H2_PREFACE, true), Protocol::Http2);
+        assert_eq!(Protocol::of(H2_PREFACE, false), Protocol::Http1);
+        assert_eq!(Protocol::of(b"POST / HTTP/1.1\r\n", true), Protocol::Http1);
+    }
+
+    #[test]
+    fn a_closing_connection_says_close_in_place_of_its_own_connection_header() {
+        let mut map = HeaderMap::new();
+        map.insert(CONNECTION, HeaderValue::from_static("keep-alive"));
+        map.insert(CONTENT_LENGTH, HeaderValue::from_static("7"));
+        let mut out = Vec::new();
+        let (framing, keep) =
+            encode_head(&mut out, StatusCode::NO_CONTENT, &map, false, None, true);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 204 No Content\r\nconnection: close\r\ndate: "));
+        assert!(!text.contains("keep-alive") && !text.contains("content-length"));
+        assert_eq!(framing, Framing::None);
+        assert!(keep, "the answer itself did not ask to close");
     }
 
     #[test]

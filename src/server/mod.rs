@@ -57,7 +57,7 @@ pub async fn serve_proxy(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let builder = Arc::new(http_builder(&settings));
+    let builders = Arc::new(Builders::new(&settings));
     let reaper = Reaper::new(settings.idle_timeout, settings.header_read_timeout);
     tokio::spawn(reaper.clone().run(shutdown.clone()));
     loop {
@@ -76,7 +76,7 @@ pub async fn serve_proxy(
         let _ = stream.set_nodelay(true);
         let conn = Connection {
             proxy: proxy.clone(),
-            builder: builder.clone(),
+            builders: builders.clone(),
             reaper: reaper.clone(),
             addr,
             max_head: settings.max_header_bytes,
@@ -99,6 +99,23 @@ pub async fn serve_proxy(
                 }
             }
         });
+    }
+}
+
+/// hyper's server for connections that the own HTTP/1 side hands over, one
+/// builder per protocol: the own side has already told which it is.
+struct Builders {
+    http1: auto::Builder<TokioExecutor>,
+    http2: auto::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new(settings: &ConnSettings) -> Builders {
+        let both = http_builder(settings);
+        Builders {
+            http1: both.clone().http1_only(),
+            http2: both.http2_only(),
+        }
     }
 }
 
@@ -132,7 +149,7 @@ fn http_builder(settings: &ConnSettings) -> auto::Builder<TokioExecutor> {
 
 struct Connection {
     proxy: Arc<Proxy>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builders: Arc<Builders>,
     reaper: Reaper,
     addr: SocketAddr,
     max_head: usize,
@@ -161,8 +178,8 @@ impl Connection {
             },
         );
         tokio::pin!(own);
-        let (io, read) = match registration.serve(own).await {
-            Ended::Done(h1::Outcome::HandOver(io, read)) => (io, read),
+        let (io, read, protocol) = match registration.serve(own).await {
+            Ended::Done(h1::Outcome::HandOver(io, read, protocol)) => (io, read, protocol),
             Ended::Done(h1::Outcome::Closed(result)) => {
                 if let Err(e) = result {
                     tracing::debug!(client = %self.addr, error = %e, "connection ended with an error");
@@ -195,7 +212,11 @@ impl Connection {
                 Ok::<_, Infallible>(response.map(|body| InFlightBody::new(body, in_flight)))
             }
         });
-        let conn = self.builder.serve_connection(io, service);
+        let builder = match protocol {
+            h1::Protocol::Http1 => &self.builders.http1,
+            h1::Protocol::Http2 => &self.builders.http2,
+        };
+        let conn = builder.serve_connection(io, service);
         tokio::pin!(conn);
         match registration.serve(conn).await {
             Ended::Done(Ok(())) => {}

@@ -204,6 +204,7 @@ impl Registration {
             conn,
             state: &self.state,
             graceful_sent: false,
+            polled: false,
         }
         .await
     }
@@ -226,6 +227,11 @@ struct Serve<'a, C> {
     conn: Pin<&'a mut C>,
     state: &'a ConnState,
     graceful_sent: bool,
+    /// The connection has been polled once. A graceful close waits for
+    /// that: hyper's HTTP/1 connection closes at once, unanswered, when it
+    /// is asked to before it has read a byte, and a connection handed over
+    /// by the own side holds a request that it has not read yet.
+    polled: bool,
 }
 
 impl<C: Future + Closable> Future for Serve<'_, C> {
@@ -243,11 +249,17 @@ impl<C: Future + Closable> Future for Serve<'_, C> {
                 return Poll::Ready(Ended::HeadTimeout)
             }
             ABORT | GRACEFUL if !this.graceful_sent => {
-                this.graceful_sent = true;
-                this.conn.as_mut().close_gracefully();
+                if this.polled {
+                    this.graceful_sent = true;
+                    this.conn.as_mut().close_gracefully();
+                } else {
+                    // Asked again right after this first poll.
+                    cx.waker().wake_by_ref();
+                }
             }
             _ => {}
         }
+        this.polled = true;
         this.conn.as_mut().poll(cx).map(Ended::Done)
     }
 }
@@ -342,7 +354,7 @@ impl Drop for InFlight {
 /// The HTTP/2 connection preface. A connection that starts with it is
 /// HTTP/2: its frames between requests (pings, settings) are not a request
 /// head, so the head timeout does not apply (as with hyper's, HTTP/1 only).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(super) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Preface {

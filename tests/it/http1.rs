@@ -235,3 +235,55 @@ async fn an_answer_of_unknown_length_streams_chunked_as_it_comes() {
     let got = answers(&read_until_closed(&mut conn).await, &[false]);
     assert_eq!(got[0].status, 200);
 }
+
+/// A shutdown that comes while a request head is still arriving lets that
+/// request finish, body and all, on the connection that the own side hands
+/// to hyper at that moment.
+#[tokio::test]
+async fn a_request_whose_head_is_arriving_at_shutdown_is_answered_and_closed() {
+    let backend = Backend::start(|seen| {
+        let body = String::from_utf8_lossy(&seen.body);
+        Reply::ok(&format!("{} {body}", seen.method))
+    })
+    .await;
+    let mut bs = Backstop::start(&config(&backend.url()));
+    let mut conn = TcpStream::connect(bs.addr).await.unwrap();
+    conn.write_all(b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    bs.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    conn.write_all(b"\r\nxyz").await.unwrap();
+    let got = answers(&read_until_closed(&mut conn).await, &[false]);
+    assert_eq!(got[0].status, 200);
+    assert_eq!(got[0].body, b"POST xyz");
+    assert_eq!(got[0].header("connection"), Some("close"));
+    assert_eq!(bs.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+/// The HTTP/2 preface is a way to start a connection, not a request: after
+/// an HTTP/1.1 request it is bad input, and the connection ends.
+#[tokio::test]
+async fn the_http2_preface_after_an_http1_request_ends_the_connection() {
+    let backend = Backend::start(|_| Reply::ok("fine")).await;
+    let bs = Backstop::start(&config(&backend.url()));
+    let mut conn = TcpStream::connect(bs.addr).await.unwrap();
+    // The preface, then an empty SETTINGS frame.
+    conn.write_all(
+        b"GET /one HTTP/1.1\r\nHost: a\r\n\r\nPRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0",
+    )
+    .await
+    .unwrap();
+    let wire = read_until_closed(&mut conn).await;
+    let text = String::from_utf8_lossy(&wire);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert_eq!(text.matches("fine").count(), 1, "{text}");
+    // Whatever follows the first answer is HTTP/1 (hyper's 400), never an
+    // HTTP/2 frame.
+    let rest = &text[text.find("fine").unwrap() + 4..];
+    assert!(
+        rest.is_empty() || rest.starts_with("HTTP/1.1 400"),
+        "{rest:?}"
+    );
+}
