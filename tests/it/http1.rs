@@ -162,6 +162,19 @@ async fn an_http_1_0_request_and_a_proxy_made_answer_are_framed_and_closed() {
     assert_eq!(got[1].header("connection"), Some("close"));
 }
 
+/// Reads into `wire` until `done` says so; fails on a close or after 10 s.
+async fn read_until(conn: &mut TcpStream, wire: &mut Vec<u8>, done: impl Fn(&[u8]) -> bool) {
+    let mut buf = [0u8; 4096];
+    while !done(wire) {
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("nothing more came: {:?}", String::from_utf8_lossy(wire)))
+            .unwrap();
+        assert_ne!(n, 0, "closed early: {:?}", String::from_utf8_lossy(wire));
+        wire.extend_from_slice(&buf[..n]);
+    }
+}
+
 /// A backend that answers one request with a chunked body and sends its
 /// second chunk only when told to.
 async fn slow_chunked_backend() -> (String, tokio::sync::oneshot::Sender<()>) {
@@ -200,15 +213,10 @@ async fn an_answer_of_unknown_length_streams_chunked_as_it_comes() {
     // The head and the first chunk arrive while the backend still holds the
     // rest back.
     let mut wire = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&wire).contains("first") {
-        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
-            .await
-            .expect("the first chunk did not come before the backend's last")
-            .unwrap();
-        assert_ne!(n, 0, "closed early: {:?}", String::from_utf8_lossy(&wire));
-        wire.extend_from_slice(&buf[..n]);
-    }
+    read_until(&mut conn, &mut wire, |w| {
+        String::from_utf8_lossy(w).contains("first")
+    })
+    .await;
     let text = String::from_utf8_lossy(&wire).into_owned();
     assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
     assert!(
@@ -217,14 +225,7 @@ async fn an_answer_of_unknown_length_streams_chunked_as_it_comes() {
     );
     assert!(!text.contains("content-length"), "{text}");
     go.send(()).unwrap();
-    while !wire.ends_with(b"\r\n0\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
-            .await
-            .expect("the last chunk did not come")
-            .unwrap();
-        assert_ne!(n, 0, "closed early: {:?}", String::from_utf8_lossy(&wire));
-        wire.extend_from_slice(&buf[..n]);
-    }
+    read_until(&mut conn, &mut wire, |w| w.ends_with(b"\r\n0\r\n\r\n")).await;
     let text = String::from_utf8_lossy(&wire).into_owned();
     let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
     assert_eq!(body, "5\r\nfirst\r\n6\r\nsecond\r\n0\r\n\r\n");
