@@ -73,6 +73,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether a comma-separated header value (`Connection`) lists `token`,
+/// in any case.
+pub fn has_token(value: &HeaderValue, token: &str) -> bool {
+    value
+        .to_str()
+        .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+/// `name: value` and the line end, as an HTTP/1 head carries a field.
+pub fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Applies `forward_headers`: which of the client's headers may go upstream.
 pub fn filter_forwarded(headers: &mut HeaderMap, rule: &ForwardHeaders) {
     match rule {

@@ -41,8 +41,8 @@ use tokio_util::io::poll_read_buf;
 
 use super::reaper::{Closable, ConnState, H2_PREFACE};
 use crate::body::{ClientBody, ResponseBody};
-use crate::headers::ClientInfo;
-use crate::pipeline::{self, Proxy};
+use crate::headers::{has_token, write_field, ClientInfo};
+use crate::pipeline::Proxy;
 
 /// Request header lines served here at most (hyper's limit too).
 const MAX_HEADERS: usize = 100;
@@ -157,35 +157,24 @@ where
             })
             .await;
             match got {
-                Ok(0) => return Outcome::Closed(close(&mut io).await),
+                Ok(0) => return Outcome::Closed(io.shutdown().await),
                 Ok(_) => {}
                 Err(e) => return Outcome::Closed(Err(e)),
             }
         };
         first = false;
         let in_flight = serving.state.request_started();
-        // Boxed: the pipeline's future (≈ 5.9 KiB) would otherwise make
-        // every connection, idle or not, that much larger. Written straight
-        // into its box: `Box::pin(f)` builds it on the stack and copies it.
-        let handling = Box::into_pin(Box::write(
-            Box::new_uninit(),
-            pipeline::handle(serving.proxy.clone(), head.request, serving.client.clone()),
-        ));
-        let response = handling.await;
+        let response =
+            super::handling(serving.proxy.clone(), head.request, serving.client.clone()).await;
         let closing = head.close || serving.state.closing();
         let written = write_response(&mut io, &mut out, response, head.is_head, closing).await;
         drop(in_flight);
         match written {
             Ok(true) if !closing => {}
-            Ok(_) => return Outcome::Closed(close(&mut io).await),
+            Ok(_) => return Outcome::Closed(io.shutdown().await),
             Err(e) => return Outcome::Closed(Err(e)),
         }
     }
-}
-
-/// Closes the write side (a TLS `close_notify`, a TCP `FIN`).
-async fn close<S: AsyncWrite + Unpin>(io: &mut S) -> io::Result<()> {
-    io.shutdown().await
 }
 
 /// A request head read whole.
@@ -397,13 +386,6 @@ fn encode_head(
     (framing, !close)
 }
 
-fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
 fn write_length(out: &mut Vec<u8>, n: u64) {
     write_field(
         out,
@@ -414,12 +396,6 @@ fn write_length(out: &mut Vec<u8>, n: u64) {
 
 fn content_length(value: &HeaderValue) -> Option<u64> {
     value.to_str().ok()?.trim().parse().ok()
-}
-
-fn has_token(value: &HeaderValue, token: &str) -> bool {
-    value
-        .to_str()
-        .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
 std::thread_local! {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper::Request;
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
@@ -23,6 +23,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::body::{ClientBody, ResponseBody};
 use crate::config::ServerConfig;
 use crate::headers::ClientInfo;
 use crate::pipeline::{self, Proxy};
@@ -198,15 +199,7 @@ impl Connection {
             let proxy = proxy.clone();
             let client = client.clone();
             let in_flight = marks.request_started();
-            // Boxed: hyper keeps room for one request future in every
-            // connection, idle or not; the pipeline's (≈ 5.9 KiB) would cost
-            // that much per idle keep-alive connection.
-            // Written straight into its box (`Box::write`): `Box::pin(f)`
-            // builds the future on the stack and copies all of it over.
-            let handling = Box::into_pin(Box::write(
-                Box::new_uninit(),
-                pipeline::handle(proxy, req.map(Some), client),
-            ));
+            let handling = handling(proxy, req.map(Some), client);
             async move {
                 let response = handling.await;
                 Ok::<_, Infallible>(response.map(|body| InFlightBody::new(body, in_flight)))
@@ -243,6 +236,22 @@ where
     fn close_gracefully(self: Pin<&mut Self>) {
         self.graceful_shutdown();
     }
+}
+
+/// One request through the pipeline, its future boxed: a connection keeps
+/// room for the request future it runs, idle or not, and the pipeline's
+/// (≈ 5.9 KiB) would cost that much per idle keep-alive connection. Written
+/// straight into its box (`Box::write`): `Box::pin(f)` builds the future on
+/// the stack and copies all of it over.
+fn handling(
+    proxy: Arc<Proxy>,
+    request: Request<ClientBody>,
+    client: Arc<ClientInfo>,
+) -> Pin<Box<impl Future<Output = Response<ResponseBody>>>> {
+    Box::into_pin(Box::write(
+        Box::new_uninit(),
+        pipeline::handle(proxy, request, client),
+    ))
 }
 
 /// Binds a listener, with a clear error naming the address.

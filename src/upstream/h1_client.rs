@@ -33,7 +33,7 @@ use tokio::net::TcpStream;
 use tokio_util::io::poll_read_buf;
 
 use crate::classify::Failure;
-use crate::headers::ProxySet;
+use crate::headers::{self, ProxySet};
 
 /// Response header lines accepted at most.
 const MAX_HEADERS: usize = 100;
@@ -325,10 +325,7 @@ fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
     if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
         return;
     }
-    out.extend_from_slice(name.as_str().as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value.as_bytes());
-    out.extend_from_slice(b"\r\n");
+    headers::write_field(out, name.as_str().as_bytes(), value.as_bytes());
 }
 
 /// A parsed response head: its length, and where its headers are.
@@ -416,7 +413,7 @@ fn respond(
         } else if name == TRANSFER_ENCODING {
             transfer_encoding = Some(value.clone());
         } else if name == CONNECTION {
-            close |= has_token(&value, "close");
+            close |= headers::has_token(&value, "close");
         }
         headers.append(name, value);
     }
@@ -509,12 +506,6 @@ fn framing(
         Length::Is(n) => Ok(Framing::Length(n)),
         Length::Invalid => Err(Failed::after_answer()),
     }
-}
-
-fn has_token(value: &HeaderValue, token: &str) -> bool {
-    value
-        .to_str()
-        .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
