@@ -182,8 +182,8 @@ async fn proxy_request(
     let route = route_phase(&active.routes, &req)?;
     ctx.span.set_route(&route);
     ctx.route = Some(route.clone());
-    let guards = proxy.resilience.route(route.name());
-    rate_limit_phase(proxy, active, &route, &guards, &req, ctx).await?;
+    let guards = route.guards(&proxy.resilience);
+    rate_limit_phase(proxy, active, &route, guards, &req, ctx).await?;
     let (parts, body) = read_body(&route, req, active.config.server.max_body_bytes).await?;
     // Only a route that caches goes through the cache phase: elsewhere its
     // future, and the request's moves through it, are not paid for.
@@ -196,7 +196,7 @@ async fn proxy_request(
         CacheState::off()
     };
     let mut outgoing = prepare(&route, parts, body, ctx);
-    let permit = match breaker_phase(&route, &guards) {
+    let permit = match breaker_phase(&route, guards) {
         Ok(permit) => permit,
         Err(retry_in) => {
             ctx.failure = Some(Failure::CircuitOpen);
@@ -211,7 +211,7 @@ async fn proxy_request(
             return Err(circuit_open_error(retry_in));
         }
     };
-    match forward(&route, &guards, permit, &mut outgoing, ctx).await {
+    match forward(&route, guards, permit, &mut outgoing, ctx).await {
         Forwarded::Answer(response) => {
             let response = respond(response);
             if cache.verdict().is_none() {
@@ -239,7 +239,11 @@ async fn proxy_request(
 
 /// Phase 1: which route serves this request.
 fn route_phase(table: &RouteTable, req: &Request<ClientBody>) -> Result<Arc<Route>, ProxyError> {
-    let host = request_host(req.uri(), req.headers()).map(strip_port);
+    let host = if table.matches_hosts() {
+        request_host(req.uri(), req.headers()).map(strip_port)
+    } else {
+        None
+    };
     table.find(host, req.uri().path()).cloned().ok_or_else(|| {
         ProxyError::new(
             ErrorCode::NoRoute,

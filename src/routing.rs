@@ -4,9 +4,10 @@
 //! A table is built whole from a [`Config`] and never changed: a reload builds
 //! a new table and swaps it in (see `runtime`).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::config::{normalize_prefix, Config, ConfigError, RouteConfig};
+use crate::resilience::{Registry, RouteGuards};
 use crate::upstream::Upstream;
 
 /// A route at run time: its configuration and its handles.
@@ -15,11 +16,21 @@ pub struct Route {
     pub upstream: Upstream,
     /// `path_prefix` without a trailing slash ("/" stays "/").
     prefix: String,
+    /// This route's policy state, found in the registry by name on the
+    /// route's first request and kept here, so later requests skip the
+    /// lookup. (A reload builds new routes, which find the same state.)
+    guards: OnceLock<Arc<RouteGuards>>,
 }
 
 impl Route {
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// The route's circuit breaker, retry budget and rate limiter in
+    /// `registry` (the proxy's; a route serves one proxy).
+    pub fn guards(&self, registry: &Registry) -> &RouteGuards {
+        self.guards.get_or_init(|| registry.route(self.name()))
     }
 
     /// The path sent upstream: with the prefix removed if `strip_prefix`.
@@ -48,6 +59,9 @@ impl Route {
 /// Every route, most specific first.
 pub struct RouteTable {
     routes: Vec<Arc<Route>>,
+    /// Whether any route is bound to a host: if none is, routing never
+    /// needs the request's host.
+    any_host: bool,
 }
 
 impl RouteTable {
@@ -65,6 +79,7 @@ impl RouteTable {
                     prefix: normalize_prefix(&rc.path_prefix).to_string(),
                     config: rc.clone(),
                     upstream,
+                    guards: OnceLock::new(),
                 })),
                 Err(message) => errors.push(ConfigError {
                     key: format!("routes[{i}].tls_ca_file"),
@@ -82,7 +97,13 @@ impl RouteTable {
                 .cmp(&a.prefix.len())
                 .then(b.config.host.is_some().cmp(&a.config.host.is_some()))
         });
-        Ok(RouteTable { routes })
+        let any_host = routes.iter().any(|r| r.config.host.is_some());
+        Ok(RouteTable { routes, any_host })
+    }
+
+    /// Whether [`Self::find`] looks at the host.
+    pub fn matches_hosts(&self) -> bool {
+        self.any_host
     }
 
     /// The route for a request; `host` without its port.

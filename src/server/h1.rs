@@ -282,19 +282,19 @@ fn build_request(
     target: std::ops::Range<usize>,
     fields: &[Field],
 ) -> Option<Request<ClientBody>> {
-    let uri = Uri::from_maybe_shared(head.slice(target)).ok()?;
-    // Room for the few the proxy may add without growing the map.
-    let mut headers = HeaderMap::with_capacity(fields.len() + 2);
+    let mut request = Request::new(None);
+    *request.method_mut() = method;
+    *request.uri_mut() = Uri::from_maybe_shared(head.slice(target)).ok()?;
+    *request.version_mut() = Version::HTTP_11;
+    // Filled in place (not built aside and moved in over an empty map),
+    // with room for the few the proxy may add without growing.
+    let headers = request.headers_mut();
+    headers.reserve(fields.len() + 2);
     for &(name_start, name_end, value_start, value_end) in fields {
         let name = HeaderName::from_bytes(&head[name_start..name_end]).ok()?;
         let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end)).ok()?;
         headers.append(name, value);
     }
-    let mut request = Request::new(None);
-    *request.method_mut() = method;
-    *request.uri_mut() = uri;
-    *request.version_mut() = Version::HTTP_11;
-    *request.headers_mut() = headers;
     Some(request)
 }
 

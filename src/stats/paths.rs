@@ -7,8 +7,8 @@
 //! path past that is counted under [`OTHER`]. This module never allocates
 //! more than the budget allows and never looks at the query string.
 
+use foldhash::HashSet;
 use std::borrow::Cow;
-use std::collections::HashSet;
 
 /// The entry that takes every path past a route's budget.
 pub const OTHER: &str = "{other}";

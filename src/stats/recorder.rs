@@ -272,11 +272,11 @@ pub struct ErrorEntry {
 
 /// Everything counted for one route.
 ///
-/// Each request is counted once per route and path, in the current hour
-/// (and once per route in the current minute, for charts). When an hour
-/// ends it is folded into today's and all-time totals, so `daily` and
-/// `all` are those totals plus the current hour: a third of the work per
-/// request of counting every period separately.
+/// Each request is counted once for its route and once for its path, in
+/// the current minute. When a minute ends it is folded into its hour, and
+/// when an hour ends into today's and all-time totals, so `hourly`,
+/// `daily` and `all` are those totals plus the current minute: a fifth of
+/// the work per request of counting every period separately.
 pub struct RouteStats {
     budget: PathBudget,
     started_ms: i64,
@@ -299,14 +299,15 @@ impl RouteStats {
             started_ms: now_ms,
             all_before: Aggregate::default(),
             today_before: Aggregate::default(),
-            days: Window::new(DAY_MS, 30, now_ms, false),
-            hours: Window::new(HOUR_MS, 7 * 24, now_ms, true),
-            minutes: Window::new(MINUTE_MS, 60, now_ms, false),
+            days: Window::new(DAY_MS, 30, now_ms),
+            hours: Window::new(HOUR_MS, 7 * 24, now_ms),
+            minutes: Window::new(MINUTE_MS, 60, now_ms),
             errors: VecDeque::with_capacity(RECENT_ERRORS),
         }
     }
 
-    /// Moves every window to the period holding `now_ms`.
+    /// Moves every window to the period holding `now_ms`; a finished
+    /// minute is folded into its hour.
     pub fn roll(&mut self, now_ms: i64) {
         // Periods start at multiples of their length since the epoch, so
         // an hour or a day can only end where a minute does: within the
@@ -315,13 +316,22 @@ impl RouteStats {
         if now_ms < self.minutes.start_ms.saturating_add(self.minutes.len_ms) {
             return;
         }
-        self.minutes.roll(now_ms);
-        if let Some((start, hour)) = self.hours.roll(now_ms) {
+        if let Some((start, minute)) = self.minutes.roll(now_ms) {
+            self.roll_hour(start);
+            self.hours.current.merge(&minute);
+        }
+        self.roll_hour(now_ms);
+        self.roll_day(now_ms);
+    }
+
+    /// Starts the hour holding `t` if it has begun; the finished hour goes
+    /// into today's and all-time totals.
+    fn roll_hour(&mut self, t: i64) {
+        if let Some((start, hour)) = self.hours.roll(t) {
             self.all_before.merge(&hour);
             self.roll_day(start);
             self.today_before.merge(&hour);
         }
-        self.roll_day(now_ms);
     }
 
     /// Starts the day holding `t` if it has begun; the finished day
@@ -337,6 +347,10 @@ impl RouteStats {
     }
 
     /// Counts one request; returns the path key it was counted under.
+    /// It is counted once, in the current minute, which is folded into its
+    /// hour when it ends (`roll`). `at_ms` is when the aggregator took the
+    /// event: one that finished just before a minute ended counts in the
+    /// next, which is close enough and loses nothing.
     fn count<'p>(
         &mut self,
         at_ms: i64,
@@ -344,10 +358,18 @@ impl RouteStats {
         max_paths: usize,
         sample: &Sample,
     ) -> Cow<'p, str> {
-        let path = self.budget.admit(paths::normalize(raw_path), max_paths);
+        let path = paths::normalize(raw_path);
         self.roll(at_ms);
-        self.hours.add(&path, sample);
-        self.minutes.add(&path, sample);
+        let minute = &mut self.minutes.current;
+        minute.route.add(sample);
+        // A path this minute has counted is known to the budget: only one
+        // new in this minute is checked against it.
+        if let Some(counts) = minute.paths.get_mut(path.as_ref()) {
+            counts.add(sample);
+            return path;
+        }
+        let path = self.budget.admit(path, max_paths);
+        minute.add_path(&path, sample);
         path
     }
 
@@ -355,22 +377,24 @@ impl RouteStats {
         self.budget.len()
     }
 
-    /// The counts of a period (and when it started).
+    /// The counts of a period (and when it started): its finished parts
+    /// plus the current hour's finished minutes and the current minute.
     pub fn period(&self, period: Period) -> (Aggregate, i64) {
-        let current = &self.hours.current;
-        match period {
-            Period::Hourly => (current.clone(), self.hours.start_ms),
+        let (mut counts, start_ms) = match period {
+            Period::Hourly => (self.hours.current.clone(), self.hours.start_ms),
             Period::Daily => {
                 let mut day = self.today_before.clone();
-                day.merge(current);
+                day.merge(&self.hours.current);
                 (day, self.days.start_ms)
             }
             Period::All => {
                 let mut all = self.all_before.clone();
-                all.merge(current);
+                all.merge(&self.hours.current);
                 (all, self.started_ms)
             }
-        }
+        };
+        counts.merge(&self.minutes.current);
+        (counts, start_ms)
     }
 
     /// Summaries over time for charts: per minute for `all` (the last
@@ -384,7 +408,12 @@ impl RouteStats {
     pub fn history_series(&self, period: Period) -> (i64, Vec<Summary>) {
         let series = match period {
             Period::All => self.minutes.series(),
-            Period::Hourly => self.hours.series(),
+            Period::Hourly => {
+                let mut past: Vec<Summary> = self.hours.history.iter().cloned().collect();
+                let (hour, start) = self.period(Period::Hourly);
+                past.push(hour.route.summary(start));
+                past
+            }
             Period::Daily => {
                 let mut past: Vec<Summary> = self.days.history.iter().cloned().collect();
                 let (today, start) = self.period(Period::Daily);
@@ -576,6 +605,50 @@ mod tests {
             cache: None,
             captured: false,
         }
+    }
+
+    #[test]
+    fn minutes_fold_into_their_hour() {
+        let t0 = 10 * DAY_MS + 30 * MINUTE_MS;
+        let mut r = RouteStats::new(t0);
+        r.count(t0, "/a/1", 10, &ok());
+        r.count(t0 + MINUTE_MS, "/a/2", 10, &ok());
+        r.count(t0 + MINUTE_MS + 1, "/b", 10, &ok());
+        let hour = r.period(Period::Hourly).0;
+        assert_eq!(hour.route.total, 3, "finished minutes and the current one");
+        assert_eq!(hour.paths["/a/{id}"].total, 2);
+        assert_eq!(hour.paths["/b"].total, 1);
+        let (_, minutes) = r.history_series(Period::All);
+        let per_minute: Vec<u64> = minutes.iter().map(|s| s.total).collect();
+        assert_eq!(per_minute, vec![1, 2]);
+        let (_, hours) = r.history_series(Period::Hourly);
+        assert_eq!(hours.last().map(|s| s.total), Some(3));
+
+        // The hour's last minute, then the next hour: that minute is folded
+        // into the hour it belongs to, not into the new one.
+        r.count(t0 + 29 * MINUTE_MS, "/b", 10, &ok());
+        r.count(t0 + 31 * MINUTE_MS, "/b", 10, &ok());
+        assert_eq!(r.period(Period::Hourly).0.route.total, 1);
+        assert_eq!(r.hours.history.back().map(|s| s.total), Some(4));
+        let day = r.period(Period::Daily).0;
+        assert_eq!((day.route.total, day.paths["/b"].total), (5, 3));
+    }
+
+    #[test]
+    fn paths_past_the_budget_stay_other_in_every_minute() {
+        let t0 = 10 * DAY_MS;
+        let mut r = RouteStats::new(t0);
+        assert_eq!(r.count(t0, "/a", 1, &ok()), "/a");
+        assert_eq!(r.count(t0, "/b", 1, &ok()), paths::OTHER);
+        assert_eq!(r.count(t0 + 1, "/b", 1, &ok()), paths::OTHER);
+        assert_eq!(r.count(t0 + MINUTE_MS, "/b", 1, &ok()), paths::OTHER);
+        assert_eq!(r.count(t0 + MINUTE_MS, "/a", 1, &ok()), "/a");
+        let hour = r.period(Period::Hourly).0;
+        assert_eq!(
+            (hour.paths["/a"].total, hour.paths[paths::OTHER].total),
+            (2, 3)
+        );
+        assert_eq!(hour.paths.len(), 2);
     }
 
     #[test]

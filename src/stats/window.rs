@@ -205,16 +205,14 @@ impl Aggregate {
         }
     }
 
-    pub fn add(&mut self, path: Option<&str>, s: &Sample) {
-        self.route.add(s);
-        if let Some(p) = path {
-            match self.paths.get_mut(p) {
-                Some(c) => c.add(s),
-                None => {
-                    let mut c = Counts::default();
-                    c.add(s);
-                    self.paths.insert(p.to_string(), c);
-                }
+    /// Counts `s` for `path` (the route's counts are the caller's).
+    pub fn add_path(&mut self, path: &str, s: &Sample) {
+        match self.paths.get_mut(path) {
+            Some(c) => c.add(s),
+            None => {
+                let mut c = Counts::default();
+                c.add(s);
+                self.paths.insert(path.to_string(), c);
             }
         }
     }
@@ -242,19 +240,16 @@ pub struct Window {
     pub start_ms: i64,
     pub current: Aggregate,
     pub history: VecDeque<Summary>,
-    /// Whether paths are counted in this window (not for minute charts).
-    with_paths: bool,
 }
 
 impl Window {
-    pub fn new(len_ms: i64, keep: usize, now_ms: i64, with_paths: bool) -> Window {
+    pub fn new(len_ms: i64, keep: usize, now_ms: i64) -> Window {
         Window {
             len_ms,
             keep,
             start_ms: now_ms - now_ms.rem_euclid(len_ms),
             current: Aggregate::default(),
             history: VecDeque::new(),
-            with_paths,
         }
     }
 
@@ -302,14 +297,6 @@ impl Window {
         while self.history.front().is_some_and(|s| s.start_ms < oldest) {
             self.history.pop_front();
         }
-    }
-
-    /// Counts a sample in the current period (the caller rolled first).
-    /// A sample stamped just before a roll (it waited in the channel)
-    /// counts in the current period: close enough, and never lost.
-    pub fn add(&mut self, path: &str, s: &Sample) {
-        let path = self.with_paths.then_some(path);
-        self.current.add(path, s);
     }
 
     /// History then the current period, for charts.
@@ -364,16 +351,16 @@ mod tests {
     #[test]
     fn window_rolls_and_forgets() {
         let hour = 3_600_000;
-        let mut w = Window::new(hour, 2, 0, true);
-        w.add("/a", &sample(200, 5));
+        let mut w = Window::new(hour, 2, 0);
+        w.current.route.add(&sample(200, 5));
         let (start, done) = w.roll(hour + 1).unwrap();
         assert_eq!((start, done.route.total), (0, 1));
-        w.add("/a", &sample(200, 5));
+        w.current.route.add(&sample(200, 5));
         assert_eq!(w.history.len(), 1);
         assert_eq!(w.current.route.total, 1);
         assert!(w.roll(hour + 2).is_none());
         w.roll(5 * hour);
-        w.add("/a", &sample(200, 5));
+        w.current.route.add(&sample(200, 5));
         assert_eq!(w.history.len(), 0, "older than 2 periods: forgotten");
         assert_eq!(w.series().len(), 1);
     }
@@ -381,8 +368,8 @@ mod tests {
     #[test]
     fn restored_history_is_ordered_and_bounded() {
         let hour = 3_600_000;
-        let mut w = Window::new(hour, 3, 10 * hour, true);
-        w.add("/a", &sample(200, 5));
+        let mut w = Window::new(hour, 3, 10 * hour);
+        w.current.route.add(&sample(200, 5));
         w.roll(11 * hour);
         let summary = |h: i64| Counts::default().summary(h * hour);
         w.restore(vec![
