@@ -47,9 +47,12 @@ use crate::pipeline::Proxy;
 /// Request header lines served here at most (hyper's limit too).
 const MAX_HEADERS: usize = 100;
 /// Room made in the read buffer before a read, at least.
-const READ_MIN: usize = 2 * 1024;
-/// What a read buffer grows by.
-const READ_GROW: usize = 8 * 1024;
+const READ_MIN: usize = 512;
+/// What a read buffer grows by. Small, because a connection keeps its
+/// buffer while idle: most request heads are well under 2 KiB, a larger
+/// one takes a few more reads, and a buffer emptied by the heads taken
+/// from it is reused in place, not reallocated.
+const READ_GROW: usize = 2 * 1024;
 /// A first body chunk up to this size is copied behind the head; a larger
 /// one goes out beside it in the same vectored write.
 const COPY_MAX: usize = 1024;

@@ -138,6 +138,36 @@ async fn pipelined_requests_are_answered_in_order_across_the_hand_over_to_hyper(
 }
 
 #[tokio::test]
+async fn a_head_larger_than_the_read_buffer_arrives_in_pieces_and_the_next_one_follows() {
+    let backend = Backend::start(|seen| {
+        let big = seen.headers.get("x-big").map_or(0, |v| v.len());
+        Reply::ok(&format!("{} {big}", seen.uri))
+    })
+    .await;
+    let bs = Backstop::start(&config(&backend.url()));
+    let mut conn = TcpStream::connect(bs.addr).await.unwrap();
+    // 20 KiB of header, in pieces: well past the own side's first read
+    // buffer (2 KiB), well under `max_header_bytes` (32 KiB).
+    let big = "b".repeat(20 * 1024);
+    let head = format!("GET /big HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n");
+    for piece in head.as_bytes().chunks(3000) {
+        conn.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    conn.write_all(b"GET /small HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let wire = read_until_closed(&mut conn).await;
+    let got = answers(&wire, &[false, false]);
+    let bodies: Vec<String> = got
+        .iter()
+        .map(|a| String::from_utf8_lossy(&a.body).into_owned())
+        .collect();
+    assert_eq!(bodies, ["/big 20480", "/small 0"]);
+    assert!(got.iter().all(|a| a.status == 200), "{got:?}");
+}
+
+#[tokio::test]
 async fn an_http_1_0_request_and_a_proxy_made_answer_are_framed_and_closed() {
     let backend = Backend::start(|_| Reply::ok("fine")).await;
     let bs = Backstop::start(&config(&backend.url()));
