@@ -406,27 +406,18 @@ impl RouteStats {
 
     /// [`Self::history`] as summaries (the cluster view merges them).
     pub fn history_series(&self, period: Period) -> (i64, Vec<Summary>) {
-        let series = match period {
-            Period::All => self.minutes.series(),
-            Period::Hourly => {
-                let mut past: Vec<Summary> = self.hours.history.iter().cloned().collect();
-                let (hour, start) = self.period(Period::Hourly);
-                past.push(hour.route.summary(start));
-                past
-            }
-            Period::Daily => {
-                let mut past: Vec<Summary> = self.days.history.iter().cloned().collect();
-                let (today, start) = self.period(Period::Daily);
-                past.push(today.route.summary(start));
-                past
-            }
+        // An hour's or a day's current period is more than its window's
+        // `current` (finished minutes and hours are folded in later): it is
+        // the period's whole count, as `period` gives it.
+        let window = match period {
+            Period::All => return (MINUTE_MS / 1000, self.minutes.series()),
+            Period::Hourly => &self.hours,
+            Period::Daily => &self.days,
         };
-        let len_ms = match period {
-            Period::All => MINUTE_MS,
-            Period::Hourly => HOUR_MS,
-            Period::Daily => DAY_MS,
-        };
-        (len_ms / 1000, series)
+        let mut series: Vec<Summary> = window.history.iter().cloned().collect();
+        let (current, start) = self.period(period);
+        series.push(current.route.summary(start));
+        (window.len_ms / 1000, series)
     }
 }
 
