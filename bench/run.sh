@@ -226,6 +226,20 @@ for t in nginx haproxy backstop; do
     measure_rss "$t" conns --port "${PORT[$t]}" --connections "$IDLE_CONNS"
     sleep 1
 done
+# Then twice as many: a second batch opened while the first has been idle
+# for about 10 s. What a proxy keeps for a connection that stays idle shows
+# here (Backstop lets go of an idle connection's buffers after 2.5–5 s, and
+# the second batch reuses them).
+for t in nginx haproxy backstop; do
+    # shellcheck disable=SC2086
+    timeout 120 python3 "$BENCH_DIR/idle_conns.py" --pid "${PID_OF[$t]}" ${RSS_ARGS[$t]} \
+        --port "${PORT[$t]}" --connections "$IDLE_CONNS" --settle 16 >/dev/null &
+    first_batch=$!
+    sleep 10
+    measure_rss "$t" twice --port "${PORT[$t]}" --connections "$IDLE_CONNS" --settle 1
+    wait "$first_batch" || die "the first batch of idle connections to $t failed"
+    sleep 1
+done
 
 # --- 5. load: interleaved rounds of wrk ----------------------------------------
 WRK_LIMIT=$(( $(seconds "$DURATION") + 30 ))

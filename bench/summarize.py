@@ -8,7 +8,7 @@ RESULTS_LOG is written by bench/run.sh, one measurement a line, as key=value wor
     META key=value ...
     WRK round=1 scenario=small target=nginx requests=... rps=... p50_us=... p99_us=... err_*=...
         cpu_us=... backend_cpu_us=...
-    RSS target=backstop state=idle|conns|peak rss_kb=... open=... connections=... ok=...
+    RSS target=backstop state=idle|conns|twice|peak rss_kb=... open=... connections=... ok=...
 
 For every scenario and target the report gives the median over rounds of req/s, p50 and
 p99 latency, req/s and p99 as a ratio to nginx, and the proxy's CPU time per request
@@ -125,19 +125,24 @@ def main():
         w("## Memory (resident set size)")
         w("")
         w(f"| proxy | idle after start | with {int(n):,} idle keep-alive connections | "
-          "connections still open | peak over the run (VmHWM) |")
-        w("|---|---:|---:|---:|---:|")
+          "connections still open | with 2 × that, the first half idle for 10 s | "
+          "peak over the run (VmHWM) |")
+        w("|---|---:|---:|---:|---:|---:|")
         for t in ("nginx", "haproxy", "backstop"):
-            idle, conns, peak = (rss.get((t, s)) for s in ("idle", "conns", "peak"))
-            if not (idle or conns or peak):
+            idle, conns, twice, peak = (
+                rss.get((t, s)) for s in ("idle", "conns", "twice", "peak"))
+            if not (idle or conns or twice or peak):
                 continue
             w(f"| {LABELS[t]} | {fmt_mib(idle['rss_kb']) if idle else '—'} | "
               f"{fmt_mib(conns['rss_kb']) if conns else '—'} | "
               f"{conns['open'] + '/' + conns['connections'] if conns else '—'} | "
+              f"{fmt_mib(twice['rss_kb']) if twice else '—'} | "
               f"{fmt_mib(peak['rss_kb']) if peak else '—'} |")
         w("")
         w("VmRSS from /proc/PID/status; nginx is master + worker summed. The connections each "
-          "sent one `GET /health` (answered by the proxy itself) and then stayed idle.")
+          "sent one `GET /health` (answered by the proxy itself) and then stayed idle. "
+          "The 2 × column opens a second batch while the first is still open and has been "
+          "idle for about 10 s; its RSS is read with both batches open.")
         w("")
 
     w("## Every run")

@@ -36,22 +36,22 @@ use http::header::{
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::io::poll_read_buf;
 
 use super::reaper::{Closable, ConnState, H2_PREFACE};
 use crate::body::{ClientBody, ResponseBody};
 use crate::headers::{has_token, write_field, ClientInfo};
-use crate::pipeline::Proxy;
+use crate::pipeline::{self, Proxy};
 
 /// Request header lines served here at most (hyper's limit too).
 const MAX_HEADERS: usize = 100;
 /// Room made in the read buffer before a read, at least.
 const READ_MIN: usize = 512;
 /// What a read buffer grows by. Small, because a connection keeps its
-/// buffer while idle: most request heads are well under 2 KiB, a larger
-/// one takes a few more reads, and a buffer emptied by the heads taken
-/// from it is reused in place, not reallocated.
+/// buffer until the reaper finds it idle: most request heads are well under
+/// 2 KiB, a larger one takes a few more reads, and a buffer emptied by the
+/// heads taken from it is reused in place, not reallocated.
 const READ_GROW: usize = 2 * 1024;
 /// A first body chunk up to this size is copied behind the head; a larger
 /// one goes out beside it in the same vectored write.
@@ -145,16 +145,26 @@ where
                     return Outcome::HandOver(io, read.freeze(), protocol);
                 }
             }
-            if read.capacity() - read.len() < READ_MIN {
-                read.reserve(READ_GROW);
-            }
             let state = &serving.state;
             // Between requests a close asked for (idle, shutdown) ends the
             // connection; a head already begun is read on (the reaper
-            // aborts it if it takes too long).
+            // aborts it if it takes too long). A connection the reaper
+            // found idle lets go of its buffers until its next bytes come.
             let got = poll_fn(|cx| {
-                if read.is_empty() && state.closing() {
-                    return Poll::Ready(Ok(0));
+                if read.is_empty() {
+                    if state.closing() {
+                        return Poll::Ready(Ok(0));
+                    }
+                    if state.take_trim() {
+                        read = BytesMut::new();
+                        out = Vec::new();
+                    }
+                }
+                if read.capacity() == 0 {
+                    return poll_read_unbuffered(&mut io, cx, &mut read);
+                }
+                if read.capacity() - read.len() < READ_MIN {
+                    read.reserve(READ_GROW);
                 }
                 poll_read_buf(Pin::new(&mut io), cx, &mut read)
             })
@@ -166,18 +176,70 @@ where
             }
         };
         first = false;
-        let in_flight = serving.state.request_started();
-        let response =
-            super::handling(serving.proxy.clone(), head.request, serving.client.clone()).await;
-        let closing = head.close || serving.state.closing();
-        let written = write_response(&mut io, &mut out, response, head.is_head, closing).await;
-        drop(in_flight);
+        let (written, closing) = answer(&mut io, &mut out, &serving, head).await;
         match written {
             Ok(true) if !closing => {}
             Ok(_) => return Outcome::Closed(io.shutdown().await),
             Err(e) => return Outcome::Closed(Err(e)),
         }
     }
+}
+
+/// Reads into a buffer on the stack, for a connection that holds none (new,
+/// or idle and trimmed), and keeps what came in a new one: an idle
+/// connection waits for its next request without a buffer of its own.
+fn poll_read_unbuffered<S: AsyncRead + Unpin>(
+    io: &mut S,
+    cx: &mut Context<'_>,
+    read: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    let mut stack = [MaybeUninit::<u8>::uninit(); READ_GROW];
+    let mut buf = ReadBuf::uninit(&mut stack);
+    std::task::ready!(Pin::new(io).poll_read(cx, &mut buf))?;
+    let got = buf.filled();
+    if !got.is_empty() {
+        read.reserve(READ_GROW);
+        read.extend_from_slice(got);
+    }
+    Poll::Ready(Ok(got.len()))
+}
+
+/// One request, from its head to its answer's last byte, as one boxed
+/// future: a connection keeps room for every future it awaits, idle or
+/// not, and the pipeline's (≈ 5.9 KiB) and the writing of its answer
+/// (≈ 1 KiB) inline would cost that much per idle keep-alive connection.
+/// One allocation per request, written straight into its box
+/// (`Box::write`: `Box::pin(f)` builds the future aside and copies it).
+/// Gives the write's outcome and whether the connection is to close.
+fn answer<'a, S>(
+    io: &'a mut S,
+    out: &'a mut Vec<u8>,
+    serving: &'a Serving,
+    head: Head,
+) -> Pin<Box<impl Future<Output = (io::Result<bool>, bool)> + 'a>>
+where
+    S: AsyncWrite + Unpin,
+{
+    Box::into_pin(Box::write(
+        Box::new_uninit(),
+        respond(io, out, serving, head),
+    ))
+}
+
+/// The pipeline's answer to `head`, written to the client.
+async fn respond<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    out: &mut Vec<u8>,
+    serving: &Serving,
+    head: Head,
+) -> (io::Result<bool>, bool) {
+    let in_flight = serving.state.request_started();
+    let proxy = serving.proxy.clone();
+    let response = pipeline::handle(proxy, head.request, serving.client.clone()).await;
+    let closing = head.close || serving.state.closing();
+    let written = write_response(io, out, response, head.is_head, closing).await;
+    drop(in_flight);
+    (written, closing)
 }
 
 /// A request head read whole.

@@ -182,7 +182,9 @@ impl Connection {
         // block, so its state is gone (and its room reused) when hyper's
         // begins.
         let (io, read, protocol) = {
-            let own = h1::serve(
+            // Pinned where it is built (`tokio::pin!` would move it into a
+            // second slot of the task, as large).
+            let own = std::pin::pin!(h1::serve(
                 io,
                 h1::Serving {
                     proxy: self.proxy.clone(),
@@ -190,8 +192,7 @@ impl Connection {
                     state: registration.state().clone(),
                     max_head: self.max_head,
                 },
-            );
-            tokio::pin!(own);
+            ));
             match registration.serve(own).await {
                 Ended::Done(h1::Outcome::HandOver(io, read, protocol)) => (io, read, protocol),
                 Ended::Done(h1::Outcome::Closed(result)) => {
@@ -273,9 +274,11 @@ where
     }
 }
 
-/// One request through the pipeline, its future boxed: a connection keeps
-/// room for the request future it runs, idle or not, and the pipeline's
-/// (≈ 5.9 KiB) would cost that much per idle keep-alive connection. Written
+/// One request through the pipeline, its future boxed, for hyper's side: a
+/// connection keeps room for the request future it runs, idle or not, and
+/// the pipeline's (≈ 5.9 KiB) would cost that much per idle keep-alive
+/// connection. (The own HTTP/1 side boxes the pipeline together with the
+/// writing of its answer: `h1::answer`.) Written
 /// straight into its box (`Box::write`): `Box::pin(f)` builds the future on
 /// the stack and copies all of it over.
 fn handling(

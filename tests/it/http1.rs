@@ -168,6 +168,42 @@ async fn a_head_larger_than_the_read_buffer_arrives_in_pieces_and_the_next_one_f
 }
 
 #[tokio::test]
+async fn a_connection_idle_long_enough_to_let_go_of_its_buffers_serves_what_comes_next() {
+    let backend = Backend::start(|seen| {
+        let big = seen.headers.get("x-big").map_or(0, |v| v.len());
+        Reply::ok(&format!("{} {big}", seen.uri))
+    })
+    .await;
+    // `header_read_timeout = "2s"`: the reaper looks every 0.5 s and asks a
+    // connection idle for a whole look to drop its buffers.
+    let bs = Backstop::start(&config(&backend.url()));
+    let mut conn = TcpStream::connect(bs.addr).await.unwrap();
+    let mut wire = Vec::new();
+    conn.write_all(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut conn, &mut wire, |w| w.ends_with(b"/first 0")).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // After the idle spell: a head larger than a fresh buffer, then two
+    // pipelined heads, in one write.
+    let big = "b".repeat(5000);
+    let next = format!(
+        "GET /big HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n\
+         GET /two HTTP/1.1\r\nHost: a\r\n\r\n\
+         GET /three HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    );
+    conn.write_all(next.as_bytes()).await.unwrap();
+    wire.extend(read_until_closed(&mut conn).await);
+    let got = answers(&wire, &[false; 4]);
+    let bodies: Vec<String> = got
+        .iter()
+        .map(|a| String::from_utf8_lossy(&a.body).into_owned())
+        .collect();
+    assert_eq!(bodies, ["/first 0", "/big 5000", "/two 0", "/three 0"]);
+    assert!(got.iter().all(|a| a.status == 200), "{got:?}");
+}
+
+#[tokio::test]
 async fn an_http_1_0_request_and_a_proxy_made_answer_are_framed_and_closed() {
     let backend = Backend::start(|_| Reply::ok("fine")).await;
     let bs = Backstop::start(&config(&backend.url()));
