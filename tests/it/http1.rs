@@ -78,6 +78,23 @@ fn answers(mut wire: &[u8], heads: &[bool]) -> Vec<Answer> {
     out
 }
 
+/// Each answer's body, as text.
+fn bodies(got: &[Answer]) -> Vec<String> {
+    got.iter()
+        .map(|a| String::from_utf8_lossy(&a.body).into_owned())
+        .collect()
+}
+
+/// A backend that answers with the request's URI and the length of its
+/// `X-Big` header.
+async fn uri_and_big_header_backend() -> Backend {
+    Backend::start(|seen| {
+        let big = seen.headers.get("x-big").map_or(0, |v| v.len());
+        Reply::ok(&format!("{} {big}", seen.uri))
+    })
+    .await
+}
+
 async fn read_until_closed(conn: &mut TcpStream) -> Vec<u8> {
     let mut wire = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut wire))
@@ -109,12 +126,8 @@ async fn pipelined_requests_are_answered_in_order_across_the_hand_over_to_hyper(
     .unwrap();
     let wire = read_until_closed(&mut conn).await;
     let got = answers(&wire, &[false, true, false, false, false]);
-    let bodies: Vec<String> = got
-        .iter()
-        .map(|a| String::from_utf8_lossy(&a.body).into_owned())
-        .collect();
     assert_eq!(
-        bodies,
+        bodies(&got),
         [
             "GET /one?q=1 ",
             "",
@@ -139,11 +152,7 @@ async fn pipelined_requests_are_answered_in_order_across_the_hand_over_to_hyper(
 
 #[tokio::test]
 async fn a_head_larger_than_the_read_buffer_arrives_in_pieces_and_the_next_one_follows() {
-    let backend = Backend::start(|seen| {
-        let big = seen.headers.get("x-big").map_or(0, |v| v.len());
-        Reply::ok(&format!("{} {big}", seen.uri))
-    })
-    .await;
+    let backend = uri_and_big_header_backend().await;
     let bs = Backstop::start(&config(&backend.url()));
     let mut conn = TcpStream::connect(bs.addr).await.unwrap();
     // 20 KiB of header, in pieces: well past the own side's first read
@@ -159,21 +168,13 @@ async fn a_head_larger_than_the_read_buffer_arrives_in_pieces_and_the_next_one_f
         .unwrap();
     let wire = read_until_closed(&mut conn).await;
     let got = answers(&wire, &[false, false]);
-    let bodies: Vec<String> = got
-        .iter()
-        .map(|a| String::from_utf8_lossy(&a.body).into_owned())
-        .collect();
-    assert_eq!(bodies, ["/big 20480", "/small 0"]);
+    assert_eq!(bodies(&got), ["/big 20480", "/small 0"]);
     assert!(got.iter().all(|a| a.status == 200), "{got:?}");
 }
 
 #[tokio::test]
 async fn a_connection_idle_long_enough_to_let_go_of_its_buffers_serves_what_comes_next() {
-    let backend = Backend::start(|seen| {
-        let big = seen.headers.get("x-big").map_or(0, |v| v.len());
-        Reply::ok(&format!("{} {big}", seen.uri))
-    })
-    .await;
+    let backend = uri_and_big_header_backend().await;
     // `header_read_timeout = "2s"`: the reaper looks every 0.5 s and asks a
     // connection idle for a whole look to drop its buffers.
     let bs = Backstop::start(&config(&backend.url()));
@@ -195,11 +196,10 @@ async fn a_connection_idle_long_enough_to_let_go_of_its_buffers_serves_what_come
     conn.write_all(next.as_bytes()).await.unwrap();
     wire.extend(read_until_closed(&mut conn).await);
     let got = answers(&wire, &[false; 4]);
-    let bodies: Vec<String> = got
-        .iter()
-        .map(|a| String::from_utf8_lossy(&a.body).into_owned())
-        .collect();
-    assert_eq!(bodies, ["/first 0", "/big 5000", "/two 0", "/three 0"]);
+    assert_eq!(
+        bodies(&got),
+        ["/first 0", "/big 5000", "/two 0", "/three 0"]
+    );
     assert!(got.iter().all(|a| a.status == 200), "{got:?}");
 }
 
