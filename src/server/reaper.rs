@@ -72,7 +72,9 @@ pub struct ConnState {
     /// not complete yet; 0 when none is pending.
     head_since: AtomicU64,
     close: AtomicU8,
-    /// Asked to let go of its buffers (see [`ConnState::take_trim`]).
+    /// Asked to let go of its buffers (see [`ConnState::take_trim`]). Only
+    /// the own HTTP/1 side reads it: a connection handed to hyper is woken
+    /// once per idle spell for nothing.
     trim: AtomicBool,
     waker: AtomicWaker,
 }
