@@ -11,9 +11,11 @@
 #   BENCH_CONNECTIONS wrk connections                    (default 64)
 #   BENCH_WARMUP      untimed warm-up per target/scenario before round 1, 0 to skip (default 2s)
 #   BENCH_IDLE_CONNS  idle keep-alive connections for the memory test (default 1000)
-#   BENCH_PORT_BASE   first of 8 consecutive ports on 127.0.0.1 (default 18080)
+#   BENCH_PORT_BASE   first of 10 consecutive ports on 127.0.0.1 (default 18080)
 #   BENCH_PIN=1       pin wrk to CPU 0 and every server to CPU 1 (default: no pinning)
 #   BENCH_NO_BUILD=1  skip the cargo build and use the binaries already in target/release
+#   BENCH_PGO=1       also measure the profile-guided build (scripts/build-pgo.sh, built
+#                     unless BENCH_NO_BUILD=1; target/pgo/release/backstop)
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -36,6 +38,8 @@ BACKSTOP_ADMIN_PORT=$((PORT_BASE + 4))
 BARE_PORT=$((PORT_BASE + 5))
 POOL_PORT=$((PORT_BASE + 6))
 NGINX_FWD_PORT=$((PORT_BASE + 7))
+PGO_PORT=$((PORT_BASE + 8))
+PGO_ADMIN_PORT=$((PORT_BASE + 9))
 
 # `bare` is examples/bare_proxy.rs: hyper-util's server and client with no
 # pipeline, the floor of what Backstop's libraries cost. `pool` is the same
@@ -43,9 +47,11 @@ NGINX_FWD_PORT=$((PORT_BASE + 7))
 # hyper-util's legacy client, to show what that client costs.
 # `nginx-fwd` is nginx (same process, a second server) setting the headers
 # Backstop sets on every request: the cost of that work, for comparison.
+# `backstop-pgo` is the same source built with profile-guided optimisation.
 TARGETS=(direct nginx nginx-fwd haproxy bare pool backstop)
+[[ ${BENCH_PGO:-0} == 1 ]] && TARGETS+=(backstop-pgo)
 SCENARIOS=(small 16k)
-declare -A PORT=([direct]=$BACKEND_PORT [nginx]=$NGINX_PORT [nginx-fwd]=$NGINX_FWD_PORT [haproxy]=$HAPROXY_PORT [bare]=$BARE_PORT [pool]=$POOL_PORT [backstop]=$BACKSTOP_PORT)
+declare -A PORT=([direct]=$BACKEND_PORT [nginx]=$NGINX_PORT [nginx-fwd]=$NGINX_FWD_PORT [haproxy]=$HAPROXY_PORT [bare]=$BARE_PORT [pool]=$POOL_PORT [backstop]=$BACKSTOP_PORT [backstop-pgo]=$PGO_PORT)
 declare -A BODY_BYTES=([small]=13 [16k]=16384)
 
 log() { printf '[bench] %s\n' "$*" >&2; }
@@ -90,11 +96,18 @@ command -v python3 >/dev/null || die "python3 is required"
 if [[ ${BENCH_NO_BUILD:-0} != 1 ]]; then
     log "building Backstop (release)"
     (cd "$ROOT" && cargo build --release --bin backstop --example backend --example bare_proxy)
+    if [[ ${BENCH_PGO:-0} == 1 ]]; then
+        log "building Backstop with profile-guided optimisation"
+        bash "$ROOT/scripts/build-pgo.sh"
+    fi
 fi
 BACKSTOP_BIN=$TARGET_DIR/release/backstop
 BACKEND_BIN=$TARGET_DIR/release/examples/backend
 BARE_BIN=$TARGET_DIR/release/examples/bare_proxy
-for bin in "$BACKSTOP_BIN" "$BACKEND_BIN" "$BARE_BIN"; do
+PGO_BIN=$TARGET_DIR/pgo/release/backstop
+BINS=("$BACKSTOP_BIN" "$BACKEND_BIN" "$BARE_BIN")
+[[ ${BENCH_PGO:-0} == 1 ]] && BINS+=("$PGO_BIN")
+for bin in "${BINS[@]}"; do
     [[ -x $bin ]] || die "$bin is missing"
 done
 
@@ -122,7 +135,7 @@ trap 'exit 130' INT TERM
 # 1,000 idle connections plus the load: lift the descriptor limit for everything we start.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-for p in "$BACKEND_PORT" "$NGINX_PORT" "$NGINX_FWD_PORT" "$HAPROXY_PORT" "$BACKSTOP_PORT" "$BACKSTOP_ADMIN_PORT" "$BARE_PORT" "$POOL_PORT"; do
+for p in "$BACKEND_PORT" "$NGINX_PORT" "$NGINX_FWD_PORT" "$HAPROXY_PORT" "$BACKSTOP_PORT" "$BACKSTOP_ADMIN_PORT" "$BARE_PORT" "$POOL_PORT" "$PGO_PORT" "$PGO_ADMIN_PORT"; do
     # SO_REUSEADDR like the servers use, so TIME_WAIT leftovers from a previous run don't count.
     python3 -c 'import socket, sys
 s = socket.socket()
@@ -153,9 +166,10 @@ wait_ready() {
     die "$name not ready at $url after 20 s"
 }
 
-render() { # TEMPLATE OUTPUT PORT
-    sed -e "s|@TMPDIR@|$TMP|g" -e "s|@PORT@|$3|g" -e "s|@BACKEND_PORT@|$BACKEND_PORT|g" \
-        -e "s|@ADMIN_PORT@|$BACKSTOP_ADMIN_PORT|g" -e "s|@FWD_PORT@|$NGINX_FWD_PORT|g" "$1" >"$2"
+render() { # TEMPLATE OUTPUT PORT [ADMIN_PORT [DATA_DIR]]
+    sed -e "s|@TMPDIR@/data|${5:-$TMP/data}|g" -e "s|@TMPDIR@|$TMP|g" -e "s|@PORT@|$3|g" \
+        -e "s|@BACKEND_PORT@|$BACKEND_PORT|g" -e "s|@ADMIN_PORT@|${4:-$BACKSTOP_ADMIN_PORT}|g" \
+        -e "s|@FWD_PORT@|$NGINX_FWD_PORT|g" "$1" >"$2"
 }
 
 log "temp dir $TMP"
@@ -180,6 +194,15 @@ start backstop "$BACKSTOP_BIN" run -c "$TMP/backstop.toml"
 BACKSTOP_PID=$LAST_PID
 wait_ready backstop "$BACKSTOP_PID" "http://127.0.0.1:$BACKSTOP_PORT/health"
 
+PGO_PID=
+if [[ ${BENCH_PGO:-0} == 1 ]]; then
+    mkdir -p "$TMP/data-pgo"
+    render "$BENCH_DIR/backstop.toml.tmpl" "$TMP/backstop-pgo.toml" "$PGO_PORT" "$PGO_ADMIN_PORT" "$TMP/data-pgo"
+    start backstop-pgo "$PGO_BIN" run -c "$TMP/backstop-pgo.toml"
+    PGO_PID=$LAST_PID
+    wait_ready backstop-pgo "$PGO_PID" "http://127.0.0.1:$PGO_PORT/health"
+fi
+
 start bare "$BARE_BIN" "127.0.0.1:$BARE_PORT" "127.0.0.1:$BACKEND_PORT"
 BARE_PID=$LAST_PID
 wait_ready bare "$BARE_PID" "http://127.0.0.1:$BARE_PORT/bench/small"
@@ -188,7 +211,7 @@ start pool "$BARE_BIN" "127.0.0.1:$POOL_PORT" "127.0.0.1:$BACKEND_PORT" --own-po
 POOL_PID=$LAST_PID
 wait_ready pool "$POOL_PID" "http://127.0.0.1:$POOL_PORT/bench/small"
 
-declare -A PID_OF=([direct]=$BACKEND_PID [nginx]=$NGINX_PID [nginx-fwd]=$NGINX_PID [haproxy]=$HAPROXY_PID [bare]=$BARE_PID [pool]=$POOL_PID [backstop]=$BACKSTOP_PID)
+declare -A PID_OF=([direct]=$BACKEND_PID [nginx]=$NGINX_PID [nginx-fwd]=$NGINX_PID [haproxy]=$HAPROXY_PID [bare]=$BARE_PID [pool]=$POOL_PID [backstop]=$BACKSTOP_PID [backstop-pgo]=$PGO_PID)
 declare -A RSS_ARGS=([nginx]="--with-children" [haproxy]="" [backstop]="")
 
 # Every target must serve the same bodies before it is measured.
@@ -204,7 +227,7 @@ log "all targets up: backend :$BACKEND_PORT, nginx :$NGINX_PORT (+headers :$NGIN
 RESULTS=$TMP/results.log   # one key=value line per measurement, read by summarize.py
 {
     echo "META date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "META duration=$DURATION rounds=$ROUNDS connections=$CONNECTIONS warmup=$WARMUP idle_conns=$IDLE_CONNS pin=${BENCH_PIN:-0}"
+    echo "META duration=$DURATION rounds=$ROUNDS connections=$CONNECTIONS warmup=$WARMUP idle_conns=$IDLE_CONNS pin=${BENCH_PIN:-0} pgo=${BENCH_PGO:-0}"
     echo "META cpu=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1 | tr ' ' '_') cores=$(nproc) kernel=$(uname -r)"
     echo "META nginx=$(nginx -v 2>&1 | sed 's|.*nginx/||') haproxy=$(haproxy -v | head -1 | awk '{print $3}') wrk=$(wrk -v 2>&1 | head -1 | awk '{print $2}')"
     echo "META backstop=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo uncommitted)$(git -C "$ROOT" status --porcelain 2>/dev/null | grep -q . && echo +dirty)"

@@ -19,7 +19,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-TARGETS = ["direct", "nginx", "nginx-fwd", "haproxy", "bare", "pool", "backstop"]
+TARGETS = ["direct", "nginx", "nginx-fwd", "haproxy", "bare", "pool", "backstop", "backstop-pgo"]
 LABELS = {
     "direct": "backend direct (no proxy)",
     "nginx": "nginx",
@@ -28,6 +28,7 @@ LABELS = {
     "bare": "bare hyper-util proxy",
     "pool": "bare proxy, own HTTP/1 pool",
     "backstop": "**Backstop**",
+    "backstop-pgo": "**Backstop, PGO build** (`scripts/build-pgo.sh`)",
 }
 SCENARIOS = {"small": "GET /bench/small (13 B body)", "16k": "GET /bench/16k (16 KiB body)"}
 BASELINE = "nginx"
@@ -118,6 +119,28 @@ def main():
             w(f"| {LABELS[t]} | {rps:,.0f} | {fmt_ratio(rps, base_rps)} | {fmt_ms(p50)} | "
               f"{fmt_ms(p99)} | {fmt_ratio(p99, base_p99)} | {cpu_per_request(scenario, t)} | "
               f"{errors(scenario, t)} |")
+        w("")
+
+    # Each round's ratio to nginx in that same round: the host's slow and
+    # fast spells hit both sides of a pair alike.
+    paired = [t for t in ("backstop", "backstop-pgo") if any(runs[(s, t)] for s in SCENARIOS)]
+    if paired:
+        w("## Round by round: each Backstop run ÷ the nginx run of the same round")
+        w("")
+        w("| target | scenario | req/s ratio, median (min–max) | p99 ratio, median (min–max) |")
+        w("|---|---|---:|---:|")
+        for t in paired:
+            for scenario in SCENARIOS:
+                base = {r["round"]: r for r in runs[(scenario, BASELINE)]}
+                pairs = [(r, base[r["round"]]) for r in runs[(scenario, t)] if r["round"] in base]
+                if not pairs:
+                    continue
+                cells = []
+                for key in ("rps", "p99_us"):
+                    ratios = [float(r[key]) / float(b[key]) for r, b in pairs if float(b[key])]
+                    cells.append(f"{statistics.median(ratios):.2f}× "
+                                 f"({min(ratios):.2f}–{max(ratios):.2f})" if ratios else "n/a")
+                w(f"| {LABELS[t]} | {scenario} | {cells[0]} | {cells[1]} |")
         w("")
 
     if rss:
