@@ -88,35 +88,17 @@ wait_ready() { # PID URL
     die "not ready at $2"
 }
 
-# Two kinds of route: one with every default (retries and capture on, so
-# bodies are buffered) and one that streams (what bench/ measures).
-cat >"$TMP/backstop.toml" <<EOF
-[server]
-listen = "127.0.0.1:$PROXY_PORT"
-admin_listen = "127.0.0.1:$ADMIN_PORT"
-data_dir = "$TMP/data"
-workers = 1
-
-[log]
-level = "warn"
-
-[replay]
-enabled = false
+# Two kinds of route: the benchmark's (it streams; retries and capture off)
+# and one with every default (retries and capture on, so bodies are buffered).
+sed -e "s|@TMPDIR@|$TMP|g" -e "s|@PORT@|$PROXY_PORT|g" -e "s|@BACKEND_PORT@|$BACKEND_PORT|g" \
+    -e "s|@ADMIN_PORT@|$ADMIN_PORT|g" "$ROOT/bench/backstop.toml.tmpl" >"$TMP/backstop.toml"
+cat >>"$TMP/backstop.toml" <<EOF
 
 [[routes]]
 name = "api"
 path_prefix = "/api"
 strip_prefix = true
 upstreams = ["http://127.0.0.1:$BACKEND_PORT"]
-
-[[routes]]
-name = "bench"
-path_prefix = "/bench"
-upstreams = ["http://127.0.0.1:$BACKEND_PORT"]
-  [routes.retry]
-  max_attempts = 1
-  [routes.capture]
-  enabled = false
 EOF
 cat >"$TMP/post.lua" <<'EOF'
 wrk.method = "POST"
