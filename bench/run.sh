@@ -48,8 +48,9 @@ PGO_ADMIN_PORT=$((PORT_BASE + 9))
 # `nginx-fwd` is nginx (same process, a second server) setting the headers
 # Backstop sets on every request: the cost of that work, for comparison.
 # `backstop-pgo` is the same source built with profile-guided optimisation.
+PGO=${BENCH_PGO:-0}
 TARGETS=(direct nginx nginx-fwd haproxy bare pool backstop)
-[[ ${BENCH_PGO:-0} == 1 ]] && TARGETS+=(backstop-pgo)
+[[ $PGO == 1 ]] && TARGETS+=(backstop-pgo)
 SCENARIOS=(small 16k)
 declare -A PORT=([direct]=$BACKEND_PORT [nginx]=$NGINX_PORT [nginx-fwd]=$NGINX_FWD_PORT [haproxy]=$HAPROXY_PORT [bare]=$BARE_PORT [pool]=$POOL_PORT [backstop]=$BACKSTOP_PORT [backstop-pgo]=$PGO_PORT)
 declare -A BODY_BYTES=([small]=13 [16k]=16384)
@@ -96,7 +97,7 @@ command -v python3 >/dev/null || die "python3 is required"
 if [[ ${BENCH_NO_BUILD:-0} != 1 ]]; then
     log "building Backstop (release)"
     (cd "$ROOT" && cargo build --release --bin backstop --example backend --example bare_proxy)
-    if [[ ${BENCH_PGO:-0} == 1 ]]; then
+    if [[ $PGO == 1 ]]; then
         log "building Backstop with profile-guided optimisation"
         bash "$ROOT/scripts/build-pgo.sh"
     fi
@@ -106,7 +107,7 @@ BACKEND_BIN=$TARGET_DIR/release/examples/backend
 BARE_BIN=$TARGET_DIR/release/examples/bare_proxy
 PGO_BIN=$TARGET_DIR/pgo/release/backstop
 BINS=("$BACKSTOP_BIN" "$BACKEND_BIN" "$BARE_BIN")
-[[ ${BENCH_PGO:-0} == 1 ]] && BINS+=("$PGO_BIN")
+[[ $PGO == 1 ]] && BINS+=("$PGO_BIN")
 for bin in "${BINS[@]}"; do
     [[ -x $bin ]] || die "$bin is missing"
 done
@@ -195,7 +196,7 @@ BACKSTOP_PID=$LAST_PID
 wait_ready backstop "$BACKSTOP_PID" "http://127.0.0.1:$BACKSTOP_PORT/health"
 
 PGO_PID=
-if [[ ${BENCH_PGO:-0} == 1 ]]; then
+if [[ $PGO == 1 ]]; then
     mkdir -p "$TMP/data-pgo"
     render "$BENCH_DIR/backstop.toml.tmpl" "$TMP/backstop-pgo.toml" "$PGO_PORT" "$PGO_ADMIN_PORT" "$TMP/data-pgo"
     start backstop-pgo "$PGO_BIN" run -c "$TMP/backstop-pgo.toml"
@@ -227,7 +228,7 @@ log "all targets up: backend :$BACKEND_PORT, nginx :$NGINX_PORT (+headers :$NGIN
 RESULTS=$TMP/results.log   # one key=value line per measurement, read by summarize.py
 {
     echo "META date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "META duration=$DURATION rounds=$ROUNDS connections=$CONNECTIONS warmup=$WARMUP idle_conns=$IDLE_CONNS pin=${BENCH_PIN:-0} pgo=${BENCH_PGO:-0}"
+    echo "META duration=$DURATION rounds=$ROUNDS connections=$CONNECTIONS warmup=$WARMUP idle_conns=$IDLE_CONNS pin=${BENCH_PIN:-0} pgo=$PGO"
     echo "META cpu=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1 | tr ' ' '_') cores=$(nproc) kernel=$(uname -r)"
     echo "META nginx=$(nginx -v 2>&1 | sed 's|.*nginx/||') haproxy=$(haproxy -v | head -1 | awk '{print $3}') wrk=$(wrk -v 2>&1 | head -1 | awk '{print $2}')"
     echo "META backstop=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo uncommitted)$(git -C "$ROOT" status --porcelain 2>/dev/null | grep -q . && echo +dirty)"

@@ -8,8 +8,8 @@
 #
 #   scripts/build-pgo.sh        # -> target/pgo/release/backstop
 #
-# Needs wrk and llvm-profdata 19 or newer (rustup's llvm-tools, or Debian's
-# llvm-19, which the script installs with apt-get when neither is there).
+# Needs wrk, curl and llvm-profdata 19 or newer (rustup's llvm-tools, or
+# Debian's llvm-19); whichever is missing is installed with apt-get.
 #
 # Environment (all optional):
 #   PGO_PORT_BASE   first of 3 consecutive ports on 127.0.0.1 (default 18180)
@@ -31,8 +31,13 @@ PROFILES=$TARGET_DIR/pgo-profiles
 log() { printf '[pgo] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-as_root() {
-    if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi
+# apt-get install PACKAGE... (as root, or through sudo), after one update.
+apt_install() {
+    local sudo=()
+    [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+    log "installing $*"
+    "${sudo[@]}" apt-get update -q
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@"
 }
 
 # --- 1. tools ----------------------------------------------------------------
@@ -52,12 +57,12 @@ find_profdata() {
     done
     return 1
 }
-command -v wrk >/dev/null || { log "installing wrk"; as_root apt-get install -y wrk; }
-PROFDATA=$(find_profdata) || {
-    log "installing llvm-19 (for llvm-profdata)"
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends llvm-19
-    PROFDATA=$(find_profdata) || die "no llvm-profdata 19 or newer found"
-}
+missing=()
+command -v wrk >/dev/null || missing+=(wrk)
+command -v curl >/dev/null || missing+=(curl)
+find_profdata >/dev/null || missing+=(llvm-19)
+((${#missing[@]} == 0)) || apt_install "${missing[@]}"
+PROFDATA=$(find_profdata) || die "no llvm-profdata 19 or newer found"
 log "using $PROFDATA"
 
 # --- 2. instrumented build -----------------------------------------------------
