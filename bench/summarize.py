@@ -11,8 +11,9 @@ RESULTS_LOG is written by bench/run.sh, one measurement a line, as key=value wor
     RSS target=backstop state=idle|conns|twice|peak rss_kb=... open=... connections=... ok=...
 
 For every scenario and target the report gives the median over rounds of req/s, p50 and
-p99 latency, req/s and p99 as a ratio to nginx, and the proxy's CPU time per request
-(user + system, from /proc; less sensitive to a noisy host than req/s).
+p99 latency, req/s and p99 as a ratio to nginx, the proxy's CPU time per request
+(user + system, from /proc; less sensitive to a noisy host than req/s) and the backend's
+(what the proxy's upstream requests cost it: more headers, more parsing).
 """
 
 import statistics
@@ -75,9 +76,9 @@ def main():
         vals = [float(r[key]) for r in runs[(scenario, target)]]
         return statistics.median(vals) if vals else None
 
-    def cpu_per_request(scenario, target):
-        vals = [float(r["cpu_us"]) / float(r["requests"]) for r in runs[(scenario, target)]
-                if "cpu_us" in r and float(r["requests"]) > 0]
+    def cpu_per_request(scenario, target, key="cpu_us"):
+        vals = [float(r[key]) / float(r["requests"]) for r in runs[(scenario, target)]
+                if key in r and float(r["requests"]) > 0]
         return f"{statistics.median(vals):.1f}" if vals else "—"
 
     def errors(scenario, target):
@@ -108,8 +109,9 @@ def main():
         base_p99 = median(scenario, BASELINE, "p99_us")
         w(f"## {title}")
         w("")
-        w("| target | req/s | req/s vs nginx | p50 | p99 | p99 vs nginx | CPU µs/req | errors |")
-        w("|---|---:|---:|---:|---:|---:|---:|---:|")
+        w("| target | req/s | req/s vs nginx | p50 | p99 | p99 vs nginx | CPU µs/req "
+          "| backend CPU µs/req | errors |")
+        w("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for t in TARGETS:
             if not runs[(scenario, t)]:
                 continue
@@ -118,7 +120,7 @@ def main():
             p99 = median(scenario, t, "p99_us")
             w(f"| {LABELS[t]} | {rps:,.0f} | {fmt_ratio(rps, base_rps)} | {fmt_ms(p50)} | "
               f"{fmt_ms(p99)} | {fmt_ratio(p99, base_p99)} | {cpu_per_request(scenario, t)} | "
-              f"{errors(scenario, t)} |")
+              f"{cpu_per_request(scenario, t, 'backend_cpu_us')} | {errors(scenario, t)} |")
         w("")
 
     # Each round's ratio to nginx in that same round: the host's slow and
