@@ -39,6 +39,8 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     pub drain_timeout: Duration,
     pub connect_timeout: Duration,
+    /// How long a kept-alive upstream connection may stay unused.
+    pub upstream_idle_timeout: Duration,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub admin_token: Option<String>,
@@ -444,6 +446,7 @@ impl ServerConfig {
             idle_timeout: s.duration("idle_timeout", secs(60), SECONDS),
             drain_timeout: s.duration("drain_timeout", secs(30), SECONDS),
             connect_timeout: s.duration("connect_timeout", secs(2), SECONDS),
+            upstream_idle_timeout: s.duration("upstream_idle_timeout", secs(90), SECONDS),
             tls_cert,
             tls_key,
             admin_token,
@@ -453,6 +456,7 @@ impl ServerConfig {
             ("header_read_timeout", config.header_read_timeout),
             ("idle_timeout", config.idle_timeout),
             ("connect_timeout", config.connect_timeout),
+            ("upstream_idle_timeout", config.upstream_idle_timeout),
         ] {
             if d.is_zero() {
                 s.error(k, "must be greater than 0");

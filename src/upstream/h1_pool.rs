@@ -43,8 +43,14 @@ use crate::body::{RequestBody, UpstreamBody};
 use crate::classify::{is_idempotent, Failure};
 use crate::headers::ProxySet;
 
-/// How often idle connections are looked over for expiry.
-const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// How often idle connections are looked over for expiry: a quarter of the
+/// idle timeout, between 100 ms and 5 s. The exchange's list counts a
+/// connection's idle time from the first sweep that finds it idle, so one
+/// closes between the timeout and the timeout plus two intervals after its
+/// last use (at most 1.5 times a timeout up to 20 s; 90–100 s by default).
+fn sweep_interval(idle_timeout: Duration) -> Duration {
+    (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
+}
 
 /// How many of a target's most recently returned connections a request
 /// looks at for a ready one before it opens a new connection.
@@ -294,8 +300,9 @@ impl H1Pool {
     fn start_sweeper(&self) {
         self.shared.sweeper.call_once(|| {
             let weak: Weak<Shared> = Arc::downgrade(&self.shared);
+            let every = sweep_interval(self.shared.idle_timeout);
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(SWEEP_EVERY);
+                let mut tick = tokio::time::interval(every);
                 loop {
                     tick.tick().await;
                     let Some(shared) = weak.upgrade() else { break };
@@ -500,6 +507,20 @@ mod tests {
         assert_eq!(idle.len(), 0);
         let closed = tokio::time::timeout(Duration::from_secs(2), read_head(&mut conn)).await;
         assert_eq!(closed, Ok(None), "the expired connection is closed");
+    }
+
+    #[test]
+    fn sweeps_come_four_times_per_idle_timeout_within_bounds() {
+        let ms = Duration::from_millis;
+        assert_eq!(
+            sweep_interval(Duration::from_secs(90)),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            sweep_interval(Duration::from_secs(8)),
+            Duration::from_secs(2)
+        );
+        assert_eq!(sweep_interval(ms(300)), ms(100));
     }
 
     #[tokio::test]

@@ -33,9 +33,6 @@ use crate::headers::ProxySet;
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
 
-/// How long an idle pooled upstream connection is kept.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-
 /// A route's way to its backends: plain `http://` targets over our own
 /// HTTP/1.1 pool (unless the route speaks h2c), the rest over hyper-util's
 /// client.
@@ -65,14 +62,18 @@ impl Upstream {
             .wrap_connector(http);
         let mut builder = Client::builder(TokioExecutor::new());
         builder
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_idle_timeout(server.upstream_idle_timeout)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .http2_only(route.upstream_h2c);
         let h1 = if route.upstream_h2c {
             None
         } else {
-            H1Pool::new(&route.upstreams, server.connect_timeout, POOL_IDLE_TIMEOUT)
+            H1Pool::new(
+                &route.upstreams,
+                server.connect_timeout,
+                server.upstream_idle_timeout,
+            )
         };
         Ok(Upstream {
             h1,

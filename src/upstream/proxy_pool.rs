@@ -29,7 +29,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{tls, ErrorChain, POOL_IDLE_TIMEOUT};
+use super::{tls, ErrorChain};
 use crate::body::RequestBody;
 use crate::classify::Failure;
 use crate::config::{ProxyConfig, ProxyStrategy, RouteConfig, ServerConfig};
@@ -106,7 +106,7 @@ impl ProxyPool {
                 .wrap_connector(connector);
             let mut builder = Client::builder(TokioExecutor::new());
             builder
-                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                .pool_idle_timeout(server.upstream_idle_timeout)
                 .pool_timer(TokioTimer::new())
                 .timer(TokioTimer::new());
             proxies.push(OutboundProxy {

@@ -100,6 +100,13 @@ fn invalid_files_list_every_error_with_its_key() {
         ),
         ("[server\nlisten=1".into(), vec!["FILE: invalid TOML: "]),
         (
+            format!("[server]\nupstream_idle_timeout = \"0s\"\nidle_timeout = \"a while\"\n{ROUTE}"),
+            vec![
+                "FILE: server.idle_timeout: invalid duration \"a while\"",
+                "FILE: server.upstream_idle_timeout: must be greater than 0",
+            ],
+        ),
+        (
             format!("[kafka]\nbrokers = \"\"\nack_timeout = \"5 parsecs\"\n[replay]\nidempotency_header = \"bad header\"\n{ROUTE}"),
             vec![
                 "FILE: kafka.brokers: must not be empty",
@@ -206,6 +213,7 @@ admin_listen = "127.0.0.1:9901"
 data_dir = "./data"
 max_body_bytes = 1048576
 connect_timeout = 2
+upstream_idle_timeout = "30s"
 drain_timeout = "5s"
 [log]
 format = "json"

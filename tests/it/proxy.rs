@@ -280,6 +280,45 @@ async fn a_backend_closing_idle_connections_costs_no_request() {
     assert_eq!(backend.accepted(), 5, "a new connection each time");
 }
 
+/// `server.upstream_idle_timeout` closes a kept-alive upstream connection
+/// that has not been used for that long (within half as long again); with
+/// the default (90 s) the same wait leaves it open.
+#[tokio::test]
+async fn idle_upstream_connections_close_after_upstream_idle_timeout() {
+    let c = client();
+    for (timeout, closes) in [(Some("300ms"), true), (None, false)] {
+        let backend = RawBackend::start(None).await;
+        let server = timeout
+            .map(|t| format!("[server]\nupstream_idle_timeout = {t:?}\n\n"))
+            .unwrap_or_default();
+        let bs = Backstop::start(&format!(
+            "{server}{}",
+            route("api", "/", &[backend.url()], "")
+        ));
+        let r = c.get(bs.url("/x")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), "ok");
+        let used = std::time::Instant::now();
+        assert_eq!(backend.open(), 1, "kept alive after the answer");
+        while backend.open() > 0 && used.elapsed() < Duration::from_millis(1500) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let idle_for = used.elapsed();
+        if closes {
+            assert_eq!(backend.open(), 0, "closed within 1.5 s of its last use");
+            assert!(
+                idle_for >= Duration::from_millis(250),
+                "closed too early: after {idle_for:?}"
+            );
+            let r = c.get(bs.url("/x")).send().await.unwrap();
+            assert_eq!(r.status(), 200, "the next request opens a new connection");
+            assert_eq!(backend.accepted(), 2);
+        } else {
+            assert_eq!(backend.open(), 1, "the default keeps it open for 90 s");
+        }
+    }
+}
+
 #[tokio::test]
 async fn error_answers_have_the_json_shape() {
     let slow = Backend::start(|_| Reply::ok("late").delay(Duration::from_secs(3))).await;
