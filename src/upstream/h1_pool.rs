@@ -47,7 +47,7 @@ use crate::headers::ProxySet;
 /// idle timeout, between 100 ms and 5 s. The exchange's list counts a
 /// connection's idle time from the first sweep that finds it idle, so one
 /// closes between the timeout and the timeout plus two intervals after its
-/// last use (at most 1.5 times a timeout up to 20 s; 90–100 s by default).
+/// last use (at most 1.5 times a timeout of 0.4 to 20 s; 90–100 s by default).
 fn sweep_interval(idle_timeout: Duration) -> Duration {
     (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
 }
