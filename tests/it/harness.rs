@@ -342,6 +342,8 @@ type Handler = Arc<dyn Fn(&Seen) -> Reply + Send + Sync>;
 pub struct Backend {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// Connections open now (HTTP/1 or HTTP/2).
+    open: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -394,6 +396,8 @@ impl Backend {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let handler: Handler = Arc::new(handler);
         let log = seen.clone();
+        let open = Arc::new(AtomicUsize::new(0));
+        let open_count = open.clone();
         let task = tokio::spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
             loop {
@@ -403,7 +407,9 @@ impl Backend {
                 let handler = handler.clone();
                 let log = log.clone();
                 let tls = tls.clone();
+                let open = OpenGuard::new(&open_count);
                 connections.spawn(async move {
+                    let _open = open;
                     let service = hyper::service::service_fn(move |req| {
                         let handler = handler.clone();
                         let log = log.clone();
@@ -427,7 +433,12 @@ impl Backend {
                 });
             }
         });
-        Backend { addr, seen, task }
+        Backend {
+            addr,
+            seen,
+            open,
+            task,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -440,6 +451,11 @@ impl Backend {
 
     pub fn hits(&self) -> usize {
         self.seen.lock().unwrap().len()
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 
     /// Stops accepting and drops every open connection.
@@ -464,6 +480,23 @@ impl Backend {
 impl Drop for Backend {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// Counts a backend connection as open for as long as it lives (also when
+/// its task is aborted).
+struct OpenGuard(Arc<AtomicUsize>);
+
+impl OpenGuard {
+    fn new(count: &Arc<AtomicUsize>) -> OpenGuard {
+        count.fetch_add(1, Ordering::SeqCst);
+        OpenGuard(count.clone())
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -319,6 +319,46 @@ async fn idle_upstream_connections_close_after_upstream_idle_timeout() {
     }
 }
 
+/// The same setting for the pooled HTTP/2 (h2c) client, whose idle
+/// connections hyper-util's pool closes (checking once per timeout).
+#[tokio::test]
+async fn idle_http2_upstream_connections_close_after_upstream_idle_timeout() {
+    let c = client();
+    for (timeout, closes) in [(Some("300ms"), true), (None, false)] {
+        let backend = Backend::echo().await;
+        let server = timeout
+            .map(|t| format!("[server]\nupstream_idle_timeout = {t:?}\n\n"))
+            .unwrap_or_default();
+        let bs = Backstop::start(&format!(
+            "{server}{}",
+            route("h2", "/", &[backend.url()], "upstream_h2c = true")
+        ));
+        let r = c.post(bs.url("/x")).body("over h2").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), "over h2");
+        let used = std::time::Instant::now();
+        assert_eq!(backend.seen()[0].version, http::Version::HTTP_2);
+        assert_eq!(backend.open(), 1, "kept open after the answer");
+        while backend.open() > 0 && used.elapsed() < Duration::from_millis(1500) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let idle_for = used.elapsed();
+        if closes {
+            assert_eq!(backend.open(), 0, "closed within 1.5 s of its last use");
+            assert!(
+                idle_for >= Duration::from_millis(250),
+                "closed too early: after {idle_for:?}"
+            );
+            let r = c.post(bs.url("/x")).body("again").send().await.unwrap();
+            assert_eq!(r.status(), 200, "the next request opens a new connection");
+            assert_eq!(r.text().await.unwrap(), "again");
+            assert_eq!(backend.open(), 1);
+        } else {
+            assert_eq!(backend.open(), 1, "the default keeps it open for 90 s");
+        }
+    }
+}
+
 #[tokio::test]
 async fn error_answers_have_the_json_shape() {
     let slow = Backend::start(|_| Reply::ok("late").delay(Duration::from_secs(3))).await;
