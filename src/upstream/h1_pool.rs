@@ -261,7 +261,7 @@ impl H1Pool {
     }
 
     /// A new connection to the target, as a plain socket for `h1_client`.
-    async fn connect_conn(&self, target: &TargetConns) -> Result<h1_client::Conn, Failure> {
+    async fn connect_conn(&self, target: &TargetConns) -> Result<Box<h1_client::Conn>, Failure> {
         let io = self.connect_io(target).await?;
         Ok(h1_client::Conn::new(io.into_inner()))
     }
