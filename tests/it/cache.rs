@@ -339,7 +339,7 @@ async fn a_stale_entry_is_served_when_the_backend_is_down() {
     let bs = Backstop::start(&config);
     assert_eq!(get(&bs.url("/stale/a")).await.x_cache, "MISS");
     assert_eq!(get(&bs.url("/fresh/a")).await.x_cache, "MISS");
-    backend.stop();
+    let _stopped = backend.stop().await;
     // Still fresh: a hit, whatever the backend's state.
     assert_eq!(get(&bs.url("/stale/a")).await.x_cache, "HIT");
     tokio::time::sleep(Duration::from_millis(1200)).await;

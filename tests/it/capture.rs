@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{client, error_of, Backend, Backstop, Reply};
+use crate::harness::{client, error_of, Backend, Backstop, Reply, Stopped};
 
 fn config(upstream: &str, capture_extra: &str) -> String {
     format!(
@@ -32,8 +32,8 @@ upstreams = [{upstream:?}]
 }
 
 /// An address where nothing listens (a backend that was stopped).
-async fn stopped_backend() -> std::net::SocketAddr {
-    Backend::echo().await.stop()
+async fn stopped_backend() -> Stopped {
+    Backend::echo().await.stop().await
 }
 
 async fn queue_status(bs: &Backstop) -> serde_json::Value {

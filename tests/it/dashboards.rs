@@ -118,7 +118,7 @@ async fn stats_dashboard_shows_what_the_api_reports() {
 
 #[tokio::test]
 async fn circuit_dashboard_resets_an_open_circuit_or_says_the_breaker_is_absent() {
-    let down = Backend::echo().await.stop();
+    let down = Backend::echo().await.stop().await;
     let toml = format!(
         "[[routes]]\nname = \"payments\"\npath_prefix = \"/pay\"\nupstreams = [\"http://{down}\"]\n\
          [routes.retry]\nmax_attempts = 1\n[routes.capture]\nenabled = false\n\

@@ -349,7 +349,7 @@ pub struct Backend {
 
 impl Backend {
     pub async fn start(handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Backend {
-        Self::start_on("127.0.0.1:0".parse().unwrap(), handler).await
+        Self::start_with("127.0.0.1:0".parse().unwrap(), None, handler).await
     }
 
     /// Replies in order, then repeats the last one.
@@ -371,10 +371,13 @@ impl Backend {
         Self::start(|seen| Reply::ok("").body(seen.body.clone())).await
     }
 
+    /// A backend again where one was stopped (a backend coming back).
     pub async fn start_on(
-        addr: SocketAddr,
+        stopped: Stopped,
         handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
     ) -> Backend {
+        let addr = stopped.addr;
+        drop(stopped);
         Self::start_with(addr, None, handler).await
     }
 
@@ -458,10 +461,19 @@ impl Backend {
         self.open.load(Ordering::SeqCst)
     }
 
-    /// Stops accepting and drops every open connection.
-    pub fn stop(self) -> SocketAddr {
+    /// Stops accepting and drops every open connection; the address then
+    /// refuses connections, and stays reserved for this test (see `Stopped`).
+    pub async fn stop(mut self) -> Stopped {
         self.task.abort();
-        self.addr
+        // Cancelled, the task has dropped its listener.
+        let _ = (&mut self.task).await;
+        let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+        reserved.set_reuseaddr(true).unwrap();
+        reserved.bind(self.addr).unwrap();
+        Stopped {
+            addr: self.addr,
+            _reserved: reserved,
+        }
     }
 
     pub async fn wait_for_hits(&self, n: usize, timeout: Duration) {
@@ -480,6 +492,21 @@ impl Backend {
 impl Drop for Backend {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// The address of a stopped backend, where nothing listens: connections are
+/// refused. The port stays bound (not listening) while this lives, so that
+/// no server another test starts meanwhile is given it (a "down" backend
+/// that answers); `Backend::start_on` brings a backend back there.
+pub struct Stopped {
+    pub addr: SocketAddr,
+    _reserved: tokio::net::TcpSocket,
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.addr.fmt(f)
     }
 }
 

@@ -171,7 +171,7 @@ fn validator() -> jsonschema::Validator {
 #[tokio::test(flavor = "multi_thread")]
 async fn backend_down_post_goes_to_kafka_and_is_replayed_once() {
     let tansu = Tansu::start(false);
-    let addr = Backend::echo().await.stop();
+    let addr = Backend::echo().await.stop().await;
     let bs = Backstop::start(&config(&tansu, &format!("http://{addr}"), true));
     let body = r#"{"name":"John"}"#;
     let r = client()
@@ -227,7 +227,7 @@ async fn backend_down_post_goes_to_kafka_and_is_replayed_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn broker_stopped_mid_burst_loses_nothing() {
     let tansu = Tansu::start(true);
-    let addr = Backend::echo().await.stop();
+    let addr = Backend::echo().await.stop().await;
     let bs = Backstop::start(&config(&tansu, &format!("http://{addr}"), true));
     let c = client();
     let mut ids = HashSet::new();
@@ -313,7 +313,7 @@ async fn two_replay_workers_share_the_group_and_deliver_everything() {
         "--partitions",
         "4",
     ]);
-    let addr = Backend::echo().await.stop();
+    let addr = Backend::echo().await.stop().await;
     let routes: String = (0..8)
         .map(|i| {
             format!(

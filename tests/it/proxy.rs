@@ -196,7 +196,7 @@ async fn http2_from_the_client_and_to_the_upstream() {
 async fn round_robin_and_skipping_a_target_that_refuses() {
     let a = Backend::echo().await;
     let b = Backend::echo().await;
-    let dead = Backend::echo().await.stop();
+    let dead = Backend::echo().await.stop().await;
     let extra = "[routes.retry]\nmax_attempts = 2\ninitial_delay = \"10ms\"";
     let bs = Backstop::start(&route(
         "lb",
@@ -362,7 +362,7 @@ async fn idle_http2_upstream_connections_close_after_upstream_idle_timeout() {
 #[tokio::test]
 async fn error_answers_have_the_json_shape() {
     let slow = Backend::start(|_| Reply::ok("late").delay(Duration::from_secs(3))).await;
-    let dead = Backend::echo().await.stop();
+    let dead = Backend::echo().await.stop().await;
     let toml = format!(
         "[server]\nmax_body_bytes = 1024\n\n{}{}{}",
         route(
