@@ -288,33 +288,19 @@ async fn idle_upstream_connections_close_after_upstream_idle_timeout() {
     let c = client();
     for (timeout, closes) in [(Some("300ms"), true), (None, false)] {
         let backend = RawBackend::start(None).await;
-        let server = timeout
-            .map(|t| format!("[server]\nupstream_idle_timeout = {t:?}\n\n"))
-            .unwrap_or_default();
         let bs = Backstop::start(&format!(
-            "{server}{}",
+            "{}{}",
+            upstream_idle_timeout(timeout),
             route("api", "/", &[backend.url()], "")
         ));
         let r = c.get(bs.url("/x")).send().await.unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(r.text().await.unwrap(), "ok");
-        let used = std::time::Instant::now();
-        assert_eq!(backend.open(), 1, "kept alive after the answer");
-        while backend.open() > 0 && used.elapsed() < Duration::from_millis(1500) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let idle_for = used.elapsed();
+        check_idle_close(|| backend.open(), closes).await;
         if closes {
-            assert_eq!(backend.open(), 0, "closed within 1.5 s of its last use");
-            assert!(
-                idle_for >= Duration::from_millis(250),
-                "closed too early: after {idle_for:?}"
-            );
             let r = c.get(bs.url("/x")).send().await.unwrap();
             assert_eq!(r.status(), 200, "the next request opens a new connection");
             assert_eq!(backend.accepted(), 2);
-        } else {
-            assert_eq!(backend.open(), 1, "the default keeps it open for 90 s");
         }
     }
 }
@@ -326,36 +312,49 @@ async fn idle_http2_upstream_connections_close_after_upstream_idle_timeout() {
     let c = client();
     for (timeout, closes) in [(Some("300ms"), true), (None, false)] {
         let backend = Backend::echo().await;
-        let server = timeout
-            .map(|t| format!("[server]\nupstream_idle_timeout = {t:?}\n\n"))
-            .unwrap_or_default();
         let bs = Backstop::start(&format!(
-            "{server}{}",
+            "{}{}",
+            upstream_idle_timeout(timeout),
             route("h2", "/", &[backend.url()], "upstream_h2c = true")
         ));
         let r = c.post(bs.url("/x")).body("over h2").send().await.unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(r.text().await.unwrap(), "over h2");
-        let used = std::time::Instant::now();
         assert_eq!(backend.seen()[0].version, http::Version::HTTP_2);
-        assert_eq!(backend.open(), 1, "kept open after the answer");
-        while backend.open() > 0 && used.elapsed() < Duration::from_millis(1500) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let idle_for = used.elapsed();
+        check_idle_close(|| backend.open(), closes).await;
         if closes {
-            assert_eq!(backend.open(), 0, "closed within 1.5 s of its last use");
-            assert!(
-                idle_for >= Duration::from_millis(250),
-                "closed too early: after {idle_for:?}"
-            );
             let r = c.post(bs.url("/x")).body("again").send().await.unwrap();
             assert_eq!(r.status(), 200, "the next request opens a new connection");
             assert_eq!(r.text().await.unwrap(), "again");
             assert_eq!(backend.open(), 1);
-        } else {
-            assert_eq!(backend.open(), 1, "the default keeps it open for 90 s");
         }
+    }
+}
+
+/// A `[server]` section setting `upstream_idle_timeout`, or none (the default).
+fn upstream_idle_timeout(timeout: Option<&str>) -> String {
+    timeout
+        .map(|t| format!("[server]\nupstream_idle_timeout = {t:?}\n\n"))
+        .unwrap_or_default()
+}
+
+/// With the backend's one connection just used: waits up to 1.5 s for it to
+/// close, and checks that it closed (not before 250 ms) exactly when `closes`.
+async fn check_idle_close(open: impl Fn() -> usize, closes: bool) {
+    let used = std::time::Instant::now();
+    assert_eq!(open(), 1, "kept alive after the answer");
+    while open() > 0 && used.elapsed() < Duration::from_millis(1500) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let idle_for = used.elapsed();
+    if closes {
+        assert_eq!(open(), 0, "closed within 1.5 s of its last use");
+        assert!(
+            idle_for >= Duration::from_millis(250),
+            "closed too early: after {idle_for:?}"
+        );
+    } else {
+        assert_eq!(open(), 1, "the default keeps it open for 90 s");
     }
 }
 
