@@ -548,9 +548,9 @@ impl RawBackend {
         let task = tokio::spawn(async move {
             while let Ok((mut conn, _)) = listener.accept().await {
                 accepted_count.fetch_add(1, Ordering::SeqCst);
-                open_count.fetch_add(1, Ordering::SeqCst);
-                let open = open_count.clone();
+                let open = OpenGuard::new(&open_count);
                 tokio::spawn(async move {
+                    let _open = open;
                     loop {
                         let next = read_request_head(&mut conn);
                         let got = match idle_close {
@@ -562,7 +562,6 @@ impl RawBackend {
                             break;
                         }
                     }
-                    open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
