@@ -13,6 +13,7 @@ pub mod headers;
 pub mod ids;
 pub mod logging;
 pub mod otel;
+pub mod outgoing;
 pub mod pipeline;
 pub mod replay;
 pub mod resilience;

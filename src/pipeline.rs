@@ -33,11 +33,8 @@ use http::header::{HeaderValue, HOST, RETRY_AFTER};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::Either;
-use hyper::body::Incoming;
 
-use crate::body::{
-    self, BufferError, BufferedBody, ClientBody, RequestBody, ResponseBody, UpstreamBody,
-};
+use crate::body::{self, BufferError, BufferedBody, ClientBody, ResponseBody, UpstreamBody};
 use crate::cache::{self, CacheState, Caches, Lookup};
 use crate::capture::{CaptureOutcome, Capturer};
 use crate::classify::{is_idempotent, status_failure, status_trips_breaker, Failure};
@@ -45,6 +42,7 @@ use crate::config::{Config, RateLimitKey};
 use crate::error::{ErrorCode, ProxyError};
 use crate::headers::{self, ClientInfo, Forwarding, ProxySet, RequestNames, X_REQUEST_ID};
 use crate::otel;
+use crate::outgoing::{Outgoing, OutgoingBody};
 use crate::resilience::backoff::Backoff;
 use crate::resilience::breaker::{self, Admission, Permit};
 use crate::resilience::rate_limit::Decision;
@@ -53,7 +51,7 @@ use crate::routing::{Route, RouteTable};
 use crate::stats::metrics::Metrics;
 use crate::stats::{Event, Stats};
 use crate::traceparent::TraceContext;
-use crate::upstream::{deadline_after, proxy_pool, upstream_uri_for};
+use crate::upstream::{deadline_after, proxy_pool};
 
 /// The configuration in force: swapped whole on reload, read lock-free.
 pub struct Active {
@@ -332,31 +330,6 @@ fn circuit_open_error(retry_in: Duration) -> ProxyError {
     .with_retry_after(secs)
 }
 
-/// A request ready to be sent to any of the route's targets, once or more.
-pub struct Outgoing {
-    pub method: Method,
-    /// The client's request target (its path and query go into capture
-    /// records as they came).
-    uri: http::Uri,
-    /// Where the path sent upstream starts in the client's path (after the
-    /// route's prefix when `strip_prefix` is on).
-    upstream_path_start: usize,
-    /// The client's headers, cleaned (hop-by-hop and filtered ones gone).
-    pub headers: HeaderMap,
-    /// What the proxy sets on top of them.
-    pub set: ProxySet,
-    /// The client's own headers, kept only when the request may be captured
-    /// (the record holds what the client sent, not what Backstop added).
-    pub client_headers: Option<HeaderMap>,
-    pub body: OutgoingBody,
-}
-
-pub enum OutgoingBody {
-    /// The client's body streams through; it can be sent only once.
-    Streaming(Option<Incoming>),
-    Buffered(BufferedBody),
-}
-
 /// Phase 3: read the body whole when the route may send it twice (retry),
 /// capture it or key the cache on it; otherwise it streams through.
 async fn read_body(
@@ -474,57 +447,12 @@ fn stale_phase(cache: &mut CacheState, ctx: &mut RequestContext) -> Option<Respo
     Some(stale)
 }
 
-impl Outgoing {
-    /// The client's path, as it came.
-    pub fn original_path(&self) -> &str {
-        self.uri.path()
-    }
-
-    /// The client's query string, as it came.
-    pub fn original_query(&self) -> Option<&str> {
-        self.uri.query()
-    }
-
-    /// How many attempts this request may have at most.
-    fn max_attempts(&self, route: &Route) -> u32 {
-        match self.body {
-            OutgoingBody::Streaming(_) => 1,
-            OutgoingBody::Buffered(_) => route.config.retry.max_attempts,
-        }
-    }
-
-    /// The request for one attempt at `base`. `last` lets the final attempt
-    /// move the headers instead of copying them.
-    fn request_for(
-        &mut self,
-        base: &http::Uri,
-        last: bool,
-    ) -> Result<Request<RequestBody>, ProxyError> {
-        let uri = upstream_uri_for(base, &self.uri, self.upstream_path_start).map_err(|e| {
-            ProxyError::new(ErrorCode::BadRequest, format!("Invalid request path: {e}"))
-        })?;
-        let body = match &mut self.body {
-            OutgoingBody::Buffered(b) => b.to_request_body(),
-            OutgoingBody::Streaming(incoming) => match incoming.take() {
-                Some(incoming) => Either::Left(incoming),
-                None => {
-                    return Err(ProxyError::new(
-                        ErrorCode::UpstreamUnreachable,
-                        "The request body was already sent",
-                    ))
-                }
-            },
-        };
-        let mut request = Request::new(body);
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = uri;
-        *request.version_mut() = Version::HTTP_11;
-        *request.headers_mut() = if last {
-            std::mem::take(&mut self.headers)
-        } else {
-            self.headers.clone()
-        };
-        Ok(request)
+/// How many attempts a request may have at most: one when its body
+/// streams (it can be sent only once).
+fn max_attempts(route: &Route, outgoing: &Outgoing) -> u32 {
+    match outgoing.body {
+        OutgoingBody::Streaming(_) => 1,
+        OutgoingBody::Buffered(_) => route.config.retry.max_attempts,
     }
 }
 
@@ -563,7 +491,7 @@ async fn forward(
         max: retry.max_delay,
         factor: retry.backoff_factor,
     };
-    let max_attempts = outgoing.max_attempts(route);
+    let max_attempts = max_attempts(route, outgoing);
     let idempotent = is_idempotent(&outgoing.method) || retry.retry_non_idempotent;
     // When this attempt went out; the clock is read once for all three.
     let mut sent_at = Instant::now();
@@ -575,26 +503,18 @@ async fn forward(
         ctx.attempts += 1;
         let attempt = ctx.attempts;
         let (index, target) = route.upstream.balancer.pick();
-        let request = match outgoing.request_for(&target.base, attempt >= max_attempts) {
-            Ok(r) => r,
-            Err(_) => {
-                return Forwarded::Failed {
-                    failure: Failure::ConnectFailed,
-                    response: None,
-                }
-            }
-        };
         let proxies = route.upstream.proxies.as_ref();
         let via = proxy_pool::choose(proxies, &route.config.proxy, saw_429);
         let span = ctx
             .span
-            .attempt(attempt, request.uri(), &mut outgoing.set.traceparent);
+            .attempt(attempt, &target.base, &mut outgoing.set.traceparent);
         // The attempt's timeout, cut short by the request's deadline.
         let try_deadline = deadline_after(sent_at, timeout);
         let try_deadline = deadline.map_or(try_deadline, |d| d.min(try_deadline));
+        let last = attempt >= max_attempts;
         let result = route
             .upstream
-            .send_via(via, index, request, Some(&outgoing.set), try_deadline)
+            .send_via(via, index, outgoing, last, try_deadline)
             .await;
         span.end(&result);
         let trips = match &result {

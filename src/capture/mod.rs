@@ -15,7 +15,8 @@ use http::{HeaderName, HeaderValue, StatusCode};
 
 use crate::classify::Failure;
 use crate::error::{ErrorCode, ProxyError};
-use crate::pipeline::{Outgoing, OutgoingBody, RequestContext};
+use crate::outgoing::{Outgoing, OutgoingBody};
+use crate::pipeline::RequestContext;
 use crate::routing::Route;
 use crate::stats::metrics::{self, Metrics, RouteReason};
 use kafka_sink::{KafkaSink, Outbound};

@@ -56,7 +56,7 @@ impl RequestSpan {
     pub fn attempt(
         &self,
         _attempt: u32,
-        _uri: &http::Uri,
+        _target: &http::Uri,
         _traceparent: &mut HeaderValue,
     ) -> AttemptSpan {
         AttemptSpan

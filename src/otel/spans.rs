@@ -150,24 +150,25 @@ impl RequestSpan {
         span.set_attribute(KeyValue::new("backstop.route", route.name().to_string()));
     }
 
-    /// Starts the CLIENT span of one upstream attempt (1 for the first) and
-    /// makes it the parent in the attempt's `traceparent`.
+    /// Starts the CLIENT span of one upstream attempt (1 for the first) to
+    /// the target with base URL `target` and makes it the parent in the
+    /// attempt's `traceparent`.
     pub fn attempt(
         &self,
         attempt: u32,
-        uri: &http::Uri,
+        target: &http::Uri,
         sent_traceparent: &mut HeaderValue,
     ) -> AttemptSpan {
         let Some(rec) = &self.0 else {
             return AttemptSpan(None);
         };
-        let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+        let port = target.port_u16().unwrap_or(match target.scheme_str() {
             Some("https") => 443,
             _ => 80,
         });
         let mut attributes = vec![
             KeyValue::new("http.request.method", rec.method.as_str().to_string()),
-            KeyValue::new("server.address", uri.host().unwrap_or("").to_string()),
+            KeyValue::new("server.address", target.host().unwrap_or("").to_string()),
             KeyValue::new("server.port", i64::from(port)),
             KeyValue::new("backstop.attempt", i64::from(attempt)),
         ];

@@ -55,6 +55,11 @@ impl Balancer {
         self.epoch.elapsed().as_millis() as u64
     }
 
+    /// Target `index`'s base URL.
+    pub fn base(&self, index: usize) -> Option<&Uri> {
+        self.targets.get(index).map(|target| &target.base)
+    }
+
     /// The next target in turn that is healthy and not ejected; when none
     /// is, the next one anyway (better to try than to refuse).
     pub fn pick(&self) -> (usize, &Target) {

@@ -168,9 +168,6 @@ pub struct Head<'a> {
     pub headers: &'a HeaderMap,
     /// What the proxy sets on top of `headers` (`None`: they are complete).
     pub set: Option<&'a ProxySet>,
-    /// The target's `Host`, sent unless `set` (or, without one, `headers`)
-    /// names another.
-    pub host: &'a HeaderValue,
 }
 
 /// Why an exchange failed, and whether the connection had answered anything
@@ -199,18 +196,21 @@ impl Failed {
 }
 
 /// Sends `head` and `body` on `conn` and reads the response head, by
-/// `deadline` (the attempt's timeout). The response's body reads the rest
-/// and gives the connection back to `idle` when the answer allows reuse.
+/// `deadline` (the attempt's timeout). `host` is the target's `Host`, sent
+/// unless `head.set` (or, without one, `head.headers`) names another. The
+/// response's body reads the rest and gives the connection back to `idle`
+/// when the answer allows reuse.
 pub async fn exchange(
     mut conn: Box<Conn>,
     head: &Head<'_>,
+    host: &HeaderValue,
     body: &Bytes,
     idle: &Arc<IdleConns>,
     deadline: tokio::time::Instant,
 ) -> Result<Response<ConnBody>, Failed> {
     let mut timer = conn.timer(deadline);
     let sent = {
-        let io = send_and_read_head(&mut conn, head, body);
+        let io = send_and_read_head(&mut conn, head, host, body);
         let mut io = std::pin::pin!(io);
         std::future::poll_fn(|cx| {
             if let Poll::Ready(result) = io.as_mut().poll(cx) {
@@ -243,9 +243,10 @@ pub async fn exchange(
 async fn send_and_read_head(
     conn: &mut Conn,
     head: &Head<'_>,
+    host: &HeaderValue,
     body: &Bytes,
 ) -> Result<(ParsedHead, Bytes), Failed> {
-    encode_head(&mut conn.write, head, body.len());
+    encode_head(&mut conn.write, head, host, body.len());
     conn.write.extend_from_slice(body);
     let written = conn.io.write_all(&conn.write).await;
     conn.write.clear();
@@ -301,12 +302,12 @@ async fn send_and_read_head(
 /// `METHOD target HTTP/1.1`, the client's headers that the proxy's do not
 /// replace, the proxy's (the framing ones replaced by the body's length),
 /// `Host`, and the blank line.
-fn encode_head(out: &mut Vec<u8>, head: &Head<'_>, body_len: usize) {
+fn encode_head(out: &mut Vec<u8>, head: &Head<'_>, host: &HeaderValue, body_len: usize) {
     out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(head.target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut host = head.host;
+    let mut host = host;
     for (name, value) in head.headers {
         match head.set {
             Some(set) if set.covers(name) => continue,
@@ -752,9 +753,9 @@ mod tests {
     use crate::headers::{ClientInfo, Forwarding};
 
     /// The headers of a written head, lowercased, sorted.
-    fn written_fields(head: &Head<'_>) -> Vec<(String, String)> {
+    fn written_fields(head: &Head<'_>, host: &HeaderValue) -> Vec<(String, String)> {
         let mut out = Vec::new();
-        encode_head(&mut out, head, 0);
+        encode_head(&mut out, head, host, 0);
         let text = String::from_utf8(out).unwrap();
         let mut fields: Vec<(String, String)> = text
             .split("\r\n")
@@ -846,9 +847,8 @@ mod tests {
                 target: "/",
                 headers: &client,
                 set: Some(&set),
-                host: &target,
             };
-            let written = written_fields(&head);
+            let written = written_fields(&head, &target);
             assert_eq!(
                 written,
                 applied_fields(&set, &client, &target),

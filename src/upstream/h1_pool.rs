@@ -38,7 +38,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout_at;
 use tower_service::Service;
 
-use super::h1_client::{self, IdleConns};
+use super::h1_client::{self, IdleConns, MAX_BODY};
 use crate::body::{RequestBody, UpstreamBody};
 use crate::classify::{is_idempotent, Failure};
 use crate::headers::ProxySet;
@@ -125,8 +125,9 @@ impl H1Pool {
 
     /// Sends `request` (with an absolute URI of target `index`) and returns
     /// the response head. Callers check `serves(index)` first. A buffered
-    /// (or empty) body goes through Backstop's own exchange; a body that
-    /// streams from the client goes through hyper's connection.
+    /// (or empty) body of at most [`MAX_BODY`] goes through Backstop's own
+    /// exchange; a larger one, or one that streams from the client, goes
+    /// through hyper's connection.
     pub async fn send(
         &self,
         index: usize,
@@ -141,8 +142,14 @@ impl H1Pool {
         let request = match body {
             Either::Right(buffered) => {
                 let body = full_bytes(buffered);
-                if body.len() <= h1_client::MAX_BODY {
-                    return self.exchange(target, parts, set, body, deadline).await;
+                if body.len() <= MAX_BODY {
+                    let head = h1_client::Head {
+                        method: &parts.method,
+                        target: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+                        headers: &parts.headers,
+                        set,
+                    };
+                    return self.exchange_with(target, &head, &body, deadline).await;
                 }
                 // A large body goes the way that can take an early answer.
                 Either::Right(Full::new(body))
@@ -166,23 +173,31 @@ impl H1Pool {
         }
     }
 
-    /// The request on one of the target's idle connections (or a new one),
-    /// exchanged in this future (`h1_client`), by `deadline`.
-    async fn exchange(
+    /// Sends `head` and its buffered `body` (at most [`MAX_BODY`]) to target
+    /// `index` through Backstop's own exchange, borrowing both: nothing of
+    /// the request is built or moved. Callers check `serves(index)` first.
+    pub async fn exchange(
         &self,
-        target: &TargetConns,
-        parts: http::request::Parts,
-        set: Option<&ProxySet>,
-        body: Bytes,
+        index: usize,
+        head: &h1_client::Head<'_>,
+        body: &Bytes,
         deadline: Instant,
     ) -> Result<Response<UpstreamBody>, Failure> {
-        let head = h1_client::Head {
-            method: &parts.method,
-            target: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
-            headers: &parts.headers,
-            set,
-            host: &target.host,
-        };
+        match self.shared.targets.get(index) {
+            Some(Some(target)) => self.exchange_with(target, head, body, deadline).await,
+            _ => Err(Failure::ConnectFailed),
+        }
+    }
+
+    /// The request on one of the target's idle connections (or a new one),
+    /// exchanged in this future (`h1_client`), by `deadline`.
+    async fn exchange_with(
+        &self,
+        target: &TargetConns,
+        head: &h1_client::Head<'_>,
+        body: &Bytes,
+        deadline: Instant,
+    ) -> Result<Response<UpstreamBody>, Failure> {
         let mut retried = false;
         loop {
             let pooled = if retried {
@@ -202,7 +217,15 @@ impl H1Pool {
                     }
                 }
             };
-            match h1_client::exchange(conn, &head, &body, &target.idle, deadline.into()).await {
+            let exchange = h1_client::exchange(
+                conn,
+                head,
+                &target.host,
+                body,
+                &target.idle,
+                deadline.into(),
+            );
+            match exchange.await {
                 Ok(response) => return Ok(response.map(UpstreamBody::from)),
                 // A kept-alive connection that the backend closed while it
                 // sat idle (its close still on the way when it was checked
@@ -213,7 +236,7 @@ impl H1Pool {
                         && !failed.answered
                         && failed.failure != Failure::Timeout
                         && !retried
-                        && is_idempotent(&parts.method) =>
+                        && is_idempotent(head.method) =>
                 {
                     tracing::debug!("pooled connection closed before answering; trying a new one");
                     retried = true;

@@ -12,6 +12,7 @@ mod h1_pool;
 pub mod proxy_pool;
 pub mod tls;
 
+use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use http::uri::{PathAndQuery, Scheme};
@@ -30,6 +31,7 @@ use crate::body::{RequestBody, UpstreamBody};
 use crate::classify::Failure;
 use crate::config::{RouteConfig, ServerConfig};
 use crate::headers::ProxySet;
+use crate::outgoing::Outgoing;
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
 
@@ -83,29 +85,46 @@ impl Upstream {
         })
     }
 
-    /// Sends one attempt to target `index`, directly or through an outbound
-    /// proxy, with the headers in `set` on top of the request's own.
+    /// Sends one attempt of `outgoing` to target `index`, directly or
+    /// through an outbound proxy, with its `set` headers on top of its own.
+    /// A buffered body small enough for Backstop's own HTTP/1.1 exchange
+    /// goes out borrowed from `outgoing`; the other ways take a `Request`
+    /// made from it, which on the `last` attempt takes its headers along.
     pub async fn send_via(
         &self,
         via: Via,
         index: usize,
-        mut request: Request<RequestBody>,
-        set: Option<&ProxySet>,
+        outgoing: &mut Outgoing,
+        last: bool,
         deadline: Instant,
     ) -> Result<Response<UpstreamBody>, Failure> {
-        match (via, &self.proxies) {
+        let base = self.balancer.base(index).ok_or(Failure::ConnectFailed)?;
+        if let (Via::Proxy(proxy), Some(pool)) = (via, &self.proxies) {
+            let mut request = outgoing.request_for(base, last)?;
+            outgoing.set.apply_to(request.headers_mut());
             // Boxed: its future is larger than the direct path's, which
             // would make every request's future larger.
-            (Via::Proxy(proxy), Some(pool)) => {
-                if let Some(set) = set {
-                    set.apply_to(request.headers_mut());
-                }
-                Box::pin(pool.send(proxy, request, deadline))
-                    .await
-                    .map(|response| response.map(UpstreamBody::from))
-            }
-            _ => self.send(index, request, set, deadline).await,
+            return Box::pin(pool.send(proxy, request, deadline))
+                .await
+                .map(|response| response.map(UpstreamBody::from));
         }
+        let own_exchange = self.h1.as_ref().filter(|pool| pool.serves(index));
+        let small_body = outgoing
+            .buffered_body()
+            .filter(|body| body.len() <= h1_client::MAX_BODY);
+        if let (Some(pool), Some(body)) = (own_exchange, small_body) {
+            let target = outgoing.upstream_target(base);
+            let head = h1_client::Head {
+                method: &outgoing.method,
+                target: &target,
+                headers: &outgoing.headers,
+                set: Some(&outgoing.set),
+            };
+            return pool.exchange(index, &head, body, deadline).await;
+        }
+        let request = outgoing.request_for(base, last)?;
+        self.send(index, request, Some(&outgoing.set), deadline)
+            .await
     }
 
     /// After an attempt that never reached the backend: skip for a while
@@ -181,9 +200,36 @@ pub fn upstream_uri_for(base: &Uri, client: &Uri, skip: usize) -> Result<Uri, ht
     }
 }
 
+/// The path and query sent to a target with base URL `base` for a client's
+/// request target, with the first `skip` bytes of its path removed: the
+/// origin form of [`upstream_uri_for`]'s URI, borrowed from the client's
+/// target in the common case (nothing stripped, no base path).
+pub fn upstream_target<'a>(base: &Uri, client: &'a Uri, skip: usize) -> Cow<'a, str> {
+    match client.path_and_query() {
+        Some(path_and_query)
+            if skip == 0
+                && path_and_query.path().starts_with('/')
+                && base.path().trim_end_matches('/').is_empty() =>
+        {
+            Cow::Borrowed(path_and_query.as_str())
+        }
+        _ => Cow::Owned(join_path(base, &client.path()[skip..], client.query())),
+    }
+}
+
 /// The upstream URI for a target: its scheme and authority, its base path,
 /// then the (possibly stripped) request path and the query.
 pub fn upstream_uri(base: &Uri, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(base.scheme().cloned().unwrap_or(Scheme::HTTP));
+    parts.authority = base.authority().cloned();
+    parts.path_and_query = Some(PathAndQuery::try_from(join_path(base, path, query))?);
+    Ok(Uri::from_parts(parts)?)
+}
+
+/// The base's path (without its trailing `/`), then `path` (`/` when both
+/// are empty), then `?query`.
+fn join_path(base: &Uri, path: &str, query: Option<&str>) -> String {
     let base_path = base.path().trim_end_matches('/');
     let mut path_and_query = String::with_capacity(base_path.len() + path.len() + 16);
     path_and_query.push_str(base_path);
@@ -195,11 +241,7 @@ pub fn upstream_uri(base: &Uri, path: &str, query: Option<&str>) -> Result<Uri, 
         path_and_query.push('?');
         path_and_query.push_str(q);
     }
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(base.scheme().cloned().unwrap_or(Scheme::HTTP));
-    parts.authority = base.authority().cloned();
-    parts.path_and_query = Some(PathAndQuery::try_from(path_and_query)?);
-    Ok(Uri::from_parts(parts)?)
+    path_and_query
 }
 
 /// Displays an error with its sources: "a: b: c".
@@ -247,7 +289,7 @@ mod tests {
     }
 
     #[test]
-    fn uri_for_a_client_target_matches_the_general_join() {
+    fn uri_and_origin_form_for_a_client_target_match_the_general_join() {
         let bases = ["http://h:1", "http://h:1/", "https://api.example.com/v1/"];
         // A client's target and the length of a route prefix it matches.
         let targets = [
@@ -266,6 +308,12 @@ mod tests {
                 let want = upstream_uri(&base, &client.path()[skip..], client.query()).unwrap();
                 let got = upstream_uri_for(&base, &client, skip).unwrap();
                 assert_eq!(got, want, "{base} + {target} skipping {skip}");
+                let origin_form = upstream_target(&base, &client, skip);
+                assert_eq!(
+                    Some(&*origin_form),
+                    want.path_and_query().map(|p| p.as_str()),
+                    "{base} + {target} skipping {skip}"
+                );
             }
         }
     }

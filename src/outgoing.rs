@@ -1,0 +1,96 @@
+//! The request as it goes upstream, kept across a request's attempts (and
+//! for its capture): the client's method, target and cleaned headers, what
+//! the proxy sets on top of them, and the body, buffered or streaming.
+//!
+//! It is lent to each attempt rather than turned into a `Request`: Backstop's
+//! own HTTP/1.1 exchange writes it out from here, so the usual request is
+//! never built, cloned or moved through the upstream layers; the other ways
+//! (hyper's connections, outbound proxies, replay) get a `Request` made from
+//! it (`request_for`).
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Uri, Version};
+use http_body_util::Either;
+use hyper::body::Incoming;
+
+use crate::body::{BufferedBody, RequestBody};
+use crate::classify::Failure;
+use crate::headers::ProxySet;
+use crate::upstream::{upstream_target, upstream_uri_for};
+
+/// A request ready to be sent to any of the route's targets, once or more.
+pub struct Outgoing {
+    pub method: Method,
+    /// The client's request target (its path and query go into capture
+    /// records as they came).
+    pub uri: Uri,
+    /// Where the path sent upstream starts in the client's path (after the
+    /// route's prefix when `strip_prefix` is on).
+    pub upstream_path_start: usize,
+    /// The client's headers, cleaned (hop-by-hop and filtered ones gone).
+    pub headers: HeaderMap,
+    /// What the proxy sets on top of them.
+    pub set: ProxySet,
+    /// The client's own headers, kept only when the request may be captured
+    /// (the record holds what the client sent, not what Backstop added).
+    pub client_headers: Option<HeaderMap>,
+    pub body: OutgoingBody,
+}
+
+pub enum OutgoingBody {
+    /// The client's body streams through; it can be sent only once.
+    Streaming(Option<Incoming>),
+    Buffered(BufferedBody),
+}
+
+impl Outgoing {
+    /// The client's path, as it came.
+    pub fn original_path(&self) -> &str {
+        self.uri.path()
+    }
+
+    /// The client's query string, as it came.
+    pub fn original_query(&self) -> Option<&str> {
+        self.uri.query()
+    }
+
+    /// The body when it was read whole (or is empty).
+    pub fn buffered_body(&self) -> Option<&Bytes> {
+        match &self.body {
+            OutgoingBody::Buffered(body) => Some(&body.0),
+            OutgoingBody::Streaming(_) => None,
+        }
+    }
+
+    /// The path and query to send to a target with base URL `base`.
+    pub fn upstream_target(&self, base: &Uri) -> Cow<'_, str> {
+        upstream_target(base, &self.uri, self.upstream_path_start)
+    }
+
+    /// The request for one attempt at `base`, for the ways that take a
+    /// `Request`. `last` lets the final attempt move the headers instead of
+    /// copying them. A streaming body goes only once: a second request for
+    /// it is a failure before sending.
+    pub fn request_for(&mut self, base: &Uri, last: bool) -> Result<Request<RequestBody>, Failure> {
+        let uri = upstream_uri_for(base, &self.uri, self.upstream_path_start)
+            .map_err(|_| Failure::ConnectFailed)?;
+        let body = match &mut self.body {
+            OutgoingBody::Buffered(b) => b.to_request_body(),
+            OutgoingBody::Streaming(incoming) => {
+                Either::Left(incoming.take().ok_or(Failure::ConnectFailed)?)
+            }
+        };
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = uri;
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = if last {
+            std::mem::take(&mut self.headers)
+        } else {
+            self.headers.clone()
+        };
+        Ok(request)
+    }
+}
