@@ -71,8 +71,10 @@ impl Outgoing {
 
     /// The request for one attempt at `base`, for the ways that take a
     /// `Request`. `last` lets the final attempt move the headers instead of
-    /// copying them. A streaming body goes only once: a second request for
-    /// it is a failure before sending.
+    /// copying them. Neither error happens in practice, and both count as a
+    /// failure before sending: a streaming body has a single attempt (asked
+    /// for twice, there is nothing to send), and the joined path of a valid
+    /// base URL and a parsed client target is itself valid.
     pub fn request_for(&mut self, base: &Uri, last: bool) -> Result<Request<RequestBody>, Failure> {
         let uri = upstream_uri_for(base, &self.uri, self.upstream_path_start)
             .map_err(|_| Failure::ConnectFailed)?;
