@@ -189,17 +189,18 @@ impl PromHandles {
 
     fn apply(&mut self, e: &Event) {
         let name = e.route.as_deref().map_or("none", Route::name);
-        if !self.routes.contains_key(name) {
-            let label = metrics::route(name);
-            let h = RouteHandles {
-                duration: self.metrics.request_duration.get_or_create(&label).clone(),
-                retries: self.metrics.upstream_retries.get_or_create(&label).clone(),
-                by_status: HashMap::default(),
-            };
-            self.routes.insert(name.to_string(), h);
-        }
-        let Some(h) = self.routes.get_mut(name) else {
-            return;
+        // One hashed lookup per event; the label is made once per route.
+        let h = match self.routes.get_mut(name) {
+            Some(h) => h,
+            None => {
+                let label = metrics::route(name);
+                let h = RouteHandles {
+                    duration: self.metrics.request_duration.get_or_create(&label).clone(),
+                    retries: self.metrics.upstream_retries.get_or_create(&label).clone(),
+                    by_status: HashMap::default(),
+                };
+                self.routes.entry(name.to_string()).or_insert(h)
+            }
         };
         h.duration.observe(e.duration.as_secs_f64());
         if e.attempts > 1 {
