@@ -244,7 +244,10 @@ mod tests {
         write_hex(&u128::MAX.to_be_bytes(), &mut out);
         assert_eq!(&out, b"ffffffffffffffffffffffffffffffff");
         let mut out = [0u8; 32];
-        write_hex(&0x0123_4567_89ab_cdef_fedc_ba98_7654_3210_u128.to_be_bytes(), &mut out);
+        write_hex(
+            &0x0123_4567_89ab_cdef_fedc_ba98_7654_3210_u128.to_be_bytes(),
+            &mut out,
+        );
         assert_eq!(&out, b"0123456789abcdeffedcba9876543210");
         for byte in 0..=255u8 {
             let mut out = [0u8; 2];
