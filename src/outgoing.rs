@@ -5,8 +5,8 @@
 //! It is lent to each attempt rather than turned into a `Request`: Backstop's
 //! own HTTP/1.1 exchange writes it out from here, so the usual request is
 //! never built, cloned or moved through the upstream layers; the other ways
-//! (hyper's connections, outbound proxies, replay) get a `Request` made from
-//! it (`request_for`).
+//! (hyper's connections, hyper-util's client, outbound proxies) get a
+//! `Request` made from it (`request_for`).
 
 use std::borrow::Cow;
 
