@@ -113,7 +113,7 @@ impl RequestContext {
 /// proxy-made answer.
 pub async fn handle(
     proxy: Arc<Proxy>,
-    req: Request<ClientBody>,
+    req: Box<Request<ClientBody>>,
     client: Arc<ClientInfo>,
 ) -> Response<ResponseBody> {
     let names = RequestNames::find(req.headers());
@@ -170,7 +170,7 @@ pub async fn handle(
 async fn proxy_request(
     proxy: &Proxy,
     active: &Active,
-    req: Request<ClientBody>,
+    req: Box<Request<ClientBody>>,
     ctx: &mut RequestContext,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     if req.uri().path() == "/health" && req.method() == Method::GET {
@@ -334,10 +334,10 @@ fn circuit_open_error(retry_in: Duration) -> ProxyError {
 /// capture it or key the cache on it; otherwise it streams through.
 async fn read_body(
     route: &Route,
-    req: Request<ClientBody>,
+    req: Box<Request<ClientBody>>,
     max_body_bytes: u64,
 ) -> Result<(http::request::Parts, OutgoingBody), ProxyError> {
-    let (parts, incoming) = req.into_parts();
+    let (parts, incoming) = (*req).into_parts();
     let incoming = match incoming {
         Some(incoming) if !incoming.is_end_stream() => incoming,
         _ => return Ok((parts, OutgoingBody::Buffered(BufferedBody::default()))),

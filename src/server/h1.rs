@@ -246,7 +246,9 @@ async fn respond<S: AsyncWrite + Unpin>(
 
 /// A request head read whole.
 struct Head {
-    request: Request<ClientBody>,
+    /// Boxed where it is parsed: it moves through the server and the
+    /// pipeline's first phases, a pointer instead of ~240 bytes each time.
+    request: Box<Request<ClientBody>>,
     /// The client asked to close after this answer.
     close: bool,
     is_head: bool,
@@ -348,8 +350,8 @@ fn build_request(
     head: &Bytes,
     target: std::ops::Range<usize>,
     fields: &[Field],
-) -> Option<Request<ClientBody>> {
-    let mut request = Request::new(None);
+) -> Option<Box<Request<ClientBody>>> {
+    let mut request = Box::new(Request::new(None));
     *request.method_mut() = method;
     *request.uri_mut() = Uri::from_maybe_shared(head.slice(target)).ok()?;
     *request.version_mut() = Version::HTTP_11;

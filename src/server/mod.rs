@@ -288,7 +288,7 @@ fn handling(
 ) -> Pin<Box<impl Future<Output = Response<ResponseBody>>>> {
     Box::into_pin(Box::write(
         Box::new_uninit(),
-        pipeline::handle(proxy, request, client),
+        pipeline::handle(proxy, Box::new(request), client),
     ))
 }
 
