@@ -467,12 +467,9 @@ impl Backend {
         self.task.abort();
         // Cancelled, the task has dropped its listener.
         let _ = (&mut self.task).await;
-        let reserved = tokio::net::TcpSocket::new_v4().unwrap();
-        reserved.set_reuseaddr(true).unwrap();
-        reserved.bind(self.addr).unwrap();
         Stopped {
             addr: self.addr,
-            _reserved: reserved,
+            _reserved: reserve(self.addr),
         }
     }
 
@@ -501,7 +498,20 @@ impl Drop for Backend {
 /// that answers); `Backend::start_on` brings a backend back there.
 pub struct Stopped {
     pub addr: SocketAddr,
-    _reserved: tokio::net::TcpSocket,
+    _reserved: Option<tokio::net::TcpSocket>,
+}
+
+/// Binds `addr` without listening. `None` when something else holds the
+/// port already: between the listener's close and this bind, another
+/// test's outgoing connection can be given the freed port as its own local
+/// port (`AddrInUse` here was seen once in a CI dry run). That connection does not listen either, so
+/// connections to `addr` are still refused, and no server can bind it while
+/// it lives.
+fn reserve(addr: SocketAddr) -> Option<tokio::net::TcpSocket> {
+    let socket = tokio::net::TcpSocket::new_v4().ok()?;
+    socket.set_reuseaddr(true).ok()?;
+    socket.bind(addr).ok()?;
+    Some(socket)
 }
 
 impl std::fmt::Display for Stopped {
