@@ -502,11 +502,11 @@ pub struct Stopped {
 }
 
 /// Binds `addr` without listening. `None` when something else holds the
-/// port already: between the listener's close and this bind, another
-/// test's outgoing connection can be given the freed port as its own local
-/// port (`AddrInUse` here was seen once in a CI dry run). That connection does not listen either, so
-/// connections to `addr` are still refused, and no server can bind it while
-/// it lives.
+/// port already: between the listener's close and this bind, another test's
+/// outgoing connection can be given the freed port as its own local port
+/// (`AddrInUse` here was seen once in a CI dry run). That connection does
+/// not listen either, so connections to `addr` are still refused, and no
+/// server can bind the port while it lives.
 fn reserve(addr: SocketAddr) -> Option<tokio::net::TcpSocket> {
     let socket = tokio::net::TcpSocket::new_v4().ok()?;
     socket.set_reuseaddr(true).ok()?;
