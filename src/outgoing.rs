@@ -25,10 +25,10 @@ pub struct Outgoing {
     pub method: Method,
     /// The client's request target (its path and query go into capture
     /// records as they came).
-    pub uri: Uri,
+    pub(crate) uri: Uri,
     /// Where the path sent upstream starts in the client's path (after the
     /// route's prefix when `strip_prefix` is on).
-    pub upstream_path_start: usize,
+    pub(crate) upstream_path_start: usize,
     /// The client's headers, cleaned (hop-by-hop and filtered ones gone).
     pub headers: HeaderMap,
     /// What the proxy sets on top of them.

@@ -184,46 +184,45 @@ const FAR_AHEAD: Duration = Duration::from_secs(30 * 365 * 86_400);
 /// case) the client's path and query are reused as they are, without a
 /// copy or a second parse.
 pub fn upstream_uri_for(base: &Uri, client: &Uri, skip: usize) -> Result<Uri, http::Error> {
-    match client.path_and_query() {
-        Some(path_and_query)
-            if skip == 0
-                && path_and_query.path().starts_with('/')
-                && base.path().trim_end_matches('/').is_empty() =>
-        {
-            let mut parts = http::uri::Parts::default();
-            parts.scheme = Some(base.scheme().cloned().unwrap_or(Scheme::HTTP));
-            parts.authority = base.authority().cloned();
-            parts.path_and_query = Some(path_and_query.clone());
-            Ok(Uri::from_parts(parts)?)
-        }
-        _ => upstream_uri(base, &client.path()[skip..], client.query()),
+    match unchanged_target(base, client, skip) {
+        Some(path_and_query) => uri_at(base, path_and_query.clone()),
+        None => upstream_uri(base, &client.path()[skip..], client.query()),
     }
 }
 
 /// The path and query sent to a target with base URL `base` for a client's
 /// request target, with the first `skip` bytes of its path removed: the
 /// origin form of [`upstream_uri_for`]'s URI, borrowed from the client's
-/// target in the common case (nothing stripped, no base path).
+/// target in the common case.
 pub fn upstream_target<'a>(base: &Uri, client: &'a Uri, skip: usize) -> Cow<'a, str> {
-    match client.path_and_query() {
-        Some(path_and_query)
-            if skip == 0
-                && path_and_query.path().starts_with('/')
-                && base.path().trim_end_matches('/').is_empty() =>
-        {
-            Cow::Borrowed(path_and_query.as_str())
-        }
-        _ => Cow::Owned(join_path(base, &client.path()[skip..], client.query())),
+    match unchanged_target(base, client, skip) {
+        Some(path_and_query) => Cow::Borrowed(path_and_query.as_str()),
+        None => Cow::Owned(join_path(base, &client.path()[skip..], client.query())),
     }
+}
+
+/// The client's path and query when they go upstream as they are: nothing
+/// stripped, an origin-form path, and a target without a base path.
+fn unchanged_target<'a>(base: &Uri, client: &'a Uri, skip: usize) -> Option<&'a PathAndQuery> {
+    client.path_and_query().filter(|path_and_query| {
+        skip == 0
+            && path_and_query.path().starts_with('/')
+            && base.path().trim_end_matches('/').is_empty()
+    })
 }
 
 /// The upstream URI for a target: its scheme and authority, its base path,
 /// then the (possibly stripped) request path and the query.
 pub fn upstream_uri(base: &Uri, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+    uri_at(base, PathAndQuery::try_from(join_path(base, path, query))?)
+}
+
+/// `path_and_query` at the base's scheme and authority.
+fn uri_at(base: &Uri, path_and_query: PathAndQuery) -> Result<Uri, http::Error> {
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(base.scheme().cloned().unwrap_or(Scheme::HTTP));
     parts.authority = base.authority().cloned();
-    parts.path_and_query = Some(PathAndQuery::try_from(join_path(base, path, query))?);
+    parts.path_and_query = Some(path_and_query);
     Ok(Uri::from_parts(parts)?)
 }
 
