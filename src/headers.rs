@@ -152,21 +152,39 @@ impl ClientInfo {
         }
     }
 
-    /// This hop's `Forwarded` element naming `host`.
-    fn forwarded_to(&self, host: &HeaderValue) -> Option<HeaderValue> {
+    /// This hop's `Forwarded` element, naming `host` when there is one it
+    /// can name. Rendered, and `host` checked, once per host a connection
+    /// asks for, not per request.
+    fn forwarded_element(&self, host: Option<&HeaderValue>) -> HeaderValue {
+        let Some(host) = host else {
+            return self.forwarded.clone();
+        };
         let mut last = self
             .forwarded_to_host
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         if let Some((last_host, element)) = last.as_ref() {
             if last_host == host {
-                return Some(element.clone());
+                return element.clone();
             }
         }
-        let element = joined(&[self.forwarded.as_bytes(), b";host=", host.as_bytes()])?;
+        // Every part is valid in a header value: the join cannot fail.
+        let element = forwarded_host(host)
+            .and_then(|host| joined(&[self.forwarded.as_bytes(), b";host=", host.as_bytes()]))
+            .unwrap_or_else(|| self.forwarded.clone());
         *last = Some((host.clone(), element.clone()));
-        Some(element)
+        element
     }
+}
+
+/// `host` if `Forwarded` can carry it: its host is a token or a quoted
+/// string, so a host with other characters is left out rather than escaped.
+fn forwarded_host(host: &HeaderValue) -> Option<&HeaderValue> {
+    let fits = host
+        .as_bytes()
+        .iter()
+        .all(|b| b.is_ascii_graphic() && *b != b'"' && *b != b';');
+    fits.then_some(host)
 }
 
 /// Sets `X-Forwarded-For` (appended), `-Proto`, `-Host` and `Forwarded`.
@@ -215,21 +233,10 @@ impl Forwarding {
             None => None,
         }
         .unwrap_or_else(|| client.ip.clone());
-        // Forwarded's host is a token or a quoted string: a host with other
-        // characters is left out rather than escaped.
-        let host = original_host.filter(|host| {
-            host.as_bytes()
-                .iter()
-                .all(|b| b.is_ascii_graphic() && *b != b'"' && *b != b';')
-        });
-        let element = client.forwarded.as_bytes();
-        let forwarded = match (prior_forwarded.filter(|v| nonblank(v)), host) {
-            (None, None) => Some(client.forwarded.clone()),
-            (None, Some(host)) => client.forwarded_to(host),
-            (Some(prior), None) => joined(&[prior.as_bytes(), b", ", element]),
-            (Some(prior), Some(host)) => {
-                joined(&[prior.as_bytes(), b", ", element, b";host=", host.as_bytes()])
-            }
+        let element = client.forwarded_element(original_host);
+        let forwarded = match prior_forwarded.filter(|v| nonblank(v)) {
+            None => Some(element),
+            Some(prior) => joined(&[prior.as_bytes(), b", ", element.as_bytes()]),
         };
         Forwarding {
             forwarded_for,

@@ -25,10 +25,12 @@
 //! and each upstream attempt are also spans (`otel`): a handful of calls
 //! below, which do nothing when exporting is off.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use futures_util::future::BoxFuture;
 use http::header::{HeaderValue, HOST, RETRY_AFTER};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
@@ -109,13 +111,31 @@ impl RequestContext {
     }
 }
 
+/// A request's answer and the id the request went by, which the server
+/// side returns as `X-Request-Id` when it writes the answer: the own
+/// HTTP/1 side writes it straight into the head rather than first into the
+/// answer's header map (about 190 instructions a request, callgrind).
+pub struct Answer {
+    pub response: Response<ResponseBody>,
+    pub request_id: HeaderValue,
+}
+
+impl Answer {
+    /// The answer with its `X-Request-Id` set (replacing the backend's).
+    pub fn into_response(self) -> Response<ResponseBody> {
+        let mut response = self.response;
+        response.headers_mut().insert(X_REQUEST_ID, self.request_id);
+        response
+    }
+}
+
 /// Handles one request from a client; never fails: every problem becomes a
 /// proxy-made answer.
 pub async fn handle(
     proxy: Arc<Proxy>,
     req: Box<Request<ClientBody>>,
     client: Arc<ClientInfo>,
-) -> Response<ResponseBody> {
+) -> Answer {
     let names = RequestNames::find(req.headers());
     let mut ctx = RequestContext {
         request_id: headers::request_id(names.request_id),
@@ -143,9 +163,6 @@ pub async fn handle(
             error.into_response(ctx.route_name(), ctx.request_id())
         }
     };
-    response
-        .headers_mut()
-        .insert(X_REQUEST_ID, ctx.request_id.clone());
     if let Some(decision) = &ctx.rate_limit {
         decision.apply(response.headers_mut());
     }
@@ -164,7 +181,10 @@ pub async fn handle(
             );
         }
     }
-    response
+    Answer {
+        response,
+        request_id: ctx.request_id,
+    }
 }
 
 async fn proxy_request(
@@ -181,12 +201,13 @@ async fn proxy_request(
     ctx.span.set_route(&route);
     ctx.route = Some(route.clone());
     let guards = route.guards(&proxy.resilience);
-    rate_limit_phase(proxy, active, &route, guards, &req, ctx).await?;
+    // Phases a route may not use are polled out of line (see `out_of_line`).
+    if route.config.rate_limit.is_some() {
+        out_of_line(rate_limit_phase(proxy, active, &route, guards, &req, ctx)).await?;
+    }
     let (parts, body) = read_body(&route, req, active.config.server.max_body_bytes).await?;
-    // Only a route that caches goes through the cache phase: elsewhere its
-    // future, and the request's moves through it, are not paid for.
     let mut cache = if route.config.cache.enabled {
-        match cache_phase(proxy, active, &route, &parts, &body, ctx).await {
+        match out_of_line(cache_phase(proxy, active, &route, &parts, &body, ctx)).await {
             Lookup::Answer(response, _) => return Ok(response),
             Lookup::Forward(state) => state,
         }
@@ -204,7 +225,7 @@ async fn proxy_request(
             if capturable(proxy, &route, &outgoing, Failure::CircuitOpen) {
                 let capture =
                     capture_phase(proxy, &route, outgoing, Failure::CircuitOpen, None, ctx);
-                return Box::pin(capture).await;
+                return out_of_line(capture).await;
             }
             return Err(circuit_open_error(retry_in));
         }
@@ -216,7 +237,7 @@ async fn proxy_request(
                 // Nothing to store or mark.
                 return Ok(response);
             }
-            let answer = cache.finish(&route.config, response).await;
+            let answer = out_of_line(cache.finish(&route.config, response)).await;
             ctx.cache = cache.verdict().map(|v| v.as_str());
             answer
         }
@@ -225,14 +246,23 @@ async fn proxy_request(
             if let Some(stale) = stale_phase(&mut cache, ctx) {
                 return Ok(stale);
             }
-            // Boxed, here and above: the capture path is the largest and the
-            // rarest, and every request's future would be as large as it.
-            Box::pin(capture_phase(
+            out_of_line(capture_phase(
                 proxy, &route, outgoing, failure, response, ctx,
             ))
             .await
         }
     }
+}
+
+/// A phase that a plain proxied request skips (rate limit, cache, capture,
+/// a buffered body), polled out of line: boxed, its future does not make
+/// every request's future larger, and behind `dyn` its code is not inlined
+/// into `proxy_request`'s. Inlined, those phases made `proxy_request` 116 KB
+/// of machine code, over which the ~1,000 instructions a plain request runs
+/// there were spread one or two per cache line (callgrind's cache model: a
+/// first-level instruction-cache miss per 9 instructions).
+fn out_of_line<'a, T>(phase: impl Future<Output = T> + Send + 'a) -> BoxFuture<'a, T> {
+    Box::pin(phase)
 }
 
 /// Phase 1: which route serves this request.
@@ -343,7 +373,7 @@ async fn read_body(
         _ => return Ok((parts, OutgoingBody::Buffered(BufferedBody::default()))),
     };
     let body = if route.config.buffers_body(&parts.method) {
-        match body::buffer(&parts.headers, incoming, max_body_bytes).await {
+        match out_of_line(body::buffer(&parts.headers, incoming, max_body_bytes)).await {
             Ok(buffered) => OutgoingBody::Buffered(buffered),
             Err(BufferError::TooLarge { limit }) => {
                 return Err(ProxyError::new(
@@ -373,12 +403,15 @@ fn prepare(
     ctx: &RequestContext,
 ) -> Outgoing {
     // The Host header's value is shared, not copied (as `request_host`'s
-    // text would be).
+    // text would be). Found by walking the headers, not by a hashed lookup:
+    // clients send it first, so the walk ends at once (~90 instructions
+    // less a request, callgrind).
     let original_host = match parts.uri.authority() {
         Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
         None => parts
             .headers
-            .get(HOST)
+            .iter()
+            .find_map(|(name, value)| (name == HOST).then_some(value))
             .filter(|h| h.to_str().is_ok())
             .cloned(),
     };

@@ -34,15 +34,15 @@ use bytes::{Bytes, BytesMut};
 use http::header::{
     HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING, UPGRADE,
 };
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, Method, Request, StatusCode, Uri, Version};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::io::poll_read_buf;
 
 use super::reaper::{Closable, ConnState, H2_PREFACE};
-use crate::body::{ClientBody, ResponseBody};
-use crate::headers::{has_token, write_field, ClientInfo};
-use crate::pipeline::{self, Proxy};
+use crate::body::ClientBody;
+use crate::headers::{has_token, write_field, ClientInfo, X_REQUEST_ID};
+use crate::pipeline::{self, Answer, Proxy};
 
 /// Request header lines served here at most (hyper's limit too).
 const MAX_HEADERS: usize = 100;
@@ -237,9 +237,9 @@ async fn respond<S: AsyncWrite + Unpin>(
 ) -> (io::Result<bool>, bool) {
     let in_flight = serving.state.request_started();
     let proxy = serving.proxy.clone();
-    let response = pipeline::handle(proxy, head.request, serving.client.clone()).await;
+    let answer = pipeline::handle(proxy, head.request, serving.client.clone()).await;
     let closing = head.close || serving.state.closing();
-    let written = write_response(io, out, response, head.is_head, closing).await;
+    let written = write_response(io, out, answer, head.is_head, closing).await;
     drop(in_flight);
     (written, closing)
 }
@@ -376,6 +376,15 @@ enum Framing {
     Chunked,
 }
 
+/// What an answer's head is written from.
+#[derive(Clone, Copy)]
+struct AnswerHead<'a> {
+    status: StatusCode,
+    headers: &'a HeaderMap,
+    /// Sent as `X-Request-Id`, in place of any in `headers`.
+    request_id: Option<&'a HeaderValue>,
+}
+
 /// Writes the status line and headers of an answer into `out` and returns
 /// how its body is framed, and whether the connection may stay open. Hyper's
 /// rules: a `HEAD` answer, 204 and 304 carry no body (a `HEAD` answer keeps
@@ -386,12 +395,16 @@ enum Framing {
 /// write; `Date` is added when missing; `closing` says `Connection: close`.
 fn encode_head(
     out: &mut Vec<u8>,
-    status: StatusCode,
-    headers: &HeaderMap,
+    head: &AnswerHead<'_>,
     is_head: bool,
     known: Option<u64>,
     closing: bool,
 ) -> (Framing, bool) {
+    let AnswerHead {
+        status,
+        headers,
+        request_id,
+    } = *head;
     let bodiless = is_head || matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
@@ -401,7 +414,7 @@ fn encode_head(
     let (mut declared, mut has_length, mut has_date, mut close, mut has_connection) =
         (None, false, false, false, false);
     for (name, value) in headers {
-        if name == TRANSFER_ENCODING {
+        if name == TRANSFER_ENCODING || (request_id.is_some() && name == X_REQUEST_ID) {
             continue;
         }
         if name == CONTENT_LENGTH {
@@ -451,6 +464,9 @@ fn encode_head(
     if !has_date {
         write_date(out);
     }
+    if let Some(id) = request_id {
+        write_field(out, X_REQUEST_ID.as_str().as_bytes(), id.as_bytes());
+    }
     out.extend_from_slice(b"\r\n");
     (framing, !close)
 }
@@ -493,11 +509,12 @@ fn write_date(out: &mut Vec<u8>) {
 async fn write_response<S: AsyncWrite + Unpin>(
     io: &mut S,
     out: &mut Vec<u8>,
-    response: Response<ResponseBody>,
+    answer: Answer,
     is_head: bool,
     closing: bool,
 ) -> io::Result<bool> {
-    let (mut parts, body) = response.into_parts();
+    let (mut parts, body) = answer.response.into_parts();
+    let request_id = Some(&answer.request_id);
     let mut body = pin!(body);
     if parts.status.is_informational() {
         // Not a final answer (the upstream exchange never passes one on):
@@ -507,20 +524,23 @@ async fn write_response<S: AsyncWrite + Unpin>(
         parts.status = StatusCode::INTERNAL_SERVER_ERROR;
         parts.headers.clear();
         out.clear();
-        encode_head(out, parts.status, &parts.headers, is_head, Some(0), true);
+        let head = AnswerHead {
+            status: parts.status,
+            headers: &parts.headers,
+            request_id,
+        };
+        encode_head(out, &head, is_head, Some(0), true);
         io.write_all(out).await?;
         io.flush().await?;
         return Ok(false);
     }
     out.clear();
-    let (framing, keep) = encode_head(
-        out,
-        parts.status,
-        &parts.headers,
-        is_head,
-        body.size_hint().exact(),
-        closing,
-    );
+    let head = AnswerHead {
+        status: parts.status,
+        headers: &parts.headers,
+        request_id,
+    };
+    let (framing, keep) = encode_head(out, &head, is_head, body.size_hint().exact(), closing);
     drop(parts);
     let mut left = match framing {
         Framing::None => {
@@ -656,7 +676,12 @@ mod tests {
             );
         }
         let mut out = Vec::new();
-        let (framing, _) = encode_head(&mut out, status, &map, is_head, known, false);
+        let head = AnswerHead {
+            status,
+            headers: &map,
+            request_id: None,
+        };
+        let (framing, _) = encode_head(&mut out, &head, is_head, known, false);
         let text = String::from_utf8(out).unwrap();
         // The date changes; its presence is what matters.
         assert!(text.contains("\r\ndate: "), "{text}");
@@ -752,13 +777,39 @@ mod tests {
         map.insert(CONNECTION, HeaderValue::from_static("keep-alive"));
         map.insert(CONTENT_LENGTH, HeaderValue::from_static("7"));
         let mut out = Vec::new();
-        let (framing, keep) =
-            encode_head(&mut out, StatusCode::NO_CONTENT, &map, false, None, true);
+        let head = AnswerHead {
+            status: StatusCode::NO_CONTENT,
+            headers: &map,
+            request_id: None,
+        };
+        let (framing, keep) = encode_head(&mut out, &head, false, None, true);
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("HTTP/1.1 204 No Content\r\nconnection: close\r\ndate: "));
         assert!(!text.contains("keep-alive") && !text.contains("content-length"));
         assert_eq!(framing, Framing::None);
         assert!(keep, "the answer itself did not ask to close");
+    }
+
+    #[test]
+    fn the_request_id_is_written_in_place_of_the_backends() {
+        let mut map = HeaderMap::new();
+        map.insert(X_REQUEST_ID, HeaderValue::from_static("from-the-backend"));
+        map.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain"),
+        );
+        let id = HeaderValue::from_static("01234");
+        let mut out = Vec::new();
+        let head = AnswerHead {
+            status: StatusCode::OK,
+            headers: &map,
+            request_id: Some(&id),
+        };
+        encode_head(&mut out, &head, false, Some(2), false);
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains("from-the-backend"), "{text}");
+        assert_eq!(text.matches("x-request-id: 01234\r\n").count(), 1, "{text}");
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n"));
     }
 
     #[test]

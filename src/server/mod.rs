@@ -286,10 +286,11 @@ fn handling(
     request: Request<ClientBody>,
     client: Arc<ClientInfo>,
 ) -> Pin<Box<impl Future<Output = Response<ResponseBody>>>> {
-    Box::into_pin(Box::write(
-        Box::new_uninit(),
-        pipeline::handle(proxy, Box::new(request), client),
-    ))
+    Box::into_pin(Box::write(Box::new_uninit(), async move {
+        pipeline::handle(proxy, Box::new(request), client)
+            .await
+            .into_response()
+    }))
 }
 
 /// Binds a listener, with a clear error naming the address.

@@ -28,7 +28,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_util::io::poll_read_buf;
 
@@ -238,6 +238,23 @@ pub async fn exchange(
     respond(conn, &parsed, &response_head, head.method, idle)
 }
 
+/// Writes all of `bytes`. A request nearly always fits the socket's send
+/// buffer, so it is first tried without waiting: one `try_write` skips the
+/// write future and the runtime's cooperative-budget and readiness
+/// bookkeeping that `write_all` pays even when the socket takes it all
+/// (about 100 instructions per request, callgrind).
+async fn write_all(io: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        match io.try_write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => io.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// The exchange's reads and writes: the request out, the response head in
 /// (1xx answers skipped).
 async fn send_and_read_head(
@@ -248,7 +265,7 @@ async fn send_and_read_head(
 ) -> Result<(ParsedHead, Bytes), Failed> {
     encode_head(&mut conn.write, head, host, body.len());
     conn.write.extend_from_slice(body);
-    let written = conn.io.write_all(&conn.write).await;
+    let written = write_all(&conn.io, &conn.write).await;
     conn.write.clear();
     written.map_err(|e| {
         tracing::debug!(error = %e, "upstream write failed");

@@ -15,6 +15,7 @@ pub mod tls;
 use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
@@ -102,9 +103,13 @@ impl Upstream {
         if let (Via::Proxy(proxy), Some(pool)) = (via, &self.proxies) {
             let mut request = outgoing.request_for(base, last)?;
             outgoing.set.apply_to(request.headers_mut());
-            // Boxed: its future is larger than the direct path's, which
-            // would make every request's future larger.
-            return Box::pin(pool.send(proxy, request, deadline))
+            // Out of line, like hyper's way below: boxed, their futures do
+            // not make every request's future larger, and behind `dyn`
+            // their code is not inlined into the request's (see
+            // `pipeline::out_of_line`).
+            return pool
+                .send(proxy, request, deadline)
+                .boxed()
                 .await
                 .map(|response| response.map(UpstreamBody::from));
         }
@@ -124,6 +129,7 @@ impl Upstream {
         }
         let request = outgoing.request_for(base, last)?;
         self.send(index, request, Some(&outgoing.set), deadline)
+            .boxed()
             .await
     }
 
