@@ -126,9 +126,10 @@ pub struct ClientInfo {
     ip: HeaderValue,
     /// `for=IP;proto=SCHEME`, this hop's `Forwarded` element without a host.
     forwarded: HeaderValue,
-    /// The last host asked for on this connection and the `Forwarded`
-    /// element naming it: a connection's requests nearly always ask for one
-    /// host, so the element is rendered once, not per request.
+    /// The last host asked for on this connection and this hop's
+    /// `Forwarded` element for it (naming it, if it can be named): a
+    /// connection's requests nearly always ask for one host, so the element
+    /// is rendered once, not per request.
     forwarded_to_host: Mutex<Option<(HeaderValue, HeaderValue)>>,
 }
 

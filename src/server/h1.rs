@@ -392,10 +392,11 @@ struct AnswerHead<'a> {
 /// 304 go without one); otherwise the body's known length becomes
 /// `Content-Length`, a length header is used when the body's length is not
 /// known, else the body is chunked; `Transfer-Encoding` is this side's to
-/// write; `Date` is added when missing; `closing` says `Connection: close`.
+/// write; `Date` is added when missing; `closing` says `Connection: close`;
+/// the request id, when there is one, replaces any `X-Request-Id`.
 fn encode_head(
     out: &mut Vec<u8>,
-    head: &AnswerHead<'_>,
+    head: AnswerHead<'_>,
     is_head: bool,
     known: Option<u64>,
     closing: bool,
@@ -404,7 +405,7 @@ fn encode_head(
         status,
         headers,
         request_id,
-    } = *head;
+    } = head;
     let bodiless = is_head || matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
@@ -529,7 +530,7 @@ async fn write_response<S: AsyncWrite + Unpin>(
             headers: &parts.headers,
             request_id,
         };
-        encode_head(out, &head, is_head, Some(0), true);
+        encode_head(out, head, is_head, Some(0), true);
         io.write_all(out).await?;
         io.flush().await?;
         return Ok(false);
@@ -540,7 +541,7 @@ async fn write_response<S: AsyncWrite + Unpin>(
         headers: &parts.headers,
         request_id,
     };
-    let (framing, keep) = encode_head(out, &head, is_head, body.size_hint().exact(), closing);
+    let (framing, keep) = encode_head(out, head, is_head, body.size_hint().exact(), closing);
     drop(parts);
     let mut left = match framing {
         Framing::None => {
@@ -681,7 +682,7 @@ mod tests {
             headers: &map,
             request_id: None,
         };
-        let (framing, _) = encode_head(&mut out, &head, is_head, known, false);
+        let (framing, _) = encode_head(&mut out, head, is_head, known, false);
         let text = String::from_utf8(out).unwrap();
         // The date changes; its presence is what matters.
         assert!(text.contains("\r\ndate: "), "{text}");
@@ -782,7 +783,7 @@ mod tests {
             headers: &map,
             request_id: None,
         };
-        let (framing, keep) = encode_head(&mut out, &head, false, None, true);
+        let (framing, keep) = encode_head(&mut out, head, false, None, true);
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("HTTP/1.1 204 No Content\r\nconnection: close\r\ndate: "));
         assert!(!text.contains("keep-alive") && !text.contains("content-length"));
@@ -805,7 +806,7 @@ mod tests {
             headers: &map,
             request_id: Some(&id),
         };
-        encode_head(&mut out, &head, false, Some(2), false);
+        encode_head(&mut out, head, false, Some(2), false);
         let text = String::from_utf8(out).unwrap();
         assert!(!text.contains("from-the-backend"), "{text}");
         assert_eq!(text.matches("x-request-id: 01234\r\n").count(), 1, "{text}");
