@@ -172,6 +172,28 @@ async fn forward_headers_false_and_list() {
 }
 
 #[tokio::test]
+async fn the_answer_carries_the_request_id_in_place_of_the_backends() {
+    let backend = Backend::start(|_| Reply::ok("hi").header("x-request-id", "from-backend")).await;
+    let bs = Backstop::start(&route("api", "/", &[backend.url()], ""));
+    // A GET is the own HTTP/1 side's, a POST with a body hyper's, and so is
+    // HTTP/2.
+    let h1 = client().get(bs.url("/a")).header("x-request-id", "id-get");
+    let h1_body = client()
+        .post(bs.url("/b"))
+        .header("x-request-id", "id-post")
+        .body("x");
+    let h2 = h2_client()
+        .get(bs.url("/c"))
+        .header("x-request-id", "id-h2");
+    for (request, id) in [(h1, "id-get"), (h1_body, "id-post"), (h2, "id-h2")] {
+        let r = request.send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let ids: Vec<_> = r.headers().get_all("x-request-id").iter().collect();
+        assert_eq!(ids, [id], "{:?}", r.version());
+    }
+}
+
+#[tokio::test]
 async fn http2_from_the_client_and_to_the_upstream() {
     let backend = Backend::echo().await;
     let toml = format!(
@@ -182,14 +204,24 @@ async fn http2_from_the_client_and_to_the_upstream() {
     let bs = Backstop::start(&toml);
     let c = h2_client();
     for path in ["/h1/a", "/h2/b"] {
-        let r = c.post(bs.url(path)).body("over h2").send().await.unwrap();
+        let r = c
+            .post(bs.url(path))
+            .header("x-request-id", path)
+            .body("over h2")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.version(), reqwest::Version::HTTP_2);
         assert_eq!(r.status(), 200);
+        // Hyper's side returns the request id too (the own HTTP/1 side
+        // writes it into the head itself).
+        assert_eq!(r.headers()["x-request-id"], path);
         assert_eq!(r.text().await.unwrap(), "over h2");
     }
     let seen = backend.seen();
     assert_eq!(seen[0].version, http::Version::HTTP_11);
     assert_eq!(seen[1].version, http::Version::HTTP_2);
+    assert_eq!(seen[1].headers["x-request-id"], "/h2/b");
 }
 
 #[tokio::test]
