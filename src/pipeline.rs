@@ -40,7 +40,7 @@ use crate::body::{self, BufferError, BufferedBody, ClientBody, ResponseBody, Ups
 use crate::cache::{self, CacheState, Caches, Lookup};
 use crate::capture::{CaptureOutcome, Capturer};
 use crate::classify::{is_idempotent, status_failure, status_trips_breaker, Failure};
-use crate::config::{Config, RateLimitKey};
+use crate::config::{Config, RateLimitConfig, RateLimitKey};
 use crate::error::{ErrorCode, ProxyError};
 use crate::headers::{self, ClientInfo, Forwarding, ProxySet, RequestNames, X_REQUEST_ID};
 use crate::otel;
@@ -202,8 +202,9 @@ async fn proxy_request(
     ctx.route = Some(route.clone());
     let guards = route.guards(&proxy.resilience);
     // Phases a route may not use are polled out of line (see `out_of_line`).
-    if route.config.rate_limit.is_some() {
-        out_of_line(rate_limit_phase(proxy, active, &route, guards, &req, ctx)).await?;
+    if let Some(limit) = &route.config.rate_limit {
+        let phase = rate_limit_phase(proxy, active, &route, limit, guards, &req, ctx);
+        out_of_line(phase).await?;
     }
     let (parts, body) = read_body(&route, req, active.config.server.max_body_bytes).await?;
     let mut cache = if route.config.cache.enabled {
@@ -280,22 +281,21 @@ fn route_phase(table: &RouteTable, req: &Request<ClientBody>) -> Result<Arc<Rout
     })
 }
 
-/// Phase 2: take a token from the route's bucket for this request's key
-/// (route, client IP or header), in this process or, with `shared`, in
-/// Redis. Over the limit → 429 `rate_limited` with `Retry-After`; the
-/// `RateLimit-*` headers go on every answer. When Redis cannot answer, the
-/// request goes on (fail open) and is counted.
+/// Phase 2, for a route with a `limit`: take a token from the route's
+/// bucket for this request's key (route, client IP or header), in this
+/// process or, with `shared`, in Redis. Over the limit → 429
+/// `rate_limited` with `Retry-After`; the `RateLimit-*` headers go on every
+/// answer. When Redis cannot answer, the request goes on (fail open) and is
+/// counted.
 async fn rate_limit_phase(
     proxy: &Proxy,
     active: &Active,
     route: &Route,
+    limit: &RateLimitConfig,
     guards: &RouteGuards,
     req: &Request<ClientBody>,
     ctx: &mut RequestContext,
 ) -> Result<(), ProxyError> {
-    let Some(limit) = &route.config.rate_limit else {
-        return Ok(());
-    };
     let key = rate_limit_key(&limit.key, req.headers(), &ctx.client);
     let decision = match (&active.config.redis, limit.shared) {
         (Some(redis), true) => {
