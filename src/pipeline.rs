@@ -529,7 +529,10 @@ async fn forward(
     // When this attempt went out; the clock is read once for all three.
     let mut sent_at = Instant::now();
     let deadline = (!retry.deadline.is_zero()).then(|| deadline_after(sent_at, retry.deadline));
-    guards.budget.on_request_at(retry, sent_at);
+    // A route that never retries has no retry budget to earn.
+    if retry.max_attempts > 1 {
+        guards.budget.on_request_at(retry, sent_at);
+    }
     let mut permit = first_permit;
     let mut saw_429 = false;
     loop {

@@ -113,8 +113,9 @@ impl Permit {
     /// classified by `classify`; its duration counts slow calls.
     pub fn record(mut self, config: &BreakerConfig, failed: bool, sent_at: Instant) {
         let now = Instant::now();
-        let elapsed = now.saturating_duration_since(sent_at);
-        let slow = !config.slow_call_duration.is_zero() && elapsed > config.slow_call_duration;
+        // The call's duration is worked out only when slow calls count.
+        let slow = !config.slow_call_duration.is_zero()
+            && now.saturating_duration_since(sent_at) > config.slow_call_duration;
         let breaker = self.breaker.clone();
         breaker.record_at(&mut self, config, failed || slow, now);
     }

@@ -134,10 +134,12 @@ where
 {
     let mut read = BytesMut::new();
     let mut out = Vec::new();
+    // Where a head's fields are, kept from one request to the next.
+    let mut fields = Vec::new();
     let mut first = true;
     loop {
         let head = loop {
-            match parse_request(&mut read, serving.max_head) {
+            match parse_request(&mut read, &mut fields, serving.max_head) {
                 Ok(Some(head)) => break head,
                 Ok(None) => {}
                 Err(HandOver) => {
@@ -158,6 +160,7 @@ where
                     if state.take_trim() {
                         read = BytesMut::new();
                         out = Vec::new();
+                        fields = Vec::new();
                     }
                 }
                 if read.capacity() == 0 {
@@ -263,8 +266,13 @@ type Field = (usize, usize, usize, usize);
 
 /// Reads the request head at the start of `read`, taking its bytes when it
 /// is complete (`None` while it is not); a head this side does not serve is
-/// left where it is.
-fn parse_request(read: &mut BytesMut, max_head: usize) -> Result<Option<Head>, HandOver> {
+/// left where it is. `fields` is room for noting where the fields are, the
+/// connection's own so a request costs no allocation for it.
+fn parse_request(
+    read: &mut BytesMut,
+    fields: &mut Vec<Field>,
+    max_head: usize,
+) -> Result<Option<Head>, HandOver> {
     if read.is_empty() {
         return Ok(None);
     }
@@ -296,7 +304,7 @@ fn parse_request(read: &mut BytesMut, max_head: usize) -> Result<Option<Head>, H
     let start = read.as_ptr() as usize;
     let offset = |s: &[u8]| s.as_ptr() as usize - start;
     // Noted as places, to be cut from the head once it is split off.
-    let mut fields: Vec<Field> = Vec::with_capacity(request.headers.len());
+    fields.clear();
     for header in request.headers.iter() {
         let name = header.name.as_bytes();
         let value = header.value;
@@ -330,7 +338,7 @@ fn parse_request(read: &mut BytesMut, max_head: usize) -> Result<Option<Head>, H
     let is_head = method == Method::HEAD;
     // From here on the head's bytes are shared by the request's values.
     let head = read.split_to(len).freeze();
-    let Some(request) = build_request(method, &head, target_at..target_end, &fields) else {
+    let Some(request) = build_request(method, &head, target_at..target_end, fields) else {
         // Not a URI or header name the `http` crate takes: back as it was.
         let mut all = BytesMut::with_capacity(head.len() + read.len());
         all.extend_from_slice(&head);
@@ -660,7 +668,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Option<Head>, HandOver> {
-        parse_request(&mut BytesMut::from(text), 64 * 1024)
+        parse_request(&mut BytesMut::from(text), &mut Vec::new(), 64 * 1024)
     }
 
     fn head_of(
@@ -727,7 +735,7 @@ mod tests {
         ] {
             let mut read = BytesMut::from(text);
             assert!(
-                parse_request(&mut read, 64 * 1024).is_err(),
+                parse_request(&mut read, &mut Vec::new(), 64 * 1024).is_err(),
                 "{text:?} should go to hyper"
             );
             assert_eq!(
@@ -741,9 +749,12 @@ mod tests {
     #[test]
     fn a_head_over_the_limit_goes_to_hyper_and_a_short_one_waits() {
         let mut read = BytesMut::from(&b"GET / HTTP/1.1\r\nX: "[..]);
-        assert!(matches!(parse_request(&mut read, 64), Ok(None)));
+        assert!(matches!(
+            parse_request(&mut read, &mut Vec::new(), 64),
+            Ok(None)
+        ));
         read.extend_from_slice(&[b'a'; 64]);
-        assert!(parse_request(&mut read, 64).is_err());
+        assert!(parse_request(&mut read, &mut Vec::new(), 64).is_err());
     }
 
     #[test]
@@ -751,16 +762,19 @@ mod tests {
         let mut read = BytesMut::from(
             &b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\nConnection: close\r\n\r\nGET"[..],
         );
-        let Ok(Some(first)) = parse_request(&mut read, 1024) else {
+        let Ok(Some(first)) = parse_request(&mut read, &mut Vec::new(), 1024) else {
             panic!()
         };
         assert_eq!(first.request.uri().path(), "/1");
-        let Ok(Some(second)) = parse_request(&mut read, 1024) else {
+        let Ok(Some(second)) = parse_request(&mut read, &mut Vec::new(), 1024) else {
             panic!()
         };
         assert_eq!(second.request.uri().path(), "/2");
         assert!(second.close);
-        assert!(matches!(parse_request(&mut read, 1024), Ok(None)));
+        assert!(matches!(
+            parse_request(&mut read, &mut Vec::new(), 1024),
+            Ok(None)
+        ));
         assert_eq!(&read[..], b"GET");
     }
 

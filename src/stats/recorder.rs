@@ -273,11 +273,12 @@ pub struct ErrorEntry {
 
 /// Everything counted for one route.
 ///
-/// Each request is counted once for its route and once for its path, in
-/// the current minute. When a minute ends it is folded into its hour, and
-/// when an hour ends into today's and all-time totals, so `hourly`,
-/// `daily` and `all` are those totals plus the current minute: a fifth of
-/// the work per request of counting every period separately.
+/// Each request is counted once, for its path, in the current minute; the
+/// minute's route counts are its paths' summed when it ends (or is read).
+/// When a minute ends it is folded into its hour, and when an hour ends
+/// into today's and all-time totals, so `hourly`, `daily` and `all` are
+/// those totals plus the current minute: a tenth of the work per request
+/// of counting route and path in every period separately.
 pub struct RouteStats {
     budget: PathBudget,
     started_ms: i64,
@@ -317,6 +318,9 @@ impl RouteStats {
         if now_ms < self.minutes.start_ms.saturating_add(self.minutes.len_ms) {
             return;
         }
+        // The minute ends here: its route counts are made from its paths'.
+        let minute = &mut self.minutes.current;
+        minute.route = minute.route_from_paths();
         if let Some((start, minute)) = self.minutes.roll(now_ms) {
             self.roll_hour(start);
             self.hours.current.merge(&minute);
@@ -348,8 +352,10 @@ impl RouteStats {
     }
 
     /// Counts one request; returns the path key it was counted under.
-    /// It is counted once, in the current minute, which is folded into its
-    /// hour when it ends (`roll`). `at_ms` is when the aggregator took the
+    /// It is counted once, for its path in the current minute, which is
+    /// folded into its hour when it ends (`roll`); the route's counts are
+    /// summed from the paths' then (a hashed lookup and a histogram update
+    /// less per request). `at_ms` is when the aggregator took the
     /// event: one that finished just before a minute ended counts in the
     /// next, which is close enough and loses nothing.
     fn count<'p>(
@@ -362,7 +368,6 @@ impl RouteStats {
         let path = paths::normalize(raw_path);
         self.roll(at_ms);
         let minute = &mut self.minutes.current;
-        minute.route.add(sample);
         // A path this minute has counted is known to the budget: only one
         // new in this minute is checked against it.
         if let Some(counts) = minute.paths.get_mut(path.as_ref()) {
@@ -394,7 +399,7 @@ impl RouteStats {
                 (all, self.started_ms)
             }
         };
-        counts.merge(&self.minutes.current);
+        counts.merge_minute(&self.minutes.current);
         (counts, start_ms)
     }
 
@@ -411,7 +416,13 @@ impl RouteStats {
         // `current` (finished minutes and hours are folded in later): it is
         // the period's whole count, as `period` gives it.
         let window = match period {
-            Period::All => return (MINUTE_MS / 1000, self.minutes.series()),
+            Period::All => {
+                let minutes = &self.minutes;
+                let mut series: Vec<Summary> = minutes.history.iter().cloned().collect();
+                let current = minutes.current.route_from_paths();
+                series.push(current.summary(minutes.start_ms));
+                return (MINUTE_MS / 1000, series);
+            }
             Period::Hourly => &self.hours,
             Period::Daily => &self.days,
         };

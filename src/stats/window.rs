@@ -195,6 +195,28 @@ impl Aggregate {
     /// Adds a finished period (an hour into its day and into `all`).
     pub fn merge(&mut self, other: &Aggregate) {
         self.route.merge(&other.route);
+        self.merge_paths(other);
+    }
+
+    /// The route's counts as its paths' summed: the current minute counts
+    /// each request for its path only (`RouteStats::count`).
+    pub fn route_from_paths(&self) -> Counts {
+        let mut route = Counts::default();
+        for counts in self.paths.values() {
+            route.merge(counts);
+        }
+        route
+    }
+
+    /// Adds the current minute, whose route counts are its paths'.
+    pub fn merge_minute(&mut self, minute: &Aggregate) {
+        for counts in minute.paths.values() {
+            self.route.merge(counts);
+        }
+        self.merge_paths(minute);
+    }
+
+    fn merge_paths(&mut self, other: &Aggregate) {
         for (path, counts) in &other.paths {
             match self.paths.get_mut(path) {
                 Some(c) => c.merge(counts),
@@ -205,7 +227,7 @@ impl Aggregate {
         }
     }
 
-    /// Counts `s` for `path` (the route's counts are the caller's).
+    /// Counts `s` for `path` only.
     pub fn add_path(&mut self, path: &str, s: &Sample) {
         match self.paths.get_mut(path) {
             Some(c) => c.add(s),
@@ -298,13 +320,6 @@ impl Window {
             self.history.pop_front();
         }
     }
-
-    /// History then the current period, for charts.
-    pub fn series(&self) -> Vec<Summary> {
-        let mut out: Vec<Summary> = self.history.iter().cloned().collect();
-        out.push(self.current.route.summary(self.start_ms));
-        out
-    }
 }
 
 #[cfg(test)]
@@ -362,7 +377,6 @@ mod tests {
         w.roll(5 * hour);
         w.current.route.add(&sample(200, 5));
         assert_eq!(w.history.len(), 0, "older than 2 periods: forgotten");
-        assert_eq!(w.series().len(), 1);
     }
 
     #[test]

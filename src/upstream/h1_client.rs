@@ -63,6 +63,10 @@ pub struct Conn {
     io: TcpStream,
     read: BytesMut,
     write: Vec<u8>,
+    /// Where the last response head's fields are (name and value, as byte
+    /// ranges of the head), kept from one exchange to the next so an
+    /// answer costs no allocation for them.
+    fields: Vec<Field>,
     /// The room to make for the next response head (see `HEAD_READ`).
     head_read: usize,
     /// The first sweep that found it idle (`None` until one has): its idle
@@ -134,6 +138,7 @@ impl Conn {
             io,
             read: BytesMut::new(),
             write: Vec::new(),
+            fields: Vec::new(),
             head_read: HEAD_READ,
             idle_since: None,
             timer: None,
@@ -274,7 +279,7 @@ async fn send_and_read_head(
     // Whether an interim (1xx) answer came: the backend has the request.
     let mut interim = false;
     loop {
-        if let Some(parsed) = parse_head(&conn.read)? {
+        if let Some(parsed) = parse_head(&conn.read, &mut conn.fields)? {
             let response_head = conn.read.split_to(parsed.len).freeze();
             if parsed.status.is_informational() {
                 // 100 Continue and the like precede the real answer; 101
@@ -358,17 +363,20 @@ fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
     headers::write_field(out, name.as_str().as_bytes(), value.as_bytes());
 }
 
-/// A parsed response head: its length, and where its headers are.
+/// Where a header's name and value are in a head, as byte ranges.
+type Field = (usize, usize, usize, usize);
+
+/// A parsed response head: its length and status line (its fields are
+/// noted in the connection's `fields`).
 struct ParsedHead {
     len: usize,
     status: StatusCode,
     version: Version,
-    /// Name and value of each header, as byte ranges of the head.
-    fields: Vec<(usize, usize, usize, usize)>,
 }
 
-/// Parses the head at the start of `buf`: `None` while it is incomplete.
-fn parse_head(buf: &[u8]) -> Result<Option<ParsedHead>, Failed> {
+/// Parses the head at the start of `buf`, noting where its fields are in
+/// `fields`: `None` while it is incomplete.
+fn parse_head(buf: &[u8], fields: &mut Vec<Field>) -> Result<Option<ParsedHead>, Failed> {
     if buf.is_empty() {
         return Ok(None);
     }
@@ -398,20 +406,16 @@ fn parse_head(buf: &[u8]) -> Result<Option<ParsedHead>, Failed> {
         _ => Version::HTTP_11,
     };
     let start = buf.as_ptr() as usize;
-    let fields = response
-        .headers
-        .iter()
-        .map(|h| {
-            let name = h.name.as_ptr() as usize - start;
-            let value = h.value.as_ptr() as usize - start;
-            (name, name + h.name.len(), value, value + h.value.len())
-        })
-        .collect();
+    fields.clear();
+    fields.extend(response.headers.iter().map(|h| {
+        let name = h.name.as_ptr() as usize - start;
+        let value = h.value.as_ptr() as usize - start;
+        (name, name + h.name.len(), value, value + h.value.len())
+    }));
     Ok(Some(ParsedHead {
         len,
         status,
         version,
-        fields,
     }))
 }
 
@@ -425,13 +429,13 @@ fn respond(
 ) -> Result<Response<ConnBody>, Failed> {
     // Room for the few the proxy adds (`X-Request-Id`, `X-Cache`, ...)
     // without growing the map.
-    let mut headers = HeaderMap::with_capacity(parsed.fields.len() + 4);
+    let mut headers = HeaderMap::with_capacity(conn.fields.len() + 4);
     // What framing and reuse depend on, noted on the way rather than looked
     // up in the map afterwards.
     let mut length = Length::Absent;
     let mut transfer_encoding: Option<HeaderValue> = None;
     let mut close = false;
-    for &(name_start, name_end, value_start, value_end) in &parsed.fields {
+    for &(name_start, name_end, value_start, value_end) in &conn.fields {
         let name = HeaderName::from_bytes(&head[name_start..name_end]);
         let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end));
         let (Ok(name), Ok(value)) = (name, value) else {
