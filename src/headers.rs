@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue, HOST};
 
 use crate::config::ForwardHeaders;
@@ -79,6 +80,39 @@ pub fn has_token(value: &HeaderValue, token: &str) -> bool {
     value
         .to_str()
         .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+/// Where a field's name and value are in an HTTP/1 head, as byte ranges
+/// from the head's start (name start and end, value start and end). Both
+/// HTTP/1 readers (the server side's and `h1_client`) note fields this way
+/// while the parser borrows the read buffer, then cut names and values
+/// from the head's shared bytes once it is split off ([`field_in`]).
+pub type FieldAt = (usize, usize, usize, usize);
+
+/// Where `name` and `value`, slices of `head`, are in it.
+#[inline]
+pub fn field_at(head: &[u8], name: &[u8], value: &[u8]) -> FieldAt {
+    let start = head.as_ptr() as usize;
+    let name_at = name.as_ptr() as usize - start;
+    let value_at = value.as_ptr() as usize - start;
+    (
+        name_at,
+        name_at + name.len(),
+        value_at,
+        value_at + value.len(),
+    )
+}
+
+/// The field noted at `at` in `head`: its value shares the head's bytes.
+/// `None` for a name or value the `http` crate does not take. Inlined into
+/// both readers: called, its result (a name and a value, ~70 bytes) went
+/// through memory, about 100 instructions more per request (callgrind).
+#[inline(always)]
+pub fn field_in(head: &Bytes, at: FieldAt) -> Option<(HeaderName, HeaderValue)> {
+    let (name_start, name_end, value_start, value_end) = at;
+    let name = HeaderName::from_bytes(&head[name_start..name_end]).ok()?;
+    let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end)).ok()?;
+    Some((name, value))
 }
 
 /// `name: value` and the line end, as an HTTP/1 head carries a field.

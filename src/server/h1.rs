@@ -32,7 +32,7 @@ use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{
-    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING, UPGRADE,
+    HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING, UPGRADE,
 };
 use http::{HeaderMap, Method, Request, StatusCode, Uri, Version};
 use http_body::Body;
@@ -41,7 +41,9 @@ use tokio_util::io::poll_read_buf;
 
 use super::reaper::{Closable, ConnState, H2_PREFACE};
 use crate::body::ClientBody;
-use crate::headers::{has_token, write_field, ClientInfo, X_REQUEST_ID};
+use crate::headers::{
+    field_at, field_in, has_token, write_field, ClientInfo, FieldAt, X_REQUEST_ID,
+};
 use crate::pipeline::{self, Answer, Proxy};
 
 /// Request header lines served here at most (hyper's limit too).
@@ -261,16 +263,13 @@ struct Head {
 #[derive(Debug)]
 struct HandOver;
 
-/// Where in the head each field's name and value are.
-type Field = (usize, usize, usize, usize);
-
 /// Reads the request head at the start of `read`, taking its bytes when it
 /// is complete (`None` while it is not); a head this side does not serve is
 /// left where it is. `fields` is room for noting where the fields are, the
 /// connection's own so a request costs no allocation for it.
 fn parse_request(
     read: &mut BytesMut,
-    fields: &mut Vec<Field>,
+    fields: &mut Vec<FieldAt>,
     max_head: usize,
 ) -> Result<Option<Head>, HandOver> {
     if read.is_empty() {
@@ -301,8 +300,6 @@ fn parse_request(
         return Err(HandOver);
     }
     let mut close = false;
-    let start = read.as_ptr() as usize;
-    let offset = |s: &[u8]| s.as_ptr() as usize - start;
     // Noted as places, to be cut from the head once it is split off.
     fields.clear();
     for header in request.headers.iter() {
@@ -325,15 +322,9 @@ fn parse_request(
         {
             return Err(HandOver);
         }
-        let (name_at, value_at) = (offset(name), offset(value));
-        fields.push((
-            name_at,
-            name_at + name.len(),
-            value_at,
-            value_at + value.len(),
-        ));
+        fields.push(field_at(read, name, value));
     }
-    let target_at = offset(target.as_bytes());
+    let target_at = target.as_ptr() as usize - read.as_ptr() as usize;
     let target_end = target_at + target.len();
     let is_head = method == Method::HEAD;
     // From here on the head's bytes are shared by the request's values.
@@ -357,7 +348,7 @@ fn build_request(
     method: Method,
     head: &Bytes,
     target: std::ops::Range<usize>,
-    fields: &[Field],
+    fields: &[FieldAt],
 ) -> Option<Box<Request<ClientBody>>> {
     let mut request = Box::new(Request::new(None));
     *request.method_mut() = method;
@@ -367,9 +358,8 @@ fn build_request(
     // with room for the few the proxy may add without growing.
     let headers = request.headers_mut();
     headers.reserve(fields.len() + 2);
-    for &(name_start, name_end, value_start, value_end) in fields {
-        let name = HeaderName::from_bytes(&head[name_start..name_end]).ok()?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end)).ok()?;
+    for &at in fields {
+        let (name, value) = field_in(head, at)?;
         headers.append(name, value);
     }
     Some(request)
@@ -680,7 +670,7 @@ mod tests {
         let mut map = HeaderMap::new();
         for (n, v) in headers {
             map.append(
-                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                http::header::HeaderName::from_bytes(n.as_bytes()).unwrap(),
                 HeaderValue::from_str(v).unwrap(),
             );
         }

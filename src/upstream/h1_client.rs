@@ -33,7 +33,7 @@ use tokio::net::TcpStream;
 use tokio_util::io::poll_read_buf;
 
 use crate::classify::Failure;
-use crate::headers::{self, ProxySet};
+use crate::headers::{self, field_at, FieldAt, ProxySet};
 
 /// Response header lines accepted at most.
 const MAX_HEADERS: usize = 100;
@@ -66,7 +66,7 @@ pub struct Conn {
     /// Where the last response head's fields are (name and value, as byte
     /// ranges of the head), kept from one exchange to the next so an
     /// answer costs no allocation for them.
-    fields: Vec<Field>,
+    fields: Vec<FieldAt>,
     /// The room to make for the next response head (see `HEAD_READ`).
     head_read: usize,
     /// The first sweep that found it idle (`None` until one has): its idle
@@ -363,9 +363,6 @@ fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
     headers::write_field(out, name.as_str().as_bytes(), value.as_bytes());
 }
 
-/// Where a header's name and value are in a head, as byte ranges.
-type Field = (usize, usize, usize, usize);
-
 /// A parsed response head: its length and status line (its fields are
 /// noted in the connection's `fields`).
 struct ParsedHead {
@@ -376,7 +373,7 @@ struct ParsedHead {
 
 /// Parses the head at the start of `buf`, noting where its fields are in
 /// `fields`: `None` while it is incomplete.
-fn parse_head(buf: &[u8], fields: &mut Vec<Field>) -> Result<Option<ParsedHead>, Failed> {
+fn parse_head(buf: &[u8], fields: &mut Vec<FieldAt>) -> Result<Option<ParsedHead>, Failed> {
     if buf.is_empty() {
         return Ok(None);
     }
@@ -405,13 +402,13 @@ fn parse_head(buf: &[u8], fields: &mut Vec<Field>) -> Result<Option<ParsedHead>,
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let start = buf.as_ptr() as usize;
     fields.clear();
-    fields.extend(response.headers.iter().map(|h| {
-        let name = h.name.as_ptr() as usize - start;
-        let value = h.value.as_ptr() as usize - start;
-        (name, name + h.name.len(), value, value + h.value.len())
-    }));
+    fields.extend(
+        response
+            .headers
+            .iter()
+            .map(|h| field_at(buf, h.name.as_bytes(), h.value)),
+    );
     Ok(Some(ParsedHead {
         len,
         status,
@@ -435,10 +432,8 @@ fn respond(
     let mut length = Length::Absent;
     let mut transfer_encoding: Option<HeaderValue> = None;
     let mut close = false;
-    for &(name_start, name_end, value_start, value_end) in &conn.fields {
-        let name = HeaderName::from_bytes(&head[name_start..name_end]);
-        let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end));
-        let (Ok(name), Ok(value)) = (name, value) else {
+    for &at in &conn.fields {
+        let Some((name, value)) = headers::field_in(head, at) else {
             tracing::debug!("upstream sent an invalid header");
             return Err(Failed::after_answer());
         };
