@@ -282,20 +282,22 @@ impl Forwarding {
     }
 
     /// Each header with its value, in the order they are set.
-    fn each(&self) -> impl Iterator<Item = (HeaderName, &HeaderValue)> {
-        [
-            (X_FORWARDED_FOR, Some(&self.forwarded_for)),
-            (X_FORWARDED_PROTO, Some(&self.forwarded_proto)),
-            (X_FORWARDED_HOST, self.forwarded_host.as_ref()),
-            (header::FORWARDED, self.forwarded.as_ref()),
-        ]
-        .into_iter()
-        .filter_map(|(name, value)| Some((name, value?)))
+    fn each(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        let values = [
+            Some(&self.forwarded_for),
+            Some(&self.forwarded_proto),
+            self.forwarded_host.as_ref(),
+            self.forwarded.as_ref(),
+        ];
+        FORWARDING_NAMES
+            .iter()
+            .zip(values)
+            .filter_map(|(name, value)| Some((name, value?)))
     }
 
     fn apply_to(&self, headers: &mut HeaderMap) {
         for (name, value) in self.each() {
-            headers.insert(name, value.clone());
+            headers.insert(name.clone(), value.clone());
         }
     }
 }
@@ -322,15 +324,26 @@ pub struct ProxySet {
     pub tracestate: Option<HeaderValue>,
 }
 
+/// The forwarding headers' names, in the order they are set. Names the
+/// proxy sets are lent from statics rather than made per request: a
+/// `HeaderName` of a non-standard header is a `Bytes`, whose clone and drop
+/// are calls through its vtable.
+static FORWARDING_NAMES: [HeaderName; 4] = [
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+    header::FORWARDED,
+];
+
 /// What a `ProxySet` sets after the route's headers, so a route cannot
 /// replace them.
-const SET_LAST: [HeaderName; 3] = [X_REQUEST_ID, TRACEPARENT, TRACESTATE];
+static SET_LAST: [HeaderName; 3] = [X_REQUEST_ID, TRACEPARENT, TRACESTATE];
 
 impl ProxySet {
     /// Whether the client's header `name` gives way to this set.
     pub fn covers(&self, name: &HeaderName) -> bool {
         name == HOST
-            || self.forwarding.each().any(|(set, _)| set == *name)
+            || self.forwarding.each().any(|(set, _)| set == name)
             || SET_LAST.contains(name)
             || self.by_route(name)
     }
@@ -341,7 +354,7 @@ impl ProxySet {
 
     /// The headers to send after the client's uncovered ones, each name
     /// once, `Host` aside (see [`ProxySet::host`]).
-    pub fn each(&self) -> impl Iterator<Item = (HeaderName, &HeaderValue)> {
+    pub fn each(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
         let forwarding = self
             .forwarding
             .each()
@@ -350,14 +363,16 @@ impl ProxySet {
             .route
             .iter()
             .filter(|(name, _)| name != HOST && !SET_LAST.contains(name))
-            .map(|(name, value)| (name.clone(), value));
-        let own = [
-            (X_REQUEST_ID, Some(&self.request_id)),
-            (TRACEPARENT, Some(&self.traceparent)),
-            (TRACESTATE, self.tracestate.as_ref()),
-        ]
-        .into_iter()
-        .filter_map(|(name, value)| Some((name, value?)));
+            .map(|(name, value)| (name, value));
+        let own_values = [
+            Some(&self.request_id),
+            Some(&self.traceparent),
+            self.tracestate.as_ref(),
+        ];
+        let own = SET_LAST
+            .iter()
+            .zip(own_values)
+            .filter_map(|(name, value)| Some((name, value?)));
         forwarding.chain(route).chain(own)
     }
 

@@ -190,7 +190,7 @@ pub async fn handle(
 async fn proxy_request(
     proxy: &Proxy,
     active: &Active,
-    req: Box<Request<ClientBody>>,
+    mut req: Box<Request<ClientBody>>,
     ctx: &mut RequestContext,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     if req.uri().path() == "/health" && req.method() == Method::GET {
@@ -206,16 +206,16 @@ async fn proxy_request(
         let phase = rate_limit_phase(proxy, active, &route, limit, guards, &req, ctx);
         out_of_line(phase).await?;
     }
-    let (parts, body) = read_body(&route, req, active.config.server.max_body_bytes).await?;
+    let body = read_body(&route, &mut req, active.config.server.max_body_bytes).await?;
     let mut cache = if route.config.cache.enabled {
-        match out_of_line(cache_phase(proxy, active, &route, &parts, &body, ctx)).await {
+        match out_of_line(cache_phase(proxy, active, &route, &req, &body, ctx)).await {
             Lookup::Answer(response, _) => return Ok(response),
             Lookup::Forward(state) => state,
         }
     } else {
         CacheState::off()
     };
-    let mut outgoing = prepare(&route, parts, body, ctx);
+    let mut outgoing = prepare(&route, req, body, ctx);
     let permit = match breaker_phase(&route, guards) {
         Ok(permit) => permit,
         Err(retry_in) => {
@@ -343,7 +343,7 @@ fn rate_limit_key(key: &RateLimitKey, headers: &HeaderMap, client: &ClientInfo) 
 /// Phase 6: ask the route's circuit breaker for the first attempt. `Err`
 /// holds the time until the circuit may admit calls again: the backend is
 /// not called, the request is captured if it can be, else answered 503.
-fn breaker_phase(route: &Route, guards: &RouteGuards) -> Result<Permit, Duration> {
+fn breaker_phase<'g>(route: &Route, guards: &'g RouteGuards) -> Result<Permit<'g>, Duration> {
     match guards.breaker.admit(&route.config.circuit_breaker) {
         Admission::Allowed(permit) => Ok(permit),
         Admission::Rejected { retry_in } => Err(retry_in),
@@ -361,44 +361,38 @@ fn circuit_open_error(retry_in: Duration) -> ProxyError {
 }
 
 /// Phase 3: read the body whole when the route may send it twice (retry),
-/// capture it or key the cache on it; otherwise it streams through.
+/// capture it or key the cache on it; otherwise it streams through. The
+/// body is taken out of the request, which stays in its box.
 async fn read_body(
     route: &Route,
-    req: Box<Request<ClientBody>>,
+    req: &mut Request<ClientBody>,
     max_body_bytes: u64,
-) -> Result<(http::request::Parts, OutgoingBody), ProxyError> {
-    let (parts, incoming) = (*req).into_parts();
-    let incoming = match incoming {
+) -> Result<OutgoingBody, ProxyError> {
+    let incoming = match req.body_mut().take() {
         Some(incoming) if !incoming.is_end_stream() => incoming,
-        _ => return Ok((parts, OutgoingBody::Buffered(BufferedBody::default()))),
+        _ => return Ok(OutgoingBody::Buffered(BufferedBody::default())),
     };
-    let body = if route.config.buffers_body(&parts.method) {
-        match out_of_line(body::buffer(&parts.headers, incoming, max_body_bytes)).await {
-            Ok(buffered) => OutgoingBody::Buffered(buffered),
-            Err(BufferError::TooLarge { limit }) => {
-                return Err(ProxyError::new(
-                    ErrorCode::BodyTooLarge,
-                    format!("Request body is larger than {limit} bytes"),
-                ))
-            }
-            Err(BufferError::Read(e)) => {
-                return Err(ProxyError::new(
-                    ErrorCode::BadRequest,
-                    format!("Could not read the request body: {e}"),
-                ))
-            }
-        }
-    } else {
-        OutgoingBody::Streaming(Some(incoming))
-    };
-    Ok((parts, body))
+    if !route.config.buffers_body(req.method()) {
+        return Ok(OutgoingBody::Streaming(Some(incoming)));
+    }
+    match out_of_line(body::buffer(req.headers(), incoming, max_body_bytes)).await {
+        Ok(buffered) => Ok(OutgoingBody::Buffered(buffered)),
+        Err(BufferError::TooLarge { limit }) => Err(ProxyError::new(
+            ErrorCode::BodyTooLarge,
+            format!("Request body is larger than {limit} bytes"),
+        )),
+        Err(BufferError::Read(e)) => Err(ProxyError::new(
+            ErrorCode::BadRequest,
+            format!("Could not read the request body: {e}"),
+        )),
+    }
 }
 
 /// Phase 5: the upstream request's headers and path. The client's headers
 /// are cleaned in place; what the proxy sets is kept apart (`ProxySet`).
 fn prepare(
     route: &Route,
-    parts: http::request::Parts,
+    mut client: Box<Request<ClientBody>>,
     body: OutgoingBody,
     ctx: &RequestContext,
 ) -> Outgoing {
@@ -406,37 +400,35 @@ fn prepare(
     // text would be). Found by walking the headers, not by a hashed lookup:
     // clients send it first, so the walk ends at once (~90 instructions
     // less a request, callgrind).
-    let original_host = match parts.uri.authority() {
+    let original_host = match client.uri().authority() {
         Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
-        None => parts
-            .headers
+        None => client
+            .headers()
             .iter()
             .find_map(|(name, value)| (name == HOST).then_some(value))
             .filter(|h| h.to_str().is_ok())
             .cloned(),
     };
-    let mut headers = parts.headers;
-    headers::strip_hop_by_hop(&mut headers);
+    headers::strip_hop_by_hop(client.headers_mut());
     let capture = &route.config.capture;
-    let client_headers = (capture.enabled && capture.methods.contains(&parts.method)).then(|| {
-        let mut h = headers.clone();
-        h.remove(HOST);
-        h
-    });
-    headers::filter_forwarded(&mut headers, &route.config.forward_headers);
+    let client_headers =
+        (capture.enabled && capture.methods.contains(client.method())).then(|| {
+            let mut h = client.headers().clone();
+            h.remove(HOST);
+            h
+        });
+    headers::filter_forwarded(client.headers_mut(), &route.config.forward_headers);
     let set = ProxySet {
-        forwarding: Forwarding::new(&headers, &ctx.client, original_host.as_ref()),
+        forwarding: Forwarding::new(client.headers(), &ctx.client, original_host.as_ref()),
         route: route.config.headers.clone(),
         request_id: ctx.request_id.clone(),
         traceparent: ctx.trace.traceparent().clone(),
         tracestate: ctx.trace.tracestate().cloned(),
     };
-    let path = parts.uri.path();
+    let path = client.uri().path();
     Outgoing {
-        method: parts.method,
         upstream_path_start: path.len() - route.upstream_path(path).len(),
-        uri: parts.uri,
-        headers,
+        client,
         set,
         client_headers,
         body,
@@ -452,7 +444,7 @@ async fn cache_phase(
     proxy: &Proxy,
     active: &Active,
     route: &Route,
-    request: &http::request::Parts,
+    request: &Request<ClientBody>,
     body: &OutgoingBody,
     ctx: &mut RequestContext,
 ) -> Lookup {
@@ -512,7 +504,7 @@ enum Forwarded {
 async fn forward(
     route: &Route,
     guards: &RouteGuards,
-    first_permit: Permit,
+    first_permit: Permit<'_>,
     outgoing: &mut Outgoing,
     ctx: &mut RequestContext,
 ) -> Forwarded {
@@ -525,7 +517,7 @@ async fn forward(
         factor: retry.backoff_factor,
     };
     let max_attempts = max_attempts(route, outgoing);
-    let idempotent = is_idempotent(&outgoing.method) || retry.retry_non_idempotent;
+    let idempotent = is_idempotent(outgoing.method()) || retry.retry_non_idempotent;
     // When this attempt went out; the clock is read once for all three.
     let mut sent_at = Instant::now();
     let deadline = (!retry.deadline.is_zero()).then(|| deadline_after(sent_at, retry.deadline));
@@ -616,7 +608,7 @@ fn capturable(proxy: &Proxy, route: &Route, outgoing: &Outgoing, failure: Failur
     let capture = &route.config.capture;
     proxy.capturer.is_some()
         && capture.enabled
-        && capture.methods.contains(&outgoing.method)
+        && capture.methods.contains(outgoing.method())
         && failure.is_capturable()
         && matches!(outgoing.body, OutgoingBody::Buffered(_))
 }

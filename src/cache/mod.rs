@@ -27,11 +27,10 @@ use std::time::Duration;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderValue, AGE, CONTENT_LENGTH, SET_COOKIE};
-use http::request::Parts;
-use http::{HeaderName, Response};
+use http::{HeaderName, Request, Response};
 use http_body_util::{BodyExt, Either, Full};
 
-use crate::body::{ResponseBody, UpstreamBody};
+use crate::body::{ClientBody, ResponseBody, UpstreamBody};
 use crate::classify::status_failure;
 use crate::config::{CacheConfig, CacheStore, Config, RedisConfig, RouteConfig};
 use crate::error::{ErrorCode, ProxyError};
@@ -79,14 +78,14 @@ impl Verdict {
 }
 
 /// The key of a request as the client sent it.
-fn key_of(route: &Route, req: &Parts, body: &[u8]) -> CacheKey {
+fn key_of(route: &Route, req: &Request<ClientBody>, body: &[u8]) -> CacheKey {
     let cache = &route.config.cache;
     KeyHead::new(&KeyInput {
         route: route.name(),
-        method: &req.method,
-        path: req.uri.path(),
-        query: req.uri.query(),
-        headers: &req.headers,
+        method: req.method(),
+        path: req.uri().path(),
+        query: req.uri().query(),
+        headers: req.headers(),
         strategy: cache.header_strategy,
         listed: &cache.headers,
     })
@@ -310,11 +309,11 @@ impl Caches {
         &self,
         config: &Config,
         route: &Route,
-        request: &Parts,
+        request: &Request<ClientBody>,
         body: Option<&[u8]>,
     ) -> Lookup {
         let cache = &route.config.cache;
-        let plan = policy::request_plan(cache, &request.method, &request.headers);
+        let plan = policy::request_plan(cache, request.method(), request.headers());
         let body = match (plan, body) {
             (RequestPlan::Off, _) => return Lookup::Forward(CacheState::passthrough(None)),
             (RequestPlan::Lookup | RequestPlan::Refresh, Some(body)) => body,
@@ -335,7 +334,7 @@ impl Caches {
             slot: Some(Slot {
                 key,
                 store: store.clone(),
-                unkeyed_auth: policy::unkeyed_authorization(cache, &request.headers),
+                unkeyed_auth: policy::unkeyed_authorization(cache, request.headers()),
             }),
             stale: None,
             leader: None,

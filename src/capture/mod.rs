@@ -72,9 +72,9 @@ impl Capturer {
         let headers = outgoing
             .client_headers
             .as_ref()
-            .unwrap_or(&outgoing.headers);
+            .unwrap_or_else(|| outgoing.headers());
         let request = CapturedRequest::new(
-            &outgoing.method,
+            outgoing.method(),
             outgoing.original_path(),
             outgoing.original_query(),
             headers,

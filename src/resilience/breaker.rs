@@ -16,7 +16,7 @@
 //! in on every call (never stored), so a reload changes thresholds without
 //! losing the state. This module never talks to the network.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::gauge::Gauge;
@@ -88,8 +88,8 @@ pub struct Breaker {
 
 /// Whether a call may go to the backend.
 #[derive(Debug)]
-pub enum Admission {
-    Allowed(Permit),
+pub enum Admission<'a> {
+    Allowed(Permit<'a>),
     /// Open (or half-open with every probe slot taken): answer without
     /// calling the backend; the circuit may admit calls again after this.
     Rejected {
@@ -100,28 +100,36 @@ pub enum Admission {
 /// The right to make one call; its outcome must be reported with
 /// [`Permit::record`]. A permit dropped unreported (the client went away)
 /// frees its half-open probe slot.
+/// It borrows its breaker (a request's route outlives its attempts): no
+/// shared count to raise and lower on every call.
 #[derive(Debug)]
-pub struct Permit {
-    breaker: Arc<Breaker>,
+pub struct Permit<'a> {
+    breaker: &'a Breaker,
     epoch: u64,
     probe: bool,
     reported: bool,
 }
 
-impl Permit {
+impl Permit<'_> {
     /// Reports the outcome of the call made at `sent_at`: `failed` as
     /// classified by `classify`; its duration counts slow calls.
-    pub fn record(mut self, config: &BreakerConfig, failed: bool, sent_at: Instant) {
+    pub fn record(self, config: &BreakerConfig, failed: bool, sent_at: Instant) {
         let now = Instant::now();
         // The call's duration is worked out only when slow calls count.
         let slow = !config.slow_call_duration.is_zero()
             && now.saturating_duration_since(sent_at) > config.slow_call_duration;
-        let breaker = self.breaker.clone();
-        breaker.record_at(&mut self, config, failed || slow, now);
+        self.report(config, failed || slow, now);
+    }
+
+    /// Reports the outcome as of `now`.
+    fn report(mut self, config: &BreakerConfig, failed: bool, now: Instant) {
+        self.reported = true;
+        self.breaker
+            .record_at(self.epoch, self.probe, config, failed, now);
     }
 }
 
-impl Drop for Permit {
+impl Drop for Permit<'_> {
     fn drop(&mut self) {
         if self.probe && !self.reported {
             let mut inner = self.breaker.lock();
@@ -159,8 +167,13 @@ impl Breaker {
     }
 
     /// Asks to make one call now.
-    pub fn admit(self: &Arc<Self>, config: &BreakerConfig) -> Admission {
-        self.admit_at(config, Instant::now())
+    pub fn admit(&self, config: &BreakerConfig) -> Admission<'_> {
+        self.admit_with(config, Instant::now)
+    }
+
+    #[cfg(test)]
+    fn admit_at(&self, config: &BreakerConfig, now: Instant) -> Admission<'_> {
+        self.admit_with(config, || now)
     }
 
     /// The time until the circuit admits calls again, if it is open now
@@ -172,9 +185,12 @@ impl Breaker {
             .then(|| inner.open_until - now)
     }
 
-    pub fn admit_at(self: &Arc<Self>, config: &BreakerConfig, now: Instant) -> Admission {
+    /// The clock (`now`) is read only when the circuit is open: a closed
+    /// or half-open one admits without it.
+    fn admit_with(&self, config: &BreakerConfig, now: impl FnOnce() -> Instant) -> Admission<'_> {
         let mut inner = self.lock();
         if inner.state == CircuitState::Open {
+            let now = now();
             if now < inner.open_until {
                 return Admission::Rejected {
                     retry_in: inner.open_until - now,
@@ -193,17 +209,25 @@ impl Breaker {
             inner.probes_in_flight += 1;
         }
         Admission::Allowed(Permit {
-            breaker: self.clone(),
+            breaker: self,
             epoch: inner.epoch,
             probe,
             reported: false,
         })
     }
 
-    fn record_at(&self, permit: &mut Permit, config: &BreakerConfig, failed: bool, now: Instant) {
-        permit.reported = true;
+    /// Counts the outcome of a call admitted in `epoch` (as a half-open
+    /// `probe` or not).
+    fn record_at(
+        &self,
+        epoch: u64,
+        probe: bool,
+        config: &BreakerConfig,
+        failed: bool,
+        now: Instant,
+    ) {
         let mut inner = self.lock();
-        if inner.epoch != permit.epoch {
+        if inner.epoch != epoch {
             return;
         }
         match inner.state {
@@ -234,7 +258,7 @@ impl Breaker {
                     self.transition(&mut inner, CircuitState::Open, now, config);
                 }
             }
-            CircuitState::HalfOpen if permit.probe => {
+            CircuitState::HalfOpen if probe => {
                 inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
                 if failed {
                     self.transition(&mut inner, CircuitState::Open, now, config);
@@ -334,14 +358,14 @@ mod tests {
         }
     }
 
-    fn breaker() -> Arc<Breaker> {
-        Arc::new(Breaker::new(Gauge::default()))
+    fn breaker() -> Breaker {
+        Breaker::new(Gauge::default())
     }
 
-    fn call(b: &Arc<Breaker>, c: &BreakerConfig, now: Instant, failed: bool) -> bool {
+    fn call(b: &Breaker, c: &BreakerConfig, now: Instant, failed: bool) -> bool {
         match b.admit_at(c, now) {
-            Admission::Allowed(mut p) => {
-                b.record_at(&mut p, c, failed, now);
+            Admission::Allowed(p) => {
+                p.report(c, failed, now);
                 true
             }
             Admission::Rejected { .. } => false,
@@ -521,12 +545,12 @@ mod tests {
                     Step::Call { failed } => {
                         let before = b.snapshot_at(&c, now).state;
                         match b.admit_at(&c, now) {
-                            Admission::Allowed(mut p) => {
+                            Admission::Allowed(p) => {
                                 prop_assert_ne!(before, CircuitState::Open);
                                 if held.len() < hold && failed {
                                     held.push(p);
                                 } else {
-                                    b.record_at(&mut p, &c, failed, now);
+                                    p.report(&c, failed, now);
                                 }
                             }
                             Admission::Rejected { .. } => {

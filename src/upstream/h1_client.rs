@@ -340,7 +340,7 @@ fn encode_head(out: &mut Vec<u8>, head: &Head<'_>, host: &HeaderValue, body_len:
     if let Some(set) = head.set {
         host = set.host().unwrap_or(host);
         for (name, value) in set.each() {
-            write_field(out, &name, value);
+            write_field(out, name, value);
         }
     }
     write_field(out, &HOST, host);

@@ -120,9 +120,9 @@ impl Upstream {
         if let (Some(pool), Some(body)) = (own_exchange, small_body) {
             let target = outgoing.upstream_target(base);
             let head = h1_client::Head {
-                method: &outgoing.method,
+                method: outgoing.method(),
                 target: &target,
-                headers: &outgoing.headers,
+                headers: outgoing.headers(),
                 set: Some(&outgoing.set),
             };
             return pool.exchange(index, &head, body, deadline).await;
