@@ -89,12 +89,17 @@ pub fn has_token(value: &HeaderValue, token: &str) -> bool {
 /// from the head's shared bytes once it is split off ([`field_in`]).
 pub type FieldAt = (usize, usize, usize, usize);
 
+/// Where `part`, a slice of `head`, starts in it.
+#[inline]
+pub fn offset_in(head: &[u8], part: &[u8]) -> usize {
+    part.as_ptr() as usize - head.as_ptr() as usize
+}
+
 /// Where `name` and `value`, slices of `head`, are in it.
 #[inline]
 pub fn field_at(head: &[u8], name: &[u8], value: &[u8]) -> FieldAt {
-    let start = head.as_ptr() as usize;
-    let name_at = name.as_ptr() as usize - start;
-    let value_at = value.as_ptr() as usize - start;
+    let name_at = offset_in(head, name);
+    let value_at = offset_in(head, value);
     (
         name_at,
         name_at + name.len(),
@@ -289,10 +294,7 @@ impl Forwarding {
             self.forwarded_host.as_ref(),
             self.forwarded.as_ref(),
         ];
-        FORWARDING_NAMES
-            .iter()
-            .zip(values)
-            .filter_map(|(name, value)| Some((name, value?)))
+        those_set(&FORWARDING_NAMES, values)
     }
 
     fn apply_to(&self, headers: &mut HeaderMap) {
@@ -339,6 +341,17 @@ static FORWARDING_NAMES: [HeaderName; 4] = [
 /// replace them.
 static SET_LAST: [HeaderName; 3] = [X_REQUEST_ID, TRACEPARENT, TRACESTATE];
 
+/// The `names` whose value is set, each with its value.
+fn those_set<'a, const N: usize>(
+    names: &'a [HeaderName; N],
+    values: [Option<&'a HeaderValue>; N],
+) -> impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)> {
+    names
+        .iter()
+        .zip(values)
+        .filter_map(|(name, value)| Some((name, value?)))
+}
+
 impl ProxySet {
     /// Whether the client's header `name` gives way to this set.
     pub fn covers(&self, name: &HeaderName) -> bool {
@@ -369,10 +382,7 @@ impl ProxySet {
             Some(&self.traceparent),
             self.tracestate.as_ref(),
         ];
-        let own = SET_LAST
-            .iter()
-            .zip(own_values)
-            .filter_map(|(name, value)| Some((name, value?)));
+        let own = those_set(&SET_LAST, own_values);
         forwarding.chain(route).chain(own)
     }
 

@@ -100,6 +100,7 @@ pub enum Admission<'a> {
 /// The right to make one call; its outcome must be reported with
 /// [`Permit::record`]. A permit dropped unreported (the client went away)
 /// frees its half-open probe slot.
+///
 /// It borrows its breaker (a request's route outlives its attempts): no
 /// shared count to raise and lower on every call.
 #[derive(Debug)]

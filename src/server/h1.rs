@@ -42,7 +42,7 @@ use tokio_util::io::poll_read_buf;
 use super::reaper::{Closable, ConnState, H2_PREFACE};
 use crate::body::ClientBody;
 use crate::headers::{
-    field_at, field_in, has_token, write_field, ClientInfo, FieldAt, X_REQUEST_ID,
+    field_at, field_in, has_token, offset_in, write_field, ClientInfo, FieldAt, X_REQUEST_ID,
 };
 use crate::pipeline::{self, Answer, Proxy};
 
@@ -324,7 +324,7 @@ fn parse_request(
         }
         fields.push(field_at(read, name, value));
     }
-    let target_at = target.as_ptr() as usize - read.as_ptr() as usize;
+    let target_at = offset_in(read, target.as_bytes());
     let target_end = target_at + target.len();
     let is_head = method == Method::HEAD;
     // From here on the head's bytes are shared by the request's values.
