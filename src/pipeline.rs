@@ -175,7 +175,7 @@ pub async fn handle(
             record_metrics(
                 &proxy.stats,
                 stats.max_paths_per_route,
-                &ctx,
+                &mut ctx,
                 path,
                 &response,
             );
@@ -682,22 +682,23 @@ fn health() -> Response<ResponseBody> {
 
 /// Counts the request once, at the end, from its context: statistics and
 /// the request metrics. The event goes to the stats aggregator
-/// (`stats::recorder`); nothing here locks or waits.
+/// (`stats::recorder`); nothing here locks or waits. The route and capture
+/// id are taken, not cloned: nothing reads them after this.
 fn record_metrics(
     stats: &Stats,
     max_paths: usize,
-    ctx: &RequestContext,
+    ctx: &mut RequestContext,
     path: String,
     response: &Response<ResponseBody>,
 ) {
     stats.record(Event {
-        route: ctx.route.clone(),
+        route: ctx.route.take(),
         path,
         status: response.status().as_u16(),
         duration: ctx.started.elapsed(),
         attempts: ctx.attempts,
         cache: ctx.cache,
-        capture_id: ctx.capture_id.clone(),
+        capture_id: ctx.capture_id.take(),
         failure: ctx.failure,
         error_code: ctx.error.map(ErrorCode::as_str),
         max_paths,

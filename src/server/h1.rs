@@ -42,7 +42,7 @@ use tokio_util::io::poll_read_buf;
 use super::reaper::{Closable, ConnState, H2_PREFACE};
 use crate::body::ClientBody;
 use crate::headers::{
-    field_at, field_in, has_token, offset_in, write_field, ClientInfo, FieldAt, X_REQUEST_ID,
+    self, field_at, field_in, has_token, offset_in, write_field, ClientInfo, FieldAt, X_REQUEST_ID,
 };
 use crate::pipeline::{self, Answer, Proxy};
 
@@ -479,7 +479,7 @@ fn write_length(out: &mut Vec<u8>, n: u64) {
 }
 
 fn content_length(value: &HeaderValue) -> Option<u64> {
-    value.to_str().ok()?.trim().parse().ok()
+    headers::decimal(value.as_bytes())
 }
 
 std::thread_local! {

@@ -5,8 +5,10 @@
 //! no histogram update per request. One aggregator task receives events in
 //! batches and applies them — to the per-route statistics ([`State`]) and to
 //! the Prometheus request metrics, whose handles it caches per route so no
-//! label map is searched per request either. The state sits behind a mutex
-//! that only the aggregator (once per batch) and admin readers take.
+//! label map is searched per request either. Consecutive events of one route
+//! (and, within those, of one path) share their lookups: under load a batch
+//! is mostly such runs. The state sits behind a mutex that only the
+//! aggregator (once per batch) and admin readers take.
 //!
 //! If the aggregator falls behind by a whole channel, events are dropped and
 //! counted (`backstop_stats_dropped_total`), never queued without bound and
@@ -67,8 +69,31 @@ impl Event {
     fn success(&self) -> bool {
         self.failure.is_none() && self.status < 400
     }
+
+    /// Whether two events are of the same route (or both of none).
+    fn same_route(a: &Event, b: &Event) -> bool {
+        match (&a.route, &b.route) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+
+    fn sample(&self) -> Sample {
+        Sample {
+            status: self.status,
+            success: self.success(),
+            duration_us: u64::try_from(self.duration.as_micros()).unwrap_or(u64::MAX),
+            retries: self.attempts.saturating_sub(1),
+            cache: self.cache,
+            captured: self.capture_id.is_some(),
+        }
+    }
 }
 
+/// An event is boxed: unboxed, the channel's slots (and the copies in and
+/// out of them) grew eightfold, and a request cost 2–4 % more CPU time
+/// though it ran fewer instructions (measured; the allocation costs less).
 enum Msg {
     Event(Box<Event>),
     Flush(oneshot::Sender<()>),
@@ -142,27 +167,34 @@ impl Stats {
 async fn aggregate(mut rx: mpsc::Receiver<Msg>, state: Arc<Mutex<State>>, metrics: Arc<Metrics>) {
     let mut handles = PromHandles::new(metrics);
     let mut batch = Vec::with_capacity(BATCH);
+    let mut events = Vec::with_capacity(BATCH);
     let mut flushed = Vec::new();
     while rx.recv_many(&mut batch, BATCH).await > 0 {
+        for msg in batch.drain(..) {
+            match msg {
+                Msg::Event(event) => events.push(event),
+                Msg::Flush(done) => flushed.push(done),
+            }
+        }
         {
             // One clock reading per batch, not one per request: a batch is
             // what arrived while the aggregator last ran, well under a
             // millisecond's worth under load.
-            let at_ms = now_ms();
             let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
-            for msg in batch.drain(..) {
-                match msg {
-                    Msg::Event(event) => {
-                        handles.apply(&event);
-                        state.apply(*event, at_ms);
-                    }
-                    Msg::Flush(done) => flushed.push(done),
-                }
-            }
+            apply_batch(&mut handles, &mut state, &events, now_ms());
         }
+        events.clear();
         for done in flushed.drain(..) {
             let _ = done.send(());
         }
+    }
+}
+
+/// Counts a batch of events taken at `at_ms`, run by run of one route.
+fn apply_batch(handles: &mut PromHandles, state: &mut State, events: &[Box<Event>], at_ms: i64) {
+    for run in events.chunk_by(|a, b| Event::same_route(a, b)) {
+        handles.apply(run);
+        state.apply(run, at_ms);
     }
 }
 
@@ -177,6 +209,7 @@ struct RouteHandles {
     duration: Histogram,
     retries: Counter,
     by_status: HashMap<u16, Counter>,
+    by_cache_result: HashMap<&'static str, Counter>,
 }
 
 impl PromHandles {
@@ -187,9 +220,11 @@ impl PromHandles {
         }
     }
 
-    fn apply(&mut self, e: &Event) {
-        let name = e.route.as_deref().map_or("none", Route::name);
-        // One hashed lookup per event; the label is made once per route.
+    /// Counts a run of events of one route.
+    fn apply(&mut self, run: &[Box<Event>]) {
+        let Some(first) = run.first() else { return };
+        let name = first.route.as_deref().map_or("none", Route::name);
+        // One hashed lookup per run; the label is made once per route.
         let h = match self.routes.get_mut(name) {
             Some(h) => h,
             None => {
@@ -198,36 +233,44 @@ impl PromHandles {
                     duration: self.metrics.request_duration.get_or_create(&label).clone(),
                     retries: self.metrics.upstream_retries.get_or_create(&label).clone(),
                     by_status: HashMap::default(),
+                    by_cache_result: HashMap::default(),
                 };
                 self.routes.entry(name.to_string()).or_insert(h)
             }
         };
-        h.duration.observe(e.duration.as_secs_f64());
-        if e.attempts > 1 {
-            h.retries.inc_by(u64::from(e.attempts - 1));
-        }
-        if let Some(result) = e.cache {
-            self.metrics
-                .cache
-                .get_or_create(&metrics::RouteResult {
-                    route: name.to_string(),
-                    result: result.to_string(),
+        let metrics = &self.metrics;
+        for e in run {
+            h.duration.observe(e.duration.as_secs_f64());
+            if e.attempts > 1 {
+                h.retries.inc_by(u64::from(e.attempts - 1));
+            }
+            if let Some(result) = e.cache {
+                h.by_cache_result
+                    .entry(result)
+                    .or_insert_with(|| {
+                        metrics
+                            .cache
+                            .get_or_create(&metrics::RouteResult {
+                                route: name.to_string(),
+                                result: result.to_string(),
+                            })
+                            .clone()
+                    })
+                    .inc();
+            }
+            h.by_status
+                .entry(e.status)
+                .or_insert_with(|| {
+                    metrics
+                        .requests
+                        .get_or_create(&RouteStatus {
+                            route: name.to_string(),
+                            status: e.status,
+                        })
+                        .clone()
                 })
                 .inc();
         }
-        let metrics = &self.metrics;
-        h.by_status
-            .entry(e.status)
-            .or_insert_with(|| {
-                metrics
-                    .requests
-                    .get_or_create(&RouteStatus {
-                        route: name.to_string(),
-                        status: e.status,
-                    })
-                    .clone()
-            })
-            .inc();
     }
 }
 
@@ -351,19 +394,19 @@ impl RouteStats {
         }
     }
 
-    /// Counts one request; returns the path key it was counted under.
-    /// It is counted once, for its path in the current minute, which is
-    /// folded into its hour when it ends (`roll`); the route's counts are
-    /// summed from the paths' then (a hashed lookup and a histogram update
-    /// less per request). `at_ms` is when the aggregator took the
-    /// event: one that finished just before a minute ended counts in the
-    /// next, which is close enough and loses nothing.
+    /// Counts requests of one path; returns the path key they were counted
+    /// under. Each is counted once, for its path in the current minute,
+    /// which is folded into its hour when it ends (`roll`); the route's
+    /// counts are summed from the paths' then (a hashed lookup and a
+    /// histogram update less per request). `at_ms` is when the aggregator
+    /// took the events: one that finished just before a minute ended counts
+    /// in the next, which is close enough and loses nothing.
     fn count<'p>(
         &mut self,
         at_ms: i64,
         raw_path: &'p str,
         max_paths: usize,
-        sample: &Sample,
+        samples: impl IntoIterator<Item = Sample>,
     ) -> Cow<'p, str> {
         let path = paths::normalize(raw_path);
         self.roll(at_ms);
@@ -371,11 +414,11 @@ impl RouteStats {
         // A path this minute has counted is known to the budget: only one
         // new in this minute is checked against it.
         if let Some(counts) = minute.paths.get_mut(path.as_ref()) {
-            counts.add(sample);
+            counts.add_all(samples);
             return path;
         }
         let path = self.budget.admit(path, max_paths);
-        minute.add_path(&path, sample);
+        minute.add_path(&path, samples);
         path
     }
 
@@ -440,9 +483,9 @@ pub struct State {
 }
 
 impl State {
-    /// Counts `e`, which finished at `at_ms`.
-    fn apply(&mut self, e: Event, at_ms: i64) {
-        let Some(route) = e.route.as_deref() else {
+    /// Counts a run of events of one route, taken at `at_ms`.
+    fn apply(&mut self, run: &[Box<Event>], at_ms: i64) {
+        let Some(route) = run.first().and_then(|e| e.route.as_deref()) else {
             return;
         };
         let name = route.name();
@@ -453,31 +496,27 @@ impl State {
                 .entry(name.to_string())
                 .or_insert_with(|| RouteStats::new(at_ms)),
         };
-        let sample = Sample {
-            status: e.status,
-            success: e.success(),
-            duration_us: u64::try_from(e.duration.as_micros()).unwrap_or(u64::MAX),
-            retries: e.attempts.saturating_sub(1),
-            cache: e.cache,
-            captured: e.capture_id.is_some(),
-        };
-        let path = stats.count(at_ms, &e.path, e.max_paths, &sample);
-        if !sample.success {
-            if stats.errors.len() == RECENT_ERRORS {
-                stats.errors.pop_front();
+        for same_path in run.chunk_by(|a, b| a.path == b.path) {
+            let first = &same_path[0];
+            let samples = same_path.iter().map(|e| e.sample());
+            let path = stats.count(at_ms, &first.path, first.max_paths, samples);
+            for e in same_path.iter().filter(|e| !e.success()) {
+                if stats.errors.len() == RECENT_ERRORS {
+                    stats.errors.pop_front();
+                }
+                stats.errors.push_back(ErrorEntry {
+                    time: rfc3339(at_ms),
+                    at_ms,
+                    route: name.to_string(),
+                    message: error_message(e, name),
+                    error: e
+                        .failure
+                        .map(Failure::reason)
+                        .or_else(|| e.error_code.map(str::to_string)),
+                    status: e.status,
+                    path: path.clone().into_owned(),
+                });
             }
-            stats.errors.push_back(ErrorEntry {
-                time: rfc3339(at_ms),
-                at_ms,
-                route: name.to_string(),
-                message: error_message(&e, name),
-                error: e
-                    .failure
-                    .map(Failure::reason)
-                    .or_else(|| e.error_code.map(str::to_string)),
-                status: e.status,
-                path: path.into_owned(),
-            });
         }
     }
 
@@ -598,6 +637,100 @@ pub fn rfc3339(ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routing::RouteTable;
+
+    /// One batch with runs of two routes, of several paths within a run,
+    /// and an unrouted request, counted as if each came alone.
+    #[test]
+    fn a_batch_counts_each_event_for_its_route_and_path() {
+        let config = crate::config::load_str(
+            r#"
+            [[routes]]
+            name = "a"
+            path_prefix = "/a"
+            upstreams = ["http://127.0.0.1:1"]
+            [[routes]]
+            name = "b"
+            path_prefix = "/b"
+            upstreams = ["http://127.0.0.1:1"]
+            "#,
+            std::path::Path::new("t.toml"),
+            |_| None,
+        )
+        .expect("valid config");
+        let table = RouteTable::build(&config).expect("valid routes");
+        let route = |name| table.get(name).cloned();
+        let event = |route: Option<Arc<Route>>, path: &str, status| {
+            Box::new(Event {
+                route,
+                path: path.to_string(),
+                status,
+                duration: Duration::from_millis(2),
+                attempts: 1,
+                cache: (status == 200).then_some("miss"),
+                capture_id: None,
+                failure: None,
+                error_code: None,
+                max_paths: 10,
+            })
+        };
+        let events = [
+            event(route("a"), "/a/x", 200),
+            event(route("a"), "/a/x", 200),
+            event(route("a"), "/a/y", 500),
+            event(route("a"), "/a/1", 200),
+            event(route("a"), "/a/2", 200),
+            event(route("b"), "/b", 200),
+            event(route("a"), "/a/x", 404),
+            event(None, "/nowhere", 404),
+        ];
+        let metrics = Arc::new(Metrics::new());
+        let mut handles = PromHandles::new(metrics.clone());
+        let mut state = State::default();
+        let t0 = 10 * DAY_MS;
+        apply_batch(&mut handles, &mut state, &events, t0);
+
+        let (a, _) = state.routes["a"].period(Period::All);
+        assert_eq!((a.route.total, a.route.success, a.route.failure), (6, 4, 2));
+        let paths: Vec<(&str, u64)> = {
+            let mut p: Vec<_> = a.paths.iter().map(|(k, c)| (k.as_str(), c.total)).collect();
+            p.sort();
+            p
+        };
+        assert_eq!(paths, [("/a/x", 3), ("/a/y", 1), ("/a/{id}", 2)]);
+        let errors: Vec<(&str, u16)> = state.routes["a"]
+            .errors
+            .iter()
+            .map(|e| (e.path.as_str(), e.status))
+            .collect();
+        assert_eq!(errors, [("/a/y", 500), ("/a/x", 404)]);
+        assert_eq!(state.routes["b"].period(Period::All).0.route.total, 1);
+        assert_eq!(
+            state.routes.len(),
+            2,
+            "an unrouted request has no route stats"
+        );
+
+        let requests = |route: &str, status| {
+            let labels = RouteStatus {
+                route: route.to_string(),
+                status,
+            };
+            metrics.requests.get_or_create(&labels).get()
+        };
+        assert_eq!(requests("a", 200), 4);
+        assert_eq!(requests("a", 404), 1);
+        assert_eq!(requests("b", 200), 1);
+        assert_eq!(requests("none", 404), 1);
+        let misses = metrics
+            .cache
+            .get_or_create(&metrics::RouteResult {
+                route: "a".to_string(),
+                result: "miss".to_string(),
+            })
+            .get();
+        assert_eq!(misses, 4);
+    }
 
     fn ok() -> Sample {
         Sample {
@@ -614,9 +747,9 @@ mod tests {
     fn minutes_fold_into_their_hour() {
         let t0 = 10 * DAY_MS + 30 * MINUTE_MS;
         let mut r = RouteStats::new(t0);
-        r.count(t0, "/a/1", 10, &ok());
-        r.count(t0 + MINUTE_MS, "/a/2", 10, &ok());
-        r.count(t0 + MINUTE_MS + 1, "/b", 10, &ok());
+        r.count(t0, "/a/1", 10, [ok()]);
+        r.count(t0 + MINUTE_MS, "/a/2", 10, [ok()]);
+        r.count(t0 + MINUTE_MS + 1, "/b", 10, [ok()]);
         let hour = r.period(Period::Hourly).0;
         assert_eq!(hour.route.total, 3, "finished minutes and the current one");
         assert_eq!(hour.paths["/a/{id}"].total, 2);
@@ -629,8 +762,8 @@ mod tests {
 
         // The hour's last minute, then the next hour: that minute is folded
         // into the hour it belongs to, not into the new one.
-        r.count(t0 + 29 * MINUTE_MS, "/b", 10, &ok());
-        r.count(t0 + 31 * MINUTE_MS, "/b", 10, &ok());
+        r.count(t0 + 29 * MINUTE_MS, "/b", 10, [ok()]);
+        r.count(t0 + 31 * MINUTE_MS, "/b", 10, [ok()]);
         assert_eq!(r.period(Period::Hourly).0.route.total, 1);
         assert_eq!(r.hours.history.back().map(|s| s.total), Some(4));
         let day = r.period(Period::Daily).0;
@@ -641,11 +774,11 @@ mod tests {
     fn paths_past_the_budget_stay_other_in_every_minute() {
         let t0 = 10 * DAY_MS;
         let mut r = RouteStats::new(t0);
-        assert_eq!(r.count(t0, "/a", 1, &ok()), "/a");
-        assert_eq!(r.count(t0, "/b", 1, &ok()), paths::OTHER);
-        assert_eq!(r.count(t0 + 1, "/b", 1, &ok()), paths::OTHER);
-        assert_eq!(r.count(t0 + MINUTE_MS, "/b", 1, &ok()), paths::OTHER);
-        assert_eq!(r.count(t0 + MINUTE_MS, "/a", 1, &ok()), "/a");
+        assert_eq!(r.count(t0, "/a", 1, [ok()]), "/a");
+        assert_eq!(r.count(t0, "/b", 1, [ok()]), paths::OTHER);
+        assert_eq!(r.count(t0 + 1, "/b", 1, [ok()]), paths::OTHER);
+        assert_eq!(r.count(t0 + MINUTE_MS, "/b", 1, [ok()]), paths::OTHER);
+        assert_eq!(r.count(t0 + MINUTE_MS, "/a", 1, [ok()]), "/a");
         let hour = r.period(Period::Hourly).0;
         assert_eq!(
             (hour.paths["/a"].total, hour.paths[paths::OTHER].total),
@@ -658,9 +791,9 @@ mod tests {
     fn hours_fold_into_days_and_all() {
         let t0 = 10 * DAY_MS + 30 * MINUTE_MS;
         let mut r = RouteStats::new(t0);
-        r.count(t0, "/a/1", 10, &ok());
-        r.count(t0 + HOUR_MS, "/a/2", 10, &ok());
-        r.count(t0 + 2 * HOUR_MS, "/b", 10, &ok());
+        r.count(t0, "/a/1", 10, [ok()]);
+        r.count(t0 + HOUR_MS, "/a/2", 10, [ok()]);
+        r.count(t0 + 2 * HOUR_MS, "/b", 10, [ok()]);
         let total = |r: &RouteStats, p| r.period(p).0.route.total;
         assert_eq!(total(&r, Period::Hourly), 1);
         assert_eq!(total(&r, Period::Daily), 3);
@@ -668,7 +801,7 @@ mod tests {
         assert_eq!(r.period(Period::All).0.paths["/a/{id}"].total, 2);
 
         // The next day: yesterday becomes a summary; `all` keeps everything.
-        r.count(t0 + DAY_MS, "/b", 10, &ok());
+        r.count(t0 + DAY_MS, "/b", 10, [ok()]);
         assert_eq!(total(&r, Period::Daily), 1);
         assert_eq!(total(&r, Period::All), 4);
         assert_eq!(r.days.history.len(), 1);

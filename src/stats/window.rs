@@ -97,6 +97,12 @@ impl Counts {
         self.latency.saturating_record(us);
     }
 
+    pub fn add_all(&mut self, samples: impl IntoIterator<Item = Sample>) {
+        for s in samples {
+            self.add(&s);
+        }
+    }
+
     /// Adds another period's counts (used for cluster totals).
     pub fn merge(&mut self, other: &Counts) {
         self.total += other.total;
@@ -227,13 +233,13 @@ impl Aggregate {
         }
     }
 
-    /// Counts `s` for `path` only.
-    pub fn add_path(&mut self, path: &str, s: &Sample) {
+    /// Counts `samples` for `path` only.
+    pub fn add_path(&mut self, path: &str, samples: impl IntoIterator<Item = Sample>) {
         match self.paths.get_mut(path) {
-            Some(c) => c.add(s),
+            Some(c) => c.add_all(samples),
             None => {
                 let mut c = Counts::default();
-                c.add(s);
+                c.add_all(samples);
                 self.paths.insert(path.to_string(), c);
             }
         }

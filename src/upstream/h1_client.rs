@@ -487,20 +487,16 @@ impl Length {
     /// With one more `Content-Length` line, which may itself list the same
     /// length several times (`5, 5`), as hyper accepts.
     fn and(self, line: &HeaderValue) -> Length {
-        let Ok(text) = line.to_str() else {
-            return Length::Invalid;
-        };
-        text.split(',').fold(self, |sofar, item| {
-            let item = item.trim();
-            let parsed = Some(item)
-                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|s| s.parse::<u64>().ok());
-            match (sofar, parsed) {
-                (Length::Absent, Some(n)) => Length::Is(n),
-                (Length::Is(before), Some(n)) if before == n => Length::Is(n),
-                _ => Length::Invalid,
-            }
-        })
+        line.as_bytes()
+            .split(|b| *b == b',')
+            .fold(self, |sofar, item| {
+                let parsed = headers::decimal(item);
+                match (sofar, parsed) {
+                    (Length::Absent, Some(n)) => Length::Is(n),
+                    (Length::Is(before), Some(n)) if before == n => Length::Is(n),
+                    _ => Length::Invalid,
+                }
+            })
     }
 }
 
