@@ -121,18 +121,22 @@ impl RouteTable {
 }
 
 #[cfg(test)]
+impl RouteTable {
+    /// The table of a configuration file's text (for tests).
+    pub fn from_toml(text: &str) -> RouteTable {
+        let path = std::path::Path::new("t.toml");
+        let config = crate::config::load_str(text, path, |_| None).expect("a valid config");
+        RouteTable::build(&config).expect("valid routes")
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
-
-    fn table(routes: &str) -> RouteTable {
-        let config = crate::config::load_str(routes, Path::new("t.toml"), |_| None).unwrap();
-        RouteTable::build(&config).unwrap()
-    }
 
     #[test]
     fn longest_prefix_on_segment_boundary_wins() {
-        let t = table(
+        let t = RouteTable::from_toml(
             r#"
             [[routes]]
             name = "root"

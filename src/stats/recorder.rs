@@ -643,22 +643,12 @@ mod tests {
     /// and an unrouted request, counted as if each came alone.
     #[test]
     fn a_batch_counts_each_event_for_its_route_and_path() {
-        let config = crate::config::load_str(
-            r#"
-            [[routes]]
-            name = "a"
-            path_prefix = "/a"
-            upstreams = ["http://127.0.0.1:1"]
-            [[routes]]
-            name = "b"
-            path_prefix = "/b"
-            upstreams = ["http://127.0.0.1:1"]
-            "#,
-            std::path::Path::new("t.toml"),
-            |_| None,
-        )
-        .expect("valid config");
-        let table = RouteTable::build(&config).expect("valid routes");
+        let table = RouteTable::from_toml(
+            r#"routes = [
+                { name = "a", path_prefix = "/a", upstreams = ["http://127.0.0.1:1"] },
+                { name = "b", path_prefix = "/b", upstreams = ["http://127.0.0.1:1"] },
+            ]"#,
+        );
         let route = |name| table.get(name).cloned();
         let event = |route: Option<Arc<Route>>, path: &str, status| {
             Box::new(Event {
