@@ -177,10 +177,10 @@ async fn aggregate(mut rx: mpsc::Receiver<Msg>, state: Arc<Mutex<State>>, metric
             }
         }
         {
+            let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
             // One clock reading per batch, not one per request: a batch is
             // what arrived while the aggregator last ran, well under a
             // millisecond's worth under load.
-            let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
             apply_batch(&mut handles, &mut state, &events, now_ms());
         }
         events.clear();
