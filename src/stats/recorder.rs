@@ -93,7 +93,7 @@ impl Event {
 
 /// An event is boxed: unboxed, the channel's slots (and the copies in and
 /// out of them) grew eightfold, and a request cost 2–4 % more CPU time
-/// though it ran fewer instructions (measured; the allocation costs less).
+/// for as many instructions (measured; the allocation costs less).
 enum Msg {
     Event(Box<Event>),
     Flush(oneshot::Sender<()>),
