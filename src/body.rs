@@ -132,10 +132,7 @@ pub async fn buffer(
     body: Incoming,
     limit: u64,
 ) -> Result<BufferedBody, BufferError> {
-    let declared = headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = crate::headers::content_length(headers);
     if declared.is_some_and(|n| n > limit) {
         return Err(BufferError::TooLarge { limit });
     }

@@ -88,6 +88,11 @@ pub fn decimal(value: &[u8]) -> Option<u64> {
     })
 }
 
+/// The length a message's `Content-Length` declares, if it is a number.
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
+    decimal(headers.get(header::CONTENT_LENGTH)?.as_bytes())
+}
+
 /// Whether a comma-separated header value (`Connection`) lists `token`,
 /// in any case.
 pub fn has_token(value: &HeaderValue, token: &str) -> bool {

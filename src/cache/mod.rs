@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderValue, AGE, CONTENT_LENGTH, SET_COOKIE};
+use http::header::{HeaderValue, AGE, SET_COOKIE};
 use http::{HeaderName, Request, Response};
 use http_body_util::{BodyExt, Either, Full};
 
@@ -464,13 +464,7 @@ fn mark(mut response: Response<ResponseBody>, verdict: Verdict) -> Response<Resp
 }
 
 fn declared_length(response: &Response<ResponseBody>) -> Option<u64> {
-    response
-        .headers()
-        .get(CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
+    crate::headers::content_length(response.headers())
 }
 
 enum Bounded {

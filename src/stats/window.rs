@@ -97,6 +97,7 @@ impl Counts {
         self.latency.saturating_record(us);
     }
 
+    /// Counts each of `samples` (a run of one path's requests).
     pub fn add_all(&mut self, samples: impl IntoIterator<Item = Sample>) {
         for s in samples {
             self.add(&s);
