@@ -420,7 +420,7 @@ fn encode_head(
             has_length = true;
             if !bodiless {
                 // Written below, from the body.
-                declared = declared.or_else(|| content_length(value));
+                declared = declared.or_else(|| headers::decimal(value.as_bytes()));
                 continue;
             }
             if !is_head {
@@ -476,10 +476,6 @@ fn write_length(out: &mut Vec<u8>, n: u64) {
         b"content-length",
         itoa::Buffer::new().format(n).as_bytes(),
     );
-}
-
-fn content_length(value: &HeaderValue) -> Option<u64> {
-    headers::decimal(value.as_bytes())
 }
 
 std::thread_local! {
