@@ -296,6 +296,21 @@ cpu_ticks() { # PID...
 }
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 
+# How often the kernel took the CPU from a process (and its children) while it
+# could still run: pinned, this is mostly the backend sharing the proxy's core
+# being woken and run in between, and it decides how many requests the backend
+# gets per turn, hence the spread of latency (see bench/RESULTS.md, 1u).
+preemptions() { # PID...
+    local total=0 pid f
+    for pid in "$@"; do
+        for f in /proc/"$pid"/status $(pgrep -P "$pid" | sed 's|.*|/proc/&/status|'); do
+            [[ -r $f ]] || continue
+            total=$((total + $(awk '/^nonvoluntary_ctxt_switches/{print $2}' "$f")))
+        done
+    done
+    echo "$total"
+}
+
 mkdir -p "$TMP/wrk"
 for r in $(seq "$ROUNDS"); do
     for s in "${SCENARIOS[@]}"; do
@@ -303,12 +318,14 @@ for r in $(seq "$ROUNDS"); do
             out=$TMP/wrk/$r-$s-$t.txt
             proxy_before=$(cpu_ticks "${PID_OF[$t]}")
             backend_before=$(cpu_ticks "$BACKEND_PID")
+            preempted_before=$(preemptions "${PID_OF[$t]}")
             run_wrk "$DURATION" "http://127.0.0.1:${PORT[$t]}/bench/$s" >"$out" 2>&1 \
                 || { cat "$out" >&2; die "wrk failed for $t /bench/$s"; }
             proxy_cpu=$(( ($(cpu_ticks "${PID_OF[$t]}") - proxy_before) * TICK_US ))
             backend_cpu=$(( ($(cpu_ticks "$BACKEND_PID") - backend_before) * TICK_US ))
+            preempted=$(( $(preemptions "${PID_OF[$t]}") - preempted_before ))
             line=$(grep '^BENCH_RESULT' "$out") || { cat "$out" >&2; die "no result from wrk"; }
-            echo "WRK round=$r scenario=$s target=$t ${line#BENCH_RESULT } cpu_us=$proxy_cpu backend_cpu_us=$backend_cpu" >>"$RESULTS"
+            echo "WRK round=$r scenario=$s target=$t ${line#BENCH_RESULT } cpu_us=$proxy_cpu backend_cpu_us=$backend_cpu preempted=$preempted" >>"$RESULTS"
             log "round $r/$ROUNDS $s $t: $(awk '/Requests\/sec/{print $2 " req/s"}' "$out")"
             sleep 1
         done

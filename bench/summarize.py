@@ -6,14 +6,16 @@
 RESULTS_LOG is written by bench/run.sh, one measurement a line, as key=value words:
 
     META key=value ...
-    WRK round=1 scenario=small target=nginx requests=... rps=... p50_us=... p99_us=... err_*=...
-        cpu_us=... backend_cpu_us=...
+    WRK round=1 scenario=small target=nginx requests=... rps=... p50_us=... p90_us=... p99_us=...
+        err_*=... cpu_us=... backend_cpu_us=... preempted=...
     RSS target=backstop state=idle|conns|twice|peak rss_kb=... open=... connections=... ok=...
 
-For every scenario and target the report gives the median over rounds of req/s, p50 and
+For every scenario and target the report gives the median over rounds of req/s, p50, p90 and
 p99 latency, req/s and p99 as a ratio to nginx, the proxy's CPU time per request
-(user + system, from /proc; less sensitive to a noisy host than req/s) and the backend's
-(what the proxy's upstream requests cost it: more headers, more parsing).
+(user + system, from /proc; less sensitive to a noisy host than req/s), the backend's
+(what the proxy's upstream requests cost it: more headers, more parsing) and how often the
+kernel preempted the proxy, per 100 requests (pinned: the backend on the same core run in
+between; fewer turns mean bigger batches for the backend and a wider spread of latency).
 """
 
 import statistics
@@ -81,6 +83,16 @@ def main():
                 if key in r and float(r["requests"]) > 0]
         return f"{statistics.median(vals):.1f}" if vals else "—"
 
+    def per_100_requests(scenario, target, key):
+        vals = [float(r[key]) * 100 / float(r["requests"]) for r in runs[(scenario, target)]
+                if key in r and float(r["requests"]) > 0]
+        return f"{statistics.median(vals):.0f}" if vals else "—"
+
+    def latency(scenario, target, key):
+        value = median(scenario, target, key) if all(
+            key in r for r in runs[(scenario, target)]) else None
+        return fmt_ms(value) if value is not None else "—"
+
     def errors(scenario, target):
         return sum(int(r[k]) for r in runs[(scenario, target)] for k in r if k.startswith("err_"))
 
@@ -109,9 +121,9 @@ def main():
         base_p99 = median(scenario, BASELINE, "p99_us")
         w(f"## {title}")
         w("")
-        w("| target | req/s | req/s vs nginx | p50 | p99 | p99 vs nginx | CPU µs/req "
-          "| backend CPU µs/req | errors |")
-        w("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        w("| target | req/s | req/s vs nginx | p50 | p90 | p99 | p99 vs nginx | CPU µs/req "
+          "| backend CPU µs/req | preempted /100 req | errors |")
+        w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for t in TARGETS:
             if not runs[(scenario, t)]:
                 continue
@@ -119,8 +131,10 @@ def main():
             p50 = median(scenario, t, "p50_us")
             p99 = median(scenario, t, "p99_us")
             w(f"| {LABELS[t]} | {rps:,.0f} | {fmt_ratio(rps, base_rps)} | {fmt_ms(p50)} | "
+              f"{latency(scenario, t, 'p90_us')} | "
               f"{fmt_ms(p99)} | {fmt_ratio(p99, base_p99)} | {cpu_per_request(scenario, t)} | "
-              f"{cpu_per_request(scenario, t, 'backend_cpu_us')} | {errors(scenario, t)} |")
+              f"{cpu_per_request(scenario, t, 'backend_cpu_us')} | "
+              f"{per_100_requests(scenario, t, 'preempted')} | {errors(scenario, t)} |")
         w("")
 
     # Each round's ratio to nginx in that same round: the host's slow and
