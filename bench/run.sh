@@ -297,9 +297,9 @@ cpu_ticks() { # PID...
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 
 # How often the kernel took the CPU from a process (and its children) while it
-# could still run: pinned, this is mostly the backend sharing the proxy's core
-# being woken and run in between, and it decides how many requests the backend
-# gets per turn, hence the spread of latency (see bench/RESULTS.md, 1u).
+# could still run: pinned, mostly the backend on the proxy's core, woken and run
+# at once. It goes with how many requests the backend answers per turn, and so
+# with the spread of latency (see bench/RESULTS.md, section 1u).
 preemptions() { # PID...
     local total=0 pid f
     for pid in "$@"; do

@@ -78,15 +78,10 @@ def main():
         vals = [float(r[key]) for r in runs[(scenario, target)]]
         return statistics.median(vals) if vals else None
 
-    def cpu_per_request(scenario, target, key="cpu_us"):
-        vals = [float(r[key]) / float(r["requests"]) for r in runs[(scenario, target)]
+    def per_request(scenario, target, key, scale=1, digits=1):
+        vals = [float(r[key]) * scale / float(r["requests"]) for r in runs[(scenario, target)]
                 if key in r and float(r["requests"]) > 0]
-        return f"{statistics.median(vals):.1f}" if vals else "—"
-
-    def per_100_requests(scenario, target, key):
-        vals = [float(r[key]) * 100 / float(r["requests"]) for r in runs[(scenario, target)]
-                if key in r and float(r["requests"]) > 0]
-        return f"{statistics.median(vals):.0f}" if vals else "—"
+        return f"{statistics.median(vals):.{digits}f}" if vals else "—"
 
     def latency(scenario, target, key):
         value = median(scenario, target, key) if all(
@@ -132,9 +127,10 @@ def main():
             p99 = median(scenario, t, "p99_us")
             w(f"| {LABELS[t]} | {rps:,.0f} | {fmt_ratio(rps, base_rps)} | {fmt_ms(p50)} | "
               f"{latency(scenario, t, 'p90_us')} | "
-              f"{fmt_ms(p99)} | {fmt_ratio(p99, base_p99)} | {cpu_per_request(scenario, t)} | "
-              f"{cpu_per_request(scenario, t, 'backend_cpu_us')} | "
-              f"{per_100_requests(scenario, t, 'preempted')} | {errors(scenario, t)} |")
+              f"{fmt_ms(p99)} | {fmt_ratio(p99, base_p99)} | {per_request(scenario, t, 'cpu_us')} | "
+              f"{per_request(scenario, t, 'backend_cpu_us')} | "
+              f"{per_request(scenario, t, 'preempted', scale=100, digits=0)} | "
+              f"{errors(scenario, t)} |")
         w("")
 
     # Each round's ratio to nginx in that same round: the host's slow and
