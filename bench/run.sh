@@ -281,35 +281,33 @@ if [[ $WARMUP != 0 ]]; then
     done
 fi
 
-# CPU time (user + system, clock ticks) of a process and its children that
-# are still running (nginx's worker), read from /proc.
-cpu_ticks() { # PID...
-    local total=0 pid f
+# Sums what READER prints for each PID and each of its children still running
+# (nginx's worker), given the process's /proc directory; a process gone in
+# between counts 0.
+sum_over_processes() { # READER PID...
+    local reader=$1 total=0 pid dir value
+    shift
     for pid in "$@"; do
-        for f in /proc/"$pid"/stat $(pgrep -P "$pid" | sed 's|.*|/proc/&/stat|'); do
-            [[ -r $f ]] || continue
-            # Fields 14 and 15 (utime, stime), counted after the ")" that ends the name.
-            total=$((total + $(sed 's/.*) //' "$f" | awk '{print $12 + $13}')))
+        for dir in /proc/"$pid" $(pgrep -P "$pid" | sed 's|^|/proc/|'); do
+            value=$("$reader" "$dir" 2>/dev/null)
+            total=$((total + ${value:-0}))
         done
     done
     echo "$total"
 }
+
+# CPU time (user + system, clock ticks): fields 14 and 15 of stat, counted
+# after the ")" that ends the name.
+cpu_ticks_in() { sed 's/.*) //' "$1/stat" | awk '{print $12 + $13}'; }
+cpu_ticks() { sum_over_processes cpu_ticks_in "$@"; }
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 
-# How often the kernel took the CPU from a process (and its children) while it
-# could still run: pinned, mostly the backend on the proxy's core, woken and run
-# at once. It goes with how many requests the backend answers per turn, and so
-# with the spread of latency (see bench/RESULTS.md, section 1u).
-preemptions() { # PID...
-    local total=0 pid f
-    for pid in "$@"; do
-        for f in /proc/"$pid"/status $(pgrep -P "$pid" | sed 's|.*|/proc/&/status|'); do
-            [[ -r $f ]] || continue
-            total=$((total + $(awk '/^nonvoluntary_ctxt_switches/{print $2}' "$f")))
-        done
-    done
-    echo "$total"
-}
+# How often the kernel took the CPU from a process while it could still run:
+# pinned, mostly the backend on the proxy's core, woken and run at once. It goes
+# with how many requests the backend answers per turn, and so with the spread of
+# latency (see bench/RESULTS.md, section 1u).
+preemptions_in() { awk '/^nonvoluntary_ctxt_switches/{print $2}' "$1/status"; }
+preemptions() { sum_over_processes preemptions_in "$@"; }
 
 mkdir -p "$TMP/wrk"
 for r in $(seq "$ROUNDS"); do
