@@ -2,7 +2,7 @@
 //! `forward_headers` filter, `X-Forwarded-*` / `Forwarded`, and the request id.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue, HOST};
@@ -184,15 +184,19 @@ pub struct ClientInfo {
     ip: HeaderValue,
     /// `for=IP;proto=SCHEME`, this hop's `Forwarded` element without a host.
     forwarded: HeaderValue,
-    /// The last host asked for on this connection and this hop's
+    /// The first host asked for on this connection and this hop's
     /// `Forwarded` element for it (naming it, if it can be named): a
     /// connection's requests nearly always ask for one host, so the element
-    /// is rendered once, not per request.
-    forwarded_to_host: Mutex<Option<(HeaderValue, HeaderValue)>>,
+    /// is rendered once, not per request. Set once and then only read (a
+    /// plain load), where a lock was two locked instructions per request.
+    forwarded_to_host: OnceLock<(HeaderValue, HeaderValue)>,
 }
 
 impl ClientInfo {
     pub fn new(addr: SocketAddr, proto: &'static str) -> ClientInfo {
+        // An IPv4 client of a dual-stack listener is named by its IPv4
+        // address, not the IPv6 one it is mapped to.
+        let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
         let ip = addr.ip().to_string();
         let for_node = if addr.is_ipv6() {
             format!("\"[{ip}]\"")
@@ -207,43 +211,76 @@ impl ClientInfo {
             ip: HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown")),
             forwarded: HeaderValue::from_str(&forwarded)
                 .unwrap_or(HeaderValue::from_static("for=unknown")),
-            forwarded_to_host: Mutex::new(None),
+            forwarded_to_host: OnceLock::new(),
         }
     }
 
     /// This hop's `Forwarded` element, naming `host` when there is one it
-    /// can name. Rendered, and `host` checked, once per host a connection
-    /// asks for, not per request.
+    /// can name. Rendered, and `host` checked, once for the first host a
+    /// connection asks for, not per request.
     fn forwarded_element(&self, host: Option<&HeaderValue>) -> HeaderValue {
         let Some(host) = host else {
             return self.forwarded.clone();
         };
-        let mut last = self
+        let (first_host, element) = self
             .forwarded_to_host
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some((last_host, element)) = last.as_ref() {
-            if last_host == host {
-                return element.clone();
-            }
+            .get_or_init(|| (host.clone(), self.render_forwarded(host)));
+        if first_host == host {
+            element.clone()
+        } else {
+            self.render_forwarded(host)
         }
+    }
+
+    fn render_forwarded(&self, host: &HeaderValue) -> HeaderValue {
         // Every part is valid in a header value: the join cannot fail.
-        let element = forwarded_host(host)
-            .and_then(|host| joined(&[self.forwarded.as_bytes(), b";host=", host.as_bytes()]))
-            .unwrap_or_else(|| self.forwarded.clone());
-        *last = Some((host.clone(), element.clone()));
-        element
+        match forwarded_host(host.as_bytes()) {
+            ForwardedHost::Token => {
+                joined(&[self.forwarded.as_bytes(), b";host=", host.as_bytes()])
+            }
+            ForwardedHost::Quoted => joined(&[
+                self.forwarded.as_bytes(),
+                b";host=\"",
+                host.as_bytes(),
+                b"\"",
+            ]),
+            ForwardedHost::Unfit => None,
+        }
+        .unwrap_or_else(|| self.forwarded.clone())
     }
 }
 
-/// `host` if `Forwarded` can carry it: its host is a token or a quoted
-/// string, so a host with other characters is left out rather than escaped.
-fn forwarded_host(host: &HeaderValue) -> Option<&HeaderValue> {
-    let fits = host
-        .as_bytes()
+/// How `Forwarded` can carry a host (RFC 7239 §4: a parameter's value is a
+/// token or a quoted string): as it is when it is a token, in quotes when
+/// it also has a port's `:` or an IPv6 literal's brackets, and not at all
+/// otherwise. A host with `;`, `,`, `=` or a quote is left out rather than
+/// quoted: it is no real host, and a reader that splits the header without
+/// minding quotes would take its parts for elements of their own.
+#[derive(Debug, PartialEq)]
+enum ForwardedHost {
+    Token,
+    Quoted,
+    Unfit,
+}
+
+fn forwarded_host(host: &[u8]) -> ForwardedHost {
+    if host.is_empty() {
+        ForwardedHost::Unfit
+    } else if host.iter().copied().all(is_tchar) {
+        ForwardedHost::Token
+    } else if host
         .iter()
-        .all(|b| b.is_ascii_graphic() && *b != b'"' && *b != b';');
-    fits.then_some(host)
+        .all(|&b| is_tchar(b) || matches!(b, b':' | b'[' | b']'))
+    {
+        ForwardedHost::Quoted
+    } else {
+        ForwardedHost::Unfit
+    }
+}
+
+/// A token character (RFC 9110 §5.6.2).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// Sets `X-Forwarded-For` (appended), `-Proto`, `-Host` and `Forwarded`.
@@ -258,14 +295,13 @@ pub fn set_forwarded(
 
 /// This hop's forwarding headers for one request: `X-Forwarded-For`
 /// (appended to the client's), `-Proto`, `-Host` (when the client named a
-/// host) and `Forwarded` (appended to the client's; left out when it
-/// cannot be written).
+/// host) and `Forwarded` (appended to the client's).
 #[derive(Debug, Clone)]
 pub struct Forwarding {
     forwarded_for: HeaderValue,
     forwarded_proto: HeaderValue,
     forwarded_host: Option<HeaderValue>,
-    forwarded: Option<HeaderValue>,
+    forwarded: HeaderValue,
 }
 
 impl Forwarding {
@@ -277,26 +313,26 @@ impl Forwarding {
         original_host: Option<&HeaderValue>,
     ) -> Forwarding {
         // The client's own values, found in one pass over its few headers
-        // rather than a hashed lookup each.
-        let (mut prior_for, mut prior_forwarded) = (None, None);
+        // rather than a hashed lookup each. Every line counts (RFC 9110
+        // §5.3: repeated lines are one list): the last is often the one a
+        // load balancer in front added.
+        let (mut prior_for, mut prior_forwarded) = (Vec::new(), Vec::new());
+        let blank =
+            |value: &HeaderValue| value.as_bytes().iter().all(|b| matches!(b, b' ' | b'\t'));
         for (name, value) in client_headers {
-            if name == header::FORWARDED {
-                prior_forwarded.get_or_insert(value);
+            let prior = if name == header::FORWARDED {
+                &mut prior_forwarded
             } else if name == X_FORWARDED_FOR {
-                prior_for.get_or_insert(value);
+                &mut prior_for
+            } else {
+                continue;
+            };
+            if !blank(value) {
+                prior.push(value.as_bytes());
             }
         }
-        let nonblank = |v: &'_ HeaderValue| v.to_str().is_ok_and(|v| !v.trim().is_empty());
-        let forwarded_for = match prior_for.filter(|v| nonblank(v)) {
-            Some(prior) => joined(&[prior.as_bytes(), b", ", client.ip.as_bytes()]),
-            None => None,
-        }
-        .unwrap_or_else(|| client.ip.clone());
-        let element = client.forwarded_element(original_host);
-        let forwarded = match prior_forwarded.filter(|v| nonblank(v)) {
-            None => Some(element),
-            Some(prior) => joined(&[prior.as_bytes(), b", ", element.as_bytes()]),
-        };
+        let forwarded_for = appended(&prior_for, client.ip.clone());
+        let forwarded = appended(&prior_forwarded, client.forwarded_element(original_host));
         Forwarding {
             forwarded_for,
             forwarded_proto: HeaderValue::from_static(client.proto),
@@ -311,7 +347,7 @@ impl Forwarding {
             Some(&self.forwarded_for),
             Some(&self.forwarded_proto),
             self.forwarded_host.as_ref(),
-            self.forwarded.as_ref(),
+            Some(&self.forwarded),
         ];
         those_set(&FORWARDING_NAMES, values)
     }
@@ -435,6 +471,21 @@ impl ProxySet {
 
 /// The concatenation of `parts` as a header value (without `format!`: this
 /// runs for every proxied request).
+/// `ours` appended to the list the client's `prior` lines make.
+#[inline]
+fn appended(prior: &[&[u8]], ours: HeaderValue) -> HeaderValue {
+    if prior.is_empty() {
+        return ours;
+    }
+    let mut parts = Vec::with_capacity(prior.len() * 2 + 1);
+    for line in prior {
+        parts.extend([*line, b", "]);
+    }
+    parts.push(ours.as_bytes());
+    // Header values joined by a comma are a header value.
+    joined(&parts).unwrap_or(ours)
+}
+
 fn joined(parts: &[&[u8]]) -> Option<HeaderValue> {
     let mut value = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
     for part in parts {
@@ -443,18 +494,22 @@ fn joined(parts: &[&[u8]]) -> Option<HeaderValue> {
     HeaderValue::from_maybe_shared(bytes::Bytes::from(value)).ok()
 }
 
-/// The client's headers that name its request: its id and its trace
-/// context (each the first value of its name).
+/// The client's headers that name its request: its id, its trace context
+/// (each the first value of its name) and its `Host` lines.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RequestNames<'a> {
     pub request_id: Option<&'a HeaderValue>,
     pub traceparent: Option<&'a HeaderValue>,
     pub tracestate: Option<&'a HeaderValue>,
+    pub host: Option<&'a HeaderValue>,
+    /// How many `Host` lines there are (one is right).
+    pub host_lines: usize,
 }
 
 impl<'a> RequestNames<'a> {
     /// Found in one pass over the client's few headers: a hashed lookup
-    /// for each costs about 120 instructions, for every request.
+    /// for each costs about 120 instructions, for every request (and 110
+    /// for `Host`'s lines).
     pub fn find(headers: &'a HeaderMap) -> RequestNames<'a> {
         let mut found = RequestNames::default();
         for (name, value) in headers {
@@ -464,6 +519,9 @@ impl<'a> RequestNames<'a> {
                 &mut found.traceparent
             } else if name == TRACESTATE {
                 &mut found.tracestate
+            } else if name == HOST {
+                found.host_lines += 1;
+                &mut found.host
             } else {
                 continue;
             };
@@ -477,7 +535,10 @@ impl<'a> RequestNames<'a> {
 /// it is reasonable (visible ASCII, 1 to 128 bytes, so it is also text: see
 /// [`request_id_text`]), else a new UUIDv7.
 pub fn request_id(client_id: Option<&HeaderValue>) -> HeaderValue {
-    let client_id = client_id.filter(|v| v.to_str().is_ok_and(|s| !s.is_empty() && s.len() <= 128));
+    let client_id = client_id.filter(|v| {
+        let id = v.as_bytes();
+        (1..=128).contains(&id.len()) && id.iter().all(u8::is_ascii_graphic)
+    });
     if let Some(value) = client_id {
         return value.clone();
     }
@@ -605,15 +666,76 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv4_client_mapped_to_ipv6_is_named_by_its_ipv4_address() {
+        let client = ClientInfo::new("[::ffff:203.0.113.5]:5000".parse().unwrap(), "http");
+        let mut h = HeaderMap::new();
+        set_forwarded(&mut h, &client, None);
+        assert_eq!(h[&X_FORWARDED_FOR], "203.0.113.5");
+        assert_eq!(h[header::FORWARDED], "for=203.0.113.5;proto=http");
+        assert_eq!(client.addr.to_string(), "203.0.113.5:5000");
+    }
+
+    #[test]
+    fn every_prior_forwarding_line_is_kept() {
+        let mut h = HeaderMap::new();
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static(" "));
+        h.append(
+            X_FORWARDED_FOR,
+            HeaderValue::from_static("10.0.0.2, 10.0.0.3"),
+        );
+        h.append(header::FORWARDED, HeaderValue::from_static("for=10.0.0.1"));
+        h.append(header::FORWARDED, HeaderValue::from_static("for=10.0.0.2"));
+        let client = ClientInfo::new("127.0.0.1:5000".parse().unwrap(), "http");
+        set_forwarded(&mut h, &client, None);
+        assert_eq!(
+            h.get_all(&X_FORWARDED_FOR).iter().collect::<Vec<_>>(),
+            ["10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.1"]
+        );
+        assert_eq!(
+            h.get_all(header::FORWARDED).iter().collect::<Vec<_>>(),
+            ["for=10.0.0.1, for=10.0.0.2, for=127.0.0.1;proto=http"]
+        );
+    }
+
+    #[test]
+    fn forwarded_quotes_a_host_that_is_not_a_token() {
+        let client = ClientInfo::new("127.0.0.1:5000".parse().unwrap(), "http");
+        let element = |host: &'static str| {
+            let mut h = HeaderMap::new();
+            set_forwarded(&mut h, &client, Some(&HeaderValue::from_static(host)));
+            h[header::FORWARDED].to_str().unwrap().to_string()
+        };
+        assert_eq!(
+            element("example.com"),
+            "for=127.0.0.1;proto=http;host=example.com"
+        );
+        assert_eq!(
+            element("example.com:8080"),
+            "for=127.0.0.1;proto=http;host=\"example.com:8080\""
+        );
+        assert_eq!(
+            element("[2001:db8::1]:443"),
+            "for=127.0.0.1;proto=http;host=\"[2001:db8::1]:443\""
+        );
+        for unfit in ["a;b", "a,for=10.9.9.9", "a=b", "a\"b", "a\\b", "a b"] {
+            assert_eq!(element(unfit), "for=127.0.0.1;proto=http", "{unfit:?}");
+        }
+    }
+
+    #[test]
     fn request_id_is_kept_when_reasonable() {
         let mut h = HeaderMap::new();
         h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
         h.append(X_REQUEST_ID, HeaderValue::from_static("second"));
         let client_id = RequestNames::find(&h).request_id;
         assert_eq!(request_id_text(&request_id(client_id)), "abc-123");
-        h.insert(X_REQUEST_ID, HeaderValue::from_static(""));
-        let created = request_id(RequestNames::find(&h).request_id);
-        let parsed = uuid::Uuid::parse_str(request_id_text(&created)).unwrap();
-        assert_eq!(parsed.get_version_num(), 7);
+        for unreasonable in ["", "a b", "a\tb", "caf\u{e9}"] {
+            let value = HeaderValue::from_bytes(unreasonable.as_bytes()).unwrap();
+            h.insert(X_REQUEST_ID, value);
+            let created = request_id(RequestNames::find(&h).request_id);
+            let parsed = uuid::Uuid::parse_str(request_id_text(&created)).unwrap();
+            assert_eq!(parsed.get_version_num(), 7, "{unreasonable:?}");
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! The request path, read top to bottom as its phases:
 //!
+//! 0. A target or `Host` that HTTP/1.1 does not allow → 400 (`unroutable`).
 //! 1. **route** — match the path prefix (and host); unknown path → 404.
 //! 2. **rate limit** — over the route's limit → 429.
 //! 3. **read body** — buffer the body when the route may retry, capture or
@@ -77,11 +78,11 @@ pub struct Proxy {
 }
 
 /// Per-request state carried through the phases, logged once at the end.
-pub struct RequestContext {
+pub struct RequestContext<'a> {
     /// The request id as the header value sent upstream and back; as text
     /// from [`RequestContext::request_id`].
     request_id: HeaderValue,
-    pub client: Arc<ClientInfo>,
+    pub client: &'a ClientInfo,
     pub method: Method,
     pub started: Instant,
     /// The W3C trace context sent upstream (the client's, or a new one).
@@ -101,7 +102,7 @@ pub struct RequestContext {
     pub span: otel::RequestSpan,
 }
 
-impl RequestContext {
+impl RequestContext<'_> {
     fn route_name(&self) -> Option<&str> {
         self.route.as_deref().map(Route::name)
     }
@@ -131,12 +132,9 @@ impl Answer {
 
 /// Handles one request from a client; never fails: every problem becomes a
 /// proxy-made answer.
-pub async fn handle(
-    proxy: Arc<Proxy>,
-    req: Box<Request<ClientBody>>,
-    client: Arc<ClientInfo>,
-) -> Answer {
+pub async fn handle(proxy: &Proxy, req: Box<Request<ClientBody>>, client: &ClientInfo) -> Answer {
     let names = RequestNames::find(req.headers());
+    let refused = unroutable(&req, &names);
     let mut ctx = RequestContext {
         request_id: headers::request_id(names.request_id),
         client,
@@ -156,7 +154,11 @@ pub async fn handle(
     let (log, stats) = (&active.config.log, &active.config.stats);
     // The path outlives the request only for the log and the statistics.
     let path = (log.access_log || stats.enabled).then(|| req.uri().path().to_string());
-    let mut response = match proxy_request(&proxy, &active, req, &mut ctx).await {
+    let outcome = match refused {
+        Some(reason) => Err(ProxyError::new(ErrorCode::BadRequest, reason)),
+        None => proxy_request(proxy, &active, req, &mut ctx).await,
+    };
+    let mut response = match outcome {
         Ok(response) => response,
         Err(error) => {
             ctx.error = Some(error.code);
@@ -191,47 +193,49 @@ async fn proxy_request(
     proxy: &Proxy,
     active: &Active,
     mut req: Box<Request<ClientBody>>,
-    ctx: &mut RequestContext,
+    ctx: &mut RequestContext<'_>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     if req.uri().path() == "/health" && req.method() == Method::GET {
         return Ok(health());
     }
-    ctx.span = proxy.otel.server_span(&mut ctx.trace, &req, &ctx.client);
+    ctx.span = proxy.otel.server_span(&mut ctx.trace, &req, ctx.client);
     let route = route_phase(&active.routes, &req)?;
-    ctx.span.set_route(&route);
+    ctx.span.set_route(route);
+    // The request's one count on its route, for the statistics' event;
+    // the phases borrow the table's (`active` outlives the request).
     ctx.route = Some(route.clone());
     let guards = route.guards(&proxy.resilience);
     // Phases a route may not use are polled out of line (see `out_of_line`).
     if let Some(limit) = &route.config.rate_limit {
-        let phase = rate_limit_phase(proxy, active, &route, limit, guards, &req, ctx);
+        let phase = rate_limit_phase(proxy, active, route, limit, guards, &req, ctx);
         out_of_line(phase).await?;
     }
-    let body = read_body(&route, &mut req, active.config.server.max_body_bytes).await?;
+    let body = read_body(route, &mut req, active.config.server.max_body_bytes).await?;
     let mut cache = if route.config.cache.enabled {
-        match out_of_line(cache_phase(proxy, active, &route, &req, &body, ctx)).await {
+        match out_of_line(cache_phase(proxy, active, route, &req, &body, ctx)).await {
             Lookup::Answer(response, _) => return Ok(response),
             Lookup::Forward(state) => state,
         }
     } else {
         CacheState::off()
     };
-    let mut outgoing = prepare(&route, req, body, ctx);
-    let permit = match breaker_phase(&route, guards) {
+    let mut outgoing = prepare(route, req, body, ctx);
+    let permit = match breaker_phase(route, guards) {
         Ok(permit) => permit,
         Err(retry_in) => {
             ctx.failure = Some(Failure::CircuitOpen);
             if let Some(stale) = stale_phase(&mut cache, ctx) {
                 return Ok(stale);
             }
-            if capturable(proxy, &route, &outgoing, Failure::CircuitOpen) {
+            if capturable(proxy, route, &outgoing, Failure::CircuitOpen) {
                 let capture =
-                    capture_phase(proxy, &route, outgoing, Failure::CircuitOpen, None, ctx);
+                    capture_phase(proxy, route, outgoing, Failure::CircuitOpen, None, ctx);
                 return out_of_line(capture).await;
             }
             return Err(circuit_open_error(retry_in));
         }
     };
-    match forward(&route, guards, permit, &mut outgoing, ctx).await {
+    match forward(route, guards, permit, &mut outgoing, ctx).await {
         Forwarded::Answer(response) => {
             let response = respond(response);
             if cache.verdict().is_none() {
@@ -248,7 +252,7 @@ async fn proxy_request(
                 return Ok(stale);
             }
             out_of_line(capture_phase(
-                proxy, &route, outgoing, failure, response, ctx,
+                proxy, route, outgoing, failure, response, ctx,
             ))
             .await
         }
@@ -267,13 +271,16 @@ fn out_of_line<'a, T>(phase: impl Future<Output = T> + Send + 'a) -> BoxFuture<'
 }
 
 /// Phase 1: which route serves this request.
-fn route_phase(table: &RouteTable, req: &Request<ClientBody>) -> Result<Arc<Route>, ProxyError> {
+fn route_phase<'t>(
+    table: &'t RouteTable,
+    req: &Request<ClientBody>,
+) -> Result<&'t Arc<Route>, ProxyError> {
     let host = if table.matches_hosts() {
         request_host(req.uri(), req.headers()).map(strip_port)
     } else {
         None
     };
-    table.find(host, req.uri().path()).cloned().ok_or_else(|| {
+    table.find(host, req.uri().path()).ok_or_else(|| {
         ProxyError::new(
             ErrorCode::NoRoute,
             format!("No route for path {}", req.uri().path()),
@@ -294,9 +301,9 @@ async fn rate_limit_phase(
     limit: &RateLimitConfig,
     guards: &RouteGuards,
     req: &Request<ClientBody>,
-    ctx: &mut RequestContext,
+    ctx: &mut RequestContext<'_>,
 ) -> Result<(), ProxyError> {
-    let key = rate_limit_key(&limit.key, req.headers(), &ctx.client);
+    let key = rate_limit_key(&limit.key, req.headers(), ctx.client);
     let decision = match (&active.config.redis, limit.shared) {
         (Some(redis), true) => {
             let shared = &proxy.resilience.shared;
@@ -394,7 +401,7 @@ fn prepare(
     route: &Route,
     mut client: Box<Request<ClientBody>>,
     body: OutgoingBody,
-    ctx: &RequestContext,
+    ctx: &RequestContext<'_>,
 ) -> Outgoing {
     // The Host header's value is shared, not copied (as `request_host`'s
     // text would be). Found by walking the headers, not by a hashed lookup:
@@ -419,7 +426,7 @@ fn prepare(
         });
     headers::filter_forwarded(client.headers_mut(), &route.config.forward_headers);
     let set = ProxySet {
-        forwarding: Forwarding::new(client.headers(), &ctx.client, original_host.as_ref()),
+        forwarding: Forwarding::new(client.headers(), ctx.client, original_host.as_ref()),
         route: route.config.headers.clone(),
         request_id: ctx.request_id.clone(),
         traceparent: ctx.trace.traceparent().clone(),
@@ -446,7 +453,7 @@ async fn cache_phase(
     route: &Route,
     request: &Request<ClientBody>,
     body: &OutgoingBody,
-    ctx: &mut RequestContext,
+    ctx: &mut RequestContext<'_>,
 ) -> Lookup {
     let body = match body {
         OutgoingBody::Buffered(b) => Some(&b.0[..]),
@@ -506,7 +513,7 @@ async fn forward(
     guards: &RouteGuards,
     first_permit: Permit<'_>,
     outgoing: &mut Outgoing,
-    ctx: &mut RequestContext,
+    ctx: &mut RequestContext<'_>,
 ) -> Forwarded {
     let retry = &route.config.retry;
     let breaker_config = &route.config.circuit_breaker;
@@ -620,7 +627,7 @@ async fn capture_phase(
     outgoing: Outgoing,
     failure: Failure,
     response: Option<Response<UpstreamBody>>,
-    ctx: &mut RequestContext,
+    ctx: &mut RequestContext<'_>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let capturable = capturable(proxy, route, &outgoing, failure);
     if let (true, Some(capturer)) = (capturable, proxy.capturer.as_ref()) {
@@ -687,7 +694,7 @@ fn health() -> Response<ResponseBody> {
 fn record_metrics(
     stats: &Stats,
     max_paths: usize,
-    ctx: &mut RequestContext,
+    ctx: &mut RequestContext<'_>,
     path: String,
     response: &Response<ResponseBody>,
 ) {
@@ -705,7 +712,7 @@ fn record_metrics(
     });
 }
 
-fn log_access(ctx: &RequestContext, path: &str, status: StatusCode) {
+fn log_access(ctx: &RequestContext<'_>, path: &str, status: StatusCode) {
     tracing::info!(
         target: "backstop::access",
         request_id = ctx.request_id(),
@@ -735,6 +742,63 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .ok()?;
     Some(Duration::from_secs(secs))
 }
+
+/// Why a request cannot be routed, if it cannot (RFC 9112 §3.2): a
+/// `CONNECT` (Backstop is no tunnel), a target in authority form (only for
+/// `CONNECT`) or asterisk form other than `OPTIONS *`, user info in an
+/// absolute-form target, and for HTTP/1.1 a `Host` missing, repeated or
+/// not a host.
+fn unroutable(req: &Request<ClientBody>, names: &RequestNames<'_>) -> Option<&'static str> {
+    let uri = req.uri();
+    if req.method() == Method::CONNECT {
+        return Some("CONNECT is not supported: Backstop is a reverse proxy, not a tunnel");
+    }
+    if let Some(authority) = uri.authority() {
+        if uri.scheme().is_none() {
+            return Some("A request target in authority form is only for CONNECT");
+        }
+        if authority.as_str().contains('@') {
+            return Some("A request target must not carry user info");
+        }
+    }
+    if uri.path() == "*" && req.method() != Method::OPTIONS {
+        return Some("The request target * is only for OPTIONS");
+    }
+    if req.version() != Version::HTTP_11 {
+        // HTTP/1.0 may leave `Host` out; HTTP/2 names the host in
+        // `:authority`.
+        return None;
+    }
+    match (names.host, names.host_lines) {
+        (None, _) => Some("An HTTP/1.1 request must carry a Host header"),
+        (_, 2..) => Some("A request must carry one Host header, not several"),
+        (Some(host), _) if !host.as_bytes().iter().all(|&b| HOST_BYTES[usize::from(b)]) => {
+            Some("The Host header is not a host and port")
+        }
+        _ => None,
+    }
+}
+
+/// The bytes of `uri-host [ ":" port ]` (RFC 3986), as a `Host` value may
+/// have them: a registered name's, an IP literal's brackets and a port's
+/// colon; nothing that would read as a path, query, user info or space. A
+/// table, as every request's host is checked: looking each byte up in the
+/// list cost about 40 instructions per dot or colon.
+static HOST_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = (b as u8).is_ascii_alphanumeric();
+        b += 1;
+    }
+    let others = b"-._~%!$&'()*+,;=:[]";
+    let mut i = 0;
+    while i < others.len() {
+        table[others[i] as usize] = true;
+        i += 1;
+    }
+    table
+};
 
 /// The host the client asked for: the URI's authority (HTTP/2, absolute
 /// form), else the Host header.

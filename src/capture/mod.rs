@@ -63,7 +63,7 @@ impl Capturer {
         route: &Route,
         outgoing: Outgoing,
         failure: Failure,
-        ctx: &RequestContext,
+        ctx: &RequestContext<'_>,
     ) -> CaptureOutcome {
         let body = match &outgoing.body {
             OutgoingBody::Buffered(b) => b.0.clone(),

@@ -63,7 +63,7 @@ impl RequestSpan {
     }
 
     #[inline(always)]
-    pub fn finish(&self, _ctx: &RequestContext, _response: &Response<ResponseBody>) {}
+    pub fn finish(&self, _ctx: &RequestContext<'_>, _response: &Response<ResponseBody>) {}
 }
 
 pub struct AttemptSpan;

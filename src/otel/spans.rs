@@ -194,7 +194,7 @@ impl RequestSpan {
     }
 
     /// Ends the span with what the client was answered.
-    pub fn finish(&self, ctx: &RequestContext, response: &Response<ResponseBody>) {
+    pub fn finish(&self, ctx: &RequestContext<'_>, response: &Response<ResponseBody>) {
         let Some(rec) = &self.0 else { return };
         let span = rec.cx.span();
         let status = response.status().as_u16();

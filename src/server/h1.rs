@@ -240,9 +240,8 @@ async fn respond<S: AsyncWrite + Unpin>(
     serving: &Serving,
     head: Head,
 ) -> (io::Result<bool>, bool) {
-    let in_flight = serving.state.request_started();
-    let proxy = serving.proxy.clone();
-    let answer = pipeline::handle(proxy, head.request, serving.client.clone()).await;
+    let in_flight = serving.state.own_request_started();
+    let answer = pipeline::handle(&serving.proxy, head.request, &serving.client).await;
     let closing = head.close || serving.state.closing();
     let written = write_response(io, out, answer, head.is_head, closing).await;
     drop(in_flight);

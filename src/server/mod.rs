@@ -287,7 +287,7 @@ fn handling(
     client: Arc<ClientInfo>,
 ) -> Pin<Box<impl Future<Output = Response<ResponseBody>>>> {
     Box::into_pin(Box::write(Box::new_uninit(), async move {
-        pipeline::handle(proxy, Box::new(request), client)
+        pipeline::handle(&proxy, Box::new(request), &client)
             .await
             .into_response()
     }))

@@ -64,10 +64,12 @@ impl Balancer {
     /// is, the next one anyway (better to try than to refuse).
     pub fn pick(&self) -> (usize, &Target) {
         let n = self.targets.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
         if n == 1 {
+            // No turn to take: the counter's locked add would cost a
+            // drained store buffer per request for nothing.
             return (0, &self.targets[0]);
         }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
         let now = self.now_ms();
         for offset in 0..n {
             let i = (start + offset) % n;

@@ -213,7 +213,10 @@ impl H1Pool {
                     let connect = timeout_at(deadline.into(), self.connect_conn(target));
                     match Box::pin(connect).await {
                         Ok(conn) => (conn?, false),
-                        Err(_) => return Err(Failure::Timeout),
+                        // Still connecting at the deadline: nothing was
+                        // sent, so it is a connect timeout (a POST may go
+                        // again, the target is skipped), not an answer's.
+                        Err(_) => return Err(Failure::ConnectTimeout),
                     }
                 }
             };

@@ -295,3 +295,80 @@ async fn a_request_whose_client_leaves_runs_its_course_upstream() {
     assert_eq!(&seen[1].body[..], b"abc");
     assert_healthy(&mut bs).await;
 }
+
+/// RFC 9112 §3.2: an HTTP/1.1 request without one valid `Host`, and
+/// targets in a form the method may not use, get 400 `bad_request` (the
+/// JSON shape) and never reach the backend; the connection stays usable.
+#[tokio::test]
+async fn malformed_hosts_and_targets_get_400_and_stay_away_from_the_backend() {
+    let backend = Backend::echo().await;
+    let mut bs = Backstop::start(&config(&backend));
+    let cases: [&[u8]; 8] = [
+        b"GET /a HTTP/1.1\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: evil.example/x\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: admin@a\r\n\r\n",
+        b"GET http://admin:pw@a/x HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET a.example:80 HTTP/1.1\r\nHost: a.example\r\n\r\n",
+        b"GET * HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n",
+    ];
+    for request in cases {
+        let shown = String::from_utf8_lossy(request);
+        let mut s = TcpStream::connect(bs.addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let answer = String::from_utf8_lossy(&buf[..n]);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{shown:?} → {answer}");
+        assert!(
+            answer.contains("x-backstop-error: bad_request"),
+            "{shown:?} → {answer}"
+        );
+        assert!(answer.contains(r#""code":"bad_request""#), "{answer}");
+    }
+    assert_eq!(backend.hits(), 0, "none of them was forwarded");
+    // HTTP/1.0 may leave Host out; a Host with a port or an IPv6 literal is
+    // a host.
+    for request in [
+        &b"GET /a HTTP/1.0\r\n\r\n"[..],
+        b"GET /a HTTP/1.1\r\nHost: a.example:8080\r\nConnection: close\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: [2001:db8::1]:8080\r\nConnection: close\r\n\r\n",
+    ] {
+        let answer = raw(&bs, request).await;
+        // hyper answers an HTTP/1.0 request in HTTP/1.0.
+        assert!(
+            answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200"),
+            "{answer}"
+        );
+    }
+    assert_healthy(&mut bs).await;
+}
+
+/// Every `X-Forwarded-For` and `Forwarded` line the client sent is one
+/// list (RFC 9110 §5.3), and Backstop appends to the whole of it.
+#[tokio::test]
+async fn repeated_forwarding_lines_are_kept_as_one_list() {
+    let backend = Backend::echo().await;
+    let bs = Backstop::start(&config(&backend));
+    let answer = raw(
+        &bs,
+        b"GET /f HTTP/1.1\r\nHost: shop.example\r\nX-Forwarded-For: 10.0.0.1\r\n\
+          Forwarded: for=10.0.0.1\r\nX-Forwarded-For: 10.0.0.2\r\n\
+          Forwarded: for=10.0.0.2\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let seen = &backend.seen()[0];
+    assert_eq!(
+        seen.headers["x-forwarded-for"],
+        "10.0.0.1, 10.0.0.2, 127.0.0.1"
+    );
+    assert_eq!(
+        seen.headers["forwarded"],
+        "for=10.0.0.1, for=10.0.0.2, for=127.0.0.1;proto=http;host=shop.example"
+    );
+}
