@@ -134,7 +134,8 @@ impl Answer {
 /// proxy-made answer.
 pub async fn handle(proxy: &Proxy, req: Box<Request<ClientBody>>, client: &ClientInfo) -> Answer {
     let names = RequestNames::find(req.headers());
-    let refused = unroutable(&req, &names);
+    // A health check is answered whatever its Host: checkers often send none.
+    let refused = unroutable(&req, &names).filter(|_| !is_health_check(&req));
     let mut ctx = RequestContext {
         request_id: headers::request_id(names.request_id),
         client,
@@ -195,7 +196,7 @@ async fn proxy_request(
     mut req: Box<Request<ClientBody>>,
     ctx: &mut RequestContext<'_>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
-    if req.uri().path() == "/health" && req.method() == Method::GET {
+    if is_health_check(&req) {
         return Ok(health());
     }
     ctx.span = proxy.otel.server_span(&mut ctx.trace, &req, ctx.client);
@@ -268,6 +269,11 @@ async fn proxy_request(
 /// the same.
 fn out_of_line<'a, T>(phase: impl Future<Output = T> + Send + 'a) -> BoxFuture<'a, T> {
     Box::pin(phase)
+}
+
+/// `GET /health`, which the proxy answers itself on every listener.
+fn is_health_check(req: &Request<ClientBody>) -> bool {
+    req.uri().path() == "/health" && req.method() == Method::GET
 }
 
 /// Phase 1: which route serves this request.

@@ -452,6 +452,7 @@ fn respond(
     // up in the map afterwards.
     let mut length = Length::Absent;
     let mut transfer_encoding: Option<HeaderValue> = None;
+    let mut transfer_encoding_lines = 0;
     let mut close = false;
     for &at in &conn.fields {
         let Some((name, value)) = headers::field_in(head, at) else {
@@ -461,18 +462,20 @@ fn respond(
         if name == CONTENT_LENGTH {
             length = length.and(&value);
         } else if name == TRANSFER_ENCODING {
-            if transfer_encoding.is_some() {
-                // Codings over several lines are a list: more than chunked.
-                tracing::debug!("upstream sent Transfer-Encoding twice");
-                return Err(Failed::after_answer());
-            }
+            transfer_encoding_lines += 1;
             transfer_encoding = Some(value.clone());
         } else if name == CONNECTION {
             close |= headers::has_token(&value, "close");
         }
         headers.append(name, value);
     }
-    let framing = framing(parsed.status, method, length, transfer_encoding.as_ref())?;
+    let framing = framing(
+        parsed.status,
+        method,
+        length,
+        transfer_encoding.as_ref(),
+        transfer_encoding_lines,
+    )?;
     // Both framings at once is how responses get desynchronised (RFC 9112
     // §6.3): the body is read by `Transfer-Encoding`, the connection not reused.
     let ambiguous = transfer_encoding.is_some() && length != Length::Absent;
@@ -532,6 +535,7 @@ fn framing(
     method: &Method,
     length: Length,
     transfer_encoding: Option<&HeaderValue>,
+    transfer_encoding_lines: usize,
 ) -> Result<Framing, Failed> {
     if *method == Method::HEAD
         || status == StatusCode::NO_CONTENT
@@ -543,11 +547,13 @@ fn framing(
         // Only `chunked`, which the proxy decodes and frames anew: another
         // coding (`gzip, chunked`) would reach the client unlabelled once
         // the hop-by-hop `Transfer-Encoding` is dropped. nginx refuses such
-        // an answer too.
-        if !codings
-            .as_bytes()
-            .trim_ascii()
-            .eq_ignore_ascii_case(b"chunked")
+        // an answer too. Codings over several lines are a list: more than
+        // chunked.
+        if transfer_encoding_lines > 1
+            || !codings
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"chunked")
         {
             tracing::debug!(
                 ?codings,
@@ -959,7 +965,14 @@ mod tests {
     fn chunked_is_the_only_transfer_coding_taken() {
         let of = |codings: &'static str| {
             let codings = HeaderValue::from_static(codings);
-            framing(StatusCode::OK, &Method::GET, Length::Absent, Some(&codings)).ok()
+            framing(
+                StatusCode::OK,
+                &Method::GET,
+                Length::Absent,
+                Some(&codings),
+                1,
+            )
+            .ok()
         };
         for taken in ["chunked", "Chunked", " chunked "] {
             assert_eq!(of(taken), Some(Framing::Chunked(Chunk::Size)), "{taken:?}");
@@ -967,6 +980,23 @@ mod tests {
         for refused in ["gzip, chunked", "gzip", "chunked, chunked", "identity", ""] {
             assert_eq!(of(refused), None, "{refused:?}");
         }
+        let chunked = HeaderValue::from_static("chunked");
+        let twice = framing(
+            StatusCode::OK,
+            &Method::GET,
+            Length::Absent,
+            Some(&chunked),
+            2,
+        );
+        assert!(twice.is_err(), "two lines are a list");
+        let head = framing(
+            StatusCode::OK,
+            &Method::HEAD,
+            Length::Absent,
+            Some(&chunked),
+            2,
+        );
+        assert_eq!(head.ok(), Some(Framing::Length(0)), "no body to frame");
     }
 
     #[test]

@@ -213,10 +213,11 @@ impl H1Pool {
                     let connect = timeout_at(deadline.into(), self.connect_conn(target));
                     match Box::pin(connect).await {
                         Ok(conn) => (conn?, false),
-                        // Still connecting at the deadline: nothing was
-                        // sent, so it is a connect timeout (a POST may go
-                        // again, the target is skipped), not an answer's.
-                        Err(_) => return Err(Failure::ConnectTimeout),
+                        // Still connecting at the attempt's deadline: a
+                        // timeout, not a connect timeout — the deadline may
+                        // be the client's retry deadline running out, which
+                        // says nothing of the target (it is not skipped).
+                        Err(_) => return Err(Failure::Timeout),
                     }
                 }
             };

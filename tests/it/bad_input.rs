@@ -332,9 +332,10 @@ async fn malformed_hosts_and_targets_get_400_and_stay_away_from_the_backend() {
     }
     assert_eq!(backend.hits(), 0, "none of them was forwarded");
     // HTTP/1.0 may leave Host out; a Host with a port or an IPv6 literal is
-    // a host.
+    // a host; a health check is answered whatever its Host.
     for request in [
         &b"GET /a HTTP/1.0\r\n\r\n"[..],
+        b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n",
         b"GET /a HTTP/1.1\r\nHost: a.example:8080\r\nConnection: close\r\n\r\n",
         b"GET /a HTTP/1.1\r\nHost: [2001:db8::1]:8080\r\nConnection: close\r\n\r\n",
     ] {
