@@ -5,8 +5,10 @@
 //! is read whole first ([`BufferedBody`]), bounded by `server.max_body_bytes`.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -37,6 +39,54 @@ pin_project_lite::pin_project! {
         read: VecDeque<Bytes>,
         #[pin]
         rest: Either<Incoming, ConnBody>,
+        stall: StallLimit,
+    }
+}
+
+/// How long a backend may leave its body waiting between two reads (as
+/// nginx's `proxy_read_timeout`): past it the body fails, the client's
+/// answer is cut short, and whoever reads the body (the client's
+/// connection, the cache, a replay) is let go instead of waiting forever.
+/// The timer exists only once the body has had to wait: most answers arrive
+/// with their head and never arm it.
+#[derive(Default)]
+struct StallLimit {
+    limit: Option<Duration>,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether a frame came since the timer was last set.
+    progressed: bool,
+    stalled: bool,
+}
+
+impl StallLimit {
+    /// Called when the body has nothing to give: whether it has waited
+    /// too long. The wait is timed from the first time it had nothing after
+    /// its last frame, so a timer waking it does not restart the clock.
+    fn has_stalled(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(limit) = self.limit else {
+            return false;
+        };
+        match self.timer.as_mut() {
+            Some(timer) if !self.progressed => {
+                if timer.as_mut().poll(cx).is_pending() {
+                    return false;
+                }
+                tracing::warn!(
+                    ?limit,
+                    "the backend left its answer's body waiting too long; cutting it"
+                );
+                self.stalled = true;
+                return true;
+            }
+            Some(timer) => timer.as_mut().reset(tokio::time::Instant::now() + limit),
+            None => self.timer = Some(Box::pin(tokio::time::sleep(limit))),
+        }
+        self.progressed = false;
+        // Polled once so it wakes this task; it cannot be due yet.
+        if let Some(timer) = self.timer.as_mut() {
+            let _ = timer.as_mut().poll(cx);
+        }
+        false
     }
 }
 
@@ -44,6 +94,12 @@ pin_project_lite::pin_project! {
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl UpstreamBody {
+    /// Fails the body when the backend sends nothing more of it for
+    /// `limit` (the route's per-try `request_timeout`).
+    pub fn stall_after(&mut self, limit: Duration) {
+        self.stall.limit = Some(limit);
+    }
+
     /// Puts chunks read from this body back in front of it, in order.
     pub fn prepend(mut self, chunks: Vec<Bytes>) -> UpstreamBody {
         for chunk in chunks.into_iter().rev() {
@@ -60,6 +116,7 @@ impl From<Incoming> for UpstreamBody {
         UpstreamBody {
             read: VecDeque::new(),
             rest: Either::Left(rest),
+            stall: StallLimit::default(),
         }
     }
 }
@@ -70,6 +127,7 @@ impl From<ConnBody> for UpstreamBody {
         UpstreamBody {
             read: VecDeque::new(),
             rest: Either::Right(rest),
+            stall: StallLimit::default(),
         }
     }
 }
@@ -86,11 +144,25 @@ impl Body for UpstreamBody {
         if let Some(chunk) = this.read.pop_front() {
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
-        this.rest.poll_frame(cx)
+        if this.stall.stalled {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(frame) = this.rest.poll_frame(cx) {
+            this.stall.progressed = true;
+            return Poll::Ready(frame);
+        }
+        if this.stall.has_stalled(cx) {
+            let limit = this.stall.limit.unwrap_or_default();
+            return Poll::Ready(Some(Err(Box::new(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the backend sent nothing more of the body for {limit:?}"),
+            )))));
+        }
+        Poll::Pending
     }
 
     fn is_end_stream(&self) -> bool {
-        self.read.is_empty() && self.rest.is_end_stream()
+        self.read.is_empty() && (self.stall.stalled || self.rest.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {

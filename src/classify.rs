@@ -24,6 +24,14 @@ pub enum Failure {
     Reset,
     /// No response head within `request_timeout`.
     Timeout,
+    /// The backend answered something that is no HTTP answer Backstop can
+    /// pass on: a malformed or oversized head (more than 100 header lines,
+    /// 256 KiB), a body that cannot be framed, a transfer coding other than
+    /// chunked. The backend had the request and is up: the answer is not
+    /// retried, not captured (a replay would apply it twice) and does not
+    /// count against the breaker (nginx's `invalid_header`, off by default
+    /// in `proxy_next_upstream`, is treated alike).
+    InvalidResponse,
     /// The backend answered with a status listed as a failure.
     Status(u16),
     /// The route's circuit is open: the backend was not called.
@@ -35,6 +43,21 @@ impl Failure {
     pub fn from_client_error(err: &hyper_util::client::legacy::Error) -> Failure {
         if err.is_connect() {
             return Failure::from_connect_error(err);
+        }
+        Failure::from_exchange_error(err)
+    }
+
+    /// Classifies an error of an HTTP exchange on an open connection
+    /// (hyper's, directly or inside its client's error).
+    pub fn from_exchange_error(err: &(dyn StdError + 'static)) -> Failure {
+        let mut source: Option<&(dyn StdError + 'static)> = Some(err);
+        while let Some(e) = source {
+            if let Some(hyper) = e.downcast_ref::<hyper::Error>() {
+                if hyper.is_parse() || hyper.is_parse_status() || hyper.is_parse_too_large() {
+                    return Failure::InvalidResponse;
+                }
+            }
+            source = e.source();
         }
         Failure::Reset
     }
@@ -74,7 +97,7 @@ impl Failure {
             Failure::ConnectTimeout | Failure::Timeout => RetryableError::Timeout,
             Failure::Dns => RetryableError::Dns,
             Failure::Reset => RetryableError::ConnectionReset,
-            Failure::CircuitOpen => return false,
+            Failure::CircuitOpen | Failure::InvalidResponse => return false,
         };
         retry.retry_on_errors.contains(&kind)
     }
@@ -85,6 +108,7 @@ impl Failure {
     pub fn is_capturable(self) -> bool {
         match self {
             Failure::Status(code) => matches!(code, 502..=504),
+            Failure::InvalidResponse => false,
             _ => true,
         }
     }
@@ -95,7 +119,7 @@ impl Failure {
     pub fn trips_breaker(self) -> bool {
         match self {
             Failure::Status(code) => status_trips_breaker(code),
-            Failure::CircuitOpen => false,
+            Failure::CircuitOpen | Failure::InvalidResponse => false,
             _ => true,
         }
     }
@@ -109,6 +133,7 @@ impl Failure {
             Failure::ConnectFailed => "connect_failed".into(),
             Failure::Reset => "connection_reset".into(),
             Failure::Timeout => "timeout".into(),
+            Failure::InvalidResponse => "invalid_response".into(),
             Failure::Status(code) => format!("upstream_{code}"),
             Failure::CircuitOpen => "circuit_open".into(),
         }

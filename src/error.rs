@@ -21,6 +21,7 @@ pub enum ErrorCode {
     CircuitOpen,
     UpstreamTimeout,
     UpstreamUnreachable,
+    UpstreamInvalidResponse,
     BodyTooLarge,
     Captured,
     CaptureFailed,
@@ -35,6 +36,7 @@ impl ErrorCode {
             ErrorCode::CircuitOpen => "circuit_open",
             ErrorCode::UpstreamTimeout => "upstream_timeout",
             ErrorCode::UpstreamUnreachable => "upstream_unreachable",
+            ErrorCode::UpstreamInvalidResponse => "upstream_invalid_response",
             ErrorCode::BodyTooLarge => "body_too_large",
             ErrorCode::Captured => "captured",
             ErrorCode::CaptureFailed => "capture_failed",
@@ -50,7 +52,9 @@ impl ErrorCode {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ErrorCode::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            ErrorCode::UpstreamUnreachable | ErrorCode::UpstreamInvalidResponse => {
+                StatusCode::BAD_GATEWAY
+            }
             ErrorCode::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
         }

@@ -664,6 +664,10 @@ pub fn failure_error(failure: Failure, route: &str) -> ProxyError {
             ErrorCode::UpstreamUnreachable,
             format!("The backend of route {route} answered {code}"),
         ),
+        Failure::InvalidResponse => ProxyError::new(
+            ErrorCode::UpstreamInvalidResponse,
+            format!("The backend of route {route} sent an answer that is not valid HTTP or is too large"),
+        ),
         _ => ProxyError::new(
             ErrorCode::UpstreamUnreachable,
             format!(

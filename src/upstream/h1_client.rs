@@ -111,10 +111,19 @@ impl IdleConns {
     }
 
     /// Closes connections that the backend closed or that were idle too
-    /// long, and starts the idle clock of those newly idle.
+    /// long, and starts the idle clock of those newly idle, letting go of
+    /// their buffers: a burst leaves many connections idle, each holding
+    /// what its last answer needed (up to `BODY_READ_MAX` and more), and
+    /// one in use makes them anew at the cost of an allocation.
     pub fn sweep(&self, now: Instant, idle_timeout: Duration) {
         self.lock().retain_mut(|c| {
-            let since = *c.idle_since.get_or_insert(now);
+            let since = match c.idle_since {
+                Some(since) => since,
+                None => {
+                    c.release_buffers();
+                    *c.idle_since.insert(now)
+                }
+            };
             c.is_open() && now.duration_since(since) < idle_timeout
         });
     }
@@ -146,6 +155,16 @@ impl Conn {
             idle_since: None,
             timer: None,
         })
+    }
+
+    /// Lets go of the read and write buffers (an idle connection has read
+    /// nothing ahead: one that had is closed rather than checked in).
+    fn release_buffers(&mut self) {
+        if self.read.is_empty() {
+            self.read = BytesMut::new();
+        }
+        self.write = Vec::new();
+        self.head_read = HEAD_READ;
     }
 
     /// The connection's timer, set to fire by `deadline`: a timer already
@@ -206,9 +225,10 @@ impl Failed {
         }
     }
 
-    fn after_answer() -> Failed {
+    /// The backend answered, but not with an answer that can be passed on.
+    fn invalid_answer() -> Failed {
         Failed {
-            failure: Failure::Reset,
+            failure: Failure::InvalidResponse,
             answered: true,
         }
     }
@@ -307,7 +327,7 @@ async fn send_and_read_head(
                 // (an upgrade) is never asked for: upgrades are hop-by-hop
                 // headers, removed before a request goes upstream.
                 if parsed.status == StatusCode::SWITCHING_PROTOCOLS {
-                    return Err(Failed::after_answer());
+                    return Err(Failed::invalid_answer());
                 }
                 interim = true;
                 continue;
@@ -316,7 +336,7 @@ async fn send_and_read_head(
         }
         if conn.read.len() >= MAX_HEAD_BYTES {
             tracing::debug!("upstream response head too large");
-            return Err(Failed::after_answer());
+            return Err(Failed::invalid_answer());
         }
         conn.read.reserve(conn.head_read);
         let room = conn.read.capacity() - conn.read.len();
@@ -412,13 +432,13 @@ fn parse_head(buf: &[u8], fields: &mut Vec<FieldAt>) -> Result<Option<ParsedHead
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => {
             tracing::debug!(error = %e, "upstream sent an invalid response head");
-            return Err(Failed::after_answer());
+            return Err(Failed::invalid_answer());
         }
     };
     let status = response
         .code
         .and_then(|code| StatusCode::from_u16(code).ok())
-        .ok_or_else(Failed::after_answer)?;
+        .ok_or_else(Failed::invalid_answer)?;
     let version = match response.version {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
@@ -457,7 +477,7 @@ fn respond(
     for &at in &conn.fields {
         let Some((name, value)) = headers::field_in(head, at) else {
             tracing::debug!("upstream sent an invalid header");
-            return Err(Failed::after_answer());
+            return Err(Failed::invalid_answer());
         };
         if name == CONTENT_LENGTH {
             length = length.and(&value);
@@ -559,14 +579,14 @@ fn framing(
                 ?codings,
                 "upstream sent a transfer coding other than chunked"
             );
-            return Err(Failed::after_answer());
+            return Err(Failed::invalid_answer());
         }
         return Ok(Framing::Chunked(Chunk::Size));
     }
     match length {
         Length::Absent => Ok(Framing::UntilClose),
         Length::Is(n) => Ok(Framing::Length(n)),
-        Length::Invalid => Err(Failed::after_answer()),
+        Length::Invalid => Err(Failed::invalid_answer()),
     }
 }
 
@@ -698,6 +718,16 @@ impl ConnBody {
     }
 }
 
+impl Drop for ConnBody {
+    /// A body dropped unread (a failure status before a retry, a client
+    /// gone) that is already read whole still gives its connection back.
+    fn drop(&mut self) {
+        if self.idle.is_some() {
+            while let Ok(Some(_)) = self.next_data() {}
+        }
+    }
+}
+
 impl Body for ConnBody {
     type Data = Bytes;
     type Error = io::Error;
@@ -800,6 +830,27 @@ mod tests {
     use super::*;
 
     use crate::headers::{ClientInfo, Forwarding};
+
+    #[tokio::test]
+    async fn a_connection_found_idle_by_a_sweep_lets_go_of_its_buffers() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let io = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let _accepted = listener.accept().await.unwrap();
+        let mut conn = Conn::new(io);
+        conn.read.reserve(BODY_READ_MAX);
+        conn.write.reserve(MAX_BODY);
+        conn.head_read = BODY_READ_MAX;
+        let idle = IdleConns::default();
+        idle.check_in(conn);
+        let now = Instant::now();
+        idle.sweep(now, Duration::from_secs(60));
+        let conn = idle.checkout().expect("still open and not idle too long");
+        assert_eq!(conn.read.capacity(), 0);
+        assert_eq!(conn.write.capacity(), 0);
+        assert_eq!(conn.head_read, HEAD_READ);
+    }
 
     /// The headers of a written head, lowercased, sorted.
     fn written_fields(head: &Head<'_>, host: &HeaderValue) -> Vec<(String, String)> {

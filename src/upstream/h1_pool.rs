@@ -280,7 +280,7 @@ impl H1Pool {
                     Some(_) => return Err(Failure::ConnectFailed),
                     None => {
                         tracing::debug!(error = %super::ErrorChain(e.error()), "upstream attempt failed");
-                        return Err(Failure::Reset);
+                        return Err(Failure::from_exchange_error(e.error()));
                     }
                 },
             }
@@ -878,7 +878,7 @@ mod tests {
             let (_, result) = both(backend, client).await;
             assert_eq!(
                 result.err(),
-                Some(Failure::Reset),
+                Some(Failure::InvalidResponse),
                 "{}",
                 String::from_utf8_lossy(reply)
             );

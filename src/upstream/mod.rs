@@ -45,6 +45,9 @@ pub struct Upstream {
     pub balancer: Balancer,
     /// The outbound proxies, when the route uses them.
     pub proxies: Option<ProxyPool>,
+    /// How long an answer's body may wait for its next bytes: the route's
+    /// per-try `request_timeout`.
+    stall_limit: Duration,
 }
 
 impl Upstream {
@@ -83,6 +86,7 @@ impl Upstream {
             client: builder.build(connector),
             balancer: Balancer::new(&route.upstreams),
             proxies: ProxyPool::build(outbound_proxies, route, server)?,
+            stall_limit: route.circuit_breaker.request_timeout,
         })
     }
 
@@ -107,11 +111,8 @@ impl Upstream {
             // not make every request's future larger, and behind `dyn`
             // their code is not inlined into the request's (see
             // `pipeline::out_of_line`).
-            return pool
-                .send(proxy, request, deadline)
-                .boxed()
-                .await
-                .map(|response| response.map(UpstreamBody::from));
+            let result = pool.send(proxy, request, deadline).boxed().await;
+            return self.stall_limited(result.map(|response| response.map(UpstreamBody::from)));
         }
         let own_exchange = self.h1.as_ref().filter(|pool| pool.serves(index));
         let small_body = outgoing
@@ -125,12 +126,23 @@ impl Upstream {
                 headers: outgoing.headers(),
                 set: Some(&outgoing.set),
             };
-            return pool.exchange(index, &head, body, deadline).await;
+            return self.stall_limited(pool.exchange(index, &head, body, deadline).await);
         }
         let request = outgoing.request_for(base, last)?;
         self.send(index, request, Some(&outgoing.set), deadline)
             .boxed()
             .await
+    }
+
+    /// An answer whose body fails when the backend stops sending it.
+    fn stall_limited(
+        &self,
+        result: Result<Response<UpstreamBody>, Failure>,
+    ) -> Result<Response<UpstreamBody>, Failure> {
+        result.map(|mut response| {
+            response.body_mut().stall_after(self.stall_limit);
+            response
+        })
     }
 
     /// After an attempt that never reached the backend: skip for a while
@@ -155,13 +167,13 @@ impl Upstream {
         if let Some(pool) = self.h1.as_ref().filter(|pool| pool.serves(index)) {
             // The pool keeps the deadline itself (a timer per connection)
             // and writes `set` into the request head.
-            return pool.send(index, request, set, deadline).await;
+            return self.stall_limited(pool.send(index, request, set, deadline).await);
         }
         if let Some(set) = set {
             set.apply_to(request.headers_mut());
         }
         match tokio::time::timeout_at(deadline.into(), self.client.request(request)).await {
-            Ok(Ok(response)) => Ok(response.map(UpstreamBody::from)),
+            Ok(Ok(response)) => self.stall_limited(Ok(response.map(UpstreamBody::from))),
             Ok(Err(e)) => {
                 let failure = Failure::from_client_error(&e);
                 tracing::debug!(error = %ErrorChain(&e), ?failure, "upstream attempt failed");

@@ -19,3 +19,4 @@ mod resilience;
 mod stats;
 mod stats_cluster;
 mod tls;
+mod upstream_answers;

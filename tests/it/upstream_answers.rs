@@ -1,0 +1,257 @@
+//! Backends that answer badly: a body that stops coming, a head Backstop
+//! cannot pass on, and a failure answer read whole before a retry. Each on
+//! both upstream ways: Backstop's own HTTP/1.1 exchange (small buffered
+//! bodies) and hyper's connection (a body that streams from the client).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::harness::{client, error_of, Backend, Backstop, Reply};
+
+/// A hand-written backend that answers every request with `answer` and then
+/// holds the connection open (as a stuck backend would) for a minute.
+/// Counts the requests it read.
+struct StuckBackend {
+    url: String,
+    requests: Arc<AtomicUsize>,
+}
+
+impl StuckBackend {
+    async fn start(answer: Vec<u8>) -> StuckBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counted = requests.clone();
+        let answer = Arc::new(answer);
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let (answer, counted) = (answer.clone(), counted.clone());
+                tokio::spawn(async move { serve_stuck(conn, &answer, &counted).await });
+            }
+        });
+        StuckBackend { url, requests }
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+/// Reads one request (head and `content-length` body), answers, holds on.
+async fn serve_stuck(mut conn: TcpStream, answer: &[u8], requests: &AtomicUsize) {
+    let mut wire = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let head_end = loop {
+        if let Some(at) = wire.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        match conn.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => wire.extend_from_slice(&buf[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&wire[..head_end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap_or(0));
+    while wire.len() < head_end + length {
+        match conn.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => wire.extend_from_slice(&buf[..n]),
+        }
+    }
+    requests.fetch_add(1, Ordering::SeqCst);
+    if conn.write_all(answer).await.is_err() {
+        return;
+    }
+    tokio::time::sleep(Duration::from_secs(60)).await;
+}
+
+fn route(upstream: &str, extra: &str) -> String {
+    format!(
+        "[[routes]]\nname = \"api\"\npath_prefix = \"/\"\nupstreams = [{upstream:?}]\n{extra}\n"
+    )
+}
+
+/// A body bigger than the own exchange sends (16 KiB): it streams from the
+/// client over hyper's connection.
+fn streamed_body() -> Vec<u8> {
+    vec![b'x'; 20 * 1024]
+}
+
+#[tokio::test]
+async fn a_body_that_stops_coming_is_cut_after_request_timeout_on_both_ways() {
+    let backend =
+        StuckBackend::start(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nten bytes.".to_vec())
+            .await;
+    let bs = Backstop::start(&route(
+        &backend.url,
+        "[routes.circuit_breaker]\nrequest_timeout = 500\n[routes.retry]\nmax_attempts = 1",
+    ));
+
+    // The own exchange, seen by a raw client: the head and the ten bytes
+    // come, then the connection is closed, the answer cut short.
+    let started = Instant::now();
+    let mut conn = TcpStream::connect(bs.addr).await.unwrap();
+    conn.write_all(b"GET /stall HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut wire = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut wire))
+        .await
+        .expect("the connection is closed, not left waiting")
+        .unwrap();
+    let waited = started.elapsed();
+    let text = String::from_utf8_lossy(&wire);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.ends_with("\r\n\r\nten bytes."), "{text}");
+    assert!(
+        waited >= Duration::from_millis(500) && waited < Duration::from_secs(3),
+        "cut after {waited:?}"
+    );
+
+    // hyper's connection (a streamed request body), seen by reqwest.
+    let started = Instant::now();
+    let response = client()
+        .post(bs.url("/stall"))
+        .body(streamed_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.bytes().await.is_err(), "the body is cut short");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(500) && waited < Duration::from_secs(3),
+        "cut after {waited:?}"
+    );
+    assert_eq!(backend.requests(), 2);
+
+    let health = client().get(bs.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    bs.wait_for_log(
+        "left its answer's body waiting too long",
+        Duration::from_secs(5),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_body_that_keeps_coming_slowly_is_not_cut() {
+    // Chunks 300 ms apart, 1.5 s in all, under a 500 ms limit: the limit is
+    // on each wait, not on the whole body.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if conn.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let _ = conn
+                    .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                    .await;
+                for _ in 0..5 {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let _ = conn.write_all(b"5\r\nslow.\r\n").await;
+                }
+                let _ = conn.write_all(b"0\r\n\r\n").await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    let bs = Backstop::start(&route(
+        &url,
+        "[routes.circuit_breaker]\nrequest_timeout = 500\n[routes.retry]\nmax_attempts = 1",
+    ));
+    let body = client()
+        .get(bs.url("/slow"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(body, "slow.".repeat(5));
+}
+
+#[tokio::test]
+async fn an_answer_that_cannot_be_passed_on_is_a_502_not_retried_nor_held_against_the_backend() {
+    // 120 header lines: more than the 100 that Backstop (like hyper) reads.
+    let mut answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n".to_vec();
+    for i in 0..120 {
+        answer.extend_from_slice(format!("x-many-{i}: {i}\r\n").as_bytes());
+    }
+    answer.extend_from_slice(b"\r\nok");
+    let backend = StuckBackend::start(answer).await;
+    let bs = Backstop::start(&route(
+        &backend.url,
+        "[routes.circuit_breaker]\nfailure_threshold = 2\n\
+         [routes.retry]\nmax_attempts = 3\ninitial_delay = \"10ms\"\n\
+         [routes.capture]\nenabled = true",
+    ));
+    let c = client();
+    for _ in 0..3 {
+        let (status, code, error) = error_of(c.get(bs.url("/many")).send().await.unwrap()).await;
+        assert_eq!((status, code.as_str()), (502, "upstream_invalid_response"));
+        assert_eq!(error["route"], "api");
+    }
+    // A POST on hyper's way (streamed body, so not captured either way).
+    let (status, code, _) = error_of(
+        c.post(bs.url("/many"))
+            .body(streamed_body())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, code.as_str()), (502, "upstream_invalid_response"));
+    // A small POST is buffered for capture, but the backend had it: not
+    // captured (a replay would apply it twice).
+    let (status, code, _) = error_of(c.post(bs.url("/many")).body("x").send().await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (502, "upstream_invalid_response"));
+
+    assert_eq!(backend.requests(), 5, "each sent once, none retried");
+    let circuit: serde_json::Value = bs.admin_json("/circuit-status").await;
+    assert_eq!(
+        circuit["circuits"][0]["state"], "closed",
+        "five invalid answers over a threshold of two: {circuit}"
+    );
+    let queue: serde_json::Value = bs.admin_json("/queue").await;
+    assert_eq!(queue["depth"], 0, "nothing captured: {queue}");
+    let metrics = bs.admin_text("/metrics").await;
+    assert!(!metrics.contains("backstop_captured_total{"), "{metrics}");
+    assert_eq!(
+        crate::harness::metric_value(&metrics, "backstop_upstream_retries_total{route=\"api\"}"),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn a_failure_answer_read_whole_leaves_its_connection_to_the_retry() {
+    let backend = Backend::scripted(vec![Reply::status(503).body("busy"), Reply::ok("fine")]).await;
+    let bs = Backstop::start(&route(
+        &backend.url(),
+        "[routes.retry]\nmax_attempts = 2\ninitial_delay = \"10ms\"\n\
+         [routes.capture]\nenabled = false",
+    ));
+    let r = client().get(bs.url("/again")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "fine");
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(
+        seen[0].peer, seen[1].peer,
+        "the retry went out on the connection the 503 came on"
+    );
+}
