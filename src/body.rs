@@ -39,52 +39,61 @@ pin_project_lite::pin_project! {
         read: VecDeque<Bytes>,
         #[pin]
         rest: Either<Incoming, ConnBody>,
-        stall: StallLimit,
+        // How long the backend may leave the body waiting (as nginx's
+        // `proxy_read_timeout`), in milliseconds; 0: no limit. Past it the
+        // body fails: the client's answer is cut short, and whoever reads
+        // the body (the client's connection, the cache, a replay) is let go
+        // instead of waiting forever.
+        stall_limit_ms: u32,
+        // Made when the body first has to wait: most answers arrive with
+        // their head and never need it.
+        stall: Option<Pin<Box<Stall>>>,
     }
 }
 
-/// How long a backend may leave its body waiting between two reads (as
-/// nginx's `proxy_read_timeout`): past it the body fails, the client's
-/// answer is cut short, and whoever reads the body (the client's
-/// connection, the cache, a replay) is let go instead of waiting forever.
-/// The timer exists only once the body has had to wait: most answers arrive
-/// with their head and never arm it.
-#[derive(Default)]
-struct StallLimit {
-    limit: Option<Duration>,
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Whether a frame came since the timer was last set.
-    progressed: bool,
-    stalled: bool,
+pin_project_lite::pin_project! {
+    /// The timer of a body that has had to wait. It is set once and, when
+    /// it fires, moved on only if a frame came meanwhile: a stall is noticed
+    /// between one and two limits after the last byte, and a body that
+    /// keeps flowing costs nothing per frame but a flag.
+    struct Stall {
+        #[pin]
+        timer: tokio::time::Sleep,
+        progressed: bool,
+        stalled: bool,
+    }
 }
 
-impl StallLimit {
-    /// Called when the body has nothing to give: whether it has waited
-    /// too long. The wait is timed from the first time it had nothing after
-    /// its last frame, so a timer waking it does not restart the clock.
-    fn has_stalled(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(limit) = self.limit else {
-            return false;
-        };
-        match self.timer.as_mut() {
-            Some(timer) if !self.progressed => {
-                if timer.as_mut().poll(cx).is_pending() {
-                    return false;
-                }
+impl UpstreamBody {
+    /// Whether the body has waited too long, called when it has nothing to
+    /// give; arms (or moves on) the timer that wakes it to check again.
+    fn has_stalled(
+        stall: &mut Option<Pin<Box<Stall>>>,
+        limit: Duration,
+        cx: &mut Context<'_>,
+    ) -> bool {
+        let stall = stall.get_or_insert_with(|| {
+            Box::pin(Stall {
+                timer: tokio::time::sleep(limit),
+                progressed: false,
+                stalled: false,
+            })
+        });
+        let mut stall = stall.as_mut().project();
+        while stall.timer.as_mut().poll(cx).is_ready() {
+            if !*stall.progressed {
                 tracing::warn!(
                     ?limit,
                     "the backend left its answer's body waiting too long; cutting it"
                 );
-                self.stalled = true;
+                *stall.stalled = true;
                 return true;
             }
-            Some(timer) => timer.as_mut().reset(tokio::time::Instant::now() + limit),
-            None => self.timer = Some(Box::pin(tokio::time::sleep(limit))),
-        }
-        self.progressed = false;
-        // Polled once so it wakes this task; it cannot be due yet.
-        if let Some(timer) = self.timer.as_mut() {
-            let _ = timer.as_mut().poll(cx);
+            *stall.progressed = false;
+            stall
+                .timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + limit);
         }
         false
     }
@@ -97,7 +106,7 @@ impl UpstreamBody {
     /// Fails the body when the backend sends nothing more of it for
     /// `limit` (the route's per-try `request_timeout`).
     pub fn stall_after(&mut self, limit: Duration) {
-        self.stall.limit = Some(limit);
+        self.stall_limit_ms = u32::try_from(limit.as_millis()).unwrap_or(u32::MAX);
     }
 
     /// Puts chunks read from this body back in front of it, in order.
@@ -116,7 +125,8 @@ impl From<Incoming> for UpstreamBody {
         UpstreamBody {
             read: VecDeque::new(),
             rest: Either::Left(rest),
-            stall: StallLimit::default(),
+            stall_limit_ms: 0,
+            stall: None,
         }
     }
 }
@@ -127,7 +137,8 @@ impl From<ConnBody> for UpstreamBody {
         UpstreamBody {
             read: VecDeque::new(),
             rest: Either::Right(rest),
-            stall: StallLimit::default(),
+            stall_limit_ms: 0,
+            stall: None,
         }
     }
 }
@@ -144,15 +155,20 @@ impl Body for UpstreamBody {
         if let Some(chunk) = this.read.pop_front() {
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
-        if this.stall.stalled {
+        if this.stall.as_ref().is_some_and(|s| s.stalled) {
             return Poll::Ready(None);
         }
         if let Poll::Ready(frame) = this.rest.poll_frame(cx) {
-            this.stall.progressed = true;
+            if let Some(stall) = this.stall.as_mut() {
+                *stall.as_mut().project().progressed = true;
+            }
             return Poll::Ready(frame);
         }
-        if this.stall.has_stalled(cx) {
-            let limit = this.stall.limit.unwrap_or_default();
+        if *this.stall_limit_ms == 0 {
+            return Poll::Pending;
+        }
+        let limit = Duration::from_millis(u64::from(*this.stall_limit_ms));
+        if UpstreamBody::has_stalled(this.stall, limit, cx) {
             return Poll::Ready(Some(Err(Box::new(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!("the backend sent nothing more of the body for {limit:?}"),
@@ -162,7 +178,8 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.read.is_empty() && (self.stall.stalled || self.rest.is_end_stream())
+        self.read.is_empty()
+            && (self.stall.as_ref().is_some_and(|s| s.stalled) || self.rest.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -113,14 +113,16 @@ impl Failure {
         }
     }
 
-    /// Whether this failure counts against the circuit breaker: transport
-    /// failures and timeouts do, statuses only when 5xx (a 429 is the
-    /// backend protecting itself, not failing).
-    pub fn trips_breaker(self) -> bool {
+    /// What this failure tells the circuit breaker: `Some(true)`, a failure
+    /// (transport failures, timeouts, 5xx statuses); `Some(false)`, the
+    /// backend is fine (other statuses: a 429 is the backend protecting
+    /// itself); `None`, nothing either way — an answer Backstop cannot pass
+    /// on neither opens the circuit nor closes a half-open one.
+    pub fn breaker_verdict(self) -> Option<bool> {
         match self {
-            Failure::Status(code) => status_trips_breaker(code),
-            Failure::CircuitOpen | Failure::InvalidResponse => false,
-            _ => true,
+            Failure::Status(code) => Some(status_trips_breaker(code)),
+            Failure::CircuitOpen | Failure::InvalidResponse => None,
+            _ => Some(true),
         }
     }
 

@@ -558,11 +558,15 @@ async fn forward(
             .send_via(via, index, outgoing, last, try_deadline)
             .await;
         span.end(&result);
-        let trips = match &result {
-            Ok(response) => status_trips_breaker(response.status().as_u16()),
-            Err(failure) => failure.trips_breaker(),
+        let verdict = match &result {
+            Ok(response) => Some(status_trips_breaker(response.status().as_u16())),
+            Err(failure) => failure.breaker_verdict(),
         };
-        permit.record(breaker_config, trips, sent_at);
+        match verdict {
+            Some(failed) => permit.record(breaker_config, failed, sent_at),
+            // Unreported, the permit gives back a half-open probe's place.
+            None => drop(permit),
+        }
         let (failure, response) = match result {
             Ok(response) => match status_failure(response.status().as_u16(), retry) {
                 None => {

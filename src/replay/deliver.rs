@@ -49,6 +49,8 @@ pub async fn deliver(
             let _ = http_body_util::BodyExt::collect(response.into_body()).await;
             classify_status(status)
         }
+        // The backend had the request: sent again, it would apply it twice.
+        Err(Failure::InvalidResponse) => Delivery::Dead(describe(Failure::InvalidResponse)),
         Err(failure) => Delivery::Retry(describe(failure)),
     }
 }

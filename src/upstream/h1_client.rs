@@ -111,19 +111,19 @@ impl IdleConns {
     }
 
     /// Closes connections that the backend closed or that were idle too
-    /// long, and starts the idle clock of those newly idle, letting go of
-    /// their buffers: a burst leaves many connections idle, each holding
-    /// what its last answer needed (up to `BODY_READ_MAX` and more), and
-    /// one in use makes them anew at the cost of an allocation.
+    /// long, and starts the idle clock of those newly idle. One still idle
+    /// a sweep later lets go of its buffers: a burst leaves many
+    /// connections idle, each holding what its last answer needed (up to
+    /// `BODY_READ_MAX` and more); one taken again makes them anew at the
+    /// cost of an allocation. (Freed at the first sweep, a busy target's
+    /// connections would lose theirs at every sweep.)
     pub fn sweep(&self, now: Instant, idle_timeout: Duration) {
         self.lock().retain_mut(|c| {
-            let since = match c.idle_since {
-                Some(since) => since,
-                None => {
-                    c.release_buffers();
-                    *c.idle_since.insert(now)
-                }
+            let Some(since) = c.idle_since else {
+                c.idle_since = Some(now);
+                return c.is_open();
             };
+            c.release_buffers();
             c.is_open() && now.duration_since(since) < idle_timeout
         });
     }
@@ -160,10 +160,12 @@ impl Conn {
     /// Lets go of the read and write buffers (an idle connection has read
     /// nothing ahead: one that had is closed rather than checked in).
     fn release_buffers(&mut self) {
-        if self.read.is_empty() {
+        if self.read.is_empty() && self.read.capacity() > 0 {
             self.read = BytesMut::new();
         }
-        self.write = Vec::new();
+        if self.write.capacity() > 0 {
+            self.write = Vec::new();
+        }
         self.head_read = HEAD_READ;
     }
 
@@ -722,9 +724,17 @@ impl Drop for ConnBody {
     /// A body dropped unread (a failure status before a retry, a client
     /// gone) that is already read whole still gives its connection back.
     fn drop(&mut self) {
-        if self.idle.is_some() {
-            while let Ok(Some(_)) = self.next_data() {}
+        let Some(conn) = self.conn.as_ref().filter(|_| self.idle.is_some()) else {
+            return;
+        };
+        // Not when a length says more is still to come: the connection
+        // would be closed anyway.
+        if let Framing::Length(left) = self.framing {
+            if (conn.read.len() as u64) < left {
+                return;
+            }
         }
+        while let Ok(Some(_)) = self.next_data() {}
     }
 }
 
@@ -846,6 +856,14 @@ mod tests {
         idle.check_in(conn);
         let now = Instant::now();
         idle.sweep(now, Duration::from_secs(60));
+        let conn = idle.checkout().expect("open");
+        assert!(
+            conn.read.capacity() >= BODY_READ_MAX,
+            "kept over one sweep: it may be busy"
+        );
+        idle.check_in(conn);
+        idle.sweep(now, Duration::from_secs(60));
+        idle.sweep(now + Duration::from_secs(1), Duration::from_secs(60));
         let conn = idle.checkout().expect("still open and not idle too long");
         assert_eq!(conn.read.capacity(), 0);
         assert_eq!(conn.write.capacity(), 0);
