@@ -93,6 +93,18 @@ pub fn content_length(headers: &HeaderMap) -> Option<u64> {
     decimal(headers.get(header::CONTENT_LENGTH)?.as_bytes())
 }
 
+/// Whether an answer's `Transfer-Encoding` lines name `chunked` alone: the
+/// one transfer coding a proxy can take off and frame anew. Another
+/// (`gzip, chunked`) would reach the client unlabelled once the hop-by-hop
+/// header is dropped; nginx refuses such an answer too. Codings over
+/// several lines are a list: more than chunked.
+pub fn only_chunked<'a>(mut lines: impl Iterator<Item = &'a HeaderValue>) -> bool {
+    let only = lines
+        .next()
+        .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"));
+    only && lines.next().is_none()
+}
+
 /// Whether a comma-separated header value (`Connection`) lists `token`,
 /// in any case.
 pub fn has_token(value: &HeaderValue, token: &str) -> bool {

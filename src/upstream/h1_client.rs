@@ -566,17 +566,9 @@ fn framing(
         return Ok(Framing::Length(0));
     }
     if let Some(codings) = transfer_encoding {
-        // Only `chunked`, which the proxy decodes and frames anew: another
-        // coding (`gzip, chunked`) would reach the client unlabelled once
-        // the hop-by-hop `Transfer-Encoding` is dropped. nginx refuses such
-        // an answer too. Codings over several lines are a list: more than
-        // chunked.
-        if transfer_encoding_lines > 1
-            || !codings
-                .as_bytes()
-                .trim_ascii()
-                .eq_ignore_ascii_case(b"chunked")
-        {
+        // Only `chunked` (see `headers::only_chunked`); the lines were
+        // counted on the way, the last one kept.
+        if transfer_encoding_lines > 1 || !headers::only_chunked(std::iter::once(codings)) {
             tracing::debug!(
                 ?codings,
                 "upstream sent a transfer coding other than chunked"

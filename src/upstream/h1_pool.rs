@@ -168,7 +168,7 @@ impl H1Pool {
         ))
         .await;
         match sent {
-            Ok(result) => result.map(|response| response.map(UpstreamBody::from)),
+            Ok(result) => result.and_then(super::from_hyper),
             Err(_) => Err(Failure::Timeout),
         }
     }

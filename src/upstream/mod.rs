@@ -16,8 +16,10 @@ use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
+use http::header::TRANSFER_ENCODING;
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
+use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -31,7 +33,7 @@ use proxy_pool::{ProxyPool, Via};
 use crate::body::{RequestBody, UpstreamBody};
 use crate::classify::Failure;
 use crate::config::{RouteConfig, ServerConfig};
-use crate::headers::ProxySet;
+use crate::headers::{self, ProxySet};
 use crate::outgoing::Outgoing;
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
@@ -112,7 +114,7 @@ impl Upstream {
             // their code is not inlined into the request's (see
             // `pipeline::out_of_line`).
             let result = pool.send(proxy, request, deadline).boxed().await;
-            return self.stall_limited(result.map(|response| response.map(UpstreamBody::from)));
+            return self.stall_limited(result.and_then(from_hyper));
         }
         let own_exchange = self.h1.as_ref().filter(|pool| pool.serves(index));
         let small_body = outgoing
@@ -173,7 +175,7 @@ impl Upstream {
             set.apply_to(request.headers_mut());
         }
         match tokio::time::timeout_at(deadline.into(), self.client.request(request)).await {
-            Ok(Ok(response)) => self.stall_limited(Ok(response.map(UpstreamBody::from))),
+            Ok(Ok(response)) => self.stall_limited(from_hyper(response)),
             Ok(Err(e)) => {
                 let failure = Failure::from_client_error(&e);
                 tracing::debug!(error = %ErrorChain(&e), ?failure, "upstream attempt failed");
@@ -182,6 +184,19 @@ impl Upstream {
             Err(_) => Err(Failure::Timeout),
         }
     }
+}
+
+/// An answer of hyper's client as the request path takes it, refused when
+/// its transfer coding is more than `chunked` (hyper takes off the chunking
+/// alone and would pass on the rest unlabelled; see
+/// `headers::only_chunked`).
+fn from_hyper(response: Response<Incoming>) -> Result<Response<UpstreamBody>, Failure> {
+    let codings = response.headers().get_all(TRANSFER_ENCODING);
+    if codings.iter().next().is_some() && !headers::only_chunked(codings.iter()) {
+        tracing::debug!("upstream sent a transfer coding other than chunked");
+        return Err(Failure::InvalidResponse);
+    }
+    Ok(response.map(UpstreamBody::from))
 }
 
 /// `start + timeout`, or a time far ahead when a configured timeout is

@@ -255,3 +255,31 @@ async fn a_failure_answer_read_whole_leaves_its_connection_to_the_retry() {
         "the retry went out on the connection the 503 came on"
     );
 }
+
+#[tokio::test]
+async fn a_transfer_coding_other_than_chunked_is_refused_on_both_ways() {
+    // Passed on, the body would reach the client gzipped with no
+    // `Content-Encoding` to say so (`Transfer-Encoding` is hop-by-hop).
+    let backend = StuckBackend::start(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            .to_vec(),
+    )
+    .await;
+    let bs = Backstop::start(&route(
+        &backend.url,
+        "[routes.retry]\nmax_attempts = 1\n[routes.capture]\nenabled = false",
+    ));
+    let c = client();
+    let (status, code, _) = error_of(c.get(bs.url("/coded")).send().await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (502, "upstream_invalid_response"));
+    let (status, code, _) = error_of(
+        c.post(bs.url("/coded"))
+            .body(streamed_body())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, code.as_str()), (502, "upstream_invalid_response"));
+    assert_eq!(backend.requests(), 2);
+}
