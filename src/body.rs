@@ -36,62 +36,71 @@ pin_project_lite::pin_project! {
     /// bound before it knows whether it can store it, and hands what it read
     /// back here when it cannot.
     pub struct UpstreamBody {
-        read: VecDeque<Bytes>,
         #[pin]
         rest: Either<Incoming, ConnBody>,
+        // What few answers need, made when first needed (the answer moves
+        // through every layer of the request path, so it is kept small):
+        // chunks read ahead, and the timer of a body that has had to wait.
+        extra: Option<Pin<Box<Extra>>>,
         // How long the backend may leave the body waiting (as nginx's
         // `proxy_read_timeout`), in milliseconds; 0: no limit. Past it the
         // body fails: the client's answer is cut short, and whoever reads
         // the body (the client's connection, the cache, a replay) is let go
         // instead of waiting forever.
         stall_limit_ms: u32,
-        // Made when the body first has to wait: most answers arrive with
-        // their head and never need it.
-        stall: Option<Pin<Box<Stall>>>,
     }
 }
 
 pin_project_lite::pin_project! {
-    /// The timer of a body that has had to wait. It is set once and, when
-    /// it fires, moved on only if a frame came meanwhile: a stall is noticed
-    /// between one and two limits after the last byte, and a body that
-    /// keeps flowing costs nothing per frame but a flag.
-    struct Stall {
+    /// Chunks read ahead, and the stall timer. The timer is set when the
+    /// body first has to wait and, when it fires, moved on only if a frame
+    /// came meanwhile: a stall is noticed between one and two limits after
+    /// the last byte, and a body that keeps flowing costs a flag per frame,
+    /// not a clock reading and a timer update.
+    struct Extra {
+        read: VecDeque<Bytes>,
         #[pin]
         timer: tokio::time::Sleep,
+        armed: bool,
         progressed: bool,
         stalled: bool,
     }
 }
 
-impl UpstreamBody {
+impl Extra {
+    fn new() -> Pin<Box<Extra>> {
+        Box::pin(Extra {
+            read: VecDeque::new(),
+            // Set when armed; made now so that it need not be optional.
+            timer: tokio::time::sleep(Duration::ZERO),
+            armed: false,
+            progressed: false,
+            stalled: false,
+        })
+    }
+
     /// Whether the body has waited too long, called when it has nothing to
     /// give; arms (or moves on) the timer that wakes it to check again.
-    fn has_stalled(
-        stall: &mut Option<Pin<Box<Stall>>>,
-        limit: Duration,
-        cx: &mut Context<'_>,
-    ) -> bool {
-        let stall = stall.get_or_insert_with(|| {
-            Box::pin(Stall {
-                timer: tokio::time::sleep(limit),
-                progressed: false,
-                stalled: false,
-            })
-        });
-        let mut stall = stall.as_mut().project();
-        while stall.timer.as_mut().poll(cx).is_ready() {
-            if !*stall.progressed {
+    fn has_stalled(self: Pin<&mut Self>, limit: Duration, cx: &mut Context<'_>) -> bool {
+        let mut this = self.project();
+        if !*this.armed {
+            *this.armed = true;
+            *this.progressed = false;
+            this.timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + limit);
+        }
+        while this.timer.as_mut().poll(cx).is_ready() {
+            if !*this.progressed {
                 tracing::warn!(
                     ?limit,
                     "the backend left its answer's body waiting too long; cutting it"
                 );
-                *stall.stalled = true;
+                *this.stalled = true;
                 return true;
             }
-            *stall.progressed = false;
-            stall
-                .timer
+            *this.progressed = false;
+            this.timer
                 .as_mut()
                 .reset(tokio::time::Instant::now() + limit);
         }
@@ -103,43 +112,35 @@ impl UpstreamBody {
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl UpstreamBody {
-    /// Fails the body when the backend sends nothing more of it for
-    /// `limit` (the route's per-try `request_timeout`).
-    pub fn stall_after(&mut self, limit: Duration) {
-        self.stall_limit_ms = u32::try_from(limit.as_millis()).unwrap_or(u32::MAX);
+    /// A body read by hyper's client (HTTP/2, TLS, outbound proxies, and
+    /// request bodies that stream), failing when the backend sends nothing
+    /// more of it for `stall_limit` (the route's `request_timeout`).
+    pub fn hyper(body: Incoming, stall_limit: Duration) -> UpstreamBody {
+        UpstreamBody::new(Either::Left(body), stall_limit)
+    }
+
+    /// A body read by Backstop's own HTTP/1.1 exchange, failing as
+    /// [`UpstreamBody::hyper`]'s.
+    pub fn own(body: ConnBody, stall_limit: Duration) -> UpstreamBody {
+        UpstreamBody::new(Either::Right(body), stall_limit)
+    }
+
+    fn new(rest: Either<Incoming, ConnBody>, stall_limit: Duration) -> UpstreamBody {
+        UpstreamBody {
+            rest,
+            extra: None,
+            stall_limit_ms: u32::try_from(stall_limit.as_millis()).unwrap_or(u32::MAX),
+        }
     }
 
     /// Puts chunks read from this body back in front of it, in order.
     pub fn prepend(mut self, chunks: Vec<Bytes>) -> UpstreamBody {
+        let extra = self.extra.get_or_insert_with(Extra::new);
+        let read = extra.as_mut().project().read;
         for chunk in chunks.into_iter().rev() {
-            self.read.push_front(chunk);
+            read.push_front(chunk);
         }
         self
-    }
-}
-
-impl From<Incoming> for UpstreamBody {
-    /// A body read by hyper's client (HTTP/2, TLS, outbound proxies, and
-    /// request bodies that stream).
-    fn from(rest: Incoming) -> Self {
-        UpstreamBody {
-            read: VecDeque::new(),
-            rest: Either::Left(rest),
-            stall_limit_ms: 0,
-            stall: None,
-        }
-    }
-}
-
-impl From<ConnBody> for UpstreamBody {
-    /// A body read by Backstop's own HTTP/1.1 exchange.
-    fn from(rest: ConnBody) -> Self {
-        UpstreamBody {
-            read: VecDeque::new(),
-            rest: Either::Right(rest),
-            stall_limit_ms: 0,
-            stall: None,
-        }
     }
 }
 
@@ -152,15 +153,18 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.project();
-        if let Some(chunk) = this.read.pop_front() {
-            return Poll::Ready(Some(Ok(Frame::data(chunk))));
-        }
-        if this.stall.as_ref().is_some_and(|s| s.stalled) {
-            return Poll::Ready(None);
+        if let Some(extra) = this.extra.as_mut() {
+            let extra = extra.as_mut().project();
+            if let Some(chunk) = extra.read.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(chunk))));
+            }
+            if *extra.stalled {
+                return Poll::Ready(None);
+            }
         }
         if let Poll::Ready(frame) = this.rest.poll_frame(cx) {
-            if let Some(stall) = this.stall.as_mut() {
-                *stall.as_mut().project().progressed = true;
+            if let Some(extra) = this.extra.as_mut() {
+                *extra.as_mut().project().progressed = true;
             }
             return Poll::Ready(frame);
         }
@@ -168,7 +172,8 @@ impl Body for UpstreamBody {
             return Poll::Pending;
         }
         let limit = Duration::from_millis(u64::from(*this.stall_limit_ms));
-        if UpstreamBody::has_stalled(this.stall, limit, cx) {
+        let extra = this.extra.get_or_insert_with(Extra::new);
+        if extra.as_mut().has_stalled(limit, cx) {
             return Poll::Ready(Some(Err(Box::new(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!("the backend sent nothing more of the body for {limit:?}"),
@@ -178,12 +183,17 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.read.is_empty()
-            && (self.stall.as_ref().is_some_and(|s| s.stalled) || self.rest.is_end_stream())
+        match &self.extra {
+            None => self.rest.is_end_stream(),
+            Some(extra) => extra.read.is_empty() && (extra.stalled || self.rest.is_end_stream()),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        let read: u64 = self.read.iter().map(|c| c.len() as u64).sum();
+        let read: u64 = self
+            .extra
+            .as_ref()
+            .map_or(0, |e| e.read.iter().map(|c| c.len() as u64).sum());
         let rest = self.rest.size_hint();
         let mut hint = SizeHint::new();
         hint.set_lower(rest.lower() + read);

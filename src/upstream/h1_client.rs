@@ -714,19 +714,22 @@ impl ConnBody {
 
 impl Drop for ConnBody {
     /// A body dropped unread (a failure status before a retry, a client
-    /// gone) that is already read whole still gives its connection back.
+    /// gone) that is already read whole still gives its connection back:
+    /// when its length says exactly what is buffered. (A chunked one is
+    /// left to close: decoding it here made `next_data` a function of its
+    /// own, called, where inlined into `poll_frame` it costs ~75
+    /// instructions less per request.)
     fn drop(&mut self) {
-        let Some(conn) = self.conn.as_ref().filter(|_| self.idle.is_some()) else {
+        let Framing::Length(left) = self.framing else {
             return;
         };
-        // Not when a length says more is still to come: the connection
-        // would be closed anyway.
-        if let Framing::Length(left) = self.framing {
-            if (conn.read.len() as u64) < left {
-                return;
-            }
+        let Some(conn) = self.conn.as_mut().filter(|_| self.idle.is_some()) else {
+            return;
+        };
+        if conn.read.len() as u64 == left {
+            conn.read.clear();
+            self.finish();
         }
-        while let Ok(Some(_)) = self.next_data() {}
     }
 }
 

@@ -66,6 +66,8 @@ struct Shared {
     targets: Vec<Option<TargetConns>>,
     connector: HttpConnector,
     idle_timeout: Duration,
+    /// How long an answer's body may wait for more (`UpstreamBody`).
+    stall_limit: Duration,
     sweeper: std::sync::Once,
 }
 
@@ -100,7 +102,12 @@ impl Conn {
 
 impl H1Pool {
     /// A pool for the `http://` targets among `bases`; `None` when none is.
-    pub fn new(bases: &[Uri], connect_timeout: Duration, idle_timeout: Duration) -> Option<Self> {
+    pub fn new(
+        bases: &[Uri],
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        stall_limit: Duration,
+    ) -> Option<Self> {
         let targets: Vec<Option<TargetConns>> = bases.iter().map(TargetConns::new).collect();
         if targets.iter().all(Option::is_none) {
             return None;
@@ -113,6 +120,7 @@ impl H1Pool {
                 targets,
                 connector,
                 idle_timeout,
+                stall_limit,
                 sweeper: std::sync::Once::new(),
             }),
         })
@@ -168,7 +176,7 @@ impl H1Pool {
         ))
         .await;
         match sent {
-            Ok(result) => result.and_then(super::from_hyper),
+            Ok(result) => result.and_then(|r| super::from_hyper(r, self.shared.stall_limit)),
             Err(_) => Err(Failure::Timeout),
         }
     }
@@ -230,7 +238,10 @@ impl H1Pool {
                 deadline.into(),
             );
             match exchange.await {
-                Ok(response) => return Ok(response.map(UpstreamBody::from)),
+                Ok(response) => {
+                    let stall_limit = self.shared.stall_limit;
+                    return Ok(response.map(|body| UpstreamBody::own(body, stall_limit)));
+                }
                 // A kept-alive connection that the backend closed while it
                 // sat idle (its close still on the way when it was checked
                 // out) answers nothing; an idempotent request goes again,
@@ -449,6 +460,8 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
+    const SECOND: Duration = Duration::from_secs(1);
+
     /// Reads one request head (the test sends no bodies); `None` at EOF.
     async fn read_head(stream: &mut TcpStream) -> Option<String> {
         let mut head = Vec::new();
@@ -472,6 +485,7 @@ mod tests {
             std::slice::from_ref(&base),
             Duration::from_secs(1),
             idle_timeout,
+            Duration::from_secs(60),
         )
         .unwrap();
         (listener, base, pool)
@@ -932,7 +946,7 @@ mod tests {
             .iter()
             .map(|u| u.parse().unwrap())
             .collect();
-        let pool = H1Pool::new(&bases, Duration::from_secs(1), Duration::from_secs(1)).unwrap();
+        let pool = H1Pool::new(&bases, SECOND, SECOND, SECOND).unwrap();
         assert!(!pool.serves(0));
         assert!(pool.serves(1));
         let host = |i: usize| pool.shared.targets[i].as_ref().unwrap().host.clone();
@@ -942,6 +956,6 @@ mod tests {
             "c",
             "the default port is left out, as hyper-util does"
         );
-        assert!(H1Pool::new(&bases[..1], Duration::from_secs(1), Duration::from_secs(1)).is_none());
+        assert!(H1Pool::new(&bases[..1], SECOND, SECOND, SECOND).is_none());
     }
 }

@@ -81,6 +81,7 @@ impl Upstream {
                 &route.upstreams,
                 server.connect_timeout,
                 server.upstream_idle_timeout,
+                route.circuit_breaker.request_timeout,
             )
         };
         Ok(Upstream {
@@ -114,7 +115,7 @@ impl Upstream {
             // their code is not inlined into the request's (see
             // `pipeline::out_of_line`).
             let result = pool.send(proxy, request, deadline).boxed().await;
-            return self.stall_limited(result.and_then(from_hyper));
+            return result.and_then(|r| from_hyper(r, self.stall_limit));
         }
         let own_exchange = self.h1.as_ref().filter(|pool| pool.serves(index));
         let small_body = outgoing
@@ -128,23 +129,12 @@ impl Upstream {
                 headers: outgoing.headers(),
                 set: Some(&outgoing.set),
             };
-            return self.stall_limited(pool.exchange(index, &head, body, deadline).await);
+            return pool.exchange(index, &head, body, deadline).await;
         }
         let request = outgoing.request_for(base, last)?;
         self.send(index, request, Some(&outgoing.set), deadline)
             .boxed()
             .await
-    }
-
-    /// An answer whose body fails when the backend stops sending it.
-    fn stall_limited(
-        &self,
-        result: Result<Response<UpstreamBody>, Failure>,
-    ) -> Result<Response<UpstreamBody>, Failure> {
-        result.map(|mut response| {
-            response.body_mut().stall_after(self.stall_limit);
-            response
-        })
     }
 
     /// After an attempt that never reached the backend: skip for a while
@@ -169,13 +159,13 @@ impl Upstream {
         if let Some(pool) = self.h1.as_ref().filter(|pool| pool.serves(index)) {
             // The pool keeps the deadline itself (a timer per connection)
             // and writes `set` into the request head.
-            return self.stall_limited(pool.send(index, request, set, deadline).await);
+            return pool.send(index, request, set, deadline).await;
         }
         if let Some(set) = set {
             set.apply_to(request.headers_mut());
         }
         match tokio::time::timeout_at(deadline.into(), self.client.request(request)).await {
-            Ok(Ok(response)) => self.stall_limited(from_hyper(response)),
+            Ok(Ok(response)) => from_hyper(response, self.stall_limit),
             Ok(Err(e)) => {
                 let failure = Failure::from_client_error(&e);
                 tracing::debug!(error = %ErrorChain(&e), ?failure, "upstream attempt failed");
@@ -189,14 +179,18 @@ impl Upstream {
 /// An answer of hyper's client as the request path takes it, refused when
 /// its transfer coding is more than `chunked` (hyper takes off the chunking
 /// alone and would pass on the rest unlabelled; see
-/// `headers::only_chunked`).
-fn from_hyper(response: Response<Incoming>) -> Result<Response<UpstreamBody>, Failure> {
+/// `headers::only_chunked`), its body failing when it stalls for
+/// `stall_limit`.
+fn from_hyper(
+    response: Response<Incoming>,
+    stall_limit: Duration,
+) -> Result<Response<UpstreamBody>, Failure> {
     let codings = response.headers().get_all(TRANSFER_ENCODING);
     if codings.iter().next().is_some() && !headers::only_chunked(codings.iter()) {
         tracing::debug!("upstream sent a transfer coding other than chunked");
         return Err(Failure::InvalidResponse);
     }
-    Ok(response.map(UpstreamBody::from))
+    Ok(response.map(|body| UpstreamBody::hyper(body, stall_limit)))
 }
 
 /// `start + timeout`, or a time far ahead when a configured timeout is
