@@ -12,9 +12,11 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::harness::{client, error_of, Backend, Backstop, Reply};
 
-/// A hand-written backend that answers every request with `answer` and then
-/// holds the connection open (as a stuck backend would) for a minute.
-/// Counts the requests it read.
+/// A hand-written backend that answers the requests it reads with `answers`
+/// in turn (the last one again once they run out), whatever they say: they
+/// need not be HTTP, nor end where they claim to. It keeps every connection
+/// open until the other side closes it, as a stuck backend would, and
+/// counts the requests it read.
 struct StuckBackend {
     url: String,
     requests: Arc<AtomicUsize>,
@@ -22,15 +24,19 @@ struct StuckBackend {
 
 impl StuckBackend {
     async fn start(answer: Vec<u8>) -> StuckBackend {
+        StuckBackend::scripted(vec![answer]).await
+    }
+
+    async fn scripted(answers: Vec<Vec<u8>>) -> StuckBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let requests = Arc::new(AtomicUsize::new(0));
         let counted = requests.clone();
-        let answer = Arc::new(answer);
+        let answers = Arc::new(answers);
         tokio::spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {
-                let (answer, counted) = (answer.clone(), counted.clone());
-                tokio::spawn(async move { serve_stuck(conn, &answer, &counted).await });
+                let (answers, counted) = (answers.clone(), counted.clone());
+                tokio::spawn(async move { serve_stuck(conn, &answers, &counted).await });
             }
         });
         StuckBackend { url, requests }
@@ -41,36 +47,52 @@ impl StuckBackend {
     }
 }
 
-/// Reads one request (head and `content-length` body), answers, holds on.
-async fn serve_stuck(mut conn: TcpStream, answer: &[u8], requests: &AtomicUsize) {
+/// Reads requests (head and `content-length` body) and answers each.
+async fn serve_stuck(mut conn: TcpStream, answers: &[Vec<u8>], requests: &AtomicUsize) {
     let mut wire = Vec::new();
     let mut buf = [0u8; 16 * 1024];
-    let head_end = loop {
-        if let Some(at) = wire.windows(4).position(|w| w == b"\r\n\r\n") {
-            break at + 4;
+    loop {
+        let head_end = loop {
+            if let Some(at) = wire.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => wire.extend_from_slice(&buf[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&wire[..head_end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map_or(0, |v| v.trim().parse().unwrap_or(0));
+        while wire.len() < head_end + length {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => wire.extend_from_slice(&buf[..n]),
+            }
         }
-        match conn.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => wire.extend_from_slice(&buf[..n]),
-        }
-    };
-    let head = String::from_utf8_lossy(&wire[..head_end]).to_ascii_lowercase();
-    let length: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .map_or(0, |v| v.trim().parse().unwrap_or(0));
-    while wire.len() < head_end + length {
-        match conn.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => wire.extend_from_slice(&buf[..n]),
+        wire.drain(..head_end + length);
+        let n = requests.fetch_add(1, Ordering::SeqCst);
+        let answer = &answers[n.min(answers.len() - 1)];
+        if conn.write_all(answer).await.is_err() {
+            return;
         }
     }
-    requests.fetch_add(1, Ordering::SeqCst);
-    if conn.write_all(answer).await.is_err() {
-        return;
-    }
-    tokio::time::sleep(Duration::from_secs(60)).await;
 }
+
+/// An answer with 120 header lines: more than the 100 that Backstop (like
+/// hyper) reads.
+fn too_many_headers() -> Vec<u8> {
+    let mut answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n".to_vec();
+    for i in 0..120 {
+        answer.extend_from_slice(format!("x-many-{i}: {i}\r\n").as_bytes());
+    }
+    answer.extend_from_slice(b"\r\nok");
+    answer
+}
+
+const UNAVAILABLE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n";
 
 fn route(upstream: &str, extra: &str) -> String {
     format!(
@@ -199,13 +221,7 @@ async fn a_body_that_keeps_coming_slowly_is_not_cut() {
 
 #[tokio::test]
 async fn an_answer_that_cannot_be_passed_on_is_a_502_not_retried_nor_held_against_the_backend() {
-    // 120 header lines: more than the 100 that Backstop (like hyper) reads.
-    let mut answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n".to_vec();
-    for i in 0..120 {
-        answer.extend_from_slice(format!("x-many-{i}: {i}\r\n").as_bytes());
-    }
-    answer.extend_from_slice(b"\r\nok");
-    let backend = StuckBackend::start(answer).await;
+    let backend = StuckBackend::start(too_many_headers()).await;
     let bs = Backstop::start(&route(
         &backend.url,
         "[routes.circuit_breaker]\nfailure_threshold = 2\n\
@@ -284,4 +300,73 @@ async fn a_transfer_coding_other_than_chunked_is_refused_on_both_ways() {
         (502, "upstream_invalid_response".to_string())
     );
     assert_eq!(backend.requests(), 2);
+}
+
+#[tokio::test]
+async fn an_invalid_answer_does_not_close_a_half_open_circuit() {
+    // A 503 opens the circuit; once it half-opens, the backend answers
+    // what cannot be passed on: no success, so the circuit stays half-open
+    // (one success would close it) and takes the next probe.
+    let backend = StuckBackend::scripted(vec![UNAVAILABLE.to_vec(), too_many_headers()]).await;
+    let bs = Backstop::start(&route(
+        &backend.url,
+        "[routes.circuit_breaker]\nfailure_threshold = 1\nsuccess_threshold = 1\nreset_timeout = \"1s\"\n\
+         [routes.retry]\nmax_attempts = 1\n[routes.capture]\nenabled = false",
+    ));
+    let c = client();
+    assert_eq!(c.get(bs.url("/probe")).send().await.unwrap().status(), 503);
+    assert_eq!(circuit_state(&bs).await, "open");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for _ in 0..2 {
+        let (status, code, _) = error_of(c.get(bs.url("/probe")).send().await.unwrap()).await;
+        assert_eq!((status, code.as_str()), (502, "upstream_invalid_response"));
+        assert_eq!(circuit_state(&bs).await, "half_open");
+    }
+    assert_eq!(backend.requests(), 3);
+}
+
+#[tokio::test]
+async fn a_replay_answered_invalidly_is_dead_lettered_not_sent_again() {
+    // Live: 503, captured. Replay: an answer that cannot be passed on — the
+    // backend had the request, so it is not sent a third time.
+    let backend = StuckBackend::scripted(vec![UNAVAILABLE.to_vec(), too_many_headers()]).await;
+    let bs = Backstop::start(&format!(
+        "[replay]\ninitial_delay = \"100ms\"\nmax_delay = \"200ms\"\nmax_attempts = 5\n\n{}",
+        route(
+            &backend.url,
+            "[routes.retry]\nmax_attempts = 1\n[routes.capture]\nenabled = true"
+        )
+    ));
+    let r = client()
+        .post(bs.url("/orders"))
+        .body("order")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("x-backstop-capture-id"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let dead = loop {
+        let dead: serde_json::Value = bs.admin_json("/queue/dead-letters").await;
+        if dead["dead_letters"]
+            .as_array()
+            .is_some_and(|d| !d.is_empty())
+        {
+            break dead;
+        }
+        assert!(Instant::now() < deadline, "never dead-lettered: {dead}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        dead["dead_letters"][0]["error"], "invalid_response",
+        "{dead}"
+    );
+    assert_eq!(dead["dead_letters"][0]["attempts"], 1, "{dead}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(backend.requests(), 2, "sent live once and replayed once");
+}
+
+async fn circuit_state(bs: &Backstop) -> serde_json::Value {
+    let status: serde_json::Value = bs.admin_json("/circuit-status").await;
+    status["circuits"][0]["state"].clone()
 }
