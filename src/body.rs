@@ -61,35 +61,29 @@ pin_project_lite::pin_project! {
         read: VecDeque<Bytes>,
         #[pin]
         timer: tokio::time::Sleep,
-        armed: bool,
         progressed: bool,
         stalled: bool,
     }
 }
 
 impl Extra {
-    fn new() -> Pin<Box<Extra>> {
+    /// Made when the body first has to wait, or is handed back by the cache
+    /// (both times its last read): the stall is timed from now. Without a
+    /// limit the timer is never polled.
+    fn new(limit: Duration) -> Pin<Box<Extra>> {
         Box::pin(Extra {
             read: VecDeque::new(),
-            // Set when armed; made now so that it need not be optional.
-            timer: tokio::time::sleep(Duration::ZERO),
-            armed: false,
+            timer: tokio::time::sleep(limit),
             progressed: false,
             stalled: false,
         })
     }
 
     /// Whether the body has waited too long, called when it has nothing to
-    /// give; arms (or moves on) the timer that wakes it to check again.
+    /// give; moves the timer on (when a frame came since it was set) and
+    /// leaves it to wake the body to check again.
     fn has_stalled(self: Pin<&mut Self>, limit: Duration, cx: &mut Context<'_>) -> bool {
         let mut this = self.project();
-        if !*this.armed {
-            *this.armed = true;
-            *this.progressed = false;
-            this.timer
-                .as_mut()
-                .reset(tokio::time::Instant::now() + limit);
-        }
         while this.timer.as_mut().poll(cx).is_ready() {
             if !*this.progressed {
                 tracing::warn!(
@@ -133,9 +127,15 @@ impl UpstreamBody {
         }
     }
 
+    /// How long the backend may leave the body waiting.
+    fn stall_limit(&self) -> Duration {
+        Duration::from_millis(u64::from(self.stall_limit_ms))
+    }
+
     /// Puts chunks read from this body back in front of it, in order.
     pub fn prepend(mut self, chunks: Vec<Bytes>) -> UpstreamBody {
-        let extra = self.extra.get_or_insert_with(Extra::new);
+        let limit = self.stall_limit();
+        let extra = self.extra.get_or_insert_with(|| Extra::new(limit));
         let read = extra.as_mut().project().read;
         for chunk in chunks.into_iter().rev() {
             read.push_front(chunk);
@@ -172,7 +172,7 @@ impl Body for UpstreamBody {
             return Poll::Pending;
         }
         let limit = Duration::from_millis(u64::from(*this.stall_limit_ms));
-        let extra = this.extra.get_or_insert_with(Extra::new);
+        let extra = this.extra.get_or_insert_with(|| Extra::new(limit));
         if extra.as_mut().has_stalled(limit, cx) {
             return Poll::Ready(Some(Err(Box::new(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,

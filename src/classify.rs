@@ -28,8 +28,8 @@ pub enum Failure {
     /// pass on: a malformed or oversized head (more than 100 header lines,
     /// 256 KiB), a body that cannot be framed, a transfer coding other than
     /// chunked. The backend had the request and is up: the answer is not
-    /// retried, not captured (a replay would apply it twice) and does not
-    /// count against the breaker (nginx's `invalid_header`, off by default
+    /// retried, not captured (a replay would apply it twice) and tells the
+    /// breaker nothing either way (nginx's `invalid_header`, off by default
     /// in `proxy_next_upstream`, is treated alike).
     InvalidResponse,
     /// The backend answered with a status listed as a failure.
@@ -50,16 +50,14 @@ impl Failure {
     /// Classifies an error of an HTTP exchange on an open connection
     /// (hyper's, directly or inside its client's error).
     pub fn from_exchange_error(err: &(dyn StdError + 'static)) -> Failure {
-        let mut source: Option<&(dyn StdError + 'static)> = Some(err);
-        while let Some(e) = source {
-            if let Some(hyper) = e.downcast_ref::<hyper::Error>() {
-                if hyper.is_parse() || hyper.is_parse_status() || hyper.is_parse_too_large() {
-                    return Failure::InvalidResponse;
-                }
-            }
-            source = e.source();
+        let unparsable = chain(err)
+            .filter_map(|e| e.downcast_ref::<hyper::Error>())
+            .any(|e| e.is_parse() || e.is_parse_status() || e.is_parse_too_large());
+        if unparsable {
+            Failure::InvalidResponse
+        } else {
+            Failure::Reset
         }
-        Failure::Reset
     }
 
     /// Classifies an error of connecting (hyper-util's `HttpConnector`,
@@ -159,28 +157,21 @@ pub fn status_failure(status: u16, retry: &RetryConfig) -> Option<Failure> {
         .then_some(Failure::Status(status))
 }
 
+/// `err` and the errors behind it, outermost first.
+fn chain<'a>(
+    err: &'a (dyn StdError + 'static),
+) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
+    std::iter::successors(Some(err), |&e| e.source())
+}
+
 fn io_error_kind(err: &(dyn StdError + 'static)) -> Option<io::ErrorKind> {
-    let mut source: Option<&(dyn StdError + 'static)> = Some(err);
-    while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<io::Error>() {
-            return Some(io.kind());
-        }
-        source = e.source();
-    }
-    None
+    chain(err).find_map(|e| e.downcast_ref::<io::Error>().map(io::Error::kind))
 }
 
 /// hyper-util reports DNS failures only as a message ("dns error"), so the
 /// error chain's text is the one place that tells them apart.
 fn chain_mentions(err: &(dyn StdError + 'static), needle: &str) -> bool {
-    let mut source: Option<&(dyn StdError + 'static)> = Some(err);
-    while let Some(e) = source {
-        if e.to_string().contains(needle) {
-            return true;
-        }
-        source = e.source();
-    }
-    false
+    chain(err).any(|e| e.to_string().contains(needle))
 }
 
 /// Whether an answer with this status counts against the circuit breaker:
