@@ -41,6 +41,8 @@ pub struct ServerConfig {
     pub connect_timeout: Duration,
     /// How long a kept-alive upstream connection may stay unused.
     pub upstream_idle_timeout: Duration,
+    /// Idle keep-alive connections kept per upstream target.
+    pub upstream_max_idle: usize,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub admin_token: Option<String>,
@@ -447,6 +449,7 @@ impl ServerConfig {
             drain_timeout: s.duration("drain_timeout", secs(30), SECONDS),
             connect_timeout: s.duration("connect_timeout", secs(2), SECONDS),
             upstream_idle_timeout: s.duration("upstream_idle_timeout", secs(90), SECONDS),
+            upstream_max_idle: s.get("upstream_max_idle", 256usize),
             tls_cert,
             tls_key,
             admin_token,

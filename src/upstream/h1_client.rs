@@ -84,15 +84,25 @@ pub struct Conn {
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-/// A target's idle connections, most recently used last.
-#[derive(Default)]
-#[expect(
-    clippy::vec_box,
-    reason = "a connection is boxed for life (see `Conn`)"
-)]
-pub struct IdleConns(Mutex<Vec<Box<Conn>>>);
+/// A target's idle connections, most recently used last, and how many it
+/// keeps.
+pub struct IdleConns {
+    #[expect(
+        clippy::vec_box,
+        reason = "a connection is boxed for life (see `Conn`)"
+    )]
+    conns: Mutex<Vec<Box<Conn>>>,
+    max: usize,
+}
 
 impl IdleConns {
+    pub fn new(max: usize) -> Self {
+        IdleConns {
+            conns: Mutex::default(),
+            max,
+        }
+    }
+
     /// The most recently used connection that is still open, dropping
     /// closed ones on the way (expired ones are the sweeper's).
     pub fn checkout(&self) -> Option<Box<Conn>> {
@@ -105,9 +115,16 @@ impl IdleConns {
         None
     }
 
+    /// Keeps `conn` for reuse, or closes it when `max` are kept already (a
+    /// burst's extra connections go at once, not an idle timeout later).
     fn check_in(&self, mut conn: Box<Conn>) {
         conn.idle_since = None;
-        self.lock().push(conn);
+        let mut idle = self.lock();
+        if idle.len() < self.max {
+            idle.push(conn);
+        }
+        // Otherwise `conn` is dropped here, after the lock: closing a
+        // socket is a system call.
     }
 
     /// Closes connections that the backend closed or that were idle too
@@ -128,7 +145,6 @@ impl IdleConns {
         });
     }
 
-    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.lock().len()
     }
@@ -140,7 +156,7 @@ impl IdleConns {
         reason = "a connection is boxed for life (see `Conn`)"
     )]
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Box<Conn>>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -847,7 +863,7 @@ mod tests {
         conn.read.reserve(BODY_READ_MAX);
         conn.write.reserve(MAX_BODY);
         conn.head_read = BODY_READ_MAX;
-        let idle = IdleConns::default();
+        let idle = IdleConns::new(8);
         idle.check_in(conn);
         let now = Instant::now();
         idle.sweep(now, Duration::from_secs(60));
@@ -863,6 +879,25 @@ mod tests {
         assert_eq!(conn.read.capacity(), 0);
         assert_eq!(conn.write.capacity(), 0);
         assert_eq!(conn.head_read, HEAD_READ);
+    }
+
+    #[tokio::test]
+    async fn a_connection_coming_back_to_a_full_idle_list_is_closed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let idle = IdleConns::new(1);
+        let mut accepted = Vec::new();
+        for _ in 0..2 {
+            let io = TcpStream::connect(addr).await.unwrap();
+            accepted.push(listener.accept().await.unwrap().0);
+            idle.check_in(Conn::new(io));
+        }
+        assert_eq!(idle.len(), 1);
+        // The backend sees the second connection closed.
+        let mut byte = [0u8; 1];
+        let read = tokio::io::AsyncReadExt::read(&mut accepted[1], &mut byte);
+        let eof = tokio::time::timeout(Duration::from_secs(5), read).await;
+        assert_eq!(eof.unwrap().unwrap(), 0);
     }
 
     /// The headers of a written head, lowercased, sorted.

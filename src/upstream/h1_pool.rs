@@ -62,12 +62,23 @@ pub struct H1Pool {
     shared: Arc<Shared>,
 }
 
+/// What bounds a pool's connections and the answers read from them.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolLimits {
+    pub connect_timeout: Duration,
+    /// A connection unused for this long is closed.
+    pub idle_timeout: Duration,
+    /// At most this many idle connections are kept per target; one more
+    /// coming back is closed.
+    pub max_idle: usize,
+    /// How long an answer's body may wait for more (`UpstreamBody`).
+    pub stall_limit: Duration,
+}
+
 struct Shared {
     targets: Vec<Option<TargetConns>>,
     connector: HttpConnector,
-    idle_timeout: Duration,
-    /// How long an answer's body may wait for more (`UpstreamBody`).
-    stall_limit: Duration,
+    limits: PoolLimits,
     sweeper: std::sync::Once,
 }
 
@@ -102,25 +113,22 @@ impl Conn {
 
 impl H1Pool {
     /// A pool for the `http://` targets among `bases`; `None` when none is.
-    pub fn new(
-        bases: &[Uri],
-        connect_timeout: Duration,
-        idle_timeout: Duration,
-        stall_limit: Duration,
-    ) -> Option<Self> {
-        let targets: Vec<Option<TargetConns>> = bases.iter().map(TargetConns::new).collect();
+    pub fn new(bases: &[Uri], limits: PoolLimits) -> Option<Self> {
+        let targets: Vec<Option<TargetConns>> = bases
+            .iter()
+            .map(|base| TargetConns::new(base, limits.max_idle))
+            .collect();
         if targets.iter().all(Option::is_none) {
             return None;
         }
         let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_connect_timeout(Some(limits.connect_timeout));
         connector.set_nodelay(true);
         Some(H1Pool {
             shared: Arc::new(Shared {
                 targets,
                 connector,
-                idle_timeout,
-                stall_limit,
+                limits,
                 sweeper: std::sync::Once::new(),
             }),
         })
@@ -176,7 +184,7 @@ impl H1Pool {
         ))
         .await;
         match sent {
-            Ok(result) => result.and_then(|r| super::from_hyper(r, self.shared.stall_limit)),
+            Ok(result) => result.and_then(|r| super::from_hyper(r, self.shared.limits.stall_limit)),
             Err(_) => Err(Failure::Timeout),
         }
     }
@@ -239,7 +247,7 @@ impl H1Pool {
             );
             match exchange.await {
                 Ok(response) => {
-                    let stall_limit = self.shared.stall_limit;
+                    let stall_limit = self.shared.limits.stall_limit;
                     return Ok(response.map(|body| UpstreamBody::own(body, stall_limit)));
                 }
                 // A kept-alive connection that the backend closed while it
@@ -270,7 +278,7 @@ impl H1Pool {
     ) -> Result<Response<Incoming>, Failure> {
         let mut request = origin_form(request, &target.host);
         loop {
-            let pooled = target.checkout(self.shared.idle_timeout);
+            let pooled = target.checkout(self.shared.limits.idle_timeout);
             let reused = pooled.is_some();
             let mut sender = match pooled {
                 Some(sender) => sender,
@@ -338,16 +346,17 @@ impl H1Pool {
     fn start_sweeper(&self) {
         self.shared.sweeper.call_once(|| {
             let weak: Weak<Shared> = Arc::downgrade(&self.shared);
-            let every = sweep_interval(self.shared.idle_timeout);
+            let every = sweep_interval(self.shared.limits.idle_timeout);
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(every);
                 loop {
                     tick.tick().await;
                     let Some(shared) = weak.upgrade() else { break };
                     let now = Instant::now();
+                    let limits = &shared.limits;
                     for target in shared.targets.iter().flatten() {
-                        target.sweep(now, shared.idle_timeout);
-                        target.idle.sweep(now, shared.idle_timeout);
+                        target.idle.sweep(now, limits.idle_timeout);
+                        target.sweep(now, limits);
                     }
                 }
             });
@@ -356,7 +365,7 @@ impl H1Pool {
 }
 
 impl TargetConns {
-    fn new(base: &Uri) -> Option<TargetConns> {
+    fn new(base: &Uri, max_idle: usize) -> Option<TargetConns> {
         if base.scheme_str() != Some("http") {
             return None;
         }
@@ -377,7 +386,7 @@ impl TargetConns {
             address,
             host,
             conns: Mutex::new(Vec::new()),
-            idle: Arc::default(),
+            idle: Arc::new(IdleConns::new(max_idle)),
         })
     }
 
@@ -409,15 +418,20 @@ impl TargetConns {
         self.lock().push(conn);
     }
 
-    /// Drops closed and expired connections, and moves the busy ones to the
-    /// front (in their order), so that idle ones come back within a
-    /// checkout's [`SCAN_LIMIT`] even behind many long-busy ones.
-    fn sweep(&self, now: Instant, idle_timeout: Duration) {
+    /// Drops closed and expired connections, and the longest idle ones
+    /// beyond what `max_idle` leaves after the exchange's idle list; moves
+    /// the busy ones to the front (in their order), so that idle ones come
+    /// back within a checkout's [`SCAN_LIMIT`] even behind many long-busy
+    /// ones. (A sender comes back here busy, with its answer's head, so its
+    /// list is bounded here rather than at check-in.)
+    fn sweep(&self, now: Instant, limits: &PoolLimits) {
+        let room = limits.max_idle.saturating_sub(self.idle.len());
         let mut conns = self.lock();
-        let (mut busy, idle): (Vec<Conn>, Vec<Conn>) = std::mem::take(&mut *conns)
+        let (mut busy, mut idle): (Vec<Conn>, Vec<Conn>) = std::mem::take(&mut *conns)
             .into_iter()
-            .filter(|c| !c.is_done(now, idle_timeout))
+            .filter(|c| !c.is_done(now, limits.idle_timeout))
             .partition(|c| !c.sender.is_ready());
+        idle.drain(..idle.len().saturating_sub(room));
         for conn in &mut busy {
             conn.returned_at = now;
         }
@@ -462,6 +476,15 @@ mod tests {
 
     const SECOND: Duration = Duration::from_secs(1);
 
+    fn limits() -> PoolLimits {
+        PoolLimits {
+            connect_timeout: SECOND,
+            idle_timeout: SECOND,
+            max_idle: 8,
+            stall_limit: Duration::from_secs(60),
+        }
+    }
+
     /// Reads one request head (the test sends no bodies); `None` at EOF.
     async fn read_head(stream: &mut TcpStream) -> Option<String> {
         let mut head = Vec::new();
@@ -481,13 +504,11 @@ mod tests {
         let base: Uri = format!("http://{}/", listener.local_addr().unwrap())
             .parse()
             .unwrap();
-        let pool = H1Pool::new(
-            std::slice::from_ref(&base),
-            Duration::from_secs(1),
+        let limits = PoolLimits {
             idle_timeout,
-            Duration::from_secs(60),
-        )
-        .unwrap();
+            ..limits()
+        };
+        let pool = H1Pool::new(std::slice::from_ref(&base), limits).unwrap();
         (listener, base, pool)
     }
 
@@ -542,9 +563,12 @@ mod tests {
         // A sweep starts the idle clock (this one, or the sweeper task's
         // first, moments ago); one a timeout later closes the connection.
         let now = Instant::now();
-        idle.sweep(now, pool.shared.idle_timeout);
+        idle.sweep(now, pool.shared.limits.idle_timeout);
         assert_eq!(idle.len(), 1, "idle for less than the timeout");
-        idle.sweep(now + Duration::from_millis(250), pool.shared.idle_timeout);
+        idle.sweep(
+            now + Duration::from_millis(250),
+            pool.shared.limits.idle_timeout,
+        );
         assert_eq!(idle.len(), 0);
         let closed = tokio::time::timeout(Duration::from_secs(2), read_head(&mut conn)).await;
         assert_eq!(closed, Ok(None), "the expired connection is closed");
@@ -613,10 +637,18 @@ mod tests {
             [true, false],
             "the idle one behind the busy one"
         );
-        target.sweep(Instant::now(), Duration::from_secs(60));
+        target.sweep(Instant::now(), &pool.shared.limits);
         assert_eq!(ready(target), [false, true], "busy ones moved to the front");
         // The idle one is what the next checkout finds.
-        assert!(target.checkout(Duration::from_secs(60)).is_some());
+        let idle = target.checkout(Duration::from_secs(60)).unwrap();
+        assert_eq!(ready(target), [false]);
+        // Beyond `max_idle`, a sweep drops idle connections, never busy ones.
+        target.check_in(idle);
+        let no_idle = PoolLimits {
+            max_idle: 0,
+            ..pool.shared.limits
+        };
+        target.sweep(Instant::now(), &no_idle);
         assert_eq!(ready(target), [false]);
     }
 
@@ -946,7 +978,7 @@ mod tests {
             .iter()
             .map(|u| u.parse().unwrap())
             .collect();
-        let pool = H1Pool::new(&bases, SECOND, SECOND, SECOND).unwrap();
+        let pool = H1Pool::new(&bases, limits()).unwrap();
         assert!(!pool.serves(0));
         assert!(pool.serves(1));
         let host = |i: usize| pool.shared.targets[i].as_ref().unwrap().host.clone();
@@ -956,6 +988,6 @@ mod tests {
             "c",
             "the default port is left out, as hyper-util does"
         );
-        assert!(H1Pool::new(&bases[..1], SECOND, SECOND, SECOND).is_none());
+        assert!(H1Pool::new(&bases[..1], limits()).is_none());
     }
 }

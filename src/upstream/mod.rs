@@ -27,7 +27,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use balance::{Balancer, Target};
 pub use h1_client::ConnBody;
-use h1_pool::H1Pool;
+use h1_pool::{H1Pool, PoolLimits};
 use proxy_pool::{ProxyPool, Via};
 
 use crate::body::{RequestBody, UpstreamBody};
@@ -71,18 +71,20 @@ impl Upstream {
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_idle_timeout(server.upstream_idle_timeout)
+            .pool_max_idle_per_host(server.upstream_max_idle)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .http2_only(route.upstream_h2c);
         let h1 = if route.upstream_h2c {
             None
         } else {
-            H1Pool::new(
-                &route.upstreams,
-                server.connect_timeout,
-                server.upstream_idle_timeout,
-                route.circuit_breaker.request_timeout,
-            )
+            let limits = PoolLimits {
+                connect_timeout: server.connect_timeout,
+                idle_timeout: server.upstream_idle_timeout,
+                max_idle: server.upstream_max_idle,
+                stall_limit: route.circuit_breaker.request_timeout,
+            };
+            H1Pool::new(&route.upstreams, limits)
         };
         Ok(Upstream {
             h1,

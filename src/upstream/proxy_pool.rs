@@ -107,6 +107,7 @@ impl ProxyPool {
             let mut builder = Client::builder(TokioExecutor::new());
             builder
                 .pool_idle_timeout(server.upstream_idle_timeout)
+                .pool_max_idle_per_host(server.upstream_max_idle)
                 .pool_timer(TokioTimer::new())
                 .timer(TokioTimer::new());
             proxies.push(OutboundProxy {

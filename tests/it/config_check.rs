@@ -214,6 +214,7 @@ data_dir = "./data"
 max_body_bytes = 1048576
 connect_timeout = 2
 upstream_idle_timeout = "30s"
+upstream_max_idle = 64
 drain_timeout = "5s"
 [log]
 format = "json"

@@ -391,6 +391,47 @@ async fn check_idle_close(open: impl Fn() -> usize, closes: bool) {
     }
 }
 
+/// `server.upstream_max_idle` bounds the idle connections kept per target.
+/// Six slow requests at once open six backend connections; once answered,
+/// two stay open with a cap of 2 (the rest closed on return by Backstop's
+/// own exchange for GETs, at the next sweep of hyper's list for POSTs of
+/// 20 KiB, which go that way), and all six with the default cap. The idle
+/// timeout (4 s) is longer than the wait.
+#[tokio::test]
+async fn idle_upstream_connections_are_capped_per_target() {
+    for (cap, large_post, kept) in [(Some(2), false, 2), (Some(2), true, 2), (None, false, 6)] {
+        let backend = Backend::start(|_| Reply::ok("slow").delay(Duration::from_millis(300))).await;
+        let server = match cap {
+            Some(n) => format!("upstream_max_idle = {n}\n"),
+            None => String::new(),
+        };
+        let bs = Backstop::start(&format!(
+            "[server]\nupstream_idle_timeout = \"4s\"\n{server}\n{}",
+            route("api", "/", &[backend.url()], "")
+        ));
+        let c = client();
+        let requests = (0..6).map(|_| {
+            let request = if large_post {
+                c.post(bs.url("/x")).body(vec![b'x'; 20 * 1024])
+            } else {
+                c.get(bs.url("/x"))
+            };
+            async move { request.send().await.unwrap().text().await.unwrap() }
+        });
+        let bodies = futures_util::future::join_all(requests).await;
+        assert!(bodies.iter().all(|b| b == "slow"), "{bodies:?}");
+        let case = format!("cap {cap:?}, large POST {large_post}");
+        let answered = std::time::Instant::now();
+        while backend.open() > kept && answered.elapsed() < Duration::from_millis(2500) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Settled: nothing else closes before the idle timeout.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(backend.open(), kept, "{case}");
+        assert_eq!(backend.hits(), 6, "{case}");
+    }
+}
+
 #[tokio::test]
 async fn error_answers_have_the_json_shape() {
     let slow = Backend::start(|_| Reply::ok("late").delay(Duration::from_secs(3))).await;
