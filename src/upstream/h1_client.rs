@@ -145,6 +145,7 @@ impl IdleConns {
         });
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.lock().len()
     }

@@ -286,7 +286,11 @@ impl H1Pool {
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    target.check_in(sender);
+                    // With keep-alive off (`max_idle` 0) the sender is
+                    // dropped: its connection closes after the answer.
+                    if self.shared.limits.max_idle > 0 {
+                        target.check_in(sender);
+                    }
                     return Ok(response);
                 }
                 Err(mut e) => match e.take_message() {
@@ -418,20 +422,19 @@ impl TargetConns {
         self.lock().push(conn);
     }
 
-    /// Drops closed and expired connections, and the longest idle ones
-    /// beyond what `max_idle` leaves after the exchange's idle list; moves
-    /// the busy ones to the front (in their order), so that idle ones come
-    /// back within a checkout's [`SCAN_LIMIT`] even behind many long-busy
-    /// ones. (A sender comes back here busy, with its answer's head, so its
-    /// list is bounded here rather than at check-in.)
+    /// Drops closed and expired connections, and idle ones beyond
+    /// `max_idle` (the earliest returned first); moves the busy ones to the
+    /// front (in their order), so that idle ones come back within a
+    /// checkout's [`SCAN_LIMIT`] even behind many long-busy ones. (A sender
+    /// comes back here busy, with its answer's head, so its list is bounded
+    /// here rather than at check-in.)
     fn sweep(&self, now: Instant, limits: &PoolLimits) {
-        let room = limits.max_idle.saturating_sub(self.idle.len());
         let mut conns = self.lock();
         let (mut busy, mut idle): (Vec<Conn>, Vec<Conn>) = std::mem::take(&mut *conns)
             .into_iter()
             .filter(|c| !c.is_done(now, limits.idle_timeout))
             .partition(|c| !c.sender.is_ready());
-        idle.drain(..idle.len().saturating_sub(room));
+        idle.drain(..idle.len().saturating_sub(limits.max_idle));
         for conn in &mut busy {
             conn.returned_at = now;
         }
