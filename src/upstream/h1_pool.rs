@@ -68,8 +68,8 @@ pub struct PoolLimits {
     pub connect_timeout: Duration,
     /// A connection unused for this long is closed.
     pub idle_timeout: Duration,
-    /// At most this many idle connections are kept per target; one more
-    /// coming back is closed.
+    /// At most this many idle connections are kept per target in each of
+    /// its lists (the exchange's and hyper's); one more is closed.
     pub max_idle: usize,
     /// How long an answer's body may wait for more (`UpstreamBody`).
     pub stall_limit: Duration,
@@ -359,8 +359,8 @@ impl H1Pool {
                     let now = Instant::now();
                     let limits = &shared.limits;
                     for target in shared.targets.iter().flatten() {
-                        target.idle.sweep(now, limits.idle_timeout);
                         target.sweep(now, limits);
+                        target.idle.sweep(now, limits.idle_timeout);
                     }
                 }
             });
