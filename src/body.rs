@@ -108,7 +108,7 @@ pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 impl UpstreamBody {
     /// A body read by hyper's client (HTTP/2, TLS, outbound proxies, and
     /// request bodies that stream), failing when the backend sends nothing
-    /// more of it for `stall_limit` (the route's `request_timeout`).
+    /// more of it for `stall_limit` (the route's `body_read_timeout`).
     pub fn hyper(body: Incoming, stall_limit: Duration) -> UpstreamBody {
         UpstreamBody::new(Either::Left(body), stall_limit)
     }

@@ -161,6 +161,8 @@ pub struct RouteConfig {
     pub tls_ca_file: Option<PathBuf>,
     pub tls_verify: bool,
     pub upstream_h2c: bool,
+    /// How long the backend may leave its answer's body waiting for more.
+    pub body_read_timeout: Duration,
     pub capture: CaptureConfig,
     pub circuit_breaker: BreakerConfig,
     pub retry: RetryConfig,
@@ -690,6 +692,7 @@ impl RouteConfig {
             tls_ca_file,
             tls_verify: s.get("tls_verify", true),
             upstream_h2c: s.get("upstream_h2c", false),
+            body_read_timeout: s.duration("body_read_timeout", secs(60), SECONDS),
             capture: CaptureConfig::read(&s.section("capture")),
             circuit_breaker: BreakerConfig::read(&s.section("circuit_breaker")),
             retry: RetryConfig::read(&s.section("retry")),
@@ -702,6 +705,9 @@ impl RouteConfig {
                 .contains("health_check")
                 .then(|| HealthCheckConfig::read(&s.section("health_check"))),
         };
+        if config.body_read_timeout.is_zero() {
+            s.error("body_read_timeout", "must be greater than 0");
+        }
         s.reject_unknown_keys();
         config
     }

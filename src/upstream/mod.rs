@@ -48,7 +48,7 @@ pub struct Upstream {
     /// The outbound proxies, when the route uses them.
     pub proxies: Option<ProxyPool>,
     /// How long an answer's body may wait for its next bytes: the route's
-    /// per-try `request_timeout`.
+    /// `body_read_timeout`.
     stall_limit: Duration,
 }
 
@@ -82,7 +82,7 @@ impl Upstream {
                 connect_timeout: server.connect_timeout,
                 idle_timeout: server.upstream_idle_timeout,
                 max_idle: server.upstream_max_idle,
-                stall_limit: route.circuit_breaker.request_timeout,
+                stall_limit: route.body_read_timeout,
             };
             H1Pool::new(&route.upstreams, limits)
         };
@@ -91,7 +91,7 @@ impl Upstream {
             client: builder.build(connector),
             balancer: Balancer::new(&route.upstreams),
             proxies: ProxyPool::build(outbound_proxies, route, server)?,
-            stall_limit: route.circuit_breaker.request_timeout,
+            stall_limit: route.body_read_timeout,
         })
     }
 

@@ -107,6 +107,10 @@ fn invalid_files_list_every_error_with_its_key() {
             ],
         ),
         (
+            format!("{ROUTE}body_read_timeout = \"0s\"\n"),
+            vec!["FILE: routes[0].body_read_timeout: must be greater than 0"],
+        ),
+        (
             format!("[kafka]\nbrokers = \"\"\nack_timeout = \"5 parsecs\"\n[replay]\nidempotency_header = \"bad header\"\n{ROUTE}"),
             vec![
                 "FILE: kafka.brokers: must not be empty",
@@ -230,6 +234,7 @@ max_attempts = 5
 initial_delay = 0.5
 {ROUTE}
 forward_headers = ["X-API-KEY"]
+body_read_timeout = "5m"
 [routes.capture]
 respond_status = 202
 redact_headers = ["Authorization"]

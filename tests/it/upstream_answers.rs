@@ -119,13 +119,15 @@ async fn streamed_post(bs: &Backstop, path: &str) -> (u16, String) {
 }
 
 #[tokio::test]
-async fn a_body_that_stops_coming_is_cut_after_request_timeout_on_both_ways() {
+async fn a_body_that_stops_coming_is_cut_after_body_read_timeout_on_both_ways() {
     let backend =
         StuckBackend::start(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nten bytes.".to_vec())
             .await;
+    // The head's limit (`request_timeout`) is not the body's.
     let bs = Backstop::start(&route(
         &backend.url,
-        "[routes.circuit_breaker]\nrequest_timeout = 500\n[routes.retry]\nmax_attempts = 1",
+        "body_read_timeout = \"500ms\"\n\
+         [routes.circuit_breaker]\nrequest_timeout = 5000\n[routes.retry]\nmax_attempts = 1",
     ));
 
     // The own exchange, seen by a raw client: the head and the ten bytes
@@ -178,7 +180,8 @@ async fn a_body_that_stops_coming_is_cut_after_request_timeout_on_both_ways() {
 #[tokio::test]
 async fn a_body_that_keeps_coming_slowly_is_not_cut() {
     // Chunks 300 ms apart, 1.5 s in all, under a 500 ms limit: the limit is
-    // on each wait, not on the whole body.
+    // on each wait, not on the whole body; and the head's shorter limit
+    // (`request_timeout`) does not apply to the body.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move {
@@ -206,7 +209,8 @@ async fn a_body_that_keeps_coming_slowly_is_not_cut() {
     });
     let bs = Backstop::start(&route(
         &url,
-        "[routes.circuit_breaker]\nrequest_timeout = 500\n[routes.retry]\nmax_attempts = 1",
+        "body_read_timeout = \"500ms\"\n\
+         [routes.circuit_breaker]\nrequest_timeout = 200\n[routes.retry]\nmax_attempts = 1",
     ));
     let body = client()
         .get(bs.url("/slow"))
