@@ -123,7 +123,10 @@ impl UpstreamBody {
         UpstreamBody {
             rest,
             extra: None,
-            stall_limit_ms: u32::try_from(stall_limit.as_millis()).unwrap_or(u32::MAX),
+            // At least 1 ms: 0 would mean no limit.
+            stall_limit_ms: u32::try_from(stall_limit.as_millis())
+                .unwrap_or(u32::MAX)
+                .max(1),
         }
     }
 

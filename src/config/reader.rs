@@ -107,13 +107,18 @@ impl<'a> Section<'a> {
         let parsed = match value {
             Value::String(s) => humantime::parse_duration(s.trim())
                 .map_err(|e| format!("invalid duration {s:?}: {e} (use e.g. \"1s\" or \"250ms\")")),
-            Value::Integer(n) if *n >= 0 => Ok(number_duration(*n as f64, unit)),
-            Value::Float(f) if f.is_finite() && *f >= 0.0 => Ok(number_duration(*f, unit)),
+            Value::Integer(n) if *n >= 0 => number_duration(*n as f64, unit),
+            Value::Float(f) if f.is_finite() && *f >= 0.0 => number_duration(*f, unit),
             other => Err(format!(
                 "expected a duration such as \"1s\" or a non-negative number, found {}",
                 describe(other)
             )),
         };
+        let parsed = parsed.and_then(|d| {
+            (d <= MAX_DURATION)
+                .then_some(d)
+                .ok_or_else(|| "must be at most 100 years".to_string())
+        });
         parsed.unwrap_or_else(|message| {
             self.error(key, message);
             default
@@ -185,11 +190,16 @@ impl<'a> Section<'a> {
     }
 }
 
-fn number_duration(n: f64, unit: NumberUnit) -> Duration {
-    match unit {
-        NumberUnit::Seconds => Duration::from_secs_f64(n),
-        NumberUnit::Milliseconds => Duration::from_secs_f64(n / 1000.0),
-    }
+/// The longest duration any key takes: far beyond any sensible setting,
+/// and short enough that a clock reading plus it cannot overflow.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+fn number_duration(n: f64, unit: NumberUnit) -> Result<Duration, String> {
+    let seconds = match unit {
+        NumberUnit::Seconds => n,
+        NumberUnit::Milliseconds => n / 1000.0,
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| "must be at most 100 years".to_string())
 }
 
 fn describe(value: &Value) -> &'static str {

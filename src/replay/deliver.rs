@@ -45,8 +45,12 @@ pub async fn deliver(
     match route.upstream.send(target, request, None, deadline).await {
         Ok(response) => {
             let status = response.status().as_u16();
-            // Drain the body so the pooled connection can be reused.
-            let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+            // Drain the body so the pooled connection can be reused, but
+            // only until the attempt's deadline: the status is all a replay
+            // needs, and a body that stalls (cut only after the route's
+            // `body_read_timeout`) must not hold up the queue behind it.
+            let drain = http_body_util::BodyExt::collect(response.into_body());
+            let _ = tokio::time::timeout_at(deadline.into(), drain).await;
             classify_status(status)
         }
         // The backend had the request: sent again, it would apply it twice.

@@ -111,6 +111,13 @@ fn invalid_files_list_every_error_with_its_key() {
             vec!["FILE: routes[0].body_read_timeout: must be greater than 0"],
         ),
         (
+            format!("[server]\nidle_timeout = \"200y\"\n{ROUTE}body_read_timeout = 1e20\n"),
+            vec![
+                "FILE: server.idle_timeout: must be at most 100 years",
+                "FILE: routes[0].body_read_timeout: must be at most 100 years",
+            ],
+        ),
+        (
             format!("[kafka]\nbrokers = \"\"\nack_timeout = \"5 parsecs\"\n[replay]\nidempotency_header = \"bad header\"\n{ROUTE}"),
             vec![
                 "FILE: kafka.brokers: must not be empty",

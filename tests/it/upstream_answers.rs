@@ -179,9 +179,9 @@ async fn a_body_that_stops_coming_is_cut_after_body_read_timeout_on_both_ways() 
 
 #[tokio::test]
 async fn a_body_that_keeps_coming_slowly_is_not_cut() {
-    // Chunks 300 ms apart, 1.5 s in all, under a 500 ms limit: the limit is
-    // on each wait, not on the whole body; and the head's shorter limit
-    // (`request_timeout`) does not apply to the body.
+    // Chunks 700 ms apart, 2.1 s in all, under a 2 s limit: the limit is on
+    // each wait, not on the whole body; and the head's shorter limit
+    // (`request_timeout`, 300 ms) does not apply to the body.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move {
@@ -198,8 +198,8 @@ async fn a_body_that_keeps_coming_slowly_is_not_cut() {
                 let _ = conn
                     .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
                     .await;
-                for _ in 0..5 {
-                    tokio::time::sleep(Duration::from_millis(300)).await;
+                for _ in 0..3 {
+                    tokio::time::sleep(Duration::from_millis(700)).await;
                     let _ = conn.write_all(b"5\r\nslow.\r\n").await;
                 }
                 let _ = conn.write_all(b"0\r\n\r\n").await;
@@ -209,8 +209,8 @@ async fn a_body_that_keeps_coming_slowly_is_not_cut() {
     });
     let bs = Backstop::start(&route(
         &url,
-        "body_read_timeout = \"500ms\"\n\
-         [routes.circuit_breaker]\nrequest_timeout = 200\n[routes.retry]\nmax_attempts = 1",
+        "body_read_timeout = \"2s\"\n\
+         [routes.circuit_breaker]\nrequest_timeout = 300\n[routes.retry]\nmax_attempts = 1",
     ));
     let body = client()
         .get(bs.url("/slow"))
@@ -220,7 +220,7 @@ async fn a_body_that_keeps_coming_slowly_is_not_cut() {
         .text()
         .await
         .unwrap();
-    assert_eq!(body, "slow.".repeat(5));
+    assert_eq!(body, "slow.".repeat(3));
 }
 
 #[tokio::test]
@@ -367,6 +367,41 @@ async fn a_replay_answered_invalidly_is_dead_lettered_not_sent_again() {
     );
     assert_eq!(dead["dead_letters"][0]["attempts"], 1, "{dead}");
     tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(backend.requests(), 2, "sent live once and replayed once");
+}
+
+#[tokio::test]
+async fn a_replay_whose_answer_body_stalls_is_delivered_by_its_deadline() {
+    // Live: 503, captured. Replay: a 200 whose body stops after ten bytes.
+    // The status is what a replay needs: it is delivered once the attempt's
+    // deadline (`request_timeout`, 1 s) has passed, not held for the body's
+    // 60 s default `body_read_timeout`, which would hold up the queue.
+    let stalled = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nten bytes.".to_vec();
+    let backend = StuckBackend::scripted(vec![UNAVAILABLE.to_vec(), stalled]).await;
+    let bs = Backstop::start(&format!(
+        "[replay]\ninitial_delay = \"100ms\"\nmax_delay = \"200ms\"\n\n{}",
+        route(
+            &backend.url,
+            "[routes.circuit_breaker]\nrequest_timeout = 1000\n\
+             [routes.retry]\nmax_attempts = 1\n[routes.capture]\nenabled = true"
+        )
+    ));
+    let r = client()
+        .post(bs.url("/orders"))
+        .body("order")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let queue: serde_json::Value = bs.admin_json("/queue").await;
+        if queue["replayed_total"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never delivered: {queue}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(backend.requests(), 2, "sent live once and replayed once");
 }
 
