@@ -107,8 +107,8 @@ impl<'a> Section<'a> {
         let parsed = match value {
             Value::String(s) => humantime::parse_duration(s.trim())
                 .map_err(|e| format!("invalid duration {s:?}: {e} (use e.g. \"1s\" or \"250ms\")")),
-            Value::Integer(n) if *n >= 0 => number_duration(*n as f64, unit),
-            Value::Float(f) if f.is_finite() && *f >= 0.0 => number_duration(*f, unit),
+            Value::Integer(n) if *n >= 0 => Ok(number_duration(*n as f64, unit)),
+            Value::Float(f) if f.is_finite() && *f >= 0.0 => Ok(number_duration(*f, unit)),
             other => Err(format!(
                 "expected a duration such as \"1s\" or a non-negative number, found {}",
                 describe(other)
@@ -194,12 +194,14 @@ impl<'a> Section<'a> {
 /// and short enough that a clock reading plus it cannot overflow.
 const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
-fn number_duration(n: f64, unit: NumberUnit) -> Result<Duration, String> {
+/// A plain number in `unit` (non-negative and finite); one too large for a
+/// `Duration` is `Duration::MAX`, which the caller refuses.
+fn number_duration(n: f64, unit: NumberUnit) -> Duration {
     let seconds = match unit {
         NumberUnit::Seconds => n,
         NumberUnit::Milliseconds => n / 1000.0,
     };
-    Duration::try_from_secs_f64(seconds).map_err(|_| "must be at most 100 years".to_string())
+    Duration::try_from_secs_f64(seconds).unwrap_or(Duration::MAX)
 }
 
 fn describe(value: &Value) -> &'static str {

@@ -341,14 +341,7 @@ async fn a_replay_answered_invalidly_is_dead_lettered_not_sent_again() {
             "[routes.retry]\nmax_attempts = 1\n[routes.capture]\nenabled = true"
         )
     ));
-    let r = client()
-        .post(bs.url("/orders"))
-        .body("order")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 503);
-    assert!(r.headers().contains_key("x-backstop-capture-id"));
+    post_captured_order(&bs).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     let dead = loop {
         let dead: serde_json::Value = bs.admin_json("/queue/dead-letters").await;
@@ -386,13 +379,7 @@ async fn a_replay_whose_answer_body_stalls_is_delivered_by_its_deadline() {
              [routes.retry]\nmax_attempts = 1\n[routes.capture]\nenabled = true"
         )
     ));
-    let r = client()
-        .post(bs.url("/orders"))
-        .body("order")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 503);
+    post_captured_order(&bs).await;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let queue: serde_json::Value = bs.admin_json("/queue").await;
@@ -403,6 +390,18 @@ async fn a_replay_whose_answer_body_stalls_is_delivered_by_its_deadline() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(backend.requests(), 2, "sent live once and replayed once");
+}
+
+/// A POST that the backend's 503 has captured (for a replay to send).
+async fn post_captured_order(bs: &Backstop) {
+    let r = client()
+        .post(bs.url("/orders"))
+        .body("order")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("x-backstop-capture-id"));
 }
 
 async fn circuit_state(bs: &Backstop) -> serde_json::Value {
