@@ -43,7 +43,7 @@ pin_project_lite::pin_project! {
         // chunks read ahead, and the timer of a body that has had to wait.
         extra: Option<Pin<Box<Extra>>>,
         // How long the backend may leave the body waiting (as nginx's
-        // `proxy_read_timeout`), in milliseconds; 0: no limit. Past it the
+        // `proxy_read_timeout`), in milliseconds, at least 1. Past it the
         // body fails: the client's answer is cut short, and whoever reads
         // the body (the client's connection, the cache, a replay) is let go
         // instead of waiting forever.
@@ -68,8 +68,7 @@ pin_project_lite::pin_project! {
 
 impl Extra {
     /// Made when the body first has to wait, or is handed back by the cache
-    /// (both times its last read): the stall is timed from now. Without a
-    /// limit the timer is never polled.
+    /// (both times its last read): the stall is timed from now.
     fn new(limit: Duration) -> Pin<Box<Extra>> {
         Box::pin(Extra {
             read: VecDeque::new(),
@@ -123,7 +122,8 @@ impl UpstreamBody {
         UpstreamBody {
             rest,
             extra: None,
-            // At least 1 ms: 0 would mean no limit.
+            // At least 1 ms: a sub-millisecond limit would cut every body
+            // that has to wait at all.
             stall_limit_ms: u32::try_from(stall_limit.as_millis())
                 .unwrap_or(u32::MAX)
                 .max(1),
@@ -170,9 +170,6 @@ impl Body for UpstreamBody {
                 *extra.as_mut().project().progressed = true;
             }
             return Poll::Ready(frame);
-        }
-        if *this.stall_limit_ms == 0 {
-            return Poll::Pending;
         }
         let limit = Duration::from_millis(u64::from(*this.stall_limit_ms));
         let extra = this.extra.get_or_insert_with(|| Extra::new(limit));
