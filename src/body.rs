@@ -15,6 +15,7 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::upstream::ConnBody;
 
@@ -52,7 +53,7 @@ pin_project_lite::pin_project! {
 }
 
 pin_project_lite::pin_project! {
-    /// Chunks read ahead, and the stall timer. The timer is set when the
+    /// Chunks read ahead, the stall timer, and the target's slot. The timer is set when the
     /// body first has to wait and, when it fires, moved on only if a frame
     /// came meanwhile: a stall is noticed between one and two limits after
     /// the last byte, and a body that keeps flowing costs a flag per frame,
@@ -63,18 +64,23 @@ pin_project_lite::pin_project! {
         timer: tokio::time::Sleep,
         progressed: bool,
         stalled: bool,
+        // The turn of `upstream_max_conns` this answer's request took: its
+        // connection is busy until the body is done (or dropped).
+        slot: Option<OwnedSemaphorePermit>,
     }
 }
 
 impl Extra {
-    /// Made when the body first has to wait, or is handed back by the cache
-    /// (both times its last read): the stall is timed from now.
+    /// Made when the body first has to wait, is handed back by the cache
+    /// (both times its last read), or takes its slot with the answer's
+    /// head: the stall is timed from now.
     fn new(limit: Duration) -> Pin<Box<Extra>> {
         Box::pin(Extra {
             read: VecDeque::new(),
             timer: tokio::time::sleep(limit),
             progressed: false,
             stalled: false,
+            slot: None,
         })
     }
 
@@ -135,6 +141,15 @@ impl UpstreamBody {
         Duration::from_millis(u64::from(self.stall_limit_ms))
     }
 
+    /// The body, holding `slot` until the backend has sent all of it (or
+    /// failed), or the body is dropped.
+    pub fn holding(mut self, slot: OwnedSemaphorePermit) -> UpstreamBody {
+        let limit = self.stall_limit();
+        let extra = self.extra.get_or_insert_with(|| Extra::new(limit));
+        *extra.as_mut().project().slot = Some(slot);
+        self
+    }
+
     /// Puts chunks read from this body back in front of it, in order.
     pub fn prepend(mut self, chunks: Vec<Bytes>) -> UpstreamBody {
         let limit = self.stall_limit();
@@ -167,7 +182,14 @@ impl Body for UpstreamBody {
         }
         if let Poll::Ready(frame) = this.rest.poll_frame(cx) {
             if let Some(extra) = this.extra.as_mut() {
-                *extra.as_mut().project().progressed = true;
+                let extra = extra.as_mut().project();
+                *extra.progressed = true;
+                if !matches!(frame, Some(Ok(_))) {
+                    // The backend is done with this answer (all of it, or
+                    // a failure): the turn goes to the next request now,
+                    // not when the client has read the rest.
+                    *extra.slot = None;
+                }
             }
             return Poll::Ready(frame);
         }

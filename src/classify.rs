@@ -36,6 +36,12 @@ pub enum Failure {
     Status(u16),
     /// The route's circuit is open: the backend was not called.
     CircuitOpen,
+    /// Every connection the route may have open to the target
+    /// (`upstream_max_conns`) stayed busy until the attempt's deadline:
+    /// the request waited and was never sent. Backstop's own limit, not
+    /// the backend's failure: it tells the breaker nothing, does not eject
+    /// the target and is not retried (the wait was the attempt's time).
+    Saturated,
 }
 
 impl Failure {
@@ -84,7 +90,14 @@ impl Failure {
                 | Failure::Dns
                 | Failure::ConnectFailed
                 | Failure::CircuitOpen
+                | Failure::Saturated
         )
+    }
+
+    /// Whether the target itself failed to take a connection, so that it
+    /// is skipped for a while.
+    pub fn ejects_target(self) -> bool {
+        self.before_send() && !matches!(self, Failure::CircuitOpen | Failure::Saturated)
     }
 
     /// Whether the route's retry policy retries this failure.
@@ -95,7 +108,9 @@ impl Failure {
             Failure::ConnectTimeout | Failure::Timeout => RetryableError::Timeout,
             Failure::Dns => RetryableError::Dns,
             Failure::Reset => RetryableError::ConnectionReset,
-            Failure::CircuitOpen | Failure::InvalidResponse => return false,
+            // Saturated: the attempt already waited its time in the queue;
+            // another would only queue again.
+            Failure::CircuitOpen | Failure::InvalidResponse | Failure::Saturated => return false,
         };
         retry.retry_on_errors.contains(&kind)
     }
@@ -119,7 +134,7 @@ impl Failure {
     pub fn breaker_verdict(self) -> Option<bool> {
         match self {
             Failure::Status(code) => Some(status_trips_breaker(code)),
-            Failure::CircuitOpen | Failure::InvalidResponse => None,
+            Failure::CircuitOpen | Failure::InvalidResponse | Failure::Saturated => None,
             _ => Some(true),
         }
     }
@@ -136,6 +151,7 @@ impl Failure {
             Failure::InvalidResponse => "invalid_response".into(),
             Failure::Status(code) => format!("upstream_{code}"),
             Failure::CircuitOpen => "circuit_open".into(),
+            Failure::Saturated => "saturated".into(),
         }
     }
 }

@@ -340,7 +340,7 @@ async fn replay_now(
             spool.delete(id).await.map_err(err)?;
             Ok(status)
         }
-        Delivery::Retry(reason) | Delivery::Dead(reason) => {
+        Delivery::Retry(reason) | Delivery::Dead(reason) | Delivery::Busy(reason) => {
             Err(format!("{id}: not delivered: {reason}"))
         }
     }

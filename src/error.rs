@@ -22,6 +22,7 @@ pub enum ErrorCode {
     UpstreamTimeout,
     UpstreamUnreachable,
     UpstreamInvalidResponse,
+    UpstreamBusy,
     BodyTooLarge,
     Captured,
     CaptureFailed,
@@ -37,6 +38,7 @@ impl ErrorCode {
             ErrorCode::UpstreamTimeout => "upstream_timeout",
             ErrorCode::UpstreamUnreachable => "upstream_unreachable",
             ErrorCode::UpstreamInvalidResponse => "upstream_invalid_response",
+            ErrorCode::UpstreamBusy => "upstream_busy",
             ErrorCode::BodyTooLarge => "body_too_large",
             ErrorCode::Captured => "captured",
             ErrorCode::CaptureFailed => "capture_failed",
@@ -48,9 +50,10 @@ impl ErrorCode {
         match self {
             ErrorCode::NoRoute => StatusCode::NOT_FOUND,
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::CircuitOpen | ErrorCode::Captured | ErrorCode::CaptureFailed => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ErrorCode::CircuitOpen
+            | ErrorCode::Captured
+            | ErrorCode::CaptureFailed
+            | ErrorCode::UpstreamBusy => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::UpstreamUnreachable | ErrorCode::UpstreamInvalidResponse => {
                 StatusCode::BAD_GATEWAY

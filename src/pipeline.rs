@@ -36,6 +36,7 @@ use http::header::{HeaderValue, HOST, RETRY_AFTER};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::Either;
+use tokio::sync::Semaphore;
 
 use crate::body::{self, BufferError, BufferedBody, ClientBody, ResponseBody, UpstreamBody};
 use crate::cache::{self, CacheState, Caches, Lookup};
@@ -54,7 +55,8 @@ use crate::routing::{Route, RouteTable};
 use crate::stats::metrics::Metrics;
 use crate::stats::{Event, Stats};
 use crate::traceparent::TraceContext;
-use crate::upstream::{deadline_after, proxy_pool};
+use crate::upstream::proxy_pool::{self, Via};
+use crate::upstream::{deadline_after, take_turn};
 
 /// The configuration in force: swapped whole on reload, read lock-free.
 pub struct Active {
@@ -549,14 +551,29 @@ async fn forward(
         let span = ctx
             .span
             .attempt(attempt, &target.base, &mut outgoing.set.traceparent);
-        // The attempt's timeout, cut short by the request's deadline.
-        let try_deadline = deadline_after(sent_at, timeout);
-        let try_deadline = deadline.map_or(try_deadline, |d| d.min(try_deadline));
         let last = attempt >= max_attempts;
-        let result = route
-            .upstream
-            .send_via(via, index, outgoing, last, try_deadline)
-            .await;
+        let result = match route.upstream.balancer.slots(index) {
+            None => {
+                let try_deadline = try_deadline(sent_at, timeout, deadline);
+                route
+                    .upstream
+                    .send_via(via, index, outgoing, last, try_deadline)
+                    .await
+            }
+            Some(slots) => {
+                let to = (via, index);
+                out_of_line(send_in_turn(
+                    route,
+                    slots,
+                    to,
+                    outgoing,
+                    last,
+                    &mut sent_at,
+                    deadline,
+                ))
+                .await
+            }
+        };
         span.end(&result);
         let verdict = match &result {
             Ok(response) => Some(status_trips_breaker(response.status().as_u16())),
@@ -576,7 +593,7 @@ async fn forward(
                 Some(failure) => (failure, Some(response)),
             },
             Err(failure) => {
-                if failure.before_send() {
+                if failure.ejects_target() {
                     route.upstream.eject(via, index);
                 }
                 (failure, None)
@@ -619,6 +636,39 @@ async fn forward(
     }
 }
 
+/// An attempt's deadline: its `request_timeout` from `sent_at`, cut short
+/// by the request's deadline.
+fn try_deadline(sent_at: Instant, timeout: Duration, deadline: Option<Instant>) -> Instant {
+    let try_deadline = deadline_after(sent_at, timeout);
+    deadline.map_or(try_deadline, |d| d.min(try_deadline))
+}
+
+/// An attempt to a target whose requests in flight are capped
+/// (`upstream_max_conns`): its turn first, waited for until the attempt's
+/// deadline, then the attempt with its whole `request_timeout`, timed from
+/// the turn (`sent_at` moves there): the wait is Backstop's queue, not the
+/// backend's time, so it neither eats the backend's timeout nor makes the
+/// breaker count a slow call. The answer's body holds the turn.
+async fn send_in_turn(
+    route: &Route,
+    slots: &Arc<Semaphore>,
+    (via, index): (Via, usize),
+    outgoing: &mut Outgoing,
+    last: bool,
+    sent_at: &mut Instant,
+    deadline: Option<Instant>,
+) -> Result<Response<UpstreamBody>, Failure> {
+    let timeout = route.config.circuit_breaker.request_timeout;
+    let slot = take_turn(slots, try_deadline(*sent_at, timeout, deadline)).await?;
+    *sent_at = Instant::now();
+    let until = try_deadline(*sent_at, timeout, deadline);
+    let response = route
+        .upstream
+        .send_via(via, index, outgoing, last, until)
+        .await?;
+    Ok(response.map(|body| body.holding(slot)))
+}
+
 /// Whether a failed request can be captured: capture is on for its method,
 /// the failure says the backend is down, and the body was kept.
 fn capturable(proxy: &Proxy, route: &Route, outgoing: &Outgoing, failure: Failure) -> bool {
@@ -641,6 +691,9 @@ async fn capture_phase(
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let capturable = capturable(proxy, route, &outgoing, failure);
     if let (true, Some(capturer)) = (capturable, proxy.capturer.as_ref()) {
+        // Not passed on: its connection (and its turn, on a capped target)
+        // is let go before the capture's write, which may wait on Kafka.
+        drop(response);
         return Err(
             match capturer.capture(route, outgoing, failure, ctx).await {
                 CaptureOutcome::Captured { id, answer } => {
@@ -667,6 +720,10 @@ pub fn failure_error(failure: Failure, route: &str) -> ProxyError {
         Failure::Status(code) => ProxyError::new(
             ErrorCode::UpstreamUnreachable,
             format!("The backend of route {route} answered {code}"),
+        ),
+        Failure::Saturated => ProxyError::new(
+            ErrorCode::UpstreamBusy,
+            format!("Every connection to the backend of route {route} stayed busy until the request's time ran out"),
         ),
         Failure::InvalidResponse => ProxyError::new(
             ErrorCode::UpstreamInvalidResponse,

@@ -5,6 +5,8 @@
 //! that finishes without an answer to share (not storable, too large, or its
 //! task dropped because the client went away) releases its waiters, who then
 //! go upstream themselves — a waiter never hangs on a leader that is gone.
+//! Nor on one that is slow: the cache phase waits at most the route's
+//! `lock_timeout`, then goes upstream on its own.
 //!
 //! The map is locked only on misses, briefly, and never across an await.
 

@@ -350,6 +350,10 @@ impl Caches {
                 Freshness::Expired => {}
             }
         }
+        if cache.lock_timeout.is_zero() {
+            // Coalescing off: every miss goes upstream.
+            return Lookup::Forward(state);
+        }
         match rc.flights.join(key) {
             Joined::Leader(leader) => {
                 // A leader that finished between our lookup and our join has
@@ -362,12 +366,16 @@ impl Caches {
                 }
                 state.leader = Some(leader);
             }
-            Joined::Waiter(rx) => match flight::wait(rx).await {
-                Shared::Fresh(entry) => return hit(&entry),
-                Shared::Stale(entry) => {
+            Joined::Waiter(rx) => match tokio::time::timeout(cache.lock_timeout, flight::wait(rx))
+                .await
+            {
+                Ok(Shared::Fresh(entry)) => return hit(&entry),
+                Ok(Shared::Stale(entry)) => {
                     return Lookup::Answer(entry_response(&entry, Verdict::Stale), Verdict::Stale)
                 }
-                Shared::Nothing | Shared::Pending => {}
+                // Nothing to share, or a fill slower than lock_timeout (a
+                // stalled backend must not hold every twin): go upstream alone.
+                Ok(Shared::Nothing | Shared::Pending) | Err(_) => {}
             },
         }
         Lookup::Forward(state)

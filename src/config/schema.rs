@@ -43,6 +43,10 @@ pub struct ServerConfig {
     pub upstream_idle_timeout: Duration,
     /// Idle keep-alive connections kept per upstream target.
     pub upstream_max_idle: usize,
+    /// Requests in flight per upstream target of each route (busy
+    /// connections; on HTTP/2, streams); more wait for one to finish.
+    /// `None`: no cap.
+    pub upstream_max_conns: Option<usize>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub admin_token: Option<String>,
@@ -267,6 +271,9 @@ pub struct CacheConfig {
     pub cacheable_status: Vec<u16>,
     pub ignore_cache_control: bool,
     pub stale_if_error: Duration,
+    /// How long a coalesced miss waits for the one request filling its key
+    /// before it goes upstream itself (nginx's `proxy_cache_lock_timeout`).
+    pub lock_timeout: Duration,
     /// Bound of the route's memory store, in bytes (bodies, headers, keys).
     pub max_bytes: u64,
     /// Larger answers stream through uncached (they are never buffered).
@@ -452,6 +459,7 @@ impl ServerConfig {
             connect_timeout: s.duration("connect_timeout", secs(2), SECONDS),
             upstream_idle_timeout: s.duration("upstream_idle_timeout", secs(90), SECONDS),
             upstream_max_idle: s.get("upstream_max_idle", 256usize),
+            upstream_max_conns: Some(s.get("upstream_max_conns", 0usize)).filter(|&n| n > 0),
             tls_cert,
             tls_key,
             admin_token,
@@ -467,10 +475,20 @@ impl ServerConfig {
                 s.error(k, "must be greater than 0");
             }
         }
+        if config.upstream_max_conns > Some(MAX_UPSTREAM_CONNS) {
+            s.error(
+                "upstream_max_conns",
+                format!("must be at most {MAX_UPSTREAM_CONNS} (0 = no cap)"),
+            );
+        }
         s.reject_unknown_keys();
         config
     }
 }
+
+/// The largest `upstream_max_conns`: far above what one target can take,
+/// and within what a semaphore can count.
+const MAX_UPSTREAM_CONNS: usize = 1_000_000;
 
 impl LogConfig {
     fn read(s: &Section<'_>) -> Self {
@@ -888,6 +906,7 @@ impl CacheConfig {
             cacheable_status: status_codes(s, "cacheable_status", &[200, 203, 204, 301, 404, 410]),
             ignore_cache_control: s.get("ignore_cache_control", false),
             stale_if_error: s.duration("stale_if_error", Duration::ZERO, SECONDS),
+            lock_timeout: s.duration("lock_timeout", secs(5), SECONDS),
             max_bytes: s.get("max_bytes", 64 * 1024 * 1024u64),
             max_entry_bytes: s.get("max_entry_bytes", 1024 * 1024u64),
         };

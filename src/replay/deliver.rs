@@ -3,6 +3,7 @@
 //! with `Idempotency-Key: <id>` and `X-Backstop-Replay-Attempt: n`.
 
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use http::header::{HeaderValue, HOST};
 use http::{HeaderName, Method, Request, Version};
@@ -12,7 +13,7 @@ use crate::capture::record::CaptureRecord;
 use crate::classify::Failure;
 use crate::headers::{self, ClientInfo, X_REQUEST_ID};
 use crate::routing::Route;
-use crate::upstream::upstream_uri;
+use crate::upstream::{deadline_after, take_turn, upstream_uri};
 
 pub const X_BACKSTOP_REPLAY_ATTEMPT: HeaderName =
     HeaderName::from_static("x-backstop-replay-attempt");
@@ -26,6 +27,10 @@ pub enum Delivery {
     Retry(String),
     /// Never going to work (other 4xx, an unusable record): dead letter.
     Dead(String),
+    /// Not sent: every request the target may take at once
+    /// (`upstream_max_conns`) stayed in flight. Tried again later without
+    /// spending an attempt, as when the circuit is open.
+    Busy(String),
 }
 
 pub async fn deliver(
@@ -38,10 +43,18 @@ pub async fn deliver(
         Ok(r) => r,
         Err(reason) => return Delivery::Dead(reason),
     };
-    let deadline = crate::upstream::deadline_after(
-        std::time::Instant::now(),
-        route.config.circuit_breaker.request_timeout,
-    );
+    let timeout = route.config.circuit_breaker.request_timeout;
+    // On a capped target a replay waits its turn as clients' requests do,
+    // and holds it until the answer is read; the wait is not the attempt's
+    // time, and a replay that got no turn was not sent: no attempt spent.
+    let _turn = match route.upstream.balancer.slots(target) {
+        Some(slots) => match take_turn(slots, deadline_after(Instant::now(), timeout)).await {
+            Ok(turn) => Some(turn),
+            Err(failure) => return Delivery::Busy(describe(failure)),
+        },
+        None => None,
+    };
+    let deadline = deadline_after(Instant::now(), timeout);
     match route.upstream.send(target, request, None, deadline).await {
         Ok(response) => {
             let status = response.status().as_u16();
@@ -142,6 +155,7 @@ mod tests {
                 Delivery::Delivered(_) => "delivered",
                 Delivery::Retry(_) => "retry",
                 Delivery::Dead(_) => "dead",
+                Delivery::Busy(_) => "busy",
             };
             assert_eq!(got, want, "{status}");
         }

@@ -49,6 +49,9 @@ enum Verdict {
     Finished,
     /// Try again after this long.
     Later(Duration),
+    /// Not sent (the target had no free turn): try again after this long,
+    /// the attempt not spent.
+    Unsent(Duration),
 }
 
 /// One partition's buffered records; the head is the one being worked on.
@@ -168,6 +171,12 @@ impl KafkaReplayer {
                             }
                         }
                         Verdict::Later(wait) => queue.due = Some(Instant::now() + wait),
+                        Verdict::Unsent(wait) => {
+                            if let Some(job) = queue.jobs.front_mut() {
+                                job.attempt = job.attempt.saturating_sub(1);
+                            }
+                            queue.due = Some(Instant::now() + wait);
+                        }
                     }
                     Some(done.partition)
                 }
@@ -240,6 +249,7 @@ impl KafkaReplayer {
             Some(route) => deliver(route, &record, job.attempt, &replay.idempotency_header).await,
             None => Delivery::Retry(format!("route {:?} is not configured", record.route)),
         };
+        let sent = !matches!(outcome, Delivery::Busy(_));
         match outcome {
             Delivery::Delivered(status) => {
                 self.count(&record.route, "delivered");
@@ -252,7 +262,7 @@ impl KafkaReplayer {
                 let reason = format!("{reason} (after {} attempts)", job.attempt);
                 self.dead_letter(&job, &reason, job.attempt).await
             }
-            Delivery::Retry(reason) => {
+            Delivery::Retry(reason) | Delivery::Busy(reason) => {
                 self.count(&record.route, "retry");
                 let backoff = Backoff {
                     initial: replay.initial_delay,
@@ -261,7 +271,11 @@ impl KafkaReplayer {
                 };
                 let wait = backoff.delay(job.attempt);
                 tracing::debug!(id = %record.id, attempt = job.attempt, %reason, ?wait, "replay failed; backing off");
-                Verdict::Later(wait)
+                if sent {
+                    Verdict::Later(wait)
+                } else {
+                    Verdict::Unsent(wait)
+                }
             }
         }
     }

@@ -176,6 +176,7 @@ impl SpoolReplayer {
             Some(route) => deliver(route, &record, attempt, &replay.idempotency_header).await,
             None => Delivery::Retry(format!("route {:?} is not configured", record.route)),
         };
+        let sent = !matches!(outcome, Delivery::Busy(_));
         match outcome {
             Delivery::Delivered(status) => {
                 // Counted once the delete is committed, so `/queue` never
@@ -207,7 +208,7 @@ impl SpoolReplayer {
                 tracing::warn!(id = %queued.id, route = %record.route, %reason, "replay gave up: dead letter");
                 Ok(None)
             }
-            Delivery::Retry(reason) => {
+            Delivery::Retry(reason) | Delivery::Busy(reason) => {
                 let backoff = Backoff {
                     initial: replay.initial_delay,
                     max: replay.max_delay,
@@ -215,8 +216,10 @@ impl SpoolReplayer {
                 };
                 let wait = backoff.delay(attempt);
                 let next_at = now_ms() + wait.as_millis() as i64;
+                // A replay that was not sent (`Busy`) spends no attempt.
+                let spent = if sent { attempt } else { queued.attempts };
                 self.spool
-                    .retry_later(&queued.id, attempt, next_at, &reason)
+                    .retry_later(&queued.id, spent, next_at, &reason)
                     .await?;
                 self.counters.retried.fetch_add(1, Ordering::Relaxed);
                 self.count(&record.route, "retry");

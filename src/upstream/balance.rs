@@ -1,11 +1,14 @@
 //! Round-robin load balancing over a route's upstreams, skipping a target
 //! that just failed to connect (passive ejection for a short while) or that
-//! active health checks found unhealthy.
+//! active health checks found unhealthy. Each target also holds the slots
+//! of `upstream_max_conns`, when the route caps its requests in flight.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::Uri;
+use tokio::sync::Semaphore;
 
 /// How long a target that refused a connection is skipped.
 const EJECT_FOR: Duration = Duration::from_secs(5);
@@ -19,6 +22,9 @@ pub struct Target {
     ejected_until_ms: AtomicU64,
     /// Set by active health checks (`routes.health_check`); true otherwise.
     healthy: AtomicBool,
+    /// One permit per request that may be in flight to the target
+    /// (`upstream_max_conns`); `None` when there is no cap.
+    slots: Option<Arc<Semaphore>>,
 }
 
 impl Target {
@@ -36,7 +42,9 @@ pub struct Balancer {
 }
 
 impl Balancer {
-    pub fn new(upstreams: &[Uri]) -> Self {
+    /// A balancer over `upstreams`, each taking at most `max_conns`
+    /// requests at once when set.
+    pub fn new(upstreams: &[Uri], max_conns: Option<usize>) -> Self {
         Balancer {
             targets: upstreams
                 .iter()
@@ -44,6 +52,7 @@ impl Balancer {
                     base: base.clone(),
                     ejected_until_ms: AtomicU64::new(0),
                     healthy: AtomicBool::new(true),
+                    slots: max_conns.map(|n| Arc::new(Semaphore::new(n))),
                 })
                 .collect(),
             next: AtomicUsize::new(0),
@@ -96,6 +105,11 @@ impl Balancer {
         }
     }
 
+    /// Target `index`'s slots, when the route caps its requests in flight.
+    pub fn slots(&self, index: usize) -> Option<&Arc<Semaphore>> {
+        self.targets.get(index)?.slots.as_ref()
+    }
+
     pub fn targets(&self) -> &[Target] {
         &self.targets
     }
@@ -120,7 +134,7 @@ mod tests {
 
     #[test]
     fn round_robin_skips_ejected_targets() {
-        let b = Balancer::new(&uris(&["http://a", "http://b", "http://c"]));
+        let b = Balancer::new(&uris(&["http://a", "http://b", "http://c"]), None);
         let seq: Vec<usize> = (0..3).map(|_| b.pick().0).collect();
         assert_eq!(seq, [0, 1, 2]);
         b.eject(1);
@@ -133,7 +147,7 @@ mod tests {
 
     #[test]
     fn all_ejected_still_picks() {
-        let b = Balancer::new(&uris(&["http://a", "http://b"]));
+        let b = Balancer::new(&uris(&["http://a", "http://b"]), None);
         b.eject(0);
         b.eject(1);
         let _ = b.pick();

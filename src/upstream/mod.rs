@@ -13,6 +13,7 @@ pub mod proxy_pool;
 pub mod tls;
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
@@ -24,6 +25,7 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use balance::{Balancer, Target};
 pub use h1_client::ConnBody;
@@ -89,7 +91,7 @@ impl Upstream {
         Ok(Upstream {
             h1,
             client: builder.build(connector),
-            balancer: Balancer::new(&route.upstreams),
+            balancer: Balancer::new(&route.upstreams, server.upstream_max_conns),
             proxies: ProxyPool::build(outbound_proxies, route, server)?,
             stall_limit: route.body_read_timeout,
         })
@@ -100,6 +102,8 @@ impl Upstream {
     /// A buffered body small enough for Backstop's own HTTP/1.1 exchange
     /// goes out borrowed from `outgoing`; the other ways take a `Request`
     /// made from it, which on the `last` attempt takes its headers along.
+    /// (A capped target's turn is taken first, by the caller: see
+    /// [`take_turn`].)
     pub async fn send_via(
         &self,
         via: Via,
@@ -175,6 +179,22 @@ impl Upstream {
             }
             Err(_) => Err(Failure::Timeout),
         }
+    }
+}
+
+/// A turn to send to a target whose requests in flight are capped
+/// (`upstream_max_conns`): one of its `slots`, waited for in turn until
+/// `until` — then `Saturated`, with nothing sent. The answer's body holds
+/// the slot (`UpstreamBody::holding`) until the backend has sent it whole.
+pub async fn take_turn(
+    slots: &Arc<Semaphore>,
+    until: Instant,
+) -> Result<OwnedSemaphorePermit, Failure> {
+    let waiting = tokio::time::timeout_at(until.into(), slots.clone().acquire_owned());
+    // An error is a closed semaphore, which never happens here.
+    match waiting.await {
+        Ok(Ok(slot)) => Ok(slot),
+        _ => Err(Failure::Saturated),
     }
 }
 

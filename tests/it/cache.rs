@@ -424,6 +424,54 @@ async fn waiters_go_upstream_themselves_when_the_answer_cannot_be_shared() {
     assert_eq!(backend.hits(), 5);
 }
 
+#[tokio::test]
+async fn a_waiter_goes_upstream_itself_after_lock_timeout() {
+    // The first fill stalls for 5 s; the twin behind it waits only 300 ms.
+    let n = Arc::new(AtomicUsize::new(0));
+    let backend = Backend::start(move |_| {
+        let i = n.fetch_add(1, Ordering::SeqCst) + 1;
+        let reply = Reply::ok(&format!("n={i}"));
+        if i == 1 {
+            reply.delay(Duration::from_secs(5))
+        } else {
+            reply
+        }
+    })
+    .await;
+    let bs = Backstop::start(&route("r", "/", &backend.url(), "lock_timeout = \"300ms\""));
+    let first = {
+        let req = client().get(bs.url("/k"));
+        tokio::spawn(async move { got(req.send().await.unwrap()).await })
+    };
+    backend.wait_for_hits(1, Duration::from_secs(5)).await;
+    let started = Instant::now();
+    let twin = get(&bs.url("/k")).await;
+    let waited = started.elapsed();
+    assert_eq!((twin.status, twin.body.as_str()), (200, "n=2"));
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+        "the twin waited {waited:?}: lock_timeout is 300 ms and the fill 5 s"
+    );
+    assert!(!first.is_finished(), "the first fill is still stalled");
+    assert_eq!(first.await.unwrap().body, "n=1");
+}
+
+#[tokio::test]
+async fn lock_timeout_zero_turns_coalescing_off() {
+    let backend = Backend::start(|_| Reply::ok("slow").delay(Duration::from_millis(300))).await;
+    let bs = Backstop::start(&route("r", "/", &backend.url(), "lock_timeout = 0"));
+    let c = client();
+    let requests = (0..5).map(|_| {
+        let req = c.get(bs.url("/k"));
+        tokio::spawn(async move { got(req.send().await.unwrap()).await })
+    });
+    let answers = futures_join(requests.collect()).await;
+    assert!(answers
+        .iter()
+        .all(|a| a.status == 200 && a.x_cache == "MISS"));
+    assert_eq!(backend.hits(), 5, "every concurrent miss went upstream");
+}
+
 async fn futures_join<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
     let mut out = Vec::with_capacity(tasks.len());
     for t in tasks {

@@ -118,6 +118,13 @@ fn invalid_files_list_every_error_with_its_key() {
             ],
         ),
         (
+            format!("[server]\nupstream_max_conns = 2000000\n{ROUTE}[routes.cache]\nlock_timeout = -1\n"),
+            vec![
+                "FILE: server.upstream_max_conns: must be at most 1000000 (0 = no cap)",
+                "FILE: routes[0].cache.lock_timeout: expected a duration",
+            ],
+        ),
+        (
             format!("[kafka]\nbrokers = \"\"\nack_timeout = \"5 parsecs\"\n[replay]\nidempotency_header = \"bad header\"\n{ROUTE}"),
             vec![
                 "FILE: kafka.brokers: must not be empty",
@@ -226,6 +233,7 @@ max_body_bytes = 1048576
 connect_timeout = 2
 upstream_idle_timeout = "30s"
 upstream_max_idle = 64
+upstream_max_conns = 512
 drain_timeout = "5s"
 [log]
 format = "json"
@@ -254,6 +262,7 @@ enabled = true
 store = "redis"
 header_strategy = "list"
 headers = ["Accept"]
+lock_timeout = "2s"
 [routes.proxy]
 use_proxy = true
 strategy = "on_rate_limit"

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::harness::{client, error_of, h2_client, Backend, Backstop, RawBackend, Reply};
 
@@ -438,6 +438,62 @@ async fn idle_upstream_connections_are_capped_per_target() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(backend.open(), kept, "{case}");
     }
+}
+
+#[tokio::test]
+async fn requests_in_flight_are_capped_per_target() {
+    // Six at once through a cap of two: three waves of two, on two
+    // connections, on both upstream ways (GETs, 20 KiB POSTs).
+    for large_post in [false, true] {
+        let backend = Backend::start(|_| Reply::ok("slow").delay(Duration::from_millis(400))).await;
+        let bs = Backstop::start(&format!(
+            "[server]\nupstream_max_conns = 2\n\n{}",
+            route("api", "/", &[backend.url()], "")
+        ));
+        let c = client();
+        let requests = (0..6).map(|_| {
+            let request = if large_post {
+                c.post(bs.url("/x")).body(vec![b'x'; 20 * 1024])
+            } else {
+                c.get(bs.url("/x"))
+            };
+            async move { request.send().await.unwrap().text().await.unwrap() }
+        });
+        let started = Instant::now();
+        let bodies = futures_util::future::join_all(requests).await;
+        let took = started.elapsed();
+        assert!(bodies.iter().all(|b| b == "slow"), "{bodies:?}");
+        assert!(
+            took >= Duration::from_millis(1150),
+            "large POST {large_post}: six 400 ms answers two at a time took {took:?}"
+        );
+        let peers: HashSet<SocketAddr> = backend.seen().iter().map(|s| s.peer).collect();
+        assert_eq!(peers.len(), 2, "large POST {large_post}: two connections");
+    }
+}
+
+#[tokio::test]
+async fn the_wait_for_a_turn_is_not_the_backends_time() {
+    // One turn, 400 ms answers, a 700 ms request_timeout: the second
+    // request waits 400 ms for its turn, then has its whole 700 ms.
+    let backend = Backend::start(|_| Reply::ok("slow").delay(Duration::from_millis(400))).await;
+    let bs = Backstop::start(&format!(
+        "[server]\nupstream_max_conns = 1\n\n{}",
+        route(
+            "api",
+            "/",
+            &[backend.url()],
+            "[routes.circuit_breaker]\nrequest_timeout = 700\n[routes.retry]\nmax_attempts = 1"
+        )
+    ));
+    let c = client();
+    let requests = (0..2).map(|_| {
+        let request = c.get(bs.url("/x"));
+        async move { request.send().await.unwrap().status().as_u16() }
+    });
+    let statuses = futures_util::future::join_all(requests).await;
+    assert_eq!(statuses, [200, 200]);
+    assert_eq!(backend.hits(), 2);
 }
 
 #[tokio::test]

@@ -2,6 +2,8 @@
 //! cannot pass on, and a failure answer read whole before a retry. Each on
 //! both upstream ways: Backstop's own HTTP/1.1 exchange (small buffered
 //! bodies) and hyper's connection (a body that streams from the client).
+//! And a backend whose every allowed connection stays busy
+//! (`upstream_max_conns`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -224,6 +226,62 @@ async fn a_body_that_keeps_coming_slowly_is_not_cut() {
 }
 
 #[tokio::test]
+async fn a_request_finding_every_slot_busy_until_its_deadline_is_a_503_or_captured() {
+    // One slot, held by an answer whose body stalls until it is cut
+    // (`body_read_timeout`, 1.5–3 s after its head).
+    let backend =
+        StuckBackend::start(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nten bytes.".to_vec())
+            .await;
+    let bs = Backstop::start(&format!(
+        "[server]\nupstream_max_conns = 1\n\
+         [replay]\ninitial_delay = \"100ms\"\nmax_delay = \"200ms\"\nmax_attempts = 1\n\n{}",
+        route(
+            &backend.url,
+            "body_read_timeout = \"1500ms\"\n\
+             [routes.circuit_breaker]\nrequest_timeout = 500\n[routes.retry]\nmax_attempts = 1",
+        )
+    ));
+    let holder = client().get(bs.url("/hold")).send().await.unwrap();
+    assert_eq!(holder.status(), 200);
+
+    let started = Instant::now();
+    let (status, code, body) = error_of(client().get(bs.url("/wait")).send().await.unwrap()).await;
+    let waited = started.elapsed();
+    assert_eq!((status, code.as_str()), (503, "upstream_busy"), "{body}");
+    assert!(
+        waited >= Duration::from_millis(450) && waited < Duration::from_secs(3),
+        "answered after {waited:?}, request_timeout is 500 ms"
+    );
+    // A POST that cannot go is kept for later, not lost; its replays wait
+    // for a turn too, and one that gets none spends no attempt (of the one
+    // allowed here).
+    let (status, code, _) = error_of(
+        client()
+            .post(bs.url("/order"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, code.as_str()), (503, "captured"));
+    assert_eq!(backend.requests(), 1, "neither was sent");
+    let captured = bs
+        .metric("backstop_captured_total{route=\"api\",reason=\"saturated\"}")
+        .await;
+    assert_eq!(captured, 1.0);
+
+    // The first answer's body is cut: its slot is free again, for the
+    // POST's replay, then for a new request.
+    assert!(holder.bytes().await.is_err(), "the stalled body is cut");
+    wait_replayed(&bs, 1).await;
+    assert_eq!(backend.requests(), 2, "the held GET and the replay");
+    let response = client().get(bs.url("/next")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(backend.requests(), 3);
+}
+
+#[tokio::test]
 async fn an_answer_that_cannot_be_passed_on_is_a_502_not_retried_nor_held_against_the_backend() {
     let backend = StuckBackend::start(too_many_headers()).await;
     let bs = Backstop::start(&route(
@@ -380,16 +438,21 @@ async fn a_replay_whose_answer_body_stalls_is_delivered_by_its_deadline() {
         )
     ));
     post_captured_order(&bs).await;
+    wait_replayed(&bs, 1).await;
+    assert_eq!(backend.requests(), 2, "sent live once and replayed once");
+}
+
+/// Waits (15 s at most) until `n` captured requests have been delivered.
+async fn wait_replayed(bs: &Backstop, n: u64) {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let queue: serde_json::Value = bs.admin_json("/queue").await;
-        if queue["replayed_total"] == 1 {
-            break;
+        if queue["replayed_total"] == n {
+            return;
         }
         assert!(Instant::now() < deadline, "never delivered: {queue}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(backend.requests(), 2, "sent live once and replayed once");
 }
 
 /// A POST that the backend's 503 has captured (for a replay to send).
