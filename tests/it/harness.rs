@@ -720,3 +720,81 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// A hand-written backend that answers the requests it reads with `answers`
+/// in turn (the last one again once they run out), whatever they say: they
+/// need not be HTTP, nor end where they claim to. It keeps every connection
+/// open until the other side closes it, as a stuck backend would, and
+/// keeps the heads of the requests it read.
+pub struct StuckBackend {
+    pub url: String,
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
+impl StuckBackend {
+    pub async fn start(answer: Vec<u8>) -> StuckBackend {
+        StuckBackend::scripted(vec![answer]).await
+    }
+
+    pub async fn scripted(answers: Vec<Vec<u8>>) -> StuckBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let kept = heads.clone();
+        let answers = Arc::new(answers);
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let (answers, kept) = (answers.clone(), kept.clone());
+                tokio::spawn(async move { serve_stuck(conn, &answers, &kept).await });
+            }
+        });
+        StuckBackend { url, heads }
+    }
+
+    pub fn requests(&self) -> usize {
+        self.heads.lock().unwrap().len()
+    }
+
+    /// The heads of the requests read so far, lowercased.
+    pub fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+}
+
+/// Reads requests (head and `content-length` body) and answers each.
+async fn serve_stuck(mut conn: TcpStream, answers: &[Vec<u8>], heads: &Mutex<Vec<String>>) {
+    let mut wire = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let head_end = loop {
+            if let Some(at) = wire.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => wire.extend_from_slice(&buf[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&wire[..head_end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map_or(0, |v| v.trim().parse().unwrap_or(0));
+        while wire.len() < head_end + length {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => wire.extend_from_slice(&buf[..n]),
+            }
+        }
+        wire.drain(..head_end + length);
+        let n = {
+            let mut heads = heads.lock().unwrap();
+            heads.push(head);
+            heads.len() - 1
+        };
+        let answer = &answers[n.min(answers.len() - 1)];
+        if conn.write_all(answer).await.is_err() {
+            return;
+        }
+    }
+}

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::harness::{client, error_of, Backend, Backstop, Reply};
+use crate::harness::{client, error_of, Backend, Backstop, Reply, StuckBackend};
 
 const SCRIPTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts");
 
@@ -222,6 +222,74 @@ async fn backend_down_post_goes_to_kafka_and_is_replayed_once() {
         (Some(0), Some(1)),
         "{q}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_that_finds_no_turn_waits_without_spending_its_attempt() {
+    // One turn (`upstream_max_conns`), held by an answer whose body stalls
+    // until it is cut (2–4 s); a replay may be sent once only.
+    let tansu = Tansu::start(false);
+    let stalled = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nten bytes.".to_vec();
+    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec();
+    let backend = StuckBackend::scripted(vec![stalled, ok]).await;
+    let bs = Backstop::start(&format!(
+        r#"
+[server]
+upstream_max_conns = 1
+
+[kafka]
+brokers = "{}"
+ack_timeout = "2s"
+
+[replay]
+initial_delay = "200ms"
+max_delay = "400ms"
+max_attempts = 1
+
+[[routes]]
+name = "users"
+path_prefix = "/api"
+upstreams = [{:?}]
+body_read_timeout = "2s"
+  [routes.circuit_breaker]
+  request_timeout = 500
+  [routes.retry]
+  max_attempts = 1
+"#,
+        tansu.brokers(),
+        backend.url
+    ));
+    let holder = client().get(bs.url("/api/hold")).send().await.unwrap();
+    assert_eq!(holder.status(), 200);
+    let r = client()
+        .post(bs.url("/api/users"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let (status, code, _) = error_of(r).await;
+    assert_eq!((status, code.as_str()), (503, "captured"));
+
+    // The replays find the turn taken until the held body is cut.
+    assert!(holder.bytes().await.is_err(), "the stalled body is cut");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let q: serde_json::Value = bs.admin_json("/queue").await;
+        if q["replayed_total"] == 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never delivered: {q}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let heads = backend.heads();
+    assert_eq!(heads.len(), 2, "the held GET, then the replay once");
+    assert!(
+        heads[1].contains("\r\nx-backstop-replay-attempt: 1\r\n"),
+        "the waits spent no attempt: {}",
+        heads[1]
+    );
+    let dead = tokio::task::block_in_place(|| tansu.messages("failed-requests.dlq"));
+    assert!(dead.is_empty(), "{dead:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

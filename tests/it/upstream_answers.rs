@@ -5,83 +5,12 @@
 //! And a backend whose every allowed connection stays busy
 //! (`upstream_max_conns`).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::harness::{client, error_of, Backend, Backstop, Reply};
-
-/// A hand-written backend that answers the requests it reads with `answers`
-/// in turn (the last one again once they run out), whatever they say: they
-/// need not be HTTP, nor end where they claim to. It keeps every connection
-/// open until the other side closes it, as a stuck backend would, and
-/// counts the requests it read.
-struct StuckBackend {
-    url: String,
-    requests: Arc<AtomicUsize>,
-}
-
-impl StuckBackend {
-    async fn start(answer: Vec<u8>) -> StuckBackend {
-        StuckBackend::scripted(vec![answer]).await
-    }
-
-    async fn scripted(answers: Vec<Vec<u8>>) -> StuckBackend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let requests = Arc::new(AtomicUsize::new(0));
-        let counted = requests.clone();
-        let answers = Arc::new(answers);
-        tokio::spawn(async move {
-            while let Ok((conn, _)) = listener.accept().await {
-                let (answers, counted) = (answers.clone(), counted.clone());
-                tokio::spawn(async move { serve_stuck(conn, &answers, &counted).await });
-            }
-        });
-        StuckBackend { url, requests }
-    }
-
-    fn requests(&self) -> usize {
-        self.requests.load(Ordering::SeqCst)
-    }
-}
-
-/// Reads requests (head and `content-length` body) and answers each.
-async fn serve_stuck(mut conn: TcpStream, answers: &[Vec<u8>], requests: &AtomicUsize) {
-    let mut wire = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        let head_end = loop {
-            if let Some(at) = wire.windows(4).position(|w| w == b"\r\n\r\n") {
-                break at + 4;
-            }
-            match conn.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => wire.extend_from_slice(&buf[..n]),
-            }
-        };
-        let head = String::from_utf8_lossy(&wire[..head_end]).to_ascii_lowercase();
-        let length: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .map_or(0, |v| v.trim().parse().unwrap_or(0));
-        while wire.len() < head_end + length {
-            match conn.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => wire.extend_from_slice(&buf[..n]),
-            }
-        }
-        wire.drain(..head_end + length);
-        let n = requests.fetch_add(1, Ordering::SeqCst);
-        let answer = &answers[n.min(answers.len() - 1)];
-        if conn.write_all(answer).await.is_err() {
-            return;
-        }
-    }
-}
+use crate::harness::{client, error_of, Backend, Backstop, Reply, StuckBackend};
 
 /// An answer with 120 header lines: more than the 100 that Backstop (like
 /// hyper) reads.
@@ -275,7 +204,13 @@ async fn a_request_finding_every_slot_busy_until_its_deadline_is_a_503_or_captur
     // POST's replay, then for a new request.
     assert!(holder.bytes().await.is_err(), "the stalled body is cut");
     wait_replayed(&bs, 1).await;
-    assert_eq!(backend.requests(), 2, "the held GET and the replay");
+    let heads = backend.heads();
+    assert_eq!(heads.len(), 2, "the held GET and the replay");
+    assert!(
+        heads[1].contains("\r\nx-backstop-replay-attempt: 1\r\n"),
+        "the waits spent no attempt: {}",
+        heads[1]
+    );
     let response = client().get(bs.url("/next")).send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(backend.requests(), 3);
