@@ -96,6 +96,8 @@ impl Extra {
                     "the backend left its answer's body waiting too long; cutting it"
                 );
                 *this.stalled = true;
+                // Its connection is to be dropped: no turn to hold.
+                *this.slot = None;
                 return true;
             }
             *this.progressed = false;
@@ -170,7 +172,7 @@ impl Body for UpstreamBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let this = self.project();
+        let mut this = self.project();
         if let Some(extra) = this.extra.as_mut() {
             let extra = extra.as_mut().project();
             if let Some(chunk) = extra.read.pop_front() {
@@ -180,14 +182,14 @@ impl Body for UpstreamBody {
                 return Poll::Ready(None);
             }
         }
-        if let Poll::Ready(frame) = this.rest.poll_frame(cx) {
+        if let Poll::Ready(frame) = this.rest.as_mut().poll_frame(cx) {
             if let Some(extra) = this.extra.as_mut() {
                 let extra = extra.as_mut().project();
                 *extra.progressed = true;
-                if !matches!(frame, Some(Ok(_))) {
+                if !matches!(frame, Some(Ok(_))) || this.rest.is_end_stream() {
                     // The backend is done with this answer (all of it, or
                     // a failure): the turn goes to the next request now,
-                    // not when the client has read the rest.
+                    // not when the client has taken the rest.
                     *extra.slot = None;
                 }
             }

@@ -37,6 +37,9 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    /// How long a client may take nothing of an answer before its
+    /// connection is closed.
+    pub send_timeout: Duration,
     pub drain_timeout: Duration,
     pub connect_timeout: Duration,
     /// How long a kept-alive upstream connection may stay unused.
@@ -455,6 +458,7 @@ impl ServerConfig {
             max_header_bytes,
             header_read_timeout: s.duration("header_read_timeout", secs(10), SECONDS),
             idle_timeout: s.duration("idle_timeout", secs(60), SECONDS),
+            send_timeout: s.duration("send_timeout", secs(60), SECONDS),
             drain_timeout: s.duration("drain_timeout", secs(30), SECONDS),
             connect_timeout: s.duration("connect_timeout", secs(2), SECONDS),
             upstream_idle_timeout: s.duration("upstream_idle_timeout", secs(90), SECONDS),
@@ -468,6 +472,7 @@ impl ServerConfig {
         for (k, d) in [
             ("header_read_timeout", config.header_read_timeout),
             ("idle_timeout", config.idle_timeout),
+            ("send_timeout", config.send_timeout),
             ("connect_timeout", config.connect_timeout),
             ("upstream_idle_timeout", config.upstream_idle_timeout),
         ] {

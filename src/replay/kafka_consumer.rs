@@ -41,6 +41,11 @@ const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 /// What a delivery task reports back to the polling loop.
 struct Done {
     partition: Partition,
+    /// The partition queue's generation when the task started: a report
+    /// for a queue since revoked (and perhaps assigned again, as a new
+    /// queue) is ignored, so it can neither commit nor free the new queue's
+    /// head.
+    generation: u64,
     verdict: Verdict,
 }
 
@@ -55,12 +60,25 @@ enum Verdict {
 }
 
 /// One partition's buffered records; the head is the one being worked on.
-#[derive(Default)]
 struct PartitionQueue {
+    /// Which queue of the partition this is: one per assignment.
+    generation: u64,
     jobs: VecDeque<Job>,
     in_flight: bool,
     due: Option<Instant>,
     paused: bool,
+}
+
+impl PartitionQueue {
+    fn new(generation: u64) -> PartitionQueue {
+        PartitionQueue {
+            generation,
+            jobs: VecDeque::new(),
+            in_flight: false,
+            due: None,
+            paused: false,
+        }
+    }
 }
 
 pub struct KafkaReplayer {
@@ -132,6 +150,7 @@ impl KafkaReplayer {
         let this = Arc::new(self);
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
         let mut queues: HashMap<Partition, PartitionQueue> = HashMap::new();
+        let mut generations = 0u64;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         let mut last_error_log: Option<Instant> = None;
         loop {
@@ -140,7 +159,10 @@ impl KafkaReplayer {
                 message = consumer.recv() => match message {
                     Ok(message) => {
                         let partition = (message.topic().to_string(), message.partition());
-                        let queue = queues.entry(partition.clone()).or_default();
+                        let queue = queues.entry(partition.clone()).or_insert_with(|| {
+                            generations += 1;
+                            PartitionQueue::new(generations)
+                        });
                         queue.jobs.push_back(Job::from_message(&message, partition.clone()));
                         if queue.jobs.len() >= BUFFER && !queue.paused {
                             queue.paused = set_paused(&consumer, &partition, true);
@@ -159,7 +181,12 @@ impl KafkaReplayer {
                 Some(done) = done_rx.recv() => {
                     // The partition may have been revoked meanwhile: then
                     // there is nothing to commit here.
-                    let Some(queue) = queues.get_mut(&done.partition) else { continue };
+                    let Some(queue) = queues
+                        .get_mut(&done.partition)
+                        .filter(|q| q.generation == done.generation)
+                    else {
+                        continue;
+                    };
                     queue.in_flight = false;
                     match done.verdict {
                         Verdict::Finished => {
@@ -223,11 +250,16 @@ impl KafkaReplayer {
                 head.attempt += 1;
                 queue.in_flight = true;
                 let job = head.clone();
+                let generation = queue.generation;
                 let (this, tx) = (this.clone(), done_tx.clone());
                 tokio::spawn(async move {
                     let partition = job.partition.clone();
                     let verdict = this.handle(job).await;
-                    let _ = tx.send(Done { partition, verdict });
+                    let _ = tx.send(Done {
+                        partition,
+                        generation,
+                        verdict,
+                    });
                 });
             }
         }
@@ -263,7 +295,7 @@ impl KafkaReplayer {
                 self.dead_letter(&job, &reason, job.attempt).await
             }
             Delivery::Retry(reason) | Delivery::Busy(reason) => {
-                self.count(&record.route, "retry");
+                self.count(&record.route, if sent { "retry" } else { "busy" });
                 let backoff = Backoff {
                     initial: replay.initial_delay,
                     max: replay.max_delay,

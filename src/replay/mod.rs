@@ -216,13 +216,16 @@ impl SpoolReplayer {
                 };
                 let wait = backoff.delay(attempt);
                 let next_at = now_ms() + wait.as_millis() as i64;
-                // A replay that was not sent (`Busy`) spends no attempt.
+                // A replay that was not sent (`Busy`) spends no attempt,
+                // and is no retry.
                 let spent = if sent { attempt } else { queued.attempts };
                 self.spool
                     .retry_later(&queued.id, spent, next_at, &reason)
                     .await?;
-                self.counters.retried.fetch_add(1, Ordering::Relaxed);
-                self.count(&record.route, "retry");
+                if sent {
+                    self.counters.retried.fetch_add(1, Ordering::Relaxed);
+                }
+                self.count(&record.route, if sent { "retry" } else { "busy" });
                 tracing::debug!(id = %queued.id, route = %record.route, attempt, %reason, ?wait, "replay failed; backing off");
                 Ok(Some(wait))
             }

@@ -27,7 +27,7 @@ use crate::body::{ClientBody, ResponseBody};
 use crate::config::ServerConfig;
 use crate::headers::ClientInfo;
 use crate::pipeline::{self, Proxy};
-use reaper::{Closable, Ended, InFlightBody, Reaper, Registration};
+use reaper::{Closable, ConnTimeouts, Ended, InFlightBody, Reaper, Registration};
 use rewind::Rewind;
 
 /// Connection settings taken from `[server]` at start.
@@ -36,6 +36,7 @@ pub struct ConnSettings {
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    pub send_timeout: Duration,
 }
 
 impl ConnSettings {
@@ -44,6 +45,7 @@ impl ConnSettings {
             max_header_bytes: server.max_header_bytes,
             header_read_timeout: server.header_read_timeout,
             idle_timeout: server.idle_timeout,
+            send_timeout: server.send_timeout,
         }
     }
 }
@@ -59,7 +61,11 @@ pub async fn serve_proxy(
     tracker: TaskTracker,
 ) {
     let builders = Arc::new(Builders::new(&settings));
-    let reaper = Reaper::new(settings.idle_timeout, settings.header_read_timeout);
+    let reaper = Reaper::new(ConnTimeouts {
+        idle: settings.idle_timeout,
+        header_read: settings.header_read_timeout,
+        send: settings.send_timeout,
+    });
     tokio::spawn(reaper.clone().run(shutdown.clone()));
     loop {
         let (stream, addr) = tokio::select! {
@@ -205,6 +211,10 @@ impl Connection {
                     tracing::debug!(client = %self.addr, "request head not complete in time; closed");
                     return;
                 }
+                Ended::SendTimeout => {
+                    send_timed_out(self.addr);
+                    return;
+                }
             }
         };
         // Boxed: hyper's connection (a request with a body, HTTP/2) is the
@@ -255,8 +265,13 @@ impl Connection {
             Ended::HeadTimeout => {
                 tracing::debug!(client = %self.addr, "request head not complete in time; closed")
             }
+            Ended::SendTimeout => send_timed_out(self.addr),
         }
     }
+}
+
+fn send_timed_out(client: SocketAddr) {
+    tracing::info!(%client, "the client took nothing of its answer for send_timeout; closed");
 }
 
 impl<I, S, E> Closable for auto::Connection<'_, I, S, E>

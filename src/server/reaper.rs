@@ -1,6 +1,9 @@
 //! Closing client connections from one place: keep-alive connections left
-//! idle, HTTP/1 clients too slow to send a request head (slowloris), and
-//! every connection at shutdown. It also tells a keep-alive connection
+//! idle, HTTP/1 clients too slow to send a request head (slowloris),
+//! clients that take nothing of an answer for `send_timeout` (nginx's
+//! `send_timeout`: a client that stops reading would otherwise hold its
+//! answer, and the backend connection behind it, for ever), and every
+//! connection at shutdown. It also tells a keep-alive connection
 //! that has been idle for a whole tick to let go of its buffers.
 //!
 //! Why not a timer per connection or per request: hyper's own header-read
@@ -38,6 +41,9 @@ const KEEP: u8 = 0;
 const GRACEFUL: u8 = 1;
 /// Close now: nothing is in flight (a request head that never completed).
 const ABORT: u8 = 2;
+/// Close now, even with a request in flight: the client has taken nothing
+/// of its answer for `send_timeout`.
+const STALLED: u8 = 3;
 
 /// The connections of one listener and the task that closes them.
 #[derive(Clone)]
@@ -49,6 +55,7 @@ struct Shared {
     period: Duration,
     idle_ticks: u32,
     head_ticks: u64,
+    send_ticks: u64,
     registry: Mutex<Registry>,
 }
 
@@ -70,6 +77,9 @@ pub struct ConnState {
     /// The tick at which the client started sending a request head that is
     /// not complete yet; 0 when none is pending.
     head_since: AtomicU64,
+    /// The tick at which a write to the client first found its socket
+    /// full; 0 while writes go through.
+    write_blocked_since: AtomicU64,
     close: AtomicU8,
     /// Asked to let go of its buffers (see [`ConnState::take_trim`]). Only
     /// the own HTTP/1 side reads it: a connection handed to hyper is woken
@@ -82,11 +92,17 @@ pub struct ConnState {
 
 impl Reaper {
     /// A reaper for connections that close after `idle_timeout` without
-    /// traffic, or `header_read_timeout` after the first byte of a request
-    /// head that does not complete.
-    pub fn new(idle_timeout: Duration, header_read_timeout: Duration) -> Reaper {
-        let period = (idle_timeout.min(header_read_timeout) / TICKS_PER_TIMEOUT)
-            .max(Duration::from_millis(1));
+    /// traffic, `header_read_timeout` after the first byte of a request
+    /// head that does not complete, or `send_timeout` after a write to the
+    /// client last went through while another waits.
+    pub fn new(timeouts: ConnTimeouts) -> Reaper {
+        let ConnTimeouts {
+            idle: idle_timeout,
+            header_read: header_read_timeout,
+            send: send_timeout,
+        } = timeouts;
+        let shortest = idle_timeout.min(header_read_timeout).min(send_timeout);
+        let period = (shortest / TICKS_PER_TIMEOUT).max(Duration::from_millis(1));
         // Rounded up, so that a timeout is never cut short.
         let ticks =
             |timeout: Duration| timeout.as_nanos().div_ceil(period.as_nanos()).max(1) as u64;
@@ -95,6 +111,7 @@ impl Reaper {
             period,
             idle_ticks: ticks(idle_timeout).min(u64::from(u32::MAX)) as u32,
             head_ticks: ticks(header_read_timeout),
+            send_ticks: ticks(send_timeout),
             registry: Mutex::default(),
         }))
     }
@@ -129,8 +146,9 @@ impl Reaper {
             // head is still coming (hyper waits for it), so the head timeout
             // applies to those too.
             match conn.close.load(Ordering::Relaxed) {
-                ABORT => {}
+                ABORT | STALLED => {}
                 _ if conn.head_overdue(now, self.0.head_ticks) => conn.ask(ABORT),
+                _ if conn.write_overdue(now, self.0.send_ticks) => conn.ask(STALLED),
                 KEEP => match conn.idle_tick() {
                     n if n >= self.0.idle_ticks => conn.ask(GRACEFUL),
                     TRIM_AFTER_TICKS => conn.ask_trim(),
@@ -178,6 +196,14 @@ impl Reaper {
     fn registry(&self) -> MutexGuard<'_, Registry> {
         self.0.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// The client connection timeouts the reaper keeps (`[server]`).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnTimeouts {
+    pub idle: Duration,
+    pub header_read: Duration,
+    pub send: Duration,
 }
 
 /// A connection's place in its reaper.
@@ -237,6 +263,9 @@ pub enum Ended<T> {
     Done(T),
     /// The reaper closed it: a request head took too long.
     HeadTimeout,
+    /// The reaper closed it: the client took nothing of an answer for
+    /// `send_timeout`.
+    SendTimeout,
 }
 
 struct Serve<'a, C> {
@@ -272,6 +301,9 @@ impl<C: Future + Closable> Future for Serve<'_, C> {
             this.registered = Some(waker);
         }
         match this.state.close.load(Ordering::Acquire) {
+            // Dropped here, the connection drops its answer and with it
+            // the backend's connection.
+            STALLED => return Poll::Ready(Ended::SendTimeout),
             // A head that completed just as the reaper looked: its request
             // runs, so the close is graceful after all.
             ABORT if this.state.in_flight.load(Ordering::Relaxed) == 0 => {
@@ -355,6 +387,13 @@ impl ConnState {
         since != 0
             && now.saturating_sub(since) > limit
             && self.in_flight.load(Ordering::Relaxed) == 0
+    }
+
+    /// Whether a write has waited on the client for more than `limit`
+    /// whole ticks.
+    fn write_overdue(&self, now: u64, limit: u64) -> bool {
+        let since = self.write_blocked_since.load(Ordering::Relaxed);
+        since != 0 && now.saturating_sub(since) > limit
     }
 
     /// One tick more: for how many whole ticks the connection has now been
@@ -506,6 +545,22 @@ impl<S> ActivityIo<S> {
             state.head_since.store(0, Ordering::Relaxed);
         }
     }
+
+    /// Notes when a write (or a flush, which TLS may hold) first found the
+    /// client's socket full, and that one went through.
+    fn write_polled<T>(state: &ConnState, reaper: &Reaper, result: &Poll<T>) {
+        let blocked_since = state.write_blocked_since.load(Ordering::Relaxed);
+        match result {
+            Poll::Pending if blocked_since == 0 => {
+                let now = reaper.0.clock.load(Ordering::Relaxed);
+                state.write_blocked_since.store(now, Ordering::Relaxed);
+            }
+            Poll::Ready(_) if blocked_since != 0 => {
+                state.write_blocked_since.store(0, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
 }
 
 impl<S: AsyncWrite> AsyncWrite for ActivityIo<S> {
@@ -516,7 +571,9 @@ impl<S: AsyncWrite> AsyncWrite for ActivityIo<S> {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.project();
         Self::wrote(this.state);
-        this.inner.poll_write(cx, data)
+        let result = this.inner.poll_write(cx, data);
+        Self::write_polled(this.state, this.reaper, &result);
+        result
     }
 
     fn poll_write_vectored(
@@ -526,7 +583,9 @@ impl<S: AsyncWrite> AsyncWrite for ActivityIo<S> {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.project();
         Self::wrote(this.state);
-        this.inner.poll_write_vectored(cx, bufs)
+        let result = this.inner.poll_write_vectored(cx, bufs);
+        Self::write_polled(this.state, this.reaper, &result);
+        result
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -534,7 +593,10 @@ impl<S: AsyncWrite> AsyncWrite for ActivityIo<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().inner.poll_flush(cx)
+        let this = self.project();
+        let result = this.inner.poll_flush(cx);
+        Self::write_polled(this.state, this.reaper, &result);
+        result
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -563,18 +625,54 @@ mod tests {
         assert_eq!(Preface::Http1.after(H2_PREFACE), Preface::Http1);
     }
 
+    fn timeouts(idle: u64, header_read: u64, send: u64) -> ConnTimeouts {
+        ConnTimeouts {
+            idle: Duration::from_secs(idle),
+            header_read: Duration::from_secs(header_read),
+            send: Duration::from_secs(send),
+        }
+    }
+
     #[test]
-    fn ticks_follow_the_shorter_timeout() {
-        let reaper = Reaper::new(Duration::from_secs(60), Duration::from_secs(10));
+    fn ticks_follow_the_shortest_timeout() {
+        let reaper = Reaper::new(timeouts(60, 10, 60));
         assert_eq!(reaper.0.period, Duration::from_millis(2500));
         assert_eq!(reaper.0.head_ticks, 4);
         assert_eq!(reaper.0.idle_ticks, 24);
+        assert_eq!(reaper.0.send_ticks, 24);
+        let reaper = Reaper::new(timeouts(60, 10, 2));
+        assert_eq!(reaper.0.period, Duration::from_millis(500));
+        assert_eq!(reaper.0.send_ticks, 4);
+    }
+
+    #[test]
+    fn a_write_blocked_for_send_timeout_closes_even_with_a_request_in_flight() {
+        // One tick a second; a blocked write may wait 4 ticks.
+        let reaper = Reaper::new(timeouts(8, 8, 4));
+        let stuck = reaper.register();
+        let flowing = reaper.register();
+        let _request = stuck.state().request_started();
+        let _other = flowing.state().request_started();
+        ActivityIo::<()>::write_polled(&stuck.state, &reaper, &Poll::<()>::Pending);
+        ActivityIo::<()>::write_polled(&flowing.state, &reaper, &Poll::<()>::Pending);
+        for _ in 0..4 {
+            reaper.tick();
+        }
+        ActivityIo::<()>::write_polled(&flowing.state, &reaper, &Poll::Ready(()));
+        assert_eq!(stuck.state.close.load(Ordering::Relaxed), KEEP);
+        reaper.tick();
+        assert_eq!(stuck.state.close.load(Ordering::Relaxed), STALLED);
+        assert_eq!(
+            flowing.state.close.load(Ordering::Relaxed),
+            KEEP,
+            "its write went through: the clock starts again"
+        );
     }
 
     #[test]
     fn a_pending_head_is_aborted_and_an_idle_connection_closed_gracefully() {
         // One tick a second; the head may take 4 ticks, idleness 8.
-        let reaper = Reaper::new(Duration::from_secs(8), Duration::from_secs(4));
+        let reaper = Reaper::new(timeouts(8, 4, 60));
         let slow = reaper.register();
         let idle = reaper.register();
         let busy = reaper.register();

@@ -152,7 +152,7 @@ impl Metrics {
         let replayed = Family::<RouteOutcome, Counter>::default();
         registry.register(
             "replayed",
-            "Replay attempts by outcome (delivered, retry, dead_letter)",
+            "Replay attempts by outcome (delivered, retry, dead_letter; busy: not sent, no turn at the target)",
             replayed.clone(),
         );
         let rate_limit_fail_open = Family::<RouteLabel, Counter>::default();
@@ -214,7 +214,7 @@ impl Metrics {
         }
     }
 
-    /// Counts one replay outcome (`delivered`, `retry`, `dead_letter`).
+    /// Counts one replay outcome (`delivered`, `retry`, `dead_letter`, `busy`).
     pub fn count_replay(&self, route: &str, outcome: &str) {
         self.replayed
             .get_or_create(&RouteOutcome {

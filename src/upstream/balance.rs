@@ -28,9 +28,15 @@ pub struct Target {
 }
 
 impl Target {
+    /// Healthy, not ejected, and with a turn free when its requests in
+    /// flight are capped (a full target is picked only when all are).
     fn usable(&self, now_ms: u64) -> bool {
         self.healthy.load(Ordering::Relaxed)
             && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
+            && self
+                .slots
+                .as_ref()
+                .is_none_or(|slots| slots.available_permits() > 0)
     }
 }
 
@@ -69,8 +75,9 @@ impl Balancer {
         self.targets.get(index).map(|target| &target.base)
     }
 
-    /// The next target in turn that is healthy and not ejected; when none
-    /// is, the next one anyway (better to try than to refuse).
+    /// The next target in turn that is healthy, not ejected and (when
+    /// capped) has a turn free; when none is, the next one anyway (better to
+    /// try, or wait, than to refuse).
     pub fn pick(&self) -> (usize, &Target) {
         let n = self.targets.len();
         if n == 1 {
@@ -143,6 +150,19 @@ mod tests {
         b.restore(1);
         let seq: Vec<usize> = (0..3).map(|_| b.pick().0).collect();
         assert!(seq.contains(&1));
+    }
+
+    #[test]
+    fn a_target_without_a_free_turn_is_skipped_while_another_has_one() {
+        let b = Balancer::new(&uris(&["http://a", "http://b"]), Some(1));
+        let taken = b.slots(0).unwrap().clone().try_acquire_owned().unwrap();
+        let seq: Vec<usize> = (0..4).map(|_| b.pick().0).collect();
+        assert_eq!(seq, [1, 1, 1, 1]);
+        let _also_taken = b.slots(1).unwrap().clone().try_acquire_owned().unwrap();
+        let seq: Vec<usize> = (0..2).map(|_| b.pick().0).collect();
+        assert!(seq.contains(&0), "all full: picked in turn anyway, {seq:?}");
+        drop(taken);
+        assert_eq!(b.pick().0, 0);
     }
 
     #[test]

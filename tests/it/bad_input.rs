@@ -373,3 +373,44 @@ async fn repeated_forwarding_lines_are_kept_as_one_list() {
         "for=10.0.0.1, for=10.0.0.2, for=127.0.0.1;proto=http;host=shop.example"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_after_send_timeout_and_frees_its_turn() {
+    // A 64 MiB answer: far more than the sockets between can hold. One
+    // turn at the backend, so the next request gets one only when the
+    // stuck answer is let go.
+    let big = bytes::Bytes::from(vec![b'x'; 64 << 20]);
+    let backend = Backend::start(move |seen| match seen.uri.as_str() {
+        "/big" => Reply::ok("").body(big.clone()),
+        _ => Reply::ok("small"),
+    })
+    .await;
+    let bs = Backstop::start(&format!(
+        "[server]\nsend_timeout = \"1s\"\nupstream_max_conns = 1\n\n[[routes]]\nname = \"api\"\n\
+         path_prefix = \"/\"\nupstreams = [{:?}]\n",
+        backend.url()
+    ));
+    let mut stuck = TcpStream::connect(bs.addr).await.unwrap();
+    stuck
+        .write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    backend.wait_for_hits(1, Duration::from_secs(5)).await;
+
+    let started = Instant::now();
+    let r = client().get(bs.url("/small")).send().await.unwrap();
+    let waited = started.elapsed();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "small");
+    assert!(
+        waited < Duration::from_secs(5),
+        "the turn came back after {waited:?} (send_timeout 1 s)"
+    );
+    // The stuck client finds its answer cut short.
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stuck.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "the connection is closed");
+    assert!(got.len() < 64 << 20, "cut short at {} bytes", got.len());
+    bs.wait_for_log("took nothing of its answer", Duration::from_secs(5))
+        .await;
+}

@@ -234,6 +234,7 @@ connect_timeout = 2
 upstream_idle_timeout = "30s"
 upstream_max_idle = 64
 upstream_max_conns = 512
+send_timeout = "30s"
 drain_timeout = "5s"
 [log]
 format = "json"

@@ -269,6 +269,15 @@ body_read_timeout = "2s"
         .unwrap();
     let (status, code, _) = error_of(r).await;
     assert_eq!((status, code.as_str()), (503, "captured"));
+    let messages = tokio::task::block_in_place(|| tansu.messages("failed-requests"));
+    let value = messages[0]["value"].as_str().unwrap();
+    let record: serde_json::Value = serde_json::from_str(value).unwrap();
+    assert_eq!(record["reason"], "saturated");
+    let problems: Vec<String> = validator()
+        .iter_errors(&record)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(problems.is_empty(), "{problems:?}");
 
     // The replays find the turn taken until the held body is cut.
     assert!(holder.bytes().await.is_err(), "the stalled body is cut");
