@@ -761,6 +761,15 @@ impl StuckBackend {
     }
 }
 
+/// Asserts that a replay's request head (lowercased) says it is attempt
+/// `n`.
+pub fn assert_replay_attempt(head: &str, n: u32) {
+    assert!(
+        head.contains(&format!("\r\nx-backstop-replay-attempt: {n}\r\n")),
+        "not attempt {n}: {head}"
+    );
+}
+
 /// Reads requests (head and `content-length` body) and answers each.
 async fn serve_stuck(mut conn: TcpStream, answers: &[Vec<u8>], heads: &Mutex<Vec<String>>) {
     let mut wire = Vec::new();

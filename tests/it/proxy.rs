@@ -417,16 +417,7 @@ async fn idle_upstream_connections_are_capped_per_target() {
             "[server]\nupstream_idle_timeout = \"4s\"\n{server}\n{}",
             route("api", "/", &[backend.url()], "")
         ));
-        let c = client();
-        let requests = (0..6).map(|_| {
-            let request = if large_post {
-                c.post(bs.url("/x")).body(vec![b'x'; 20 * 1024])
-            } else {
-                c.get(bs.url("/x"))
-            };
-            async move { request.send().await.unwrap().text().await.unwrap() }
-        });
-        let bodies = futures_util::future::join_all(requests).await;
+        let bodies = six_at_once(&bs, large_post).await;
         assert!(bodies.iter().all(|b| b == "slow"), "{case}: {bodies:?}");
         let peers: HashSet<SocketAddr> = backend.seen().iter().map(|s| s.peer).collect();
         assert_eq!(peers.len(), 6, "{case}: a connection per request");
@@ -440,6 +431,21 @@ async fn idle_upstream_connections_are_capped_per_target() {
     }
 }
 
+/// The bodies of six requests sent at once: GETs, or 20 KiB POSTs (which
+/// go upstream over hyper's connection, not the own exchange).
+async fn six_at_once(bs: &Backstop, large_post: bool) -> Vec<String> {
+    let c = client();
+    let requests = (0..6).map(|_| {
+        let request = if large_post {
+            c.post(bs.url("/x")).body(vec![b'x'; 20 * 1024])
+        } else {
+            c.get(bs.url("/x"))
+        };
+        async move { request.send().await.unwrap().text().await.unwrap() }
+    });
+    futures_util::future::join_all(requests).await
+}
+
 #[tokio::test]
 async fn requests_in_flight_are_capped_per_target() {
     // Six at once through a cap of two: three waves of two, on two
@@ -450,17 +456,8 @@ async fn requests_in_flight_are_capped_per_target() {
             "[server]\nupstream_max_conns = 2\n\n{}",
             route("api", "/", &[backend.url()], "")
         ));
-        let c = client();
-        let requests = (0..6).map(|_| {
-            let request = if large_post {
-                c.post(bs.url("/x")).body(vec![b'x'; 20 * 1024])
-            } else {
-                c.get(bs.url("/x"))
-            };
-            async move { request.send().await.unwrap().text().await.unwrap() }
-        });
         let started = Instant::now();
-        let bodies = futures_util::future::join_all(requests).await;
+        let bodies = six_at_once(&bs, large_post).await;
         let took = started.elapsed();
         assert!(bodies.iter().all(|b| b == "slow"), "{bodies:?}");
         assert!(
