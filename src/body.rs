@@ -53,11 +53,12 @@ pin_project_lite::pin_project! {
 }
 
 pin_project_lite::pin_project! {
-    /// Chunks read ahead, the stall timer, and the target's slot. The timer is set when the
-    /// body first has to wait and, when it fires, moved on only if a frame
-    /// came meanwhile: a stall is noticed between one and two limits after
-    /// the last byte, and a body that keeps flowing costs a flag per frame,
-    /// not a clock reading and a timer update.
+    /// Chunks read ahead, the stall timer, and the request's turn at a
+    /// capped target. The timer is set when the body first has to wait
+    /// and, when it fires, moved on only if a frame came meanwhile: a stall
+    /// is noticed between one and two limits after the last byte, and a
+    /// body that keeps flowing costs a flag per frame, not a clock reading
+    /// and a timer update.
     struct Extra {
         read: VecDeque<Bytes>,
         #[pin]

@@ -644,12 +644,12 @@ fn try_deadline(sent_at: Instant, timeout: Duration, deadline: Option<Instant>) 
 }
 
 /// An attempt to a target whose requests in flight are capped
-/// (`upstream_max_conns`): its turn first, waited for up to
-/// `request_timeout`, then the attempt with its whole `request_timeout`,
-/// timed from the turn (`sent_at` moves there): the wait is Backstop's
-/// queue, not the backend's time, so it neither eats the backend's timeout
-/// nor makes the breaker count a slow call. The answer's body holds the
-/// turn.
+/// (`upstream_max_conns`): its turn first, waited for until the attempt's
+/// deadline, then the attempt with its whole `request_timeout` (as far as
+/// the request's deadline leaves it), timed from the turn (`sent_at` moves
+/// there): the wait is Backstop's queue, not the backend's time, so it
+/// neither eats the backend's timeout nor makes the breaker count a slow
+/// call. The answer's body holds the turn.
 async fn send_in_turn(
     route: &Route,
     slots: &Arc<Semaphore>,
@@ -660,15 +660,7 @@ async fn send_in_turn(
     deadline: Option<Instant>,
 ) -> Result<Response<UpstreamBody>, Failure> {
     let timeout = route.config.circuit_breaker.request_timeout;
-    // The wait ends in time to leave the attempt its whole timeout before
-    // the request's deadline (a turn that comes later fails as
-    // `Saturated`, not as the backend's timeout); with less time than that
-    // left, only a turn free at once is taken.
-    let mut turn_until = deadline_after(*sent_at, timeout);
-    if let Some(deadline) = deadline {
-        turn_until = turn_until.min(deadline.checked_sub(timeout).unwrap_or(*sent_at));
-    }
-    let slot = take_turn(slots, turn_until).await?;
+    let slot = take_turn(slots, try_deadline(*sent_at, timeout, deadline)).await?;
     *sent_at = Instant::now();
     let until = try_deadline(*sent_at, timeout, deadline);
     let response = route

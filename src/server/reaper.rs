@@ -546,8 +546,8 @@ impl<S> ActivityIo<S> {
         }
     }
 
-    /// Notes when a write (or a flush, which TLS may hold) first found the
-    /// client's socket full, and that one went through.
+    /// Notes when a write (or a flush or shutdown, which TLS may hold)
+    /// first found the client's socket full, and that one went through.
     fn write_polled<T>(state: &ConnState, reaper: &Reaper, result: &Poll<T>) {
         let blocked_since = state.write_blocked_since.load(Ordering::Relaxed);
         match result {
@@ -600,7 +600,11 @@ impl<S: AsyncWrite> AsyncWrite for ActivityIo<S> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
+        // TLS's close_notify may wait on a full socket too.
+        let this = self.project();
+        let result = this.inner.poll_shutdown(cx);
+        Self::write_polled(this.state, this.reaper, &result);
+        result
     }
 }
 

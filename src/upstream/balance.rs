@@ -28,15 +28,18 @@ pub struct Target {
 }
 
 impl Target {
-    /// Healthy, not ejected, and with a turn free when its requests in
-    /// flight are capped (a full target is picked only when all are).
+    /// Healthy (by the health checks) and not ejected.
     fn usable(&self, now_ms: u64) -> bool {
         self.healthy.load(Ordering::Relaxed)
             && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
-            && self
-                .slots
-                .as_ref()
-                .is_none_or(|slots| slots.available_permits() > 0)
+    }
+
+    /// A turn is free now, or the target's requests in flight are not
+    /// capped.
+    fn has_turn(&self) -> bool {
+        self.slots
+            .as_ref()
+            .is_none_or(|slots| slots.available_permits() > 0)
     }
 }
 
@@ -76,8 +79,9 @@ impl Balancer {
     }
 
     /// The next target in turn that is healthy, not ejected and (when
-    /// capped) has a turn free; when none is, the next one anyway (better to
-    /// try, or wait, than to refuse).
+    /// capped) has a turn free; else the next usable one, to wait for a
+    /// turn there rather than go to one known to be down; when none is
+    /// usable, the next one anyway (better to try than to refuse).
     pub fn pick(&self) -> (usize, &Target) {
         let n = self.targets.len();
         if n == 1 {
@@ -87,13 +91,18 @@ impl Balancer {
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let now = self.now_ms();
-        for offset in 0..n {
-            let i = (start + offset) % n;
-            if self.targets[i].usable(now) {
-                return (i, &self.targets[i]);
+        let in_turn = (0..n).map(|offset| (start + offset) % n);
+        let mut first_usable = None;
+        for i in in_turn {
+            let target = &self.targets[i];
+            if target.usable(now) {
+                if target.has_turn() {
+                    return (i, target);
+                }
+                first_usable.get_or_insert(i);
             }
         }
-        let i = start % n;
+        let i = first_usable.unwrap_or(start % n);
         (i, &self.targets[i])
     }
 
@@ -163,6 +172,15 @@ mod tests {
         assert!(seq.contains(&0), "all full: picked in turn anyway, {seq:?}");
         drop(taken);
         assert_eq!(b.pick().0, 0);
+    }
+
+    #[test]
+    fn a_full_healthy_target_is_picked_over_an_ejected_one() {
+        let b = Balancer::new(&uris(&["http://a", "http://b"]), Some(1));
+        let _taken = b.slots(0).unwrap().clone().try_acquire_owned().unwrap();
+        b.eject(1);
+        let seq: Vec<usize> = (0..4).map(|_| b.pick().0).collect();
+        assert_eq!(seq, [0, 0, 0, 0], "wait at the full one, not the dead one");
     }
 
     #[test]
