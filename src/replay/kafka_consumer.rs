@@ -179,8 +179,9 @@ impl KafkaReplayer {
                     }
                 },
                 Some(done) = done_rx.recv() => {
-                    // The partition may have been revoked meanwhile: then
-                    // there is nothing to commit here.
+                    // The partition may have been revoked meanwhile (and
+                    // perhaps assigned again, a new queue): then there is
+                    // nothing to commit here.
                     let Some(queue) = queues
                         .get_mut(&done.partition)
                         .filter(|q| q.generation == done.generation)
