@@ -27,25 +27,26 @@ use crate::body::{ClientBody, ResponseBody};
 use crate::config::ServerConfig;
 use crate::headers::ClientInfo;
 use crate::pipeline::{self, Proxy};
-use reaper::{Closable, ConnTimeouts, Ended, InFlightBody, Reaper, Registration};
+pub use reaper::ConnTimeouts;
+use reaper::{Closable, Ended, InFlightBody, Reaper, Registration};
 use rewind::Rewind;
 
 /// Connection settings taken from `[server]` at start.
 #[derive(Clone)]
 pub struct ConnSettings {
     pub max_header_bytes: usize,
-    pub header_read_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub send_timeout: Duration,
+    pub timeouts: ConnTimeouts,
 }
 
 impl ConnSettings {
     pub fn from_config(server: &ServerConfig) -> Self {
         ConnSettings {
             max_header_bytes: server.max_header_bytes,
-            header_read_timeout: server.header_read_timeout,
-            idle_timeout: server.idle_timeout,
-            send_timeout: server.send_timeout,
+            timeouts: ConnTimeouts {
+                idle: server.idle_timeout,
+                header_read: server.header_read_timeout,
+                send: server.send_timeout,
+            },
         }
     }
 }
@@ -61,11 +62,7 @@ pub async fn serve_proxy(
     tracker: TaskTracker,
 ) {
     let builders = Arc::new(Builders::new(&settings));
-    let reaper = Reaper::new(ConnTimeouts {
-        idle: settings.idle_timeout,
-        header_read: settings.header_read_timeout,
-        send: settings.send_timeout,
-    });
+    let reaper = Reaper::new(settings.timeouts);
     tokio::spawn(reaper.clone().run(shutdown.clone()));
     loop {
         let (stream, addr) = tokio::select! {
@@ -89,7 +86,7 @@ pub async fn serve_proxy(
             max_head: settings.max_header_bytes,
         };
         let tls = tls.clone();
-        let handshake_timeout = settings.header_read_timeout;
+        let handshake_timeout = settings.timeouts.header_read;
         tracker.spawn(async move {
             match tls {
                 None => conn.serve(stream, "http").await,

@@ -91,17 +91,12 @@ pub struct ConnState {
 }
 
 impl Reaper {
-    /// A reaper for connections that close after `idle_timeout` without
-    /// traffic, `header_read_timeout` after the first byte of a request
-    /// head that does not complete, or `send_timeout` after a write to the
-    /// client last went through while another waits.
+    /// A reaper for connections that close after `idle` without traffic,
+    /// `header_read` after the first byte of a request head that does not
+    /// complete, or `send` after a write to the client began to wait on a
+    /// full socket.
     pub fn new(timeouts: ConnTimeouts) -> Reaper {
-        let ConnTimeouts {
-            idle: idle_timeout,
-            header_read: header_read_timeout,
-            send: send_timeout,
-        } = timeouts;
-        let shortest = idle_timeout.min(header_read_timeout).min(send_timeout);
+        let shortest = timeouts.idle.min(timeouts.header_read).min(timeouts.send);
         let period = (shortest / TICKS_PER_TIMEOUT).max(Duration::from_millis(1));
         // Rounded up, so that a timeout is never cut short.
         let ticks =
@@ -109,9 +104,9 @@ impl Reaper {
         Reaper(Arc::new(Shared {
             clock: AtomicU64::new(1),
             period,
-            idle_ticks: ticks(idle_timeout).min(u64::from(u32::MAX)) as u32,
-            head_ticks: ticks(header_read_timeout),
-            send_ticks: ticks(send_timeout),
+            idle_ticks: ticks(timeouts.idle).min(u64::from(u32::MAX)) as u32,
+            head_ticks: ticks(timeouts.header_read),
+            send_ticks: ticks(timeouts.send),
             registry: Mutex::default(),
         }))
     }

@@ -387,12 +387,7 @@ async fn concurrent_misses_make_one_upstream_call() {
     let backend =
         Backend::start(|_| Reply::ok("slow answer").delay(Duration::from_millis(500))).await;
     let bs = Backstop::start(&route("r", "/", &backend.url(), ""));
-    let c = client();
-    let requests = (0..100).map(|_| {
-        let req = c.get(bs.url("/slow?a=1&b=2"));
-        tokio::spawn(async move { got(req.send().await.unwrap()).await })
-    });
-    let answers: Vec<Got> = futures_join(requests.collect()).await;
+    let answers = get_at_once(bs.url("/slow?a=1&b=2"), 100).await;
     assert_eq!(backend.hits(), 1, "one upstream call for 100 requests");
     assert!(answers
         .iter()
@@ -412,12 +407,7 @@ async fn waiters_go_upstream_themselves_when_the_answer_cannot_be_shared() {
     })
     .await;
     let bs = Backstop::start(&route("r", "/", &backend.url(), ""));
-    let c = client();
-    let requests = (0..5).map(|_| {
-        let req = c.get(bs.url("/p"));
-        tokio::spawn(async move { got(req.send().await.unwrap()).await })
-    });
-    let answers = futures_join(requests.collect()).await;
+    let answers = get_at_once(bs.url("/p"), 5).await;
     assert!(answers
         .iter()
         .all(|a| a.status == 200 && a.x_cache == "MISS"));
@@ -439,10 +429,7 @@ async fn a_waiter_goes_upstream_itself_after_lock_timeout() {
     })
     .await;
     let bs = Backstop::start(&route("r", "/", &backend.url(), "lock_timeout = \"300ms\""));
-    let first = {
-        let req = client().get(bs.url("/k"));
-        tokio::spawn(async move { got(req.send().await.unwrap()).await })
-    };
+    let first = tokio::spawn(get_at_once(bs.url("/k"), 1));
     backend.wait_for_hits(1, Duration::from_secs(5)).await;
     let started = Instant::now();
     let twin = get(&bs.url("/k")).await;
@@ -453,31 +440,34 @@ async fn a_waiter_goes_upstream_itself_after_lock_timeout() {
         "the twin waited {waited:?}: lock_timeout is 300 ms and the fill 5 s"
     );
     assert!(!first.is_finished(), "the first fill is still stalled");
-    assert_eq!(first.await.unwrap().body, "n=1");
+    assert_eq!(first.await.unwrap()[0].body, "n=1");
 }
 
 #[tokio::test]
 async fn lock_timeout_zero_turns_coalescing_off() {
     let backend = Backend::start(|_| Reply::ok("slow").delay(Duration::from_millis(300))).await;
     let bs = Backstop::start(&route("r", "/", &backend.url(), "lock_timeout = 0"));
-    let c = client();
-    let requests = (0..5).map(|_| {
-        let req = c.get(bs.url("/k"));
-        tokio::spawn(async move { got(req.send().await.unwrap()).await })
-    });
-    let answers = futures_join(requests.collect()).await;
+    let answers = get_at_once(bs.url("/k"), 5).await;
     assert!(answers
         .iter()
         .all(|a| a.status == 200 && a.x_cache == "MISS"));
     assert_eq!(backend.hits(), 5, "every concurrent miss went upstream");
 }
 
-async fn futures_join<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
-    let mut out = Vec::with_capacity(tasks.len());
-    for t in tasks {
-        out.push(t.await.unwrap());
+/// `n` GETs of `url` sent at once by one client; their answers, in order.
+async fn get_at_once(url: String, n: usize) -> Vec<Got> {
+    let c = client();
+    let requests: Vec<_> = (0..n)
+        .map(|_| {
+            let req = c.get(&url);
+            tokio::spawn(async move { got(req.send().await.unwrap()).await })
+        })
+        .collect();
+    let mut answers = Vec::with_capacity(n);
+    for request in requests {
+        answers.push(request.await.unwrap());
     }
-    out
+    answers
 }
 
 #[tokio::test]

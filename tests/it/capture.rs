@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{client, error_of, Backend, Backstop, Reply, Stopped};
+use crate::harness::{client, error_of, wait_queue, Backend, Backstop, Reply, Stopped};
 
 fn config(upstream: &str, capture_extra: &str) -> String {
     format!(
@@ -38,21 +38,6 @@ async fn stopped_backend() -> Stopped {
 
 async fn queue_status(bs: &Backstop) -> serde_json::Value {
     bs.admin_json("/queue").await
-}
-
-async fn wait_queue(bs: &Backstop, what: &str, want: u64) -> serde_json::Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let q = queue_status(bs).await;
-        if q[what] == want {
-            return q;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "queue {what} never reached {want}: {q}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn stored_record(bs: &Backstop, id: &str) -> serde_json::Value {

@@ -807,3 +807,19 @@ async fn serve_stuck(mut conn: TcpStream, answers: &[Vec<u8>], heads: &Mutex<Vec
         }
     }
 }
+
+/// Waits (20 s at most) until `/queue` shows `want` for `what`; the status.
+pub async fn wait_queue(bs: &Backstop, what: &str, want: u64) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let q: serde_json::Value = bs.admin_json("/queue").await;
+        if q[what] == want {
+            return q;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "queue {what} never reached {want}: {q}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::harness::{
-    assert_replay_attempt, client, error_of, Backend, Backstop, Reply, StuckBackend,
+    assert_replay_attempt, client, error_of, wait_queue, Backend, Backstop, Reply, StuckBackend,
 };
 
 const SCRIPTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts");
@@ -283,15 +283,7 @@ body_read_timeout = "2s"
 
     // The replays find the turn taken until the held body is cut.
     assert!(holder.bytes().await.is_err(), "the stalled body is cut");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let q: serde_json::Value = bs.admin_json("/queue").await;
-        if q["replayed_total"] == 1 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "never delivered: {q}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_queue(&bs, "replayed_total", 1).await;
     let heads = backend.heads();
     assert_eq!(heads.len(), 2, "the held GET, then the replay once");
     // The waits spent no attempt.

@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::harness::{
-    assert_replay_attempt, client, error_of, Backend, Backstop, Reply, StuckBackend,
+    assert_replay_attempt, client, error_of, wait_queue, Backend, Backstop, Reply, StuckBackend,
 };
 
 /// An answer with 120 header lines: more than the 100 that Backstop (like
@@ -205,7 +205,7 @@ async fn a_request_finding_every_slot_busy_until_its_deadline_is_a_503_or_captur
     // The first answer's body is cut: its slot is free again, for the
     // POST's replay, then for a new request.
     assert!(holder.bytes().await.is_err(), "the stalled body is cut");
-    wait_replayed(&bs, 1).await;
+    wait_queue(&bs, "replayed_total", 1).await;
     let heads = backend.heads();
     assert_eq!(heads.len(), 2, "the held GET and the replay");
     // The waits spent no attempt.
@@ -372,21 +372,8 @@ async fn a_replay_whose_answer_body_stalls_is_delivered_by_its_deadline() {
         )
     ));
     post_captured_order(&bs).await;
-    wait_replayed(&bs, 1).await;
+    wait_queue(&bs, "replayed_total", 1).await;
     assert_eq!(backend.requests(), 2, "sent live once and replayed once");
-}
-
-/// Waits (15 s at most) until `n` captured requests have been delivered.
-async fn wait_replayed(bs: &Backstop, n: u64) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let queue: serde_json::Value = bs.admin_json("/queue").await;
-        if queue["replayed_total"] == n {
-            return;
-        }
-        assert!(Instant::now() < deadline, "never delivered: {queue}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// A POST that the backend's 503 has captured (for a replay to send).
