@@ -36,7 +36,6 @@ use http::header::{HeaderValue, HOST, RETRY_AFTER};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::Either;
-use tokio::sync::Semaphore;
 
 use crate::body::{self, BufferError, BufferedBody, ClientBody, ResponseBody, UpstreamBody};
 use crate::cache::{self, CacheState, Caches, Lookup};
@@ -56,7 +55,7 @@ use crate::stats::metrics::Metrics;
 use crate::stats::{Event, Stats};
 use crate::traceparent::TraceContext;
 use crate::upstream::proxy_pool::{self, Via};
-use crate::upstream::{deadline_after, take_turn};
+use crate::upstream::{deadline_after, take_turn, Slots};
 
 /// The configuration in force: swapped whole on reload, read lock-free.
 pub struct Active {
@@ -652,7 +651,7 @@ fn try_deadline(sent_at: Instant, timeout: Duration, deadline: Option<Instant>) 
 /// call. The answer's body holds the turn.
 async fn send_in_turn(
     route: &Route,
-    slots: &Arc<Semaphore>,
+    slots: &Slots,
     (via, index): (Via, usize),
     outgoing: &mut Outgoing,
     last: bool,

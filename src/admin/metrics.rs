@@ -1,6 +1,7 @@
 //! `GET /metrics`: Prometheus text format. Queue gauges are read from the
 //! spool at scrape time, so they are exact whoever changed the queue (the
-//! worker, the CLI, another process).
+//! worker, the CLI, another process); the turn gauges of capped targets
+//! from the route table, so the request path counts nothing for them.
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -9,6 +10,7 @@ use axum::routing::get;
 use axum::Router;
 
 use super::{admin_error, AdminState};
+use crate::stats::metrics::RouteUpstream;
 
 pub fn routes() -> Router<AdminState> {
     Router::new().route("/metrics", get(metrics))
@@ -27,6 +29,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         }
         Err(e) => return admin_error(StatusCode::INTERNAL_SERVER_ERROR, "spool_error", &e),
     }
+    record_turns(&state);
     (
         [(
             header::CONTENT_TYPE,
@@ -35,4 +38,32 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         state.proxy.metrics.encode(),
     )
         .into_response()
+}
+
+/// `backstop_upstream_in_flight` and `_waiting` of every target of a route
+/// with `upstream_max_conns`, set afresh: a route or target that a reload
+/// removed drops out.
+fn record_turns(state: &AdminState) {
+    let metrics = &state.proxy.metrics;
+    metrics.upstream_in_flight.clear();
+    metrics.upstream_waiting.clear();
+    let active = state.proxy.active.load();
+    for route in active.routes.iter() {
+        for target in route.upstream.balancer.targets() {
+            let Some(slots) = target.slots() else {
+                continue;
+            };
+            let labels = RouteUpstream {
+                route: route.name().to_string(),
+                upstream: target.base.to_string(),
+            };
+            let in_flight = slots.in_flight() as i64;
+            metrics
+                .upstream_in_flight
+                .get_or_create(&labels)
+                .set(in_flight);
+            let waiting = slots.waiting() as i64;
+            metrics.upstream_waiting.get_or_create(&labels).set(waiting);
+        }
+    }
 }

@@ -41,6 +41,12 @@ pub struct RouteOutcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteUpstream {
+    pub route: String,
+    pub upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: String,
 }
@@ -66,6 +72,10 @@ pub struct Metrics {
     pub kafka_fallbacks: Counter,
     pub replayed: Family<RouteOutcome, Counter>,
     pub rate_limit_fail_open: Family<RouteLabel, Counter>,
+    /// Read at scrape time from the targets of capped routes
+    /// (`upstream_max_conns`), like the queue gauges.
+    pub upstream_in_flight: Family<RouteUpstream, Gauge>,
+    pub upstream_waiting: Family<RouteUpstream, Gauge>,
     pub stats_dropped: Counter,
     pub redis_errors: Counter,
     pub otlp_spans_exported: Counter,
@@ -161,6 +171,18 @@ impl Metrics {
             "Requests let through unchecked because the shared (Redis) rate limit was unavailable",
             rate_limit_fail_open.clone(),
         );
+        let upstream_in_flight = Family::<RouteUpstream, Gauge>::default();
+        registry.register(
+            "upstream_in_flight",
+            "Requests in flight to a target of a route with server.upstream_max_conns",
+            upstream_in_flight.clone(),
+        );
+        let upstream_waiting = Family::<RouteUpstream, Gauge>::default();
+        registry.register(
+            "upstream_waiting",
+            "Requests waiting for a turn at a target of a route with server.upstream_max_conns",
+            upstream_waiting.clone(),
+        );
         let stats_dropped = Counter::default();
         registry.register(
             "stats_dropped",
@@ -210,6 +232,8 @@ impl Metrics {
             kafka_fallbacks,
             replayed,
             rate_limit_fail_open,
+            upstream_in_flight,
+            upstream_waiting,
             redis_errors,
         }
     }

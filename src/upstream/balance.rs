@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::Uri;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How long a target that refused a connection is skipped.
 const EJECT_FOR: Duration = Duration::from_secs(5);
@@ -22,9 +22,62 @@ pub struct Target {
     ejected_until_ms: AtomicU64,
     /// Set by active health checks (`routes.health_check`); true otherwise.
     healthy: AtomicBool,
-    /// One permit per request that may be in flight to the target
-    /// (`upstream_max_conns`); `None` when there is no cap.
-    slots: Option<Arc<Semaphore>>,
+    /// The turns of `upstream_max_conns`; `None` when there is no cap.
+    slots: Option<Slots>,
+}
+
+/// The turns of a target whose requests in flight are capped: one permit
+/// per request that may be in flight, and how many wait for one (both read
+/// by `/metrics`).
+#[derive(Debug)]
+pub struct Slots {
+    permits: Arc<Semaphore>,
+    cap: usize,
+    waiting: AtomicUsize,
+}
+
+impl Slots {
+    fn new(cap: usize) -> Self {
+        Slots {
+            permits: Arc::new(Semaphore::new(cap)),
+            cap,
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    /// A turn free now, if there is one. The semaphore is fair: a freed
+    /// permit goes to the longest waiter, so this never jumps the queue.
+    pub fn try_take(&self) -> Option<OwnedSemaphorePermit> {
+        self.permits.clone().try_acquire_owned().ok()
+    }
+
+    /// Waits for a turn, first come, first served, counted in `waiting`
+    /// while it waits (also when the wait is given up). `None` only if the
+    /// semaphore were closed, which it never is.
+    pub async fn wait_for_turn(&self) -> Option<OwnedSemaphorePermit> {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let _counted = Waiting(&self.waiting);
+        self.permits.clone().acquire_owned().await.ok()
+    }
+
+    /// Requests in flight to the target now.
+    pub fn in_flight(&self) -> usize {
+        self.cap.saturating_sub(self.permits.available_permits())
+    }
+
+    /// Requests waiting for a turn now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+}
+
+/// Uncounts a waiter when its wait ends, however it ends.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Target {
@@ -34,12 +87,17 @@ impl Target {
             && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
     }
 
+    /// The target's turns, when its route caps its requests in flight.
+    pub fn slots(&self) -> Option<&Slots> {
+        self.slots.as_ref()
+    }
+
     /// A turn is free now, or the target's requests in flight are not
     /// capped.
     fn has_turn(&self) -> bool {
         self.slots
             .as_ref()
-            .is_none_or(|slots| slots.available_permits() > 0)
+            .is_none_or(|slots| slots.permits.available_permits() > 0)
     }
 }
 
@@ -61,7 +119,7 @@ impl Balancer {
                     base: base.clone(),
                     ejected_until_ms: AtomicU64::new(0),
                     healthy: AtomicBool::new(true),
-                    slots: max_conns.map(|n| Arc::new(Semaphore::new(n))),
+                    slots: max_conns.map(Slots::new),
                 })
                 .collect(),
             next: AtomicUsize::new(0),
@@ -122,8 +180,8 @@ impl Balancer {
     }
 
     /// Target `index`'s slots, when the route caps its requests in flight.
-    pub fn slots(&self, index: usize) -> Option<&Arc<Semaphore>> {
-        self.targets.get(index)?.slots.as_ref()
+    pub fn slots(&self, index: usize) -> Option<&Slots> {
+        self.targets.get(index)?.slots()
     }
 
     pub fn targets(&self) -> &[Target] {
@@ -164,10 +222,10 @@ mod tests {
     #[test]
     fn a_target_without_a_free_turn_is_skipped_while_another_has_one() {
         let b = Balancer::new(&uris(&["http://a", "http://b"]), Some(1));
-        let taken = b.slots(0).unwrap().clone().try_acquire_owned().unwrap();
+        let taken = b.slots(0).unwrap().try_take().unwrap();
         let seq: Vec<usize> = (0..4).map(|_| b.pick().0).collect();
         assert_eq!(seq, [1, 1, 1, 1]);
-        let _also_taken = b.slots(1).unwrap().clone().try_acquire_owned().unwrap();
+        let _also_taken = b.slots(1).unwrap().try_take().unwrap();
         let seq: Vec<usize> = (0..2).map(|_| b.pick().0).collect();
         assert!(seq.contains(&0), "all full: picked in turn anyway, {seq:?}");
         drop(taken);
@@ -177,7 +235,7 @@ mod tests {
     #[test]
     fn a_full_healthy_target_is_picked_over_an_ejected_one() {
         let b = Balancer::new(&uris(&["http://a", "http://b"]), Some(1));
-        let _taken = b.slots(0).unwrap().clone().try_acquire_owned().unwrap();
+        let _taken = b.slots(0).unwrap().try_take().unwrap();
         b.eject(1);
         let seq: Vec<usize> = (0..4).map(|_| b.pick().0).collect();
         assert_eq!(seq, [0, 0, 0, 0], "wait at the full one, not the dead one");

@@ -13,7 +13,6 @@ pub mod proxy_pool;
 pub mod tls;
 
 use std::borrow::Cow;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
@@ -25,9 +24,9 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 
-pub use balance::{Balancer, Target};
+pub use balance::{Balancer, Slots, Target};
 pub use h1_client::ConnBody;
 use h1_pool::{H1Pool, PoolLimits};
 use proxy_pool::{ProxyPool, Via};
@@ -186,14 +185,12 @@ impl Upstream {
 /// (`upstream_max_conns`): one of its `slots`, waited for in turn until
 /// `until` — then `Saturated`, with nothing sent. The answer's body holds
 /// the slot (`UpstreamBody::holding`) until the backend has sent it whole.
-pub async fn take_turn(
-    slots: &Arc<Semaphore>,
-    until: Instant,
-) -> Result<OwnedSemaphorePermit, Failure> {
-    let waiting = tokio::time::timeout_at(until.into(), slots.clone().acquire_owned());
-    // An error is a closed semaphore, which never happens here.
-    match waiting.await {
-        Ok(Ok(slot)) => Ok(slot),
+pub async fn take_turn(slots: &Slots, until: Instant) -> Result<OwnedSemaphorePermit, Failure> {
+    if let Some(slot) = slots.try_take() {
+        return Ok(slot);
+    }
+    match tokio::time::timeout_at(until.into(), slots.wait_for_turn()).await {
+        Ok(Some(slot)) => Ok(slot),
         _ => Err(Failure::Saturated),
     }
 }

@@ -721,6 +721,13 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The series of a turn gauge (`in_flight` or `waiting`, of
+/// `upstream_max_conns`) for the target `upstream` (as configured, without a
+/// path) of `route`.
+pub fn turn_gauge(gauge: &str, route: &str, upstream: &str) -> String {
+    format!("backstop_upstream_{gauge}{{route=\"{route}\",upstream=\"{upstream}/\"}}")
+}
+
 /// A hand-written backend that answers the requests it reads with `answers`
 /// in turn (the last one again once they run out), whatever they say: they
 /// need not be HTTP, nor end where they claim to. It keeps every connection

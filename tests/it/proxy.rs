@@ -3,9 +3,12 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::harness::{client, error_of, h2_client, Backend, Backstop, RawBackend, Reply};
+use crate::harness::{
+    client, error_of, h2_client, turn_gauge, Backend, Backstop, RawBackend, Reply,
+};
 
 fn route(name: &str, prefix: &str, upstreams: &[String], extra: &str) -> String {
     let list: Vec<String> = upstreams.iter().map(|u| format!("{u:?}")).collect();
@@ -456,8 +459,27 @@ async fn requests_in_flight_are_capped_per_target() {
             "[server]\nupstream_max_conns = 2\n\n{}",
             route("api", "/", &[backend.url()], "")
         ));
+        let in_flight = turn_gauge("in_flight", "api", &backend.url());
+        let waiting = turn_gauge("waiting", "api", &backend.url());
         let started = Instant::now();
-        let bodies = six_at_once(&bs, large_post).await;
+        let done = AtomicBool::new(false);
+        let six = async {
+            let bodies = six_at_once(&bs, large_post).await;
+            done.store(true, Ordering::Relaxed);
+            bodies
+        };
+        // The gauges while the waves pass: at most two in flight, and the
+        // first wave has four waiting.
+        let watch = async {
+            let mut most = (0.0f64, 0.0f64);
+            while !done.load(Ordering::Relaxed) {
+                most.0 = most.0.max(bs.metric(&in_flight).await);
+                most.1 = most.1.max(bs.metric(&waiting).await);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            most
+        };
+        let (bodies, most) = tokio::join!(six, watch);
         let took = started.elapsed();
         assert!(bodies.iter().all(|b| b == "slow"), "{bodies:?}");
         assert!(
@@ -466,6 +488,17 @@ async fn requests_in_flight_are_capped_per_target() {
         );
         let peers: HashSet<SocketAddr> = backend.seen().iter().map(|s| s.peer).collect();
         assert_eq!(peers.len(), 2, "large POST {large_post}: two connections");
+        assert_eq!(
+            most,
+            (2.0, 4.0),
+            "large POST {large_post}: most in flight, waiting"
+        );
+        assert_eq!(bs.metric(&waiting).await, 0.0);
+        let answered = Instant::now();
+        while bs.metric(&in_flight).await > 0.0 && answered.elapsed() < Duration::from_secs(2) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(bs.metric(&in_flight).await, 0.0, "every turn given back");
     }
 }
 
