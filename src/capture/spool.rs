@@ -276,6 +276,40 @@ impl Spool {
         })
     }
 
+    /// The routes with records queued for replay, by name. Walks the
+    /// `(dest, route, id)` index one route at a time (a skip scan), so it
+    /// costs a lookup per route however deep the queue is.
+    pub fn routes_to_replay(&self) -> Result<Vec<String>, SpoolError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "WITH RECURSIVE routes(name) AS ( \
+                   SELECT MIN(route) FROM queue WHERE dest = 'replay' \
+                   UNION ALL \
+                   SELECT (SELECT MIN(route) FROM queue WHERE dest = 'replay' AND route > name) \
+                   FROM routes WHERE name IS NOT NULL \
+                 ) SELECT name FROM routes WHERE name IS NOT NULL",
+            )?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect()
+        })
+    }
+
+    /// One route's records queued for replay, oldest first.
+    pub fn queued_for_replay(
+        &self,
+        route: &str,
+        limit: usize,
+    ) -> Result<Vec<QueuedRecord>, SpoolError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, route, CAST(record AS BLOB), attempts, next_at_ms, last_error FROM queue \
+                 WHERE dest = 'replay' AND route = ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![route, limit as i64], queued_row)?;
+            rows.collect()
+        })
+    }
+
     /// Every queued record, oldest first (for `backstop queue list`).
     pub fn list(&self, limit: usize) -> Result<Vec<QueuedRecord>, SpoolError> {
         self.read(|c| {
@@ -356,6 +390,7 @@ CREATE TABLE IF NOT EXISTS queue (
     last_error  TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS queue_dest ON queue (dest, id);
+CREATE INDEX IF NOT EXISTS queue_route ON queue (dest, route, id);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id          TEXT PRIMARY KEY,
     route       TEXT NOT NULL,

@@ -4,7 +4,8 @@
 //! A record leaves the queue only after the backend accepted it (2xx/3xx) or
 //! it went to the dead-letter table. A route whose head record failed waits
 //! (backoff from `replay.initial_delay` to `replay.max_delay`) and its later
-//! records wait behind it, so per-route order holds; other routes go on.
+//! records wait behind it, so per-route order holds; other routes go on:
+//! each route is read and replayed on its own task.
 
 mod deliver;
 pub mod kafka_consumer;
@@ -15,16 +16,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use deliver::{deliver, Delivery, X_BACKSTOP_REPLAY_ATTEMPT};
 
 use crate::capture::record::CaptureRecord;
-use crate::capture::spool::{now_ms, Destination, QueuedRecord, Spool};
+use crate::capture::spool::{now_ms, QueuedRecord, Spool, SpoolError};
 use crate::pipeline::Proxy;
 use crate::resilience::backoff::Backoff;
 
-/// How many queued records one pass looks at.
+/// How many of a route's queued records one read takes.
 const PASS_SIZE: usize = 512;
 /// The longest the worker sleeps when nothing wakes it.
 const IDLE_POLL: Duration = Duration::from_secs(1);
@@ -55,62 +58,132 @@ impl ReplayCounters {
     }
 }
 
+#[derive(Clone)]
 pub struct SpoolReplayer {
     pub spool: Arc<Spool>,
     pub proxy: Arc<Proxy>,
     pub counters: Arc<ReplayCounters>,
 }
 
+/// What the worker knows of a route with queued records.
+enum RouteTurn {
+    /// Its task (this one) is replaying it.
+    Running(tokio::task::Id),
+    /// Idle; its head is looked at again from then on (or at the next
+    /// capture).
+    WaitUntil(Instant),
+}
+
 impl SpoolReplayer {
+    /// Replays every route on its own task, so a route with a deep backlog,
+    /// a slow backend or a long backoff never holds up another: a route
+    /// whose task ended waits the time its task returned, or until a new
+    /// capture wakes the worker; then its head is read again.
     pub async fn run(self, shutdown: CancellationToken) {
         tracing::info!("replay worker started");
+        let mut routes: HashMap<String, RouteTurn> = HashMap::new();
+        let mut tasks: JoinSet<Duration> = JoinSet::new();
         loop {
-            let wait = match self.pass().await {
+            let wait = match self.start_due(&mut routes, &mut tasks, &shutdown).await {
                 Ok(wait) => wait,
                 Err(e) => {
-                    tracing::error!(error = %e, "replay pass failed");
+                    tracing::error!(error = %e, "reading the replay queue failed");
                     IDLE_POLL
                 }
             };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = self.spool.appended.notified() => {}
+                _ = self.spool.appended.notified() => {
+                    // A new or requeued record may be due at once, also on
+                    // a route in backoff (a requeued one goes first).
+                    for turn in routes.values_mut() {
+                        if let RouteTurn::WaitUntil(at) = turn {
+                            *at = Instant::now();
+                        }
+                    }
+                }
+                Some(ended) = tasks.join_next_with_id() => {
+                    let (task, wait) = match ended {
+                        Ok((task, wait)) => (task, wait.min(IDLE_POLL)),
+                        // A task that panicked: its route is tried again
+                        // after the idle poll.
+                        Err(e) => (e.id(), IDLE_POLL),
+                    };
+                    let at = Instant::now() + wait;
+                    for turn in routes.values_mut() {
+                        if matches!(turn, RouteTurn::Running(id) if *id == task) {
+                            *turn = RouteTurn::WaitUntil(at);
+                        }
+                    }
+                }
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+        // Each task stops after the record it is delivering.
+        while tasks.join_next().await.is_some() {}
         tracing::info!("replay worker stopped");
     }
 
-    /// Delivers what is due, route by route (routes in parallel, each in
-    /// order); returns how long to sleep before the next pass.
-    async fn pass(&self) -> Result<Duration, crate::capture::spool::SpoolError> {
+    /// Starts a task for each route with queued records that is neither
+    /// replaying nor waiting; returns how long until the next idle route is
+    /// due (at most the idle poll).
+    async fn start_due(
+        &self,
+        routes: &mut HashMap<String, RouteTurn>,
+        tasks: &mut JoinSet<Duration>,
+        shutdown: &CancellationToken,
+    ) -> Result<Duration, SpoolError> {
         let spool = self.spool.clone();
-        let records =
-            tokio::task::spawn_blocking(move || spool.queued(Destination::Replay, PASS_SIZE))
-                .await
-                .map_err(|_| crate::capture::spool::SpoolError::Closed)??;
-        if records.is_empty() {
-            return Ok(IDLE_POLL);
+        let queued = tokio::task::spawn_blocking(move || spool.routes_to_replay())
+            .await
+            .map_err(|_| SpoolError::Closed)??;
+        // A route whose records all left the queue is forgotten, unless its
+        // task still runs (it ends by itself).
+        routes.retain(|name, turn| matches!(turn, RouteTurn::Running(_)) || queued.contains(name));
+        let now = Instant::now();
+        let mut next = now + IDLE_POLL;
+        for name in queued {
+            let turn = routes
+                .entry(name.clone())
+                .or_insert(RouteTurn::WaitUntil(now));
+            match turn {
+                RouteTurn::WaitUntil(at) if *at <= now => {
+                    let (worker, shutdown) = (self.clone(), shutdown.clone());
+                    let task =
+                        tasks.spawn(async move { worker.replay_route(&name, &shutdown).await });
+                    *turn = RouteTurn::Running(task.id());
+                }
+                RouteTurn::WaitUntil(at) => next = next.min(*at),
+                RouteTurn::Running(_) => {}
+            }
         }
-        let mut by_route: HashMap<String, Vec<QueuedRecord>> = HashMap::new();
-        for r in records {
-            by_route.entry(r.route.clone()).or_default().push(r);
-        }
-        let passes = by_route.into_values().map(|queue| self.replay_route(queue));
-        let waits = futures_util::future::join_all(passes).await;
-        Ok(waits.into_iter().min().unwrap_or(IDLE_POLL).min(IDLE_POLL))
+        Ok(next.saturating_duration_since(now))
     }
 
-    /// Replays one route's records in order until one must wait; returns
-    /// how long until that one is due (or the idle poll).
-    async fn replay_route(&self, queue: Vec<QueuedRecord>) -> Duration {
+    /// Replays one route's records in order until one must wait (or the
+    /// worker stops); returns how long until that one is due (zero when
+    /// the records read were all delivered: there may be more).
+    async fn replay_route(&self, route: &str, shutdown: &CancellationToken) -> Duration {
+        let (spool, name) = (self.spool.clone(), route.to_string());
+        let read = tokio::task::spawn_blocking(move || spool.queued_for_replay(&name, PASS_SIZE));
+        let queue = match read.await.map_err(|_| SpoolError::Closed) {
+            Ok(Ok(queue)) => queue,
+            Ok(Err(e)) | Err(e) => {
+                tracing::error!(route, error = %e, "reading the replay queue failed");
+                return IDLE_POLL;
+            }
+        };
         // Deletes of delivered records are committed in the background (the
-        // writer batches them) while the next record is delivered; the pass
-        // waits for all of them before the queue is read again, so a record
-        // is never read back after its delivery.
+        // writer batches them) while the next record is delivered; the task
+        // waits for all of them before it ends, and the route is read again
+        // only after that, so a record is never read back after its
+        // delivery.
         let mut deletes = tokio::task::JoinSet::new();
         let mut wait = Duration::ZERO;
         for queued in queue {
+            if shutdown.is_cancelled() {
+                break;
+            }
             let now = now_ms();
             if queued.next_at_ms > now {
                 wait = Duration::from_millis((queued.next_at_ms - now) as u64);
@@ -155,8 +228,8 @@ impl SpoolReplayer {
     async fn replay_one(
         &self,
         queued: &QueuedRecord,
-        deletes: &mut tokio::task::JoinSet<Result<(), crate::capture::spool::SpoolError>>,
-    ) -> Result<Option<Duration>, crate::capture::spool::SpoolError> {
+        deletes: &mut tokio::task::JoinSet<Result<(), SpoolError>>,
+    ) -> Result<Option<Duration>, SpoolError> {
         let active = self.proxy.active.load_full();
         let replay = &active.config.replay;
         let attempt = queued.attempts + 1;

@@ -6,7 +6,9 @@ use std::collections::HashSet;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{client, error_of, wait_queue, Backend, Backstop, Reply, Stopped};
+use futures_util::StreamExt;
+
+use crate::harness::{client, error_of, wait_queue, Backend, Backstop, Reply, Seen, Stopped};
 
 fn config(upstream: &str, capture_extra: &str) -> String {
     format!(
@@ -463,4 +465,57 @@ async fn one_worker_proxies_captures_replays_and_shuts_down() {
 
     bs.signal("TERM");
     assert_eq!(bs.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[tokio::test]
+async fn a_routes_backlog_or_slow_replays_never_hold_up_another_route() {
+    // "down" has more records queued than one read of the queue takes
+    // (512) and a backend that never recovers; "slow" has recovered but
+    // takes 3 s per replay; "quick" has recovered.
+    let down = Backend::scripted(vec![Reply::status(503)]).await;
+    // Clients get 503s (and are captured), replays the answer.
+    let replays_get = |reply: Reply| {
+        move |seen: &Seen| match seen.headers.contains_key("x-backstop-replay-attempt") {
+            true => reply.clone(),
+            false => Reply::status(503),
+        }
+    };
+    let slow = Backend::start(replays_get(Reply::ok("late").delay(Duration::from_secs(3)))).await;
+    let quick = Backend::start(replays_get(Reply::ok("done"))).await;
+    let routes: String = [("down", &down), ("slow", &slow), ("quick", &quick)]
+        .iter()
+        .map(|(name, backend)| {
+            format!(
+                "[[routes]]\nname = \"{name}\"\npath_prefix = \"/{name}\"\n\
+                 upstreams = [\"{}\"]\n[routes.retry]\nmax_attempts = 1\n\n",
+                backend.url()
+            )
+        })
+        .collect();
+    let bs = Backstop::start(&format!(
+        "[replay]\ninitial_delay = \"100ms\"\nmax_delay = \"400ms\"\nmax_attempts = 1000\n\n{routes}"
+    ));
+    let c = client();
+    let backlog = futures_util::stream::iter(0..520)
+        .map(|i| c.post(bs.url("/down/order")).body(format!("n={i}")).send())
+        .buffer_unordered(16)
+        .map(|sent| sent.unwrap().status().as_u16())
+        .collect::<Vec<u16>>()
+        .await;
+    assert!(backlog.iter().all(|&s| s == 503), "every one captured");
+    capture_one(&bs, "/slow/a", "a").await;
+    capture_one(&bs, "/slow/b", "b").await;
+    // The first of the slow replays is under way (after the two captured).
+    slow.wait_for_hits(3, Duration::from_secs(10)).await;
+
+    let captured = std::time::Instant::now();
+    capture_one(&bs, "/quick/c", "c").await;
+    quick.wait_for_hits(2, Duration::from_secs(10)).await;
+    let took = captured.elapsed();
+    assert!(
+        took < Duration::from_millis(2500),
+        "the quick route's record waited {took:?} (a slow replay takes 3 s)"
+    );
+    assert_eq!(slow.hits(), 3, "the first slow replay is still under way");
+    assert!(queue_status(&bs).await["depth"].as_u64().unwrap() >= 520);
 }
