@@ -3,6 +3,8 @@
 //! worker, the CLI, another process); the turn gauges of capped targets
 //! from the route table, so the request path counts nothing for them.
 
+use std::collections::HashMap;
+
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -10,7 +12,7 @@ use axum::routing::get;
 use axum::Router;
 
 use super::{admin_error, AdminState};
-use crate::stats::metrics::RouteUpstream;
+use crate::stats::metrics::{label_value, RouteUpstream};
 
 pub fn routes() -> Router<AdminState> {
     Router::new().route("/metrics", get(metrics))
@@ -41,12 +43,10 @@ async fn metrics(State(state): State<AdminState>) -> Response {
 }
 
 /// `backstop_upstream_in_flight` and `_waiting` of every target of a route
-/// with `upstream_max_conns`, set afresh: a route or target that a reload
-/// removed drops out.
+/// with `upstream_max_conns`. A URL listed twice in a route is one series,
+/// the sum of both targets.
 fn record_turns(state: &AdminState) {
-    let metrics = &state.proxy.metrics;
-    metrics.upstream_in_flight.clear();
-    metrics.upstream_waiting.clear();
+    let mut turns: HashMap<RouteUpstream, (i64, i64)> = HashMap::new();
     let active = state.proxy.active.load();
     for route in active.routes.iter() {
         for target in route.upstream.balancer.targets() {
@@ -55,15 +55,12 @@ fn record_turns(state: &AdminState) {
             };
             let labels = RouteUpstream {
                 route: route.name().to_string(),
-                upstream: target.base.to_string(),
+                upstream: label_value(&target.base.to_string()),
             };
-            let in_flight = slots.in_flight() as i64;
-            metrics
-                .upstream_in_flight
-                .get_or_create(&labels)
-                .set(in_flight);
-            let waiting = slots.waiting() as i64;
-            metrics.upstream_waiting.get_or_create(&labels).set(waiting);
+            let sums = turns.entry(labels).or_default();
+            sums.0 += slots.in_flight() as i64;
+            sums.1 += slots.waiting() as i64;
         }
     }
+    state.proxy.metrics.set_turns(turns);
 }

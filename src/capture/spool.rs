@@ -294,18 +294,33 @@ impl Spool {
         })
     }
 
-    /// One route's records queued for replay, oldest first.
+    /// When one route's oldest record queued for replay is due
+    /// (`next_at_ms`), if it has one; reads no body.
+    pub fn replay_head_due_at(&self, route: &str) -> Result<Option<i64>, SpoolError> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT next_at_ms FROM queue WHERE dest = 'replay' AND route = ?1 ORDER BY id LIMIT 1",
+                params![route],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+    }
+
+    /// One route's records queued for replay with ids after `after` ("" for
+    /// all), oldest first.
     pub fn queued_for_replay(
         &self,
         route: &str,
+        after: &str,
         limit: usize,
     ) -> Result<Vec<QueuedRecord>, SpoolError> {
         self.read(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT id, route, CAST(record AS BLOB), attempts, next_at_ms, last_error FROM queue \
-                 WHERE dest = 'replay' AND route = ?1 ORDER BY id LIMIT ?2",
+                 WHERE dest = 'replay' AND route = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
             )?;
-            let rows = stmt.query_map(params![route, limit as i64], queued_row)?;
+            let rows = stmt.query_map(params![route, after, limit as i64], queued_row)?;
             rows.collect()
         })
     }

@@ -27,8 +27,8 @@ use crate::capture::spool::{now_ms, QueuedRecord, Spool, SpoolError};
 use crate::pipeline::Proxy;
 use crate::resilience::backoff::Backoff;
 
-/// How many of a route's queued records one read takes.
-const PASS_SIZE: usize = 512;
+/// How many of a route's queued records one read takes (bodies included).
+const BATCH: usize = 16;
 /// The longest the worker sleeps when nothing wakes it.
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
@@ -64,6 +64,9 @@ pub struct SpoolReplayer {
     pub proxy: Arc<Proxy>,
     pub counters: Arc<ReplayCounters>,
 }
+
+/// The deletes of delivered records, committed while the next one goes.
+type Deletes = JoinSet<Result<(), SpoolError>>;
 
 /// What the worker knows of a route with queued records.
 enum RouteTurn {
@@ -133,10 +136,7 @@ impl SpoolReplayer {
         tasks: &mut JoinSet<Duration>,
         shutdown: &CancellationToken,
     ) -> Result<Duration, SpoolError> {
-        let spool = self.spool.clone();
-        let queued = tokio::task::spawn_blocking(move || spool.routes_to_replay())
-            .await
-            .map_err(|_| SpoolError::Closed)??;
+        let queued = self.read(Spool::routes_to_replay).await?;
         // A route whose records all left the queue is forgotten, unless its
         // task still runs (it ends by itself).
         routes.retain(|name, turn| matches!(turn, RouteTurn::Running(_)) || queued.contains(name));
@@ -161,62 +161,105 @@ impl SpoolReplayer {
     }
 
     /// Replays one route's records in order until one must wait (or the
-    /// worker stops); returns how long until that one is due (zero when
-    /// the records read were all delivered: there may be more).
+    /// worker stops); returns how long until that one is due (zero when the
+    /// route's queue was emptied).
     async fn replay_route(&self, route: &str, shutdown: &CancellationToken) -> Duration {
-        let (spool, name) = (self.spool.clone(), route.to_string());
-        let read = tokio::task::spawn_blocking(move || spool.queued_for_replay(&name, PASS_SIZE));
-        let queue = match read.await.map_err(|_| SpoolError::Closed) {
-            Ok(Ok(queue)) => queue,
-            Ok(Err(e)) | Err(e) => {
-                tracing::error!(route, error = %e, "reading the replay queue failed");
-                return IDLE_POLL;
+        // Deletes of delivered records are committed in the background (the
+        // writer batches them) while the next record is delivered. Later
+        // batches are read after the last record read, and the route is read
+        // from its head again only once the task has waited for all of its
+        // deletes, so a record is never read back after its delivery.
+        let mut deletes = JoinSet::new();
+        let wait = match self.replay_due(route, shutdown, &mut deletes).await {
+            Ok(wait) => wait,
+            Err(e) => {
+                tracing::error!(route, error = %e, "the replay queue could not be read or updated");
+                IDLE_POLL
             }
         };
-        // Deletes of delivered records are committed in the background (the
-        // writer batches them) while the next record is delivered; the task
-        // waits for all of them before it ends, and the route is read again
-        // only after that, so a record is never read back after its
-        // delivery.
-        let mut deletes = tokio::task::JoinSet::new();
-        let mut wait = Duration::ZERO;
-        for queued in queue {
-            if shutdown.is_cancelled() {
-                break;
-            }
-            let now = now_ms();
-            if queued.next_at_ms > now {
-                wait = Duration::from_millis((queued.next_at_ms - now) as u64);
-                break;
-            }
-            // An open circuit means the backend is known to be down: wait
-            // for it to turn half-open instead of spending replay attempts.
-            let breaker = &self.proxy.resilience.route(&queued.route).breaker;
-            if let Some(open_for) = breaker.open_for() {
-                wait = open_for;
-                break;
-            }
-            match self.replay_one(&queued, &mut deletes).await {
-                Ok(None) => continue,
-                Ok(Some(w)) => {
-                    wait = w;
-                    break;
-                }
-                Err(e) => {
-                    tracing::error!(id = %queued.id, error = %e, "spool update failed");
-                    wait = IDLE_POLL;
-                    break;
-                }
-            }
-        }
+        let mut failed = false;
         while let Some(result) = deletes.join_next().await {
             if let Ok(Err(e)) = result {
                 // The record stays queued and will be delivered again, with
                 // the same Idempotency-Key: at least once, never lost.
                 tracing::error!(error = %e, "removing a delivered record failed");
+                failed = true;
             }
         }
-        wait
+        // Not at once, then: the record would be delivered again at once.
+        if failed {
+            wait.max(IDLE_POLL)
+        } else {
+            wait
+        }
+    }
+
+    /// [`Self::replay_route`]'s deliveries, a batch at a time.
+    async fn replay_due(
+        &self,
+        route: &str,
+        shutdown: &CancellationToken,
+        deletes: &mut Deletes,
+    ) -> Result<Duration, SpoolError> {
+        // The head alone first, without its body: a route in backoff costs
+        // one small read each time the worker looks.
+        let name = route.to_string();
+        match self
+            .read(move |spool| spool.replay_head_due_at(&name))
+            .await?
+        {
+            None => return Ok(Duration::ZERO),
+            Some(due_at) => {
+                if let Some(wait) = self.must_wait(route, due_at) {
+                    return Ok(wait);
+                }
+            }
+        }
+        let mut after = String::new();
+        loop {
+            let (name, from) = (route.to_string(), after.clone());
+            let batch = self
+                .read(move |spool| spool.queued_for_replay(&name, &from, BATCH))
+                .await?;
+            let full = batch.len() == BATCH;
+            for queued in batch {
+                if shutdown.is_cancelled() {
+                    return Ok(Duration::ZERO);
+                }
+                if let Some(wait) = self.must_wait(route, queued.next_at_ms) {
+                    return Ok(wait);
+                }
+                if let Some(wait) = self.replay_one(&queued, deletes).await? {
+                    return Ok(wait);
+                }
+                after = queued.id;
+            }
+            if !full {
+                return Ok(Duration::ZERO);
+            }
+        }
+    }
+
+    /// How long the route's next record, due at `due_at_ms`, must wait: until
+    /// then, or while the route's circuit is open (its backend is known to
+    /// be down: wait for half-open rather than spend replay attempts).
+    fn must_wait(&self, route: &str, due_at_ms: i64) -> Option<Duration> {
+        let now = now_ms();
+        if due_at_ms > now {
+            return Some(Duration::from_millis((due_at_ms - now) as u64));
+        }
+        self.proxy.resilience.route(route).breaker.open_for()
+    }
+
+    /// A read of the spool, off the runtime's threads.
+    async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Spool) -> Result<T, SpoolError> + Send + 'static,
+    ) -> Result<T, SpoolError> {
+        let spool = self.spool.clone();
+        tokio::task::spawn_blocking(move || read(&spool))
+            .await
+            .map_err(|_| SpoolError::Closed)?
     }
 
     fn count(&self, route: &str, outcome: &str) {
@@ -228,7 +271,7 @@ impl SpoolReplayer {
     async fn replay_one(
         &self,
         queued: &QueuedRecord,
-        deletes: &mut tokio::task::JoinSet<Result<(), SpoolError>>,
+        deletes: &mut Deletes,
     ) -> Result<Option<Duration>, SpoolError> {
         let active = self.proxy.active.load_full();
         let replay = &active.config.replay;

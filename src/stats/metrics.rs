@@ -9,7 +9,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabel {
@@ -73,9 +75,11 @@ pub struct Metrics {
     pub replayed: Family<RouteOutcome, Counter>,
     pub rate_limit_fail_open: Family<RouteLabel, Counter>,
     /// Read at scrape time from the targets of capped routes
-    /// (`upstream_max_conns`), like the queue gauges.
-    pub upstream_in_flight: Family<RouteUpstream, Gauge>,
-    pub upstream_waiting: Family<RouteUpstream, Gauge>,
+    /// (`upstream_max_conns`), like the queue gauges: see [`Metrics::set_turns`].
+    upstream_in_flight: Family<RouteUpstream, Gauge>,
+    upstream_waiting: Family<RouteUpstream, Gauge>,
+    /// The series of both, as last set.
+    turn_series: Mutex<Vec<RouteUpstream>>,
     pub stats_dropped: Counter,
     pub redis_errors: Counter,
     pub otlp_spans_exported: Counter,
@@ -234,6 +238,7 @@ impl Metrics {
             rate_limit_fail_open,
             upstream_in_flight,
             upstream_waiting,
+            turn_series: Mutex::new(Vec::new()),
             redis_errors,
         }
     }
@@ -246,6 +251,25 @@ impl Metrics {
                 outcome: outcome.to_string(),
             })
             .inc();
+    }
+
+    /// Sets the turn gauges to `turns` (in flight, waiting) and removes the
+    /// series of targets gone since the last call (a reload). Never clears
+    /// both families: a scrape at the same time would find no series.
+    pub fn set_turns(&self, turns: HashMap<RouteUpstream, (i64, i64)>) {
+        let mut series = self.turn_series.lock().unwrap_or_else(|p| p.into_inner());
+        for gone in series.iter().filter(|labels| !turns.contains_key(labels)) {
+            self.upstream_in_flight.remove(gone);
+            self.upstream_waiting.remove(gone);
+        }
+        series.clear();
+        for (labels, (in_flight, waiting)) in turns {
+            self.upstream_in_flight
+                .get_or_create(&labels)
+                .set(in_flight);
+            self.upstream_waiting.get_or_create(&labels).set(waiting);
+            series.push(labels);
+        }
     }
 
     /// The Prometheus text exposition of every metric.
@@ -263,8 +287,48 @@ impl Default for Metrics {
     }
 }
 
+/// `value` as a label value must be written: prometheus-client writes label
+/// values as they are, and a `"` or a backslash (an upstream URL's path may
+/// hold either) would break the whole exposition.
+pub fn label_value(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 pub fn route(name: &str) -> RouteLabel {
     RouteLabel {
         route: name.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(upstream: &str) -> RouteUpstream {
+        RouteUpstream {
+            route: "api".to_string(),
+            upstream: label_value(upstream),
+        }
+    }
+
+    #[test]
+    fn turn_series_of_gone_targets_are_removed_and_odd_urls_escaped() {
+        let metrics = Metrics::new();
+        metrics.set_turns(HashMap::from([
+            (target("http://a/"), (2, 1)),
+            (target("http://b/x\"y\\z"), (1, 0)),
+        ]));
+        let text = metrics.encode();
+        let odd = r#"backstop_upstream_in_flight{route="api",upstream="http://b/x\"y\\z"} 1"#;
+        assert!(text.contains(odd), "{text}");
+        assert!(text.contains(r#"backstop_upstream_waiting{route="api",upstream="http://a/"} 1"#));
+
+        metrics.set_turns(HashMap::from([(target("http://a/"), (0, 0))]));
+        let text = metrics.encode();
+        assert!(!text.contains("http://b/"), "{text}");
+        assert!(text.contains(r#"backstop_upstream_in_flight{route="api",upstream="http://a/"} 0"#));
     }
 }

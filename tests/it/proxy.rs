@@ -454,7 +454,7 @@ async fn requests_in_flight_are_capped_per_target() {
     // Six at once through a cap of two: three waves of two, on two
     // connections, on both upstream ways (GETs, 20 KiB POSTs).
     for large_post in [false, true] {
-        let backend = Backend::start(|_| Reply::ok("slow").delay(Duration::from_millis(400))).await;
+        let backend = Backend::start(|_| Reply::ok("slow").delay(Duration::from_millis(600))).await;
         let bs = Backstop::start(&format!(
             "[server]\nupstream_max_conns = 2\n\n{}",
             route("api", "/", &[backend.url()], "")
@@ -483,8 +483,8 @@ async fn requests_in_flight_are_capped_per_target() {
         let took = started.elapsed();
         assert!(bodies.iter().all(|b| b == "slow"), "{bodies:?}");
         assert!(
-            took >= Duration::from_millis(1150),
-            "large POST {large_post}: six 400 ms answers two at a time took {took:?}"
+            took >= Duration::from_millis(1750),
+            "large POST {large_post}: six 600 ms answers two at a time took {took:?}"
         );
         let peers: HashSet<SocketAddr> = backend.seen().iter().map(|s| s.peer).collect();
         assert_eq!(peers.len(), 2, "large POST {large_post}: two connections");
