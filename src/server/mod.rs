@@ -3,6 +3,7 @@
 //! graceful shutdown (stop accepting, let in-flight requests finish).
 
 mod h1;
+mod h2_send;
 mod reaper;
 mod rewind;
 pub mod tls;
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -27,6 +28,7 @@ use crate::body::{ClientBody, ResponseBody};
 use crate::config::ServerConfig;
 use crate::headers::ClientInfo;
 use crate::pipeline::{self, Proxy};
+use h2_send::{NotedBody, StreamExecutor};
 pub use reaper::ConnTimeouts;
 use reaper::{Closable, Ended, InFlightBody, Reaper, Registration};
 use rewind::Rewind;
@@ -119,8 +121,8 @@ async fn serve_tls(
 /// hyper's server for connections that the own HTTP/1 side hands over, one
 /// builder per protocol: the own side has already told which it is.
 struct Builders {
-    http1: auto::Builder<TokioExecutor>,
-    http2: auto::Builder<TokioExecutor>,
+    http1: auto::Builder<StreamExecutor>,
+    http2: auto::Builder<StreamExecutor>,
 }
 
 impl Builders {
@@ -133,8 +135,10 @@ impl Builders {
     }
 }
 
-fn http_builder(settings: &ConnSettings) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+fn http_builder(settings: &ConnSettings) -> auto::Builder<StreamExecutor> {
+    let mut builder = auto::Builder::new(StreamExecutor {
+        send_timeout: settings.timeouts.send,
+    });
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -245,7 +249,10 @@ impl Connection {
             let handling = handling(proxy, req.map(Some), client);
             async move {
                 let response = handling.await;
-                Ok::<_, Infallible>(response.map(|body| InFlightBody::new(body, in_flight)))
+                // An HTTP/2 stream's answer notes its frames for the
+                // stream's send timeout (`h2_send.rs`).
+                let noted = |body| NotedBody::new(InFlightBody::new(body, in_flight));
+                Ok::<_, Infallible>(response.map(noted))
             }
         });
         let builder = match protocol {

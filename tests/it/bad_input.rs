@@ -414,3 +414,65 @@ async fn a_client_that_stops_reading_is_closed_after_send_timeout_and_frees_its_
     bs.wait_for_log("took nothing of its answer", Duration::from_secs(5))
         .await;
 }
+
+#[tokio::test]
+async fn an_http2_stream_granted_no_window_is_reset_after_send_timeout_and_frees_its_turn() {
+    // The client reads its socket all along (so the connection's send
+    // timeout never fires) but grants one stream's 64 MiB answer no window
+    // beyond the first 64 KiB. One turn at the backend.
+    let big = bytes::Bytes::from(vec![b'x'; 64 << 20]);
+    let backend = Backend::start(move |seen| match seen.uri.as_str() {
+        "/big" => Reply::ok("").body(big.clone()),
+        _ => Reply::ok("small"),
+    })
+    .await;
+    let bs = Backstop::start(&format!(
+        "[server]\nsend_timeout = \"1s\"\nupstream_max_conns = 1\n\n[[routes]]\nname = \"api\"\n\
+         path_prefix = \"/\"\nupstreams = [{:?}]\n",
+        backend.url()
+    ));
+    let tcp = TcpStream::connect(bs.addr).await.unwrap();
+    let (h2, connection) = h2::client::Builder::new()
+        .initial_window_size(65_535)
+        .initial_connection_window_size(16 << 20)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let get = |path: &str| {
+        let uri = format!("http://{}{path}", bs.addr);
+        http::Request::get(uri).body(()).unwrap()
+    };
+    let mut h2 = h2.ready().await.unwrap();
+    let (response, _) = h2.send_request(get("/big"), true).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut starved = response.into_body();
+
+    let started = Instant::now();
+    let r = client().get(bs.url("/small")).send().await.unwrap();
+    let waited = started.elapsed();
+    assert_eq!(r.status(), 200);
+    assert!(
+        waited < Duration::from_secs(5),
+        "the turn came back after {waited:?} (send_timeout 1 s)"
+    );
+    // Only the stream was reset: the connection serves the next one.
+    let mut h2 = h2.ready().await.unwrap();
+    let (response, _) = h2.send_request(get("/small"), true).unwrap();
+    let mut body = response.await.unwrap().into_body();
+    assert_eq!(body.data().await.unwrap().unwrap(), "small");
+    // The starved stream ends in a reset, its answer cut short.
+    let mut got = 0;
+    let ended = loop {
+        match starved.data().await {
+            Some(Ok(chunk)) => got += chunk.len(),
+            Some(Err(e)) => break e,
+            None => panic!("the starved stream ended whole after {got} bytes"),
+        }
+    };
+    assert_eq!(ended.reason(), Some(h2::Reason::CANCEL), "{ended}");
+    assert!(got <= 65_535, "{got} bytes beyond the window");
+    bs.wait_for_log("granted its stream no window", Duration::from_secs(5))
+        .await;
+}
