@@ -29,6 +29,9 @@ use crate::resilience::backoff::Backoff;
 
 /// How many of a route's queued records one read takes (bodies included).
 const BATCH: usize = 16;
+/// Reads per task: a task delivers at most 512 records, then its route is
+/// read from its head again.
+const BATCHES_PER_TASK: usize = 32;
 /// The longest the worker sleeps when nothing wakes it.
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
@@ -98,7 +101,8 @@ impl SpoolReplayer {
                 _ = shutdown.cancelled() => break,
                 _ = self.spool.appended.notified() => {
                     // A new or requeued record may be due at once, also on
-                    // a route in backoff (a requeued one goes first).
+                    // a route in backoff (a requeued one has its old id: it
+                    // goes first once its route is read from the head).
                     for turn in routes.values_mut() {
                         if let RouteTurn::WaitUntil(at) = turn {
                             *at = Instant::now();
@@ -161,8 +165,8 @@ impl SpoolReplayer {
     }
 
     /// Replays one route's records in order until one must wait (or the
-    /// worker stops); returns how long until that one is due (zero when the
-    /// route's queue was emptied).
+    /// worker stops, or 512 went); returns how long until that one is due
+    /// (zero when it need not wait).
     async fn replay_route(&self, route: &str, shutdown: &CancellationToken) -> Duration {
         // Deletes of delivered records are committed in the background (the
         // writer batches them) while the next record is delivered. Later
@@ -216,7 +220,7 @@ impl SpoolReplayer {
             }
         }
         let mut after = String::new();
-        loop {
+        for _ in 0..BATCHES_PER_TASK {
             let (name, from) = (route.to_string(), after.clone());
             let batch = self
                 .read(move |spool| spool.queued_for_replay(&name, &from, BATCH))
@@ -235,9 +239,13 @@ impl SpoolReplayer {
                 after = queued.id;
             }
             if !full {
-                return Ok(Duration::ZERO);
+                break;
             }
         }
+        // Emptied, or read from the head again right away (so a record
+        // that came in behind the cursor, requeued or late, is not left
+        // waiting behind a whole backlog).
+        Ok(Duration::ZERO)
     }
 
     /// How long the route's next record, due at `due_at_ms`, must wait: until

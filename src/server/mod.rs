@@ -161,8 +161,18 @@ fn http_builder(settings: &ConnSettings) -> auto::Builder<StreamExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(settings.max_header_bytes as u32)
-        .keep_alive_interval(Some(Duration::from_secs(30)));
+        .keep_alive_interval(Some(h2_ping_interval(settings.timeouts.idle)));
     builder
+}
+
+/// How long an HTTP/2 client may be silent before hyper pings it (and closes
+/// the connection if no answer comes). hyper pings idle connections too, and
+/// a ping and its answer are bytes moved, which the reaper counts as
+/// activity: pinging sooner than `idle_timeout` closes (at most 1.25 times
+/// it) kept every idle HTTP/2 connection open for ever. So only a silent
+/// connection with a request in flight is pinged.
+fn h2_ping_interval(idle_timeout: Duration) -> Duration {
+    (idle_timeout * 2).max(Duration::from_secs(30))
 }
 
 struct Connection {
@@ -328,4 +338,18 @@ pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> 
                 format!("cannot listen on {addr} for the {what}: {e}"),
             )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http2_pings_wait_past_the_idle_close() {
+        for secs in [1, 10, 60, 300] {
+            let idle = Duration::from_secs(secs);
+            // The reaper closes an idle connection by 1.25 × idle_timeout.
+            assert!(h2_ping_interval(idle) > idle * 5 / 4, "{idle:?}");
+        }
+    }
 }
