@@ -374,11 +374,11 @@ async fn repeated_forwarding_lines_are_kept_as_one_list() {
     );
 }
 
-#[tokio::test]
-async fn a_client_that_stops_reading_is_closed_after_send_timeout_and_frees_its_turn() {
-    // A 64 MiB answer: far more than the sockets between can hold. One
-    // turn at the backend, so the next request gets one only when the
-    // stuck answer is let go.
+/// A backend whose `/big` answers 64 MiB (far more than the sockets between
+/// can hold) and anything else `small`, behind a Backstop with a 1 s
+/// `send_timeout` and one turn at the backend: the next request gets one
+/// only when a stuck answer is let go.
+async fn big_answers_behind_one_turn() -> (Backend, Backstop) {
     let big = bytes::Bytes::from(vec![b'x'; 64 << 20]);
     let backend = Backend::start(move |seen| match seen.uri.as_str() {
         "/big" => Reply::ok("").body(big.clone()),
@@ -390,6 +390,12 @@ async fn a_client_that_stops_reading_is_closed_after_send_timeout_and_frees_its_
          path_prefix = \"/\"\nupstreams = [{:?}]\n",
         backend.url()
     ));
+    (backend, bs)
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_after_send_timeout_and_frees_its_turn() {
+    let (backend, bs) = big_answers_behind_one_turn().await;
     let mut stuck = TcpStream::connect(bs.addr).await.unwrap();
     stuck
         .write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -419,18 +425,8 @@ async fn a_client_that_stops_reading_is_closed_after_send_timeout_and_frees_its_
 async fn an_http2_stream_granted_no_window_is_reset_after_send_timeout_and_frees_its_turn() {
     // The client reads its socket all along (so the connection's send
     // timeout never fires) but grants one stream's 64 MiB answer no window
-    // beyond the first 64 KiB. One turn at the backend.
-    let big = bytes::Bytes::from(vec![b'x'; 64 << 20]);
-    let backend = Backend::start(move |seen| match seen.uri.as_str() {
-        "/big" => Reply::ok("").body(big.clone()),
-        _ => Reply::ok("small"),
-    })
-    .await;
-    let bs = Backstop::start(&format!(
-        "[server]\nsend_timeout = \"1s\"\nupstream_max_conns = 1\n\n[[routes]]\nname = \"api\"\n\
-         path_prefix = \"/\"\nupstreams = [{:?}]\n",
-        backend.url()
-    ));
+    // beyond the first 64 KiB.
+    let (_backend, bs) = big_answers_behind_one_turn().await;
     let tcp = TcpStream::connect(bs.addr).await.unwrap();
     let (h2, connection) = h2::client::Builder::new()
         .initial_window_size(65_535)
