@@ -209,16 +209,14 @@ impl SpoolReplayer {
         // The head alone first, without its body: a route in backoff costs
         // one small read each time the worker looks.
         let name = route.to_string();
-        match self
+        let head = self
             .read(move |spool| spool.replay_head_due_at(&name))
-            .await?
-        {
-            None => return Ok(Duration::ZERO),
-            Some(due_at) => {
-                if let Some(wait) = self.must_wait(route, due_at) {
-                    return Ok(wait);
-                }
-            }
+            .await?;
+        let Some(due_at) = head else {
+            return Ok(Duration::ZERO);
+        };
+        if let Some(wait) = self.must_wait(route, due_at) {
+            return Ok(wait);
         }
         let mut after = String::new();
         for _ in 0..BATCHES_PER_TASK {
