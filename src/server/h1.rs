@@ -150,28 +150,41 @@ where
                 }
             }
             let state = &serving.state;
+            if !read.is_empty() {
+                state.head_begun();
+            }
             // Between requests a close asked for (idle, shutdown) ends the
             // connection; a head already begun is read on (the reaper
             // aborts it if it takes too long). A connection the reaper
             // found idle lets go of its buffers until its next bytes come.
             let got = poll_fn(|cx| {
+                // A connection accepted as the shutdown began may already
+                // have sent its request: it is read once, and served if so.
+                let mut closing_now = false;
                 if read.is_empty() {
                     if state.closing() {
-                        return Poll::Ready(Ok(0));
-                    }
-                    if state.take_trim() {
+                        if !first {
+                            return Poll::Ready(Ok(0));
+                        }
+                        closing_now = true;
+                    } else if state.take_trim() {
                         read = BytesMut::new();
                         out = Vec::new();
                         fields = Vec::new();
                     }
                 }
-                if read.capacity() == 0 {
-                    return poll_read_unbuffered(&mut io, cx, &mut read);
+                let polled = if read.capacity() == 0 {
+                    poll_read_unbuffered(&mut io, cx, &mut read)
+                } else {
+                    if read.capacity() - read.len() < READ_MIN {
+                        read.reserve(READ_GROW);
+                    }
+                    poll_read_buf(Pin::new(&mut io), cx, &mut read)
+                };
+                match polled {
+                    Poll::Pending if closing_now => Poll::Ready(Ok(0)),
+                    polled => polled,
                 }
-                if read.capacity() - read.len() < READ_MIN {
-                    read.reserve(READ_GROW);
-                }
-                poll_read_buf(Pin::new(&mut io), cx, &mut read)
             })
             .await;
             match got {

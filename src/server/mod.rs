@@ -277,7 +277,7 @@ impl Connection {
                 tracing::debug!(client = %self.addr, error = %e, "connection ended with an error")
             }
             Ended::HeadTimeout => {
-                tracing::debug!(client = %self.addr, "request head not complete in time; closed")
+                tracing::debug!(client = %self.addr, "request head or graceful close not complete in time; closed")
             }
             Ended::SendTimeout => send_timed_out(self.addr),
         }

@@ -45,6 +45,10 @@ const ABORT: u8 = 2;
 /// of its answer for `send_timeout`.
 const STALLED: u8 = 3;
 
+/// `head_since` of a head begun between requests, until the reaper's next
+/// tick stamps it (the connection does not read the reaper's clock).
+const HEAD_UNSTAMPED: u64 = u64::MAX;
+
 /// The connections of one listener and the task that closes them.
 #[derive(Clone)]
 pub struct Reaper(Arc<Shared>);
@@ -75,7 +79,8 @@ pub struct ConnState {
     in_flight: AtomicUsize,
     idle_ticks: AtomicU32,
     /// The tick at which the client started sending a request head that is
-    /// not complete yet; 0 when none is pending.
+    /// not complete yet; 0 when none is pending, [`HEAD_UNSTAMPED`] when
+    /// one is pending and the reaper is to stamp it on its next tick.
     head_since: AtomicU64,
     /// The tick at which a write to the client first found its socket
     /// full; 0 while writes go through.
@@ -140,15 +145,21 @@ impl Reaper {
             // A graceful close does not end a connection whose first request
             // head is still coming (hyper waits for it), so the head timeout
             // applies to those too.
+            conn.stamp_head(now);
             match conn.close.load(Ordering::Relaxed) {
                 ABORT | STALLED => {}
                 _ if conn.head_overdue(now, self.0.head_ticks) => conn.ask(ABORT),
                 _ if conn.write_overdue(now, self.0.send_ticks) => conn.ask(STALLED),
                 KEEP => match conn.idle_tick() {
-                    n if n >= self.0.idle_ticks => conn.ask(GRACEFUL),
+                    n if n >= self.0.idle_ticks => conn.ask_graceful(),
                     TRIM_AFTER_TICKS => conn.ask_trim(),
                     _ => {}
                 },
+                // A graceful close that nothing in flight holds up ends at
+                // once, except HTTP/2's: it waits for the client's answer
+                // to a ping, which a client that has vanished never sends.
+                // After `header_read_timeout` without a byte it is cut.
+                GRACEFUL if u64::from(conn.idle_tick()) >= self.0.head_ticks => conn.ask(ABORT),
                 _ => {}
             }
         }
@@ -160,7 +171,7 @@ impl Reaper {
         let mut registry = self.registry();
         registry.closing = true;
         for conn in registry.conns.values() {
-            conn.ask(GRACEFUL);
+            conn.ask_graceful();
         }
     }
 
@@ -256,7 +267,8 @@ pub trait Closable {
 pub enum Ended<T> {
     /// It ended by itself or after a graceful close.
     Done(T),
-    /// The reaper closed it: a request head took too long.
+    /// The reaper closed it: a request head took too long, or a graceful
+    /// close did (an HTTP/2 client that never answers the closing ping).
     HeadTimeout,
     /// The reaper closed it: the client took nothing of an answer for
     /// `send_timeout`.
@@ -370,9 +382,35 @@ impl ConnState {
         self.wake();
     }
 
+    /// Asks for a graceful close, which has from now on its own spell of
+    /// idleness before it is cut.
+    fn ask_graceful(&self) {
+        self.idle_ticks.store(0, Ordering::Relaxed);
+        self.ask(GRACEFUL);
+    }
+
     fn ask_trim(&self) {
         self.trim.store(true, Ordering::Relaxed);
         self.wake();
+    }
+
+    /// Between requests, with part of the next request's head already
+    /// read (it came with the last request's bytes, or a stray line
+    /// ending did): the head timeout runs from now, though no new byte
+    /// came to start it. Without this a client could send one byte past
+    /// its request and hold the connection open for ever, since a graceful
+    /// close waits for a head that has begun.
+    pub fn head_begun(&self) {
+        if self.head_since.load(Ordering::Relaxed) == 0 {
+            self.head_since.store(HEAD_UNSTAMPED, Ordering::Relaxed);
+        }
+    }
+
+    /// Gives a head begun between requests the reaper's current tick.
+    fn stamp_head(&self, now: u64) {
+        if self.head_since.load(Ordering::Relaxed) == HEAD_UNSTAMPED {
+            self.head_since.store(now, Ordering::Relaxed);
+        }
     }
 
     fn head_overdue(&self, now: u64, limit: u64) -> bool {
@@ -710,10 +748,24 @@ mod tests {
         reaper.shut_down();
         assert_eq!(busy.state.close.load(Ordering::Relaxed), GRACEFUL);
         assert_eq!(late.state.close.load(Ordering::Relaxed), GRACEFUL);
-        for _ in 0..5 {
+        for _ in 0..3 {
+            reaper.tick();
+        }
+        assert_eq!(
+            idle.state.close.load(Ordering::Relaxed),
+            GRACEFUL,
+            "a graceful close has its own spell"
+        );
+        for _ in 0..2 {
             reaper.tick();
         }
         assert_eq!(late.state.close.load(Ordering::Relaxed), ABORT);
+        assert_eq!(
+            idle.state.close.load(Ordering::Relaxed),
+            ABORT,
+            "a graceful close that does not end (an HTTP/2 client that never answers the closing ping) is cut"
+        );
+        assert_eq!(busy.state.close.load(Ordering::Relaxed), GRACEFUL);
         assert_eq!(
             reaper.register().state.close.load(Ordering::Relaxed),
             GRACEFUL,
