@@ -34,11 +34,14 @@ impl Route {
     }
 
     /// The path sent upstream: with the prefix removed if `strip_prefix`.
-    pub fn upstream_path<'p>(&self, path: &'p str) -> &'p str {
+    /// `None` for a path outside the route's prefix, which a request routed
+    /// here never has but a replay may: its route's prefix can have changed
+    /// since the capture.
+    pub fn upstream_path<'p>(&self, path: &'p str) -> Option<&'p str> {
         if self.config.strip_prefix && self.prefix != "/" {
-            &path[self.prefix.len().min(path.len())..]
+            self.below_prefix(path)
         } else {
-            path
+            Some(path)
         }
     }
 
@@ -48,11 +51,14 @@ impl Route {
                 return false;
             }
         }
-        if self.prefix == "/" {
-            return true;
-        }
+        self.prefix == "/" || self.below_prefix(path).is_some()
+    }
+
+    /// What of `path` follows the prefix, if the path is the prefix or
+    /// below it (`/api` does not take `/apis`).
+    fn below_prefix<'p>(&self, path: &'p str) -> Option<&'p str> {
         path.strip_prefix(self.prefix.as_str())
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            .filter(|rest| rest.is_empty() || rest.starts_with('/'))
     }
 }
 
@@ -173,8 +179,16 @@ mod tests {
             assert_eq!(t.find(host, path).unwrap().name(), want, "{host:?} {path}");
         }
         let users = t.get("users").unwrap();
-        assert_eq!(users.upstream_path("/api/users/7"), "/7");
-        assert_eq!(users.upstream_path("/api/users"), "");
-        assert_eq!(t.get("api").unwrap().upstream_path("/api/x"), "/api/x");
+        assert_eq!(users.upstream_path("/api/users/7"), Some("/7"));
+        assert_eq!(users.upstream_path("/api/users"), Some(""));
+        assert_eq!(
+            t.get("api").unwrap().upstream_path("/api/x"),
+            Some("/api/x")
+        );
+        // A replay whose route's prefix changed since the capture: refused,
+        // not cut at the old prefix's length (nor inside a character).
+        assert_eq!(users.upstream_path("/api/usersx"), None);
+        assert_eq!(users.upstream_path("/api/üsers/7"), None);
+        assert_eq!(users.upstream_path("/ä"), None);
     }
 }

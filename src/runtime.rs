@@ -58,6 +58,19 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
     };
     if let Some(sink) = &kafka {
         sink.warm_up().await;
+    } else {
+        // Records a run with `[kafka]` left waiting for it: without Kafka
+        // nothing would forward them, so the spool replays them itself.
+        match spool.replay_instead_of_kafka(None).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                records = n,
+                "captures spooled for Kafka are replayed from the spool (no [kafka] configured)"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot hand captures spooled for Kafka to the spool's replay")
+            }
+        }
     }
     let otel = otel::Tracing::start(&config.otlp, &metrics)?;
     let proxy = Arc::new(Proxy {

@@ -62,9 +62,22 @@ async fn forward_batch(spool: &Arc<Spool>, sink: &KafkaSink) -> Result<usize, St
             reason: &reason,
             payload: &row.record,
         };
-        sink.send(&outbound).await?;
-        spool.delete(&row.id).await.map_err(|e| e.to_string())?;
-        sent += 1;
+        match sink.send(&outbound).await {
+            Ok(()) => {
+                spool.delete(&row.id).await.map_err(|e| e.to_string())?;
+                sent += 1;
+            }
+            // One record Kafka will never take must not hold up the ones
+            // behind it: it is replayed from the spool instead.
+            Err(e) if e.refused => {
+                tracing::warn!(capture_id = %row.id, error = %e, "Kafka refuses this spooled capture: it is replayed from the spool");
+                spool
+                    .replay_instead_of_kafka(Some(&row.id))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(sent)
 }

@@ -21,6 +21,27 @@ use rdkafka::util::Timeout;
 
 use crate::config::KafkaConfig;
 
+/// Why a record did not reach Kafka.
+#[derive(Debug)]
+pub struct SendError {
+    pub message: String,
+    /// Kafka will never take this record (larger than its message size
+    /// limit): sending it again cannot help.
+    pub refused: bool,
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<SendError> for String {
+    fn from(e: SendError) -> String {
+        e.message
+    }
+}
+
 /// A record as the sink sends it.
 pub struct Outbound<'a> {
     pub id: &'a str,
@@ -68,7 +89,7 @@ impl KafkaSink {
     }
 
     /// Sends to the capture topic; returns once the broker acknowledged.
-    pub async fn send(&self, record: &Outbound<'_>) -> Result<(), String> {
+    pub async fn send(&self, record: &Outbound<'_>) -> Result<(), SendError> {
         self.send_to(&self.topic, record, &[]).await
     }
 
@@ -78,7 +99,7 @@ impl KafkaSink {
         topic: &str,
         record: &Outbound<'_>,
         extra: &[(&str, &str)],
-    ) -> Result<(), String> {
+    ) -> Result<(), SendError> {
         let mut headers = OwnedHeaders::new_with_capacity(3 + extra.len());
         for (key, value) in [
             ("id", record.id),
@@ -105,12 +126,15 @@ impl KafkaSink {
                 if let Some(reason) = producer_is_broken(&producer, &e) {
                     self.replace_producer(&reason);
                 }
-                Err(format!("kafka delivery failed: {e}"))
+                Err(SendError {
+                    message: format!("kafka delivery failed: {e}"),
+                    refused: too_large(&e),
+                })
             }
-            Err(_) => Err(format!(
-                "kafka did not acknowledge within {:?}",
-                self.ack_timeout
-            )),
+            Err(_) => Err(SendError {
+                message: format!("kafka did not acknowledge within {:?}", self.ack_timeout),
+                refused: false,
+            }),
         }
     }
 
@@ -154,6 +178,16 @@ impl KafkaSink {
     pub fn flush(&self, timeout: Duration) {
         let _ = self.producer.load().flush(Timeout::After(timeout));
     }
+}
+
+/// Whether Kafka refuses the message for its size: the producer's own
+/// `message.max.bytes` (1 MB by default, about 750 KB of body once encoded
+/// in the record) or the broker's limit.
+fn too_large(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge)
+    )
 }
 
 /// Whether the producer can no longer send: librdkafka's fatal errors, and

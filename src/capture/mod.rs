@@ -143,6 +143,15 @@ impl Capturer {
         };
         match kafka.send(&outbound).await {
             Ok(()) => Ok(()),
+            Err(e) if e.refused => {
+                // Kept and replayed from this instance's spool: forwarding
+                // it to Kafka later would fail the same way.
+                tracing::warn!(capture_id = %record.id, error = %e, "Kafka refuses this capture: it is replayed from the spool");
+                self.metrics.kafka_fallbacks.inc();
+                self.spool
+                    .append(&record.id, &record.route, payload, Destination::Replay)
+                    .await
+            }
             Err(e) => {
                 tracing::warn!(capture_id = %record.id, error = %e, "Kafka unavailable: capture goes to the spool");
                 self.metrics.kafka_fallbacks.inc();

@@ -109,6 +109,10 @@ enum Write {
     Requeue {
         id: Option<String>,
     },
+    /// Records waiting for Kafka handed to the spool's own replay.
+    ToReplay {
+        id: Option<String>,
+    },
     PurgeDead,
 }
 
@@ -159,6 +163,22 @@ impl Spool {
             commits,
             records_written,
         }))
+    }
+
+    /// The lock that one process at a time holds while it replays this
+    /// spool: `None` while another holds it. Released when the file is
+    /// closed (the process ends or the worker stops).
+    pub fn try_lock_replay(&self) -> std::io::Result<Option<std::fs::File>> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.path.with_file_name("replay.lock"))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(file)),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -253,6 +273,17 @@ impl Spool {
             return Err(SpoolError::NotFound(id.to_string()));
         }
         Ok(moved)
+    }
+
+    /// Hands a record waiting for Kafka (or, with `None`, every one) to the
+    /// spool's own replay: for a record Kafka refuses for good (too large),
+    /// and at a start without `[kafka]`, where nothing would forward them.
+    /// Returns how many moved.
+    pub async fn replay_instead_of_kafka(&self, id: Option<&str>) -> Result<u64, SpoolError> {
+        self.write(Write::ToReplay {
+            id: id.map(str::to_string),
+        })
+        .await
     }
 
     pub async fn purge_dead_letters(&self) -> Result<u64, SpoolError> {
@@ -475,7 +506,12 @@ fn writer_loop(
         }
         let appends = batch
             .iter()
-            .filter(|j| matches!(j.write, Write::Append { .. } | Write::Requeue { .. }))
+            .filter(|j| {
+                matches!(
+                    j.write,
+                    Write::Append { .. } | Write::Requeue { .. } | Write::ToReplay { .. }
+                )
+            })
             .count();
         match apply_batch(&mut conn, &batch) {
             Ok(results) => {
@@ -547,6 +583,11 @@ fn apply_batch(
                         .map(|_| n)
                 })
             }
+            Write::ToReplay { id } => tx
+                .prepare_cached(
+                    "UPDATE queue SET dest = 'replay' WHERE dest = 'kafka' AND (id = ?1 OR ?1 IS NULL)",
+                )
+                .and_then(|mut s| s.execute(params![id])),
             Write::PurgeDead => tx.execute("DELETE FROM dead_letters", []),
         };
         results.push(result.map(|n| n as u64).map_err(SpoolError::Db));

@@ -13,7 +13,7 @@ use crate::capture::record::CaptureRecord;
 use crate::classify::Failure;
 use crate::headers::{self, ClientInfo, X_REQUEST_ID};
 use crate::routing::Route;
-use crate::upstream::{deadline_after, take_turn, upstream_uri};
+use crate::upstream::{deadline_after, proxy_pool, take_turn, upstream_uri};
 
 pub const X_BACKSTOP_REPLAY_ATTEMPT: HeaderName =
     HeaderName::from_static("x-backstop-replay-attempt");
@@ -55,7 +55,14 @@ pub async fn deliver(
         None => None,
     };
     let deadline = deadline_after(Instant::now(), timeout);
-    match route.upstream.send(target, request, None, deadline).await {
+    // Through the route's outbound proxies, as its clients' requests go
+    // (a backend may be reachable, or allow this caller, only that way).
+    let via = proxy_pool::choose(route.upstream.proxies.as_ref(), &route.config.proxy, false);
+    match route
+        .upstream
+        .send_through(via, target, request, deadline)
+        .await
+    {
         Ok(response) => {
             let status = response.status().as_u16();
             // Drain the body so the pooled connection can be reused, but
@@ -99,12 +106,14 @@ fn build_request(
         .map_err(|_| format!("invalid method {:?}", req.method))?;
     let body = record.body().map_err(|e| e.to_string())?;
     let (index, target) = route.upstream.balancer.pick();
-    let uri = upstream_uri(
-        &target.base,
-        route.upstream_path(&req.path),
-        req.query.as_deref(),
-    )
-    .map_err(|e| format!("invalid path {:?}: {e}", req.path))?;
+    let path = route.upstream_path(&req.path).ok_or_else(|| {
+        format!(
+            "path {:?} is no longer under the route's path_prefix (changed since the capture)",
+            req.path
+        )
+    })?;
+    let uri = upstream_uri(&target.base, path, req.query.as_deref())
+        .map_err(|e| format!("invalid path {:?}: {e}", req.path))?;
 
     let mut headers = req.header_map();
     headers::strip_hop_by_hop(&mut headers);

@@ -97,8 +97,15 @@ struct RebalanceContext {
 impl ClientContext for RebalanceContext {}
 
 impl ConsumerContext for RebalanceContext {
-    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(list) = rebalance {
+            // A partition paused for a full buffer stays paused through a
+            // rebalance (librdkafka keeps the application's pause), and
+            // its buffer is dropped below: given back to this worker it
+            // would never be fetched again.
+            if let Err(e) = consumer.resume(list) {
+                tracing::debug!(error = %e, "resuming revoked partitions failed");
+            }
             let partitions = list
                 .elements()
                 .iter()
@@ -155,29 +162,18 @@ impl KafkaReplayer {
         let mut last_error_log: Option<Instant> = None;
         loop {
             let ready: Option<Partition> = tokio::select! {
+                // Revocations first: a record of a new assignment must not
+                // join the queue that the revocation before it drops.
+                biased;
                 _ = shutdown.cancelled() => break,
-                message = consumer.recv() => match message {
-                    Ok(message) => {
-                        let partition = (message.topic().to_string(), message.partition());
-                        let queue = queues.entry(partition.clone()).or_insert_with(|| {
-                            generations += 1;
-                            PartitionQueue::new(generations)
-                        });
-                        queue.jobs.push_back(Job::from_message(&message, partition.clone()));
-                        if queue.jobs.len() >= BUFFER && !queue.paused {
-                            queue.paused = set_paused(&consumer, &partition, true);
+                Some(revoked) = revoked_rx.recv() => {
+                    for partition in revoked {
+                        if let Some(queue) = queues.remove(&partition) {
+                            tracing::debug!(topic = %partition.0, partition = partition.1, dropped = queue.jobs.len(), "partition revoked");
                         }
-                        Some(partition)
                     }
-                    Err(e) => {
-                        if last_error_log.is_none_or(|t| t.elapsed() >= ERROR_LOG_EVERY) {
-                            tracing::warn!(error = %e, "Kafka consume error (logged every {ERROR_LOG_EVERY:?} at most)");
-                            last_error_log = Some(Instant::now());
-                        }
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        None
-                    }
-                },
+                    None
+                }
                 Some(done) = done_rx.recv() => {
                     // The partition may have been revoked meanwhile (and
                     // perhaps assigned again, a new queue): then there is
@@ -208,14 +204,6 @@ impl KafkaReplayer {
                     }
                     Some(done.partition)
                 }
-                Some(revoked) = revoked_rx.recv() => {
-                    for partition in revoked {
-                        if let Some(queue) = queues.remove(&partition) {
-                            tracing::debug!(topic = %partition.0, partition = partition.1, dropped = queue.jobs.len(), "partition revoked");
-                        }
-                    }
-                    None
-                }
                 _ = tick.tick() => {
                     let now = Instant::now();
                     for queue in queues.values_mut() {
@@ -225,6 +213,31 @@ impl KafkaReplayer {
                     }
                     None
                 }
+                message = consumer.recv() => match message {
+                    Ok(message) => {
+                        let partition = (message.topic().to_string(), message.partition());
+                        let queue = queues.entry(partition.clone()).or_insert_with(|| {
+                            generations += 1;
+                            PartitionQueue::new(generations)
+                        });
+                        queue.jobs.push_back(Job::from_message(&message, partition.clone()));
+                        if queue.jobs.len() >= BUFFER && !queue.paused {
+                            queue.paused = set_paused(&consumer, &partition, true);
+                            if queue.paused {
+                                tracing::info!(topic = %partition.0, partition = partition.1, buffered = BUFFER, "Kafka partition paused until its buffered records drain");
+                            }
+                        }
+                        Some(partition)
+                    }
+                    Err(e) => {
+                        if last_error_log.is_none_or(|t| t.elapsed() >= ERROR_LOG_EVERY) {
+                            tracing::warn!(error = %e, "Kafka consume error (logged every {ERROR_LOG_EVERY:?} at most)");
+                            last_error_log = Some(Instant::now());
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        None
+                    }
+                },
             };
             // Start the head of every partition that is free to go.
             let candidates: Vec<Partition> = match ready {

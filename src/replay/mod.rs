@@ -35,6 +35,14 @@ const BATCH: usize = 128;
 const BATCHES_PER_TASK: usize = 4;
 /// The longest the worker sleeps when nothing wakes it.
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// How often a standing-by worker tries to take over the spool's replay.
+const LOCK_POLL: Duration = Duration::from_secs(1);
+
+/// The spool's replay lock, held while this worker runs (released when
+/// the file closes); `None` where the file system cannot lock.
+struct ReplayLock {
+    _file: Option<std::fs::File>,
+}
 
 /// Replay outcomes since start, for `/queue` and metrics.
 #[derive(Default)]
@@ -86,7 +94,36 @@ impl SpoolReplayer {
     /// a slow backend or a long backoff never holds up another: a route
     /// whose task ended waits the time its task returned, or until a new
     /// capture wakes the worker; then its head is read again.
+    /// Waits until this process is the one that replays the spool (a
+    /// `backstop replay` beside `backstop run` on the same data directory
+    /// would otherwise deliver every record twice): a second worker stands
+    /// by and takes over when the first stops. `None` at shutdown.
+    async fn wait_for_replay_lock(&self, shutdown: &CancellationToken) -> Option<ReplayLock> {
+        let mut told = false;
+        loop {
+            match self.spool.try_lock_replay() {
+                Ok(Some(file)) => return Some(ReplayLock { _file: Some(file) }),
+                Ok(None) if !told => {
+                    tracing::info!("another process replays this spool; this worker stands by");
+                    told = true;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot lock the spool for replay; replaying without the lock");
+                    return Some(ReplayLock { _file: None });
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(LOCK_POLL) => {}
+            }
+        }
+    }
+
     pub async fn run(self, shutdown: CancellationToken) {
+        let Some(_replaying) = self.wait_for_replay_lock(&shutdown).await else {
+            return;
+        };
         tracing::info!("replay worker started");
         let mut routes: HashMap<String, RouteTurn> = HashMap::new();
         let mut tasks: JoinSet<Duration> = JoinSet::new();

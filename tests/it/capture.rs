@@ -519,3 +519,103 @@ async fn a_routes_backlog_or_slow_replays_never_hold_up_another_route() {
     assert_eq!(slow.hits(), 3, "the first slow replay is still under way");
     assert!(queue_status(&bs).await["depth"].as_u64().unwrap() >= 520);
 }
+
+/// Captures spooled for a Kafka that never answered are replayed by the
+/// spool after a restart without `[kafka]`: nothing else would send them.
+#[tokio::test]
+async fn captures_left_for_kafka_are_replayed_after_a_restart_without_kafka() {
+    let stopped = stopped_backend().await;
+    let upstream = format!("http://{}", stopped.addr);
+    let no_broker = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let with_kafka = format!(
+        "[kafka]\nbrokers = \"{no_broker}\"\nack_timeout = \"300ms\"\n{}",
+        config(&upstream, "")
+    );
+    let bs = Backstop::start_in(dir.clone(), &with_kafka);
+    capture_one(&bs, "/api/users", "kept for kafka").await;
+    assert_eq!(queue_status(&bs).await["waiting_for_kafka"], 1);
+    drop(bs);
+
+    let bs = Backstop::start_in(dir, &config(&upstream, ""));
+    let backend = Backend::start_on(stopped, |_| Reply::status(200)).await;
+    backend.wait_for_hits(1, Duration::from_secs(10)).await;
+    assert_eq!(&backend.seen()[0].body[..], b"kept for kafka");
+    let q = wait_queue(&bs, "depth", 0).await;
+    assert_eq!(q["waiting_for_kafka"], 0, "{q}");
+}
+
+/// A `backstop replay` worker, killed on drop.
+struct ReplayWorker(std::process::Child, std::path::PathBuf);
+
+impl ReplayWorker {
+    fn start(bs: &Backstop, log: std::path::PathBuf) -> ReplayWorker {
+        let child = Command::new(env!("CARGO_BIN_EXE_backstop"))
+            .args(["replay", "-c"])
+            .arg(&bs.config_path)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        ReplayWorker(child, log)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.1).unwrap_or_default()
+    }
+}
+
+impl Drop for ReplayWorker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A `backstop replay` started beside `backstop run` on the same spool
+/// stands by while `run` replays: each record is delivered once, not once
+/// by each worker.
+#[tokio::test]
+async fn a_second_replay_worker_on_one_spool_stands_by() {
+    let stopped = stopped_backend().await;
+    // The circuit stays closed: the replays go as soon as the backend is up.
+    let breaker = "[routes.circuit_breaker]\nfailure_threshold = 1000";
+    let bs = Backstop::start(&config(&format!("http://{}", stopped.addr), breaker));
+    let mut ids = HashSet::new();
+    for i in 0..30 {
+        ids.insert(capture_one(&bs, &format!("/api/orders/{i}"), format!("{i}")).await);
+    }
+    let logs = tempfile::tempdir().unwrap();
+    let second = ReplayWorker::start(&bs, logs.path().join("replay.log"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !["stands by", "replay worker started"]
+        .iter()
+        .any(|line| second.log().contains(line))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second worker did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let backend = Backend::start_on(stopped, |_| Reply::status(200)).await;
+    backend.wait_for_hits(30, Duration::from_secs(20)).await;
+    wait_queue(&bs, "depth", 0).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let keys: Vec<String> = backend
+        .seen()
+        .iter()
+        .map(|s| s.headers["idempotency-key"].to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        keys.len(),
+        30,
+        "each record delivered once: {}",
+        second.log()
+    );
+    assert_eq!(keys.into_iter().collect::<HashSet<_>>(), ids);
+}

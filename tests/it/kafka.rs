@@ -226,6 +226,37 @@ async fn backend_down_post_goes_to_kafka_and_is_replayed_once() {
     );
 }
 
+/// A capture Kafka will never take (2 MiB of body: past librdkafka's 1 MB
+/// message limit once in its record) is kept in the spool and replayed
+/// from there, and holds up no other capture.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_capture_too_large_for_kafka_is_replayed_from_the_spool() {
+    let tansu = Tansu::start(false);
+    let stopped = Backend::echo().await.stop().await;
+    let upstream = format!("http://{}", stopped.addr);
+    let bs = Backstop::start(&config(&tansu, &upstream, true));
+    let big = vec![b'x'; 2 << 20];
+    for (path, body) in [("/api/big", big.clone()), ("/api/small", b"small".to_vec())] {
+        let r = client().post(bs.url(path)).body(body).send().await.unwrap();
+        let (status, code, _) = error_of(r).await;
+        assert_eq!((status, code.as_str()), (503, "captured"), "{path}");
+    }
+    let messages = tokio::task::block_in_place(|| tansu.messages("failed-requests"));
+    assert_eq!(messages.len(), 1, "only the small capture is in Kafka");
+
+    let backend = Backend::start_on(stopped, |_| Reply::status(200)).await;
+    backend.wait_for_hits(2, Duration::from_secs(30)).await;
+    let seen = backend.seen();
+    let bodies: HashMap<&str, &[u8]> = seen.iter().map(|s| (s.uri.as_str(), &s.body[..])).collect();
+    assert_eq!(bodies.get("/api/small"), Some(&&b"small"[..]));
+    assert!(
+        bodies.get("/api/big") == Some(&&big[..]),
+        "the big body arrives whole"
+    );
+    let q: serde_json::Value = bs.admin_json("/queue").await;
+    assert_eq!(q["waiting_for_kafka"], 0, "{q}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replay_that_finds_no_turn_waits_without_spending_its_attempt() {
     // One turn (`upstream_max_conns`), held by an answer whose body stalls
@@ -356,11 +387,12 @@ impl Worker {
         Worker(child, log)
     }
 
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.1).unwrap_or_default()
+    }
+
     fn replayed(&self) -> usize {
-        std::fs::read_to_string(&self.1)
-            .unwrap_or_default()
-            .matches("replayed from Kafka")
-            .count()
+        self.log().matches("replayed from Kafka").count()
     }
 }
 
@@ -369,6 +401,57 @@ impl Drop for Worker {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A partition paused because its worker's buffer is full (512 records,
+/// the backend down) is consumed again when a rebalance gives it back to
+/// that worker: librdkafka keeps an application's pause across a
+/// rebalance, and the buffer behind it is dropped at the revocation.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_paused_when_revoked_is_consumed_once_assigned_again() {
+    let tansu = Tansu::start(false);
+    let stopped = Backend::echo().await.stop().await;
+    let upstream = format!("http://{}", stopped.addr);
+    let bs = Backstop::start(&config(&tansu, &upstream, false));
+    let c = client();
+    let mut ids = HashSet::new();
+    for i in 0..600 {
+        let r = c
+            .post(bs.url("/api/x"))
+            .body(format!("{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+        ids.insert(
+            r.headers()["x-backstop-capture-id"]
+                .to_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let a = Worker::start(&bs.config_path, dir.path().join("a.log"));
+    wait_until(
+        "worker a to pause its partition",
+        Duration::from_secs(30),
+        || a.log().contains("Kafka partition paused"),
+    )
+    .await;
+    // A second worker joins (every partition is revoked and assigned
+    // anew), then dies: the partition is a's again, whoever had it between.
+    let b = Worker::start(&bs.config_path, dir.path().join("b.log"));
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    drop(b);
+    let backend = Backend::start_on(stopped, |_| Reply::status(200)).await;
+    backend.wait_for_hits(600, Duration::from_secs(90)).await;
+    let keys: HashSet<String> = backend
+        .seen()
+        .iter()
+        .map(|s| s.headers["idempotency-key"].to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(keys, ids, "every record delivered");
+    drop(a);
 }
 
 #[tokio::test(flavor = "multi_thread")]
