@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -245,27 +245,51 @@ pub enum BufferError {
     TooLarge {
         limit: u64,
     },
+    /// No byte came for `stall` (as nginx's `client_body_timeout`).
+    Stalled {
+        stall: Duration,
+    },
     /// The client went away or sent a malformed body.
     Read(String),
 }
 
 /// Reads the whole body, refusing it as soon as it passes `limit` bytes (and
-/// before reading anything when `Content-Length` already says so).
+/// before reading anything when `Content-Length` already says so), or once
+/// the client has left it waiting for `stall`: a client that stops sending
+/// must not hold its connection and what it sent so far for ever.
 pub async fn buffer(
     headers: &HeaderMap,
-    body: Incoming,
+    mut body: Incoming,
     limit: u64,
+    stall: Duration,
 ) -> Result<BufferedBody, BufferError> {
     let declared = crate::headers::content_length(headers);
     if declared.is_some_and(|n| n > limit) {
         return Err(BufferError::TooLarge { limit });
     }
-    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
-    match Limited::new(body, limit_usize).collect().await {
-        Ok(collected) => Ok(BufferedBody(collected.to_bytes())),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(BufferError::TooLarge { limit })
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut total: u64 = 0;
+    loop {
+        let frame = match tokio::time::timeout(stall, body.frame()).await {
+            Err(_) => return Err(BufferError::Stalled { stall }),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(BufferError::Read(e.to_string())),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        // Trailers are not kept, as in `collect().to_bytes()`.
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        total = total.saturating_add(data.len() as u64);
+        if total > limit {
+            return Err(BufferError::TooLarge { limit });
         }
-        Err(e) => Err(BufferError::Read(e.to_string())),
+        chunks.push(data);
     }
+    let whole = match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.swap_remove(0),
+        _ => chunks.concat().into(),
+    };
+    Ok(BufferedBody(whole))
 }

@@ -34,6 +34,11 @@ pub enum Failure {
     InvalidResponse,
     /// The backend answered with a status listed as a failure.
     Status(u16),
+    /// The client's request body failed while it streamed upstream (a
+    /// malformed chunk, the client gone mid-body): the client's fault, not
+    /// the backend's. Answered 400, not retried, not captured (the body
+    /// is incomplete), and tells the breaker nothing.
+    ClientBody,
     /// The route's circuit is open: the backend was not called.
     CircuitOpen,
     /// Every connection the route may have open to the target
@@ -56,6 +61,13 @@ impl Failure {
     /// Classifies an error of an HTTP exchange on an open connection
     /// (hyper's, directly or inside its client's error).
     pub fn from_exchange_error(err: &(dyn StdError + 'static)) -> Failure {
+        // The client's own hyper error comes first in the chain; the body's
+        // error (the client's connection's, which may be a parse error of
+        // its chunks) behind it.
+        let first = chain(err).find_map(|e| e.downcast_ref::<hyper::Error>());
+        if first.is_some_and(hyper::Error::is_user) {
+            return Failure::ClientBody;
+        }
         let unparsable = chain(err)
             .filter_map(|e| e.downcast_ref::<hyper::Error>())
             .any(|e| e.is_parse() || e.is_parse_status() || e.is_parse_too_large());
@@ -110,7 +122,10 @@ impl Failure {
             Failure::Reset => RetryableError::ConnectionReset,
             // Saturated: the attempt already waited its time in the queue;
             // another would only queue again.
-            Failure::CircuitOpen | Failure::InvalidResponse | Failure::Saturated => return false,
+            Failure::CircuitOpen
+            | Failure::InvalidResponse
+            | Failure::Saturated
+            | Failure::ClientBody => return false,
         };
         retry.retry_on_errors.contains(&kind)
     }
@@ -121,7 +136,7 @@ impl Failure {
     pub fn is_capturable(self) -> bool {
         match self {
             Failure::Status(code) => matches!(code, 502..=504),
-            Failure::InvalidResponse => false,
+            Failure::InvalidResponse | Failure::ClientBody => false,
             _ => true,
         }
     }
@@ -134,7 +149,10 @@ impl Failure {
     pub fn breaker_verdict(self) -> Option<bool> {
         match self {
             Failure::Status(code) => Some(status_trips_breaker(code)),
-            Failure::CircuitOpen | Failure::InvalidResponse | Failure::Saturated => None,
+            Failure::CircuitOpen
+            | Failure::InvalidResponse
+            | Failure::Saturated
+            | Failure::ClientBody => None,
             _ => Some(true),
         }
     }
@@ -152,6 +170,7 @@ impl Failure {
             Failure::Status(code) => format!("upstream_{code}"),
             Failure::CircuitOpen => "circuit_open".into(),
             Failure::Saturated => "saturated".into(),
+            Failure::ClientBody => "client_body".into(),
         }
     }
 }

@@ -24,6 +24,7 @@ pub enum ErrorCode {
     UpstreamInvalidResponse,
     UpstreamBusy,
     BodyTooLarge,
+    RequestTimeout,
     Captured,
     CaptureFailed,
     BadRequest,
@@ -40,6 +41,7 @@ impl ErrorCode {
             ErrorCode::UpstreamInvalidResponse => "upstream_invalid_response",
             ErrorCode::UpstreamBusy => "upstream_busy",
             ErrorCode::BodyTooLarge => "body_too_large",
+            ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::Captured => "captured",
             ErrorCode::CaptureFailed => "capture_failed",
             ErrorCode::BadRequest => "bad_request",
@@ -59,6 +61,7 @@ impl ErrorCode {
                 StatusCode::BAD_GATEWAY
             }
             ErrorCode::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
         }
     }

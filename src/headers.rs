@@ -54,6 +54,25 @@ const REPRESENTATION: [HeaderName; 3] = [
     header::CONTENT_ENCODING,
 ];
 
+/// Makes the `cookie` fields of an HTTP/2 request one, joined with "; ":
+/// HTTP/2 clients may send each cookie as a field of its own, and before
+/// they go into an HTTP/1.1 request they must be one (RFC 9113 §8.2.3;
+/// many HTTP/1.1 servers read only the first).
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (cookies.next(), cookies.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for more in headers.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(more.as_bytes());
+    }
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
 /// Removes hop-by-hop headers, including those that `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none (HTTP/1.1 keeps connections alive without
@@ -368,6 +387,11 @@ impl Forwarding {
         for (name, value) in self.each() {
             headers.insert(name.clone(), value.clone());
         }
+        // No host known (an HTTP/1.0 request without `Host`): the client's
+        // own value must not pass for the proxy's.
+        if self.forwarded_host.is_none() {
+            headers.remove(X_FORWARDED_HOST);
+        }
     }
 }
 
@@ -422,8 +446,10 @@ fn those_set<'a, const N: usize>(
 impl ProxySet {
     /// Whether the client's header `name` gives way to this set.
     pub fn covers(&self, name: &HeaderName) -> bool {
+        // Every forwarding header, also one the proxy leaves out (a host
+        // it does not know): the client's value never passes.
         name == HOST
-            || self.forwarding.each().any(|(set, _)| set == name)
+            || FORWARDING_NAMES.contains(name)
             || SET_LAST.contains(name)
             || self.by_route(name)
     }

@@ -8,6 +8,7 @@ pub mod capture;
 pub mod classify;
 pub mod cli;
 pub mod config;
+pub mod dot_segments;
 pub mod error;
 pub mod headers;
 pub mod ids;

@@ -42,6 +42,7 @@ use crate::cache::{self, CacheState, Caches, Lookup};
 use crate::capture::{CaptureOutcome, Capturer};
 use crate::classify::{is_idempotent, status_failure, status_trips_breaker, Failure};
 use crate::config::{Config, RateLimitConfig, RateLimitKey};
+use crate::dot_segments;
 use crate::error::{ErrorCode, ProxyError};
 use crate::headers::{self, ClientInfo, Forwarding, ProxySet, RequestNames, X_REQUEST_ID};
 use crate::otel;
@@ -152,6 +153,8 @@ pub async fn handle(proxy: &Proxy, req: Box<Request<ClientBody>>, client: &Clien
         error: None,
         span: otel::RequestSpan::none(),
     };
+    let mut req = req;
+    let refused = refused.or_else(|| resolve_dot_segments(&mut req));
     let active = proxy.active.load_full();
     let (log, stats) = (&active.config.log, &active.config.stats);
     // The path outlives the request only for the log and the statistics.
@@ -389,11 +392,16 @@ async fn read_body(
     if !route.config.buffers_body(req.method()) {
         return Ok(OutgoingBody::Streaming(Some(incoming)));
     }
-    match out_of_line(body::buffer(req.headers(), incoming, max_body_bytes)).await {
+    let stall = route.config.body_read_timeout;
+    match out_of_line(body::buffer(req.headers(), incoming, max_body_bytes, stall)).await {
         Ok(buffered) => Ok(OutgoingBody::Buffered(buffered)),
         Err(BufferError::TooLarge { limit }) => Err(ProxyError::new(
             ErrorCode::BodyTooLarge,
             format!("Request body is larger than {limit} bytes"),
+        )),
+        Err(BufferError::Stalled { stall }) => Err(ProxyError::new(
+            ErrorCode::RequestTimeout,
+            format!("The request body stopped coming for {stall:?}"),
         )),
         Err(BufferError::Read(e)) => Err(ProxyError::new(
             ErrorCode::BadRequest,
@@ -423,6 +431,9 @@ fn prepare(
             .filter(|h| h.to_str().is_ok())
             .cloned(),
     };
+    if client.version() == Version::HTTP_2 {
+        headers::join_cookies(client.headers_mut());
+    }
     headers::strip_hop_by_hop(client.headers_mut());
     let capture = &route.config.capture;
     let client_headers =
@@ -441,7 +452,10 @@ fn prepare(
     };
     let path = client.uri().path();
     Outgoing {
-        upstream_path_start: path.len() - route.upstream_path(path).len(),
+        // The request was routed here: its path is under the prefix.
+        upstream_path_start: route
+            .upstream_path(path)
+            .map_or(0, |p| path.len() - p.len()),
         client,
         set,
         client_headers,
@@ -541,10 +555,12 @@ async fn forward(
     }
     let mut permit = first_permit;
     let mut saw_429 = false;
+    // The target of the attempt that failed: a retry goes elsewhere if it can.
+    let mut failed_target = None;
     loop {
         ctx.attempts += 1;
         let attempt = ctx.attempts;
-        let (index, target) = route.upstream.balancer.pick();
+        let (index, target) = route.upstream.balancer.pick_after(failed_target);
         let proxies = route.upstream.proxies.as_ref();
         let via = proxy_pool::choose(proxies, &route.config.proxy, saw_429);
         let span = ctx
@@ -599,6 +615,7 @@ async fn forward(
             }
         };
         saw_429 |= failure == Failure::Status(429);
+        failed_target = Some(index);
         let give_up = |failure: Failure, response: Option<Response<UpstreamBody>>| match response {
             Some(response) if !failure.is_capturable() => Forwarded::Answer(response),
             response => Forwarded::Failed { failure, response },
@@ -725,6 +742,10 @@ pub fn failure_error(failure: Failure, route: &str) -> ProxyError {
             ErrorCode::UpstreamBusy,
             format!("Every connection to the backend of route {route} stayed busy until the request's time ran out"),
         ),
+        Failure::ClientBody => ProxyError::new(
+            ErrorCode::BadRequest,
+            "The request body could not be read to its end",
+        ),
         Failure::InvalidResponse => ProxyError::new(
             ErrorCode::UpstreamInvalidResponse,
             format!("The backend of route {route} sent an answer that is not valid HTTP or is too large"),
@@ -848,6 +869,27 @@ fn unroutable(req: &Request<ClientBody>, names: &RequestNames<'_>) -> Option<&'s
         }
         _ => None,
     }
+}
+
+/// Resolves the dot segments of the request's path before it is routed
+/// (see `dot_segments`); the reason to refuse it when one climbs above the
+/// root.
+fn resolve_dot_segments(req: &mut Request<ClientBody>) -> Option<&'static str> {
+    let resolved = match dot_segments::resolve(req.uri().path()) {
+        dot_segments::Resolved::Unchanged => return None,
+        dot_segments::Resolved::AboveRoot => {
+            return Some("The request path climbs above the root with '..'")
+        }
+        dot_segments::Resolved::Changed(path) => path,
+    };
+    let target = match req.uri().query() {
+        Some(query) => format!("{resolved}?{query}"),
+        None => resolved,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(http::uri::PathAndQuery::try_from(target).ok()?);
+    *req.uri_mut() = http::Uri::from_parts(parts).ok()?;
+    None
 }
 
 /// The bytes of `uri-host [ ":" port ]` (RFC 3986), as a `Host` value may

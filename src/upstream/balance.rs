@@ -141,6 +141,15 @@ impl Balancer {
     /// turn there rather than go to one known to be down; when none is
     /// usable, the next one anyway (better to try than to refuse).
     pub fn pick(&self) -> (usize, &Target) {
+        self.pick_after(None)
+    }
+
+    /// [`Balancer::pick`] for a retry: the target whose attempt just
+    /// failed (`failed`) is passed over while another is usable, as
+    /// nginx's `proxy_next_upstream` moves on (with concurrent requests
+    /// the shared turn would often hand a retry back to the target that
+    /// just timed out).
+    pub fn pick_after(&self, failed: Option<usize>) -> (usize, &Target) {
         let n = self.targets.len();
         if n == 1 {
             // No turn to take: the counter's locked add would cost a
@@ -151,7 +160,7 @@ impl Balancer {
         let now = self.now_ms();
         let in_turn = (0..n).map(|offset| (start + offset) % n);
         let mut first_usable = None;
-        for i in in_turn {
+        for i in in_turn.filter(|&i| Some(i) != failed) {
             let target = &self.targets[i];
             if target.usable(now) {
                 if target.has_turn() {
@@ -160,7 +169,9 @@ impl Balancer {
                 first_usable.get_or_insert(i);
             }
         }
-        let i = first_usable.unwrap_or(start % n);
+        let i = first_usable
+            .or(failed.filter(|&f| f < n))
+            .unwrap_or(start % n);
         (i, &self.targets[i])
     }
 
@@ -239,6 +250,16 @@ mod tests {
         b.eject(1);
         let seq: Vec<usize> = (0..4).map(|_| b.pick().0).collect();
         assert_eq!(seq, [0, 0, 0, 0], "wait at the full one, not the dead one");
+    }
+
+    #[test]
+    fn a_retry_passes_over_the_target_that_just_failed_while_another_is_usable() {
+        let b = Balancer::new(&uris(&["http://a", "http://b", "http://c"]), None);
+        let seq: Vec<usize> = (0..6).map(|_| b.pick_after(Some(1)).0).collect();
+        assert!(!seq.contains(&1), "{seq:?}");
+        b.eject(0);
+        b.eject(2);
+        assert_eq!(b.pick_after(Some(1)).0, 1, "the only usable one");
     }
 
     #[test]

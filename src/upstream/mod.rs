@@ -16,7 +16,7 @@ use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
-use http::header::TRANSFER_ENCODING;
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
@@ -142,6 +142,22 @@ impl Upstream {
             .await
     }
 
+    /// Sends a request made whole (a replay) to target `index`, through
+    /// the outbound proxy `via` names, as a client's request would go.
+    pub async fn send_through(
+        &self,
+        via: Via,
+        index: usize,
+        request: Request<RequestBody>,
+        deadline: Instant,
+    ) -> Result<Response<UpstreamBody>, Failure> {
+        if let (Via::Proxy(proxy), Some(pool)) = (via, &self.proxies) {
+            let result = pool.send(proxy, request, deadline).boxed().await;
+            return result.and_then(|r| from_hyper(r, self.stall_limit));
+        }
+        self.send(index, request, None, deadline).await
+    }
+
     /// After an attempt that never reached the backend: skip for a while
     /// the proxy it went through, or else the target itself.
     pub fn eject(&self, via: Via, target: usize) {
@@ -204,10 +220,17 @@ fn from_hyper(
     response: Response<Incoming>,
     stall_limit: Duration,
 ) -> Result<Response<UpstreamBody>, Failure> {
+    let mut response = response;
     let codings = response.headers().get_all(TRANSFER_ENCODING);
-    if codings.iter().next().is_some() && !headers::only_chunked(codings.iter()) {
-        tracing::debug!("upstream sent a transfer coding other than chunked");
-        return Err(Failure::InvalidResponse);
+    if codings.iter().next().is_some() {
+        if !headers::only_chunked(codings.iter()) {
+            tracing::debug!("upstream sent a transfer coding other than chunked");
+            return Err(Failure::InvalidResponse);
+        }
+        // hyper reads a chunked body whatever `Content-Length` also says
+        // (RFC 9112 §6.3) but leaves that length in the head, where the
+        // client's side would frame the answer by it.
+        response.headers_mut().remove(CONTENT_LENGTH);
     }
     Ok(response.map(|body| UpstreamBody::hyper(body, stall_limit)))
 }

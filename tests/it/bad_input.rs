@@ -248,6 +248,99 @@ async fn a_stalled_head_is_cut_even_after_an_idle_or_shutdown_close() {
     );
 }
 
+/// Bytes past a request (the start of a next head, or a stray line
+/// ending) start the head timeout as a new byte would: the client cannot
+/// keep its connection open by sending one byte too many and going quiet.
+#[tokio::test]
+async fn a_head_begun_with_the_last_request_is_cut_after_the_head_timeout() {
+    let backend = Backend::echo().await;
+    // No idle close within the test: only the head timeout can end it.
+    let toml = format!(
+        "[server]\nheader_read_timeout = \"1s\"\nidle_timeout = \"60s\"\n\n[[routes]]\nname = \"api\"\npath_prefix = \"/\"\nupstreams = [{:?}]\n",
+        backend.url()
+    );
+    let bs = Backstop::start(&toml);
+    for extra in [&b"G"[..], b"\r\n"] {
+        let mut s = TcpStream::connect(bs.addr).await.unwrap();
+        let mut request = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n".to_vec();
+        request.extend_from_slice(extra);
+        s.write_all(&request).await.unwrap();
+        let started = Instant::now();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+            .await
+            .unwrap_or_else(|_| panic!("still open 5 s after {extra:?}"))
+            .ok();
+        let answer = String::from_utf8_lossy(&out);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let after = started.elapsed();
+        assert!(after >= Duration::from_millis(900), "cut after {after:?}");
+    }
+}
+
+/// A streamed request body that breaks (a malformed chunk) is the
+/// client's fault: answered 400 `bad_request`, and the circuit breaker is
+/// not told the backend failed (five such requests would open it).
+#[tokio::test]
+async fn a_broken_streamed_body_is_the_clients_fault_not_the_backends() {
+    let backend = Backend::echo().await;
+    let toml = format!(
+        "[[routes]]\nname = \"api\"\npath_prefix = \"/\"\nupstreams = [{:?}]\n[routes.retry]\nmax_attempts = 1\n[routes.capture]\nenabled = false\n[routes.circuit_breaker]\nfailure_threshold = 2\n",
+        backend.url()
+    );
+    let mut bs = Backstop::start(&toml);
+    for _ in 0..4 {
+        let answer = raw(
+            &bs,
+            b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+        )
+        .await;
+        // hyper may close the connection before the answer: no answer is
+        // fine, a wrong one is not.
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
+            "{answer}"
+        );
+        assert!(!answer.contains("upstream"), "{answer}");
+    }
+    let r = client().get(bs.url("/after")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "the circuit stayed closed");
+    assert_healthy(&mut bs).await;
+}
+
+/// A body the route reads whole (capture, retry) that stops coming is
+/// given up after the route's `body_read_timeout`: 408 `request_timeout`,
+/// and nothing goes upstream.
+#[tokio::test]
+async fn a_buffered_body_that_stops_coming_is_answered_408() {
+    let backend = Backend::echo().await;
+    let toml = format!(
+        "[[routes]]\nname = \"api\"\npath_prefix = \"/\"\nupstreams = [{:?}]\nbody_read_timeout = \"500ms\"\n",
+        backend.url()
+    );
+    let mut bs = Backstop::start(&toml);
+    let mut s = TcpStream::connect(bs.addr).await.unwrap();
+    s.write_all(b"POST /slow HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nten bytes.")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("an answer within 5 s")
+        .unwrap();
+    let waited = started.elapsed();
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    assert!(
+        waited >= Duration::from_millis(500) && waited < Duration::from_secs(4),
+        "answered after {waited:?}"
+    );
+    assert_eq!(backend.hits(), 0);
+    assert_healthy(&mut bs).await;
+}
+
 /// A client may shut down its sending side once its request is out (as
 /// `nc -N` does): it still gets the answer.
 #[tokio::test]

@@ -106,6 +106,87 @@ async fn a_request_id_is_created_when_absent() {
     assert_eq!(backend.seen()[0].headers["x-request-id"], id.as_str());
 }
 
+/// A request without a host (HTTP/1.0 without `Host`) gets no
+/// `X-Forwarded-Host`: the client's own does not pass for the proxy's, on
+/// either upstream way (a GET takes the own exchange, a POST with a body
+/// of 20 KiB hyper's).
+#[tokio::test]
+async fn a_client_x_forwarded_host_never_passes_for_the_proxys() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::echo().await;
+    let bs = Backstop::start(&route("api", "/", &[backend.url()], ""));
+    let body = "x".repeat(20 * 1024);
+    let get = "GET /x HTTP/1.0\r\nX-Forwarded-Host: evil.example\r\n\r\n".to_string();
+    let post = format!(
+        "POST /y HTTP/1.0\r\nX-Forwarded-Host: evil.example\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    for request in [get, post] {
+        let mut s = tokio::net::TcpStream::connect(bs.addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        let answer = String::from_utf8_lossy(&out);
+        assert!(
+            answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"),
+            "{answer}"
+        );
+    }
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 2);
+    for s in &seen {
+        assert!(
+            !s.headers.contains_key("x-forwarded-host"),
+            "{} kept it",
+            s.uri
+        );
+        assert_eq!(s.headers["x-forwarded-for"], "127.0.0.1");
+    }
+}
+
+/// Dot segments are resolved before routing: `/api/public/../admin` is
+/// `/api/admin`'s, by its route and as the path its backend gets; one that
+/// climbs above the root is refused.
+#[tokio::test]
+async fn dot_segments_are_resolved_before_routing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let public = Backend::echo().await;
+    let admin = Backend::echo().await;
+    let toml = format!(
+        "{}{}",
+        route("public", "/api/public", &[public.url()], ""),
+        route("admin", "/api/admin", &[admin.url()], "")
+    );
+    let bs = Backstop::start(&toml);
+    let send = |target: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(bs.addr).await.unwrap();
+        let request = format!("GET {target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    for target in [
+        "/api/public/../admin/x?q=1",
+        "/api/public/%2e%2E/admin/x?q=1",
+    ] {
+        let answer = send(target).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{target}: {answer}");
+    }
+    assert_eq!(public.hits(), 0);
+    let seen: Vec<String> = admin.seen().iter().map(|s| s.uri.clone()).collect();
+    assert_eq!(seen, ["/api/admin/x?q=1", "/api/admin/x?q=1"]);
+    let answer = send("/api/../../etc/passwd").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("bad_request"), "{answer}");
+}
+
 #[tokio::test]
 async fn hop_by_hop_headers_are_removed_both_ways() {
     let backend = Backend::start(|_| {
@@ -195,6 +276,26 @@ async fn the_answer_carries_the_request_id_in_place_of_the_backends() {
         let ids: Vec<_> = r.headers().get_all("x-request-id").iter().collect();
         assert_eq!(ids, [id], "{:?}", r.version());
     }
+}
+
+/// An HTTP/2 client's cookies, sent as a field each, reach an HTTP/1.1
+/// backend as one `Cookie` line (RFC 9113 §8.2.3).
+#[tokio::test]
+async fn http2_cookie_fields_reach_an_http1_backend_as_one_line() {
+    let backend = Backend::echo().await;
+    let bs = Backstop::start(&route("api", "/", &[backend.url()], ""));
+    let r = h2_client()
+        .get(bs.url("/c"))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    let seen = backend.seen();
+    let cookies: Vec<_> = seen[0].headers.get_all("cookie").iter().collect();
+    assert_eq!(cookies, ["a=1; b=2"]);
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::forward_proxy::ForwardProxy;
-use crate::harness::{client, error_of, Backend, Backstop, Reply};
+use crate::harness::{client, error_of, Backend, Backstop, Reply, StuckBackend};
 
 /// A backend that answers 503 while `failing` is set, else 200 (after
 /// `ok_delay`).
@@ -677,6 +677,39 @@ async fn on_rate_limit_goes_direct_first_then_through_a_proxy() {
     assert_eq!(proxy.hits(), 1);
 }
 
+/// A captured request is replayed through the route's outbound proxies,
+/// as its clients' requests go.
+#[tokio::test]
+async fn a_replay_goes_through_the_routes_outbound_proxy() {
+    let stopped = Backend::echo().await.stop().await;
+    let upstream = format!("http://{}", stopped.addr);
+    let proxy = ForwardProxy::start("proxy-a").await;
+    let extra = "[replay]\ninitial_delay = \"100ms\"\nmax_delay = \"300ms\"\n";
+    let bs = Backstop::start(&format!(
+        "{extra}{}",
+        proxied_route(&upstream, &[proxy_url(proxy.addr)], "round_robin", "")
+    ));
+    let r = client()
+        .post(bs.url("/api/orders"))
+        .body("order")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["x-backstop-error"], "captured");
+    let proxied_before = proxy.hits();
+    let backend = Backend::start_on(stopped, |_| Reply::status(200)).await;
+    backend.wait_for_hits(1, Duration::from_secs(10)).await;
+    let seen = &backend.seen()[0];
+    assert!(
+        seen.headers.contains_key("x-backstop-replay-attempt"),
+        "a replay"
+    );
+    assert_eq!(seen.headers["via"], "proxy-a", "through the proxy");
+    assert_eq!(seen.body, &b"order"[..]);
+    assert!(proxy.hits() > proxied_before);
+}
+
 #[tokio::test]
 async fn a_dead_proxy_is_skipped() {
     let backend = Backend::start(|_| Reply::ok("ok")).await;
@@ -933,4 +966,36 @@ fn invalid_resilience_keys_are_listed_by_check() {
             assert!(stderr.contains(line), "no {line:?} in\n{stderr}");
         }
     }
+}
+
+/// A retry goes to another target than the one whose attempt just failed:
+/// with concurrent requests the shared round-robin turn would often hand
+/// it back to the target that just timed out.
+#[tokio::test]
+async fn a_retry_goes_to_another_target_than_the_one_that_failed() {
+    let hung = StuckBackend::start(Vec::new()).await;
+    let live = Backend::start(|_| Reply::ok("live")).await;
+    let bs = Backstop::start(&format!(
+        r#"
+[[routes]]
+name = "api"
+path_prefix = "/"
+upstreams = [{:?}, {:?}]
+  [routes.retry]
+  max_attempts = 2
+  initial_delay = "10ms"
+  [routes.circuit_breaker]
+  request_timeout = 300
+  failure_threshold = 100
+"#,
+        hung.url,
+        live.url()
+    ));
+    let requests = (0..10).map(|i| {
+        let url = bs.url(&format!("/r/{i}"));
+        async move { client().get(url).send().await.unwrap().status().as_u16() }
+    });
+    let statuses = futures_util::future::join_all(requests).await;
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    assert!(hung.requests() >= 1, "the hung target had its turns");
 }

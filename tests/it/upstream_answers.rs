@@ -111,6 +111,31 @@ async fn a_body_that_stops_coming_is_cut_after_body_read_timeout_on_both_ways() 
     .await;
 }
 
+/// An answer with both `Transfer-Encoding: chunked` and `Content-Length`
+/// is read as chunked (RFC 9112 §6.3) and passed on without the length,
+/// on both ways: framed by the stale length it would arrive cut short.
+#[tokio::test]
+async fn a_chunked_answer_that_also_states_a_length_arrives_whole_on_both_ways() {
+    let backend = StuckBackend::start(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+            .to_vec(),
+    )
+    .await;
+    let bs = Backstop::start(&route(&backend.url, "[routes.retry]\nmax_attempts = 1"));
+    let own = client().get(bs.url("/own")).send().await.unwrap();
+    assert_eq!(own.status(), 200);
+    assert_eq!(own.bytes().await.unwrap(), "hello world");
+    let hyper = client()
+        .post(bs.url("/hyper"))
+        .body(streamed_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(hyper.status(), 200);
+    assert_eq!(hyper.headers().get("content-length"), None);
+    assert_eq!(hyper.bytes().await.unwrap(), "hello world");
+}
+
 #[tokio::test]
 async fn a_body_that_keeps_coming_slowly_is_not_cut() {
     // Chunks 700 ms apart, 2.1 s in all, under a 2 s limit: the limit is on
