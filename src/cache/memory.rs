@@ -83,6 +83,8 @@ mod tests {
     fn key(n: usize) -> CacheKey {
         KeyHead::new(&KeyInput {
             route: "r",
+            scheme: "http",
+            host: None,
             method: &Method::GET,
             path: &format!("/{n}"),
             query: None,

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderValue, AGE, SET_COOKIE};
+use http::header::{HeaderValue, AGE, HOST, SET_COOKIE};
 use http::{HeaderName, Request, Response};
 use http_body_util::{BodyExt, Either, Full};
 
@@ -77,11 +77,20 @@ impl Verdict {
     }
 }
 
-/// The key of a request as the client sent it.
-fn key_of(route: &Route, req: &Request<ClientBody>, body: &[u8]) -> CacheKey {
+/// The key of a request as the client sent it. `scheme` is the listener's
+/// (`http` or `https`).
+fn key_of(route: &Route, req: &Request<ClientBody>, scheme: &str, body: &[u8]) -> CacheKey {
     let cache = &route.config.cache;
+    // The host the backend is told about (`X-Forwarded-Host`): the target's
+    // authority, else the `Host` header.
+    let host = match req.uri().authority() {
+        Some(authority) => Some(authority.as_str().as_bytes()),
+        None => req.headers().get(HOST).map(HeaderValue::as_bytes),
+    };
     KeyHead::new(&KeyInput {
         route: route.name(),
+        scheme,
+        host,
         method: req.method(),
         path: req.uri().path(),
         query: req.uri().query(),
@@ -304,12 +313,14 @@ impl Caches {
 
     /// The cache phase: a fresh entry answers the request; otherwise the
     /// request goes upstream — alone, or as the leader its concurrent twins
-    /// wait for. `body` is the buffered request body (keyed).
+    /// wait for. `scheme` is the listener's (`http`/`https`) and `body` the
+    /// buffered request body (both keyed).
     pub async fn lookup(
         &self,
         config: &Config,
         route: &Route,
         request: &Request<ClientBody>,
+        scheme: &str,
         body: Option<&[u8]>,
     ) -> Lookup {
         let cache = &route.config.cache;
@@ -320,7 +331,7 @@ impl Caches {
             // Not cached, or a body that was not buffered (cannot be keyed).
             _ => return Lookup::Forward(CacheState::passthrough(Some(Verdict::Bypass))),
         };
-        let key = key_of(route, request, body);
+        let key = key_of(route, request, scheme, body);
         let rc = self.route_cache(&route.config);
         let store = match cache.store {
             CacheStore::Memory => StoreRef::Memory(rc.clone()),

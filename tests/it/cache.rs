@@ -322,6 +322,111 @@ async fn requests_with_credentials_are_not_shared() {
     );
 }
 
+/// A client that shows redirects rather than following them.
+fn no_redirects() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+}
+
+/// A backend that redirects to the host it was told about, as many do
+/// (canonical host, trailing slash, login pages).
+async fn redirecting_backend() -> Backend {
+    Backend::start(|seen| {
+        let host = seen.headers["x-forwarded-host"].to_str().unwrap();
+        Reply::status(301).header("location", &format!("https://{host}/home"))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn one_clients_host_header_is_never_served_to_another() {
+    let backend = redirecting_backend().await;
+    // No `host` binding: the route takes any Host.
+    let bs = Backstop::start(&route("r", "/", &backend.url(), ""));
+    let c = no_redirects().build().unwrap();
+    let location = |host: &'static str| {
+        let req = c.get(bs.url("/")).header("host", host);
+        async move {
+            let r = req.send().await.unwrap();
+            let location = r.headers()["location"].to_str().unwrap().to_string();
+            (got(r).await.x_cache, location)
+        }
+    };
+    let poisoned = location("evil.example").await;
+    assert_eq!(
+        poisoned,
+        ("MISS".into(), "https://evil.example/home".into())
+    );
+    assert_eq!(
+        location("shop.example").await,
+        ("MISS".into(), "https://shop.example/home".into()),
+        "another host's answer is not this host's"
+    );
+    assert_eq!(
+        location("Shop.EXAMPLE").await,
+        ("HIT".into(), "https://shop.example/home".into()),
+        "host names are case-insensitive"
+    );
+    assert_eq!(
+        location("shop.example:8443").await.0,
+        "MISS",
+        "the port reaches the backend too"
+    );
+    assert_eq!(backend.hits(), 3);
+}
+
+#[tokio::test]
+async fn a_plain_http_answer_is_never_served_to_https_clients() {
+    // The backend sends plain-HTTP clients to https, and answers https.
+    let backend = Backend::start(|seen| match seen.headers["x-forwarded-proto"].to_str() {
+        Ok("https") => Reply::ok("the page"),
+        _ => Reply::status(301).header("location", "https://shop.example/page"),
+    })
+    .await;
+    let pki = crate::tls::make_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, &pki.cert_pem).unwrap();
+    std::fs::write(&key, &pki.key_pem).unwrap();
+    let prefix = prefix("scheme");
+    let shared = format!(
+        "{}{}",
+        redis_section(MACHINE_REDIS, &prefix),
+        route("r", "/", &backend.url(), "store = \"redis\"")
+    );
+    // Two instances share the Redis store: one plain, one TLS.
+    let plain = Backstop::start(&shared);
+    let tls = Backstop::start(&format!(
+        "[server]\ntls_cert = {cert:?}\ntls_key = {key:?}\n\n{shared}"
+    ));
+    assert_eq!(tls.scheme, "https");
+    let ca = reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap();
+    let https = no_redirects()
+        .add_root_certificate(ca)
+        .http1_only()
+        .build()
+        .unwrap();
+    let http = no_redirects().build().unwrap();
+    let page = |c: &reqwest::Client, url: String| {
+        let req = c.get(url).header("host", "shop.example");
+        async move { got(req.send().await.unwrap()).await }
+    };
+    let redirect = page(&http, plain.url("/page")).await;
+    assert_eq!((redirect.status, redirect.x_cache.as_str()), (301, "MISS"));
+    let tls_url = format!("https://localhost:{}/page", tls.addr.port());
+    let secure = page(&https, tls_url.clone()).await;
+    assert_eq!(
+        (secure.status, secure.x_cache.as_str(), secure.body.as_str()),
+        (200, "MISS", "the page"),
+        "no redirect loop for https clients"
+    );
+    assert_eq!(page(&https, tls_url).await.x_cache, "HIT");
+    assert_eq!(page(&http, plain.url("/page")).await.status, 301);
+    assert_eq!(backend.hits(), 2);
+}
+
 #[tokio::test]
 async fn a_stale_entry_is_served_when_the_backend_is_down() {
     let backend = counting_backend(vec![]).await;
@@ -590,9 +695,15 @@ async fn two_instances_share_entries_through_redis() {
     );
     let a = Backstop::start(&config);
     let b = Backstop::start(&config);
-    let first = get(&a.url("/shared?x=1&y=2")).await;
+    // Behind a load balancer every instance sees the site's one Host (the
+    // host is keyed).
+    let at = |url: String| {
+        let req = client().get(url).header("host", "api.example");
+        async move { got(req.send().await.unwrap()).await }
+    };
+    let first = at(a.url("/shared?x=1&y=2")).await;
     assert_eq!(first.x_cache, "MISS");
-    let other = get(&b.url("/shared?y=2&x=1")).await;
+    let other = at(b.url("/shared?y=2&x=1")).await;
     assert_eq!((other.x_cache.as_str(), other.body), ("HIT", first.body));
     assert_eq!(backend.hits(), 1);
     // Redis keeps the entry for ttl + stale_if_error.
@@ -607,7 +718,7 @@ async fn two_instances_share_entries_through_redis() {
         .unwrap();
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["purged"]["redis"], 1);
-    assert_eq!(get(&a.url("/shared?x=1&y=2")).await.x_cache, "MISS");
+    assert_eq!(at(a.url("/shared?x=1&y=2")).await.x_cache, "MISS");
     assert_eq!(backend.hits(), 2);
 }
 
