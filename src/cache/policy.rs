@@ -62,10 +62,17 @@ pub fn storable(
     if !cache.cacheable_status.contains(&status.as_u16()) {
         return false;
     }
+    let directives = cache_control(response);
+    // RFC 9111 §3.5: an answer to an authenticated request is shared only
+    // when the backend says it may be, unless the credential is in the key.
+    // `ignore_cache_control` overrides the backend's directives, never this
+    // rule: it protects one client's credentials, not the backend's wishes.
+    if unkeyed_auth && !(directives.public || directives.s_maxage) {
+        return false;
+    }
     if cache.ignore_cache_control {
         return true;
     }
-    let directives = cache_control(response);
     if directives.no_store || directives.private || directives.no_cache {
         return false;
     }
@@ -80,15 +87,7 @@ pub fn storable(
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|v| v.trim() == "*");
-    if vary_any {
-        return false;
-    }
-    // RFC 9111 §3.5: an answer to an authenticated request is shared only
-    // when the backend says it may be, unless the credential is in the key.
-    if unkeyed_auth && !(directives.public || directives.s_maxage) {
-        return false;
-    }
-    true
+    !vary_any
 }
 
 fn authorization_keyed(cache: &CacheConfig) -> bool {
@@ -321,6 +320,22 @@ mod tests {
                 true,
             ),
             ("authorization keyed", &keyed, auth, 200, &[], true),
+            (
+                "ignore keeps the authorization rule",
+                &ignore,
+                auth,
+                200,
+                &[("cache-control", "no-store")],
+                false,
+            ),
+            (
+                "ignore, authorization public",
+                &ignore,
+                auth,
+                200,
+                &[("cache-control", "public, no-store")],
+                true,
+            ),
         ];
         for (why, config, req, status, resp, want) in cases {
             let status = StatusCode::from_u16(status).unwrap();

@@ -322,6 +322,32 @@ async fn requests_with_credentials_are_not_shared() {
     );
 }
 
+#[tokio::test]
+async fn ignore_cache_control_still_keeps_credentialed_answers_private() {
+    let backend = counting_backend(vec![("cache-control", "private")]).await;
+    let bs = Backstop::start(&route(
+        "r",
+        "/",
+        &backend.url(),
+        "ignore_cache_control = true",
+    ));
+    let c = client();
+    let me = c.get(bs.url("/me")).header("authorization", "Bearer alice");
+    let alice = got(me.send().await.unwrap()).await;
+    assert_eq!(
+        (alice.x_cache.as_str(), alice.body.as_str()),
+        ("MISS", "n=1 GET /me")
+    );
+    let anonymous = get(&bs.url("/me")).await;
+    assert_eq!(
+        (anonymous.x_cache.as_str(), anonymous.body.as_str()),
+        ("MISS", "n=2 GET /me"),
+        "alice's answer is not served to others"
+    );
+    // Without credentials, ignore_cache_control stores despite `private`.
+    assert_eq!(get(&bs.url("/me")).await.x_cache, "HIT");
+}
+
 /// A client that shows redirects rather than following them.
 fn no_redirects() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
