@@ -176,14 +176,14 @@ impl CacheState {
             }
         }
         let cache = &route.cache;
-        let storable = self.slot.as_ref().is_some_and(|slot| {
+        let storable = self.slot.as_ref().and_then(|slot| {
             policy::storable(cache, slot.unkeyed_auth, status, response.headers())
-                && declared_length(&response).is_none_or(|n| n <= cache.max_entry_bytes)
+                .filter(|_| declared_length(&response).is_none_or(|n| n <= cache.max_entry_bytes))
         });
         let (parts, body) = response.into_parts();
-        let (slot, upstream) = match (self.slot.as_ref(), body) {
-            (Some(slot), Either::Left(upstream)) if storable => (slot, upstream),
-            (_, body) => {
+        let (slot, storable, upstream) = match (self.slot.as_ref(), storable, body) {
+            (Some(slot), Some(storable), Either::Left(upstream)) => (slot, storable, upstream),
+            (_, _, body) => {
                 // Not stored: the waiters (if any) go upstream on their own.
                 self.leader = None;
                 return Ok(mark(Response::from_parts(parts, body), verdict));
@@ -211,8 +211,11 @@ impl CacheState {
         // it is one client's, so it is served to that client only.
         let mut stored_headers = parts.headers.clone();
         stored_headers.remove(SET_COOKIE);
-        let entry = Arc::new(Entry::new(parts.status, stored_headers, body.clone()));
-        let keep_for = cache.ttl + cache.stale_if_error;
+        let mut entry = Entry::new(parts.status, stored_headers, body.clone());
+        entry.max_age = storable.max_age;
+        entry.must_revalidate = storable.must_revalidate;
+        let keep_for = entry.fresh_for(cache.ttl) + entry.stale_for(cache.stale_if_error);
+        let entry = Arc::new(entry);
         slot.store
             .put(&route.name, slot.key, entry.clone(), keep_for)
             .await;
@@ -283,11 +286,14 @@ enum Freshness {
     Expired,
 }
 
+/// The backend's own bounds (`max-age`, `must-revalidate`) hold within
+/// the route's.
 fn freshness(entry: &Entry, cache: &CacheConfig) -> Freshness {
     let age = entry.age();
-    if age < cache.ttl {
+    let fresh_for = entry.fresh_for(cache.ttl);
+    if age < fresh_for {
         Freshness::Fresh
-    } else if age < cache.ttl + cache.stale_if_error {
+    } else if age < fresh_for + entry.stale_for(cache.stale_if_error) {
         Freshness::Stale
     } else {
         Freshness::Expired

@@ -242,6 +242,85 @@ async fn entries_expire_after_ttl() {
 }
 
 #[tokio::test]
+async fn the_backends_max_age_shortens_the_ttl() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let backend = Backend::start(move |seen| {
+        let i = n.fetch_add(1, Ordering::SeqCst) + 1;
+        let reply = Reply::ok(&format!("n={i}"));
+        let path = seen.uri.trim_start_matches("/ignore");
+        match path {
+            "/max-age" => reply.header("cache-control", "max-age=1"),
+            "/s-maxage" => reply.header("cache-control", "max-age=600, s-maxage=1"),
+            "/zero" => reply.header("cache-control", "max-age=0, must-revalidate"),
+            _ => reply,
+        }
+    })
+    .await;
+    let url = backend.url();
+    let config = [
+        route("strict", "/", &url, "ttl = \"60s\""),
+        route("ignore", "/ignore", &url, "ignore_cache_control = true"),
+    ]
+    .concat();
+    let bs = Backstop::start(&config);
+    for path in ["/max-age", "/s-maxage", "/ignore/max-age"] {
+        assert_eq!(get(&bs.url(path)).await.x_cache, "MISS", "{path}");
+        assert_eq!(get(&bs.url(path)).await.x_cache, "HIT", "{path}");
+    }
+    for want in ["MISS", "MISS"] {
+        assert_eq!(get(&bs.url("/zero")).await.x_cache, want, "max-age=0");
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for path in ["/max-age", "/s-maxage"] {
+        assert_eq!(get(&bs.url(path)).await.x_cache, "MISS", "{path} expired");
+    }
+    // ignore_cache_control: the route's ttl alone.
+    assert_eq!(get(&bs.url("/ignore/max-age")).await.x_cache, "HIT");
+    assert_eq!(get(&bs.url("/ignore/zero")).await.x_cache, "MISS");
+    assert_eq!(get(&bs.url("/ignore/zero")).await.x_cache, "HIT");
+}
+
+#[tokio::test]
+async fn must_revalidate_answers_are_never_served_stale() {
+    let backend = Backend::start(|seen| match seen.uri.as_str() {
+        "/strict" => Reply::ok("strict").header("cache-control", "max-age=60, must-revalidate"),
+        "/proxy" => Reply::ok("proxy").header("cache-control", "proxy-revalidate"),
+        _ => Reply::ok("lenient").header("cache-control", "max-age=60"),
+    })
+    .await;
+    let bs = Backstop::start(&route(
+        "r",
+        "/",
+        &backend.url(),
+        "ttl = \"1s\"\nstale_if_error = \"30s\"",
+    ));
+    for path in ["/strict", "/proxy", "/lenient"] {
+        assert_eq!(get(&bs.url(path)).await.x_cache, "MISS", "{path}");
+        assert_eq!(get(&bs.url(path)).await.x_cache, "HIT", "{path}");
+    }
+    let _stopped = backend.stop().await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let lenient = get(&bs.url("/lenient")).await;
+    assert_eq!(
+        (lenient.x_cache.as_str(), lenient.body.as_str()),
+        ("STALE", "lenient")
+    );
+    for path in ["/strict", "/proxy"] {
+        let r = client().get(bs.url(path)).send().await.unwrap();
+        assert_ne!(
+            r.headers().get("x-cache").map(|v| v.to_str().unwrap()),
+            Some("STALE")
+        );
+        let (status, code, _) = error_of(r).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (502, "upstream_unreachable"),
+            "{path}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn cache_control_no_store_and_private_are_respected_unless_ignored() {
     let backend = Backend::start(|seen| {
         let reply = Reply::ok("answer");
