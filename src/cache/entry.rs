@@ -11,9 +11,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
+use super::vary::Varied;
+
 /// The first byte of an encoded entry; a new layout gets a new number and
-/// old values become misses. (1: without the backend's freshness rules.)
-const FORMAT: u8 = 2;
+/// old values become misses. (1: without the backend's freshness rules;
+/// 2: without the `Vary` values.)
+const FORMAT: u8 = 3;
 
 /// `max_age` in the encoded form when the backend set none.
 const NO_MAX_AGE: u64 = u64::MAX;
@@ -34,6 +37,8 @@ pub struct Entry {
     pub max_age: Option<Duration>,
     /// `must-revalidate`/`proxy-revalidate`: never served stale.
     pub must_revalidate: bool,
+    /// What the stored answer's request sent of the headers it varies on.
+    pub vary: Varied,
 }
 
 impl Entry {
@@ -56,6 +61,7 @@ impl Entry {
             stored_at_ms: now_ms(),
             max_age: None,
             must_revalidate: false,
+            vary: Varied::default(),
         }
     }
 
@@ -85,11 +91,13 @@ impl Entry {
             .iter()
             .map(|(n, v)| n.as_str().len() + v.len() + 16)
             .sum();
-        OVERHEAD_BYTES + headers + self.body.len()
+        OVERHEAD_BYTES + headers + self.vary.weight() + self.body.len()
     }
 
-    /// `[2][status u16][stored_at u64][max_age ms u64, MAX for none][must_revalidate u8]
-    /// [n u16]([name len u16][name][value len u32][value])*n[body]`, all big-endian.
+    /// `[3][status u16][stored_at u64][max_age ms u64, MAX for none][must_revalidate u8]
+    /// [v u16]([name len u16][name])*v[digest 32 if v > 0]
+    /// [n u16]([name len u16][name][value len u32][value])*n[body]`, all big-endian;
+    /// the `v` names are those `Vary` names, the digest that of their values.
     /// Small and copy-free to decode, unlike JSON + base64.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = BytesMut::with_capacity(self.weight());
@@ -100,6 +108,16 @@ impl Entry {
             u64::try_from(d.as_millis()).unwrap_or(NO_MAX_AGE - 1)
         }));
         out.put_u8(u8::from(self.must_revalidate));
+        let (names, digest) = self.vary.parts();
+        // At most `vary::MAX_NAMES`: an answer with more is not stored.
+        out.put_u16(names.len() as u16);
+        for name in names {
+            out.put_u16(name.as_str().len() as u16);
+            out.put_slice(name.as_str().as_bytes());
+        }
+        if !names.is_empty() {
+            out.put_slice(digest);
+        }
         out.put_u16(u16::try_from(self.headers.len()).unwrap_or(u16::MAX));
         for (name, value) in self.headers.iter().take(usize::from(u16::MAX)) {
             out.put_u16(name.as_str().len() as u16);
@@ -127,6 +145,16 @@ impl Entry {
             1 => true,
             _ => return None,
         };
+        let varied = take_u16(&mut buf)?;
+        let mut names = Vec::with_capacity(usize::from(varied).min(64));
+        for _ in 0..varied {
+            let name_len = usize::from(take_u16(&mut buf)?);
+            names.push(HeaderName::from_bytes(take(&mut buf, name_len)?.as_ref()).ok()?);
+        }
+        let mut digest = [0u8; 32];
+        if !names.is_empty() {
+            digest.copy_from_slice(&take(&mut buf, 32)?);
+        }
         let count = take_u16(&mut buf)?;
         let mut headers = HeaderMap::with_capacity(usize::from(count));
         for _ in 0..count {
@@ -143,6 +171,7 @@ impl Entry {
             stored_at_ms,
             max_age,
             must_revalidate,
+            vary: Varied::from_parts(names, digest),
         })
     }
 }
@@ -191,9 +220,18 @@ mod tests {
         assert_eq!(Entry::decode(Bytes::from(entry.encode())), Some(entry));
         let empty = Entry::new(StatusCode::NO_CONTENT, HeaderMap::new(), Bytes::new());
         assert_eq!(Entry::decode(Bytes::from(empty.encode())), Some(empty));
+        let names = [
+            HeaderName::from_static("accept-encoding"),
+            HeaderName::from_static("cookie"),
+            HeaderName::from_static("accept"),
+        ];
+        let mut request = HeaderMap::new();
+        request.insert("accept-encoding", HeaderValue::from_static("gzip"));
+        request.insert("accept", HeaderValue::from_static(""));
         let ruled = Entry {
             max_age: Some(Duration::from_millis(30_500)),
             must_revalidate: true,
+            vary: Varied::record(&names, &request),
             ..sample()
         };
         assert_eq!(Entry::decode(Bytes::from(ruled.encode())), Some(ruled));
@@ -220,6 +258,7 @@ mod tests {
             ("empty", vec![]),
             ("other format", [&[9u8][..], &good[1..]].concat()),
             ("format 1", [&[1u8][..], &good[1..]].concat()),
+            ("format 2", [&[2u8][..], &good[1..]].concat()),
             ("bad flag", [&good[..19], &[7u8][..], &good[20..]].concat()),
             ("truncated head", good[..10].to_vec()),
             ("truncated header", good[..20].to_vec()),

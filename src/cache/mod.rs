@@ -19,6 +19,7 @@ pub mod flight;
 pub mod memory;
 pub mod policy;
 pub mod redis_store;
+pub mod vary;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -27,7 +28,7 @@ use std::time::Duration;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderValue, AGE, HOST, SET_COOKIE};
-use http::{HeaderName, Request, Response};
+use http::{HeaderMap, HeaderName, Request, Response};
 use http_body_util::{BodyExt, Either, Full};
 
 use crate::body::{ClientBody, ResponseBody, UpstreamBody};
@@ -43,6 +44,7 @@ use flight::{Flights, Joined, Leader, Shared};
 use memory::MemoryStore;
 use policy::RequestPlan;
 use redis_store::RedisStore;
+use vary::Varied;
 
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
@@ -124,6 +126,9 @@ struct Slot {
     key: CacheKey,
     store: StoreRef,
     unkeyed_auth: bool,
+    /// The client's request headers as they came, for the values of what
+    /// the answer's `Vary` names (known only once it is here).
+    request: HeaderMap,
 }
 
 impl CacheState {
@@ -214,6 +219,7 @@ impl CacheState {
         let mut entry = Entry::new(parts.status, stored_headers, body.clone());
         entry.max_age = storable.max_age;
         entry.must_revalidate = storable.must_revalidate;
+        entry.vary = Varied::record(&storable.vary, &slot.request);
         let keep_for = entry.fresh_for(cache.ttl) + entry.stale_for(cache.stale_if_error);
         let entry = Arc::new(entry);
         slot.store
@@ -352,15 +358,26 @@ impl Caches {
                 key,
                 store: store.clone(),
                 unkeyed_auth: policy::unkeyed_authorization(cache, request.headers()),
+                // Filled by `forward`: a hit does not copy the headers.
+                request: HeaderMap::new(),
             }),
             stale: None,
             leader: None,
         };
+        let forward = |mut state: CacheState| {
+            if let Some(slot) = state.slot.as_mut() {
+                slot.request = request.headers().clone();
+            }
+            Lookup::Forward(state)
+        };
         if plan == RequestPlan::Refresh {
             state.verdict = Some(Verdict::Bypass);
-            return Lookup::Forward(state);
+            return forward(state);
         }
-        if let Some(entry) = store.get(route.name(), &key).await {
+        // An entry for other values of what it varies on is a miss, whose
+        // answer replaces it.
+        let fits = |entry: &Arc<Entry>| entry.vary.matches(request.headers());
+        if let Some(entry) = store.get(route.name(), &key).await.filter(fits) {
             match freshness(&entry, cache) {
                 Freshness::Fresh => return hit(&entry),
                 Freshness::Stale => state.stale = Some(entry),
@@ -369,13 +386,13 @@ impl Caches {
         }
         if cache.lock_timeout.is_zero() {
             // Coalescing off: every miss goes upstream.
-            return Lookup::Forward(state);
+            return forward(state);
         }
         match rc.flights.join(key) {
             Joined::Leader(leader) => {
                 // A leader that finished between our lookup and our join has
                 // stored its answer: look again rather than call twice.
-                if let Some(entry) = store.get(route.name(), &key).await {
+                if let Some(entry) = store.get(route.name(), &key).await.filter(fits) {
                     if let Freshness::Fresh = freshness(&entry, cache) {
                         leader.finish(Shared::Fresh(entry.clone()));
                         return hit(&entry);
@@ -386,16 +403,17 @@ impl Caches {
             Joined::Waiter(rx) => match tokio::time::timeout(cache.lock_timeout, flight::wait(rx))
                 .await
             {
-                Ok(Shared::Fresh(entry)) => return hit(&entry),
-                Ok(Shared::Stale(entry)) => {
+                Ok(Shared::Fresh(entry)) if fits(&entry) => return hit(&entry),
+                Ok(Shared::Stale(entry)) if fits(&entry) => {
                     return Lookup::Answer(entry_response(&entry, Verdict::Stale), Verdict::Stale)
                 }
-                // Nothing to share, or a fill slower than lock_timeout (a
-                // stalled backend must not hold every twin): go upstream alone.
-                Ok(Shared::Nothing | Shared::Pending) | Err(_) => {}
+                // Nothing to share, a variant for other request headers, or
+                // a fill slower than lock_timeout (a stalled backend must
+                // not hold every twin): go upstream alone.
+                Ok(_) | Err(_) => {}
             },
         }
-        Lookup::Forward(state)
+        forward(state)
     }
 
     /// Removes every entry of a route from both stores.

@@ -7,9 +7,10 @@
 
 use std::time::Duration;
 
-use http::header::{AUTHORIZATION, CACHE_CONTROL, PRAGMA, SET_COOKIE, VARY};
-use http::{HeaderMap, Method, StatusCode};
+use http::header::{AUTHORIZATION, CACHE_CONTROL, PRAGMA, SET_COOKIE};
+use http::{HeaderMap, HeaderName, Method, StatusCode};
 
+use super::vary;
 use crate::config::{CacheConfig, HeaderStrategy};
 
 /// What the cache does for one request.
@@ -55,7 +56,7 @@ pub fn unkeyed_authorization(cache: &CacheConfig, request: &HeaderMap) -> bool {
 
 /// What the backend allows a shared cache to do with an answer it may
 /// store.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Storable {
     /// How long the answer is fresh by the backend's word: `s-maxage`,
     /// else `max-age` (RFC 9111 §4.2.1); the route's `ttl` bounds it too.
@@ -64,6 +65,9 @@ pub struct Storable {
     /// `must-revalidate` or `proxy-revalidate`: once stale, never served
     /// (RFC 9111 §4.2.4), whatever `stale_if_error` says.
     pub must_revalidate: bool,
+    /// The request headers the answer varies on (`Vary`): a stored answer
+    /// serves only requests that send what this one sent.
+    pub vary: Vec<HeaderName>,
 }
 
 /// Whether an answer may be stored, and how it may be reused if so.
@@ -85,9 +89,22 @@ pub fn storable(
     if unkeyed_auth && !(directives.public || directives.s_maxage.is_some()) {
         return None;
     }
+    // A variant chosen by request headers is served only to requests that
+    // send the same: that is no backend's wish but what the answer is.
+    let vary = vary::names(response);
+    if vary
+        .as_ref()
+        .is_ok_and(|names| names.len() > vary::MAX_NAMES)
+    {
+        return None;
+    }
     if cache.ignore_cache_control {
-        // The route's ttl and stale_if_error alone decide.
-        return Some(Storable::default());
+        // The route's ttl and stale_if_error alone decide (`Vary: *` too
+        // is overridden: the answer is shared as the key has it).
+        return Some(Storable {
+            vary: vary.unwrap_or_default(),
+            ..Storable::default()
+        });
     }
     if directives.no_store || directives.private || directives.no_cache {
         return None;
@@ -97,15 +114,7 @@ pub fn storable(
         return None;
     }
     // `Vary: *` says no stored answer can ever match.
-    let vary_any = response
-        .get_all(VARY)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|v| v.trim() == "*");
-    if vary_any {
-        return None;
-    }
+    let vary = vary.ok()?;
     let max_age = directives.s_maxage.or(directives.max_age);
     if max_age.is_some_and(|age| age.is_zero()) {
         // Stale at once: storing it could only serve it stale.
@@ -114,6 +123,7 @@ pub fn storable(
     Some(Storable {
         max_age,
         must_revalidate: directives.must_revalidate,
+        vary,
     })
 }
 
@@ -416,6 +426,7 @@ mod tests {
             Some(Storable {
                 max_age,
                 must_revalidate,
+                vary: vec![],
             })
         };
         // (why, config, response headers, what may be stored)
@@ -495,6 +506,27 @@ mod tests {
                 &default,
                 &[("cache-control", "proxy-revalidate")],
                 reuse(None, true),
+            ),
+            (
+                "vary",
+                &default,
+                &[("vary", "Accept-Encoding, cookie")],
+                Some(Storable {
+                    vary: vec![
+                        HeaderName::from_static("accept-encoding"),
+                        HeaderName::from_static("cookie"),
+                    ],
+                    ..Storable::default()
+                }),
+            ),
+            (
+                "ignore_cache_control keeps vary",
+                &ignore,
+                &[("vary", "accept-encoding")],
+                Some(Storable {
+                    vary: vec![HeaderName::from_static("accept-encoding")],
+                    ..Storable::default()
+                }),
             ),
             (
                 "ignore_cache_control: the route decides",

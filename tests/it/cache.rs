@@ -199,6 +199,91 @@ async fn each_header_strategy_keys_its_headers() {
 }
 
 #[tokio::test]
+async fn an_answer_that_varies_serves_only_requests_that_send_the_same() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let backend = Backend::start(move |seen| {
+        let i = n.fetch_add(1, Ordering::SeqCst) + 1;
+        let gzip = seen
+            .headers
+            .get("accept-encoding")
+            .is_some_and(|v| v.to_str().unwrap().contains("gzip"));
+        let body = if gzip { "gzipped" } else { "plain" };
+        Reply::ok(&format!("{body} n={i}")).header("vary", "Accept-Encoding")
+    })
+    .await;
+    let url = backend.url();
+    let config = [
+        route("none", "/", &url, ""),
+        route(
+            "listed",
+            "/listed",
+            &url,
+            "header_strategy = \"list\"\nheaders = [\"Accept-Encoding\"]",
+        ),
+    ]
+    .concat();
+    let bs = Backstop::start(&config);
+    let c = client();
+    let send = |path: &'static str, encoding: Option<&'static str>| {
+        let mut req = c.get(bs.url(path));
+        if let Some(encoding) = encoding {
+            req = req.header("accept-encoding", encoding);
+        }
+        async move {
+            let r = got(req.send().await.unwrap()).await;
+            (r.x_cache, r.body)
+        }
+    };
+    // (path, Accept-Encoding, X-Cache, body)
+    let cases: [(&str, Option<&str>, &str, &str); 9] = [
+        ("/v", Some("gzip"), "MISS", "gzipped n=1"),
+        ("/v", Some("gzip"), "HIT", "gzipped n=1"),
+        ("/v", Some("identity"), "MISS", "plain n=2"),
+        ("/v", Some("identity"), "HIT", "plain n=2"),
+        ("/v", None, "MISS", "plain n=3"),
+        ("/v", Some("gzip"), "MISS", "gzipped n=4"),
+        // Keyed: each variant has its own entry.
+        ("/listed/v", Some("gzip"), "MISS", "gzipped n=5"),
+        ("/listed/v", Some("identity"), "MISS", "plain n=6"),
+        ("/listed/v", Some("gzip"), "HIT", "gzipped n=5"),
+    ];
+    for (i, (path, encoding, x_cache, body)) in cases.into_iter().enumerate() {
+        assert_eq!(
+            send(path, encoding).await,
+            (x_cache.to_string(), body.to_string()),
+            "case {i}: {path} {encoding:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_concurrent_twin_with_other_varied_headers_goes_upstream_itself() {
+    let backend = Backend::start(|seen| {
+        let lang = seen.headers["accept-language"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        Reply::ok(&lang)
+            .header("vary", "accept-language")
+            .delay(Duration::from_millis(500))
+    })
+    .await;
+    let bs = Backstop::start(&route("r", "/", &backend.url(), ""));
+    let c = client();
+    let ask = |lang: &'static str| {
+        let req = c.get(bs.url("/greeting")).header("accept-language", lang);
+        async move { got(req.send().await.unwrap()).await }
+    };
+    let en = tokio::spawn(ask("en"));
+    backend.wait_for_hits(1, Duration::from_secs(5)).await;
+    let de = ask("de").await;
+    assert_eq!((de.x_cache.as_str(), de.body.as_str()), ("MISS", "de"));
+    let en = en.await.unwrap();
+    assert_eq!((en.x_cache.as_str(), en.body.as_str()), ("MISS", "en"));
+    assert_eq!(backend.hits(), 2);
+}
+
+#[tokio::test]
 async fn post_bodies_are_part_of_the_key_when_post_is_cached() {
     let backend = counting_backend(vec![]).await;
     let url = backend.url();
