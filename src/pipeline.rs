@@ -482,7 +482,7 @@ async fn cache_phase(
     };
     let lookup = proxy
         .caches
-        .lookup(&active.config, route, request, body)
+        .lookup(&active.config, route, request, ctx.client.proto, body)
         .await;
     ctx.cache = match &lookup {
         Lookup::Answer(_, verdict) => Some(verdict.as_str()),

@@ -1,6 +1,13 @@
-//! The cache key, as the reference setup builds it: route, method, path, the
-//! query parameters sorted by name, the request headers chosen by
-//! `header_strategy`, and the body.
+//! The cache key, as the reference setup builds it: route, the scheme the
+//! client used (`http`/`https` listener), the host it asked for (lower-cased),
+//! method, path, the query parameters sorted by name, the request headers
+//! chosen by `header_strategy`, and the body.
+//!
+//! Scheme and host are keyed because both reach the backend
+//! (`X-Forwarded-Proto`, `X-Forwarded-Host`/`Forwarded`) and backends build
+//! answers from them (redirects, absolute links): without them, one
+//! client's `Host: evil.example` or a plain-HTTP "go to https" redirect
+//! would be stored and served to everyone.
 //!
 //! Everything is fed, length-prefixed (so that no two different requests can
 //! produce the same input), into one SHA-256 digest. The key is therefore the
@@ -57,6 +64,11 @@ const NEVER_KEYED: [&str; 11] = [
 /// What of the request head goes into the key.
 pub struct KeyInput<'a> {
     pub route: &'a str,
+    /// `"http"` or `"https"`: the scheme the client reached Backstop with.
+    pub scheme: &'a str,
+    /// The authority the client asked for (the target's, else `Host`), as
+    /// sent; `None` for an HTTP/1.0 request without one.
+    pub host: Option<&'a [u8]>,
     pub method: &'a Method,
     pub path: &'a str,
     pub query: Option<&'a str>,
@@ -69,8 +81,19 @@ pub struct KeyInput<'a> {
 impl KeyHead {
     pub fn new(input: &KeyInput<'_>) -> KeyHead {
         let mut ctx = Context::new(&SHA256);
-        field(&mut ctx, b"backstop-cache-v1");
+        field(&mut ctx, b"backstop-cache-v2");
         field(&mut ctx, input.route.as_bytes());
+        field(&mut ctx, input.scheme.as_bytes());
+        match input.host {
+            // Host names are case-insensitive (RFC 3986 §3.2.2): one key
+            // for `Example.COM` and `example.com`. The port stays: it
+            // reaches the backend too.
+            Some(host) => {
+                count(&mut ctx, 1);
+                field(&mut ctx, &host.to_ascii_lowercase());
+            }
+            None => count(&mut ctx, 0),
+        }
         field(&mut ctx, input.method.as_str().as_bytes());
         field(&mut ctx, input.path.as_bytes());
         let params = sorted_query(input.query.unwrap_or(""));
@@ -153,6 +176,8 @@ mod tests {
     /// A request described compactly: method, path?query, headers, body.
     struct Req {
         route: &'static str,
+        scheme: &'static str,
+        host: Option<&'static str>,
         method: &'static str,
         target: &'static str,
         headers: &'static [(&'static str, &'static str)],
@@ -162,6 +187,8 @@ mod tests {
     const fn get(target: &'static str) -> Req {
         Req {
             route: "api",
+            scheme: "http",
+            host: Some("api.example"),
             method: "GET",
             target,
             headers: &[],
@@ -188,6 +215,8 @@ mod tests {
         let method = Method::from_bytes(req.method.as_bytes()).unwrap();
         KeyHead::new(&KeyInput {
             route: req.route,
+            scheme: req.scheme,
+            host: req.host.map(str::as_bytes),
             method: &method,
             path,
             query,
@@ -286,6 +315,64 @@ mod tests {
                 get("/a"),
                 Req {
                     route: "other",
+                    ..get("/a")
+                },
+                NoHeaders,
+                &[],
+                false,
+            ),
+            (
+                "scheme",
+                get("/a"),
+                Req {
+                    scheme: "https",
+                    ..get("/a")
+                },
+                NoHeaders,
+                &[],
+                false,
+            ),
+            (
+                "host",
+                get("/a"),
+                Req {
+                    host: Some("evil.example"),
+                    ..get("/a")
+                },
+                NoHeaders,
+                &[],
+                false,
+            ),
+            (
+                "host: case-insensitive",
+                get("/a"),
+                Req {
+                    host: Some("API.Example"),
+                    ..get("/a")
+                },
+                NoHeaders,
+                &[],
+                true,
+            ),
+            (
+                "host: the port counts",
+                get("/a"),
+                Req {
+                    host: Some("api.example:8080"),
+                    ..get("/a")
+                },
+                NoHeaders,
+                &[],
+                false,
+            ),
+            (
+                "host: none is not empty",
+                Req {
+                    host: None,
+                    ..get("/a")
+                },
+                Req {
+                    host: Some(""),
                     ..get("/a")
                 },
                 NoHeaders,
@@ -452,7 +539,7 @@ mod tests {
         // version tag), since it turns every shared entry into a miss.
         assert_eq!(
             k.hex(),
-            "1802299dd876973b6004c2fef704c0fceed6d63a2d6ae60e013ab46689ecd2ac"
+            "f790c361957066fac7ba1705056b9e25f0ccda523a5029a43c8523fe1671c041"
         );
         assert_eq!(k, key(&get("/a?a=1&b=2"), NoHeaders, &[]));
     }

@@ -1,5 +1,5 @@
-//! A stored answer: status, headers, body and when it was stored, with the
-//! compact binary form it has in Redis.
+//! A stored answer: status, headers, body, when it was stored and how the
+//! backend lets it be reused, with the compact binary form it has in Redis.
 //!
 //! The stored time is wall-clock (Unix milliseconds), not a monotonic
 //! instant, because an entry written by one instance is read by another.
@@ -11,9 +11,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
+use super::vary::Varied;
+
 /// The first byte of an encoded entry; a new layout gets a new number and
-/// old values become misses.
-const FORMAT_V1: u8 = 1;
+/// old values become misses. (1: without the backend's freshness rules;
+/// 2: without the `Vary` values.)
+const FORMAT: u8 = 3;
+
+/// `max_age` in the encoded form when the backend set none.
+const NO_MAX_AGE: u64 = u64::MAX;
 
 /// Bytes counted for an entry beyond its headers and body (key, bookkeeping),
 /// so that many tiny entries still weigh something in the memory bound.
@@ -26,6 +32,13 @@ pub struct Entry {
     pub body: Bytes,
     /// Unix time in milliseconds.
     pub stored_at_ms: u64,
+    /// The backend's bound on freshness (`s-maxage`, else `max-age`); the
+    /// route's `ttl` bounds it too. `None`: the route's `ttl` alone.
+    pub max_age: Option<Duration>,
+    /// `must-revalidate`/`proxy-revalidate`: never served stale.
+    pub must_revalidate: bool,
+    /// What the stored answer's request sent of the headers it varies on.
+    pub vary: Varied,
 }
 
 impl Entry {
@@ -46,6 +59,23 @@ impl Entry {
             headers: owned,
             body: Bytes::copy_from_slice(&body),
             stored_at_ms: now_ms(),
+            max_age: None,
+            must_revalidate: false,
+            vary: Varied::default(),
+        }
+    }
+
+    /// How long the entry is fresh under the route's `ttl`.
+    pub fn fresh_for(&self, ttl: Duration) -> Duration {
+        self.max_age.map_or(ttl, |max_age| max_age.min(ttl))
+    }
+
+    /// How long past freshness it may be served when the backend fails.
+    pub fn stale_for(&self, stale_if_error: Duration) -> Duration {
+        if self.must_revalidate {
+            Duration::ZERO
+        } else {
+            stale_if_error
         }
     }
 
@@ -61,16 +91,33 @@ impl Entry {
             .iter()
             .map(|(n, v)| n.as_str().len() + v.len() + 16)
             .sum();
-        OVERHEAD_BYTES + headers + self.body.len()
+        OVERHEAD_BYTES + headers + self.vary.weight() + self.body.len()
     }
 
-    /// `[1][status u16][stored_at u64][n u16]([name len u16][name][value len u32][value])*n[body]`,
-    /// all big-endian. Small and copy-free to decode, unlike JSON + base64.
+    /// `[3][status u16][stored_at u64][max_age ms u64, MAX for none][must_revalidate u8]
+    /// [v u16]([name len u16][name])*v[digest 32 if v > 0]
+    /// [n u16]([name len u16][name][value len u32][value])*n[body]`, all big-endian;
+    /// the `v` names are those `Vary` names, the digest that of their values.
+    /// Small and copy-free to decode, unlike JSON + base64.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = BytesMut::with_capacity(self.weight());
-        out.put_u8(FORMAT_V1);
+        out.put_u8(FORMAT);
         out.put_u16(self.status.as_u16());
         out.put_u64(self.stored_at_ms);
+        out.put_u64(self.max_age.map_or(NO_MAX_AGE, |d| {
+            u64::try_from(d.as_millis()).unwrap_or(NO_MAX_AGE - 1)
+        }));
+        out.put_u8(u8::from(self.must_revalidate));
+        let (names, digest) = self.vary.parts();
+        // At most `vary::MAX_NAMES`: an answer with more is not stored.
+        out.put_u16(names.len() as u16);
+        for name in names {
+            out.put_u16(name.as_str().len() as u16);
+            out.put_slice(name.as_str().as_bytes());
+        }
+        if !names.is_empty() {
+            out.put_slice(digest);
+        }
         out.put_u16(u16::try_from(self.headers.len()).unwrap_or(u16::MAX));
         for (name, value) in self.headers.iter().take(usize::from(u16::MAX)) {
             out.put_u16(name.as_str().len() as u16);
@@ -84,12 +131,31 @@ impl Entry {
 
     pub fn decode(bytes: Bytes) -> Option<Entry> {
         let mut buf = bytes;
-        if buf.remaining() < 13 || buf.get_u8() != FORMAT_V1 {
+        if take_u8(&mut buf)? != FORMAT {
             return None;
         }
-        let status = StatusCode::from_u16(buf.get_u16()).ok()?;
-        let stored_at_ms = buf.get_u64();
-        let count = buf.get_u16();
+        let status = StatusCode::from_u16(take_u16(&mut buf)?).ok()?;
+        let stored_at_ms = take_u64(&mut buf)?;
+        let max_age = match take_u64(&mut buf)? {
+            NO_MAX_AGE => None,
+            ms => Some(Duration::from_millis(ms)),
+        };
+        let must_revalidate = match take_u8(&mut buf)? {
+            0 => false,
+            1 => true,
+            _ => return None,
+        };
+        let varied = take_u16(&mut buf)?;
+        let mut names = Vec::with_capacity(usize::from(varied).min(64));
+        for _ in 0..varied {
+            let name_len = usize::from(take_u16(&mut buf)?);
+            names.push(HeaderName::from_bytes(take(&mut buf, name_len)?.as_ref()).ok()?);
+        }
+        let mut digest = [0u8; 32];
+        if !names.is_empty() {
+            digest.copy_from_slice(&take(&mut buf, 32)?);
+        }
+        let count = take_u16(&mut buf)?;
         let mut headers = HeaderMap::with_capacity(usize::from(count));
         for _ in 0..count {
             let name_len = usize::from(take_u16(&mut buf)?);
@@ -103,6 +169,9 @@ impl Entry {
             headers,
             body: buf,
             stored_at_ms,
+            max_age,
+            must_revalidate,
+            vary: Varied::from_parts(names, digest),
         })
     }
 }
@@ -115,6 +184,14 @@ pub fn now_ms() -> u64 {
 
 fn take(buf: &mut Bytes, n: usize) -> Option<Bytes> {
     (buf.remaining() >= n).then(|| buf.split_to(n))
+}
+
+fn take_u8(buf: &mut Bytes) -> Option<u8> {
+    (buf.remaining() >= 1).then(|| buf.get_u8())
+}
+
+fn take_u64(buf: &mut Bytes) -> Option<u64> {
+    (buf.remaining() >= 8).then(|| buf.get_u64())
 }
 
 fn take_u16(buf: &mut Bytes) -> Option<u16> {
@@ -143,6 +220,35 @@ mod tests {
         assert_eq!(Entry::decode(Bytes::from(entry.encode())), Some(entry));
         let empty = Entry::new(StatusCode::NO_CONTENT, HeaderMap::new(), Bytes::new());
         assert_eq!(Entry::decode(Bytes::from(empty.encode())), Some(empty));
+        let names = [
+            HeaderName::from_static("accept-encoding"),
+            HeaderName::from_static("cookie"),
+            HeaderName::from_static("accept"),
+        ];
+        let mut request = HeaderMap::new();
+        request.insert("accept-encoding", HeaderValue::from_static("gzip"));
+        request.insert("accept", HeaderValue::from_static(""));
+        let ruled = Entry {
+            max_age: Some(Duration::from_millis(30_500)),
+            must_revalidate: true,
+            vary: Varied::record(&names, &request),
+            ..sample()
+        };
+        assert_eq!(Entry::decode(Bytes::from(ruled.encode())), Some(ruled));
+    }
+
+    #[test]
+    fn the_backends_bound_shortens_the_routes() {
+        let ttl = Duration::from_secs(60);
+        let mut entry = sample();
+        assert_eq!(entry.fresh_for(ttl), ttl);
+        entry.max_age = Some(Duration::from_secs(5));
+        assert_eq!(entry.fresh_for(ttl), Duration::from_secs(5));
+        entry.max_age = Some(Duration::from_secs(600));
+        assert_eq!(entry.fresh_for(ttl), ttl, "the route's ttl bounds it");
+        assert_eq!(entry.stale_for(ttl), ttl);
+        entry.must_revalidate = true;
+        assert_eq!(entry.stale_for(ttl), Duration::ZERO);
     }
 
     #[test]
@@ -151,6 +257,9 @@ mod tests {
         let cases: Vec<(&str, Vec<u8>)> = vec![
             ("empty", vec![]),
             ("other format", [&[9u8][..], &good[1..]].concat()),
+            ("format 1", [&[1u8][..], &good[1..]].concat()),
+            ("format 2", [&[2u8][..], &good[1..]].concat()),
+            ("bad flag", [&good[..19], &[7u8][..], &good[20..]].concat()),
             ("truncated head", good[..10].to_vec()),
             ("truncated header", good[..20].to_vec()),
             ("not ours", b"hello world, this is a string".to_vec()),

@@ -113,6 +113,8 @@ mod tests {
     fn key() -> CacheKey {
         KeyHead::new(&KeyInput {
             route: "r",
+            scheme: "http",
+            host: None,
             method: &Method::GET,
             path: "/",
             query: None,

@@ -19,6 +19,7 @@ pub mod flight;
 pub mod memory;
 pub mod policy;
 pub mod redis_store;
+pub mod vary;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -26,8 +27,8 @@ use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderValue, AGE, SET_COOKIE};
-use http::{HeaderName, Request, Response};
+use http::header::{HeaderValue, AGE, HOST, SET_COOKIE};
+use http::{HeaderMap, HeaderName, Request, Response};
 use http_body_util::{BodyExt, Either, Full};
 
 use crate::body::{ClientBody, ResponseBody, UpstreamBody};
@@ -43,6 +44,7 @@ use flight::{Flights, Joined, Leader, Shared};
 use memory::MemoryStore;
 use policy::RequestPlan;
 use redis_store::RedisStore;
+use vary::Varied;
 
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
@@ -77,11 +79,20 @@ impl Verdict {
     }
 }
 
-/// The key of a request as the client sent it.
-fn key_of(route: &Route, req: &Request<ClientBody>, body: &[u8]) -> CacheKey {
+/// The key of a request as the client sent it. `scheme` is the listener's
+/// (`http` or `https`).
+fn key_of(route: &Route, req: &Request<ClientBody>, scheme: &str, body: &[u8]) -> CacheKey {
     let cache = &route.config.cache;
+    // The host the backend is told about (`X-Forwarded-Host`): the target's
+    // authority, else the `Host` header.
+    let host = match req.uri().authority() {
+        Some(authority) => Some(authority.as_str().as_bytes()),
+        None => req.headers().get(HOST).map(HeaderValue::as_bytes),
+    };
     KeyHead::new(&KeyInput {
         route: route.name(),
+        scheme,
+        host,
         method: req.method(),
         path: req.uri().path(),
         query: req.uri().query(),
@@ -115,6 +126,9 @@ struct Slot {
     key: CacheKey,
     store: StoreRef,
     unkeyed_auth: bool,
+    /// The client's request headers as they came, for the values of what
+    /// the answer's `Vary` names (known only once it is here).
+    request: HeaderMap,
 }
 
 impl CacheState {
@@ -167,14 +181,14 @@ impl CacheState {
             }
         }
         let cache = &route.cache;
-        let storable = self.slot.as_ref().is_some_and(|slot| {
+        let storable = self.slot.as_ref().and_then(|slot| {
             policy::storable(cache, slot.unkeyed_auth, status, response.headers())
-                && declared_length(&response).is_none_or(|n| n <= cache.max_entry_bytes)
+                .filter(|_| declared_length(&response).is_none_or(|n| n <= cache.max_entry_bytes))
         });
         let (parts, body) = response.into_parts();
-        let (slot, upstream) = match (self.slot.as_ref(), body) {
-            (Some(slot), Either::Left(upstream)) if storable => (slot, upstream),
-            (_, body) => {
+        let (slot, storable, upstream) = match (self.slot.as_ref(), storable, body) {
+            (Some(slot), Some(storable), Either::Left(upstream)) => (slot, storable, upstream),
+            (_, _, body) => {
                 // Not stored: the waiters (if any) go upstream on their own.
                 self.leader = None;
                 return Ok(mark(Response::from_parts(parts, body), verdict));
@@ -202,8 +216,12 @@ impl CacheState {
         // it is one client's, so it is served to that client only.
         let mut stored_headers = parts.headers.clone();
         stored_headers.remove(SET_COOKIE);
-        let entry = Arc::new(Entry::new(parts.status, stored_headers, body.clone()));
-        let keep_for = cache.ttl + cache.stale_if_error;
+        let mut entry = Entry::new(parts.status, stored_headers, body.clone());
+        entry.max_age = storable.max_age;
+        entry.must_revalidate = storable.must_revalidate;
+        entry.vary = Varied::record(&storable.vary, &slot.request);
+        let keep_for = entry.fresh_for(cache.ttl) + entry.stale_for(cache.stale_if_error);
+        let entry = Arc::new(entry);
         slot.store
             .put(&route.name, slot.key, entry.clone(), keep_for)
             .await;
@@ -274,11 +292,14 @@ enum Freshness {
     Expired,
 }
 
+/// The backend's own bounds (`max-age`, `must-revalidate`) hold within
+/// the route's.
 fn freshness(entry: &Entry, cache: &CacheConfig) -> Freshness {
     let age = entry.age();
-    if age < cache.ttl {
+    let fresh_for = entry.fresh_for(cache.ttl);
+    if age < fresh_for {
         Freshness::Fresh
-    } else if age < cache.ttl + cache.stale_if_error {
+    } else if age < fresh_for + entry.stale_for(cache.stale_if_error) {
         Freshness::Stale
     } else {
         Freshness::Expired
@@ -304,12 +325,14 @@ impl Caches {
 
     /// The cache phase: a fresh entry answers the request; otherwise the
     /// request goes upstream — alone, or as the leader its concurrent twins
-    /// wait for. `body` is the buffered request body (keyed).
+    /// wait for. `scheme` is the listener's (`http`/`https`) and `body` the
+    /// buffered request body (both keyed).
     pub async fn lookup(
         &self,
         config: &Config,
         route: &Route,
         request: &Request<ClientBody>,
+        scheme: &str,
         body: Option<&[u8]>,
     ) -> Lookup {
         let cache = &route.config.cache;
@@ -320,7 +343,7 @@ impl Caches {
             // Not cached, or a body that was not buffered (cannot be keyed).
             _ => return Lookup::Forward(CacheState::passthrough(Some(Verdict::Bypass))),
         };
-        let key = key_of(route, request, body);
+        let key = key_of(route, request, scheme, body);
         let rc = self.route_cache(&route.config);
         let store = match cache.store {
             CacheStore::Memory => StoreRef::Memory(rc.clone()),
@@ -335,15 +358,26 @@ impl Caches {
                 key,
                 store: store.clone(),
                 unkeyed_auth: policy::unkeyed_authorization(cache, request.headers()),
+                // Filled by `forward`: a hit does not copy the headers.
+                request: HeaderMap::new(),
             }),
             stale: None,
             leader: None,
         };
+        let forward = |mut state: CacheState| {
+            if let Some(slot) = state.slot.as_mut() {
+                slot.request = request.headers().clone();
+            }
+            Lookup::Forward(state)
+        };
         if plan == RequestPlan::Refresh {
             state.verdict = Some(Verdict::Bypass);
-            return Lookup::Forward(state);
+            return forward(state);
         }
-        if let Some(entry) = store.get(route.name(), &key).await {
+        // An entry for other values of what it varies on is a miss, whose
+        // answer replaces it.
+        let fits = |entry: &Arc<Entry>| entry.vary.matches(request.headers());
+        if let Some(entry) = store.get(route.name(), &key).await.filter(fits) {
             match freshness(&entry, cache) {
                 Freshness::Fresh => return hit(&entry),
                 Freshness::Stale => state.stale = Some(entry),
@@ -352,13 +386,13 @@ impl Caches {
         }
         if cache.lock_timeout.is_zero() {
             // Coalescing off: every miss goes upstream.
-            return Lookup::Forward(state);
+            return forward(state);
         }
         match rc.flights.join(key) {
             Joined::Leader(leader) => {
                 // A leader that finished between our lookup and our join has
                 // stored its answer: look again rather than call twice.
-                if let Some(entry) = store.get(route.name(), &key).await {
+                if let Some(entry) = store.get(route.name(), &key).await.filter(fits) {
                     if let Freshness::Fresh = freshness(&entry, cache) {
                         leader.finish(Shared::Fresh(entry.clone()));
                         return hit(&entry);
@@ -369,16 +403,17 @@ impl Caches {
             Joined::Waiter(rx) => match tokio::time::timeout(cache.lock_timeout, flight::wait(rx))
                 .await
             {
-                Ok(Shared::Fresh(entry)) => return hit(&entry),
-                Ok(Shared::Stale(entry)) => {
+                Ok(Shared::Fresh(entry)) if fits(&entry) => return hit(&entry),
+                Ok(Shared::Stale(entry)) if fits(&entry) => {
                     return Lookup::Answer(entry_response(&entry, Verdict::Stale), Verdict::Stale)
                 }
-                // Nothing to share, or a fill slower than lock_timeout (a
-                // stalled backend must not hold every twin): go upstream alone.
-                Ok(Shared::Nothing | Shared::Pending) | Err(_) => {}
+                // Nothing to share, a variant for other request headers, or
+                // a fill slower than lock_timeout (a stalled backend must
+                // not hold every twin): go upstream alone.
+                Ok(_) | Err(_) => {}
             },
         }
-        Lookup::Forward(state)
+        forward(state)
     }
 
     /// Removes every entry of a route from both stores.

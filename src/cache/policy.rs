@@ -5,9 +5,12 @@
 //!
 //! Pure functions over headers: no I/O, no clock.
 
-use http::header::{AUTHORIZATION, CACHE_CONTROL, PRAGMA, SET_COOKIE, VARY};
-use http::{HeaderMap, Method, StatusCode};
+use std::time::Duration;
 
+use http::header::{AUTHORIZATION, CACHE_CONTROL, PRAGMA, SET_COOKIE};
+use http::{HeaderMap, HeaderName, Method, StatusCode};
+
+use super::vary;
 use crate::config::{CacheConfig, HeaderStrategy};
 
 /// What the cache does for one request.
@@ -51,44 +54,77 @@ pub fn unkeyed_authorization(cache: &CacheConfig, request: &HeaderMap) -> bool {
     request.contains_key(AUTHORIZATION) && !authorization_keyed(cache)
 }
 
-/// Whether an answer may be stored. `unkeyed_auth`: see
-/// [`unkeyed_authorization`].
+/// What the backend allows a shared cache to do with an answer it may
+/// store.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Storable {
+    /// How long the answer is fresh by the backend's word: `s-maxage`,
+    /// else `max-age` (RFC 9111 §4.2.1); the route's `ttl` bounds it too.
+    /// `None`: the backend set no bound, or `ignore_cache_control`.
+    pub max_age: Option<Duration>,
+    /// `must-revalidate` or `proxy-revalidate`: once stale, never served
+    /// (RFC 9111 §4.2.4), whatever `stale_if_error` says.
+    pub must_revalidate: bool,
+    /// The request headers the answer varies on (`Vary`): a stored answer
+    /// serves only requests that send what this one sent.
+    pub vary: Vec<HeaderName>,
+}
+
+/// Whether an answer may be stored, and how it may be reused if so.
+/// `unkeyed_auth`: see [`unkeyed_authorization`].
 pub fn storable(
     cache: &CacheConfig,
     unkeyed_auth: bool,
     status: StatusCode,
     response: &HeaderMap,
-) -> bool {
+) -> Option<Storable> {
     if !cache.cacheable_status.contains(&status.as_u16()) {
-        return false;
-    }
-    if cache.ignore_cache_control {
-        return true;
+        return None;
     }
     let directives = cache_control(response);
+    // RFC 9111 §3.5: an answer to an authenticated request is shared only
+    // when the backend says it may be, unless the credential is in the key.
+    // `ignore_cache_control` overrides the backend's directives, never this
+    // rule: it protects one client's credentials, not the backend's wishes.
+    if unkeyed_auth && !(directives.public || directives.s_maxage.is_some()) {
+        return None;
+    }
+    // A variant chosen by request headers is served only to requests that
+    // send the same: that is no backend's wish but what the answer is.
+    let vary = vary::names(response);
+    if vary
+        .as_ref()
+        .is_ok_and(|names| names.len() > vary::MAX_NAMES)
+    {
+        return None;
+    }
+    if cache.ignore_cache_control {
+        // The route's ttl and stale_if_error alone decide (`Vary: *` too
+        // is overridden: the answer is shared as the key has it).
+        return Some(Storable {
+            vary: vary.unwrap_or_default(),
+            ..Storable::default()
+        });
+    }
     if directives.no_store || directives.private || directives.no_cache {
-        return false;
+        return None;
     }
     // A cookie set for one client must not be handed to the next.
     if response.contains_key(SET_COOKIE) {
-        return false;
+        return None;
     }
     // `Vary: *` says no stored answer can ever match.
-    let vary_any = response
-        .get_all(VARY)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|v| v.trim() == "*");
-    if vary_any {
-        return false;
+    let vary = vary.ok()?;
+    let max_age = directives.s_maxage.or(directives.max_age);
+    if max_age.is_some_and(|age| age.is_zero()) {
+        // Stale at once: storing it could only serve it stale.
+        return None;
     }
-    // RFC 9111 §3.5: an answer to an authenticated request is shared only
-    // when the backend says it may be, unless the credential is in the key.
-    if unkeyed_auth && !(directives.public || directives.s_maxage) {
-        return false;
-    }
-    true
+    Some(Storable {
+        max_age,
+        must_revalidate: directives.must_revalidate,
+        vary,
+    })
 }
 
 fn authorization_keyed(cache: &CacheConfig) -> bool {
@@ -106,7 +142,11 @@ struct Directives {
     no_cache: bool,
     private: bool,
     public: bool,
-    s_maxage: bool,
+    max_age: Option<Duration>,
+    s_maxage: Option<Duration>,
+    /// `must-revalidate` or `proxy-revalidate` (the latter is the former
+    /// for shared caches only: Backstop is one).
+    must_revalidate: bool,
 }
 
 fn cache_control(headers: &HeaderMap) -> Directives {
@@ -119,17 +159,40 @@ fn cache_control(headers: &HeaderMap) -> Directives {
     for token in tokens {
         // `private="set-cookie"` and `no-cache="x"` still count as the
         // directive: treating them as the whole-answer form is the safe side.
-        let name = token.split('=').next().unwrap_or("").trim();
-        match name.to_ascii_lowercase().as_str() {
+        let (name, value) = token.split_once('=').unwrap_or((token, ""));
+        match name.trim().to_ascii_lowercase().as_str() {
             "no-store" => d.no_store = true,
             "no-cache" => d.no_cache = true,
             "private" => d.private = true,
             "public" => d.public = true,
-            "s-maxage" => d.s_maxage = true,
+            "max-age" => d.max_age = shortest(d.max_age, delta_seconds(value)),
+            "s-maxage" => d.s_maxage = shortest(d.s_maxage, delta_seconds(value)),
+            "must-revalidate" | "proxy-revalidate" => d.must_revalidate = true,
             _ => {}
         }
     }
     d
+}
+
+/// A directive given twice counts with its shorter value (RFC 9111 §4.2.1:
+/// conflicting values make the answer stale; the shorter is the safe side).
+fn shortest(seen: Option<Duration>, value: Duration) -> Option<Duration> {
+    Some(seen.map_or(value, |seen| seen.min(value)))
+}
+
+/// A `delta-seconds` value (RFC 9111 §1.2.2), quoted or not. A value that is
+/// not one makes the answer stale at once (zero), as RFC 9111 §4.2.1 asks;
+/// one too large for the clock is capped (the route's ttl bounds it anyway).
+fn delta_seconds(value: &str) -> Duration {
+    let value = value.trim();
+    let value = value
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap_or(value);
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Duration::ZERO;
+    }
+    Duration::from_secs(value.parse().unwrap_or(u64::from(u32::MAX)))
 }
 
 #[cfg(test)]
@@ -321,6 +384,22 @@ mod tests {
                 true,
             ),
             ("authorization keyed", &keyed, auth, 200, &[], true),
+            (
+                "ignore keeps the authorization rule",
+                &ignore,
+                auth,
+                200,
+                &[("cache-control", "no-store")],
+                false,
+            ),
+            (
+                "ignore, authorization public",
+                &ignore,
+                auth,
+                200,
+                &[("cache-control", "public, no-store")],
+                true,
+            ),
         ];
         for (why, config, req, status, resp, want) in cases {
             let status = StatusCode::from_u16(status).unwrap();
@@ -330,10 +409,135 @@ mod tests {
                     unkeyed_authorization(config, &headers(req)),
                     status,
                     &headers(resp)
-                ),
+                )
+                .is_some(),
                 want,
                 "{why}"
             );
+        }
+    }
+
+    #[test]
+    fn the_backends_freshness_rules() {
+        let default = cache("");
+        let ignore = cache("ignore_cache_control = true");
+        let secs = |n| Some(Duration::from_secs(n));
+        let reuse = |max_age, must_revalidate| {
+            Some(Storable {
+                max_age,
+                must_revalidate,
+                vary: vec![],
+            })
+        };
+        // (why, config, response headers, what may be stored)
+        let cases: Vec<(&str, &CacheConfig, Headers, Option<Storable>)> = vec![
+            ("no directives", &default, &[], reuse(None, false)),
+            (
+                "max-age",
+                &default,
+                &[("cache-control", "public, max-age=30")],
+                reuse(secs(30), false),
+            ),
+            (
+                "quoted",
+                &default,
+                &[("cache-control", "max-age=\"30\"")],
+                reuse(secs(30), false),
+            ),
+            (
+                "s-maxage wins, even when longer",
+                &default,
+                &[("cache-control", "max-age=5, S-MaxAge=300")],
+                reuse(secs(300), false),
+            ),
+            (
+                "over two lines",
+                &default,
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("cache-control", "s-maxage=7"),
+                ],
+                reuse(secs(7), false),
+            ),
+            (
+                "duplicates: the shorter",
+                &default,
+                &[("cache-control", "max-age=60, max-age=10")],
+                reuse(secs(10), false),
+            ),
+            (
+                "max-age=0 is not stored",
+                &default,
+                &[("cache-control", "max-age=0, must-revalidate")],
+                None,
+            ),
+            (
+                "s-maxage=0 is not stored",
+                &default,
+                &[("cache-control", "max-age=60, s-maxage=0")],
+                None,
+            ),
+            (
+                "invalid value: stale at once",
+                &default,
+                &[("cache-control", "max-age=soon")],
+                None,
+            ),
+            (
+                "negative: stale at once",
+                &default,
+                &[("cache-control", "max-age=-1")],
+                None,
+            ),
+            (
+                "huge: capped",
+                &default,
+                &[("cache-control", "max-age=99999999999999999999999")],
+                reuse(secs(u64::from(u32::MAX)), false),
+            ),
+            (
+                "must-revalidate",
+                &default,
+                &[("cache-control", "max-age=60, must-revalidate")],
+                reuse(secs(60), true),
+            ),
+            (
+                "proxy-revalidate",
+                &default,
+                &[("cache-control", "proxy-revalidate")],
+                reuse(None, true),
+            ),
+            (
+                "vary",
+                &default,
+                &[("vary", "Accept-Encoding, cookie")],
+                Some(Storable {
+                    vary: vec![
+                        HeaderName::from_static("accept-encoding"),
+                        HeaderName::from_static("cookie"),
+                    ],
+                    ..Storable::default()
+                }),
+            ),
+            (
+                "ignore_cache_control keeps vary",
+                &ignore,
+                &[("vary", "accept-encoding")],
+                Some(Storable {
+                    vary: vec![HeaderName::from_static("accept-encoding")],
+                    ..Storable::default()
+                }),
+            ),
+            (
+                "ignore_cache_control: the route decides",
+                &ignore,
+                &[("cache-control", "max-age=0, must-revalidate")],
+                reuse(None, false),
+            ),
+        ];
+        for (why, config, resp, want) in cases {
+            let got = storable(config, false, StatusCode::OK, &headers(resp));
+            assert_eq!(got, want, "{why}");
         }
     }
 }

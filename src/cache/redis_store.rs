@@ -10,7 +10,8 @@
 //! redis' `ConnectionManager`, so startup never waits for Redis.
 //!
 //! Keys are `<key_prefix>cache:<route>:<sha256 hex>`; values are the
-//! compact binary form of `entry`; the Redis TTL is `ttl + stale_if_error`.
+//! compact binary form of `entry`; the Redis TTL is how long the entry is
+//! fresh (`ttl`, or the backend's shorter `max-age`) plus `stale_if_error`.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -199,6 +199,91 @@ async fn each_header_strategy_keys_its_headers() {
 }
 
 #[tokio::test]
+async fn an_answer_that_varies_serves_only_requests_that_send_the_same() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let backend = Backend::start(move |seen| {
+        let i = n.fetch_add(1, Ordering::SeqCst) + 1;
+        let gzip = seen
+            .headers
+            .get("accept-encoding")
+            .is_some_and(|v| v.to_str().unwrap().contains("gzip"));
+        let body = if gzip { "gzipped" } else { "plain" };
+        Reply::ok(&format!("{body} n={i}")).header("vary", "Accept-Encoding")
+    })
+    .await;
+    let url = backend.url();
+    let config = [
+        route("none", "/", &url, ""),
+        route(
+            "listed",
+            "/listed",
+            &url,
+            "header_strategy = \"list\"\nheaders = [\"Accept-Encoding\"]",
+        ),
+    ]
+    .concat();
+    let bs = Backstop::start(&config);
+    let c = client();
+    let send = |path: &'static str, encoding: Option<&'static str>| {
+        let mut req = c.get(bs.url(path));
+        if let Some(encoding) = encoding {
+            req = req.header("accept-encoding", encoding);
+        }
+        async move {
+            let r = got(req.send().await.unwrap()).await;
+            (r.x_cache, r.body)
+        }
+    };
+    // (path, Accept-Encoding, X-Cache, body)
+    let cases: [(&str, Option<&str>, &str, &str); 9] = [
+        ("/v", Some("gzip"), "MISS", "gzipped n=1"),
+        ("/v", Some("gzip"), "HIT", "gzipped n=1"),
+        ("/v", Some("identity"), "MISS", "plain n=2"),
+        ("/v", Some("identity"), "HIT", "plain n=2"),
+        ("/v", None, "MISS", "plain n=3"),
+        ("/v", Some("gzip"), "MISS", "gzipped n=4"),
+        // Keyed: each variant has its own entry.
+        ("/listed/v", Some("gzip"), "MISS", "gzipped n=5"),
+        ("/listed/v", Some("identity"), "MISS", "plain n=6"),
+        ("/listed/v", Some("gzip"), "HIT", "gzipped n=5"),
+    ];
+    for (i, (path, encoding, x_cache, body)) in cases.into_iter().enumerate() {
+        assert_eq!(
+            send(path, encoding).await,
+            (x_cache.to_string(), body.to_string()),
+            "case {i}: {path} {encoding:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_concurrent_twin_with_other_varied_headers_goes_upstream_itself() {
+    let backend = Backend::start(|seen| {
+        let lang = seen.headers["accept-language"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        Reply::ok(&lang)
+            .header("vary", "accept-language")
+            .delay(Duration::from_millis(500))
+    })
+    .await;
+    let bs = Backstop::start(&route("r", "/", &backend.url(), ""));
+    let c = client();
+    let ask = |lang: &'static str| {
+        let req = c.get(bs.url("/greeting")).header("accept-language", lang);
+        async move { got(req.send().await.unwrap()).await }
+    };
+    let en = tokio::spawn(ask("en"));
+    backend.wait_for_hits(1, Duration::from_secs(5)).await;
+    let de = ask("de").await;
+    assert_eq!((de.x_cache.as_str(), de.body.as_str()), ("MISS", "de"));
+    let en = en.await.unwrap();
+    assert_eq!((en.x_cache.as_str(), en.body.as_str()), ("MISS", "en"));
+    assert_eq!(backend.hits(), 2);
+}
+
+#[tokio::test]
 async fn post_bodies_are_part_of_the_key_when_post_is_cached() {
     let backend = counting_backend(vec![]).await;
     let url = backend.url();
@@ -239,6 +324,85 @@ async fn entries_expire_after_ttl() {
         ("MISS", "n=2 GET /t")
     );
     assert_eq!(get(&bs.url("/t")).await.x_cache, "HIT");
+}
+
+#[tokio::test]
+async fn the_backends_max_age_shortens_the_ttl() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let backend = Backend::start(move |seen| {
+        let i = n.fetch_add(1, Ordering::SeqCst) + 1;
+        let reply = Reply::ok(&format!("n={i}"));
+        let path = seen.uri.trim_start_matches("/ignore");
+        match path {
+            "/max-age" => reply.header("cache-control", "max-age=1"),
+            "/s-maxage" => reply.header("cache-control", "max-age=600, s-maxage=1"),
+            "/zero" => reply.header("cache-control", "max-age=0, must-revalidate"),
+            _ => reply,
+        }
+    })
+    .await;
+    let url = backend.url();
+    let config = [
+        route("strict", "/", &url, "ttl = \"60s\""),
+        route("ignore", "/ignore", &url, "ignore_cache_control = true"),
+    ]
+    .concat();
+    let bs = Backstop::start(&config);
+    for path in ["/max-age", "/s-maxage", "/ignore/max-age"] {
+        assert_eq!(get(&bs.url(path)).await.x_cache, "MISS", "{path}");
+        assert_eq!(get(&bs.url(path)).await.x_cache, "HIT", "{path}");
+    }
+    for want in ["MISS", "MISS"] {
+        assert_eq!(get(&bs.url("/zero")).await.x_cache, want, "max-age=0");
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for path in ["/max-age", "/s-maxage"] {
+        assert_eq!(get(&bs.url(path)).await.x_cache, "MISS", "{path} expired");
+    }
+    // ignore_cache_control: the route's ttl alone.
+    assert_eq!(get(&bs.url("/ignore/max-age")).await.x_cache, "HIT");
+    assert_eq!(get(&bs.url("/ignore/zero")).await.x_cache, "MISS");
+    assert_eq!(get(&bs.url("/ignore/zero")).await.x_cache, "HIT");
+}
+
+#[tokio::test]
+async fn must_revalidate_answers_are_never_served_stale() {
+    let backend = Backend::start(|seen| match seen.uri.as_str() {
+        "/strict" => Reply::ok("strict").header("cache-control", "max-age=60, must-revalidate"),
+        "/proxy" => Reply::ok("proxy").header("cache-control", "proxy-revalidate"),
+        _ => Reply::ok("lenient").header("cache-control", "max-age=60"),
+    })
+    .await;
+    let bs = Backstop::start(&route(
+        "r",
+        "/",
+        &backend.url(),
+        "ttl = \"1s\"\nstale_if_error = \"30s\"",
+    ));
+    for path in ["/strict", "/proxy", "/lenient"] {
+        assert_eq!(get(&bs.url(path)).await.x_cache, "MISS", "{path}");
+        assert_eq!(get(&bs.url(path)).await.x_cache, "HIT", "{path}");
+    }
+    let _stopped = backend.stop().await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let lenient = get(&bs.url("/lenient")).await;
+    assert_eq!(
+        (lenient.x_cache.as_str(), lenient.body.as_str()),
+        ("STALE", "lenient")
+    );
+    for path in ["/strict", "/proxy"] {
+        let r = client().get(bs.url(path)).send().await.unwrap();
+        assert_ne!(
+            r.headers().get("x-cache").map(|v| v.to_str().unwrap()),
+            Some("STALE")
+        );
+        let (status, code, _) = error_of(r).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (502, "upstream_unreachable"),
+            "{path}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -320,6 +484,137 @@ async fn requests_with_credentials_are_not_shared() {
         "n=3 GET /me",
         "never served to others"
     );
+}
+
+#[tokio::test]
+async fn ignore_cache_control_still_keeps_credentialed_answers_private() {
+    let backend = counting_backend(vec![("cache-control", "private")]).await;
+    let bs = Backstop::start(&route(
+        "r",
+        "/",
+        &backend.url(),
+        "ignore_cache_control = true",
+    ));
+    let c = client();
+    let me = c.get(bs.url("/me")).header("authorization", "Bearer alice");
+    let alice = got(me.send().await.unwrap()).await;
+    assert_eq!(
+        (alice.x_cache.as_str(), alice.body.as_str()),
+        ("MISS", "n=1 GET /me")
+    );
+    let anonymous = get(&bs.url("/me")).await;
+    assert_eq!(
+        (anonymous.x_cache.as_str(), anonymous.body.as_str()),
+        ("MISS", "n=2 GET /me"),
+        "alice's answer is not served to others"
+    );
+    // Without credentials, ignore_cache_control stores despite `private`.
+    assert_eq!(get(&bs.url("/me")).await.x_cache, "HIT");
+}
+
+/// A client that shows redirects rather than following them.
+fn no_redirects() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+}
+
+/// A backend that redirects to the host it was told about, as many do
+/// (canonical host, trailing slash, login pages).
+async fn redirecting_backend() -> Backend {
+    Backend::start(|seen| {
+        let host = seen.headers["x-forwarded-host"].to_str().unwrap();
+        Reply::status(301).header("location", &format!("https://{host}/home"))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn one_clients_host_header_is_never_served_to_another() {
+    let backend = redirecting_backend().await;
+    // No `host` binding: the route takes any Host.
+    let bs = Backstop::start(&route("r", "/", &backend.url(), ""));
+    let c = no_redirects().build().unwrap();
+    let location = |host: &'static str| {
+        let req = c.get(bs.url("/")).header("host", host);
+        async move {
+            let r = req.send().await.unwrap();
+            let location = r.headers()["location"].to_str().unwrap().to_string();
+            (got(r).await.x_cache, location)
+        }
+    };
+    let poisoned = location("evil.example").await;
+    assert_eq!(
+        poisoned,
+        ("MISS".into(), "https://evil.example/home".into())
+    );
+    assert_eq!(
+        location("shop.example").await,
+        ("MISS".into(), "https://shop.example/home".into()),
+        "another host's answer is not this host's"
+    );
+    assert_eq!(
+        location("Shop.EXAMPLE").await,
+        ("HIT".into(), "https://shop.example/home".into()),
+        "host names are case-insensitive"
+    );
+    assert_eq!(
+        location("shop.example:8443").await.0,
+        "MISS",
+        "the port reaches the backend too"
+    );
+    assert_eq!(backend.hits(), 3);
+}
+
+#[tokio::test]
+async fn a_plain_http_answer_is_never_served_to_https_clients() {
+    // The backend sends plain-HTTP clients to https, and answers https.
+    let backend = Backend::start(|seen| match seen.headers["x-forwarded-proto"].to_str() {
+        Ok("https") => Reply::ok("the page"),
+        _ => Reply::status(301).header("location", "https://shop.example/page"),
+    })
+    .await;
+    let pki = crate::tls::make_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, &pki.cert_pem).unwrap();
+    std::fs::write(&key, &pki.key_pem).unwrap();
+    let prefix = prefix("scheme");
+    let shared = format!(
+        "{}{}",
+        redis_section(MACHINE_REDIS, &prefix),
+        route("r", "/", &backend.url(), "store = \"redis\"")
+    );
+    // Two instances share the Redis store: one plain, one TLS.
+    let plain = Backstop::start(&shared);
+    let tls = Backstop::start(&format!(
+        "[server]\ntls_cert = {cert:?}\ntls_key = {key:?}\n\n{shared}"
+    ));
+    assert_eq!(tls.scheme, "https");
+    let ca = reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap();
+    let https = no_redirects()
+        .add_root_certificate(ca)
+        .http1_only()
+        .build()
+        .unwrap();
+    let http = no_redirects().build().unwrap();
+    let page = |c: &reqwest::Client, url: String| {
+        let req = c.get(url).header("host", "shop.example");
+        async move { got(req.send().await.unwrap()).await }
+    };
+    let redirect = page(&http, plain.url("/page")).await;
+    assert_eq!((redirect.status, redirect.x_cache.as_str()), (301, "MISS"));
+    let tls_url = format!("https://localhost:{}/page", tls.addr.port());
+    let secure = page(&https, tls_url.clone()).await;
+    assert_eq!(
+        (secure.status, secure.x_cache.as_str(), secure.body.as_str()),
+        (200, "MISS", "the page"),
+        "no redirect loop for https clients"
+    );
+    assert_eq!(page(&https, tls_url).await.x_cache, "HIT");
+    assert_eq!(page(&http, plain.url("/page")).await.status, 301);
+    assert_eq!(backend.hits(), 2);
 }
 
 #[tokio::test]
@@ -590,9 +885,15 @@ async fn two_instances_share_entries_through_redis() {
     );
     let a = Backstop::start(&config);
     let b = Backstop::start(&config);
-    let first = get(&a.url("/shared?x=1&y=2")).await;
+    // Behind a load balancer every instance sees the site's one Host (the
+    // host is keyed).
+    let at = |url: String| {
+        let req = client().get(url).header("host", "api.example");
+        async move { got(req.send().await.unwrap()).await }
+    };
+    let first = at(a.url("/shared?x=1&y=2")).await;
     assert_eq!(first.x_cache, "MISS");
-    let other = get(&b.url("/shared?y=2&x=1")).await;
+    let other = at(b.url("/shared?y=2&x=1")).await;
     assert_eq!((other.x_cache.as_str(), other.body), ("HIT", first.body));
     assert_eq!(backend.hits(), 1);
     // Redis keeps the entry for ttl + stale_if_error.
@@ -607,7 +908,7 @@ async fn two_instances_share_entries_through_redis() {
         .unwrap();
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["purged"]["redis"], 1);
-    assert_eq!(get(&a.url("/shared?x=1&y=2")).await.x_cache, "MISS");
+    assert_eq!(at(a.url("/shared?x=1&y=2")).await.x_cache, "MISS");
     assert_eq!(backend.hits(), 2);
 }
 

@@ -9,13 +9,14 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::harness::{error_of, Backend, Backstop, Reply};
 
-struct Pki {
-    ca_pem: String,
-    cert_pem: String,
-    key_pem: String,
+/// A test CA and a leaf certificate for `localhost` and `127.0.0.1` it signed.
+pub(crate) struct Pki {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
 }
 
-fn make_pki() -> Pki {
+pub(crate) fn make_pki() -> Pki {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
