@@ -601,18 +601,9 @@ fn check_collector_url(url: &str) -> Result<(), String> {
 
 impl RedisConfig {
     fn read(s: &Section<'_>) -> Self {
-        let url = s.get("url", "redis://127.0.0.1:6379".to_string());
-        if url.starts_with("rediss://") {
-            // TLS to Redis would pull a second TLS stack into the redis crate.
-            s.error(
-                "url",
-                "rediss:// (TLS) is not supported by this build; use redis://",
-            );
-        } else if !url.starts_with("redis://") {
-            s.error(
-                "url",
-                format!("expected a redis:// URL, found {:?}", redact_url(&url)),
-            );
+        let url = s.get("url", DEFAULT_REDIS_URL.to_string());
+        if let Err(message) = check_redis_url(&url) {
+            s.error("url", message);
         }
         let config = RedisConfig {
             url,
@@ -622,6 +613,47 @@ impl RedisConfig {
         s.reject_unknown_keys();
         config
     }
+}
+
+/// `[redis] url` when the file has none (and the base of `REDIS_HOST`,
+/// `REDIS_PORT`, `REDIS_PASSWORD`).
+pub(crate) const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// A URL the redis crate can connect with: `redis://`, a host, a port
+/// number, a numeric database. The message never shows the password.
+fn check_redis_url(url: &str) -> Result<(), String> {
+    let shown = redact_url(url);
+    if url.starts_with("rediss://") {
+        // TLS to Redis would pull a second TLS stack into the redis crate.
+        return Err("rediss:// (TLS) is not supported by this build; use redis://".into());
+    }
+    if !url.starts_with("redis://") {
+        return Err(format!("expected a redis:// URL, found {shown:?}"));
+    }
+    let parsed = url::Url::parse(url).map_err(|e| format!("invalid URL {shown:?}: {e}"))?;
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(format!("invalid URL {shown:?}: no host"));
+    }
+    if parsed
+        .host_str()
+        .and_then(|h| h.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok())
+        .is_some_and(|ip| ip.is_unspecified())
+    {
+        return Err(format!(
+            "invalid URL {shown:?}: a wildcard address cannot be connected to; name the Redis host"
+        ));
+    }
+    let db = parsed.path().trim_matches('/');
+    if !db.is_empty() && db.parse::<u32>().is_err() {
+        return Err(format!(
+            "invalid URL {shown:?}: the path must be a database number, found {db:?}"
+        ));
+    }
+    // What the redis crate itself refuses (a wildcard host, credentials
+    // that are not UTF-8 once decoded, ...).
+    redis::IntoConnectionInfo::into_connection_info(url)
+        .map(drop)
+        .map_err(|e| format!("invalid URL {shown:?}: {e}"))
 }
 
 impl KafkaConfig {

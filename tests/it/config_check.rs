@@ -11,6 +11,8 @@ fn check(toml: &str) -> (i32, String, String) {
         .arg(&path)
         .env_remove("PROXY_URLS")
         .env_remove("REDIS_HOST")
+        .env_remove("REDIS_PORT")
+        .env_remove("REDIS_PASSWORD")
         .env_remove("KAFKA_BROKERS")
         .output()
         .unwrap();
@@ -158,6 +160,22 @@ fn invalid_files_list_every_error_with_its_key() {
                 "FILE: otlp.endpoint: invalid URL \"http:///v1/traces\"",
                 "FILE: otlp.enabled: invalid type: string \"yes\", expected a boolean",
             ],
+        ),
+        (
+            format!("[redis]\nurl = \"redis://cache:abc\"\n{ROUTE}"),
+            vec!["FILE: redis.url: invalid URL \"redis://cache:abc\": invalid port number"],
+        ),
+        (
+            format!("[redis]\nurl = \"redis://:hunter2@cache:6379/db1\"\n{ROUTE}"),
+            vec!["FILE: redis.url: invalid URL \"redis://:***@cache:6379/db1\": the path must be a database number, found \"db1\""],
+        ),
+        (
+            format!("[redis]\nurl = \"redis://0.0.0.0:6379\"\n{ROUTE}"),
+            vec!["FILE: redis.url: invalid URL \"redis://0.0.0.0:6379\": a wildcard address cannot be connected to; name the Redis host"],
+        ),
+        (
+            format!("[redis]\nurl = \"http://cache:6379\"\n{ROUTE}"),
+            vec!["FILE: redis.url: expected a redis:// URL, found \"http://cache:6379\""],
         ),
     ];
     for (toml, expected) in cases {
