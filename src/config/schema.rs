@@ -610,6 +610,11 @@ impl RedisConfig {
             key_prefix: s.get("key_prefix", "backstop:".to_string()),
             timeout: s.duration("timeout", Duration::from_millis(50), SECONDS),
         };
+        // Zero would fail every Redis call: the cache, shared limits and
+        // cluster statistics would all be skipped.
+        if config.timeout.is_zero() {
+            s.error("timeout", "must be greater than 0");
+        }
         s.reject_unknown_keys();
         config
     }
@@ -668,6 +673,11 @@ impl KafkaConfig {
             dlq_topic: non_empty(s, "dlq_topic", "failed-requests.dlq"),
             ack_timeout: s.duration("ack_timeout", secs(5), SECONDS),
         };
+        // Zero: no acknowledgement is ever waited for, so every capture
+        // goes to the spool and the forwarder never gets one to Kafka.
+        if config.ack_timeout.is_zero() {
+            s.error("ack_timeout", "must be greater than 0");
+        }
         s.reject_unknown_keys();
         config
     }
@@ -681,7 +691,11 @@ impl ReplayConfig {
         }
         let initial_delay = s.duration("initial_delay", secs(1), SECONDS);
         let max_delay = s.duration("max_delay", secs(60), SECONDS);
-        if max_delay < initial_delay {
+        // Zero: every attempt at once, so a record is dead-lettered within
+        // milliseconds of its backend going down instead of waiting it out.
+        if initial_delay.is_zero() {
+            s.error("initial_delay", "must be greater than 0");
+        } else if max_delay < initial_delay {
             s.error("max_delay", "must not be shorter than initial_delay");
         }
         let config = ReplayConfig {
@@ -834,8 +848,15 @@ impl BreakerConfig {
             ),
             success_threshold: at_least_one(s, "success_threshold", 2),
         };
-        if config.request_timeout.is_zero() {
-            s.error("request_timeout", "must be greater than 0");
+        // A zero reset_timeout half-opens an open circuit at once: the
+        // breaker would never keep a failing backend's traffic off.
+        for (k, d) in [
+            ("reset_timeout", config.reset_timeout),
+            ("request_timeout", config.request_timeout),
+        ] {
+            if d.is_zero() {
+                s.error(k, "must be greater than 0");
+            }
         }
         s.reject_unknown_keys();
         config
@@ -846,7 +867,11 @@ impl RetryConfig {
     fn read(s: &Section<'_>) -> Self {
         let initial_delay = s.duration("initial_delay", secs(1), SECONDS);
         let max_delay = s.duration("max_delay", secs(10), SECONDS);
-        if max_delay < initial_delay {
+        // Zero: every retry at once, whatever `backoff_factor`, and a
+        // `Retry-After` capped to nothing (a rate-limited API hammered).
+        if initial_delay.is_zero() {
+            s.error("initial_delay", "must be greater than 0");
+        } else if max_delay < initial_delay {
             s.error("max_delay", "must not be shorter than initial_delay");
         }
         let backoff_factor = s.get("backoff_factor", 2.0f64);

@@ -177,6 +177,17 @@ fn invalid_files_list_every_error_with_its_key() {
             format!("[redis]\nurl = \"http://cache:6379\"\n{ROUTE}"),
             vec!["FILE: redis.url: expected a redis:// URL, found \"http://cache:6379\""],
         ),
+        // Zero durations that would turn a feature off or break it.
+        (
+            format!("[redis]\ntimeout = \"0s\"\n[kafka]\nack_timeout = 0\n[replay]\ninitial_delay = \"0ms\"\nmax_delay = 0\n{ROUTE}[routes.circuit_breaker]\nreset_timeout = 0\n[routes.retry]\ninitial_delay = \"0s\"\n"),
+            vec![
+                "FILE: redis.timeout: must be greater than 0",
+                "FILE: kafka.ack_timeout: must be greater than 0",
+                "FILE: replay.initial_delay: must be greater than 0",
+                "FILE: routes[0].circuit_breaker.reset_timeout: must be greater than 0",
+                "FILE: routes[0].retry.initial_delay: must be greater than 0",
+            ],
+        ),
     ];
     for (toml, expected) in cases {
         let (code, _, stderr) = check(&toml);
