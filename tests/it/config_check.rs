@@ -188,6 +188,21 @@ fn invalid_files_list_every_error_with_its_key() {
                 "FILE: routes[0].retry.initial_delay: must be greater than 0",
             ],
         ),
+        (
+            format!("{ROUTE}host = \"api.example.com:8443\"\n[[routes]]\nname = \"b\"\npath_prefix = \"/b\"\nupstreams = [\"http://127.0.0.1:1\"]\nhost = \"\"\n"),
+            vec![
+                "FILE: routes[0].host: \"api.example.com:8443\" has a port: routes match the request's host without its port, so write \"api.example.com\"",
+                "FILE: routes[1].host: must not be empty (leave host out to match every host)",
+            ],
+        ),
+        (
+            format!("[server]\nlisten = \"127.0.0.1:9901\"\n{ROUTE}"),
+            vec!["FILE: server.admin_listen: 127.0.0.1:9901 overlaps listen (127.0.0.1:9901): the proxy and the admin API need different ports"],
+        ),
+        (
+            format!("[server]\nlisten = \"0.0.0.0:9000\"\nadmin_listen = \"127.0.0.1:9000\"\n{ROUTE}"),
+            vec!["FILE: server.admin_listen: 127.0.0.1:9000 overlaps listen (0.0.0.0:9000)"],
+        ),
     ];
     for (toml, expected) in cases {
         let (code, _, stderr) = check(&toml);
