@@ -7,6 +7,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
+use tokio::signal::unix::{signal, SignalKind};
 
 use crate::capture::kafka_sink::KafkaSink;
 use crate::capture::record::CaptureRecord;
@@ -160,7 +161,7 @@ fn run(path: &Path, mode: Mode) -> ExitCode {
     let result = rt.block_on(async move {
         match mode {
             Mode::Proxy => runtime::run(path.to_path_buf(), active).await,
-            Mode::ReplayOnly => replay_only(active).await,
+            Mode::ReplayOnly => replay_only(path.to_path_buf(), active).await,
         }
     });
     match result {
@@ -173,7 +174,12 @@ fn run(path: &Path, mode: Mode) -> ExitCode {
     }
 }
 
-async fn replay_only(active: crate::pipeline::Active) -> Result<(), String> {
+/// `backstop replay`: the replay worker alone. SIGTERM and SIGINT stop it
+/// as they stop `backstop run` (the spool worker finishes each route's
+/// record in delivery; a Kafka consumer leaves its group, its uncommitted
+/// records going to another member); SIGHUP and a change of the file
+/// reload the configuration, so replays follow the routes' new settings.
+async fn replay_only(path: PathBuf, active: crate::pipeline::Active) -> Result<(), String> {
     let spool = Spool::open(&active.config.server.data_dir).map_err(|e| e.to_string())?;
     let metrics = Arc::new(crate::stats::metrics::Metrics::new());
     let proxy = Arc::new(Proxy {
@@ -187,9 +193,20 @@ async fn replay_only(active: crate::pipeline::Active) -> Result<(), String> {
         otel: crate::otel::Tracing::disabled(),
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
+    // Every handler is in place before the worker logs that it started:
+    // without one, SIGTERM or SIGHUP would end the process mid-delivery.
+    let stop_signal = runtime::stop_signal();
+    let hangup = signal(SignalKind::hangup()).ok();
+    tokio::spawn(runtime::watch_config(
+        path,
+        hangup,
+        proxy.clone(),
+        shutdown.clone(),
+    ));
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
+        stop_signal.await;
+        tracing::info!("stopping: finishing the records in delivery");
         stop.cancel();
     });
     let counters = Arc::new(ReplayCounters::default());

@@ -177,7 +177,7 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
     tracing::info!("proxy listening on {scheme}://{proxy_addr}");
     tracing::info!("admin listening on http://{admin_addr}");
 
-    wait_for_stop_signal().await;
+    stop_signal().await;
     tracing::info!(drain_timeout = ?config.server.drain_timeout, "shutting down: draining in-flight requests");
     shutdown.cancel();
     connections.close();
@@ -198,24 +198,30 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
     Ok(())
 }
 
-async fn wait_for_stop_signal() {
-    let (Ok(mut term), Ok(mut int)) = (
+/// Registers the SIGTERM and SIGINT handlers now (so a signal that comes
+/// before the wait is not lost, nor kills the process) and returns the wait
+/// for the first of them.
+pub(crate) fn stop_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    let signals = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stopping on Ctrl-C only");
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = signals else {
+            tracing::error!("cannot install signal handlers; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }
 
 /// Reloads on SIGHUP and when the file changes. An invalid file keeps the
 /// running configuration; every error is logged.
-async fn watch_config(
+pub(crate) async fn watch_config(
     path: PathBuf,
     mut hangup: Option<Signal>,
     proxy: Arc<Proxy>,

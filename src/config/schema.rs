@@ -439,6 +439,15 @@ impl ServerConfig {
         if admin_token.as_deref() == Some("") {
             s.error("admin_token", "must not be empty");
         }
+        if listeners_collide(listen, admin_listen) {
+            s.error(
+                "admin_listen",
+                format!(
+                    "{admin_listen} overlaps listen ({listen}): the proxy and the admin API \
+                     need different ports"
+                ),
+            );
+        }
         let admin_insecure = s.get("admin_insecure", false);
         if !admin_listen.ip().is_loopback() && admin_token.is_none() && !admin_insecure {
             s.error(
@@ -489,6 +498,16 @@ impl ServerConfig {
         s.reject_unknown_keys();
         config
     }
+}
+
+/// Whether two listeners could not both bind: the same port (not 0, which
+/// picks a free one) on the same address, or on a wildcard address that
+/// covers the other (`0.0.0.0` covers IPv4; `[::]`, dual-stack, both).
+fn listeners_collide(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |wild: SocketAddr, other: SocketAddr| {
+        wild.ip().is_unspecified() && (wild.is_ipv6() || other.is_ipv4())
+    };
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
 }
 
 /// The largest `upstream_max_conns`: far above what one target can take,
@@ -601,27 +620,64 @@ fn check_collector_url(url: &str) -> Result<(), String> {
 
 impl RedisConfig {
     fn read(s: &Section<'_>) -> Self {
-        let url = s.get("url", "redis://127.0.0.1:6379".to_string());
-        if url.starts_with("rediss://") {
-            // TLS to Redis would pull a second TLS stack into the redis crate.
-            s.error(
-                "url",
-                "rediss:// (TLS) is not supported by this build; use redis://",
-            );
-        } else if !url.starts_with("redis://") {
-            s.error(
-                "url",
-                format!("expected a redis:// URL, found {:?}", redact_url(&url)),
-            );
+        let url = s.get("url", DEFAULT_REDIS_URL.to_string());
+        if let Err(message) = check_redis_url(&url) {
+            s.error("url", message);
         }
         let config = RedisConfig {
             url,
             key_prefix: s.get("key_prefix", "backstop:".to_string()),
             timeout: s.duration("timeout", Duration::from_millis(50), SECONDS),
         };
+        // Zero would fail every Redis call: the cache, shared limits and
+        // cluster statistics would all be skipped.
+        if config.timeout.is_zero() {
+            s.error("timeout", "must be greater than 0");
+        }
         s.reject_unknown_keys();
         config
     }
+}
+
+/// `[redis] url` when the file has none (and the base of `REDIS_HOST`,
+/// `REDIS_PORT`, `REDIS_PASSWORD`).
+pub(crate) const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// A URL the redis crate can connect with: `redis://`, a host, a port
+/// number, a numeric database. The message never shows the password.
+fn check_redis_url(url: &str) -> Result<(), String> {
+    let shown = redact_url(url);
+    if url.starts_with("rediss://") {
+        // TLS to Redis would pull a second TLS stack into the redis crate.
+        return Err("rediss:// (TLS) is not supported by this build; use redis://".into());
+    }
+    if !url.starts_with("redis://") {
+        return Err(format!("expected a redis:// URL, found {shown:?}"));
+    }
+    let parsed = url::Url::parse(url).map_err(|e| format!("invalid URL {shown:?}: {e}"))?;
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(format!("invalid URL {shown:?}: no host"));
+    }
+    if parsed
+        .host_str()
+        .and_then(|h| h.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok())
+        .is_some_and(|ip| ip.is_unspecified())
+    {
+        return Err(format!(
+            "invalid URL {shown:?}: a wildcard address cannot be connected to; name the Redis host"
+        ));
+    }
+    let db = parsed.path().trim_matches('/');
+    if !db.is_empty() && db.parse::<u32>().is_err() {
+        return Err(format!(
+            "invalid URL {shown:?}: the path must be a database number, found {db:?}"
+        ));
+    }
+    // What the redis crate itself refuses (a wildcard host, credentials
+    // that are not UTF-8 once decoded, ...).
+    redis::IntoConnectionInfo::into_connection_info(url)
+        .map(drop)
+        .map_err(|e| format!("invalid URL {shown:?}: {e}"))
 }
 
 impl KafkaConfig {
@@ -636,6 +692,11 @@ impl KafkaConfig {
             dlq_topic: non_empty(s, "dlq_topic", "failed-requests.dlq"),
             ack_timeout: s.duration("ack_timeout", secs(5), SECONDS),
         };
+        // Zero: no acknowledgement is ever waited for, so every capture
+        // goes to the spool and the forwarder never gets one to Kafka.
+        if config.ack_timeout.is_zero() {
+            s.error("ack_timeout", "must be greater than 0");
+        }
         s.reject_unknown_keys();
         config
     }
@@ -649,7 +710,11 @@ impl ReplayConfig {
         }
         let initial_delay = s.duration("initial_delay", secs(1), SECONDS);
         let max_delay = s.duration("max_delay", secs(60), SECONDS);
-        if max_delay < initial_delay {
+        // Zero: every attempt at once, so a record is dead-lettered within
+        // milliseconds of its backend going down instead of waiting it out.
+        if initial_delay.is_zero() {
+            s.error("initial_delay", "must be greater than 0");
+        } else if max_delay < initial_delay {
             s.error("max_delay", "must not be shorter than initial_delay");
         }
         let config = ReplayConfig {
@@ -708,7 +773,7 @@ impl RouteConfig {
             name,
             path_prefix,
             strip_prefix: s.get("strip_prefix", false),
-            host: s.opt::<String>("host").map(|h| h.to_ascii_lowercase()),
+            host: read_route_host(s),
             upstreams,
             headers: read_header_map(s, "headers").into(),
             forward_headers: read_forward_headers(s),
@@ -744,6 +809,57 @@ impl RouteConfig {
         let cacheable = self.cache.enabled && self.cache.methods.contains(method);
         capturable || retryable || cacheable
     }
+}
+
+/// A route's `host`: a name or an IP address, compared with the request's
+/// host without its port (so a port here could never match). An IPv6
+/// address may be written with or without brackets.
+fn read_route_host(s: &Section<'_>) -> Option<String> {
+    let text = s.opt::<String>("host")?;
+    match check_route_host(&text) {
+        Ok(host) => Some(host),
+        Err(message) => {
+            s.error("host", message);
+            None
+        }
+    }
+}
+
+fn check_route_host(text: &str) -> Result<String, String> {
+    let host = text.trim();
+    if host.is_empty() {
+        return Err("must not be empty (leave host out to match every host)".into());
+    }
+    if host.contains("://") || host.contains('/') {
+        return Err(format!(
+            "{text:?} must be a host name such as \"api.example.com\", not a URL"
+        ));
+    }
+    let unbracketed = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if unbracketed.parse::<std::net::Ipv6Addr>().is_ok() {
+        return Ok(unbracketed.to_ascii_lowercase());
+    }
+    if let Some((name, port)) = host.rsplit_once(':') {
+        if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!(
+                "{text:?} has a port: routes match the request's host without its port, \
+                 so write {:?}",
+                name.trim_start_matches('[').trim_end_matches(']')
+            ));
+        }
+    }
+    if !host
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+    {
+        return Err(format!(
+            "{text:?} is not a host name (letters, digits, '-', '_' and '.')"
+        ));
+    }
+    Ok(host.to_ascii_lowercase())
 }
 
 impl CaptureConfig {
@@ -802,8 +918,15 @@ impl BreakerConfig {
             ),
             success_threshold: at_least_one(s, "success_threshold", 2),
         };
-        if config.request_timeout.is_zero() {
-            s.error("request_timeout", "must be greater than 0");
+        // A zero reset_timeout half-opens an open circuit at once: the
+        // breaker would never keep a failing backend's traffic off.
+        for (k, d) in [
+            ("reset_timeout", config.reset_timeout),
+            ("request_timeout", config.request_timeout),
+        ] {
+            if d.is_zero() {
+                s.error(k, "must be greater than 0");
+            }
         }
         s.reject_unknown_keys();
         config
@@ -814,7 +937,11 @@ impl RetryConfig {
     fn read(s: &Section<'_>) -> Self {
         let initial_delay = s.duration("initial_delay", secs(1), SECONDS);
         let max_delay = s.duration("max_delay", secs(10), SECONDS);
-        if max_delay < initial_delay {
+        // Zero: every retry at once, whatever `backoff_factor`, and a
+        // `Retry-After` capped to nothing (a rate-limited API hammered).
+        if initial_delay.is_zero() {
+            s.error("initial_delay", "must be greater than 0");
+        } else if max_delay < initial_delay {
             s.error("max_delay", "must not be shorter than initial_delay");
         }
         let backoff_factor = s.get("backoff_factor", 2.0f64);
@@ -1232,5 +1359,57 @@ pub fn redact_url(url: &str) -> String {
             format!("{}{user}:***@{}", &url[..scheme_end + 3], &rest[at + 1..])
         }
         None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listeners_that_cannot_both_bind() {
+        let cases = [
+            ("127.0.0.1:9901", "127.0.0.1:9901", true),
+            ("0.0.0.0:8080", "127.0.0.1:8080", true),
+            ("127.0.0.1:8080", "0.0.0.0:8080", true),
+            ("[::]:8080", "127.0.0.1:8080", true),
+            ("[::1]:8080", "[::]:8080", true),
+            ("0.0.0.0:8080", "127.0.0.1:9901", false),
+            ("127.0.0.1:8080", "127.0.0.2:8080", false),
+            ("0.0.0.0:8080", "[::1]:8080", false),
+            // Port 0: each gets a free port of its own.
+            ("127.0.0.1:0", "127.0.0.1:0", false),
+        ];
+        for (a, b, want) in cases {
+            let (a, b) = (a.parse().unwrap(), b.parse().unwrap());
+            assert_eq!(listeners_collide(a, b), want, "{a} {b}");
+        }
+    }
+
+    #[test]
+    fn route_hosts() {
+        let cases = [
+            ("API.Example.com", Ok("api.example.com")),
+            ("::1", Ok("::1")),
+            ("[::1]", Ok("::1")),
+            ("10.0.0.1", Ok("10.0.0.1")),
+            ("api.example.com:8443", Err("has a port")),
+            ("10.0.0.1:80", Err("has a port")),
+            ("[::1]:8443", Err("has a port: routes match the request's host without its port, so write \"::1\"")),
+            ("", Err("must not be empty")),
+            ("  ", Err("must not be empty")),
+            ("https://api.example.com", Err("not a URL")),
+            ("api.example.com/v1", Err("not a URL")),
+            ("api example.com", Err("is not a host name")),
+        ];
+        for (text, want) in cases {
+            match (check_route_host(text), want) {
+                (Ok(host), Ok(want)) => assert_eq!(host, want, "{text:?}"),
+                (Err(message), Err(want)) => {
+                    assert!(message.contains(want), "{text:?}: {message}")
+                }
+                (got, want) => panic!("{text:?}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 }

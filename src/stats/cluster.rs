@@ -12,9 +12,9 @@
 //! - `stats:history:{node}:{route}:{hourly|daily}:{start_ms}` — the
 //!   summary of one finished hour or day, written once, living until it
 //!   leaves the history (7 days after the hour's start, 30 after the
-//!   day's). `node` names the instance across restarts (host and data
-//!   directory, hashed); each route's history is read back at start, so
-//!   `/api-stats` history survives a restart.
+//!   day's). `node` names the instance across restarts (a random id kept
+//!   in `data_dir/node-id`, see [`node_id`]); each route's history is read
+//!   back at start, so `/api-stats` history survives a restart.
 //!
 //! A snapshot holds each period (`all`, `daily`, `hourly`) with its start,
 //! the route's and paths' counters, the latency HDR histograms in
@@ -398,19 +398,72 @@ pub async fn run(proxy: Arc<Proxy>, shutdown: CancellationToken) {
     }
 }
 
-/// A stable name for this instance across restarts: its host and data
-/// directory (two instances cannot share one spool), hashed so no path
-/// shows in Redis.
+/// The file in the data directory that names this instance across restarts.
+pub const NODE_ID_FILE: &str = "node-id";
+
+/// A stable name for this instance across restarts: a random id made the
+/// first time and kept in `data_dir/node-id`. Random rather than derived
+/// from the host and path: two instances with the same relative
+/// `data_dir` in different working directories, or containers that share
+/// a hostname, would get one name, and each would take the other's
+/// snapshots for its own earlier run and leave them out. When the file can
+/// be neither read nor written, a new random id for this run: the history
+/// then starts afresh at each restart, but the instance is never mistaken
+/// for another.
 pub fn node_id(data_dir: &Path) -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default();
-    let text = format!("{host}\n{}", data_dir.display());
-    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
-    digest.as_ref()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    match stored_node_id(data_dir) {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                path = %data_dir.join(NODE_ID_FILE).display(),
+                "cannot keep this instance's node id: its statistics history will not survive a restart"
+            );
+            new_node_id()
+        }
+    }
+}
+
+/// The id in `data_dir/node-id`, created (written whole, then renamed into
+/// place, so a crash never leaves half an id) when absent or unusable.
+fn stored_node_id(data_dir: &Path) -> std::io::Result<String> {
+    let path = data_dir.join(NODE_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) if valid_node_id(text.trim()) => return Ok(text.trim().to_string()),
+        // Damaged (or edited into something unusable): replaced.
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::create_dir_all(data_dir)?;
+    let id = new_node_id();
+    let temp = data_dir.join(format!(".{NODE_ID_FILE}.{}", std::process::id()));
+    let written = write_synced(&temp, &id).and_then(|()| std::fs::rename(&temp, &path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    written.map(|()| id)
+}
+
+fn write_synced(path: &Path, id: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path)?;
+    writeln!(file, "{id}")?;
+    file.sync_all()
+}
+
+/// 64 random bits in hex.
+fn new_node_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// An id that is safe in a Redis key: 1 to 64 of letters, digits, `-`, `_`
+/// and `.` (an operator may name a node by writing the file).
+fn valid_node_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 fn history_key(prefix: &str, node: &str, route: &str, kind: &str, start_ms: i64) -> String {
@@ -735,6 +788,46 @@ pub fn unavailable(mut local: Value, reason: &str) -> Value {
 mod tests {
     use super::*;
     use crate::stats::window::Sample;
+
+    #[test]
+    fn the_node_id_is_made_once_and_kept_in_the_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let first = node_id(&data);
+        assert!(valid_node_id(&first), "{first:?}");
+        let stored = std::fs::read_to_string(data.join(NODE_ID_FILE)).unwrap();
+        assert_eq!(stored.trim(), first);
+        assert_eq!(node_id(&data), first, "a restart keeps the id");
+
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(
+            node_id(other.path()),
+            first,
+            "another data dir, another node"
+        );
+
+        // A name written by an operator is kept; an unusable one replaced.
+        std::fs::write(data.join(NODE_ID_FILE), "edge-1\n").unwrap();
+        assert_eq!(node_id(&data), "edge-1");
+        std::fs::write(data.join(NODE_ID_FILE), "no/such id\n").unwrap();
+        let replaced = node_id(&data);
+        assert!(valid_node_id(&replaced), "{replaced:?}");
+        assert_eq!(node_id(&data), replaced);
+        let left: Vec<_> = std::fs::read_dir(&data).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temporary file left: {left:?}");
+    }
+
+    #[test]
+    fn a_data_dir_that_cannot_keep_the_id_gets_a_new_one_each_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, "").unwrap();
+        // Below a regular file: never creatable, whoever runs the test.
+        let data = file.join("data");
+        let (a, b) = (node_id(&data), node_id(&data));
+        assert!(valid_node_id(&a), "{a:?}");
+        assert_ne!(a, b, "never one shared id");
+    }
 
     fn sample(status: u16, us: u64) -> Sample {
         Sample {

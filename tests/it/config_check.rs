@@ -11,6 +11,8 @@ fn check(toml: &str) -> (i32, String, String) {
         .arg(&path)
         .env_remove("PROXY_URLS")
         .env_remove("REDIS_HOST")
+        .env_remove("REDIS_PORT")
+        .env_remove("REDIS_PASSWORD")
         .env_remove("KAFKA_BROKERS")
         .output()
         .unwrap();
@@ -158,6 +160,48 @@ fn invalid_files_list_every_error_with_its_key() {
                 "FILE: otlp.endpoint: invalid URL \"http:///v1/traces\"",
                 "FILE: otlp.enabled: invalid type: string \"yes\", expected a boolean",
             ],
+        ),
+        (
+            format!("[redis]\nurl = \"redis://cache:abc\"\n{ROUTE}"),
+            vec!["FILE: redis.url: invalid URL \"redis://cache:abc\": invalid port number"],
+        ),
+        (
+            format!("[redis]\nurl = \"redis://:hunter2@cache:6379/db1\"\n{ROUTE}"),
+            vec!["FILE: redis.url: invalid URL \"redis://:***@cache:6379/db1\": the path must be a database number, found \"db1\""],
+        ),
+        (
+            format!("[redis]\nurl = \"redis://0.0.0.0:6379\"\n{ROUTE}"),
+            vec!["FILE: redis.url: invalid URL \"redis://0.0.0.0:6379\": a wildcard address cannot be connected to; name the Redis host"],
+        ),
+        (
+            format!("[redis]\nurl = \"http://cache:6379\"\n{ROUTE}"),
+            vec!["FILE: redis.url: expected a redis:// URL, found \"http://cache:6379\""],
+        ),
+        // Zero durations that would turn a feature off or break it.
+        (
+            format!("[redis]\ntimeout = \"0s\"\n[kafka]\nack_timeout = 0\n[replay]\ninitial_delay = \"0ms\"\nmax_delay = 0\n{ROUTE}[routes.circuit_breaker]\nreset_timeout = 0\n[routes.retry]\ninitial_delay = \"0s\"\n"),
+            vec![
+                "FILE: redis.timeout: must be greater than 0",
+                "FILE: kafka.ack_timeout: must be greater than 0",
+                "FILE: replay.initial_delay: must be greater than 0",
+                "FILE: routes[0].circuit_breaker.reset_timeout: must be greater than 0",
+                "FILE: routes[0].retry.initial_delay: must be greater than 0",
+            ],
+        ),
+        (
+            format!("{ROUTE}host = \"api.example.com:8443\"\n[[routes]]\nname = \"b\"\npath_prefix = \"/b\"\nupstreams = [\"http://127.0.0.1:1\"]\nhost = \"\"\n"),
+            vec![
+                "FILE: routes[0].host: \"api.example.com:8443\" has a port: routes match the request's host without its port, so write \"api.example.com\"",
+                "FILE: routes[1].host: must not be empty (leave host out to match every host)",
+            ],
+        ),
+        (
+            format!("[server]\nlisten = \"127.0.0.1:9901\"\n{ROUTE}"),
+            vec!["FILE: server.admin_listen: 127.0.0.1:9901 overlaps listen (127.0.0.1:9901): the proxy and the admin API need different ports"],
+        ),
+        (
+            format!("[server]\nlisten = \"0.0.0.0:9000\"\nadmin_listen = \"127.0.0.1:9000\"\n{ROUTE}"),
+            vec!["FILE: server.admin_listen: 127.0.0.1:9000 overlaps listen (0.0.0.0:9000)"],
         ),
     ];
     for (toml, expected) in cases {

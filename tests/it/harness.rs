@@ -48,6 +48,17 @@ impl Backstop {
         Self::start_in_with_env(dir, toml, &[])
     }
 
+    /// Starts Backstop with its temp dir as the working directory, so
+    /// relative paths in `toml` (a `data_dir = "./backstop-data"`) are
+    /// this instance's own.
+    pub fn start_in_own_cwd(toml: &str) -> Backstop {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        let config_path = dir.path().join("backstop.toml");
+        std::fs::write(&config_path, with_test_server(toml, dir.path())).expect("write config");
+        let cwd = dir.path().to_path_buf();
+        Self::spawn_in(dir, config_path, &[], Some(&cwd))
+    }
+
     /// Starts Backstop with extra environment variables.
     pub fn start_with_env(toml: &str, env: &[(&str, &str)]) -> Backstop {
         let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
@@ -87,7 +98,20 @@ impl Backstop {
         config_path: PathBuf,
         env: &[(&str, &str)],
     ) -> Backstop {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_backstop"))
+        Self::spawn_in(dir, config_path, env, None)
+    }
+
+    fn spawn_in(
+        dir: Arc<tempfile::TempDir>,
+        config_path: PathBuf,
+        env: &[(&str, &str)],
+        cwd: Option<&Path>,
+    ) -> Backstop {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_backstop"));
+        if let Some(cwd) = cwd {
+            command.current_dir(cwd);
+        }
+        let mut child = command
             .args(["run", "-c"])
             .arg(&config_path)
             .env("RUST_LOG", "info,backstop=debug")

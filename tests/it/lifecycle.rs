@@ -153,3 +153,110 @@ async fn a_reload_closes_the_old_tables_idle_upstream_connections() {
     );
     assert_eq!(backend.open(), 1);
 }
+
+/// `backstop replay` stops as `backstop run` does: on SIGTERM it finishes
+/// the record in delivery (so it is not delivered again by the next worker)
+/// and exits 0; SIGHUP reloads instead of ending the process.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standalone_replay_worker_finishes_its_delivery_on_sigterm_and_survives_sighup() {
+    // One POST captured while the backend is down.
+    let down = "[replay]\nenabled = false\n\n[[routes]]\nname = \"api\"\npath_prefix = \"/api\"\n\
+                upstreams = [\"http://127.0.0.1:1\"]\n[routes.retry]\nmax_attempts = 1\n";
+    let bs = Backstop::start(down);
+    let r = client()
+        .post(bs.url("/api/orders"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("x-backstop-capture-id"));
+    let dir = bs.kill9();
+
+    // The backend is back, and slow: the delivery is in flight for a while.
+    let slow = Backend::start(|_| Reply::ok("done").delay(Duration::from_secs(3))).await;
+    let config = dir.path().join("replay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\ndata_dir = {:?}\n\n{}",
+            dir.path().join("data"),
+            one_route(&slow.url())
+        ),
+    )
+    .unwrap();
+    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["replay", "-c"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .env_remove("KAFKA_BROKERS")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logs = Arc::new(std::sync::Mutex::new(String::new()));
+    let stderr = worker.stderr.take().unwrap();
+    let sink = logs.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let mut all = sink.lock().unwrap();
+            all.push_str(&line);
+            all.push('\n');
+        }
+    });
+    let wait_for_log = |needle: &'static str| {
+        let logs = logs.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !logs.lock().unwrap().contains(needle) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no {needle:?} in:\n{}",
+                    logs.lock().unwrap()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let pid = worker.id().to_string();
+    let kill = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig}");
+    };
+    slow.wait_for_hits(1, Duration::from_secs(10)).await;
+
+    kill("HUP");
+    wait_for_log("configuration reloaded").await;
+    kill("TERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = worker.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "still running");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let logs = logs.lock().unwrap().clone();
+    assert_eq!(status.code(), Some(0), "a clean exit: {status:?}\n{logs}");
+    assert!(logs.contains("replayed"), "the delivery finished:\n{logs}");
+    assert!(logs.contains("replay worker stopped"), "{logs}");
+    assert_eq!(slow.hits(), 1);
+
+    // Delivered, so no longer queued: the next worker will not send it again.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["queue", "list", "--json", "-c"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
+}

@@ -218,6 +218,37 @@ async fn redis_down_or_silent_gives_the_local_view_quickly_and_marked() {
     holder.abort();
 }
 
+/// Two instances on one host with the same relative `data_dir`, each
+/// started in its own working directory (or two containers sharing a
+/// hostname), are two nodes: each one's cluster view counts the other.
+#[tokio::test]
+async fn instances_with_the_same_relative_data_dir_are_two_nodes() {
+    let prefix = prefix("relative-dir");
+    let backend = path_backend().await;
+    let config = format!(
+        "[server]\ndata_dir = \"./backstop-data\"\n\n{}",
+        config(Some(MACHINE_REDIS), &prefix, &backend)
+    );
+    let a = Backstop::start_in_own_cwd(&config);
+    let b = Backstop::start_in_own_cwd(&config);
+    for i in 0..4 {
+        assert_eq!(get_status(a.url(&format!("/api/a/{i}"))).await, 200);
+    }
+    for i in 0..3 {
+        assert_eq!(get_status(b.url(&format!("/api/b/{i}"))).await, 200);
+    }
+    for bs in [&a, &b] {
+        wait_for(bs.admin_url("/api-stats?api=users&scope=cluster"), |s| {
+            s["total"] == 7
+        })
+        .await;
+    }
+    let node = |bs: &Backstop| {
+        std::fs::read_to_string(bs.dir.path().join("backstop-data").join("node-id")).unwrap()
+    };
+    assert_ne!(node(&a), node(&b), "each data directory has its own id");
+}
+
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 86_400_000;
 
@@ -234,8 +265,9 @@ async fn past_periods_are_read_back_from_redis_after_a_restart() {
     let prefix = prefix("history");
     let backend = path_backend().await;
     let dir = Arc::new(tempfile::tempdir().unwrap());
-    // What an earlier run of this instance (same host, same data
-    // directory) wrote when its hour and its day ended.
+    // What an earlier run of this instance (the node id kept in its data
+    // directory, made here as that run made it) wrote when its hour and
+    // its day ended.
     let node = backstop::stats::cluster::node_id(&dir.path().join("data"));
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
