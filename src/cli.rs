@@ -213,15 +213,33 @@ async fn replay_only(path: PathBuf, active: crate::pipeline::Active) -> Result<(
     let config = proxy.active.load().config.clone();
     match &config.kafka {
         // With Kafka, a standalone worker is one more member of the group.
+        // It also replays its data directory's spool when no other process
+        // does (it holds the spool's replay lock): records requeued there,
+        // and captures Kafka refused for their size, which an instance with
+        // `replay.enabled = false` would otherwise keep for ever.
         Some(kafka) => {
+            let sink = Arc::new(KafkaSink::new(kafka)?);
+            let spool_worker = SpoolReplayer {
+                spool,
+                proxy: proxy.clone(),
+                counters: counters.clone(),
+            };
+            let spool_task = tokio::spawn(spool_worker.run(shutdown.clone()));
             let worker = KafkaReplayer {
-                sink: Arc::new(KafkaSink::new(kafka)?),
+                sink,
                 proxy,
                 counters,
             };
-            worker
-                .run(kafka.clone(), config.replay.group_id.clone(), shutdown)
-                .await
+            let result = worker
+                .run(
+                    kafka.clone(),
+                    config.replay.group_id.clone(),
+                    shutdown.clone(),
+                )
+                .await;
+            shutdown.cancel();
+            let _ = spool_task.await;
+            result
         }
         None => {
             let worker = SpoolReplayer {

@@ -1,27 +1,75 @@
-//! Dot segments (`.` and `..`, also percent-encoded) in a request's path,
-//! resolved before routing (RFC 3986 §5.2.4), as nginx does: otherwise
-//! `/api/public/../admin` would be routed by `/api/public`'s rules (its
-//! rate limit, host binding, capture) and reach the backend as a path that
-//! means `/api/admin`.
+//! A request's path made canonical before routing (RFC 3986 §6.2.2), as
+//! nginx does before it matches a location: percent-encoded unreserved
+//! characters decoded (`/%61dmin` is `/admin`) and dot segments (`.` and
+//! `..`) resolved (§5.2.4). Otherwise `/api/public/../admin` or
+//! `/api/%61dmin` would be routed by `/api`'s rules (its rate limit, host
+//! binding, capture) and reach the backend as a path that means
+//! `/api/admin`. Repeated slashes are kept: unlike dot segments, some
+//! backends give them a meaning.
 
 /// What to do with a request's path.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Resolved {
-    /// No dot segments: the path stays as it is (nearly every request).
+    /// Already canonical: the path stays as it is (nearly every request).
     Unchanged,
-    /// The path with its dot segments resolved.
+    /// The canonical path.
     Changed(String),
     /// A `..` that climbs above the root: refused, as nginx does.
     AboveRoot,
 }
 
-/// Resolves the dot segments of `path` (an origin-form path, from `/`).
+/// The canonical form of `path` (an origin-form path, from `/`).
 pub fn resolve(path: &str) -> Resolved {
-    // One short scan for the common case (no dot, no escape at all);
-    // segments only for the rare path that may hold a dot segment.
+    // One short scan for the common case (no dot, no escape at all).
     if !path.bytes().any(|b| b == b'.' || b == b'%') {
         return Resolved::Unchanged;
     }
+    let decoded = decode_unreserved(path);
+    match resolve_dots(decoded.as_deref().unwrap_or(path)) {
+        Resolved::Unchanged => decoded.map_or(Resolved::Unchanged, Resolved::Changed),
+        other => other,
+    }
+}
+
+/// `path` with `%XX` decoded where it stands for an unreserved character
+/// (letters, digits, `-._~`), which is the same URI either way; `None` when
+/// there is none. Other escapes (`%2F`, `%20`, ...) stay: decoded they would
+/// mean something else.
+fn decode_unreserved(path: &str) -> Option<String> {
+    let bytes = path.as_bytes();
+    let mut out: Option<Vec<u8>> = None;
+    let mut i = 0;
+    while i < bytes.len() {
+        let unreserved = match bytes.get(i..i + 3) {
+            Some([b'%', hi, lo]) => hex(*hi)
+                .zip(hex(*lo))
+                .map(|(hi, lo)| hi * 16 + lo)
+                .filter(|&c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~')),
+            _ => None,
+        };
+        match unreserved {
+            Some(c) => {
+                out.get_or_insert_with(|| bytes[..i].to_vec()).push(c);
+                i += 3;
+            }
+            None => {
+                if let Some(out) = &mut out {
+                    out.push(bytes[i]);
+                }
+                i += 1;
+            }
+        }
+    }
+    // Only ASCII went in for ASCII: the text stays UTF-8.
+    out.and_then(|out| String::from_utf8(out).ok())
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// Resolves the dot segments of `path`.
+fn resolve_dots(path: &str) -> Resolved {
     let Some(rest) = path.strip_prefix('/') else {
         return Resolved::Unchanged;
     };
@@ -92,7 +140,10 @@ mod tests {
             ("/api/users/7", Resolved::Unchanged),
             ("/", Resolved::Unchanged),
             ("/a/.hidden/b..c/...", Resolved::Unchanged),
-            ("/a/%41%2F", Resolved::Unchanged),
+            ("/a/%2F%20", Resolved::Unchanged),
+            ("/api/%61dmin/%7Eu", changed("/api/admin/~u")),
+            ("/a/%41%2F", changed("/a/A%2F")),
+            ("/a/%zz%4", Resolved::Unchanged),
             ("/api/public/../admin", changed("/api/admin")),
             ("/api/public/%2e%2E/admin/x", changed("/api/admin/x")),
             ("/a/./b/.", changed("/a/b/")),

@@ -56,8 +56,15 @@ pub async fn deliver(
     };
     let deadline = deadline_after(Instant::now(), timeout);
     // Through the route's outbound proxies, as its clients' requests go
-    // (a backend may be reachable, or allow this caller, only that way).
-    let via = proxy_pool::choose(route.upstream.proxies.as_ref(), &route.config.proxy, false);
+    // (a backend may be reachable, or allow this caller, only that way);
+    // on an `on_rate_limit` route from the second attempt on (a replay does
+    // not keep why its last attempt failed: a 429 is as likely as any).
+    let retried = attempt > 1;
+    let via = proxy_pool::choose(
+        route.upstream.proxies.as_ref(),
+        &route.config.proxy,
+        retried,
+    );
     match route
         .upstream
         .send_through(via, target, request, deadline)

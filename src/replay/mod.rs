@@ -90,10 +90,6 @@ enum RouteTurn {
 }
 
 impl SpoolReplayer {
-    /// Replays every route on its own task, so a route with a deep backlog,
-    /// a slow backend or a long backoff never holds up another: a route
-    /// whose task ended waits the time its task returned, or until a new
-    /// capture wakes the worker; then its head is read again.
     /// Waits until this process is the one that replays the spool (a
     /// `backstop replay` beside `backstop run` on the same data directory
     /// would otherwise deliver every record twice): a second worker stands
@@ -120,6 +116,10 @@ impl SpoolReplayer {
         }
     }
 
+    /// Replays every route on its own task, so a route with a deep backlog,
+    /// a slow backend or a long backoff never holds up another: a route
+    /// whose task ended waits the time its task returned, or until a new
+    /// capture wakes the worker; then its head is read again.
     pub async fn run(self, shutdown: CancellationToken) {
         let Some(_replaying) = self.wait_for_replay_lock(&shutdown).await else {
             return;

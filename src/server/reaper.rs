@@ -408,8 +408,15 @@ impl ConnState {
 
     /// Gives a head begun between requests the reaper's current tick.
     fn stamp_head(&self, now: u64) {
+        // Exchanged, not stored: the request may complete (and clear the
+        // mark) between a load and a store.
         if self.head_since.load(Ordering::Relaxed) == HEAD_UNSTAMPED {
-            self.head_since.store(now, Ordering::Relaxed);
+            let _ = self.head_since.compare_exchange(
+                HEAD_UNSTAMPED,
+                now,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
         }
     }
 

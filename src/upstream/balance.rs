@@ -169,8 +169,11 @@ impl Balancer {
                 first_usable.get_or_insert(i);
             }
         }
+        // None usable but the failed one: it again. None at all: the next
+        // in turn that did not just fail (it may have come back).
         let i = first_usable
-            .or(failed.filter(|&f| f < n))
+            .or(failed.filter(|&f| f < n && self.targets[f].usable(now)))
+            .or_else(|| (0..n).map(|o| (start + o) % n).find(|&i| Some(i) != failed))
             .unwrap_or(start % n);
         (i, &self.targets[i])
     }

@@ -147,9 +147,9 @@ async fn a_client_x_forwarded_host_never_passes_for_the_proxys() {
     }
 }
 
-/// Dot segments are resolved before routing: `/api/public/../admin` is
-/// `/api/admin`'s, by its route and as the path its backend gets; one that
-/// climbs above the root is refused.
+/// The path is made canonical before routing: `/api/public/../admin` and
+/// `/api/%61dmin` are `/api/admin`'s, by its route and as the path its
+/// backend gets; a `..` that climbs above the root is refused.
 #[tokio::test]
 async fn dot_segments_are_resolved_before_routing() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -175,13 +175,14 @@ async fn dot_segments_are_resolved_before_routing() {
     for target in [
         "/api/public/../admin/x?q=1",
         "/api/public/%2e%2E/admin/x?q=1",
+        "/api/%61dmin/x?q=1",
     ] {
         let answer = send(target).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{target}: {answer}");
     }
     assert_eq!(public.hits(), 0);
     let seen: Vec<String> = admin.seen().iter().map(|s| s.uri.clone()).collect();
-    assert_eq!(seen, ["/api/admin/x?q=1", "/api/admin/x?q=1"]);
+    assert_eq!(seen, ["/api/admin/x?q=1"; 3]);
     let answer = send("/api/../../etc/passwd").await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("bad_request"), "{answer}");
