@@ -161,6 +161,25 @@ async fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bo
     }
 }
 
+/// Posts `n` requests (the i-th to `path(i)`, its body `i`), each answered
+/// "captured"; their capture ids.
+async fn capture_each(bs: &Backstop, n: usize, path: impl Fn(usize) -> String) -> HashSet<String> {
+    let c = client();
+    let mut ids = HashSet::new();
+    for i in 0..n {
+        let r = c
+            .post(bs.url(&path(i)))
+            .body(format!("{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+        let id = r.headers()["x-backstop-capture-id"].to_str().unwrap();
+        ids.insert(id.to_string());
+    }
+    ids
+}
+
 fn validator() -> jsonschema::Validator {
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -413,23 +432,7 @@ async fn a_partition_paused_when_revoked_is_consumed_once_assigned_again() {
     let stopped = Backend::echo().await.stop().await;
     let upstream = format!("http://{}", stopped.addr);
     let bs = Backstop::start(&config(&tansu, &upstream, false));
-    let c = client();
-    let mut ids = HashSet::new();
-    for i in 0..600 {
-        let r = c
-            .post(bs.url("/api/x"))
-            .body(format!("{i}"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 503);
-        ids.insert(
-            r.headers()["x-backstop-capture-id"]
-                .to_str()
-                .unwrap()
-                .to_string(),
-        );
-    }
+    let ids = capture_each(&bs, 600, |_| "/api/x".to_string()).await;
     let dir = tempfile::tempdir().unwrap();
     let a = Worker::start(&bs.config_path, dir.path().join("a.log"));
     wait_until(
@@ -477,23 +480,7 @@ async fn two_replay_workers_share_the_group_and_deliver_everything() {
         tansu.brokers()
     );
     let bs = Backstop::start(&toml);
-    let c = client();
-    let mut ids = HashSet::new();
-    for i in 0..80 {
-        let r = c
-            .post(bs.url(&format!("/r{}/x", i % 8)))
-            .body(format!("{i}"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 503);
-        ids.insert(
-            r.headers()["x-backstop-capture-id"]
-                .to_str()
-                .unwrap()
-                .to_string(),
-        );
-    }
+    let ids = capture_each(&bs, 80, |i| format!("/r{}/x", i % 8)).await;
     let dir = tempfile::tempdir().unwrap();
     let a = Worker::start(&bs.config_path, dir.path().join("a.log"));
     let b = Worker::start(&bs.config_path, dir.path().join("b.log"));
