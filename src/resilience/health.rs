@@ -114,20 +114,16 @@ async fn probe(route: &Route, index: usize, check: &HealthCheckConfig) -> bool {
     *request.method_mut() = Method::GET;
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
-    match route
-        .upstream
-        .send(
-            index,
-            request,
-            None,
-            crate::upstream::deadline_after(std::time::Instant::now(), check.timeout),
-        )
-        .await
-    {
+    let deadline = crate::upstream::deadline_after(std::time::Instant::now(), check.timeout);
+    match route.upstream.send(index, request, None, deadline).await {
         Ok(response) => {
             let ok = response.status().is_success() || response.status().is_redirection();
-            // Drain the body so the pooled connection can be reused.
-            let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+            // Drain the body so the pooled connection can be reused, but
+            // only until the check's deadline: every route's checks of a
+            // round are awaited together, so one target whose body trickles
+            // (cut only after `body_read_timeout`) would hold up them all.
+            let drain = http_body_util::BodyExt::collect(response.into_body());
+            let _ = tokio::time::timeout_at(deadline.into(), drain).await;
             ok
         }
         Err(_) => false,

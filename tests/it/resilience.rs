@@ -999,3 +999,43 @@ upstreams = [{:?}, {:?}]
     assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
     assert!(hung.requests() >= 1, "the hung target had its turns");
 }
+
+/// A health check whose answer's body stalls is given up at the check's
+/// `timeout`: the checks of every route are awaited together, so it must
+/// not hold up another route's (here, taking a failing target out).
+#[tokio::test]
+async fn a_health_check_whose_body_stalls_holds_up_no_other_check() {
+    let stalled =
+        StuckBackend::start(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nten bytes.".to_vec())
+            .await;
+    let sick = Backend::start(|_| Reply::status(503)).await;
+    let toml = format!(
+        r#"
+[[routes]]
+name = "stalled"
+path_prefix = "/stalled"
+upstreams = [{:?}]
+  [routes.health_check]
+  path = "/healthz"
+  interval = "100ms"
+  timeout = "300ms"
+
+[[routes]]
+name = "sick"
+path_prefix = "/sick"
+upstreams = [{:?}]
+  [routes.health_check]
+  path = "/healthz"
+  interval = "100ms"
+  timeout = "300ms"
+  unhealthy_threshold = 2
+"#,
+        stalled.url,
+        sick.url()
+    );
+    let bs = Backstop::start(&toml);
+    // Without the bound the first round waits for the stalled body until
+    // `body_read_timeout` (60 s).
+    bs.wait_for_log("target unhealthy", Duration::from_secs(5))
+        .await;
+}
