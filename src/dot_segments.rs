@@ -110,21 +110,11 @@ enum Dots {
     Two,
 }
 
-/// Whether `segment` is `.` or `..`, a dot also written `%2e` or `%2E`.
+/// Whether `segment` is `.` or `..` (an escaped dot is decoded before).
 fn dots(segment: &str) -> Option<Dots> {
-    let mut count = 0;
-    let mut rest = segment.as_bytes();
-    while !rest.is_empty() {
-        rest = match rest {
-            [b'.', tail @ ..] => tail,
-            [b'%', b'2', b'e' | b'E', tail @ ..] => tail,
-            _ => return None,
-        };
-        count += 1;
-    }
-    match count {
-        1 => Some(Dots::One),
-        2 => Some(Dots::Two),
+    match segment {
+        "." => Some(Dots::One),
+        ".." => Some(Dots::Two),
         _ => None,
     }
 }

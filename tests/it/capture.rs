@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 
-use crate::harness::{client, error_of, wait_queue, Backend, Backstop, Reply, Seen, Stopped};
+use crate::harness::{
+    client, error_of, wait_queue, Backend, Backstop, ReplayWorker, Reply, Seen, Stopped,
+};
 
 fn config(upstream: &str, capture_extra: &str) -> String {
     format!(
@@ -548,34 +550,6 @@ async fn captures_left_for_kafka_are_replayed_after_a_restart_without_kafka() {
     assert_eq!(q["waiting_for_kafka"], 0, "{q}");
 }
 
-/// A `backstop replay` worker, killed on drop.
-struct ReplayWorker(std::process::Child, std::path::PathBuf);
-
-impl ReplayWorker {
-    fn start(bs: &Backstop, log: std::path::PathBuf) -> ReplayWorker {
-        let child = Command::new(env!("CARGO_BIN_EXE_backstop"))
-            .args(["replay", "-c"])
-            .arg(&bs.config_path)
-            .env("RUST_LOG", "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        ReplayWorker(child, log)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.1).unwrap_or_default()
-    }
-}
-
-impl Drop for ReplayWorker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A `backstop replay` started beside `backstop run` on the same spool
 /// stands by while `run` replays: each record is delivered once, not once
 /// by each worker.
@@ -590,7 +564,7 @@ async fn a_second_replay_worker_on_one_spool_stands_by() {
         ids.insert(capture_one(&bs, &format!("/api/orders/{i}"), format!("{i}")).await);
     }
     let logs = tempfile::tempdir().unwrap();
-    let second = ReplayWorker::start(&bs, logs.path().join("replay.log"));
+    let second = ReplayWorker::start(&bs.config_path, logs.path().join("replay.log"));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !["stands by", "replay worker started"]
         .iter()

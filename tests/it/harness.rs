@@ -854,3 +854,34 @@ pub async fn wait_queue(bs: &Backstop, what: &str, want: u64) -> serde_json::Val
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A `backstop replay` process with its log in a file; killed on drop.
+pub struct ReplayWorker {
+    child: Child,
+    log: PathBuf,
+}
+
+impl ReplayWorker {
+    pub fn start(config: &Path, log: PathBuf) -> ReplayWorker {
+        let child = Command::new(env!("CARGO_BIN_EXE_backstop"))
+            .args(["replay", "-c"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        ReplayWorker { child, log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ReplayWorker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -3,12 +3,12 @@
 //! middle of a burst, and two replay workers in one consumer group.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::harness::{
-    assert_replay_attempt, client, error_of, wait_queue, Backend, Backstop, Reply, StuckBackend,
+    assert_replay_attempt, client, error_of, wait_queue, Backend, Backstop, ReplayWorker, Reply,
+    StuckBackend,
 };
 
 const SCRIPTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts");
@@ -178,6 +178,11 @@ async fn capture_each(bs: &Backstop, n: usize, path: impl Fn(usize) -> String) -
         ids.insert(id.to_string());
     }
     ids
+}
+
+/// How many records a worker's log says it replayed from Kafka.
+fn replayed(worker: &ReplayWorker) -> usize {
+    worker.log().matches("replayed from Kafka").count()
 }
 
 fn validator() -> jsonschema::Validator {
@@ -391,37 +396,6 @@ async fn broker_stopped_mid_burst_loses_nothing() {
     assert_eq!(q["waiting_for_kafka"], 0);
 }
 
-struct Worker(Child, PathBuf);
-
-impl Worker {
-    fn start(config: &std::path::Path, log: PathBuf) -> Worker {
-        let child = Command::new(env!("CARGO_BIN_EXE_backstop"))
-            .args(["replay", "-c"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Worker(child, log)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.1).unwrap_or_default()
-    }
-
-    fn replayed(&self) -> usize {
-        self.log().matches("replayed from Kafka").count()
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A partition paused because its worker's buffer is full (512 records,
 /// the backend down) is consumed again when a rebalance gives it back to
 /// that worker: librdkafka keeps an application's pause across a
@@ -434,7 +408,7 @@ async fn a_partition_paused_when_revoked_is_consumed_once_assigned_again() {
     let bs = Backstop::start(&config(&tansu, &upstream, false));
     let ids = capture_each(&bs, 600, |_| "/api/x".to_string()).await;
     let dir = tempfile::tempdir().unwrap();
-    let a = Worker::start(&bs.config_path, dir.path().join("a.log"));
+    let a = ReplayWorker::start(&bs.config_path, dir.path().join("a.log"));
     wait_until(
         "worker a to pause its partition",
         Duration::from_secs(30),
@@ -443,7 +417,7 @@ async fn a_partition_paused_when_revoked_is_consumed_once_assigned_again() {
     .await;
     // A second worker joins (every partition is revoked and assigned
     // anew), then dies: the partition is a's again, whoever had it between.
-    let b = Worker::start(&bs.config_path, dir.path().join("b.log"));
+    let b = ReplayWorker::start(&bs.config_path, dir.path().join("b.log"));
     tokio::time::sleep(Duration::from_secs(8)).await;
     drop(b);
     let backend = Backend::start_on(stopped, |_| Reply::status(200)).await;
@@ -482,8 +456,8 @@ async fn two_replay_workers_share_the_group_and_deliver_everything() {
     let bs = Backstop::start(&toml);
     let ids = capture_each(&bs, 80, |i| format!("/r{}/x", i % 8)).await;
     let dir = tempfile::tempdir().unwrap();
-    let a = Worker::start(&bs.config_path, dir.path().join("a.log"));
-    let b = Worker::start(&bs.config_path, dir.path().join("b.log"));
+    let a = ReplayWorker::start(&bs.config_path, dir.path().join("a.log"));
+    let b = ReplayWorker::start(&bs.config_path, dir.path().join("b.log"));
     let backend = Backend::start_on(addr, |_| Reply::status(200)).await;
     backend.wait_for_hits(80, Duration::from_secs(90)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -503,9 +477,9 @@ async fn two_replay_workers_share_the_group_and_deliver_everything() {
         );
     }
     assert!(
-        a.replayed() > 0 && b.replayed() > 0,
+        replayed(&a) > 0 && replayed(&b) > 0,
         "both workers took part: a={} b={}",
-        a.replayed(),
-        b.replayed()
+        replayed(&a),
+        replayed(&b)
     );
 }
