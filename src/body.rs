@@ -17,6 +17,7 @@ use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::upload::Upload;
 use crate::upstream::ConnBody;
 
 /// A client's request body: hyper's stream, or none for a request read by
@@ -25,7 +26,7 @@ use crate::upstream::ConnBody;
 pub type ClientBody = Option<Incoming>;
 
 /// What goes upstream: the client's stream, or a buffered copy.
-pub type RequestBody = Either<Incoming, Full<Bytes>>;
+pub type RequestBody = Either<Upload, Full<Bytes>>;
 
 /// What goes back to the client: the backend's stream, or a body made here
 /// (a proxy-made answer, a cached answer).

@@ -39,6 +39,9 @@ pub enum Failure {
     /// the backend's. Answered 400, not retried, not captured (the body
     /// is incomplete), and tells the breaker nothing.
     ClientBody,
+    /// The client stopped sending its streamed body for the route's
+    /// `body_read_timeout`: as `ClientBody`, but answered 408.
+    ClientStalled,
     /// The route's circuit is open: the backend was not called.
     CircuitOpen,
     /// Every connection the route may have open to the target
@@ -66,6 +69,9 @@ impl Failure {
         // its chunks) behind it.
         let first = chain(err).find_map(|e| e.downcast_ref::<hyper::Error>());
         if first.is_some_and(hyper::Error::is_user) {
+            if chain(err).any(|e| e.is::<crate::upload::UploadStalled>()) {
+                return Failure::ClientStalled;
+            }
             return Failure::ClientBody;
         }
         let unparsable = chain(err)
@@ -125,7 +131,8 @@ impl Failure {
             Failure::CircuitOpen
             | Failure::InvalidResponse
             | Failure::Saturated
-            | Failure::ClientBody => return false,
+            | Failure::ClientBody
+            | Failure::ClientStalled => return false,
         };
         retry.retry_on_errors.contains(&kind)
     }
@@ -136,7 +143,7 @@ impl Failure {
     pub fn is_capturable(self) -> bool {
         match self {
             Failure::Status(code) => matches!(code, 502..=504),
-            Failure::InvalidResponse | Failure::ClientBody => false,
+            Failure::InvalidResponse | Failure::ClientBody | Failure::ClientStalled => false,
             _ => true,
         }
     }
@@ -152,7 +159,8 @@ impl Failure {
             Failure::CircuitOpen
             | Failure::InvalidResponse
             | Failure::Saturated
-            | Failure::ClientBody => None,
+            | Failure::ClientBody
+            | Failure::ClientStalled => None,
             _ => Some(true),
         }
     }
@@ -171,6 +179,7 @@ impl Failure {
             Failure::CircuitOpen => "circuit_open".into(),
             Failure::Saturated => "saturated".into(),
             Failure::ClientBody => "client_body".into(),
+            Failure::ClientStalled => "client_body_timeout".into(),
         }
     }
 }

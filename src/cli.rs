@@ -195,7 +195,7 @@ async fn replay_only(path: PathBuf, active: crate::pipeline::Active) -> Result<(
     let shutdown = tokio_util::sync::CancellationToken::new();
     // Every handler is in place before the worker logs that it started:
     // without one, SIGTERM or SIGHUP would end the process mid-delivery.
-    let stop_signal = runtime::stop_signal();
+    let mut stop_signals = runtime::StopSignals::install();
     let hangup = signal(SignalKind::hangup()).ok();
     tokio::spawn(runtime::watch_config(
         path,
@@ -205,9 +205,14 @@ async fn replay_only(path: PathBuf, active: crate::pipeline::Active) -> Result<(
     ));
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        stop_signal.await;
-        tracing::info!("stopping: finishing the records in delivery");
+        stop_signals.recv().await;
+        tracing::info!("stopping: finishing the records in delivery (a second SIGTERM or SIGINT stops at once)");
         stop.cancel();
+        // A record cut mid-delivery is delivered again later (the backend
+        // de-duplicates on its idempotency key): nothing is lost.
+        stop_signals.recv().await;
+        tracing::warn!("second stop signal; stopping now");
+        std::process::exit(1);
     });
     let counters = Arc::new(ReplayCounters::default());
     let config = proxy.active.load().config.clone();

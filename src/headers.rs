@@ -372,6 +372,11 @@ impl Forwarding {
         }
     }
 
+    /// The host the client asked for, if it named one.
+    pub fn host(&self) -> Option<&HeaderValue> {
+        self.forwarded_host.as_ref()
+    }
+
     /// Each header with its value, in the order they are set.
     fn each(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
         let values = [
@@ -539,6 +544,8 @@ pub struct RequestNames<'a> {
     pub request_id: Option<&'a HeaderValue>,
     pub traceparent: Option<&'a HeaderValue>,
     pub tracestate: Option<&'a HeaderValue>,
+    /// How many `tracestate` lines there are (several make one list).
+    pub tracestate_lines: usize,
     pub host: Option<&'a HeaderValue>,
     /// How many `Host` lines there are (one is right).
     pub host_lines: usize,
@@ -556,6 +563,7 @@ impl<'a> RequestNames<'a> {
             } else if name == TRACEPARENT {
                 &mut found.traceparent
             } else if name == TRACESTATE {
+                found.tracestate_lines += 1;
                 &mut found.tracestate
             } else if name == HOST {
                 found.host_lines += 1;

@@ -23,4 +23,5 @@ pub mod runtime;
 pub mod server;
 pub mod stats;
 pub mod traceparent;
+pub mod upload;
 pub mod upstream;

@@ -9,6 +9,8 @@
 //! `Request` made from it (`request_for`).
 
 use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Uri, Version};
@@ -18,6 +20,7 @@ use hyper::body::Incoming;
 use crate::body::{BufferedBody, ClientBody, RequestBody};
 use crate::classify::Failure;
 use crate::headers::ProxySet;
+use crate::upload::{Upload, UploadProgress};
 use crate::upstream::{upstream_target, upstream_uri_for};
 
 /// A request ready to be sent to any of the route's targets, once or more.
@@ -42,8 +45,28 @@ pub struct Outgoing {
 
 pub enum OutgoingBody {
     /// The client's body streams through; it can be sent only once.
-    Streaming(Option<Incoming>),
+    Streaming(Streamed),
     Buffered(BufferedBody),
+}
+
+/// A body that streams from the client, until an attempt takes it.
+pub struct Streamed {
+    incoming: Option<Incoming>,
+    /// The route's `body_read_timeout`: how long the client may leave it
+    /// waiting.
+    stall_limit: Duration,
+    /// The upload's progress once an attempt has taken the body.
+    progress: Option<Arc<UploadProgress>>,
+}
+
+impl Streamed {
+    pub fn new(incoming: Incoming, stall_limit: Duration) -> Streamed {
+        Streamed {
+            incoming: Some(incoming),
+            stall_limit,
+            progress: None,
+        }
+    }
 }
 
 impl Outgoing {
@@ -74,6 +97,14 @@ impl Outgoing {
         }
     }
 
+    /// How far the client's streamed body has gone upstream, once sent.
+    pub fn upload(&self) -> Option<&UploadProgress> {
+        match &self.body {
+            OutgoingBody::Streaming(streamed) => streamed.progress.as_deref(),
+            OutgoingBody::Buffered(_) => None,
+        }
+    }
+
     /// The path and query to send to a target with base URL `base`.
     pub fn upstream_target(&self, base: &Uri) -> Cow<'_, str> {
         upstream_target(base, self.client.uri(), self.upstream_path_start)
@@ -90,8 +121,11 @@ impl Outgoing {
             .map_err(|_| Failure::ConnectFailed)?;
         let body = match &mut self.body {
             OutgoingBody::Buffered(b) => b.to_request_body(),
-            OutgoingBody::Streaming(incoming) => {
-                Either::Left(incoming.take().ok_or(Failure::ConnectFailed)?)
+            OutgoingBody::Streaming(streamed) => {
+                let incoming = streamed.incoming.take().ok_or(Failure::ConnectFailed)?;
+                let upload = Upload::new(incoming, streamed.stall_limit);
+                streamed.progress = Some(upload.progress().clone());
+                Either::Left(upload)
             }
         };
         let mut request = Request::new(body);

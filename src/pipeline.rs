@@ -41,15 +41,15 @@ use crate::body::{self, BufferError, BufferedBody, ClientBody, ResponseBody, Ups
 use crate::cache::{self, CacheState, Caches, Lookup};
 use crate::capture::{CaptureOutcome, Capturer};
 use crate::classify::{is_idempotent, status_failure, status_trips_breaker, Failure};
-use crate::config::{Config, RateLimitConfig, RateLimitKey};
+use crate::config::{Config, RateLimitConfig};
 use crate::dot_segments;
 use crate::error::{ErrorCode, ProxyError};
 use crate::headers::{self, ClientInfo, Forwarding, ProxySet, RequestNames, X_REQUEST_ID};
 use crate::otel;
-use crate::outgoing::{Outgoing, OutgoingBody};
+use crate::outgoing::{Outgoing, OutgoingBody, Streamed};
 use crate::resilience::backoff::Backoff;
 use crate::resilience::breaker::{self, Admission, Permit};
-use crate::resilience::rate_limit::Decision;
+use crate::resilience::rate_limit::{self, Decision};
 use crate::resilience::{Registry, RouteGuards};
 use crate::routing::{Route, RouteTable};
 use crate::stats::metrics::Metrics;
@@ -143,7 +143,7 @@ pub async fn handle(proxy: &Proxy, req: Box<Request<ClientBody>>, client: &Clien
         client,
         method: req.method().clone(),
         started: Instant::now(),
-        trace: TraceContext::from_client(&names),
+        trace: TraceContext::from_client(&names, req.headers()),
         route: None,
         attempts: 0,
         failure: None,
@@ -313,7 +313,7 @@ async fn rate_limit_phase(
     req: &Request<ClientBody>,
     ctx: &mut RequestContext<'_>,
 ) -> Result<(), ProxyError> {
-    let key = rate_limit_key(&limit.key, req.headers(), ctx.client);
+    let key = rate_limit::bucket_key(&limit.key, req.headers(), ctx.client.addr.ip());
     let decision = match (&active.config.redis, limit.shared) {
         (Some(redis), true) => {
             let shared = &proxy.resilience.shared;
@@ -343,18 +343,6 @@ async fn rate_limit_phase(
         ),
     )
     .with_retry_after(decision.retry_after_s))
-}
-
-fn rate_limit_key(key: &RateLimitKey, headers: &HeaderMap, client: &ClientInfo) -> String {
-    match key {
-        RateLimitKey::Route => String::new(),
-        RateLimitKey::ClientIp => client.addr.ip().to_string(),
-        // Requests without the header share one bucket.
-        RateLimitKey::Header(name) => headers
-            .get(name)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-            .unwrap_or_default(),
-    }
 }
 
 /// Phase 6: ask the route's circuit breaker for the first attempt. `Err`
@@ -390,7 +378,11 @@ async fn read_body(
         _ => return Ok(OutgoingBody::Buffered(BufferedBody::default())),
     };
     if !route.config.buffers_body(req.method()) {
-        return Ok(OutgoingBody::Streaming(Some(incoming)));
+        let stall_limit = route.config.body_read_timeout;
+        return Ok(OutgoingBody::Streaming(Streamed::new(
+            incoming,
+            stall_limit,
+        )));
     }
     let stall = route.config.body_read_timeout;
     match out_of_line(body::buffer(req.headers(), incoming, max_body_bytes, stall)).await {
@@ -594,8 +586,11 @@ async fn forward(
             Ok(response) => Some(status_trips_breaker(response.status().as_u16())),
             Err(failure) => failure.breaker_verdict(),
         };
+        // A streamed upload's time is the client's: a slow call is timed
+        // from its last progress.
+        let timed_from = outgoing.upload().map_or(sent_at, |u| u.last().max(sent_at));
         match verdict {
-            Some(failed) => permit.record(breaker_config, failed, sent_at),
+            Some(failed) => permit.record(breaker_config, failed, timed_from),
             // Unreported, the permit gives back a half-open probe's place.
             None => drop(permit),
         }
@@ -745,6 +740,10 @@ pub fn failure_error(failure: Failure, route: &str) -> ProxyError {
         Failure::ClientBody => ProxyError::new(
             ErrorCode::BadRequest,
             "The request body could not be read to its end",
+        ),
+        Failure::ClientStalled => ProxyError::new(
+            ErrorCode::RequestTimeout,
+            "The request body stopped coming",
         ),
         Failure::InvalidResponse => ProxyError::new(
             ErrorCode::UpstreamInvalidResponse,

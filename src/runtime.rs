@@ -159,6 +159,7 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
     // Installed before "listening" is logged: a SIGHUP from then on reloads
     // (without a handler it would end the process).
     let hangup = signal(SignalKind::hangup()).ok();
+    let mut stop_signals = StopSignals::install();
     background.spawn(watch_config(path, hangup, proxy.clone(), shutdown.clone()));
     background.spawn(crate::resilience::health::run(
         proxy.clone(),
@@ -177,16 +178,21 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
     tracing::info!("proxy listening on {scheme}://{proxy_addr}");
     tracing::info!("admin listening on http://{admin_addr}");
 
-    stop_signal().await;
-    tracing::info!(drain_timeout = ?config.server.drain_timeout, "shutting down: draining in-flight requests");
+    stop_signals.recv().await;
+    tracing::info!(drain_timeout = ?config.server.drain_timeout, "shutting down: draining in-flight requests (a second SIGTERM or SIGINT stops at once)");
     shutdown.cancel();
     connections.close();
     background.close();
-    if tokio::time::timeout(config.server.drain_timeout, connections.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("drain timeout reached; closing remaining connections");
+    // An operator who signals again (a second Ctrl-C, or `kill` repeated by
+    // a supervisor) wants the process gone now, not after `drain_timeout`.
+    tokio::select! {
+        _ = connections.wait() => {}
+        _ = tokio::time::sleep(config.server.drain_timeout) => {
+            tracing::warn!("drain timeout reached; closing remaining connections");
+        }
+        _ = stop_signals.recv() => {
+            tracing::warn!("second stop signal; closing remaining connections now");
+        }
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), background.wait()).await;
     if let Some(sink) = &kafka {
@@ -198,23 +204,39 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
     Ok(())
 }
 
-/// Registers the SIGTERM and SIGINT handlers now (so a signal that comes
-/// before the wait is not lost, nor kills the process) and returns the wait
-/// for the first of them.
-pub(crate) fn stop_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
-    let signals = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    );
-    async move {
-        let (Ok(mut term), Ok(mut int)) = signals else {
-            tracing::error!("cannot install signal handlers; stopping on Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// SIGTERM and SIGINT, registered at creation (so a signal that comes
+/// before the wait is neither lost nor kills the process).
+pub(crate) struct StopSignals {
+    handlers: Option<(Signal, Signal)>,
+}
+
+impl StopSignals {
+    pub(crate) fn install() -> StopSignals {
+        let handlers = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => Some((term, int)),
+            _ => {
+                tracing::error!("cannot install signal handlers; stopping on Ctrl-C only");
+                None
+            }
         };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        StopSignals { handlers }
+    }
+
+    /// Waits for the next SIGTERM or SIGINT.
+    pub(crate) async fn recv(&mut self) {
+        match &mut self.handlers {
+            Some((term, int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            None => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }

@@ -13,7 +13,7 @@
 //! This module never fails a request: a malformed header is replaced.
 
 use http::header::HeaderName;
-use http::HeaderValue;
+use http::{HeaderMap, HeaderValue};
 use rand::Rng;
 
 use crate::headers::RequestNames;
@@ -40,14 +40,18 @@ pub struct TraceIds {
 
 impl TraceContext {
     /// The client's context if its `traceparent` is valid, else a new one.
-    pub fn from_client(client: &RequestNames<'_>) -> TraceContext {
+    /// `headers` are the client's, of which `client` was found.
+    pub fn from_client(client: &RequestNames<'_>, headers: &HeaderMap) -> TraceContext {
         let incoming = client
             .traceparent
             .filter(|v| v.to_str().is_ok_and(is_valid));
         match incoming {
             Some(tp) => TraceContext {
                 traceparent: tp.clone(),
-                tracestate: client.tracestate.cloned(),
+                tracestate: match client.tracestate_lines {
+                    0 | 1 => client.tracestate.cloned(),
+                    _ => joined_lines(headers),
+                },
                 incoming: true,
             },
             None => TraceContext::new_root(),
@@ -186,6 +190,20 @@ fn is_valid(s: &str) -> bool {
         && hex(53..55)
 }
 
+/// Several `tracestate` lines as the one list they make (W3C Trace Context
+/// §3.3.1.2: combined as HTTP combines fields, with commas, in order);
+/// none when the result is not a header value.
+fn joined_lines(headers: &HeaderMap) -> Option<HeaderValue> {
+    let mut list = Vec::new();
+    for line in headers.get_all(TRACESTATE) {
+        if !list.is_empty() {
+            list.push(b',');
+        }
+        list.extend_from_slice(line.as_bytes());
+    }
+    HeaderValue::from_bytes(&list).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,7 +279,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(TRACEPARENT, HeaderValue::from_static(VALID));
         h.insert(TRACESTATE, HeaderValue::from_static("k=v"));
-        let ctx = TraceContext::from_client(&RequestNames::find(&h));
+        let ctx = TraceContext::from_client(&RequestNames::find(&h), &h);
         assert_eq!(ctx.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert!(ctx.is_incoming());
         let ids = ctx.ids();
@@ -271,9 +289,16 @@ mod tests {
         assert_eq!(encode(ids), VALID, "encode is the inverse of ids");
         assert_eq!(ctx.traceparent(), VALID);
         assert_eq!(ctx.tracestate().unwrap(), "k=v");
+        h.append(TRACESTATE, HeaderValue::from_static("a=1,b=2"));
+        let ctx = TraceContext::from_client(&RequestNames::find(&h), &h);
+        assert_eq!(
+            ctx.tracestate().unwrap(),
+            "k=v,a=1,b=2",
+            "every line, in order"
+        );
 
         h.insert(TRACEPARENT, HeaderValue::from_static("garbage"));
-        let ctx = TraceContext::from_client(&RequestNames::find(&h));
+        let ctx = TraceContext::from_client(&RequestNames::find(&h), &h);
         let tp = ctx.traceparent().to_str().unwrap();
         assert!(is_valid(tp), "{tp}");
         assert!(!ctx.is_incoming());

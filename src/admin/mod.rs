@@ -1,12 +1,14 @@
 //! The admin listener: health, the capture queue, metrics, statistics and
 //! the dashboards (and, as later parts land, circuits). Each area is a small
 //! router merged here; a bearer token guards everything but `/health` and the
-//! dashboard pages (which hold no data) when `server.admin_token` is set.
+//! dashboard pages (which hold no data) when `server.admin_token` is set, and
+//! `origin` keeps other sites' pages out (cross-site requests, DNS rebinding).
 
 mod cache;
 mod circuits;
 mod dashboards;
 mod metrics;
+mod origin;
 pub(crate) mod queue;
 mod stats;
 
@@ -43,7 +45,11 @@ pub fn router(state: AdminState) -> Router {
         .merge(metrics::routes())
         .merge(circuits::routes())
         .merge(stats::routes())
-        .layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            origin::same_origin_only,
+        ));
     Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .merge(dashboards::routes())

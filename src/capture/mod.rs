@@ -84,6 +84,13 @@ impl Capturer {
         let client = ClientMeta {
             addr: ctx.client.addr.to_string(),
             request_id: ctx.request_id().to_owned(),
+            proto: Some(ctx.client.proto.to_owned()),
+            host: outgoing
+                .set
+                .forwarding
+                .host()
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned),
         };
         let record = CaptureRecord::new(
             route.name(),

@@ -42,6 +42,14 @@ pub struct CapturedRequest {
 pub struct ClientMeta {
     pub addr: String,
     pub request_id: String,
+    /// `"http"` or `"https"`: how the client reached Backstop, for the
+    /// replay's `X-Forwarded-Proto` (records written before it: `http`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proto: Option<String>,
+    /// The host the client asked for, for the replay's `X-Forwarded-Host`
+    /// and `Forwarded` (the record's headers leave `Host` out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// Why a stored record cannot be used.
@@ -176,6 +184,8 @@ mod tests {
             ClientMeta {
                 addr: "127.0.0.1:1".into(),
                 request_id: "r".into(),
+                proto: None,
+                host: None,
             },
         );
         let back = CaptureRecord::from_json(&record.to_json()).unwrap();
@@ -192,6 +202,8 @@ mod tests {
         let meta = || ClientMeta {
             addr: "127.0.0.1:1".into(),
             request_id: "r".into(),
+            proto: Some("https".into()),
+            host: Some("api.example".into()),
         };
         let request =
             || CapturedRequest::new(&http::Method::POST, "/", None, &HeaderMap::new(), b"", &[]);

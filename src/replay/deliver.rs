@@ -125,9 +125,17 @@ fn build_request(
     let mut headers = req.header_map();
     headers::strip_hop_by_hop(&mut headers);
     headers::filter_forwarded(&mut headers, &route.config.forward_headers);
-    let original_host = headers.remove(HOST);
+    let recorded_host = headers.remove(HOST);
+    let original_host = match &record.client.host {
+        Some(host) => HeaderValue::from_str(host).ok(),
+        None => recorded_host,
+    };
+    let proto = match record.client.proto.as_deref() {
+        Some("https") => "https",
+        _ => "http",
+    };
     if let Ok(addr) = record.client.addr.parse::<SocketAddr>() {
-        let client = ClientInfo::new(addr, "http");
+        let client = ClientInfo::new(addr, proto);
         headers::set_forwarded(&mut headers, &client, original_host.as_ref());
     }
     for (name, value) in route.config.headers.iter() {

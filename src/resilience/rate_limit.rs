@@ -11,14 +11,17 @@
 //! Redis limit is in `shared_limit`).
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::hash::{BuildHasher, RandomState};
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Instant;
 
 use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
+use ring::digest::{digest, SHA256};
 
-use crate::config::RateLimitConfig;
+use crate::config::{RateLimitConfig, RateLimitKey};
 
 pub const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 pub const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
@@ -174,11 +177,66 @@ fn evict(shard: &mut HashMap<String, Bucket>, config: &RateLimitConfig, now: Ins
     }
 }
 
+/// The bucket a request draws from under `key`.
+///
+/// - `client_ip`: an IPv4 address as it is; an IPv6 client by its /64, since
+///   one host usually holds a whole /64 and could otherwise take a fresh
+///   address (and a fresh bucket) for every request. An IPv4 client seen
+///   through a dual-stack socket (`::ffff:a.b.c.d`) counts as its IPv4.
+/// - `header:<name>`: a SHA-256 digest of the value (hex, 128 bits), never
+///   the value: it is often a credential (an API key), and the key ends up
+///   in Redis for a shared limit; a digest also keeps a long value from
+///   making a long key. Requests without the header share one bucket.
+pub fn bucket_key(key: &RateLimitKey, headers: &HeaderMap, client_ip: IpAddr) -> String {
+    match key {
+        RateLimitKey::Route => String::new(),
+        RateLimitKey::ClientIp => match client_ip.to_canonical() {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
+        RateLimitKey::Header(name) => match headers.get(name) {
+            Some(value) => {
+                let sum = digest(&SHA256, value.as_bytes());
+                let mut hex = String::with_capacity(32);
+                for b in &sum.as_ref()[..16] {
+                    let _ = write!(hex, "{b:02x}");
+                }
+                hex
+            }
+            None => String::new(),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RateLimitKey;
     use std::time::Duration;
+
+    #[test]
+    fn bucket_keys_group_ipv6_by_64_and_never_hold_a_header_value() {
+        let none = HeaderMap::new();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let by_ip = |s: &str| bucket_key(&RateLimitKey::ClientIp, &none, ip(s));
+        assert_eq!(by_ip("192.0.2.7"), "192.0.2.7");
+        assert_eq!(by_ip("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(by_ip("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+        assert_eq!(by_ip("2001:db8:1:2:aaaa::1"), by_ip("2001:db8:1:2::9"));
+        assert_ne!(by_ip("2001:db8:1:2::1"), by_ip("2001:db8:1:3::1"));
+
+        let by_header = RateLimitKey::Header(HeaderName::from_static("x-api-key"));
+        let mut headers = HeaderMap::new();
+        headers.insert("x-api-key", HeaderValue::from_static("secret-token-1"));
+        let one = bucket_key(&by_header, &headers, ip("192.0.2.7"));
+        assert_eq!(one.len(), 32);
+        assert!(!one.contains("secret"), "{one}");
+        headers.insert("x-api-key", HeaderValue::from_static("secret-token-2"));
+        assert_ne!(one, bucket_key(&by_header, &headers, ip("192.0.2.7")));
+        assert_eq!(bucket_key(&by_header, &none, ip("192.0.2.7")), "");
+    }
 
     fn config(rps: f64, burst: u32, max_keys: usize) -> RateLimitConfig {
         RateLimitConfig {

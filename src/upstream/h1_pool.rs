@@ -42,6 +42,7 @@ use super::h1_client::{self, IdleConns, MAX_BODY};
 use crate::body::{RequestBody, UpstreamBody};
 use crate::classify::{is_idempotent, Failure};
 use crate::headers::ProxySet;
+use crate::upload;
 
 /// How often idle connections are looked over for expiry: a quarter of the
 /// idle timeout, between 100 ms and 5 s. The exchange's list counts a
@@ -176,16 +177,20 @@ impl H1Pool {
             set.apply_to(&mut parts.headers);
         }
         let request = Request::from_parts(parts, request);
+        let upload = upload::progress_of(&request);
         // Boxed: the rarer way, whose future would make every request's
         // future larger.
-        let sent = Box::pin(timeout_at(
-            deadline.into(),
+        let sent = Box::pin(upload::answer_by(
             self.send_hyper(target, request),
+            deadline,
+            upload.as_deref(),
         ))
         .await;
         match sent {
-            Ok(result) => result.and_then(|r| super::from_hyper(r, self.shared.limits.stall_limit)),
-            Err(_) => Err(Failure::Timeout),
+            Some(result) => {
+                result.and_then(|r| super::from_hyper(r, self.shared.limits.stall_limit))
+            }
+            None => Err(Failure::Timeout),
         }
     }
 

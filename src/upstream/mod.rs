@@ -36,6 +36,7 @@ use crate::classify::Failure;
 use crate::config::{RouteConfig, ServerConfig};
 use crate::headers::{self, ProxySet};
 use crate::outgoing::Outgoing;
+use crate::upload;
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
 
@@ -185,14 +186,15 @@ impl Upstream {
         if let Some(set) = set {
             set.apply_to(request.headers_mut());
         }
-        match tokio::time::timeout_at(deadline.into(), self.client.request(request)).await {
-            Ok(Ok(response)) => from_hyper(response, self.stall_limit),
-            Ok(Err(e)) => {
+        let upload = upload::progress_of(&request);
+        match upload::answer_by(self.client.request(request), deadline, upload.as_deref()).await {
+            Some(Ok(response)) => from_hyper(response, self.stall_limit),
+            Some(Err(e)) => {
                 let failure = Failure::from_client_error(&e);
                 tracing::debug!(error = %ErrorChain(&e), ?failure, "upstream attempt failed");
                 Err(failure)
             }
-            Err(_) => Err(Failure::Timeout),
+            None => Err(Failure::Timeout),
         }
     }
 }

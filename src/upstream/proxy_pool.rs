@@ -33,6 +33,7 @@ use super::{tls, ErrorChain};
 use crate::body::RequestBody;
 use crate::classify::Failure;
 use crate::config::{ProxyConfig, ProxyStrategy, RouteConfig, ServerConfig};
+use crate::upload;
 
 /// How long a proxy that could not be reached is skipped.
 const EJECT_FOR: Duration = Duration::from_secs(10);
@@ -169,14 +170,15 @@ impl ProxyPool {
                     .insert(PROXY_AUTHORIZATION, auth.clone());
             }
         }
-        match tokio::time::timeout_at(deadline.into(), proxy.client.request(request)).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => {
+        let upload = upload::progress_of(&request);
+        match upload::answer_by(proxy.client.request(request), deadline, upload.as_deref()).await {
+            Some(Ok(response)) => Ok(response),
+            Some(Err(e)) => {
                 let failure = Failure::from_client_error(&e);
                 tracing::debug!(proxy = %proxy.name, error = %ErrorChain(&e), ?failure, "attempt through proxy failed");
                 Err(failure)
             }
-            Err(_) => Err(Failure::Timeout),
+            None => Err(Failure::Timeout),
         }
     }
 }

@@ -129,6 +129,12 @@ async fn backend_down_post_is_captured_then_replayed_once_when_it_returns() {
         "replay attempts count from 1 (the ones made while the backend was down count too)"
     );
     assert_eq!(got.headers["content-type"], "application/json");
+    // The replay says where the client came from as the first try did.
+    let client_host = bs.addr.to_string();
+    assert_eq!(record["client"]["host"], client_host.as_str());
+    assert_eq!(record["client"]["proto"], "http");
+    assert_eq!(got.headers["x-forwarded-host"], client_host.as_str());
+    assert_eq!(got.headers["x-forwarded-proto"], "http");
     let traces: Vec<_> = got.headers.get_all("x-trace").iter().collect();
     assert_eq!(traces, ["a", "b"]);
     let q = queue_status(&bs).await;

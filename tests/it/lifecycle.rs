@@ -121,6 +121,28 @@ async fn shutdown_drains_in_flight_requests() {
     assert_eq!(code, Some(0), "exits cleanly after draining");
 }
 
+/// A second SIGTERM during the drain stops the process at once instead of
+/// after `drain_timeout` (a second Ctrl-C, or a supervisor's repeat).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_stop_signal_ends_the_drain_at_once() {
+    let hung = Backend::start(|_| Reply::ok("late").delay(Duration::from_secs(60))).await;
+    let mut bs = Backstop::start(&format!(
+        "[server]\ndrain_timeout = \"30s\"\n\n{}",
+        one_route(&hung.url())
+    ));
+    let url = bs.url("/api/hung");
+    let _in_flight = tokio::spawn(async move { client().get(url).send().await });
+    hung.wait_for_hits(1, Duration::from_secs(5)).await;
+    bs.signal("TERM");
+    bs.wait_for_log("shutting down", Duration::from_secs(5))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(bs.is_running(), "the first signal drains");
+    bs.signal("TERM");
+    let code = tokio::task::block_in_place(|| bs.wait_exit(Duration::from_secs(5)));
+    assert_eq!(code, Some(0), "the second signal ends the drain");
+}
+
 /// Idle upstream connections belong to the route table that opened them: a
 /// reload must not leave them open forever (one leak per reload).
 #[tokio::test]

@@ -686,6 +686,97 @@ async fn error_answers_have_the_json_shape() {
     assert_eq!(r.json::<serde_json::Value>().await.unwrap()["status"], "ok");
 }
 
+/// A streamed body sent slowly, `chunks` of 1 KiB `every` apart.
+fn slow_body(chunks: usize, every: Duration) -> reqwest::Body {
+    let stream = futures_util::stream::unfold(0, move |sent| async move {
+        if sent == chunks {
+            return None;
+        }
+        tokio::time::sleep(every).await;
+        Some((
+            Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'u'; 1024])),
+            sent + 1,
+        ))
+    });
+    reqwest::Body::wrap_stream(stream)
+}
+
+fn streaming_route(upstream: &str, request_timeout_ms: u64, body_read_timeout: &str) -> String {
+    let extra = format!(
+        "body_read_timeout = {body_read_timeout:?}\n[routes.retry]\nmax_attempts = 1\n\
+         [routes.capture]\nenabled = false\n\
+         [routes.circuit_breaker]\nrequest_timeout = {request_timeout_ms}\nfailure_threshold = 1"
+    );
+    route("up", "/", &[upstream.to_string()], &extra)
+}
+
+/// An upload's time is the client's: a body that takes longer to send than
+/// `request_timeout` (the backend's time to answer) still goes through, and
+/// nothing is held against the backend.
+#[tokio::test]
+async fn a_slow_upload_is_not_cut_by_the_request_timeout() {
+    let backend = Backend::echo().await;
+    let bs = Backstop::start(&streaming_route(&backend.url(), 500, "5s"));
+    let started = Instant::now();
+    let r = client()
+        .post(bs.url("/upload"))
+        .body(slow_body(8, Duration::from_millis(250)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.headers().get("x-backstop-error"));
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    assert_eq!(backend.seen()[0].body_len, 8 * 1024);
+    let status = bs.admin_json("/circuit-status").await;
+    assert_eq!(status["circuits"][0]["state"], "closed", "{status}");
+}
+
+/// A client that stops sending its streamed body is answered 408 after the
+/// route's `body_read_timeout`, and the backend is not blamed (the circuit,
+/// which one failure would open, stays closed).
+#[tokio::test]
+async fn a_stalled_upload_is_the_clients_timeout_not_the_backends() {
+    let backend = Backend::echo().await;
+    let bs = Backstop::start(&streaming_route(&backend.url(), 10_000, "1s"));
+    let started = Instant::now();
+    let r = client()
+        .post(bs.url("/upload"))
+        .body(slow_body(2, Duration::from_secs(4)))
+        .send()
+        .await
+        .unwrap();
+    let (status, code, _) = error_of(r).await;
+    assert_eq!((status, code.as_str()), (408, "request_timeout"));
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    let status = bs.admin_json("/circuit-status").await;
+    assert_eq!(status["circuits"][0]["state"], "closed", "{status}");
+}
+
+/// Once the body is sent, the backend has `request_timeout` to answer.
+#[tokio::test]
+async fn a_backend_silent_after_an_upload_times_out() {
+    let slow = Backend::start(|_| Reply::ok("late").delay(Duration::from_secs(30))).await;
+    let bs = Backstop::start(&streaming_route(&slow.url(), 500, "5s"));
+    let started = Instant::now();
+    let r = client()
+        .post(bs.url("/upload"))
+        .body(slow_body(4, Duration::from_millis(250)))
+        .send()
+        .await
+        .unwrap();
+    let (status, code, _) = error_of(r).await;
+    assert_eq!((status, code.as_str()), (504, "upstream_timeout"));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_100_mib_body_streams_through_without_buffering() {
     let backend = Backend::echo().await;

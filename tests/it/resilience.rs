@@ -260,6 +260,61 @@ async fn a_post_is_captured_while_open_and_replayed_after_a_reset() {
     assert_eq!(r.status(), 404);
 }
 
+/// Another site's page in the operator's browser cannot act on the admin
+/// API (a form posting to the reset) nor read it through DNS rebinding (a
+/// name of its own resolving to 127.0.0.1); the admin's own pages and
+/// tools without a browser's headers still can.
+#[tokio::test]
+async fn the_admin_api_refuses_other_sites_pages() {
+    let backend = Backend::start(|_| Reply::ok("ok")).await;
+    let bs = Backstop::start(&route(&backend.url(), ""));
+    let reset = bs.admin_url("/circuits/flaky/reset");
+    let own_origin = bs.admin_url("").trim_end_matches('/').to_string();
+    let post = |origin: Option<&str>, site: Option<&str>| {
+        let mut r = client().post(&reset);
+        if let Some(origin) = origin {
+            r = r.header("origin", origin);
+        }
+        if let Some(site) = site {
+            r = r.header("sec-fetch-site", site);
+        }
+        async move { error_or_ok(r.send().await.unwrap()).await }
+    };
+    assert_eq!(post(None, None).await, (200, String::new()), "curl");
+    assert_eq!(post(Some(&own_origin), Some("same-origin")).await.0, 200);
+    let forbidden = (403, "forbidden".to_string());
+    assert_eq!(
+        post(Some("http://evil.example"), Some("cross-site")).await,
+        forbidden
+    );
+    assert_eq!(post(Some("http://evil.example"), None).await, forbidden);
+    assert_eq!(post(None, Some("same-site")).await, forbidden);
+
+    let rebound = client()
+        .get(bs.admin_url("/queue"))
+        .header("host", "evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_or_ok(rebound).await, forbidden);
+    let local = client()
+        .get(bs.admin_url("/queue"))
+        .header("host", "localhost")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(local.status(), 200);
+}
+
+/// The status and, for a proxy-made error, its code.
+async fn error_or_ok(r: reqwest::Response) -> (u16, String) {
+    if r.status().is_success() {
+        return (r.status().as_u16(), String::new());
+    }
+    let (status, code, _) = error_of(r).await;
+    (status, code)
+}
+
 #[tokio::test]
 async fn failure_rate_mode_opens_on_the_share_of_failures() {
     let backend = Backend::start(|seen| {
@@ -884,6 +939,57 @@ async fn a_shared_rate_limit_holds_across_two_instances() {
         "one bucket for both"
     );
     assert_eq!(backend.hits(), 4);
+}
+
+/// A limit keyed on a header shares its bucket through Redis under a
+/// digest of the value: the value is often a credential, and Redis keys are
+/// listed by anyone who can run `KEYS` or `MONITOR`.
+#[tokio::test]
+async fn a_shared_rate_limit_keyed_on_a_header_keeps_the_value_out_of_redis() {
+    let backend = Backend::start(|_| Reply::ok("ok")).await;
+    let prefix = format!(
+        "backstop-test-{}-{}:",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let toml = shared_limit_config(&backend.url(), "redis://127.0.0.1:6379", &prefix).replace(
+        "shared = true",
+        "shared = true\n  key = \"header:X-API-Key\"",
+    );
+    let bs = Backstop::start(&toml);
+    let send = |token: &'static str| {
+        let url = bs.url("/api/x");
+        async move {
+            let r = client().get(url).header("x-api-key", token).send().await;
+            r.unwrap().status().as_u16()
+        }
+    };
+    let statuses = [
+        send("tok-secret-1").await,
+        send("tok-secret-1").await,
+        send("tok-secret-1").await,
+        send("tok-secret-1").await,
+        send("tok-secret-1").await,
+        send("tok-secret-2").await,
+    ];
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 200, 429, 200],
+        "a bucket per value"
+    );
+    let mut redis = redis::Client::open("redis://127.0.0.1:6379")
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query(&mut redis)
+        .unwrap();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert!(keys.iter().all(|k| !k.contains("secret")), "{keys:?}");
 }
 
 #[tokio::test]

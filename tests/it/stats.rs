@@ -347,7 +347,17 @@ async fn traceparent_is_propagated_or_created() {
         .await
         .unwrap();
     client().get(bs.url("/t/b")).send().await.unwrap();
+    client()
+        .get(bs.url("/t/c"))
+        .header("traceparent", tp)
+        .header("tracestate", "vendor=1")
+        .header("tracestate", "other=2")
+        .send()
+        .await
+        .unwrap();
     let seen = backend.seen();
+    let lines: Vec<_> = seen[2].headers.get_all("tracestate").iter().collect();
+    assert_eq!(lines, ["vendor=1,other=2"], "several lines make one list");
     assert_eq!(
         seen[0].headers["traceparent"], tp,
         "kept even with forward_headers = false"

@@ -116,3 +116,50 @@ async fn tls_listener_speaks_h2_and_http1_by_alpn() {
     }
     assert_eq!(backend.seen()[0].headers["x-forwarded-proto"], "https");
 }
+
+/// A request captured from an HTTPS client is replayed saying so
+/// (`X-Forwarded-Proto: https`) and naming the host it asked for, as its
+/// first try did: a backend that builds links or redirects from them must
+/// not answer a replay differently.
+#[tokio::test]
+async fn a_capture_made_over_tls_is_replayed_as_https() {
+    let pki = make_pki();
+    let down = Backend::echo().await.stop().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, &pki.cert_pem).unwrap();
+    std::fs::write(&key, &pki.key_pem).unwrap();
+    let toml = format!(
+        "[server]\ntls_cert = {cert:?}\ntls_key = {key:?}\n\n\
+         [replay]\ninitial_delay = \"100ms\"\nmax_delay = \"200ms\"\n\n\
+         [[routes]]\nname = \"a\"\npath_prefix = \"/\"\nupstreams = [\"http://{}\"]\n\
+         [routes.retry]\nmax_attempts = 1\n",
+        down.addr
+    );
+    let bs = Backstop::start(&toml);
+    let ca = reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap();
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
+    let host = format!("localhost:{}", bs.addr.port());
+    let r = client
+        .post(format!("https://{host}/orders"))
+        .body("order")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    let (status, code, _) = error_of(r).await;
+    assert_eq!((status, code.as_str()), (503, "captured"));
+
+    let backend = Backend::start_on(down, |_| Reply::status(201)).await;
+    backend
+        .wait_for_hits(1, std::time::Duration::from_secs(10))
+        .await;
+    let seen = &backend.seen()[0];
+    assert_eq!(seen.body, "order");
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    assert_eq!(seen.headers["x-forwarded-host"], host.as_str());
+}
