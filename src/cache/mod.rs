@@ -216,11 +216,14 @@ impl CacheState {
         // it is one client's, so it is served to that client only.
         let mut stored_headers = parts.headers.clone();
         stored_headers.remove(SET_COOKIE);
-        let mut entry = Entry::new(parts.status, stored_headers, body.clone());
+        let mut entry = Entry::new(parts.status, stored_headers, body.clone()).aged(storable.age);
         entry.max_age = storable.max_age;
         entry.must_revalidate = storable.must_revalidate;
         entry.vary = Varied::record(&storable.vary, &slot.request);
-        let keep_for = entry.fresh_for(cache.ttl) + entry.stale_for(cache.stale_if_error);
+        // Kept as long as fresh and then stale-if-error, from when its age
+        // was zero: the backend's `Age` is spent already.
+        let keep_for = (entry.fresh_for(cache.ttl) + entry.stale_for(cache.stale_if_error))
+            .saturating_sub(storable.age);
         let entry = Arc::new(entry);
         slot.store
             .put(&route.name, slot.key, entry.clone(), keep_for)

@@ -11,7 +11,8 @@
 //!
 //! Keys are `<key_prefix>cache:<route>:<sha256 hex>`; values are the
 //! compact binary form of `entry`; the Redis TTL is how long the entry is
-//! fresh (`ttl`, or the backend's shorter `max-age`) plus `stale_if_error`.
+//! fresh (`ttl`, or the backend's shorter `max-age`, less the backend's
+//! `Age`) plus `stale_if_error`.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;

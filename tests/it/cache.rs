@@ -1,7 +1,7 @@
 //! Response caching over real sockets: hits and misses, keys (sorted query,
-//! header strategies, POST bodies), TTL, Cache-Control, stale-if-error,
-//! coalescing, the memory bound, purge, reloads, and the Redis store —
-//! shared by two instances, and a Redis server killed mid-test.
+//! header strategies, POST bodies), TTL, Cache-Control, the backend's `Age`,
+//! stale-if-error, coalescing, the memory bound, purge, reloads, and the
+//! Redis store — shared by two instances, and a Redis server killed mid-test.
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -72,7 +72,8 @@ async fn got(r: reqwest::Response) -> Got {
             .map(|v| v.to_str().unwrap().to_string())
     };
     let x_cache = header("x-cache").unwrap_or_default();
-    let age = header("age").map(|a| a.parse().unwrap());
+    // A MISS passes on the backend's `Age`, whatever it holds.
+    let age = header("age").and_then(|a| a.parse().ok());
     let status = r.status().as_u16();
     Got {
         status,
@@ -363,6 +364,57 @@ async fn the_backends_max_age_shortens_the_ttl() {
     assert_eq!(get(&bs.url("/ignore/max-age")).await.x_cache, "HIT");
     assert_eq!(get(&bs.url("/ignore/zero")).await.x_cache, "MISS");
     assert_eq!(get(&bs.url("/ignore/zero")).await.x_cache, "HIT");
+}
+
+#[tokio::test]
+async fn the_backends_age_is_spent_of_the_lifetime_and_served_on() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let backend = Backend::start(move |seen| {
+        let i = n.fetch_add(1, Ordering::SeqCst) + 1;
+        let reply = Reply::ok(&format!("n={i}"));
+        match seen.uri.as_str() {
+            // As a cache in front of the backend would answer: 58 of the
+            // answer's 60 seconds are spent.
+            "/aged" => reply
+                .header("cache-control", "max-age=60")
+                .header("age", "58"),
+            "/at-lifetime" => reply
+                .header("cache-control", "max-age=60")
+                .header("age", "60"),
+            "/past-ttl" => reply.header("age", "600"),
+            "/invalid" => reply.header("age", "-5"),
+            _ => reply,
+        }
+    })
+    .await;
+    let bs = Backstop::start(&route("r", "/", &backend.url(), "ttl = \"120s\""));
+    assert_eq!(get(&bs.url("/aged")).await.x_cache, "MISS");
+    let hit = get(&bs.url("/aged")).await;
+    assert_eq!((hit.x_cache.as_str(), hit.body.as_str()), ("HIT", "n=1"));
+    let age = hit.age.unwrap();
+    assert!(
+        (58..=59).contains(&age),
+        "the backend's age and ours: {age}"
+    );
+    // Already as old as its lifetime, or older than the route's ttl: never
+    // fresh here, so not stored.
+    for path in ["/at-lifetime", "/past-ttl"] {
+        for want in ["MISS", "MISS"] {
+            assert_eq!(get(&bs.url(path)).await.x_cache, want, "{path}");
+        }
+    }
+    // An Age that is not a non-negative integer is ignored.
+    assert_eq!(get(&bs.url("/invalid")).await.x_cache, "MISS");
+    let invalid = get(&bs.url("/invalid")).await;
+    assert_eq!(invalid.x_cache, "HIT");
+    assert!(invalid.age.unwrap() <= 1, "counted from storing");
+    // Two seconds were left of /aged's lifetime.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let expired = get(&bs.url("/aged")).await;
+    assert_eq!(
+        (expired.x_cache.as_str(), expired.body.as_str()),
+        ("MISS", "n=7")
+    );
 }
 
 #[tokio::test]
@@ -910,6 +962,36 @@ async fn two_instances_share_entries_through_redis() {
     assert_eq!(body["purged"]["redis"], 1);
     assert_eq!(at(a.url("/shared?x=1&y=2")).await.x_cache, "MISS");
     assert_eq!(backend.hits(), 2);
+}
+
+#[tokio::test]
+async fn an_aged_answer_is_kept_in_redis_for_what_is_left_of_its_lifetime() {
+    let prefix = prefix("age");
+    let backend = Backend::start(|_| {
+        Reply::ok("aged")
+            .header("cache-control", "max-age=60")
+            .header("age", "50")
+    })
+    .await;
+    let config = format!(
+        "{}{}",
+        redis_section(MACHINE_REDIS, &prefix),
+        route("r", "/", &backend.url(), "store = \"redis\"\nttl = \"60s\"")
+    );
+    let a = Backstop::start(&config);
+    let b = Backstop::start(&config);
+    // One site's Host at both instances (the host is keyed).
+    let at = |url: String| {
+        let req = client().get(url).header("host", "api.example");
+        async move { got(req.send().await.unwrap()).await }
+    };
+    assert_eq!(at(a.url("/aged")).await.x_cache, "MISS");
+    let hit = at(b.url("/aged")).await;
+    assert_eq!(hit.x_cache, "HIT");
+    let age = hit.age.unwrap();
+    assert!((50..=51).contains(&age), "as old to every instance: {age}");
+    let pttl = redis_pttl(MACHINE_REDIS, &prefix);
+    assert!((8_000..=10_000).contains(&pttl), "PTTL {pttl}");
 }
 
 /// A `redis-server` of our own on an ephemeral port, killed on drop.
