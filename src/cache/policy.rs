@@ -25,6 +25,10 @@ pub enum RequestPlan {
     Refresh,
     /// Looked up; a miss is stored.
     Lookup,
+    /// A write (an unsafe method the route does not cache): not looked up
+    /// nor stored, and once the backend accepts it (2xx, 3xx) the stored
+    /// answers of its URI are stale (RFC 9111 §4.4).
+    Invalidate,
 }
 
 pub fn request_plan(cache: &CacheConfig, method: &Method, headers: &HeaderMap) -> RequestPlan {
@@ -32,7 +36,13 @@ pub fn request_plan(cache: &CacheConfig, method: &Method, headers: &HeaderMap) -
         return RequestPlan::Off;
     }
     if !cache.methods.contains(method) {
-        return RequestPlan::Bypass;
+        // Unsafe includes methods whose safety is unknown (RFC 9111 §4.4).
+        // A method the route lists is a read there (a POST to a search API
+        // keyed on its body): looked up, and never a write that invalidates.
+        if method.is_safe() {
+            return RequestPlan::Bypass;
+        }
+        return RequestPlan::Invalidate;
     }
     let directives = cache_control(headers);
     if directives.no_store {
@@ -273,13 +283,49 @@ mod tests {
             ("plain GET", &default, Method::GET, &[], RequestPlan::Lookup),
             ("HEAD", &default, Method::HEAD, &[], RequestPlan::Lookup),
             (
-                "POST not listed",
+                "POST not listed: a write",
                 &default,
                 Method::POST,
                 &[],
+                RequestPlan::Invalidate,
+            ),
+            ("PUT", &default, Method::PUT, &[], RequestPlan::Invalidate),
+            ("PATCH", &post, Method::PATCH, &[], RequestPlan::Invalidate),
+            (
+                "DELETE",
+                &post,
+                Method::DELETE,
+                &[],
+                RequestPlan::Invalidate,
+            ),
+            (
+                "a write whatever its Cache-Control",
+                &default,
+                Method::DELETE,
+                &[("cache-control", "no-store")],
+                RequestPlan::Invalidate,
+            ),
+            (
+                "unknown methods are unsafe",
+                &default,
+                Method::from_bytes(b"PURGE").unwrap(),
+                &[],
+                RequestPlan::Invalidate,
+            ),
+            (
+                "OPTIONS: safe, not cached",
+                &default,
+                Method::OPTIONS,
+                &[],
                 RequestPlan::Bypass,
             ),
-            ("POST listed", &post, Method::POST, &[], RequestPlan::Lookup),
+            (
+                "POST listed: a read",
+                &post,
+                Method::POST,
+                &[],
+                RequestPlan::Lookup,
+            ),
             (
                 "no-store",
                 &default,
@@ -316,10 +362,12 @@ mod tests {
             enabled: false,
             ..default.clone()
         };
-        assert_eq!(
-            request_plan(&off, &Method::GET, &HeaderMap::new()),
-            RequestPlan::Off
-        );
+        for method in [Method::GET, Method::PUT] {
+            assert_eq!(
+                request_plan(&off, &method, &HeaderMap::new()),
+                RequestPlan::Off
+            );
+        }
     }
 
     #[test]
