@@ -17,8 +17,9 @@
 //!    (stale-if-error) or, on a capturable request, written durably and
 //!    answered with its capture id.
 //! 9. **respond** — stream the backend's answer back without hop-by-hop
-//!    headers, storing it in the cache if it may be; count and log the
-//!    outcome once.
+//!    headers, storing it in the cache if it may be (or, for a write the
+//!    backend accepted, first removing the cached reads of its URI); count
+//!    and log the outcome once.
 //!
 //! Per-request state lives in [`RequestContext`]; state that outlives a
 //! reload (breakers, limits, caches, statistics) lives in registries keyed
@@ -459,7 +460,8 @@ fn prepare(
 /// is part of the key), before anything is prepared for the upstream. May
 /// answer from a fresh entry (`HIT`), or from the answer a concurrent
 /// identical request got upstream; otherwise returns the state that stores
-/// the upstream answer and knows the stale entry.
+/// the upstream answer and knows the stale entry (for a write: the keys
+/// its success invalidates).
 async fn cache_phase(
     proxy: &Proxy,
     active: &Active,

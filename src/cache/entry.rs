@@ -15,7 +15,10 @@ use super::vary::Varied;
 
 /// The first byte of an encoded entry; a new layout gets a new number and
 /// old values become misses. (1: without the backend's freshness rules;
-/// 2: without the `Vary` values.)
+/// 2: without the `Vary` values.) The backend's `Age` changed no layout:
+/// it moves `stored_at_ms` back (see there), which reads the same to every
+/// instance, and an entry stored before it came to count had an age of
+/// zero when stored.
 const FORMAT: u8 = 3;
 
 /// `max_age` in the encoded form when the backend set none.
@@ -30,7 +33,8 @@ pub struct Entry {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
-    /// Unix time in milliseconds.
+    /// Unix time in milliseconds when the answer's age was zero: when it
+    /// was stored, less the backend's `Age` (see [`Entry::aged`]).
     pub stored_at_ms: u64,
     /// The backend's bound on freshness (`s-maxage`, else `max-age`); the
     /// route's `ttl` bounds it too. `None`: the route's `ttl` alone.
@@ -63,6 +67,15 @@ impl Entry {
             must_revalidate: false,
             vary: Varied::default(),
         }
+    }
+
+    /// Counts `age` (the backend's `Age`) as already lived: the entry is
+    /// that much older, for its freshness and for the `Age` it is served
+    /// with (RFC 9111 §4.2.3: the backend's age plus the time held here).
+    pub fn aged(mut self, age: Duration) -> Entry {
+        let age_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+        self.stored_at_ms = self.stored_at_ms.saturating_sub(age_ms);
+        self
     }
 
     /// How long the entry is fresh under the route's `ttl`.
@@ -249,6 +262,19 @@ mod tests {
         assert_eq!(entry.stale_for(ttl), ttl);
         entry.must_revalidate = true;
         assert_eq!(entry.stale_for(ttl), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_backends_age_counts_from_the_start() {
+        let entry = sample().aged(Duration::from_secs(30));
+        let age = entry.age();
+        assert!(
+            (Duration::from_secs(30)..Duration::from_secs(31)).contains(&age),
+            "{age:?}"
+        );
+        // Shared through Redis, it is as old to every reader.
+        let read = Entry::decode(Bytes::from(entry.encode())).unwrap();
+        assert!(read.age() >= Duration::from_secs(30));
     }
 
     #[test]

@@ -3,9 +3,10 @@
 //! moka weighs every entry (headers + body + a fixed overhead) and evicts
 //! by TinyLFU once the route's `max_bytes` is reached, without a global lock
 //! on reads. Each entry lives for as long as it was fresh (`ttl`, or the
-//! backend's shorter `max-age`) plus `stale_if_error`, as they were when it
-//! was stored; whether it is still fresh is decided by the reader from the
-//! route's current `ttl`.
+//! backend's shorter `max-age`, less the backend's `Age`) plus
+//! `stale_if_error`, as they were when it was stored; whether it is still
+//! fresh is decided by the reader from the route's current `ttl`. A write
+//! to its URI removes it sooner.
 //!
 //! This store never decides what is cacheable; it holds what it is given.
 
@@ -64,6 +65,12 @@ impl MemoryStore {
 
     pub async fn put(&self, key: CacheKey, entry: Arc<Entry>, keep_for: Duration) {
         self.cache.insert(key, Stored { entry, keep_for }).await;
+    }
+
+    pub async fn remove(&self, keys: &[CacheKey]) {
+        for key in keys {
+            self.cache.invalidate(key).await;
+        }
     }
 
     /// Drops every entry; returns how many there were.

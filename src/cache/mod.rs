@@ -7,6 +7,9 @@
 //! - [`CacheState::finish`] stores the upstream's answer when it may be
 //!   (`MISS`), and [`CacheState::stale_response`] serves the remembered stale
 //!   entry when the upstream failed or the circuit is open (`STALE`).
+//! - A write (an unsafe method the route does not cache) is not looked up;
+//!   once the backend accepts it, [`CacheState::finish`] removes the entries
+//!   a GET or HEAD of its URI would be served, before it is answered.
 //!
 //! State that must outlive a config reload (stores, flights, the Redis
 //! connection) lives in [`Caches`], held by `Proxy` and keyed by route name.
@@ -28,7 +31,7 @@ use std::time::Duration;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderValue, AGE, HOST, SET_COOKIE};
-use http::{HeaderMap, HeaderName, Request, Response};
+use http::{HeaderMap, HeaderName, Method, Request, Response};
 use http_body_util::{BodyExt, Either, Full};
 
 use crate::body::{ClientBody, ResponseBody, UpstreamBody};
@@ -79,9 +82,16 @@ impl Verdict {
     }
 }
 
-/// The key of a request as the client sent it. `scheme` is the listener's
+/// The key of a request as the client sent it, but for `method` (a write
+/// names the keys of the reads of its URI). `scheme` is the listener's
 /// (`http` or `https`).
-fn key_of(route: &Route, req: &Request<ClientBody>, scheme: &str, body: &[u8]) -> CacheKey {
+fn key_of(
+    route: &Route,
+    req: &Request<ClientBody>,
+    method: &Method,
+    scheme: &str,
+    body: &[u8],
+) -> CacheKey {
     let cache = &route.config.cache;
     // The host the backend is told about (`X-Forwarded-Host`): the target's
     // authority, else the `Host` header.
@@ -93,7 +103,7 @@ fn key_of(route: &Route, req: &Request<ClientBody>, scheme: &str, body: &[u8]) -
         route: route.name(),
         scheme,
         host,
-        method: req.method(),
+        method,
         path: req.uri().path(),
         query: req.uri().query(),
         headers: req.headers(),
@@ -120,6 +130,16 @@ pub struct CacheState {
     stale: Option<Arc<Entry>>,
     /// Set when this request is the one upstream call for its key.
     leader: Option<Leader>,
+    /// A write's: the entries its success makes stale.
+    invalidate: Option<Invalidation>,
+}
+
+/// The entries a write makes stale (RFC 9111 §4.4): those a GET or HEAD of
+/// its URI, with its headers, would be served. Keyed on the write's own
+/// headers, it misses variants keyed on other values (`header_strategy`).
+struct Invalidation {
+    keys: Vec<CacheKey>,
+    store: StoreRef,
 }
 
 struct Slot {
@@ -143,6 +163,7 @@ impl CacheState {
             slot: None,
             stale: None,
             leader: None,
+            invalidate: None,
         }
     }
 
@@ -178,6 +199,17 @@ impl CacheState {
         if status_failure(status.as_u16(), &route.retry).is_some() {
             if let Some(stale) = self.stale_response() {
                 return Ok(stale);
+            }
+        }
+        if let Some(invalidation) = self.invalidate.take() {
+            // Only a write the backend accepted changed anything. Done
+            // before answering, so that the client's next read cannot find
+            // the old entry; Redis is bounded by its timeout and its breaker.
+            if status.is_success() || status.is_redirection() {
+                invalidation
+                    .store
+                    .remove(&route.name, &invalidation.keys)
+                    .await;
             }
         }
         let cache = &route.cache;
@@ -216,11 +248,14 @@ impl CacheState {
         // it is one client's, so it is served to that client only.
         let mut stored_headers = parts.headers.clone();
         stored_headers.remove(SET_COOKIE);
-        let mut entry = Entry::new(parts.status, stored_headers, body.clone());
+        let mut entry = Entry::new(parts.status, stored_headers, body.clone()).aged(storable.age);
         entry.max_age = storable.max_age;
         entry.must_revalidate = storable.must_revalidate;
         entry.vary = Varied::record(&storable.vary, &slot.request);
-        let keep_for = entry.fresh_for(cache.ttl) + entry.stale_for(cache.stale_if_error);
+        // Kept as long as fresh and then stale-if-error, from when its age
+        // was zero: the backend's `Age` is spent already.
+        let keep_for = (entry.fresh_for(cache.ttl) + entry.stale_for(cache.stale_if_error))
+            .saturating_sub(storable.age);
         let entry = Arc::new(entry);
         slot.store
             .put(&route.name, slot.key, entry.clone(), keep_for)
@@ -282,6 +317,14 @@ impl StoreRef {
             StoreRef::Unavailable => {}
         }
     }
+
+    async fn remove(&self, route: &str, keys: &[CacheKey]) {
+        match self {
+            StoreRef::Memory(rc) => rc.memory.remove(keys).await,
+            StoreRef::Redis(redis) => redis.remove(route, keys).await,
+            StoreRef::Unavailable => {}
+        }
+    }
 }
 
 /// How fresh an entry is for the route's current settings.
@@ -339,19 +382,15 @@ impl Caches {
         let plan = policy::request_plan(cache, request.method(), request.headers());
         let body = match (plan, body) {
             (RequestPlan::Off, _) => return Lookup::Forward(CacheState::passthrough(None)),
+            (RequestPlan::Invalidate, _) => {
+                return Lookup::Forward(self.invalidating(config, route, request, scheme))
+            }
             (RequestPlan::Lookup | RequestPlan::Refresh, Some(body)) => body,
             // Not cached, or a body that was not buffered (cannot be keyed).
             _ => return Lookup::Forward(CacheState::passthrough(Some(Verdict::Bypass))),
         };
-        let key = key_of(route, request, scheme, body);
-        let rc = self.route_cache(&route.config);
-        let store = match cache.store {
-            CacheStore::Memory => StoreRef::Memory(rc.clone()),
-            CacheStore::Redis => match self.redis(config.redis.as_ref()) {
-                Some(redis) => StoreRef::Redis(redis),
-                None => StoreRef::Unavailable,
-            },
-        };
+        let key = key_of(route, request, request.method(), scheme, body);
+        let (rc, store) = self.stores(config, &route.config);
         let mut state = CacheState {
             verdict: Some(Verdict::Miss),
             slot: Some(Slot {
@@ -363,6 +402,7 @@ impl Caches {
             }),
             stale: None,
             leader: None,
+            invalidate: None,
         };
         let forward = |mut state: CacheState| {
             if let Some(slot) = state.slot.as_mut() {
@@ -414,6 +454,45 @@ impl Caches {
             },
         }
         forward(state)
+    }
+
+    /// A write's state (`RequestPlan::Invalidate`): not looked up nor
+    /// stored; the keys a GET or HEAD of its URI would have, if the route
+    /// caches them, for `finish` to remove. A read keyed on its body (a
+    /// listed POST) cannot be named without that body and is left to expire.
+    fn invalidating(
+        &self,
+        config: &Config,
+        route: &Route,
+        request: &Request<ClientBody>,
+        scheme: &str,
+    ) -> CacheState {
+        let cache = &route.config.cache;
+        let keys: Vec<CacheKey> = [Method::GET, Method::HEAD]
+            .iter()
+            .filter(|method| cache.methods.contains(method))
+            .map(|method| key_of(route, request, method, scheme, b""))
+            .collect();
+        let mut state = CacheState::passthrough(Some(Verdict::Bypass));
+        if !keys.is_empty() {
+            let (_, store) = self.stores(config, &route.config);
+            state.invalidate = Some(Invalidation { keys, store });
+        }
+        state
+    }
+
+    /// The route's memory cache (its in-flight map) and the store its
+    /// entries live in.
+    fn stores(&self, config: &Config, route: &RouteConfig) -> (Arc<RouteCache>, StoreRef) {
+        let rc = self.route_cache(route);
+        let store = match route.cache.store {
+            CacheStore::Memory => StoreRef::Memory(rc.clone()),
+            CacheStore::Redis => match self.redis(config.redis.as_ref()) {
+                Some(redis) => StoreRef::Redis(redis),
+                None => StoreRef::Unavailable,
+            },
+        };
+        (rc, store)
     }
 
     /// Removes every entry of a route from both stores.

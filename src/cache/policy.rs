@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use http::header::{AUTHORIZATION, CACHE_CONTROL, PRAGMA, SET_COOKIE};
+use http::header::{AGE, AUTHORIZATION, CACHE_CONTROL, PRAGMA, SET_COOKIE};
 use http::{HeaderMap, HeaderName, Method, StatusCode};
 
 use super::vary;
@@ -25,6 +25,10 @@ pub enum RequestPlan {
     Refresh,
     /// Looked up; a miss is stored.
     Lookup,
+    /// A write (an unsafe method the route does not cache): not looked up
+    /// nor stored, and once the backend accepts it (2xx, 3xx) the stored
+    /// answers of its URI are stale (RFC 9111 §4.4).
+    Invalidate,
 }
 
 pub fn request_plan(cache: &CacheConfig, method: &Method, headers: &HeaderMap) -> RequestPlan {
@@ -32,7 +36,13 @@ pub fn request_plan(cache: &CacheConfig, method: &Method, headers: &HeaderMap) -
         return RequestPlan::Off;
     }
     if !cache.methods.contains(method) {
-        return RequestPlan::Bypass;
+        // Unsafe includes methods whose safety is unknown (RFC 9111 §4.4).
+        // A method the route lists is a read there (a POST to a search API
+        // keyed on its body): looked up, and never a write that invalidates.
+        if method.is_safe() {
+            return RequestPlan::Bypass;
+        }
+        return RequestPlan::Invalidate;
     }
     let directives = cache_control(headers);
     if directives.no_store {
@@ -68,6 +78,10 @@ pub struct Storable {
     /// The request headers the answer varies on (`Vary`): a stored answer
     /// serves only requests that send what this one sent.
     pub vary: Vec<HeaderName>,
+    /// How old the answer already is by the backend's `Age` (say a cache
+    /// in front of it answered): spent of its lifetime, and part of the
+    /// `Age` it is served with (RFC 9111 §4.2.3). Zero without one.
+    pub age: Duration,
 }
 
 /// Whether an answer may be stored, and how it may be reused if so.
@@ -98,13 +112,20 @@ pub fn storable(
     {
         return None;
     }
+    // `Age` is no wish of the backend's but a fact about the answer: it
+    // counts under ignore_cache_control too.
+    let age = age(response);
     if cache.ignore_cache_control {
         // The route's ttl and stale_if_error alone decide (`Vary: *` too
         // is overridden: the answer is shared as the key has it).
-        return Some(Storable {
-            vary: vary.unwrap_or_default(),
-            ..Storable::default()
-        });
+        return fresh(
+            Storable {
+                vary: vary.unwrap_or_default(),
+                age,
+                ..Storable::default()
+            },
+            cache.ttl,
+        );
     }
     if directives.no_store || directives.private || directives.no_cache {
         return None;
@@ -115,16 +136,36 @@ pub fn storable(
     }
     // `Vary: *` says no stored answer can ever match.
     let vary = vary.ok()?;
-    let max_age = directives.s_maxage.or(directives.max_age);
-    if max_age.is_some_and(|age| age.is_zero()) {
-        // Stale at once: storing it could only serve it stale.
-        return None;
-    }
-    Some(Storable {
-        max_age,
+    let storable = Storable {
+        max_age: directives.s_maxage.or(directives.max_age),
         must_revalidate: directives.must_revalidate,
         vary,
-    })
+        age,
+    };
+    fresh(storable, cache.ttl)
+}
+
+/// The answer if it is still fresh: its age is below its lifetime (the
+/// route's `ttl`, bounded by the backend's). One that is not (`max-age=0`,
+/// or an `Age` at or past the lifetime) is not stored: it could only ever
+/// be served stale, and a `stale_if_error` copy of an answer already too
+/// old is not worth a slot.
+fn fresh(storable: Storable, ttl: Duration) -> Option<Storable> {
+    let lifetime = storable.max_age.map_or(ttl, |max_age| max_age.min(ttl));
+    (storable.age < lifetime).then_some(storable)
+}
+
+/// The backend's `Age` (RFC 9111 §5.1): a value that is not a non-negative
+/// integer is ignored, as §4.2.3 asks; of several lines, the oldest counts
+/// (the safe side). One too large for the clock is capped: past any ttl.
+fn age(response: &HeaderMap) -> Duration {
+    response
+        .get_all(AGE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| digits(v.trim()))
+        .max()
+        .unwrap_or(Duration::ZERO)
 }
 
 fn authorization_keyed(cache: &CacheConfig) -> bool {
@@ -189,10 +230,18 @@ fn delta_seconds(value: &str) -> Duration {
         .strip_prefix('"')
         .and_then(|v| v.strip_suffix('"'))
         .unwrap_or(value);
+    digits(value).unwrap_or(Duration::ZERO)
+}
+
+/// Seconds written as decimal digits only; `None` for anything else. A
+/// value too large for the clock is capped.
+fn digits(value: &str) -> Option<Duration> {
     if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
-        return Duration::ZERO;
+        return None;
     }
-    Duration::from_secs(value.parse().unwrap_or(u64::from(u32::MAX)))
+    Some(Duration::from_secs(
+        value.parse().unwrap_or(u64::from(u32::MAX)),
+    ))
 }
 
 #[cfg(test)]
@@ -234,13 +283,49 @@ mod tests {
             ("plain GET", &default, Method::GET, &[], RequestPlan::Lookup),
             ("HEAD", &default, Method::HEAD, &[], RequestPlan::Lookup),
             (
-                "POST not listed",
+                "POST not listed: a write",
                 &default,
                 Method::POST,
                 &[],
+                RequestPlan::Invalidate,
+            ),
+            ("PUT", &default, Method::PUT, &[], RequestPlan::Invalidate),
+            ("PATCH", &post, Method::PATCH, &[], RequestPlan::Invalidate),
+            (
+                "DELETE",
+                &post,
+                Method::DELETE,
+                &[],
+                RequestPlan::Invalidate,
+            ),
+            (
+                "a write whatever its Cache-Control",
+                &default,
+                Method::DELETE,
+                &[("cache-control", "no-store")],
+                RequestPlan::Invalidate,
+            ),
+            (
+                "unknown methods are unsafe",
+                &default,
+                Method::from_bytes(b"PURGE").unwrap(),
+                &[],
+                RequestPlan::Invalidate,
+            ),
+            (
+                "OPTIONS: safe, not cached",
+                &default,
+                Method::OPTIONS,
+                &[],
                 RequestPlan::Bypass,
             ),
-            ("POST listed", &post, Method::POST, &[], RequestPlan::Lookup),
+            (
+                "POST listed: a read",
+                &post,
+                Method::POST,
+                &[],
+                RequestPlan::Lookup,
+            ),
             (
                 "no-store",
                 &default,
@@ -277,10 +362,12 @@ mod tests {
             enabled: false,
             ..default.clone()
         };
-        assert_eq!(
-            request_plan(&off, &Method::GET, &HeaderMap::new()),
-            RequestPlan::Off
-        );
+        for method in [Method::GET, Method::PUT] {
+            assert_eq!(
+                request_plan(&off, &method, &HeaderMap::new()),
+                RequestPlan::Off
+            );
+        }
     }
 
     #[test]
@@ -427,6 +514,7 @@ mod tests {
                 max_age,
                 must_revalidate,
                 vary: vec![],
+                age: Duration::ZERO,
             })
         };
         // (why, config, response headers, what may be stored)
@@ -538,6 +626,99 @@ mod tests {
         for (why, config, resp, want) in cases {
             let got = storable(config, false, StatusCode::OK, &headers(resp));
             assert_eq!(got, want, "{why}");
+        }
+    }
+
+    #[test]
+    fn the_backends_age_is_spent_of_the_lifetime() {
+        let default = cache("ttl = \"60s\"");
+        let ignore = cache("ttl = \"60s\"\nignore_cache_control = true");
+        let secs = Duration::from_secs;
+        // (why, config, response headers, the age counted; None: not stored)
+        let cases: Vec<(&str, &CacheConfig, Headers, Option<Duration>)> = vec![
+            ("no Age", &default, &[], Some(secs(0))),
+            ("within the ttl", &default, &[("age", "59")], Some(secs(59))),
+            ("at the ttl: stale", &default, &[("age", "60")], None),
+            ("past the ttl", &default, &[("age", "3600")], None),
+            (
+                "within max-age",
+                &default,
+                &[("cache-control", "max-age=30"), ("age", "29")],
+                Some(secs(29)),
+            ),
+            (
+                "past max-age, within the ttl",
+                &default,
+                &[("cache-control", "max-age=30"), ("age", "31")],
+                None,
+            ),
+            (
+                "past max-age, within s-maxage",
+                &default,
+                &[("cache-control", "max-age=10, s-maxage=30"), ("age", "20")],
+                Some(secs(20)),
+            ),
+            ("padded", &default, &[("age", " 7 ")], Some(secs(7))),
+            (
+                "huge",
+                &default,
+                &[("age", "99999999999999999999999")],
+                None,
+            ),
+            (
+                "negative: ignored",
+                &default,
+                &[("age", "-5")],
+                Some(secs(0)),
+            ),
+            (
+                "fraction: ignored",
+                &default,
+                &[("age", "1.5")],
+                Some(secs(0)),
+            ),
+            ("text: ignored", &default, &[("age", "old")], Some(secs(0))),
+            ("empty: ignored", &default, &[("age", "")], Some(secs(0))),
+            (
+                "quoted: ignored",
+                &default,
+                &[("age", "\"5\"")],
+                Some(secs(0)),
+            ),
+            (
+                "a list: ignored",
+                &default,
+                &[("age", "5, 70")],
+                Some(secs(0)),
+            ),
+            (
+                "two lines: the oldest",
+                &default,
+                &[("age", "5"), ("age", "50")],
+                Some(secs(50)),
+            ),
+            (
+                "two lines, one invalid",
+                &default,
+                &[("age", "x"), ("age", "50")],
+                Some(secs(50)),
+            ),
+            (
+                "ignore_cache_control: still counted",
+                &ignore,
+                &[("cache-control", "max-age=0"), ("age", "20")],
+                Some(secs(20)),
+            ),
+            (
+                "ignore_cache_control: past the ttl",
+                &ignore,
+                &[("age", "60")],
+                None,
+            ),
+        ];
+        for (why, config, resp, want) in cases {
+            let got = storable(config, false, StatusCode::OK, &headers(resp));
+            assert_eq!(got.map(|s| s.age), want, "{why}");
         }
     }
 }

@@ -11,7 +11,8 @@
 //!
 //! Keys are `<key_prefix>cache:<route>:<sha256 hex>`; values are the
 //! compact binary form of `entry`; the Redis TTL is how long the entry is
-//! fresh (`ttl`, or the backend's shorter `max-age`) plus `stale_if_error`.
+//! fresh (`ttl`, or the backend's shorter `max-age`, less the backend's
+//! `Age`) plus `stale_if_error`. A write to its URI unlinks it sooner.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -102,6 +103,16 @@ impl RedisStore {
             .arg(millis)
             .to_owned();
         let _: Option<()> = self.run("SET", &cmd).await;
+    }
+
+    /// Deletes entries (a write made them stale). A failure is counted and
+    /// logged like any other; the entries then live out their TTL.
+    pub async fn remove(&self, route: &str, keys: &[CacheKey]) {
+        let mut cmd = redis::cmd("UNLINK");
+        for key in keys {
+            cmd.arg(self.key(route, key));
+        }
+        let _: Option<u64> = self.run("UNLINK", &cmd).await;
     }
 
     /// Deletes every entry of a route (SCAN + UNLINK, in batches). Ignores

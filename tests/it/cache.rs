@@ -1,7 +1,8 @@
 //! Response caching over real sockets: hits and misses, keys (sorted query,
-//! header strategies, POST bodies), TTL, Cache-Control, stale-if-error,
-//! coalescing, the memory bound, purge, reloads, and the Redis store —
-//! shared by two instances, and a Redis server killed mid-test.
+//! header strategies, POST bodies), TTL, Cache-Control, the backend's `Age`,
+//! writes that invalidate, stale-if-error, coalescing, the memory bound,
+//! purge, reloads, and the Redis store — shared by two instances, and a
+//! Redis server killed mid-test.
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -72,7 +73,8 @@ async fn got(r: reqwest::Response) -> Got {
             .map(|v| v.to_str().unwrap().to_string())
     };
     let x_cache = header("x-cache").unwrap_or_default();
-    let age = header("age").map(|a| a.parse().unwrap());
+    // A MISS passes on the backend's `Age`, whatever it holds.
+    let age = header("age").and_then(|a| a.parse().ok());
     let status = r.status().as_u16();
     Got {
         status,
@@ -311,6 +313,128 @@ async fn post_bodies_are_part_of_the_key_when_post_is_cached() {
     assert_eq!(backend.hits(), 4);
 }
 
+/// Sends `method` to `url` (no redirects followed), with a body unless it
+/// is a GET or HEAD: status and `X-Cache`.
+async fn send(method: &str, url: String, headers: &[(&str, &str)]) -> (u16, String) {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let read = method == reqwest::Method::GET || method == reqwest::Method::HEAD;
+    let mut req = no_redirects().build().unwrap().request(method, url);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    if !read {
+        req = req.body("{}");
+    }
+    let r = got(req.send().await.unwrap()).await;
+    (r.status, r.x_cache)
+}
+
+#[tokio::test]
+async fn a_write_the_backend_accepts_invalidates_the_reads_of_its_uri() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let backend = Backend::start(move |seen| {
+        let i = n.fetch_add(1, Ordering::SeqCst) + 1;
+        let body = format!("n={i} {} {}", seen.method, seen.uri);
+        let write = !matches!(seen.method.as_str(), "GET" | "HEAD");
+        match (write, seen.uri.as_str()) {
+            (true, "/locked") => Reply::status(409).body(body),
+            // POST-redirect-GET.
+            (true, "/items/2") => Reply::status(303).header("location", "/items/2"),
+            _ => Reply::ok(&body),
+        }
+    })
+    .await;
+    let bs = Backstop::start(&route("r", "/", &backend.url(), ""));
+    // (method, path, status, X-Cache), in order.
+    let steps = [
+        ("GET", "/items/1", 200, "MISS"),
+        ("GET", "/items/1", 200, "HIT"),
+        ("HEAD", "/items/1", 200, "MISS"),
+        ("HEAD", "/items/1", 200, "HIT"),
+        ("GET", "/items/1?v=1", 200, "MISS"),
+        ("GET", "/items/2", 200, "MISS"),
+        ("GET", "/locked", 200, "MISS"),
+        ("PUT", "/items/1", 200, "BYPASS"),
+        ("GET", "/items/1", 200, "MISS"),
+        ("HEAD", "/items/1", 200, "MISS"),
+        // Other URIs keep their entries.
+        ("GET", "/items/1?v=1", 200, "HIT"),
+        ("GET", "/items/2", 200, "HIT"),
+        ("PATCH", "/items/1", 200, "BYPASS"),
+        ("GET", "/items/1", 200, "MISS"),
+        ("DELETE", "/items/1", 200, "BYPASS"),
+        ("GET", "/items/1", 200, "MISS"),
+        ("POST", "/items/1", 200, "BYPASS"),
+        ("GET", "/items/1", 200, "MISS"),
+        ("GET", "/items/1", 200, "HIT"),
+        // A write the backend refuses changed nothing.
+        ("PUT", "/locked", 409, "BYPASS"),
+        ("GET", "/locked", 200, "HIT"),
+        // A redirect is no error: the write was accepted.
+        ("POST", "/items/2", 303, "BYPASS"),
+        ("GET", "/items/2", 200, "MISS"),
+    ];
+    for (i, (method, path, status, x_cache)) in steps.into_iter().enumerate() {
+        assert_eq!(
+            send(method, bs.url(path), &[]).await,
+            (status, x_cache.to_string()),
+            "step {i}: {method} {path}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_write_invalidates_the_variant_keyed_on_its_own_headers() {
+    let backend = counting_backend(vec![]).await;
+    let bs = Backstop::start(&route(
+        "r",
+        "/",
+        &backend.url(),
+        "header_strategy = \"list\"\nheaders = [\"X-Tenant\"]",
+    ));
+    let tenant = |n: &'static str| [("x-tenant", n)];
+    // (method, tenant, X-Cache), in order.
+    let steps = [
+        ("GET", "1", "MISS"),
+        ("GET", "2", "MISS"),
+        ("PUT", "1", "BYPASS"),
+        ("GET", "1", "MISS"),
+        // Keyed on another value: not found by tenant 1's write.
+        ("GET", "2", "HIT"),
+    ];
+    for (i, (method, who, x_cache)) in steps.into_iter().enumerate() {
+        let (_, got) = send(method, bs.url("/doc"), &tenant(who)).await;
+        assert_eq!(got, x_cache, "step {i}: {method} as tenant {who}");
+    }
+}
+
+#[tokio::test]
+async fn a_post_the_route_caches_is_a_read_and_invalidates_nothing() {
+    let backend = counting_backend(vec![]).await;
+    let bs = Backstop::start(&route(
+        "r",
+        "/",
+        &backend.url(),
+        "methods = [\"GET\", \"POST\"]",
+    ));
+    // (method, X-Cache), in order, all on one URI.
+    let steps = [
+        ("GET", "MISS"),
+        ("POST", "MISS"),
+        ("POST", "HIT"),
+        ("GET", "HIT"),
+        ("PUT", "BYPASS"),
+        ("GET", "MISS"),
+        // Keyed on its body, a cached POST cannot be named by the write:
+        // it lives out its ttl.
+        ("POST", "HIT"),
+    ];
+    for (i, (method, x_cache)) in steps.into_iter().enumerate() {
+        let (_, got) = send(method, bs.url("/search?q=rust"), &[]).await;
+        assert_eq!(got, x_cache, "step {i}: {method}");
+    }
+}
+
 #[tokio::test]
 async fn entries_expire_after_ttl() {
     let backend = counting_backend(vec![]).await;
@@ -363,6 +487,57 @@ async fn the_backends_max_age_shortens_the_ttl() {
     assert_eq!(get(&bs.url("/ignore/max-age")).await.x_cache, "HIT");
     assert_eq!(get(&bs.url("/ignore/zero")).await.x_cache, "MISS");
     assert_eq!(get(&bs.url("/ignore/zero")).await.x_cache, "HIT");
+}
+
+#[tokio::test]
+async fn the_backends_age_is_spent_of_the_lifetime_and_served_on() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let backend = Backend::start(move |seen| {
+        let i = n.fetch_add(1, Ordering::SeqCst) + 1;
+        let reply = Reply::ok(&format!("n={i}"));
+        match seen.uri.as_str() {
+            // As a cache in front of the backend would answer: 58 of the
+            // answer's 60 seconds are spent.
+            "/aged" => reply
+                .header("cache-control", "max-age=60")
+                .header("age", "58"),
+            "/at-lifetime" => reply
+                .header("cache-control", "max-age=60")
+                .header("age", "60"),
+            "/past-ttl" => reply.header("age", "600"),
+            "/invalid" => reply.header("age", "-5"),
+            _ => reply,
+        }
+    })
+    .await;
+    let bs = Backstop::start(&route("r", "/", &backend.url(), "ttl = \"120s\""));
+    assert_eq!(get(&bs.url("/aged")).await.x_cache, "MISS");
+    let hit = get(&bs.url("/aged")).await;
+    assert_eq!((hit.x_cache.as_str(), hit.body.as_str()), ("HIT", "n=1"));
+    let age = hit.age.unwrap();
+    assert!(
+        (58..=59).contains(&age),
+        "the backend's age and ours: {age}"
+    );
+    // Already as old as its lifetime, or older than the route's ttl: never
+    // fresh here, so not stored.
+    for path in ["/at-lifetime", "/past-ttl"] {
+        for want in ["MISS", "MISS"] {
+            assert_eq!(get(&bs.url(path)).await.x_cache, want, "{path}");
+        }
+    }
+    // An Age that is not a non-negative integer is ignored.
+    assert_eq!(get(&bs.url("/invalid")).await.x_cache, "MISS");
+    let invalid = get(&bs.url("/invalid")).await;
+    assert_eq!(invalid.x_cache, "HIT");
+    assert!(invalid.age.unwrap() <= 1, "counted from storing");
+    // Two seconds were left of /aged's lifetime.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let expired = get(&bs.url("/aged")).await;
+    assert_eq!(
+        (expired.x_cache.as_str(), expired.body.as_str()),
+        ("MISS", "n=7")
+    );
 }
 
 #[tokio::test]
@@ -912,6 +1087,66 @@ async fn two_instances_share_entries_through_redis() {
     assert_eq!(backend.hits(), 2);
 }
 
+#[tokio::test]
+async fn an_aged_answer_is_kept_in_redis_for_what_is_left_of_its_lifetime() {
+    let prefix = prefix("age");
+    let backend = Backend::start(|_| {
+        Reply::ok("aged")
+            .header("cache-control", "max-age=60")
+            .header("age", "50")
+    })
+    .await;
+    let config = format!(
+        "{}{}",
+        redis_section(MACHINE_REDIS, &prefix),
+        route("r", "/", &backend.url(), "store = \"redis\"\nttl = \"60s\"")
+    );
+    let a = Backstop::start(&config);
+    let b = Backstop::start(&config);
+    // One site's Host at both instances (the host is keyed).
+    let at = |url: String| {
+        let req = client().get(url).header("host", "api.example");
+        async move { got(req.send().await.unwrap()).await }
+    };
+    assert_eq!(at(a.url("/aged")).await.x_cache, "MISS");
+    let hit = at(b.url("/aged")).await;
+    assert_eq!(hit.x_cache, "HIT");
+    let age = hit.age.unwrap();
+    assert!((50..=51).contains(&age), "as old to every instance: {age}");
+    let pttl = redis_pttl(MACHINE_REDIS, &prefix);
+    assert!((8_000..=10_000).contains(&pttl), "PTTL {pttl}");
+}
+
+#[tokio::test]
+async fn a_write_through_one_instance_invalidates_the_shared_entry() {
+    let prefix = prefix("write");
+    let backend = counting_backend(vec![]).await;
+    let config = format!(
+        "{}{}",
+        redis_section(MACHINE_REDIS, &prefix),
+        route("r", "/", &backend.url(), "store = \"redis\"")
+    );
+    let a = Backstop::start(&config);
+    let b = Backstop::start(&config);
+    let site = [("host", "api.example")];
+    // (instance, method, X-Cache), in order, all on one URI.
+    let steps = [
+        (&a, "GET", "MISS"),
+        (&b, "GET", "HIT"),
+        (&b, "HEAD", "MISS"),
+        (&a, "HEAD", "HIT"),
+        (&a, "PUT", "BYPASS"),
+        (&b, "GET", "MISS"),
+        (&b, "HEAD", "MISS"),
+        (&a, "GET", "HIT"),
+    ];
+    for (i, (bs, method, x_cache)) in steps.into_iter().enumerate() {
+        let (status, got) = send(method, bs.url("/items/1"), &site).await;
+        assert_eq!((status, got.as_str()), (200, x_cache), "step {i}: {method}");
+    }
+    assert_eq!(backend.hits(), 5);
+}
+
 /// A `redis-server` of our own on an ephemeral port, killed on drop.
 struct OwnRedis {
     child: Child,
@@ -1030,6 +1265,11 @@ async fn an_unreachable_redis_at_startup_only_skips_the_cache() {
         let started = Instant::now();
         let r = get(&bs.url("/x")).await;
         assert_eq!((r.status, r.x_cache.as_str()), (200, "MISS"));
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // A write's invalidation cannot reach Redis: answered all the same.
+        let started = Instant::now();
+        let write = send("PUT", bs.url("/x"), &[]).await;
+        assert_eq!(write, (200, "BYPASS".to_string()));
         assert!(started.elapsed() < Duration::from_secs(1));
     }
     let r = client()
