@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use clap::{Args, Parser, Subcommand};
@@ -130,6 +131,9 @@ enum Mode {
 }
 
 fn run(path: &Path, mode: Mode) -> ExitCode {
+    // Read before the file is: a change made while the process starts is
+    // then picked up by the config watcher's first look.
+    let loaded = runtime::modified(path);
     let active = match runtime::load_active(path) {
         Ok(a) => a,
         Err(errors) => {
@@ -160,8 +164,8 @@ fn run(path: &Path, mode: Mode) -> ExitCode {
     };
     let result = rt.block_on(async move {
         match mode {
-            Mode::Proxy => runtime::run(path.to_path_buf(), active).await,
-            Mode::ReplayOnly => replay_only(path.to_path_buf(), active).await,
+            Mode::Proxy => runtime::run(path.to_path_buf(), loaded, active).await,
+            Mode::ReplayOnly => replay_only(path.to_path_buf(), loaded, active).await,
         }
     });
     match result {
@@ -179,7 +183,11 @@ fn run(path: &Path, mode: Mode) -> ExitCode {
 /// record in delivery; a Kafka consumer leaves its group, its uncommitted
 /// records going to another member); SIGHUP and a change of the file
 /// reload the configuration, so replays follow the routes' new settings.
-async fn replay_only(path: PathBuf, active: crate::pipeline::Active) -> Result<(), String> {
+async fn replay_only(
+    path: PathBuf,
+    loaded: Option<SystemTime>,
+    active: crate::pipeline::Active,
+) -> Result<(), String> {
     let spool = Spool::open(&active.config.server.data_dir).map_err(|e| e.to_string())?;
     let metrics = Arc::new(crate::stats::metrics::Metrics::new());
     let proxy = Arc::new(Proxy {
@@ -199,6 +207,7 @@ async fn replay_only(path: PathBuf, active: crate::pipeline::Active) -> Result<(
     let hangup = signal(SignalKind::hangup()).ok();
     tokio::spawn(runtime::watch_config(
         path,
+        loaded,
         hangup,
         proxy.clone(),
         shutdown.clone(),

@@ -47,7 +47,8 @@ pub fn load_active(path: &Path) -> Result<Active, ConfigErrors> {
 }
 
 /// Runs the proxy until SIGTERM or SIGINT; returns the process exit code.
-pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
+/// `loaded` is the file's modification time as it was read.
+pub async fn run(path: PathBuf, loaded: Option<SystemTime>, active: Active) -> Result<(), String> {
     let config = active.config.clone();
     let spool = Spool::open(&config.server.data_dir).map_err(|e| e.to_string())?;
     let retry_after = config.replay.initial_delay.as_secs().max(1);
@@ -160,7 +161,13 @@ pub async fn run(path: PathBuf, active: Active) -> Result<(), String> {
     // (without a handler it would end the process).
     let hangup = signal(SignalKind::hangup()).ok();
     let mut stop_signals = StopSignals::install();
-    background.spawn(watch_config(path, hangup, proxy.clone(), shutdown.clone()));
+    background.spawn(watch_config(
+        path,
+        loaded,
+        hangup,
+        proxy.clone(),
+        shutdown.clone(),
+    ));
     background.spawn(crate::resilience::health::run(
         proxy.clone(),
         shutdown.clone(),
@@ -241,15 +248,17 @@ impl StopSignals {
     }
 }
 
-/// Reloads on SIGHUP and when the file changes. An invalid file keeps the
-/// running configuration; every error is logged.
+/// Reloads on SIGHUP and when the file changes from how it was when the
+/// running configuration was read (`loaded`, its modification time). An
+/// invalid file keeps the running configuration; every error is logged.
 pub(crate) async fn watch_config(
     path: PathBuf,
+    loaded: Option<SystemTime>,
     mut hangup: Option<Signal>,
     proxy: Arc<Proxy>,
     shutdown: CancellationToken,
 ) {
-    let mut last_modified = modified(&path);
+    let mut last_modified = loaded;
     let mut ticker = tokio::time::interval(WATCH_INTERVAL);
     loop {
         let by_signal = tokio::select! {
@@ -294,7 +303,8 @@ fn reload(path: &Path, proxy: &Proxy) {
     }
 }
 
-fn modified(path: &Path) -> Option<SystemTime> {
+/// The file's modification time, if it can be read.
+pub fn modified(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
