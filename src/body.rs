@@ -23,7 +23,89 @@ use crate::upstream::ConnBody;
 /// A client's request body: hyper's stream, or none for a request read by
 /// Backstop's own HTTP/1.1 server side (`server/h1.rs`), which serves only
 /// requests that carry no body.
-pub type ClientBody = Option<Incoming>;
+pub type ClientBody = Option<ClientIncoming>;
+
+/// How long a body dropped unread is drained at most, and how long each of
+/// its waits may be (nginx's `lingering_time` and `lingering_timeout`).
+const LINGER_TIME: Duration = Duration::from_secs(30);
+const LINGER_WAIT: Duration = Duration::from_secs(5);
+
+/// The client's body as hyper's server reads it. An HTTP/1 body dropped
+/// before its end — the request was answered without it (404, 413, 429, an
+/// upstream failure) — is drained for a while in a task of its own, as
+/// nginx's lingering close: hyper closes such a connection, and a socket
+/// closed with unread bytes makes the kernel send a reset, which destroys
+/// the answer before a client that writes its whole body first (Python's
+/// `http.client`, for one) can read it. HTTP/2 needs none: a stream is
+/// reset on its own, the connection goes on.
+#[derive(Debug)]
+pub struct ClientIncoming {
+    inner: Option<Incoming>,
+    linger: bool,
+}
+
+impl ClientIncoming {
+    pub fn new(inner: Incoming, linger: bool) -> ClientIncoming {
+        ClientIncoming {
+            inner: Some(inner),
+            linger,
+        }
+    }
+}
+
+impl Body for ClientIncoming {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
+    }
+}
+
+impl Drop for ClientIncoming {
+    fn drop(&mut self) {
+        let Some(inner) = self.inner.take() else {
+            return;
+        };
+        if !self.linger || inner.is_end_stream() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(drain(inner));
+        }
+    }
+}
+
+/// Reads and forgets the rest of a body, for at most `LINGER_TIME`, giving
+/// up on a wait longer than `LINGER_WAIT` or on an error (the client left).
+async fn drain(mut body: Incoming) {
+    let until = tokio::time::Instant::now() + LINGER_TIME;
+    loop {
+        let wait = until
+            .saturating_duration_since(tokio::time::Instant::now())
+            .min(LINGER_WAIT);
+        match tokio::time::timeout(wait, body.frame()).await {
+            Ok(Some(Ok(_))) => {}
+            _ => return,
+        }
+    }
+}
 
 /// What goes upstream: the client's stream, or a buffered copy.
 pub type RequestBody = Either<Upload, Full<Bytes>>;
@@ -260,7 +342,7 @@ pub enum BufferError {
 /// must not hold its connection and what it sent so far for ever.
 pub async fn buffer(
     headers: &HeaderMap,
-    mut body: Incoming,
+    mut body: ClientIncoming,
     limit: u64,
     stall: Duration,
 ) -> Result<BufferedBody, BufferError> {

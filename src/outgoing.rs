@@ -15,9 +15,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Uri, Version};
 use http_body_util::Either;
-use hyper::body::Incoming;
 
-use crate::body::{BufferedBody, ClientBody, RequestBody};
+use crate::body::{BufferedBody, ClientBody, ClientIncoming, RequestBody};
 use crate::classify::Failure;
 use crate::headers::ProxySet;
 use crate::upload::{Upload, UploadProgress};
@@ -51,7 +50,7 @@ pub enum OutgoingBody {
 
 /// A body that streams from the client, until an attempt takes it.
 pub struct Streamed {
-    incoming: Option<Incoming>,
+    incoming: Option<ClientIncoming>,
     /// The route's `body_read_timeout`: how long the client may leave it
     /// waiting.
     stall_limit: Duration,
@@ -60,7 +59,7 @@ pub struct Streamed {
 }
 
 impl Streamed {
-    pub fn new(incoming: Incoming, stall_limit: Duration) -> Streamed {
+    pub fn new(incoming: ClientIncoming, stall_limit: Duration) -> Streamed {
         Streamed {
             incoming: Some(incoming),
             stall_limit,

@@ -24,9 +24,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Either;
-use hyper::body::Incoming;
 
-use crate::body::BodyError;
+use crate::body::{BodyError, ClientIncoming};
 
 /// Where an upload is, as the attempt's timer reads it.
 const SENDING: u8 = 0;
@@ -88,7 +87,7 @@ pin_project_lite::pin_project! {
     /// The client's body on its way upstream.
     pub struct Upload {
         #[pin]
-        incoming: Incoming,
+        incoming: ClientIncoming,
         progress: Arc<UploadProgress>,
         stall_limit: Duration,
         // Set when the body first waits for the client; moved on only if a
@@ -101,7 +100,7 @@ pin_project_lite::pin_project! {
 
 impl Upload {
     /// Starts the upload's clock: call as the attempt sends it.
-    pub fn new(incoming: Incoming, stall_limit: Duration) -> Upload {
+    pub fn new(incoming: ClientIncoming, stall_limit: Duration) -> Upload {
         Upload {
             incoming,
             progress: Arc::new(UploadProgress::new()),

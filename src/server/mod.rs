@@ -24,7 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::body::{ClientBody, ResponseBody};
+use crate::body::{ClientBody, ClientIncoming, ResponseBody};
 use crate::config::ServerConfig;
 use crate::headers::ClientInfo;
 use crate::pipeline::{self, Proxy};
@@ -252,11 +252,15 @@ impl Connection {
     {
         let proxy = self.proxy;
         let marks = registration.state().clone();
+        // An HTTP/1 body answered unread is drained before its connection
+        // closes (see `ClientIncoming`).
+        let linger = matches!(protocol, h1::Protocol::Http1);
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let proxy = proxy.clone();
             let client = client.clone();
             let in_flight = marks.request_started();
-            let handling = handling(proxy, req.map(Some), client);
+            let req = req.map(|body| Some(ClientIncoming::new(body, linger)));
+            let handling = handling(proxy, req, client);
             async move {
                 let response = handling.await;
                 // An HTTP/2 stream's answer notes its frames for the

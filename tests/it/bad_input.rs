@@ -311,6 +311,43 @@ async fn a_broken_streamed_body_is_the_clients_fault_not_the_backends() {
 /// A body the route reads whole (capture, retry) that stops coming is
 /// given up after the route's `body_read_timeout`: 408 `request_timeout`,
 /// and nothing goes upstream.
+/// A client that writes its whole body before it reads (Python's
+/// `http.client`, many simple clients) gets the answer Backstop made
+/// without reading the body (413 too large, 404 no route), not a reset:
+/// the body's rest is read and dropped before the connection closes.
+#[tokio::test]
+async fn a_body_answered_unread_is_drained_so_the_client_reads_the_answer() {
+    let backend = Backend::start(|_| Reply::ok("ok")).await;
+    let toml = format!(
+        "[server]\nmax_body_bytes = 1048576\n\n[[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nupstreams = [{:?}]\n",
+        backend.url()
+    );
+    let mut bs = Backstop::start(&toml);
+    let body = vec![b'b'; 16 * 1024 * 1024];
+    for (path, want) in [
+        ("/api/upload", "HTTP/1.1 413"),
+        ("/elsewhere", "HTTP/1.1 404"),
+    ] {
+        for _ in 0..3 {
+            let mut s = TcpStream::connect(bs.addr).await.unwrap();
+            let head = format!(
+                "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            s.write_all(head.as_bytes()).await.unwrap();
+            let written = s.write_all(&body).await;
+            assert!(written.is_ok(), "{path}: {written:?}");
+            let mut answer = vec![0u8; 12];
+            let read =
+                tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut answer)).await;
+            assert!(matches!(read, Ok(Ok(_))), "{path}: {read:?}");
+            assert_eq!(String::from_utf8_lossy(&answer), want);
+        }
+    }
+    assert_eq!(backend.hits(), 0);
+    assert_healthy(&mut bs).await;
+}
+
 #[tokio::test]
 async fn a_buffered_body_that_stops_coming_is_answered_408() {
     let backend = Backend::echo().await;
