@@ -17,6 +17,7 @@ use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::server::InFlight;
 use crate::upload::Upload;
 use crate::upstream::ConnBody;
 
@@ -38,17 +39,23 @@ const LINGER_WAIT: Duration = Duration::from_secs(5);
 /// the answer before a client that writes its whole body first (Python's
 /// `http.client`, for one) can read it. HTTP/2 needs none: a stream is
 /// reset on its own, the connection goes on.
-#[derive(Debug)]
 pub struct ClientIncoming {
     inner: Option<Incoming>,
-    linger: bool,
+    /// For an HTTP/1 body: the connection counts as busy while the body
+    /// lives, and while it is drained (the reaper would otherwise take the
+    /// drained bytes for a slow next request head and cut the connection).
+    linger: Option<InFlight>,
+    /// Whether the body was read to its end (or failed): a chunked body's
+    /// `is_end_stream` stays false after its last chunk.
+    ended: bool,
 }
 
 impl ClientIncoming {
-    pub fn new(inner: Incoming, linger: bool) -> ClientIncoming {
+    pub fn new(inner: Incoming, linger: Option<InFlight>) -> ClientIncoming {
         ClientIncoming {
             inner: Some(inner),
             linger,
+            ended: false,
         }
     }
 }
@@ -61,10 +68,14 @@ impl Body for ClientIncoming {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.inner.as_mut() {
-            Some(inner) => Pin::new(inner).poll_frame(cx),
-            None => Poll::Ready(None),
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = Pin::new(inner).poll_frame(cx);
+        if let Poll::Ready(None | Some(Err(_))) = frame {
+            self.ended = true;
         }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -80,21 +91,22 @@ impl Body for ClientIncoming {
 
 impl Drop for ClientIncoming {
     fn drop(&mut self) {
-        let Some(inner) = self.inner.take() else {
+        let (Some(inner), Some(busy)) = (self.inner.take(), self.linger.take()) else {
             return;
         };
-        if !self.linger || inner.is_end_stream() {
+        if self.ended || inner.is_end_stream() {
             return;
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(drain(inner));
+            runtime.spawn(drain(inner, busy));
         }
     }
 }
 
 /// Reads and forgets the rest of a body, for at most `LINGER_TIME`, giving
 /// up on a wait longer than `LINGER_WAIT` or on an error (the client left).
-async fn drain(mut body: Incoming) {
+/// The connection is busy until then.
+async fn drain(mut body: Incoming, _busy: InFlight) {
     let until = tokio::time::Instant::now() + LINGER_TIME;
     loop {
         let wait = until

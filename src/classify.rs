@@ -40,7 +40,9 @@ pub enum Failure {
     /// is incomplete), and tells the breaker nothing.
     ClientBody,
     /// The client stopped sending its streamed body for the route's
-    /// `body_read_timeout`: as `ClientBody`, but answered 408.
+    /// `body_read_timeout`: as `ClientBody`, but answered 408
+    /// `request_timeout`; its reason (metrics, logs) is
+    /// `client_body_timeout`, nginx's name for the limit.
     ClientStalled,
     /// The route's circuit is open: the backend was not called.
     CircuitOpen,

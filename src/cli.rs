@@ -219,7 +219,7 @@ async fn replay_only(
         stop.cancel();
         // A record cut mid-delivery is delivered again later (the backend
         // de-duplicates on its idempotency key): nothing is lost.
-        stop_signals.recv().await;
+        stop_signals.recv_second().await;
         tracing::warn!("second stop signal; stopping now");
         std::process::exit(1);
     });

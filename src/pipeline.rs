@@ -590,7 +590,9 @@ async fn forward(
         };
         // A streamed upload's time is the client's: a slow call is timed
         // from its last progress.
-        let timed_from = outgoing.upload().map_or(sent_at, |u| u.last().max(sent_at));
+        let timed_from = outgoing
+            .upload()
+            .map_or(sent_at, |u| u.backend_clock().max(sent_at));
         match verdict {
             Some(failed) => permit.record(breaker_config, failed, timed_from),
             // Unreported, the permit gives back a half-open probe's place.

@@ -116,6 +116,7 @@ pub async fn run(path: PathBuf, loaded: Option<SystemTime>, active: Active) -> R
             None => None,
         },
         token: config.server.admin_token.as_deref().map(Arc::from),
+        on_loopback: admin_addr.ip().is_loopback(),
     };
     let admin_shutdown = shutdown.clone();
     background.spawn(async move {
@@ -186,7 +187,7 @@ pub async fn run(path: PathBuf, loaded: Option<SystemTime>, active: Active) -> R
     tracing::info!("admin listening on http://{admin_addr}");
 
     stop_signals.recv().await;
-    tracing::info!(drain_timeout = ?config.server.drain_timeout, "shutting down: draining in-flight requests (a second SIGTERM or SIGINT stops at once)");
+    tracing::info!(drain_timeout = ?config.server.drain_timeout, "shutting down: draining in-flight requests (a second SIGTERM or SIGINT closes the remaining connections at once)");
     shutdown.cancel();
     connections.close();
     background.close();
@@ -197,7 +198,7 @@ pub async fn run(path: PathBuf, loaded: Option<SystemTime>, active: Active) -> R
         _ = tokio::time::sleep(config.server.drain_timeout) => {
             tracing::warn!("drain timeout reached; closing remaining connections");
         }
-        _ = stop_signals.recv() => {
+        _ = stop_signals.recv_second() => {
             tracing::warn!("second stop signal; closing remaining connections now");
         }
     }
@@ -215,7 +216,14 @@ pub async fn run(path: PathBuf, loaded: Option<SystemTime>, active: Active) -> R
 /// before the wait is neither lost nor kills the process).
 pub(crate) struct StopSignals {
     handlers: Option<(Signal, Signal)>,
+    /// When the first signal came.
+    first: Option<std::time::Instant>,
 }
+
+/// A signal this soon after the first is the same request to stop, not a
+/// second one: systemd, for one, sends its `KillSignal` right after an
+/// `ExecStop=` that signalled already.
+const SAME_STOP: Duration = Duration::from_secs(1);
 
 impl StopSignals {
     pub(crate) fn install() -> StopSignals {
@@ -229,11 +237,30 @@ impl StopSignals {
                 None
             }
         };
-        StopSignals { handlers }
+        StopSignals {
+            handlers,
+            first: None,
+        }
     }
 
-    /// Waits for the next SIGTERM or SIGINT.
+    /// Waits for the first SIGTERM or SIGINT.
     pub(crate) async fn recv(&mut self) {
+        self.next().await;
+        self.first = Some(std::time::Instant::now());
+    }
+
+    /// Waits for a second SIGTERM or SIGINT, at least [`SAME_STOP`] after
+    /// the first.
+    pub(crate) async fn recv_second(&mut self) {
+        loop {
+            self.next().await;
+            if self.first.is_none_or(|first| first.elapsed() >= SAME_STOP) {
+                return;
+            }
+        }
+    }
+
+    async fn next(&mut self) {
         match &mut self.handlers {
             Some((term, int)) => {
                 tokio::select! {

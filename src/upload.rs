@@ -16,7 +16,7 @@
 
 use std::future::Future;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -26,45 +26,76 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::Either;
 
 use crate::body::{BodyError, ClientIncoming};
+use crate::classify::Failure;
 
 /// Where an upload is, as the attempt's timer reads it.
-const SENDING: u8 = 0;
-const WAITING_ON_CLIENT: u8 = 1;
-const DONE: u8 = 2;
+const SENDING: u64 = 0;
+const WAITING_ON_CLIENT: u64 = 1;
+const DONE: u64 = 2;
+/// The client's side failed: it stalled for `body_read_timeout`, or its
+/// body broke (a malformed chunk, the client gone).
+const STALLED: u64 = 3;
+const BROKEN: u64 = 4;
 
 /// An upload's progress, shared between its body (in hyper's connection
 /// task) and the attempt waiting for the answer.
 #[derive(Debug)]
 pub struct UploadProgress {
     started: Instant,
-    /// Milliseconds from `started` to the last frame (or the end).
-    last_ms: AtomicU64,
-    state: AtomicU8,
+    /// The state in the low three bits and, above them, the milliseconds
+    /// from `started` to when it began: one word, so that the two are
+    /// always read as a pair.
+    state: AtomicU64,
 }
+
+const STATE_BITS: u32 = 3;
 
 impl UploadProgress {
     fn new() -> UploadProgress {
         UploadProgress {
             started: Instant::now(),
-            last_ms: AtomicU64::new(0),
-            state: AtomicU8::new(SENDING),
+            state: AtomicU64::new(SENDING),
         }
     }
 
-    fn stamp(&self, state: u8) {
+    fn stamp(&self, state: u64) {
         let ms = self.started.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
-        self.state.store(state, Ordering::Relaxed);
+        self.state
+            .store(ms << STATE_BITS | state, Ordering::Relaxed);
     }
 
-    /// When the last frame was taken (or the body ended).
-    pub fn last(&self) -> Instant {
-        self.started + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    /// The state, and when it began: the last frame taken, the start of
+    /// the current wait for the client, or the end.
+    fn read(&self) -> (u64, Instant) {
+        let word = self.state.load(Ordering::Relaxed);
+        let since = Duration::from_millis(word >> STATE_BITS);
+        (word & ((1 << STATE_BITS) - 1), self.started + since)
     }
 
-    fn waits_on_client(&self) -> bool {
-        self.state.load(Ordering::Relaxed) == WAITING_ON_CLIENT
+    /// From when the backend is to be timed: the last progress, or now
+    /// while the upload waits for the client (whose time it is).
+    pub fn backend_clock(&self) -> Instant {
+        match self.read() {
+            (WAITING_ON_CLIENT, _) => Instant::now(),
+            (_, since) => since,
+        }
     }
+
+    /// What an attempt that failed while this upload ran failed of, when
+    /// the client's side failed first: over HTTP/2 hyper resets the stream
+    /// and reports the reset, not the body's error.
+    pub fn blame(&self, failure: Failure) -> Failure {
+        match self.read().0 {
+            STALLED => Failure::ClientStalled,
+            BROKEN => Failure::ClientBody,
+            _ => failure,
+        }
+    }
+}
+
+/// [`UploadProgress::blame`] for an attempt that may have had an upload.
+pub fn blame(upload: Option<&UploadProgress>, failure: Failure) -> Failure {
+    upload.map_or(failure, |u| u.blame(failure))
 }
 
 /// The client stopped sending its body for the route's `body_read_timeout`.
@@ -127,12 +158,15 @@ impl Body for Upload {
         match this.incoming.poll_frame(cx) {
             Poll::Ready(frame) => {
                 *this.progressed = true;
-                let ended = !matches!(frame, Some(Ok(_)));
-                this.progress.stamp(if ended { DONE } else { SENDING });
+                this.progress.stamp(match &frame {
+                    Some(Ok(_)) => SENDING,
+                    Some(Err(_)) => BROKEN,
+                    None => DONE,
+                });
                 Poll::Ready(frame.map(|f| f.map_err(BodyError::from)))
             }
             Poll::Pending => {
-                if !this.progress.waits_on_client() {
+                if this.progress.read().0 != WAITING_ON_CLIENT {
                     this.progress.stamp(WAITING_ON_CLIENT);
                 }
                 let limit = *this.stall_limit;
@@ -141,6 +175,7 @@ impl Body for Upload {
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
                 while timer.as_mut().poll(cx).is_ready() {
                     if !*this.progressed {
+                        this.progress.stamp(STALLED);
                         return Poll::Ready(Some(Err(Box::new(UploadStalled(limit)))));
                     }
                     *this.progressed = false;
@@ -160,11 +195,13 @@ impl Body for Upload {
     }
 }
 
-/// Waits for `answer` until `deadline`, or with an upload, until the
-/// attempt's time (`deadline` from the upload's start) has passed since
-/// the upload last moved while it waited for the backend or since it ended;
-/// while it waits for the client, its own stall limit applies. `None` once
-/// the time is up.
+/// Waits for `answer` until `deadline`; with an upload, `deadline` is
+/// moved on: the time it allowed from the upload's start (the attempt's
+/// `request_timeout`, or less when `retry.deadline` cut it) is allowed
+/// again from the upload's last progress while the backend is slow to take
+/// more, and from its end once sent. While the upload waits for the
+/// client, the client's stall limit (`body_read_timeout`) applies instead
+/// and fails the body. `None` once the time is up.
 pub async fn answer_by<F: Future>(
     answer: F,
     deadline: Instant,
@@ -180,14 +217,8 @@ pub async fn answer_by<F: Future>(
         if let Ok(output) = tokio::time::timeout_at(deadline.into(), answer.as_mut()).await {
             return Some(output);
         }
-        let now = Instant::now();
-        deadline = if upload.waits_on_client() {
-            // The client's stall limit ends the attempt if it must.
-            now + allowed
-        } else {
-            upload.last() + allowed
-        };
-        if deadline <= now {
+        deadline = upload.backend_clock() + allowed;
+        if deadline <= Instant::now() {
             return None;
         }
     }

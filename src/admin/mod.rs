@@ -36,6 +36,9 @@ pub struct AdminState {
     /// With `[kafka]`: reads the replay group's backlog.
     pub kafka_lag: Option<Arc<KafkaLag>>,
     pub token: Option<Arc<str>>,
+    /// Whether the admin listener is bound to a loopback address (as bound:
+    /// a reload does not move it).
+    pub on_loopback: bool,
 }
 
 pub fn router(state: AdminState) -> Router {

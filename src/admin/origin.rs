@@ -11,8 +11,8 @@
 //!   and pages cannot forge them; tools such as `curl` send neither, and pass.
 //! - **DNS rebinding** (a site whose name resolves to 127.0.0.1 a moment
 //!   later, reading the admin API as its own origin): on a loopback
-//!   listener, a request must name a loopback host (`localhost`, `127.x`,
-//!   `[::1]`) in `Host`.
+//!   listener without `admin_token`, a request must name a loopback host
+//!   (`localhost`, `127.x`, `[::1]`) in `Host`.
 
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
@@ -26,17 +26,11 @@ pub async fn same_origin_only(
     request: Request,
     next: Next,
 ) -> Response {
-    let loopback = state
-        .proxy
-        .active
-        .load()
-        .config
-        .server
-        .admin_listen
-        .ip()
-        .is_loopback();
     let headers = request.headers();
-    if loopback && !names_loopback(headers) {
+    // With a token, a rebound page has no way in (it cannot know the
+    // token), and the check would refuse a proxy in front that keeps the
+    // client's `Host`.
+    if state.on_loopback && state.token.is_none() && !names_loopback(headers) {
         return admin_error(
             StatusCode::FORBIDDEN,
             "forbidden",

@@ -5,6 +5,7 @@
 mod h1;
 mod h2_send;
 mod reaper;
+pub(crate) use reaper::InFlight;
 mod rewind;
 pub mod tls;
 
@@ -15,6 +16,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -254,12 +256,15 @@ impl Connection {
         let marks = registration.state().clone();
         // An HTTP/1 body answered unread is drained before its connection
         // closes (see `ClientIncoming`).
-        let linger = matches!(protocol, h1::Protocol::Http1);
+        let http1 = matches!(protocol, h1::Protocol::Http1);
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let proxy = proxy.clone();
             let client = client.clone();
             let in_flight = marks.request_started();
-            let req = req.map(|body| Some(ClientIncoming::new(body, linger)));
+            let req = req.map(|body| {
+                let linger = (http1 && !body.is_end_stream()).then(|| marks.request_started());
+                Some(ClientIncoming::new(body, linger))
+            });
             let handling = handling(proxy, req, client);
             async move {
                 let response = handling.await;

@@ -187,9 +187,8 @@ impl H1Pool {
         ))
         .await;
         match sent {
-            Some(result) => {
-                result.and_then(|r| super::from_hyper(r, self.shared.limits.stall_limit))
-            }
+            Some(Ok(response)) => super::from_hyper(response, self.shared.limits.stall_limit),
+            Some(Err(failure)) => Err(upload::blame(upload.as_deref(), failure)),
             None => Err(Failure::Timeout),
         }
     }

@@ -190,7 +190,7 @@ impl Upstream {
         match upload::answer_by(self.client.request(request), deadline, upload.as_deref()).await {
             Some(Ok(response)) => from_hyper(response, self.stall_limit),
             Some(Err(e)) => {
-                let failure = Failure::from_client_error(&e);
+                let failure = upload::blame(upload.as_deref(), Failure::from_client_error(&e));
                 tracing::debug!(error = %ErrorChain(&e), ?failure, "upstream attempt failed");
                 Err(failure)
             }

@@ -174,7 +174,7 @@ impl ProxyPool {
         match upload::answer_by(proxy.client.request(request), deadline, upload.as_deref()).await {
             Some(Ok(response)) => Ok(response),
             Some(Err(e)) => {
-                let failure = Failure::from_client_error(&e);
+                let failure = upload::blame(upload.as_deref(), Failure::from_client_error(&e));
                 tracing::debug!(proxy = %proxy.name, error = %ErrorChain(&e), ?failure, "attempt through proxy failed");
                 Err(failure)
             }

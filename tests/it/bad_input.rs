@@ -348,6 +348,35 @@ async fn a_body_answered_unread_is_drained_so_the_client_reads_the_answer() {
     assert_healthy(&mut bs).await;
 }
 
+/// The drain outlasts the head timeout: the drained bytes are the answered
+/// request's body, not a slow next head.
+#[tokio::test]
+async fn a_slow_body_answered_unread_is_drained_past_the_head_timeout() {
+    let backend = Backend::start(|_| Reply::ok("ok")).await;
+    let toml = format!(
+        "[server]\nmax_body_bytes = 1024\nheader_read_timeout = \"1s\"\n\n[[routes]]\nname = \"api\"\npath_prefix = \"/\"\nupstreams = [{:?}]\n",
+        backend.url()
+    );
+    let mut bs = Backstop::start(&toml);
+    let mut s = TcpStream::connect(bs.addr).await.unwrap();
+    let chunk = vec![b'b'; 64 * 1024];
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        chunk.len() * 16
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    for _ in 0..16 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let written = s.write_all(&chunk).await;
+        assert!(written.is_ok(), "{written:?}");
+    }
+    let mut answer = vec![0u8; 12];
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut answer)).await;
+    assert!(matches!(read, Ok(Ok(_))), "{read:?}");
+    assert_eq!(String::from_utf8_lossy(&answer), "HTTP/1.1 413");
+    assert_healthy(&mut bs).await;
+}
+
 #[tokio::test]
 async fn a_buffered_body_that_stops_coming_is_answered_408() {
     let backend = Backend::echo().await;

@@ -703,7 +703,7 @@ fn slow_body(chunks: usize, every: Duration) -> reqwest::Body {
 
 fn streaming_route(upstream: &str, request_timeout_ms: u64, body_read_timeout: &str) -> String {
     let extra = format!(
-        "body_read_timeout = {body_read_timeout:?}\n[routes.retry]\nmax_attempts = 1\n\
+        "body_read_timeout = {body_read_timeout:?}\nupstream_h2c = false\n[routes.retry]\nmax_attempts = 1\n\
          [routes.capture]\nenabled = false\n\
          [routes.circuit_breaker]\nrequest_timeout = {request_timeout_ms}\nfailure_threshold = 1"
     );
@@ -737,23 +737,33 @@ async fn a_slow_upload_is_not_cut_by_the_request_timeout() {
 #[tokio::test]
 async fn a_stalled_upload_is_the_clients_timeout_not_the_backends() {
     let backend = Backend::echo().await;
-    let bs = Backstop::start(&streaming_route(&backend.url(), 10_000, "1s"));
-    let started = Instant::now();
-    let r = client()
-        .post(bs.url("/upload"))
-        .body(slow_body(2, Duration::from_secs(4)))
-        .send()
-        .await
-        .unwrap();
-    let (status, code, _) = error_of(r).await;
-    assert_eq!((status, code.as_str()), (408, "request_timeout"));
-    assert!(
-        started.elapsed() < Duration::from_secs(8),
-        "{:?}",
-        started.elapsed()
-    );
-    let status = bs.admin_json("/circuit-status").await;
-    assert_eq!(status["circuits"][0]["state"], "closed", "{status}");
+    // Over HTTP/2 too, where hyper reports the stream's reset, not the
+    // body's error.
+    for h2c in [false, true] {
+        let toml = streaming_route(&backend.url(), 10_000, "1s")
+            .replace("upstream_h2c = false", &format!("upstream_h2c = {h2c}"));
+        let bs = Backstop::start(&toml);
+        let started = Instant::now();
+        let r = client()
+            .post(bs.url("/upload"))
+            .body(slow_body(2, Duration::from_secs(4)))
+            .send()
+            .await
+            .unwrap();
+        let (status, code, _) = error_of(r).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (408, "request_timeout"),
+            "h2c {h2c}"
+        );
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(8), "{took:?}");
+        let status = bs.admin_json("/circuit-status").await;
+        assert_eq!(
+            status["circuits"][0]["state"], "closed",
+            "h2c {h2c}: {status}"
+        );
+    }
 }
 
 /// Once the body is sent, the backend has `request_timeout` to answer.
