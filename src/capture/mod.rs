@@ -142,6 +142,16 @@ impl Capturer {
                 .append(&record.id, &record.route, payload, Destination::Replay)
                 .await;
         };
+        // Captures still waiting here for Kafka go first: a new one queues
+        // behind them (the forwarder sends them in order), or the topic
+        // would have it ahead of older captures of its route.
+        if self.spool.holds_captures_for_kafka() {
+            self.metrics.kafka_fallbacks.inc();
+            return self
+                .spool
+                .append(&record.id, &record.route, payload, Destination::Kafka)
+                .await;
+        }
         let outbound = Outbound {
             id: &record.id,
             route: &record.route,

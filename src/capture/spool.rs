@@ -11,6 +11,7 @@
 //! Only `capture/` and `replay/` (through this type) touch the spool.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -129,6 +130,9 @@ pub struct Spool {
     pub appended: Arc<Notify>,
     commits: Arc<std::sync::atomic::AtomicU64>,
     records_written: Arc<std::sync::atomic::AtomicU64>,
+    /// Whether records wait here for Kafka: kept by the writer, exact as
+    /// of its last commit.
+    kafka_backlog: Arc<AtomicBool>,
 }
 
 impl Spool {
@@ -148,9 +152,11 @@ impl Spool {
         let records_written = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let notify = appended.clone();
         let (c, r) = (commits.clone(), records_written.clone());
+        let kafka_backlog = Arc::new(AtomicBool::new(holds_kafka_records(&writer_conn)?));
+        let backlog = kafka_backlog.clone();
         std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer_loop(writer_conn, rx, notify, c, r))
+            .spawn(move || writer_loop(writer_conn, rx, notify, c, r, backlog))
             .map_err(|source| SpoolError::Dir {
                 path: path.clone(),
                 source,
@@ -162,7 +168,16 @@ impl Spool {
             appended,
             commits,
             records_written,
+            kafka_backlog,
         }))
+    }
+
+    /// Whether captures wait here for Kafka (it was down or slow when they
+    /// came). A new capture then queues behind them rather than going
+    /// straight to Kafka, so the topic keeps each route's order.
+    pub fn holds_captures_for_kafka(&self) -> bool {
+        self.kafka_backlog
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The lock that one process at a time holds while it replays this
@@ -493,8 +508,9 @@ fn writer_loop(
     appended: Arc<Notify>,
     commits: Arc<std::sync::atomic::AtomicU64>,
     records_written: Arc<std::sync::atomic::AtomicU64>,
+    kafka_backlog: Arc<AtomicBool>,
 ) {
-    use std::sync::atomic::Ordering::Relaxed;
+    use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -515,6 +531,25 @@ fn writer_loop(
             .count();
         match apply_batch(&mut conn, &batch) {
             Ok(results) => {
+                // Before anyone hears of the commit: a client told its
+                // request was captured must find the backlog marked.
+                let to_kafka = batch.iter().any(|j| {
+                    matches!(
+                        j.write,
+                        Write::Append {
+                            dest: Destination::Kafka,
+                            ..
+                        }
+                    )
+                });
+                if to_kafka {
+                    kafka_backlog.store(true, Release);
+                } else if kafka_backlog.load(Acquire) && batch.iter().any(|j| j.write.removes()) {
+                    // Unknown on error: kept marked (captures queue here,
+                    // in order, rather than go to Kafka ahead of them).
+                    let holds = holds_kafka_records(&conn).unwrap_or(true);
+                    kafka_backlog.store(holds, Release);
+                }
                 commits.fetch_add(1, Relaxed);
                 records_written.fetch_add(appends as u64, Relaxed);
                 for (job, result) in batch.drain(..).zip(results) {
@@ -532,6 +567,26 @@ fn writer_loop(
                 }
             }
         }
+    }
+}
+
+/// Whether any record waits for Kafka.
+fn holds_kafka_records(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM queue WHERE dest = 'kafka')",
+        [],
+        |r| r.get(0),
+    )
+}
+
+impl Write {
+    /// Whether it may take a record out of the queue, or out of Kafka's
+    /// part of it.
+    fn removes(&self) -> bool {
+        matches!(
+            self,
+            Write::Delete { .. } | Write::DeadLetter { .. } | Write::ToReplay { .. }
+        )
     }
 }
 

@@ -160,7 +160,7 @@ impl Metrics {
         let kafka_fallbacks = Counter::default();
         registry.register(
             "kafka_fallbacks",
-            "Captures written to the spool because Kafka failed or was slower than ack_timeout",
+            "Captures written to the spool because Kafka failed or was slower than ack_timeout, or queued behind such captures",
             kafka_fallbacks.clone(),
         );
         let replayed = Family::<RouteOutcome, Counter>::default();

@@ -396,6 +396,60 @@ async fn broker_stopped_mid_burst_loses_nothing() {
     assert_eq!(q["waiting_for_kafka"], 0);
 }
 
+/// A route's captures reach the topic in capture order across an outage of
+/// Kafka: those made after it came back queue behind the ones the spool
+/// kept for it, instead of overtaking them.
+#[tokio::test(flavor = "multi_thread")]
+async fn captures_keep_their_order_across_a_kafka_outage() {
+    let tansu = Tansu::start(true);
+    let addr = Backend::echo().await.stop().await;
+    let bs = Backstop::start(&config(&tansu, &format!("http://{addr}"), false));
+    let c = client();
+    let post = |i: usize| {
+        let c = c.clone();
+        let url = bs.url("/api/ordered");
+        async move {
+            let r = c.post(url).body(format!("{i}")).send().await.unwrap();
+            assert_eq!(r.status(), 503, "request {i}");
+        }
+    };
+    for i in 0..3 {
+        post(i).await;
+    }
+    tokio::task::block_in_place(|| tansu.stop());
+    for i in 3..6 {
+        post(i).await;
+    }
+    tokio::task::block_in_place(|| tansu.launch());
+    // Kafka answers again before the forwarder's next try (its backoff
+    // grows to 10 s): these would go straight to the topic.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 6..9 {
+        post(i).await;
+    }
+    wait_until(
+        "the spool's captures forwarded",
+        Duration::from_secs(60),
+        || tansu.messages("failed-requests").len() == 9,
+    )
+    .await;
+    let bodies: Vec<String> = tansu
+        .messages("failed-requests")
+        .iter()
+        .map(|m| {
+            use base64::Engine as _;
+            let record: serde_json::Value =
+                serde_json::from_str(m["value"].as_str().unwrap()).unwrap();
+            let b64 = record["request"]["body_b64"].as_str().unwrap();
+            let body = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap();
+            String::from_utf8(body).unwrap()
+        })
+        .collect();
+    assert_eq!(bodies, ["0", "1", "2", "3", "4", "5", "6", "7", "8"]);
+}
+
 /// A partition paused because its worker's buffer is full (512 records,
 /// the backend down) is consumed again when a rebalance gives it back to
 /// that worker: librdkafka keeps an application's pause across a
