@@ -340,10 +340,12 @@ async fn queue_action(
             );
         }
         QueueAction::Replay { id: Some(id), .. } => {
-            let status = replay_now(&spool, &active, &id).await?;
+            let status = replay_now(&spool, &active, &replay_caches(), &id).await?;
             println!("{id}: delivered ({status})");
         }
-        QueueAction::Replay { id: None, .. } => replay_all(&spool, &active, as_json).await?,
+        QueueAction::Replay { id: None, .. } => {
+            replay_all(&spool, &active, &replay_caches(), as_json).await?
+        }
         QueueAction::Requeue { id, all } => {
             let moved = match (id, all) {
                 (Some(id), _) => spool.requeue(Some(&id)).await.map_err(err)?,
@@ -360,10 +362,18 @@ async fn queue_action(
     Ok(())
 }
 
+/// The caches a write replayed from the command line makes stale: those
+/// in Redis (a running instance's memory store is out of this process's
+/// reach, its entries live out their ttl).
+fn replay_caches() -> crate::cache::Caches {
+    crate::cache::Caches::new(Arc::new(crate::stats::metrics::Metrics::new()))
+}
+
 /// Delivers one queued or dead record now; returns the backend's status.
 async fn replay_now(
     spool: &Spool,
     active: &crate::pipeline::Active,
+    caches: &crate::cache::Caches,
     id: &str,
 ) -> Result<u16, String> {
     let err = |e: crate::capture::spool::SpoolError| e.to_string();
@@ -380,7 +390,7 @@ async fn replay_now(
         .routes
         .get(&record.route)
         .ok_or_else(|| format!("{id}: route {:?} is not configured", record.route))?;
-    match deliver(route, &record, 1, &active.config.replay.idempotency_header).await {
+    match deliver(caches, &active.config, route, &record, 1).await {
         Delivery::Delivered(status) => {
             if dead {
                 // A dead letter delivered by hand leaves the dead-letter table.
@@ -400,6 +410,7 @@ async fn replay_now(
 async fn replay_all(
     spool: &Spool,
     active: &crate::pipeline::Active,
+    caches: &crate::cache::Caches,
     as_json: bool,
 ) -> Result<(), String> {
     let rows = spool.list(usize::MAX >> 1).map_err(|e| e.to_string())?;
@@ -419,7 +430,7 @@ async fn replay_all(
             bar.inc(1);
             continue;
         }
-        match replay_now(spool, active, &row.id).await {
+        match replay_now(spool, active, caches, &row.id).await {
             Ok(_) => delivered += 1,
             Err(e) => {
                 blocked.insert(row.route.clone());

@@ -15,11 +15,9 @@ use super::vary::Varied;
 
 /// The first byte of an encoded entry; a new layout gets a new number and
 /// old values become misses. (1: without the backend's freshness rules;
-/// 2: without the `Vary` values.) The backend's `Age` changed no layout:
-/// it moves `stored_at_ms` back (see there), which reads the same to every
-/// instance, and an entry stored before it came to count had an age of
-/// zero when stored.
-const FORMAT: u8 = 3;
+/// 2: without the `Vary` values; 3: with the backend's `Age` folded into
+/// the stored time, which spent it of the route's `ttl` too.)
+const FORMAT: u8 = 4;
 
 /// `max_age` in the encoded form when the backend set none.
 const NO_MAX_AGE: u64 = u64::MAX;
@@ -33,11 +31,16 @@ pub struct Entry {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
-    /// Unix time in milliseconds when the answer's age was zero: when it
-    /// was stored, less the backend's `Age` (see [`Entry::aged`]).
+    /// Unix time in milliseconds when it was stored here: the route's `ttl`
+    /// counts from then.
     pub stored_at_ms: u64,
-    /// The backend's bound on freshness (`s-maxage`, else `max-age`); the
-    /// route's `ttl` bounds it too. `None`: the route's `ttl` alone.
+    /// How old the answer already was when stored (the backend's `Age`):
+    /// spent of `max_age`, not of the route's `ttl`, and part of the `Age`
+    /// it is served with (RFC 9111 §4.2.3).
+    pub age_at_store: Duration,
+    /// The backend's bound on freshness (`s-maxage`, else `max-age`),
+    /// counted from the answer's own age; the route's `ttl` bounds it too.
+    /// `None`: the route's `ttl` alone.
     pub max_age: Option<Duration>,
     /// `must-revalidate`/`proxy-revalidate`: never served stale.
     pub must_revalidate: bool,
@@ -63,24 +66,17 @@ impl Entry {
             headers: owned,
             body: Bytes::copy_from_slice(&body),
             stored_at_ms: now_ms(),
+            age_at_store: Duration::ZERO,
             max_age: None,
             must_revalidate: false,
             vary: Varied::default(),
         }
     }
 
-    /// Counts `age` (the backend's `Age`) as already lived: the entry is
-    /// that much older, for its freshness and for the `Age` it is served
-    /// with (RFC 9111 §4.2.3: the backend's age plus the time held here).
-    pub fn aged(mut self, age: Duration) -> Entry {
-        let age_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
-        self.stored_at_ms = self.stored_at_ms.saturating_sub(age_ms);
-        self
-    }
-
-    /// How long the entry is fresh under the route's `ttl`.
+    /// How long after it was stored the entry is fresh under the route's
+    /// `ttl` (compared with [`Entry::held`]).
     pub fn fresh_for(&self, ttl: Duration) -> Duration {
-        self.max_age.map_or(ttl, |max_age| max_age.min(ttl))
+        fresh_for(ttl, self.max_age, self.age_at_store)
     }
 
     /// How long past freshness it may be served when the backend fails.
@@ -92,9 +88,15 @@ impl Entry {
         }
     }
 
-    /// How old the entry is now (zero if clocks disagree).
-    pub fn age(&self) -> Duration {
+    /// How long it has been held here (zero if clocks disagree).
+    pub fn held(&self) -> Duration {
         Duration::from_millis(now_ms().saturating_sub(self.stored_at_ms))
+    }
+
+    /// How old the answer is now: the backend's age plus the time held here
+    /// (RFC 9111 §4.2.3), for the `Age` it is served with.
+    pub fn age(&self) -> Duration {
+        self.age_at_store.saturating_add(self.held())
     }
 
     /// What the entry costs in memory, approximately.
@@ -107,7 +109,8 @@ impl Entry {
         OVERHEAD_BYTES + headers + self.vary.weight() + self.body.len()
     }
 
-    /// `[3][status u16][stored_at u64][max_age ms u64, MAX for none][must_revalidate u8]
+    /// `[4][status u16][stored_at u64][age_at_store ms u64][max_age ms u64, MAX for none]
+    /// [must_revalidate u8]
     /// [v u16]([name len u16][name])*v[digest 32 if v > 0]
     /// [n u16]([name len u16][name][value len u32][value])*n[body]`, all big-endian;
     /// the `v` names are those `Vary` names, the digest that of their values.
@@ -117,6 +120,7 @@ impl Entry {
         out.put_u8(FORMAT);
         out.put_u16(self.status.as_u16());
         out.put_u64(self.stored_at_ms);
+        out.put_u64(u64::try_from(self.age_at_store.as_millis()).unwrap_or(u64::MAX));
         out.put_u64(self.max_age.map_or(NO_MAX_AGE, |d| {
             u64::try_from(d.as_millis()).unwrap_or(NO_MAX_AGE - 1)
         }));
@@ -149,6 +153,7 @@ impl Entry {
         }
         let status = StatusCode::from_u16(take_u16(&mut buf)?).ok()?;
         let stored_at_ms = take_u64(&mut buf)?;
+        let age_at_store = Duration::from_millis(take_u64(&mut buf)?);
         let max_age = match take_u64(&mut buf)? {
             NO_MAX_AGE => None,
             ms => Some(Duration::from_millis(ms)),
@@ -182,11 +187,20 @@ impl Entry {
             headers,
             body: buf,
             stored_at_ms,
+            age_at_store,
             max_age,
             must_revalidate,
             vary: Varied::from_parts(names, digest),
         })
     }
+}
+
+/// How long after storing an answer `age` old is fresh: the route's `ttl`
+/// is how long Backstop keeps it, counted from storing; the backend's
+/// `max_age` counts from the answer's own age, so its `Age` is spent of
+/// that alone (RFC 9111 §4.2.1, §4.2.3).
+pub fn fresh_for(ttl: Duration, max_age: Option<Duration>, age: Duration) -> Duration {
+    max_age.map_or(ttl, |max_age| max_age.saturating_sub(age).min(ttl))
 }
 
 pub fn now_ms() -> u64 {
@@ -242,6 +256,7 @@ mod tests {
         request.insert("accept-encoding", HeaderValue::from_static("gzip"));
         request.insert("accept", HeaderValue::from_static(""));
         let ruled = Entry {
+            age_at_store: Duration::from_millis(120_250),
             max_age: Some(Duration::from_millis(30_500)),
             must_revalidate: true,
             vary: Varied::record(&names, &request),
@@ -265,16 +280,42 @@ mod tests {
     }
 
     #[test]
-    fn the_backends_age_counts_from_the_start() {
-        let entry = sample().aged(Duration::from_secs(30));
-        let age = entry.age();
+    fn the_backends_age_is_spent_of_its_max_age_not_of_the_ttl() {
+        let ttl = Duration::from_secs(60);
+        let secs = Duration::from_secs;
+        // (max_age, age at store, fresh for after storing)
+        let cases = [
+            (None, secs(0), secs(60)),
+            (None, secs(600), secs(60)),
+            (Some(secs(3600)), secs(120), secs(60)),
+            (Some(secs(100)), secs(70), secs(30)),
+            (Some(secs(100)), secs(100), secs(0)),
+            (Some(secs(100)), secs(500), secs(0)),
+        ];
+        for (max_age, age, want) in cases {
+            let entry = Entry {
+                max_age,
+                age_at_store: age,
+                ..sample()
+            };
+            assert_eq!(entry.fresh_for(ttl), want, "{max_age:?} {age:?}");
+        }
+    }
+
+    #[test]
+    fn the_served_age_is_the_backends_plus_the_time_held() {
+        let entry = Entry {
+            age_at_store: Duration::from_secs(30),
+            ..sample()
+        };
+        assert!(entry.held() < Duration::from_secs(1));
+        // Shared through Redis, it is as old to every reader.
+        let read = Entry::decode(Bytes::from(entry.encode())).unwrap();
+        let age = read.age();
         assert!(
             (Duration::from_secs(30)..Duration::from_secs(31)).contains(&age),
             "{age:?}"
         );
-        // Shared through Redis, it is as old to every reader.
-        let read = Entry::decode(Bytes::from(entry.encode())).unwrap();
-        assert!(read.age() >= Duration::from_secs(30));
     }
 
     #[test]
@@ -285,9 +326,11 @@ mod tests {
             ("other format", [&[9u8][..], &good[1..]].concat()),
             ("format 1", [&[1u8][..], &good[1..]].concat()),
             ("format 2", [&[2u8][..], &good[1..]].concat()),
-            ("bad flag", [&good[..19], &[7u8][..], &good[20..]].concat()),
-            ("truncated head", good[..10].to_vec()),
-            ("truncated header", good[..20].to_vec()),
+            // Stored before the backend's Age was kept apart.
+            ("format 3", [&[3u8][..], &good[1..]].concat()),
+            ("bad flag", [&good[..27], &[7u8][..], &good[28..]].concat()),
+            ("truncated head", good[..18].to_vec()),
+            ("truncated header", good[..28].to_vec()),
             ("not ours", b"hello world, this is a string".to_vec()),
         ];
         for (why, bytes) in cases {

@@ -7,6 +7,9 @@
 //! go upstream themselves — a waiter never hangs on a leader that is gone.
 //! Nor on one that is slow: the cache phase waits at most the route's
 //! `lock_timeout`, then goes upstream on its own.
+//! A write accepted on the URI forgets its flights: later misses lead
+//! fetches of their own, and the old leader (whose answer may predate the
+//! write) shares nothing with the waiters it has.
 //!
 //! The map is locked only on misses, briefly, and never across an await.
 
@@ -53,6 +56,16 @@ impl Flights {
             key,
             tx,
         })
+    }
+
+    /// Forgets the flights of `keys` (a write made their answers suspect):
+    /// later misses lead fetches of their own. A forgotten leader still
+    /// releases the waiters it has.
+    pub fn forget(&self, keys: &[CacheKey]) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for key in keys {
+            map.remove(key);
+        }
     }
 }
 

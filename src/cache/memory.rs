@@ -2,8 +2,8 @@
 //!
 //! moka weighs every entry (headers + body + a fixed overhead) and evicts
 //! by TinyLFU once the route's `max_bytes` is reached, without a global lock
-//! on reads. Each entry lives for as long as it was fresh (`ttl`, or the
-//! backend's shorter `max-age`, less the backend's `Age`) plus
+//! on reads. Each entry lives, from storing, for as long as it was fresh
+//! (`ttl`, or what was left of the backend's `max-age` if shorter) plus
 //! `stale_if_error`, as they were when it was stored; whether it is still
 //! fresh is decided by the reader from the route's current `ttl`. A write
 //! to its URI removes it sooner.

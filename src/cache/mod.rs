@@ -9,7 +9,10 @@
 //!   entry when the upstream failed or the circuit is open (`STALE`).
 //! - A write (an unsafe method the route does not cache) is not looked up;
 //!   once the backend accepts it, [`CacheState::finish`] removes the entries
-//!   a GET or HEAD of its URI would be served, before it is answered.
+//!   a GET or HEAD of its URI would be served, before it is answered, and
+//!   keeps the route's misses then in flight from storing (or sharing) what
+//!   they fetched before it. [`Caches::written`] does the same for a
+//!   captured write replayed later.
 //!
 //! State that must outlive a config reload (stores, flights, the Redis
 //! connection) lives in [`Caches`], held by `Proxy` and keyed by route name.
@@ -25,6 +28,7 @@ pub mod redis_store;
 pub mod vary;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -82,31 +86,48 @@ impl Verdict {
     }
 }
 
-/// The key of a request as the client sent it, but for `method` (a write
-/// names the keys of the reads of its URI). `scheme` is the listener's
-/// (`http` or `https`).
-fn key_of(
-    route: &Route,
-    req: &Request<ClientBody>,
-    method: &Method,
-    scheme: &str,
-    body: &[u8],
-) -> CacheKey {
+/// What names a request's entries, as its client sent it (before the
+/// pipeline rewrites it for the upstream), but for the method and body.
+pub struct Target<'a> {
+    /// `http` or `https`: how the client reached Backstop.
+    pub scheme: &'a str,
+    /// The host the backend is told about (`X-Forwarded-Host`): the
+    /// target's authority, else the `Host` header.
+    pub host: Option<&'a [u8]>,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+}
+
+impl<'a> Target<'a> {
+    /// `scheme` is the listener's.
+    fn of(req: &'a Request<ClientBody>, scheme: &'a str) -> Target<'a> {
+        let host = match req.uri().authority() {
+            Some(authority) => Some(authority.as_str().as_bytes()),
+            None => req.headers().get(HOST).map(HeaderValue::as_bytes),
+        };
+        Target {
+            scheme,
+            host,
+            path: req.uri().path(),
+            query: req.uri().query(),
+            headers: req.headers(),
+        }
+    }
+}
+
+/// The key of `method` on `target` with `body` (a write names the keys of
+/// the reads of its URI).
+fn key_of(route: &Route, target: &Target, method: &Method, body: &[u8]) -> CacheKey {
     let cache = &route.config.cache;
-    // The host the backend is told about (`X-Forwarded-Host`): the target's
-    // authority, else the `Host` header.
-    let host = match req.uri().authority() {
-        Some(authority) => Some(authority.as_str().as_bytes()),
-        None => req.headers().get(HOST).map(HeaderValue::as_bytes),
-    };
     KeyHead::new(&KeyInput {
         route: route.name(),
-        scheme,
-        host,
+        scheme: target.scheme,
+        host: target.host,
         method,
-        path: req.uri().path(),
-        query: req.uri().query(),
-        headers: req.headers(),
+        path: target.path,
+        query: target.query,
+        headers: target.headers,
         strategy: cache.header_strategy,
         listed: &cache.headers,
     })
@@ -130,8 +151,9 @@ pub struct CacheState {
     stale: Option<Arc<Entry>>,
     /// Set when this request is the one upstream call for its key.
     leader: Option<Leader>,
-    /// A write's: the entries its success makes stale.
-    invalidate: Option<Invalidation>,
+    /// A write's: the entries its success makes stale. Boxed: this state
+    /// lives in every request's future, and writes are the rare case.
+    invalidate: Option<Box<Invalidation>>,
 }
 
 /// The entries a write makes stale (RFC 9111 §4.4): those a GET or HEAD of
@@ -139,7 +161,20 @@ pub struct CacheState {
 /// headers, it misses variants keyed on other values (`header_strategy`).
 struct Invalidation {
     keys: Vec<CacheKey>,
+    route: Arc<RouteCache>,
     store: StoreRef,
+}
+
+impl Invalidation {
+    /// The write was accepted. First the route's write count, so that a
+    /// miss in flight (fetched, maybe, before the write) stores and shares
+    /// nothing; then the keys' flights, so that later reads fetch anew
+    /// rather than wait for such an answer; then the stored entries.
+    async fn run(self, route: &str) {
+        self.route.writes.fetch_add(1, Ordering::SeqCst);
+        self.route.flights.forget(&self.keys);
+        self.store.remove_detached(route, self.keys).await;
+    }
 }
 
 struct Slot {
@@ -149,6 +184,18 @@ struct Slot {
     /// The client's request headers as they came, for the values of what
     /// the answer's `Vary` names (known only once it is here).
     request: HeaderMap,
+    route: Arc<RouteCache>,
+    /// The route's write count when this miss went upstream.
+    writes: u64,
+}
+
+impl Slot {
+    /// Whether a write was accepted on the route since this miss went
+    /// upstream: its answer may predate the write. The count is the
+    /// route's, not the URI's: a false alarm only skips one store.
+    fn overtaken(&self) -> bool {
+        self.route.writes.load(Ordering::SeqCst) != self.writes
+    }
 }
 
 impl CacheState {
@@ -177,6 +224,11 @@ impl CacheState {
     /// when the circuit is open. Waiting coalesced requests get it too.
     pub fn stale_response(&mut self) -> Option<Response<ResponseBody>> {
         let entry = self.stale.clone()?;
+        if self.slot.as_ref().is_some_and(Slot::overtaken) {
+            // A write accepted since removed it from the store: no longer
+            // an answer, not even a stale one.
+            return None;
+        }
         self.verdict = Some(Verdict::Stale);
         if let Some(leader) = self.leader.take() {
             leader.finish(Shared::Stale(entry.clone()));
@@ -206,19 +258,17 @@ impl CacheState {
             // before answering, so that the client's next read cannot find
             // the old entry; Redis is bounded by its timeout and its breaker.
             if status.is_success() || status.is_redirection() {
-                invalidation
-                    .store
-                    .remove(&route.name, &invalidation.keys)
-                    .await;
+                invalidation.run(&route.name).await;
             }
         }
         let cache = &route.cache;
-        let storable = self.slot.as_ref().and_then(|slot| {
+        let fetched = self.slot.as_ref().filter(|slot| !slot.overtaken());
+        let storable = fetched.and_then(|slot| {
             policy::storable(cache, slot.unkeyed_auth, status, response.headers())
                 .filter(|_| declared_length(&response).is_none_or(|n| n <= cache.max_entry_bytes))
         });
         let (parts, body) = response.into_parts();
-        let (slot, storable, upstream) = match (self.slot.as_ref(), storable, body) {
+        let (slot, storable, upstream) = match (fetched, storable, body) {
             (Some(slot), Some(storable), Either::Left(upstream)) => (slot, storable, upstream),
             (_, _, body) => {
                 // Not stored: the waiters (if any) go upstream on their own.
@@ -248,19 +298,24 @@ impl CacheState {
         // it is one client's, so it is served to that client only.
         let mut stored_headers = parts.headers.clone();
         stored_headers.remove(SET_COOKIE);
-        let mut entry = Entry::new(parts.status, stored_headers, body.clone()).aged(storable.age);
+        let mut entry = Entry::new(parts.status, stored_headers, body.clone());
+        entry.age_at_store = storable.age;
         entry.max_age = storable.max_age;
         entry.must_revalidate = storable.must_revalidate;
         entry.vary = Varied::record(&storable.vary, &slot.request);
-        // Kept as long as fresh and then stale-if-error, from when its age
-        // was zero: the backend's `Age` is spent already.
-        let keep_for = (entry.fresh_for(cache.ttl) + entry.stale_for(cache.stale_if_error))
-            .saturating_sub(storable.age);
+        // Kept, from now, as long as fresh and then stale-if-error.
+        let keep_for = entry.fresh_for(cache.ttl) + entry.stale_for(cache.stale_if_error);
         let entry = Arc::new(entry);
         slot.store
             .put(&route.name, slot.key, entry.clone(), keep_for)
             .await;
-        if let Some(leader) = self.leader.take() {
+        if slot.overtaken() {
+            // A write accepted while this was stored may have removed the
+            // key before the put landed: remove it again, share nothing.
+            let store = slot.store.clone();
+            store.remove_detached(&route.name, vec![slot.key]).await;
+            self.leader = None;
+        } else if let Some(leader) = self.leader.take() {
             leader.finish(Shared::Fresh(entry));
         }
         Ok(mark(
@@ -283,6 +338,9 @@ pub struct Caches {
 struct RouteCache {
     memory: MemoryStore,
     flights: Flights,
+    /// Writes accepted on the route here (see [`Slot::overtaken`]). Other
+    /// instances' writes are not counted: their misses race on.
+    writes: AtomicU64,
 }
 
 /// The Redis store for one `[redis]` configuration, or the reason there is
@@ -325,6 +383,19 @@ impl StoreRef {
             StoreRef::Unavailable => {}
         }
     }
+
+    /// [`StoreRef::remove`] on a task of its own, awaited: the write is
+    /// answered after it, but a client that goes away (its request's
+    /// future dropped) cannot cancel it half-way and leave the entry.
+    async fn remove_detached(self, route: &str, keys: Vec<CacheKey>) {
+        if let StoreRef::Unavailable = self {
+            return;
+        }
+        let route = route.to_owned();
+        let removal = tokio::spawn(async move { self.remove(&route, &keys).await });
+        // An error only if it panicked: the entries then live out their TTL.
+        let _ = removal.await;
+    }
 }
 
 /// How fresh an entry is for the route's current settings.
@@ -336,13 +407,13 @@ enum Freshness {
 }
 
 /// The backend's own bounds (`max-age`, `must-revalidate`) hold within
-/// the route's.
+/// the route's; both count the time held here (see [`Entry::fresh_for`]).
 fn freshness(entry: &Entry, cache: &CacheConfig) -> Freshness {
-    let age = entry.age();
+    let held = entry.held();
     let fresh_for = entry.fresh_for(cache.ttl);
-    if age < fresh_for {
+    if held < fresh_for {
         Freshness::Fresh
-    } else if age < fresh_for + entry.stale_for(cache.stale_if_error) {
+    } else if held < fresh_for + entry.stale_for(cache.stale_if_error) {
         Freshness::Stale
     } else {
         Freshness::Expired
@@ -380,105 +451,129 @@ impl Caches {
     ) -> Lookup {
         let cache = &route.config.cache;
         let plan = policy::request_plan(cache, request.method(), request.headers());
+        let target = Target::of(request, scheme);
         let body = match (plan, body) {
             (RequestPlan::Off, _) => return Lookup::Forward(CacheState::passthrough(None)),
             (RequestPlan::Invalidate, _) => {
-                return Lookup::Forward(self.invalidating(config, route, request, scheme))
+                let mut state = CacheState::passthrough(Some(Verdict::Bypass));
+                state.invalidate = self.invalidation(config, route, &target).map(Box::new);
+                return Lookup::Forward(state);
             }
             (RequestPlan::Lookup | RequestPlan::Refresh, Some(body)) => body,
             // Not cached, or a body that was not buffered (cannot be keyed).
             _ => return Lookup::Forward(CacheState::passthrough(Some(Verdict::Bypass))),
         };
-        let key = key_of(route, request, request.method(), scheme, body);
+        let key = key_of(route, &target, request.method(), body);
         let (rc, store) = self.stores(config, &route.config);
-        let mut state = CacheState {
-            verdict: Some(Verdict::Miss),
-            slot: Some(Slot {
-                key,
-                store: store.clone(),
-                unkeyed_auth: policy::unkeyed_authorization(cache, request.headers()),
-                // Filled by `forward`: a hit does not copy the headers.
-                request: HeaderMap::new(),
-            }),
-            stale: None,
-            leader: None,
-            invalidate: None,
-        };
-        let forward = |mut state: CacheState| {
-            if let Some(slot) = state.slot.as_mut() {
-                slot.request = request.headers().clone();
-            }
-            Lookup::Forward(state)
-        };
-        if plan == RequestPlan::Refresh {
-            state.verdict = Some(Verdict::Bypass);
-            return forward(state);
-        }
+        let mut verdict = Verdict::Miss;
+        let mut stale = None;
+        let mut leader = None;
         // An entry for other values of what it varies on is a miss, whose
         // answer replaces it.
         let fits = |entry: &Arc<Entry>| entry.vary.matches(request.headers());
-        if let Some(entry) = store.get(route.name(), &key).await.filter(fits) {
-            match freshness(&entry, cache) {
-                Freshness::Fresh => return hit(&entry),
-                Freshness::Stale => state.stale = Some(entry),
-                Freshness::Expired => {}
+        if plan == RequestPlan::Refresh {
+            verdict = Verdict::Bypass;
+        } else {
+            if let Some(entry) = store.get(route.name(), &key).await.filter(fits) {
+                match freshness(&entry, cache) {
+                    Freshness::Fresh => return hit(&entry),
+                    Freshness::Stale => stale = Some(entry),
+                    Freshness::Expired => {}
+                }
             }
-        }
-        if cache.lock_timeout.is_zero() {
-            // Coalescing off: every miss goes upstream.
-            return forward(state);
-        }
-        match rc.flights.join(key) {
-            Joined::Leader(leader) => {
-                // A leader that finished between our lookup and our join has
-                // stored its answer: look again rather than call twice.
-                if let Some(entry) = store.get(route.name(), &key).await.filter(fits) {
-                    if let Freshness::Fresh = freshness(&entry, cache) {
-                        leader.finish(Shared::Fresh(entry.clone()));
-                        return hit(&entry);
+            // With lock_timeout zero, coalescing is off: every miss goes
+            // upstream.
+            if !cache.lock_timeout.is_zero() {
+                match rc.flights.join(key) {
+                    Joined::Leader(joined) => {
+                        // A leader that finished between our lookup and our
+                        // join has stored its answer: look again rather
+                        // than call twice.
+                        if let Some(entry) = store.get(route.name(), &key).await.filter(fits) {
+                            if let Freshness::Fresh = freshness(&entry, cache) {
+                                joined.finish(Shared::Fresh(entry.clone()));
+                                return hit(&entry);
+                            }
+                        }
+                        leader = Some(joined);
+                    }
+                    Joined::Waiter(rx) => {
+                        match tokio::time::timeout(cache.lock_timeout, flight::wait(rx)).await {
+                            Ok(Shared::Fresh(entry)) if fits(&entry) => return hit(&entry),
+                            Ok(Shared::Stale(entry)) if fits(&entry) => {
+                                let answer = entry_response(&entry, Verdict::Stale);
+                                return Lookup::Answer(answer, Verdict::Stale);
+                            }
+                            // Nothing to share, a variant for other request
+                            // headers, or a fill slower than lock_timeout (a
+                            // stalled backend must not hold every twin): go
+                            // upstream alone.
+                            Ok(_) | Err(_) => {}
+                        }
                     }
                 }
-                state.leader = Some(leader);
             }
-            Joined::Waiter(rx) => match tokio::time::timeout(cache.lock_timeout, flight::wait(rx))
-                .await
-            {
-                Ok(Shared::Fresh(entry)) if fits(&entry) => return hit(&entry),
-                Ok(Shared::Stale(entry)) if fits(&entry) => {
-                    return Lookup::Answer(entry_response(&entry, Verdict::Stale), Verdict::Stale)
-                }
-                // Nothing to share, a variant for other request headers, or
-                // a fill slower than lock_timeout (a stalled backend must
-                // not hold every twin): go upstream alone.
-                Ok(_) | Err(_) => {}
-            },
         }
-        forward(state)
+        // Going upstream: what a write accepted from now on does to the
+        // store, this miss must not undo (see `Slot::overtaken`).
+        let writes = rc.writes.load(Ordering::SeqCst);
+        Lookup::Forward(CacheState {
+            verdict: Some(verdict),
+            slot: Some(Slot {
+                key,
+                store,
+                unkeyed_auth: policy::unkeyed_authorization(cache, request.headers()),
+                request: request.headers().clone(),
+                route: rc,
+                writes,
+            }),
+            stale,
+            leader,
+            invalidate: None,
+        })
     }
 
-    /// A write's state (`RequestPlan::Invalidate`): not looked up nor
-    /// stored; the keys a GET or HEAD of its URI would have, if the route
-    /// caches them, for `finish` to remove. A read keyed on its body (a
-    /// listed POST) cannot be named without that body and is left to expire.
-    fn invalidating(
+    /// A captured write, replayed: once the backend has accepted it, the
+    /// cached reads of its URI are removed as a live write's are (see
+    /// [`CacheState::finish`]). Redis is bounded by its timeout and its
+    /// breaker, so this never holds a replay up for long.
+    pub async fn written(
         &self,
         config: &Config,
         route: &Route,
-        request: &Request<ClientBody>,
-        scheme: &str,
-    ) -> CacheState {
+        method: &Method,
+        target: &Target<'_>,
+    ) {
+        let plan = policy::request_plan(&route.config.cache, method, target.headers);
+        if plan != RequestPlan::Invalidate {
+            return;
+        }
+        if let Some(invalidation) = self.invalidation(config, route, target) {
+            invalidation.run(route.name()).await;
+        }
+    }
+
+    /// What a write (`RequestPlan::Invalidate`) makes stale when accepted:
+    /// the keys a GET or HEAD of its URI would have, if the route caches
+    /// them. A read keyed on its body (a listed POST) cannot be named
+    /// without that body and is left to expire.
+    fn invalidation(
+        &self,
+        config: &Config,
+        route: &Route,
+        target: &Target,
+    ) -> Option<Invalidation> {
         let cache = &route.config.cache;
         let keys: Vec<CacheKey> = [Method::GET, Method::HEAD]
             .iter()
             .filter(|method| cache.methods.contains(method))
-            .map(|method| key_of(route, request, method, scheme, b""))
+            .map(|method| key_of(route, target, method, b""))
             .collect();
-        let mut state = CacheState::passthrough(Some(Verdict::Bypass));
-        if !keys.is_empty() {
-            let (_, store) = self.stores(config, &route.config);
-            state.invalidate = Some(Invalidation { keys, store });
+        if keys.is_empty() {
+            return None;
         }
-        state
+        let (route, store) = self.stores(config, &route.config);
+        Some(Invalidation { keys, route, store })
     }
 
     /// The route's memory cache (its in-flight map) and the store its
@@ -529,6 +624,7 @@ impl Caches {
         let rc = Arc::new(RouteCache {
             memory: MemoryStore::new(max_bytes),
             flights: Flights::default(),
+            writes: AtomicU64::new(0),
         });
         let mut next = (*map).clone();
         next.insert(route.name.clone(), rc.clone());

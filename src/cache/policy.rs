@@ -10,7 +10,7 @@ use std::time::Duration;
 use http::header::{AGE, AUTHORIZATION, CACHE_CONTROL, PRAGMA, SET_COOKIE};
 use http::{HeaderMap, HeaderName, Method, StatusCode};
 
-use super::vary;
+use super::{entry, vary};
 use crate::config::{CacheConfig, HeaderStrategy};
 
 /// What the cache does for one request.
@@ -68,9 +68,10 @@ pub fn unkeyed_authorization(cache: &CacheConfig, request: &HeaderMap) -> bool {
 /// store.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Storable {
-    /// How long the answer is fresh by the backend's word: `s-maxage`,
-    /// else `max-age` (RFC 9111 §4.2.1); the route's `ttl` bounds it too.
-    /// `None`: the backend set no bound, or `ignore_cache_control`.
+    /// How long the answer is fresh by the backend's word, from its own
+    /// age: `s-maxage`, else `max-age` (RFC 9111 §4.2.1); the route's
+    /// `ttl`, from storing, bounds it too. `None`: the backend set no
+    /// bound, or `ignore_cache_control`.
     pub max_age: Option<Duration>,
     /// `must-revalidate` or `proxy-revalidate`: once stale, never served
     /// (RFC 9111 §4.2.4), whatever `stale_if_error` says.
@@ -79,8 +80,9 @@ pub struct Storable {
     /// serves only requests that send what this one sent.
     pub vary: Vec<HeaderName>,
     /// How old the answer already is by the backend's `Age` (say a cache
-    /// in front of it answered): spent of its lifetime, and part of the
-    /// `Age` it is served with (RFC 9111 §4.2.3). Zero without one.
+    /// in front of it answered): spent of `max_age` (not of the route's
+    /// `ttl`), and part of the `Age` it is served with (RFC 9111 §4.2.3).
+    /// Zero without one.
     pub age: Duration,
 }
 
@@ -112,8 +114,9 @@ pub fn storable(
     {
         return None;
     }
-    // `Age` is no wish of the backend's but a fact about the answer: it
-    // counts under ignore_cache_control too.
+    // Kept under ignore_cache_control too, for the `Age` served: a fact
+    // about the answer. It shortens only the backend's `max_age`, which
+    // ignore_cache_control sets aside.
     let age = age(response);
     if cache.ignore_cache_control {
         // The route's ttl and stale_if_error alone decide (`Vary: *` too
@@ -145,19 +148,18 @@ pub fn storable(
     fresh(storable, cache.ttl)
 }
 
-/// The answer if it is still fresh: its age is below its lifetime (the
-/// route's `ttl`, bounded by the backend's). One that is not (`max-age=0`,
-/// or an `Age` at or past the lifetime) is not stored: it could only ever
-/// be served stale, and a `stale_if_error` copy of an answer already too
-/// old is not worth a slot.
+/// The answer if it would be fresh once stored (see [`entry::fresh_for`]).
+/// One that would not (`max-age=0`, or an `Age` at or past `max-age`) is
+/// not stored: it could only ever be served stale, and a `stale_if_error`
+/// copy of an answer already too old is not worth a slot.
 fn fresh(storable: Storable, ttl: Duration) -> Option<Storable> {
-    let lifetime = storable.max_age.map_or(ttl, |max_age| max_age.min(ttl));
-    (storable.age < lifetime).then_some(storable)
+    let fresh_for = entry::fresh_for(ttl, storable.max_age, storable.age);
+    (!fresh_for.is_zero()).then_some(storable)
 }
 
 /// The backend's `Age` (RFC 9111 §5.1): a value that is not a non-negative
 /// integer is ignored, as §4.2.3 asks; of several lines, the oldest counts
-/// (the safe side). One too large for the clock is capped: past any ttl.
+/// (the safe side). One too large for the clock is capped: past any max-age.
 fn age(response: &HeaderMap) -> Duration {
     response
         .get_all(AGE)
@@ -630,16 +632,33 @@ mod tests {
     }
 
     #[test]
-    fn the_backends_age_is_spent_of_the_lifetime() {
+    fn the_backends_age_is_spent_of_its_max_age() {
         let default = cache("ttl = \"60s\"");
         let ignore = cache("ttl = \"60s\"\nignore_cache_control = true");
         let secs = Duration::from_secs;
         // (why, config, response headers, the age counted; None: not stored)
         let cases: Vec<(&str, &CacheConfig, Headers, Option<Duration>)> = vec![
             ("no Age", &default, &[], Some(secs(0))),
+            // Without max-age, the ttl counts from storing whatever the Age.
             ("within the ttl", &default, &[("age", "59")], Some(secs(59))),
-            ("at the ttl: stale", &default, &[("age", "60")], None),
-            ("past the ttl", &default, &[("age", "3600")], None),
+            (
+                "past the ttl",
+                &default,
+                &[("age", "3600")],
+                Some(secs(3600)),
+            ),
+            (
+                "past the ttl, within max-age",
+                &default,
+                &[("cache-control", "max-age=3600"), ("age", "120")],
+                Some(secs(120)),
+            ),
+            (
+                "at max-age: stale",
+                &default,
+                &[("cache-control", "max-age=30"), ("age", "30")],
+                None,
+            ),
             (
                 "within max-age",
                 &default,
@@ -660,9 +679,12 @@ mod tests {
             ),
             ("padded", &default, &[("age", " 7 ")], Some(secs(7))),
             (
-                "huge",
+                "huge, under max-age",
                 &default,
-                &[("age", "99999999999999999999999")],
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("age", "99999999999999999999999"),
+                ],
                 None,
             ),
             (
@@ -712,8 +734,8 @@ mod tests {
             (
                 "ignore_cache_control: past the ttl",
                 &ignore,
-                &[("age", "60")],
-                None,
+                &[("age", "600")],
+                Some(secs(600)),
             ),
         ];
         for (why, config, resp, want) in cases {

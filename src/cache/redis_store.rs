@@ -11,8 +11,8 @@
 //!
 //! Keys are `<key_prefix>cache:<route>:<sha256 hex>`; values are the
 //! compact binary form of `entry`; the Redis TTL is how long the entry is
-//! fresh (`ttl`, or the backend's shorter `max-age`, less the backend's
-//! `Age`) plus `stale_if_error`. A write to its URI unlinks it sooner.
+//! fresh from storing (`ttl`, or what was left of the backend's `max-age`
+//! if shorter) plus `stale_if_error`. A write to its URI unlinks it sooner.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -1,6 +1,8 @@
 //! One replay attempt: the captured request, mapped through the route's
 //! *current* configuration (upstreams, prefix stripping, configured headers),
-//! with `Idempotency-Key: <id>` and `X-Backstop-Replay-Attempt: n`.
+//! with `Idempotency-Key: <id>` and `X-Backstop-Replay-Attempt: n`. A write
+//! the backend accepts makes the route's cached reads of its URI stale, as
+//! it would have live.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -9,8 +11,10 @@ use http::header::{HeaderValue, HOST};
 use http::{HeaderName, Method, Request, Version};
 
 use crate::body::BufferedBody;
+use crate::cache::{Caches, Target};
 use crate::capture::record::CaptureRecord;
 use crate::classify::Failure;
+use crate::config::Config;
 use crate::headers::{self, ClientInfo, X_REQUEST_ID};
 use crate::routing::Route;
 use crate::upstream::{deadline_after, proxy_pool, take_turn, upstream_uri};
@@ -33,12 +37,16 @@ pub enum Delivery {
     Busy(String),
 }
 
+/// Sends `record` to `route`'s backend once; `config` is the one `route`
+/// belongs to, `caches` those whose entries an accepted write makes stale.
 pub async fn deliver(
+    caches: &Caches,
+    config: &Config,
     route: &Route,
     record: &CaptureRecord,
     attempt: u32,
-    idempotency_header: &HeaderName,
 ) -> Delivery {
+    let idempotency_header = &config.replay.idempotency_header;
     let (target, request) = match build_request(route, record, attempt, idempotency_header) {
         Ok(r) => r,
         Err(reason) => return Delivery::Dead(reason),
@@ -78,11 +86,55 @@ pub async fn deliver(
             // `body_read_timeout`) must not hold up the queue behind it.
             let drain = http_body_util::BodyExt::collect(response.into_body());
             let _ = tokio::time::timeout_at(deadline.into(), drain).await;
-            classify_status(status)
+            let delivery = classify_status(status);
+            if let Delivery::Delivered(_) = delivery {
+                invalidate_cached_reads(caches, config, route, record).await;
+            }
+            delivery
         }
         // The backend had the request: sent again, it would apply it twice.
         Err(Failure::InvalidResponse) => Delivery::Dead(describe(Failure::InvalidResponse)),
         Err(failure) => Delivery::Retry(describe(failure)),
+    }
+}
+
+/// The cache's side of a delivered write: keyed as the client's request
+/// was (its scheme, host, path, query and headers, as recorded), so that
+/// it names the entries the live write would have.
+async fn invalidate_cached_reads(
+    caches: &Caches,
+    config: &Config,
+    route: &Route,
+    record: &CaptureRecord,
+) {
+    if !route.config.cache.enabled {
+        return;
+    }
+    let req = &record.request;
+    let Ok(method) = Method::from_bytes(req.method.as_bytes()) else {
+        return;
+    };
+    let headers = req.header_map();
+    // Records written before the client's host was kept: the recorded Host.
+    let host = match &record.client.host {
+        Some(host) => Some(host.as_bytes()),
+        None => headers.get(HOST).map(HeaderValue::as_bytes),
+    };
+    let target = Target {
+        scheme: scheme(record),
+        host,
+        path: &req.path,
+        query: req.query.as_deref(),
+        headers: &headers,
+    };
+    caches.written(config, route, &method, &target).await;
+}
+
+/// How the client reached Backstop (records written before it: `http`).
+fn scheme(record: &CaptureRecord) -> &'static str {
+    match record.client.proto.as_deref() {
+        Some("https") => "https",
+        _ => "http",
     }
 }
 
@@ -130,10 +182,7 @@ fn build_request(
         Some(host) => HeaderValue::from_str(host).ok(),
         None => recorded_host,
     };
-    let proto = match record.client.proto.as_deref() {
-        Some("https") => "https",
-        _ => "http",
-    };
+    let proto = scheme(record);
     if let Ok(addr) = record.client.addr.parse::<SocketAddr>() {
         let client = ClientInfo::new(addr, proto);
         headers::set_forwarded(&mut headers, &client, original_host.as_ref());

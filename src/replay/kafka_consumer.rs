@@ -292,7 +292,10 @@ impl KafkaReplayer {
             }
         };
         let outcome = match active.routes.get(&record.route) {
-            Some(route) => deliver(route, &record, job.attempt, &replay.idempotency_header).await,
+            Some(route) => {
+                let caches = &self.proxy.caches;
+                deliver(caches, &active.config, route, &record, job.attempt).await
+            }
             None => Delivery::Retry(format!("route {:?} is not configured", record.route)),
         };
         let sent = !matches!(outcome, Delivery::Busy(_));

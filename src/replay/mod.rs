@@ -333,7 +333,10 @@ impl SpoolReplayer {
             }
         };
         let outcome = match active.routes.get(&record.route) {
-            Some(route) => deliver(route, &record, attempt, &replay.idempotency_header).await,
+            Some(route) => {
+                let caches = &self.proxy.caches;
+                deliver(caches, &active.config, route, &record, attempt).await
+            }
             None => Delivery::Retry(format!("route {:?} is not configured", record.route)),
         };
         let sent = !matches!(outcome, Delivery::Busy(_));

@@ -436,6 +436,54 @@ async fn a_post_the_route_caches_is_a_read_and_invalidates_nothing() {
 }
 
 #[tokio::test]
+async fn a_read_in_flight_during_a_write_neither_stores_nor_shares_its_older_answer() {
+    // A document whose version a PUT moves on; the first read of it is
+    // answered slowly, after the PUT.
+    let version = Arc::new(AtomicUsize::new(1));
+    let reads = Arc::new(AtomicUsize::new(0));
+    let backend = Backend::start(move |seen| {
+        if seen.method == "PUT" {
+            version.fetch_add(1, Ordering::SeqCst);
+            return Reply::ok("updated");
+        }
+        let reply = Reply::ok(&format!("v{}", version.load(Ordering::SeqCst)));
+        if reads.fetch_add(1, Ordering::SeqCst) == 0 {
+            reply.delay(Duration::from_millis(1000))
+        } else {
+            reply
+        }
+    })
+    .await;
+    let bs = Backstop::start(&route("r", "/", &backend.url(), ""));
+    let first = tokio::spawn(get_at_once(bs.url("/doc"), 1));
+    backend.wait_for_hits(1, Duration::from_secs(5)).await;
+    // A twin that waits for the first read's answer.
+    let twin = tokio::spawn(get_at_once(bs.url("/doc"), 1));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(send("PUT", bs.url("/doc"), &[]).await.0, 200);
+    // A read after the write fetches anew rather than wait for the old read.
+    let started = Instant::now();
+    let after = get(&bs.url("/doc")).await;
+    assert_eq!(
+        (after.x_cache.as_str(), after.body.as_str()),
+        ("MISS", "v2")
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "it waited for the read in flight: {:?}",
+        started.elapsed()
+    );
+    // The read that raced the write answers its own client with what it got,
+    // but hands it to no one: the twin asked the backend itself.
+    assert_eq!(first.await.unwrap()[0].body, "v1");
+    let twin = &twin.await.unwrap()[0];
+    assert_eq!((twin.x_cache.as_str(), twin.body.as_str()), ("MISS", "v2"));
+    // Nor was it stored over the newer answer.
+    let later = get(&bs.url("/doc")).await;
+    assert_eq!((later.x_cache.as_str(), later.body.as_str()), ("HIT", "v2"));
+}
+
+#[tokio::test]
 async fn entries_expire_after_ttl() {
     let backend = counting_backend(vec![]).await;
     let bs = Backstop::start(&route("r", "/", &backend.url(), "ttl = \"1s\""));
@@ -490,7 +538,7 @@ async fn the_backends_max_age_shortens_the_ttl() {
 }
 
 #[tokio::test]
-async fn the_backends_age_is_spent_of_the_lifetime_and_served_on() {
+async fn the_backends_age_is_spent_of_its_max_age_and_served_on() {
     let n = Arc::new(AtomicUsize::new(0));
     let backend = Backend::start(move |seen| {
         let i = n.fetch_add(1, Ordering::SeqCst) + 1;
@@ -504,7 +552,6 @@ async fn the_backends_age_is_spent_of_the_lifetime_and_served_on() {
             "/at-lifetime" => reply
                 .header("cache-control", "max-age=60")
                 .header("age", "60"),
-            "/past-ttl" => reply.header("age", "600"),
             "/invalid" => reply.header("age", "-5"),
             _ => reply,
         }
@@ -519,25 +566,64 @@ async fn the_backends_age_is_spent_of_the_lifetime_and_served_on() {
         (58..=59).contains(&age),
         "the backend's age and ours: {age}"
     );
-    // Already as old as its lifetime, or older than the route's ttl: never
-    // fresh here, so not stored.
-    for path in ["/at-lifetime", "/past-ttl"] {
-        for want in ["MISS", "MISS"] {
-            assert_eq!(get(&bs.url(path)).await.x_cache, want, "{path}");
-        }
+    // Already as old as its max-age: never fresh here, so not stored.
+    for want in ["MISS", "MISS"] {
+        assert_eq!(get(&bs.url("/at-lifetime")).await.x_cache, want);
     }
     // An Age that is not a non-negative integer is ignored.
     assert_eq!(get(&bs.url("/invalid")).await.x_cache, "MISS");
     let invalid = get(&bs.url("/invalid")).await;
     assert_eq!(invalid.x_cache, "HIT");
     assert!(invalid.age.unwrap() <= 1, "counted from storing");
-    // Two seconds were left of /aged's lifetime.
+    // Two seconds were left of /aged's max-age.
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let expired = get(&bs.url("/aged")).await;
     assert_eq!(
         (expired.x_cache.as_str(), expired.body.as_str()),
-        ("MISS", "n=7")
+        ("MISS", "n=5")
     );
+}
+
+#[tokio::test]
+async fn the_routes_ttl_counts_from_storing_whatever_the_backends_age() {
+    let backend = Backend::start(|seen| match seen.uri.trim_start_matches("/ignore") {
+        // Fresh for 3480 s more by the backend's word, 1 s by the route's.
+        "/long" => Reply::ok("long")
+            .header("cache-control", "max-age=3600")
+            .header("age", "120"),
+        _ => Reply::ok("no max-age").header("age", "600"),
+    })
+    .await;
+    let config = [
+        route("r", "/", &backend.url(), "ttl = \"1s\""),
+        route(
+            "ignore",
+            "/ignore",
+            &backend.url(),
+            "ttl = \"1s\"\nignore_cache_control = true",
+        ),
+    ]
+    .concat();
+    let bs = Backstop::start(&config);
+    // (path, the backend's Age)
+    let cases = [("/long", 120), ("/plain", 600), ("/ignore/long", 120)];
+    for (path, backend_age) in cases {
+        assert_eq!(get(&bs.url(path)).await.x_cache, "MISS", "{path}");
+        let hit = get(&bs.url(path)).await;
+        assert_eq!(
+            hit.x_cache, "HIT",
+            "{path}: stored though older than the ttl"
+        );
+        let age = hit.age.unwrap();
+        assert!(
+            (backend_age..=backend_age + 1).contains(&age),
+            "{path}: served with the backend's age and ours: {age}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for (path, _) in cases {
+        assert_eq!(get(&bs.url(path)).await.x_cache, "MISS", "{path}: ttl over");
+    }
 }
 
 #[tokio::test]
@@ -1145,6 +1231,96 @@ async fn a_write_through_one_instance_invalidates_the_shared_entry() {
         assert_eq!((status, got.as_str()), (200, x_cache), "step {i}: {method}");
     }
     assert_eq!(backend.hits(), 5);
+}
+
+/// A TCP relay to `to` that holds each new connection for `hold` before
+/// passing it on: a Redis that is slow to connect to.
+async fn slow_relay(to: &'static str, hold: Duration) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(hold).await;
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    format!("redis://{addr}")
+}
+
+#[tokio::test]
+async fn a_write_whose_client_goes_away_still_invalidates() {
+    let prefix = prefix("gone");
+    let backend = counting_backend(vec![]).await;
+    let cache = "store = \"redis\"";
+    let a = Backstop::start(&format!(
+        "{}{}",
+        redis_section(MACHINE_REDIS, &prefix),
+        route("r", "/", &backend.url(), cache)
+    ));
+    // B reaches Redis only after a second: the write's removal is its first
+    // Redis command, still waiting when the client gives up.
+    let slow = slow_relay("127.0.0.1:6379", Duration::from_secs(1)).await;
+    let b = Backstop::start(&format!(
+        "[redis]\nurl = {slow:?}\nkey_prefix = {prefix:?}\ntimeout = \"5s\"\n\n{}",
+        route("r", "/", &backend.url(), cache)
+    ));
+    // Both name the entry by B's address: the host an HTTP/2 client to B
+    // sends (`:authority`).
+    let b_host = b.addr.to_string();
+    let site = [("host", b_host.as_str())];
+    assert_eq!(send("GET", a.url("/items/1"), &site).await.1, "MISS");
+    assert_eq!(send("GET", a.url("/items/1"), &site).await.1, "HIT");
+    // An HTTP/2 client that gives up resets its stream, which cancels its
+    // request (an HTTP/1 client's close does not: `half_close`).
+    let impatient = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let put = impatient.put(b.url("/items/1")).body("{}").send().await;
+    assert!(put.is_err(), "the client gave up before the answer");
+    backend.wait_for_hits(2, Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(send("GET", a.url("/items/1"), &site).await.1, "MISS");
+}
+
+#[tokio::test]
+async fn an_entry_stored_in_an_older_format_is_a_clean_miss() {
+    let prefix = prefix("format");
+    let backend = counting_backend(vec![]).await;
+    let bs = Backstop::start(&format!(
+        "{}{}",
+        redis_section(MACHINE_REDIS, &prefix),
+        route("r", "/", &backend.url(), "store = \"redis\"")
+    ));
+    assert_eq!(get(&bs.url("/old")).await.x_cache, "MISS");
+    // As an older Backstop wrote it: format 3, the layout before the
+    // backend's Age was kept apart.
+    let mut conn = redis::Client::open(MACHINE_REDIS)
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query(&mut conn)
+        .unwrap();
+    let mut value: Vec<u8> = redis::cmd("GET").arg(&keys[0]).query(&mut conn).unwrap();
+    value[0] = 3;
+    let () = redis::cmd("SET")
+        .arg(&keys[0])
+        .arg(value)
+        .query(&mut conn)
+        .unwrap();
+    let old = get(&bs.url("/old")).await;
+    assert_eq!((old.status, old.x_cache.as_str()), (200, "MISS"));
+    assert_eq!(get(&bs.url("/old")).await.x_cache, "HIT", "stored anew");
+    let text = metrics(&bs).await;
+    assert_eq!(metric_value(&text, "backstop_redis_errors_total"), 0.0);
 }
 
 /// A `redis-server` of our own on an ephemeral port, killed on drop.

@@ -4,6 +4,8 @@
 
 use std::collections::HashSet;
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -165,6 +167,41 @@ async fn gets_are_not_captured_and_202_is_configurable() {
     assert_eq!(r.status(), 202);
     assert!(r.headers().get("retry-after").is_none());
     assert_eq!(queue_status(&bs).await["depth"], 1);
+}
+
+#[tokio::test]
+async fn a_replayed_write_invalidates_the_cached_reads_of_its_uri() {
+    let (reads, puts) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let seen_puts = puts.clone();
+    let backend = Backend::start(move |seen| match seen.method.as_str() {
+        // Unavailable at first: the write is captured, and replayed.
+        "PUT" if seen_puts.fetch_add(1, Ordering::SeqCst) == 0 => Reply::status(503),
+        "PUT" => Reply::status(204),
+        _ => Reply::ok(&format!(
+            "read {}",
+            reads.fetch_add(1, Ordering::SeqCst) + 1
+        )),
+    })
+    .await;
+    let bs = Backstop::start(&config(&backend.url(), "\n[routes.cache]\nenabled = true"));
+    let read = || async {
+        let r = client().get(bs.url("/api/items/1")).send().await.unwrap();
+        let x_cache = r.headers()["x-cache"].to_str().unwrap().to_string();
+        (x_cache, r.text().await.unwrap())
+    };
+    assert_eq!(read().await, ("MISS".into(), "read 1".into()));
+    assert_eq!(read().await, ("HIT".into(), "read 1".into()));
+    let r = client()
+        .put(bs.url("/api/items/1"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let (status, code, _) = error_of(r).await;
+    assert_eq!((status, code.as_str()), (503, "captured"));
+    wait_queue(&bs, "depth", 0).await;
+    assert_eq!(puts.load(Ordering::SeqCst), 2, "replayed once");
+    assert_eq!(read().await, ("MISS".into(), "read 2".into()));
 }
 
 #[tokio::test]
