@@ -241,6 +241,9 @@ async fn proxy_request(
             return Err(circuit_open_error(retry_in));
         }
     };
+    // From here a write may change the backend, whatever becomes of its
+    // answer (or of its client): its invalidation runs.
+    cache.sending();
     match forward(route, guards, permit, &mut outgoing, ctx).await {
         Forwarded::Answer(response) => {
             let response = respond(response);

@@ -27,6 +27,13 @@ use crate::config::HeaderStrategy;
 pub struct CacheKey([u8; 32]);
 
 impl CacheKey {
+    /// Which of `n` stripes (`n` > 0) the key falls in: from its first
+    /// bytes, as evenly spread as the digest.
+    pub fn stripe(&self, n: usize) -> usize {
+        let [a, b, c, d, ..] = self.0;
+        usize::try_from(u32::from_be_bytes([a, b, c, d])).unwrap_or(0) % n.max(1)
+    }
+
     /// Lowercase hex, as used in Redis keys.
     pub fn hex(&self) -> String {
         use std::fmt::Write;

@@ -9,7 +9,9 @@
 //! `lock_timeout`, then goes upstream on its own.
 //! A write accepted on the URI forgets its flights: later misses lead
 //! fetches of their own, and the old leader (whose answer may predate the
-//! write) shares nothing with the waiters it has.
+//! write) shares nothing with the waiters it has: it tells them to join
+//! again ([`Shared::Retry`]), so that they make one new fetch between
+//! them (or take the one a later miss leads), not one each.
 //!
 //! The map is locked only on misses, briefly, and never across an await.
 
@@ -31,6 +33,9 @@ pub enum Shared {
     Stale(Arc<Entry>),
     /// Nothing to share: each waiter goes upstream on its own.
     Nothing,
+    /// The leader's answer may predate a write: join the key's flight
+    /// again (the leader has left it), as leader or waiter of a new fetch.
+    Retry,
 }
 
 type Map = HashMap<CacheKey, watch::Receiver<Shared>>;
@@ -78,23 +83,30 @@ pub struct Leader {
 }
 
 impl Leader {
+    /// Leaves the flight, then hands `shared` to the waiters: a waiter
+    /// that joins again on [`Shared::Retry`] finds a new flight (or none),
+    /// never this one. Later requests find the stored entry.
     pub fn finish(self, shared: Shared) {
+        self.leave();
         self.tx.send_replace(shared);
-        // Drop removes the flight: later requests find the stored entry.
     }
-}
 
-impl Drop for Leader {
-    fn drop(&mut self) {
-        if matches!(*self.tx.borrow(), Shared::Pending) {
-            self.tx.send_replace(Shared::Nothing);
-        }
+    fn leave(&self) {
         let mut map = self.flights.0.lock().unwrap_or_else(|e| e.into_inner());
         if map
             .get(&self.key)
             .is_some_and(|rx| rx.same_channel(&self.tx.subscribe()))
         {
             map.remove(&self.key);
+        }
+    }
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        self.leave();
+        if matches!(*self.tx.borrow(), Shared::Pending) {
+            self.tx.send_replace(Shared::Nothing);
         }
     }
 }

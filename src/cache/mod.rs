@@ -10,8 +10,10 @@
 //! - A write (an unsafe method the route does not cache) is not looked up;
 //!   once the backend accepts it, [`CacheState::finish`] removes the entries
 //!   a GET or HEAD of its URI would be served, before it is answered, and
-//!   keeps the route's misses then in flight from storing (or sharing) what
-//!   they fetched before it. [`Caches::written`] does the same for a
+//!   keeps the misses of those keys then in flight from storing (or
+//!   sharing) what they fetched before it. A write whose outcome is not
+//!   known (its client went away while it was upstream, the backend
+//!   failed) removes them too. [`Caches::written`] does the same for a
 //!   captured write replayed later.
 //!
 //! State that must outlive a config reload (stores, flights, the Redis
@@ -159,21 +161,60 @@ pub struct CacheState {
 /// The entries a write makes stale (RFC 9111 §4.4): those a GET or HEAD of
 /// its URI, with its headers, would be served. Keyed on the write's own
 /// headers, it misses variants keyed on other values (`header_strategy`).
+///
+/// Dropped unrun once its write was [sent](CacheState::sending) (the
+/// client went away while the write was upstream, or the backend failed),
+/// it runs anyway, on a task of its own: the write may have been applied,
+/// and a removal too many costs one miss.
 struct Invalidation {
+    /// Emptied once run, or once the backend refused the write.
     keys: Vec<CacheKey>,
     route: Arc<RouteCache>,
     store: StoreRef,
+    /// The route's name (its Redis keys).
+    name: String,
+    /// The write went upstream: from now on, its outcome may be a change.
+    sent: bool,
 }
 
 impl Invalidation {
-    /// The write was accepted. First the route's write count, so that a
-    /// miss in flight (fetched, maybe, before the write) stores and shares
-    /// nothing; then the keys' flights, so that later reads fetch anew
-    /// rather than wait for such an answer; then the stored entries.
-    async fn run(self, route: &str) {
-        self.route.writes.fetch_add(1, Ordering::SeqCst);
-        self.route.flights.forget(&self.keys);
-        self.store.remove_detached(route, self.keys).await;
+    /// The write was accepted (or may have been). First the keys' write
+    /// stripes, so that a miss of theirs in flight (fetched, maybe, before
+    /// the write) stores and shares nothing; then the keys' flights, so
+    /// that later reads fetch anew rather than wait for such an answer;
+    /// then, on a task of its own that a client going away cannot cancel,
+    /// the stored entries, and the stripes once more (a stale entry read
+    /// while it was being removed is not served: see [`Caches::lookup`]).
+    fn start(&mut self) -> Option<tokio::task::JoinHandle<()>> {
+        let keys = std::mem::take(&mut self.keys);
+        if keys.is_empty() {
+            return None;
+        }
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        self.route.writes.wrote(&keys);
+        self.route.flights.forget(&keys);
+        let (route, store, name) = (self.route.clone(), self.store.clone(), self.name.clone());
+        Some(runtime.spawn(async move {
+            store.remove(&name, &keys).await;
+            route.writes.wrote(&keys);
+        }))
+    }
+
+    /// [`Invalidation::start`], awaited: the write is answered after it.
+    async fn run(mut self) {
+        if let Some(task) = self.start() {
+            // An error only if it panicked: the entries then live out their TTL.
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Invalidation {
+    fn drop(&mut self) {
+        if self.sent {
+            // Not awaited: no one waits for this answer any more.
+            let _ = self.start();
+        }
     }
 }
 
@@ -185,16 +226,25 @@ struct Slot {
     /// the answer's `Vary` names (known only once it is here).
     request: HeaderMap,
     route: Arc<RouteCache>,
-    /// The route's write count when this miss went upstream.
+    /// The key's write stripe when this miss went upstream.
     writes: u64,
 }
 
 impl Slot {
-    /// Whether a write was accepted on the route since this miss went
-    /// upstream: its answer may predate the write. The count is the
-    /// route's, not the URI's: a false alarm only skips one store.
+    /// Whether a write of this key was accepted since this miss went
+    /// upstream: its answer may predate the write. The count is shared by
+    /// the keys of one stripe: a false alarm (two keys in one of
+    /// [`WRITE_STRIPES`]) only skips one store.
     fn overtaken(&self) -> bool {
-        self.route.writes.load(Ordering::SeqCst) != self.writes
+        self.route.writes.of(&self.key) != self.writes
+    }
+}
+
+/// An overtaken leader's waiters join the key's flight again, for one new
+/// fetch between them (see [`Shared::Retry`]).
+fn rejoin(leader: &mut Option<Leader>) {
+    if let Some(leader) = leader.take() {
+        leader.finish(Shared::Retry);
     }
 }
 
@@ -219,6 +269,14 @@ impl CacheState {
         self.verdict
     }
 
+    /// The request is about to go upstream: a write's invalidation, from
+    /// now on, runs even if [`CacheState::finish`] never sees its answer.
+    pub fn sending(&mut self) {
+        if let Some(invalidation) = &mut self.invalidate {
+            invalidation.sent = true;
+        }
+    }
+
     /// Stale-if-error: the remembered stale entry as an answer, if there is
     /// one. Called when the upstream failed, and by the circuit-breaker phase
     /// when the circuit is open. Waiting coalesced requests get it too.
@@ -227,6 +285,7 @@ impl CacheState {
         if self.slot.as_ref().is_some_and(Slot::overtaken) {
             // A write accepted since removed it from the store: no longer
             // an answer, not even a stale one.
+            rejoin(&mut self.leader);
             return None;
         }
         self.verdict = Some(Verdict::Stale);
@@ -253,16 +312,22 @@ impl CacheState {
                 return Ok(stale);
             }
         }
-        if let Some(invalidation) = self.invalidate.take() {
+        if let Some(mut invalidation) = self.invalidate.take() {
             // Only a write the backend accepted changed anything. Done
             // before answering, so that the client's next read cannot find
             // the old entry; Redis is bounded by its timeout and its breaker.
             if status.is_success() || status.is_redirection() {
-                invalidation.run(&route.name).await;
+                (*invalidation).run().await;
+            } else {
+                invalidation.keys.clear();
             }
         }
         let cache = &route.cache;
-        let fetched = self.slot.as_ref().filter(|slot| !slot.overtaken());
+        let overtaken = self.slot.as_ref().is_some_and(Slot::overtaken);
+        if overtaken {
+            rejoin(&mut self.leader);
+        }
+        let fetched = self.slot.as_ref().filter(|_| !overtaken);
         let storable = fetched.and_then(|slot| {
             policy::storable(cache, slot.unkeyed_auth, status, response.headers())
                 .filter(|_| declared_length(&response).is_none_or(|n| n <= cache.max_entry_bytes))
@@ -294,6 +359,15 @@ impl CacheState {
                 ));
             }
         };
+        if slot.overtaken() {
+            // A write came while the body was read: store nothing (another
+            // instance could serve the entry until the removal).
+            rejoin(&mut self.leader);
+            return Ok(mark(
+                Response::from_parts(parts, Either::Right(Full::new(body))),
+                verdict,
+            ));
+        }
         // Only under ignore_cache_control can a stored answer carry a cookie:
         // it is one client's, so it is served to that client only.
         let mut stored_headers = parts.headers.clone();
@@ -314,7 +388,7 @@ impl CacheState {
             // key before the put landed: remove it again, share nothing.
             let store = slot.store.clone();
             store.remove_detached(&route.name, vec![slot.key]).await;
-            self.leader = None;
+            rejoin(&mut self.leader);
         } else if let Some(leader) = self.leader.take() {
             leader.finish(Shared::Fresh(entry));
         }
@@ -338,9 +412,38 @@ pub struct Caches {
 struct RouteCache {
     memory: MemoryStore,
     flights: Flights,
-    /// Writes accepted on the route here (see [`Slot::overtaken`]). Other
-    /// instances' writes are not counted: their misses race on.
-    writes: AtomicU64,
+    /// Writes accepted on the route here, by key (see [`Slot::overtaken`]).
+    /// Kept when the memory store is rebuilt. Other instances' writes are
+    /// not counted: their misses race on.
+    writes: Arc<WriteStripes>,
+}
+
+/// How many write counts a route keeps: a write to one URI falsely
+/// overtakes a miss of another about once in this many (8 KiB a route).
+const WRITE_STRIPES: usize = 1024;
+
+/// Writes accepted, counted per stripe of keys: a miss compares its key's
+/// count when it went upstream with the count when it stores, so that only
+/// a write of its own key (or of one in its stripe) makes it drop its
+/// answer, not any write on the route.
+struct WriteStripes([AtomicU64; WRITE_STRIPES]);
+
+impl Default for WriteStripes {
+    fn default() -> WriteStripes {
+        WriteStripes(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl WriteStripes {
+    fn of(&self, key: &CacheKey) -> u64 {
+        self.0[key.stripe(WRITE_STRIPES)].load(Ordering::SeqCst)
+    }
+
+    fn wrote(&self, keys: &[CacheKey]) {
+        for key in keys {
+            self.0[key.stripe(WRITE_STRIPES)].fetch_add(1, Ordering::SeqCst);
+        }
+    }
 }
 
 /// The Redis store for one `[redis]` configuration, or the reason there is
@@ -471,6 +574,10 @@ impl Caches {
         // An entry for other values of what it varies on is a miss, whose
         // answer replaces it.
         let fits = |entry: &Arc<Entry>| entry.vary.matches(request.headers());
+        // A stale entry (only with stale_if_error) must not outlive a write
+        // that removes it while this miss waits: the key's write count
+        // before it is read. One atomic load; no other work on a HIT.
+        let before = (!cache.stale_if_error.is_zero()).then(|| rc.writes.of(&key));
         if plan == RequestPlan::Refresh {
             verdict = Verdict::Bypass;
         } else {
@@ -483,7 +590,10 @@ impl Caches {
             }
             // With lock_timeout zero, coalescing is off: every miss goes
             // upstream.
-            if !cache.lock_timeout.is_zero() {
+            // (A lock_timeout too large for the clock: a day is as long.)
+            let wait = cache.lock_timeout.min(Duration::from_secs(86_400));
+            let deadline = tokio::time::Instant::now() + wait;
+            while !cache.lock_timeout.is_zero() {
                 match rc.flights.join(key) {
                     Joined::Leader(joined) => {
                         // A leader that finished between our lookup and our
@@ -496,19 +606,24 @@ impl Caches {
                             }
                         }
                         leader = Some(joined);
+                        break;
                     }
                     Joined::Waiter(rx) => {
-                        match tokio::time::timeout(cache.lock_timeout, flight::wait(rx)).await {
+                        match tokio::time::timeout_at(deadline, flight::wait(rx)).await {
                             Ok(Shared::Fresh(entry)) if fits(&entry) => return hit(&entry),
                             Ok(Shared::Stale(entry)) if fits(&entry) => {
                                 let answer = entry_response(&entry, Verdict::Stale);
                                 return Lookup::Answer(answer, Verdict::Stale);
                             }
+                            // The leader's answer may predate a write: join
+                            // again (one new fetch for the twins), within
+                            // the same lock_timeout.
+                            Ok(Shared::Retry) => {}
                             // Nothing to share, a variant for other request
                             // headers, or a fill slower than lock_timeout (a
                             // stalled backend must not hold every twin): go
                             // upstream alone.
-                            Ok(_) | Err(_) => {}
+                            Ok(_) | Err(_) => break,
                         }
                     }
                 }
@@ -516,7 +631,11 @@ impl Caches {
         }
         // Going upstream: what a write accepted from now on does to the
         // store, this miss must not undo (see `Slot::overtaken`).
-        let writes = rc.writes.load(Ordering::SeqCst);
+        let writes = rc.writes.of(&key);
+        if before.is_some_and(|before| before != writes) {
+            // Removed by a write since it was read.
+            stale = None;
+        }
         Lookup::Forward(CacheState {
             verdict: Some(verdict),
             slot: Some(Slot {
@@ -549,7 +668,7 @@ impl Caches {
             return;
         }
         if let Some(invalidation) = self.invalidation(config, route, target) {
-            invalidation.run(route.name()).await;
+            invalidation.run().await;
         }
     }
 
@@ -572,8 +691,15 @@ impl Caches {
         if keys.is_empty() {
             return None;
         }
+        let name = route.name().to_owned();
         let (route, store) = self.stores(config, &route.config);
-        Some(Invalidation { keys, route, store })
+        Some(Invalidation {
+            keys,
+            route,
+            store,
+            name,
+            sent: false,
+        })
     }
 
     /// The route's memory cache (its in-flight map) and the store its
@@ -620,11 +746,16 @@ impl Caches {
         if let Some(rc) = current(&map) {
             return rc;
         }
-        // New route, or a new bound: a new (empty) store for it.
+        // New route, or a new bound: a new (empty) store for it. The write
+        // counts go on: misses in flight (to Redis) still compare them.
+        let writes = map
+            .get(&route.name)
+            .map(|rc| rc.writes.clone())
+            .unwrap_or_default();
         let rc = Arc::new(RouteCache {
             memory: MemoryStore::new(max_bytes),
             flights: Flights::default(),
-            writes: AtomicU64::new(0),
+            writes,
         });
         let mut next = (*map).clone();
         next.insert(route.name.clone(), rc.clone());
@@ -670,11 +801,14 @@ fn entry_response(entry: &Entry, verdict: Verdict) -> Response<ResponseBody> {
     let mut response = Response::new(Either::Right(Full::new(entry.body.clone())));
     *response.status_mut() = entry.status;
     *response.headers_mut() = entry.headers.clone();
-    response
-        .headers_mut()
-        .insert(AGE, HeaderValue::from(entry.age().as_secs()));
+    // RFC 9111 §1.2.2: an age past 2^31 seconds is sent as 2^31.
+    let age = entry.age().as_secs().min(MAX_AGE_SECS);
+    response.headers_mut().insert(AGE, HeaderValue::from(age));
     mark(response, verdict)
 }
+
+/// The largest `Age` sent (RFC 9111 §1.2.2).
+const MAX_AGE_SECS: u64 = 2_147_483_648;
 
 fn mark(mut response: Response<ResponseBody>, verdict: Verdict) -> Response<ResponseBody> {
     response.headers_mut().insert(X_CACHE, verdict.header());
@@ -724,4 +858,54 @@ async fn read_bounded(mut body: UpstreamBody, limit: usize) -> Bounded {
             all.freeze()
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::StatusCode;
+
+    #[test]
+    fn an_age_past_two_to_the_31_seconds_is_served_as_that() {
+        // (the backend's Age when stored, the Age served)
+        let cases = [
+            (5, 5_u64),
+            (2_147_483_648, 2_147_483_648),
+            (u64::MAX / 2, 2_147_483_648),
+        ];
+        for (backend, served) in cases {
+            let mut entry = Entry::new(StatusCode::OK, HeaderMap::new(), Bytes::new());
+            entry.age_at_store = Duration::from_secs(backend);
+            let response = entry_response(&entry, Verdict::Hit);
+            assert_eq!(response.headers()[AGE], served.to_string(), "{backend}");
+        }
+    }
+
+    #[test]
+    fn keys_spread_over_the_write_stripes() {
+        let stripes = WriteStripes::default();
+        let key = |path: &str| {
+            KeyHead::new(&KeyInput {
+                route: "r",
+                scheme: "http",
+                host: Some(b"api.example"),
+                method: &Method::GET,
+                path,
+                query: None,
+                headers: &HeaderMap::new(),
+                strategy: crate::config::HeaderStrategy::None,
+                listed: &[],
+            })
+            .finish(b"")
+        };
+        let written = key("/a");
+        stripes.wrote(&[written]);
+        assert_eq!(stripes.of(&written), 1);
+        // Of many other keys, about one in WRITE_STRIPES shares its count.
+        let shared = (0..10_000)
+            .map(|i| key(&format!("/other/{i}")))
+            .filter(|k| stripes.of(k) != 0)
+            .count();
+        assert!(shared < 40, "{shared} of 10000 keys overtaken");
+    }
 }

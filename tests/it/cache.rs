@@ -457,8 +457,8 @@ async fn a_read_in_flight_during_a_write_neither_stores_nor_shares_its_older_ans
     let bs = Backstop::start(&route("r", "/", &backend.url(), ""));
     let first = tokio::spawn(get_at_once(bs.url("/doc"), 1));
     backend.wait_for_hits(1, Duration::from_secs(5)).await;
-    // A twin that waits for the first read's answer.
-    let twin = tokio::spawn(get_at_once(bs.url("/doc"), 1));
+    // Twins that wait for the first read's answer.
+    let twins = tokio::spawn(get_at_once(bs.url("/doc"), 3));
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(send("PUT", bs.url("/doc"), &[]).await.0, 200);
     // A read after the write fetches anew rather than wait for the old read.
@@ -474,13 +474,65 @@ async fn a_read_in_flight_during_a_write_neither_stores_nor_shares_its_older_ans
         started.elapsed()
     );
     // The read that raced the write answers its own client with what it got,
-    // but hands it to no one: the twin asked the backend itself.
+    // but hands it to no one: the twins looked again and found the newer
+    // answer, rather than each asking the backend.
     assert_eq!(first.await.unwrap()[0].body, "v1");
-    let twin = &twin.await.unwrap()[0];
-    assert_eq!((twin.x_cache.as_str(), twin.body.as_str()), ("MISS", "v2"));
+    for twin in twins.await.unwrap() {
+        assert_eq!((twin.x_cache.as_str(), twin.body.as_str()), ("HIT", "v2"));
+    }
+    assert_eq!(backend.hits(), 3, "GET, PUT, GET: the twins went nowhere");
     // Nor was it stored over the newer answer.
     let later = get(&bs.url("/doc")).await;
     assert_eq!((later.x_cache.as_str(), later.body.as_str()), ("HIT", "v2"));
+}
+
+/// A GET of `url` with `Host: api.example`: one host, so that the keys
+/// (and which of them share a write count) are the same in every run.
+async fn get_at_site(url: String) -> Got {
+    let req = client().get(url).header("host", "api.example");
+    got(req.send().await.unwrap()).await
+}
+
+#[tokio::test]
+async fn a_write_leaves_the_reads_in_flight_of_other_uris_stored_and_shared() {
+    let reads = Arc::new(AtomicUsize::new(0));
+    let backend = Backend::start(move |seen| {
+        if seen.method != "GET" {
+            return Reply::ok("updated");
+        }
+        let i = reads.fetch_add(1, Ordering::SeqCst) + 1;
+        Reply::ok(&format!("read {i}")).delay(Duration::from_millis(800))
+    })
+    .await;
+    let bs = Backstop::start(&route("r", "/", &backend.url(), ""));
+    let first = tokio::spawn(get_at_site(bs.url("/b")));
+    backend.wait_for_hits(1, Duration::from_secs(5)).await;
+    let twins: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(get_at_site(bs.url("/b"))))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A write to another URI of the route while /b is upstream.
+    let write = send("PUT", bs.url("/a"), &[("host", "api.example")]).await;
+    assert_eq!(write, (200, "BYPASS".to_string()));
+    let first = first.await.unwrap();
+    assert_eq!(
+        (first.x_cache.as_str(), first.body.as_str()),
+        ("MISS", "read 1")
+    );
+    for twin in twins {
+        let twin = twin.await.unwrap();
+        assert_eq!(
+            (twin.x_cache.as_str(), twin.body.as_str()),
+            ("HIT", "read 1"),
+            "shared with the twins"
+        );
+    }
+    let later = get_at_site(bs.url("/b")).await;
+    assert_eq!(
+        (later.x_cache.as_str(), later.body.as_str()),
+        ("HIT", "read 1")
+    );
+    assert_eq!(backend.hits(), 2, "one GET of /b, the PUT of /a");
 }
 
 #[tokio::test]
@@ -919,6 +971,39 @@ async fn a_stale_entry_is_served_when_the_backend_is_down() {
 }
 
 #[tokio::test]
+async fn a_stale_entry_a_write_removed_while_its_reader_waited_is_not_served() {
+    let gets = Arc::new(AtomicUsize::new(0));
+    let backend = Backend::start(move |seen| {
+        if seen.method == "PUT" {
+            return Reply::ok("updated");
+        }
+        match gets.fetch_add(1, Ordering::SeqCst) {
+            0 => Reply::ok("v1"),
+            // The fill the second reader waits for: slow, and failing.
+            1 => Reply::status(503).delay(Duration::from_millis(1000)),
+            _ => Reply::status(503),
+        }
+    })
+    .await;
+    let cache = "ttl = \"1s\"\nstale_if_error = \"60s\"\nlock_timeout = \"500ms\"";
+    let bs = Backstop::start(&route("r", "/", &backend.url(), cache));
+    assert_eq!(get(&bs.url("/d")).await.x_cache, "MISS");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let leader = tokio::spawn(get_at_once(bs.url("/d"), 1));
+    backend.wait_for_hits(2, Duration::from_secs(5)).await;
+    // Reads the stale entry, then waits for the leader (500 ms at most).
+    let waiter = tokio::spawn(get_at_once(bs.url("/d"), 1));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(send("PUT", bs.url("/d"), &[]).await.0, 200);
+    // The waiter gives up on the leader, goes upstream, fails: the entry it
+    // read is gone, so it is no answer any more.
+    let waiter = &waiter.await.unwrap()[0];
+    assert_ne!(waiter.x_cache, "STALE", "{}", waiter.body);
+    assert_eq!(waiter.status, 503);
+    assert_ne!(leader.await.unwrap()[0].x_cache, "STALE");
+}
+
+#[tokio::test]
 async fn a_stale_entry_is_served_when_the_backend_answers_503() {
     let backend = Backend::scripted(vec![
         Reply::ok("good"),
@@ -1290,6 +1375,44 @@ async fn a_write_whose_client_goes_away_still_invalidates() {
 }
 
 #[tokio::test]
+async fn a_write_whose_client_goes_away_while_it_is_upstream_still_invalidates() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let backend = Backend::start(move |seen| {
+        let i = n.fetch_add(1, Ordering::SeqCst) + 1;
+        let reply = Reply::ok(&format!("n={i}"));
+        if seen.method == "PUT" {
+            // Applied, maybe, but answered after the client gave up.
+            reply.delay(Duration::from_millis(1000))
+        } else {
+            reply
+        }
+    })
+    .await;
+    let bs = Backstop::start(&route("r", "/", &backend.url(), ""));
+    // The entry is named by the address: the host an HTTP/2 client sends
+    // (`:authority`) and an HTTP/1 client's `Host` alike.
+    assert_eq!(get(&bs.url("/items/1")).await.x_cache, "MISS");
+    assert_eq!(get(&bs.url("/items/1")).await.x_cache, "HIT");
+    // An HTTP/2 client that gives up resets its stream, which drops its
+    // request while the PUT is upstream.
+    let impatient = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let put = impatient.put(bs.url("/items/1")).body("{}").send().await;
+    assert!(put.is_err(), "the client gave up before the answer");
+    backend.wait_for_hits(2, Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = get(&bs.url("/items/1")).await;
+    assert_eq!(
+        after.x_cache, "MISS",
+        "the write's outcome is unknown: removed"
+    );
+}
+
+#[tokio::test]
 async fn an_entry_stored_in_an_older_format_is_a_clean_miss() {
     let prefix = prefix("format");
     let backend = counting_backend(vec![]).await;
@@ -1421,6 +1544,128 @@ async fn traffic_flows_when_redis_dies_and_the_cache_returns_with_it() {
         assert!(Instant::now() < deadline, "cache never came back");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Every command `redis` receives from now on, as `MONITOR` shows them.
+async fn monitor(redis: &OwnRedis) -> Arc<std::sync::Mutex<String>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", redis.port))
+        .await
+        .unwrap();
+    conn.write_all(b"MONITOR\r\n").await.unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(String::new()));
+    let log = seen.clone();
+    let mut first = [0u8; 5];
+    conn.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"+OK\r\n", "monitoring");
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 8192];
+        while let Ok(n) = conn.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+            log.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    seen
+}
+
+/// A raw HTTP/1.1 backend: a GET is answered with its head and half its
+/// body at once, the other half `pause` later; any other method with 200.
+async fn trickling_backend(pause: Duration) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut head = Vec::new();
+                loop {
+                    let Ok(n) = stream.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                    let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let text = String::from_utf8_lossy(&head[..end]).to_ascii_lowercase();
+                    let length = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                    // The request's body, if any, is read before answering.
+                    while head.len() < end + 4 + length {
+                        let Ok(n) = stream.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        head.extend_from_slice(&buf[..n]);
+                    }
+                    let get = text.starts_with("get ");
+                    head.clear();
+                    if !get {
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\nupdated";
+                        if stream.write_all(ok).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    let start = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nolder";
+                    if stream.write_all(start).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(pause).await;
+                    if stream.write_all(b" body").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_write_while_a_reads_body_comes_keeps_it_from_being_stored_at_all() {
+    let redis = OwnRedis::start();
+    let commands = monitor(&redis).await;
+    let backend = trickling_backend(Duration::from_millis(800)).await;
+    let config = format!(
+        "{}{}",
+        redis_section(&redis.url(), "bs:"),
+        route("r", "/", &format!("http://{backend}"), "store = \"redis\"")
+    );
+    let bs = Backstop::start(&config);
+    let read = tokio::spawn(get_at_once(bs.url("/doc"), 1));
+    // The read's head is here, its body on its way: the write comes now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        send("PUT", bs.url("/doc"), &[]).await,
+        (200, "BYPASS".to_string())
+    );
+    let read = &read.await.unwrap()[0];
+    assert_eq!(
+        (read.x_cache.as_str(), read.body.as_str()),
+        ("MISS", "older body")
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let commands = commands.lock().unwrap().clone();
+    assert!(
+        commands.contains("\"UNLINK\""),
+        "the write's removal: {commands}"
+    );
+    // Not stored then removed again: other instances could have served it
+    // in between, and a failed removal would have left it for its ttl.
+    assert!(!commands.contains("\"SET\""), "stored: {commands}");
+    assert_eq!(get(&bs.url("/doc")).await.x_cache, "MISS");
 }
 
 #[tokio::test]
