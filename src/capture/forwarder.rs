@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::join_all;
 use tokio_util::sync::CancellationToken;
 
 use super::kafka_sink::{KafkaSink, Outbound};
@@ -42,31 +43,43 @@ pub async fn run(spool: Arc<Spool>, sink: Arc<KafkaSink>, shutdown: Cancellation
     }
 }
 
-/// Forwards up to one batch; returns how many went to Kafka.
+/// Forwards up to one batch; returns how many went to Kafka. The batch's
+/// sends are in flight together (queued in order: the idempotent producer
+/// keeps that order per partition) and the forwarded records leave the
+/// spool in one commit: one at a time, each a round trip to Kafka and an
+/// fsync, a few hundred a second could not keep up with captures that
+/// queue behind the backlog.
 async fn forward_batch(spool: &Arc<Spool>, sink: &KafkaSink) -> Result<usize, String> {
     let reader = spool.clone();
     let rows = tokio::task::spawn_blocking(move || reader.queued(Destination::Kafka, BATCH))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    let mut sent = 0;
-    for row in rows {
-        // The reason header comes from the record; an unreadable record is
-        // forwarded as it is and dead-lettered by the consumer.
-        let reason = CaptureRecord::from_json(&row.record)
-            .map(|r| r.reason)
-            .unwrap_or_default();
+    // The reason header comes from the record; an unreadable record is
+    // forwarded as it is and dead-lettered by the consumer.
+    let reasons: Vec<String> = rows
+        .iter()
+        .map(|row| {
+            CaptureRecord::from_json(&row.record)
+                .map(|r| r.reason)
+                .unwrap_or_default()
+        })
+        .collect();
+    let sends = rows.iter().zip(&reasons).map(|(row, reason)| async move {
         let outbound = Outbound {
             id: &row.id,
             route: &row.route,
-            reason: &reason,
+            reason,
             payload: &row.record,
         };
-        match sink.send(&outbound).await {
-            Ok(()) => {
-                spool.delete(&row.id).await.map_err(|e| e.to_string())?;
-                sent += 1;
-            }
+        sink.send(&outbound).await
+    });
+    let results = join_all(sends).await;
+    let mut forwarded = Vec::new();
+    let mut failed = None;
+    for (row, result) in rows.iter().zip(results) {
+        match result {
+            Ok(()) => forwarded.push(spool.delete(&row.id)),
             // One record Kafka will never take must not hold up the ones
             // behind it: it is replayed from the spool instead.
             Err(e) if e.refused => {
@@ -76,8 +89,17 @@ async fn forward_batch(spool: &Arc<Spool>, sink: &KafkaSink) -> Result<usize, St
                     .await
                     .map_err(|e| e.to_string())?;
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
         }
     }
-    Ok(sent)
+    let sent = forwarded.len();
+    for deleted in join_all(forwarded).await {
+        deleted.map_err(|e| e.to_string())?;
+    }
+    match failed {
+        Some(e) => Err(e.into()),
+        None => Ok(sent),
+    }
 }
