@@ -911,17 +911,19 @@ upstreams = [{upstream:?}]
     )
 }
 
+/// A Redis key prefix no other test run uses.
+fn unique_prefix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("backstop-test-{}-{nanos}:", std::process::id())
+}
+
 #[tokio::test]
 async fn a_shared_rate_limit_holds_across_two_instances() {
     let backend = Backend::start(|_| Reply::ok("ok")).await;
-    let prefix = format!(
-        "backstop-test-{}-{}:",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    );
+    let prefix = unique_prefix();
     let toml = shared_limit_config(&backend.url(), "redis://127.0.0.1:6379", &prefix);
     let (one, two) = (Backstop::start(&toml), Backstop::start(&toml));
     let mut statuses = Vec::new();
@@ -947,14 +949,7 @@ async fn a_shared_rate_limit_holds_across_two_instances() {
 #[tokio::test]
 async fn a_shared_rate_limit_keyed_on_a_header_keeps_the_value_out_of_redis() {
     let backend = Backend::start(|_| Reply::ok("ok")).await;
-    let prefix = format!(
-        "backstop-test-{}-{}:",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    );
+    let prefix = unique_prefix();
     let toml = shared_limit_config(&backend.url(), "redis://127.0.0.1:6379", &prefix).replace(
         "shared = true",
         "shared = true\n  key = \"header:X-API-Key\"",
