@@ -184,25 +184,42 @@ impl Extra {
     /// give; moves the timer on (when a frame came since it was set) and
     /// leaves it to wake the body to check again.
     fn has_stalled(self: Pin<&mut Self>, limit: Duration, cx: &mut Context<'_>) -> bool {
-        let mut this = self.project();
-        while this.timer.as_mut().poll(cx).is_ready() {
-            if !*this.progressed {
-                tracing::warn!(
-                    ?limit,
-                    "the backend left its answer's body waiting too long; cutting it"
-                );
-                *this.stalled = true;
-                // Its connection is to be dropped: no turn to hold.
-                *this.slot = None;
-                return true;
-            }
-            *this.progressed = false;
-            this.timer
-                .as_mut()
-                .reset(tokio::time::Instant::now() + limit);
+        let this = self.project();
+        if !stalled(this.timer, this.progressed, limit, cx) {
+            return false;
         }
-        false
+        tracing::warn!(
+            ?limit,
+            "the backend left its answer's body waiting too long; cutting it"
+        );
+        *this.stalled = true;
+        // Its connection is to be dropped: no turn to hold.
+        *this.slot = None;
+        true
     }
+}
+
+/// The stall rule of a body that waits (the backend's answer, a client's
+/// upload): called when the body has nothing to give, with the `timer` set
+/// one `limit` after it first had to wait. When the timer fires, the body
+/// has stalled if no frame came since (`progressed`); else the timer moves
+/// on a `limit` and `progressed` is cleared. A body that keeps flowing thus
+/// costs a flag per frame, not a clock reading and a timer update, and a
+/// stall is noticed between one and two limits after the last byte.
+pub(crate) fn stalled(
+    mut timer: Pin<&mut tokio::time::Sleep>,
+    progressed: &mut bool,
+    limit: Duration,
+    cx: &mut Context<'_>,
+) -> bool {
+    while timer.as_mut().poll(cx).is_ready() {
+        if !*progressed {
+            return true;
+        }
+        *progressed = false;
+        timer.as_mut().reset(tokio::time::Instant::now() + limit);
+    }
+    false
 }
 
 /// An error of a body read from a backend.

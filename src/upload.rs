@@ -121,9 +121,8 @@ pin_project_lite::pin_project! {
         incoming: ClientIncoming,
         progress: Arc<UploadProgress>,
         stall_limit: Duration,
-        // Set when the body first waits for the client; moved on only if a
-        // frame came meanwhile (as `UpstreamBody`'s: a stall is noticed
-        // between one and two limits after the last byte).
+        // Set when the body first waits for the client; see
+        // `body::stalled`.
         timer: Option<Pin<Box<tokio::time::Sleep>>>,
         progressed: bool,
     }
@@ -173,13 +172,9 @@ impl Body for Upload {
                 let timer = this
                     .timer
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-                while timer.as_mut().poll(cx).is_ready() {
-                    if !*this.progressed {
-                        this.progress.stamp(STALLED);
-                        return Poll::Ready(Some(Err(Box::new(UploadStalled(limit)))));
-                    }
-                    *this.progressed = false;
-                    timer.as_mut().reset(tokio::time::Instant::now() + limit);
+                if crate::body::stalled(timer.as_mut(), this.progressed, limit, cx) {
+                    this.progress.stamp(STALLED);
+                    return Poll::Ready(Some(Err(Box::new(UploadStalled(limit)))));
                 }
                 Poll::Pending
             }
