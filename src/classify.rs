@@ -44,6 +44,14 @@ pub enum Failure {
     /// `request_timeout`; its reason (metrics, logs) is
     /// `client_body_timeout`, nginx's name for the limit.
     ClientStalled,
+    /// The outbound proxy the attempt went through could not be reached,
+    /// or refused the request or its tunnel for a reason of its own (its
+    /// credentials, its own error): the target was never tried. The proxy
+    /// is skipped for a while, not the target; retried as a refused
+    /// connection (another proxy may do), captured, and nothing for the
+    /// breaker, which guards the backend. A proxy that says the target is
+    /// down (a `CONNECT` answered 502, 503 or 504) is the target's failure.
+    ProxyFailed,
     /// The route's circuit is open: the backend was not called.
     CircuitOpen,
     /// Every connection the route may have open to the target
@@ -109,6 +117,7 @@ impl Failure {
                 | Failure::ConnectTimeout
                 | Failure::Dns
                 | Failure::ConnectFailed
+                | Failure::ProxyFailed
                 | Failure::CircuitOpen
                 | Failure::Saturated
         )
@@ -117,14 +126,20 @@ impl Failure {
     /// Whether the target itself failed to take a connection, so that it
     /// is skipped for a while.
     pub fn ejects_target(self) -> bool {
-        self.before_send() && !matches!(self, Failure::CircuitOpen | Failure::Saturated)
+        self.before_send()
+            && !matches!(
+                self,
+                Failure::CircuitOpen | Failure::Saturated | Failure::ProxyFailed
+            )
     }
 
     /// Whether the route's retry policy retries this failure.
     pub fn is_retryable(self, retry: &RetryConfig) -> bool {
         let kind = match self {
             Failure::Status(code) => return retry.retry_on_status.contains(&code),
-            Failure::ConnectRefused | Failure::ConnectFailed => RetryableError::ConnectionRefused,
+            Failure::ConnectRefused | Failure::ConnectFailed | Failure::ProxyFailed => {
+                RetryableError::ConnectionRefused
+            }
             Failure::ConnectTimeout | Failure::Timeout => RetryableError::Timeout,
             Failure::Dns => RetryableError::Dns,
             Failure::Reset => RetryableError::ConnectionReset,
@@ -161,6 +176,7 @@ impl Failure {
             Failure::CircuitOpen
             | Failure::InvalidResponse
             | Failure::Saturated
+            | Failure::ProxyFailed
             | Failure::ClientBody
             | Failure::ClientStalled => None,
             _ => Some(true),
@@ -174,6 +190,7 @@ impl Failure {
             Failure::ConnectTimeout => "connect_timeout".into(),
             Failure::Dns => "dns".into(),
             Failure::ConnectFailed => "connect_failed".into(),
+            Failure::ProxyFailed => "proxy_failed".into(),
             Failure::Reset => "connection_reset".into(),
             Failure::Timeout => "timeout".into(),
             Failure::InvalidResponse => "invalid_response".into(),

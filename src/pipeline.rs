@@ -610,9 +610,7 @@ async fn forward(
                 Some(failure) => (failure, Some(response)),
             },
             Err(failure) => {
-                if failure.ejects_target() {
-                    route.upstream.eject(via, index);
-                }
+                route.upstream.eject(failure, via, index);
                 (failure, None)
             }
         };

@@ -428,11 +428,19 @@ impl ServerConfig {
             (None, Some(_)) => s.error("tls_cert", "required when tls_key is set"),
             _ => {}
         }
+        let mut files_exist = true;
         for (k, path) in [("tls_cert", &tls_cert), ("tls_key", &tls_key)] {
             if let Some(p) = path {
                 if !p.is_file() {
                     s.error(k, format!("file {} does not exist", p.display()));
+                    files_exist = false;
                 }
+            }
+        }
+        // Read them as `run` will, so that `check` finds what `run` would.
+        if let (Some(cert), Some(key), true) = (&tls_cert, &tls_key, files_exist) {
+            if let Err((k, message)) = crate::server::tls::server_config(cert, key) {
+                s.error(k, message);
             }
         }
         let admin_token: Option<String> = s.opt("admin_token");
@@ -767,6 +775,10 @@ impl RouteConfig {
                     "tls_ca_file",
                     format!("file {} does not exist", path.display()),
                 );
+            } else if let Err(message) = crate::upstream::tls::ca_roots(path) {
+                // Read as building the route will, so that `check` lists it
+                // with the file's other errors.
+                s.error("tls_ca_file", message);
             }
         }
         let config = RouteConfig {

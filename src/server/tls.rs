@@ -10,24 +10,33 @@ use rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 
 pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+    server_config(cert, key)
+        .map(|config| TlsAcceptor::from(Arc::new(config)))
+        .map_err(|(field, message)| format!("server.{field}: {message}"))
+}
+
+/// The listener's TLS configuration, or the `[server]` key at fault and
+/// why. Config validation calls this too, so that `backstop check` finds a
+/// file that is no PEM or a key that does not match its certificate.
+pub fn server_config(cert: &Path, key: &Path) -> Result<ServerConfig, (&'static str, String)> {
     let certs = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("server.tls_cert {}: {e}", cert.display()))?;
+        .map_err(|e| ("tls_cert", format!("{}: {e}", cert.display())))?;
     if certs.is_empty() {
-        return Err(format!(
-            "server.tls_cert {}: no certificate found",
-            cert.display()
+        return Err((
+            "tls_cert",
+            format!("no certificate found in {}", cert.display()),
         ));
     }
     let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("server.tls_key {}: {e}", key.display()))?;
+        .map_err(|e| ("tls_key", format!("{}: {e}", key.display())))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup: {e}"))?
+        .map_err(|e| ("tls_cert", format!("TLS setup: {e}")))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| format!("server.tls_key: does not match the certificate: {e}"))?;
+        .map_err(|e| ("tls_key", format!("does not match the certificate: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok(config)
 }

@@ -159,12 +159,13 @@ impl Upstream {
         self.send(index, request, None, deadline).await
     }
 
-    /// After an attempt that never reached the backend: skip for a while
-    /// the proxy it went through, or else the target itself.
-    pub fn eject(&self, via: Via, target: usize) {
-        match (via, &self.proxies) {
-            (Via::Proxy(index), Some(pool)) => pool.eject(index),
-            _ => self.balancer.eject(target),
+    /// After a failed attempt: skip for a while whichever could not be
+    /// reached, the outbound proxy it went through or the target.
+    pub fn eject(&self, failure: Failure, via: Via, target: usize) {
+        match (failure, via, &self.proxies) {
+            (Failure::ProxyFailed, Via::Proxy(index), Some(pool)) => pool.eject(index),
+            _ if failure.ejects_target() => self.balancer.eject(target),
+            _ => {}
         }
     }
 

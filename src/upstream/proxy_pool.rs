@@ -174,7 +174,11 @@ impl ProxyPool {
         match upload::answer_by(proxy.client.request(request), deadline, upload.as_deref()).await {
             Some(Ok(response)) => Ok(response),
             Some(Err(e)) => {
-                let failure = upload::blame(upload.as_deref(), Failure::from_client_error(&e));
+                let failure = if e.is_connect() && proxy_at_fault(&e) {
+                    Failure::ProxyFailed
+                } else {
+                    upload::blame(upload.as_deref(), Failure::from_client_error(&e))
+                };
                 tracing::debug!(proxy = %proxy.name, error = %ErrorChain(&e), ?failure, "attempt through proxy failed");
                 Err(failure)
             }
@@ -255,10 +259,14 @@ impl tower_service::Service<Uri> for ProxyConnector {
             let connect = TcpStream::connect((this.host.as_str(), this.port));
             let mut stream = tokio::time::timeout(this.connect_timeout, connect)
                 .await
-                .map_err(|_| {
-                    io::Error::new(io::ErrorKind::TimedOut, "proxy connect timed out")
-                })??;
-            stream.set_nodelay(true)?;
+                .unwrap_or_else(|_| {
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "proxy connect timed out",
+                    ))
+                })
+                .map_err(ProxyUnavailable)?;
+            stream.set_nodelay(true).map_err(ProxyUnavailable)?;
             if dst.scheme_str() != Some("https") {
                 return Ok(ProxyStream {
                     io: TokioIo::new(stream),
@@ -274,6 +282,9 @@ impl tower_service::Service<Uri> for ProxyConnector {
             } else {
                 format!("{host}:{port}")
             };
+            // A proxy that took the connection but not yet answered the
+            // CONNECT is most likely still trying the target: its time out
+            // is the target's, as a connect that timed out.
             tokio::time::timeout(
                 this.connect_timeout,
                 tunnel(&mut stream, &target, this.auth.as_ref()),
@@ -288,12 +299,35 @@ impl tower_service::Service<Uri> for ProxyConnector {
     }
 }
 
+/// An error of the outbound proxy itself, not of the target behind it: the
+/// proxy could not be reached, broke the connection or refused the tunnel
+/// for its own reasons. Found in the client's error chain, it makes the
+/// attempt's failure [`Failure::ProxyFailed`].
+#[derive(Debug)]
+struct ProxyUnavailable(io::Error);
+
+impl std::fmt::Display for ProxyUnavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("outbound proxy failed")
+    }
+}
+
+impl std::error::Error for ProxyUnavailable {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+fn proxy_at_fault(err: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(err), |e| e.source()).any(|e| e.is::<ProxyUnavailable>())
+}
+
 /// Asks the proxy for a tunnel to `target` and reads its answer head.
 async fn tunnel(
     stream: &mut TcpStream,
     target: &str,
     auth: Option<&HeaderValue>,
-) -> io::Result<()> {
+) -> Result<(), BoxError> {
     let mut head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n").into_bytes();
     if let Some(auth) = auth {
         head.extend_from_slice(b"Proxy-Authorization: ");
@@ -301,15 +335,16 @@ async fn tunnel(
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(b"\r\n");
-    stream.write_all(&head).await?;
+    stream.write_all(&head).await.map_err(ProxyUnavailable)?;
     // Read byte-wise up to the blank line: anything after it belongs to
     // the tunnel (the TLS handshake), so nothing may be read past it.
     let mut answer = Vec::with_capacity(256);
     while !answer.ends_with(b"\r\n\r\n") {
         if answer.len() >= MAX_CONNECT_HEAD {
-            return Err(io::Error::other("proxy CONNECT answer too long"));
+            let too_long = io::Error::other("proxy CONNECT answer too long");
+            return Err(ProxyUnavailable(too_long).into());
         }
-        let byte = stream.read_u8().await?;
+        let byte = stream.read_u8().await.map_err(ProxyUnavailable)?;
         answer.push(byte);
     }
     let status_line = answer.split(|&b| b == b'\n').next().unwrap_or_default();
@@ -317,13 +352,21 @@ async fn tunnel(
         .ok()
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse::<u16>().ok());
-    match status {
-        Some(200..=299) => Ok(()),
-        Some(code) => Err(io::Error::other(format!(
-            "proxy refused CONNECT with {code}"
-        ))),
-        None => Err(io::Error::other("proxy sent an invalid CONNECT answer")),
-    }
+    // 502, 503 and 504 are how proxies (Squid, tinyproxy, Envoy) say the
+    // target refused, could not be resolved or did not answer: the target
+    // is down, not the proxy.
+    let target_down =
+        |kind, code| io::Error::new(kind, format!("proxy could not reach the target: {code}"));
+    let refusal = match status {
+        Some(200..=299) => return Ok(()),
+        Some(code @ (502 | 503)) => {
+            return Err(target_down(io::ErrorKind::ConnectionRefused, code).into())
+        }
+        Some(code @ 504) => return Err(target_down(io::ErrorKind::TimedOut, code).into()),
+        Some(code) => io::Error::other(format!("proxy refused CONNECT with {code}")),
+        None => io::Error::other("proxy sent an invalid CONNECT answer"),
+    };
+    Err(ProxyUnavailable(refusal).into())
 }
 
 /// A connection to a proxy: plain (absolute-form requests) or a tunnel.

@@ -26,27 +26,36 @@ pub fn client_config(ca_file: Option<&Path>, verify: bool) -> Result<ClientConfi
             .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
             .with_no_client_auth()
     } else {
-        let mut roots = RootCertStore::empty();
-        match ca_file {
-            Some(path) => {
-                let certs = CertificateDer::pem_file_iter(path)
-                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| format!("invalid PEM in {}: {e}", path.display()))?;
-                if certs.is_empty() {
-                    return Err(format!("no certificate found in {}", path.display()));
-                }
-                for cert in certs {
-                    roots.add(cert).map_err(|e| {
-                        format!("invalid CA certificate in {}: {e}", path.display())
-                    })?;
-                }
+        let roots = match ca_file {
+            Some(path) => ca_roots(path)?,
+            None => {
+                let mut roots = RootCertStore::empty();
+                roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+                roots
             }
-            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-        }
+        };
         builder.with_root_certificates(roots).with_no_client_auth()
     };
     Ok(config)
+}
+
+/// The CA certificates of a route's `tls_ca_file`. Config validation calls
+/// this too, so that `backstop check` finds a file that is no PEM.
+pub fn ca_roots(path: &Path) -> Result<RootCertStore, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("invalid PEM in {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("no certificate found in {}", path.display()));
+    }
+    let mut roots = RootCertStore::empty();
+    for cert in certs {
+        roots
+            .add(cert)
+            .map_err(|e| format!("invalid CA certificate in {}: {e}", path.display()))?;
+    }
+    Ok(roots)
 }
 
 /// Accepts any certificate: only for routes that set `tls_verify = false`.

@@ -222,6 +222,68 @@ fn invalid_files_list_every_error_with_its_key() {
     }
 }
 
+/// The contents of the TLS files are read by `check`, as `run` reads them,
+/// and listed with the file's other errors: a CA file or certificate that
+/// is no PEM, a key that does not match its certificate.
+#[test]
+fn tls_files_are_read_and_listed_with_the_other_errors() {
+    let pki = crate::tls::make_pki();
+    let other = crate::tls::make_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let junk = write("junk.pem", "not a certificate\n");
+    let cert = write("cert.pem", &pki.cert_pem);
+    let key = write("key.pem", &pki.key_pem);
+    let wrong_key = write("other-key.pem", &other.key_pem);
+    let cases: Vec<(String, Vec<String>)> = vec![
+        (
+            format!("[server]\nlisten = 8080\n{ROUTE}tls_ca_file = {junk:?}\n"),
+            vec![
+                "FILE: server.listen: invalid type: integer `8080`, expected a string".into(),
+                format!("FILE: routes[0].tls_ca_file: no certificate found in {junk}"),
+            ],
+        ),
+        (
+            format!("[server]\ntls_cert = {junk:?}\ntls_key = {key:?}\n{ROUTE}"),
+            vec![format!(
+                "FILE: server.tls_cert: no certificate found in {junk}"
+            )],
+        ),
+        (
+            format!("[server]\ntls_cert = {cert:?}\ntls_key = {junk:?}\n{ROUTE}"),
+            vec![format!("FILE: server.tls_key: {junk}: ")],
+        ),
+        (
+            format!("[server]\ntls_cert = {cert:?}\ntls_key = {wrong_key:?}\n{ROUTE}"),
+            vec!["FILE: server.tls_key: does not match the certificate: ".into()],
+        ),
+    ];
+    for (toml, expected) in cases {
+        let (code, _, stderr) = check(&toml);
+        assert_eq!(code, 2, "exit code for:\n{toml}\n{stderr}");
+        for line in &expected {
+            assert!(
+                stderr.contains(line.as_str()),
+                "missing {line:?} for:\n{toml}\ngot:\n{stderr}"
+            );
+        }
+        let listed = stderr.lines().filter(|l| l.starts_with("FILE: ")).count();
+        assert_eq!(
+            listed,
+            expected.len(),
+            "error count for:\n{toml}\ngot:\n{stderr}"
+        );
+    }
+    // The same files, matched, pass.
+    let toml = format!("[server]\ntls_cert = {cert:?}\ntls_key = {key:?}\n{ROUTE}");
+    let (code, stdout, stderr) = check(&toml);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+}
+
 /// `[otlp] enabled = true` needs a build with the exporter; the rest of
 /// the section is checked the same way in every build.
 #[test]

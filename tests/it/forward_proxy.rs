@@ -1,6 +1,6 @@
 //! A tiny HTTP forward proxy for tests: absolute-form requests are forwarded
 //! (with `Via: <name>` added, so a backend can tell they came through), and
-//! `CONNECT` opens a raw tunnel. It records what it saw, including the
+//! `CONNECT` opens a raw tunnel (503 when the target cannot be reached). It records what it saw, including the
 //! `Proxy-Authorization` header.
 
 use std::convert::Infallible;
@@ -106,11 +106,12 @@ async fn handle(
         let Some(target) = req.uri().authority().map(|a| a.to_string()) else {
             return empty(400);
         };
+        // As Squid does: the target first, and 503 when it cannot be reached.
+        let Ok(mut server) = TcpStream::connect(target).await else {
+            return empty(503);
+        };
         tokio::spawn(async move {
             let Ok(upgraded) = hyper::upgrade::on(req).await else {
-                return;
-            };
-            let Ok(mut server) = TcpStream::connect(target).await else {
                 return;
             };
             let mut client = TokioIo::new(upgraded);

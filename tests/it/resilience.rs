@@ -787,6 +787,53 @@ async fn a_dead_proxy_is_skipped() {
     assert!(!bs.logs().contains(PROXY_PASSWORD), "{}", bs.logs());
 }
 
+/// A proxy that answers a `CONNECT` 503 because the target is down did its
+/// job: the target is skipped for a while, not the proxy.
+#[tokio::test]
+async fn a_target_the_proxy_cannot_reach_is_skipped_not_the_proxy() {
+    let pki = tls_pki();
+    let backend = Backend::start_tls(pki.acceptor(), |_| Reply::ok("secure")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, &pki.ca_pem).unwrap();
+    let dead = format!("localhost:{}", dead_address().await.port());
+    let live = format!("localhost:{}", backend.addr.port());
+    let proxy = ForwardProxy::start("proxy-a").await;
+    let bs = Backstop::start(&format!(
+        r#"
+[outbound_proxies]
+urls = [{:?}]
+
+[[routes]]
+name = "thirdparty"
+path_prefix = "/api"
+upstreams = ["https://{dead}", "https://{live}"]
+tls_ca_file = {ca_path:?}
+  [routes.retry]
+  initial_delay = "10ms"
+  [routes.proxy]
+  use_proxy = true
+"#,
+        proxy_url(proxy.addr)
+    ));
+    for _ in 0..6 {
+        let r = client().get(bs.url("/api/secure")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(backend.hits(), 6);
+    let tunnels_to = |target: &str| proxy.seen().iter().filter(|s| s.target == target).count();
+    assert_eq!(
+        tunnels_to(&dead),
+        1,
+        "the dead target is tried once, then skipped"
+    );
+    assert!(
+        !bs.logs().contains("outbound proxy failed"),
+        "the proxy is not blamed:\n{}",
+        bs.logs()
+    );
+}
+
 struct Pki {
     ca_pem: String,
     cert_pem: String,
