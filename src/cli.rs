@@ -108,7 +108,9 @@ pub fn main(cli: Cli) -> ExitCode {
 }
 
 fn check(path: &Path) -> ExitCode {
-    match runtime::load_active(path) {
+    let checked = runtime::load_active(path)
+        .and_then(|active| runtime::listener_tls(&active.config, path).map(|_| active));
+    match checked {
         Ok(active) => {
             println!(
                 "{}: OK ({} routes)",

@@ -615,7 +615,9 @@ async fn forward(
             }
         };
         saw_429 |= failure == Failure::Status(429);
-        failed_target = Some(index);
+        // A proxy that failed says nothing of the target: the retry may
+        // take it again (through the next proxy).
+        failed_target = (failure != Failure::ProxyFailed).then_some(index);
         let give_up = |failure: Failure, response: Option<Response<UpstreamBody>>| match response {
             Some(response) if !failure.is_capturable() => Forwarded::Answer(response),
             response => Forwarded::Failed { failure, response },

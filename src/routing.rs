@@ -71,8 +71,9 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// Builds the runtime routes (upstream clients, TLS roots). Errors are
-    /// those that only building finds, e.g. a CA file that is not PEM.
+    /// Builds the runtime routes (upstream clients, TLS roots). Validation
+    /// has read the CA files already: an error here is one that only
+    /// building finds, or a file changed since.
     pub fn build(config: &Config) -> Result<RouteTable, Vec<ConfigError>> {
         let mut routes = Vec::with_capacity(config.routes.len());
         let mut errors = Vec::new();

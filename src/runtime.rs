@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -44,6 +45,24 @@ pub fn load_active(path: &Path) -> Result<Active, ConfigErrors> {
         config: Arc::new(config),
         routes,
     })
+}
+
+/// The proxy listener's TLS (`server.tls_cert`/`tls_key`), read once: by
+/// `check`, and by `run` at start (a reload keeps the listener's).
+pub fn listener_tls(config: &Config, path: &Path) -> Result<Option<TlsAcceptor>, ConfigErrors> {
+    let (Some(cert), Some(key)) = (&config.server.tls_cert, &config.server.tls_key) else {
+        return Ok(None);
+    };
+    match server::tls::server_config(cert, key) {
+        Ok(tls) => Ok(Some(TlsAcceptor::from(Arc::new(tls)))),
+        Err((field, message)) => Err(ConfigErrors {
+            file: path.to_path_buf(),
+            errors: vec![config::ConfigError {
+                key: format!("server.{field}"),
+                message,
+            }],
+        }),
+    }
 }
 
 /// Runs the proxy until SIGTERM or SIGINT; returns the process exit code.
@@ -92,10 +111,7 @@ pub async fn run(path: PathBuf, loaded: Option<SystemTime>, active: Active) -> R
     let connections = TaskTracker::new();
     let background = TaskTracker::new();
 
-    let tls = match (&config.server.tls_cert, &config.server.tls_key) {
-        (Some(cert), Some(key)) => Some(server::tls::acceptor(cert, key)?),
-        _ => None,
-    };
+    let tls = listener_tls(&config, &path).map_err(|e| e.to_string())?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let listener = server::bind(config.server.listen, "proxy")
         .await

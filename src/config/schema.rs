@@ -428,19 +428,14 @@ impl ServerConfig {
             (None, Some(_)) => s.error("tls_cert", "required when tls_key is set"),
             _ => {}
         }
-        let mut files_exist = true;
+        // Their contents are read by `check` and by `run` at start, not
+        // here: a reload (the listener's TLS is kept) or a `queue` command
+        // (which may not read the key) need not.
         for (k, path) in [("tls_cert", &tls_cert), ("tls_key", &tls_key)] {
             if let Some(p) = path {
                 if !p.is_file() {
                     s.error(k, format!("file {} does not exist", p.display()));
-                    files_exist = false;
                 }
-            }
-        }
-        // Read them as `run` will, so that `check` finds what `run` would.
-        if let (Some(cert), Some(key), true) = (&tls_cert, &tls_key, files_exist) {
-            if let Err((k, message)) = crate::server::tls::server_config(cert, key) {
-                s.error(k, message);
             }
         }
         let admin_token: Option<String> = s.opt("admin_token");
@@ -769,16 +764,20 @@ impl RouteConfig {
         }
         let upstreams = read_upstreams(s);
         let tls_ca_file: Option<PathBuf> = s.opt("tls_ca_file");
+        let tls_verify = s.get("tls_verify", true);
         if let Some(path) = &tls_ca_file {
             if !path.is_file() {
                 s.error(
                     "tls_ca_file",
                     format!("file {} does not exist", path.display()),
                 );
-            } else if let Err(message) = crate::upstream::tls::ca_roots(path) {
-                // Read as building the route will, so that `check` lists it
-                // with the file's other errors.
-                s.error("tls_ca_file", message);
+            } else if tls_verify {
+                // Read as building the route will (which ignores it when
+                // verification is off), so that `check` lists it with the
+                // file's other errors.
+                if let Err(message) = crate::upstream::tls::ca_roots(path) {
+                    s.error("tls_ca_file", message);
+                }
             }
         }
         let config = RouteConfig {
@@ -790,7 +789,7 @@ impl RouteConfig {
             headers: read_header_map(s, "headers").into(),
             forward_headers: read_forward_headers(s),
             tls_ca_file,
-            tls_verify: s.get("tls_verify", true),
+            tls_verify,
             upstream_h2c: s.get("upstream_h2c", false),
             body_read_timeout: s.duration("body_read_timeout", secs(60), SECONDS),
             capture: CaptureConfig::read(&s.section("capture")),

@@ -7,17 +7,9 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
-use tokio_rustls::TlsAcceptor;
-
-pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
-    server_config(cert, key)
-        .map(|config| TlsAcceptor::from(Arc::new(config)))
-        .map_err(|(field, message)| format!("server.{field}: {message}"))
-}
 
 /// The listener's TLS configuration, or the `[server]` key at fault and
-/// why. Config validation calls this too, so that `backstop check` finds a
-/// file that is no PEM or a key that does not match its certificate.
+/// why: a file that is no PEM, a key that does not match its certificate.
 pub fn server_config(cert: &Path, key: &Path) -> Result<ServerConfig, (&'static str, String)> {
     let certs = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())

@@ -282,15 +282,19 @@ impl tower_service::Service<Uri> for ProxyConnector {
             } else {
                 format!("{host}:{port}")
             };
-            // A proxy that took the connection but not yet answered the
-            // CONNECT is most likely still trying the target: its time out
-            // is the target's, as a connect that timed out.
+            // A CONNECT left unanswered is the proxy's failure: a proxy that
+            // cannot reach the target answers 502-504, so silence is more
+            // likely a proxy that hangs, which must not take healthy
+            // targets out of rotation.
             tokio::time::timeout(
                 this.connect_timeout,
                 tunnel(&mut stream, &target, this.auth.as_ref()),
             )
             .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "proxy CONNECT timed out"))??;
+            .unwrap_or_else(|_| {
+                let timed_out = io::Error::new(io::ErrorKind::TimedOut, "proxy CONNECT timed out");
+                Err(ProxyUnavailable(timed_out).into())
+            })?;
             Ok(ProxyStream {
                 io: TokioIo::new(stream),
                 absolute_form: false,

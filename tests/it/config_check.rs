@@ -278,8 +278,12 @@ fn tls_files_are_read_and_listed_with_the_other_errors() {
             "error count for:\n{toml}\ngot:\n{stderr}"
         );
     }
-    // The same files, matched, pass.
+    // The same files, matched, pass; so does a CA file nothing reads (a
+    // route without verification ignores it, as before).
     let toml = format!("[server]\ntls_cert = {cert:?}\ntls_key = {key:?}\n{ROUTE}");
+    let (code, stdout, stderr) = check(&toml);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let toml = format!("{ROUTE}tls_ca_file = {junk:?}\ntls_verify = false\n");
     let (code, stdout, stderr) = check(&toml);
     assert_eq!(code, 0, "{stdout}{stderr}");
 }

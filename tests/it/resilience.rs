@@ -664,8 +664,9 @@ async fn round_robin_rotates_through_two_forward_proxies() {
 
 #[tokio::test]
 async fn https_targets_go_through_connect_tunnels() {
-    let pki = tls_pki();
-    let backend = Backend::start_tls(pki.acceptor(), |_| Reply::ok("secure")).await;
+    let pki = crate::tls::make_pki();
+    let backend =
+        Backend::start_tls(crate::tls::acceptor(&pki, false), |_| Reply::ok("secure")).await;
     let dir = tempfile::tempdir().unwrap();
     let ca_path = dir.path().join("ca.pem");
     std::fs::write(&ca_path, &pki.ca_pem).unwrap();
@@ -791,8 +792,9 @@ async fn a_dead_proxy_is_skipped() {
 /// job: the target is skipped for a while, not the proxy.
 #[tokio::test]
 async fn a_target_the_proxy_cannot_reach_is_skipped_not_the_proxy() {
-    let pki = tls_pki();
-    let backend = Backend::start_tls(pki.acceptor(), |_| Reply::ok("secure")).await;
+    let pki = crate::tls::make_pki();
+    let backend =
+        Backend::start_tls(crate::tls::acceptor(&pki, false), |_| Reply::ok("secure")).await;
     let dir = tempfile::tempdir().unwrap();
     let ca_path = dir.path().join("ca.pem");
     std::fs::write(&ca_path, &pki.ca_pem).unwrap();
@@ -834,45 +836,65 @@ tls_ca_file = {ca_path:?}
     );
 }
 
-struct Pki {
-    ca_pem: String,
-    cert_pem: String,
-    key_pem: String,
-}
+/// A proxy that takes the connection but never answers the `CONNECT` is
+/// the one skipped: the attempt fails as `proxy_failed` after
+/// `connect_timeout`, the retry goes through the other proxy, and the hung
+/// one gets no second connection while it is skipped.
+#[tokio::test]
+async fn a_proxy_that_leaves_the_connect_unanswered_is_skipped() {
+    let pki = crate::tls::make_pki();
+    let backend =
+        Backend::start_tls(crate::tls::acceptor(&pki, false), |_| Reply::ok("secure")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, &pki.ca_pem).unwrap();
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_addr = hung.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = hung.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    let live = ForwardProxy::start("live").await;
+    let bs = Backstop::start(&format!(
+        r#"
+[server]
+connect_timeout = "300ms"
 
-impl Pki {
-    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let certs = vec![CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).unwrap()];
-        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .unwrap();
-        tokio_rustls::TlsAcceptor::from(Arc::new(config))
-    }
-}
+[outbound_proxies]
+urls = [{:?}, {:?}]
 
-fn tls_pki() -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &ca_cert, &ca_key)
-        .unwrap();
-    Pki {
-        ca_pem: ca_cert.pem(),
-        cert_pem: leaf.pem(),
-        key_pem: leaf_key.serialize_pem(),
+[[routes]]
+name = "thirdparty"
+path_prefix = "/api"
+upstreams = ["https://localhost:{}"]
+tls_ca_file = {ca_path:?}
+  [routes.retry]
+  initial_delay = "10ms"
+  [routes.proxy]
+  use_proxy = true
+"#,
+        proxy_url(hung_addr),
+        proxy_url(live.addr),
+        backend.addr.port()
+    ));
+    for _ in 0..4 {
+        let r = client().get(bs.url("/api/secure")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
     }
+    assert_eq!(backend.hits(), 4);
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "skipped after its first silence"
+    );
+    bs.wait_for_log("outbound proxy failed", Duration::from_secs(5))
+        .await;
+    holder.abort();
 }
 
 #[tokio::test]

@@ -35,7 +35,9 @@ pub(crate) fn make_pki() -> Pki {
     }
 }
 
-fn acceptor(pki: &Pki) -> tokio_rustls::TlsAcceptor {
+/// A backend's TLS acceptor for the leaf of `pki`; with `h2`, offering
+/// HTTP/2 by ALPN beside HTTP/1.1.
+pub(crate) fn acceptor(pki: &Pki, h2: bool) -> tokio_rustls::TlsAcceptor {
     let certs = vec![CertificateDer::from_pem_slice(pki.cert_pem.as_bytes()).unwrap()];
     let key = PrivateKeyDer::from_pem_slice(pki.key_pem.as_bytes()).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -45,14 +47,16 @@ fn acceptor(pki: &Pki) -> tokio_rustls::TlsAcceptor {
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if h2 {
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    }
     tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
 #[tokio::test]
 async fn https_upstream_is_trusted_with_the_route_ca_and_refused_without() {
     let pki = make_pki();
-    let backend = Backend::start_tls(acceptor(&pki), |_| Reply::ok("secure")).await;
+    let backend = Backend::start_tls(acceptor(&pki, true), |_| Reply::ok("secure")).await;
     let dir = tempfile::tempdir().unwrap();
     let ca_path = dir.path().join("ca.pem");
     std::fs::write(&ca_path, &pki.ca_pem).unwrap();
