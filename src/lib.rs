@@ -4,11 +4,11 @@
 pub mod admin;
 pub mod body;
 pub mod cache;
+pub mod canonical_path;
 pub mod capture;
 pub mod classify;
 pub mod cli;
 pub mod config;
-pub mod dot_segments;
 pub mod error;
 pub mod headers;
 pub mod ids;

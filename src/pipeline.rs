@@ -40,10 +40,10 @@ use http_body_util::Either;
 
 use crate::body::{self, BufferError, BufferedBody, ClientBody, ResponseBody, UpstreamBody};
 use crate::cache::{self, CacheState, Caches, Lookup};
+use crate::canonical_path;
 use crate::capture::{CaptureOutcome, Capturer};
 use crate::classify::{is_idempotent, status_failure, status_trips_breaker, Failure};
 use crate::config::{Config, RateLimitConfig};
-use crate::dot_segments;
 use crate::error::{ErrorCode, ProxyError};
 use crate::headers::{self, ClientInfo, Forwarding, ProxySet, RequestNames, X_REQUEST_ID};
 use crate::otel;
@@ -155,8 +155,9 @@ pub async fn handle(proxy: &Proxy, req: Box<Request<ClientBody>>, client: &Clien
         span: otel::RequestSpan::none(),
     };
     let mut req = req;
-    let refused = refused.or_else(|| resolve_dot_segments(&mut req));
     let active = proxy.active.load_full();
+    let merge_slashes = active.config.server.merge_slashes;
+    let refused = refused.or_else(|| make_path_canonical(&mut req, merge_slashes));
     let (log, stats) = (&active.config.log, &active.config.stats);
     // The path outlives the request only for the log and the statistics.
     let path = (log.access_log || stats.enabled).then(|| req.uri().path().to_string());
@@ -877,16 +878,16 @@ fn unroutable(req: &Request<ClientBody>, names: &RequestNames<'_>) -> Option<&'s
     }
 }
 
-/// Resolves the dot segments of the request's path before it is routed
-/// (see `dot_segments`); the reason to refuse it when one climbs above the
+/// Makes the request's path canonical before it is routed (see
+/// `canonical_path`); the reason to refuse it when a `..` climbs above the
 /// root.
-fn resolve_dot_segments(req: &mut Request<ClientBody>) -> Option<&'static str> {
-    let resolved = match dot_segments::resolve(req.uri().path()) {
-        dot_segments::Resolved::Unchanged => return None,
-        dot_segments::Resolved::AboveRoot => {
+fn make_path_canonical(req: &mut Request<ClientBody>, merge_slashes: bool) -> Option<&'static str> {
+    let resolved = match canonical_path::resolve(req.uri().path(), merge_slashes) {
+        canonical_path::Resolved::Unchanged => return None,
+        canonical_path::Resolved::AboveRoot => {
             return Some("The request path climbs above the root with '..'")
         }
-        dot_segments::Resolved::Changed(path) => path,
+        canonical_path::Resolved::Changed(path) => path,
     };
     let target = match req.uri().query() {
         Some(query) => format!("{resolved}?{query}"),

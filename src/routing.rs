@@ -55,10 +55,13 @@ impl Route {
     }
 
     /// What of `path` follows the prefix, if the path is the prefix or
-    /// below it (`/api` does not take `/apis`).
+    /// below it (`/api` does not take `/apis`). A `;` ends a segment too:
+    /// `/api;jsessionid=1` is `/api` with a path parameter to the backends
+    /// that read them (Tomcat, Jetty, Spring), so it must not slip past
+    /// `/api`'s route to a broader one.
     fn below_prefix<'p>(&self, path: &'p str) -> Option<&'p str> {
         path.strip_prefix(self.prefix.as_str())
-            .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+            .filter(|rest| rest.is_empty() || rest.starts_with(['/', ';']))
     }
 }
 
@@ -172,6 +175,9 @@ mod tests {
             (None, "/api/users", "users"),
             (None, "/api/users/7", "users"),
             (None, "/api/usersx", "api"),
+            (None, "/api;jsessionid=1", "api"),
+            (None, "/api/users;v=2/7", "users"),
+            (None, "/apix;a", "root"),
             (Some("example.com"), "/api/users/7", "users-example"),
             (Some("other.com"), "/api/users/7", "users"),
             (None, "/", "root"),
@@ -182,6 +188,7 @@ mod tests {
         let users = t.get("users").unwrap();
         assert_eq!(users.upstream_path("/api/users/7"), Some("/7"));
         assert_eq!(users.upstream_path("/api/users"), Some(""));
+        assert_eq!(users.upstream_path("/api/users;v=2/7"), Some(";v=2/7"));
         assert_eq!(
             t.get("api").unwrap().upstream_path("/api/x"),
             Some("/api/x")

@@ -35,6 +35,9 @@ pub struct ServerConfig {
     pub max_body_bytes: u64,
     pub workers: usize,
     pub max_header_bytes: usize,
+    /// Whether repeated slashes in a request's path are merged before it
+    /// is routed and sent upstream (see `canonical_path`).
+    pub merge_slashes: bool,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     /// How long a client may take nothing of an answer before its
@@ -468,6 +471,7 @@ impl ServerConfig {
             max_body_bytes,
             workers: s.get("workers", 0usize),
             max_header_bytes,
+            merge_slashes: s.get("merge_slashes", true),
             header_read_timeout: s.duration("header_read_timeout", secs(10), SECONDS),
             idle_timeout: s.duration("idle_timeout", secs(60), SECONDS),
             send_timeout: s.duration("send_timeout", secs(60), SECONDS),

@@ -147,45 +147,63 @@ async fn a_client_x_forwarded_host_never_passes_for_the_proxys() {
     }
 }
 
-/// The path is made canonical before routing: `/api/public/../admin` and
-/// `/api/%61dmin` are `/api/admin`'s, by its route and as the path its
-/// backend gets; a `..` that climbs above the root is refused.
+/// The path is made canonical before routing: `/api/public/../admin`,
+/// `/api/%61dmin` and `//api//admin` are `/api/admin`'s, by its route and
+/// as the path its backend gets; a `..` that climbs above the root is
+/// refused. A `;` path parameter does not take a path out of its route.
+/// With `merge_slashes = false`, repeated slashes stay.
 #[tokio::test]
-async fn dot_segments_are_resolved_before_routing() {
+async fn paths_are_made_canonical_before_routing() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let public = Backend::echo().await;
     let admin = Backend::echo().await;
+    let other = Backend::echo().await;
     let toml = format!(
-        "{}{}",
+        "{}{}{}",
         route("public", "/api/public", &[public.url()], ""),
-        route("admin", "/api/admin", &[admin.url()], "")
+        route("admin", "/api/admin", &[admin.url()], ""),
+        route("other", "/", &[other.url()], "")
     );
     let bs = Backstop::start(&toml);
-    let send = |target: &'static str| async move {
-        let mut s = tokio::net::TcpStream::connect(bs.addr).await.unwrap();
-        let request = format!("GET {target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
-        s.write_all(request.as_bytes()).await.unwrap();
-        let mut out = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-            .await
-            .unwrap()
-            .unwrap();
-        String::from_utf8_lossy(&out).into_owned()
+    let send = |bs: &Backstop, target: &'static str| {
+        let addr = bs.addr;
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let request = format!("GET {target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+            s.write_all(request.as_bytes()).await.unwrap();
+            let mut out = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+                .await
+                .unwrap()
+                .unwrap();
+            String::from_utf8_lossy(&out).into_owned()
+        }
     };
     for target in [
         "/api/public/../admin/x?q=1",
         "/api/public/%2e%2E/admin/x?q=1",
         "/api/%61dmin/x?q=1",
+        "//api//admin///x?q=1",
+        "/api/public/..//admin/x?q=1",
+        "/api/admin;jsessionid=7/x?q=1",
     ] {
-        let answer = send(target).await;
+        let answer = send(&bs, target).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{target}: {answer}");
     }
-    assert_eq!(public.hits(), 0);
+    assert_eq!((public.hits(), other.hits()), (0, 0));
     let seen: Vec<String> = admin.seen().iter().map(|s| s.uri.clone()).collect();
-    assert_eq!(seen, ["/api/admin/x?q=1"; 3]);
-    let answer = send("/api/../../etc/passwd").await;
+    let mut want = vec!["/api/admin/x?q=1"; 5];
+    want.push("/api/admin;jsessionid=7/x?q=1");
+    assert_eq!(seen, want);
+    let answer = send(&bs, "/api/../../etc/passwd").await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("bad_request"), "{answer}");
+
+    let kept = Backstop::start(&format!("[server]\nmerge_slashes = false\n{toml}"));
+    let answer = send(&kept, "//api//admin/x").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(other.seen()[0].uri, "//api//admin/x");
+    assert_eq!(admin.hits(), 6);
 }
 
 #[tokio::test]

@@ -1,11 +1,13 @@
 //! A request's path made canonical before routing (RFC 3986 §6.2.2), as
 //! nginx does before it matches a location: percent-encoded unreserved
-//! characters decoded (`/%61dmin` is `/admin`) and dot segments (`.` and
-//! `..`) resolved (§5.2.4). Otherwise `/api/public/../admin` or
-//! `/api/%61dmin` would be routed by `/api`'s rules (its rate limit, host
-//! binding, capture) and reach the backend as a path that means
-//! `/api/admin`. Repeated slashes are kept: unlike dot segments, some
-//! backends give them a meaning.
+//! characters decoded (`/%61dmin` is `/admin`), repeated slashes merged
+//! (`//admin` is `/admin`; nginx's `merge_slashes`, on by default here as
+//! there, off with `server.merge_slashes = false` for a backend that gives
+//! them a meaning) and dot segments (`.` and `..`) resolved (§5.2.4).
+//! Otherwise `/api/public/../admin`, `/api/%61dmin` or `//admin` would
+//! miss `/admin`'s route and its rules (rate limit, host binding, capture),
+//! fall to a broader route, and reach a backend that reads them as
+//! `/admin`.
 
 /// What to do with a request's path.
 #[derive(Debug, PartialEq, Eq)]
@@ -18,17 +20,51 @@ pub enum Resolved {
     AboveRoot,
 }
 
-/// The canonical form of `path` (an origin-form path, from `/`).
-pub fn resolve(path: &str) -> Resolved {
-    // One short scan for the common case (no dot, no escape at all).
-    if !path.bytes().any(|b| b == b'.' || b == b'%') {
+/// The canonical form of `path` (an origin-form path, from `/`), with
+/// repeated slashes merged if `merge_slashes`.
+pub fn resolve(path: &str, merge_slashes: bool) -> Resolved {
+    // One short scan for the common case (no dot, no escape, no `//`).
+    if !needs_work(path.as_bytes(), merge_slashes) {
         return Resolved::Unchanged;
     }
     let decoded = decode_unreserved(path);
-    match resolve_dots(decoded.as_deref().unwrap_or(path)) {
-        Resolved::Unchanged => decoded.map_or(Resolved::Unchanged, Resolved::Changed),
+    let merged = match decoded.as_deref().unwrap_or(path) {
+        text if merge_slashes => merge_repeated_slashes(text),
+        _ => None,
+    };
+    let changed = merged.or(decoded);
+    match resolve_dots(changed.as_deref().unwrap_or(path)) {
+        Resolved::Unchanged => changed.map_or(Resolved::Unchanged, Resolved::Changed),
         other => other,
     }
+}
+
+/// Whether `path` has a dot, an escape or (when merging) a `//`.
+fn needs_work(path: &[u8], merge_slashes: bool) -> bool {
+    let mut after_slash = false;
+    for &b in path {
+        match b {
+            b'.' | b'%' => return true,
+            b'/' if after_slash && merge_slashes => return true,
+            _ => {}
+        }
+        after_slash = b == b'/';
+    }
+    false
+}
+
+/// `path` with each run of slashes made one; `None` when it has none.
+fn merge_repeated_slashes(path: &str) -> Option<String> {
+    if !path.contains("//") {
+        return None;
+    }
+    let mut merged = String::with_capacity(path.len());
+    for c in path.chars() {
+        if !(c == '/' && merged.ends_with('/')) {
+            merged.push(c);
+        }
+    }
+    Some(merged)
 }
 
 /// `path` with `%XX` decoded where it stands for an unreserved character
@@ -124,7 +160,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dot_segments_are_resolved_and_others_left_alone() {
+    fn paths_are_made_canonical_and_others_left_alone() {
         let changed = |s: &str| Resolved::Changed(s.to_string());
         let cases = [
             ("/api/users/7", Resolved::Unchanged),
@@ -140,12 +176,29 @@ mod tests {
             ("/a/b/..", changed("/a/")),
             ("/a/.%2e", changed("/")),
             ("/./", changed("/")),
-            ("/a//../b", changed("/a/b")),
+            // Merged first, as nginx does: `..` climbs over `a`.
+            ("/a//../b", changed("/b")),
             ("/..", Resolved::AboveRoot),
             ("/a/../../etc/passwd", Resolved::AboveRoot),
+            ("//admin", changed("/admin")),
+            ("/api///users//7/", changed("/api/users/7/")),
+            ("/a//%61/.//b", changed("/a/a/b")),
+            ("/a/b;c=1/d", Resolved::Unchanged),
+            ("//..", Resolved::AboveRoot),
         ];
         for (path, want) in cases {
-            assert_eq!(resolve(path), want, "{path}");
+            assert_eq!(resolve(path, true), want, "{path}");
+        }
+        // Not merging, repeated slashes stay as they are.
+        let kept = [
+            ("//admin", Resolved::Unchanged),
+            ("/a//%61", changed("/a//a")),
+            ("/a//./b", changed("/a//b")),
+            // Not merged, the empty segment is the one `..` climbs over.
+            ("/a//../b", changed("/a/b")),
+        ];
+        for (path, want) in kept {
+            assert_eq!(resolve(path, false), want, "{path}");
         }
     }
 }
