@@ -146,9 +146,11 @@ enum Dots {
     Two,
 }
 
-/// Whether `segment` is `.` or `..` (an escaped dot is decoded before).
+/// Whether `segment` is `.` or `..` (an escaped dot is decoded before),
+/// with or without `;` path parameters: Tomcat and Jetty read `..;x` as
+/// `..`, so it must climb here too (its parameters go with it).
 fn dots(segment: &str) -> Option<Dots> {
-    match segment {
+    match segment.split(';').next().unwrap_or(segment) {
         "." => Some(Dots::One),
         ".." => Some(Dots::Two),
         _ => None,
@@ -184,6 +186,12 @@ mod tests {
             ("/api///users//7/", changed("/api/users/7/")),
             ("/a//%61/.//b", changed("/a/a/b")),
             ("/a/b;c=1/d", Resolved::Unchanged),
+            ("/api/public/..;/admin", changed("/api/admin")),
+            (
+                "/api/public/%2e%2e;x=1/admin/.;y/z",
+                changed("/api/admin/z"),
+            ),
+            ("/a/..x;y/b", Resolved::Unchanged),
             ("//..", Resolved::AboveRoot),
         ];
         for (path, want) in cases {

@@ -893,9 +893,18 @@ fn make_path_canonical(req: &mut Request<ClientBody>, merge_slashes: bool) -> Op
         Some(query) => format!("{resolved}?{query}"),
         None => resolved,
     };
+    // Refused, not routed as it came, should the canonical path not make
+    // a URI (it always does: only characters of the original are in it).
+    let unusable = Some("The request path cannot be made canonical");
     let mut parts = req.uri().clone().into_parts();
-    parts.path_and_query = Some(http::uri::PathAndQuery::try_from(target).ok()?);
-    *req.uri_mut() = http::Uri::from_parts(parts).ok()?;
+    let Ok(path_and_query) = http::uri::PathAndQuery::try_from(target) else {
+        return unusable;
+    };
+    parts.path_and_query = Some(path_and_query);
+    match http::Uri::from_parts(parts) {
+        Ok(uri) => *req.uri_mut() = uri,
+        Err(_) => return unusable,
+    }
     None
 }
 

@@ -55,14 +55,35 @@ impl Route {
     }
 
     /// What of `path` follows the prefix, if the path is the prefix or
-    /// below it (`/api` does not take `/apis`). A `;` ends a segment too:
-    /// `/api;jsessionid=1` is `/api` with a path parameter to the backends
-    /// that read them (Tomcat, Jetty, Spring), so it must not slip past
-    /// `/api`'s route to a broader one.
+    /// below it (`/api` does not take `/apis`).
     fn below_prefix<'p>(&self, path: &'p str) -> Option<&'p str> {
-        path.strip_prefix(self.prefix.as_str())
-            .filter(|rest| rest.is_empty() || rest.starts_with(['/', ';']))
+        let rest = path.strip_prefix(self.prefix.as_str());
+        match rest {
+            Some(rest) if rest.is_empty() || rest.starts_with('/') => Some(rest),
+            _ if path.contains(';') => below_prefix_with_parameters(&self.prefix, path),
+            _ => None,
+        }
     }
+}
+
+/// What of `path` follows `prefix` when the path's segments, each read
+/// without its `;` path parameters, start with the prefix's. Backends that
+/// read parameters (Tomcat, Jetty, Spring) take `/api;jsessionid=1/admin`
+/// for `/api/admin`, so it must not slip past `/api/admin`'s route to a
+/// broader one. The prefix's segments go with their parameters.
+fn below_prefix_with_parameters<'p>(prefix: &str, path: &'p str) -> Option<&'p str> {
+    let mut rest = path;
+    for wanted in prefix.split('/').skip(1) {
+        let after_slash = rest.strip_prefix('/')?;
+        let end = after_slash.find('/').unwrap_or(after_slash.len());
+        let segment = &after_slash[..end];
+        let name = segment.split(';').next().unwrap_or(segment);
+        if name != wanted {
+            return None;
+        }
+        rest = &after_slash[end..];
+    }
+    Some(rest)
 }
 
 /// Every route, most specific first.
@@ -177,6 +198,8 @@ mod tests {
             (None, "/api/usersx", "api"),
             (None, "/api;jsessionid=1", "api"),
             (None, "/api/users;v=2/7", "users"),
+            (None, "/api;a/users;b/7", "users"),
+            (None, "/api;a/usersx", "api"),
             (None, "/apix;a", "root"),
             (Some("example.com"), "/api/users/7", "users-example"),
             (Some("other.com"), "/api/users/7", "users"),
@@ -188,7 +211,8 @@ mod tests {
         let users = t.get("users").unwrap();
         assert_eq!(users.upstream_path("/api/users/7"), Some("/7"));
         assert_eq!(users.upstream_path("/api/users"), Some(""));
-        assert_eq!(users.upstream_path("/api/users;v=2/7"), Some(";v=2/7"));
+        assert_eq!(users.upstream_path("/api/users;v=2/7"), Some("/7"));
+        assert_eq!(users.upstream_path("/api;a/users;v=2"), Some(""));
         assert_eq!(
             t.get("api").unwrap().upstream_path("/api/x"),
             Some("/api/x")

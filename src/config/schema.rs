@@ -11,6 +11,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method, Uri};
 
 use super::reader::{BoolOrList, NumberUnit, Section};
+use crate::canonical_path::Resolved;
 
 const SECONDS: NumberUnit = NumberUnit::Seconds;
 
@@ -368,6 +369,22 @@ impl Config {
         }
         for (i, route) in self.routes.iter().enumerate() {
             let key = |k: &str| format!("routes[{i}].{k}");
+            // Requests are routed by their canonical path: a prefix that is
+            // not canonical would never match.
+            let prefix = &route.path_prefix;
+            if prefix.starts_with('/') {
+                match crate::canonical_path::resolve(prefix, self.server.merge_slashes) {
+                    Resolved::Unchanged => {}
+                    Resolved::Changed(canonical) => root.error(
+                        &key("path_prefix"),
+                        format!("{prefix:?} would never match: request paths are matched as made canonical, here {canonical:?}"),
+                    ),
+                    Resolved::AboveRoot => root.error(
+                        &key("path_prefix"),
+                        format!("{prefix:?} climbs above the root with '..'"),
+                    ),
+                }
+            }
             for (j, earlier) in self.routes[..i].iter().enumerate() {
                 if !route.name.is_empty() && earlier.name == route.name {
                     root.error(
@@ -760,10 +777,10 @@ impl RouteConfig {
                 "path_prefix",
                 format!("{path_prefix:?} must start with '/'"),
             );
-        } else if path_prefix.contains(['?', '#']) {
+        } else if path_prefix.contains(['?', '#', ';']) {
             s.error(
                 "path_prefix",
-                format!("{path_prefix:?} must be a path, without '?' or '#'"),
+                format!("{path_prefix:?} must be a path, without '?', '#' or ';'"),
             );
         }
         let upstreams = read_upstreams(s);

@@ -299,15 +299,11 @@ fn uri_at(base: &Uri, path_and_query: PathAndQuery) -> Result<Uri, http::Error> 
 }
 
 /// The base's path (without its trailing `/`), then `path` (`/` when both
-/// are empty, and before a stripped path that starts with a `;` path
-/// parameter), then `?query`.
+/// are empty), then `?query`.
 fn join_path(base: &Uri, path: &str, query: Option<&str>) -> String {
     let base_path = base.path().trim_end_matches('/');
     let mut path_and_query = String::with_capacity(base_path.len() + path.len() + 16);
     path_and_query.push_str(base_path);
-    if path.starts_with(';') {
-        path_and_query.push('/');
-    }
     path_and_query.push_str(path);
     if path_and_query.is_empty() {
         path_and_query.push('/');
@@ -356,8 +352,6 @@ mod tests {
                 "https://api.example.com/v1/",
             ),
             ("http://h", "", None, "http://h/"),
-            ("http://h", ";a=1", None, "http://h/;a=1"),
-            ("http://h/v1", ";a=1/x", Some("q"), "http://h/v1/;a=1/x?q"),
         ];
         for (base, path, query, want) in cases {
             let got = upstream_uri(&base.parse().unwrap(), path, query).unwrap();
