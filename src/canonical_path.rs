@@ -3,7 +3,8 @@
 //! characters decoded (`/%61dmin` is `/admin`), repeated slashes merged
 //! (`//admin` is `/admin`; nginx's `merge_slashes`, on by default here as
 //! there, off with `server.merge_slashes = false` for a backend that gives
-//! them a meaning) and dot segments (`.` and `..`) resolved (§5.2.4).
+//! them a meaning; a segment of only `;` parameters counts as empty) and
+//! dot segments (`.` and `..`, with or without parameters) resolved (§5.2.4).
 //! Otherwise `/api/public/../admin`, `/api/%61dmin` or `//admin` would
 //! miss `/admin`'s route and its rules (rate limit, host binding, capture),
 //! fall to a broader route, and reach a backend that reads them as
@@ -29,7 +30,7 @@ pub fn resolve(path: &str, merge_slashes: bool) -> Resolved {
     }
     let decoded = decode_unreserved(path);
     let merged = match decoded.as_deref().unwrap_or(path) {
-        text if merge_slashes => merge_repeated_slashes(text),
+        text if merge_slashes => drop_empty_segments(text),
         _ => None,
     };
     let changed = merged.or(decoded);
@@ -39,13 +40,13 @@ pub fn resolve(path: &str, merge_slashes: bool) -> Resolved {
     }
 }
 
-/// Whether `path` has a dot, an escape or (when merging) a `//`.
+/// Whether `path` has a dot, an escape or (when merging) a `//` or `/;`.
 fn needs_work(path: &[u8], merge_slashes: bool) -> bool {
     let mut after_slash = false;
     for &b in path {
         match b {
             b'.' | b'%' => return true,
-            b'/' if after_slash && merge_slashes => return true,
+            b'/' | b';' if after_slash && merge_slashes => return true,
             _ => {}
         }
         after_slash = b == b'/';
@@ -53,18 +54,25 @@ fn needs_work(path: &[u8], merge_slashes: bool) -> bool {
     false
 }
 
-/// `path` with each run of slashes made one; `None` when it has none.
-fn merge_repeated_slashes(path: &str) -> Option<String> {
-    if !path.contains("//") {
+/// `path` without its empty segments but the last (so `/a/` keeps its
+/// slash): those of `//`, and those that are only `;` parameters, which
+/// Tomcat drops and then merges the slashes (`/api/;x/admin` is its
+/// `/api/admin`). `None` when there is none.
+fn drop_empty_segments(path: &str) -> Option<String> {
+    let segments: Vec<&str> = path.strip_prefix('/')?.split('/').collect();
+    let (_, inner) = segments.split_last()?;
+    let empty = |segment: &&str| segment.split(';').next().unwrap_or(segment).is_empty();
+    if !inner.iter().any(empty) {
         return None;
     }
-    let mut merged = String::with_capacity(path.len());
-    for c in path.chars() {
-        if !(c == '/' && merged.ends_with('/')) {
-            merged.push(c);
+    let mut kept = String::with_capacity(path.len());
+    for (i, segment) in segments.iter().enumerate() {
+        if i + 1 == segments.len() || !empty(segment) {
+            kept.push('/');
+            kept.push_str(segment);
         }
     }
-    Some(merged)
+    Some(kept)
 }
 
 /// `path` with `%XX` decoded where it stands for an unreserved character
@@ -192,6 +200,11 @@ mod tests {
                 changed("/api/admin/z"),
             ),
             ("/a/..x;y/b", Resolved::Unchanged),
+            ("/api/;/admin", changed("/api/admin")),
+            ("/;x/api/;y=1/admin/", changed("/api/admin/")),
+            ("/api/public/;/../admin", changed("/api/admin")),
+            ("/a/;x", Resolved::Unchanged),
+            ("//", changed("/")),
             ("//..", Resolved::AboveRoot),
         ];
         for (path, want) in cases {

@@ -371,9 +371,11 @@ impl Config {
             let key = |k: &str| format!("routes[{i}].{k}");
             // Requests are routed by their canonical path: a prefix that is
             // not canonical would never match.
+            // (Trailing slashes are the route's own to trim: `/api/` is `/api`.)
             let prefix = &route.path_prefix;
             if prefix.starts_with('/') {
-                match crate::canonical_path::resolve(prefix, self.server.merge_slashes) {
+                let trimmed = normalize_prefix(prefix);
+                match crate::canonical_path::resolve(trimmed, self.server.merge_slashes) {
                     Resolved::Unchanged => {}
                     Resolved::Changed(canonical) => root.error(
                         &key("path_prefix"),

@@ -92,7 +92,8 @@ fn invalid_files_list_every_error_with_its_key() {
             "[[routes]]\nname = \"a\"\npath_prefix = \"/a//b\"\nupstreams = [\"http://h\"]\n\
              [[routes]]\nname = \"b\"\npath_prefix = \"/b/../..\"\nupstreams = [\"http://h\"]\n\
              [[routes]]\nname = \"c\"\npath_prefix = \"/c;v=1\"\nupstreams = [\"http://h\"]\n\
-             [[routes]]\nname = \"d\"\npath_prefix = \"/%64/./x\"\nupstreams = [\"http://h\"]\n".into(),
+             [[routes]]\nname = \"d\"\npath_prefix = \"/%64/./x\"\nupstreams = [\"http://h\"]\n\
+             [[routes]]\nname = \"e\"\npath_prefix = \"/e//\"\nupstreams = [\"http://h\"]\n".into(),
             vec![
                 "FILE: routes[0].path_prefix: \"/a//b\" would never match: request paths are matched as made canonical, here \"/a/b\"",
                 "FILE: routes[1].path_prefix: \"/b/../..\" climbs above the root with '..'",
