@@ -218,21 +218,28 @@ fn invalid_files_list_every_error_with_its_key() {
         ),
     ];
     for (toml, expected) in cases {
-        let (code, _, stderr) = check(&toml);
-        assert_eq!(code, 2, "exit code for:\n{toml}\n{stderr}");
-        for line in &expected {
-            assert!(
-                stderr.contains(line),
-                "missing {line:?} for:\n{toml}\ngot:\n{stderr}"
-            );
-        }
-        let listed = stderr.lines().filter(|l| l.starts_with("FILE: ")).count();
-        assert_eq!(
-            listed,
-            expected.len(),
-            "error count for:\n{toml}\ngot:\n{stderr}"
+        assert_lists_exactly(&toml, &expected);
+    }
+}
+
+/// `check` refuses `toml` and lists these errors (each line contains one
+/// of them), no more.
+fn assert_lists_exactly(toml: &str, expected: &[impl AsRef<str>]) {
+    let (code, _, stderr) = check(toml);
+    assert_eq!(code, 2, "exit code for:\n{toml}\n{stderr}");
+    for line in expected {
+        let line = line.as_ref();
+        assert!(
+            stderr.contains(line),
+            "missing {line:?} for:\n{toml}\ngot:\n{stderr}"
         );
     }
+    let listed = stderr.lines().filter(|l| l.starts_with("FILE: ")).count();
+    assert_eq!(
+        listed,
+        expected.len(),
+        "error count for:\n{toml}\ngot:\n{stderr}"
+    );
 }
 
 /// The contents of the TLS files are read by `check`, as `run` reads them,
@@ -276,20 +283,7 @@ fn tls_files_are_read_and_listed_with_the_other_errors() {
         ),
     ];
     for (toml, expected) in cases {
-        let (code, _, stderr) = check(&toml);
-        assert_eq!(code, 2, "exit code for:\n{toml}\n{stderr}");
-        for line in &expected {
-            assert!(
-                stderr.contains(line.as_str()),
-                "missing {line:?} for:\n{toml}\ngot:\n{stderr}"
-            );
-        }
-        let listed = stderr.lines().filter(|l| l.starts_with("FILE: ")).count();
-        assert_eq!(
-            listed,
-            expected.len(),
-            "error count for:\n{toml}\ngot:\n{stderr}"
-        );
+        assert_lists_exactly(&toml, &expected);
     }
     // The same files, matched, pass; so does a CA file nothing reads (a
     // route without verification ignores it, as before).

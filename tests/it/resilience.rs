@@ -664,12 +664,7 @@ async fn round_robin_rotates_through_two_forward_proxies() {
 
 #[tokio::test]
 async fn https_targets_go_through_connect_tunnels() {
-    let pki = crate::tls::make_pki();
-    let backend =
-        Backend::start_tls(crate::tls::acceptor(&pki, false), |_| Reply::ok("secure")).await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca_path = dir.path().join("ca.pem");
-    std::fs::write(&ca_path, &pki.ca_pem).unwrap();
+    let (backend, ca_path, _dir) = secure_backend().await;
     let (a, b) = (
         ForwardProxy::start("proxy-a").await,
         ForwardProxy::start("proxy-b").await,
@@ -788,35 +783,55 @@ async fn a_dead_proxy_is_skipped() {
     assert!(!bs.logs().contains(PROXY_PASSWORD), "{}", bs.logs());
 }
 
-/// A proxy that answers a `CONNECT` 503 because the target is down did its
-/// job: the target is skipped for a while, not the proxy.
-#[tokio::test]
-async fn a_target_the_proxy_cannot_reach_is_skipped_not_the_proxy() {
+/// An HTTPS backend answering "secure" for `localhost`, and the path of
+/// its CA's certificate (in the directory returned with it).
+async fn secure_backend() -> (Backend, std::path::PathBuf, tempfile::TempDir) {
     let pki = crate::tls::make_pki();
     let backend =
         Backend::start_tls(crate::tls::acceptor(&pki, false), |_| Reply::ok("secure")).await;
     let dir = tempfile::tempdir().unwrap();
     let ca_path = dir.path().join("ca.pem");
     std::fs::write(&ca_path, &pki.ca_pem).unwrap();
-    let dead = format!("localhost:{}", dead_address().await.port());
-    let live = format!("localhost:{}", backend.addr.port());
-    let proxy = ForwardProxy::start("proxy-a").await;
-    let bs = Backstop::start(&format!(
+    (backend, ca_path, dir)
+}
+
+/// Route `thirdparty` on `/api` to `upstreams` through `proxies`, trusting
+/// the CA certificate at `ca_path`.
+fn proxied_https_route(
+    proxies: &[String],
+    upstreams: &[String],
+    ca_path: &std::path::Path,
+) -> String {
+    format!(
         r#"
 [outbound_proxies]
-urls = [{:?}]
+urls = {proxies:?}
 
 [[routes]]
 name = "thirdparty"
 path_prefix = "/api"
-upstreams = ["https://{dead}", "https://{live}"]
+upstreams = {upstreams:?}
 tls_ca_file = {ca_path:?}
   [routes.retry]
   initial_delay = "10ms"
   [routes.proxy]
   use_proxy = true
-"#,
-        proxy_url(proxy.addr)
+"#
+    )
+}
+
+/// A proxy that answers a `CONNECT` 503 because the target is down did its
+/// job: the target is skipped for a while, not the proxy.
+#[tokio::test]
+async fn a_target_the_proxy_cannot_reach_is_skipped_not_the_proxy() {
+    let (backend, ca_path, _dir) = secure_backend().await;
+    let dead = format!("localhost:{}", dead_address().await.port());
+    let live = format!("localhost:{}", backend.addr.port());
+    let proxy = ForwardProxy::start("proxy-a").await;
+    let bs = Backstop::start(&proxied_https_route(
+        &[proxy_url(proxy.addr)],
+        &[format!("https://{dead}"), format!("https://{live}")],
+        &ca_path,
     ));
     for _ in 0..6 {
         let r = client().get(bs.url("/api/secure")).send().await.unwrap();
@@ -842,12 +857,7 @@ tls_ca_file = {ca_path:?}
 /// one gets no second connection while it is skipped.
 #[tokio::test]
 async fn a_proxy_that_leaves_the_connect_unanswered_is_skipped() {
-    let pki = crate::tls::make_pki();
-    let backend =
-        Backend::start_tls(crate::tls::acceptor(&pki, false), |_| Reply::ok("secure")).await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca_path = dir.path().join("ca.pem");
-    std::fs::write(&ca_path, &pki.ca_pem).unwrap();
+    let (backend, ca_path, _dir) = secure_backend().await;
     let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hung_addr = hung.local_addr().unwrap();
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -860,28 +870,12 @@ async fn a_proxy_that_leaves_the_connect_unanswered_is_skipped() {
         }
     });
     let live = ForwardProxy::start("live").await;
-    let bs = Backstop::start(&format!(
-        r#"
-[server]
-connect_timeout = "300ms"
-
-[outbound_proxies]
-urls = [{:?}, {:?}]
-
-[[routes]]
-name = "thirdparty"
-path_prefix = "/api"
-upstreams = ["https://localhost:{}"]
-tls_ca_file = {ca_path:?}
-  [routes.retry]
-  initial_delay = "10ms"
-  [routes.proxy]
-  use_proxy = true
-"#,
-        proxy_url(hung_addr),
-        proxy_url(live.addr),
-        backend.addr.port()
-    ));
+    let route = proxied_https_route(
+        &[proxy_url(hung_addr), proxy_url(live.addr)],
+        &[format!("https://localhost:{}", backend.addr.port())],
+        &ca_path,
+    );
+    let bs = Backstop::start(&format!("[server]\nconnect_timeout = \"300ms\"\n{route}"));
     for _ in 0..4 {
         let r = client().get(bs.url("/api/secure")).send().await.unwrap();
         assert_eq!(r.status(), 200);
