@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::harness::{client, error_of, metric_value, Backend, Backstop, Reply};
+use crate::harness::{client, error_of, metric_value, next_request, Backend, Backstop, Reply};
 
 /// A backend that answers every request with a new body (`n=<count>`), so a
 /// test sees whether an answer came from the cache or from upstream.
@@ -1575,43 +1575,16 @@ async fn monitor(redis: &OwnRedis) -> Arc<std::sync::Mutex<String>> {
 /// A raw HTTP/1.1 backend: a GET is answered with its head and half its
 /// body at once, the other half `pause` later; any other method with 200.
 async fn trickling_backend(pause: Duration) -> std::net::SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                let mut head = Vec::new();
-                loop {
-                    let Ok(n) = stream.read(&mut buf).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    head.extend_from_slice(&buf[..n]);
-                    let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        continue;
-                    };
-                    let text = String::from_utf8_lossy(&head[..end]).to_ascii_lowercase();
-                    let length = text
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .map_or(0, |v| v.trim().parse::<usize>().unwrap());
-                    // The request's body, if any, is read before answering.
-                    while head.len() < end + 4 + length {
-                        let Ok(n) = stream.read(&mut buf).await else {
-                            return;
-                        };
-                        if n == 0 {
-                            return;
-                        }
-                        head.extend_from_slice(&buf[..n]);
-                    }
-                    let get = text.starts_with("get ");
-                    head.clear();
-                    if !get {
+                let mut wire = Vec::new();
+                // The request's body, if any, is read before answering.
+                while let Some(head) = next_request(&mut stream, &mut wire).await {
+                    if !head.starts_with("get ") {
                         let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\nupdated";
                         if stream.write_all(ok).await.is_err() {
                             return;
@@ -1704,7 +1677,7 @@ async fn an_unreachable_redis_at_startup_only_skips_the_cache() {
 /// A raw HTTP/1.1 backend answering every request with a chunked body of
 /// `size` bytes (`z`), in 1000-byte chunks: answers of unknown length.
 async fn chunked_backend(size: usize) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
@@ -1713,20 +1686,8 @@ async fn chunked_backend(size: usize) -> (std::net::SocketAddr, Arc<AtomicUsize>
         while let Ok((mut stream, _)) = listener.accept().await {
             let counter = counter.clone();
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                let mut head = Vec::new();
-                loop {
-                    let Ok(n) = stream.read(&mut buf).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    head.extend_from_slice(&buf[..n]);
-                    if !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        continue;
-                    }
-                    head.clear();
+                let mut wire = Vec::new();
+                while next_request(&mut stream, &mut wire).await.is_some() {
                     counter.fetch_add(1, Ordering::SeqCst);
                     let mut out = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
                     let mut left = size;

@@ -801,32 +801,39 @@ pub fn assert_replay_attempt(head: &str, n: u32) {
     );
 }
 
+/// Reads the next request on `conn` (head and `content-length` body), with
+/// `wire` holding what was read past the previous one; its head, lowercased.
+/// `None` once the connection ends.
+pub async fn next_request(conn: &mut TcpStream, wire: &mut Vec<u8>) -> Option<String> {
+    let mut buf = [0u8; 16 * 1024];
+    let head_end = loop {
+        if let Some(at) = wire.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        match conn.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => wire.extend_from_slice(&buf[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&wire[..head_end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap_or(0));
+    while wire.len() < head_end + length {
+        match conn.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => wire.extend_from_slice(&buf[..n]),
+        }
+    }
+    wire.drain(..head_end + length);
+    Some(head)
+}
+
 /// Reads requests (head and `content-length` body) and answers each.
 async fn serve_stuck(mut conn: TcpStream, answers: &[Vec<u8>], heads: &Mutex<Vec<String>>) {
     let mut wire = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        let head_end = loop {
-            if let Some(at) = wire.windows(4).position(|w| w == b"\r\n\r\n") {
-                break at + 4;
-            }
-            match conn.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => wire.extend_from_slice(&buf[..n]),
-            }
-        };
-        let head = String::from_utf8_lossy(&wire[..head_end]).to_ascii_lowercase();
-        let length: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .map_or(0, |v| v.trim().parse().unwrap_or(0));
-        while wire.len() < head_end + length {
-            match conn.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => wire.extend_from_slice(&buf[..n]),
-            }
-        }
-        wire.drain(..head_end + length);
+    while let Some(head) = next_request(&mut conn, &mut wire).await {
         let n = {
             let mut heads = heads.lock().unwrap();
             heads.push(head);

@@ -589,6 +589,12 @@ async fn rate_limits_keyed_by_header_are_per_client() {
 }
 
 fn proxied_route(upstream: &str, proxies: &[String], strategy: &str, extra: &str) -> String {
+    proxied_routes(&[upstream.to_string()], proxies, strategy, extra)
+}
+
+/// Route `thirdparty` on `/api` to `upstreams` through `proxies`, with
+/// the route keys in `extra`.
+fn proxied_routes(upstreams: &[String], proxies: &[String], strategy: &str, extra: &str) -> String {
     format!(
         r#"
 [outbound_proxies]
@@ -597,7 +603,7 @@ urls = {proxies:?}
 [[routes]]
 name = "thirdparty"
 path_prefix = "/api"
-upstreams = [{upstream:?}]
+upstreams = {upstreams:?}
 {extra}
   [routes.retry]
   initial_delay = "10ms"
@@ -802,22 +808,8 @@ fn proxied_https_route(
     upstreams: &[String],
     ca_path: &std::path::Path,
 ) -> String {
-    format!(
-        r#"
-[outbound_proxies]
-urls = {proxies:?}
-
-[[routes]]
-name = "thirdparty"
-path_prefix = "/api"
-upstreams = {upstreams:?}
-tls_ca_file = {ca_path:?}
-  [routes.retry]
-  initial_delay = "10ms"
-  [routes.proxy]
-  use_proxy = true
-"#
-    )
+    let extra = format!("tls_ca_file = {ca_path:?}");
+    proxied_routes(upstreams, proxies, "round_robin", &extra)
 }
 
 /// A proxy that answers a `CONNECT` 503 because the target is down did its
