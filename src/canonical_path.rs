@@ -1,6 +1,7 @@
 //! A request's path made canonical before routing (RFC 3986 §6.2.2), as
 //! nginx does before it matches a location: percent-encoded unreserved
-//! characters decoded (`/%61dmin` is `/admin`), repeated slashes merged
+//! characters decoded (`/%61dmin` is `/admin`; other escapes upper-cased,
+//! bytes beyond ASCII escaped, so `/café` is `/caf%C3%A9`), repeated slashes merged
 //! (`//admin` is `/admin`; nginx's `merge_slashes`, on by default here as
 //! there, off with `server.merge_slashes = false` for a backend that gives
 //! them a meaning; a segment of only `;` parameters counts as empty) and
@@ -9,6 +10,12 @@
 //! miss `/admin`'s route and its rules (rate limit, host binding, capture),
 //! fall to a broader route, and reach a backend that reads them as
 //! `/admin`.
+//!
+//! Escaped slashes (`%2F`; `%5C` and `\`, which Windows servers and some
+//! Java frameworks read as `/`) are refused by default, as Tomcat does
+//! (Apache answers 404): a backend that decodes them would read
+//! `/admin%2Fx` as `/admin/x`, which a route must not miss
+//! (`server.escaped_slashes`; Envoy's `path_with_escaped_slashes_action`).
 
 /// What to do with a request's path.
 #[derive(Debug, PartialEq, Eq)]
@@ -17,20 +24,73 @@ pub enum Resolved {
     Unchanged,
     /// The canonical path.
     Changed(String),
-    /// A `..` that climbs above the root: refused, as nginx does.
-    AboveRoot,
+    /// No path to route: refused (`400`).
+    Refused(Refusal),
 }
 
-/// The canonical form of `path` (an origin-form path, from `/`), with
-/// repeated slashes merged if `merge_slashes`.
-pub fn resolve(path: &str, merge_slashes: bool) -> Resolved {
+/// Why a path is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A `..` climbs above the root, as nginx refuses.
+    AboveRoot,
+    /// An escaped slash, under [`EscapedSlashes::Reject`].
+    EscapedSlash,
+    /// A `%` without two hex digits after it, as nginx refuses: decoding
+    /// around it could make a new escape (`%%32F` would be `%2F`).
+    BadEscape,
+}
+
+impl Refusal {
+    /// What is wrong with the path, to follow "the path".
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::AboveRoot => "climbs above the root with '..'",
+            Refusal::EscapedSlash => {
+                "has an escaped slash (%2F, %5C or \\), which server.escaped_slashes = \"reject\" refuses"
+            }
+            Refusal::BadEscape => "has a '%' that is not followed by two hex digits",
+        }
+    }
+}
+
+/// How a path's escaped slashes are taken (`server.escaped_slashes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EscapedSlashes {
+    /// Refused (`400`): no route can be missed by one.
+    Reject,
+    /// Routed and sent as they are, as part of their segment.
+    Keep,
+    /// Read as `/` before routing (then merged, dots resolved), as nginx
+    /// does with `%2F`; the decoded path is the one sent upstream.
+    Decode,
+}
+
+/// The settings that make a path canonical.
+#[derive(Debug, Clone, Copy)]
+pub struct PathRules {
+    pub merge_slashes: bool,
+    pub escaped_slashes: EscapedSlashes,
+}
+
+/// The canonical form of `path` (an origin-form path, from `/`) under
+/// `rules`.
+pub fn resolve(path: &str, rules: PathRules) -> Resolved {
     // One short scan for the common case (no dot, no escape, no `//`).
-    if !needs_work(path.as_bytes(), merge_slashes) {
+    if !needs_work(path.as_bytes(), rules.merge_slashes) {
         return Resolved::Unchanged;
     }
-    let decoded = decode_unreserved(path);
+    let decode_slashes = match rules.escaped_slashes {
+        EscapedSlashes::Reject if has_escaped_slash(path.as_bytes()) => {
+            return Resolved::Refused(Refusal::EscapedSlash);
+        }
+        EscapedSlashes::Decode => true,
+        _ => false,
+    };
+    let Ok(decoded) = normalize_escapes(path, decode_slashes) else {
+        return Resolved::Refused(Refusal::BadEscape);
+    };
     let merged = match decoded.as_deref().unwrap_or(path) {
-        text if merge_slashes => drop_empty_segments(text),
+        text if rules.merge_slashes => drop_empty_segments(text),
         _ => None,
     };
     let changed = merged.or(decoded);
@@ -40,12 +100,13 @@ pub fn resolve(path: &str, merge_slashes: bool) -> Resolved {
     }
 }
 
-/// Whether `path` has a dot, an escape or (when merging) a `//` or `/;`.
+/// Whether `path` has a dot, an escape, a backslash, a byte beyond ASCII
+/// or (when merging) a `//` or `/;`.
 fn needs_work(path: &[u8], merge_slashes: bool) -> bool {
     let mut after_slash = false;
     for &b in path {
         match b {
-            b'.' | b'%' => return true,
+            b'.' | b'%' | b'\\' | 128.. => return true,
             b'/' | b';' if after_slash && merge_slashes => return true,
             _ => {}
         }
@@ -75,38 +136,83 @@ fn drop_empty_segments(path: &str) -> Option<String> {
     Some(kept)
 }
 
-/// `path` with `%XX` decoded where it stands for an unreserved character
-/// (letters, digits, `-._~`), which is the same URI either way; `None` when
-/// there is none. Other escapes (`%2F`, `%20`, ...) stay: decoded they would
-/// mean something else.
-fn decode_unreserved(path: &str) -> Option<String> {
+/// Whether `path` has `%2F`, `%5C` (either case) or `\`.
+fn has_escaped_slash(path: &[u8]) -> bool {
+    path.iter().enumerate().any(|(i, &b)| {
+        b == b'\\'
+            || (b == b'%'
+                && matches!(
+                    path.get(i + 1..i + 3),
+                    Some([b'2', b'f' | b'F'] | [b'5', b'c' | b'C'])
+                ))
+    })
+}
+
+/// `path` with its escapes in canonical form (RFC 3986 §6.2.2.1-2): `%XX`
+/// decoded where it stands for an unreserved character (letters, digits,
+/// `-._~`), which is the same URI either way, the hex digits of the others
+/// upper-cased and bytes beyond ASCII escaped, so `/caf%c3%a9` and `/café`
+/// are both `/caf%C3%A9` and neither misses a route that a backend which
+/// decodes would give them; if `decode_slashes`, `%2F`, `%5C` and `\` made
+/// `/`. `None` when nothing changes. Other escapes (`%20`, `%3F`, ...) stay
+/// escaped: decoded they would mean something else. An error for a `%`
+/// without two hex digits.
+fn normalize_escapes(path: &str, decode_slashes: bool) -> Result<Option<String>, ()> {
     let bytes = path.as_bytes();
     let mut out: Option<Vec<u8>> = None;
     let mut i = 0;
     while i < bytes.len() {
-        let unreserved = match bytes.get(i..i + 3) {
-            Some([b'%', hi, lo]) => hex(*hi)
-                .zip(hex(*lo))
-                .map(|(hi, lo)| hi * 16 + lo)
-                .filter(|&c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~')),
-            _ => None,
-        };
-        match unreserved {
-            Some(c) => {
-                out.get_or_insert_with(|| bytes[..i].to_vec()).push(c);
-                i += 3;
-            }
-            None => {
-                if let Some(out) = &mut out {
-                    out.push(bytes[i]);
+        let b = bytes[i];
+        let (len, canonical) = if b == b'%' {
+            let c = match bytes.get(i + 1..i + 3) {
+                Some([hi, lo]) => hex(*hi).zip(hex(*lo)).map(|(hi, lo)| hi * 16 + lo),
+                _ => None,
+            };
+            match c.ok_or(())? {
+                c if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') => {
+                    (3, Canonical::Byte(c))
                 }
-                i += 1;
+                b'/' | b'\\' if decode_slashes => (3, Canonical::Byte(b'/')),
+                c => (3, Canonical::Escape(c)),
             }
+        } else if !b.is_ascii() {
+            (1, Canonical::Escape(b))
+        } else if b == b'\\' && decode_slashes {
+            (1, Canonical::Byte(b'/'))
+        } else {
+            (1, Canonical::Same)
+        };
+        let source = &bytes[i..i + len];
+        let mut escape = [b'%', 0, 0];
+        let canonical: &[u8] = match canonical {
+            Canonical::Same => source,
+            Canonical::Byte(c) => &[c],
+            Canonical::Escape(c) => {
+                escape[1] = HEX_DIGITS[usize::from(c >> 4)];
+                escape[2] = HEX_DIGITS[usize::from(c & 15)];
+                &escape
+            }
+        };
+        if out.is_none() && canonical != source {
+            out = Some(bytes[..i].to_vec());
         }
+        if let Some(out) = &mut out {
+            out.extend_from_slice(canonical);
+        }
+        i += len;
     }
-    // Only ASCII went in for ASCII: the text stays UTF-8.
-    out.and_then(|out| String::from_utf8(out).ok())
+    // Whole characters are replaced by ASCII: the text stays UTF-8.
+    Ok(out.and_then(|out| String::from_utf8(out).ok()))
 }
+
+/// What stands for a byte or an escape in the canonical path.
+enum Canonical {
+    Same,
+    Byte(u8),
+    Escape(u8),
+}
+
+const HEX_DIGITS: &[u8; 16] = b"0123456789ABCDEF";
 
 fn hex(b: u8) -> Option<u8> {
     (b as char).to_digit(16).map(|d| d as u8)
@@ -128,7 +234,7 @@ fn resolve_dots(path: &str) -> Resolved {
             Some(Dots::One) => {}
             Some(Dots::Two) => {
                 if kept.pop().is_none() {
-                    return Resolved::AboveRoot;
+                    return Resolved::Refused(Refusal::AboveRoot);
                 }
             }
             None => {
@@ -179,7 +285,12 @@ mod tests {
             ("/a/%2F%20", Resolved::Unchanged),
             ("/api/%61dmin/%7Eu", changed("/api/admin/~u")),
             ("/a/%41%2F", changed("/a/A%2F")),
-            ("/a/%zz%4", Resolved::Unchanged),
+            ("/caf%c3%a9/%3a", changed("/caf%C3%A9/%3A")),
+            ("/café/x", changed("/caf%C3%A9/x")),
+            ("/a%2f%5c", changed("/a%2F%5C")),
+            ("/a/%zz", Resolved::Refused(Refusal::BadEscape)),
+            ("/a/%4", Resolved::Refused(Refusal::BadEscape)),
+            ("/a/%%32F", Resolved::Refused(Refusal::BadEscape)),
             ("/api/public/../admin", changed("/api/admin")),
             ("/api/public/%2e%2E/admin/x", changed("/api/admin/x")),
             ("/a/./b/.", changed("/a/b/")),
@@ -188,8 +299,8 @@ mod tests {
             ("/./", changed("/")),
             // Merged first, as nginx does: `..` climbs over `a`.
             ("/a//../b", changed("/b")),
-            ("/..", Resolved::AboveRoot),
-            ("/a/../../etc/passwd", Resolved::AboveRoot),
+            ("/..", Resolved::Refused(Refusal::AboveRoot)),
+            ("/a/../../etc/passwd", Resolved::Refused(Refusal::AboveRoot)),
             ("//admin", changed("/admin")),
             ("/api///users//7/", changed("/api/users/7/")),
             ("/a//%61/.//b", changed("/a/a/b")),
@@ -205,10 +316,14 @@ mod tests {
             ("/api/public/;/../admin", changed("/api/admin")),
             ("/a/;x", Resolved::Unchanged),
             ("//", changed("/")),
-            ("//..", Resolved::AboveRoot),
+            ("//..", Resolved::Refused(Refusal::AboveRoot)),
         ];
+        let keep = |merge_slashes| PathRules {
+            merge_slashes,
+            escaped_slashes: EscapedSlashes::Keep,
+        };
         for (path, want) in cases {
-            assert_eq!(resolve(path, true), want, "{path}");
+            assert_eq!(resolve(path, keep(true)), want, "{path}");
         }
         // Not merging, repeated slashes stay as they are.
         let kept = [
@@ -219,7 +334,44 @@ mod tests {
             ("/a//../b", changed("/a/b")),
         ];
         for (path, want) in kept {
-            assert_eq!(resolve(path, false), want, "{path}");
+            assert_eq!(resolve(path, keep(false)), want, "{path}");
         }
+    }
+
+    #[test]
+    fn escaped_slashes_are_refused_decoded_or_kept() {
+        let changed = |s: &str| Resolved::Changed(s.to_string());
+        let rules = |escaped_slashes| PathRules {
+            merge_slashes: true,
+            escaped_slashes,
+        };
+        let cases = [
+            // path, rejected?, decoded
+            ("/admin%2Fx", true, changed("/admin/x")),
+            ("/admin%2fx", true, changed("/admin/x")),
+            ("/admin%5Cx", true, changed("/admin/x")),
+            ("/admin%5cx", true, changed("/admin/x")),
+            ("/admin\\x", true, changed("/admin/x")),
+            ("/api/public/..%2Fadmin", true, changed("/api/admin")),
+            ("/a/%2F%2F/b/", true, changed("/a/b/")),
+            ("/a/%2F..", true, changed("/")),
+            ("/%2F..%2F..", true, Resolved::Refused(Refusal::AboveRoot)),
+            ("/a%20b/%3F/%252F", false, Resolved::Unchanged),
+            ("/a/%61", false, changed("/a/a")),
+        ];
+        for (path, rejected, decoded) in cases {
+            let refused = resolve(path, rules(EscapedSlashes::Reject))
+                == Resolved::Refused(Refusal::EscapedSlash);
+            assert_eq!(refused, rejected, "{path}");
+            assert_eq!(
+                resolve(path, rules(EscapedSlashes::Decode)),
+                decoded,
+                "{path}"
+            );
+        }
+        assert_eq!(
+            resolve("/admin%2Fx\\y", rules(EscapedSlashes::Keep)),
+            Resolved::Unchanged
+        );
     }
 }

@@ -27,6 +27,7 @@
 //! and each upstream attempt are also spans (`otel`): a handful of calls
 //! below, which do nothing when exporting is off.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -156,8 +157,10 @@ pub async fn handle(proxy: &Proxy, req: Box<Request<ClientBody>>, client: &Clien
     };
     let mut req = req;
     let active = proxy.active.load_full();
-    let merge_slashes = active.config.server.merge_slashes;
-    let refused = refused.or_else(|| make_path_canonical(&mut req, merge_slashes));
+    let path_rules = active.config.server.path_rules();
+    let refused = refused
+        .map(Cow::Borrowed)
+        .or_else(|| make_path_canonical(&mut req, path_rules));
     let (log, stats) = (&active.config.log, &active.config.stats);
     // The path outlives the request only for the log and the statistics.
     let path = (log.access_log || stats.enabled).then(|| req.uri().path().to_string());
@@ -879,13 +882,15 @@ fn unroutable(req: &Request<ClientBody>, names: &RequestNames<'_>) -> Option<&'s
 }
 
 /// Makes the request's path canonical before it is routed (see
-/// `canonical_path`); the reason to refuse it when a `..` climbs above the
-/// root.
-fn make_path_canonical(req: &mut Request<ClientBody>, merge_slashes: bool) -> Option<&'static str> {
-    let resolved = match canonical_path::resolve(req.uri().path(), merge_slashes) {
+/// `canonical_path`); the reason to refuse it when it has none.
+fn make_path_canonical(
+    req: &mut Request<ClientBody>,
+    rules: canonical_path::PathRules,
+) -> Option<Cow<'static, str>> {
+    let resolved = match canonical_path::resolve(req.uri().path(), rules) {
         canonical_path::Resolved::Unchanged => return None,
-        canonical_path::Resolved::AboveRoot => {
-            return Some("The request path climbs above the root with '..'")
+        canonical_path::Resolved::Refused(refusal) => {
+            return Some(format!("The request path {}", refusal.reason()).into())
         }
         canonical_path::Resolved::Changed(path) => path,
     };
@@ -895,7 +900,7 @@ fn make_path_canonical(req: &mut Request<ClientBody>, merge_slashes: bool) -> Op
     };
     // Refused, not routed as it came, should the canonical path not make
     // a URI (it always does: only characters of the original are in it).
-    let unusable = Some("The request path cannot be made canonical");
+    let unusable = Some("The request path cannot be made canonical".into());
     let mut parts = req.uri().clone().into_parts();
     let Ok(path_and_query) = http::uri::PathAndQuery::try_from(target) else {
         return unusable;

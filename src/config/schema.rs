@@ -11,7 +11,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method, Uri};
 
 use super::reader::{BoolOrList, NumberUnit, Section};
-use crate::canonical_path::Resolved;
+use crate::canonical_path::{EscapedSlashes, PathRules, Resolved};
 
 const SECONDS: NumberUnit = NumberUnit::Seconds;
 
@@ -39,6 +39,8 @@ pub struct ServerConfig {
     /// Whether repeated slashes in a request's path are merged before it
     /// is routed and sent upstream (see `canonical_path`).
     pub merge_slashes: bool,
+    /// What `%2F`, `%5C` and `\` in a request's path do.
+    pub escaped_slashes: EscapedSlashes,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     /// How long a client may take nothing of an answer before its
@@ -375,15 +377,15 @@ impl Config {
             let prefix = &route.path_prefix;
             if prefix.starts_with('/') {
                 let trimmed = normalize_prefix(prefix);
-                match crate::canonical_path::resolve(trimmed, self.server.merge_slashes) {
+                match crate::canonical_path::resolve(trimmed, self.server.path_rules()) {
                     Resolved::Unchanged => {}
                     Resolved::Changed(canonical) => root.error(
                         &key("path_prefix"),
                         format!("{prefix:?} would never match: request paths are matched as made canonical, here {canonical:?}"),
                     ),
-                    Resolved::AboveRoot => root.error(
+                    Resolved::Refused(refusal) => root.error(
                         &key("path_prefix"),
-                        format!("{prefix:?} climbs above the root with '..'"),
+                        format!("{prefix:?} {}", refusal.reason()),
                     ),
                 }
             }
@@ -432,6 +434,14 @@ impl Config {
 }
 
 impl ServerConfig {
+    /// How request paths are made canonical.
+    pub fn path_rules(&self) -> PathRules {
+        PathRules {
+            merge_slashes: self.merge_slashes,
+            escaped_slashes: self.escaped_slashes,
+        }
+    }
+
     fn read(s: &Section<'_>) -> Self {
         let listen = socket_addr(s, "listen", "0.0.0.0:8080");
         let admin_listen = socket_addr(s, "admin_listen", "127.0.0.1:9901");
@@ -491,6 +501,7 @@ impl ServerConfig {
             workers: s.get("workers", 0usize),
             max_header_bytes,
             merge_slashes: s.get("merge_slashes", true),
+            escaped_slashes: read_escaped_slashes(s),
             header_read_timeout: s.duration("header_read_timeout", secs(10), SECONDS),
             idle_timeout: s.duration("idle_timeout", secs(60), SECONDS),
             send_timeout: s.duration("send_timeout", secs(60), SECONDS),
@@ -534,6 +545,21 @@ fn listeners_collide(a: SocketAddr, b: SocketAddr) -> bool {
         wild.ip().is_unspecified() && (wild.is_ipv6() || other.is_ipv4())
     };
     a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
+fn read_escaped_slashes(s: &Section<'_>) -> EscapedSlashes {
+    match s.get("escaped_slashes", "reject".to_string()).as_str() {
+        "reject" => EscapedSlashes::Reject,
+        "keep" => EscapedSlashes::Keep,
+        "decode" => EscapedSlashes::Decode,
+        other => {
+            s.error(
+                "escaped_slashes",
+                format!("expected \"reject\", \"keep\" or \"decode\", found {other:?}"),
+            );
+            EscapedSlashes::Reject
+        }
+    }
 }
 
 /// The largest `upstream_max_conns`: far above what one target can take,

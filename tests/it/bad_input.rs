@@ -8,14 +8,6 @@ use tokio::net::TcpStream;
 
 use crate::harness::{client, Backend, Backstop, Reply};
 
-async fn raw(bs: &Backstop, request: &[u8]) -> String {
-    let mut s = TcpStream::connect(bs.addr).await.unwrap();
-    s.write_all(request).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 async fn assert_healthy(bs: &mut Backstop) {
     assert!(bs.is_running(), "process died");
     let r = client().get(bs.url("/health")).send().await.unwrap();
@@ -36,12 +28,9 @@ fn config(backend: &Backend) -> String {
 async fn content_length_with_transfer_encoding_cannot_smuggle_a_request() {
     let backend = Backend::echo().await;
     let mut bs = Backstop::start(&config(&backend));
-    let answer = raw(
-        &bs,
-        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n\
-          0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
-    )
-    .await;
+    let request = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\
+          Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+    let answer = bs.raw(request).await;
     assert!(
         answer.starts_with("HTTP/1.1 400") || answer.contains("connection: close"),
         "{answer}"
@@ -66,16 +55,16 @@ async fn content_length_with_transfer_encoding_cannot_smuggle_a_request() {
 async fn invalid_header_bytes_are_refused() {
     let backend = Backend::echo().await;
     let mut bs = Backstop::start(&config(&backend));
-    let answer = raw(
-        &bs,
-        b"GET /x HTTP/1.1\r\nHost: a\r\nX-Bad\x01Name: v\r\n\r\n",
-    )
-    .await;
+    let answer = bs
+        .raw(b"GET /x HTTP/1.1\r\nHost: a\r\nX-Bad\x01Name: v\r\n\r\n")
+        .await;
     assert!(
         answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
         "{answer}"
     );
-    let answer = raw(&bs, b"GET /x HTTP/1.1\r\nHost: a\r\nX-Ok: a\x00b\r\n\r\n").await;
+    let answer = bs
+        .raw(b"GET /x HTTP/1.1\r\nHost: a\r\nX-Ok: a\x00b\r\n\r\n")
+        .await;
     assert!(
         answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
         "{answer}"
@@ -90,7 +79,7 @@ async fn a_64_kib_header_gets_431() {
     let mut bs = Backstop::start(&config(&backend));
     let big = "a".repeat(64 * 1024);
     let request = format!("GET /x HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n");
-    let answer = raw(&bs, request.as_bytes()).await;
+    let answer = bs.raw(request.as_bytes()).await;
     assert!(
         answer.starts_with("HTTP/1.1 431"),
         "{}",
@@ -290,11 +279,9 @@ async fn a_broken_streamed_body_is_the_clients_fault_not_the_backends() {
     );
     let mut bs = Backstop::start(&toml);
     for _ in 0..4 {
-        let answer = raw(
-            &bs,
-            b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
-        )
-        .await;
+        let request = b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+              5\r\nhello\r\nzz\r\n";
+        let answer = bs.raw(request).await;
         // hyper may close the connection before the answer: no answer is
         // fine, a wrong one is not.
         assert!(
@@ -498,7 +485,7 @@ async fn malformed_hosts_and_targets_get_400_and_stay_away_from_the_backend() {
         b"GET /a HTTP/1.1\r\nHost: a.example:8080\r\nConnection: close\r\n\r\n",
         b"GET /a HTTP/1.1\r\nHost: [2001:db8::1]:8080\r\nConnection: close\r\n\r\n",
     ] {
-        let answer = raw(&bs, request).await;
+        let answer = bs.raw(request).await;
         // hyper answers an HTTP/1.0 request in HTTP/1.0.
         assert!(
             answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200"),
@@ -514,13 +501,13 @@ async fn malformed_hosts_and_targets_get_400_and_stay_away_from_the_backend() {
 async fn repeated_forwarding_lines_are_kept_as_one_list() {
     let backend = Backend::echo().await;
     let bs = Backstop::start(&config(&backend));
-    let answer = raw(
-        &bs,
-        b"GET /f HTTP/1.1\r\nHost: shop.example\r\nX-Forwarded-For: 10.0.0.1\r\n\
+    let answer = bs
+        .raw(
+            b"GET /f HTTP/1.1\r\nHost: shop.example\r\nX-Forwarded-For: 10.0.0.1\r\n\
           Forwarded: for=10.0.0.1\r\nX-Forwarded-For: 10.0.0.2\r\n\
           Forwarded: for=10.0.0.2\r\nConnection: close\r\n\r\n",
-    )
-    .await;
+        )
+        .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let seen = &backend.seen()[0];
     assert_eq!(

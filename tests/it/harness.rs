@@ -182,6 +182,17 @@ impl Backstop {
         format!("http://{}{}", self.admin, path)
     }
 
+    /// Sends `request` as it is on a new connection and reads what comes
+    /// back until the connection closes (or 5 s pass): for what a client
+    /// library would not send.
+    pub async fn raw(&self, request: &[u8]) -> String {
+        let mut s = TcpStream::connect(self.addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
     /// GET an admin path and parse its JSON answer.
     pub async fn admin_json(&self, path: &str) -> serde_json::Value {
         client()

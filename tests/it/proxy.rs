@@ -112,7 +112,6 @@ async fn a_request_id_is_created_when_absent() {
 /// of 20 KiB hyper's).
 #[tokio::test]
 async fn a_client_x_forwarded_host_never_passes_for_the_proxys() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let backend = Backend::echo().await;
     let bs = Backstop::start(&route("api", "/", &[backend.url()], ""));
     let body = "x".repeat(20 * 1024);
@@ -122,14 +121,7 @@ async fn a_client_x_forwarded_host_never_passes_for_the_proxys() {
         body.len()
     );
     for request in [get, post] {
-        let mut s = tokio::net::TcpStream::connect(bs.addr).await.unwrap();
-        s.write_all(request.as_bytes()).await.unwrap();
-        let mut out = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-            .await
-            .unwrap()
-            .unwrap();
-        let answer = String::from_utf8_lossy(&out);
+        let answer = bs.raw(request.as_bytes()).await;
         assert!(
             answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"),
             "{answer}"
@@ -155,7 +147,6 @@ async fn a_client_x_forwarded_host_never_passes_for_the_proxys() {
 /// With `merge_slashes = false`, repeated slashes stay.
 #[tokio::test]
 async fn paths_are_made_canonical_before_routing() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let public = Backend::echo().await;
     let admin = Backend::echo().await;
     let other = Backend::echo().await;
@@ -166,20 +157,6 @@ async fn paths_are_made_canonical_before_routing() {
         route("other", "/", &[other.url()], "")
     );
     let bs = Backstop::start(&toml);
-    let send = |bs: &Backstop, target: &'static str| {
-        let addr = bs.addr;
-        async move {
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let request = format!("GET {target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
-            s.write_all(request.as_bytes()).await.unwrap();
-            let mut out = Vec::new();
-            tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-                .await
-                .unwrap()
-                .unwrap();
-            String::from_utf8_lossy(&out).into_owned()
-        }
-    };
     for target in [
         "/api/public/../admin/x?q=1",
         "/api/public/%2e%2E/admin/x?q=1",
@@ -191,7 +168,7 @@ async fn paths_are_made_canonical_before_routing() {
         "/;x/api/public/;/../admin/x?q=1",
         "/api;a=1/admin;jsessionid=7/x?q=1",
     ] {
-        let answer = send(&bs, target).await;
+        let answer = get_closing(&bs, target).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{target}: {answer}");
     }
     assert_eq!((public.hits(), other.hits()), (0, 0));
@@ -199,15 +176,83 @@ async fn paths_are_made_canonical_before_routing() {
     let mut want = vec!["/api/admin/x?q=1"; 8];
     want.push("/api;a=1/admin;jsessionid=7/x?q=1");
     assert_eq!(seen, want);
-    let answer = send(&bs, "/api/../../etc/passwd").await;
+    let answer = get_closing(&bs, "/api/../../etc/passwd").await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("bad_request"), "{answer}");
 
     let kept = Backstop::start(&format!("[server]\nmerge_slashes = false\n{toml}"));
-    let answer = send(&kept, "//api//admin/x").await;
+    let answer = get_closing(&kept, "//api//admin/x").await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(other.seen()[0].uri, "//api//admin/x");
     assert_eq!(admin.hits(), 9);
+}
+
+/// A GET of `target` as it is, on a connection closed after the answer.
+async fn get_closing(bs: &Backstop, target: &str) -> String {
+    let request = format!("GET {target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+    bs.raw(request.as_bytes()).await
+}
+
+/// An escaped slash cannot take a path out of its route (`/admin%2Fx`
+/// past `/admin`'s): refused by default, as is a broken escape; read as
+/// `/` with `escaped_slashes = "decode"`; routed and sent as it is with
+/// `"keep"`. Other escapes are sent with upper-case hex digits.
+#[tokio::test]
+async fn escaped_slashes_are_refused_decoded_or_kept() {
+    let admin = Backend::echo().await;
+    let other = Backend::echo().await;
+    let toml = format!(
+        "{}{}",
+        route("admin", "/admin", &[admin.url()], ""),
+        route("other", "/", &[other.url()], "")
+    );
+    let refusing = Backstop::start(&toml);
+    for (target, reason) in [
+        ("/admin%2Fx", "escaped slash"),
+        ("/admin%2fx", "escaped slash"),
+        ("/admin%5Cx", "escaped slash"),
+        ("/admin\\x", "escaped slash"),
+        ("/public/..%2Fadmin", "escaped slash"),
+        ("/admin%%32Fx", "two hex digits"),
+        ("/a%zz", "two hex digits"),
+    ] {
+        let answer = get_closing(&refusing, target).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{target}: {answer}");
+        assert!(answer.contains("bad_request"), "{target}: {answer}");
+        assert!(answer.contains(reason), "{target}: {answer}");
+    }
+    // Other escapes pass, upper-cased in the path, as they are in the query.
+    let answer = get_closing(&refusing, "/admin/a%20b%3f?q=%2f").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!((admin.hits(), other.hits()), (1, 0));
+
+    let decoding = Backstop::start(&format!("[server]\nescaped_slashes = \"decode\"\n{toml}"));
+    for target in [
+        "/admin%2Fx?q=%2F",
+        "/admin%5cx",
+        "/admin\\x",
+        "/public/..%2Fadmin/x",
+    ] {
+        let answer = get_closing(&decoding, target).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{target}: {answer}");
+    }
+    let seen: Vec<String> = admin.seen().iter().map(|s| s.uri.clone()).collect();
+    assert_eq!(
+        seen,
+        [
+            "/admin/a%20b%3F?q=%2f",
+            "/admin/x?q=%2F",
+            "/admin/x",
+            "/admin/x",
+            "/admin/x"
+        ]
+    );
+
+    let keeping = Backstop::start(&format!("[server]\nescaped_slashes = \"keep\"\n{toml}"));
+    let answer = get_closing(&keeping, "/admin%2Fx").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(other.seen()[0].uri, "/admin%2Fx");
+    assert_eq!((admin.hits(), other.hits()), (5, 1));
 }
 
 #[tokio::test]
