@@ -38,6 +38,9 @@ pub enum Refusal {
     /// A `%` without two hex digits after it, as nginx refuses: decoding
     /// around it could make a new escape (`%%32F` would be `%2F`).
     BadEscape,
+    /// `%00`, as nginx refuses: a backend in C would read `/admin%00x` as
+    /// `/admin`, past the route that `/admin%00x` missed.
+    EscapedNul,
 }
 
 impl Refusal {
@@ -49,6 +52,7 @@ impl Refusal {
                 "has an escaped slash (%2F, %5C or \\), which server.escaped_slashes = \"reject\" refuses"
             }
             Refusal::BadEscape => "has a '%' that is not followed by two hex digits",
+            Refusal::EscapedNul => "has an escaped NUL (%00)",
         }
     }
 }
@@ -86,8 +90,9 @@ pub fn resolve(path: &str, rules: PathRules) -> Resolved {
         EscapedSlashes::Decode => true,
         _ => false,
     };
-    let Ok(decoded) = normalize_escapes(path, decode_slashes) else {
-        return Resolved::Refused(Refusal::BadEscape);
+    let decoded = match normalize_escapes(path, decode_slashes) {
+        Ok(decoded) => decoded,
+        Err(refusal) => return Resolved::Refused(refusal),
     };
     let merged = match decoded.as_deref().unwrap_or(path) {
         text if rules.merge_slashes => drop_empty_segments(text),
@@ -155,9 +160,9 @@ fn has_escaped_slash(path: &[u8]) -> bool {
 /// are both `/caf%C3%A9` and neither misses a route that a backend which
 /// decodes would give them; if `decode_slashes`, `%2F`, `%5C` and `\` made
 /// `/`. `None` when nothing changes. Other escapes (`%20`, `%3F`, ...) stay
-/// escaped: decoded they would mean something else. An error for a `%`
-/// without two hex digits.
-fn normalize_escapes(path: &str, decode_slashes: bool) -> Result<Option<String>, ()> {
+/// escaped: decoded they would mean something else. Refused: a `%`
+/// without two hex digits, and `%00`.
+fn normalize_escapes(path: &str, decode_slashes: bool) -> Result<Option<String>, Refusal> {
     let bytes = path.as_bytes();
     let mut out: Option<Vec<u8>> = None;
     let mut i = 0;
@@ -168,7 +173,8 @@ fn normalize_escapes(path: &str, decode_slashes: bool) -> Result<Option<String>,
                 Some([hi, lo]) => hex(*hi).zip(hex(*lo)).map(|(hi, lo)| hi * 16 + lo),
                 _ => None,
             };
-            match c.ok_or(())? {
+            match c.ok_or(Refusal::BadEscape)? {
+                0 => return Err(Refusal::EscapedNul),
                 c if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') => {
                     (3, Canonical::Byte(c))
                 }
@@ -291,6 +297,7 @@ mod tests {
             ("/a/%zz", Resolved::Refused(Refusal::BadEscape)),
             ("/a/%4", Resolved::Refused(Refusal::BadEscape)),
             ("/a/%%32F", Resolved::Refused(Refusal::BadEscape)),
+            ("/admin%00x", Resolved::Refused(Refusal::EscapedNul)),
             ("/api/public/../admin", changed("/api/admin")),
             ("/api/public/%2e%2E/admin/x", changed("/api/admin/x")),
             ("/a/./b/.", changed("/a/b/")),

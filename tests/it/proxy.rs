@@ -194,9 +194,10 @@ async fn get_closing(bs: &Backstop, target: &str) -> String {
 }
 
 /// An escaped slash cannot take a path out of its route (`/admin%2Fx`
-/// past `/admin`'s): refused by default, as is a broken escape; read as
-/// `/` with `escaped_slashes = "decode"`; routed and sent as it is with
-/// `"keep"`. Other escapes are sent with upper-case hex digits.
+/// past `/admin`'s): refused by default, as are a broken escape and an
+/// escaped NUL; read as `/` with `escaped_slashes = "decode"`; routed and
+/// sent as it is with `"keep"`. Other escapes are sent with upper-case hex
+/// digits.
 #[tokio::test]
 async fn escaped_slashes_are_refused_decoded_or_kept() {
     let admin = Backend::echo().await;
@@ -215,6 +216,7 @@ async fn escaped_slashes_are_refused_decoded_or_kept() {
         ("/public/..%2Fadmin", "escaped slash"),
         ("/admin%%32Fx", "two hex digits"),
         ("/a%zz", "two hex digits"),
+        ("/admin%00.html", "escaped NUL"),
     ] {
         let answer = get_closing(&refusing, target).await;
         assert!(answer.starts_with("HTTP/1.1 400"), "{target}: {answer}");
