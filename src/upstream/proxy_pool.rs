@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use http::header::{HeaderValue, PROXY_AUTHORIZATION};
-use http::{Request, Response, Uri};
+use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::{Connected, Connection};
@@ -163,7 +163,8 @@ impl ProxyPool {
         };
         // Absolute form: the proxy reads the credentials from each request.
         // Over a tunnel they were on the CONNECT and must not reach the target.
-        if request.uri().scheme_str() == Some("http") {
+        let absolute_form = request.uri().scheme_str() == Some("http");
+        if absolute_form {
             if let Some(auth) = &proxy.auth {
                 request
                     .headers_mut()
@@ -172,6 +173,15 @@ impl ProxyPool {
         }
         let upload = upload::progress_of(&request);
         match upload::answer_by(proxy.client.request(request), deadline, upload.as_deref()).await {
+            // The proxy's own refusal, not the backend's answer (a `CONNECT`'s
+            // is found by the connector): the request went no further.
+            Some(Ok(response))
+                if absolute_form
+                    && response.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED =>
+            {
+                tracing::debug!(proxy = %proxy.name, "the outbound proxy asks for credentials (407)");
+                Err(Failure::ProxyFailed)
+            }
             Some(Ok(response)) => Ok(response),
             Some(Err(e)) => {
                 let failure = if e.is_connect() && proxy_at_fault(&e) {

@@ -1,7 +1,7 @@
 //! A tiny HTTP forward proxy for tests: absolute-form requests are forwarded
 //! (with `Via: <name>` added, so a backend can tell they came through), and
 //! `CONNECT` opens a raw tunnel (503 when the target cannot be reached). It records what it saw, including the
-//! `Proxy-Authorization` header.
+//! `Proxy-Authorization` header. A locked one answers every request 407.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -37,6 +37,15 @@ type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 impl ForwardProxy {
     pub async fn start(name: &'static str) -> ForwardProxy {
+        ForwardProxy::start_with(name, false).await
+    }
+
+    /// A proxy that asks for credentials it never takes: 407 to everything.
+    pub async fn locked(name: &'static str) -> ForwardProxy {
+        ForwardProxy::start_with(name, true).await
+    }
+
+    async fn start_with(name: &'static str, locked: bool) -> ForwardProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -54,7 +63,13 @@ impl ForwardProxy {
                     let service = hyper::service::service_fn(move |req| {
                         let log = log.clone();
                         let client = client.clone();
-                        async move { Ok::<_, Infallible>(handle(name, req, log, client).await) }
+                        async move {
+                            let response = match locked {
+                                true => refuse(req, &log),
+                                false => handle(name, req, log, client).await,
+                            };
+                            Ok::<_, Infallible>(response)
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -87,12 +102,18 @@ fn empty(status: u16) -> Response<ProxyBody> {
     r
 }
 
-async fn handle(
-    name: &'static str,
-    mut req: Request<Incoming>,
-    log: Arc<Mutex<Vec<ProxySeen>>>,
-    client: Client<HttpConnector, Incoming>,
-) -> Response<ProxyBody> {
+fn refuse(mut req: Request<Incoming>, log: &Mutex<Vec<ProxySeen>>) -> Response<ProxyBody> {
+    record(&mut req, log);
+    let mut response = empty(407);
+    response.headers_mut().insert(
+        "proxy-authenticate",
+        http::HeaderValue::from_static("Basic realm=\"test\""),
+    );
+    response
+}
+
+/// Logs `req`, taking its `Proxy-Authorization` out.
+fn record(req: &mut Request<Incoming>, log: &Mutex<Vec<ProxySeen>>) {
     let auth = req
         .headers_mut()
         .remove("proxy-authorization")
@@ -102,6 +123,15 @@ async fn handle(
         target: req.uri().to_string(),
         proxy_authorization: auth,
     });
+}
+
+async fn handle(
+    name: &'static str,
+    mut req: Request<Incoming>,
+    log: Arc<Mutex<Vec<ProxySeen>>>,
+    client: Client<HttpConnector, Incoming>,
+) -> Response<ProxyBody> {
+    record(&mut req, &log);
     if req.method() == Method::CONNECT {
         let Some(target) = req.uri().authority().map(|a| a.to_string()) else {
             return empty(400);

@@ -789,6 +789,43 @@ async fn a_dead_proxy_is_skipped() {
     assert!(!bs.logs().contains(PROXY_PASSWORD), "{}", bs.logs());
 }
 
+/// A proxy that asks for credentials (407) it was not given refused the
+/// request itself: the 407 is not the backend's answer. The proxy is
+/// skipped and the attempt retried through the other, a POST too (it never
+/// reached the backend).
+#[tokio::test]
+async fn a_proxy_that_asks_for_credentials_is_skipped() {
+    let backend = Backend::echo().await;
+    let locked = ForwardProxy::locked("locked").await;
+    let live = ForwardProxy::start("live").await;
+    let bs = Backstop::start(&proxied_route(
+        &backend.url(),
+        &[proxy_url(locked.addr), proxy_url(live.addr)],
+        "round_robin",
+        "",
+    ));
+    for i in 0..6 {
+        let r = client()
+            .post(bs.url("/api/order"))
+            .body(format!("order {i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(locked.hits(), 1, "skipped after its 407");
+    assert_eq!(live.hits(), 6);
+    let seen = backend.seen();
+    let bodies: Vec<_> = seen
+        .iter()
+        .map(|s| String::from_utf8_lossy(&s.body))
+        .collect();
+    let want: Vec<_> = (0..6).map(|i| format!("order {i}")).collect();
+    assert_eq!(bodies, want, "each order once, through the live proxy");
+    bs.wait_for_log("outbound proxy failed", Duration::from_secs(5))
+        .await;
+}
+
 /// An HTTPS backend answering "secure" for `localhost`, and the path of
 /// its CA's certificate (in the directory returned with it).
 async fn secure_backend() -> (Backend, std::path::PathBuf, tempfile::TempDir) {
