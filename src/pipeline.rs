@@ -760,6 +760,11 @@ pub fn failure_error(failure: Failure, route: &str) -> ProxyError {
             ErrorCode::UpstreamInvalidResponse,
             format!("The backend of route {route} sent an answer that is not valid HTTP or is too large"),
         ),
+        // The backend was never tried: the proxy's failure, not its.
+        Failure::ProxyFailed => ProxyError::new(
+            ErrorCode::UpstreamUnreachable,
+            format!("No outbound proxy of route {route} could take the request (proxy_failed)"),
+        ),
         _ => ProxyError::new(
             ErrorCode::UpstreamUnreachable,
             format!(
@@ -899,7 +904,8 @@ fn make_path_canonical(
         None => resolved,
     };
     // Refused, not routed as it came, should the canonical path not make
-    // a URI (it always does: only characters of the original are in it).
+    // a URI: it is ASCII, but escaping bytes beyond ASCII can take it past
+    // the longest URI `http` takes (64 KiB).
     let unusable = Some("The request path cannot be made canonical".into());
     let mut parts = req.uri().clone().into_parts();
     let Ok(path_and_query) = http::uri::PathAndQuery::try_from(target) else {

@@ -375,13 +375,14 @@ impl Config {
             // not canonical would never match.
             // (Trailing slashes are the route's own to trim: `/api/` is `/api`.)
             let prefix = &route.path_prefix;
-            if prefix.starts_with('/') {
+            // (One with `?`, `#` or `;` is refused as it is.)
+            if prefix.starts_with('/') && !prefix.contains(['?', '#', ';']) {
                 let trimmed = normalize_prefix(prefix);
                 match crate::canonical_path::resolve(trimmed, self.server.path_rules()) {
                     Resolved::Unchanged => {}
                     Resolved::Changed(canonical) => root.error(
                         &key("path_prefix"),
-                        format!("{prefix:?} would never match: request paths are matched as made canonical, here {canonical:?}"),
+                        format!("{prefix:?} would never match: request paths are matched as made canonical; write it as {canonical:?}"),
                     ),
                     Resolved::Refused(refusal) => root.error(
                         &key("path_prefix"),

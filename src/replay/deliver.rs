@@ -73,11 +73,16 @@ pub async fn deliver(
         &route.config.proxy,
         retried,
     );
-    match route
+    let result = route
         .upstream
         .send_through(via, target, request, deadline)
-        .await
-    {
+        .await;
+    // What a replay finds down is skipped by clients' requests too, as
+    // theirs is by replays.
+    if let Err(failure) = &result {
+        route.upstream.eject(*failure, via, target);
+    }
+    match result {
         Ok(response) => {
             let status = response.status().as_u16();
             // Drain the body so the pooled connection can be reused, but

@@ -179,7 +179,7 @@ impl ProxyPool {
                 if absolute_form
                     && response.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED =>
             {
-                tracing::debug!(proxy = %proxy.name, "the outbound proxy asks for credentials (407)");
+                tracing::warn!(proxy = %proxy.name, "the outbound proxy asks for credentials (407): check the user and password in its URL");
                 Err(Failure::ProxyFailed)
             }
             Some(Ok(response)) => Ok(response),

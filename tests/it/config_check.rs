@@ -97,10 +97,10 @@ fn invalid_files_list_every_error_with_its_key() {
              [[routes]]\nname = \"f\"\npath_prefix = \"/f%2Fg\"\nupstreams = [\"http://h\"]\n\
              [[routes]]\nname = \"g\"\npath_prefix = \"/g%zz\"\nupstreams = [\"http://h\"]\n".into(),
             vec![
-                "FILE: routes[0].path_prefix: \"/a//b\" would never match: request paths are matched as made canonical, here \"/a/b\"",
+                "FILE: routes[0].path_prefix: \"/a//b\" would never match: request paths are matched as made canonical; write it as \"/a/b\"",
                 "FILE: routes[1].path_prefix: \"/b/../..\" climbs above the root with '..'",
                 "FILE: routes[2].path_prefix: \"/c;v=1\" must be a path, without '?', '#' or ';'",
-                "FILE: routes[3].path_prefix: \"/%64/./x\" would never match: request paths are matched as made canonical, here \"/d/x\"",
+                "FILE: routes[3].path_prefix: \"/%64/./x\" would never match: request paths are matched as made canonical; write it as \"/d/x\"",
                 "FILE: routes[5].path_prefix: \"/f%2Fg\" has an escaped slash (%2F, %5C or \\), which server.escaped_slashes = \"reject\" refuses",
                 "FILE: routes[6].path_prefix: \"/g%zz\" has a '%' that is not followed by two hex digits",
             ],
@@ -109,7 +109,7 @@ fn invalid_files_list_every_error_with_its_key() {
             "[server]\nescaped_slashes = \"decode\"\n\
              [[routes]]\nname = \"f\"\npath_prefix = \"/f%2fg\"\nupstreams = [\"http://h\"]\n".into(),
             vec![
-                "FILE: routes[0].path_prefix: \"/f%2fg\" would never match: request paths are matched as made canonical, here \"/f/g\"",
+                "FILE: routes[0].path_prefix: \"/f%2fg\" would never match: request paths are matched as made canonical; write it as \"/f/g\"",
             ],
         ),
         (

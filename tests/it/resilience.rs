@@ -792,7 +792,8 @@ async fn a_dead_proxy_is_skipped() {
 /// A proxy that asks for credentials (407) it was not given refused the
 /// request itself: the 407 is not the backend's answer. The proxy is
 /// skipped and the attempt retried through the other, a POST too (it never
-/// reached the backend).
+/// reached the backend). With no other proxy, the client gets a 502 that
+/// says so.
 #[tokio::test]
 async fn a_proxy_that_asks_for_credentials_is_skipped() {
     let backend = Backend::echo().await;
@@ -822,8 +823,22 @@ async fn a_proxy_that_asks_for_credentials_is_skipped() {
         .collect();
     let want: Vec<_> = (0..6).map(|i| format!("order {i}")).collect();
     assert_eq!(bodies, want, "each order once, through the live proxy");
-    bs.wait_for_log("outbound proxy failed", Duration::from_secs(5))
+    bs.wait_for_log("asks for credentials (407)", Duration::from_secs(5))
         .await;
+
+    // With no other proxy, the client is told so, not that the backend failed.
+    let alone = Backstop::start(&proxied_route(
+        &backend.url(),
+        &[proxy_url(locked.addr)],
+        "round_robin",
+        "",
+    ));
+    let r = client().get(alone.url("/api/order")).send().await.unwrap();
+    let (status, code, body) = error_of(r).await;
+    assert_eq!((status, code.as_str()), (502, "upstream_unreachable"));
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(message.contains("No outbound proxy"), "{body}");
+    assert_eq!(backend.hits(), 6);
 }
 
 /// An HTTPS backend answering "secure" for `localhost`, and the path of
