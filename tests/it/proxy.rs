@@ -197,7 +197,7 @@ async fn get_closing(bs: &Backstop, target: &str) -> String {
 /// past `/admin`'s): refused by default, as are a broken escape and an
 /// escaped NUL; read as `/` with `escaped_slashes = "decode"`; routed and
 /// sent as it is with `"keep"`. Other escapes are sent with upper-case hex
-/// digits.
+/// digits, and bytes beyond ASCII escaped.
 #[tokio::test]
 async fn escaped_slashes_are_refused_decoded_or_kept() {
     let admin = Backend::echo().await;
@@ -223,10 +223,13 @@ async fn escaped_slashes_are_refused_decoded_or_kept() {
         assert!(answer.contains("bad_request"), "{target}: {answer}");
         assert!(answer.contains(reason), "{target}: {answer}");
     }
-    // Other escapes pass, upper-cased in the path, as they are in the query.
-    let answer = get_closing(&refusing, "/admin/a%20b%3f?q=%2f").await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert_eq!((admin.hits(), other.hits()), (1, 0));
+    // Other escapes pass, upper-cased in the path, as they are in the
+    // query; bytes beyond ASCII are escaped.
+    for target in ["/admin/a%20b%3f?q=%2f", "/admin/caf\u{e9}"] {
+        let answer = get_closing(&refusing, target).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{target}: {answer}");
+    }
+    assert_eq!((admin.hits(), other.hits()), (2, 0));
 
     let decoding = Backstop::start(&format!("[server]\nescaped_slashes = \"decode\"\n{toml}"));
     for target in [
@@ -243,6 +246,7 @@ async fn escaped_slashes_are_refused_decoded_or_kept() {
         seen,
         [
             "/admin/a%20b%3F?q=%2f",
+            "/admin/caf%C3%A9",
             "/admin/x?q=%2F",
             "/admin/x",
             "/admin/x",
@@ -254,7 +258,7 @@ async fn escaped_slashes_are_refused_decoded_or_kept() {
     let answer = get_closing(&keeping, "/admin%2Fx").await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(other.seen()[0].uri, "/admin%2Fx");
-    assert_eq!((admin.hits(), other.hits()), (5, 1));
+    assert_eq!((admin.hits(), other.hits()), (6, 1));
 }
 
 #[tokio::test]
