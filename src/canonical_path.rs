@@ -83,14 +83,7 @@ pub fn resolve(path: &str, rules: PathRules) -> Resolved {
     if !needs_work(path.as_bytes(), rules.merge_slashes) {
         return Resolved::Unchanged;
     }
-    let decode_slashes = match rules.escaped_slashes {
-        EscapedSlashes::Reject if has_escaped_slash(path.as_bytes()) => {
-            return Resolved::Refused(Refusal::EscapedSlash);
-        }
-        EscapedSlashes::Decode => true,
-        _ => false,
-    };
-    let decoded = match normalize_escapes(path, decode_slashes) {
+    let decoded = match normalize_escapes(path, rules.escaped_slashes) {
         Ok(decoded) => decoded,
         Err(refusal) => return Resolved::Refused(refusal),
     };
@@ -141,28 +134,25 @@ fn drop_empty_segments(path: &str) -> Option<String> {
     Some(kept)
 }
 
-/// Whether `path` has `%2F`, `%5C` (either case) or `\`.
-fn has_escaped_slash(path: &[u8]) -> bool {
-    path.iter().enumerate().any(|(i, &b)| {
-        b == b'\\'
-            || (b == b'%'
-                && matches!(
-                    path.get(i + 1..i + 3),
-                    Some([b'2', b'f' | b'F'] | [b'5', b'c' | b'C'])
-                ))
-    })
-}
-
 /// `path` with its escapes in canonical form (RFC 3986 §6.2.2.1-2): `%XX`
 /// decoded where it stands for an unreserved character (letters, digits,
 /// `-._~`), which is the same URI either way, the hex digits of the others
 /// upper-cased and bytes beyond ASCII escaped, so `/caf%c3%a9` and `/café`
 /// are both `/caf%C3%A9` and neither misses a route that a backend which
-/// decodes would give them; if `decode_slashes`, `%2F`, `%5C` and `\` made
-/// `/`. `None` when nothing changes. Other escapes (`%20`, `%3F`, ...) stay
-/// escaped: decoded they would mean something else. Refused: a `%`
-/// without two hex digits, and `%00`.
-fn normalize_escapes(path: &str, decode_slashes: bool) -> Result<Option<String>, Refusal> {
+/// decodes would give them; `%2F`, `%5C` and `\` refused, made `/` or kept
+/// as `escaped_slashes` says. `None` when nothing changes. Other escapes
+/// (`%20`, `%3F`, ...) stay escaped: decoded they would mean something
+/// else. Refused: a `%` without two hex digits, and `%00`.
+fn normalize_escapes(
+    path: &str,
+    escaped_slashes: EscapedSlashes,
+) -> Result<Option<String>, Refusal> {
+    // What an escaped slash of `len` bytes becomes, `kept` if it stays.
+    let slash = |len, kept| match escaped_slashes {
+        EscapedSlashes::Reject => Err(Refusal::EscapedSlash),
+        EscapedSlashes::Decode => Ok((len, Canonical::Byte(b'/'))),
+        EscapedSlashes::Keep => Ok((len, kept)),
+    };
     let bytes = path.as_bytes();
     let mut out: Option<Vec<u8>> = None;
     let mut i = 0;
@@ -178,13 +168,13 @@ fn normalize_escapes(path: &str, decode_slashes: bool) -> Result<Option<String>,
                 c if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') => {
                     (3, Canonical::Byte(c))
                 }
-                b'/' | b'\\' if decode_slashes => (3, Canonical::Byte(b'/')),
+                c @ (b'/' | b'\\') => slash(3, Canonical::Escape(c))?,
                 c => (3, Canonical::Escape(c)),
             }
         } else if !b.is_ascii() {
             (1, Canonical::Escape(b))
-        } else if b == b'\\' && decode_slashes {
-            (1, Canonical::Byte(b'/'))
+        } else if b == b'\\' {
+            slash(1, Canonical::Same)?
         } else {
             (1, Canonical::Same)
         };
