@@ -632,6 +632,10 @@ async fn forward(
         if !may_retry {
             return give_up(failure, response);
         }
+        if failure == Failure::ProxyFailed && proxies.is_some_and(|p| !p.any_usable()) {
+            tracing::debug!(route = %route.name(), attempt, "no retry: every outbound proxy is being skipped");
+            return give_up(failure, response);
+        }
         let hint = response.as_ref().and_then(|r| retry_after(r.headers()));
         let delay = backoff.delay_with_hint(attempt, hint);
         if deadline.is_some_and(|d| Instant::now() + delay >= d) {

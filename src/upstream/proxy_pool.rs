@@ -141,6 +141,15 @@ impl ProxyPool {
             .unwrap_or(start % n)
     }
 
+    /// Whether some proxy is not being skipped: when none is, a retry
+    /// after a proxy's failure would only meet a proxy known to fail.
+    pub fn any_usable(&self) -> bool {
+        let now = self.now_ms();
+        self.proxies
+            .iter()
+            .any(|p| p.ejected_until_ms.load(Ordering::Relaxed) <= now)
+    }
+
     /// Skips a proxy that could not be reached (or refused the tunnel).
     pub fn eject(&self, index: usize) {
         if let Some(p) = self.proxies.get(index) {

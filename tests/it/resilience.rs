@@ -838,6 +838,7 @@ async fn a_proxy_that_asks_for_credentials_is_skipped() {
     assert_eq!((status, code.as_str()), (502, "upstream_unreachable"));
     let message = body["message"].as_str().unwrap_or_default();
     assert!(message.contains("No outbound proxy"), "{body}");
+    assert_eq!(locked.hits(), 2, "no retry through a proxy being skipped");
     assert_eq!(backend.hits(), 6);
 }
 
