@@ -259,10 +259,16 @@ async fn proxy_request(
             ctx.cache = cache.verdict().map(|v| v.as_str());
             answer
         }
-        Forwarded::Failed { failure, response } => {
+        Forwarded::Failed {
+            failure,
+            mut response,
+        } => {
             ctx.failure = Some(failure);
             if let Some(stale) = stale_phase(&mut cache, ctx) {
                 return Ok(stale);
+            }
+            if let Some(response) = &mut response {
+                cache.mark_failure(response.headers_mut());
             }
             out_of_line(capture_phase(
                 proxy, route, outgoing, failure, response, ctx,

@@ -269,6 +269,14 @@ impl CacheState {
         self.verdict
     }
 
+    /// Marks the backend's failure answer, passed on as it came (nothing
+    /// stale to serve instead), with the lookup's `X-Cache`.
+    pub fn mark_failure(&self, headers: &mut HeaderMap) {
+        if let Some(verdict) = self.verdict {
+            headers.insert(X_CACHE, verdict.header());
+        }
+    }
+
     /// The request is about to go upstream: a write's invalidation, from
     /// now on, runs even if [`CacheState::finish`] never sees its answer.
     pub fn sending(&mut self) {

@@ -1003,6 +1003,19 @@ async fn a_stale_entry_a_write_removed_while_its_reader_waited_is_not_served() {
     assert_ne!(leader.await.unwrap()[0].x_cache, "STALE");
 }
 
+/// A backend's failure status passed on (with nothing stale to serve) is
+/// marked too: its lookup missed.
+#[tokio::test]
+async fn a_failure_status_passed_on_says_it_missed() {
+    let backend = Backend::start(|_| Reply::status(503).body("overloaded")).await;
+    let bs = Backstop::start(&route("r", "/", &backend.url(), "ttl = \"1s\""));
+    let r = get(&bs.url("/x")).await;
+    assert_eq!(
+        (r.status, r.x_cache.as_str(), r.body.as_str()),
+        (503, "MISS", "overloaded")
+    );
+}
+
 #[tokio::test]
 async fn a_stale_entry_is_served_when_the_backend_answers_503() {
     let backend = Backend::scripted(vec![
