@@ -26,7 +26,7 @@ use crate::config::KafkaConfig;
 pub struct SendError {
     pub message: String,
     /// Kafka will never take this record (larger than its message size
-    /// limit): sending it again cannot help.
+    /// limit, or invalid to the broker): sending it again cannot help.
     pub refused: bool,
 }
 
@@ -128,7 +128,7 @@ impl KafkaSink {
                 }
                 Err(SendError {
                     message: format!("kafka delivery failed: {e}"),
-                    refused: too_large(&e),
+                    refused: never_taken(&e),
                 })
             }
             Err(_) => Err(SendError {
@@ -183,10 +183,17 @@ impl KafkaSink {
 /// Whether Kafka refuses the message for its size: the producer's own
 /// `message.max.bytes` (1 MB by default, about 750 KB of body once encoded
 /// in the record) or the broker's limit.
-fn too_large(error: &KafkaError) -> bool {
+fn never_taken(error: &KafkaError) -> bool {
     matches!(
         error.rdkafka_error_code(),
-        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge)
+        // Larger than the topic's message size limit, or failing the
+        // broker's own validation of the record (`INVALID_RECORD`, such as
+        // a broker-side schema check): the same bytes fail the same way.
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::MessageBatchTooLarge
+                | RDKafkaErrorCode::InvalidRecord
+        )
     )
 }
 
@@ -206,5 +213,27 @@ fn producer_is_broken(producer: &FutureProducer, error: &KafkaError) -> Option<S
             | RDKafkaErrorCode::InvalidProducerIdMapping),
         ) => Some(code.to_string()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_errors_about_the_record_itself_give_it_up() {
+        let cases = [
+            (RDKafkaErrorCode::MessageSizeTooLarge, true),
+            (RDKafkaErrorCode::MessageBatchTooLarge, true),
+            (RDKafkaErrorCode::InvalidRecord, true),
+            (RDKafkaErrorCode::RequestTimedOut, false),
+            (RDKafkaErrorCode::NotLeaderForPartition, false),
+            (RDKafkaErrorCode::TopicAuthorizationFailed, false),
+            (RDKafkaErrorCode::MessageTimedOut, false),
+        ];
+        for (code, want) in cases {
+            let error = KafkaError::MessageProduction(code);
+            assert_eq!(never_taken(&error), want, "{code:?}");
+        }
     }
 }
