@@ -139,7 +139,8 @@ impl Answer {
 pub async fn handle(proxy: &Proxy, req: Box<Request<ClientBody>>, client: &ClientInfo) -> Answer {
     let names = RequestNames::find(req.headers());
     // A health check is answered whatever its Host: checkers often send none.
-    let refused = unroutable(&req, &names).filter(|_| !is_health_check(&req));
+    let health_check = is_health_check(&req);
+    let refused = unroutable(&req, &names).filter(|_| !health_check);
     let mut ctx = RequestContext {
         request_id: headers::request_id(names.request_id),
         client,
@@ -183,7 +184,8 @@ pub async fn handle(proxy: &Proxy, req: Box<Request<ClientBody>>, client: &Clien
         if log.access_log {
             log_access(&ctx, &path, response.status());
         }
-        if stats.enabled {
+        // A load balancer's health checks are not traffic.
+        if stats.enabled && !health_check {
             record_metrics(
                 &proxy.stats,
                 stats.max_paths_per_route,

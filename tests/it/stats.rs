@@ -225,6 +225,11 @@ async fn prometheus_output_parses_and_matches_the_traffic() {
     let backend = path_backend().await;
     let bs = Backstop::start(&config(&backend, ""));
     drive_mixed_traffic(&bs).await;
+    // A load balancer's health checks are not traffic: not counted.
+    for _ in 0..3 {
+        let health = client().get(bs.url("/health")).send().await.unwrap();
+        assert_eq!(health.status(), 200);
+    }
     client().get(bs.url("/nowhere")).send().await.unwrap();
 
     let text = bs.admin_text("/metrics").await;
@@ -263,6 +268,13 @@ async fn prometheus_output_parses_and_matches_the_traffic() {
         value(requests, &[("route", "none"), ("status", "404")]),
         1.0
     );
+    let unrouted: Vec<_> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == requests && s.labels.get("route") == Some("none"))
+        .map(|s| s.labels.get("status"))
+        .collect();
+    assert_eq!(unrouted, [Some("404")], "health checks are not counted");
     assert_eq!(
         value(
             "backstop_request_duration_seconds_count",
