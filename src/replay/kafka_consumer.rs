@@ -22,6 +22,7 @@ use rdkafka::consumer::{
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{deliver, Delivery, ReplayCounters};
@@ -64,7 +65,8 @@ struct PartitionQueue {
     /// Which queue of the partition this is: one per assignment.
     generation: u64,
     jobs: VecDeque<Job>,
-    in_flight: bool,
+    /// The head's delivery, while it runs.
+    in_flight: Option<JoinHandle<()>>,
     due: Option<Instant>,
     paused: bool,
 }
@@ -74,7 +76,7 @@ impl PartitionQueue {
         PartitionQueue {
             generation,
             jobs: VecDeque::new(),
-            in_flight: false,
+            in_flight: None,
             due: None,
             paused: false,
         }
@@ -118,6 +120,24 @@ impl ConsumerContext for RebalanceContext {
 
 type ReplayConsumer = StreamConsumer<RebalanceContext>;
 
+/// Whether a delivery begun before `partition` was revoked still runs
+/// (those that ended are forgotten). The polling loop looks again on every
+/// tick, so one that ends without reporting cannot hold the partition.
+fn still_running(
+    orphaned: &mut HashMap<Partition, Vec<JoinHandle<()>>>,
+    partition: &Partition,
+) -> bool {
+    let Some(tasks) = orphaned.get_mut(partition) else {
+        return false;
+    };
+    tasks.retain(|task| !task.is_finished());
+    if tasks.is_empty() {
+        orphaned.remove(partition);
+        return false;
+    }
+    true
+}
+
 fn consumer(
     config: &KafkaConfig,
     group_id: &str,
@@ -157,6 +177,11 @@ impl KafkaReplayer {
         let this = Arc::new(self);
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
         let mut queues: HashMap<Partition, PartitionQueue> = HashMap::new();
+        // Deliveries still running for partitions revoked from under them.
+        // A partition given back to this worker waits for them: its head,
+        // read again from the committed offset, must not go out twice at
+        // once, nor the record behind it before it.
+        let mut orphaned: HashMap<Partition, Vec<JoinHandle<()>>> = HashMap::new();
         let mut generations = 0u64;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         let mut last_error_log: Option<Instant> = None;
@@ -170,6 +195,9 @@ impl KafkaReplayer {
                     for partition in revoked {
                         if let Some(queue) = queues.remove(&partition) {
                             tracing::debug!(topic = %partition.0, partition = partition.1, dropped = queue.jobs.len(), "partition revoked");
+                            if let Some(task) = queue.in_flight {
+                                orphaned.entry(partition).or_default().push(task);
+                            }
                         }
                     }
                     None
@@ -184,7 +212,7 @@ impl KafkaReplayer {
                     else {
                         continue;
                     };
-                    queue.in_flight = false;
+                    queue.in_flight = None;
                     match done.verdict {
                         Verdict::Finished => {
                             if let Some(job) = queue.jobs.pop_front() {
@@ -248,7 +276,10 @@ impl KafkaReplayer {
                 let Some(queue) = queues.get_mut(&partition) else {
                     continue;
                 };
-                if queue.in_flight || queue.due.is_some() {
+                if queue.in_flight.is_some()
+                    || queue.due.is_some()
+                    || still_running(&mut orphaned, &partition)
+                {
                     continue;
                 }
                 let Some(head) = queue.jobs.front_mut() else {
@@ -262,11 +293,10 @@ impl KafkaReplayer {
                     continue;
                 }
                 head.attempt += 1;
-                queue.in_flight = true;
                 let job = head.clone();
                 let generation = queue.generation;
                 let (this, tx) = (this.clone(), done_tx.clone());
-                tokio::spawn(async move {
+                queue.in_flight = Some(tokio::spawn(async move {
                     let partition = job.partition.clone();
                     let verdict = this.handle(job).await;
                     let _ = tx.send(Done {
@@ -274,7 +304,7 @@ impl KafkaReplayer {
                         generation,
                         verdict,
                     });
-                });
+                }));
             }
         }
         tracing::info!("Kafka replay worker stopped");

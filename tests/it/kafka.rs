@@ -537,3 +537,66 @@ async fn two_replay_workers_share_the_group_and_deliver_everything() {
         replayed(&b)
     );
 }
+
+/// A rebalance takes a partition from its worker in the middle of a slow
+/// delivery and gives it back: the record, read again from the committed
+/// offset, waits for that delivery to end instead of going out a second
+/// time at once (with the record behind it overtaking the first).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_given_back_waits_for_the_delivery_it_had_running() {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    const SLOW: Duration = Duration::from_secs(8);
+    let tansu = Tansu::start(false);
+    let stopped = Backend::echo().await.stop().await;
+    let upstream = format!("http://{}", stopped.addr);
+    let bs = Backstop::start(&config(&tansu, &upstream, false));
+    capture_each(&bs, 2, |_| "/api/x".to_string()).await;
+    // Each delivery's key and when it arrived; the first is answered slowly.
+    let arrivals = Arc::new(Mutex::new(Vec::<(String, Instant)>::new()));
+    let seen = arrivals.clone();
+    let backend = Backend::start_on(stopped, move |s| {
+        let mut seen = seen.lock().unwrap();
+        let key = s.headers["idempotency-key"].to_str().unwrap().to_string();
+        seen.push((key, Instant::now()));
+        match seen.len() {
+            1 => Reply::status(200).delay(SLOW),
+            _ => Reply::status(200),
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let worker = ReplayWorker::start(&bs.config_path, dir.path().join("a.log"));
+    backend.wait_for_hits(1, Duration::from_secs(30)).await;
+    // Another member joins the group (every partition is revoked and
+    // assigned anew) and leaves: the partition is the worker's again,
+    // whoever had it between.
+    let joiner: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", tansu.brokers())
+        .set("group.id", "backstop-replay")
+        .set("client.id", "test-joiner")
+        .set("enable.auto.commit", "false")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .create()
+        .unwrap();
+    joiner.subscribe(&["failed-requests"]).unwrap();
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while let Ok(message) = tokio::time::timeout_at(until, joiner.recv()).await {
+        message.unwrap();
+    }
+    drop(joiner);
+    backend.wait_for_hits(3, Duration::from_secs(60)).await;
+    let arrivals = arrivals.lock().unwrap().clone();
+    let keys: Vec<&str> = arrivals.iter().map(|(key, _)| key.as_str()).collect();
+    assert_eq!(keys[0], keys[1], "the first record again, then the second");
+    assert_ne!(keys[1], keys[2]);
+    let again_after = arrivals[1].1 - arrivals[0].1;
+    assert!(
+        again_after >= SLOW - Duration::from_millis(500),
+        "sent again {again_after:?} after the first delivery began, before it ended"
+    );
+    drop(worker);
+}
