@@ -76,7 +76,7 @@ async fn forward_batch(spool: &Arc<Spool>, sink: &KafkaSink) -> Result<usize, St
     });
     let results = join_all(sends).await;
     let mut forwarded = Vec::new();
-    let mut failed = None;
+    let mut failed: Option<String> = None;
     for (row, result) in rows.iter().zip(results) {
         match result {
             Ok(()) => forwarded.push(spool.delete(&row.id)),
@@ -84,22 +84,23 @@ async fn forward_batch(spool: &Arc<Spool>, sink: &KafkaSink) -> Result<usize, St
             // behind it: it is replayed from the spool instead.
             Err(e) if e.refused => {
                 tracing::warn!(capture_id = %row.id, error = %e, "Kafka refuses this spooled capture: it is replayed from the spool");
-                spool
-                    .replay_instead_of_kafka(Some(&row.id))
-                    .await
-                    .map_err(|e| e.to_string())?;
+                if let Err(e) = spool.replay_instead_of_kafka(Some(&row.id)).await {
+                    failed.get_or_insert(e.to_string());
+                }
             }
             Err(e) => {
-                failed.get_or_insert(e);
+                failed.get_or_insert(e.into());
             }
         }
     }
+    // Whatever failed, what Kafka acknowledged leaves the spool: left
+    // there, it would go to the topic a second time.
     let sent = forwarded.len();
     for deleted in join_all(forwarded).await {
         deleted.map_err(|e| e.to_string())?;
     }
     match failed {
-        Some(e) => Err(e.into()),
+        Some(e) => Err(e),
         None => Ok(sent),
     }
 }
