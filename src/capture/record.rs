@@ -2,6 +2,8 @@
 //! (`v`), as DESIGN.md defines it and `schema/capture-record.schema.json`
 //! describes it.
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use base64::Engine;
@@ -35,6 +37,12 @@ pub struct CapturedRequest {
     pub query: Option<String>,
     /// In the client's order, repeated names kept.
     pub headers: Vec<(String, String)>,
+    /// The bytes of the header values that are not UTF-8 (obs-text, such
+    /// as Latin-1), base64, by their index in `headers`, which holds them
+    /// with U+FFFD in place of those bytes (for readers that know only
+    /// `headers`: an older version, other tools).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub header_bytes_b64: BTreeMap<usize, String>,
     pub body_b64: String,
 }
 
@@ -120,13 +128,20 @@ impl CapturedRequest {
         body: &[u8],
         redact: &[HeaderName],
     ) -> Self {
+        let base64 = base64::engine::general_purpose::STANDARD;
+        let mut header_bytes_b64 = BTreeMap::new();
         let headers = headers
             .iter()
-            .map(|(name, value)| {
+            .enumerate()
+            .map(|(index, (name, value))| {
                 let value = if redact.contains(name) {
                     REDACTED.to_string()
                 } else {
-                    String::from_utf8_lossy(value.as_bytes()).into_owned()
+                    let text = String::from_utf8_lossy(value.as_bytes());
+                    if let Cow::Owned(_) = text {
+                        header_bytes_b64.insert(index, base64.encode(value.as_bytes()));
+                    }
+                    text.into_owned()
                 };
                 (name.as_str().to_string(), value)
             })
@@ -136,19 +151,27 @@ impl CapturedRequest {
             path: path.to_string(),
             query: query.map(str::to_string),
             headers,
-            body_b64: base64::engine::general_purpose::STANDARD.encode(body),
+            header_bytes_b64,
+            body_b64: base64.encode(body),
         }
     }
 
-    /// The stored headers as a map; names or values that are no longer valid
-    /// are dropped.
+    /// The stored headers as a map, each value byte for byte as the
+    /// client sent it; names or values that are no longer valid are
+    /// dropped.
     pub fn header_map(&self) -> HeaderMap {
+        let base64 = base64::engine::general_purpose::STANDARD;
         let mut map = HeaderMap::with_capacity(self.headers.len());
-        for (name, value) in &self.headers {
-            if let (Ok(n), Ok(v)) = (
-                HeaderName::try_from(name.as_str()),
-                HeaderValue::try_from(value.as_str()),
-            ) {
+        for (index, (name, text)) in self.headers.iter().enumerate() {
+            let bytes = self
+                .header_bytes_b64
+                .get(&index)
+                .and_then(|b64| base64.decode(b64).ok());
+            let value = match bytes {
+                Some(bytes) => HeaderValue::from_bytes(&bytes),
+                None => HeaderValue::try_from(text.as_str()),
+            };
+            if let (Ok(n), Ok(v)) = (HeaderName::try_from(name.as_str()), value) {
                 map.append(n, v);
             }
         }
@@ -164,6 +187,8 @@ mod tests {
     fn round_trip_keeps_headers_in_order_and_body_bytes() {
         let mut headers = HeaderMap::new();
         headers.append("x-b", HeaderValue::from_static("1"));
+        let latin1 = HeaderValue::from_bytes(b"r\xe9sum\xe9.pdf").unwrap();
+        headers.append("x-file", latin1.clone());
         headers.append("x-a", HeaderValue::from_static("2"));
         headers.append("x-b", HeaderValue::from_static("3"));
         headers.append("authorization", HeaderValue::from_static("Bearer secret"));
@@ -195,6 +220,15 @@ mod tests {
         let xb: Vec<_> = map.get_all("x-b").iter().collect();
         assert_eq!(xb, ["1", "3"]);
         assert_eq!(map["authorization"], REDACTED);
+        assert_eq!(map["x-file"], latin1, "not UTF-8: kept byte for byte");
+        let text = back
+            .request
+            .headers
+            .iter()
+            .find(|(name, _)| name == "x-file");
+        let text = text.map(|(_, value)| value.as_str());
+        assert_eq!(text, Some("r\u{fffd}sum\u{fffd}.pdf"), "readable as text");
+        assert_eq!(back.request.header_bytes_b64.len(), 1);
     }
 
     #[test]

@@ -68,12 +68,15 @@ async fn backend_down_post_is_captured_then_replayed_once_when_it_returns() {
     let addr = stopped_backend().await;
     let bs = Backstop::start(&config(&format!("http://{addr}"), ""));
     let body = r#"{"name":"John"}"#;
+    // obs-text (Latin-1), which is not UTF-8.
+    let latin1 = http::HeaderValue::from_bytes(b"r\xe9sum\xe9.pdf").unwrap();
     let r = client()
         .post(bs.url("/api/users?source=test"))
         .header("content-type", "application/json")
         .header("authorization", "Bearer secret-token")
         .header("x-trace", "a")
         .header("x-trace", "b")
+        .header("x-file", latin1.clone())
         .body(body)
         .send()
         .await
@@ -139,6 +142,7 @@ async fn backend_down_post_is_captured_then_replayed_once_when_it_returns() {
     assert_eq!(got.headers["x-forwarded-proto"], "http");
     let traces: Vec<_> = got.headers.get_all("x-trace").iter().collect();
     assert_eq!(traces, ["a", "b"]);
+    assert_eq!(got.headers["x-file"], latin1, "byte for byte");
     let q = queue_status(&bs).await;
     assert_eq!(q["replayed_total"], 1);
     assert_eq!(q["sink"], "spool");
