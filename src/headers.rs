@@ -107,6 +107,29 @@ pub fn decimal(value: &[u8]) -> Option<u64> {
     })
 }
 
+/// A `Content-Length` that states its length more than once (`5, 5`, or
+/// two lines), which RFC 9110 §8.6 lets a recipient take as the one
+/// number, is sent on as that number: a stricter client (or an HTTP/2 one)
+/// would refuse the list. Lists that disagree are left as they are: the
+/// reader refused them before this.
+pub fn one_content_length(headers: &mut HeaderMap) {
+    let mut length = None;
+    let mut items = 0;
+    for line in headers.get_all(header::CONTENT_LENGTH) {
+        for item in line.as_bytes().split(|b| *b == b',') {
+            items += 1;
+            match (length, decimal(item)) {
+                (None, Some(n)) => length = Some(n),
+                (Some(before), Some(n)) if before == n => {}
+                _ => return,
+            }
+        }
+    }
+    if let (Some(n), 2..) = (length, items) {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
+}
+
 /// The length a message's `Content-Length` declares, if it is a number.
 pub fn content_length(headers: &HeaderMap) -> Option<u64> {
     decimal(headers.get(header::CONTENT_LENGTH)?.as_bytes())
@@ -645,6 +668,28 @@ mod tests {
             b"18446744073709551616",
         ] {
             assert_eq!(decimal(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn a_listed_content_length_is_sent_on_as_one_number() {
+        // (lines, what is sent on)
+        let cases: [(&[&str], &[&str]); 6] = [
+            (&["5"], &["5"]),
+            (&["5, 5"], &["5"]),
+            (&["5", " 5 "], &["5"]),
+            (&["5,5", "5"], &["5"]),
+            (&["5, 6"], &["5, 6"]),
+            (&["5", "x"], &["5", "x"]),
+        ];
+        for (lines, want) in cases {
+            let mut headers = HeaderMap::new();
+            for line in lines {
+                headers.append(header::CONTENT_LENGTH, HeaderValue::from_static(line));
+            }
+            one_content_length(&mut headers);
+            let got: Vec<_> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
+            assert_eq!(got, want, "{lines:?}");
         }
     }
 

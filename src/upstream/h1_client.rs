@@ -492,6 +492,8 @@ fn respond(
     let mut length = Length::Absent;
     let mut transfer_encoding: Option<HeaderValue> = None;
     let mut transfer_encoding_lines = 0;
+    // More than one `Content-Length` number (`5, 5`, or two lines).
+    let mut length_listed = false;
     let mut close = false;
     for &at in &conn.fields {
         let Some((name, value)) = headers::field_in(head, at) else {
@@ -499,6 +501,7 @@ fn respond(
             return Err(Failed::invalid_answer());
         };
         if name == CONTENT_LENGTH {
+            length_listed |= length != Length::Absent || value.as_bytes().contains(&b',');
             length = length.and(&value);
         } else if name == TRANSFER_ENCODING {
             transfer_encoding_lines += 1;
@@ -523,6 +526,8 @@ fn respond(
         // the stale length would cut short or make it wait for (§6.3: an
         // intermediary removes it).
         headers.remove(CONTENT_LENGTH);
+    } else if length_listed {
+        headers::one_content_length(&mut headers);
     }
     let reusable = parsed.version == Version::HTTP_11
         && !matches!(framing, Framing::UntilClose)

@@ -224,6 +224,13 @@ fn from_hyper(
     stall_limit: Duration,
 ) -> Result<Response<UpstreamBody>, Failure> {
     let mut response = response;
+    // hyper's client skips 1xx answers but returns a 101 (an upgrade no
+    // one asked for: Backstop sends no `Upgrade`), which the client would
+    // take as one; Backstop's own exchange refuses it too.
+    if response.status().is_informational() {
+        tracing::debug!(status = %response.status(), "upstream sent an informational status as its answer");
+        return Err(Failure::InvalidResponse);
+    }
     let codings = response.headers().get_all(TRANSFER_ENCODING);
     if codings.iter().next().is_some() {
         if !headers::only_chunked(codings.iter()) {
@@ -234,6 +241,8 @@ fn from_hyper(
         // (RFC 9112 §6.3) but leaves that length in the head, where the
         // client's side would frame the answer by it.
         response.headers_mut().remove(CONTENT_LENGTH);
+    } else {
+        headers::one_content_length(response.headers_mut());
     }
     Ok(response.map(|body| UpstreamBody::hyper(body, stall_limit)))
 }

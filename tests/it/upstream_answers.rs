@@ -136,6 +136,50 @@ async fn a_chunked_answer_that_also_states_a_length_arrives_whole_on_both_ways()
     assert_eq!(hyper.bytes().await.unwrap(), "hello world");
 }
 
+/// An answer whose `Content-Length` lists its length twice (`5, 5`, which
+/// RFC 9110 §8.6 lets a recipient read as one) is passed on with the one
+/// number, on both ways, also to a client whose answer hyper writes
+/// (HTTP/1.0): stricter clients refuse the list.
+#[tokio::test]
+async fn a_length_listed_twice_is_passed_on_as_one_number() {
+    let backend =
+        StuckBackend::start(b"HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\nhello".to_vec()).await;
+    let bs = Backstop::start(&route(&backend.url, "[routes.retry]\nmax_attempts = 1"));
+    let own = bs.raw(b"GET /own HTTP/1.0\r\nhost: x\r\n\r\n").await;
+    assert!(own.contains("content-length: 5\r\n"), "{own}");
+    assert!(own.ends_with("\r\n\r\nhello"), "{own}");
+    let hyper = client()
+        .post(bs.url("/hyper"))
+        .version(http::Version::HTTP_10)
+        .body(streamed_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(hyper.status(), 200);
+    assert_eq!(hyper.headers()["content-length"], "5");
+    assert_eq!(hyper.bytes().await.unwrap(), "hello");
+}
+
+/// A `101 Switching Protocols` no one asked for (Backstop sends no
+/// `Upgrade`) is no answer to pass on, on both ways.
+#[tokio::test]
+async fn an_unasked_for_switch_of_protocols_is_an_invalid_answer_on_both_ways() {
+    let backend = StuckBackend::start(
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: foo\r\nconnection: upgrade\r\n\r\n".to_vec(),
+    )
+    .await;
+    let bs = Backstop::start(&route(
+        &backend.url,
+        "[routes.retry]\nmax_attempts = 1\n[routes.capture]\nenabled = false",
+    ));
+    let (status, code, _) = error_of(client().get(bs.url("/own")).send().await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (502, "upstream_invalid_response"));
+    assert_eq!(
+        streamed_post(&bs, "/hyper").await,
+        (502, "upstream_invalid_response".to_string())
+    );
+}
+
 #[tokio::test]
 async fn a_body_that_keeps_coming_slowly_is_not_cut() {
     // Chunks 700 ms apart, 2.1 s in all, under a 2 s limit: the limit is on
