@@ -372,6 +372,40 @@ async fn http2_cookie_fields_reach_an_http1_backend_as_one_line() {
     assert_eq!(cookies, ["a=1; b=2"]);
 }
 
+/// A GET whose body streams with no length given (chunked over HTTP/1.1,
+/// DATA frames without `content-length` over HTTP/2) reaches the backend
+/// with its body (a search API's GET), over either upstream protocol.
+#[tokio::test]
+async fn a_get_with_a_streamed_body_of_unknown_length_keeps_its_body() {
+    let backend = Backend::echo().await;
+    let streamed = "[routes.retry]\nmax_attempts = 1\n[routes.capture]\nenabled = false";
+    let toml = format!(
+        "{}{}",
+        route("h1", "/h1", &[backend.url()], streamed),
+        route(
+            "h2",
+            "/h2",
+            &[backend.url()],
+            &format!("upstream_h2c = true\n{streamed}")
+        )
+    );
+    let bs = Backstop::start(&toml);
+    let query = r#"{"query":{"match_all":{}}}"#;
+    let unknown_length = || {
+        let chunks = [Ok::<_, std::io::Error>(bytes::Bytes::from(query))];
+        reqwest::Body::wrap_stream(futures_util::stream::iter(chunks))
+    };
+    for (c, path) in [(client(), "/h1/_search"), (h2_client(), "/h2/_search")] {
+        // hyper's client too needs to be told (it drops the body otherwise).
+        let get = c.get(bs.url(path)).header("transfer-encoding", "chunked");
+        let r = get.body(unknown_length()).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(r.text().await.unwrap(), query, "{path}");
+    }
+    let bodies: Vec<_> = backend.seen().iter().map(|s| s.body.clone()).collect();
+    assert_eq!(bodies, [query.as_bytes(), query.as_bytes()]);
+}
+
 #[tokio::test]
 async fn http2_from_the_client_and_to_the_upstream() {
     let backend = Backend::echo().await;
