@@ -58,7 +58,14 @@ enum Verdict {
     /// Not sent (the target had no free turn): try again after this long,
     /// the attempt not spent.
     Unsent(Duration),
+    /// Given up with this reason after this many attempts, but the
+    /// dead-letter topic could not be written: that write is tried again
+    /// later, not the delivery (the backend had the request).
+    DeadLetterUnwritten { reason: String, attempts: u32 },
 }
+
+/// How long a dead letter that could not be written waits for another try.
+const DEAD_LETTER_RETRY: Duration = Duration::from_secs(5);
 
 /// One partition's buffered records; the head is the one being worked on.
 struct PartitionQueue {
@@ -229,6 +236,12 @@ impl KafkaReplayer {
                             }
                             queue.due = Some(Instant::now() + wait);
                         }
+                        Verdict::DeadLetterUnwritten { reason, attempts } => {
+                            if let Some(job) = queue.jobs.front_mut() {
+                                job.dead_letter = Some((reason, attempts));
+                            }
+                            queue.due = Some(Instant::now() + DEAD_LETTER_RETRY);
+                        }
                     }
                     Some(done.partition)
                 }
@@ -313,6 +326,9 @@ impl KafkaReplayer {
 
     /// Delivers one record, or dead-letters it; never panics on its content.
     async fn handle(&self, job: Job) -> Verdict {
+        if let Some((reason, attempts)) = &job.dead_letter {
+            return self.dead_letter(&job, reason, *attempts).await;
+        }
         let active = self.proxy.active.load_full();
         let replay = &active.config.replay;
         let record = match CaptureRecord::from_json(&job.payload) {
@@ -360,7 +376,8 @@ impl KafkaReplayer {
     }
 
     /// Sends the record to the dead-letter topic with the reason; if that
-    /// fails the record is retried later rather than lost.
+    /// fails the write is tried again later (the record is not lost, nor
+    /// delivered again).
     async fn dead_letter(&self, job: &Job, reason: &str, attempts: u32) -> Verdict {
         let attempts_text = attempts.to_string();
         let outbound = Outbound {
@@ -383,7 +400,10 @@ impl KafkaReplayer {
             }
             Err(e) => {
                 tracing::error!(id = %job.id, error = %e, "cannot write the dead-letter topic; will retry");
-                Verdict::Later(Duration::from_secs(5))
+                Verdict::DeadLetterUnwritten {
+                    reason: reason.to_string(),
+                    attempts,
+                }
             }
         }
     }
@@ -403,6 +423,9 @@ struct Job {
     id: String,
     route: String,
     reason: String,
+    /// Why and after how many attempts it was given up, once its dead
+    /// letter failed to be written.
+    dead_letter: Option<(String, u32)>,
 }
 
 impl Job {
@@ -428,6 +451,7 @@ impl Job {
             id,
             route,
             reason,
+            dead_letter: None,
         }
     }
 }

@@ -600,3 +600,39 @@ async fn a_partition_given_back_waits_for_the_delivery_it_had_running() {
     );
     drop(worker);
 }
+
+/// A record given up (the backend answered 400) whose dead letter the
+/// broker refuses (here a topic name it calls invalid; an ACL would do the
+/// same) stays in the topic, and only the dead-letter write is tried again,
+/// not the delivery, which the backend already had.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_that_cannot_be_written_is_not_delivered_again() {
+    let tansu = Tansu::start(false);
+    let stopped = Backend::echo().await.stop().await;
+    let upstream = format!("http://{}", stopped.addr);
+    let toml = config(&tansu, &upstream, false).replace(
+        "ack_timeout = \"2s\"",
+        "ack_timeout = \"2s\"\ndlq_topic = \"no such topic!\"",
+    );
+    let bs = Backstop::start(&toml);
+    capture_each(&bs, 1, |_| "/api/x".to_string()).await;
+    let backend = Backend::start_on(stopped, |_| Reply::status(400)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let worker = ReplayWorker::start(&bs.config_path, dir.path().join("w.log"));
+    let failed_writes = || {
+        worker
+            .log()
+            .matches("cannot write the dead-letter topic")
+            .count()
+    };
+    wait_until(
+        "three failed dead-letter writes",
+        Duration::from_secs(40),
+        || failed_writes() >= 3,
+    )
+    .await;
+    assert_eq!(backend.hits(), 1, "the backend had it once");
+    // Offset 1 would mean done; Kafka says -1001 for nothing committed.
+    let committed = tansu.committed("backstop-replay").get("0").copied();
+    assert!(committed.is_none_or(|offset| offset < 1), "{committed:?}");
+}
