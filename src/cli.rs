@@ -12,7 +12,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::capture::kafka_sink::KafkaSink;
 use crate::capture::record::CaptureRecord;
-use crate::capture::spool::{DeadLetter, QueuedRecord, Spool};
+use crate::capture::spool::{DeadLetter, Destination, QueuedRecord, Spool};
 use crate::pipeline::Proxy;
 use crate::replay::kafka_consumer::KafkaReplayer;
 use crate::replay::{deliver, Delivery, ReplayCounters, SpoolReplayer};
@@ -342,10 +342,18 @@ async fn queue_action(
             );
         }
         QueueAction::Replay { id: Some(id), .. } => {
+            // A dead letter is no worker's: it needs no turn.
+            let queued = spool.get(&id).map_err(err)?.is_some();
+            let _replaying = if queued {
+                Some(replay_turn(&spool)?)
+            } else {
+                None
+            };
             let status = replay_now(&spool, &active, &replay_caches(), &id).await?;
             println!("{id}: delivered ({status})");
         }
         QueueAction::Replay { id: None, .. } => {
+            let _replaying = replay_turn(&spool)?;
             replay_all(&spool, &active, &replay_caches(), as_json).await?
         }
         QueueAction::Requeue { id, all } => {
@@ -369,6 +377,22 @@ async fn queue_action(
 /// reach, its entries live out their ttl).
 fn replay_caches() -> crate::cache::Caches {
     crate::cache::Caches::new(Arc::new(crate::stats::metrics::Metrics::new()))
+}
+
+/// The spool's replay lock, for a replay of queued records from here:
+/// beside a worker, a record it holds in its batch (or is delivering)
+/// would go twice.
+fn replay_turn(spool: &Spool) -> Result<std::fs::File, String> {
+    match spool.try_lock_replay() {
+        Ok(Some(lock)) => Ok(lock),
+        Ok(None) => Err(
+            "a replay worker is running on this data_dir (`backstop run` with \
+             replay enabled, or `backstop replay`) and delivers the queue itself; stop it to \
+             replay queued records from here (dead letters can be replayed meanwhile)"
+                .into(),
+        ),
+        Err(e) => Err(format!("cannot open the replay lock: {e}")),
+    }
 }
 
 /// Delivers one queued or dead record now; returns the backend's status.
@@ -396,9 +420,10 @@ async fn replay_now(
         Delivery::Delivered(status) => {
             if dead {
                 // A dead letter delivered by hand leaves the dead-letter table.
-                spool.requeue(Some(id)).await.map_err(err)?;
+                spool.delete_dead_letter(id).await.map_err(err)?;
+            } else {
+                spool.delete(id).await.map_err(err)?;
             }
-            spool.delete(id).await.map_err(err)?;
             Ok(status)
         }
         Delivery::Retry(reason) | Delivery::Dead(reason) | Delivery::Busy(reason) => {
@@ -415,7 +440,11 @@ async fn replay_all(
     caches: &crate::cache::Caches,
     as_json: bool,
 ) -> Result<(), String> {
-    let rows = spool.list(usize::MAX >> 1).map_err(|e| e.to_string())?;
+    // Records waiting for Kafka are the forwarder's: delivered from here
+    // too, they would reach the backend twice.
+    let rows = spool
+        .queued(Destination::Replay, usize::MAX >> 1)
+        .map_err(|e| e.to_string())?;
     let bar = if as_json {
         indicatif::ProgressBar::hidden()
     } else {

@@ -115,6 +115,10 @@ enum Write {
         id: Option<String>,
     },
     PurgeDead,
+    /// One dead letter removed (delivered by hand).
+    DeleteDead {
+        id: String,
+    },
 }
 
 struct Job {
@@ -299,6 +303,14 @@ impl Spool {
             id: id.map(str::to_string),
         })
         .await
+    }
+
+    /// Removes a dead letter delivered by hand, in one write: moved back to
+    /// the queue and deleted from there, a worker could deliver it between.
+    pub async fn delete_dead_letter(&self, id: &str) -> Result<(), SpoolError> {
+        self.write(Write::DeleteDead { id: id.to_string() })
+            .await
+            .map(drop)
     }
 
     pub async fn purge_dead_letters(&self) -> Result<u64, SpoolError> {
@@ -644,6 +656,9 @@ fn apply_batch(
                 )
                 .and_then(|mut s| s.execute(params![id])),
             Write::PurgeDead => tx.execute("DELETE FROM dead_letters", []),
+            Write::DeleteDead { id } => {
+                tx.execute("DELETE FROM dead_letters WHERE id = ?1", params![id])
+            }
         };
         results.push(result.map(|n| n as u64).map_err(SpoolError::Db));
     }

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
@@ -476,6 +476,66 @@ async fn queue_replay_all_delivers_in_capture_order() {
         .collect();
     assert_eq!(keys, ids, "delivered once each, in capture order");
     assert_eq!(queue_status(&bs).await["depth"], 0);
+}
+
+/// `queue replay` of queued records beside a running replay worker would
+/// deliver a second time what the worker holds: it refuses and says why.
+/// A dead letter, no worker's, is replayed by hand beside it, and leaves
+/// the dead letters without passing through the queue.
+#[tokio::test(flavor = "multi_thread")]
+async fn queue_replay_leaves_queued_records_to_a_running_worker() {
+    // The backend is down: the worker's attempts wait 30 s apart, the
+    // record stays queued.
+    let addr = stopped_backend().await;
+    let toml = config(&format!("http://{addr}"), "").replace(
+        "initial_delay = \"100ms\"\nmax_delay = \"400ms\"",
+        "initial_delay = \"30s\"\nmax_delay = \"60s\"",
+    );
+    let bs = Backstop::start(&toml);
+    let queued = capture_one(&bs, "/api/orders", "order").await;
+    // The worker's first attempt (at once) has failed: the next is 30 s away.
+    let attempts = || {
+        let shown = queue_cli(&bs, &["show", &queued]);
+        let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+        shown["status"]["attempts"].as_u64().unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while attempts() == 0 {
+        assert!(Instant::now() < deadline, "no replay attempt");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let backend = Backend::start_on(addr, |_| Reply::status(200)).await;
+    for args in [&["replay", "--all"][..], &["replay", &queued]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_backstop"))
+            .arg("queue")
+            .args(args)
+            .arg("-c")
+            .arg(&bs.config_path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr.contains("a replay worker is running"), "{stderr}");
+    }
+    assert_eq!(backend.hits(), 0, "left to the worker");
+    assert_eq!(queue_status(&bs).await["depth"], 1);
+
+    // Live: 503 (captured). Worker: 400 (dead letter). By hand: 200.
+    let backend = Backend::scripted(vec![
+        Reply::status(503),
+        Reply::status(400),
+        Reply::status(200),
+    ])
+    .await;
+    let bs = Backstop::start(&config(&backend.url(), ""));
+    let dead = capture_one(&bs, "/api/orders", "order").await;
+    wait_queue(&bs, "dead_letters", 1).await;
+    let out = tokio::task::block_in_place(|| queue_cli(&bs, &["replay", &dead]));
+    assert!(out.contains("delivered (200)"), "{out}");
+    let q = queue_status(&bs).await;
+    let left = (q["depth"].as_u64(), q["dead_letters"].as_u64());
+    assert_eq!(left, (Some(0), Some(0)));
+    assert_eq!(backend.hits(), 3);
 }
 
 /// `workers = 1` runs everything on Tokio's single-threaded scheduler: the
