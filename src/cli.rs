@@ -342,12 +342,17 @@ async fn queue_action(
             );
         }
         QueueAction::Replay { id: Some(id), .. } => {
-            // A dead letter is no worker's: it needs no turn.
-            let queued = spool.get(&id).map_err(err)?.is_some();
-            let _replaying = if queued {
-                Some(replay_turn(&spool)?)
-            } else {
-                None
+            // A dead letter is no worker's: it needs no turn. A record
+            // waiting for Kafka is the forwarder's, which may hold it in
+            // its batch already.
+            let _replaying = match spool.destination_of(&id).map_err(err)? {
+                Some(Destination::Kafka) => {
+                    return Err(format!(
+                        "{id} is waiting for Kafka: the forwarder sends it there, and a replay worker delivers it from the topic"
+                    ));
+                }
+                Some(Destination::Replay) => Some(replay_turn(&spool)?),
+                None => None,
             };
             let status = replay_now(&spool, &active, &replay_caches(), &id).await?;
             println!("{id}: delivered ({status})");

@@ -111,7 +111,8 @@ pub fn decimal(value: &[u8]) -> Option<u64> {
 /// two lines), which RFC 9110 §8.6 lets a recipient take as the one
 /// number, is sent on as that number: a stricter client (or an HTTP/2 one)
 /// would refuse the list. Lists that disagree are left as they are: the
-/// reader refused them before this.
+/// reader refused them before this, but for answers that have no body
+/// whatever their length says (to HEAD, 204, 304).
 pub fn one_content_length(headers: &mut HeaderMap) {
     let mut length = None;
     let mut items = 0;

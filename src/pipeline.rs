@@ -139,8 +139,7 @@ impl Answer {
 pub async fn handle(proxy: &Proxy, req: Box<Request<ClientBody>>, client: &ClientInfo) -> Answer {
     let names = RequestNames::find(req.headers());
     // A health check is answered whatever its Host: checkers often send none.
-    let health_check = is_health_check(&req);
-    let refused = unroutable(&req, &names).filter(|_| !health_check);
+    let refused = unroutable(&req, &names).filter(|_| !is_health_check(&req));
     let mut ctx = RequestContext {
         request_id: headers::request_id(names.request_id),
         client,
@@ -162,6 +161,8 @@ pub async fn handle(proxy: &Proxy, req: Box<Request<ClientBody>>, client: &Clien
     let refused = refused
         .map(Cow::Borrowed)
         .or_else(|| make_path_canonical(&mut req, path_rules));
+    // As `proxy_request` sees it: `//health` may be made `/health`.
+    let health_check = refused.is_none() && is_health_check(&req);
     let (log, stats) = (&active.config.log, &active.config.stats);
     // The path outlives the request only for the log and the statistics.
     let path = (log.access_log || stats.enabled).then(|| req.uri().path().to_string());
@@ -640,12 +641,12 @@ async fn forward(
         if !may_retry {
             return give_up(failure, response);
         }
-        if failure == Failure::ProxyFailed && proxies.is_some_and(|p| !p.any_usable()) {
+        let hint = response.as_ref().and_then(|r| retry_after(r.headers()));
+        let delay = backoff.delay_with_hint(attempt, hint);
+        if failure == Failure::ProxyFailed && proxies.is_some_and(|p| !p.any_usable_after(delay)) {
             tracing::debug!(route = %route.name(), attempt, "no retry: every outbound proxy is being skipped");
             return give_up(failure, response);
         }
-        let hint = response.as_ref().and_then(|r| retry_after(r.headers()));
-        let delay = backoff.delay_with_hint(attempt, hint);
         if deadline.is_some_and(|d| Instant::now() + delay >= d) {
             tracing::debug!(route = %route.name(), attempt, "no retry: the deadline is too close");
             return give_up(failure, response);

@@ -395,6 +395,20 @@ impl Spool {
         })
     }
 
+    /// Where a queued record is bound, if it is queued.
+    pub fn destination_of(&self, id: &str) -> Result<Option<Destination>, SpoolError> {
+        self.read(|c| {
+            let dest: Option<String> = c
+                .prepare_cached("SELECT dest FROM queue WHERE id = ?1")?
+                .query_row(params![id], |r| r.get(0))
+                .optional()?;
+            Ok(dest.map(|d| match d.as_str() {
+                "kafka" => Destination::Kafka,
+                _ => Destination::Replay,
+            }))
+        })
+    }
+
     pub fn get(&self, id: &str) -> Result<Option<QueuedRecord>, SpoolError> {
         self.read(|c| {
             c.query_row(

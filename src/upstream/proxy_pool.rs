@@ -141,13 +141,15 @@ impl ProxyPool {
             .unwrap_or(start % n)
     }
 
-    /// Whether some proxy is not being skipped: when none is, a retry
-    /// after a proxy's failure would only meet a proxy known to fail.
-    pub fn any_usable(&self) -> bool {
-        let now = self.now_ms();
+    /// Whether some proxy will not be skipped `after` this long (a retry's
+    /// backoff): when none will, a retry after a proxy's failure would only
+    /// meet a proxy known to fail.
+    pub fn any_usable_after(&self, after: Duration) -> bool {
+        let after = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+        let then = self.now_ms().saturating_add(after);
         self.proxies
             .iter()
-            .any(|p| p.ejected_until_ms.load(Ordering::Relaxed) <= now)
+            .any(|p| p.ejected_until_ms.load(Ordering::Relaxed) <= then)
     }
 
     /// Skips a proxy that could not be reached (or refused the tunnel).

@@ -480,8 +480,8 @@ async fn queue_replay_all_delivers_in_capture_order() {
 
 /// `queue replay` of queued records beside a running replay worker would
 /// deliver a second time what the worker holds: it refuses and says why.
-/// A dead letter, no worker's, is replayed by hand beside it, and leaves
-/// the dead letters without passing through the queue.
+/// Nor is a record waiting for Kafka replayed from here. A dead letter, no
+/// worker's, is replayed by hand beside a worker.
 #[tokio::test(flavor = "multi_thread")]
 async fn queue_replay_leaves_queued_records_to_a_running_worker() {
     // The backend is down: the worker's attempts wait 30 s apart, the
@@ -519,6 +519,23 @@ async fn queue_replay_leaves_queued_records_to_a_running_worker() {
     }
     assert_eq!(backend.hits(), 0, "left to the worker");
     assert_eq!(queue_status(&bs).await["depth"], 1);
+    // A record waiting for Kafka (captured while Kafka was down) is the
+    // forwarder's, lock or no lock.
+    let conn = rusqlite::Connection::open(bs.data_dir().join("spool.sqlite3")).unwrap();
+    let for_kafka = "00000000-0000-7000-8000-00000000000a";
+    conn.execute(
+        "INSERT INTO queue (id, route, record, dest, captured_ms) SELECT ?1, route, record, 'kafka', 0 FROM queue",
+        [for_kafka],
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["queue", "replay", for_kafka, "-c"])
+        .arg(&bs.config_path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is waiting for Kafka"), "{stderr}");
+    assert_eq!(backend.hits(), 0);
 
     // Live: 503 (captured). Worker: 400 (dead letter). By hand: 200.
     let backend = Backend::scripted(vec![
