@@ -201,7 +201,7 @@ impl KafkaReplayer {
                 Some(revoked) = revoked_rx.recv() => {
                     for partition in revoked {
                         if let Some(queue) = queues.remove(&partition) {
-                            tracing::debug!(topic = %partition.0, partition = partition.1, dropped = queue.jobs.len(), "partition revoked");
+                            tracing::info!(topic = %partition.0, partition = partition.1, dropped = queue.jobs.len(), "partition revoked");
                             if let Some(task) = queue.in_flight {
                                 orphaned.entry(partition).or_default().push(task);
                             }

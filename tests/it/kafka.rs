@@ -548,11 +548,16 @@ async fn a_partition_given_back_waits_for_the_delivery_it_had_running() {
     use std::sync::{Arc, Mutex};
     use std::time::Instant;
 
-    const SLOW: Duration = Duration::from_secs(8);
+    const SLOW: Duration = Duration::from_secs(12);
     let tansu = Tansu::start(false);
     let stopped = Backend::echo().await.stop().await;
     let upstream = format!("http://{}", stopped.addr);
-    let bs = Backstop::start(&config(&tansu, &upstream, false));
+    // The slow answer comes within the route's request timeout.
+    let toml = config(&tansu, &upstream, false).replace(
+        "  max_attempts = 1\n",
+        "  max_attempts = 1\n  [routes.circuit_breaker]\n  request_timeout = \"30s\"\n",
+    );
+    let bs = Backstop::start(&toml);
     capture_each(&bs, 2, |_| "/api/x".to_string()).await;
     // Each delivery's key and when it arrived; the first is answered slowly.
     let arrivals = Arc::new(Mutex::new(Vec::<(String, Instant)>::new()));
@@ -583,9 +588,15 @@ async fn a_partition_given_back_waits_for_the_delivery_it_had_running() {
         .create()
         .unwrap();
     joiner.subscribe(&["failed-requests"]).unwrap();
-    let until = tokio::time::Instant::now() + Duration::from_secs(2);
-    while let Ok(message) = tokio::time::timeout_at(until, joiner.recv()).await {
-        message.unwrap();
+    // The joiner polls (a member that does not is no member) until the
+    // worker has let the partition go, well within the slow delivery.
+    let revoked_by = tokio::time::Instant::now() + SLOW - Duration::from_secs(3);
+    while !worker.log().contains("partition revoked") {
+        let poll = tokio::time::Instant::now() + Duration::from_millis(100);
+        assert!(poll < revoked_by, "no rebalance within the slow delivery");
+        if let Ok(message) = tokio::time::timeout_at(poll, joiner.recv()).await {
+            message.unwrap();
+        }
     }
     drop(joiner);
     backend.wait_for_hits(3, Duration::from_secs(60)).await;
