@@ -294,20 +294,34 @@ async fn every_acknowledged_capture_survives_kill_9() {
 }
 
 fn queue_cli(bs: &Backstop, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_backstop"))
-        // The README's order: `backstop queue <action> ... -c FILE`.
-        .arg("queue")
-        .args(args)
-        .arg("-c")
-        .arg(&bs.config_path)
-        .output()
-        .unwrap();
+    let out = queue_cli_run(bs, args);
     assert!(
         out.status.success(),
         "queue {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// `backstop queue ARGS -c FILE` (the README's order), however it ends.
+fn queue_cli_run(bs: &Backstop, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .arg("queue")
+        .args(args)
+        .arg("-c")
+        .arg(&bs.config_path)
+        .output()
+        .unwrap()
+}
+
+/// Live: 503 (captured). The worker's replay: 400 (a dead letter). Then 200.
+async fn dead_letter_backend() -> Backend {
+    Backend::scripted(vec![
+        Reply::status(503),
+        Reply::status(400),
+        Reply::status(200),
+    ])
+    .await
 }
 
 async fn capture_one(bs: &Backstop, path: &str, body: impl Into<reqwest::Body>) -> String {
@@ -321,13 +335,8 @@ async fn capture_one(bs: &Backstop, path: &str, body: impl Into<reqwest::Body>) 
 
 #[tokio::test]
 async fn a_400_goes_to_the_dead_letters_and_can_be_requeued() {
-    // Live: 503 (captured). Replay: 400 (dead letter). After requeue: 200.
-    let backend = Backend::scripted(vec![
-        Reply::status(503),
-        Reply::status(400),
-        Reply::status(200),
-    ])
-    .await;
+    // The 200 comes after a requeue.
+    let backend = dead_letter_backend().await;
     let bs = Backstop::start(&config(&backend.url(), ""));
     let id = capture_one(&bs, "/api/orders", "order").await;
     let q = wait_queue(&bs, "dead_letters", 1).await;
@@ -506,13 +515,7 @@ async fn queue_replay_leaves_queued_records_to_a_running_worker() {
     }
     let backend = Backend::start_on(addr, |_| Reply::status(200)).await;
     for args in [&["replay", "--all"][..], &["replay", &queued]] {
-        let out = Command::new(env!("CARGO_BIN_EXE_backstop"))
-            .arg("queue")
-            .args(args)
-            .arg("-c")
-            .arg(&bs.config_path)
-            .output()
-            .unwrap();
+        let out = queue_cli_run(&bs, args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?}");
         assert!(stderr.contains("a replay worker is running"), "{stderr}");
@@ -528,22 +531,13 @@ async fn queue_replay_leaves_queued_records_to_a_running_worker() {
         [for_kafka],
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_backstop"))
-        .args(["queue", "replay", for_kafka, "-c"])
-        .arg(&bs.config_path)
-        .output()
-        .unwrap();
+    let out = queue_cli_run(&bs, &["replay", for_kafka]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("is waiting for Kafka"), "{stderr}");
     assert_eq!(backend.hits(), 0);
 
-    // Live: 503 (captured). Worker: 400 (dead letter). By hand: 200.
-    let backend = Backend::scripted(vec![
-        Reply::status(503),
-        Reply::status(400),
-        Reply::status(200),
-    ])
-    .await;
+    // The 200 comes to a replay by hand.
+    let backend = dead_letter_backend().await;
     let bs = Backstop::start(&config(&backend.url(), ""));
     let dead = capture_one(&bs, "/api/orders", "order").await;
     wait_queue(&bs, "dead_letters", 1).await;
