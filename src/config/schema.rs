@@ -750,6 +750,14 @@ impl KafkaConfig {
         if config.ack_timeout.is_zero() {
             s.error("ack_timeout", "must be greater than 0");
         }
+        // The replay workers consume `topic`: dead letters written there
+        // would come back as captures, over and over.
+        if config.dlq_topic == config.topic {
+            s.error(
+                "dlq_topic",
+                "must not be the capture topic: the replay workers would read the dead letters back as captures",
+            );
+        }
         s.reject_unknown_keys();
         config
     }

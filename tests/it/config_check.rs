@@ -155,10 +155,11 @@ fn invalid_files_list_every_error_with_its_key() {
             ],
         ),
         (
-            format!("[kafka]\nbrokers = \"\"\nack_timeout = \"5 parsecs\"\n[replay]\nidempotency_header = \"bad header\"\n{ROUTE}"),
+            format!("[kafka]\nbrokers = \"\"\nack_timeout = \"5 parsecs\"\ndlq_topic = \"failed-requests\"\n[replay]\nidempotency_header = \"bad header\"\n{ROUTE}"),
             vec![
                 "FILE: kafka.brokers: must not be empty",
                 "FILE: kafka.ack_timeout: invalid duration \"5 parsecs\"",
+                "FILE: kafka.dlq_topic: must not be the capture topic: the replay workers would read the dead letters back as captures",
                 "FILE: replay.idempotency_header: invalid header name \"bad header\"",
             ],
         ),
