@@ -161,13 +161,14 @@ pub async fn handle(proxy: &Proxy, req: Box<Request<ClientBody>>, client: &Clien
     let refused = refused
         .map(Cow::Borrowed)
         .or_else(|| make_path_canonical(&mut req, path_rules));
-    // As `proxy_request` sees it: `//health` may be made `/health`.
+    // After the path is made canonical: `//health` may be `/health`.
     let health_check = refused.is_none() && is_health_check(&req);
     let (log, stats) = (&active.config.log, &active.config.stats);
     // The path outlives the request only for the log and the statistics.
     let path = (log.access_log || stats.enabled).then(|| req.uri().path().to_string());
     let outcome = match refused {
         Some(reason) => Err(ProxyError::new(ErrorCode::BadRequest, reason)),
+        None if health_check => Ok(health()),
         None => proxy_request(proxy, &active, req, &mut ctx).await,
     };
     let mut response = match outcome {
@@ -208,9 +209,6 @@ async fn proxy_request(
     mut req: Box<Request<ClientBody>>,
     ctx: &mut RequestContext<'_>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
-    if is_health_check(&req) {
-        return Ok(health());
-    }
     ctx.span = proxy.otel.server_span(&mut ctx.trace, &req, ctx.client);
     let route = route_phase(&active.routes, &req)?;
     ctx.span.set_route(route);

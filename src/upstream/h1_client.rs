@@ -526,8 +526,9 @@ fn respond(
         // the stale length would cut short or make it wait for (§6.3: an
         // intermediary removes it).
         headers.remove(CONTENT_LENGTH);
-    } else if length_listed {
-        headers::one_content_length(&mut headers);
+    } else if let (true, Length::Is(n)) = (length_listed, length) {
+        // Sent on as the one number (see `headers::one_content_length`).
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
     }
     let reusable = parsed.version == Version::HTTP_11
         && !matches!(framing, Framing::UntilClose)

@@ -71,6 +71,13 @@ struct OutboundProxy {
     ejected_until_ms: AtomicU64,
 }
 
+impl OutboundProxy {
+    /// Not skipped at `ms` (since the pool's epoch).
+    fn usable_at(&self, ms: u64) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) <= ms
+    }
+}
+
 /// A route's outbound proxies.
 pub struct ProxyPool {
     proxies: Vec<OutboundProxy>,
@@ -137,7 +144,7 @@ impl ProxyPool {
         let now = self.now_ms();
         (0..n)
             .map(|offset| (start + offset) % n)
-            .find(|&i| self.proxies[i].ejected_until_ms.load(Ordering::Relaxed) <= now)
+            .find(|&i| self.proxies[i].usable_at(now))
             .unwrap_or(start % n)
     }
 
@@ -147,9 +154,7 @@ impl ProxyPool {
     pub fn any_usable_after(&self, after: Duration) -> bool {
         let after = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
         let then = self.now_ms().saturating_add(after);
-        self.proxies
-            .iter()
-            .any(|p| p.ejected_until_ms.load(Ordering::Relaxed) <= then)
+        self.proxies.iter().any(|p| p.usable_at(then))
     }
 
     /// Skips a proxy that could not be reached (or refused the tunnel).
