@@ -665,6 +665,20 @@ async fn forward(
         // not held through the backoff.
         drop(response);
         tokio::time::sleep(delay).await;
+        // Other requests' failures may have opened the circuit during the
+        // backoff: an open circuit stops this retry too.
+        if !permit.is_current() {
+            permit = match guards.breaker.admit(breaker_config) {
+                Admission::Allowed(next) => next,
+                Admission::Rejected { .. } => {
+                    tracing::debug!(route = %route.name(), attempt, "no retry: the circuit opened during the backoff");
+                    return Forwarded::Failed {
+                        failure,
+                        response: None,
+                    };
+                }
+            };
+        }
         sent_at = Instant::now();
     }
 }

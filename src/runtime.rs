@@ -131,7 +131,6 @@ pub async fn run(path: PathBuf, loaded: Option<SystemTime>, active: Active) -> R
             Some(k) => Some(Arc::new(KafkaLag::new(k, &config.replay.group_id)?)),
             None => None,
         },
-        token: config.server.admin_token.as_deref().map(Arc::from),
         on_loopback: admin_addr.ip().is_loopback(),
     };
     let admin_shutdown = shutdown.clone();
@@ -203,7 +202,9 @@ pub async fn run(path: PathBuf, loaded: Option<SystemTime>, active: Active) -> R
     tracing::info!("admin listening on http://{admin_addr}");
 
     stop_signals.recv().await;
-    tracing::info!(drain_timeout = ?config.server.drain_timeout, "shutting down: draining in-flight requests (a second SIGTERM or SIGINT closes the remaining connections at once)");
+    // The drain timeout in effect now: a reload may have changed it.
+    let drain_timeout = proxy.active.load().config.server.drain_timeout;
+    tracing::info!(?drain_timeout, "shutting down: draining in-flight requests (a second SIGTERM or SIGINT closes the remaining connections at once)");
     shutdown.cancel();
     connections.close();
     background.close();
@@ -211,7 +212,7 @@ pub async fn run(path: PathBuf, loaded: Option<SystemTime>, active: Active) -> R
     // a supervisor) wants the process gone now, not after `drain_timeout`.
     tokio::select! {
         _ = connections.wait() => {}
-        _ = tokio::time::sleep(config.server.drain_timeout) => {
+        _ = tokio::time::sleep(drain_timeout) => {
             tracing::warn!("drain timeout reached; closing remaining connections");
         }
         _ = stop_signals.recv_second() => {
@@ -319,31 +320,87 @@ pub(crate) async fn watch_config(
 }
 
 fn reload(path: &Path, proxy: &Proxy) {
-    match load_active(path) {
-        Ok(active) => {
-            let old = proxy.active.load();
-            if old.config.server.listen != active.config.server.listen
-                || old.config.server.admin_listen != active.config.server.admin_listen
-            {
-                tracing::warn!("listen addresses changed: they take effect after a restart");
-            }
-            if old.config.otlp != active.config.otlp {
-                tracing::warn!(
-                    "[otlp] changed: it takes effect after a restart; \
-                     the exporter keeps its running settings"
-                );
-            }
-            let routes = active.config.routes.len();
-            proxy.active.store(Arc::new(active));
-            tracing::info!(routes, "configuration reloaded");
+    let old = proxy.active.load();
+    let refused = |errors: &dyn std::fmt::Display| {
+        for line in errors.to_string().lines() {
+            tracing::error!("{line}");
         }
-        Err(errors) => {
-            for line in errors.to_string().lines() {
-                tracing::error!("{line}");
-            }
-            tracing::error!("reload refused: keeping the running configuration");
-        }
+        tracing::error!("reload refused: keeping the running configuration");
+    };
+    let mut active = match load_active(path) {
+        Ok(active) => active,
+        Err(errors) => return refused(&errors),
+    };
+    let later = restart_only_changes(&old.config, &active.config);
+    if !later.is_empty() {
+        tracing::warn!(
+            keys = later.join(", "),
+            "changed keys take effect after a restart; they keep their running values"
+        );
     }
+    // The running values of what a reload cannot change, so that what is
+    // active says what is in effect (and is what later reloads compare to).
+    let (running, new) = (
+        &old.config.server,
+        &mut Arc::make_mut(&mut active.config).server,
+    );
+    new.listen = running.listen;
+    new.admin_listen = running.admin_listen;
+    if !new.admin_listen.ip().is_loopback() && new.admin_token.is_none() && !new.admin_insecure {
+        return refused(&format!(
+            "server.admin_token: the admin API is bound to {}, not a loopback address: \
+             a reload may not remove its token (set server.admin_insecure = true to allow that)",
+            new.admin_listen
+        ));
+    }
+    if old.config.otlp != active.config.otlp {
+        tracing::warn!(
+            "[otlp] changed: it takes effect after a restart; \
+             the exporter keeps its running settings"
+        );
+    }
+    let routes = active.config.routes.len();
+    let active = Arc::new(active);
+    proxy.active.store(active.clone());
+    proxy.resilience.forget_all_but(&active.config.routes);
+    proxy.caches.forget_all_but(&active.config.routes);
+    tracing::info!(routes, "configuration reloaded");
+}
+
+/// The keys read once at start (the listeners and their connection
+/// settings, the spool, Kafka, the logger, the replay workers) that the
+/// new file changes. `[otlp]` has its own warning.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (o, n) = (&old.server, &new.server);
+    let keys = [
+        ("server.listen", o.listen != n.listen),
+        ("server.admin_listen", o.admin_listen != n.admin_listen),
+        ("server.workers", o.workers != n.workers),
+        ("server.data_dir", o.data_dir != n.data_dir),
+        (
+            "server.max_header_bytes",
+            o.max_header_bytes != n.max_header_bytes,
+        ),
+        (
+            "server.header_read_timeout",
+            o.header_read_timeout != n.header_read_timeout,
+        ),
+        ("server.idle_timeout", o.idle_timeout != n.idle_timeout),
+        ("server.send_timeout", o.send_timeout != n.send_timeout),
+        ("server.tls_cert", o.tls_cert != n.tls_cert),
+        ("server.tls_key", o.tls_key != n.tls_key),
+        ("log.format", old.log.format != new.log.format),
+        ("log.level", old.log.level != new.log.level),
+        ("kafka", old.kafka != new.kafka),
+        ("replay.enabled", old.replay.enabled != new.replay.enabled),
+        (
+            "replay.group_id",
+            old.replay.group_id != new.replay.group_id,
+        ),
+    ];
+    keys.into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
 }
 
 /// The file's modification time, if it can be read.

@@ -35,7 +35,6 @@ pub struct AdminState {
     pub replay: Arc<ReplayCounters>,
     /// With `[kafka]`: reads the replay group's backlog.
     pub kafka_lag: Option<Arc<KafkaLag>>,
-    pub token: Option<Arc<str>>,
     /// Whether the admin listener is bound to a loopback address (as bound:
     /// a reload does not move it).
     pub on_loopback: bool,
@@ -58,18 +57,69 @@ pub fn router(state: AdminState) -> Router {
         .merge(dashboards::routes())
         .merge(guarded)
         .with_state(state)
+        .layer(middleware::map_response(in_the_error_shape))
+}
+
+/// The answers axum makes itself (an unknown path, a method not allowed, a
+/// query or path segment it cannot read) in the JSON error shape too.
+async fn in_the_error_shape(response: Response) -> Response {
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error())
+        || response.headers().contains_key("x-backstop-error")
+    {
+        return response;
+    }
+    let allow = response.headers().get(header::ALLOW).cloned();
+    let (code, message) = match status {
+        StatusCode::NOT_FOUND => ("not_found", "No such admin endpoint".to_string()),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed",
+            "This admin endpoint does not take this method".to_string(),
+        ),
+        _ => {
+            // axum's own explanation (say, which query parameter is wrong).
+            let body = axum::body::to_bytes(response.into_body(), 4096).await;
+            let text = body.map(|b| String::from_utf8_lossy(&b).into_owned());
+            let code = if status.is_client_error() {
+                "bad_request"
+            } else {
+                "internal_error"
+            };
+            (code, text.unwrap_or_default())
+        }
+    };
+    let mut answer = admin_error(status, code, &message);
+    if let Some(allow) = allow {
+        answer.headers_mut().insert(header::ALLOW, allow);
+    }
+    answer
+}
+
+impl AdminState {
+    /// Whether the running configuration sets `admin_token`: read on every
+    /// request, so a reload that sets or rotates the token applies at once.
+    pub fn token_required(&self) -> bool {
+        self.proxy.active.load().config.server.admin_token.is_some()
+    }
+
+    /// Whether `request` may pass: no token is configured, or it presents
+    /// the configured one.
+    fn authorized(&self, request: &Request) -> bool {
+        let active = self.proxy.active.load();
+        let Some(token) = active.config.server.admin_token.as_deref() else {
+            return true;
+        };
+        request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes()))
+    }
 }
 
 async fn require_token(State(state): State<AdminState>, request: Request, next: Next) -> Response {
-    let Some(token) = &state.token else {
-        return next.run(request).await;
-    };
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes())) {
+    if state.authorized(&request) {
         next.run(request).await
     } else {
         admin_error(

@@ -30,7 +30,7 @@ pub async fn same_origin_only(
     // With a token, a rebound page has no way in (it cannot know the
     // token), and the check would refuse a proxy in front that keeps the
     // client's `Host`.
-    if state.on_loopback && state.token.is_none() && !names_loopback(headers) {
+    if state.on_loopback && !state.token_required() && !names_loopback(headers) {
         return admin_error(
             StatusCode::FORBIDDEN,
             "forbidden",

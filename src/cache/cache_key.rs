@@ -51,10 +51,12 @@ impl CacheKey {
 pub struct KeyHead(Context);
 
 /// Headers that never go into a key: they describe the connection or the
-/// framing (hop-by-hop, `Content-Length` — the body itself is keyed), or are
-/// unique per request by design (`X-Request-Id`), so keying on them would
-/// make every request a miss.
-const NEVER_KEYED: [&str; 11] = [
+/// framing (hop-by-hop, `Content-Length` — the body itself is keyed), are
+/// unique per request by design (`X-Request-Id`, `traceparent`), so keying
+/// on them would make every request a miss, or say how to use the cache
+/// (`Cache-Control`, `Pragma`): a refresh must replace the entry that plain
+/// requests read.
+const NEVER_KEYED: [&str; 14] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -65,7 +67,10 @@ const NEVER_KEYED: [&str; 11] = [
     "upgrade",
     "content-length",
     "x-request-id",
+    "traceparent",
+    "tracestate",
     "cache-control",
+    "pragma",
 ];
 
 /// What of the request head goes into the key.
@@ -471,6 +476,29 @@ mod tests {
                         ("accept", "x"),
                         ("x-request-id", "2"),
                         ("connection", "close"),
+                    ],
+                    ..get("/a")
+                },
+                All,
+                &[],
+                true,
+            ),
+            (
+                "all: trace context and a refresh ignored",
+                Req {
+                    headers: &[("accept", "x")],
+                    ..get("/a")
+                },
+                Req {
+                    headers: &[
+                        ("accept", "x"),
+                        (
+                            "traceparent",
+                            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                        ),
+                        ("tracestate", "a=1"),
+                        ("pragma", "no-cache"),
+                        ("cache-control", "no-cache"),
                     ],
                     ..get("/a")
                 },

@@ -16,8 +16,9 @@ use super::vary::Varied;
 /// The first byte of an encoded entry; a new layout gets a new number and
 /// old values become misses. (1: without the backend's freshness rules;
 /// 2: without the `Vary` values; 3: with the backend's `Age` folded into
-/// the stored time, which spent it of the route's `ttl` too.)
-const FORMAT: u8 = 4;
+/// the stored time, which spent it of the route's `ttl` too; 4: the body
+/// without its length, so a value cut short was served as a whole answer.)
+const FORMAT: u8 = 5;
 
 /// `max_age` in the encoded form when the backend set none.
 const NO_MAX_AGE: u64 = u64::MAX;
@@ -142,6 +143,7 @@ impl Entry {
             out.put_u32(value.len() as u32);
             out.put_slice(value.as_bytes());
         }
+        out.put_u64(self.body.len() as u64);
         out.put_slice(&self.body);
         out.to_vec()
     }
@@ -174,18 +176,25 @@ impl Entry {
             digest.copy_from_slice(&take(&mut buf, 32)?);
         }
         let count = take_u16(&mut buf)?;
-        let mut headers = HeaderMap::with_capacity(usize::from(count));
+        // A count read from Redis sizes nothing before its headers are
+        // there, and a map that cannot grow ends the decoding, not the task.
+        let mut headers = HeaderMap::try_with_capacity(usize::from(count).min(64)).ok()?;
         for _ in 0..count {
             let name_len = usize::from(take_u16(&mut buf)?);
             let name = HeaderName::from_bytes(take(&mut buf, name_len)?.as_ref()).ok()?;
             let value_len = take_u32(&mut buf)? as usize;
             let value = HeaderValue::from_maybe_shared(take(&mut buf, value_len)?).ok()?;
-            headers.append(name, value);
+            headers.try_append(name, value).ok()?;
+        }
+        let body_len = usize::try_from(take_u64(&mut buf)?).ok()?;
+        let body = take(&mut buf, body_len)?;
+        if buf.has_remaining() {
+            return None;
         }
         Some(Entry {
             status,
             headers,
-            body: buf,
+            body,
             stored_at_ms,
             age_at_store,
             max_age,
@@ -329,8 +338,14 @@ mod tests {
             // Stored before the backend's Age was kept apart.
             ("format 3", [&[3u8][..], &good[1..]].concat()),
             ("bad flag", [&good[..27], &[7u8][..], &good[28..]].concat()),
+            // Stored without the body's length.
+            ("format 4", [&[4u8][..], &good[1..]].concat()),
             ("truncated head", good[..18].to_vec()),
             ("truncated header", good[..28].to_vec()),
+            ("body cut short", good[..good.len() - 1].to_vec()),
+            ("bytes after the body", [&good[..], b"x"].concat()),
+            // More headers than a map can hold: a miss, not a panic.
+            ("header count", [&good[..30], &[0xff, 0xff][..]].concat()),
             ("not ours", b"hello world, this is a string".to_vec()),
         ];
         for (why, bytes) in cases {

@@ -337,8 +337,14 @@ impl CacheState {
         }
         let fetched = self.slot.as_ref().filter(|_| !overtaken);
         let storable = fetched.and_then(|slot| {
-            policy::storable(cache, slot.unkeyed_auth, status, response.headers())
-                .filter(|_| declared_length(&response).is_none_or(|n| n <= cache.max_entry_bytes))
+            policy::storable(
+                cache,
+                slot.unkeyed_auth,
+                status,
+                response.headers(),
+                std::time::SystemTime::now(),
+            )
+            .filter(|_| declared_length(&response).is_none_or(|n| n <= cache.max_entry_bytes))
         });
         let (parts, body) = response.into_parts();
         let (slot, storable, upstream) = match (fetched, storable, body) {
@@ -445,6 +451,12 @@ impl Default for WriteStripes {
 impl WriteStripes {
     fn of(&self, key: &CacheKey) -> u64 {
         self.0[key.stripe(WRITE_STRIPES)].load(Ordering::SeqCst)
+    }
+
+    fn wrote_all(&self) {
+        for stripe in &self.0 {
+            stripe.fetch_add(1, Ordering::SeqCst);
+        }
     }
 
     fn wrote(&self, keys: &[CacheKey]) {
@@ -726,17 +738,34 @@ impl Caches {
 
     /// Removes every entry of a route from both stores.
     pub async fn purge(&self, config: &Config, route: &str) -> Purged {
-        let memory = self
-            .routes
-            .load()
-            .get(route)
-            .map_or(0, |rc| rc.memory.purge());
+        // Misses upstream now fetched what the purge throws away: counted
+        // as overtaken by a write, they store nothing and their waiters
+        // fetch anew.
+        let memory = self.routes.load().get(route).map_or(0, |rc| {
+            rc.writes.wrote_all();
+            rc.memory.purge()
+        });
         let redis = match self.redis(config.redis.as_ref()) {
             Some(redis) => Some(redis.purge(route).await),
             None if config.redis.is_some() => Some(Err("redis is not usable".to_string())),
             None => None,
         };
         Purged { memory, redis }
+    }
+
+    /// Drops the stores of routes a reload removed or stopped caching:
+    /// their memory (up to `max_bytes` each) is given back. Requests in
+    /// flight keep what they hold.
+    pub fn forget_all_but(&self, kept: &[RouteConfig]) {
+        let _changing = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        let map = self.routes.load_full();
+        let caching = |name: &str| kept.iter().any(|r| r.name == name && r.cache.enabled);
+        if map.keys().all(|name| caching(name)) {
+            return;
+        }
+        let mut next = (*map).clone();
+        next.retain(|name, _| caching(name));
+        self.routes.store(Arc::new(next));
     }
 
     fn route_cache(&self, route: &RouteConfig) -> Arc<RouteCache> {

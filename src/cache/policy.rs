@@ -3,11 +3,11 @@
 //! cache must follow (RFC 9111), so that one client's private answer is
 //! never served to another.
 //!
-//! Pure functions over headers: no I/O, no clock.
+//! Pure functions over headers: no I/O; the clock is a parameter.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use http::header::{AGE, AUTHORIZATION, CACHE_CONTROL, PRAGMA, SET_COOKIE};
+use http::header::{AGE, AUTHORIZATION, CACHE_CONTROL, DATE, EXPIRES, PRAGMA, SET_COOKIE};
 use http::{HeaderMap, HeaderName, Method, StatusCode};
 
 use super::{entry, vary};
@@ -69,12 +69,13 @@ pub fn unkeyed_authorization(cache: &CacheConfig, request: &HeaderMap) -> bool {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Storable {
     /// How long the answer is fresh by the backend's word, from its own
-    /// age: `s-maxage`, else `max-age` (RFC 9111 §4.2.1); the route's
+    /// age: `s-maxage`, else `max-age`, else `Expires` (RFC 9111 §4.2.1); the route's
     /// `ttl`, from storing, bounds it too. `None`: the backend set no
     /// bound, or `ignore_cache_control`.
     pub max_age: Option<Duration>,
-    /// `must-revalidate` or `proxy-revalidate`: once stale, never served
-    /// (RFC 9111 §4.2.4), whatever `stale_if_error` says.
+    /// `must-revalidate`, `proxy-revalidate` or `s-maxage` (which implies
+    /// `proxy-revalidate`, RFC 9111 §5.2.2.10): once stale, never served
+    /// (§4.2.4), whatever `stale_if_error` says.
     pub must_revalidate: bool,
     /// The request headers the answer varies on (`Vary`): a stored answer
     /// serves only requests that send what this one sent.
@@ -87,12 +88,14 @@ pub struct Storable {
 }
 
 /// Whether an answer may be stored, and how it may be reused if so.
-/// `unkeyed_auth`: see [`unkeyed_authorization`].
+/// `unkeyed_auth`: see [`unkeyed_authorization`]; `received`: when the
+/// answer came (for an `Expires` without a `Date`).
 pub fn storable(
     cache: &CacheConfig,
     unkeyed_auth: bool,
     status: StatusCode,
     response: &HeaderMap,
+    received: SystemTime,
 ) -> Option<Storable> {
     if !cache.cacheable_status.contains(&status.as_u16()) {
         return None;
@@ -140,8 +143,11 @@ pub fn storable(
     // `Vary: *` says no stored answer can ever match.
     let vary = vary.ok()?;
     let storable = Storable {
-        max_age: directives.s_maxage.or(directives.max_age),
-        must_revalidate: directives.must_revalidate,
+        max_age: directives
+            .s_maxage
+            .or(directives.max_age)
+            .or_else(|| expires_lifetime(response, received)),
+        must_revalidate: directives.must_revalidate || directives.s_maxage.is_some(),
         vary,
         age,
     };
@@ -168,6 +174,25 @@ fn age(response: &HeaderMap) -> Duration {
         .filter_map(|v| digits(v.trim()))
         .max()
         .unwrap_or(Duration::ZERO)
+}
+
+/// The freshness lifetime `Expires` gives (RFC 9111 §4.2.1): `Expires`
+/// minus `Date`, or minus `received` without a valid `Date`. A value that
+/// is no date (`0`, say) or given twice is in the past (§5.3). `None`: no
+/// `Expires`.
+fn expires_lifetime(response: &HeaderMap, received: SystemTime) -> Option<Duration> {
+    let mut lines = response.get_all(EXPIRES).iter();
+    let first = lines.next()?;
+    let http_date = |v: &http::HeaderValue| {
+        v.to_str()
+            .ok()
+            .and_then(|v| httpdate::parse_http_date(v.trim()).ok())
+    };
+    let Some(expires) = http_date(first).filter(|_| lines.next().is_none()) else {
+        return Some(Duration::ZERO);
+    };
+    let date = response.get(DATE).and_then(http_date).unwrap_or(received);
+    Some(expires.duration_since(date).unwrap_or(Duration::ZERO))
 }
 
 fn authorization_keyed(cache: &CacheConfig) -> bool {
@@ -497,13 +522,19 @@ mod tests {
                     config,
                     unkeyed_authorization(config, &headers(req)),
                     status,
-                    &headers(resp)
+                    &headers(resp),
+                    SystemTime::UNIX_EPOCH,
                 )
                 .is_some(),
                 want,
                 "{why}"
             );
         }
+    }
+
+    /// 2026-01-01 00:00:00 UTC: when the answers of these tests came.
+    fn received() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600)
     }
 
     #[test]
@@ -535,10 +566,10 @@ mod tests {
                 reuse(secs(30), false),
             ),
             (
-                "s-maxage wins, even when longer",
+                "s-maxage wins, even when longer, and is never served stale",
                 &default,
                 &[("cache-control", "max-age=5, S-MaxAge=300")],
-                reuse(secs(300), false),
+                reuse(secs(300), true),
             ),
             (
                 "over two lines",
@@ -547,7 +578,55 @@ mod tests {
                     ("cache-control", "max-age=60"),
                     ("cache-control", "s-maxage=7"),
                 ],
-                reuse(secs(7), false),
+                reuse(secs(7), true),
+            ),
+            (
+                "Expires minus Date",
+                &default,
+                &[
+                    ("expires", "Thu, 01 Jan 2026 00:01:00 GMT"),
+                    ("date", "Thu, 01 Jan 2026 00:00:00 GMT"),
+                ],
+                reuse(secs(60), false),
+            ),
+            (
+                "Expires without Date: from when it came",
+                &default,
+                &[("expires", "Thu, 01 Jan 2026 00:00:30 GMT")],
+                reuse(secs(30), false),
+            ),
+            (
+                "Expires in the past is not stored",
+                &default,
+                &[("expires", "Thu, 01 Jan 1970 00:00:00 GMT")],
+                None,
+            ),
+            (
+                "Expires: 0 is in the past",
+                &default,
+                &[("expires", "0")],
+                None,
+            ),
+            (
+                "Expires twice is in the past",
+                &default,
+                &[
+                    ("expires", "Thu, 01 Jan 2026 00:01:00 GMT"),
+                    ("expires", "Thu, 01 Jan 2026 00:01:00 GMT"),
+                ],
+                None,
+            ),
+            (
+                "max-age wins over Expires",
+                &default,
+                &[("cache-control", "max-age=20"), ("expires", "0")],
+                reuse(secs(20), false),
+            ),
+            (
+                "ignore_cache_control ignores Expires",
+                &ignore,
+                &[("expires", "0")],
+                reuse(None, false),
             ),
             (
                 "duplicates: the shorter",
@@ -626,7 +705,7 @@ mod tests {
             ),
         ];
         for (why, config, resp, want) in cases {
-            let got = storable(config, false, StatusCode::OK, &headers(resp));
+            let got = storable(config, false, StatusCode::OK, &headers(resp), received());
             assert_eq!(got, want, "{why}");
         }
     }
@@ -739,7 +818,7 @@ mod tests {
             ),
         ];
         for (why, config, resp, want) in cases {
-            let got = storable(config, false, StatusCode::OK, &headers(resp));
+            let got = storable(config, false, StatusCode::OK, &headers(resp), received());
             assert_eq!(got.map(|s| s.age), want, "{why}");
         }
     }

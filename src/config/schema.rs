@@ -143,7 +143,7 @@ impl std::fmt::Debug for RedisConfig {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct KafkaConfig {
     pub brokers: String,
     pub topic: String,
@@ -474,6 +474,16 @@ impl ServerConfig {
         let admin_token: Option<String> = s.opt("admin_token");
         if admin_token.as_deref() == Some("") {
             s.error("admin_token", "must not be empty");
+        } else if admin_token
+            .as_deref()
+            .is_some_and(|t| !t.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            // Spaces around it are trimmed from a header, and other bytes
+            // cannot be read from one: no request could ever present it.
+            s.error(
+                "admin_token",
+                "use visible ASCII characters only (no spaces): no request could present it",
+            );
         }
         if listeners_collide(listen, admin_listen) {
             s.error(
@@ -1114,6 +1124,20 @@ impl CacheConfig {
         if config.ttl.is_zero() {
             s.error("ttl", "must be greater than 0");
         }
+        for (i, code) in config.cacheable_status.iter().enumerate() {
+            // Stored under the request's key, these would answer requests
+            // that asked for the whole answer.
+            let why = match code {
+                100..=199 => "an interim answer",
+                206 => "a part of an answer, not the whole",
+                304 => "no answer of its own, only that the client's copy is current",
+                _ => continue,
+            };
+            s.error(
+                &format!("cacheable_status[{i}]"),
+                format!("{code} cannot be cached: it is {why}"),
+            );
+        }
         if config.max_bytes == 0 {
             s.error("max_bytes", "must be greater than 0");
         }
@@ -1198,6 +1222,12 @@ impl HealthCheckConfig {
         let path = s.get("path", "/health".to_string());
         if !path.starts_with('/') {
             s.error("path", format!("{path:?} must start with '/'"));
+        } else if http::uri::PathAndQuery::try_from(path.as_str()).is_err() {
+            // Else every probe would fail, and every target be taken out.
+            s.error(
+                "path",
+                format!("{path:?} is not a valid request path (escape spaces and other characters as %XX)"),
+            );
         }
         let config = HealthCheckConfig {
             path,
@@ -1219,9 +1249,9 @@ impl HealthCheckConfig {
 fn read_outbound_proxies(s: &Section<'_>) -> Vec<String> {
     let urls: Vec<String> = s.get("urls", Vec::new());
     for (i, url) in urls.iter().enumerate() {
-        match url.parse::<Uri>() {
-            Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {}
-            _ => s.error(
+        match crate::upstream::proxy_pool::parse_proxy_url(url) {
+            Some(_) => {}
+            None => s.error(
                 &format!("urls[{i}]"),
                 format!(
                     "expected http://[user:pass@]host:port, found {:?}",
@@ -1259,26 +1289,33 @@ fn read_upstreams(s: &Section<'_>) -> Vec<Uri> {
 }
 
 fn check_upstream_url(url: &str) -> Result<Uri, String> {
+    let shown = redact_url(url);
     if !(url.starts_with("http://") || url.starts_with("https://")) {
-        return Err(format!("invalid URL {url:?}: scheme must be http or https"));
+        return Err(format!(
+            "invalid URL {shown:?}: scheme must be http or https"
+        ));
     }
     let uri: Uri = url
         .parse()
-        .map_err(|e| format!("invalid URL {url:?}: {e}"))?;
+        .map_err(|e| format!("invalid URL {shown:?}: {e}"))?;
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
-        _ => return Err(format!("invalid URL {url:?}: scheme must be http or https")),
+        _ => {
+            return Err(format!(
+                "invalid URL {shown:?}: scheme must be http or https"
+            ))
+        }
     }
     if uri.host().is_none_or(str::is_empty) {
-        return Err(format!("invalid URL {url:?}: no host"));
+        return Err(format!("invalid URL {shown:?}: no host"));
     }
     if uri.query().is_some() {
-        return Err(format!("invalid URL {url:?}: must not have a query"));
+        return Err(format!("invalid URL {shown:?}: must not have a query"));
     }
     if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
         return Err(format!(
             "invalid URL {:?}: credentials in upstream URLs are not supported, use headers",
-            redact_url(url)
+            shown
         ));
     }
     Ok(uri)
@@ -1416,15 +1453,19 @@ pub(crate) fn normalize_prefix(prefix: &str) -> &str {
 }
 
 /// Hides the password of `scheme://user:password@host` for logs and errors.
+/// The password ends at the last `@`: one that was not percent-encoded may
+/// hold `/`, `?`, `#` or `@`, and an invalid URL is shown too. This hides
+/// more than the password of a URL with a port and an `@` in its path.
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_string();
     };
     let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => {
-            let user = rest[..at].split(':').next().unwrap_or("");
+    let Some(at) = rest.rfind('@') else {
+        return url.to_string();
+    };
+    match rest[..at].split_once(':') {
+        Some((user, _password)) => {
             format!("{}{user}:***@{}", &url[..scheme_end + 3], &rest[at + 1..])
         }
         None => url.to_string(),
@@ -1434,6 +1475,32 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_are_hidden_even_when_they_hold_url_delimiters() {
+        let cases = [
+            ("redis://:s3cret@redis:6379", "redis://:***@redis:6379"),
+            ("http://u:pa/ss@proxy:3128", "http://u:***@proxy:3128"),
+            (
+                "redis://:Zm9v/YmFy@redis:6379/0",
+                "redis://:***@redis:6379/0",
+            ),
+            ("http://u:p@ss?#x@proxy:3128", "http://u:***@proxy:3128"),
+            ("http://proxy:3128", "http://proxy:3128"),
+            (
+                "https://api.example.com/users/@me",
+                "https://api.example.com/users/@me",
+            ),
+        ];
+        for (url, shown) in cases {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+        // And in `check`'s message for an invalid URL.
+        for url in ["ftp://u:pa/ss@proxy:3128", "http://u:pa ss@host"] {
+            let error = check_upstream_url(url).unwrap_err();
+            assert!(!error.contains("ss"), "{error}");
+        }
+    }
 
     #[test]
     fn listeners_that_cannot_both_bind() {

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use foldhash::HashMap;
 
+use crate::config::RouteConfig;
 use crate::stats::metrics::{self, Metrics};
 use breaker::Breaker;
 use budget::RetryBudget;
@@ -77,5 +78,27 @@ impl Registry {
         next.insert(name.to_string(), guards.clone());
         self.routes.store(Arc::new(next));
         guards
+    }
+
+    /// Forgets the routes a reload removed: their breakers (which an
+    /// operator could no longer reset) and their `backstop_circuit_state`
+    /// series (an open one would alert forever). Requests still in flight
+    /// keep what they hold; a route added back starts closed.
+    pub fn forget_all_but(&self, kept: &[RouteConfig]) {
+        let _adding = self.adding.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.routes.load_full();
+        let is_kept = |name: &str| kept.iter().any(|r| r.name == name);
+        if current.keys().all(|name| is_kept(name)) {
+            return;
+        }
+        let mut next = HashMap::clone(&current);
+        next.retain(|name, _| {
+            let keep = is_kept(name);
+            if !keep {
+                self.metrics.circuit_state.remove(&metrics::route(name));
+            }
+            keep
+        });
+        self.routes.store(Arc::new(next));
     }
 }

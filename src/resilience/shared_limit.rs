@@ -23,7 +23,9 @@ const SKIP_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 /// Refills the bucket by the time passed, takes a token if there is one,
 /// and returns {taken, tokens left}. Tokens travel as strings: Lua numbers
-/// returned to Redis would be truncated to integers.
+/// returned to Redis would be truncated to integers. They are written with
+/// 17 digits: `tostring`'s 14 would turn 0.99999999999999989 into a whole
+/// token.
 const SCRIPT: &str = r#"
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
@@ -42,15 +44,16 @@ if tokens >= 1 then
   tokens = tokens - 1
   taken = 1
 end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+local left = string.format('%.17g', tokens)
+redis.call('HSET', KEYS[1], 'tokens', left, 'ts', tostring(now))
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
-return {taken, tostring(tokens)}
+return {taken, left}
 "#;
 
 /// The connection to the configured Redis, made on first use.
 pub struct SharedLimiter {
-    /// The URL it was made for (a reload may change `[redis]`).
-    conn: Mutex<Option<(String, ConnectionManager)>>,
+    /// The URL and timeout it was made for (a reload may change `[redis]`).
+    conn: Mutex<Option<(String, Duration, ConnectionManager)>>,
     skip_until_ms: AtomicU64,
     epoch: Instant,
 }
@@ -101,7 +104,12 @@ impl SharedLimiter {
         match result {
             Ok((taken, left)) => {
                 let left: f64 = left.parse().unwrap_or(0.0);
-                let before = if taken == 1 { left + 1.0 } else { left };
+                // The script's `taken` decides, whatever the digits say.
+                let before = if taken == 1 {
+                    (left + 1.0).max(1.0)
+                } else {
+                    left.min(1.0 - f64::EPSILON)
+                };
                 Some(Decision::from_tokens(limit, before))
             }
             Err(error) => {
@@ -117,8 +125,8 @@ impl SharedLimiter {
 
     fn connection(&self, redis: &RedisConfig) -> Result<ConnectionManager, String> {
         let mut slot = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((url, conn)) = slot.as_ref() {
-            if *url == redis.url {
+        if let Some((url, timeout, conn)) = slot.as_ref() {
+            if *url == redis.url && *timeout == redis.timeout {
                 return Ok(conn.clone());
             }
         }
@@ -130,7 +138,7 @@ impl SharedLimiter {
             .set_number_of_retries(1);
         let conn = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|e| format!("cannot set up the Redis connection: {:?}", e.kind()))?;
-        *slot = Some((redis.url.clone(), conn.clone()));
+        *slot = Some((redis.url.clone(), redis.timeout, conn.clone()));
         Ok(conn)
     }
 }

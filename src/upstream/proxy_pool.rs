@@ -213,20 +213,27 @@ impl ProxyPool {
     }
 }
 
-/// `http://[user:pass@]host[:port]` → host, port, `Basic` credentials.
-fn parse_proxy_url(url: &str) -> Option<(String, u16, Option<HeaderValue>)> {
-    let rest = url.strip_prefix("http://")?;
-    let authority = rest.split('/').next()?;
+/// `http://[user:pass@]host[:port]` → host, port, `Basic` credentials
+/// (the scheme in any case, as URLs allow). `check` validates the
+/// configured URLs with this function, so a URL it passed always builds.
+pub(crate) fn parse_proxy_url(url: &str) -> Option<(String, u16, Option<HeaderValue>)> {
+    let scheme = url.get(..7)?;
+    if !scheme.eq_ignore_ascii_case("http://") {
+        return None;
+    }
+    let authority = url[7..].split('/').next()?;
     let (userinfo, hostport) = match authority.rfind('@') {
         Some(at) => (Some(&authority[..at]), &authority[at + 1..]),
         None => (None, authority),
     };
     let uri: Uri = format!("http://{hostport}/").parse().ok()?;
-    let host = uri.host()?.trim_matches(['[', ']']).to_string();
+    let host = uri.host().filter(|h| !h.is_empty())?;
+    let host = host.trim_matches(['[', ']']).to_string();
     let port = uri.port_u16().unwrap_or(80);
     let auth = match userinfo {
         Some(info) => {
-            let decoded = percent_decode(info);
+            // `%XX` escapes: a password may contain `@` or `:`.
+            let decoded: Vec<u8> = percent_encoding::percent_decode_str(info).collect();
             let token = base64::engine::general_purpose::STANDARD.encode(decoded);
             let mut value = HeaderValue::from_str(&format!("Basic {token}")).ok()?;
             value.set_sensitive(true);
@@ -235,28 +242,6 @@ fn parse_proxy_url(url: &str) -> Option<(String, u16, Option<HeaderValue>)> {
         None => None,
     };
     Some((host, port, auth))
-}
-
-/// `%XX` escapes in URL user info (a password may contain `@` or `:`).
-fn percent_decode(s: &str) -> Vec<u8> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = (bytes[i] == b'%' && i + 2 < bytes.len())
-            .then(|| std::str::from_utf8(&bytes[i + 1..i + 3]).ok())
-            .flatten();
-        if let Some(hex) = hex {
-            if let Ok(b) = u8::from_str_radix(hex, 16) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    out
 }
 
 /// Connects to the proxy; for `https://` targets opens a `CONNECT` tunnel.
@@ -465,5 +450,9 @@ mod tests {
         let (host, port, auth) = parse_proxy_url("http://proxy.local").unwrap();
         assert_eq!((host.as_str(), port, auth), ("proxy.local", 80, None));
         assert!(parse_proxy_url("socks5://x:1").is_none());
+        // The scheme in any case, as `check` let it through.
+        let (host, port, _) = parse_proxy_url("HTTP://proxy.local:3128").unwrap();
+        assert_eq!((host.as_str(), port), ("proxy.local", 3128));
+        assert!(parse_proxy_url("http://:3128").is_none(), "no host");
     }
 }

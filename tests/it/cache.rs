@@ -1191,6 +1191,67 @@ async fn purge_empties_a_routes_memory_store() {
     assert_eq!(missing.status(), 404);
 }
 
+/// A purge while a miss is upstream: what that miss fetched predates the
+/// purge, and must not fill the store again.
+#[tokio::test]
+async fn a_miss_upstream_during_a_purge_does_not_store_its_answer() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let backend = Backend::start(move |_| {
+        let i = n.fetch_add(1, Ordering::SeqCst) + 1;
+        let delay = if i == 1 { 1000 } else { 0 };
+        Reply::ok(&format!("n={i}")).delay(Duration::from_millis(delay))
+    })
+    .await;
+    let bs = Backstop::start(&route("r", "/", &backend.url(), ""));
+    let url = bs.url("/p");
+    let slow = tokio::spawn(async move { get(&url).await });
+    backend.wait_for_hits(1, Duration::from_secs(5)).await;
+    let r = client()
+        .delete(bs.admin_url("/cache/r"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let first = slow.await.unwrap();
+    assert_eq!(
+        (first.x_cache.as_str(), first.body.as_str()),
+        ("MISS", "n=1")
+    );
+    let next = get(&bs.url("/p")).await;
+    assert_eq!(
+        (next.x_cache.as_str(), next.body.as_str()),
+        ("MISS", "n=2"),
+        "the purge holds"
+    );
+    assert_eq!(get(&bs.url("/p")).await.x_cache, "HIT");
+}
+
+/// Without `max-age`, `Expires` says how long an answer is fresh: in the
+/// past (or `0`, no date) it is not stored; a minute ahead it is.
+#[tokio::test]
+async fn expires_in_the_past_is_not_stored() {
+    let past = counting_backend(vec![("expires", "Thu, 01 Jan 1970 00:00:00 GMT")]).await;
+    let zero = counting_backend(vec![("expires", "0")]).await;
+    let ahead = Backend::start(|_| {
+        let in_a_minute = std::time::SystemTime::now() + Duration::from_secs(60);
+        Reply::ok("fresh").header("expires", &httpdate::fmt_http_date(in_a_minute))
+    })
+    .await;
+    let bs = Backstop::start(&format!(
+        "{}{}{}",
+        route("past", "/past", &past.url(), ""),
+        route("zero", "/zero", &zero.url(), ""),
+        route("ahead", "/ahead", &ahead.url(), "")
+    ));
+    for path in ["/past/a", "/zero/a"] {
+        assert_eq!(get(&bs.url(path)).await.x_cache, "MISS", "{path}");
+        assert_eq!(get(&bs.url(path)).await.x_cache, "MISS", "{path}");
+    }
+    assert_eq!((past.hits(), zero.hits()), (2, 2));
+    assert_eq!(get(&bs.url("/ahead/a")).await.x_cache, "MISS");
+    assert_eq!(get(&bs.url("/ahead/a")).await.x_cache, "HIT");
+}
+
 #[tokio::test]
 async fn cached_entries_survive_a_config_reload() {
     let backend = counting_backend(vec![]).await;

@@ -199,6 +199,33 @@ fn invalid_files_list_every_error_with_its_key() {
             vec!["FILE: redis.url: invalid URL \"redis://:***@cache:6379/db1\": the path must be a database number, found \"db1\""],
         ),
         (
+            format!("[outbound_proxies]\nurls = [\"HTTP://proxy:3128\", \"socks5://x:1\", \"http://u:pw@:3128\"]\n{ROUTE}[routes.proxy]\nuse_proxy = true\n"),
+            vec![
+                "FILE: outbound_proxies.urls[1]: expected http://[user:pass@]host:port, found \"socks5://x:1\"",
+                "FILE: outbound_proxies.urls[2]: expected http://[user:pass@]host:port, found \"http://u:***@:3128\"",
+            ],
+        ),
+        (
+            format!("[server]\nadmin_token = \" s3cret \"\n{ROUTE}[routes.health_check]\npath = \"/health check\"\n"),
+            vec![
+                "FILE: server.admin_token: use visible ASCII characters only (no spaces): no request could present it",
+                "FILE: routes[0].health_check.path: \"/health check\" is not a valid request path (escape spaces and other characters as %XX)",
+            ],
+        ),
+        // A password that was not percent-encoded is hidden all the same.
+        (
+            format!("[redis]\nurl = \"redis://:Zm9v/YmFy@cache:6379\"\n{ROUTE}"),
+            vec!["FILE: redis.url: invalid URL \"redis://:***@cache:6379\": empty host"],
+        ),
+        (
+            format!("{ROUTE}[routes.cache]\nenabled = true\ncacheable_status = [200, 206, 304, 103]\n"),
+            vec![
+                "FILE: routes[0].cache.cacheable_status[1]: 206 cannot be cached: it is a part of an answer, not the whole",
+                "FILE: routes[0].cache.cacheable_status[2]: 304 cannot be cached: it is no answer of its own, only that the client's copy is current",
+                "FILE: routes[0].cache.cacheable_status[3]: 103 cannot be cached: it is an interim answer",
+            ],
+        ),
+        (
             format!("[redis]\nurl = \"redis://0.0.0.0:6379\"\n{ROUTE}"),
             vec!["FILE: redis.url: invalid URL \"redis://0.0.0.0:6379\": a wildcard address cannot be connected to; name the Redis host"],
         ),

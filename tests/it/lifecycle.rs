@@ -287,3 +287,98 @@ async fn a_standalone_replay_worker_finishes_its_delivery_on_sigterm_and_survive
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
 }
+
+/// The admin token is read from the running configuration: a reload sets or
+/// rotates it at once. Keys a reload cannot change are named in a warning.
+#[tokio::test]
+async fn a_reload_sets_the_admin_token_and_names_the_keys_that_wait_for_a_restart() {
+    let backend = Backend::start(|_| Reply::ok("ok")).await;
+    let bs = Backstop::start(&one_route(&backend.url()));
+    let c = client();
+    let queue = bs.admin_url("/queue");
+    assert_eq!(c.get(&queue).send().await.unwrap().status(), 200);
+
+    let text = std::fs::read_to_string(&bs.config_path).unwrap();
+    let with_token = text.replacen(
+        "[server]\n",
+        "[server]\nadmin_token = \"new-token\"\nheader_read_timeout = \"7s\"\n",
+        1,
+    );
+    std::fs::write(&bs.config_path, with_token).unwrap();
+    bs.signal("HUP");
+    bs.wait_for_log("configuration reloaded", Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        c.get(&queue).send().await.unwrap().status(),
+        401,
+        "the token set by the reload is required"
+    );
+    let r = c.get(&queue).bearer_auth("new-token").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let logs = bs.logs();
+    assert!(
+        logs.contains("take effect after a restart") && logs.contains("server.header_read_timeout"),
+        "{logs}"
+    );
+    assert!(!logs.contains("new-token"), "the token is never logged");
+}
+
+/// Off loopback the admin API needs its token (DESIGN.md): a reload cannot
+/// take it away by naming a loopback address it does not move to.
+#[tokio::test]
+async fn a_reload_cannot_remove_the_token_of_an_admin_api_bound_off_loopback() {
+    let backend = Backend::start(|_| Reply::ok("ok")).await;
+    let bs = Backstop::start(&format!(
+        "[server]\nadmin_listen = \"0.0.0.0:0\"\nadmin_token = \"s3cret\"\n\n{}",
+        one_route(&backend.url())
+    ));
+    let text = std::fs::read_to_string(&bs.config_path).unwrap();
+    let without = text
+        .replace(
+            "admin_listen = \"0.0.0.0:0\"",
+            "admin_listen = \"127.0.0.1:0\"",
+        )
+        .replace("admin_token = \"s3cret\"\n", "");
+    assert!(!without.contains("s3cret") && without.contains("127.0.0.1:0"));
+    std::fs::write(&bs.config_path, without).unwrap();
+    bs.signal("HUP");
+    bs.wait_for_log("reload refused", Duration::from_secs(5))
+        .await;
+    assert!(
+        bs.logs()
+            .contains("server.admin_token: the admin API is bound to 0.0.0.0"),
+        "{}",
+        bs.logs()
+    );
+    let c = client();
+    let queue = format!("http://127.0.0.1:{}/queue", bs.admin.port());
+    assert_eq!(c.get(&queue).send().await.unwrap().status(), 401);
+    let r = c.get(&queue).bearer_auth("s3cret").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// `drain_timeout` is read when the drain starts: a reload changes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_drain_timeout_in_effect_is_the_reloaded_one() {
+    let hung = Backend::start(|_| Reply::ok("late").delay(Duration::from_secs(60))).await;
+    let mut bs = Backstop::start(&format!(
+        "[server]\ndrain_timeout = \"60s\"\n\n{}",
+        one_route(&hung.url())
+    ));
+    let text = std::fs::read_to_string(&bs.config_path).unwrap();
+    std::fs::write(
+        &bs.config_path,
+        text.replace("drain_timeout = \"60s\"", "drain_timeout = \"1s\""),
+    )
+    .unwrap();
+    bs.signal("HUP");
+    bs.wait_for_log("configuration reloaded", Duration::from_secs(5))
+        .await;
+    let url = bs.url("/api/hung");
+    let _in_flight = tokio::spawn(async move { client().get(url).send().await });
+    hung.wait_for_hits(1, Duration::from_secs(5)).await;
+    bs.signal("TERM");
+    let code = tokio::task::block_in_place(|| bs.wait_exit(Duration::from_secs(10)));
+    assert_eq!(code, Some(0), "stopped after the reloaded 1 s, not 60 s");
+    assert!(bs.logs().contains("drain timeout reached"));
+}

@@ -145,6 +145,67 @@ async fn retries_count_towards_the_threshold_and_stop_when_the_circuit_opens() {
     assert_eq!(backend.hits(), 5);
 }
 
+/// A retry waiting through its backoff while other requests' failures open
+/// the circuit is not sent: an open circuit never calls the backend.
+#[tokio::test]
+async fn a_retry_is_not_sent_once_the_circuit_opened_during_its_backoff() {
+    let failing = Arc::new(AtomicBool::new(true));
+    let backend = switchable(failing, Duration::ZERO).await;
+    let bs = Backstop::start(&route(
+        &backend.url(),
+        r#"
+  [routes.retry]
+  max_attempts = 2
+  initial_delay = "1s"
+  [routes.circuit_breaker]
+  failure_threshold = 2
+"#,
+    ));
+    let url = bs.url("/api/x");
+    let first = tokio::spawn(async move { client().get(url).send().await.unwrap().status() });
+    backend.wait_for_hits(1, Duration::from_secs(5)).await;
+    // The second failure opens the circuit; this request's own retry is
+    // refused at once.
+    let r = client().get(bs.url("/api/x")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(circuit(&bs).await["state"], "open");
+    let status = first.await.unwrap();
+    assert_eq!(backend.hits(), 2, "the first request's retry was not sent");
+    assert_eq!(status, 502, "its backend's 503, reported by the proxy");
+}
+
+/// A route a reload removes is forgotten: its open circuit no longer shows
+/// in `/metrics` (it would alert forever, with no route left to reset).
+#[tokio::test]
+async fn a_route_removed_by_a_reload_leaves_no_circuit_behind() {
+    let backend = switchable(Arc::new(AtomicBool::new(true)), Duration::ZERO).await;
+    let bs = Backstop::start(&route(
+        &backend.url(),
+        "  [routes.retry]\n  max_attempts = 1\n  [routes.circuit_breaker]\n  failure_threshold = 1\n",
+    ));
+    let r = client().get(bs.url("/api/x")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(has_line(
+        &metrics(&bs).await,
+        "backstop_circuit_state{route=\"flaky\"} 1"
+    ));
+    let text = std::fs::read_to_string(&bs.config_path).unwrap();
+    std::fs::write(&bs.config_path, text.replace("\"flaky\"", "\"steady\"")).unwrap();
+    bs.signal("HUP");
+    bs.wait_for_log("configuration reloaded", Duration::from_secs(5))
+        .await;
+    let metrics = metrics(&bs).await;
+    assert!(
+        !metrics.contains("backstop_circuit_state{route=\"flaky\"}"),
+        "{metrics}"
+    );
+    let r = client().get(bs.url("/api/x")).send().await.unwrap();
+    assert!(
+        !r.headers().contains_key("x-backstop-error"),
+        "the new route starts closed: the backend's own 503"
+    );
+}
+
 #[tokio::test]
 async fn half_open_lets_only_a_limited_number_of_probes_through() {
     let failing = Arc::new(AtomicBool::new(true));
@@ -1093,6 +1154,133 @@ async fn a_shared_rate_limit_keyed_on_a_header_keeps_the_value_out_of_redis() {
         .unwrap();
     assert_eq!(keys.len(), 2, "{keys:?}");
     assert!(keys.iter().all(|k| !k.contains("secret")), "{keys:?}");
+}
+
+/// Redis's Lua prints numbers with 14 digits: a bucket just short of a
+/// token must not read back as a whole one, neither for this request nor
+/// where it is written back for the next.
+#[tokio::test]
+async fn a_shared_bucket_just_short_of_a_token_refuses() {
+    let backend = Backend::start(|_| Reply::ok("ok")).await;
+    let prefix = unique_prefix();
+    let bs = Backstop::start(&shared_limit_config(
+        &backend.url(),
+        "redis://127.0.0.1:6379",
+        &prefix,
+    ));
+    let send = || async {
+        client()
+            .get(bs.url("/api/x"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(send().await, 200);
+    let mut redis = redis::Client::open("redis://127.0.0.1:6379")
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query(&mut redis)
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    // A last refill in the far future: no time passes for the bucket.
+    let _: i64 = redis::cmd("HSET")
+        .arg(&keys[0])
+        .arg("tokens")
+        .arg("0.99999999999999989")
+        .arg("ts")
+        .arg("99999999999999")
+        .query(&mut redis)
+        .unwrap();
+    assert_eq!(send().await, 429, "0.99999999999999989 tokens are not one");
+    assert_eq!(backend.hits(), 1);
+    let stored: String = redis::cmd("HGET")
+        .arg(&keys[0])
+        .arg("tokens")
+        .query(&mut redis)
+        .unwrap();
+    assert!(
+        stored.parse::<f64>().unwrap() < 1.0,
+        "written back as {stored}, not rounded up to a token"
+    );
+}
+
+/// A TCP relay to `to` that holds every chunk for `delay` before passing
+/// it on, both ways: a Redis that answers slowly.
+async fn delaying_relay(to: &'static str, delay: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        delay: Duration,
+    ) {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            tokio::time::sleep(delay).await;
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let Ok(outbound) = tokio::net::TcpStream::connect(to).await else {
+                continue;
+            };
+            let (in_read, in_write) = inbound.into_split();
+            let (out_read, out_write) = outbound.into_split();
+            tokio::spawn(pump(in_read, out_write, delay));
+            tokio::spawn(pump(out_read, in_write, delay));
+        }
+    });
+    format!("redis://{addr}")
+}
+
+/// A reload that raises `[redis] timeout` reaches the shared limits' Redis
+/// connection, which was kept with the timeout it was made with.
+#[tokio::test]
+async fn a_reloaded_redis_timeout_reaches_the_shared_rate_limit() {
+    let backend = Backend::start(|_| Reply::ok("ok")).await;
+    let prefix = unique_prefix();
+    let slow = delaying_relay("127.0.0.1:6379", Duration::from_millis(150)).await;
+    let toml = shared_limit_config(&backend.url(), &slow, &prefix)
+        .replace("timeout = \"500ms\"", "timeout = \"50ms\"")
+        .replace(
+            "shared = true",
+            "shared = true\n  key = \"header:X-API-Key\"",
+        );
+    let bs = Backstop::start(&toml);
+    let send = |key: &'static str| {
+        let url = bs.url("/api/x");
+        async move {
+            let r = client().get(url).header("x-api-key", key).send().await;
+            r.unwrap().status().as_u16()
+        }
+    };
+    for _ in 0..5 {
+        assert_eq!(send("before").await, 200, "Redis too slow: fails open");
+    }
+    let text = std::fs::read_to_string(&bs.config_path).unwrap();
+    std::fs::write(
+        &bs.config_path,
+        text.replace("timeout = \"50ms\"", "timeout = \"3s\""),
+    )
+    .unwrap();
+    bs.signal("HUP");
+    bs.wait_for_log("configuration reloaded", Duration::from_secs(5))
+        .await;
+    // Past the second Redis is skipped after a failure.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(send("after").await);
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 429, 429], "the limit holds");
 }
 
 #[tokio::test]

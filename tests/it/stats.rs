@@ -457,3 +457,31 @@ async fn admin_off_loopback_requires_the_token_and_mutations_need_post() {
     assert_eq!(r.status(), 405);
     assert!(!bs.logs().contains("s3cret-token"), "token never logged");
 }
+
+/// What axum answers on its own (an unknown path, a method not allowed, a
+/// query it cannot read) is in the JSON error shape too.
+#[tokio::test]
+async fn the_admin_apis_own_refusals_are_in_the_error_shape() {
+    let backend = path_backend().await;
+    let bs = Backstop::start(&config(&backend, ""));
+    let c = client();
+    let cases = [
+        ("GET", "/no/such/thing", 404, "not_found"),
+        ("GET", "/circuits/users/reset", 405, "method_not_allowed"),
+        ("GET", "/queue/dead-letters?limit=abc", 400, "bad_request"),
+    ];
+    for (method, path, status, code) in cases {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let r = c.request(method, bs.admin_url(path)).send().await.unwrap();
+        assert_eq!(r.status(), status, "{path}");
+        assert_eq!(r.headers()["x-backstop-error"], code, "{path}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{path}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{path}"
+        );
+    }
+}
