@@ -212,6 +212,7 @@ async fn replay_only(
         loaded,
         hangup,
         proxy.clone(),
+        None,
         shutdown.clone(),
     ));
     let stop = shutdown.clone();

@@ -24,6 +24,7 @@ use crate::replay::kafka_lag::KafkaLag;
 use crate::replay::{ReplayCounters, SpoolReplayer};
 use crate::resilience::Registry;
 use crate::routing::RouteTable;
+use crate::server::tls::ListenerCert;
 use crate::server::{self, ConnSettings};
 use crate::stats::metrics::Metrics;
 use crate::stats::Stats;
@@ -47,22 +48,26 @@ pub fn load_active(path: &Path) -> Result<Active, ConfigErrors> {
     })
 }
 
-/// The proxy listener's TLS (`server.tls_cert`/`tls_key`), read once: by
-/// `check`, and by `run` at start (a reload keeps the listener's).
-pub fn listener_tls(config: &Config, path: &Path) -> Result<Option<TlsAcceptor>, ConfigErrors> {
+/// The proxy listener's TLS (`server.tls_cert`/`tls_key`): read by `check`
+/// and by `run` at start; a reload reads the files again into the
+/// returned [`ListenerCert`].
+pub fn listener_tls(
+    config: &Config,
+    path: &Path,
+) -> Result<Option<(TlsAcceptor, Arc<ListenerCert>)>, ConfigErrors> {
     let (Some(cert), Some(key)) = (&config.server.tls_cert, &config.server.tls_key) else {
         return Ok(None);
     };
-    match server::tls::server_config(cert, key) {
-        Ok(tls) => Ok(Some(TlsAcceptor::from(Arc::new(tls)))),
-        Err((field, message)) => Err(ConfigErrors {
-            file: path.to_path_buf(),
-            errors: vec![config::ConfigError {
-                key: format!("server.{field}"),
-                message,
-            }],
-        }),
-    }
+    let fail = |key: &str, message: String| ConfigErrors {
+        file: path.to_path_buf(),
+        errors: vec![config::ConfigError {
+            key: format!("server.{key}"),
+            message,
+        }],
+    };
+    let listener_cert = Arc::new(ListenerCert::load(cert, key).map_err(|(k, m)| fail(k, m))?);
+    let tls = server::tls::server_config(listener_cert.clone()).map_err(|m| fail("tls_cert", m))?;
+    Ok(Some((TlsAcceptor::from(Arc::new(tls)), listener_cert)))
 }
 
 /// Runs the proxy until SIGTERM or SIGINT; returns the process exit code.
@@ -111,7 +116,10 @@ pub async fn run(path: PathBuf, loaded: Option<SystemTime>, active: Active) -> R
     let connections = TaskTracker::new();
     let background = TaskTracker::new();
 
-    let tls = listener_tls(&config, &path).map_err(|e| e.to_string())?;
+    let (tls, listener_cert) = match listener_tls(&config, &path).map_err(|e| e.to_string())? {
+        Some((acceptor, cert)) => (Some(acceptor), Some(cert)),
+        None => (None, None),
+    };
     let scheme = if tls.is_some() { "https" } else { "http" };
     let listener = server::bind(config.server.listen, "proxy")
         .await
@@ -182,6 +190,7 @@ pub async fn run(path: PathBuf, loaded: Option<SystemTime>, active: Active) -> R
         loaded,
         hangup,
         proxy.clone(),
+        listener_cert,
         shutdown.clone(),
     ));
     background.spawn(crate::resilience::health::run(
@@ -295,11 +304,14 @@ impl StopSignals {
 /// Reloads on SIGHUP and when the file changes from how it was when the
 /// running configuration was read (`loaded`, its modification time). An
 /// invalid file keeps the running configuration; every error is logged.
+/// `listener_cert`: the TLS listener's certificate, read again by each
+/// reload.
 pub(crate) async fn watch_config(
     path: PathBuf,
     loaded: Option<SystemTime>,
     mut hangup: Option<Signal>,
     proxy: Arc<Proxy>,
+    listener_cert: Option<Arc<ListenerCert>>,
     shutdown: CancellationToken,
 ) {
     let mut last_modified = loaded;
@@ -315,11 +327,11 @@ pub(crate) async fn watch_config(
             continue;
         }
         last_modified = now_modified;
-        reload(&path, &proxy);
+        reload(&path, &proxy, listener_cert.as_deref());
     }
 }
 
-fn reload(path: &Path, proxy: &Proxy) {
+fn reload(path: &Path, proxy: &Proxy, listener_cert: Option<&ListenerCert>) {
     let old = proxy.active.load();
     let refused = |errors: &dyn std::fmt::Display| {
         for line in errors.to_string().lines() {
@@ -353,6 +365,13 @@ fn reload(path: &Path, proxy: &Proxy) {
             new.admin_listen
         ));
     }
+    // Last, as it takes effect at once: a renewed certificate, read again
+    // even when its file names are the same.
+    if let (Some(listener), Some(cert), Some(key)) = (listener_cert, &new.tls_cert, &new.tls_key) {
+        if let Err((key, message)) = listener.reload(cert, key) {
+            return refused(&format!("{}: server.{key}: {message}", path.display()));
+        }
+    }
     if old.config.otlp != active.config.otlp {
         tracing::warn!(
             "[otlp] changed: it takes effect after a restart; \
@@ -368,8 +387,8 @@ fn reload(path: &Path, proxy: &Proxy) {
 }
 
 /// The keys read once at start (the listeners and their connection
-/// settings, the spool, Kafka, the logger, the replay workers) that the
-/// new file changes. `[otlp]` has its own warning.
+/// settings, TLS on or off, the spool, Kafka, the logger, the replay
+/// workers) that the new file changes. `[otlp]` has its own warning.
 fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let (o, n) = (&old.server, &new.server);
     let keys = [
@@ -387,8 +406,11 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ),
         ("server.idle_timeout", o.idle_timeout != n.idle_timeout),
         ("server.send_timeout", o.send_timeout != n.send_timeout),
-        ("server.tls_cert", o.tls_cert != n.tls_cert),
-        ("server.tls_key", o.tls_key != n.tls_key),
+        // Its files are read again by each reload; TLS on or off waits.
+        (
+            "server.tls_cert",
+            o.tls_cert.is_some() != n.tls_cert.is_some(),
+        ),
         ("log.format", old.log.format != new.log.format),
         ("log.level", old.log.level != new.log.level),
         ("kafka", old.kafka != new.kafka),

@@ -2,6 +2,7 @@
 //! without it), and the TLS listener with ALPN.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use rustls::pki_types::pem::PemObject;
@@ -166,4 +167,58 @@ async fn a_capture_made_over_tls_is_replayed_as_https() {
     assert_eq!(seen.body, "order");
     assert_eq!(seen.headers["x-forwarded-proto"], "https");
     assert_eq!(seen.headers["x-forwarded-host"], host.as_str());
+}
+
+/// A reload reads the listener's certificate again: a renewed one (same
+/// file names) is served from the next handshake on, without a restart; a
+/// key that does not match its certificate is refused and the one in use
+/// stays.
+#[tokio::test]
+async fn a_reload_serves_the_renewed_listener_certificate() {
+    let (old, renewed) = (make_pki(), make_pki());
+    let backend = Backend::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, &old.cert_pem).unwrap();
+    std::fs::write(&key, &old.key_pem).unwrap();
+    let bs = Backstop::start(&format!(
+        "[server]\ntls_cert = {cert:?}\ntls_key = {key:?}\n\n[[routes]]\nname = \"a\"\npath_prefix = \"/\"\nupstreams = [{:?}]\n",
+        backend.url()
+    ));
+    let url = format!("https://localhost:{}/x", bs.addr.port());
+    // A new client per request: a new connection, a new handshake.
+    let trusting = |pki: &Pki| {
+        let ca = reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap();
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca)
+            .build()
+            .unwrap();
+        let url = url.clone();
+        async move { client.get(url).send().await.map(|r| r.status().as_u16()) }
+    };
+    assert_eq!(trusting(&old).await.unwrap(), 200);
+    assert!(trusting(&renewed).await.is_err());
+
+    std::fs::write(&cert, &renewed.cert_pem).unwrap();
+    std::fs::write(&key, &renewed.key_pem).unwrap();
+    bs.signal("HUP");
+    bs.wait_for_log("configuration reloaded", Duration::from_secs(5))
+        .await;
+    assert_eq!(trusting(&renewed).await.unwrap(), 200, "the renewed one");
+    assert!(trusting(&old).await.is_err());
+
+    // A key of another certificate: refused, the renewed one stays.
+    std::fs::write(&key, &old.key_pem).unwrap();
+    bs.signal("HUP");
+    bs.wait_for_log("reload refused", Duration::from_secs(5))
+        .await;
+    assert!(
+        bs.logs()
+            .contains("server.tls_key: does not match the certificate"),
+        "{}",
+        bs.logs()
+    );
+    assert_eq!(trusting(&renewed).await.unwrap(), 200);
 }
