@@ -1,6 +1,7 @@
 //! Header rules of the request path: hop-by-hop removal (both ways), the
 //! `forward_headers` filter, `X-Forwarded-*` / `Forwarded`, and the request id.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
@@ -333,6 +334,114 @@ fn forwarded_host(host: &[u8]) -> ForwardedHost {
     }
 }
 
+/// A client's `Forwarded` line as this hop passes it on: its elements with
+/// only their `for` and `by` parameters, the chain of nodes (as
+/// `X-Forwarded-For` is kept). Their `host` and `proto` are the claims of
+/// whoever sent them, and this hop's element states the real ones: a
+/// backend that reads the first element (Spring's does) must not find the
+/// client's there, just as `X-Forwarded-Host` and `-Proto` are replaced. A
+/// line that is no list of elements (RFC 7239 §4) is left out whole: an
+/// unbalanced quote would swallow this hop's element. `None`: nothing kept.
+/// A line of nodes only (a load balancer's) passes as it is, unallocated.
+fn prior_nodes(line: &[u8]) -> Option<Cow<'_, [u8]>> {
+    let is_node =
+        |name: &[u8]| name.eq_ignore_ascii_case(b"for") || name.eq_ignore_ascii_case(b"by");
+    let (mut nodes, mut claims) = (false, false);
+    let parsed = scan_forwarded(line, |_, name, _| {
+        if is_node(name) {
+            nodes = true;
+        } else {
+            claims = true;
+        }
+    });
+    if !parsed || !nodes {
+        return None;
+    }
+    if !claims {
+        return Some(Cow::Borrowed(line));
+    }
+    let mut kept = Vec::with_capacity(line.len());
+    let mut last_element = None;
+    scan_forwarded(line, |element, name, pair| {
+        if !is_node(name) {
+            return;
+        }
+        match last_element {
+            Some(last) if last == element => kept.push(b';'),
+            Some(_) => kept.extend_from_slice(b", "),
+            None => {}
+        }
+        kept.extend_from_slice(pair);
+        last_element = Some(element);
+    });
+    Some(Cow::Owned(kept))
+}
+
+/// Walks the pairs of a `Forwarded` line: `visit(element, name, pair)` for
+/// each, `element` counting the line's elements from 0 and `pair` being
+/// `name=value` as written. `false` if the line does not parse (then some
+/// pairs may have been visited): a name is a token, a value a token or a
+/// quoted string, pairs are split by `;` and elements by `,`.
+fn scan_forwarded<'l>(line: &'l [u8], mut visit: impl FnMut(usize, &'l [u8], &'l [u8])) -> bool {
+    let skip_blanks = |mut i: usize| {
+        while line.get(i).is_some_and(|&b| b == b' ' || b == b'\t') {
+            i += 1;
+        }
+        i
+    };
+    let token_end = |mut i: usize| {
+        while line.get(i).copied().is_some_and(is_tchar) {
+            i += 1;
+        }
+        i
+    };
+    let (mut element, mut i) = (0, skip_blanks(0));
+    while i < line.len() {
+        match line[i] {
+            b',' => {
+                element += 1;
+                i = skip_blanks(i + 1);
+                continue;
+            }
+            b';' => {
+                i = skip_blanks(i + 1);
+                continue;
+            }
+            _ => {}
+        }
+        let start = i;
+        let name_end = token_end(i);
+        if name_end == start || line.get(name_end) != Some(&b'=') {
+            return false;
+        }
+        i = name_end + 1;
+        if line.get(i) == Some(&b'"') {
+            i += 1;
+            loop {
+                match line.get(i) {
+                    None => return false,
+                    Some(b'\\') => i += 2,
+                    Some(b'"') => break,
+                    Some(_) => i += 1,
+                }
+            }
+            i += 1;
+        } else {
+            let value_end = token_end(i);
+            if value_end == i {
+                return false;
+            }
+            i = value_end;
+        }
+        visit(element, &line[start..name_end], &line[start..i]);
+        i = skip_blanks(i);
+        if !matches!(line.get(i), None | Some(b',') | Some(b';')) {
+            return false;
+        }
+    }
+    true
+}
+
 /// A token character (RFC 9110 §5.6.2).
 fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
@@ -375,15 +484,12 @@ impl Forwarding {
         let blank =
             |value: &HeaderValue| value.as_bytes().iter().all(|b| matches!(b, b' ' | b'\t'));
         for (name, value) in client_headers {
-            let prior = if name == header::FORWARDED {
-                &mut prior_forwarded
-            } else if name == X_FORWARDED_FOR {
-                &mut prior_for
-            } else {
-                continue;
-            };
-            if !blank(value) {
-                prior.push(value.as_bytes());
+            if name == X_FORWARDED_FOR {
+                if !blank(value) {
+                    prior_for.push(value.as_bytes());
+                }
+            } else if name == header::FORWARDED {
+                prior_forwarded.extend(prior_nodes(value.as_bytes()));
             }
         }
         let forwarded_for = appended(&prior_for, client.ip.clone());
@@ -540,13 +646,13 @@ impl ProxySet {
 /// runs for every proxied request).
 /// `ours` appended to the list the client's `prior` lines make.
 #[inline]
-fn appended(prior: &[&[u8]], ours: HeaderValue) -> HeaderValue {
+fn appended(prior: &[impl AsRef<[u8]>], ours: HeaderValue) -> HeaderValue {
     if prior.is_empty() {
         return ours;
     }
     let mut parts = Vec::with_capacity(prior.len() * 2 + 1);
     for line in prior {
-        parts.extend([*line, b", "]);
+        parts.extend([line.as_ref(), b", "]);
     }
     parts.push(ours.as_bytes());
     // Header values joined by a comma are a header value.
@@ -788,6 +894,43 @@ mod tests {
             h.get_all(header::FORWARDED).iter().collect::<Vec<_>>(),
             ["for=10.0.0.1, for=10.0.0.2, for=127.0.0.1;proto=http"]
         );
+    }
+
+    #[test]
+    fn a_clients_forwarded_keeps_its_nodes_not_its_claims() {
+        let client = ClientInfo::new("127.0.0.1:5000".parse().unwrap(), "http");
+        let ours = "for=127.0.0.1;proto=http;host=shop.example";
+        let cases = [
+            ("host=evil.example;proto=https", ours.to_string()),
+            (
+                "for=10.0.0.1;host=evil.example;proto=https, For=\"[2001:db8::1]:80\";by=lb",
+                format!("for=10.0.0.1, For=\"[2001:db8::1]:80\";by=lb, {ours}"),
+            ),
+            // Quoted commas and semicolons are the value's.
+            (
+                "for=\"a,b;c\";host=x, for=10.0.0.2",
+                format!("for=\"a,b;c\", for=10.0.0.2, {ours}"),
+            ),
+            (
+                "for=\"esc\\\"aped\"",
+                format!("for=\"esc\\\"aped\", {ours}"),
+            ),
+            // Not a list of elements: left out whole.
+            ("for=1.2.3.4;host=\"x", ours.to_string()),
+            ("for=1.2.3.4 junk", ours.to_string()),
+            ("=x", ours.to_string()),
+            ("for=", ours.to_string()),
+        ];
+        for (prior, want) in cases {
+            let mut h = HeaderMap::new();
+            h.insert(header::FORWARDED, HeaderValue::from_str(prior).unwrap());
+            set_forwarded(
+                &mut h,
+                &client,
+                Some(&HeaderValue::from_static("shop.example")),
+            );
+            assert_eq!(h[header::FORWARDED], want.as_str(), "{prior}");
+        }
     }
 
     #[test]

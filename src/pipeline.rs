@@ -169,7 +169,18 @@ pub async fn handle(proxy: &Proxy, req: Box<Request<ClientBody>>, client: &Clien
     let outcome = match refused {
         Some(reason) => Err(ProxyError::new(ErrorCode::BadRequest, reason)),
         None if health_check => Ok(health()),
-        None => proxy_request(proxy, &active, req, &mut ctx).await,
+        None => {
+            let mut watch = Unanswered {
+                proxy,
+                active: &active,
+                path: path.as_deref(),
+                ctx: &mut ctx,
+                answered: false,
+            };
+            let outcome = proxy_request(proxy, &active, req, watch.ctx).await;
+            watch.answered = true;
+            outcome
+        }
     };
     let mut response = match outcome {
         Ok(response) => response,
@@ -234,16 +245,8 @@ async fn proxy_request(
     let permit = match breaker_phase(route, guards) {
         Ok(permit) => permit,
         Err(retry_in) => {
-            ctx.failure = Some(Failure::CircuitOpen);
-            if let Some(stale) = stale_phase(&mut cache, ctx) {
-                return Ok(stale);
-            }
-            if capturable(proxy, route, &outgoing, Failure::CircuitOpen) {
-                let capture =
-                    capture_phase(proxy, route, outgoing, Failure::CircuitOpen, None, ctx);
-                return out_of_line(capture).await;
-            }
-            return Err(circuit_open_error(retry_in));
+            let open = circuit_open(proxy, route, outgoing, &mut cache, ctx, retry_in);
+            return out_of_line(open).await;
         }
     };
     // From here a write may change the backend, whatever becomes of its
@@ -259,6 +262,12 @@ async fn proxy_request(
             let answer = out_of_line(cache.finish(&route.config, response)).await;
             ctx.cache = cache.verdict().map(|v| v.as_str());
             answer
+        }
+        Forwarded::CircuitOpened { retry_in } => {
+            out_of_line(circuit_open(
+                proxy, route, outgoing, &mut cache, ctx, retry_in,
+            ))
+            .await
         }
         Forwarded::Failed {
             failure,
@@ -368,6 +377,27 @@ fn breaker_phase<'g>(route: &Route, guards: &'g RouteGuards) -> Result<Permit<'g
         Admission::Allowed(permit) => Ok(permit),
         Admission::Rejected { retry_in } => Err(retry_in),
     }
+}
+
+/// A request its route's open circuit keeps from the backend: a stale cache
+/// entry if there is one, else captured if it can be, else `503
+/// circuit_open` with `Retry-After` (`retry_in`).
+async fn circuit_open(
+    proxy: &Proxy,
+    route: &Route,
+    outgoing: Outgoing,
+    cache: &mut CacheState,
+    ctx: &mut RequestContext<'_>,
+    retry_in: Duration,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    ctx.failure = Some(Failure::CircuitOpen);
+    if let Some(stale) = stale_phase(cache, ctx) {
+        return Ok(stale);
+    }
+    if capturable(proxy, route, &outgoing, Failure::CircuitOpen) {
+        return capture_phase(proxy, route, outgoing, Failure::CircuitOpen, None, ctx).await;
+    }
+    Err(circuit_open_error(retry_in))
 }
 
 /// The answer while a circuit is open, in the reference setup's words.
@@ -527,6 +557,9 @@ enum Forwarded {
         failure: Failure,
         response: Option<Response<UpstreamBody>>,
     },
+    /// Other requests' failures opened the circuit while a retry waited
+    /// out its backoff: answered as an open circuit is (phase 6).
+    CircuitOpened { retry_in: Duration },
 }
 
 /// Phase 7: send to a target (directly or through an outbound proxy, as the
@@ -670,12 +703,9 @@ async fn forward(
         if !permit.is_current() {
             permit = match guards.breaker.admit(breaker_config) {
                 Admission::Allowed(next) => next,
-                Admission::Rejected { .. } => {
+                Admission::Rejected { retry_in } => {
                     tracing::debug!(route = %route.name(), attempt, "no retry: the circuit opened during the backoff");
-                    return Forwarded::Failed {
-                        failure,
-                        response: None,
-                    };
+                    return Forwarded::CircuitOpened { retry_in };
                 }
             };
         }
@@ -844,6 +874,51 @@ fn record_metrics(
     });
 }
 
+/// The status a request is counted and logged with when its client went
+/// away before its answer was ready (nginx's, for the same).
+const CLIENT_CLOSED: u16 = 499;
+
+/// A request on its way through the pipeline. Dropped before it is
+/// answered — an HTTP/2 client's `RST_STREAM` (or a closed connection)
+/// cancels `handle` — it is still logged and counted, as `499` with error
+/// `client_closed`: the requests a slow backend loses to its clients'
+/// deadlines are what the statistics must show.
+struct Unanswered<'a, 'c> {
+    proxy: &'a Proxy,
+    active: &'a Active,
+    path: Option<&'a str>,
+    ctx: &'a mut RequestContext<'c>,
+    answered: bool,
+}
+
+impl Drop for Unanswered<'_, '_> {
+    fn drop(&mut self) {
+        let Some(path) = self.path.filter(|_| !self.answered) else {
+            return;
+        };
+        let (log, stats) = (&self.active.config.log, &self.active.config.stats);
+        let ctx = &mut *self.ctx;
+        if log.access_log {
+            let status = StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST);
+            log_access(ctx, path, status);
+        }
+        if stats.enabled {
+            self.proxy.stats.record(Event {
+                route: ctx.route.take(),
+                path: path.to_string(),
+                status: CLIENT_CLOSED,
+                duration: ctx.started.elapsed(),
+                attempts: ctx.attempts,
+                cache: ctx.cache,
+                capture_id: ctx.capture_id.take(),
+                failure: ctx.failure,
+                error_code: Some("client_closed"),
+                max_paths: stats.max_paths_per_route,
+            });
+        }
+    }
+}
+
 fn log_access(ctx: &RequestContext<'_>, path: &str, status: StatusCode) {
     tracing::info!(
         target: "backstop::access",
@@ -896,12 +971,10 @@ fn unroutable(req: &Request<ClientBody>, names: &RequestNames<'_>) -> Option<&'s
     if uri.path() == "*" && req.method() != Method::OPTIONS {
         return Some("The request target * is only for OPTIONS");
     }
-    if req.version() != Version::HTTP_11 {
-        // HTTP/1.0 may leave `Host` out; HTTP/2 names the host in
-        // `:authority`.
-        return None;
-    }
     match (names.host, names.host_lines) {
+        // HTTP/1.0 may leave `Host` out; HTTP/2 names the host in
+        // `:authority`. One they do send is checked as any other.
+        (None, _) if req.version() != Version::HTTP_11 => None,
         (None, _) => Some("An HTTP/1.1 request must carry a Host header"),
         (_, 2..) => Some("A request must carry one Host header, not several"),
         (Some(host), _) if !host.as_bytes().iter().all(|&b| HOST_BYTES[usize::from(b)]) => {

@@ -47,7 +47,7 @@ impl Route {
 
     fn matches(&self, host: Option<&str>, path: &str) -> bool {
         if let Some(want) = &self.config.host {
-            if host.is_none_or(|h| !h.eq_ignore_ascii_case(want)) {
+            if host.is_none_or(|h| !same_host(h, want)) {
                 return false;
             }
         }
@@ -64,6 +64,19 @@ impl Route {
             _ => None,
         }
     }
+}
+
+/// Whether the host a request asked for (without its port) is a route's
+/// `host` (as `check` wrote it: lower case, no trailing dot, an IPv6
+/// address in its one form): names compare without case and without a
+/// fully qualified name's trailing dot (as nginx does), IPv6 addresses as
+/// addresses (`[2001:DB8:0::1]` is `2001:db8::1`).
+fn same_host(asked: &str, want: &str) -> bool {
+    let asked = asked.strip_suffix('.').unwrap_or(asked);
+    asked.eq_ignore_ascii_case(want)
+        || asked
+            .parse::<std::net::Ipv6Addr>()
+            .is_ok_and(|ip| want.parse() == Ok(ip))
 }
 
 /// What of `path` follows `prefix` when the path's segments, each read
@@ -222,5 +235,39 @@ mod tests {
         assert_eq!(users.upstream_path("/api/usersx"), None);
         assert_eq!(users.upstream_path("/api/üsers/7"), None);
         assert_eq!(users.upstream_path("/ä"), None);
+    }
+
+    #[test]
+    fn hosts_match_as_names_and_addresses() {
+        let t = RouteTable::from_toml(
+            r#"
+            [[routes]]
+            name = "any"
+            path_prefix = "/"
+            upstreams = ["http://127.0.0.1:1"]
+            [[routes]]
+            name = "named"
+            path_prefix = "/"
+            host = "API.example.com."
+            upstreams = ["http://127.0.0.1:2"]
+            [[routes]]
+            name = "v6"
+            path_prefix = "/"
+            host = "[2001:DB8:0::1]"
+            upstreams = ["http://127.0.0.1:3"]
+            "#,
+        );
+        let cases = [
+            ("api.example.com", "named"),
+            ("Api.Example.Com.", "named"),
+            ("api.example.com..", "any"),
+            ("2001:db8::1", "v6"),
+            ("2001:0db8:0000::0001", "v6"),
+            ("2001:db8::2", "any"),
+            ("example.com", "any"),
+        ];
+        for (host, want) in cases {
+            assert_eq!(t.find(Some(host), "/x").unwrap().name(), want, "{host}");
+        }
     }
 }

@@ -75,7 +75,6 @@ pub fn listener_tls(
 pub async fn run(path: PathBuf, loaded: Option<SystemTime>, active: Active) -> Result<(), String> {
     let config = active.config.clone();
     let spool = Spool::open(&config.server.data_dir).map_err(|e| e.to_string())?;
-    let retry_after = config.replay.initial_delay.as_secs().max(1);
     let metrics = Arc::new(Metrics::new());
     let kafka = match &config.kafka {
         Some(k) => Some(Arc::new(KafkaSink::new(k)?)),
@@ -104,7 +103,7 @@ pub async fn run(path: PathBuf, loaded: Option<SystemTime>, active: Active) -> R
             spool.clone(),
             kafka.clone(),
             metrics.clone(),
-            retry_after,
+            &config.replay,
         ))),
         resilience: Arc::new(Registry::new(metrics.clone())),
         stats: Stats::start(metrics.clone()),
@@ -350,14 +349,14 @@ fn reload(path: &Path, proxy: &Proxy, listener_cert: Option<&ListenerCert>) {
             "changed keys take effect after a restart; they keep their running values"
         );
     }
-    // The running values of what a reload cannot change, so that what is
-    // active says what is in effect (and is what later reloads compare to).
-    let (running, new) = (
-        &old.config.server,
-        &mut Arc::make_mut(&mut active.config).server,
-    );
-    new.listen = running.listen;
-    new.admin_listen = running.admin_listen;
+    if old.config.otlp != active.config.otlp {
+        tracing::warn!(
+            "[otlp] changed: it takes effect after a restart; \
+             the exporter keeps its running settings"
+        );
+    }
+    keep_running(&old.config, Arc::make_mut(&mut active.config));
+    let new = &active.config.server;
     if !new.admin_listen.ip().is_loopback() && new.admin_token.is_none() && !new.admin_insecure {
         return refused(&format!(
             "server.admin_token: the admin API is bound to {}, not a loopback address: \
@@ -372,11 +371,8 @@ fn reload(path: &Path, proxy: &Proxy, listener_cert: Option<&ListenerCert>) {
             return refused(&format!("{}: server.{key}: {message}", path.display()));
         }
     }
-    if old.config.otlp != active.config.otlp {
-        tracing::warn!(
-            "[otlp] changed: it takes effect after a restart; \
-             the exporter keeps its running settings"
-        );
+    if let Some(capturer) = &proxy.capturer {
+        capturer.follow(&active.config.replay);
     }
     let routes = active.config.routes.len();
     let active = Arc::new(active);
@@ -384,6 +380,32 @@ fn reload(path: &Path, proxy: &Proxy, listener_cert: Option<&ListenerCert>) {
     proxy.resilience.forget_all_but(&active.config.routes);
     proxy.caches.forget_all_but(&active.config.routes);
     tracing::info!(routes, "configuration reloaded");
+}
+
+/// Gives `new` the running values of the keys read only at start (those of
+/// [`restart_only_changes`], and `[otlp]`), so that the active config says
+/// what is in effect, and later reloads compare with that.
+fn keep_running(running: &Config, new: &mut Config) {
+    let (r, n) = (&running.server, &mut new.server);
+    n.listen = r.listen;
+    n.admin_listen = r.admin_listen;
+    n.workers = r.workers;
+    n.data_dir.clone_from(&r.data_dir);
+    n.max_header_bytes = r.max_header_bytes;
+    n.header_read_timeout = r.header_read_timeout;
+    n.idle_timeout = r.idle_timeout;
+    n.send_timeout = r.send_timeout;
+    // New certificate files apply (they are read again); TLS on or off not.
+    if r.tls_cert.is_some() != n.tls_cert.is_some() {
+        n.tls_cert.clone_from(&r.tls_cert);
+        n.tls_key.clone_from(&r.tls_key);
+    }
+    new.log.format = running.log.format;
+    new.log.level.clone_from(&running.log.level);
+    new.kafka.clone_from(&running.kafka);
+    new.replay.enabled = running.replay.enabled;
+    new.replay.group_id.clone_from(&running.replay.group_id);
+    new.otlp.clone_from(&running.otlp);
 }
 
 /// The keys read once at start (the listeners and their connection

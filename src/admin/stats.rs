@@ -21,9 +21,9 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{admin_error, AdminState};
-use crate::stats::cluster;
 use crate::stats::recorder::{self, route_json, RouteQuery, RouteStats};
 use crate::stats::Period;
+use crate::stats::{cluster, paths};
 
 pub fn routes() -> Router<AdminState> {
     Router::new().route("/api-stats", get(api_stats))
@@ -80,6 +80,15 @@ async fn api_stats(State(state): State<AdminState>, Query(q): Query<StatsQuery>)
             )
         }
     };
+    if let Some(path) = q.path.as_deref() {
+        if !path.starts_with('/') && path != paths::OTHER {
+            return admin_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "path must start with '/' (or be {other})",
+            );
+        }
+    }
     let query = RouteQuery {
         period,
         paths: q.paths.as_deref().is_some_and(|v| v != "0" && v != "false"),

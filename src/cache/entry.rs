@@ -110,10 +110,10 @@ impl Entry {
         OVERHEAD_BYTES + headers + self.vary.weight() + self.body.len()
     }
 
-    /// `[4][status u16][stored_at u64][age_at_store ms u64][max_age ms u64, MAX for none]
+    /// `[5][status u16][stored_at u64][age_at_store ms u64][max_age ms u64, MAX for none]
     /// [must_revalidate u8]
     /// [v u16]([name len u16][name])*v[digest 32 if v > 0]
-    /// [n u16]([name len u16][name][value len u32][value])*n[body]`, all big-endian;
+    /// [n u16]([name len u16][name][value len u32][value])*n[body len u64][body]`, all big-endian;
     /// the `v` names are those `Vary` names, the digest that of their values.
     /// Small and copy-free to decode, unlike JSON + base64.
     pub fn encode(&self) -> Vec<u8> {

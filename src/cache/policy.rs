@@ -219,24 +219,25 @@ struct Directives {
 
 fn cache_control(headers: &HeaderMap) -> Directives {
     let mut d = Directives::default();
-    let tokens = headers
-        .get_all(CACHE_CONTROL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','));
-    for token in tokens {
-        // `private="set-cookie"` and `no-cache="x"` still count as the
-        // directive: treating them as the whole-answer form is the safe side.
-        let (name, value) = token.split_once('=').unwrap_or((token, ""));
-        match name.trim().to_ascii_lowercase().as_str() {
-            "no-store" => d.no_store = true,
-            "no-cache" => d.no_cache = true,
-            "private" => d.private = true,
-            "public" => d.public = true,
-            "max-age" => d.max_age = shortest(d.max_age, delta_seconds(value)),
-            "s-maxage" => d.s_maxage = shortest(d.s_maxage, delta_seconds(value)),
-            "must-revalidate" | "proxy-revalidate" => d.must_revalidate = true,
-            _ => {}
+    // Read as text whatever its bytes: a line with a non-ASCII byte in
+    // some extension's value still says `private` or `no-store`.
+    for line in headers.get_all(CACHE_CONTROL) {
+        let line = String::from_utf8_lossy(line.as_bytes());
+        for token in line.split(',') {
+            // `private="set-cookie"` and `no-cache="x"` still count as the
+            // directive: treating them as the whole-answer form is the
+            // safe side.
+            let (name, value) = token.split_once('=').unwrap_or((token, ""));
+            match name.trim().to_ascii_lowercase().as_str() {
+                "no-store" => d.no_store = true,
+                "no-cache" => d.no_cache = true,
+                "private" => d.private = true,
+                "public" => d.public = true,
+                "max-age" => d.max_age = shortest(d.max_age, delta_seconds(value)),
+                "s-maxage" => d.s_maxage = shortest(d.s_maxage, delta_seconds(value)),
+                "must-revalidate" | "proxy-revalidate" => d.must_revalidate = true,
+                _ => {}
+            }
         }
     }
     d
@@ -421,6 +422,14 @@ mod tests {
                 &[],
                 200,
                 &[("cache-control", "max-age=60, private")],
+                false,
+            ),
+            (
+                "private beside a value that is not ASCII",
+                &default,
+                &[],
+                200,
+                &[("cache-control", "max-age=60, private, ext=\"é\"")],
                 false,
             ),
             (

@@ -9,11 +9,13 @@ pub mod kafka_sink;
 pub mod record;
 pub mod spool;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue, StatusCode};
 
 use crate::classify::Failure;
+use crate::config::ReplayConfig;
 use crate::error::{ErrorCode, ProxyError};
 use crate::outgoing::{Outgoing, OutgoingBody};
 use crate::pipeline::RequestContext;
@@ -37,8 +39,9 @@ pub struct Capturer {
     /// With `[kafka]`: tried first; the spool is the fallback.
     pub kafka: Option<Arc<KafkaSink>>,
     metrics: Arc<Metrics>,
-    /// `Retry-After` suggested to clients whose request was captured.
-    retry_after_s: u64,
+    /// `Retry-After` suggested to clients whose request was captured: the
+    /// first replay's delay (`replay.initial_delay`), set again by reloads.
+    retry_after_s: AtomicU64,
 }
 
 impl Capturer {
@@ -46,14 +49,22 @@ impl Capturer {
         spool: Arc<Spool>,
         kafka: Option<Arc<KafkaSink>>,
         metrics: Arc<Metrics>,
-        retry_after_s: u64,
+        replay: &ReplayConfig,
     ) -> Self {
-        Capturer {
+        let capturer = Capturer {
             spool,
             kafka,
             metrics,
-            retry_after_s,
-        }
+            retry_after_s: AtomicU64::new(0),
+        };
+        capturer.follow(replay);
+        capturer
+    }
+
+    /// Takes the (reloaded) replay settings the capture answer quotes.
+    pub fn follow(&self, replay: &ReplayConfig) {
+        let secs = replay.initial_delay.as_secs().max(1);
+        self.retry_after_s.store(secs, Ordering::Relaxed);
     }
 
     /// Builds the record of a failed request, stores it durably, and returns
@@ -193,7 +204,7 @@ impl Capturer {
             answer = answer.with_header(X_BACKSTOP_CAPTURE_ID, id);
         }
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            answer = answer.with_retry_after(self.retry_after_s);
+            answer = answer.with_retry_after(self.retry_after_s.load(Ordering::Relaxed));
         }
         answer
     }

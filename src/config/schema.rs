@@ -918,9 +918,12 @@ fn check_route_host(text: &str) -> Result<String, String> {
         .strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
-    if unbracketed.parse::<std::net::Ipv6Addr>().is_ok() {
-        return Ok(unbracketed.to_ascii_lowercase());
+    if let Ok(ip) = unbracketed.parse::<std::net::Ipv6Addr>() {
+        // Its one written form: requests are compared as addresses.
+        return Ok(ip.to_string());
     }
+    // `api.example.com.` is the same name, fully qualified.
+    let host = host.strip_suffix('.').unwrap_or(host);
     if let Some((name, port)) = host.rsplit_once(':') {
         if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
             return Err(format!(

@@ -168,11 +168,9 @@ fn http_builder(settings: &ConnSettings) -> auto::Builder<StreamExecutor> {
 }
 
 /// How long an HTTP/2 client may be silent before hyper pings it (and closes
-/// the connection if no answer comes). hyper pings idle connections too, and
-/// a ping and its answer are bytes moved, which the reaper counts as
-/// activity: pinging sooner than `idle_timeout` closes (at most 1.25 times
-/// it) kept every idle HTTP/2 connection open for ever. So only a silent
-/// connection with a request in flight is pinged.
+/// the connection if no answer comes): only a silent connection with a
+/// request in flight is pinged (the reaper closes one without streams after
+/// `idle_timeout`, whatever frames it exchanges).
 fn h2_ping_interval(idle_timeout: Duration) -> Duration {
     (idle_timeout * 2).max(Duration::from_secs(30))
 }

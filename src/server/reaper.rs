@@ -74,7 +74,9 @@ struct Registry {
 /// One connection's marks, shared by its IO, its requests and the reaper.
 #[derive(Default)]
 pub struct ConnState {
-    /// A byte moved since the reaper last looked.
+    /// Activity since the reaper last looked: an HTTP/1 byte moved, a
+    /// request ended, a write that had waited for the client went through
+    /// (an HTTP/2 connection's own frames are none).
     active: AtomicBool,
     in_flight: AtomicUsize,
     idle_ticks: AtomicU32,
@@ -538,10 +540,11 @@ impl Preface {
 }
 
 pin_project_lite::pin_project! {
-    /// A connection's IO that marks its [`ConnState`]: any byte moved is
-    /// activity; a byte read while no request is in flight starts a request
-    /// head (HTTP/1); a byte written ends it (the answer to a request is
-    /// going out, and what was read may be the next request, pipelined).
+    /// A connection's IO that marks its [`ConnState`]: on HTTP/1 any byte
+    /// moved is activity (on HTTP/2 only its streams are); a byte read while
+    /// no request is in flight starts a request head (HTTP/1); a byte
+    /// written ends it (the answer to a request is going out, and what was
+    /// read may be the next request, pipelined).
     pub struct ActivityIo<S> {
         #[pin]
         inner: S,
@@ -563,9 +566,12 @@ impl<S: AsyncRead> AsyncRead for ActivityIo<S> {
         let read = &buf.filled()[before..];
         if !read.is_empty() {
             let state = &**this.state;
-            state.active.store(true, Ordering::Relaxed);
             *this.preface = this.preface.after(read);
             if *this.preface == Preface::Http2 {
+                // HTTP/2's own frames (PING, SETTINGS, a HEADERS frame
+                // trickled byte by byte) are no activity: only streams are
+                // (`request_started`, `InFlight`'s drop), so a connection
+                // without one closes after `idle_timeout` whatever it sends.
                 state.head_since.store(0, Ordering::Relaxed);
             } else if state.in_flight.load(Ordering::Relaxed) == 0
                 && state.head_since.load(Ordering::Relaxed) == 0
@@ -573,14 +579,21 @@ impl<S: AsyncRead> AsyncRead for ActivityIo<S> {
                 let now = this.reaper.0.clock.load(Ordering::Relaxed);
                 state.head_since.store(now, Ordering::Relaxed);
             }
+            if *this.preface != Preface::Http2 {
+                state.active.store(true, Ordering::Relaxed);
+            }
         }
         result
     }
 }
 
 impl<S> ActivityIo<S> {
-    fn wrote(state: &ConnState) {
-        state.active.store(true, Ordering::Relaxed);
+    fn wrote(state: &ConnState, preface: Preface) {
+        // An HTTP/2 connection's writes (a PONG, a SETTINGS ack) are no
+        // activity either; its streams' answers are counted by the stream.
+        if preface != Preface::Http2 {
+            state.active.store(true, Ordering::Relaxed);
+        }
         if state.head_since.load(Ordering::Relaxed) != 0 {
             state.head_since.store(0, Ordering::Relaxed);
         }
@@ -597,6 +610,11 @@ impl<S> ActivityIo<S> {
             }
             Poll::Ready(_) if blocked_since != 0 => {
                 state.write_blocked_since.store(0, Ordering::Relaxed);
+                // A client taking what had to wait for it is activity, also
+                // on HTTP/2 (an answer still in hyper's buffers after its
+                // stream ended, going to a slow reader); a PONG to a reading
+                // client never waits.
+                state.active.store(true, Ordering::Relaxed);
             }
             _ => {}
         }
@@ -610,7 +628,7 @@ impl<S: AsyncWrite> AsyncWrite for ActivityIo<S> {
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.project();
-        Self::wrote(this.state);
+        Self::wrote(this.state, *this.preface);
         let result = this.inner.poll_write(cx, data);
         Self::write_polled(this.state, this.reaper, &result);
         result
@@ -622,7 +640,7 @@ impl<S: AsyncWrite> AsyncWrite for ActivityIo<S> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.project();
-        Self::wrote(this.state);
+        Self::wrote(this.state, *this.preface);
         let result = this.inner.poll_write_vectored(cx, bufs);
         Self::write_polled(this.state, this.reaper, &result);
         result

@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 use super::recorder::{
     now_ms, view_json, ErrorEntry, RouteQuery, RouteStats, RouteView, Stats, RECENT_ERRORS,
 };
-use super::window::{Aggregate, Counts, Summary};
+use super::window::{self, Aggregate, Counts, Summary};
 use super::Period;
 use crate::cache::redis_store::RedisStore;
 use crate::config::RedisConfig;
@@ -358,6 +358,36 @@ impl Cluster {
     }
 }
 
+/// Checks a serialized histogram's header (hdrhistogram's V2 layout: cookie,
+/// payload length, offset, digits, lowest, highest, ratio; 40 bytes, big
+/// endian) before hdrhistogram reads it: it sizes its buffers from these
+/// fields, so a value written to Redis by anything else could make it ask
+/// for gigabytes. Only this version's own histograms pass.
+fn check_histogram_header(bytes: &[u8]) -> Result<(), String> {
+    let field = |at: usize, len: usize| {
+        bytes
+            .get(at..at + len)
+            .map(|b| b.iter().fold(0u64, |n, &byte| n << 8 | u64::from(byte)))
+    };
+    let (Some(payload), Some(digits), Some(low), Some(high)) =
+        (field(4, 4), field(12, 4), field(16, 8), field(24, 8))
+    else {
+        return Err("latency histogram: too short".into());
+    };
+    let own = (
+        u64::from(window::SIGNIFICANT_DIGITS),
+        1,
+        window::LATENCY_MAX_US,
+    );
+    if (digits, low, high) != own {
+        return Err("latency histogram: not this version's bounds".into());
+    }
+    if payload > (bytes.len() as u64).saturating_sub(40) {
+        return Err("latency histogram: payload longer than the value".into());
+    }
+    Ok(())
+}
+
 /// What the push task remembers of the persisted history.
 #[derive(Default)]
 pub struct History {
@@ -597,7 +627,7 @@ pub struct WirePeriod {
 
 /// [`Counts`] as stored: the counters, and the latency histogram in
 /// HdrHistogram's V2 format, base64 (readable by other HdrHistogram tools).
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WireCounts {
     pub total: u64,
     pub success: u64,
@@ -640,6 +670,7 @@ impl WireCounts {
             let bytes = BASE64
                 .decode(&self.latency)
                 .map_err(|e| format!("latency: {e}"))?;
+            check_histogram_header(&bytes)?;
             let h: Histogram<u32> = de
                 .deserialize(&mut bytes.as_slice())
                 .map_err(|e| format!("latency histogram: {e:?}"))?;
@@ -909,6 +940,37 @@ mod tests {
         let (due, newest) = unwritten(&past, None, "hourly", late);
         let starts: Vec<i64> = due.iter().map(|(s, _)| s.start_ms).collect();
         assert_eq!((starts, newest), (vec![], Some(3 * HOUR_MS)));
+    }
+
+    #[test]
+    fn a_histogram_from_redis_is_checked_before_it_is_read() {
+        let mut counts = Counts::default();
+        counts.add(&sample(200, 1000));
+        let wire = WireCounts::encode(&counts, &mut V2Serializer::new());
+        let good = BASE64.decode(&wire.latency).unwrap();
+        let decoded = |bytes: &[u8]| {
+            WireCounts {
+                latency: BASE64.encode(bytes),
+                ..wire.clone()
+            }
+            .add_to(&mut Counts::default(), &mut Deserializer::new())
+        };
+        assert_eq!(decoded(&good), Ok(()));
+        let with = |at: usize, value: &[u8]| {
+            let mut bytes = good.clone();
+            bytes[at..at + value.len()].copy_from_slice(value);
+            bytes
+        };
+        // A payload of 4 GiB, or bounds that would size a large histogram:
+        // refused before hdrhistogram allocates for them.
+        for bad in [
+            with(4, &[0xff; 4]),
+            with(24, &u64::MAX.to_be_bytes()),
+            with(12, &5u32.to_be_bytes()),
+            good[..20].to_vec(),
+        ] {
+            assert!(decoded(&bad).is_err());
+        }
     }
 
     #[test]

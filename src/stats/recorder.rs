@@ -575,13 +575,11 @@ pub fn route_json(stats: &RouteStats, name: &str, q: &RouteQuery<'_>) -> Option<
 pub fn view_json(view: RouteView<'_>, name: &str, q: &RouteQuery<'_>) -> Option<Value> {
     let (agg, start_ms) = (view.agg, view.start_ms);
     let (counts, path) = match q.path {
+        // `{other}` is asked for by its name: normalised it would be `/`.
+        Some(p) if p == paths::OTHER => (agg.paths.get(p)?, Some(p.into())),
         Some(p) => {
             let key = paths::normalize(p);
-            let counts = agg
-                .paths
-                .get(key.as_ref())
-                .or_else(|| agg.paths.get(paths::OTHER).filter(|_| p == paths::OTHER))?;
-            (counts, Some(key))
+            (agg.paths.get(key.as_ref())?, Some(key))
         }
         None => (&agg.route, None),
     };

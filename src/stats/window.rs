@@ -17,8 +17,8 @@ use serde_json::{json, Value};
 /// Latencies are recorded in microseconds, from 1 µs to 10 minutes (longer
 /// ones are clamped), with 2 significant digits (1 % precision): 3,072
 /// `u32` buckets, 12 KiB per histogram.
-const LATENCY_MAX_US: u64 = 600_000_000;
-const SIGNIFICANT_DIGITS: u8 = 2;
+pub(crate) const LATENCY_MAX_US: u64 = 600_000_000;
+pub(crate) const SIGNIFICANT_DIGITS: u8 = 2;
 
 /// One request's outcome, as counted.
 #[derive(Debug, Clone)]

@@ -106,6 +106,39 @@ async fn a_request_id_is_created_when_absent() {
     assert_eq!(backend.seen()[0].headers["x-request-id"], id.as_str());
 }
 
+/// A client's own `Forwarded` keeps its chain of nodes (`for`, `by`) but
+/// not its claims (`host`, `proto`): a backend that reads the first element
+/// finds the host and scheme Backstop saw, on either upstream way.
+#[tokio::test]
+async fn a_clients_forwarded_host_and_proto_never_reach_the_backend() {
+    let backend = Backend::echo().await;
+    let bs = Backstop::start(&route("api", "/", &[backend.url()], ""));
+    let claim = "for=10.0.0.9;host=evil.example;proto=https";
+    let c = client();
+    let r = c
+        .get(bs.url("/x"))
+        .header("forwarded", claim)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c
+        .post(bs.url("/y"))
+        .header("forwarded", claim)
+        .body("x".repeat(20 * 1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let want = format!(
+        "for=10.0.0.9, for=127.0.0.1;proto=http;host=\"{}\"",
+        bs.addr
+    );
+    for seen in backend.seen() {
+        assert_eq!(seen.headers["forwarded"], want.as_str(), "{}", seen.uri);
+    }
+}
+
 /// A request without a host (HTTP/1.0 without `Host`) gets no
 /// `X-Forwarded-Host`: the client's own does not pass for the proxy's, on
 /// either upstream way (a GET takes the own exchange, a POST with a body

@@ -153,6 +153,13 @@ async fn api_stats_counts_every_request_exactly_per_route_path_and_period() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
+    // Not a path: refused, not read as `/`.
+    let r = c
+        .get(bs.admin_url("/api-stats?api=users&path=api/fail"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
 }
 
 #[tokio::test]
@@ -484,4 +491,40 @@ async fn the_admin_apis_own_refusals_are_in_the_error_shape() {
             "{path}"
         );
     }
+}
+
+/// An HTTP/2 client that gives up resets its stream, which cancels its
+/// request: it is still counted and logged, as `499 client_closed` (a slow
+/// backend's abandoned requests are what the statistics must show).
+#[tokio::test]
+async fn a_request_its_http2_client_gave_up_on_is_counted_as_499() {
+    let slow = Backend::start(|_| Reply::ok("late").delay(Duration::from_secs(3))).await;
+    let bs = Backstop::start(&config(&slow, "[log]\naccess_log = true\n"));
+    let impatient = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    assert!(impatient.get(bs.url("/api/slow")).send().await.is_err());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let s = loop {
+        let s = get_json(bs.admin_url("/api-stats?api=users")).await;
+        if s["total"] == 1 || std::time::Instant::now() > deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(s["total"], 1, "{s}");
+    assert_eq!(s["failure"], 1, "{s}");
+    assert_eq!(s["status_codes"], serde_json::json!({"499": 1}));
+    assert_eq!(s["recent_errors"][0]["status"], 499);
+    let metrics = bs.admin_text("/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("backstop_requests_total{") && l.contains("status=\"499\"")),
+        "{metrics}"
+    );
+    assert!(bs.logs().contains("status=499"), "{}", bs.logs());
 }
