@@ -108,9 +108,7 @@ pub fn main(cli: Cli) -> ExitCode {
 }
 
 fn check(path: &Path) -> ExitCode {
-    let checked = runtime::load_active(path)
-        .and_then(|active| runtime::listener_tls(&active.config, path).map(|_| active));
-    match checked {
+    match runtime::load_active(path, true) {
         Ok(active) => {
             println!(
                 "{}: OK ({} routes)",
@@ -136,7 +134,7 @@ fn run(path: &Path, mode: Mode) -> ExitCode {
     // Read before the file is: a change made while the process starts is
     // then picked up by the config watcher's first look.
     let loaded = runtime::modified(path);
-    let active = match runtime::load_active(path) {
+    let active = match runtime::load_active(path, matches!(mode, Mode::Proxy)) {
         Ok(a) => a,
         Err(errors) => {
             eprintln!("{errors}");
@@ -271,7 +269,7 @@ async fn replay_only(
 }
 
 fn queue(path: &Path, as_json: bool, action: QueueAction) -> ExitCode {
-    let active = match runtime::load_active(path) {
+    let active = match runtime::load_active(path, false) {
         Ok(a) => a,
         Err(errors) => {
             eprintln!("{errors}");

@@ -36,12 +36,30 @@ const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 const OTLP_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Loads a file and builds its route table: everything `check` validates.
-pub fn load_active(path: &Path) -> Result<Active, ConfigErrors> {
-    let config = config::load(path)?;
-    let routes = RouteTable::build(&config).map_err(|errors| ConfigErrors {
+/// With `read_listener_tls`, the listener's certificate and key are read
+/// too, their errors listed with the rest (`check` and `run`; a `queue`
+/// command need not be able to read the key, and a reload reads them into
+/// the running listener itself).
+pub fn load_active(path: &Path, read_listener_tls: bool) -> Result<Active, ConfigErrors> {
+    let fail = |errors| ConfigErrors {
         file: path.to_path_buf(),
         errors,
-    })?;
+    };
+    let (config, mut errors) = config::load_all(path);
+    let Some(config) = config else {
+        return Err(fail(errors));
+    };
+    // Unless the file's own check of those keys failed (a missing file).
+    let tls_keys_valid = !errors.iter().any(|e| e.key.starts_with("server.tls_"));
+    if read_listener_tls && tls_keys_valid {
+        if let Err(tls) = listener_tls(&config, path) {
+            errors.extend(tls.errors);
+        }
+    }
+    if !errors.is_empty() {
+        return Err(fail(errors));
+    }
+    let routes = RouteTable::build(&config).map_err(fail)?;
     Ok(Active {
         config: Arc::new(config),
         routes,
@@ -338,7 +356,7 @@ fn reload(path: &Path, proxy: &Proxy, listener_cert: Option<&ListenerCert>) {
         }
         tracing::error!("reload refused: keeping the running configuration");
     };
-    let mut active = match load_active(path) {
+    let mut active = match load_active(path, false) {
         Ok(active) => active,
         Err(errors) => return refused(&errors),
     };
@@ -359,8 +377,9 @@ fn reload(path: &Path, proxy: &Proxy, listener_cert: Option<&ListenerCert>) {
     let new = &active.config.server;
     if !new.admin_listen.ip().is_loopback() && new.admin_token.is_none() && !new.admin_insecure {
         return refused(&format!(
-            "server.admin_token: the admin API is bound to {}, not a loopback address: \
+            "{}: server.admin_token: the admin API is bound to {}, not a loopback address: \
              a reload may not remove its token (set server.admin_insecure = true to allow that)",
+            path.display(),
             new.admin_listen
         ));
     }

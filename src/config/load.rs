@@ -15,14 +15,30 @@ use super::{redact_url, Config, ConfigError, ConfigErrors};
 
 /// Reads and validates `path`, with the environment overrides applied.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
-        file: path.to_path_buf(),
-        errors: vec![ConfigError {
-            key: String::new(),
-            message: format!("cannot read file: {e}"),
-        }],
-    })?;
-    load_str(&text, path, |name| std::env::var(name).ok())
+    match load_all(path) {
+        (Some(config), errors) if errors.is_empty() => Ok(config),
+        (_, errors) => Err(ConfigErrors {
+            file: path.to_path_buf(),
+            errors,
+        }),
+    }
+}
+
+/// [`load`], but also the configuration as read when the file has errors
+/// (each bad value replaced by its default), so that checks of what the
+/// file names (the listener's TLS files) list their errors with the rest.
+/// No configuration: the file cannot be read or is no TOML.
+pub fn load_all(path: &Path) -> (Option<Config>, Vec<ConfigError>) {
+    match std::fs::read_to_string(path) {
+        Ok(text) => read_all(&text, |name| std::env::var(name).ok()),
+        Err(e) => (
+            None,
+            vec![ConfigError {
+                key: String::new(),
+                message: format!("cannot read file: {e}"),
+            }],
+        ),
+    }
 }
 
 /// Parses and validates `text`; `env` looks up environment variables (a
@@ -32,27 +48,36 @@ pub fn load_str(
     path: &Path,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigErrors> {
-    let fail = |errors| ConfigErrors {
-        file: path.to_path_buf(),
-        errors,
+    match read_all(text, env) {
+        (Some(config), errors) if errors.is_empty() => Ok(config),
+        (_, errors) => Err(ConfigErrors {
+            file: path.to_path_buf(),
+            errors,
+        }),
+    }
+}
+
+fn read_all(
+    text: &str,
+    env: impl Fn(&str) -> Option<String>,
+) -> (Option<Config>, Vec<ConfigError>) {
+    let mut table: Table = match text.parse() {
+        Ok(table) => table,
+        Err(e) => {
+            let e: toml::de::Error = e;
+            let error = ConfigError {
+                key: String::new(),
+                message: format!("invalid TOML: {}", e.to_string().trim_end()),
+            };
+            return (None, vec![error]);
+        }
     };
-    let mut table: Table = text.parse().map_err(|e: toml::de::Error| {
-        fail(vec![ConfigError {
-            key: String::new(),
-            message: format!("invalid TOML: {}", e.to_string().trim_end()),
-        }])
-    })?;
     let errors = Errors::default();
     apply_env(&mut table, &env, &errors);
     let root = Section::root(&table, &errors);
     let config = Config::read(&root);
     root.reject_unknown_keys();
-    let errors = errors.into_vec();
-    if errors.is_empty() {
-        Ok(config)
-    } else {
-        Err(fail(errors))
-    }
+    (Some(config), errors.into_vec())
 }
 
 /// Applies the environment variables of the reference setups. An empty

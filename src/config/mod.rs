@@ -11,7 +11,7 @@ mod schema;
 use std::fmt;
 use std::path::PathBuf;
 
-pub use load::{load, load_str};
+pub use load::{load, load_all, load_str};
 pub use schema::*;
 
 /// One problem in a configuration file: the key path and what is wrong.

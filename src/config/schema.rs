@@ -461,9 +461,10 @@ impl ServerConfig {
             (None, Some(_)) => s.error("tls_cert", "required when tls_key is set"),
             _ => {}
         }
-        // Their contents are read by `check` and by `run` at start, not
-        // here: a reload (the listener's TLS is kept) or a `queue` command
-        // (which may not read the key) need not.
+        // Their contents are read by `check` and by `run` at start
+        // (`runtime::load_active`) and by a reload into the running
+        // listener, not here: a `queue` command may not be able to read
+        // the key.
         for (k, path) in [("tls_cert", &tls_cert), ("tls_key", &tls_key)] {
             if let Some(p) = path {
                 if !p.is_file() {

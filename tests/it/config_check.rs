@@ -316,6 +316,14 @@ fn tls_files_are_read_and_listed_with_the_other_errors() {
                 "FILE: server.tls_cert: no certificate found in {junk}"
             )],
         ),
+        // Listed with the file's other errors, not after they are fixed.
+        (
+            format!("[server]\nlisten = 8080\ntls_cert = {junk:?}\ntls_key = {key:?}\n{ROUTE}"),
+            vec![
+                "FILE: server.listen: invalid type: integer `8080`, expected a string".into(),
+                format!("FILE: server.tls_cert: no certificate found in {junk}"),
+            ],
+        ),
         (
             format!("[server]\ntls_cert = {cert:?}\ntls_key = {junk:?}\n{ROUTE}"),
             vec![format!("FILE: server.tls_key: {junk}: ")],
