@@ -108,8 +108,8 @@ pub fn main(cli: Cli) -> ExitCode {
 }
 
 fn check(path: &Path) -> ExitCode {
-    match runtime::load_active(path, true) {
-        Ok(active) => {
+    match runtime::load_checked(path, true) {
+        Ok((active, _)) => {
             println!(
                 "{}: OK ({} routes)",
                 path.display(),
@@ -134,8 +134,8 @@ fn run(path: &Path, mode: Mode) -> ExitCode {
     // Read before the file is: a change made while the process starts is
     // then picked up by the config watcher's first look.
     let loaded = runtime::modified(path);
-    let active = match runtime::load_active(path, matches!(mode, Mode::Proxy)) {
-        Ok(a) => a,
+    let (active, tls) = match runtime::load_checked(path, matches!(mode, Mode::Proxy)) {
+        Ok(loaded) => loaded,
         Err(errors) => {
             eprintln!("{errors}");
             eprintln!("{} error(s); not starting", errors.errors.len());
@@ -164,7 +164,7 @@ fn run(path: &Path, mode: Mode) -> ExitCode {
     };
     let result = rt.block_on(async move {
         match mode {
-            Mode::Proxy => runtime::run(path.to_path_buf(), loaded, active).await,
+            Mode::Proxy => runtime::run(path.to_path_buf(), loaded, active, tls).await,
             Mode::ReplayOnly => replay_only(path.to_path_buf(), loaded, active).await,
         }
     });
@@ -269,7 +269,7 @@ async fn replay_only(
 }
 
 fn queue(path: &Path, as_json: bool, action: QueueAction) -> ExitCode {
-    let active = match runtime::load_active(path, false) {
+    let active = match runtime::load_active(path) {
         Ok(a) => a,
         Err(errors) => {
             eprintln!("{errors}");

@@ -199,12 +199,14 @@ pub async fn handle(proxy: &Proxy, req: Box<Request<ClientBody>>, client: &Clien
         }
         // A load balancer's health checks are not traffic.
         if stats.enabled && !health_check {
+            let error_code = ctx.error.map(ErrorCode::as_str);
             record_metrics(
                 &proxy.stats,
                 stats.max_paths_per_route,
                 &mut ctx,
                 path,
-                &response,
+                response.status().as_u16(),
+                error_code,
             );
         }
     }
@@ -853,23 +855,26 @@ fn health() -> Response<ResponseBody> {
 /// the request metrics. The event goes to the stats aggregator
 /// (`stats::recorder`); nothing here locks or waits. The route and capture
 /// id are taken, not cloned: nothing reads them after this.
+/// Counts the request in the statistics: answered with `status`, with
+/// `error_code` when the answer is Backstop's own.
 fn record_metrics(
     stats: &Stats,
     max_paths: usize,
     ctx: &mut RequestContext<'_>,
     path: String,
-    response: &Response<ResponseBody>,
+    status: u16,
+    error_code: Option<&'static str>,
 ) {
     stats.record(Event {
         route: ctx.route.take(),
         path,
-        status: response.status().as_u16(),
+        status,
         duration: ctx.started.elapsed(),
         attempts: ctx.attempts,
         cache: ctx.cache,
         capture_id: ctx.capture_id.take(),
         failure: ctx.failure,
-        error_code: ctx.error.map(ErrorCode::as_str),
+        error_code,
         max_paths,
     });
 }
@@ -903,18 +908,16 @@ impl Drop for Unanswered<'_, '_> {
             log_access(ctx, path, status);
         }
         if stats.enabled {
-            self.proxy.stats.record(Event {
-                route: ctx.route.take(),
-                path: path.to_string(),
-                status: CLIENT_CLOSED,
-                duration: ctx.started.elapsed(),
-                attempts: ctx.attempts,
-                cache: ctx.cache,
-                capture_id: ctx.capture_id.take(),
-                failure: ctx.failure,
-                error_code: Some("client_closed"),
-                max_paths: stats.max_paths_per_route,
-            });
+            let (stats_of, max_paths) = (&self.proxy.stats, stats.max_paths_per_route);
+            let path = path.to_string();
+            record_metrics(
+                stats_of,
+                max_paths,
+                ctx,
+                path,
+                CLIENT_CLOSED,
+                Some("client_closed"),
+            );
         }
     }
 }

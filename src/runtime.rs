@@ -35,12 +35,24 @@ const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 /// The longest wait for the last spans to reach the collector at shutdown.
 const OTLP_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Loads a file and builds its route table: everything `check` validates.
-/// With `read_listener_tls`, the listener's certificate and key are read
-/// too, their errors listed with the rest (`check` and `run`; a `queue`
-/// command need not be able to read the key, and a reload reads them into
-/// the running listener itself).
-pub fn load_active(path: &Path, read_listener_tls: bool) -> Result<Active, ConfigErrors> {
+/// The listener's TLS as read at start: the acceptor, and the certificate
+/// a reload reads again.
+pub type ListenerTls = (TlsAcceptor, Arc<ListenerCert>);
+
+/// Loads a file and builds its route table: everything `check` validates
+/// but the listener's TLS files (a `queue` command need not be able to read
+/// the key, and a reload reads them into the running listener itself).
+pub fn load_active(path: &Path) -> Result<Active, ConfigErrors> {
+    load_checked(path, false).map(|(active, _)| active)
+}
+
+/// [`load_active`], and with `read_listener_tls` the listener's certificate
+/// and key too, read once, their errors listed with the rest (`check` and
+/// `run`).
+pub fn load_checked(
+    path: &Path,
+    read_listener_tls: bool,
+) -> Result<(Active, Option<ListenerTls>), ConfigErrors> {
     let fail = |errors| ConfigErrors {
         file: path.to_path_buf(),
         errors,
@@ -51,28 +63,27 @@ pub fn load_active(path: &Path, read_listener_tls: bool) -> Result<Active, Confi
     };
     // Unless the file's own check of those keys failed (a missing file).
     let tls_keys_valid = !errors.iter().any(|e| e.key.starts_with("server.tls_"));
+    let mut tls = None;
     if read_listener_tls && tls_keys_valid {
-        if let Err(tls) = listener_tls(&config, path) {
-            errors.extend(tls.errors);
+        match listener_tls(&config, path) {
+            Ok(read) => tls = read,
+            Err(refused) => errors.extend(refused.errors),
         }
     }
     if !errors.is_empty() {
         return Err(fail(errors));
     }
     let routes = RouteTable::build(&config).map_err(fail)?;
-    Ok(Active {
+    let active = Active {
         config: Arc::new(config),
         routes,
-    })
+    };
+    Ok((active, tls))
 }
 
-/// The proxy listener's TLS (`server.tls_cert`/`tls_key`): read by `check`
-/// and by `run` at start; a reload reads the files again into the
-/// returned [`ListenerCert`].
-pub fn listener_tls(
-    config: &Config,
-    path: &Path,
-) -> Result<Option<(TlsAcceptor, Arc<ListenerCert>)>, ConfigErrors> {
+/// The proxy listener's TLS (`server.tls_cert`/`tls_key`), if it has one; a
+/// reload reads the files again into the returned [`ListenerCert`].
+fn listener_tls(config: &Config, path: &Path) -> Result<Option<ListenerTls>, ConfigErrors> {
     let (Some(cert), Some(key)) = (&config.server.tls_cert, &config.server.tls_key) else {
         return Ok(None);
     };
@@ -90,7 +101,13 @@ pub fn listener_tls(
 
 /// Runs the proxy until SIGTERM or SIGINT; returns the process exit code.
 /// `loaded` is the file's modification time as it was read.
-pub async fn run(path: PathBuf, loaded: Option<SystemTime>, active: Active) -> Result<(), String> {
+/// `tls`: the listener's, as [`load_checked`] read it.
+pub async fn run(
+    path: PathBuf,
+    loaded: Option<SystemTime>,
+    active: Active,
+    tls: Option<ListenerTls>,
+) -> Result<(), String> {
     let config = active.config.clone();
     let spool = Spool::open(&config.server.data_dir).map_err(|e| e.to_string())?;
     let metrics = Arc::new(Metrics::new());
@@ -133,10 +150,7 @@ pub async fn run(path: PathBuf, loaded: Option<SystemTime>, active: Active) -> R
     let connections = TaskTracker::new();
     let background = TaskTracker::new();
 
-    let (tls, listener_cert) = match listener_tls(&config, &path).map_err(|e| e.to_string())? {
-        Some((acceptor, cert)) => (Some(acceptor), Some(cert)),
-        None => (None, None),
-    };
+    let (tls, listener_cert) = tls.unzip();
     let scheme = if tls.is_some() { "https" } else { "http" };
     let listener = server::bind(config.server.listen, "proxy")
         .await
@@ -356,7 +370,7 @@ fn reload(path: &Path, proxy: &Proxy, listener_cert: Option<&ListenerCert>) {
         }
         tracing::error!("reload refused: keeping the running configuration");
     };
-    let mut active = match load_active(path, false) {
+    let mut active = match load_active(path) {
         Ok(active) => active,
         Err(errors) => return refused(&errors),
     };

@@ -462,7 +462,7 @@ impl ServerConfig {
             _ => {}
         }
         // Their contents are read by `check` and by `run` at start
-        // (`runtime::load_active`) and by a reload into the running
+        // (`runtime::load_checked`) and by a reload into the running
         // listener, not here: a `queue` command may not be able to read
         // the key.
         for (k, path) in [("tls_cert", &tls_cert), ("tls_key", &tls_key)] {
