@@ -12,7 +12,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::capture::kafka_sink::KafkaSink;
 use crate::capture::record::CaptureRecord;
-use crate::capture::spool::{DeadLetter, Destination, QueuedRecord, Spool};
+use crate::capture::spool::{DeadLetterSummary, Destination, QueuedRecord, Spool};
 use crate::pipeline::Proxy;
 use crate::replay::kafka_consumer::KafkaReplayer;
 use crate::replay::{deliver, Delivery, ReplayCounters, SpoolReplayer};
@@ -516,11 +516,15 @@ fn print_queued(rows: &[QueuedRecord], as_json: bool) {
     println!("{} record(s)", rows.len());
 }
 
-fn print_dead(rows: &[DeadLetter], as_json: bool) {
+fn print_dead(rows: &[DeadLetterSummary], as_json: bool) {
+    let summary = |r: &DeadLetterSummary| match (&r.method, &r.path) {
+        (Some(method), Some(path)) => format!("{method} {path}"),
+        _ => "(unreadable record)".to_string(),
+    };
     if as_json {
         let list: Vec<_> = rows
             .iter()
-            .map(|r| json!({"id": r.id, "route": r.route, "attempts": r.attempts, "error": r.error, "summary": summary(&r.record)}))
+            .map(|r| json!({"id": r.id, "route": r.route, "attempts": r.attempts, "error": r.error, "summary": summary(r)}))
             .collect();
         println!("{}", serde_json::Value::from(list));
         return;
@@ -535,7 +539,7 @@ fn print_dead(rows: &[DeadLetter], as_json: bool) {
             r.id,
             r.route,
             r.attempts,
-            summary(&r.record),
+            summary(r),
             r.error
         );
     }

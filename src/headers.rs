@@ -673,6 +673,8 @@ fn joined(parts: &[&[u8]]) -> Option<HeaderValue> {
 pub struct RequestNames<'a> {
     pub request_id: Option<&'a HeaderValue>,
     pub traceparent: Option<&'a HeaderValue>,
+    /// How many `traceparent` lines there are (several are invalid).
+    pub traceparent_lines: usize,
     pub tracestate: Option<&'a HeaderValue>,
     /// How many `tracestate` lines there are (several make one list).
     pub tracestate_lines: usize,
@@ -691,6 +693,7 @@ impl<'a> RequestNames<'a> {
             let slot = if name == X_REQUEST_ID {
                 &mut found.request_id
             } else if name == TRACEPARENT {
+                found.traceparent_lines += 1;
                 &mut found.traceparent
             } else if name == TRACESTATE {
                 found.tracestate_lines += 1;

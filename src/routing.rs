@@ -1,5 +1,6 @@
-//! The route table: longest path prefix wins (on a segment boundary), a route
-//! with a `host` only matches that Host, and the prefix may be stripped.
+//! The route table: a route with a `host` only matches that Host and goes
+//! before every route without one; then the longest path prefix wins (on a
+//! segment boundary). The prefix may be stripped.
 //!
 //! A table is built whole from a [`Config`] and never changed: a reload builds
 //! a new table and swaps it in (see `runtime`).
@@ -134,12 +135,16 @@ impl RouteTable {
         if !errors.is_empty() {
             return Err(errors);
         }
-        // Longest prefix first; at equal prefix, a route bound to a host first.
+        // Routes bound to a host first, as a server block comes before its
+        // locations in nginx: `host = "admin.example.com"` on `/` takes all
+        // of that host, also paths an unbound route has a longer prefix
+        // for. Then the longest prefix first.
         routes.sort_by(|a, b| {
-            b.prefix
-                .len()
-                .cmp(&a.prefix.len())
-                .then(b.config.host.is_some().cmp(&a.config.host.is_some()))
+            b.config
+                .host
+                .is_some()
+                .cmp(&a.config.host.is_some())
+                .then(b.prefix.len().cmp(&a.prefix.len()))
         });
         let any_host = routes.iter().any(|r| r.config.host.is_some());
         Ok(RouteTable { routes, any_host })
@@ -200,6 +205,11 @@ mod tests {
             path_prefix = "/api/users"
             host = "example.com"
             upstreams = ["http://127.0.0.1:4"]
+            [[routes]]
+            name = "admin"
+            path_prefix = "/"
+            host = "admin.example.com"
+            upstreams = ["http://127.0.0.1:5"]
             "#,
         );
         let cases = [
@@ -216,6 +226,8 @@ mod tests {
             (None, "/apix;a", "root"),
             (Some("example.com"), "/api/users/7", "users-example"),
             (Some("other.com"), "/api/users/7", "users"),
+            (Some("admin.example.com"), "/api/users/7", "admin"),
+            (Some("admin.example.com"), "/", "admin"),
             (None, "/", "root"),
         ];
         for (host, path, want) in cases {

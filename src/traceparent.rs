@@ -39,12 +39,13 @@ pub struct TraceIds {
 }
 
 impl TraceContext {
-    /// The client's context if its `traceparent` is valid, else a new one.
+    /// The client's context if its `traceparent` is valid, else a new one
+    /// (also for two `traceparent` lines, which may name two traces).
     /// `headers` are the client's, of which `client` was found.
     pub fn from_client(client: &RequestNames<'_>, headers: &HeaderMap) -> TraceContext {
         let incoming = client
             .traceparent
-            .filter(|v| v.to_str().is_ok_and(is_valid));
+            .filter(|v| client.traceparent_lines == 1 && v.to_str().is_ok_and(is_valid));
         match incoming {
             Some(tp) => TraceContext {
                 traceparent: tp.clone(),
@@ -304,5 +305,13 @@ mod tests {
         assert!(!ctx.is_incoming());
         assert_eq!(ctx.ids().flags, SAMPLED, "a new trace is flagged sampled");
         assert!(ctx.tracestate().is_none(), "no tracestate with a new trace");
+
+        // Two lines may name two traces: neither is taken.
+        h.insert(TRACEPARENT, HeaderValue::from_static(VALID));
+        h.append(TRACEPARENT, HeaderValue::from_static(VALID));
+        let ctx = TraceContext::from_client(&RequestNames::find(&h), &h);
+        assert!(!ctx.is_incoming());
+        assert_ne!(ctx.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert!(ctx.tracestate().is_none());
     }
 }

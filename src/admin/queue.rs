@@ -21,8 +21,9 @@ pub fn routes() -> Router<AdminState> {
 /// The queue as `/queue` and `/metrics` report it.
 pub(super) struct QueueSnapshot {
     pub stats: SpoolStats,
-    /// Records in the Kafka topic not yet committed by the replay group;
-    /// `None` without Kafka or when Kafka does not answer.
+    /// Records in the Kafka topic not yet committed by the replay group
+    /// (the last read while Kafka does not answer); `None` without Kafka
+    /// or before the first read.
     pub kafka_lag: Option<u64>,
 }
 
@@ -43,7 +44,7 @@ pub(super) async fn snapshot(state: &AdminState) -> Result<QueueSnapshot, String
         Some(reader) => tokio::task::spawn_blocking(move || reader.lag())
             .await
             .ok()
-            .and_then(Result::ok),
+            .flatten(),
         None => None,
     };
     Ok(QueueSnapshot { stats, kafka_lag })
@@ -90,9 +91,9 @@ struct ListQuery {
     limit: Option<usize>,
 }
 
-/// Dead letters with what an operator needs to decide on a requeue: the
-/// request line, the last error and when it gave up. Bodies and headers
-/// stay out (they may hold credentials).
+/// Dead letters, newest first, with what an operator needs to decide on a
+/// requeue: the request line, the last error and when it gave up. Bodies
+/// and headers stay out (they may hold credentials).
 async fn dead_letters(State(state): State<AdminState>, Query(q): Query<ListQuery>) -> Response {
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let spool = state.spool.clone();
@@ -101,17 +102,15 @@ async fn dead_letters(State(state): State<AdminState>, Query(q): Query<ListQuery
             let items: Vec<serde_json::Value> = list
                 .into_iter()
                 .map(|d| {
-                    let record: serde_json::Value =
-                        serde_json::from_slice(&d.record).unwrap_or_default();
                     json!({
                         "id": d.id,
                         "route": d.route,
                         "attempts": d.attempts,
                         "error": d.error,
                         "dead_at": crate::stats::recorder::rfc3339(d.dead_at_ms),
-                        "captured_at": record["captured_at"],
-                        "method": record["request"]["method"],
-                        "path": record["request"]["path"],
+                        "captured_at": d.captured_at,
+                        "method": d.method,
+                        "path": d.path,
                     })
                 })
                 .collect();

@@ -78,6 +78,20 @@ pub struct DeadLetter {
     pub dead_at_ms: i64,
 }
 
+/// A dead letter as listed: its request line, not its record.
+#[derive(Debug, Clone)]
+pub struct DeadLetterSummary {
+    pub id: String,
+    pub route: String,
+    pub attempts: u32,
+    pub error: String,
+    pub dead_at_ms: i64,
+    /// `None` for a record that cannot be read.
+    pub captured_at: Option<String>,
+    pub method: Option<String>,
+    pub path: Option<String>,
+}
+
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct SpoolStats {
     pub depth: u64,
@@ -420,13 +434,21 @@ impl Spool {
         })
     }
 
-    pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, SpoolError> {
+    /// The newest `limit` dead letters, without their records: SQLite
+    /// reads the request line out of each (a thousand 10 MiB uploads would
+    /// otherwise be read whole into memory for a listing).
+    pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetterSummary>, SpoolError> {
         self.read(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT id, route, CAST(record AS BLOB), attempts, error, dead_at_ms FROM dead_letters \
-                 ORDER BY id LIMIT ?1",
+                "SELECT d.id, d.route, d.attempts, d.error, d.dead_at_ms, \
+                   CASE WHEN json_valid(CAST(d.record AS TEXT)) THEN \
+                     json_extract(CAST(d.record AS TEXT), '$.captured_at', '$.request.method', '$.request.path') \
+                   END \
+                 FROM (SELECT id FROM dead_letters ORDER BY dead_at_ms DESC, id DESC LIMIT ?1) AS newest \
+                 JOIN dead_letters AS d ON d.id = newest.id \
+                 ORDER BY d.dead_at_ms DESC, d.id DESC",
             )?;
-            let rows = stmt.query_map(params![limit as i64], dead_row)?;
+            let rows = stmt.query_map(params![limit as i64], dead_summary_row)?;
             rows.collect()
         })
     }
@@ -486,6 +508,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     error       TEXT NOT NULL,
     dead_at_ms  INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dead_letters_newest ON dead_letters (dead_at_ms, id);
 ";
 
 fn open_connection(path: &Path) -> Result<Connection, SpoolError> {
@@ -507,6 +530,25 @@ fn queued_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<QueuedRecord> {
         attempts: r.get(3)?,
         next_at_ms: r.get(4)?,
         last_error: r.get(5)?,
+    })
+}
+
+fn dead_summary_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetterSummary> {
+    // `[captured_at, method, path]` as JSON, or NULL for a record that is
+    // not JSON.
+    let request: Option<String> = r.get(5)?;
+    let request: Option<[Option<String>; 3]> =
+        request.and_then(|text| serde_json::from_str(&text).ok());
+    let [captured_at, method, path] = request.unwrap_or_default();
+    Ok(DeadLetterSummary {
+        id: r.get(0)?,
+        route: r.get(1)?,
+        attempts: r.get(2)?,
+        error: r.get(3)?,
+        dead_at_ms: r.get(4)?,
+        captured_at,
+        method,
+        path,
     })
 }
 

@@ -425,6 +425,19 @@ impl Config {
                     "needs [outbound_proxies] urls (or PROXY_URLS)",
                 );
             }
+            if route.upstream_h2c
+                && route.proxy.use_proxy
+                && route.proxy.strategy != ProxyStrategy::Never
+                && route
+                    .upstreams
+                    .iter()
+                    .any(|u| u.scheme_str() == Some("http"))
+            {
+                root.error(
+                    &key("upstream_h2c"),
+                    "cannot go through an outbound proxy (proxy.use_proxy): a proxy takes http:// targets over HTTP/1.1",
+                );
+            }
         }
     }
 
@@ -1456,24 +1469,59 @@ pub(crate) fn normalize_prefix(prefix: &str) -> &str {
     }
 }
 
-/// Hides the password of `scheme://user:password@host` for logs and errors.
-/// The password ends at the last `@`: one that was not percent-encoded may
-/// hold `/`, `?`, `#` or `@`, and an invalid URL is shown too. This hides
-/// more than the password of a URL with a port and an `@` in its path.
+/// Hides the credentials of a URL for logs and errors: the password of
+/// `scheme://user:password@host`, a user given alone (a provider's token,
+/// `http://TOKEN@proxy`), the query's values (`?api-key=...`) and the
+/// fragment. The password ends at the last `@`: one that was not
+/// percent-encoded may hold `/`, `?`, `#` or `@`, and an invalid URL is
+/// shown too. This hides more than the password of a URL with a port and
+/// an `@` in its path.
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_string();
     };
-    let rest = &url[scheme_end + 3..];
-    let Some(at) = rest.rfind('@') else {
-        return url.to_string();
+    let (scheme, rest) = url.split_at(scheme_end + 3);
+    let mut shown = scheme.to_string();
+    let after_userinfo = match rest.rfind('@') {
+        Some(at) => match rest[..at].split_once(':') {
+            Some((user, _password)) => {
+                shown.push_str(user);
+                shown.push_str(":***@");
+                &rest[at + 1..]
+            }
+            // A user alone has no `/`, `?` or `#`: with one, the `@` is
+            // in the path (`/users/@me`).
+            None if !rest[..at].contains(['/', '?', '#']) => {
+                shown.push_str("***@");
+                &rest[at + 1..]
+            }
+            None => rest,
+        },
+        None => rest,
     };
-    match rest[..at].split_once(':') {
-        Some((user, _password)) => {
-            format!("{}{user}:***@{}", &url[..scheme_end + 3], &rest[at + 1..])
+    let (before_fragment, fragment) = match after_userinfo.split_once('#') {
+        Some((before, _)) => (before, Some("#***")),
+        None => (after_userinfo, None),
+    };
+    match before_fragment.split_once('?') {
+        Some((path, query)) => {
+            shown.push_str(path);
+            // The names say what is wrong with a query; values may be keys.
+            for (i, pair) in query.split('&').enumerate() {
+                shown.push(if i == 0 { '?' } else { '&' });
+                match pair.split_once('=') {
+                    Some((name, _value)) => {
+                        shown.push_str(name);
+                        shown.push_str("=***");
+                    }
+                    None => shown.push_str(pair),
+                }
+            }
         }
-        None => url.to_string(),
+        None => shown.push_str(before_fragment),
     }
+    shown.extend(fragment);
+    shown
 }
 
 #[cfg(test)]
@@ -1494,6 +1542,15 @@ mod tests {
             (
                 "https://api.example.com/users/@me",
                 "https://api.example.com/users/@me",
+            ),
+            ("http://TOKEN@proxy:8012", "http://***@proxy:8012"),
+            (
+                "https://otlp.example.com/v1/traces?api-key=SECRET&flag",
+                "https://otlp.example.com/v1/traces?api-key=***&flag",
+            ),
+            (
+                "redis://:pw@redis:6379/0#SECRET",
+                "redis://:***@redis:6379/0#***",
             ),
         ];
         for (url, shown) in cases {

@@ -12,8 +12,8 @@
 //!
 //! Sampling is decided once, at the SERVER span (parent-based: the caller's
 //! sampled flag, else `sample_ratio`). An unsampled request keeps no span
-//! at all, and its `traceparent` goes upstream exactly as without the
-//! exporter.
+//! at all; a caller's `traceparent` goes upstream exactly as without the
+//! exporter, one Backstop starts with its sampled flag clear.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -95,13 +95,15 @@ impl Tracing {
         };
         let mut span = active.tracer.build_with_context(builder, &parent);
         let context = span.span_context();
-        if !context.is_sampled() {
-            return RequestSpan(None);
-        }
         if !trace.is_incoming() {
             // A root: the SDK chose the trace id, which the log and the
-            // upstream requests must carry.
+            // upstream requests must carry, and whether it is sampled,
+            // which backends that sample by their parent must follow (else
+            // they would export the traces `sample_ratio` left out).
             *trace = TraceContext::started(ids_of(context));
+        }
+        if !context.is_sampled() {
+            return RequestSpan(None);
         }
         span.set_attributes([
             KeyValue::new("http.request.method", method.to_string()),

@@ -3,7 +3,8 @@
 //! offset). Read on demand by `/queue` and `/metrics`; blocking calls, so
 //! callers run it on a blocking thread.
 
-use std::time::Duration;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -11,11 +12,21 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
 
-const TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest one reading may take, all its calls together: `/metrics`
+/// waits for it, and Prometheus gives a scrape 10 s by default.
+const BUDGET: Duration = Duration::from_secs(2);
 
 pub struct KafkaLag {
     consumer: BaseConsumer,
     topic: String,
+    last: Mutex<LastRead>,
+}
+
+/// The last backlog read, and whether reading fails now.
+#[derive(Default)]
+struct LastRead {
+    lag: Option<u64>,
+    failing: bool,
 }
 
 impl KafkaLag {
@@ -31,14 +42,50 @@ impl KafkaLag {
         Ok(KafkaLag {
             consumer,
             topic: config.topic.clone(),
+            last: Mutex::new(LastRead::default()),
         })
     }
 
-    /// Records not yet committed by the replay group.
-    pub fn lag(&self) -> Result<u64, String> {
+    /// Records not yet committed by the replay group; while Kafka does not
+    /// answer, the last backlog read (a backlog does not vanish because
+    /// Kafka is slow: alerts on the queue's depth would clear in the middle
+    /// of an incident). `None` before any read succeeded.
+    pub fn lag(&self) -> Option<u64> {
+        let read = self.read();
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        match read {
+            Ok(lag) => {
+                if last.failing {
+                    tracing::info!(lag, "the Kafka backlog can be read again");
+                }
+                *last = LastRead {
+                    lag: Some(lag),
+                    failing: false,
+                };
+            }
+            Err(error) => {
+                if !last.failing {
+                    tracing::warn!(%error, last = ?last.lag, "cannot read the Kafka backlog; the queue's depth counts the last one read");
+                }
+                last.failing = true;
+            }
+        }
+        last.lag
+    }
+
+    fn read(&self) -> Result<u64, String> {
+        let deadline = Instant::now() + BUDGET;
+        let left = || {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                Err(format!("no answer within {BUDGET:?}"))
+            } else {
+                Ok(left)
+            }
+        };
         let metadata = self
             .consumer
-            .fetch_metadata(Some(&self.topic), TIMEOUT)
+            .fetch_metadata(Some(&self.topic), left()?)
             .map_err(|e| e.to_string())?;
         let mut list = TopicPartitionList::new();
         for topic in metadata.topics() {
@@ -48,20 +95,41 @@ impl KafkaLag {
         }
         let committed = self
             .consumer
-            .committed_offsets(list, TIMEOUT)
+            .committed_offsets(list, left()?)
             .map_err(|e| e.to_string())?;
         let mut lag = 0u64;
         for element in committed.elements() {
             let (low, high) = self
                 .consumer
-                .fetch_watermarks(&self.topic, element.partition(), TIMEOUT)
+                .fetch_watermarks(&self.topic, element.partition(), left()?)
                 .map_err(|e| e.to_string())?;
-            let from = match element.offset() {
-                Offset::Offset(o) => o,
-                _ => low,
-            };
-            lag += (high - from).max(0) as u64;
+            lag += partition_lag(element.offset(), low, high);
         }
         Ok(lag)
+    }
+}
+
+/// What of a partition is left to commit: from the committed offset (or,
+/// without one, the first record kept) to the end. Records that retention
+/// deleted below the committed offset are not waiting for anyone.
+fn partition_lag(committed: Offset, low: i64, high: i64) -> u64 {
+    let from = match committed {
+        Offset::Offset(o) => o.max(low),
+        _ => low,
+    };
+    u64::try_from(high - from).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_counts_only_records_still_kept() {
+        assert_eq!(partition_lag(Offset::Offset(5), 0, 12), 7);
+        assert_eq!(partition_lag(Offset::Offset(5), 9, 12), 3, "5..9 deleted");
+        assert_eq!(partition_lag(Offset::Invalid, 4, 12), 8, "none committed");
+        assert_eq!(partition_lag(Offset::Offset(12), 0, 12), 0);
+        assert_eq!(partition_lag(Offset::Offset(20), 0, 12), 0);
     }
 }

@@ -101,6 +101,23 @@ impl Target {
     }
 }
 
+/// Turn `start` of round robin over `n` entries of which `takes` says
+/// which may take a turn now: entry `start % n` if it may, else the
+/// `start`-th (modulo their count) of those that may. Handing a skipped
+/// entry's turn to the next one in the list instead would give that
+/// neighbour a double share (A, B, C with B down: A, C, C).
+pub(crate) fn fair_turn(n: usize, start: usize, takes: impl Fn(usize) -> bool) -> Option<usize> {
+    let own = start % n;
+    if takes(own) {
+        return Some(own);
+    }
+    let count = (0..n).filter(|&i| takes(i)).count();
+    if count == 0 {
+        return None;
+    }
+    (0..n).filter(|&i| takes(i)).nth(start % count)
+}
+
 #[derive(Debug)]
 pub struct Balancer {
     targets: Vec<Target>,
@@ -158,17 +175,12 @@ impl Balancer {
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let now = self.now_ms();
-        let in_turn = (0..n).map(|offset| (start + offset) % n);
-        let mut first_usable = None;
-        for i in in_turn.filter(|&i| Some(i) != failed) {
-            let target = &self.targets[i];
-            if target.usable(now) {
-                if target.has_turn() {
-                    return (i, target);
-                }
-                first_usable.get_or_insert(i);
-            }
+        let usable = |i: usize| Some(i) != failed && self.targets[i].usable(now);
+        if let Some(i) = fair_turn(n, start, |i| usable(i) && self.targets[i].has_turn()) {
+            return (i, &self.targets[i]);
         }
+        // None with a turn free: the next usable one, to wait there.
+        let first_usable = (0..n).map(|o| (start + o) % n).find(|&i| usable(i));
         // None usable but the failed one: it again. None at all: the next
         // in turn that did not just fail (it may have come back).
         let i = first_usable
@@ -231,6 +243,27 @@ mod tests {
         b.restore(1);
         let seq: Vec<usize> = (0..3).map(|_| b.pick().0).collect();
         assert!(seq.contains(&1));
+    }
+
+    #[test]
+    fn a_skipped_targets_turns_are_shared_evenly() {
+        let b = Balancer::new(&uris(&["http://a", "http://b", "http://c"]), None);
+        b.eject(1);
+        let mut share = [0; 3];
+        for _ in 0..600 {
+            share[b.pick().0] += 1;
+        }
+        assert_eq!(
+            share,
+            [300, 0, 300],
+            "not the skipped one's neighbour twice"
+        );
+        let mut share = [0; 3];
+        b.restore(1);
+        for _ in 0..600 {
+            share[b.pick_after(Some(0)).0] += 1;
+        }
+        assert_eq!(share, [0, 300, 300]);
     }
 
     #[test]

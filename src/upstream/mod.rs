@@ -7,6 +7,7 @@
 //! header or path never choose the address.
 
 mod balance;
+mod connect_within;
 mod h1_client;
 mod h1_pool;
 pub mod proxy_pool;
@@ -27,6 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::OwnedSemaphorePermit;
 
 pub use balance::{Balancer, Slots, Target};
+use connect_within::ConnectWithin;
 pub use h1_client::ConnBody;
 use h1_pool::{H1Pool, PoolLimits};
 use proxy_pool::{ProxyPool, Via};
@@ -38,7 +40,26 @@ use crate::headers::{self, ProxySet};
 use crate::outgoing::Outgoing;
 use crate::upload;
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
+type HttpClient = Client<ConnectWithin<HttpsConnector<HttpConnector>>, RequestBody>;
+
+/// When TCP starts probing an idle upstream connection.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// Pings an HTTP/2 upstream connection that has requests open but has been
+/// quiet this long, and closes it when the pong is this late: every
+/// request to a target shares its one connection, so a connection to a
+/// dead host would otherwise time out each request sent on it (timeouts
+/// do not eject a target) until the kernel gives up on it.
+const HTTP2_PING_AFTER: Duration = Duration::from_secs(20);
+const HTTP2_PONG_WITHIN: Duration = Duration::from_secs(10);
+
+/// Turns on [`HTTP2_PING_AFTER`] for a client's HTTP/2 connections.
+pub(crate) fn ping_http2_connections(builder: &mut hyper_util::client::legacy::Builder) {
+    builder
+        .http2_keep_alive_interval(HTTP2_PING_AFTER)
+        .http2_keep_alive_timeout(HTTP2_PONG_WITHIN)
+        .http2_keep_alive_while_idle(false);
+}
 
 /// A route's way to its backends: plain `http://` targets over our own
 /// HTTP/1.1 pool (unless the route speaks h2c), the rest over hyper-util's
@@ -63,6 +84,9 @@ impl Upstream {
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(server.connect_timeout));
         http.set_nodelay(true);
+        // A backend host that vanished without a word is found by the
+        // kernel's probes, not only after retransmissions give up (~15 min).
+        http.set_keepalive(Some(TCP_KEEPALIVE));
         http.enforce_http(false);
         let tls = tls::client_config(route.tls_ca_file.as_deref(), route.tls_verify)?;
         let connector = HttpsConnectorBuilder::new()
@@ -77,6 +101,7 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .http2_only(route.upstream_h2c);
+        ping_http2_connections(&mut builder);
         let h1 = if route.upstream_h2c {
             None
         } else {
@@ -90,7 +115,7 @@ impl Upstream {
         };
         Ok(Upstream {
             h1,
-            client: builder.build(connector),
+            client: builder.build(ConnectWithin::new(connector, server.connect_timeout)),
             balancer: Balancer::new(&route.upstreams, server.upstream_max_conns),
             proxies: ProxyPool::build(outbound_proxies, route, server)?,
             stall_limit: route.body_read_timeout,
@@ -286,8 +311,9 @@ pub fn upstream_target<'a>(base: &Uri, client: &'a Uri, skip: usize) -> Cow<'a, 
 /// stripped, an origin-form path, and a target without a base path.
 fn unchanged_target<'a>(base: &Uri, client: &'a Uri, skip: usize) -> Option<&'a PathAndQuery> {
     client.path_and_query().filter(|path_and_query| {
+        // `http://h?q` has the path `/` but the text `?q`.
         skip == 0
-            && path_and_query.path().starts_with('/')
+            && path_and_query.as_str().starts_with('/')
             && base.path().trim_end_matches('/').is_empty()
     })
 }
@@ -308,8 +334,12 @@ fn uri_at(base: &Uri, path_and_query: PathAndQuery) -> Result<Uri, http::Error> 
 }
 
 /// The base's path (without its trailing `/`), then `path` (`/` when both
-/// are empty), then `?query`.
+/// are empty), then `?query`. `OPTIONS *` asks about the server as a
+/// whole, whatever its base path.
 fn join_path(base: &Uri, path: &str, query: Option<&str>) -> String {
+    if path == "*" {
+        return path.to_string();
+    }
     let base_path = base.path().trim_end_matches('/');
     let mut path_and_query = String::with_capacity(base_path.len() + path.len() + 16);
     path_and_query.push_str(base_path);

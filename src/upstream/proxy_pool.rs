@@ -29,6 +29,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::balance::fair_turn;
+use super::connect_within::ConnectWithin;
 use super::{tls, ErrorChain};
 use crate::body::RequestBody;
 use crate::classify::Failure;
@@ -66,7 +68,7 @@ struct OutboundProxy {
     /// `host:port`, for logs (never the credentials).
     name: String,
     auth: Option<HeaderValue>,
-    client: Client<HttpsConnector<ProxyConnector>, RequestBody>,
+    client: Client<ConnectWithin<HttpsConnector<ProxyConnector>>, RequestBody>,
     /// Milliseconds since the pool's epoch before which it is skipped.
     ejected_until_ms: AtomicU64,
 }
@@ -118,10 +120,15 @@ impl ProxyPool {
                 .pool_max_idle_per_host(server.upstream_max_idle)
                 .pool_timer(TokioTimer::new())
                 .timer(TokioTimer::new());
+            super::ping_http2_connections(&mut builder);
+            // The proxy's TCP connect and its tunnel have their own limits
+            // (a proxy's failure, not the target's); this one, over all three
+            // steps, ends a TLS handshake through the tunnel that stalls.
+            let set_up_limit = server.connect_timeout.saturating_mul(3);
             proxies.push(OutboundProxy {
                 name: format!("{host}:{port}"),
                 auth,
-                client: builder.build(https),
+                client: builder.build(ConnectWithin::new(https, set_up_limit)),
                 ejected_until_ms: AtomicU64::new(0),
             });
         }
@@ -142,10 +149,7 @@ impl ProxyPool {
         let n = self.proxies.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let now = self.now_ms();
-        (0..n)
-            .map(|offset| (start + offset) % n)
-            .find(|&i| self.proxies[i].usable_at(now))
-            .unwrap_or(start % n)
+        fair_turn(n, start, |i| self.proxies[i].usable_at(now)).unwrap_or(start % n)
     }
 
     /// Whether some proxy will not be skipped `after` this long (a retry's
@@ -160,9 +164,14 @@ impl ProxyPool {
     /// Skips a proxy that could not be reached (or refused the tunnel).
     pub fn eject(&self, index: usize) {
         if let Some(p) = self.proxies.get(index) {
-            let until = self.now_ms() + EJECT_FOR.as_millis() as u64;
-            p.ejected_until_ms.store(until, Ordering::Relaxed);
-            tracing::warn!(proxy = %p.name, "outbound proxy failed; skipping it for {EJECT_FOR:?}");
+            let now = self.now_ms();
+            let until = now + EJECT_FOR.as_millis() as u64;
+            let was_until = p.ejected_until_ms.swap(until, Ordering::Relaxed);
+            // Once per failing spell: with every proxy down, each request
+            // still tries one and would log a line.
+            if was_until <= now {
+                tracing::warn!(proxy = %p.name, "outbound proxy failed; skipping it for {EJECT_FOR:?}");
+            }
         }
     }
 
@@ -232,8 +241,13 @@ pub(crate) fn parse_proxy_url(url: &str) -> Option<(String, u16, Option<HeaderVa
     let port = uri.port_u16().unwrap_or(80);
     let auth = match userinfo {
         Some(info) => {
-            // `%XX` escapes: a password may contain `@` or `:`.
-            let decoded: Vec<u8> = percent_encoding::percent_decode_str(info).collect();
+            // `%XX` escapes: a password may contain `@` or `:`. A user
+            // without a password (a provider's token) is `token:`, as
+            // Basic requires and curl sends.
+            let mut decoded: Vec<u8> = percent_encoding::percent_decode_str(info).collect();
+            if !info.contains(':') {
+                decoded.push(b':');
+            }
             let token = base64::engine::general_purpose::STANDARD.encode(decoded);
             let mut value = HeaderValue::from_str(&format!("Basic {token}")).ok()?;
             value.set_sensitive(true);
@@ -447,6 +461,9 @@ mod tests {
         assert_eq!((host.as_str(), port), ("10.0.0.1", 3128));
         // base64("user:p@ss")
         assert_eq!(auth.unwrap(), "Basic dXNlcjpwQHNz");
+        // base64("TOKEN:")
+        let (_, _, auth) = parse_proxy_url("http://TOKEN@proxy:8012").unwrap();
+        assert_eq!(auth.unwrap(), "Basic VE9LRU46");
         let (host, port, auth) = parse_proxy_url("http://proxy.local").unwrap();
         assert_eq!((host.as_str(), port, auth), ("proxy.local", 80, None));
         assert!(parse_proxy_url("socks5://x:1").is_none());

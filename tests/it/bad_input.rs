@@ -659,3 +659,44 @@ async fn an_http2_stream_granted_no_window_is_reset_after_send_timeout_and_frees
     bs.wait_for_log("granted its stream no window", Duration::from_secs(5))
         .await;
 }
+
+#[tokio::test]
+async fn request_targets_without_a_path_reach_the_base_path_as_such() {
+    let backend = Backend::echo().await;
+    let toml = format!(
+        "[[routes]]\nname = \"public\"\npath_prefix = \"/\"\nupstreams = [\"{0}/public/\"]\n\n\
+         [[routes]]\nname = \"svc\"\npath_prefix = \"/\"\nhost = \"svc.example\"\nupstreams = [\"{0}\"]\n",
+        backend.url()
+    );
+    let bs = Backstop::start(&toml);
+
+    // An HTTP/2 `:path` of only a query (sent without `:authority`, as the
+    // h2 client sends an HTTP/1.1 request's relative URI) has the path `/`.
+    // (http 1.5 refuses any other path that does not start with `/`.)
+    let tcp = TcpStream::connect(bs.addr).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut parts = http::uri::Parts::default();
+    parts.path_and_query = Some(http::uri::PathAndQuery::from_static("?q=1"));
+    let request = http::Request::get(http::Uri::from_parts(parts).unwrap())
+        .body(())
+        .unwrap();
+    let mut h2 = h2.ready().await.unwrap();
+    let (response, _) = h2.send_request(request, true).unwrap();
+    assert_eq!(response.await.unwrap().status(), 200);
+    // `OPTIONS *` asks about the server, whatever the base path.
+    let answer = bs
+        .raw(b"OPTIONS * HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // An absolute-form target with an empty path goes up as `/?x=1`, with
+    // a base path and without (the target as it came would be `?x=1`).
+    for host in ["public.example", "svc.example"] {
+        let request =
+            format!("GET http://{host}?x=1 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let answer = bs.raw(request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    let uris: Vec<String> = backend.seen().into_iter().map(|s| s.uri).collect();
+    assert_eq!(uris, ["/public/?q=1", "*", "/public/?x=1", "/?x=1"]);
+}

@@ -43,7 +43,7 @@ fn invalid_files_list_every_error_with_its_key() {
             "[[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nupstreams = [\"htp:/x\", \"http://h/?q=1\"]\n".into(),
             vec![
                 "FILE: routes[0].upstreams[0]: invalid URL \"htp:/x\": scheme must be http or https",
-                "FILE: routes[0].upstreams[1]: invalid URL \"http://h/?q=1\": must not have a query",
+                "FILE: routes[0].upstreams[1]: invalid URL \"http://h/?q=***\": must not have a query",
             ],
         ),
         (
@@ -86,6 +86,12 @@ fn invalid_files_list_every_error_with_its_key() {
             vec![
                 "FILE: routes[0].rate_limit.key: expected route, client_ip or header:<name>, found \"cookie\"",
                 "FILE: routes[0].proxy.use_proxy: needs [outbound_proxies] urls (or PROXY_URLS)",
+            ],
+        ),
+        (
+            format!("[outbound_proxies]\nurls = [\"http://TOKEN@proxy:3128\"]\n{ROUTE}upstream_h2c = true\n[routes.proxy]\nuse_proxy = true\n"),
+            vec![
+                "FILE: routes[0].upstream_h2c: cannot go through an outbound proxy (proxy.use_proxy): a proxy takes http:// targets over HTTP/1.1",
             ],
         ),
         (

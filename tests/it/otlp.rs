@@ -462,9 +462,14 @@ async fn sample_ratio_zero_exports_nothing_but_a_sampled_caller_is_honoured() {
     assert_eq!(bs.metric(EXPORTED).await, 0.0);
     let seen = backend.seen();
     assert_eq!(seen.len(), 21);
-    // Traces Backstop starts still reach backends, as without the exporter.
+    // Traces Backstop starts reach backends marked unsampled, so that
+    // backends sampling by their parent leave them out too.
     let tp = seen[0].headers["traceparent"].to_str().unwrap();
-    assert!(tp.starts_with("00-") && tp.ends_with("-01"), "{tp}");
+    assert!(tp.starts_with("00-") && tp.ends_with("-00"), "{tp}");
+    assert_ne!(
+        tp, seen[1].headers["traceparent"],
+        "each request its own trace"
+    );
     assert_eq!(seen[20].headers["traceparent"], unsampled.as_str());
 
     // Parent-based: a caller that sampled its trace gets its spans.

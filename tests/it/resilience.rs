@@ -1440,3 +1440,62 @@ upstreams = [{:?}]
     bs.wait_for_log("target unhealthy", Duration::from_secs(5))
         .await;
 }
+
+/// A target that takes the TCP connection but never finishes the TLS
+/// handshake fails within `connect_timeout` as a connect timeout: the
+/// request is retried on the other target at once (even a POST, which
+/// never left) and the silent target is skipped, not waited on for the
+/// whole `request_timeout` by every request in its turn.
+#[tokio::test]
+async fn a_target_that_stalls_the_tls_handshake_fails_as_a_connect_timeout() {
+    let (backend, ca_path, _dir) = secure_backend().await;
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_port = hung.local_addr().unwrap().port();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = hung.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    let toml = format!(
+        r#"[server]
+connect_timeout = "300ms"
+
+[[routes]]
+name = "secure"
+path_prefix = "/api"
+upstreams = ["https://localhost:{hung_port}", "https://localhost:{}"]
+tls_ca_file = {ca_path:?}
+  [routes.retry]
+  max_attempts = 2
+  initial_delay = "10ms"
+  [routes.circuit_breaker]
+  request_timeout = 5000
+  failure_threshold = 100
+"#,
+        backend.addr.port()
+    );
+    let bs = Backstop::start(&toml);
+    let started = Instant::now();
+    for _ in 0..4 {
+        let r = client()
+            .post(bs.url("/api/secure"))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    assert_eq!(backend.hits(), 4);
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "skipped after its first stall"
+    );
+    holder.abort();
+}
