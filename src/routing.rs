@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use crate::config::{normalize_prefix, Config, ConfigError, RouteConfig};
+use crate::config::{normalize_prefix, Config, ConfigError, ProxyStrategy, RouteConfig};
 use crate::resilience::{Registry, RouteGuards};
 use crate::upstream::Upstream;
 
@@ -118,6 +118,9 @@ impl RouteTable {
         for (i, rc) in config.routes.iter().enumerate() {
             if !rc.tls_verify {
                 tracing::warn!(route = %rc.name, "TLS certificate verification is off for this route");
+            }
+            if rc.upstream_h2c && rc.proxy.use_proxy && rc.proxy.strategy != ProxyStrategy::Never {
+                tracing::warn!(route = %rc.name, "upstream_h2c: requests through an outbound proxy go to http:// targets over HTTP/1.1");
             }
             match Upstream::build(rc, &config.server, &config.outbound_proxies) {
                 Ok(upstream) => routes.push(Arc::new(Route {

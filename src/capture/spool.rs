@@ -536,9 +536,14 @@ fn queued_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<QueuedRecord> {
 fn dead_summary_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetterSummary> {
     // `[captured_at, method, path]` as JSON, or NULL for a record that is
     // not JSON.
-    let request: Option<String> = r.get(5)?;
-    let request: Option<[Option<String>; 3]> =
-        request.and_then(|text| serde_json::from_str(&text).ok());
+    // Read as bytes: SQLite's JSON functions do not check UTF-8, and one
+    // record that is not must not fail the whole listing.
+    let request: Option<[Option<String>; 3]> = r
+        .get_ref(5)?
+        .as_bytes_or_null()
+        .ok()
+        .flatten()
+        .and_then(|bytes| serde_json::from_slice(bytes).ok());
     let [captured_at, method, path] = request.unwrap_or_default();
     Ok(DeadLetterSummary {
         id: r.get(0)?,

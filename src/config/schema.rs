@@ -425,19 +425,6 @@ impl Config {
                     "needs [outbound_proxies] urls (or PROXY_URLS)",
                 );
             }
-            if route.upstream_h2c
-                && route.proxy.use_proxy
-                && route.proxy.strategy != ProxyStrategy::Never
-                && route
-                    .upstreams
-                    .iter()
-                    .any(|u| u.scheme_str() == Some("http"))
-            {
-                root.error(
-                    &key("upstream_h2c"),
-                    "cannot go through an outbound proxy (proxy.use_proxy): a proxy takes http:// targets over HTTP/1.1",
-                );
-            }
         }
     }
 
@@ -1482,21 +1469,26 @@ pub fn redact_url(url: &str) -> String {
     };
     let (scheme, rest) = url.split_at(scheme_end + 3);
     let mut shown = scheme.to_string();
-    let after_userinfo = match rest.rfind('@') {
-        Some(at) => match rest[..at].split_once(':') {
-            Some((user, _password)) => {
-                shown.push_str(user);
-                shown.push_str(":***@");
-                &rest[at + 1..]
+    // Where the authority would end if nothing in it were left unescaped.
+    let authority_end = |text: &str| text.find(['/', '?', '#']).unwrap_or(text.len());
+    // `user:` before any delimiter: the password runs to the last `@`.
+    // Else a user alone, up to an `@` inside the authority (one after it
+    // is the path's: `/users/@me`).
+    let userinfo_end = match rest.rfind('@') {
+        Some(at) if rest[..authority_end(&rest[..at])].contains(':') => Some(at),
+        _ => rest[..authority_end(rest)].rfind('@'),
+    };
+    let after_userinfo = match userinfo_end {
+        Some(at) => {
+            match rest[..at].split_once(':') {
+                Some((user, _password)) => {
+                    shown.push_str(user);
+                    shown.push_str(":***@");
+                }
+                None => shown.push_str("***@"),
             }
-            // A user alone has no `/`, `?` or `#`: with one, the `@` is
-            // in the path (`/users/@me`).
-            None if !rest[..at].contains(['/', '?', '#']) => {
-                shown.push_str("***@");
-                &rest[at + 1..]
-            }
-            None => rest,
-        },
+            &rest[at + 1..]
+        }
         None => rest,
     };
     let (before_fragment, fragment) = match after_userinfo.split_once('#') {
@@ -1552,6 +1544,11 @@ mod tests {
                 "redis://:pw@redis:6379/0#SECRET",
                 "redis://:***@redis:6379/0#***",
             ),
+            (
+                "https://collector/v1?api-key=SECRET&ts=12:00&m=a@b",
+                "https://collector/v1?api-key=***&ts=***&m=***",
+            ),
+            ("https://TOKEN@host/users/@me", "https://***@host/users/@me"),
         ];
         for (url, shown) in cases {
             assert_eq!(redact_url(url), shown, "{url}");

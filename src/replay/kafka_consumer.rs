@@ -2,15 +2,21 @@
 //! on the capture topic, so several workers share the partitions.
 //!
 //! At least once: an offset is committed only after the backend accepted the
-//! record or it went to the dead-letter topic. Records of one partition are
-//! handled one at a time, in order (the key is the route, so this is per-route
-//! order); partitions proceed independently. Consumed records wait in a small
-//! per-partition buffer, so a record in backoff does not block the worker: it
-//! keeps polling (the group does not drop it) and pauses a partition only
-//! while that partition's buffer is full. Attempt counts live in memory:
-//! after a restart or a rebalance a record starts counting again.
+//! record or it went to the dead-letter topic, and every record before it
+//! too. The key is the route, and routes share partitions, so each
+//! partition's records wait in lanes, one per route: a route's records go
+//! one at a time, in order, and a route whose backend is down (its head in
+//! backoff, or waiting for its circuit) does not hold up another route's
+//! records on the same partition. The committed offset is the partition's
+//! lowest record not finished, so after a restart or a rebalance the
+//! records finished above it are delivered again (each carries its
+//! `Idempotency-Key`). Consumed records wait in a small per-partition
+//! buffer, so a record in backoff does not block the worker: it keeps
+//! polling (the group does not drop it) and pauses a partition only while
+//! that partition's buffer is full. Attempt counts live in memory: after a
+//! restart or a rebalance a record starts counting again.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,6 +48,8 @@ const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 /// What a delivery task reports back to the polling loop.
 struct Done {
     partition: Partition,
+    /// The lane (route) of the record.
+    route: String,
     /// The partition queue's generation when the task started: a report
     /// for a queue since revoked (and perhaps assigned again, as a new
     /// queue) is ignored, so it can neither commit nor free the new queue's
@@ -67,26 +75,71 @@ enum Verdict {
 /// How long a dead letter that could not be written waits for another try.
 const DEAD_LETTER_RETRY: Duration = Duration::from_secs(5);
 
-/// One partition's buffered records; the head is the one being worked on.
+/// One partition's buffered records, in lanes by route.
 struct PartitionQueue {
     /// Which queue of the partition this is: one per assignment.
     generation: u64,
+    /// A lane per route with records waiting (an emptied lane is removed).
+    lanes: HashMap<String, Lane>,
+    /// The offsets buffered and not finished: the lowest is where the
+    /// partition's committed offset stands.
+    unfinished: BTreeSet<i64>,
+    /// The offset after the last record received.
+    received_to: i64,
+    /// The offset last committed.
+    committed: i64,
+    paused: bool,
+}
+
+/// One route's records of a partition; the head is the one worked on.
+#[derive(Default)]
+struct Lane {
     jobs: VecDeque<Job>,
     /// The head's delivery, while it runs.
     in_flight: Option<JoinHandle<()>>,
     due: Option<Instant>,
-    paused: bool,
 }
 
 impl PartitionQueue {
     fn new(generation: u64) -> PartitionQueue {
         PartitionQueue {
             generation,
-            jobs: VecDeque::new(),
-            in_flight: None,
-            due: None,
+            lanes: HashMap::new(),
+            unfinished: BTreeSet::new(),
+            received_to: 0,
+            committed: 0,
             paused: false,
         }
+    }
+
+    fn push(&mut self, job: Job) {
+        self.unfinished.insert(job.offset);
+        self.received_to = self.received_to.max(job.offset + 1);
+        self.lanes
+            .entry(job.route.clone())
+            .or_default()
+            .jobs
+            .push_back(job);
+    }
+
+    /// Takes a lane's finished head away; the offset to commit, if the
+    /// finished record was the lowest unfinished one.
+    fn finish(&mut self, route: &str) -> Option<i64> {
+        let lane = self.lanes.get_mut(route)?;
+        let job = lane.jobs.pop_front()?;
+        if lane.jobs.is_empty() && lane.in_flight.is_none() {
+            self.lanes.remove(route);
+        }
+        self.unfinished.remove(&job.offset);
+        let commit_to = self.unfinished.first().copied().unwrap_or(self.received_to);
+        (commit_to > self.committed).then(|| {
+            self.committed = commit_to;
+            commit_to
+        })
+    }
+
+    fn in_flight(self) -> impl Iterator<Item = JoinHandle<()>> {
+        self.lanes.into_values().filter_map(|lane| lane.in_flight)
     }
 }
 
@@ -201,10 +254,8 @@ impl KafkaReplayer {
                 Some(revoked) = revoked_rx.recv() => {
                     for partition in revoked {
                         if let Some(queue) = queues.remove(&partition) {
-                            tracing::info!(topic = %partition.0, partition = partition.1, dropped = queue.jobs.len(), "partition revoked");
-                            if let Some(task) = queue.in_flight {
-                                orphaned.entry(partition).or_default().push(task);
-                            }
+                            tracing::info!(topic = %partition.0, partition = partition.1, dropped = queue.unfinished.len(), "partition revoked");
+                            orphaned.entry(partition).or_default().extend(queue.in_flight());
                         }
                     }
                     None
@@ -219,37 +270,40 @@ impl KafkaReplayer {
                     else {
                         continue;
                     };
-                    queue.in_flight = None;
+                    let Some(lane) = queue.lanes.get_mut(&done.route) else {
+                        continue;
+                    };
+                    lane.in_flight = None;
                     match done.verdict {
                         Verdict::Finished => {
-                            if let Some(job) = queue.jobs.pop_front() {
-                                commit(&consumer, &done.partition, job.offset + 1);
+                            if let Some(next_offset) = queue.finish(&done.route) {
+                                commit(&consumer, &done.partition, next_offset);
                             }
-                            if queue.paused && queue.jobs.len() < BUFFER / 2 {
+                            if queue.paused && queue.unfinished.len() < BUFFER / 2 {
                                 queue.paused = !set_paused(&consumer, &done.partition, false);
                             }
                         }
-                        Verdict::Later(wait) => queue.due = Some(Instant::now() + wait),
+                        Verdict::Later(wait) => lane.due = Some(Instant::now() + wait),
                         Verdict::Unsent(wait) => {
-                            if let Some(job) = queue.jobs.front_mut() {
+                            if let Some(job) = lane.jobs.front_mut() {
                                 job.attempt = job.attempt.saturating_sub(1);
                             }
-                            queue.due = Some(Instant::now() + wait);
+                            lane.due = Some(Instant::now() + wait);
                         }
                         Verdict::DeadLetterUnwritten { reason, attempts } => {
-                            if let Some(job) = queue.jobs.front_mut() {
+                            if let Some(job) = lane.jobs.front_mut() {
                                 job.dead_letter = Some((reason, attempts));
                             }
-                            queue.due = Some(Instant::now() + DEAD_LETTER_RETRY);
+                            lane.due = Some(Instant::now() + DEAD_LETTER_RETRY);
                         }
                     }
                     Some(done.partition)
                 }
                 _ = tick.tick() => {
                     let now = Instant::now();
-                    for queue in queues.values_mut() {
-                        if queue.due.is_some_and(|due| due <= now) {
-                            queue.due = None;
+                    for lane in queues.values_mut().flat_map(|q| q.lanes.values_mut()) {
+                        if lane.due.is_some_and(|due| due <= now) {
+                            lane.due = None;
                         }
                     }
                     None
@@ -261,8 +315,8 @@ impl KafkaReplayer {
                             generations += 1;
                             PartitionQueue::new(generations)
                         });
-                        queue.jobs.push_back(Job::from_message(&message, partition.clone()));
-                        if queue.jobs.len() >= BUFFER && !queue.paused {
+                        queue.push(Job::from_message(&message, partition.clone()));
+                        if queue.unfinished.len() >= BUFFER && !queue.paused {
                             queue.paused = set_paused(&consumer, &partition, true);
                             if queue.paused {
                                 tracing::info!(topic = %partition.0, partition = partition.1, buffered = BUFFER, "Kafka partition paused until its buffered records drain");
@@ -280,7 +334,7 @@ impl KafkaReplayer {
                     }
                 },
             };
-            // Start the head of every partition that is free to go.
+            // Start the head of every lane that is free to go.
             let candidates: Vec<Partition> = match ready {
                 Some(p) => vec![p],
                 None => queues.keys().cloned().collect(),
@@ -289,35 +343,39 @@ impl KafkaReplayer {
                 let Some(queue) = queues.get_mut(&partition) else {
                     continue;
                 };
-                if queue.in_flight.is_some()
-                    || queue.due.is_some()
-                    || still_running(&mut orphaned, &partition)
-                {
+                if still_running(&mut orphaned, &partition) {
                     continue;
                 }
-                let Some(head) = queue.jobs.front_mut() else {
-                    continue;
-                };
-                // An open circuit means the backend is known to be down:
-                // wait for it to turn half-open instead of spending attempts.
-                let open_for = this.proxy.resilience.route(&head.route).breaker.open_for();
-                if let Some(open_for) = open_for {
-                    queue.due = Some(Instant::now() + open_for);
-                    continue;
+                for lane in queue.lanes.values_mut() {
+                    if lane.in_flight.is_some() || lane.due.is_some() {
+                        continue;
+                    }
+                    let Some(head) = lane.jobs.front_mut() else {
+                        continue;
+                    };
+                    // An open circuit means the backend is known to be
+                    // down: wait for it to turn half-open instead of
+                    // spending attempts.
+                    let open_for = this.proxy.resilience.route(&head.route).breaker.open_for();
+                    if let Some(open_for) = open_for {
+                        lane.due = Some(Instant::now() + open_for);
+                        continue;
+                    }
+                    head.attempt += 1;
+                    let job = head.clone();
+                    let generation = queue.generation;
+                    let (this, tx) = (this.clone(), done_tx.clone());
+                    lane.in_flight = Some(tokio::spawn(async move {
+                        let (partition, route) = (job.partition.clone(), job.route.clone());
+                        let verdict = this.handle(job).await;
+                        let _ = tx.send(Done {
+                            partition,
+                            route,
+                            generation,
+                            verdict,
+                        });
+                    }));
                 }
-                head.attempt += 1;
-                let job = head.clone();
-                let generation = queue.generation;
-                let (this, tx) = (this.clone(), done_tx.clone());
-                queue.in_flight = Some(tokio::spawn(async move {
-                    let partition = job.partition.clone();
-                    let verdict = this.handle(job).await;
-                    let _ = tx.send(Done {
-                        partition,
-                        generation,
-                        verdict,
-                    });
-                }));
             }
         }
         tracing::info!("Kafka replay worker stopped");

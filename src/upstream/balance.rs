@@ -102,10 +102,12 @@ impl Target {
 }
 
 /// Turn `start` of round robin over `n` entries of which `takes` says
-/// which may take a turn now: entry `start % n` if it may, else the
-/// `start`-th (modulo their count) of those that may. Handing a skipped
-/// entry's turn to the next one in the list instead would give that
-/// neighbour a double share (A, B, C with B down: A, C, C).
+/// which may take a turn now: entry `start % n` if it may, else one of
+/// those that may, the next of them at each round (`start / n`). Handing
+/// a skipped entry's turn to the next one in the list instead would give
+/// that neighbour a double share (A, B, C with B down: A, C, C); picking
+/// by `start` alone would too when the counts share a factor (four with
+/// the second and fourth down: both their turns to the third).
 pub(crate) fn fair_turn(n: usize, start: usize, takes: impl Fn(usize) -> bool) -> Option<usize> {
     let own = start % n;
     if takes(own) {
@@ -115,7 +117,9 @@ pub(crate) fn fair_turn(n: usize, start: usize, takes: impl Fn(usize) -> bool) -
     if count == 0 {
         return None;
     }
-    (0..n).filter(|&i| takes(i)).nth(start % count)
+    // `None` only if one stopped taking turns between the two passes (a
+    // turn taken meanwhile): the caller's fallback then waits for one.
+    (0..n).filter(|&i| takes(i)).nth((start / n) % count)
 }
 
 #[derive(Debug)]
@@ -264,6 +268,17 @@ mod tests {
             share[b.pick_after(Some(0)).0] += 1;
         }
         assert_eq!(share, [0, 300, 300]);
+        let b = Balancer::new(
+            &uris(&["http://a", "http://b", "http://c", "http://d"]),
+            None,
+        );
+        b.eject(1);
+        b.eject(3);
+        let mut share = [0; 4];
+        for _ in 0..800 {
+            share[b.pick().0] += 1;
+        }
+        assert_eq!(share, [400, 0, 400, 0]);
     }
 
     #[test]

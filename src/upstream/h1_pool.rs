@@ -38,6 +38,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout_at;
 use tower_service::Service;
 
+use super::connect_within::ConnectWithin;
 use super::h1_client::{self, IdleConns, MAX_BODY};
 use crate::body::{RequestBody, UpstreamBody};
 use crate::classify::{is_idempotent, Failure};
@@ -78,7 +79,7 @@ pub struct PoolLimits {
 
 struct Shared {
     targets: Vec<Option<TargetConns>>,
-    connector: HttpConnector,
+    connector: ConnectWithin<HttpConnector>,
     limits: PoolLimits,
     sweeper: std::sync::Once,
 }
@@ -125,10 +126,11 @@ impl H1Pool {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(limits.connect_timeout));
         connector.set_nodelay(true);
+        connector.set_keepalive(Some(super::TCP_KEEPALIVE));
         Some(H1Pool {
             shared: Arc::new(Shared {
                 targets,
-                connector,
+                connector: ConnectWithin::new(connector, limits.connect_timeout),
                 limits,
                 sweeper: std::sync::Once::new(),
             }),
@@ -320,7 +322,8 @@ impl H1Pool {
         Ok(h1_client::Conn::new(io.into_inner()))
     }
 
-    /// Connects (DNS, connect timeout, `TCP_NODELAY`) and starts the sweeper
+    /// Connects (DNS and connect within the connect timeout, `TCP_NODELAY`,
+    /// TCP keep-alive) and starts the sweeper
     /// with the first connection.
     async fn connect_io(&self, target: &TargetConns) -> Result<TokioIo<TcpStream>, Failure> {
         self.start_sweeper();
@@ -328,8 +331,8 @@ impl H1Pool {
         // needs no `poll_ready` first.
         let mut connector = self.shared.connector.clone();
         connector.call(target.address.clone()).await.map_err(|e| {
-            let failure = Failure::from_connect_error(&e);
-            tracing::debug!(error = %super::ErrorChain(&e), ?failure, "upstream connect failed");
+            let failure = Failure::from_connect_error(e.as_ref());
+            tracing::debug!(error = %super::ErrorChain(e.as_ref()), ?failure, "upstream connect failed");
             failure
         })
     }

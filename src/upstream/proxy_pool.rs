@@ -123,7 +123,9 @@ impl ProxyPool {
             super::ping_http2_connections(&mut builder);
             // The proxy's TCP connect and its tunnel have their own limits
             // (a proxy's failure, not the target's); this one, over all three
-            // steps, ends a TLS handshake through the tunnel that stalls.
+            // steps, ends a TLS handshake through the tunnel that stalls: the
+            // proxy reached the target, so that is the target's failure, as
+            // it is without a proxy.
             let set_up_limit = server.connect_timeout.saturating_mul(3);
             proxies.push(OutboundProxy {
                 name: format!("{host}:{port}"),

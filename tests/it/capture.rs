@@ -422,14 +422,14 @@ async fn poison_records_are_dead_lettered_and_the_worker_goes_on() {
     let bs = Backstop::start(&config(&format!("http://{addr}"), ""));
     let conn = rusqlite::Connection::open(bs.data_dir().join("spool.sqlite3")).unwrap();
     conn.execute(
-        "INSERT INTO queue (id, route, record, dest, captured_ms) VALUES ('00000000-0000-7000-8000-000000000001', 'users', x'ff00ff', 'replay', 0), ('00000000-0000-7000-8000-000000000002', 'users', '{\"v\":2}', 'replay', 0)",
+        "INSERT INTO queue (id, route, record, dest, captured_ms) VALUES ('00000000-0000-7000-8000-000000000001', 'users', x'ff00ff', 'replay', 0), ('00000000-0000-7000-8000-000000000002', 'users', '{\"v\":2}', 'replay', 0), ('00000000-0000-7000-8000-000000000003', 'users', x'7b2272657175657374223a7b226d6574686f64223a22474554222c2270617468223a222f636166e9227d7d', 'replay', 0)",
         [],
     )
     .unwrap();
     let id = capture_one(&bs, "/api/after-poison", "good").await;
     let backend = Backend::start_on(addr, |_| Reply::status(200)).await;
     wait_queue(&bs, "replayed_total", 1).await;
-    let q = wait_queue(&bs, "dead_letters", 2).await;
+    let q = wait_queue(&bs, "dead_letters", 3).await;
     assert_eq!(q["depth"], 0);
     assert_eq!(backend.seen()[0].headers["idempotency-key"], id.as_str());
     let dead: serde_json::Value =
@@ -440,12 +440,22 @@ async fn poison_records_are_dead_lettered_and_the_worker_goes_on() {
         .iter()
         .map(|d| d["error"].as_str().unwrap())
         .collect();
-    // Newest first; neither record's request line can be read.
-    assert!(errors[1].starts_with("not a capture record"), "{errors:?}");
+    // Newest first; no record's request line can be read (the third is
+    // JSON with a byte that is not UTF-8 in its path).
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert!(errors[2].starts_with("not a capture record"), "{errors:?}");
     assert!(
-        errors[0].starts_with("unsupported record version 2"),
+        errors[1].starts_with("unsupported record version 2"),
         "{errors:?}"
     );
+    assert!(errors[0].starts_with("not a capture record"), "{errors:?}");
+    let listed = bs.admin_json("/queue/dead-letters").await;
+    assert_eq!(
+        listed["dead_letters"].as_array().unwrap().len(),
+        3,
+        "{listed}"
+    );
+    assert!(listed["dead_letters"][0]["path"].is_null(), "{listed}");
     assert!(dead
         .as_array()
         .unwrap()

@@ -89,12 +89,6 @@ fn invalid_files_list_every_error_with_its_key() {
             ],
         ),
         (
-            format!("[outbound_proxies]\nurls = [\"http://TOKEN@proxy:3128\"]\n{ROUTE}upstream_h2c = true\n[routes.proxy]\nuse_proxy = true\n"),
-            vec![
-                "FILE: routes[0].upstream_h2c: cannot go through an outbound proxy (proxy.use_proxy): a proxy takes http:// targets over HTTP/1.1",
-            ],
-        ),
-        (
             "[[routes]]\nname = \"a\"\npath_prefix = \"/a//b\"\nupstreams = [\"http://h\"]\n\
              [[routes]]\nname = \"b\"\npath_prefix = \"/b/../..\"\nupstreams = [\"http://h\"]\n\
              [[routes]]\nname = \"c\"\npath_prefix = \"/c;v=1\"\nupstreams = [\"http://h\"]\n\

@@ -647,3 +647,49 @@ async fn a_dead_letter_that_cannot_be_written_is_not_delivered_again() {
     let committed = tansu.committed("backstop-replay").get("0").copied();
     assert!(committed.is_none_or(|offset| offset < 1), "{committed:?}");
 }
+
+/// Routes share partitions (the key is hashed): a route whose backend is
+/// down keeps its own records in order and waiting, while another route's
+/// records behind them on the same partition are delivered. The committed
+/// offset stays at the first record not delivered, until it is.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_route_whose_backend_is_down_holds_up_no_other_route_on_its_partition() {
+    let tansu = Tansu::start(false);
+    let slow = Backend::echo().await.stop().await;
+    let fast = Backend::echo().await.stop().await;
+    let route = |name: &str, addr: &dyn std::fmt::Display| {
+        format!(
+            "[[routes]]\nname = \"{name}\"\npath_prefix = \"/{name}\"\nupstreams = [\"http://{addr}\"]\n  [routes.retry]\n  max_attempts = 1\n  [routes.circuit_breaker]\n  reset_timeout = \"1s\"\n"
+        )
+    };
+    let bs = Backstop::start(&format!(
+        "[kafka]\nbrokers = \"{}\"\nack_timeout = \"2s\"\n\n[replay]\ninitial_delay = \"200ms\"\nmax_delay = \"1s\"\n\n{}\n{}",
+        tansu.brokers(),
+        route("slow", &slow),
+        route("fast", &fast),
+    ));
+    capture_each(&bs, 3, |i| format!("/slow/{i}")).await;
+    capture_each(&bs, 2, |i| format!("/fast/{i}")).await;
+
+    // The slow route's first record fails and backs off (10 attempts up to
+    // 1 s apart, about 8 s a record); the fast route's go meanwhile.
+    let fast = Backend::start_on(fast, |_| Reply::status(200)).await;
+    fast.wait_for_hits(2, Duration::from_secs(5)).await;
+    let paths: Vec<String> = fast.seen().into_iter().map(|s| s.uri).collect();
+    assert_eq!(paths, ["/fast/0", "/fast/1"], "in order");
+    let committed = tokio::task::block_in_place(|| tansu.committed("backstop-replay"));
+    assert!(
+        committed.get("0").is_none_or(|&offset| offset <= 0),
+        "nothing past the slow route's first record: {committed:?}"
+    );
+
+    let slow = Backend::start_on(slow, |_| Reply::status(200)).await;
+    slow.wait_for_hits(3, Duration::from_secs(30)).await;
+    let paths: Vec<String> = slow.seen().into_iter().map(|s| s.uri).collect();
+    assert_eq!(paths, ["/slow/0", "/slow/1", "/slow/2"], "in order");
+    wait_until("the offset commit", Duration::from_secs(15), || {
+        tansu.committed("backstop-replay").get("0") == Some(&5)
+    })
+    .await;
+    assert_eq!(fast.hits(), 2, "delivered once");
+}
