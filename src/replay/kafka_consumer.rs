@@ -16,7 +16,7 @@
 //! that partition's buffer is full. Attempt counts live in memory: after a
 //! restart or a rebalance a record starts counting again.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -81,9 +81,12 @@ struct PartitionQueue {
     generation: u64,
     /// A lane per route with records waiting (an emptied lane is removed).
     lanes: HashMap<String, Lane>,
-    /// The offsets buffered and not finished: the lowest is where the
-    /// partition's committed offset stands.
-    unfinished: BTreeSet<i64>,
+    /// The offsets buffered and not finished, each with how many records
+    /// hold it (two, if librdkafka reads a stretch again after an offset
+    /// reset): the lowest is where the partition's committed offset stands.
+    unfinished: BTreeMap<i64, u32>,
+    /// Records buffered and not finished (the buffer's fill).
+    buffered: usize,
     /// The offset after the last record received.
     received_to: i64,
     /// The offset last committed.
@@ -105,7 +108,8 @@ impl PartitionQueue {
         PartitionQueue {
             generation,
             lanes: HashMap::new(),
-            unfinished: BTreeSet::new(),
+            unfinished: BTreeMap::new(),
+            buffered: 0,
             received_to: 0,
             committed: 0,
             paused: false,
@@ -113,7 +117,8 @@ impl PartitionQueue {
     }
 
     fn push(&mut self, job: Job) {
-        self.unfinished.insert(job.offset);
+        *self.unfinished.entry(job.offset).or_default() += 1;
+        self.buffered += 1;
         self.received_to = self.received_to.max(job.offset + 1);
         self.lanes
             .entry(job.route.clone())
@@ -130,8 +135,17 @@ impl PartitionQueue {
         if lane.jobs.is_empty() && lane.in_flight.is_none() {
             self.lanes.remove(route);
         }
-        self.unfinished.remove(&job.offset);
-        let commit_to = self.unfinished.first().copied().unwrap_or(self.received_to);
+        self.buffered -= 1;
+        if let Some(holders) = self.unfinished.get_mut(&job.offset) {
+            *holders -= 1;
+            if *holders == 0 {
+                self.unfinished.remove(&job.offset);
+            }
+        }
+        let commit_to = self
+            .unfinished
+            .first_key_value()
+            .map_or(self.received_to, |(&offset, _)| offset);
         (commit_to > self.committed).then(|| {
             self.committed = commit_to;
             commit_to
@@ -246,7 +260,8 @@ impl KafkaReplayer {
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         let mut last_error_log: Option<Instant> = None;
         loop {
-            let ready: Option<Partition> = tokio::select! {
+            // The lane that may start now, or `None`: look at every lane.
+            let ready: Option<(Partition, String)> = tokio::select! {
                 // Revocations first: a record of a new assignment must not
                 // join the queue that the revocation before it drops.
                 biased;
@@ -254,7 +269,7 @@ impl KafkaReplayer {
                 Some(revoked) = revoked_rx.recv() => {
                     for partition in revoked {
                         if let Some(queue) = queues.remove(&partition) {
-                            tracing::info!(topic = %partition.0, partition = partition.1, dropped = queue.unfinished.len(), "partition revoked");
+                            tracing::info!(topic = %partition.0, partition = partition.1, dropped = queue.buffered, "partition revoked");
                             orphaned.entry(partition).or_default().extend(queue.in_flight());
                         }
                     }
@@ -279,7 +294,7 @@ impl KafkaReplayer {
                             if let Some(next_offset) = queue.finish(&done.route) {
                                 commit(&consumer, &done.partition, next_offset);
                             }
-                            if queue.paused && queue.unfinished.len() < BUFFER / 2 {
+                            if queue.paused && queue.buffered < BUFFER / 2 {
                                 queue.paused = !set_paused(&consumer, &done.partition, false);
                             }
                         }
@@ -297,7 +312,7 @@ impl KafkaReplayer {
                             lane.due = Some(Instant::now() + DEAD_LETTER_RETRY);
                         }
                     }
-                    Some(done.partition)
+                    Some((done.partition, done.route))
                 }
                 _ = tick.tick() => {
                     let now = Instant::now();
@@ -306,6 +321,11 @@ impl KafkaReplayer {
                             lane.due = None;
                         }
                     }
+                    // Deliveries of partitions revoked for good end too.
+                    orphaned.retain(|_, tasks| {
+                        tasks.retain(|task| !task.is_finished());
+                        !tasks.is_empty()
+                    });
                     None
                 }
                 message = consumer.recv() => match message {
@@ -315,14 +335,16 @@ impl KafkaReplayer {
                             generations += 1;
                             PartitionQueue::new(generations)
                         });
-                        queue.push(Job::from_message(&message, partition.clone()));
-                        if queue.unfinished.len() >= BUFFER && !queue.paused {
+                        let job = Job::from_message(&message, partition.clone());
+                        let route = job.route.clone();
+                        queue.push(job);
+                        if queue.buffered >= BUFFER && !queue.paused {
                             queue.paused = set_paused(&consumer, &partition, true);
                             if queue.paused {
                                 tracing::info!(topic = %partition.0, partition = partition.1, buffered = BUFFER, "Kafka partition paused until its buffered records drain");
                             }
                         }
-                        Some(partition)
+                        Some((partition, route))
                     }
                     Err(e) => {
                         if last_error_log.is_none_or(|t| t.elapsed() >= ERROR_LOG_EVERY) {
@@ -335,51 +357,68 @@ impl KafkaReplayer {
                 },
             };
             // Start the head of every lane that is free to go.
-            let candidates: Vec<Partition> = match ready {
-                Some(p) => vec![p],
-                None => queues.keys().cloned().collect(),
+            let candidates: Vec<(Partition, Option<String>)> = match ready {
+                Some((partition, route)) => vec![(partition, Some(route))],
+                None => queues.keys().map(|p| (p.clone(), None)).collect(),
             };
-            for partition in candidates {
+            for (partition, route) in candidates {
                 let Some(queue) = queues.get_mut(&partition) else {
                     continue;
                 };
                 if still_running(&mut orphaned, &partition) {
                     continue;
                 }
-                for lane in queue.lanes.values_mut() {
-                    if lane.in_flight.is_some() || lane.due.is_some() {
-                        continue;
+                let generation = queue.generation;
+                match route {
+                    Some(route) => {
+                        if let Some(lane) = queue.lanes.get_mut(&route) {
+                            this.start_head(lane, generation, &done_tx);
+                        }
                     }
-                    let Some(head) = lane.jobs.front_mut() else {
-                        continue;
-                    };
-                    // An open circuit means the backend is known to be
-                    // down: wait for it to turn half-open instead of
-                    // spending attempts.
-                    let open_for = this.proxy.resilience.route(&head.route).breaker.open_for();
-                    if let Some(open_for) = open_for {
-                        lane.due = Some(Instant::now() + open_for);
-                        continue;
+                    None => {
+                        for lane in queue.lanes.values_mut() {
+                            this.start_head(lane, generation, &done_tx);
+                        }
                     }
-                    head.attempt += 1;
-                    let job = head.clone();
-                    let generation = queue.generation;
-                    let (this, tx) = (this.clone(), done_tx.clone());
-                    lane.in_flight = Some(tokio::spawn(async move {
-                        let (partition, route) = (job.partition.clone(), job.route.clone());
-                        let verdict = this.handle(job).await;
-                        let _ = tx.send(Done {
-                            partition,
-                            route,
-                            generation,
-                            verdict,
-                        });
-                    }));
                 }
             }
         }
         tracing::info!("Kafka replay worker stopped");
         Ok(())
+    }
+
+    /// Starts the delivery of a lane's head, when it is free to go.
+    fn start_head(
+        self: &Arc<Self>,
+        lane: &mut Lane,
+        generation: u64,
+        done: &mpsc::UnboundedSender<Done>,
+    ) {
+        if lane.in_flight.is_some() || lane.due.is_some() {
+            return;
+        }
+        let Some(head) = lane.jobs.front_mut() else {
+            return;
+        };
+        // An open circuit means the backend is known to be down: wait for
+        // it to turn half-open instead of spending attempts.
+        if let Some(open_for) = self.proxy.resilience.route(&head.route).breaker.open_for() {
+            lane.due = Some(Instant::now() + open_for);
+            return;
+        }
+        head.attempt += 1;
+        let job = head.clone();
+        let (this, done) = (self.clone(), done.clone());
+        lane.in_flight = Some(tokio::spawn(async move {
+            let (partition, route) = (job.partition.clone(), job.route.clone());
+            let verdict = this.handle(job).await;
+            let _ = done.send(Done {
+                partition,
+                route,
+                generation,
+                verdict,
+            });
+        }));
     }
 
     /// Delivers one record, or dead-letters it; never panics on its content.

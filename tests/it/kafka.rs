@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::harness::{
     assert_replay_attempt, client, error_of, wait_queue, Backend, Backstop, ReplayWorker, Reply,
@@ -672,16 +672,30 @@ async fn a_route_whose_backend_is_down_holds_up_no_other_route_on_its_partition(
     capture_each(&bs, 2, |i| format!("/fast/{i}")).await;
 
     // The slow route's first record fails and backs off (10 attempts up to
-    // 1 s apart, about 8 s a record); the fast route's go meanwhile.
+    // 1 s apart, and waits for its circuit: 25 s or more for the three);
+    // the fast route's go meanwhile.
     let fast = Backend::start_on(fast, |_| Reply::status(200)).await;
-    fast.wait_for_hits(2, Duration::from_secs(5)).await;
+    let slow_retries = "backstop_replayed_total{route=\"slow\",outcome=\"retry\"}";
+    let joined = Instant::now();
+    while bs.metric(slow_retries).await < 1.0 {
+        assert!(
+            joined.elapsed() < Duration::from_secs(60),
+            "no replay tried"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    fast.wait_for_hits(2, Duration::from_secs(10)).await;
     let paths: Vec<String> = fast.seen().into_iter().map(|s| s.uri).collect();
     assert_eq!(paths, ["/fast/0", "/fast/1"], "in order");
-    let committed = tokio::task::block_in_place(|| tansu.committed("backstop-replay"));
-    assert!(
-        committed.get("0").is_none_or(|&offset| offset <= 0),
-        "nothing past the slow route's first record: {committed:?}"
-    );
+    wait_queue(&bs, "replayed_total", 2).await;
+    for _ in 0..5 {
+        let committed = tokio::task::block_in_place(|| tansu.committed("backstop-replay"));
+        assert!(
+            committed.get("0").is_none_or(|&offset| offset <= 0),
+            "nothing past the slow route's first record: {committed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let slow = Backend::start_on(slow, |_| Reply::status(200)).await;
     slow.wait_for_hits(3, Duration::from_secs(30)).await;
