@@ -13,10 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::TRANSFER_ENCODING;
-use http::{HeaderMap, HeaderValue, Method, Request, Uri, Version};
+use http::{HeaderMap, Method, Request, Uri, Version};
 use http_body_util::Either;
-use hyper::body::Body as _;
 
 use crate::body::{BufferedBody, ClientBody, ClientIncoming, RequestBody};
 use crate::classify::Failure;
@@ -120,21 +118,14 @@ impl Outgoing {
     pub fn request_for(&mut self, base: &Uri, last: bool) -> Result<Request<RequestBody>, Failure> {
         let uri = upstream_uri_for(base, self.client.uri(), self.upstream_path_start)
             .map_err(|_| Failure::ConnectFailed)?;
-        let mut chunked = false;
+        // (A GET's or HEAD's body of unknown length is never streamed: see
+        // `pipeline::read_body`.)
         let body = match &mut self.body {
             OutgoingBody::Buffered(b) => b.to_request_body(),
             OutgoingBody::Streaming(streamed) => {
                 let incoming = streamed.incoming.take().ok_or(Failure::ConnectFailed)?;
                 let upload = Upload::new(incoming, streamed.stall_limit);
                 streamed.progress = Some(upload.progress().clone());
-                // hyper's HTTP/1 client sends a GET or HEAD whose body has
-                // no known length with no body at all ("they almost never
-                // have one"); one that has (a search API's GET) is sent
-                // chunked when the request says so. (HTTP/2 drops the word.)
-                let method = self.client.method();
-                chunked = (method == Method::GET || method == Method::HEAD)
-                    && upload.size_hint().exact().is_none()
-                    && !upload.is_end_stream();
                 Either::Left(upload)
             }
         };
@@ -147,10 +138,6 @@ impl Outgoing {
         } else {
             self.client.headers().clone()
         };
-        if chunked {
-            let value = HeaderValue::from_static("chunked");
-            request.headers_mut().insert(TRANSFER_ENCODING, value);
-        }
         Ok(request)
     }
 }

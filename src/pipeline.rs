@@ -413,7 +413,8 @@ fn circuit_open_error(retry_in: Duration) -> ProxyError {
 }
 
 /// Phase 3: read the body whole when the route may send it twice (retry),
-/// capture it or key the cache on it; otherwise it streams through. The
+/// capture it or key the cache on it, or when it is a GET's or HEAD's of
+/// unknown length; otherwise it streams through. The
 /// body is taken out of the request, which stays in its box.
 async fn read_body(
     route: &Route,
@@ -424,7 +425,15 @@ async fn read_body(
         Some(incoming) if !incoming.is_end_stream() => incoming,
         _ => return Ok(OutgoingBody::Buffered(BufferedBody::default())),
     };
-    if !route.config.buffers_body(req.method()) {
+    // A GET or HEAD body of no given length (chunked, or HTTP/2 DATA
+    // frames without `content-length`) is read whole, so that its length
+    // goes upstream: hyper's HTTP/1 client sends those methods' bodies of
+    // unknown length not at all, and the empty DATA frame an HTTP/2 client
+    // may end a GET with would become an empty chunked GET, which some
+    // servers refuse. (A search API's body is small.)
+    let unknown_length_read = matches!(*req.method(), Method::GET | Method::HEAD)
+        && incoming.size_hint().exact().is_none();
+    if !route.config.buffers_body(req.method()) && !unknown_length_read {
         let stall_limit = route.config.body_read_timeout;
         return Ok(OutgoingBody::Streaming(Streamed::new(
             incoming,

@@ -407,7 +407,8 @@ async fn http2_cookie_fields_reach_an_http1_backend_as_one_line() {
 
 /// A GET whose body streams with no length given (chunked over HTTP/1.1,
 /// DATA frames without `content-length` over HTTP/2) reaches the backend
-/// with its body (a search API's GET), over either upstream protocol.
+/// with its body (a search API's GET), over either upstream protocol, read
+/// whole and sent with its length.
 #[tokio::test]
 async fn a_get_with_a_streamed_body_of_unknown_length_keeps_its_body() {
     let backend = Backend::echo().await;
@@ -435,8 +436,34 @@ async fn a_get_with_a_streamed_body_of_unknown_length_keeps_its_body() {
         assert_eq!(r.status(), 200, "{path}");
         assert_eq!(r.text().await.unwrap(), query, "{path}");
     }
-    let bodies: Vec<_> = backend.seen().iter().map(|s| s.body.clone()).collect();
-    assert_eq!(bodies, [query.as_bytes(), query.as_bytes()]);
+    // An HTTP/2 GET ended by an empty DATA frame has no body upstream.
+    let empty = reqwest::Body::wrap_stream(futures_util::stream::iter(Vec::<
+        Result<bytes::Bytes, std::io::Error>,
+    >::new()));
+    let r = h2_client()
+        .get(bs.url("/h1/empty"))
+        .body(empty)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = backend.seen();
+    let bodies: Vec<_> = seen.iter().map(|s| s.body.clone()).collect();
+    assert_eq!(bodies, [query.as_bytes(), query.as_bytes(), b"".as_slice()]);
+    // Read whole, they go with their length, not chunked.
+    for s in seen.iter().rev() {
+        assert!(
+            s.headers.get("transfer-encoding").is_none(),
+            "{:?}",
+            s.headers
+        );
+    }
+    assert!(seen[2]
+        .headers
+        .get("content-length")
+        .is_none_or(|v| v == "0"));
+    let length = query.len().to_string();
+    assert_eq!(seen[0].headers["content-length"], length.as_str());
 }
 
 #[tokio::test]
