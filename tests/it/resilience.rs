@@ -961,6 +961,27 @@ async fn a_target_the_proxy_cannot_reach_is_skipped_not_the_proxy() {
     );
 }
 
+/// A listener that takes connections and never says a word: its address,
+/// how many it took, and the task holding them.
+async fn silent_listener() -> (
+    std::net::SocketAddr,
+    Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    (addr, accepted, holder)
+}
+
 /// A proxy that takes the connection but never answers the `CONNECT` is
 /// the one skipped: the attempt fails as `proxy_failed` after
 /// `connect_timeout`, the retry goes through the other proxy, and the hung
@@ -968,17 +989,7 @@ async fn a_target_the_proxy_cannot_reach_is_skipped_not_the_proxy() {
 #[tokio::test]
 async fn a_proxy_that_leaves_the_connect_unanswered_is_skipped() {
     let (backend, ca_path, _dir) = secure_backend().await;
-    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hung_addr = hung.local_addr().unwrap();
-    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = accepted.clone();
-    let holder = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((stream, _)) = hung.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            held.push(stream);
-        }
-    });
+    let (hung_addr, accepted, holder) = silent_listener().await;
     let live = ForwardProxy::start("live").await;
     let route = proxied_https_route(
         &[proxy_url(hung_addr), proxy_url(live.addr)],
@@ -1449,17 +1460,8 @@ upstreams = [{:?}]
 #[tokio::test]
 async fn a_target_that_stalls_the_tls_handshake_fails_as_a_connect_timeout() {
     let (backend, ca_path, _dir) = secure_backend().await;
-    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hung_port = hung.local_addr().unwrap().port();
-    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = accepted.clone();
-    let holder = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((stream, _)) = hung.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            held.push(stream);
-        }
-    });
+    let (hung_addr, accepted, holder) = silent_listener().await;
+    let hung_port = hung_addr.port();
     let toml = format!(
         r#"[server]
 connect_timeout = "300ms"
