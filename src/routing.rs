@@ -119,7 +119,9 @@ impl RouteTable {
             if !rc.tls_verify {
                 tracing::warn!(route = %rc.name, "TLS certificate verification is off for this route");
             }
-            if rc.upstream_h2c && rc.proxy.use_proxy && rc.proxy.strategy != ProxyStrategy::Never {
+            let plain_targets = rc.upstreams.iter().any(|u| u.scheme_str() == Some("http"));
+            let proxied = rc.proxy.use_proxy && rc.proxy.strategy != ProxyStrategy::Never;
+            if rc.upstream_h2c && proxied && plain_targets {
                 tracing::warn!(route = %rc.name, "upstream_h2c: requests through an outbound proxy go to http:// targets over HTTP/1.1");
             }
             match Upstream::build(rc, &config.server, &config.outbound_proxies) {

@@ -536,14 +536,15 @@ fn queued_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<QueuedRecord> {
 fn dead_summary_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetterSummary> {
     // `[captured_at, method, path]` as JSON, or NULL for a record that is
     // not JSON.
-    // Read as bytes: SQLite's JSON functions do not check UTF-8, and one
-    // record that is not must not fail the whole listing.
+    // Read as bytes: SQLite's JSON functions do not check UTF-8, and a
+    // record with a byte that is not must neither fail the whole listing
+    // nor lose its other fields.
     let request: Option<[Option<String>; 3]> = r
         .get_ref(5)?
         .as_bytes_or_null()
         .ok()
         .flatten()
-        .and_then(|bytes| serde_json::from_slice(bytes).ok());
+        .and_then(|bytes| serde_json::from_str(&String::from_utf8_lossy(bytes)).ok());
     let [captured_at, method, path] = request.unwrap_or_default();
     Ok(DeadLetterSummary {
         id: r.get(0)?,

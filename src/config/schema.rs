@@ -1469,15 +1469,36 @@ pub fn redact_url(url: &str) -> String {
     };
     let (scheme, rest) = url.split_at(scheme_end + 3);
     let mut shown = scheme.to_string();
-    // Where the authority would end if nothing in it were left unescaped.
-    let authority_end = |text: &str| text.find(['/', '?', '#']).unwrap_or(text.len());
-    // `user:` before any delimiter: the password runs to the last `@`.
-    // Else a user alone, up to an `@` inside the authority (one after it
-    // is the path's: `/users/@me`).
-    let userinfo_end = match rest.rfind('@') {
-        Some(at) if rest[..authority_end(&rest[..at])].contains(':') => Some(at),
-        _ => rest[..authority_end(rest)].rfind('@'),
+    // Where the authority ends if nothing in it was left unescaped.
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let at_inside = rest[..end].rfind('@');
+    let at_past = rest[end..].rfind('@').map(|i| end + i);
+    // The host and port, if the authority's `@` ends a userinfo.
+    let host_port = &rest[at_inside.map_or(0, |at| at + 1)..end];
+    let is_port = |text: &str| {
+        text.rsplit_once(':')
+            .is_some_and(|(_, port)| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()))
     };
+    // An `@` past the first delimiter ends a password that holds one
+    // unescaped (`user:pa/ss@host`) when a `:` came before it that starts
+    // no port; else it is the path's or the query's (`/users/@me`).
+    let password_past_delimiter =
+        at_past.is_some() && rest[..end].contains(':') && !is_port(host_port);
+    let userinfo_end = if password_past_delimiter {
+        at_past
+    } else {
+        at_inside
+    };
+    // `host:1234/x@y` may yet be `user:1234/x@y` (a password of digits,
+    // then a `/`): past the authority, nothing is shown.
+    if userinfo_end.is_none() && at_past.is_some() && rest[..end].contains(':') {
+        shown.push_str(&rest[..end]);
+        if end < rest.len() {
+            shown.push_str(&rest[end..=end]);
+            shown.push_str("***");
+        }
+        return shown;
+    }
     let after_userinfo = match userinfo_end {
         Some(at) => {
             match rest[..at].split_once(':') {
@@ -1549,6 +1570,19 @@ mod tests {
                 "https://collector/v1?api-key=***&ts=***&m=***",
             ),
             ("https://TOKEN@host/users/@me", "https://***@host/users/@me"),
+            (
+                "https://otlp.example.com:4318/v1?user=ops@corp&x-api-key=SECRET",
+                "https://otlp.example.com:4318/***",
+            ),
+            (
+                "https://APIKEY@collector:4318/v1?tenant=me@corp",
+                "https://***@collector:4318/v1?tenant=***",
+            ),
+            ("http://u:1234/5@proxy:3128", "http://u:1234/***"),
+            (
+                "redis://u:pw@redis:6379/0?x=a@b",
+                "redis://u:***@redis:6379/0?x=***",
+            ),
         ];
         for (url, shown) in cases {
             assert_eq!(redact_url(url), shown, "{url}");
