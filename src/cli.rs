@@ -234,11 +234,7 @@ async fn replay_only(
         // `replay.enabled = false` would otherwise keep for ever.
         Some(kafka) => {
             let sink = Arc::new(KafkaSink::new(kafka)?);
-            let spool_worker = SpoolReplayer {
-                spool,
-                proxy: proxy.clone(),
-                counters: counters.clone(),
-            };
+            let spool_worker = SpoolReplayer::new(spool, proxy.clone(), counters.clone());
             let spool_task = tokio::spawn(spool_worker.run(shutdown.clone()));
             let worker = KafkaReplayer {
                 sink,
@@ -257,11 +253,7 @@ async fn replay_only(
             result
         }
         None => {
-            let worker = SpoolReplayer {
-                spool,
-                proxy,
-                counters,
-            };
+            let worker = SpoolReplayer::new(spool, proxy, counters);
             worker.run(shutdown).await;
             Ok(())
         }

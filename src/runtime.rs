@@ -205,11 +205,7 @@ pub async fn run(
     }
     if config.replay.enabled {
         // Also with Kafka: records requeued into the spool are replayed here.
-        let replayer = SpoolReplayer {
-            spool: spool.clone(),
-            proxy: proxy.clone(),
-            counters: counters.clone(),
-        };
+        let replayer = SpoolReplayer::new(spool.clone(), proxy.clone(), counters.clone());
         background.spawn(replayer.run(shutdown.clone()));
     }
     // Installed before "listening" is logged: a SIGHUP from then on reloads

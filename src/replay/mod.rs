@@ -13,7 +13,7 @@ pub mod kafka_lag;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::task::JoinSet;
@@ -72,9 +72,21 @@ impl ReplayCounters {
 
 #[derive(Clone)]
 pub struct SpoolReplayer {
-    pub spool: Arc<Spool>,
-    pub proxy: Arc<Proxy>,
-    pub counters: Arc<ReplayCounters>,
+    spool: Arc<Spool>,
+    proxy: Arc<Proxy>,
+    counters: Arc<ReplayCounters>,
+    write_failures: Arc<Mutex<WriteFailures>>,
+}
+
+/// Spool writes failing (a full disk, a read-only file system): how many
+/// route tasks in a row met one, and until when no record is delivered.
+/// Each delivered record's delete could fail again, and the record would
+/// go out again with the next read: without this pause, a route's first
+/// 512 records were sent every second for as long as the fault lasted.
+#[derive(Default)]
+struct WriteFailures {
+    in_a_row: u32,
+    until: Option<Instant>,
 }
 
 /// The deletes of delivered records, committed while the next one goes.
@@ -90,6 +102,15 @@ enum RouteTurn {
 }
 
 impl SpoolReplayer {
+    pub fn new(spool: Arc<Spool>, proxy: Arc<Proxy>, counters: Arc<ReplayCounters>) -> Self {
+        SpoolReplayer {
+            spool,
+            proxy,
+            counters,
+            write_failures: Arc::default(),
+        }
+    }
+
     /// Waits until this process is the one that replays the spool (a
     /// `backstop replay` beside `backstop run` on the same data directory
     /// would otherwise deliver every record twice): a second worker stands
@@ -211,15 +232,19 @@ impl SpoolReplayer {
         // batches are read after the last record read, and the route is read
         // from its head again only once the task has waited for all of its
         // deletes, so a record is never read back after its delivery.
+        if let Some(wait) = self.paused_for_writes() {
+            return wait;
+        }
         let mut deletes = JoinSet::new();
+        let mut failed = false;
         let wait = match self.replay_due(route, shutdown, &mut deletes).await {
             Ok(wait) => wait,
             Err(e) => {
                 tracing::error!(route, error = %e, "the replay queue could not be read or updated");
+                failed = true;
                 IDLE_POLL
             }
         };
-        let mut failed = false;
         while let Some(result) = deletes.join_next().await {
             if let Ok(Err(e)) = result {
                 // The record stays queued and will be delivered again, with
@@ -228,12 +253,50 @@ impl SpoolReplayer {
                 failed = true;
             }
         }
-        // Not at once, then: the record would be delivered again at once.
         if failed {
-            wait.max(IDLE_POLL)
+            self.pause_for_writes()
         } else {
             wait
         }
+    }
+
+    /// How long deliveries still pause for failed spool writes, if they do.
+    fn paused_for_writes(&self) -> Option<Duration> {
+        let failures = self
+            .write_failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let left = failures.until?.saturating_duration_since(Instant::now());
+        (!left.is_zero()).then_some(left)
+    }
+
+    /// After a route task met a failed spool write: deliveries pause, twice
+    /// as long each time in a row (1 s up to `replay.max_delay`; a delete
+    /// that works again ends the row); returns the pause.
+    fn pause_for_writes(&self) -> Duration {
+        let mut failures = self
+            .write_failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        failures.in_a_row = failures.in_a_row.saturating_add(1);
+        let max = self
+            .proxy
+            .active
+            .load()
+            .config
+            .replay
+            .max_delay
+            .max(IDLE_POLL);
+        let pause = IDLE_POLL
+            .saturating_mul(1 << failures.in_a_row.min(16).saturating_sub(1))
+            .min(max);
+        failures.until = Some(Instant::now() + pause);
+        tracing::warn!(
+            ?pause,
+            in_a_row = failures.in_a_row,
+            "spool writes fail: replay pauses"
+        );
+        pause
     }
 
     /// [`Self::replay_route`]'s deliveries, a batch at a time.
@@ -268,6 +331,13 @@ impl SpoolReplayer {
                 }
                 if let Some(wait) = self.must_wait(route, queued.next_at_ms) {
                     return Ok(wait);
+                }
+                // A delete that failed stops the route: every later record's
+                // would fail too, and each record would go out again.
+                while let Some(done) = deletes.try_join_next() {
+                    if let Ok(Err(e)) = done {
+                        return Err(e);
+                    }
                 }
                 if let Some(wait) = self.replay_one(&queued, deletes).await? {
                     return Ok(wait);
@@ -346,9 +416,14 @@ impl SpoolReplayer {
                 // shows a record as replayed and still queued.
                 let (spool, id) = (self.spool.clone(), queued.id.clone());
                 let (counters, proxy) = (self.counters.clone(), self.proxy.clone());
-                let route = record.route.clone();
+                let (route, failures) = (record.route.clone(), self.write_failures.clone());
                 deletes.spawn(async move {
                     spool.delete(&id).await?;
+                    // Writes work (again): the next failure pauses 1 s.
+                    failures
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .in_a_row = 0;
                     counters.add_delivered();
                     proxy.metrics.count_replay(&route, "delivered");
                     Ok(())

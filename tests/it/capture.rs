@@ -740,3 +740,36 @@ async fn a_second_replay_worker_on_one_spool_stands_by() {
     );
     assert_eq!(keys.into_iter().collect::<HashSet<_>>(), ids);
 }
+
+/// While the spool cannot delete what was delivered (a full disk; here a
+/// trigger refuses every delete), replay pauses, longer each time in a
+/// row, instead of sending the same records again every second; once
+/// deletes work again, the records leave the queue.
+#[tokio::test]
+async fn replay_pauses_while_delivered_records_cannot_be_deleted() {
+    let addr = stopped_backend().await;
+    let toml = config(&format!("http://{addr}"), "").replace("\"400ms\"", "\"8s\"")
+        + "\n  [routes.circuit_breaker]\n  failure_threshold = 100\n";
+    let bs = Backstop::start(&toml);
+    let conn = rusqlite::Connection::open(bs.data_dir().join("spool.sqlite3")).unwrap();
+    conn.execute_batch(
+        "CREATE TRIGGER full_disk BEFORE DELETE ON queue \
+         BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END;",
+    )
+    .unwrap();
+    for i in 0..3 {
+        capture_one(&bs, &format!("/api/r{i}"), "x").await;
+    }
+    let backend = Backend::start_on(addr, |_| Reply::status(200)).await;
+    // Pauses of 1, 2 and 4 s: three reads of at most 3 records in 6.5 s
+    // (sent again every second, there would be about 20).
+    tokio::time::sleep(Duration::from_millis(6500)).await;
+    let sent = backend.hits();
+    assert!((3..=9).contains(&sent), "{sent} deliveries of 3 records");
+    bs.wait_for_log("spool writes fail: replay pauses", Duration::from_secs(1))
+        .await;
+
+    conn.execute_batch("DROP TRIGGER full_disk").unwrap();
+    let q = wait_queue(&bs, "depth", 0).await;
+    assert_eq!(q["dead_letters"], 0, "{q}");
+}
