@@ -438,8 +438,9 @@ async fn replay_all(
 ) -> Result<(), String> {
     // Records waiting for Kafka are the forwarder's: delivered from here
     // too, they would reach the backend twice.
+    // Ids only: each record is read when it is delivered.
     let rows = spool
-        .queued(Destination::Replay, usize::MAX >> 1)
+        .queued_ids(Destination::Replay)
         .map_err(|e| e.to_string())?;
     let bar = if as_json {
         indicatif::ProgressBar::hidden()
@@ -452,15 +453,15 @@ async fn replay_all(
     );
     let mut blocked = std::collections::HashSet::new();
     let (mut delivered, mut failed) = (0u64, Vec::new());
-    for row in rows {
-        if blocked.contains(&row.route) {
+    for (id, route) in rows {
+        if blocked.contains(&route) {
             bar.inc(1);
             continue;
         }
-        match replay_now(spool, active, caches, &row.id).await {
+        match replay_now(spool, active, caches, &id).await {
             Ok(_) => delivered += 1,
             Err(e) => {
-                blocked.insert(row.route.clone());
+                blocked.insert(route);
                 failed.push(e);
             }
         }

@@ -348,6 +348,17 @@ impl Spool {
         })
     }
 
+    /// The id and route of every record queued for `dest`, oldest first,
+    /// without the records (a backlog can be gigabytes of bodies).
+    pub fn queued_ids(&self, dest: Destination) -> Result<Vec<(String, String)>, SpoolError> {
+        self.read(|c| {
+            let mut stmt =
+                c.prepare_cached("SELECT id, route FROM queue WHERE dest = ?1 ORDER BY id")?;
+            let rows = stmt.query_map(params![dest.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })
+    }
+
     /// The routes with records queued for replay, by name. Walks the
     /// `(dest, route, id)` index one route at a time (a skip scan), so it
     /// costs a lookup per route however deep the queue is.

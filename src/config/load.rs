@@ -65,9 +65,23 @@ fn read_all(
         Ok(table) => table,
         Err(e) => {
             let e: toml::de::Error = e;
+            // Where and why, without the line itself, which toml's own text
+            // quotes: an invalid escape in a password is a common cause.
+            let message = match e.span() {
+                Some(span) => {
+                    let before = &text.as_bytes()[..span.start.min(text.len())];
+                    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+                    let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+                    format!(
+                        "invalid TOML at line {line}, column {column}: {}",
+                        e.message().trim_end()
+                    )
+                }
+                None => format!("invalid TOML: {}", e.message().trim_end()),
+            };
             let error = ConfigError {
                 key: String::new(),
-                message: format!("invalid TOML: {}", e.to_string().trim_end()),
+                message,
             };
             return (None, vec![error]);
         }

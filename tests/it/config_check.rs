@@ -128,7 +128,8 @@ fn invalid_files_list_every_error_with_its_key() {
                 "FILE: routes[0].headers.Connection: is set for each message or connection; it cannot be configured",
             ],
         ),
-        ("[server\nlisten=1".into(), vec!["FILE: invalid TOML: "]),
+        ("[server\nlisten=1".into(), vec!["FILE: invalid TOML at line 1, column 8: "]),
+
         (
             format!("[server]\nupstream_idle_timeout = \"0s\"\nidle_timeout = \"a while\"\n{ROUTE}"),
             vec![
@@ -263,6 +264,16 @@ fn invalid_files_list_every_error_with_its_key() {
     for (toml, expected) in cases {
         assert_lists_exactly(&toml, &expected);
     }
+}
+
+/// A TOML syntax error names its place, not the line's text: an invalid
+/// escape is often in a password.
+#[test]
+fn a_toml_error_does_not_quote_the_line() {
+    let toml = "[redis]\nurl = \"redis://:pa\\wSECRET@redis:6379\"\n";
+    assert_lists_exactly(toml, &["FILE: invalid TOML at line 2, column "]);
+    let (_, _, stderr) = check(toml);
+    assert!(!stderr.contains("SECRET"), "{stderr}");
 }
 
 /// `check` refuses `toml` and lists these errors (each line contains one

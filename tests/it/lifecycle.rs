@@ -382,3 +382,15 @@ async fn the_drain_timeout_in_effect_is_the_reloaded_one() {
     assert_eq!(code, Some(0), "stopped after the reloaded 1 s, not 60 s");
     assert!(bs.logs().contains("drain timeout reached"));
 }
+
+/// `RUST_LOG` set but empty (`RUST_LOG: ${RUST_LOG}` in a compose file)
+/// counts as unset: `log.level` applies, instead of no log at all (the
+/// harness finds the ports in the "listening" lines).
+#[tokio::test]
+async fn an_empty_rust_log_leaves_log_level_in_charge() {
+    let backend = Backend::echo().await;
+    let bs = Backstop::start_with_env(&one_route(&backend.url()), &[("RUST_LOG", "")]);
+    let r = client().get(bs.url("/health")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(bs.logs().contains("proxy listening on"), "{}", bs.logs());
+}
