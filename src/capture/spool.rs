@@ -336,14 +336,22 @@ impl Spool {
         Ok(f(&conn)?)
     }
 
-    /// Queued records bound for `dest`, oldest first.
+    /// Queued records bound for `dest`, oldest first: up to `limit`, as
+    /// many as [`BATCH_BYTES`] of records hold (at least one).
     pub fn queued(&self, dest: Destination, limit: usize) -> Result<Vec<QueuedRecord>, SpoolError> {
         self.read(|c| {
+            let mut sizes = c.prepare_cached(
+                "SELECT id, octet_length(record) FROM queue WHERE dest = ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let sizes = sizes.query_map(params![dest.as_str(), limit as i64], id_and_size)?;
+            let Some(last) = last_within_budget(sizes)? else {
+                return Ok(Vec::new());
+            };
             let mut stmt = c.prepare_cached(
                 "SELECT id, route, CAST(record AS BLOB), attempts, next_at_ms, last_error FROM queue \
-                 WHERE dest = ?1 ORDER BY id LIMIT ?2",
+                 WHERE dest = ?1 AND id <= ?2 ORDER BY id",
             )?;
-            let rows = stmt.query_map(params![dest.as_str(), limit as i64], queued_row)?;
+            let rows = stmt.query_map(params![dest.as_str(), last], queued_row)?;
             rows.collect()
         })
     }
@@ -391,7 +399,8 @@ impl Spool {
     }
 
     /// One route's records queued for replay with ids after `after` ("" for
-    /// all), oldest first.
+    /// all), oldest first: up to `limit`, as many as [`BATCH_BYTES`] of
+    /// records hold (at least one).
     pub fn queued_for_replay(
         &self,
         route: &str,
@@ -399,11 +408,19 @@ impl Spool {
         limit: usize,
     ) -> Result<Vec<QueuedRecord>, SpoolError> {
         self.read(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT id, route, CAST(record AS BLOB), attempts, next_at_ms, last_error FROM queue \
+            let mut sizes = c.prepare_cached(
+                "SELECT id, octet_length(record) FROM queue \
                  WHERE dest = 'replay' AND route = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
             )?;
-            let rows = stmt.query_map(params![route, after, limit as i64], queued_row)?;
+            let sizes = sizes.query_map(params![route, after, limit as i64], id_and_size)?;
+            let Some(last) = last_within_budget(sizes)? else {
+                return Ok(Vec::new());
+            };
+            let mut stmt = c.prepare_cached(
+                "SELECT id, route, CAST(record AS BLOB), attempts, next_at_ms, last_error FROM queue \
+                 WHERE dest = 'replay' AND route = ?1 AND id > ?2 AND id <= ?3 ORDER BY id",
+            )?;
+            let rows = stmt.query_map(params![route, after, last], queued_row)?;
             rows.collect()
         })
     }
@@ -531,6 +548,32 @@ fn open_connection(path: &Path) -> Result<Connection, SpoolError> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.busy_timeout(Duration::from_secs(10))?;
     Ok(conn)
+}
+
+/// The most record bytes one batch read takes into memory (the first
+/// record whatever its size): 128 records of 10 MiB uploads would be well
+/// over a gigabyte per route, read at once by every route's task.
+pub const BATCH_BYTES: i64 = 32 << 20;
+
+fn id_and_size(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, i64)> {
+    Ok((r.get(0)?, r.get(1)?))
+}
+
+/// The id of the last of `rows` (id, size; in id order) that starts
+/// within [`BATCH_BYTES`]; `None` for no rows.
+fn last_within_budget(
+    rows: impl Iterator<Item = rusqlite::Result<(String, i64)>>,
+) -> rusqlite::Result<Option<String>> {
+    let (mut last, mut taken) = (None, 0i64);
+    for row in rows {
+        let (id, size) = row?;
+        if last.is_some() && taken >= BATCH_BYTES {
+            break;
+        }
+        taken = taken.saturating_add(size);
+        last = Some(id);
+    }
+    Ok(last)
 }
 
 fn queued_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<QueuedRecord> {
@@ -737,4 +780,34 @@ fn apply_batch(
     }
     tx.commit()?;
     Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_stops_once_its_records_fill_the_budget() {
+        let last = |sizes: &[i64]| {
+            let rows = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &size)| Ok((i.to_string(), size)));
+            last_within_budget(rows).unwrap()
+        };
+        const MIB: i64 = 1 << 20;
+        assert_eq!(last(&[]), None);
+        assert_eq!(
+            last(&[40 * MIB, 1]),
+            Some("0".into()),
+            "the first whatever its size"
+        );
+        assert_eq!(
+            last(&[10 * MIB; 6]),
+            Some("3".into()),
+            "the fourth starts at 30 MiB"
+        );
+        assert_eq!(last(&[1, 40 * MIB, 1]), Some("1".into()));
+        assert_eq!(last(&[1; 128]), Some("127".into()));
+    }
 }

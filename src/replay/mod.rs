@@ -27,8 +27,9 @@ use crate::capture::spool::{now_ms, QueuedRecord, Spool, SpoolError};
 use crate::pipeline::Proxy;
 use crate::resilience::backoff::Backoff;
 
-/// How many of a route's queued records one read takes (bodies included):
-/// replay ran about 15 % slower with batches of 16 (`bench/capture.sh`).
+/// How many of a route's queued records one read takes (bodies included,
+/// at most `spool::BATCH_BYTES` of them): replay ran about 15 % slower
+/// with batches of 16 (`bench/capture.sh`).
 const BATCH: usize = 128;
 /// Reads per task: a task delivers at most 512 records, then its route is
 /// read from its head again.
