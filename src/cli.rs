@@ -188,6 +188,11 @@ async fn replay_only(
     loaded: Option<SystemTime>,
     active: crate::pipeline::Active,
 ) -> Result<(), String> {
+    // Every handler is in place first: without one, SIGTERM or SIGHUP would
+    // end the process during start-up (the spool's lock can take seconds)
+    // or mid-delivery.
+    let mut stop_signals = runtime::StopSignals::install();
+    let hangup = signal(SignalKind::hangup()).ok();
     let spool = Spool::open(&active.config.server.data_dir).map_err(|e| e.to_string())?;
     let metrics = Arc::new(crate::stats::metrics::Metrics::new());
     let proxy = Arc::new(Proxy {
@@ -201,10 +206,6 @@ async fn replay_only(
         otel: crate::otel::Tracing::disabled(),
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
-    // Every handler is in place before the worker logs that it started:
-    // without one, SIGTERM or SIGHUP would end the process mid-delivery.
-    let mut stop_signals = runtime::StopSignals::install();
-    let hangup = signal(SignalKind::hangup()).ok();
     tokio::spawn(runtime::watch_config(
         path,
         loaded,

@@ -108,6 +108,11 @@ pub async fn run(
     active: Active,
     tls: Option<ListenerTls>,
 ) -> Result<(), String> {
+    // First of all: a SIGHUP without a handler ends the process, and the
+    // start-up below can take seconds (the spool's lock, Kafka's warm-up).
+    // One that comes meanwhile reloads once the proxy listens.
+    let hangup = signal(SignalKind::hangup()).ok();
+    let mut stop_signals = StopSignals::install();
     let config = active.config.clone();
     let spool = Spool::open(&config.server.data_dir).map_err(|e| e.to_string())?;
     let metrics = Arc::new(Metrics::new());
@@ -208,10 +213,6 @@ pub async fn run(
         let replayer = SpoolReplayer::new(spool.clone(), proxy.clone(), counters.clone());
         background.spawn(replayer.run(shutdown.clone()));
     }
-    // Installed before "listening" is logged: a SIGHUP from then on reloads
-    // (without a handler it would end the process).
-    let hangup = signal(SignalKind::hangup()).ok();
-    let mut stop_signals = StopSignals::install();
     background.spawn(watch_config(
         path,
         loaded,

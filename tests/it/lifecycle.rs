@@ -394,3 +394,74 @@ async fn an_empty_rust_log_leaves_log_level_in_charge() {
     assert_eq!(r.status(), 200);
     assert!(bs.logs().contains("proxy listening on"), "{}", bs.logs());
 }
+
+/// A SIGHUP while Backstop is still starting (here Kafka's warm-up waits
+/// for a broker that is not there) neither ends the process, as a signal
+/// without a handler would, nor is lost: it reloads once the proxy listens.
+#[tokio::test]
+async fn a_sighup_during_start_up_does_not_end_the_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = dir.path().join("backstop.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = {:?}\n\n\
+             [kafka]\nbrokers = \"{}\"\nack_timeout = \"3s\"\n\n{}",
+            dir.path().join("data"),
+            silent.local_addr().unwrap(),
+            one_route("http://127.0.0.1:1")
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["run", "-c"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .env_remove("KAFKA_BROKERS")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("configuration reloaded"))
+    {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!(
+                "no reload after start; exit {:?}; logs:\n{}",
+                child.try_wait(),
+                seen.join("\n")
+            ),
+        }
+    }
+    assert!(
+        seen.iter().any(|l| l.contains("proxy listening on")),
+        "{seen:?}"
+    );
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+    let _ = child.kill();
+    let _ = child.wait();
+}
