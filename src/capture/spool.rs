@@ -295,14 +295,29 @@ impl Spool {
     }
 
     /// Moves one dead letter (or all, with `None`) back to the queue with a
-    /// fresh attempt count; returns how many moved.
+    /// fresh attempt count; returns how many moved. All of them go
+    /// [`CHUNK`] at a time, each its own transaction: copying gigabytes of
+    /// bodies in one would hold the write lock past a live process's busy
+    /// timeout (10 s), and its captures would fail meanwhile.
     pub async fn requeue(&self, id: Option<&str>) -> Result<u64, SpoolError> {
+        let Some(id) = id else {
+            let dead = self.read(|c| {
+                c.query_row("SELECT COUNT(*) FROM dead_letters", [], |r| {
+                    r.get::<_, u64>(0)
+                })
+            })?;
+            let mut moved = 0;
+            for _ in 0..dead.div_ceil(CHUNK) {
+                moved += self.write(Write::Requeue { id: None }).await?;
+            }
+            return Ok(moved);
+        };
         let moved = self
             .write(Write::Requeue {
-                id: id.map(str::to_string),
+                id: Some(id.to_string()),
             })
             .await?;
-        if let (Some(id), 0) = (id, moved) {
+        if moved == 0 {
             return Err(SpoolError::NotFound(id.to_string()));
         }
         Ok(moved)
@@ -327,8 +342,17 @@ impl Spool {
             .map(drop)
     }
 
+    /// Deletes every dead letter, [`CHUNK`] at a time (see
+    /// [`Self::requeue`]); returns how many.
     pub async fn purge_dead_letters(&self) -> Result<u64, SpoolError> {
-        self.write(Write::PurgeDead).await
+        let mut purged = 0;
+        loop {
+            let deleted = self.write(Write::PurgeDead).await?;
+            purged += deleted;
+            if deleted < CHUNK {
+                return Ok(purged);
+            }
+        }
     }
 
     fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, SpoolError> {
@@ -550,6 +574,9 @@ fn open_connection(path: &Path) -> Result<Connection, SpoolError> {
     Ok(conn)
 }
 
+/// Dead letters requeued or purged per transaction.
+const CHUNK: u64 = 256;
+
 /// The most record bytes one batch read takes into memory (the first
 /// record whatever its size): 128 records of 10 MiB uploads would be well
 /// over a gigabyte per route, read at once by every route's task.
@@ -753,7 +780,11 @@ fn apply_batch(
                 )
                 .and_then(|n| tx.execute("DELETE FROM queue WHERE id = ?1", params![id]).map(|_| n)),
             Write::Requeue { id } => {
-                let filter = if id.is_some() { "WHERE id = ?1" } else { "WHERE ?1 IS NULL" };
+                let filter = if id.is_some() {
+                    "WHERE id = ?1".to_string()
+                } else {
+                    format!("WHERE ?1 IS NULL AND id IN (SELECT id FROM dead_letters ORDER BY id LIMIT {CHUNK})")
+                };
                 tx.execute(
                     &format!(
                         "INSERT OR IGNORE INTO queue (id, route, record, dest, captured_ms) \
@@ -771,7 +802,10 @@ fn apply_batch(
                     "UPDATE queue SET dest = 'replay' WHERE dest = 'kafka' AND (id = ?1 OR ?1 IS NULL)",
                 )
                 .and_then(|mut s| s.execute(params![id])),
-            Write::PurgeDead => tx.execute("DELETE FROM dead_letters", []),
+            Write::PurgeDead => tx.execute(
+                &format!("DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters ORDER BY id LIMIT {CHUNK})"),
+                [],
+            ),
             Write::DeleteDead { id } => {
                 tx.execute("DELETE FROM dead_letters WHERE id = ?1", params![id])
             }

@@ -773,3 +773,27 @@ async fn replay_pauses_while_delivered_records_cannot_be_deleted() {
     let q = wait_queue(&bs, "depth", 0).await;
     assert_eq!(q["dead_letters"], 0, "{q}");
 }
+
+/// `queue requeue --all` and `queue purge --dead-letters` go a few hundred
+/// dead letters per transaction (one transaction over gigabytes of bodies
+/// would hold the live process's writes past their busy timeout), and
+/// still take every one.
+#[tokio::test]
+async fn requeue_all_and_purge_take_every_dead_letter_in_chunks() {
+    let addr = stopped_backend().await;
+    let toml =
+        config(&format!("http://{addr}"), "").replace("[replay]\n", "[replay]\nenabled = false\n");
+    let bs = Backstop::start(&toml);
+    let conn = rusqlite::Connection::open(bs.data_dir().join("spool.sqlite3")).unwrap();
+    let fill = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 600) \
+                INSERT INTO dead_letters (id, route, record, attempts, error, dead_at_ms) \
+                SELECT printf('00000000-0000-7000-8000-%012d', i), 'users', '{}', 1, 'test', i FROM n";
+    conn.execute_batch(fill).unwrap();
+    assert!(queue_cli(&bs, &["requeue", "--all"]).contains("requeued 600 record(s)"));
+    let q = wait_queue(&bs, "depth", 600).await;
+    assert_eq!(q["dead_letters"], 0, "{q}");
+
+    conn.execute_batch(fill).unwrap();
+    assert!(queue_cli(&bs, &["purge", "--dead-letters"]).contains("purged 600 dead letter(s)"));
+    assert_eq!(queue_status(&bs).await["dead_letters"], 0);
+}
