@@ -3,7 +3,6 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use clap::{Args, Parser, Subcommand};
@@ -133,7 +132,7 @@ enum Mode {
 fn run(path: &Path, mode: Mode) -> ExitCode {
     // Read before the file is: a change made while the process starts is
     // then picked up by the config watcher's first look.
-    let loaded = runtime::modified(path);
+    let loaded = runtime::stamp(path);
     let (active, tls) = match runtime::load_checked(path, matches!(mode, Mode::Proxy)) {
         Ok(loaded) => loaded,
         Err(errors) => {
@@ -185,7 +184,7 @@ fn run(path: &Path, mode: Mode) -> ExitCode {
 /// reload the configuration, so replays follow the routes' new settings.
 async fn replay_only(
     path: PathBuf,
-    loaded: Option<SystemTime>,
+    loaded: Option<runtime::FileStamp>,
     active: crate::pipeline::Active,
 ) -> Result<(), String> {
     // Every handler is in place first: without one, SIGTERM or SIGHUP would

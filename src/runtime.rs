@@ -100,11 +100,11 @@ fn listener_tls(config: &Config, path: &Path) -> Result<Option<ListenerTls>, Con
 }
 
 /// Runs the proxy until SIGTERM or SIGINT; returns the process exit code.
-/// `loaded` is the file's modification time as it was read.
+/// `loaded` is the file's [`FileStamp`] as it was read.
 /// `tls`: the listener's, as [`load_checked`] read it.
 pub async fn run(
     path: PathBuf,
-    loaded: Option<SystemTime>,
+    loaded: Option<FileStamp>,
     active: Active,
     tls: Option<ListenerTls>,
 ) -> Result<(), String> {
@@ -330,19 +330,22 @@ impl StopSignals {
 }
 
 /// Reloads on SIGHUP and when the file changes from how it was when the
-/// running configuration was read (`loaded`, its modification time). An
-/// invalid file keeps the running configuration; every error is logged.
+/// running configuration was read (`loaded`), once it has stayed the same
+/// for one look (a file written in place, `cat >` or `scp`, is not read
+/// half written). An invalid file keeps the running configuration; every
+/// error is logged.
 /// `listener_cert`: the TLS listener's certificate, read again by each
 /// reload.
 pub(crate) async fn watch_config(
     path: PathBuf,
-    loaded: Option<SystemTime>,
+    loaded: Option<FileStamp>,
     mut hangup: Option<Signal>,
     proxy: Arc<Proxy>,
     listener_cert: Option<Arc<ListenerCert>>,
     shutdown: CancellationToken,
 ) {
-    let mut last_modified = loaded;
+    // The version running, and the one the last look saw.
+    let (mut applied, mut seen) = (loaded, loaded);
     let mut ticker = tokio::time::interval(WATCH_INTERVAL);
     loop {
         let by_signal = tokio::select! {
@@ -350,11 +353,13 @@ pub(crate) async fn watch_config(
             _ = async { match hangup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => true,
             _ = ticker.tick() => false,
         };
-        let now_modified = modified(&path);
-        if !by_signal && now_modified == last_modified {
+        let now = stamp(&path);
+        let settled = now == seen;
+        seen = now;
+        if !by_signal && (now == applied || !settled) {
             continue;
         }
-        last_modified = now_modified;
+        applied = now;
         reload(&path, &proxy, listener_cert.as_deref());
     }
 }
@@ -477,9 +482,29 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         .collect()
 }
 
-/// The file's modification time, if it can be read.
-pub fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+/// What tells one version of the configuration file from another: its
+/// times, its size and which file it is (a symlink is followed, so a
+/// Kubernetes ConfigMap's swapped `..data` link shows as another file,
+/// even with the same times, as on NixOS, where every file in the store
+/// has the same modification time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    modified: Option<SystemTime>,
+    changed: (i64, i64),
+    len: u64,
+    file: (u64, u64),
+}
+
+/// The file's [`FileStamp`], if it can be read.
+pub fn stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileStamp {
+        modified: m.modified().ok(),
+        changed: (m.ctime(), m.ctime_nsec()),
+        len: m.len(),
+        file: (m.dev(), m.ino()),
+    })
 }
 
 /// The config's data directory, for commands that work on the spool alone.

@@ -57,6 +57,38 @@ impl ConnSettings {
 
 /// Accepts connections until `shutdown` is cancelled. Connections are
 /// tracked by `tracker` so the caller can wait for them to drain.
+/// Failed accepts in a row (out of file descriptors, as nginx meets them:
+/// `accept4() failed (24: Too many open files)`): each waits twice as long
+/// as the last, from 10 ms up to 500 ms (nginx stops accepting for 500 ms),
+/// and a spell of them is logged once every 5 s, not 20 times a second.
+#[derive(Default)]
+struct AcceptFailures {
+    in_a_row: u32,
+    logged: Option<std::time::Instant>,
+}
+
+impl AcceptFailures {
+    fn failed(&mut self, error: &std::io::Error) -> Duration {
+        self.in_a_row = self.in_a_row.saturating_add(1);
+        if self
+            .logged
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(5))
+        {
+            self.logged = Some(std::time::Instant::now());
+            tracing::warn!(%error, in_a_row = self.in_a_row, "accept failed (out of file descriptors? raise LimitNOFILE / ulimit -n); logged every 5 s at most");
+        }
+        let exponent = self.in_a_row.min(7) - 1;
+        Duration::from_millis(10 << exponent).min(Duration::from_millis(500))
+    }
+
+    fn ended(&mut self) {
+        if self.in_a_row > 0 {
+            tracing::info!(failed = self.in_a_row, "accepting connections again");
+            *self = AcceptFailures::default();
+        }
+    }
+}
+
 pub async fn serve_proxy(
     listener: TcpListener,
     proxy: Arc<Proxy>,
@@ -68,15 +100,19 @@ pub async fn serve_proxy(
     let builders = Arc::new(Builders::new(&settings));
     let reaper = Reaper::new(settings.timeouts);
     tokio::spawn(reaper.clone().run(shutdown.clone()));
+    let mut accept_failures = AcceptFailures::default();
     loop {
         let (stream, addr) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    accept_failures.ended();
+                    a
+                }
                 Err(e) => {
                     // Out of file descriptors and the like: wait, don't spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let pause = accept_failures.failed(&e);
+                    tokio::time::sleep(pause).await;
                     continue;
                 }
             },

@@ -465,3 +465,104 @@ async fn a_sighup_during_start_up_does_not_end_the_process() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A configuration file swapped for another with the same modification
+/// time (a Kubernetes ConfigMap's `..data` symlink, NixOS's store where
+/// every file has the same time) is seen as changed, and reloaded.
+#[tokio::test]
+async fn a_config_swapped_for_one_with_the_same_time_is_reloaded() {
+    let backend = Backend::echo().await;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let bs = Backstop::start_in(dir.clone(), &one_route(&backend.url()));
+    let r = client().get(bs.url("/extra/x")).send().await.unwrap();
+    assert_eq!(r.status(), 404, "no route yet");
+    let running = std::fs::read_to_string(&bs.config_path).unwrap();
+    let time = std::fs::metadata(&bs.config_path)
+        .unwrap()
+        .modified()
+        .unwrap();
+    let next = dir.path().join("next.toml");
+    let extra = "\n[[routes]]\nname = \"extra\"\npath_prefix = \"/extra\"\nupstreams = [\"http://127.0.0.1:1\"]\n";
+    std::fs::write(&next, running + extra).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&next)
+        .unwrap()
+        .set_modified(time)
+        .unwrap();
+    let link = dir.path().join("link.tmp");
+    std::os::unix::fs::symlink(&next, &link).unwrap();
+    std::fs::rename(&link, &bs.config_path).unwrap();
+    bs.wait_for_log("configuration reloaded", Duration::from_secs(5))
+        .await;
+    let r = client().get(bs.url("/extra/x")).send().await.unwrap();
+    assert_eq!(r.status(), 502, "the new route's dead upstream");
+}
+
+/// Out of file descriptors (`ulimit -n 64`, then more clients than that),
+/// the accept loop backs off and logs the spell once, not 20 times a
+/// second, and accepts again once descriptors are free.
+#[tokio::test]
+async fn running_out_of_file_descriptors_is_logged_once_and_survived() {
+    let backend = Backend::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("backstop.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = {:?}\n\n{}",
+            dir.path().join("data"),
+            one_route(&backend.url())
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 64 && exec {} run -c {}",
+            env!("CARGO_BIN_EXE_backstop"),
+            config.display()
+        ))
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logs = Arc::new(std::sync::Mutex::new(String::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let sink = logs.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(url) = line.split("proxy listening on ").nth(1) {
+                let _ = tx.send(url.trim().to_string());
+            }
+            let mut all = sink.lock().unwrap();
+            all.push_str(&line);
+            all.push('\n');
+        }
+    });
+    let url = rx.recv_timeout(Duration::from_secs(10)).expect("listening");
+    let addr = url.trim_start_matches("http://").to_string();
+
+    let mut clients = Vec::new();
+    for _ in 0..80 {
+        clients.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let failed = logs.lock().unwrap().matches("accept failed").count();
+    assert_eq!(failed, 1, "{}", logs.lock().unwrap());
+    drop(clients);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let r = client().get(format!("{url}/api/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(logs.lock().unwrap().contains("accepting connections again"));
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+    let _ = child.kill();
+    let _ = child.wait();
+}
