@@ -346,7 +346,11 @@ async fn queue_action(
                 None => None,
             };
             let status = replay_now(&spool, &active, &replay_caches(), &id).await?;
-            println!("{id}: delivered ({status})");
+            if as_json {
+                println!("{}", json!({"id": id, "delivered": true, "status": status}));
+            } else {
+                println!("{id}: delivered ({status})");
+            }
         }
         QueueAction::Replay { id: None, .. } => {
             let _replaying = replay_turn(&spool)?;
@@ -358,11 +362,19 @@ async fn queue_action(
                 (None, true) => spool.requeue(None).await.map_err(err)?,
                 (None, false) => return Err("give a dead letter id or --all".into()),
             };
-            println!("requeued {moved} record(s)");
+            if as_json {
+                println!("{}", json!({ "requeued": moved }));
+            } else {
+                println!("requeued {moved} record(s)");
+            }
         }
         QueueAction::Purge { .. } => {
             let purged = spool.purge_dead_letters().await.map_err(err)?;
-            println!("purged {purged} dead letter(s)");
+            if as_json {
+                println!("{}", json!({ "purged": purged }));
+            } else {
+                println!("purged {purged} dead letter(s)");
+            }
         }
     }
     Ok(())

@@ -794,6 +794,8 @@ async fn requeue_all_and_purge_take_every_dead_letter_in_chunks() {
     assert_eq!(q["dead_letters"], 0, "{q}");
 
     conn.execute_batch(fill).unwrap();
-    assert!(queue_cli(&bs, &["purge", "--dead-letters"]).contains("purged 600 dead letter(s)"));
+    let purged = queue_cli(&bs, &["purge", "--dead-letters", "--json"]);
+    let purged: serde_json::Value = serde_json::from_str(&purged).unwrap();
+    assert_eq!(purged["purged"], 600);
     assert_eq!(queue_status(&bs).await["dead_letters"], 0);
 }
