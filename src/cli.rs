@@ -187,10 +187,10 @@ async fn replay_only(
     loaded: Option<runtime::FileStamp>,
     active: crate::pipeline::Active,
 ) -> Result<(), String> {
-    // Every handler is in place first: without one, SIGTERM or SIGHUP would
-    // end the process during start-up (the spool's lock can take seconds)
-    // or mid-delivery.
-    let mut stop_signals = runtime::StopSignals::install();
+    // SIGHUP's handler first: without one, a SIGHUP would end the process
+    // during start-up (the spool's lock can take seconds). SIGTERM and
+    // SIGINT end a start-up at once; their handlers come before the worker
+    // starts (without them, a stop would end it mid-delivery).
     let hangup = signal(SignalKind::hangup()).ok();
     let spool = Spool::open(&active.config.server.data_dir).map_err(|e| e.to_string())?;
     let metrics = Arc::new(crate::stats::metrics::Metrics::new());
@@ -205,6 +205,7 @@ async fn replay_only(
         otel: crate::otel::Tracing::disabled(),
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut stop_signals = runtime::StopSignals::install();
     tokio::spawn(runtime::watch_config(
         path,
         loaded,

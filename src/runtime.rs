@@ -110,9 +110,10 @@ pub async fn run(
 ) -> Result<(), String> {
     // First of all: a SIGHUP without a handler ends the process, and the
     // start-up below can take seconds (the spool's lock, Kafka's warm-up).
-    // One that comes meanwhile reloads once the proxy listens.
+    // One that comes meanwhile reloads once the proxy listens. (SIGTERM
+    // and SIGINT keep ending a start-up at once: their handlers come
+    // with the listeners.)
     let hangup = signal(SignalKind::hangup()).ok();
-    let mut stop_signals = StopSignals::install();
     let config = active.config.clone();
     let spool = Spool::open(&config.server.data_dir).map_err(|e| e.to_string())?;
     let metrics = Arc::new(Metrics::new());
@@ -213,6 +214,7 @@ pub async fn run(
         let replayer = SpoolReplayer::new(spool.clone(), proxy.clone(), counters.clone());
         background.spawn(replayer.run(shutdown.clone()));
     }
+    let mut stop_signals = StopSignals::install();
     background.spawn(watch_config(
         path,
         loaded,

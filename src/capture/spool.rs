@@ -121,8 +121,10 @@ enum Write {
         attempts: u32,
         error: String,
     },
+    /// Dead letters with ids from `first` to `last` back to the queue.
     Requeue {
-        id: Option<String>,
+        first: String,
+        last: String,
     },
     /// Records waiting for Kafka handed to the spool's own replay.
     ToReplay {
@@ -301,22 +303,22 @@ impl Spool {
     /// timeout (10 s), and its captures would fail meanwhile.
     pub async fn requeue(&self, id: Option<&str>) -> Result<u64, SpoolError> {
         let Some(id) = id else {
-            let dead = self.read(|c| {
-                c.query_row("SELECT COUNT(*) FROM dead_letters", [], |r| {
-                    r.get::<_, u64>(0)
-                })
+            // The dead letters of now, in ranges of ids: one a live worker
+            // sends back to the dead letters meanwhile is not taken twice.
+            let ids: Vec<String> = self.read(|c| {
+                let mut stmt = c.prepare("SELECT id FROM dead_letters ORDER BY id")?;
+                let ids = stmt.query_map([], |r| r.get(0))?;
+                ids.collect()
             })?;
             let mut moved = 0;
-            for _ in 0..dead.div_ceil(CHUNK) {
-                moved += self.write(Write::Requeue { id: None }).await?;
+            for chunk in ids.chunks(CHUNK as usize) {
+                let (first, last) = (chunk[0].clone(), chunk[chunk.len() - 1].clone());
+                moved += self.write(Write::Requeue { first, last }).await?;
             }
             return Ok(moved);
         };
-        let moved = self
-            .write(Write::Requeue {
-                id: Some(id.to_string()),
-            })
-            .await?;
+        let (first, last) = (id.to_string(), id.to_string());
+        let moved = self.write(Write::Requeue { first, last }).await?;
         if moved == 0 {
             return Err(SpoolError::NotFound(id.to_string()));
         }
@@ -373,9 +375,9 @@ impl Spool {
             };
             let mut stmt = c.prepare_cached(
                 "SELECT id, route, CAST(record AS BLOB), attempts, next_at_ms, last_error FROM queue \
-                 WHERE dest = ?1 AND id <= ?2 ORDER BY id",
+                 WHERE dest = ?1 AND id <= ?2 ORDER BY id LIMIT ?3",
             )?;
-            let rows = stmt.query_map(params![dest.as_str(), last], queued_row)?;
+            let rows = stmt.query_map(params![dest.as_str(), last, limit as i64], queued_row)?;
             rows.collect()
         })
     }
@@ -442,9 +444,9 @@ impl Spool {
             };
             let mut stmt = c.prepare_cached(
                 "SELECT id, route, CAST(record AS BLOB), attempts, next_at_ms, last_error FROM queue \
-                 WHERE dest = 'replay' AND route = ?1 AND id > ?2 AND id <= ?3 ORDER BY id",
+                 WHERE dest = 'replay' AND route = ?1 AND id > ?2 AND id <= ?3 ORDER BY id LIMIT ?4",
             )?;
-            let rows = stmt.query_map(params![route, after, last], queued_row)?;
+            let rows = stmt.query_map(params![route, after, last, limit as i64], queued_row)?;
             rows.collect()
         })
     }
@@ -779,24 +781,22 @@ fn apply_batch(
                     params![id, attempts, error, now],
                 )
                 .and_then(|n| tx.execute("DELETE FROM queue WHERE id = ?1", params![id]).map(|_| n)),
-            Write::Requeue { id } => {
-                let filter = if id.is_some() {
-                    "WHERE id = ?1".to_string()
-                } else {
-                    format!("WHERE ?1 IS NULL AND id IN (SELECT id FROM dead_letters ORDER BY id LIMIT {CHUNK})")
-                };
-                tx.execute(
+            Write::Requeue { first, last } => tx
+                .execute(
                     &format!(
                         "INSERT OR IGNORE INTO queue (id, route, record, dest, captured_ms) \
-                         SELECT id, route, record, 'replay', {now} FROM dead_letters {filter}"
+                         SELECT id, route, record, 'replay', {now} FROM dead_letters \
+                         WHERE id >= ?1 AND id <= ?2"
                     ),
-                    params![id],
+                    params![first, last],
                 )
                 .and_then(|n| {
-                    tx.execute(&format!("DELETE FROM dead_letters {filter}"), params![id])
-                        .map(|_| n)
-                })
-            }
+                    tx.execute(
+                        "DELETE FROM dead_letters WHERE id >= ?1 AND id <= ?2",
+                        params![first, last],
+                    )
+                    .map(|_| n)
+                }),
             Write::ToReplay { id } => tx
                 .prepare_cached(
                     "UPDATE queue SET dest = 'replay' WHERE dest = 'kafka' AND (id = ?1 OR ?1 IS NULL)",

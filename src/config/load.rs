@@ -69,9 +69,10 @@ fn read_all(
             // quotes: an invalid escape in a password is a common cause.
             let message = match e.span() {
                 Some(span) => {
-                    let before = &text.as_bytes()[..span.start.min(text.len())];
-                    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-                    let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+                    let before = text.get(..span.start).unwrap_or(text);
+                    let line = before.matches('\n').count() + 1;
+                    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+                    let column = before[line_start..].chars().count() + 1;
                     format!(
                         "invalid TOML at line {line}, column {column}: {}",
                         e.message().trim_end()

@@ -90,6 +90,13 @@ struct WriteFailures {
     until: Option<Instant>,
 }
 
+/// Why a route task stopped early: the spool could not be read, or not
+/// written (a record's delete, its next attempt's time, its dead letter).
+enum Stopped {
+    Read(SpoolError),
+    Write(SpoolError),
+}
+
 /// The deletes of delivered records, committed while the next one goes.
 type Deletes = JoinSet<Result<(), SpoolError>>;
 
@@ -240,8 +247,12 @@ impl SpoolReplayer {
         let mut failed = false;
         let wait = match self.replay_due(route, shutdown, &mut deletes).await {
             Ok(wait) => wait,
-            Err(e) => {
-                tracing::error!(route, error = %e, "the replay queue could not be read or updated");
+            Err(Stopped::Read(e)) => {
+                tracing::error!(route, error = %e, "the replay queue could not be read");
+                IDLE_POLL
+            }
+            Err(Stopped::Write(e)) => {
+                tracing::error!(route, error = %e, "the replay queue could not be updated");
                 failed = true;
                 IDLE_POLL
             }
@@ -273,12 +284,18 @@ impl SpoolReplayer {
 
     /// After a route task met a failed spool write: deliveries pause, twice
     /// as long each time in a row (1 s up to `replay.max_delay`; a delete
-    /// that works again ends the row); returns the pause.
+    /// that works again ends the row); returns the pause. Route tasks that
+    /// fail during one pause (every route meets the same full disk) count
+    /// once.
     fn pause_for_writes(&self) -> Duration {
         let mut failures = self
             .write_failures
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        if let Some(until) = failures.until.filter(|&until| until > now) {
+            return until - now;
+        }
         failures.in_a_row = failures.in_a_row.saturating_add(1);
         let max = self
             .proxy
@@ -291,7 +308,7 @@ impl SpoolReplayer {
         let pause = IDLE_POLL
             .saturating_mul(1 << failures.in_a_row.min(16).saturating_sub(1))
             .min(max);
-        failures.until = Some(Instant::now() + pause);
+        failures.until = Some(now + pause);
         tracing::warn!(
             ?pause,
             in_a_row = failures.in_a_row,
@@ -306,13 +323,14 @@ impl SpoolReplayer {
         route: &str,
         shutdown: &CancellationToken,
         deletes: &mut Deletes,
-    ) -> Result<Duration, SpoolError> {
+    ) -> Result<Duration, Stopped> {
         // The head alone first, without its body: a route in backoff costs
         // one small read each time the worker looks.
         let name = route.to_string();
         let head = self
             .read(move |spool| spool.replay_head_due_at(&name))
-            .await?;
+            .await
+            .map_err(Stopped::Read)?;
         let Some(due_at) = head else {
             return Ok(Duration::ZERO);
         };
@@ -324,7 +342,8 @@ impl SpoolReplayer {
             let (name, from) = (route.to_string(), after.clone());
             let batch = self
                 .read(move |spool| spool.queued_for_replay(&name, &from, BATCH))
-                .await?;
+                .await
+                .map_err(Stopped::Read)?;
             let full = batch.len() == BATCH;
             for queued in batch {
                 if shutdown.is_cancelled() {
@@ -337,10 +356,11 @@ impl SpoolReplayer {
                 // would fail too, and each record would go out again.
                 while let Some(done) = deletes.try_join_next() {
                     if let Ok(Err(e)) = done {
-                        return Err(e);
+                        return Err(Stopped::Write(e));
                     }
                 }
-                if let Some(wait) = self.replay_one(&queued, deletes).await? {
+                let replayed = self.replay_one(&queued, deletes).await;
+                if let Some(wait) = replayed.map_err(Stopped::Write)? {
                     return Ok(wait);
                 }
                 after = queued.id;

@@ -81,10 +81,12 @@ impl AcceptFailures {
         Duration::from_millis(10 << exponent).min(Duration::from_millis(500))
     }
 
+    /// An accept worked. The log's 5 s stay: at the limit, every freed
+    /// descriptor lets one accept through before the next fails.
     fn ended(&mut self) {
         if self.in_a_row > 0 {
-            tracing::info!(failed = self.in_a_row, "accepting connections again");
-            *self = AcceptFailures::default();
+            tracing::debug!(failed = self.in_a_row, "accepting connections again");
+            self.in_a_row = 0;
         }
     }
 }
@@ -109,6 +111,8 @@ pub async fn serve_proxy(
                     accept_failures.ended();
                     a
                 }
+                // A connection the client gave up before it was accepted.
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset) => continue,
                 Err(e) => {
                     // Out of file descriptors and the like: wait, don't spin.
                     let pause = accept_failures.failed(&e);

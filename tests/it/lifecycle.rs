@@ -435,7 +435,14 @@ async fn a_sighup_during_start_up_does_not_end_the_process() {
             let _ = tx.send(line);
         }
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The spool is opened right after the handler is installed, and well
+    // before the warm-up ends.
+    let spool = dir.path().join("data").join("spool.sqlite3");
+    let started = std::time::Instant::now();
+    while !spool.exists() {
+        assert!(started.elapsed() < Duration::from_secs(10), "no spool");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let sent = std::process::Command::new("kill")
         .args(["-HUP", &child.id().to_string()])
         .status()
@@ -523,7 +530,7 @@ async fn running_out_of_file_descriptors_is_logged_once_and_survived() {
             env!("CARGO_BIN_EXE_backstop"),
             config.display()
         ))
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "info,backstop=debug")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
