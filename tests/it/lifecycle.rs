@@ -10,6 +10,74 @@ fn one_route(upstream: &str) -> String {
     format!("[[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nupstreams = [{upstream:?}]\n")
 }
 
+/// A process started by hand, for what the harness does not do (a signal
+/// before it listens, a lower file limit, a `backstop replay`), its stderr
+/// gathered; killed on drop.
+struct Logged {
+    child: std::process::Child,
+    logs: Arc<std::sync::Mutex<String>>,
+}
+
+impl Logged {
+    fn spawn(mut command: std::process::Command) -> Logged {
+        let mut child = command
+            .env_remove("KAFKA_BROKERS")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let logs = Arc::new(std::sync::Mutex::new(String::new()));
+        let (stderr, sink) = (child.stderr.take().unwrap(), logs.clone());
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let mut all = sink.lock().unwrap();
+                all.push_str(&line);
+                all.push('\n');
+            }
+        });
+        Logged { child, logs }
+    }
+
+    fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Waits for a log line holding `needle`; fails with the logs (and
+    /// how the process ended, if it did).
+    async fn wait_for(&mut self, needle: &str, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.logs().contains(needle) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {needle:?}; exit {:?}; logs:\n{}",
+                self.child.try_wait(),
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let sent = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{sig}");
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[tokio::test]
 async fn reload_under_load_fails_no_request_and_bad_files_are_refused() {
     let a = Backend::start(|_| Reply::ok("a")).await;
@@ -212,67 +280,28 @@ async fn a_standalone_replay_worker_finishes_its_delivery_on_sigterm_and_survive
         ),
     )
     .unwrap();
-    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"));
+    command
         .args(["replay", "-c"])
         .arg(&config)
-        .env("RUST_LOG", "info")
-        .env_remove("KAFKA_BROKERS")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let logs = Arc::new(std::sync::Mutex::new(String::new()));
-    let stderr = worker.stderr.take().unwrap();
-    let sink = logs.clone();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let mut all = sink.lock().unwrap();
-            all.push_str(&line);
-            all.push('\n');
-        }
-    });
-    let wait_for_log = |needle: &'static str| {
-        let logs = logs.clone();
-        async move {
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while !logs.lock().unwrap().contains(needle) {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "no {needle:?} in:\n{}",
-                    logs.lock().unwrap()
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
-    let pid = worker.id().to_string();
-    let kill = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([&format!("-{sig}"), &pid])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{sig}");
-    };
+        .env("RUST_LOG", "info");
+    let mut worker = Logged::spawn(command);
     slow.wait_for_hits(1, Duration::from_secs(10)).await;
 
-    kill("HUP");
-    wait_for_log("configuration reloaded").await;
-    kill("TERM");
+    worker.signal("HUP");
+    worker
+        .wait_for("configuration reloaded", Duration::from_secs(10))
+        .await;
+    worker.signal("TERM");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let status = loop {
-        if let Some(status) = worker.try_wait().unwrap() {
+        if let Some(status) = worker.child.try_wait().unwrap() {
             break status;
         }
         assert!(std::time::Instant::now() < deadline, "still running");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let logs = logs.lock().unwrap().clone();
+    let logs = worker.logs();
     assert_eq!(status.code(), Some(0), "a clean exit: {status:?}\n{logs}");
     assert!(logs.contains("replayed"), "the delivery finished:\n{logs}");
     assert!(logs.contains("replay worker stopped"), "{logs}");
@@ -414,27 +443,12 @@ async fn a_sighup_during_start_up_does_not_end_the_process() {
         ),
     )
     .unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"));
+    command
         .args(["run", "-c"])
         .arg(&config)
-        .env("RUST_LOG", "info")
-        .env_remove("KAFKA_BROKERS")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
+        .env("RUST_LOG", "info");
+    let mut backstop = Logged::spawn(command);
     // The spool is opened right after the handler is installed, and well
     // before the warm-up ends.
     let spool = dir.path().join("data").join("spool.sqlite3");
@@ -443,34 +457,15 @@ async fn a_sighup_during_start_up_does_not_end_the_process() {
         assert!(started.elapsed() < Duration::from_secs(10), "no spool");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let sent = std::process::Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
-    let mut seen = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while !seen
-        .iter()
-        .any(|l: &String| l.contains("configuration reloaded"))
-    {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => seen.push(line),
-            Err(_) => panic!(
-                "no reload after start; exit {:?}; logs:\n{}",
-                child.try_wait(),
-                seen.join("\n")
-            ),
-        }
-    }
+    backstop.signal("HUP");
+    backstop
+        .wait_for("configuration reloaded", Duration::from_secs(15))
+        .await;
+    assert!(backstop.logs().contains("proxy listening on"));
     assert!(
-        seen.iter().any(|l| l.contains("proxy listening on")),
-        "{seen:?}"
+        backstop.child.try_wait().unwrap().is_none(),
+        "still running"
     );
-    assert!(child.try_wait().unwrap().is_none(), "still running");
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// A configuration file swapped for another with the same modification
@@ -523,38 +518,22 @@ async fn running_out_of_file_descriptors_is_logged_once_and_survived() {
         ),
     )
     .unwrap();
-    let mut child = std::process::Command::new("bash")
+    let mut command = std::process::Command::new("bash");
+    command
         .arg("-c")
         .arg(format!(
             "ulimit -n 64 && exec {} run -c {}",
             env!("CARGO_BIN_EXE_backstop"),
             config.display()
         ))
-        .env("RUST_LOG", "info,backstop=debug")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let logs = Arc::new(std::sync::Mutex::new(String::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    let sink = logs.clone();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if let Some(url) = line.split("proxy listening on ").nth(1) {
-                let _ = tx.send(url.trim().to_string());
-            }
-            let mut all = sink.lock().unwrap();
-            all.push_str(&line);
-            all.push('\n');
-        }
-    });
-    let url = rx.recv_timeout(Duration::from_secs(10)).expect("listening");
+        .env("RUST_LOG", "info,backstop=debug");
+    let mut backstop = Logged::spawn(command);
+    backstop
+        .wait_for("proxy listening on ", Duration::from_secs(10))
+        .await;
+    let logs = backstop.logs();
+    let url = logs.split("proxy listening on ").nth(1).unwrap();
+    let url = url.lines().next().unwrap().trim().to_string();
     let addr = url.trim_start_matches("http://").to_string();
 
     let mut clients = Vec::new();
@@ -562,14 +541,15 @@ async fn running_out_of_file_descriptors_is_logged_once_and_survived() {
         clients.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let failed = logs.lock().unwrap().matches("accept failed").count();
-    assert_eq!(failed, 1, "{}", logs.lock().unwrap());
+    let failed = backstop.logs().matches("accept failed").count();
+    assert_eq!(failed, 1, "{}", backstop.logs());
     drop(clients);
     tokio::time::sleep(Duration::from_millis(700)).await;
     let r = client().get(format!("{url}/api/x")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert!(logs.lock().unwrap().contains("accepting connections again"));
-    assert!(child.try_wait().unwrap().is_none(), "still running");
-    let _ = child.kill();
-    let _ = child.wait();
+    assert!(backstop.logs().contains("accepting connections again"));
+    assert!(
+        backstop.child.try_wait().unwrap().is_none(),
+        "still running"
+    );
 }
