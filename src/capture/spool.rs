@@ -365,21 +365,7 @@ impl Spool {
     /// Queued records bound for `dest`, oldest first: up to `limit`, as
     /// many as [`BATCH_BYTES`] of records hold (at least one).
     pub fn queued(&self, dest: Destination, limit: usize) -> Result<Vec<QueuedRecord>, SpoolError> {
-        self.read(|c| {
-            let mut sizes = c.prepare_cached(
-                "SELECT id, octet_length(record) FROM queue WHERE dest = ?1 ORDER BY id LIMIT ?2",
-            )?;
-            let sizes = sizes.query_map(params![dest.as_str(), limit as i64], id_and_size)?;
-            let Some(last) = last_within_budget(sizes)? else {
-                return Ok(Vec::new());
-            };
-            let mut stmt = c.prepare_cached(
-                "SELECT id, route, CAST(record AS BLOB), attempts, next_at_ms, last_error FROM queue \
-                 WHERE dest = ?1 AND id <= ?2 ORDER BY id LIMIT ?3",
-            )?;
-            let rows = stmt.query_map(params![dest.as_str(), last, limit as i64], queued_row)?;
-            rows.collect()
-        })
+        self.read(|c| batch(c, "dest = ?1", params![dest.as_str()], limit))
     }
 
     /// The id and route of every record queued for `dest`, oldest first,
@@ -433,22 +419,8 @@ impl Spool {
         after: &str,
         limit: usize,
     ) -> Result<Vec<QueuedRecord>, SpoolError> {
-        self.read(|c| {
-            let mut sizes = c.prepare_cached(
-                "SELECT id, octet_length(record) FROM queue \
-                 WHERE dest = 'replay' AND route = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
-            )?;
-            let sizes = sizes.query_map(params![route, after, limit as i64], id_and_size)?;
-            let Some(last) = last_within_budget(sizes)? else {
-                return Ok(Vec::new());
-            };
-            let mut stmt = c.prepare_cached(
-                "SELECT id, route, CAST(record AS BLOB), attempts, next_at_ms, last_error FROM queue \
-                 WHERE dest = 'replay' AND route = ?1 AND id > ?2 AND id <= ?3 ORDER BY id LIMIT ?4",
-            )?;
-            let rows = stmt.query_map(params![route, after, last, limit as i64], queued_row)?;
-            rows.collect()
-        })
+        let filter = "dest = 'replay' AND route = ?1 AND id > ?2";
+        self.read(|c| batch(c, filter, params![route, after], limit))
     }
 
     /// Every queued record, oldest first (for `backstop queue list`).
@@ -584,8 +556,36 @@ const CHUNK: u64 = 256;
 /// over a gigabyte per route, read at once by every route's task.
 pub const BATCH_BYTES: i64 = 32 << 20;
 
-fn id_and_size(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, i64)> {
-    Ok((r.get(0)?, r.get(1)?))
+/// The queued records matching `filter` (a condition on `queue` over the
+/// parameters `args`, `?1` to `?N`), oldest first: up to `limit`, as many
+/// as [`BATCH_BYTES`] of records hold (at least one). Their sizes are read
+/// first, without the records, then the records within the budget.
+fn batch(
+    c: &Connection,
+    filter: &str,
+    args: &[&dyn rusqlite::ToSql],
+    limit: usize,
+) -> rusqlite::Result<Vec<QueuedRecord>> {
+    let n = args.len();
+    let limit = limit as i64;
+    let mut sizes = c.prepare_cached(&format!(
+        "SELECT id, octet_length(record) FROM queue WHERE {filter} ORDER BY id LIMIT ?{}",
+        n + 1
+    ))?;
+    let sizes = sizes.query_map([args, &[&limit]].concat().as_slice(), |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })?;
+    let Some(last) = last_within_budget(sizes)? else {
+        return Ok(Vec::new());
+    };
+    let mut records = c.prepare_cached(&format!(
+        "SELECT id, route, CAST(record AS BLOB), attempts, next_at_ms, last_error FROM queue \
+         WHERE {filter} AND id <= ?{} ORDER BY id LIMIT ?{}",
+        n + 1,
+        n + 2
+    ))?;
+    let rows = records.query_map([args, &[&last, &limit]].concat().as_slice(), queued_row)?;
+    rows.collect()
 }
 
 /// The id of the last of `rows` (id, size; in id order) that starts
@@ -618,10 +618,9 @@ fn queued_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<QueuedRecord> {
 
 fn dead_summary_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetterSummary> {
     // `[captured_at, method, path]` as JSON, or NULL for a record that is
-    // not JSON.
-    // Read as bytes: SQLite's JSON functions do not check UTF-8, and a
-    // record with a byte that is not must neither fail the whole listing
-    // nor lose its other fields.
+    // not JSON. Read as bytes: SQLite's JSON functions do not check UTF-8,
+    // and a record with a byte that is not must neither fail the whole
+    // listing nor lose its other fields.
     let request: Option<[Option<String>; 3]> = r
         .get_ref(5)?
         .as_bytes_or_null()

@@ -10,7 +10,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::harness::{client, error_of, metric_value, next_request, Backend, Backstop, Reply};
+use crate::harness::{
+    client, error_of, h2_client_giving_up_after, metric_value, next_request, Backend, Backstop,
+    Reply,
+};
 
 /// A backend that answers every request with a new body (`n=<count>`), so a
 /// test sees whether an answer came from the cache or from upstream.
@@ -1435,12 +1438,7 @@ async fn a_write_whose_client_goes_away_still_invalidates() {
     assert_eq!(send("GET", a.url("/items/1"), &site).await.1, "HIT");
     // An HTTP/2 client that gives up resets its stream, which cancels its
     // request (an HTTP/1 client's close does not: `half_close`).
-    let impatient = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .timeout(Duration::from_millis(300))
-        .build()
-        .unwrap();
+    let impatient = h2_client_giving_up_after(Duration::from_millis(300));
     let put = impatient.put(b.url("/items/1")).body("{}").send().await;
     assert!(put.is_err(), "the client gave up before the answer");
     backend.wait_for_hits(2, Duration::from_secs(5)).await;
@@ -1469,12 +1467,7 @@ async fn a_write_whose_client_goes_away_while_it_is_upstream_still_invalidates()
     assert_eq!(get(&bs.url("/items/1")).await.x_cache, "HIT");
     // An HTTP/2 client that gives up resets its stream, which drops its
     // request while the PUT is upstream.
-    let impatient = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .timeout(Duration::from_millis(300))
-        .build()
-        .unwrap();
+    let impatient = h2_client_giving_up_after(Duration::from_millis(300));
     let put = impatient.put(bs.url("/items/1")).body("{}").send().await;
     assert!(put.is_err(), "the client gave up before the answer");
     backend.wait_for_hits(2, Duration::from_secs(5)).await;

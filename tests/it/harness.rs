@@ -728,10 +728,17 @@ pub fn client() -> reqwest::Client {
 
 /// An HTTP/2 (prior knowledge, h2c) client.
 pub fn h2_client() -> reqwest::Client {
+    h2_client_giving_up_after(Duration::from_secs(30))
+}
+
+/// An HTTP/2 client that gives up after `timeout`: it resets its stream,
+/// which cancels its request in Backstop (an HTTP/1 client's close does
+/// not).
+pub fn h2_client_giving_up_after(timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
         .http2_prior_knowledge()
-        .timeout(Duration::from_secs(30))
+        .timeout(timeout)
         .build()
         .unwrap()
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use serde_json::Value;
 
-use crate::harness::{client, Backend, Backstop, Reply};
+use crate::harness::{client, h2_client_giving_up_after, Backend, Backstop, Reply};
 
 /// A backend whose answer depends on the path: `/api/fail` → 500,
 /// `/api/missing` → 404, `/api/slow/N` → 200 after N ms, else 200.
@@ -500,12 +500,7 @@ async fn the_admin_apis_own_refusals_are_in_the_error_shape() {
 async fn a_request_its_http2_client_gave_up_on_is_counted_as_499() {
     let slow = Backend::start(|_| Reply::ok("late").delay(Duration::from_secs(3))).await;
     let bs = Backstop::start(&config(&slow, "[log]\naccess_log = true\n"));
-    let impatient = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .timeout(Duration::from_millis(300))
-        .build()
-        .unwrap();
+    let impatient = h2_client_giving_up_after(Duration::from_millis(300));
     assert!(impatient.get(bs.url("/api/slow")).send().await.is_err());
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let s = loop {
