@@ -414,8 +414,8 @@ fn circuit_open_error(retry_in: Duration) -> ProxyError {
 
 /// Phase 3: read the body whole when the route may send it twice (retry),
 /// capture it or key the cache on it, or when it is a GET's or HEAD's of
-/// unknown length; otherwise it streams through. The
-/// body is taken out of the request, which stays in its box.
+/// unknown length; otherwise it streams through. The body is taken out of
+/// the request, which stays in its box.
 async fn read_body(
     route: &Route,
     req: &mut Request<ClientBody>,
