@@ -74,6 +74,19 @@ pub fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether the client's `TE` lists `trailers` (it takes an answer's
+/// trailers), as gRPC clients always send.
+pub fn offers_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .flat_map(|line| line.as_bytes().split(|b| *b == b','))
+        .any(|item| {
+            let coding = item.split(|b| *b == b';').next().unwrap_or_default();
+            coding.trim_ascii().eq_ignore_ascii_case(b"trailers")
+        })
+}
+
 /// Removes hop-by-hop headers, including those that `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none (HTTP/1.1 keeps connections alive without
@@ -642,8 +655,6 @@ impl ProxySet {
     }
 }
 
-/// The concatenation of `parts` as a header value (without `format!`: this
-/// runs for every proxied request).
 /// `ours` appended to the list the client's `prior` lines make.
 #[inline]
 fn appended(prior: &[impl AsRef<[u8]>], ours: HeaderValue) -> HeaderValue {
@@ -659,6 +670,8 @@ fn appended(prior: &[impl AsRef<[u8]>], ours: HeaderValue) -> HeaderValue {
     joined(&parts).unwrap_or(ours)
 }
 
+/// The concatenation of `parts` as a header value (without `format!`: this
+/// runs for every proxied request).
 fn joined(parts: &[&[u8]]) -> Option<HeaderValue> {
     let mut value = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
     for part in parts {
@@ -826,6 +839,22 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn trailers_are_offered_by_their_te_item_alone() {
+        let offers = |lines: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for line in lines {
+                h.append(header::TE, HeaderValue::from_static(line));
+            }
+            offers_trailers(&h)
+        };
+        assert!(offers(&["trailers"]));
+        assert!(offers(&["gzip;q=0.5, Trailers"]));
+        assert!(offers(&["gzip", "trailers;q=1"]));
+        assert!(!offers(&[]));
+        assert!(!offers(&["gzip, trailersx"]));
     }
 
     #[test]

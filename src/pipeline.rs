@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
-use http::header::{HeaderValue, HOST, RETRY_AFTER};
+use http::header::{self, HeaderValue, HOST, RETRY_AFTER};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::Either;
@@ -482,6 +482,11 @@ fn prepare(
     if client.version() == Version::HTTP_2 {
         headers::join_cookies(client.headers_mut());
     }
+    // gRPC servers refuse a request without `te: trailers`: the one TE an
+    // HTTP/2 request may carry, kept for a backend that may speak HTTP/2
+    // (whose trailers hyper passes on). Backstop's own HTTP/1.1 exchange
+    // drops trailers, so its backends are not offered them.
+    let te_trailers = route.may_speak_h2() && headers::offers_trailers(client.headers());
     headers::strip_hop_by_hop(client.headers_mut());
     let capture = &route.config.capture;
     let client_headers =
@@ -491,6 +496,11 @@ fn prepare(
             h
         });
     headers::filter_forwarded(client.headers_mut(), &route.config.forward_headers);
+    if te_trailers {
+        client
+            .headers_mut()
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     let set = ProxySet {
         forwarding: Forwarding::new(client.headers(), ctx.client, original_host.as_ref()),
         route: route.config.headers.clone(),
@@ -693,13 +703,10 @@ async fn forward(
             tracing::debug!(route = %route.name(), attempt, "no retry: the deadline is too close");
             return give_up(failure, response);
         }
-        permit = match guards.breaker.admit(breaker_config) {
-            Admission::Allowed(next) => next,
-            Admission::Rejected { .. } => {
-                tracing::debug!(route = %route.name(), attempt, "no retry: the circuit is open");
-                return give_up(failure, response);
-            }
-        };
+        if guards.breaker.open_for().is_some() {
+            tracing::debug!(route = %route.name(), attempt, "no retry: the circuit is open");
+            return give_up(failure, response);
+        }
         if !guards.budget.try_retry(retry) {
             tracing::debug!(route = %route.name(), attempt, "no retry: the retry budget is spent");
             return give_up(failure, response);
@@ -709,17 +716,17 @@ async fn forward(
         // not held through the backoff.
         drop(response);
         tokio::time::sleep(delay).await;
-        // Other requests' failures may have opened the circuit during the
-        // backoff: an open circuit stops this retry too.
-        if !permit.is_current() {
-            permit = match guards.breaker.admit(breaker_config) {
-                Admission::Allowed(next) => next,
-                Admission::Rejected { retry_in } => {
-                    tracing::debug!(route = %route.name(), attempt, "no retry: the circuit opened during the backoff");
-                    return Forwarded::CircuitOpened { retry_in };
-                }
-            };
-        }
+        // Admitted after the backoff, not before: a half-open circuit's
+        // probe place is not held through it (other requests would be
+        // refused meanwhile), and other requests' failures may have opened
+        // the circuit while this one waited, which stops this retry too.
+        permit = match guards.breaker.admit(breaker_config) {
+            Admission::Allowed(next) => next,
+            Admission::Rejected { retry_in } => {
+                tracing::debug!(route = %route.name(), attempt, "no retry: the circuit refused it after the backoff");
+                return Forwarded::CircuitOpened { retry_in };
+            }
+        };
         sent_at = Instant::now();
     }
 }
@@ -860,12 +867,11 @@ fn health() -> Response<ResponseBody> {
     response
 }
 
-/// Counts the request once, at the end, from its context: statistics and
-/// the request metrics. The event goes to the stats aggregator
-/// (`stats::recorder`); nothing here locks or waits. The route and capture
-/// id are taken, not cloned: nothing reads them after this.
-/// Counts the request in the statistics: answered with `status`, with
-/// `error_code` when the answer is Backstop's own.
+/// Counts the request once, at the end, from its context: answered with
+/// `status`, with `error_code` when the answer is Backstop's own. The event
+/// goes to the stats aggregator (`stats::recorder`); nothing here locks or
+/// waits. The route and capture id are taken, not cloned: nothing reads
+/// them after this.
 fn record_metrics(
     stats: &Stats,
     max_paths: usize,

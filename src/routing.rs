@@ -21,6 +21,8 @@ pub struct Route {
     /// route's first request and kept here, so later requests skip the
     /// lookup. (A reload builds new routes, which find the same state.)
     guards: OnceLock<Arc<RouteGuards>>,
+    /// See [`Route::may_speak_h2`]; known once, asked per request.
+    may_speak_h2: bool,
 }
 
 impl Route {
@@ -32,6 +34,12 @@ impl Route {
     /// `registry` (the proxy's; a route serves one proxy).
     pub fn guards(&self, registry: &Registry) -> &RouteGuards {
         self.guards.get_or_init(|| registry.route(self.name()))
+    }
+
+    /// Whether a request may reach its backend over HTTP/2: the route
+    /// speaks h2c, or has an `https://` target (ALPN decides).
+    pub fn may_speak_h2(&self) -> bool {
+        self.may_speak_h2
     }
 
     /// The path sent upstream: with the prefix removed if `strip_prefix`.
@@ -130,6 +138,11 @@ impl RouteTable {
                     config: rc.clone(),
                     upstream,
                     guards: OnceLock::new(),
+                    may_speak_h2: rc.upstream_h2c
+                        || rc
+                            .upstreams
+                            .iter()
+                            .any(|target| target.scheme() == Some(&http::uri::Scheme::HTTPS)),
                 })),
                 Err(message) => errors.push(ConfigError {
                     key: format!("routes[{i}].tls_ca_file"),

@@ -1,6 +1,6 @@
-//! The admin listener: health, the capture queue, metrics, statistics and
-//! the dashboards (and, as later parts land, circuits). Each area is a small
-//! router merged here; a bearer token guards everything but `/health` and the
+//! The admin listener: health, the capture queue, circuits, the cache,
+//! metrics, statistics and the dashboards. Each area is a small router
+//! merged here; a bearer token guards everything but `/health` and the
 //! dashboard pages (which hold no data) when `server.admin_token` is set, and
 //! `origin` keeps other sites' pages out (cross-site requests, DNS rebinding).
 
@@ -113,20 +113,35 @@ impl AdminState {
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer_credentials)
             .is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes()))
     }
+}
+
+/// The token of an `Authorization: Bearer TOKEN` value; the scheme's name
+/// is case-insensitive (RFC 9110 §11.1), and spaces may follow it.
+fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start_matches(' '))
 }
 
 async fn require_token(State(state): State<AdminState>, request: Request, next: Next) -> Response {
     if state.authorized(&request) {
         next.run(request).await
     } else {
-        admin_error(
+        let mut refusal = admin_error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "A valid bearer token is required",
-        )
+        );
+        // A 401 names the scheme it wants (RFC 9110 §11.6.1).
+        refusal.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        refusal
     }
 }
 

@@ -1,4 +1,4 @@
-//! `GET /queue`, `GET /queue/dead-letters` (the list, newest last, for the
+//! `GET /queue`, `GET /queue/dead-letters` (the list, newest first, for the
 //! queue dashboard) and `POST /queue/dead-letters/{id}/requeue`.
 
 use axum::extract::{Path, Query, State};

@@ -402,7 +402,7 @@ impl KafkaReplayer {
         };
         // An open circuit means the backend is known to be down: wait for
         // it to turn half-open instead of spending attempts.
-        if let Some(open_for) = self.proxy.resilience.route(&head.route).breaker.open_for() {
+        if let Some(open_for) = self.proxy.resilience.open_for(&head.route) {
             lane.due = Some(Instant::now() + open_for);
             return;
         }
@@ -505,8 +505,14 @@ impl KafkaReplayer {
         }
     }
 
+    /// Counts an outcome under the record's route, or under
+    /// `(unconfigured)` for a route this configuration lacks: the name came
+    /// from the topic (any producer's key or record), and each name would
+    /// be a series for as long as the process runs.
     fn count(&self, route: &str, outcome: &str) {
-        self.proxy.metrics.count_replay(route, outcome);
+        let configured = self.proxy.active.load().routes.get(route).is_some();
+        let label = if configured { route } else { "(unconfigured)" };
+        self.proxy.metrics.count_replay(label, outcome);
     }
 }
 

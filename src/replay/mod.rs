@@ -383,7 +383,7 @@ impl SpoolReplayer {
         if due_at_ms > now {
             return Some(Duration::from_millis((due_at_ms - now) as u64));
         }
-        self.proxy.resilience.route(route).breaker.open_for()
+        self.proxy.resilience.open_for(route)
     }
 
     /// A read of the spool, off the runtime's threads.

@@ -122,12 +122,6 @@ impl Permit<'_> {
         self.report(config, failed || slow, now);
     }
 
-    /// Whether the circuit is still in the state this permit was given in
-    /// (a retry that waited through a backoff asks again if not).
-    pub fn is_current(&self) -> bool {
-        self.breaker.lock().epoch == self.epoch
-    }
-
     /// Reports the outcome as of `now`.
     fn report(mut self, config: &BreakerConfig, failed: bool, now: Instant) {
         self.reported = true;

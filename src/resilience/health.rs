@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::{Method, Request, Version};
 use tokio_util::sync::CancellationToken;
 
@@ -31,20 +32,38 @@ struct TargetHealth {
     /// Consecutive results that disagree with `healthy`.
     streak: u32,
     next_check: Instant,
+    /// A check of this target is running: no second one starts beside it.
+    checking: bool,
 }
 
-/// Runs the checks of every route that has them, until `shutdown`.
+/// A finished check: which target, and whether it passed.
+struct Checked {
+    key: (String, String),
+    route: Arc<Route>,
+    index: usize,
+    check: HealthCheckConfig,
+    ok: bool,
+}
+
+/// Runs the checks of every route that has them, until `shutdown`. Checks
+/// run side by side and are counted as each ends: a target that takes its
+/// whole `timeout` holds up no other target's checks, nor the verdicts
+/// applied each tick.
 pub async fn run(proxy: Arc<Proxy>, shutdown: CancellationToken) {
     let mut health: HashMap<(String, String), TargetHealth> = HashMap::new();
+    let mut running = FuturesUnordered::new();
     let mut ticker = tokio::time::interval(TICK);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
+            Some(checked) = running.next() => {
+                record(&mut health, checked);
+                continue;
+            }
             _ = ticker.tick() => {}
         }
         let active = proxy.active.load_full();
         let now = Instant::now();
-        let mut due = Vec::new();
         for route in active.routes.iter() {
             let Some(check) = &route.config.health_check else {
                 continue;
@@ -55,49 +74,62 @@ pub async fn run(proxy: Arc<Proxy>, shutdown: CancellationToken) {
                     healthy: true,
                     streak: 0,
                     next_check: now,
+                    checking: false,
                 });
-                // Applied every round: a reload builds new balancers.
+                // Applied every tick: a reload builds new balancers.
                 route.upstream.balancer.set_healthy(index, state.healthy);
-                if state.next_check <= now {
+                if state.next_check <= now && !state.checking {
                     state.next_check = now + check.interval;
-                    due.push((key, route.clone(), index, check.clone()));
+                    state.checking = true;
+                    let (route, check) = (route.clone(), check.clone());
+                    running.push(async move {
+                        let ok = probe(&route, index, &check).await;
+                        Checked {
+                            key,
+                            route,
+                            index,
+                            check,
+                            ok,
+                        }
+                    });
                 }
             }
         }
-        if due.is_empty() {
-            continue;
-        }
-        let checks = due
-            .into_iter()
-            .map(|(key, route, index, check)| async move {
-                let ok = probe(&route, index, &check).await;
-                (key, route, index, check, ok)
-            });
-        for (key, route, index, check, ok) in futures_util::future::join_all(checks).await {
-            let Some(state) = health.get_mut(&key) else {
-                continue;
-            };
-            if ok == state.healthy {
-                state.streak = 0;
-                continue;
-            }
-            state.streak += 1;
-            let needed = if ok {
-                check.healthy_threshold
-            } else {
-                check.unhealthy_threshold
-            };
-            if state.streak >= needed {
-                state.healthy = ok;
-                state.streak = 0;
-                route.upstream.balancer.set_healthy(index, ok);
-                let (route_name, target) = &key;
-                if ok {
-                    tracing::info!(route = %route_name, %target, "target healthy again");
-                } else {
-                    tracing::warn!(route = %route_name, %target, "target unhealthy: out of rotation");
-                }
-            }
+    }
+}
+
+/// Counts a check's result; enough in a row change the target's verdict.
+fn record(health: &mut HashMap<(String, String), TargetHealth>, checked: Checked) {
+    let Checked {
+        key,
+        route,
+        index,
+        check,
+        ok,
+    } = checked;
+    let Some(state) = health.get_mut(&key) else {
+        return;
+    };
+    state.checking = false;
+    if ok == state.healthy {
+        state.streak = 0;
+        return;
+    }
+    state.streak += 1;
+    let needed = if ok {
+        check.healthy_threshold
+    } else {
+        check.unhealthy_threshold
+    };
+    if state.streak >= needed {
+        state.healthy = ok;
+        state.streak = 0;
+        route.upstream.balancer.set_healthy(index, ok);
+        let (route_name, target) = &key;
+        if ok {
+            tracing::info!(route = %route_name, %target, "target healthy again");
+        } else {
+            tracing::warn!(route = %route_name, %target, "target unhealthy: out of rotation");
         }
     }
 }
@@ -119,9 +151,9 @@ async fn probe(route: &Route, index: usize, check: &HealthCheckConfig) -> bool {
         Ok(response) => {
             let ok = response.status().is_success() || response.status().is_redirection();
             // Drain the body so the pooled connection can be reused, but
-            // only until the check's deadline: every route's checks of a
-            // round are awaited together, so one target whose body trickles
-            // (cut only after `body_read_timeout`) would hold up them all.
+            // only until the check's deadline: a body that trickles (cut
+            // only after `body_read_timeout`) would hold this target's next
+            // check back.
             let drain = http_body_util::BodyExt::collect(response.into_body());
             let _ = tokio::time::timeout_at(deadline.into(), drain).await;
             ok

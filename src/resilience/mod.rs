@@ -15,6 +15,7 @@ pub mod shared_limit;
 mod window;
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use foldhash::HashMap;
@@ -51,6 +52,14 @@ impl Registry {
             metrics,
             shared: SharedLimiter::default(),
         }
+    }
+
+    /// How long route `name`'s circuit stays open, if it is open. Creates
+    /// nothing: the replay workers ask for names read from records (a
+    /// Kafka topic's keys may be anything, or routes removed by a reload),
+    /// and a route with no state yet has a closed circuit.
+    pub fn open_for(&self, name: &str) -> Option<Duration> {
+        self.routes.load().get(name)?.breaker.open_for()
     }
 
     /// The state of route `name`, created (closed breaker, full buckets) on

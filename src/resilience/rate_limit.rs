@@ -135,7 +135,9 @@ impl RateLimiter {
         match shard.get_mut(key) {
             Some(bucket) => {
                 bucket.tokens = left;
-                bucket.last = now;
+                // `now` was read before the lock: a later reading may have
+                // been here first, and its refill must not be paid twice.
+                bucket.last = bucket.last.max(now);
             }
             None => {
                 shard.insert(

@@ -113,11 +113,18 @@ impl SharedLimiter {
                 Some(Decision::from_tokens(limit, before))
             }
             Err(error) => {
-                let until = now_ms + SKIP_AFTER_FAILURE.as_millis() as u64;
-                self.skip_until_ms.store(until, Ordering::Relaxed);
-                // Logged at most once per skip period, so a Redis outage
-                // does not flood the log.
-                tracing::warn!(route, %error, "shared rate limit unavailable: letting requests through");
+                // From the failure, not the call's start: a call that took
+                // a `redis.timeout` of a second or more would otherwise set
+                // a skip already over.
+                let failed_ms = self.epoch.elapsed().as_millis() as u64;
+                let until = failed_ms + SKIP_AFTER_FAILURE.as_millis() as u64;
+                let before = self.skip_until_ms.fetch_max(until, Ordering::Relaxed);
+                // Logged once per skip period, by the call that started it
+                // (the calls in flight when Redis failed all fail), so a
+                // Redis outage does not flood the log.
+                if before <= failed_ms {
+                    tracing::warn!(route, %error, "shared rate limit unavailable: letting requests through");
+                }
                 None
             }
         }

@@ -610,11 +610,11 @@ pub fn view_json(view: RouteView<'_>, name: &str, q: &RouteQuery<'_>) -> Option<
     Some(out)
 }
 
+/// The paths as an object keyed by path: in path order (serde_json's map
+/// is sorted by key), whatever order they are given in.
 fn paths_json(paths: &HashMap<String, Counts>) -> Value {
-    let mut sorted: Vec<(&String, &Counts)> = paths.iter().collect();
-    sorted.sort_by(|a, b| b.1.total.cmp(&a.1.total).then(a.0.cmp(b.0)));
-    let map: serde_json::Map<String, Value> = sorted
-        .into_iter()
+    let map: serde_json::Map<String, Value> = paths
+        .iter()
         .map(|(p, c)| (p.clone(), c.to_json()))
         .collect();
     Value::Object(map)

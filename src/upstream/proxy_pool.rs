@@ -294,6 +294,13 @@ impl tower_service::Service<Uri> for ProxyConnector {
                 })
                 .map_err(ProxyUnavailable)?;
             stream.set_nodelay(true).map_err(ProxyUnavailable)?;
+            // As on direct connections: a proxy host that vanished is
+            // found by the kernel's probes. Without them the connection
+            // still works, so a refusal is not a failure.
+            let keepalive = socket2::TcpKeepalive::new().with_time(super::TCP_KEEPALIVE);
+            if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+                tracing::debug!(error = %e, "TCP keep-alive not set on a proxy connection");
+            }
             if dst.scheme_str() != Some("https") {
                 return Ok(ProxyStream {
                     io: TokioIo::new(stream),

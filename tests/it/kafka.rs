@@ -250,6 +250,36 @@ async fn backend_down_post_goes_to_kafka_and_is_replayed_once() {
     );
 }
 
+/// A record for a route the configuration no longer has (any producer may
+/// write the topic) is counted under one `(unconfigured)` series, not a
+/// series per name the topic holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn replays_of_a_route_no_longer_configured_count_under_one_series() {
+    let tansu = Tansu::start(false);
+    let addr = Backend::echo().await.stop().await;
+    let upstream = format!("http://{addr}");
+    let gone = format!(
+        "[[routes]]\nname = \"gone\"\npath_prefix = \"/gone\"\nupstreams = [{upstream:?}]\n"
+    );
+    let with_gone = format!("{}{gone}", config(&tansu, &upstream, true));
+    let bs = Backstop::start(&with_gone);
+    capture_each(&bs, 1, |_| "/gone/x".to_string()).await;
+    std::fs::write(&bs.config_path, with_gone.replace(&gone, "")).unwrap();
+    bs.signal("HUP");
+    bs.wait_for_log("configuration reloaded", Duration::from_secs(5))
+        .await;
+    let unconfigured = "backstop_replayed_total{route=\"(unconfigured)\",outcome=\"retry\"}";
+    let started = std::time::Instant::now();
+    while bs.metric(unconfigured).await < 1.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{}",
+            bs.admin_text("/metrics").await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// A capture Kafka will never take (2 MiB of body: past librdkafka's 1 MB
 /// message limit once in its record) is kept in the spool and replayed
 /// from there, and holds up no other capture.

@@ -381,9 +381,14 @@ async fn a_reload_cannot_remove_the_token_of_an_admin_api_bound_off_loopback() {
     );
     let c = client();
     let queue = format!("http://127.0.0.1:{}/queue", bs.admin.port());
-    assert_eq!(c.get(&queue).send().await.unwrap().status(), 401);
+    let refused = c.get(&queue).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    assert_eq!(refused.headers()["www-authenticate"], "Bearer");
     let r = c.get(&queue).bearer_auth("s3cret").send().await.unwrap();
     assert_eq!(r.status(), 200);
+    // The scheme's name is case-insensitive.
+    let r = c.get(&queue).header("authorization", "bearer s3cret");
+    assert_eq!(r.send().await.unwrap().status(), 200);
 }
 
 /// `drain_timeout` is read when the drain starts: a reload changes it.

@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use tokio::net::TcpStream;
+
 use crate::harness::{
     client, error_of, h2_client, turn_gauge, Backend, Backstop, RawBackend, Reply,
 };
@@ -495,6 +497,72 @@ async fn http2_from_the_client_and_to_the_upstream() {
     assert_eq!(seen[0].version, http::Version::HTTP_11);
     assert_eq!(seen[1].version, http::Version::HTTP_2);
     assert_eq!(seen[1].headers["x-request-id"], "/h2/b");
+}
+
+/// gRPC through an h2c route: the client's `te: trailers` reaches the
+/// backend (gRPC servers refuse a request without it), and the backend's
+/// trailers (`grpc-status`) reach the client after the body.
+#[tokio::test]
+async fn grpc_te_trailers_and_answer_trailers_pass_an_h2c_route() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let te_seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = te_seen.clone();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut connection = h2::server::handshake(tcp).await.unwrap();
+        while let Some(Ok((request, mut respond))) = connection.accept().await {
+            let te = request.headers().get("te").cloned();
+            seen.lock().unwrap().push(te);
+            let head = http::Response::builder()
+                .header("content-type", "application/grpc")
+                .body(())
+                .unwrap();
+            let mut stream = respond.send_response(head, false).unwrap();
+            stream
+                .send_data(bytes::Bytes::from_static(b"\0\0\0\0\x02hi"), false)
+                .unwrap();
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            stream.send_trailers(trailers).unwrap();
+        }
+    });
+    let bs = Backstop::start(&route(
+        "grpc",
+        "/",
+        &[format!("http://{backend}")],
+        "upstream_h2c = true",
+    ));
+    let tcp = TcpStream::connect(bs.addr).await.unwrap();
+    let (mut h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::post(bs.url("/pkg.Greeter/SayHello"))
+        .header("te", "trailers")
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    let (answer, mut upload) = h2.send_request(request, false).unwrap();
+    upload
+        .send_data(bytes::Bytes::from_static(b"\0\0\0\0\x00"), true)
+        .unwrap();
+    let answer = answer.await.unwrap();
+    assert_eq!(answer.status(), 200);
+    let mut body = answer.into_body();
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        body.flow_control().release_capacity(chunk.len()).unwrap();
+        data.extend_from_slice(&chunk);
+    }
+    assert_eq!(data, b"\0\0\0\0\x02hi");
+    let trailers = body
+        .trailers()
+        .await
+        .unwrap()
+        .expect("the backend's trailers");
+    assert_eq!(trailers["grpc-status"], "0");
+    let te_seen = te_seen.lock().unwrap().clone();
+    assert_eq!(te_seen, [Some(http::HeaderValue::from_static("trailers"))]);
 }
 
 #[tokio::test]

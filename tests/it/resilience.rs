@@ -258,6 +258,59 @@ async fn half_open_lets_only_a_limited_number_of_probes_through() {
     assert_eq!(circuit(&bs).await["state"], "closed");
 }
 
+/// A half-open circuit's probe answered 429 (a success for the breaker)
+/// is retried after its `Retry-After`; through that wait it holds no probe
+/// place, so another request is still let through beside a probe in flight.
+#[tokio::test]
+async fn a_retry_waiting_out_its_backoff_holds_no_half_open_probe_place() {
+    let failing = Arc::new(AtomicBool::new(true));
+    let flag = failing.clone();
+    let throttled_once = Arc::new(AtomicBool::new(false));
+    let backend = Backend::start(move |seen| match seen.uri.as_str() {
+        _ if flag.load(Ordering::SeqCst) => Reply::status(503),
+        "/api/throttled" if !throttled_once.swap(true, Ordering::SeqCst) => {
+            Reply::status(429).header("retry-after", "2")
+        }
+        "/api/slow" => Reply::ok("slow").delay(Duration::from_secs(1)),
+        _ => Reply::ok("fine"),
+    })
+    .await;
+    let bs = Backstop::start(&route(
+        &backend.url(),
+        r#"
+  [routes.retry]
+  max_attempts = 2
+  initial_delay = "10ms"
+  max_delay = "5s"
+  [routes.circuit_breaker]
+  failure_threshold = 1
+  reset_timeout = "300ms"
+  success_threshold = 2
+"#,
+    ));
+    let r = client().get(bs.url("/api/x")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(circuit(&bs).await["state"], "open");
+    failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    let throttled = tokio::spawn(client().get(bs.url("/api/throttled")).send());
+    backend.wait_for_hits(2, Duration::from_secs(5)).await;
+    let slow = tokio::spawn(client().get(bs.url("/api/slow")).send());
+    backend.wait_for_hits(3, Duration::from_secs(5)).await;
+    // One probe (the slow one) is in flight, one success counted; the
+    // throttled request waits out its 2 s.
+    let r = client().get(bs.url("/api/other")).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "refused: {:?}",
+        r.headers().get("x-backstop-error")
+    );
+    assert_eq!(slow.await.unwrap().unwrap().status(), 200);
+    assert_eq!(throttled.await.unwrap().unwrap().status(), 200);
+}
+
 #[tokio::test]
 async fn a_post_is_captured_while_open_and_replayed_after_a_reset() {
     let failing = Arc::new(AtomicBool::new(false));
@@ -1012,6 +1065,42 @@ async fn a_proxy_that_leaves_the_connect_unanswered_is_skipped() {
     holder.abort();
 }
 
+/// A route whose target takes the check's whole `timeout` (10 s here: it
+/// never answers) holds up no other route's checks: a failing target
+/// elsewhere is out of rotation after its 100 ms checks, not 10 s ones.
+#[tokio::test]
+async fn a_hanging_health_check_holds_up_no_other_targets_checks() {
+    let (silent, _, _holder) = silent_listener().await;
+    let sick = Backend::start(|_| Reply::status(503)).await;
+    let toml = format!(
+        r#"
+[[routes]]
+name = "hanging"
+path_prefix = "/hanging"
+upstreams = ["http://{silent}"]
+  [routes.health_check]
+  path = "/healthz"
+  interval = "100ms"
+  timeout = "10s"
+
+[[routes]]
+name = "sick"
+path_prefix = "/sick"
+upstreams = [{:?}]
+  [routes.health_check]
+  path = "/healthz"
+  interval = "100ms"
+  unhealthy_threshold = 3
+"#,
+        sick.url()
+    );
+    let bs = Backstop::start(&toml);
+    // Only the sick target can be out so soon: the hanging one's three
+    // failures take 30 s.
+    bs.wait_for_log("target unhealthy", Duration::from_secs(3))
+        .await;
+}
+
 #[tokio::test]
 async fn active_health_checks_take_a_target_out_of_rotation_and_back() {
     let sick = Arc::new(AtomicBool::new(true));
@@ -1320,6 +1409,34 @@ async fn a_shared_rate_limit_fails_open_when_redis_is_down() {
         bs.logs().matches("shared rate limit unavailable").count(),
         1,
         "one log line per skip period, not one per request"
+    );
+}
+
+/// A Redis that fails only after `redis.timeout` (a second here: it never
+/// answers) is skipped for the second after its failure, not after the
+/// call's start (a skip over before it began): the requests behind the
+/// first go at once, and the outage is logged once.
+#[tokio::test]
+async fn a_redis_that_times_out_is_skipped_for_a_second_after_its_failure() {
+    let backend = Backend::start(|_| Reply::ok("ok")).await;
+    let (silent, _, _holder) = silent_listener().await;
+    let bs = Backstop::start(
+        &shared_limit_config(&backend.url(), &format!("redis://{silent}"), "unused:")
+            .replace("timeout = \"500ms\"", "timeout = \"1s\""),
+    );
+    let started = Instant::now();
+    for _ in 0..4 {
+        let r = client().get(bs.url("/api/x")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "Redis silent: requests go on");
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(1900),
+        "{took:?}: the requests after the first waited for Redis too"
+    );
+    assert_eq!(
+        bs.logs().matches("shared rate limit unavailable").count(),
+        1
     );
 }
 
