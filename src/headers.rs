@@ -87,6 +87,19 @@ pub fn offers_trailers(headers: &HeaderMap) -> bool {
         })
 }
 
+/// Removes hop-by-hop headers as [`strip_hop_by_hop`] does, but for a `TE`
+/// that offers trailers, which goes on as `te: trailers` when `keep` (the
+/// route's backends answer through hyper's client, which passes trailers
+/// on): gRPC servers refuse a request without it. It is the one `TE` an
+/// HTTP/2 request may carry.
+pub fn strip_hop_by_hop_but_trailers(headers: &mut HeaderMap, keep: bool) {
+    let offered = keep && offers_trailers(headers);
+    strip_hop_by_hop(headers);
+    if offered {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
 /// Removes hop-by-hop headers, including those that `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none (HTTP/1.1 keeps connections alive without
@@ -855,6 +868,21 @@ mod tests {
         assert!(offers(&["gzip", "trailers;q=1"]));
         assert!(!offers(&[]));
         assert!(!offers(&["gzip, trailersx"]));
+    }
+
+    #[test]
+    fn te_trailers_alone_survives_the_hop_by_hop_strip_when_kept() {
+        let stripped = |keep: bool| {
+            let mut h = HeaderMap::new();
+            h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+            h.insert(header::CONNECTION, HeaderValue::from_static("te"));
+            strip_hop_by_hop_but_trailers(&mut h, keep);
+            h
+        };
+        let kept = stripped(true);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[header::TE], "trailers");
+        assert!(stripped(false).is_empty());
     }
 
     #[test]

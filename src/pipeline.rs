@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
-use http::header::{self, HeaderValue, HOST, RETRY_AFTER};
+use http::header::{HeaderValue, HOST, RETRY_AFTER};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::Either;
@@ -482,12 +482,7 @@ fn prepare(
     if client.version() == Version::HTTP_2 {
         headers::join_cookies(client.headers_mut());
     }
-    // gRPC servers refuse a request without `te: trailers`: the one TE an
-    // HTTP/2 request may carry, kept for a backend that may speak HTTP/2
-    // (whose trailers hyper passes on). Backstop's own HTTP/1.1 exchange
-    // drops trailers, so its backends are not offered them.
-    let te_trailers = route.may_speak_h2() && headers::offers_trailers(client.headers());
-    headers::strip_hop_by_hop(client.headers_mut());
+    headers::strip_hop_by_hop_but_trailers(client.headers_mut(), route.carries_trailers());
     let capture = &route.config.capture;
     let client_headers =
         (capture.enabled && capture.methods.contains(client.method())).then(|| {
@@ -496,11 +491,6 @@ fn prepare(
             h
         });
     headers::filter_forwarded(client.headers_mut(), &route.config.forward_headers);
-    if te_trailers {
-        client
-            .headers_mut()
-            .insert(header::TE, HeaderValue::from_static("trailers"));
-    }
     let set = ProxySet {
         forwarding: Forwarding::new(client.headers(), ctx.client, original_host.as_ref()),
         route: route.config.headers.clone(),
@@ -578,8 +568,9 @@ enum Forwarded {
         failure: Failure,
         response: Option<Response<UpstreamBody>>,
     },
-    /// Other requests' failures opened the circuit while a retry waited
-    /// out its backoff: answered as an open circuit is (phase 6).
+    /// The breaker refused a retry after its backoff (other requests'
+    /// failures opened the circuit meanwhile, or it is half-open with every
+    /// probe place taken): answered as an open circuit is (phase 6).
     CircuitOpened { retry_in: Duration },
 }
 

@@ -21,8 +21,8 @@ pub struct Route {
     /// route's first request and kept here, so later requests skip the
     /// lookup. (A reload builds new routes, which find the same state.)
     guards: OnceLock<Arc<RouteGuards>>,
-    /// See [`Route::may_speak_h2`]; known once, asked per request.
-    may_speak_h2: bool,
+    /// See [`Route::carries_trailers`]; known once, asked per request.
+    carries_trailers: bool,
 }
 
 impl Route {
@@ -36,10 +36,12 @@ impl Route {
         self.guards.get_or_init(|| registry.route(self.name()))
     }
 
-    /// Whether a request may reach its backend over HTTP/2: the route
-    /// speaks h2c, or has an `https://` target (ALPN decides).
-    pub fn may_speak_h2(&self) -> bool {
-        self.may_speak_h2
+    /// Whether the backends' trailers reach the client: every request goes
+    /// through hyper's client (h2c, or `https://` targets only, over HTTP/2
+    /// or HTTP/1.1 as ALPN decides), not Backstop's own HTTP/1.1 exchange,
+    /// which drops them.
+    pub fn carries_trailers(&self) -> bool {
+        self.carries_trailers
     }
 
     /// The path sent upstream: with the prefix removed if `strip_prefix`.
@@ -138,11 +140,11 @@ impl RouteTable {
                     config: rc.clone(),
                     upstream,
                     guards: OnceLock::new(),
-                    may_speak_h2: rc.upstream_h2c
+                    carries_trailers: rc.upstream_h2c
                         || rc
                             .upstreams
                             .iter()
-                            .any(|target| target.scheme() == Some(&http::uri::Scheme::HTTPS)),
+                            .all(|target| target.scheme() == Some(&http::uri::Scheme::HTTPS)),
                 })),
                 Err(message) => errors.push(ConfigError {
                     key: format!("routes[{i}].tls_ca_file"),

@@ -23,18 +23,20 @@ async fn metrics(State(state): State<AdminState>) -> Response {
     // Request metrics are applied by the stats aggregator: let it catch up
     // so a scrape counts every request that finished before it.
     state.proxy.stats.flush().await;
+    let m = &state.proxy.metrics;
     match super::queue::snapshot(&state).await {
         Ok(snapshot) => {
-            let m = &state.proxy.metrics;
             m.queue_depth.set(snapshot.depth() as i64);
             m.dead_letters.set(snapshot.stats.dead_letters as i64);
             m.queue_oldest_age_seconds.set(snapshot.stats.oldest_age_s);
+            m.spool_up.set(1);
         }
         // The other series are what an operator needs most when the spool
-        // fails: the queue gauges keep their last values, and the log says
-        // why.
+        // fails: the queue gauges keep their last values, `spool_up` says
+        // they are stale, and the log says why.
         Err(e) => {
-            tracing::warn!(error = %e, "metrics: cannot read the spool; queue gauges not updated")
+            m.spool_up.set(0);
+            tracing::warn!(error = %e, "metrics: cannot read the spool; queue gauges not updated");
         }
     }
     record_turns(&state);

@@ -164,6 +164,11 @@ impl Spool {
         })?;
         let path = data_dir.join("spool.sqlite3");
         let writer_conn = open_connection(&path)?;
+        if lacks_oldest_index(&writer_conn)? {
+            // A spool from before this index: building it reads every
+            // queued record once, which over a large backlog takes a while.
+            tracing::info!(path = %path.display(), "indexing the spool's queue by capture time (once)");
+        }
         writer_conn.execute_batch(SCHEMA)?;
         let reader = open_connection(&path)?;
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
@@ -541,6 +546,16 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dead_letters_newest ON dead_letters (dead_at_ms, id);
 ";
+
+/// Whether the spool has a queue but not yet its `queue_oldest` index.
+fn lacks_oldest_index(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'queue') \
+            AND NOT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'queue_oldest')",
+        [],
+        |r| r.get(0),
+    )
+}
 
 fn open_connection(path: &Path) -> Result<Connection, SpoolError> {
     let conn = Connection::open(path)?;

@@ -180,7 +180,7 @@ fn build_request(
         .map_err(|e| format!("invalid path {:?}: {e}", req.path))?;
 
     let mut headers = req.header_map();
-    headers::strip_hop_by_hop(&mut headers);
+    headers::strip_hop_by_hop_but_trailers(&mut headers, route.carries_trailers());
     headers::filter_forwarded(&mut headers, &route.config.forward_headers);
     let recorded_host = headers.remove(HOST);
     let original_host = match &record.client.host {

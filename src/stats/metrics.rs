@@ -71,6 +71,9 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub queue_oldest_age_seconds: Gauge<f64, AtomicU64>,
     pub dead_letters: Gauge,
+    /// 1 when the last scrape read the spool, 0 when it could not (the
+    /// queue gauges then keep their last values).
+    pub spool_up: Gauge,
     pub kafka_fallbacks: Counter,
     pub replayed: Family<RouteOutcome, Counter>,
     pub rate_limit_fail_open: Family<RouteLabel, Counter>,
@@ -157,6 +160,12 @@ impl Metrics {
             "Records in the dead-letter queue",
             dead_letters.clone(),
         );
+        let spool_up = Gauge::default();
+        registry.register(
+            "spool_up",
+            "Whether the last scrape could read the spool (0: the queue gauges are stale)",
+            spool_up.clone(),
+        );
         let kafka_fallbacks = Counter::default();
         registry.register(
             "kafka_fallbacks",
@@ -233,6 +242,7 @@ impl Metrics {
             queue_depth,
             queue_oldest_age_seconds,
             dead_letters,
+            spool_up,
             kafka_fallbacks,
             replayed,
             rate_limit_fail_open,

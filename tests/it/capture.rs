@@ -153,6 +153,7 @@ async fn backend_down_post_is_captured_then_replayed_once_when_it_returns() {
         "backstop_replayed_total{route=\"users\",outcome=\"delivered\"} 1",
         "backstop_requests_total{route=\"users\",status=\"503\"} 1",
         "backstop_queue_depth 0",
+        "backstop_spool_up 1",
     ] {
         assert!(
             metrics.lines().any(|l| l == line),

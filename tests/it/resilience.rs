@@ -269,9 +269,9 @@ async fn a_retry_waiting_out_its_backoff_holds_no_half_open_probe_place() {
     let backend = Backend::start(move |seen| match seen.uri.as_str() {
         _ if flag.load(Ordering::SeqCst) => Reply::status(503),
         "/api/throttled" if !throttled_once.swap(true, Ordering::SeqCst) => {
-            Reply::status(429).header("retry-after", "2")
+            Reply::status(429).header("retry-after", "4")
         }
-        "/api/slow" => Reply::ok("slow").delay(Duration::from_secs(1)),
+        "/api/slow" => Reply::ok("slow").delay(Duration::from_secs(3)),
         _ => Reply::ok("fine"),
     })
     .await;
@@ -281,7 +281,7 @@ async fn a_retry_waiting_out_its_backoff_holds_no_half_open_probe_place() {
   [routes.retry]
   max_attempts = 2
   initial_delay = "10ms"
-  max_delay = "5s"
+  max_delay = "10s"
   [routes.circuit_breaker]
   failure_threshold = 1
   reset_timeout = "300ms"
@@ -298,8 +298,9 @@ async fn a_retry_waiting_out_its_backoff_holds_no_half_open_probe_place() {
     backend.wait_for_hits(2, Duration::from_secs(5)).await;
     let slow = tokio::spawn(client().get(bs.url("/api/slow")).send());
     backend.wait_for_hits(3, Duration::from_secs(5)).await;
-    // One probe (the slow one) is in flight, one success counted; the
-    // throttled request waits out its 2 s.
+    // One probe (the slow one, 3 s) is in flight, one success counted;
+    // the throttled request waits out its 4 s.
+    assert_eq!(circuit(&bs).await["state"], "half_open");
     let r = client().get(bs.url("/api/other")).send().await.unwrap();
     assert_eq!(
         r.status(),
@@ -1412,7 +1413,7 @@ async fn a_shared_rate_limit_fails_open_when_redis_is_down() {
     );
 }
 
-/// A Redis that fails only after `redis.timeout` (a second here: it never
+/// A Redis that fails only after `redis.timeout` (2 s here: it never
 /// answers) is skipped for the second after its failure, not after the
 /// call's start (a skip over before it began): the requests behind the
 /// first go at once, and the outage is logged once.
@@ -1422,7 +1423,7 @@ async fn a_redis_that_times_out_is_skipped_for_a_second_after_its_failure() {
     let (silent, _, _holder) = silent_listener().await;
     let bs = Backstop::start(
         &shared_limit_config(&backend.url(), &format!("redis://{silent}"), "unused:")
-            .replace("timeout = \"500ms\"", "timeout = \"1s\""),
+            .replace("timeout = \"500ms\"", "timeout = \"2s\""),
     );
     let started = Instant::now();
     for _ in 0..4 {
@@ -1431,7 +1432,7 @@ async fn a_redis_that_times_out_is_skipped_for_a_second_after_its_failure() {
     }
     let took = started.elapsed();
     assert!(
-        took < Duration::from_millis(1900),
+        took < Duration::from_millis(3500),
         "{took:?}: the requests after the first waited for Redis too"
     );
     assert_eq!(
