@@ -47,12 +47,15 @@ pub const PER_MESSAGE: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
-/// Headers that describe the body; kept even with `forward_headers = false`
-/// because without them the backend cannot read what it is sent.
-const REPRESENTATION: [HeaderName; 3] = [
+/// Headers kept even with `forward_headers = false`: those that describe
+/// the body, without which the backend cannot read what it is sent, and
+/// `TE`, which only ever gets this far as the `te: trailers` that gRPC
+/// servers require (see [`strip_hop_by_hop_but_trailers`]).
+const REPRESENTATION: [HeaderName; 4] = [
     header::CONTENT_TYPE,
     header::CONTENT_LENGTH,
     header::CONTENT_ENCODING,
+    header::TE,
 ];
 
 /// Makes the `cookie` fields of an HTTP/2 request one, joined with "; ":

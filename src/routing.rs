@@ -204,6 +204,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn trailers_are_carried_only_when_every_target_answers_through_hyper() {
+        let t = RouteTable::from_toml(
+            r#"
+            [[routes]]
+            name = "plain"
+            path_prefix = "/plain"
+            upstreams = ["http://127.0.0.1:1"]
+            [[routes]]
+            name = "h2c"
+            path_prefix = "/h2c"
+            upstreams = ["http://127.0.0.1:2"]
+            upstream_h2c = true
+            [[routes]]
+            name = "tls"
+            path_prefix = "/tls"
+            upstreams = ["https://127.0.0.1:3", "https://127.0.0.1:4"]
+            [[routes]]
+            name = "mixed"
+            path_prefix = "/mixed"
+            upstreams = ["https://127.0.0.1:5", "http://127.0.0.1:6"]
+            "#,
+        );
+        let carries = |name: &str| t.get(name).expect(name).carries_trailers();
+        assert!(!carries("plain"));
+        assert!(carries("h2c"));
+        assert!(carries("tls"));
+        assert!(
+            !carries("mixed"),
+            "its http:// target goes through the own exchange"
+        );
+    }
+
+    #[test]
     fn longest_prefix_on_segment_boundary_wins() {
         let t = RouteTable::from_toml(
             r#"
