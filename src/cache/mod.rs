@@ -661,7 +661,7 @@ impl Caches {
             slot: Some(Slot {
                 key,
                 store,
-                unkeyed_auth: policy::unkeyed_authorization(cache, request.headers()),
+                unkeyed_auth: policy::unkeyed_credentials(cache, request.headers()),
                 request: request.headers().clone(),
                 route: rc,
                 writes,

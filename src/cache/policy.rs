@@ -7,7 +7,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::header::{AGE, AUTHORIZATION, CACHE_CONTROL, DATE, EXPIRES, PRAGMA, SET_COOKIE};
+use http::header::{AGE, AUTHORIZATION, CACHE_CONTROL, COOKIE, DATE, EXPIRES, PRAGMA, SET_COOKIE};
 use http::{HeaderMap, HeaderName, Method, StatusCode};
 
 use super::{entry, vary};
@@ -58,10 +58,17 @@ pub fn request_plan(cache: &CacheConfig, method: &Method, headers: &HeaderMap) -
     RequestPlan::Lookup
 }
 
+/// Headers that carry one client's credentials: `Authorization` (RFC 9111
+/// §3.5) and `Cookie`, a session's (a shared cache such as Varnish does
+/// not store answers to either by default).
+const CREDENTIALS: [HeaderName; 2] = [AUTHORIZATION, COOKIE];
+
 /// Whether the request carried credentials that are not part of its key:
 /// its answer may then be stored only if the backend says it is shared.
-pub fn unkeyed_authorization(cache: &CacheConfig, request: &HeaderMap) -> bool {
-    request.contains_key(AUTHORIZATION) && !authorization_keyed(cache)
+pub fn unkeyed_credentials(cache: &CacheConfig, request: &HeaderMap) -> bool {
+    CREDENTIALS
+        .iter()
+        .any(|name| request.contains_key(name) && !keyed(cache, name))
 }
 
 /// What the backend allows a shared cache to do with an answer it may
@@ -88,7 +95,7 @@ pub struct Storable {
 }
 
 /// Whether an answer may be stored, and how it may be reused if so.
-/// `unkeyed_auth`: see [`unkeyed_authorization`]; `received`: when the
+/// `unkeyed_auth`: see [`unkeyed_credentials`]; `received`: when the
 /// answer came (for an `Expires` without a `Date`).
 pub fn storable(
     cache: &CacheConfig,
@@ -101,8 +108,9 @@ pub fn storable(
         return None;
     }
     let directives = cache_control(response);
-    // RFC 9111 §3.5: an answer to an authenticated request is shared only
-    // when the backend says it may be, unless the credential is in the key.
+    // RFC 9111 §3.5: an answer to an authenticated request (here also one
+    // with a session's cookie) is shared only when the backend says it may
+    // be, unless the credential is in the key.
     // `ignore_cache_control` overrides the backend's directives, never this
     // rule: it protects one client's credentials, not the backend's wishes.
     if unkeyed_auth && !(directives.public || directives.s_maxage.is_some()) {
@@ -195,10 +203,11 @@ fn expires_lifetime(response: &HeaderMap, received: SystemTime) -> Option<Durati
     Some(expires.duration_since(date).unwrap_or(Duration::ZERO))
 }
 
-fn authorization_keyed(cache: &CacheConfig) -> bool {
+/// Whether the request header `name` is part of the cache key.
+fn keyed(cache: &CacheConfig, name: &HeaderName) -> bool {
     match cache.header_strategy {
         HeaderStrategy::All => true,
-        HeaderStrategy::List => cache.headers.contains(&AUTHORIZATION),
+        HeaderStrategy::List => cache.headers.contains(name),
         HeaderStrategy::None => false,
     }
 }
@@ -404,6 +413,9 @@ mod tests {
         let ignore = cache("ignore_cache_control = true");
         let keyed = cache("header_strategy = \"list\"\nheaders = [\"Authorization\"]");
         let auth: Headers = &[("authorization", "Bearer x")];
+        let cookie_keyed = cache("header_strategy = \"list\"\nheaders = [\"Cookie\"]");
+        let all = cache("header_strategy = \"all\"");
+        let cookie: Headers = &[("cookie", "session=abc")];
         let cases: Vec<StoreCase> = vec![
             ("200", &default, &[], 200, &[], true),
             ("404 listed", &default, &[], 404, &[], true),
@@ -507,6 +519,25 @@ mod tests {
                 true,
             ),
             ("authorization keyed", &keyed, auth, 200, &[], true),
+            ("cookie", &default, cookie, 200, &[], false),
+            (
+                "cookie public",
+                &default,
+                cookie,
+                200,
+                &[("cache-control", "public, max-age=5")],
+                true,
+            ),
+            ("cookie keyed", &cookie_keyed, cookie, 200, &[], true),
+            ("cookie keyed by all", &all, cookie, 200, &[], true),
+            (
+                "cookie keyed, authorization not",
+                &cookie_keyed,
+                &[("cookie", "s=1"), ("authorization", "Bearer x")],
+                200,
+                &[],
+                false,
+            ),
             (
                 "ignore keeps the authorization rule",
                 &ignore,
@@ -529,7 +560,7 @@ mod tests {
             assert_eq!(
                 storable(
                     config,
-                    unkeyed_authorization(config, &headers(req)),
+                    unkeyed_credentials(config, &headers(req)),
                     status,
                     &headers(resp),
                     SystemTime::UNIX_EPOCH,

@@ -800,6 +800,18 @@ async fn requests_with_credentials_are_not_shared() {
         "n=3 GET /me",
         "never served to others"
     );
+    // A session's cookie is a credential too.
+    let with_session = |session: &'static str| {
+        let req = c.get(bs.url("/cart")).header("cookie", session);
+        async move { got(req.send().await.unwrap()).await }
+    };
+    assert_eq!(with_session("session=alice").await.x_cache, "MISS");
+    let bob = with_session("session=bob").await;
+    assert_eq!(
+        (bob.x_cache.as_str(), bob.body.as_str()),
+        ("MISS", "n=5 GET /cart"),
+        "alice's cart is not served to bob"
+    );
 }
 
 #[tokio::test]
