@@ -51,7 +51,7 @@ pub const PER_MESSAGE: [HeaderName; 8] = [
 /// the body, without which the backend cannot read what it is sent, and
 /// `TE`, which only ever gets this far as the `te: trailers` that gRPC
 /// servers require (see [`strip_hop_by_hop_but_trailers`]).
-const REPRESENTATION: [HeaderName; 4] = [
+const ALWAYS_FORWARDED: [HeaderName; 4] = [
     header::CONTENT_TYPE,
     header::CONTENT_LENGTH,
     header::CONTENT_ENCODING,
@@ -236,9 +236,9 @@ pub fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 pub fn filter_forwarded(headers: &mut HeaderMap, rule: &ForwardHeaders) {
     match rule {
         ForwardHeaders::All => {}
-        ForwardHeaders::None => headers.keep_only(|name| REPRESENTATION.contains(name)),
+        ForwardHeaders::None => headers.keep_only(|name| ALWAYS_FORWARDED.contains(name)),
         ForwardHeaders::Only(allowed) => {
-            headers.keep_only(|name| REPRESENTATION.contains(name) || allowed.contains(name))
+            headers.keep_only(|name| ALWAYS_FORWARDED.contains(name) || allowed.contains(name))
         }
     }
 }
