@@ -1751,6 +1751,19 @@ async fn an_unreachable_redis_at_startup_only_skips_the_cache() {
         .await
         .unwrap();
     assert_eq!(r.status(), 502, "a purge that cannot reach Redis says so");
+
+    // A route that caches in memory is purged whatever Redis says.
+    let memory = route("r", "/", &backend.url(), "");
+    let bs = Backstop::start(&format!(
+        "{}{memory}",
+        redis_section(&format!("redis://127.0.0.1:{port}"), "bs:")
+    ));
+    let r = client()
+        .delete(bs.admin_url("/cache/r"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }
 
 /// A raw HTTP/1.1 backend answering every request with a chunked body of
