@@ -79,7 +79,7 @@ pub fn join_cookies(headers: &mut HeaderMap) {
 
 /// Whether the client's `TE` lists `trailers` (it takes an answer's
 /// trailers), as gRPC clients always send.
-pub fn offers_trailers(headers: &HeaderMap) -> bool {
+fn offers_trailers(headers: &HeaderMap) -> bool {
     headers
         .get_all(header::TE)
         .iter()

@@ -65,6 +65,12 @@ struct Got {
     body: String,
 }
 
+/// `DELETE /cache/{route}` on `bs`'s admin listener.
+async fn purge(bs: &Backstop, route: &str) -> reqwest::Response {
+    let url = bs.admin_url(&format!("/cache/{route}"));
+    client().delete(url).send().await.unwrap()
+}
+
 async fn get(url: &str) -> Got {
     got(client().get(url).send().await.unwrap()).await
 }
@@ -1188,21 +1194,13 @@ async fn purge_empties_a_routes_memory_store() {
     let bs = Backstop::start(&route("r", "/", &backend.url(), ""));
     assert_eq!(get(&bs.url("/p")).await.x_cache, "MISS");
     assert_eq!(get(&bs.url("/p")).await.x_cache, "HIT");
-    let r = client()
-        .delete(bs.admin_url("/cache/r"))
-        .send()
-        .await
-        .unwrap();
+    let r = purge(&bs, "r").await;
     assert_eq!(r.status(), 200);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["route"], "r");
     assert_eq!(body["purged"]["redis"], serde_json::Value::Null);
     assert_eq!(get(&bs.url("/p")).await.x_cache, "MISS");
-    let missing = client()
-        .delete(bs.admin_url("/cache/nope"))
-        .send()
-        .await
-        .unwrap();
+    let missing = purge(&bs, "nope").await;
     assert_eq!(missing.status(), 404);
 }
 
@@ -1221,11 +1219,7 @@ async fn a_miss_upstream_during_a_purge_does_not_store_its_answer() {
     let url = bs.url("/p");
     let slow = tokio::spawn(async move { get(&url).await });
     backend.wait_for_hits(1, Duration::from_secs(5)).await;
-    let r = client()
-        .delete(bs.admin_url("/cache/r"))
-        .send()
-        .await
-        .unwrap();
+    let r = purge(&bs, "r").await;
     assert_eq!(r.status(), 200);
     let first = slow.await.unwrap();
     assert_eq!(
@@ -1336,11 +1330,7 @@ async fn two_instances_share_entries_through_redis() {
     assert!((85_000..=90_000).contains(&pttl), "PTTL {pttl}");
 
     // A purge on one instance empties Redis for both.
-    let r = client()
-        .delete(b.admin_url("/cache/r"))
-        .send()
-        .await
-        .unwrap();
+    let r = purge(&b, "r").await;
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["purged"]["redis"], 1);
     assert_eq!(at(a.url("/shared?x=1&y=2")).await.x_cache, "MISS");
@@ -1745,11 +1735,7 @@ async fn an_unreachable_redis_at_startup_only_skips_the_cache() {
         assert_eq!(write, (200, "BYPASS".to_string()));
         assert!(started.elapsed() < Duration::from_secs(1));
     }
-    let r = client()
-        .delete(bs.admin_url("/cache/r"))
-        .send()
-        .await
-        .unwrap();
+    let r = purge(&bs, "r").await;
     assert_eq!(r.status(), 502, "a purge that cannot reach Redis says so");
 
     // A route that caches in memory is purged whatever Redis says.
@@ -1758,11 +1744,7 @@ async fn an_unreachable_redis_at_startup_only_skips_the_cache() {
         "{}{memory}",
         redis_section(&format!("redis://127.0.0.1:{port}"), "bs:")
     ));
-    let r = client()
-        .delete(bs.admin_url("/cache/r"))
-        .send()
-        .await
-        .unwrap();
+    let r = purge(&bs, "r").await;
     assert_eq!(r.status(), 200);
 }
 
