@@ -234,12 +234,17 @@ pub fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 
 /// Applies `forward_headers`: which of the client's headers may go upstream.
 pub fn filter_forwarded(headers: &mut HeaderMap, rule: &ForwardHeaders) {
+    if *rule != ForwardHeaders::All {
+        headers.keep_only(|name| forwards(rule, name));
+    }
+}
+
+/// Whether `forward_headers` lets the client's header `name` go upstream.
+pub fn forwards(rule: &ForwardHeaders, name: &HeaderName) -> bool {
     match rule {
-        ForwardHeaders::All => {}
-        ForwardHeaders::None => headers.keep_only(|name| ALWAYS_FORWARDED.contains(name)),
-        ForwardHeaders::Only(allowed) => {
-            headers.keep_only(|name| ALWAYS_FORWARDED.contains(name) || allowed.contains(name))
-        }
+        ForwardHeaders::All => true,
+        ForwardHeaders::None => ALWAYS_FORWARDED.contains(name),
+        ForwardHeaders::Only(allowed) => ALWAYS_FORWARDED.contains(name) || allowed.contains(name),
     }
 }
 

@@ -36,10 +36,23 @@ pub struct Outgoing {
     pub(crate) upstream_path_start: usize,
     /// What the proxy sets on top of them.
     pub set: ProxySet,
-    /// The client's own headers, kept only when the request may be captured
-    /// (the record holds what the client sent, not what Backstop added).
-    pub client_headers: Option<HeaderMap>,
+    /// What the request's capture record needs, kept only when the route
+    /// captures its method.
+    pub capturable: Option<Capturable>,
     pub body: OutgoingBody,
+}
+
+/// What a request that may be captured keeps for its record.
+pub struct Capturable {
+    /// The record's id, made before the first attempt: the attempts carry
+    /// it as their idempotency key (unless the client sent its own), the
+    /// key its replays will carry, so a backend that applied a request
+    /// whose answer never came back (a timeout, a reset) can tell the
+    /// replay for the duplicate it is.
+    pub id: String,
+    /// The client's own headers: the record holds what the client sent,
+    /// not what Backstop added.
+    pub client_headers: HeaderMap,
 }
 
 pub enum OutgoingBody {

@@ -35,20 +35,21 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
 use http::header::{HeaderValue, HOST, RETRY_AFTER};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::Either;
 
 use crate::body::{self, BufferError, BufferedBody, ClientBody, ResponseBody, UpstreamBody};
 use crate::cache::{self, CacheState, Caches, Lookup};
 use crate::canonical_path;
+use crate::capture::record::CaptureRecord;
 use crate::capture::{CaptureOutcome, Capturer};
 use crate::classify::{is_idempotent, status_failure, status_trips_breaker, Failure};
 use crate::config::{Config, RateLimitConfig};
 use crate::error::{ErrorCode, ProxyError};
 use crate::headers::{self, ClientInfo, Forwarding, ProxySet, RequestNames, X_REQUEST_ID};
 use crate::otel;
-use crate::outgoing::{Outgoing, OutgoingBody, Streamed};
+use crate::outgoing::{Capturable, Outgoing, OutgoingBody, Streamed};
 use crate::resilience::backoff::Backoff;
 use crate::resilience::breaker::{self, Admission, Permit};
 use crate::resilience::rate_limit::{self, Decision};
@@ -243,7 +244,8 @@ async fn proxy_request(
     } else {
         CacheState::off()
     };
-    let mut outgoing = prepare(route, req, body, ctx);
+    let idempotency_header = &active.config.replay.idempotency_header;
+    let mut outgoing = prepare(route, req, body, idempotency_header, ctx);
     let permit = match breaker_phase(route, guards) {
         Ok(permit) => permit,
         Err(retry_in) => {
@@ -464,6 +466,7 @@ fn prepare(
     route: &Route,
     mut client: Box<Request<ClientBody>>,
     body: OutgoingBody,
+    idempotency_header: &HeaderName,
     ctx: &RequestContext<'_>,
 ) -> Outgoing {
     // The Host header's value is shared, not copied (as `request_host`'s
@@ -484,13 +487,26 @@ fn prepare(
     }
     headers::strip_hop_by_hop_but_trailers(client.headers_mut(), route.carries_trailers());
     let capture = &route.config.capture;
-    let client_headers =
-        (capture.enabled && capture.methods.contains(client.method())).then(|| {
-            let mut h = client.headers().clone();
-            h.remove(HOST);
-            h
-        });
+    let capturable = (capture.enabled && capture.methods.contains(client.method())).then(|| {
+        let mut client_headers = client.headers().clone();
+        client_headers.remove(HOST);
+        Capturable {
+            id: CaptureRecord::new_id(),
+            client_headers,
+        }
+    });
     headers::filter_forwarded(client.headers_mut(), &route.config.forward_headers);
+    if let Some(capturable) = &capturable {
+        // The key the replays will carry: the client's own, else the
+        // capture id (whatever `forward_headers` says, as on a replay).
+        let key = match capturable.client_headers.get(idempotency_header) {
+            Some(own) => own.clone(),
+            None => {
+                HeaderValue::from_str(&capturable.id).unwrap_or(HeaderValue::from_static("invalid"))
+            }
+        };
+        client.headers_mut().insert(idempotency_header.clone(), key);
+    }
     let set = ProxySet {
         forwarding: Forwarding::new(client.headers(), ctx.client, original_host.as_ref()),
         route: route.config.headers.clone(),
@@ -506,7 +522,7 @@ fn prepare(
             .map_or(0, |p| path.len() - p.len()),
         client,
         set,
-        client_headers,
+        capturable,
         body,
     }
 }
@@ -645,6 +661,10 @@ async fn forward(
         span.end(&result);
         let verdict = match &result {
             Ok(response) => Some(status_trips_breaker(response.status().as_u16())),
+            // A retry that started with little of `retry.deadline` left
+            // says nothing of the backend by timing out (connecting has
+            // its own `connect_timeout`; one cut short ends as `Timeout`).
+            Err(Failure::Timeout) if attempt > 1 && cut_short(sent_at, timeout, deadline) => None,
             Err(failure) => failure.breaker_verdict(),
         };
         // A streamed upload's time is the client's: a slow call is timed
@@ -727,6 +747,16 @@ async fn forward(
 fn try_deadline(sent_at: Instant, timeout: Duration, deadline: Option<Instant>) -> Instant {
     let try_deadline = deadline_after(sent_at, timeout);
     deadline.map_or(try_deadline, |d| d.min(try_deadline))
+}
+
+/// Whether an attempt had less than its `request_timeout` because the
+/// request's deadline comes first. For a retry, its timeout then says
+/// nothing of the backend, so the breaker is not told of it (else a retry
+/// with milliseconds left would count as a failure of a healthy, merely
+/// slow backend). A first attempt's timeout always counts: a deadline
+/// shorter than `request_timeout` is the route's real timeout.
+fn cut_short(sent_at: Instant, timeout: Duration, deadline: Option<Instant>) -> bool {
+    deadline.is_some_and(|d| d < deadline_after(sent_at, timeout))
 }
 
 /// An attempt to a target whose requests in flight are capped

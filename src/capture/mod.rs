@@ -80,10 +80,10 @@ impl Capturer {
             OutgoingBody::Buffered(b) => b.0.clone(),
             OutgoingBody::Streaming(_) => bytes::Bytes::new(),
         };
-        let headers = outgoing
-            .client_headers
-            .as_ref()
-            .unwrap_or_else(|| outgoing.headers());
+        let (id, headers) = match &outgoing.capturable {
+            Some(c) => (c.id.clone(), &c.client_headers),
+            None => (CaptureRecord::new_id(), outgoing.headers()),
+        };
         let request = CapturedRequest::new(
             outgoing.method(),
             outgoing.original_path(),
@@ -104,6 +104,7 @@ impl Capturer {
                 .map(str::to_owned),
         };
         let record = CaptureRecord::new(
+            id,
             route.name(),
             failure.reason(),
             ctx.attempts,

@@ -180,6 +180,14 @@ fn build_request(
         .map_err(|e| format!("invalid path {:?}: {e}", req.path))?;
 
     let mut headers = req.header_map();
+    // The key the live attempts carried: the client's own, else the
+    // capture id (see `outgoing::Capturable`).
+    let key = match headers.get(idempotency_header) {
+        Some(own) => own.clone(),
+        None => {
+            HeaderValue::from_str(&record.id).map_err(|_| format!("invalid id {:?}", record.id))?
+        }
+    };
     headers::strip_hop_by_hop_but_trailers(&mut headers, route.carries_trailers());
     headers::filter_forwarded(&mut headers, &route.config.forward_headers);
     let recorded_host = headers.remove(HOST);
@@ -195,9 +203,7 @@ fn build_request(
     for (name, value) in route.config.headers.iter() {
         headers.insert(name.clone(), value.clone());
     }
-    let id =
-        HeaderValue::from_str(&record.id).map_err(|_| format!("invalid id {:?}", record.id))?;
-    headers.insert(idempotency_header.clone(), id);
+    headers.insert(idempotency_header.clone(), key);
     headers.insert(X_BACKSTOP_REPLAY_ATTEMPT, HeaderValue::from(attempt));
     if let Ok(rid) = HeaderValue::from_str(&record.client.request_id) {
         headers.insert(X_REQUEST_ID, rid);

@@ -820,6 +820,53 @@ async fn requests_with_credentials_are_not_shared() {
     );
 }
 
+/// A header that rewrites what the backend answers (its URL, method, or the
+/// prefix it builds links with) and is not keyed makes the request bypass
+/// the cache: its answer is never served to clients who did not send it.
+#[tokio::test]
+async fn unkeyed_rewriting_headers_bypass_the_cache() {
+    let backend = Backend::start(|seen| {
+        let prefix = seen
+            .headers
+            .get("x-forwarded-prefix")
+            .map_or("", |v| v.to_str().unwrap_or("?"));
+        Reply::ok(&format!("<a href=\"{prefix}/next\">"))
+    })
+    .await;
+    let bs = Backstop::start(&format!(
+        "{}{}",
+        route("r", "/a", &backend.url(), ""),
+        route(
+            "keyed",
+            "/b",
+            &backend.url(),
+            "header_strategy = \"list\"\nheaders = [\"X-Forwarded-Prefix\"]"
+        )
+    ));
+    let poisoned = |path: &str| {
+        let req = client()
+            .get(bs.url(path))
+            .header("x-forwarded-prefix", "//evil.example");
+        async move { got(req.send().await.unwrap()).await }
+    };
+    let attacker = poisoned("/a/page").await;
+    assert_eq!(
+        (attacker.x_cache.as_str(), attacker.body.as_str()),
+        ("BYPASS", "<a href=\"//evil.example/next\">"),
+        "the sender still gets the backend's answer to what it sent"
+    );
+    let victim = get(&bs.url("/a/page")).await;
+    assert_eq!(
+        (victim.x_cache.as_str(), victim.body.as_str()),
+        ("MISS", "<a href=\"/next\">")
+    );
+    assert_eq!(get(&bs.url("/a/page")).await.x_cache, "HIT");
+    // Keyed, it is cached under its own key.
+    assert_eq!(poisoned("/b/page").await.x_cache, "MISS");
+    assert_eq!(poisoned("/b/page").await.x_cache, "HIT");
+    assert_eq!(get(&bs.url("/b/page")).await.body, "<a href=\"/next\">");
+}
+
 #[tokio::test]
 async fn ignore_cache_control_still_keeps_credentialed_answers_private() {
     let backend = counting_backend(vec![("cache-control", "private")]).await;

@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -239,6 +239,69 @@ async fn a_backend_503_is_captured_but_a_500_is_passed_on() {
     assert_eq!(r.text().await.unwrap(), "backend bug");
     let q = queue_status(&bs).await;
     assert_eq!(q["depth"], 1);
+}
+
+/// A request the backend may have applied (it timed out after it was sent)
+/// is captured, and its replay carries the idempotency key its live attempt
+/// carried: the capture id, or the client's own key, which is kept.
+#[tokio::test]
+async fn a_replay_carries_the_idempotency_key_of_its_live_attempt() {
+    let up = Arc::new(AtomicBool::new(false));
+    let backend = Backend::start({
+        let up = up.clone();
+        move |seen| match (up.load(Ordering::SeqCst), seen.uri.contains("slow")) {
+            (true, _) => Reply::status(201),
+            // Applied, but answered too late: the client never learns.
+            (false, true) => Reply::status(201).delay(Duration::from_secs(2)),
+            (false, false) => Reply::status(503),
+        }
+    })
+    .await;
+    let extra = "\n  [routes.circuit_breaker]\n  request_timeout = 300";
+    let bs = Backstop::start(&config(&backend.url(), extra));
+    let r = client()
+        .post(bs.url("/api/slow"))
+        .body("a")
+        .send()
+        .await
+        .unwrap();
+    let capture_id = r.headers()["x-backstop-capture-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(error_of(r).await.1, "captured");
+    let r = client()
+        .post(bs.url("/api/own-key"))
+        .header("idempotency-key", "client-key-1")
+        .body("b")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(r).await.1, "captured");
+    up.store(true, Ordering::SeqCst);
+    wait_queue(&bs, "depth", 0).await;
+
+    let seen = backend.seen();
+    let keys = |path: &str, replayed: bool| -> HashSet<String> {
+        seen.iter()
+            .filter(|s| s.uri.contains(path))
+            .filter(|s| s.headers.contains_key("x-backstop-replay-attempt") == replayed)
+            .map(|s| s.headers["idempotency-key"].to_str().unwrap().to_string())
+            .collect()
+    };
+    let only = |key: &str| HashSet::from([key.to_string()]);
+    assert_eq!(keys("slow", false), only(&capture_id), "the live attempt's");
+    assert_eq!(
+        keys("slow", true),
+        only(&capture_id),
+        "the key the backend applied"
+    );
+    assert_eq!(keys("own-key", false), only("client-key-1"));
+    assert_eq!(
+        keys("own-key", true),
+        only("client-key-1"),
+        "the client's key is kept"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

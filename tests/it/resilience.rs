@@ -645,6 +645,35 @@ async fn the_deadline_bounds_the_whole_request() {
     assert!(backend.hits() <= 4, "{} attempts", backend.hits());
 }
 
+/// A retry that starts with little of the deadline left and times out
+/// tells the breaker nothing: only the first attempt, which had its whole
+/// `request_timeout`, counts as a failure.
+#[tokio::test]
+async fn a_retry_cut_short_by_the_deadline_is_no_breaker_failure() {
+    let backend = Backend::start(|_| Reply::ok("late").delay(Duration::from_secs(5))).await;
+    let bs = Backstop::start(&route(
+        &backend.url(),
+        r#"
+  [routes.retry]
+  max_attempts = 2
+  initial_delay = "50ms"
+  deadline = "600ms"
+  [routes.circuit_breaker]
+  request_timeout = 400
+  failure_threshold = 2
+"#,
+    ));
+    let (status, code, _) = error_of(client().get(bs.url("/api/x")).send().await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (504, "upstream_timeout"));
+    assert_eq!(backend.hits(), 2, "the retry was sent");
+    let state = circuit(&bs).await;
+    assert_eq!(state["state"], "closed", "{state}");
+    // A second request's first attempt is the second failure that counts.
+    let (status, _, _) = error_of(client().get(bs.url("/api/x")).send().await.unwrap()).await;
+    assert_eq!(status, 504);
+    assert_eq!(circuit(&bs).await["state"], "open");
+}
+
 #[tokio::test]
 async fn over_the_rate_limit_is_429_with_ratelimit_headers() {
     let backend = Backend::start(|_| Reply::ok("ok")).await;
