@@ -103,7 +103,21 @@ pub fn strip_hop_by_hop_but_trailers(headers: &mut HeaderMap, keep: bool) {
     }
 }
 
-/// Removes hop-by-hop headers, including those that `Connection` names.
+/// Headers that `Connection` may not name away: what a load balancer in
+/// front says of the client. A client that names them (`Connection:
+/// X-Forwarded-For`, passed on by a front proxy that appended its line)
+/// would otherwise have Backstop drop the front proxy's word, and the
+/// backend would see only the front proxy's own, trusted, address.
+const NOT_HOP_BY_HOP: [HeaderName; 5] = [
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+    header::FORWARDED,
+    HeaderName::from_static("x-real-ip"),
+];
+
+/// Removes hop-by-hop headers, including those that `Connection` names
+/// (but for [`NOT_HOP_BY_HOP`]).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none (HTTP/1.1 keeps connections alive without
     // `Connection`): one pass over the few names present is cheaper than
@@ -117,6 +131,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| !NOT_HOP_BY_HOP.contains(name))
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
@@ -860,6 +875,15 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+        // A front proxy's word on the client cannot be named away.
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Forwarded, x-forwarded-for"),
+        );
+        h.insert(header::FORWARDED, HeaderValue::from_static("for=10.0.0.1"));
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 3, "{h:?}");
     }
 
     #[test]

@@ -310,7 +310,11 @@ async fn hop_by_hop_headers_are_removed_both_ways() {
     let bs = Backstop::start(&route("api", "/", &[backend.url()], ""));
     let r = client()
         .get(bs.url("/x"))
-        .header("connection", "x-client-hop")
+        // What a load balancer in front said of the client is not the
+        // client's to name away.
+        .header("connection", "x-client-hop, X-Forwarded-For, x-real-ip")
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("x-real-ip", "203.0.113.7")
         .header("x-client-hop", "1")
         .header("proxy-authorization", "Basic abc")
         .header("te", "trailers")
@@ -324,6 +328,8 @@ async fn hop_by_hop_headers_are_removed_both_ways() {
     }
     let seen = &backend.seen()[0];
     assert_eq!(seen.headers["x-kept"], "1");
+    assert_eq!(seen.headers["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    assert_eq!(seen.headers["x-real-ip"], "203.0.113.7");
     for h in ["x-client-hop", "proxy-authorization", "te"] {
         assert!(!seen.headers.contains_key(h), "request kept {h}");
     }
