@@ -39,6 +39,12 @@ const LINGER_WAIT: Duration = Duration::from_secs(5);
 /// the answer before a client that writes its whole body first (Python's
 /// `http.client`, for one) can read it. HTTP/2 needs none: a stream is
 /// reset on its own, the connection goes on.
+///
+/// But not a body the client was asked to wait with (`Expect:
+/// 100-continue`) and that was never read: hyper sends `100 Continue` only
+/// when the body is first read, and once the answer has gone out without
+/// it, the client sends no body, and its next request's bytes would be
+/// drained as this one's. hyper closes such a connection itself.
 pub struct ClientIncoming {
     inner: Option<Incoming>,
     /// For an HTTP/1 body: the connection counts as busy while the body
@@ -48,14 +54,19 @@ pub struct ClientIncoming {
     /// Whether the body was read to its end (or failed): a chunked body's
     /// `is_end_stream` stays false after its last chunk.
     ended: bool,
+    /// The client waits for `100 Continue` before it sends the body, and
+    /// the body has not been read (which would have sent it).
+    awaits_continue: bool,
 }
 
 impl ClientIncoming {
-    pub fn new(inner: Incoming, linger: Option<InFlight>) -> ClientIncoming {
+    /// `expects_continue`: the request carried `Expect: 100-continue`.
+    pub fn new(inner: Incoming, linger: Option<InFlight>, expects_continue: bool) -> Self {
         ClientIncoming {
             inner: Some(inner),
             linger,
             ended: false,
+            awaits_continue: expects_continue,
         }
     }
 }
@@ -68,6 +79,7 @@ impl Body for ClientIncoming {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        self.awaits_continue = false;
         let Some(inner) = self.inner.as_mut() else {
             return Poll::Ready(None);
         };
@@ -94,7 +106,7 @@ impl Drop for ClientIncoming {
         let (Some(inner), Some(busy)) = (self.inner.take(), self.linger.take()) else {
             return;
         };
-        if self.ended || inner.is_end_stream() {
+        if self.ended || self.awaits_continue || inner.is_end_stream() {
             return;
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {

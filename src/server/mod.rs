@@ -299,9 +299,10 @@ impl Connection {
             let proxy = proxy.clone();
             let client = client.clone();
             let in_flight = marks.request_started();
+            let expects_continue = http1 && expects_continue(req.headers());
             let req = req.map(|body| {
                 let linger = (http1 && !body.is_end_stream()).then(|| marks.request_started());
-                Some(ClientIncoming::new(body, linger))
+                Some(ClientIncoming::new(body, linger, expects_continue))
             });
             let handling = handling(proxy, req, client);
             async move {
@@ -329,6 +330,13 @@ impl Connection {
             Ended::SendTimeout => send_timed_out(self.addr),
         }
     }
+}
+
+/// Whether a request asks for `100 Continue` before it sends its body.
+fn expects_continue(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 fn send_timed_out(client: SocketAddr) {
