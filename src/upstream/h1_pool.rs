@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, HOST};
-use http::{Request, Response, Uri};
+use http::{Request, Response, StatusCode, Uri};
 use http_body::Body as _;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -252,6 +252,17 @@ impl H1Pool {
                 deadline.into(),
             );
             match exchange.await {
+                // A backend may say `408` as it closes a kept-alive
+                // connection it found idle, and the request met it on the
+                // way: that is no answer to the request (nor the client's
+                // timeout). As Go's client does, it counts as the close.
+                Ok(response) if reused && response.status() == StatusCode::REQUEST_TIMEOUT => {
+                    if retried || !is_idempotent(head.method) {
+                        return Err(Failure::Reset);
+                    }
+                    tracing::debug!("pooled connection timed out by the backend; trying a new one");
+                    retried = true;
+                }
                 Ok(response) => {
                     let stall_limit = self.shared.limits.stall_limit;
                     return Ok(response.map(|body| UpstreamBody::own(body, stall_limit)));

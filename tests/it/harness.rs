@@ -585,6 +585,17 @@ pub struct RawBackend {
 
 impl RawBackend {
     pub async fn start(idle_close: Option<Duration>) -> RawBackend {
+        RawBackend::serving(idle_close, false).await
+    }
+
+    /// Answers the second request on a connection with `408 Request
+    /// Timeout` and closes it, as a server does whose idle timer fires
+    /// just as that request comes (its 408 crossing the request).
+    pub async fn timing_out_reuse() -> RawBackend {
+        RawBackend::serving(None, true).await
+    }
+
+    async fn serving(idle_close: Option<Duration>, timeout_reuse: bool) -> RawBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -596,14 +607,18 @@ impl RawBackend {
                 let open = OpenGuard::new(&open_count);
                 tokio::spawn(async move {
                     let _open = open;
-                    loop {
+                    for served in 0.. {
                         let next = read_request_head(&mut conn);
                         let got = match idle_close {
                             Some(limit) => tokio::time::timeout(limit, next).await == Ok(true),
                             None => next.await,
                         };
-                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        if !got || conn.write_all(reply).await.is_err() {
+                        let reply: &[u8] = if timeout_reuse && served == 1 {
+                            b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+                        } else {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                        };
+                        if !got || conn.write_all(reply).await.is_err() || reply[9] == b'4' {
                             break;
                         }
                     }

@@ -661,6 +661,30 @@ async fn a_backend_closing_idle_connections_costs_no_request() {
     assert_eq!(backend.accepted(), 5, "a new connection each time");
 }
 
+/// A backend's `408` on a kept-alive connection it closes as idle (sent
+/// as the next request came) is no answer to that request: an idempotent
+/// one goes again on a new connection; a POST fails as a reset connection
+/// (captured where its route captures), never as the client's timeout.
+#[tokio::test]
+async fn a_408_on_a_reused_connection_is_its_idle_close_not_an_answer() {
+    let backend = RawBackend::timing_out_reuse().await;
+    let bs = Backstop::start(&route(
+        "api",
+        "/",
+        &[backend.url()],
+        "[routes.retry]\nmax_attempts = 1\n[routes.capture]\nenabled = false",
+    ));
+    let c = client();
+    for i in 0..2 {
+        let r = c.get(bs.url("/x")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(r.text().await.unwrap(), "ok");
+    }
+    assert_eq!(backend.accepted(), 2, "the 408 cost a new connection");
+    let (status, code, _) = error_of(c.post(bs.url("/x")).send().await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (502, "upstream_unreachable"));
+}
+
 /// `server.upstream_idle_timeout` closes a kept-alive upstream connection
 /// that has not been used for that long (within half as long again); with
 /// the default (90 s) the same wait leaves it open.
