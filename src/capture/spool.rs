@@ -767,72 +767,95 @@ impl Write {
 }
 
 /// Applies a batch in one transaction. A write that fails alone (a bad id)
-/// gets its own error; the others still commit.
+/// gets its own error and leaves nothing behind (each runs in a savepoint:
+/// a dead letter's copy never stays without its removal); the others still
+/// commit. A failure after which SQLite rolled the whole transaction back
+/// (a full disk, an I/O error, no memory) fails the whole batch: the writes
+/// before it are gone, and those after it must not run outside a
+/// transaction (stored, yet answered as failed).
 fn apply_batch(
     conn: &mut Connection,
     batch: &[Job],
 ) -> rusqlite::Result<Vec<Result<u64, SpoolError>>> {
-    let tx = conn.transaction()?;
+    let mut tx = conn.transaction()?;
     let mut results = Vec::with_capacity(batch.len());
     let now = now_ms();
     for job in batch {
-        let result = match &job.write {
-            Write::Append { id, route, record, dest } => tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO queue (id, route, record, dest, captured_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-                )
-                .and_then(|mut s| s.execute(params![id, route, record, dest.as_str(), now])),
-            Write::Delete { id } => tx
-                .prepare_cached("DELETE FROM queue WHERE id = ?1")
-                .and_then(|mut s| s.execute(params![id])),
-            Write::RetryLater {
-                id,
-                attempts,
-                next_at_ms,
-                error,
-            } => tx
-                .prepare_cached("UPDATE queue SET attempts = ?2, next_at_ms = ?3, last_error = ?4 WHERE id = ?1")
-                .and_then(|mut s| s.execute(params![id, attempts, next_at_ms, error])),
-            Write::DeadLetter { id, attempts, error } => tx
-                .execute(
-                    "INSERT OR REPLACE INTO dead_letters (id, route, record, attempts, error, dead_at_ms) \
-                     SELECT id, route, record, ?2, ?3, ?4 FROM queue WHERE id = ?1",
-                    params![id, attempts, error, now],
-                )
-                .and_then(|n| tx.execute("DELETE FROM queue WHERE id = ?1", params![id]).map(|_| n)),
-            Write::Requeue { first, last } => tx
-                .execute(
-                    &format!(
-                        "INSERT OR IGNORE INTO queue (id, route, record, dest, captured_ms) \
-                         SELECT id, route, record, 'replay', {now} FROM dead_letters \
-                         WHERE id >= ?1 AND id <= ?2"
-                    ),
-                    params![first, last],
-                )
-                .and_then(|n| {
-                    tx.execute(
-                        "DELETE FROM dead_letters WHERE id >= ?1 AND id <= ?2",
-                        params![first, last],
-                    )
-                    .map(|_| n)
-                }),
-            Write::ToReplay { id } => tx
-                .prepare_cached(
-                    "UPDATE queue SET dest = 'replay' WHERE dest = 'kafka' AND (id = ?1 OR ?1 IS NULL)",
-                )
-                .and_then(|mut s| s.execute(params![id])),
-            Write::PurgeDead => tx.execute(
-                &format!("DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters ORDER BY id LIMIT {CHUNK})"),
-                [],
-            ),
-            Write::DeleteDead { id } => {
-                tx.execute("DELETE FROM dead_letters WHERE id = ?1", params![id])
+        let savepoint = tx.savepoint()?;
+        match apply_one(&savepoint, &job.write, now) {
+            Ok(n) => {
+                savepoint.commit()?;
+                results.push(Ok(n as u64));
             }
-        };
-        results.push(result.map(|n| n as u64).map_err(SpoolError::Db));
+            Err(e) => {
+                // Dropped, the savepoint rolls its writes back.
+                drop(savepoint);
+                if tx.is_autocommit() {
+                    return Err(e);
+                }
+                results.push(Err(SpoolError::Db(e)));
+            }
+        }
     }
     tx.commit()?;
     Ok(results)
+}
+
+/// One write of a batch.
+fn apply_one(conn: &Connection, write: &Write, now: i64) -> rusqlite::Result<usize> {
+    match write {
+        Write::Append { id, route, record, dest } => conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO queue (id, route, record, dest, captured_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .and_then(|mut s| s.execute(params![id, route, record, dest.as_str(), now])),
+        Write::Delete { id } => conn
+            .prepare_cached("DELETE FROM queue WHERE id = ?1")
+            .and_then(|mut s| s.execute(params![id])),
+        Write::RetryLater {
+            id,
+            attempts,
+            next_at_ms,
+            error,
+        } => conn
+            .prepare_cached("UPDATE queue SET attempts = ?2, next_at_ms = ?3, last_error = ?4 WHERE id = ?1")
+            .and_then(|mut s| s.execute(params![id, attempts, next_at_ms, error])),
+        Write::DeadLetter { id, attempts, error } => conn
+            .execute(
+                "INSERT OR REPLACE INTO dead_letters (id, route, record, attempts, error, dead_at_ms) \
+                 SELECT id, route, record, ?2, ?3, ?4 FROM queue WHERE id = ?1",
+                params![id, attempts, error, now],
+            )
+            .and_then(|n| conn.execute("DELETE FROM queue WHERE id = ?1", params![id]).map(|_| n)),
+        Write::Requeue { first, last } => conn
+            .execute(
+                &format!(
+                    "INSERT OR IGNORE INTO queue (id, route, record, dest, captured_ms) \
+                     SELECT id, route, record, 'replay', {now} FROM dead_letters \
+                     WHERE id >= ?1 AND id <= ?2"
+                ),
+                params![first, last],
+            )
+            .and_then(|n| {
+                conn.execute(
+                    "DELETE FROM dead_letters WHERE id >= ?1 AND id <= ?2",
+                    params![first, last],
+                )
+                .map(|_| n)
+            }),
+        Write::ToReplay { id } => conn
+            .prepare_cached(
+                "UPDATE queue SET dest = 'replay' WHERE dest = 'kafka' AND (id = ?1 OR ?1 IS NULL)",
+            )
+            .and_then(|mut s| s.execute(params![id])),
+        Write::PurgeDead => conn.execute(
+            &format!("DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters ORDER BY id LIMIT {CHUNK})"),
+            [],
+        ),
+        Write::DeleteDead { id } => {
+            conn.execute("DELETE FROM dead_letters WHERE id = ?1", params![id])
+        }
+    }
 }
 
 #[cfg(test)]
@@ -862,6 +885,45 @@ mod tests {
         );
         assert_eq!(last(&[1, 40 * MIB, 1]), Some("1".into()));
         assert_eq!(last(&[1; 128]), Some("127".into()));
+    }
+
+    /// A write that fails for want of room (SQLite may then roll back the
+    /// whole transaction) leaves no job answered otherwise than stored: a
+    /// capture reported failed is not kept (its client sends it again),
+    /// one reported stored is kept.
+    #[test]
+    fn every_answer_of_a_batch_that_ran_out_of_room_is_true() {
+        let mut c = Connection::open_in_memory().unwrap();
+        c.execute_batch(SCHEMA).unwrap();
+        let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap();
+        c.execute_batch(&format!("PRAGMA max_page_count = {}", pages + 8))
+            .unwrap();
+        let append = |id: &str, len: usize| Job {
+            write: Write::Append {
+                id: id.into(),
+                route: "r".into(),
+                record: vec![b'x'; len],
+                dest: Destination::Replay,
+            },
+            reply: oneshot::channel().0,
+        };
+        let batch = [append("a", 10), append("b", 1 << 20), append("c", 10)];
+        let answers = match apply_batch(&mut c, &batch) {
+            Ok(answers) => answers.iter().map(Result::is_ok).collect(),
+            Err(_) => vec![false; 3],
+        };
+        let stored: Vec<bool> = ["a", "b", "c"]
+            .iter()
+            .map(|id| {
+                c.query_row("SELECT count(*) FROM queue WHERE id = ?1", [id], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .unwrap()
+                    == 1
+            })
+            .collect();
+        assert!(!answers[1], "the big one cannot fit");
+        assert_eq!(answers, stored, "answered (ok?) vs stored");
     }
 
     #[test]
