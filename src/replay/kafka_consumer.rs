@@ -152,6 +152,13 @@ impl PartitionQueue {
         })
     }
 
+    /// Whether a delivery of its records is under way (one that panicked
+    /// is not: it reports nothing).
+    fn delivering(&self) -> bool {
+        let running = |lane: &Lane| lane.in_flight.as_ref().is_some_and(|t| !t.is_finished());
+        self.lanes.values().any(running)
+    }
+
     fn in_flight(self) -> impl Iterator<Item = JoinHandle<()>> {
         self.lanes.into_values().filter_map(|lane| lane.in_flight)
     }
@@ -276,43 +283,10 @@ impl KafkaReplayer {
                     None
                 }
                 Some(done) = done_rx.recv() => {
-                    // The partition may have been revoked meanwhile (and
-                    // perhaps assigned again, a new queue): then there is
-                    // nothing to commit here.
-                    let Some(queue) = queues
-                        .get_mut(&done.partition)
-                        .filter(|q| q.generation == done.generation)
-                    else {
-                        continue;
-                    };
-                    let Some(lane) = queue.lanes.get_mut(&done.route) else {
-                        continue;
-                    };
-                    lane.in_flight = None;
-                    match done.verdict {
-                        Verdict::Finished => {
-                            if let Some(next_offset) = queue.finish(&done.route) {
-                                commit(&consumer, &done.partition, next_offset);
-                            }
-                            if queue.paused && queue.buffered < BUFFER / 2 {
-                                queue.paused = !set_paused(&consumer, &done.partition, false);
-                            }
-                        }
-                        Verdict::Later(wait) => lane.due = Some(Instant::now() + wait),
-                        Verdict::Unsent(wait) => {
-                            if let Some(job) = lane.jobs.front_mut() {
-                                job.attempt = job.attempt.saturating_sub(1);
-                            }
-                            lane.due = Some(Instant::now() + wait);
-                        }
-                        Verdict::DeadLetterUnwritten { reason, attempts } => {
-                            if let Some(job) = lane.jobs.front_mut() {
-                                job.dead_letter = Some((reason, attempts));
-                            }
-                            lane.due = Some(Instant::now() + DEAD_LETTER_RETRY);
-                        }
+                    match settle(&consumer, &mut queues, done, CommitMode::Async) {
+                        Some(lane) => Some(lane),
+                        None => continue,
                     }
-                    Some((done.partition, done.route))
                 }
                 _ = tick.tick() => {
                     let now = Instant::now();
@@ -381,6 +355,20 @@ impl KafkaReplayer {
                         }
                     }
                 }
+            }
+        }
+        // Deliveries under way end (each bounded by its route's timeouts;
+        // a second stop signal ends the process) and what they finished is
+        // committed: a stopping worker cuts no request off mid-delivery,
+        // nor leaves one it delivered to be sent again by the partition's
+        // next owner.
+        while queues.values().any(PartitionQueue::delivering) {
+            match tokio::time::timeout(Duration::from_millis(100), done_rx.recv()).await {
+                Ok(Some(done)) => {
+                    settle(&consumer, &mut queues, done, CommitMode::Sync);
+                }
+                Ok(None) => break,
+                Err(_) => {}
             }
         }
         tracing::info!("Kafka replay worker stopped");
@@ -586,9 +574,49 @@ fn set_paused(consumer: &ReplayConsumer, partition: &Partition, paused: bool) ->
     result.is_ok()
 }
 
-fn commit(consumer: &ReplayConsumer, partition: &Partition, next_offset: i64) {
+/// Takes a delivery's verdict into its lane, and commits what its end
+/// finished. `None` when its partition was revoked meanwhile (and perhaps
+/// assigned again, a new queue): there is nothing to commit then.
+fn settle(
+    consumer: &ReplayConsumer,
+    queues: &mut HashMap<Partition, PartitionQueue>,
+    done: Done,
+    mode: CommitMode,
+) -> Option<(Partition, String)> {
+    let queue = queues
+        .get_mut(&done.partition)
+        .filter(|q| q.generation == done.generation)?;
+    let lane = queue.lanes.get_mut(&done.route)?;
+    lane.in_flight = None;
+    match done.verdict {
+        Verdict::Finished => {
+            if let Some(next_offset) = queue.finish(&done.route) {
+                commit(consumer, &done.partition, next_offset, mode);
+            }
+            if queue.paused && queue.buffered < BUFFER / 2 {
+                queue.paused = !set_paused(consumer, &done.partition, false);
+            }
+        }
+        Verdict::Later(wait) => lane.due = Some(Instant::now() + wait),
+        Verdict::Unsent(wait) => {
+            if let Some(job) = lane.jobs.front_mut() {
+                job.attempt = job.attempt.saturating_sub(1);
+            }
+            lane.due = Some(Instant::now() + wait);
+        }
+        Verdict::DeadLetterUnwritten { reason, attempts } => {
+            if let Some(job) = lane.jobs.front_mut() {
+                job.dead_letter = Some((reason, attempts));
+            }
+            lane.due = Some(Instant::now() + DEAD_LETTER_RETRY);
+        }
+    }
+    Some((done.partition, done.route))
+}
+
+fn commit(consumer: &ReplayConsumer, partition: &Partition, next_offset: i64, mode: CommitMode) {
     let list = partition_list(partition, Some(next_offset));
-    if let Err(e) = consumer.commit(&list, CommitMode::Async) {
+    if let Err(e) = consumer.commit(&list, mode) {
         tracing::warn!(topic = %partition.0, partition = partition.1, error = %e, "offset commit failed; the record may be replayed again");
     }
 }

@@ -38,6 +38,10 @@ const BATCHES_PER_TASK: usize = 4;
 const IDLE_POLL: Duration = Duration::from_secs(1);
 /// How often a standing-by worker tries to take over the spool's replay.
 const LOCK_POLL: Duration = Duration::from_secs(1);
+/// The least time between two looks at the queue that new captures cause:
+/// while a backend is down they come by the thousand a second, and each
+/// look reads the head of every route in backoff.
+const WAKE_GAP: Duration = Duration::from_millis(100);
 
 /// The spool's replay lock, held while this worker runs (released when
 /// the file closes); `None` where the file system cannot lock.
@@ -156,6 +160,7 @@ impl SpoolReplayer {
         tracing::info!("replay worker started");
         let mut routes: HashMap<String, RouteTurn> = HashMap::new();
         let mut tasks: JoinSet<Duration> = JoinSet::new();
+        let mut woken_at: Option<Instant> = None;
         loop {
             let wait = match self.start_due(&mut routes, &mut tasks, &shutdown).await {
                 Ok(wait) => wait,
@@ -167,9 +172,20 @@ impl SpoolReplayer {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = self.spool.appended.notified() => {
+                    // Captures meanwhile are one wake-up (`Notify` keeps
+                    // one).
+                    if let Some(gap) = woken_at.and_then(|at| WAKE_GAP.checked_sub(at.elapsed())) {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = tokio::time::sleep(gap) => {}
+                        }
+                    }
+                    woken_at = Some(Instant::now());
                     // A new or requeued record may be due at once, also on
-                    // a route in backoff (a requeued one has its old id: it
-                    // goes first once its route is read from the head).
+                    // a route in backoff (a requeued one, or one whose
+                    // request came before the route's head did, has the
+                    // smaller id: it goes first once its route is read
+                    // from the head).
                     for turn in routes.values_mut() {
                         if let RouteTurn::WaitUntil(at) = turn {
                             *at = Instant::now();

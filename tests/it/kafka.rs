@@ -642,6 +642,53 @@ async fn a_partition_given_back_waits_for_the_delivery_it_had_running() {
     drop(worker);
 }
 
+/// A worker told to stop finishes the delivery it has under way and
+/// commits it before it leaves the group: the partition's next owner does
+/// not send that record again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopping_worker_finishes_and_commits_the_delivery_under_way() {
+    use std::sync::{Arc, Mutex};
+
+    const SLOW: Duration = Duration::from_secs(3);
+    let tansu = Tansu::start(false);
+    let stopped = Backend::echo().await.stop().await;
+    let upstream = format!("http://{}", stopped.addr);
+    let bs = Backstop::start(&config(&tansu, &upstream, false));
+    let captured = capture_each(&bs, 2, |_| "/api/x".to_string()).await;
+    let keys = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = keys.clone();
+    let backend = Backend::start_on(stopped, move |s| {
+        let mut seen = seen.lock().unwrap();
+        seen.push(s.headers["idempotency-key"].to_str().unwrap().to_string());
+        match seen.len() {
+            1 => Reply::status(200).delay(SLOW),
+            _ => Reply::status(200),
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = ReplayWorker::start(&bs.config_path, dir.path().join("a.log"));
+    backend.wait_for_hits(1, Duration::from_secs(60)).await;
+    let stopped_at = std::time::Instant::now();
+    let code = first.stop_within(SLOW + Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{}", first.log());
+    assert!(
+        stopped_at.elapsed() >= SLOW - Duration::from_millis(500),
+        "it left before the delivery ended"
+    );
+    assert_eq!(replayed(&first), 1, "{}", first.log());
+    assert_eq!(backend.hits(), 1, "the next record was not begun");
+    let next = ReplayWorker::start(&bs.config_path, dir.path().join("b.log"));
+    wait_until("the next record", Duration::from_secs(60), || {
+        replayed(&next) == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let keys = keys.lock().unwrap().clone();
+    assert_eq!(keys.len(), 2, "each record once: {keys:?}");
+    assert_eq!(keys.into_iter().collect::<HashSet<_>>(), captured);
+}
+
 /// A record given up (the backend answered 400) whose dead letter the
 /// broker refuses (here a topic name it calls invalid; an ACL would do the
 /// same) stays in the topic, and only the dead-letter write is tried again,
