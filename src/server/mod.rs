@@ -299,7 +299,8 @@ impl Connection {
             let proxy = proxy.clone();
             let client = client.clone();
             let in_flight = marks.request_started();
-            let expects_continue = http1 && expects_continue(req.headers());
+            let expects_continue =
+                http1 && !req.body().is_end_stream() && expects_continue(req.headers());
             let req = req.map(|body| {
                 let linger = (http1 && !body.is_end_stream()).then(|| marks.request_started());
                 Some(ClientIncoming::new(body, linger, expects_continue))
