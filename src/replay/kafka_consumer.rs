@@ -40,8 +40,11 @@ use crate::resilience::backoff::Backoff;
 
 type Partition = (String, i32);
 
-/// Records buffered per partition before it is paused.
+/// Records buffered per partition before it is paused, and their bytes
+/// (records may be up to Kafka's message size each: 512 of 1 MB would be
+/// half a gigabyte a partition).
 const BUFFER: usize = 512;
+const BUFFER_BYTES: usize = 32 << 20;
 /// Consume errors (broker down) are logged at most this often.
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -85,8 +88,10 @@ struct PartitionQueue {
     /// hold it (two, if librdkafka reads a stretch again after an offset
     /// reset): the lowest is where the partition's committed offset stands.
     unfinished: BTreeMap<i64, u32>,
-    /// Records buffered and not finished (the buffer's fill).
+    /// Records buffered and not finished (the buffer's fill), and their
+    /// payloads' bytes.
     buffered: usize,
+    buffered_bytes: usize,
     /// The offset after the last record received.
     received_to: i64,
     /// The offset last committed.
@@ -110,6 +115,7 @@ impl PartitionQueue {
             lanes: HashMap::new(),
             unfinished: BTreeMap::new(),
             buffered: 0,
+            buffered_bytes: 0,
             received_to: 0,
             committed: 0,
             paused: false,
@@ -119,6 +125,7 @@ impl PartitionQueue {
     fn push(&mut self, job: Job) {
         *self.unfinished.entry(job.offset).or_default() += 1;
         self.buffered += 1;
+        self.buffered_bytes += job.payload.len();
         self.received_to = self.received_to.max(job.offset + 1);
         self.lanes
             .entry(job.route.clone())
@@ -136,6 +143,7 @@ impl PartitionQueue {
             self.lanes.remove(route);
         }
         self.buffered -= 1;
+        self.buffered_bytes -= job.payload.len();
         if let Some(holders) = self.unfinished.get_mut(&job.offset) {
             *holders -= 1;
             if *holders == 0 {
@@ -150,6 +158,16 @@ impl PartitionQueue {
             self.committed = commit_to;
             commit_to
         })
+    }
+
+    /// Whether its buffer is full: the partition is paused.
+    fn full(&self) -> bool {
+        self.buffered >= BUFFER || self.buffered_bytes >= BUFFER_BYTES
+    }
+
+    /// Whether its buffer has drained to half: a paused partition resumes.
+    fn half_empty(&self) -> bool {
+        self.buffered < BUFFER / 2 && self.buffered_bytes < BUFFER_BYTES / 2
     }
 
     /// Whether a delivery of its records is under way (one that panicked
@@ -312,10 +330,10 @@ impl KafkaReplayer {
                         let job = Job::from_message(&message, partition.clone());
                         let route = job.route.clone();
                         queue.push(job);
-                        if queue.buffered >= BUFFER && !queue.paused {
+                        if queue.full() && !queue.paused {
                             queue.paused = set_paused(&consumer, &partition, true);
                             if queue.paused {
-                                tracing::info!(topic = %partition.0, partition = partition.1, buffered = BUFFER, "Kafka partition paused until its buffered records drain");
+                                tracing::info!(topic = %partition.0, partition = partition.1, buffered = queue.buffered, bytes = queue.buffered_bytes, "Kafka partition paused until its buffered records drain");
                             }
                         }
                         Some((partition, route))
@@ -593,7 +611,7 @@ fn settle(
             if let Some(next_offset) = queue.finish(&done.route) {
                 commit(consumer, &done.partition, next_offset, mode);
             }
-            if queue.paused && queue.buffered < BUFFER / 2 {
+            if queue.paused && queue.half_empty() {
                 queue.paused = !set_paused(consumer, &done.partition, false);
             }
         }
@@ -618,5 +636,46 @@ fn commit(consumer: &ReplayConsumer, partition: &Partition, next_offset: i64, mo
     let list = partition_list(partition, Some(next_offset));
     if let Err(e) = consumer.commit(&list, mode) {
         tracing::warn!(topic = %partition.0, partition = partition.1, error = %e, "offset commit failed; the record may be replayed again");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(offset: i64, bytes: usize) -> Job {
+        Job {
+            partition: ("t".into(), 0),
+            offset,
+            attempt: 0,
+            payload: vec![b'x'; bytes],
+            id: offset.to_string(),
+            route: "r".into(),
+            reason: String::new(),
+            dead_letter: None,
+        }
+    }
+
+    #[test]
+    fn a_partition_buffer_fills_by_records_or_by_bytes() {
+        let mut by_records = PartitionQueue::new(1);
+        for offset in 0..BUFFER as i64 {
+            assert!(!by_records.full());
+            by_records.push(job(offset, 10));
+        }
+        assert!(by_records.full());
+        // A megabyte record at a time: full long before 512 records.
+        let mut by_bytes = PartitionQueue::new(1);
+        for offset in 0..32 {
+            by_bytes.push(job(offset, 1 << 20));
+        }
+        assert!(by_bytes.full());
+        assert!(!by_bytes.half_empty());
+        for _ in 0..17 {
+            by_bytes.finish("r");
+        }
+        assert!(!by_bytes.full());
+        assert!(by_bytes.half_empty(), "15 MiB left");
+        assert_eq!(by_bytes.buffered_bytes, 15 << 20);
     }
 }
