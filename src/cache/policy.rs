@@ -7,7 +7,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::header::{AGE, AUTHORIZATION, CACHE_CONTROL, COOKIE, DATE, EXPIRES, PRAGMA, SET_COOKIE};
+use http::header::{
+    AGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, COOKIE, DATE, EXPIRES, PRAGMA, SET_COOKIE,
+};
 use http::{HeaderMap, HeaderName, Method, StatusCode};
 
 use super::{entry, vary};
@@ -147,6 +149,12 @@ pub fn storable(
     if !cache.cacheable_status.contains(&status.as_u16()) {
         return None;
     }
+    // An event stream never ends, and a stored answer is read whole before
+    // the client gets a byte: its events would be held back (whatever
+    // `ignore_cache_control` says, it is no answer to keep).
+    if is_event_stream(response) {
+        return None;
+    }
     let directives = cache_control(response);
     // RFC 9111 §3.5: an answer to an authenticated request (here also one
     // with a session's cookie) is shared only when the backend says it may
@@ -241,6 +249,20 @@ fn expires_lifetime(response: &HeaderMap, received: SystemTime) -> Option<Durati
     };
     let date = response.get(DATE).and_then(http_date).unwrap_or(received);
     Some(expires.duration_since(date).unwrap_or(Duration::ZERO))
+}
+
+/// Whether the answer is a server-sent event stream (`text/event-stream`).
+fn is_event_stream(response: &HeaderMap) -> bool {
+    response.get(CONTENT_TYPE).is_some_and(|v| {
+        let essence = v
+            .as_bytes()
+            .split(|b| *b == b';')
+            .next()
+            .unwrap_or_default();
+        essence
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"text/event-stream")
+    })
 }
 
 /// Whether the request header `name` is part of the cache key.
@@ -527,6 +549,22 @@ mod tests {
         let cookie: Headers = &[("cookie", "session=abc")];
         let cases: Vec<StoreCase> = vec![
             ("200", &default, &[], 200, &[], true),
+            (
+                "an event stream never ends",
+                &default,
+                &[],
+                200,
+                &[("content-type", "Text/Event-Stream; charset=utf-8")],
+                false,
+            ),
+            (
+                "nor when ignoring Cache-Control",
+                &ignore,
+                &[],
+                200,
+                &[("content-type", "text/event-stream")],
+                false,
+            ),
             ("404 listed", &default, &[], 404, &[], true),
             ("500 not listed", &default, &[], 500, &[], false),
             (

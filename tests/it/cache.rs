@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::harness::{
     client, error_of, h2_client_giving_up_after, metric_value, next_request, Backend, Backstop,
-    Reply,
+    Reply, StuckBackend,
 };
 
 /// A backend that answers every request with a new body (`n=<count>`), so a
@@ -865,6 +865,32 @@ async fn unkeyed_rewriting_headers_bypass_the_cache() {
     assert_eq!(poisoned("/b/page").await.x_cache, "MISS");
     assert_eq!(poisoned("/b/page").await.x_cache, "HIT");
     assert_eq!(get(&bs.url("/b/page")).await.body, "<a href=\"/next\">");
+}
+
+/// A server-sent event stream on a caching route reaches the client as it
+/// comes: it is never stored (a stored answer is read whole first, and a
+/// stream does not end).
+#[tokio::test]
+async fn an_event_stream_on_a_caching_route_streams_through() {
+    let event = b"data: hello\n\n";
+    let mut answer = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+        transfer-encoding: chunked\r\n\r\n"
+        .to_vec();
+    answer.extend_from_slice(format!("{:x}\r\n", event.len()).as_bytes());
+    answer.extend_from_slice(event);
+    answer.extend_from_slice(b"\r\n");
+    let backend = StuckBackend::start(answer).await;
+    let bs = Backstop::start(&route(
+        "r",
+        "/",
+        &backend.url,
+        "ignore_cache_control = true",
+    ));
+    let mut r = client().get(bs.url("/events")).send().await.unwrap();
+    assert_eq!(r.headers()["x-cache"], "MISS");
+    let first = tokio::time::timeout(Duration::from_secs(3), r.chunk()).await;
+    let first = first.expect("the first event never came").unwrap();
+    assert_eq!(first.as_deref(), Some(&event[..]));
 }
 
 #[tokio::test]
