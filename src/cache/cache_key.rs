@@ -73,6 +73,31 @@ const NEVER_KEYED: [&str; 14] = [
     "pragma",
 ];
 
+/// Request headers that backends and their frameworks act on to rewrite
+/// the URL or the method (`X-Original-URL`, `X-HTTP-Method-Override`), or
+/// to build links (the scheme, port or path prefix they believe they are
+/// served at). An answer shaped by one that the key left out would be
+/// served to clients who never sent it: the best-known way to poison a
+/// shared cache. So a request that sends one is keyed on it whatever
+/// `header_strategy` says (a load balancer in front that sets
+/// `X-Forwarded-Port` on every request gives every request the same
+/// value). `X-Forwarded-Host`, `-Proto` and `Forwarded` need no place here:
+/// Backstop replaces their claims with its own, and the key has the host
+/// and scheme.
+static REWRITING: [HeaderName; 11] = [
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-scheme"),
+    HeaderName::from_static("x-forwarded-ssl"),
+    HeaderName::from_static("x-forwarded-server"),
+    HeaderName::from_static("x-host"),
+];
+
 /// What of the request head goes into the key.
 pub struct KeyInput<'a> {
     pub route: &'a str,
@@ -133,19 +158,29 @@ impl KeyHead {
             HeaderStrategy::List => {
                 count(&mut ctx, input.listed.len());
                 for name in input.listed {
-                    field(&mut ctx, name.as_str().as_bytes());
-                    // A missing header and an empty one are different keys.
-                    let values: Vec<&[u8]> = input
-                        .headers
-                        .get_all(name)
-                        .iter()
-                        .map(|v| v.as_bytes())
-                        .collect();
-                    count(&mut ctx, values.len());
-                    for value in values {
-                        field(&mut ctx, value);
-                    }
+                    keyed_header(&mut ctx, input.headers, name);
                 }
+            }
+        }
+        // Only requests that send one get the section, so other requests'
+        // keys are what they were without it.
+        let rewriting = || {
+            let unkeyed = |name: &&HeaderName| match input.strategy {
+                HeaderStrategy::All => false,
+                HeaderStrategy::List => !input.listed.contains(name),
+                HeaderStrategy::None => true,
+            };
+            REWRITING.iter().filter(unkeyed)
+        };
+        // A pass over the request's few headers first: most send none.
+        let sends_one = input
+            .headers
+            .keys()
+            .any(|name| name.as_str().starts_with("x-") && REWRITING.contains(name));
+        if sends_one && rewriting().any(|name| input.headers.contains_key(name)) {
+            field(&mut ctx, b"rewriting");
+            for name in rewriting() {
+                keyed_header(&mut ctx, input.headers, name);
             }
         }
         KeyHead(ctx)
@@ -170,6 +205,17 @@ fn sorted_query(query: &str) -> Vec<&str> {
     let mut params: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
     params.sort_by_key(|p| p.split('=').next().unwrap_or(""));
     params
+}
+
+/// A header's name and its values; a missing header and an empty one are
+/// different keys.
+fn keyed_header(ctx: &mut Context, headers: &HeaderMap, name: &HeaderName) {
+    field(ctx, name.as_str().as_bytes());
+    let values = headers.get_all(name);
+    count(ctx, values.iter().count());
+    for value in values {
+        field(ctx, value.as_bytes());
+    }
 }
 
 fn field(ctx: &mut Context, bytes: &[u8]) {
@@ -303,6 +349,59 @@ mod tests {
                 true,
             ),
             ("path", get("/a"), get("/b"), NoHeaders, &[], false),
+            (
+                "a rewriting header is keyed whatever the strategy",
+                get("/a"),
+                Req {
+                    headers: &[("x-forwarded-prefix", "//evil.example")],
+                    ..get("/a")
+                },
+                NoHeaders,
+                &[],
+                false,
+            ),
+            (
+                "by its value",
+                Req {
+                    headers: &[("x-original-url", "/admin")],
+                    ..get("/a")
+                },
+                Req {
+                    headers: &[("x-original-url", "/")],
+                    ..get("/a")
+                },
+                List,
+                &["accept"],
+                false,
+            ),
+            (
+                "the same value, the same key",
+                Req {
+                    headers: &[("x-forwarded-port", "443"), ("x-other", "1")],
+                    ..get("/a")
+                },
+                Req {
+                    headers: &[("x-forwarded-port", "443"), ("x-other", "2")],
+                    ..get("/a")
+                },
+                NoHeaders,
+                &[],
+                true,
+            ),
+            (
+                "listed, keyed once as listed",
+                Req {
+                    headers: &[("x-forwarded-port", "443")],
+                    ..get("/a")
+                },
+                Req {
+                    headers: &[("x-forwarded-port", "80")],
+                    ..get("/a")
+                },
+                List,
+                &["x-forwarded-port"],
+                false,
+            ),
             (
                 "path vs query",
                 get("/a?b"),

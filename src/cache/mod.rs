@@ -582,13 +582,8 @@ impl Caches {
                 state.invalidate = self.invalidation(config, route, &target).map(Box::new);
                 return Lookup::Forward(state);
             }
-            (RequestPlan::Lookup | RequestPlan::Refresh, Some(body))
-                if !policy::unkeyed_rewrite(&route.config, request.headers()) =>
-            {
-                body
-            }
-            // Not cached, a body that was not buffered (cannot be keyed),
-            // or a header that would shape the answer unkeyed.
+            (RequestPlan::Lookup | RequestPlan::Refresh, Some(body)) => body,
+            // Not cached, or a body that was not buffered (cannot be keyed).
             _ => return Lookup::Forward(CacheState::passthrough(Some(Verdict::Bypass))),
         };
         let key = key_of(route, &target, request.method(), body);

@@ -13,8 +13,7 @@ use http::header::{
 use http::{HeaderMap, HeaderName, Method, StatusCode};
 
 use super::{entry, vary};
-use crate::config::{CacheConfig, HeaderStrategy, RouteConfig};
-use crate::headers::forwards;
+use crate::config::{CacheConfig, HeaderStrategy};
 
 /// What the cache does for one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,45 +71,6 @@ pub fn unkeyed_credentials(cache: &CacheConfig, request: &HeaderMap) -> bool {
     CREDENTIALS
         .iter()
         .any(|name| request.contains_key(name) && !keyed(cache, name))
-}
-
-/// Request headers that backends and their frameworks act on to rewrite
-/// the URL or the method (`X-Original-URL`, `X-HTTP-Method-Override`), or
-/// to build links (the scheme, port or path prefix they believe they are
-/// served at). An answer shaped by one that the key leaves out would be
-/// served to clients who never sent it: the best-known way to poison a
-/// shared cache. `X-Forwarded-Host`, `-Proto` and `Forwarded` need no
-/// place here: Backstop replaces their claims with its own, which the key
-/// holds.
-const REWRITING: [HeaderName; 11] = [
-    HeaderName::from_static("x-original-url"),
-    HeaderName::from_static("x-rewrite-url"),
-    HeaderName::from_static("x-http-method-override"),
-    HeaderName::from_static("x-http-method"),
-    HeaderName::from_static("x-method-override"),
-    HeaderName::from_static("x-forwarded-prefix"),
-    HeaderName::from_static("x-forwarded-port"),
-    HeaderName::from_static("x-forwarded-scheme"),
-    HeaderName::from_static("x-forwarded-ssl"),
-    HeaderName::from_static("x-forwarded-server"),
-    HeaderName::from_static("x-host"),
-];
-
-/// Whether a read carries a header of [`REWRITING`] that reaches the
-/// backend as the client sent it (`forward_headers` passes it, the route's
-/// `headers` do not replace it) and is not part of the key. Such a request
-/// bypasses the cache: the backend still gets the header, so the answer
-/// is right for this client, and it is nobody else's.
-pub fn unkeyed_rewrite(route: &RouteConfig, request: &HeaderMap) -> bool {
-    // One pass over the request's few headers, not eleven lookups: every
-    // read of a caching route, hits too, asks.
-    request.keys().any(|name| {
-        name.as_str().starts_with("x-")
-            && REWRITING.contains(name)
-            && forwards(&route.forward_headers, name)
-            && !route.headers.iter().any(|(set, _)| set == name)
-            && !keyed(&route.cache, name)
-    })
 }
 
 /// What the backend allows a shared cache to do with an answer it may
@@ -358,75 +318,6 @@ mod tests {
             .routes[0]
             .cache
             .clone()
-    }
-
-    /// A caching route; `extra` goes in `[[routes]]`, `cache_extra` in
-    /// its `[routes.cache]`.
-    fn route(extra: &str, cache_extra: &str) -> RouteConfig {
-        let toml = format!(
-            "[[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstreams = [\"http://127.0.0.1:1\"]\n\
-             {extra}\n[routes.cache]\nenabled = true\n{cache_extra}\n"
-        );
-        crate::config::load_str(&toml, Path::new("t.toml"), |_| None)
-            .unwrap()
-            .routes[0]
-            .clone()
-    }
-
-    #[test]
-    fn unkeyed_rewriting_headers() {
-        let plain = route("", "");
-        let listed = route(
-            "",
-            "header_strategy = \"list\"\nheaders = [\"X-Forwarded-Prefix\"]",
-        );
-        let all = route("", "header_strategy = \"all\"");
-        let unforwarded = route("forward_headers = false", "");
-        let set = route("headers = { \"X-Forwarded-Port\" = \"443\" }", "");
-        let cases: Vec<(&str, &RouteConfig, Headers, bool)> = vec![
-            ("none", &plain, &[("x-forwarded-for", "1.2.3.4")], false),
-            ("a prefix", &plain, &[("x-forwarded-prefix", "/evil")], true),
-            (
-                "a method override",
-                &plain,
-                &[("X-HTTP-Method-Override", "DELETE")],
-                true,
-            ),
-            (
-                "a URL override",
-                &plain,
-                &[("x-original-url", "/admin")],
-                true,
-            ),
-            (
-                "keyed by list",
-                &listed,
-                &[("x-forwarded-prefix", "/evil")],
-                false,
-            ),
-            (
-                "another unkeyed",
-                &listed,
-                &[("x-forwarded-port", "1")],
-                true,
-            ),
-            ("keyed by all", &all, &[("x-original-url", "/admin")], false),
-            (
-                "never forwarded",
-                &unforwarded,
-                &[("x-original-url", "/admin")],
-                false,
-            ),
-            (
-                "the route sets it",
-                &set,
-                &[("x-forwarded-port", "1")],
-                false,
-            ),
-        ];
-        for (why, route, req, want) in cases {
-            assert_eq!(unkeyed_rewrite(route, &headers(req)), want, "{why}");
-        }
     }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
