@@ -7,6 +7,7 @@
 //! request in its buffer refills) is more than they need.
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
@@ -26,4 +27,55 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
     let mut bytes = [0; N];
     with_rng(|rng| rng.fill_bytes(&mut bytes));
     bytes
+}
+
+/// The last ordered id's time and count: milliseconds since the epoch
+/// × 4096, plus the count within that millisecond.
+static LAST_ORDERED: AtomicU64 = AtomicU64::new(0);
+
+/// A UUIDv7 later than every one made before it in this process, even
+/// within one millisecond: its 12 `rand_a` bits count within the
+/// millisecond (RFC 9562 §6.2, method 1), and a count past 4095 borrows
+/// the next millisecond. Lock-free, its random part from this thread's
+/// generator (`Uuid::now_v7` takes a lock and asks the kernel, a system
+/// call, for every id).
+pub fn ordered_uuid() -> uuid::Uuid {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let now = (millis & 0xffff_ffff_ffff) << 12;
+    let next = |last: u64| now.max(last.wrapping_add(1));
+    let stamp = match LAST_ORDERED.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+        Some(next(last))
+    }) {
+        Ok(last) | Err(last) => next(last),
+    };
+    let mut bytes = [0u8; 16];
+    bytes[..6].copy_from_slice(&(stamp >> 12).to_be_bytes()[2..]);
+    let count = (stamp & 0xfff) as u16;
+    bytes[6..8].copy_from_slice(&(0x7000 | count).to_be_bytes());
+    bytes[8..].copy_from_slice(&random_bytes::<8>());
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    uuid::Uuid::from_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ordered_uuids_are_version_7_and_in_order() {
+        let ids: Vec<uuid::Uuid> = (0..10_000).map(|_| ordered_uuid()).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "out of order");
+        for id in &ids {
+            assert_eq!(id.get_version_num(), 7);
+            assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
+        }
+        let (secs, _) = ids[0].get_timestamp().unwrap().to_unix();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(now.abs_diff(secs) <= 1, "{secs} vs {now}");
+    }
 }

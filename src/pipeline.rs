@@ -497,15 +497,20 @@ fn prepare(
     });
     headers::filter_forwarded(client.headers_mut(), &route.config.forward_headers);
     if let Some(capturable) = &capturable {
-        // The key the replays will carry: the client's own, else the
-        // capture id (whatever `forward_headers` says, as on a replay).
-        let key = match capturable.client_headers.get(idempotency_header) {
-            Some(own) => own.clone(),
-            None => {
-                HeaderValue::from_str(&capturable.id).unwrap_or(HeaderValue::from_static("invalid"))
-            }
-        };
-        client.headers_mut().insert(idempotency_header.clone(), key);
+        // The key the replays will carry: the client's own (unless the
+        // record redacts it), else the capture id; whatever
+        // `forward_headers` says, as on a replay.
+        let redacted = capture.redact_headers.contains(idempotency_header);
+        let own = capturable
+            .client_headers
+            .get(idempotency_header)
+            .filter(|_| !redacted);
+        let key = own
+            .cloned()
+            .or_else(|| HeaderValue::from_str(&capturable.id).ok());
+        if let Some(key) = key {
+            client.headers_mut().insert(idempotency_header.clone(), key);
+        }
     }
     let set = ProxySet {
         forwarding: Forwarding::new(client.headers(), ctx.client, original_host.as_ref()),

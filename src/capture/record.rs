@@ -74,11 +74,11 @@ pub enum DecodeError {
 impl CaptureRecord {
     /// A fresh time-ordered id, made as the request comes (its live
     /// attempts carry it as their idempotency key). Ids are ordered even
-    /// within one millisecond (`now_v7` counts within it): the spool
+    /// within one millisecond (`ordered_uuid` counts within it): the spool
     /// replays a route's records in id order, the order their requests
     /// came in.
     pub fn new_id() -> String {
-        uuid::Uuid::now_v7().hyphenated().to_string()
+        crate::ids::ordered_uuid().hyphenated().to_string()
     }
 
     /// A new record of id `id` (from [`CaptureRecord::new_id`]).

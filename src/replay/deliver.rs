@@ -12,7 +12,7 @@ use http::{HeaderName, Method, Request, Version};
 
 use crate::body::BufferedBody;
 use crate::cache::{Caches, Target};
-use crate::capture::record::CaptureRecord;
+use crate::capture::record::{CaptureRecord, REDACTED};
 use crate::classify::Failure;
 use crate::config::Config;
 use crate::headers::{self, ClientInfo, X_REQUEST_ID};
@@ -180,11 +180,11 @@ fn build_request(
         .map_err(|e| format!("invalid path {:?}: {e}", req.path))?;
 
     let mut headers = req.header_map();
-    // The key the live attempts carried: the client's own, else the
-    // capture id (see `outgoing::Capturable`).
+    // The key the live attempts carried: the client's own, else (none, or
+    // redacted in the record) the capture id; see `outgoing::Capturable`.
     let key = match headers.get(idempotency_header) {
-        Some(own) => own.clone(),
-        None => {
+        Some(own) if own != REDACTED => own.clone(),
+        _ => {
             HeaderValue::from_str(&record.id).map_err(|_| format!("invalid id {:?}", record.id))?
         }
     };

@@ -304,6 +304,43 @@ async fn a_replay_carries_the_idempotency_key_of_its_live_attempt() {
     );
 }
 
+/// A client's key that the record redacts cannot be replayed: the live
+/// attempt carries the capture id instead, as the replay does.
+#[tokio::test]
+async fn a_redacted_idempotency_key_gives_way_to_the_capture_id() {
+    let up = Arc::new(AtomicBool::new(false));
+    let backend = Backend::start({
+        let up = up.clone();
+        move |_| Reply::status(if up.load(Ordering::SeqCst) { 201 } else { 503 })
+    })
+    .await;
+    let toml = config(&backend.url(), "").replace(
+        "redact_headers = [\"Authorization\"]",
+        "redact_headers = [\"Authorization\", \"Idempotency-Key\"]",
+    );
+    let bs = Backstop::start(&toml);
+    let r = client()
+        .post(bs.url("/api/x"))
+        .header("idempotency-key", "secret-key")
+        .body("a")
+        .send()
+        .await
+        .unwrap();
+    let capture_id = r.headers()["x-backstop-capture-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(error_of(r).await.1, "captured");
+    up.store(true, Ordering::SeqCst);
+    wait_queue(&bs, "depth", 0).await;
+    let keys: HashSet<String> = backend
+        .seen()
+        .iter()
+        .map(|s| s.headers["idempotency-key"].to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(keys, HashSet::from([capture_id]), "live and replayed");
+}
+
 /// A record whose route a reload removed (renamed by mistake, say) spends
 /// no attempt and is not dead-lettered: it waits, and goes once a reload
 /// brings the route back.
