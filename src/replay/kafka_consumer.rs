@@ -380,14 +380,36 @@ impl KafkaReplayer {
         // committed: a stopping worker cuts no request off mid-delivery,
         // nor leaves one it delivered to be sent again by the partition's
         // next owner.
-        while queues.values().any(PartitionQueue::delivering) {
-            match tokio::time::timeout(Duration::from_millis(100), done_rx.recv()).await {
-                Ok(Some(done)) => {
-                    settle(&consumer, &mut queues, done, CommitMode::Sync);
-                }
-                Ok(None) => break,
-                Err(_) => {}
+        // Its partitions are paused, and the consumer is still polled
+        // meanwhile: a member that stops polling for `max.poll.interval.ms`
+        // is put out of the group, and its commits refused.
+        if let Ok(assigned) = consumer.assignment() {
+            let _ = consumer.pause(&assigned);
+        }
+        loop {
+            // Reports already in (the loop above stopped on the signal
+            // first) are taken before anything is judged still running.
+            while let Ok(done) = done_rx.try_recv() {
+                settle(&consumer, &mut queues, done, CommitMode::Sync);
             }
+            if !queues.values().any(PartitionQueue::delivering) {
+                break;
+            }
+            tokio::select! {
+                Some(revoked) = revoked_rx.recv() => {
+                    for partition in revoked {
+                        queues.remove(&partition);
+                    }
+                }
+                // Nothing comes from paused partitions; a record fetched
+                // before the pause is left to the partition's next owner.
+                _ = consumer.recv() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+        // A delivery that ended between the last look and the check.
+        while let Ok(done) = done_rx.try_recv() {
+            settle(&consumer, &mut queues, done, CommitMode::Sync);
         }
         tracing::info!("Kafka replay worker stopped");
         Ok(())

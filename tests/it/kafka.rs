@@ -649,11 +649,18 @@ async fn a_partition_given_back_waits_for_the_delivery_it_had_running() {
 async fn a_stopping_worker_finishes_and_commits_the_delivery_under_way() {
     use std::sync::{Arc, Mutex};
 
-    const SLOW: Duration = Duration::from_secs(3);
+    // Longer than the worker's `max.poll.interval.ms` (10 s): it must go
+    // on polling while it waits, or the group would put it out and refuse
+    // its commit.
+    const SLOW: Duration = Duration::from_secs(12);
     let tansu = Tansu::start(false);
     let stopped = Backend::echo().await.stop().await;
     let upstream = format!("http://{}", stopped.addr);
-    let bs = Backstop::start(&config(&tansu, &upstream, false));
+    let toml = config(&tansu, &upstream, false).replace(
+        "  max_attempts = 1\n",
+        "  max_attempts = 1\n  [routes.circuit_breaker]\n  request_timeout = \"30s\"\n",
+    );
+    let bs = Backstop::start(&toml);
     let captured = capture_each(&bs, 2, |_| "/api/x".to_string()).await;
     let keys = Arc::new(Mutex::new(Vec::<String>::new()));
     let seen = keys.clone();
