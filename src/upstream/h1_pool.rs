@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, HOST};
+use http::header::{HeaderValue, CONNECTION, HOST};
 use http::{Request, Response, StatusCode, Uri};
 use http_body::Body as _;
 use http_body_util::{Either, Full};
@@ -42,7 +42,7 @@ use super::connect_within::ConnectWithin;
 use super::h1_client::{self, IdleConns, MAX_BODY};
 use crate::body::{RequestBody, UpstreamBody};
 use crate::classify::{is_idempotent, Failure};
-use crate::headers::ProxySet;
+use crate::headers::{self, ProxySet};
 use crate::upload;
 
 /// How often idle connections are looked over for expiry: a quarter of the
@@ -252,11 +252,12 @@ impl H1Pool {
                 deadline.into(),
             );
             match exchange.await {
-                // A backend may say `408` as it closes a kept-alive
-                // connection it found idle, and the request met it on the
-                // way: that is no answer to the request (nor the client's
-                // timeout). As Go's client does, it counts as the close.
-                Ok(response) if reused && response.status() == StatusCode::REQUEST_TIMEOUT => {
+                // A backend may say `408` with `Connection: close` as it
+                // closes a kept-alive connection it found idle (Apache and
+                // Node do), and the request met it on the way: that is no
+                // answer to the request (nor the client's timeout), but
+                // the close.
+                Ok(response) if reused && is_idle_close(&response) => {
                     if retried || !is_idempotent(head.method) {
                         return Err(Failure::Reset);
                     }
@@ -484,6 +485,17 @@ fn origin_form(request: Request<RequestBody>, host: &HeaderValue) -> Request<Req
     parts.uri = path.map_or_else(|| Uri::from_static("/"), Uri::from);
     parts.headers.entry(HOST).or_insert_with(|| host.clone());
     Request::from_parts(parts, body)
+}
+
+/// A `408 Request Timeout` that closes the connection: what a backend
+/// sends as it closes a kept-alive connection it found idle.
+fn is_idle_close<B>(response: &Response<B>) -> bool {
+    response.status() == StatusCode::REQUEST_TIMEOUT
+        && response
+            .headers()
+            .get_all(CONNECTION)
+            .iter()
+            .any(|v| headers::has_token(v, "close"))
 }
 
 #[cfg(test)]
