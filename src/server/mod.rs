@@ -299,8 +299,11 @@ impl Connection {
             let proxy = proxy.clone();
             let client = client.clone();
             let in_flight = marks.request_started();
-            let expects_continue =
-                http1 && !req.body().is_end_stream() && expects_continue(req.headers());
+            // HTTP/1.0 has no `100 Continue`: its body comes anyway.
+            let expects_continue = http1
+                && req.version() == http::Version::HTTP_11
+                && !req.body().is_end_stream()
+                && expects_continue(req.headers());
             let req = req.map(|body| {
                 let linger = (http1 && !body.is_end_stream()).then(|| marks.request_started());
                 Some(ClientIncoming::new(body, linger, expects_continue))

@@ -657,9 +657,9 @@ async fn a_retry_cut_short_by_the_deadline_is_no_breaker_failure() {
   [routes.retry]
   max_attempts = 2
   initial_delay = "50ms"
-  deadline = "600ms"
+  deadline = "1500ms"
   [routes.circuit_breaker]
-  request_timeout = 400
+  request_timeout = 1000
   failure_threshold = 2
 "#,
     ));
