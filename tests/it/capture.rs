@@ -259,25 +259,11 @@ async fn a_replay_carries_the_idempotency_key_of_its_live_attempt() {
     .await;
     let extra = "\n  [routes.circuit_breaker]\n  request_timeout = 300";
     let bs = Backstop::start(&config(&backend.url(), extra));
-    let r = client()
-        .post(bs.url("/api/slow"))
-        .body("a")
-        .send()
-        .await
-        .unwrap();
-    let capture_id = r.headers()["x-backstop-capture-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    assert_eq!(error_of(r).await.1, "captured");
-    let r = client()
+    let capture_id = captured(client().post(bs.url("/api/slow")).body("a")).await;
+    let own_key = client()
         .post(bs.url("/api/own-key"))
-        .header("idempotency-key", "client-key-1")
-        .body("b")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_of(r).await.1, "captured");
+        .header("idempotency-key", "client-key-1");
+    captured(own_key.body("b")).await;
     up.store(true, Ordering::SeqCst);
     wait_queue(&bs, "depth", 0).await;
 
@@ -319,18 +305,10 @@ async fn a_redacted_idempotency_key_gives_way_to_the_capture_id() {
         "redact_headers = [\"Authorization\", \"Idempotency-Key\"]",
     );
     let bs = Backstop::start(&toml);
-    let r = client()
+    let with_key = client()
         .post(bs.url("/api/x"))
-        .header("idempotency-key", "secret-key")
-        .body("a")
-        .send()
-        .await
-        .unwrap();
-    let capture_id = r.headers()["x-backstop-capture-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    assert_eq!(error_of(r).await.1, "captured");
+        .header("idempotency-key", "secret-key");
+    let capture_id = captured(with_key.body("a")).await;
     up.store(true, Ordering::SeqCst);
     wait_queue(&bs, "depth", 0).await;
     let keys: HashSet<String> = backend
@@ -473,12 +451,19 @@ async fn dead_letter_backend() -> Backend {
 }
 
 async fn capture_one(bs: &Backstop, path: &str, body: impl Into<reqwest::Body>) -> String {
-    let r = client().post(bs.url(path)).body(body).send().await.unwrap();
-    assert_eq!(r.status(), 503);
-    r.headers()["x-backstop-capture-id"]
+    captured(client().post(bs.url(path)).body(body)).await
+}
+
+/// Sends `request`, which must be answered 503 `captured`; its capture id.
+async fn captured(request: reqwest::RequestBuilder) -> String {
+    let r = request.send().await.unwrap();
+    let id = r.headers()["x-backstop-capture-id"]
         .to_str()
         .unwrap()
-        .to_string()
+        .to_string();
+    let (status, code, _) = error_of(r).await;
+    assert_eq!((status, code.as_str()), (503, "captured"));
+    id
 }
 
 #[tokio::test]

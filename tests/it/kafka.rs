@@ -568,17 +568,19 @@ async fn two_replay_workers_share_the_group_and_deliver_everything() {
     );
 }
 
-/// A rebalance takes a partition from its worker in the middle of a slow
-/// delivery and gives it back: the record, read again from the committed
-/// offset, waits for that delivery to end instead of going out a second
-/// time at once (with the record behind it overtaking the first).
-#[tokio::test(flavor = "multi_thread")]
-async fn a_partition_given_back_waits_for_the_delivery_it_had_running() {
-    use rdkafka::consumer::{Consumer, StreamConsumer};
-    use std::sync::{Arc, Mutex};
-    use std::time::Instant;
+/// Two captures of one route in Kafka (replay off in Backstop, whose
+/// route has a 30 s request timeout), then their backend back: it answers
+/// the first delivery after `slow`, the others at once. Each delivery's
+/// key and when it came are in `arrivals`.
+struct SlowFirst {
+    tansu: Tansu,
+    bs: Backstop,
+    backend: Backend,
+    captured: HashSet<String>,
+    arrivals: std::sync::Arc<std::sync::Mutex<Vec<(String, std::time::Instant)>>>,
+}
 
-    const SLOW: Duration = Duration::from_secs(12);
+async fn slow_first_delivery(slow: Duration) -> SlowFirst {
     let tansu = Tansu::start(false);
     let stopped = Backend::echo().await.stop().await;
     let upstream = format!("http://{}", stopped.addr);
@@ -588,20 +590,44 @@ async fn a_partition_given_back_waits_for_the_delivery_it_had_running() {
         "  max_attempts = 1\n  [routes.circuit_breaker]\n  request_timeout = \"30s\"\n",
     );
     let bs = Backstop::start(&toml);
-    capture_each(&bs, 2, |_| "/api/x".to_string()).await;
-    // Each delivery's key and when it arrived; the first is answered slowly.
-    let arrivals = Arc::new(Mutex::new(Vec::<(String, Instant)>::new()));
+    let captured = capture_each(&bs, 2, |_| "/api/x".to_string()).await;
+    let arrivals = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = arrivals.clone();
     let backend = Backend::start_on(stopped, move |s| {
         let mut seen = seen.lock().unwrap();
         let key = s.headers["idempotency-key"].to_str().unwrap().to_string();
-        seen.push((key, Instant::now()));
+        seen.push((key, std::time::Instant::now()));
         match seen.len() {
-            1 => Reply::status(200).delay(SLOW),
+            1 => Reply::status(200).delay(slow),
             _ => Reply::status(200),
         }
     })
     .await;
+    SlowFirst {
+        tansu,
+        bs,
+        backend,
+        captured,
+        arrivals,
+    }
+}
+
+/// A rebalance takes a partition from its worker in the middle of a slow
+/// delivery and gives it back: the record, read again from the committed
+/// offset, waits for that delivery to end instead of going out a second
+/// time at once (with the record behind it overtaking the first).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_given_back_waits_for_the_delivery_it_had_running() {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+
+    const SLOW: Duration = Duration::from_secs(12);
+    let SlowFirst {
+        tansu,
+        bs,
+        backend,
+        arrivals,
+        ..
+    } = slow_first_delivery(SLOW).await;
     let dir = tempfile::tempdir().unwrap();
     let worker = ReplayWorker::start(&bs.config_path, dir.path().join("a.log"));
     backend.wait_for_hits(1, Duration::from_secs(30)).await;
@@ -647,32 +673,17 @@ async fn a_partition_given_back_waits_for_the_delivery_it_had_running() {
 /// not send that record again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stopping_worker_finishes_and_commits_the_delivery_under_way() {
-    use std::sync::{Arc, Mutex};
-
     // Longer than the worker's `max.poll.interval.ms` (10 s): it must go
     // on polling while it waits, or the group would put it out and refuse
     // its commit.
     const SLOW: Duration = Duration::from_secs(12);
-    let tansu = Tansu::start(false);
-    let stopped = Backend::echo().await.stop().await;
-    let upstream = format!("http://{}", stopped.addr);
-    let toml = config(&tansu, &upstream, false).replace(
-        "  max_attempts = 1\n",
-        "  max_attempts = 1\n  [routes.circuit_breaker]\n  request_timeout = \"30s\"\n",
-    );
-    let bs = Backstop::start(&toml);
-    let captured = capture_each(&bs, 2, |_| "/api/x".to_string()).await;
-    let keys = Arc::new(Mutex::new(Vec::<String>::new()));
-    let seen = keys.clone();
-    let backend = Backend::start_on(stopped, move |s| {
-        let mut seen = seen.lock().unwrap();
-        seen.push(s.headers["idempotency-key"].to_str().unwrap().to_string());
-        match seen.len() {
-            1 => Reply::status(200).delay(SLOW),
-            _ => Reply::status(200),
-        }
-    })
-    .await;
+    let SlowFirst {
+        tansu: _tansu,
+        bs,
+        backend,
+        captured,
+        arrivals,
+    } = slow_first_delivery(SLOW).await;
     let dir = tempfile::tempdir().unwrap();
     let mut first = ReplayWorker::start(&bs.config_path, dir.path().join("a.log"));
     backend.wait_for_hits(1, Duration::from_secs(60)).await;
@@ -691,7 +702,12 @@ async fn a_stopping_worker_finishes_and_commits_the_delivery_under_way() {
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let keys = keys.lock().unwrap().clone();
+    let keys: Vec<String> = arrivals
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, _)| k.clone())
+        .collect();
     assert_eq!(keys.len(), 2, "each record once: {keys:?}");
     assert_eq!(keys.into_iter().collect::<HashSet<_>>(), captured);
 }
