@@ -98,6 +98,33 @@ static REWRITING: [HeaderName; 11] = [
     HeaderName::from_static("x-host"),
 ];
 
+/// The method overrides among [`REWRITING`]: a write's say what the write
+/// is, nothing of the reads whose entries it removes.
+static METHOD_OVERRIDES: [HeaderName; 3] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
+
+/// The headers that name the reads a write makes stale, as keys have them:
+/// the write's own without its method overrides and, when it sends a
+/// rewriting header, also without any (the reads of clients that send
+/// none: one reached through a load balancer that sets `X-Forwarded-Port`,
+/// the other from inside).
+pub fn read_headers_of_write(headers: &HeaderMap) -> Vec<HeaderMap> {
+    if !headers.keys().any(|name| REWRITING.contains(name)) {
+        return vec![headers.clone()];
+    }
+    let without = |names: &[HeaderName]| {
+        let mut kept = headers.clone();
+        for name in names {
+            kept.remove(name);
+        }
+        kept
+    };
+    vec![without(&METHOD_OVERRIDES), without(&REWRITING)]
+}
+
 /// What of the request head goes into the key.
 pub struct KeyInput<'a> {
     pub route: &'a str,
@@ -389,7 +416,7 @@ mod tests {
                 true,
             ),
             (
-                "listed, keyed once as listed",
+                "listed: keyed as the list says",
                 Req {
                     headers: &[("x-forwarded-port", "443")],
                     ..get("/a")

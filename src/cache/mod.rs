@@ -703,11 +703,21 @@ impl Caches {
         target: &Target,
     ) -> Option<Invalidation> {
         let cache = &route.config.cache;
-        let keys: Vec<CacheKey> = [Method::GET, Method::HEAD]
-            .iter()
-            .filter(|method| cache.methods.contains(method))
-            .map(|method| key_of(route, target, method, b""))
-            .collect();
+        let reads = [Method::GET, Method::HEAD];
+        let reads: Vec<&Method> = reads.iter().filter(|m| cache.methods.contains(m)).collect();
+        let mut keys = Vec::new();
+        for headers in cache_key::read_headers_of_write(target.headers) {
+            let target = Target {
+                headers: &headers,
+                ..*target
+            };
+            for method in &reads {
+                let key = key_of(route, &target, method, b"");
+                if !keys.contains(&key) {
+                    keys.push(key);
+                }
+            }
+        }
         if keys.is_empty() {
             return None;
         }

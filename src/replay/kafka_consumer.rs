@@ -386,19 +386,32 @@ impl KafkaReplayer {
         if let Ok(assigned) = consumer.assignment() {
             let _ = consumer.pause(&assigned);
         }
+        // Paused for good: a buffer that drains must not resume its
+        // partition (`settle`).
+        for queue in queues.values_mut() {
+            queue.paused = false;
+        }
         loop {
             // Reports already in (the loop above stopped on the signal
             // first) are taken before anything is judged still running.
             while let Ok(done) = done_rx.try_recv() {
                 settle(&consumer, &mut queues, done, CommitMode::Sync);
             }
-            if !queues.values().any(PartitionQueue::delivering) {
+            // Deliveries of revoked partitions are not cut off either,
+            // though what they finish is no longer this worker's to commit.
+            orphaned.retain(|_, tasks| {
+                tasks.retain(|task| !task.is_finished());
+                !tasks.is_empty()
+            });
+            if !queues.values().any(PartitionQueue::delivering) && orphaned.is_empty() {
                 break;
             }
             tokio::select! {
                 Some(revoked) = revoked_rx.recv() => {
                     for partition in revoked {
-                        queues.remove(&partition);
+                        if let Some(queue) = queues.remove(&partition) {
+                            orphaned.entry(partition).or_default().extend(queue.in_flight());
+                        }
                     }
                 }
                 // Nothing comes from paused partitions; a record fetched

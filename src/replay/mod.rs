@@ -439,23 +439,13 @@ impl SpoolReplayer {
                 return Ok(None);
             }
         };
-        let Some(route) = active.routes.get(&record.route) else {
-            // No failure of the backend's: the record keeps its attempts
-            // and waits for a reload that brings its route back (a route
-            // renamed or removed by mistake), looked at every `max_delay`;
-            // `backstop queue` can move it meanwhile.
-            let wait = replay.max_delay;
-            let next_at = now_ms() + wait.as_millis() as i64;
-            let reason = format!("route {:?} is not configured", record.route);
-            self.spool
-                .retry_later(&queued.id, queued.attempts, next_at, &reason)
-                .await?;
-            self.count(&record.route, "busy");
-            tracing::warn!(id = %queued.id, route = %record.route, ?wait, "replay waits: its route is not configured");
-            return Ok(Some(wait));
+        let outcome = match active.routes.get(&record.route) {
+            Some(route) => {
+                let caches = &self.proxy.caches;
+                deliver(caches, &active.config, route, &record, attempt).await
+            }
+            None => Delivery::Retry(format!("route {:?} is not configured", record.route)),
         };
-        let caches = &self.proxy.caches;
-        let outcome = deliver(caches, &active.config, route, &record, attempt).await;
         let sent = !matches!(outcome, Delivery::Busy(_));
         match outcome {
             Delivery::Delivered(status) => {

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONNECTION, HOST};
-use http::{Request, Response, StatusCode, Uri};
+use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -487,15 +487,19 @@ fn origin_form(request: Request<RequestBody>, host: &HeaderValue) -> Request<Req
     Request::from_parts(parts, body)
 }
 
-/// A `408 Request Timeout` that closes the connection: what a backend
-/// sends as it closes a kept-alive connection it found idle.
+/// A `408 Request Timeout` that closes the connection (`Connection:
+/// close`, or HTTP/1.0): what a backend sends as it closes a kept-alive
+/// connection it found idle.
 fn is_idle_close<B>(response: &Response<B>) -> bool {
-    response.status() == StatusCode::REQUEST_TIMEOUT
-        && response
-            .headers()
-            .get_all(CONNECTION)
-            .iter()
-            .any(|v| headers::has_token(v, "close"))
+    let closes = || {
+        response.version() == Version::HTTP_10
+            || response
+                .headers()
+                .get_all(CONNECTION)
+                .iter()
+                .any(|v| headers::has_token(v, "close"))
+    };
+    response.status() == StatusCode::REQUEST_TIMEOUT && closes()
 }
 
 #[cfg(test)]

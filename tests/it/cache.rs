@@ -856,6 +856,17 @@ async fn rewriting_headers_are_keyed_so_they_cannot_poison_the_cache() {
     let again = poisoned().await;
     assert_eq!((again.x_cache.as_str(), again.body.as_str()), ("HIT", evil));
     assert_eq!(backend.hits(), 2);
+    // A write still removes the plain read's entry, whatever rewriting
+    // headers of its own it sends.
+    for (name, value) in [
+        ("x-http-method-override", "PATCH"),
+        ("x-forwarded-port", "443"),
+    ] {
+        let write = client().post(bs.url("/page")).header(name, value);
+        assert_eq!(write.send().await.unwrap().status(), 200);
+        assert_eq!(get(&bs.url("/page")).await.x_cache, "MISS", "after {name}");
+        assert_eq!(get(&bs.url("/page")).await.x_cache, "HIT");
+    }
 }
 
 /// A server-sent event stream on a caching route reaches the client as it

@@ -319,53 +319,6 @@ async fn a_redacted_idempotency_key_gives_way_to_the_capture_id() {
     assert_eq!(keys, HashSet::from([capture_id]), "live and replayed");
 }
 
-/// A record whose route a reload removed (renamed by mistake, say) spends
-/// no attempt and is not dead-lettered: it waits, and goes once a reload
-/// brings the route back.
-#[tokio::test]
-async fn a_record_whose_route_was_removed_waits_for_it_without_spending_attempts() {
-    let addr = stopped_backend().await;
-    let upstream = format!("http://{addr}");
-    let gone = format!(
-        "[[routes]]\nname = \"gone\"\npath_prefix = \"/gone\"\nupstreams = [{upstream:?}]\n"
-    );
-    let toml = format!("{}{gone}", config(&upstream, "")).replace(
-        "initial_delay = \"100ms\"\nmax_delay = \"400ms\"\nmax_attempts = 5",
-        "initial_delay = \"500ms\"\nmax_delay = \"500ms\"\nmax_attempts = 3",
-    );
-    let bs = Backstop::start(&toml);
-    let r = client()
-        .post(bs.url("/gone/x"))
-        .body("b")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_of(r).await.1, "captured");
-    let reload = |text: String| {
-        std::fs::write(&bs.config_path, text).unwrap();
-        bs.signal("HUP");
-    };
-    let written = std::fs::read_to_string(&bs.config_path).unwrap();
-    reload(written.replace(&gone, ""));
-    bs.wait_for_log("configuration reloaded", Duration::from_secs(5))
-        .await;
-    // Three attempts would have been spent by now.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let q = queue_status(&bs).await;
-    assert_eq!(
-        (q["depth"].as_u64(), q["dead_letters"].as_u64()),
-        (Some(1), Some(0)),
-        "{q}"
-    );
-    assert!(bs
-        .logs()
-        .contains("replay waits: its route is not configured"));
-    let backend = Backend::start_on(addr, |_| Reply::status(201)).await;
-    reload(written);
-    wait_queue(&bs, "depth", 0).await;
-    assert_eq!(backend.seen()[0].uri, "/gone/x");
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn every_acknowledged_capture_survives_kill_9() {
     let addr = stopped_backend().await;

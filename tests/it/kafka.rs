@@ -673,10 +673,10 @@ async fn a_partition_given_back_waits_for_the_delivery_it_had_running() {
 /// not send that record again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stopping_worker_finishes_and_commits_the_delivery_under_way() {
-    // Longer than the worker's `max.poll.interval.ms` (10 s): it must go
-    // on polling while it waits, or the group would put it out and refuse
-    // its commit.
-    const SLOW: Duration = Duration::from_secs(12);
+    // Well past the worker's `max.poll.interval.ms` (10 s, checked about
+    // once a second): it must go on polling while it waits, or the group
+    // would put it out and refuse its commit.
+    const SLOW: Duration = Duration::from_secs(16);
     let SlowFirst {
         tansu: _tansu,
         bs,
