@@ -379,10 +379,10 @@ impl KafkaReplayer {
         // a second stop signal ends the process) and what they finished is
         // committed: a stopping worker cuts no request off mid-delivery,
         // nor leaves one it delivered to be sent again by the partition's
-        // next owner.
-        // Its partitions are paused, and the consumer is still polled
-        // meanwhile: a member that stops polling for `max.poll.interval.ms`
-        // is put out of the group, and its commits refused.
+        // next owner. Its partitions are paused, and the consumer is still
+        // polled meanwhile: a member that stops polling for
+        // `max.poll.interval.ms` is put out of the group, and its commits
+        // refused.
         if let Ok(assigned) = consumer.assignment() {
             let _ = consumer.pause(&assigned);
         }
@@ -416,7 +416,12 @@ impl KafkaReplayer {
                 }
                 // Nothing comes from paused partitions; a record fetched
                 // before the pause is left to the partition's next owner.
-                _ = consumer.recv() => {}
+                // An error (the broker gone) is not polled again at once.
+                polled = consumer.recv() => {
+                    if polled.is_err() {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
         }
