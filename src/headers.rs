@@ -255,7 +255,7 @@ pub fn filter_forwarded(headers: &mut HeaderMap, rule: &ForwardHeaders) {
 }
 
 /// Whether `forward_headers` lets the client's header `name` go upstream.
-pub fn forwards(rule: &ForwardHeaders, name: &HeaderName) -> bool {
+fn forwards(rule: &ForwardHeaders, name: &HeaderName) -> bool {
     match rule {
         ForwardHeaders::All => true,
         ForwardHeaders::None => ALWAYS_FORWARDED.contains(name),

@@ -50,13 +50,16 @@ pub fn ordered_uuid() -> uuid::Uuid {
     }) {
         Ok(last) | Err(last) => next(last),
     };
+    // Milliseconds (48 bits), the version's 4 bits, the count (12 bits),
+    // then random bits (the variant's go over the first).
+    let (millis, count) = (stamp >> 12, stamp & 0xfff);
     let mut bytes = [0u8; 16];
-    bytes[..6].copy_from_slice(&(stamp >> 12).to_be_bytes()[2..]);
-    let count = (stamp & 0xfff) as u16;
-    bytes[6..8].copy_from_slice(&(0x7000 | count).to_be_bytes());
+    bytes[..8].copy_from_slice(&(millis << 16 | count).to_be_bytes());
     bytes[8..].copy_from_slice(&random_bytes::<8>());
-    bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    uuid::Uuid::from_bytes(bytes)
+    uuid::Builder::from_bytes(bytes)
+        .with_version(uuid::Version::SortRand)
+        .with_variant(uuid::Variant::RFC4122)
+        .into_uuid()
 }
 
 #[cfg(test)]

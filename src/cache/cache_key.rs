@@ -17,6 +17,8 @@
 //! This module never looks at the response and never decides whether a
 //! request is cacheable: it only names it.
 
+use std::borrow::Cow;
+
 use http::{HeaderMap, HeaderName, Method};
 use ring::digest::{Context, SHA256};
 
@@ -85,11 +87,12 @@ const NEVER_KEYED: [&str; 14] = [
 /// Backstop replaces their claims with its own, and the key has the host
 /// and scheme.
 static REWRITING: [HeaderName; 11] = [
-    HeaderName::from_static("x-original-url"),
-    HeaderName::from_static("x-rewrite-url"),
+    // The method overrides first (see `METHOD_OVERRIDES`).
     HeaderName::from_static("x-http-method-override"),
     HeaderName::from_static("x-http-method"),
     HeaderName::from_static("x-method-override"),
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
     HeaderName::from_static("x-forwarded-prefix"),
     HeaderName::from_static("x-forwarded-port"),
     HeaderName::from_static("x-forwarded-scheme"),
@@ -98,31 +101,28 @@ static REWRITING: [HeaderName; 11] = [
     HeaderName::from_static("x-host"),
 ];
 
-/// The method overrides among [`REWRITING`]: a write's say what the write
-/// is, nothing of the reads whose entries it removes.
-static METHOD_OVERRIDES: [HeaderName; 3] = [
-    HeaderName::from_static("x-http-method-override"),
-    HeaderName::from_static("x-http-method"),
-    HeaderName::from_static("x-method-override"),
-];
+/// How many of [`REWRITING`], from its start, are method overrides: a
+/// write's say what the write is, nothing of the reads whose entries it
+/// removes.
+const METHOD_OVERRIDES: usize = 3;
 
 /// The headers that name the reads a write makes stale, as keys have them:
 /// the write's own without its method overrides and, when it sends a
 /// rewriting header, also without any (the reads of clients that send
 /// none: one reached through a load balancer that sets `X-Forwarded-Port`,
 /// the other from inside).
-pub fn read_headers_of_write(headers: &HeaderMap) -> Vec<HeaderMap> {
+pub fn read_headers_of_write(headers: &HeaderMap) -> Vec<Cow<'_, HeaderMap>> {
     if !headers.keys().any(|name| REWRITING.contains(name)) {
-        return vec![headers.clone()];
+        return vec![Cow::Borrowed(headers)];
     }
     let without = |names: &[HeaderName]| {
         let mut kept = headers.clone();
         for name in names {
             kept.remove(name);
         }
-        kept
+        Cow::Owned(kept)
     };
-    vec![without(&METHOD_OVERRIDES), without(&REWRITING)]
+    vec![without(&REWRITING[..METHOD_OVERRIDES]), without(&REWRITING)]
 }
 
 /// What of the request head goes into the key.
@@ -140,6 +140,17 @@ pub struct KeyInput<'a> {
     pub strategy: HeaderStrategy,
     /// The names for `HeaderStrategy::List`.
     pub listed: &'a [HeaderName],
+}
+
+impl KeyInput<'_> {
+    /// Whether `header_strategy` puts the header `name` in the key.
+    fn keys(&self, name: &HeaderName) -> bool {
+        match self.strategy {
+            HeaderStrategy::All => true,
+            HeaderStrategy::List => self.listed.contains(name),
+            HeaderStrategy::None => false,
+        }
+    }
 }
 
 impl KeyHead {
@@ -190,24 +201,22 @@ impl KeyHead {
             }
         }
         // Only requests that send one get the section, so other requests'
-        // keys are what they were without it.
-        let rewriting = || {
-            let unkeyed = |name: &&HeaderName| match input.strategy {
-                HeaderStrategy::All => false,
-                HeaderStrategy::List => !input.listed.contains(name),
-                HeaderStrategy::None => true,
-            };
-            REWRITING.iter().filter(unkeyed)
-        };
-        // A pass over the request's few headers first: most send none.
+        // keys are what they were without it. A pass over the request's few
+        // headers first: most send none.
         let sends_one = input
             .headers
             .keys()
             .any(|name| name.as_str().starts_with("x-") && REWRITING.contains(name));
-        if sends_one && rewriting().any(|name| input.headers.contains_key(name)) {
-            field(&mut ctx, b"rewriting");
-            for name in rewriting() {
-                keyed_header(&mut ctx, input.headers, name);
+        if sends_one {
+            let unkeyed: Vec<&HeaderName> = REWRITING
+                .iter()
+                .filter(|name| input.headers.contains_key(*name) && !input.keys(name))
+                .collect();
+            if !unkeyed.is_empty() {
+                field(&mut ctx, b"rewriting");
+                for name in unkeyed {
+                    keyed_header(&mut ctx, input.headers, name);
+                }
             }
         }
         KeyHead(ctx)

@@ -314,10 +314,7 @@ impl KafkaReplayer {
                         }
                     }
                     // Deliveries of partitions revoked for good end too.
-                    orphaned.retain(|_, tasks| {
-                        tasks.retain(|task| !task.is_finished());
-                        !tasks.is_empty()
-                    });
+                    forget_finished(&mut orphaned);
                     None
                 }
                 message = consumer.recv() => match message {
@@ -399,10 +396,7 @@ impl KafkaReplayer {
             }
             // Deliveries of revoked partitions are not cut off either,
             // though what they finish is no longer this worker's to commit.
-            orphaned.retain(|_, tasks| {
-                tasks.retain(|task| !task.is_finished());
-                !tasks.is_empty()
-            });
+            forget_finished(&mut orphaned);
             if !queues.values().any(PartitionQueue::delivering) && orphaned.is_empty() {
                 break;
             }
@@ -630,6 +624,14 @@ fn set_paused(consumer: &ReplayConsumer, partition: &Partition, paused: bool) ->
         tracing::debug!(topic = %partition.0, partition = partition.1, error = %e, paused, "pause/resume failed (partition revoked?)");
     }
     result.is_ok()
+}
+
+/// Forgets the deliveries of revoked partitions that have ended.
+fn forget_finished(orphaned: &mut HashMap<Partition, Vec<JoinHandle<()>>>) {
+    orphaned.retain(|_, tasks| {
+        tasks.retain(|task| !task.is_finished());
+        !tasks.is_empty()
+    });
 }
 
 /// Takes a delivery's verdict into its lane, and commits what its end
