@@ -740,6 +740,17 @@ async fn forward(
             Admission::Allowed(next) => next,
             Admission::Rejected { retry_in } => {
                 tracing::debug!(route = %route.name(), attempt, "no retry: the circuit refused it after the backoff");
+                // The backend's own answer about this request (a 500, a
+                // 429: it may have applied it) is not turned into an open
+                // circuit's, which would capture it for a second go. Its
+                // answer was let go before the backoff; its error says
+                // what it was.
+                if !failure.is_capturable() {
+                    return Forwarded::Failed {
+                        failure,
+                        response: None,
+                    };
+                }
                 return Forwarded::CircuitOpened { retry_in };
             }
         };

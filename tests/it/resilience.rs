@@ -178,6 +178,46 @@ async fn a_retry_is_not_sent_once_the_circuit_opened_during_its_backoff() {
     );
 }
 
+/// A retry the circuit refuses after its backoff does not turn the
+/// backend's own answer into a capture: a `500` to a `PUT` is the
+/// backend's word about that request (it may have applied it), so it is
+/// not queued for a replay that would apply it again.
+#[tokio::test]
+async fn a_retry_refused_after_its_backoff_does_not_capture_the_backends_answer() {
+    let backend = Backend::start(|seen| {
+        if seen.method == "PUT" {
+            Reply::status(500)
+        } else {
+            Reply::status(503)
+        }
+    })
+    .await;
+    let bs = Backstop::start(&route(
+        &backend.url(),
+        r#"
+  [routes.retry]
+  max_attempts = 2
+  initial_delay = "1s"
+  [routes.circuit_breaker]
+  failure_threshold = 2
+"#,
+    ));
+    let url = bs.url("/api/orders/1");
+    let put = tokio::spawn(async move { client().put(url).body("{}").send().await.unwrap() });
+    backend.wait_for_hits(1, Duration::from_secs(5)).await;
+    // Its failure opens the circuit while the PUT waits for its retry.
+    let r = client().get(bs.url("/api/x")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(circuit(&bs).await["state"], "open");
+    let r = put.await.unwrap();
+    assert!(!r.headers().contains_key("x-backstop-capture-id"));
+    let (status, code, _) = error_of(r).await;
+    assert_eq!(backend.hits(), 2, "the PUT's retry was not sent");
+    assert_eq!((status, code.as_str()), (502, "upstream_unreachable"));
+    let queue: serde_json::Value = bs.admin_json("/queue").await;
+    assert_eq!(queue["depth"], 0, "nothing captured: {queue}");
+}
+
 /// A route a reload removes is forgotten: its open circuit no longer shows
 /// in `/metrics` (it would alert forever, with no route left to reset).
 #[tokio::test]
