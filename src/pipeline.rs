@@ -278,8 +278,13 @@ async fn proxy_request(
             mut response,
         } => {
             ctx.failure = Some(failure);
-            if let Some(stale) = stale_phase(&mut cache, ctx) {
-                return Ok(stale);
+            // A 500 or 429 (a retry refused after it) is the backend's word
+            // on this request, which no stale entry stands in for.
+            let answered = matches!(failure, Failure::Status(_)) && !failure.is_capturable();
+            if !answered {
+                if let Some(stale) = stale_phase(&mut cache, ctx) {
+                    return Ok(stale);
+                }
             }
             if let Some(response) = &mut response {
                 cache.mark_failure(response.headers_mut());

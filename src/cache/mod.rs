@@ -41,7 +41,7 @@ use http::{HeaderMap, HeaderName, Method, Request, Response};
 use http_body_util::{BodyExt, Either, Full};
 
 use crate::body::{ClientBody, ResponseBody, UpstreamBody};
-use crate::classify::status_failure;
+use crate::classify::Failure;
 use crate::config::{CacheConfig, CacheStore, Config, RedisConfig, RouteConfig};
 use crate::error::{ErrorCode, ProxyError};
 use crate::routing::Route;
@@ -315,7 +315,10 @@ impl CacheState {
             return Ok(response);
         };
         let status = response.status();
-        if status_failure(status.as_u16(), &route.retry).is_some() {
+        // A status that says the backend is down (502, 503, 504), whether
+        // or not the route retries it; a 500 or 429 is the backend's word
+        // on this request and passed on.
+        if Failure::Status(status.as_u16()).is_capturable() {
             if let Some(stale) = self.stale_response() {
                 return Ok(stale);
             }
@@ -367,6 +370,11 @@ impl CacheState {
             }
             Bounded::Broken(e) => {
                 tracing::debug!(route = %route.name, error = %e, "backend answer broke off");
+                // Nothing of it has reached the client yet: a stale entry
+                // can still stand in for it.
+                if let Some(stale) = self.stale_response() {
+                    return Ok(stale);
+                }
                 return Err(ProxyError::new(
                     ErrorCode::UpstreamUnreachable,
                     format!("The backend of route {} broke off its answer", route.name),

@@ -1066,6 +1066,41 @@ async fn a_stale_entry_is_served_when_the_backend_is_down() {
     );
 }
 
+/// `stale_if_error` covers what says the backend is down (here an answer
+/// whose body stalls, which nothing has reached the client of yet), not
+/// the backend's own word on the request: its 500 and 429 are passed on.
+#[tokio::test]
+async fn a_stale_entry_stands_in_for_a_broken_answer_but_not_for_a_500_or_429() {
+    let backend = StuckBackend::scripted(vec![
+        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfresh".to_vec(),
+        b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 4\r\n\r\noops".to_vec(),
+        b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 7\r\ncontent-length: 4\r\n\r\nslow"
+            .to_vec(),
+        b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789".to_vec(),
+    ])
+    .await;
+    let bs = Backstop::start(&route_with(
+        "stale",
+        "/",
+        &backend.url,
+        "body_read_timeout = \"300ms\"",
+        "ttl = \"1s\"\nstale_if_error = \"30s\"",
+    ));
+    let url = bs.url("/a");
+    assert_eq!(get(&url).await.x_cache, "MISS");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let failed = get(&url).await;
+    assert_eq!((failed.status, failed.body.as_str()), (500, "oops"));
+    let limited = get(&url).await;
+    assert_eq!((limited.status, limited.body.as_str()), (429, "slow"));
+    let broken = get(&url).await;
+    assert_eq!(
+        (broken.status, broken.x_cache.as_str(), broken.body.as_str()),
+        (200, "STALE", "fresh")
+    );
+    assert_eq!(backend.requests(), 4);
+}
+
 #[tokio::test]
 async fn a_stale_entry_a_write_removed_while_its_reader_waited_is_not_served() {
     let gets = Arc::new(AtomicUsize::new(0));
