@@ -146,6 +146,12 @@ async fn probe(route: &Route, index: usize, check: &HealthCheckConfig) -> bool {
     *request.method_mut() = Method::GET;
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
+    // The route's own headers, as on every request to its backend: an API
+    // key, or the `Host` of a virtual host reached by address.
+    let headers = request.headers_mut();
+    for (name, value) in route.config.headers.iter() {
+        headers.insert(name.clone(), value.clone());
+    }
     let deadline = crate::upstream::deadline_after(std::time::Instant::now(), check.timeout);
     match route.upstream.send(index, request, None, deadline).await {
         Ok(response) => {

@@ -1171,6 +1171,56 @@ upstreams = [{:?}]
         .await;
 }
 
+/// A health check is a request to the route's backend like any other: it
+/// carries the route's `headers` (an API key, a `Host` for a virtual host
+/// reached by address), or a backend that needs them fails every check.
+#[tokio::test]
+async fn health_checks_carry_the_routes_headers() {
+    let backend = Backend::start(|seen| {
+        let keyed = seen.headers.get("x-api-key").is_some_and(|v| v == "k-1");
+        let host = seen
+            .headers
+            .get("host")
+            .is_some_and(|v| v == "api.internal");
+        if seen.uri == "/healthz" && !(keyed && host) {
+            Reply::status(401)
+        } else {
+            Reply::ok("fine")
+        }
+    })
+    .await;
+    let toml = format!(
+        r#"
+[[routes]]
+name = "keyed"
+path_prefix = "/api"
+upstreams = [{:?}]
+headers = {{ "X-Api-Key" = "k-1", "Host" = "api.internal" }}
+  [routes.health_check]
+  path = "/healthz"
+  interval = "100ms"
+  unhealthy_threshold = 1
+"#,
+        backend.url()
+    );
+    let bs = Backstop::start(&toml);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while backend
+        .seen()
+        .iter()
+        .filter(|s| s.uri == "/healthz")
+        .count()
+        < 3
+    {
+        assert!(Instant::now() < deadline, "no health checks came");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !bs.logs().contains("target unhealthy"),
+        "a check was refused for want of the route's headers"
+    );
+}
+
 #[tokio::test]
 async fn active_health_checks_take_a_target_out_of_rotation_and_back() {
     let sick = Arc::new(AtomicBool::new(true));
