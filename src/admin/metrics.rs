@@ -2,7 +2,8 @@
 //! gauges are read from the spool at scrape time, so they are exact whoever
 //! changed the queue (the worker, the CLI, another process), and keep their
 //! last values when it cannot be read; the turn gauges of capped targets
-//! from the route table, so the request path counts nothing for them.
+//! from the route table, so the request path counts nothing for them; the
+//! circuit states as a caller would find them now.
 
 use std::collections::HashMap;
 
@@ -40,6 +41,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         }
     }
     record_turns(&state);
+    publish_circuits(&state);
     (
         [(
             header::CONTENT_TYPE,
@@ -48,6 +50,21 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         state.proxy.metrics.encode(),
     )
         .into_response()
+}
+
+/// `backstop_circuit_state` of every configured route, as
+/// `/circuit-status` reads it: one with no traffic yet has its series (0),
+/// and one whose reset timeout passed reads half-open (2), not open.
+fn publish_circuits(state: &AdminState) {
+    let active = state.proxy.active.load();
+    for route in active.routes.iter() {
+        state
+            .proxy
+            .resilience
+            .route(route.name())
+            .breaker
+            .publish_state();
+    }
 }
 
 /// `backstop_upstream_in_flight` and `_waiting` of every target of a route

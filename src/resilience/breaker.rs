@@ -301,6 +301,19 @@ impl Breaker {
         self.transition(&mut inner, CircuitState::Closed, Instant::now(), config);
     }
 
+    /// Sets `backstop_circuit_state` to the state a caller would find now
+    /// (a scrape's view, as `snapshot`'s): an open circuit past its reset
+    /// timeout turns half-open only on its next call, and a route with no
+    /// traffic would show open for ever.
+    pub fn publish_state(&self) {
+        let inner = self.lock();
+        let state = match inner.state {
+            CircuitState::Open if Instant::now() >= inner.open_until => CircuitState::HalfOpen,
+            other => other,
+        };
+        self.gauge.set(state.gauge_value());
+    }
+
     pub fn snapshot(&self, config: &BreakerConfig) -> Snapshot {
         self.snapshot_at(config, Instant::now())
     }

@@ -218,6 +218,32 @@ async fn a_retry_refused_after_its_backoff_does_not_capture_the_backends_answer(
     assert_eq!(queue["depth"], 0, "nothing captured: {queue}");
 }
 
+/// `backstop_circuit_state` says what `/circuit-status` says: a route with
+/// no traffic yet has its series, and an open circuit past its reset
+/// timeout reads half-open though no call came to turn it so.
+#[tokio::test]
+async fn the_circuit_state_metric_follows_the_status_without_traffic() {
+    let dead = dead_address().await;
+    let bs = Backstop::start(&route(
+        &format!("http://{dead}"),
+        r#"
+  [routes.retry]
+  max_attempts = 1
+  [routes.circuit_breaker]
+  failure_threshold = 1
+  reset_timeout = "1s"
+"#,
+    ));
+    let series = "backstop_circuit_state{route=\"flaky\"}";
+    assert!(has_line(&metrics(&bs).await, &format!("{series} 0")));
+    let r = client().get(bs.url("/api/x")).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert!(has_line(&metrics(&bs).await, &format!("{series} 1")));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(circuit(&bs).await["state"], "half_open");
+    assert!(has_line(&metrics(&bs).await, &format!("{series} 2")));
+}
+
 /// A route a reload removes is forgotten: its open circuit no longer shows
 /// in `/metrics` (it would alert forever, with no route left to reset).
 #[tokio::test]
