@@ -239,7 +239,12 @@ async fn proxy_request(
     let mut cache = if route.config.cache.enabled {
         match out_of_line(cache_phase(proxy, active, route, &req, &body, ctx)).await {
             Lookup::Answer(response, _) => return Ok(response),
-            Lookup::Forward(state) => state,
+            Lookup::Forward(state) => {
+                if state.fills() {
+                    cache::conditional::strip_validators(req.headers_mut());
+                }
+                state
+            }
         }
     } else {
         CacheState::off()

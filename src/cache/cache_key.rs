@@ -57,8 +57,9 @@ pub struct KeyHead(Context);
 /// unique per request by design (`X-Request-Id`, `traceparent`), so keying
 /// on them would make every request a miss, or say how to use the cache
 /// (`Cache-Control`, `Pragma`): a refresh must replace the entry that plain
-/// requests read.
-const NEVER_KEYED: [&str; 14] = [
+/// requests read. A client's validators are judged against the entry, not
+/// keyed (see `conditional`).
+const NEVER_KEYED: [&str; 16] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -73,6 +74,8 @@ const NEVER_KEYED: [&str; 14] = [
     "tracestate",
     "cache-control",
     "pragma",
+    "if-none-match",
+    "if-modified-since",
 ];
 
 /// Request headers that backends and their frameworks act on to rewrite

@@ -22,6 +22,7 @@
 //! asks `classify`.
 
 pub mod cache_key;
+pub mod conditional;
 pub mod entry;
 pub mod flight;
 pub mod memory;
@@ -300,13 +301,37 @@ impl CacheState {
         if let Some(leader) = self.leader.take() {
             leader.finish(Shared::Stale(entry.clone()));
         }
-        Some(entry_response(&entry, Verdict::Stale))
+        let answer = entry_response(&entry, Verdict::Stale);
+        Some(match &self.slot {
+            Some(slot) => conditional::answer_for(&slot.request, answer),
+            None => answer,
+        })
+    }
+
+    /// Whether the backend's answer may fill the cache: the request then
+    /// goes without its client's validators (see [`conditional`]).
+    pub fn fills(&self) -> bool {
+        self.slot.is_some()
     }
 
     /// The upstream's answer (hop-by-hop headers already removed): served
     /// stale instead if it is a failure and a stale entry exists, stored if
-    /// it may be, and marked with `X-Cache`.
+    /// it may be, and marked with `X-Cache`; a `304` for a client whose
+    /// copy it matches (its validators did not go upstream).
     pub async fn finish(
+        &mut self,
+        route: &RouteConfig,
+        response: Response<ResponseBody>,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let answer = self.store(route, response).await?;
+        Ok(match &self.slot {
+            Some(slot) => conditional::answer_for(&slot.request, answer),
+            None => answer,
+        })
+    }
+
+    /// [`CacheState::finish`] but for the client's validators.
+    async fn store(
         &mut self,
         route: &RouteConfig,
         response: Response<ResponseBody>,
@@ -611,7 +636,7 @@ impl Caches {
         } else {
             if let Some(entry) = store.get(route.name(), &key).await.filter(fits) {
                 match freshness(&entry, cache) {
-                    Freshness::Fresh => return hit(&entry),
+                    Freshness::Fresh => return hit(&entry, request.headers()),
                     Freshness::Stale => stale = Some(entry),
                     Freshness::Expired => {}
                 }
@@ -630,7 +655,7 @@ impl Caches {
                         if let Some(entry) = store.get(route.name(), &key).await.filter(fits) {
                             if let Freshness::Fresh = freshness(&entry, cache) {
                                 joined.finish(Shared::Fresh(entry.clone()));
-                                return hit(&entry);
+                                return hit(&entry, request.headers());
                             }
                         }
                         leader = Some(joined);
@@ -638,9 +663,12 @@ impl Caches {
                     }
                     Joined::Waiter(rx) => {
                         match tokio::time::timeout_at(deadline, flight::wait(rx)).await {
-                            Ok(Shared::Fresh(entry)) if fits(&entry) => return hit(&entry),
+                            Ok(Shared::Fresh(entry)) if fits(&entry) => {
+                                return hit(&entry, request.headers())
+                            }
                             Ok(Shared::Stale(entry)) if fits(&entry) => {
                                 let answer = entry_response(&entry, Verdict::Stale);
+                                let answer = conditional::answer_for(request.headers(), answer);
                                 return Lookup::Answer(answer, Verdict::Stale);
                             }
                             // The leader's answer may predate a write: join
@@ -847,8 +875,10 @@ impl Caches {
     }
 }
 
-fn hit(entry: &Entry) -> Lookup {
-    Lookup::Answer(entry_response(entry, Verdict::Hit), Verdict::Hit)
+/// A fresh entry's answer, or its `304` for a client whose copy matches.
+fn hit(entry: &Entry, request: &HeaderMap) -> Lookup {
+    let answer = conditional::answer_for(request, entry_response(entry, Verdict::Hit));
+    Lookup::Answer(answer, Verdict::Hit)
 }
 
 /// An answer from a stored entry, with `X-Cache` and `Age`.

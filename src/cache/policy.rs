@@ -20,7 +20,8 @@ use crate::config::{CacheConfig, HeaderStrategy};
 pub enum RequestPlan {
     /// The route does not cache: no `X-Cache` header, no metric.
     Off,
-    /// Not looked up and not stored (method not cached, `no-store`).
+    /// Not looked up and not stored (method not cached, `no-store`, a
+    /// range or a condition only the backend can judge).
     Bypass,
     /// Not looked up (`Cache-Control: no-cache`), but the fresh answer
     /// replaces the stored one.
@@ -47,7 +48,7 @@ pub fn request_plan(cache: &CacheConfig, method: &Method, headers: &HeaderMap) -
         return RequestPlan::Invalidate;
     }
     let directives = cache_control(headers);
-    if directives.no_store {
+    if directives.no_store || super::conditional::for_the_backend(headers) {
         return RequestPlan::Bypass;
     }
     let pragma_no_cache = headers

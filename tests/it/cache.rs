@@ -1101,6 +1101,71 @@ async fn a_stale_entry_stands_in_for_a_broken_answer_but_not_for_a_500_or_429() 
     assert_eq!(backend.requests(), 4);
 }
 
+/// A client revalidating its copy gets its `304` from the cache, and a
+/// revalidating miss asks the backend for the whole answer: stored, and
+/// shared with the plain requests coalesced behind it (a `304` from the
+/// backend would have sent each of them upstream on its own). A range
+/// goes upstream as it came.
+#[tokio::test]
+async fn conditional_requests_are_answered_by_the_cache() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let backend = Backend::start(move |seen| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        if seen
+            .headers
+            .get("if-none-match")
+            .is_some_and(|v| v == "\"v1\"")
+        {
+            return Reply::status(304).header("etag", "\"v1\"");
+        }
+        Reply::ok("the page")
+            .header("etag", "\"v1\"")
+            .header("last-modified", "Mon, 07 Dec 2026 10:00:00 GMT")
+            .delay(Duration::from_millis(300))
+    })
+    .await;
+    let bs = Backstop::start(&route("r", "/", &backend.url(), "ttl = \"60s\""));
+    let url = bs.url("/page");
+    let revalidating = client().get(&url).header("if-none-match", "\"v1\"");
+    let leader = tokio::spawn(async move { revalidating.send().await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let plain = get_at_once(url.clone(), 4).await;
+    let leader = leader.await.unwrap();
+    assert_eq!(leader.status(), 304);
+    assert_eq!(leader.headers()["etag"], "\"v1\"");
+    assert_eq!(leader.headers()["x-cache"], "MISS");
+    assert!(leader.bytes().await.unwrap().is_empty());
+    for got in &plain {
+        assert_eq!((got.status, got.body.as_str()), (200, "the page"));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "one whole answer, shared");
+
+    let conditional = |name: &'static str, value: &'static str| {
+        let req = client().get(&url).header(name, value);
+        async move { req.send().await.unwrap() }
+    };
+    let r = conditional("if-none-match", "W/\"v1\"").await;
+    assert_eq!(r.status(), 304);
+    assert_eq!(r.headers()["x-cache"], "HIT");
+    let r = conditional("if-none-match", "\"v0\"").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "the page");
+    let r = conditional("if-modified-since", "Mon, 07 Dec 2026 11:00:00 GMT").await;
+    assert_eq!(r.status(), 304);
+    let r = conditional("if-modified-since", "Mon, 07 Dec 2026 09:00:00 GMT").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "all answered from the entry"
+    );
+
+    let r = conditional("range", "bytes=0-2").await;
+    assert_eq!(r.headers()["x-cache"], "BYPASS");
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "a range goes upstream");
+}
+
 #[tokio::test]
 async fn a_stale_entry_a_write_removed_while_its_reader_waited_is_not_served() {
     let gets = Arc::new(AtomicUsize::new(0));
