@@ -651,8 +651,14 @@ async fn forward(
             .span
             .attempt(attempt, &target.base, &mut outgoing.set.traceparent);
         let last = attempt >= max_attempts;
+        // A streamed upload's time is the client's (see `timed_from`): one
+        // that goes away mid-upload says nothing of the backend's speed.
+        let timed = outgoing.upload().is_none();
         let result = match route.upstream.balancer.slots(index) {
             None => {
+                if timed {
+                    permit.sent(breaker_config, sent_at);
+                }
                 let try_deadline = try_deadline(sent_at, timeout, deadline);
                 route
                     .upstream
@@ -661,13 +667,14 @@ async fn forward(
             }
             Some(slots) => {
                 let to = (via, index);
+                let timed = timed.then_some(&mut permit);
                 out_of_line(send_in_turn(
                     route,
                     slots,
                     to,
                     outgoing,
                     last,
-                    &mut sent_at,
+                    (&mut sent_at, timed),
                     deadline,
                 ))
                 .await
@@ -690,7 +697,7 @@ async fn forward(
         match verdict {
             Some(failed) => permit.record(breaker_config, failed, timed_from),
             // Unreported, the permit gives back a half-open probe's place.
-            None => drop(permit),
+            None => permit.abstain(),
         }
         let (failure, response) = match result {
             Ok(response) => match status_failure(response.status().as_u16(), retry) {
@@ -791,19 +798,24 @@ fn cut_short(sent_at: Instant, timeout: Duration, deadline: Option<Instant>) -> 
 /// the request's deadline leaves it), timed from the turn (`sent_at` moves
 /// there): the wait is Backstop's queue, not the backend's time, so it
 /// neither eats the backend's timeout nor makes the breaker count a slow
-/// call. The answer's body holds the turn.
-async fn send_in_turn(
-    route: &Route,
+/// call. The answer's body holds the turn. The attempt's permit, when its
+/// time is the backend's, is told when it went out.
+async fn send_in_turn<'r>(
+    route: &'r Route,
     slots: &Slots,
     (via, index): (Via, usize),
     outgoing: &mut Outgoing,
     last: bool,
-    sent_at: &mut Instant,
+    (sent_at, permit): (&mut Instant, Option<&mut Permit<'r>>),
     deadline: Option<Instant>,
 ) -> Result<Response<UpstreamBody>, Failure> {
-    let timeout = route.config.circuit_breaker.request_timeout;
+    let breaker_config = &route.config.circuit_breaker;
+    let timeout = breaker_config.request_timeout;
     let slot = take_turn(slots, try_deadline(*sent_at, timeout, deadline)).await?;
     *sent_at = Instant::now();
+    if let Some(permit) = permit {
+        permit.sent(breaker_config, *sent_at);
+    }
     let until = try_deadline(*sent_at, timeout, deadline);
     let response = route
         .upstream

@@ -98,8 +98,12 @@ pub enum Admission<'a> {
 }
 
 /// The right to make one call; its outcome must be reported with
-/// [`Permit::record`]. A permit dropped unreported (the client went away)
-/// frees its half-open probe slot.
+/// [`Permit::record`], or left out with [`Permit::abstain`]. A permit
+/// dropped unreported (the client went away) frees its half-open probe
+/// slot, unless its call, [sent](Permit::sent), had already taken longer
+/// than `slow_call_duration`: it then counts as the slow call it was (an
+/// HTTP/2 client's deadline shorter than `request_timeout` would otherwise
+/// keep a hung backend's circuit closed for ever).
 ///
 /// It borrows its breaker (a request's route outlives its attempts): no
 /// shared count to raise and lower on every call.
@@ -109,16 +113,27 @@ pub struct Permit<'a> {
     epoch: u64,
     probe: bool,
     reported: bool,
+    /// The call went out then, under this configuration.
+    sent: Option<(&'a BreakerConfig, Instant)>,
 }
 
-impl Permit<'_> {
+impl<'a> Permit<'a> {
+    /// The call goes out now (`sent_at`): from here, a permit dropped
+    /// unreported past `slow_call_duration` counts as a slow call.
+    pub fn sent(&mut self, config: &'a BreakerConfig, sent_at: Instant) {
+        self.sent = Some((config, sent_at));
+    }
+
+    /// Reports nothing of this call (it says nothing of the backend).
+    pub fn abstain(mut self) {
+        self.sent = None;
+    }
+
     /// Reports the outcome of the call made at `sent_at`: `failed` as
     /// classified by `classify`; its duration counts slow calls.
     pub fn record(self, config: &BreakerConfig, failed: bool, sent_at: Instant) {
         let now = Instant::now();
-        // The call's duration is worked out only when slow calls count.
-        let slow = !config.slow_call_duration.is_zero()
-            && now.saturating_duration_since(sent_at) > config.slow_call_duration;
+        let slow = is_slow(config, sent_at, now);
         self.report(config, failed || slow, now);
     }
 
@@ -130,9 +145,28 @@ impl Permit<'_> {
     }
 }
 
+/// Whether a call sent at `sent_at` is slow by `now`; the duration is
+/// worked out only when slow calls count.
+fn is_slow(config: &BreakerConfig, sent_at: Instant, now: Instant) -> bool {
+    !config.slow_call_duration.is_zero()
+        && now.saturating_duration_since(sent_at) > config.slow_call_duration
+}
+
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        if self.probe && !self.reported {
+        if self.reported {
+            return;
+        }
+        if let Some((config, sent_at)) = self.sent {
+            let now = Instant::now();
+            if is_slow(config, sent_at, now) {
+                self.reported = true;
+                self.breaker
+                    .record_at(self.epoch, self.probe, config, true, now);
+                return;
+            }
+        }
+        if self.probe {
             let mut inner = self.breaker.lock();
             if inner.epoch == self.epoch && inner.state == CircuitState::HalfOpen {
                 inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
@@ -214,6 +248,7 @@ impl Breaker {
             epoch: inner.epoch,
             probe,
             reported: false,
+            sent: None,
         })
     }
 
@@ -425,6 +460,37 @@ mod tests {
             matches!(b.admit_at(&c, t1), Admission::Allowed(_)),
             "a dropped probe frees its slot"
         );
+    }
+
+    #[test]
+    fn a_permit_dropped_after_a_slow_send_counts_as_a_failure_unless_it_abstains() {
+        let c = BreakerConfig {
+            failure_threshold: 1,
+            slow_call_duration: Duration::from_millis(1),
+            ..config(BreakerMode::Consecutive)
+        };
+        let long_ago = Instant::now() - Duration::from_secs(1);
+        let b = breaker();
+        let Admission::Allowed(mut abstaining) = b.admit(&c) else {
+            panic!("a closed breaker admits");
+        };
+        abstaining.sent(&c, long_ago);
+        abstaining.abstain();
+        let Admission::Allowed(fresh) = b.admit(&c) else {
+            panic!("a closed breaker admits");
+        };
+        drop(fresh);
+        assert_eq!(
+            b.snapshot(&c).state,
+            CircuitState::Closed,
+            "neither counted"
+        );
+        let Admission::Allowed(mut cancelled) = b.admit(&c) else {
+            panic!("a closed breaker admits");
+        };
+        cancelled.sent(&c, long_ago);
+        drop(cancelled);
+        assert_eq!(b.snapshot(&c).state, CircuitState::Open);
     }
 
     #[test]

@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::forward_proxy::ForwardProxy;
-use crate::harness::{client, error_of, Backend, Backstop, Reply, StuckBackend};
+use crate::harness::{
+    client, error_of, h2_client_giving_up_after, Backend, Backstop, Reply, StuckBackend,
+};
 
 /// A backend that answers 503 while `failing` is set, else 200 (after
 /// `ok_delay`).
@@ -1129,6 +1131,41 @@ async fn silent_listener() -> (
         }
     });
     (addr, accepted, holder)
+}
+
+/// An HTTP/2 client whose deadline is shorter than `request_timeout`
+/// cancels its request; an attempt it cancels after `slow_call_duration`
+/// counts as the slow call it was, else a hung backend's circuit would
+/// never open while every caller waits out its whole deadline. One
+/// cancelled sooner says nothing of the backend.
+#[tokio::test]
+async fn an_attempt_its_client_cancels_counts_once_it_was_slow() {
+    let (addr, _accepted, _holder) = silent_listener().await;
+    let bs = Backstop::start(&route(
+        &format!("http://{addr}"),
+        r#"
+  [routes.retry]
+  max_attempts = 1
+  [routes.circuit_breaker]
+  failure_threshold = 2
+  slow_call_duration = "300ms"
+"#,
+    ));
+    let url = bs.url("/api/x");
+    let quick = h2_client_giving_up_after(Duration::from_millis(100));
+    assert!(quick.get(&url).send().await.is_err());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(circuit(&bs).await["failures"], 0, "gone before it was slow");
+    let patient = h2_client_giving_up_after(Duration::from_millis(600));
+    for _ in 0..2 {
+        assert!(patient.get(&url).send().await.is_err());
+    }
+    // The cancellation reaches Backstop a moment after the client left.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while circuit(&bs).await["state"] != "open" {
+        assert!(Instant::now() < deadline, "{}", circuit(&bs).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A proxy that takes the connection but never answers the `CONNECT` is
