@@ -78,6 +78,9 @@ pub async fn run(proxy: Arc<Proxy>, shutdown: CancellationToken) {
                 });
                 // Applied every tick: a reload builds new balancers.
                 route.upstream.balancer.set_healthy(index, state.healthy);
+                // A reload that shortens `interval` does not wait out the
+                // old one.
+                state.next_check = state.next_check.min(now + check.interval);
                 if state.next_check <= now && !state.checking {
                     state.next_check = now + check.interval;
                     state.checking = true;

@@ -1284,6 +1284,48 @@ headers = {{ "X-Api-Key" = "k-1", "Host" = "api.internal" }}
     );
 }
 
+/// A reload that shortens a health check's `interval` takes effect at
+/// once: a target found unhealthy under `interval = "1h"` is not kept out
+/// of rotation for the rest of that hour once it recovers.
+#[tokio::test]
+async fn a_reloaded_health_check_interval_does_not_wait_out_the_old_one() {
+    let sick = Arc::new(AtomicBool::new(true));
+    let flag = sick.clone();
+    let backend = Backend::start(move |seen| {
+        if seen.uri == "/healthz" && flag.load(Ordering::SeqCst) {
+            Reply::status(503)
+        } else {
+            Reply::ok("fine")
+        }
+    })
+    .await;
+    let toml = format!(
+        r#"
+[[routes]]
+name = "slow-checks"
+path_prefix = "/api"
+upstreams = [{:?}]
+  [routes.health_check]
+  path = "/healthz"
+  interval = "1h"
+  unhealthy_threshold = 1
+  healthy_threshold = 1
+"#,
+        backend.url()
+    );
+    let bs = Backstop::start(&toml);
+    bs.wait_for_log("target unhealthy", Duration::from_secs(5))
+        .await;
+    sick.store(false, Ordering::SeqCst);
+    let config = std::fs::read_to_string(&bs.config_path).unwrap();
+    std::fs::write(&bs.config_path, config.replace("\"1h\"", "\"100ms\"")).unwrap();
+    bs.signal("HUP");
+    bs.wait_for_log("configuration reloaded", Duration::from_secs(10))
+        .await;
+    bs.wait_for_log("target healthy again", Duration::from_secs(3))
+        .await;
+}
+
 #[tokio::test]
 async fn active_health_checks_take_a_target_out_of_rotation_and_back() {
     let sick = Arc::new(AtomicBool::new(true));
