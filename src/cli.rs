@@ -425,7 +425,9 @@ async fn replay_now(
         .routes
         .get(&record.route)
         .ok_or_else(|| format!("{id}: route {:?} is not configured", record.route))?;
-    match deliver(caches, &active.config, route, &record, 1).await {
+    // By hand: the operator's call, whatever this process's (fresh)
+    // breaker would say.
+    match deliver(caches, &active.config, route, &record, 1, None).await {
         Delivery::Delivered(status) => {
             if dead {
                 // A dead letter delivered by hand leaves the dead-letter table.

@@ -2,7 +2,10 @@
 //! *current* configuration (upstreams, prefix stripping, configured headers),
 //! with `Idempotency-Key: <id>` and `X-Backstop-Replay-Attempt: n`. A write
 //! the backend accepts makes the route's cached reads of its URI stale, as
-//! it would have live.
+//! it would have live. A replay worker's attempts go through the route's
+//! circuit breaker as clients' requests do: a half-open circuit's probe
+//! places bound them, and their outcomes close or open it (a route whose
+//! only traffic is replays would otherwise stay half-open for ever).
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -13,9 +16,10 @@ use http::{HeaderName, Method, Request, Version};
 use crate::body::BufferedBody;
 use crate::cache::{Caches, Target};
 use crate::capture::record::{CaptureRecord, REDACTED};
-use crate::classify::Failure;
+use crate::classify::{status_trips_breaker, Failure};
 use crate::config::Config;
 use crate::headers::{self, ClientInfo, X_REQUEST_ID};
+use crate::resilience::breaker::{Admission, Breaker};
 use crate::routing::Route;
 use crate::upstream::{deadline_after, proxy_pool, take_turn, upstream_uri};
 
@@ -38,13 +42,15 @@ pub enum Delivery {
 }
 
 /// Sends `record` to `route`'s backend once; `config` is the one `route`
-/// belongs to, `caches` those whose entries an accepted write makes stale.
+/// belongs to, `caches` those whose entries an accepted write makes stale,
+/// `breaker` the route's circuit (none for an operator's replay by hand).
 pub async fn deliver(
     caches: &Caches,
     config: &Config,
     route: &Route,
     record: &CaptureRecord,
     attempt: u32,
+    breaker: Option<&Breaker>,
 ) -> Delivery {
     let idempotency_header = &config.replay.idempotency_header;
     let (target, request) = match build_request(route, record, attempt, idempotency_header) {
@@ -62,7 +68,18 @@ pub async fn deliver(
         },
         None => None,
     };
-    let deadline = deadline_after(Instant::now(), timeout);
+    let breaker_config = &route.config.circuit_breaker;
+    let permit = match breaker.map(|b| b.admit(breaker_config)) {
+        None => None,
+        Some(Admission::Allowed(permit)) => Some(permit),
+        // Opened since the worker looked, or half-open with every probe
+        // place taken: not sent, no attempt spent.
+        Some(Admission::Rejected { .. }) => {
+            return Delivery::Busy("the circuit admits no call now".to_string())
+        }
+    };
+    let sent_at = Instant::now();
+    let deadline = deadline_after(sent_at, timeout);
     // Through the route's outbound proxies, as its clients' requests go
     // (a backend may be reachable, or allow this caller, only that way);
     // on an `on_rate_limit` route from the second attempt on (a replay does
@@ -81,6 +98,16 @@ pub async fn deliver(
     // theirs is by replays.
     if let Err(failure) = &result {
         route.upstream.eject(*failure, via, target);
+    }
+    if let Some(permit) = permit {
+        let verdict = match &result {
+            Ok(response) => Some(status_trips_breaker(response.status().as_u16())),
+            Err(failure) => failure.breaker_verdict(),
+        };
+        match verdict {
+            Some(failed) => permit.record(breaker_config, failed, sent_at),
+            None => permit.abstain(),
+        }
     }
     match result {
         Ok(response) => {

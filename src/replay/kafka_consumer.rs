@@ -477,7 +477,17 @@ impl KafkaReplayer {
         let outcome = match active.routes.get(&record.route) {
             Some(route) => {
                 let caches = &self.proxy.caches;
-                deliver(caches, &active.config, route, &record, job.attempt).await
+                let breaker = &route.guards(&self.proxy.resilience).breaker;
+                let attempt = job.attempt;
+                deliver(
+                    caches,
+                    &active.config,
+                    route,
+                    &record,
+                    attempt,
+                    Some(breaker),
+                )
+                .await
             }
             None => Delivery::Retry(format!("route {:?} is not configured", record.route)),
         };

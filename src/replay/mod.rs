@@ -442,7 +442,16 @@ impl SpoolReplayer {
         let outcome = match active.routes.get(&record.route) {
             Some(route) => {
                 let caches = &self.proxy.caches;
-                deliver(caches, &active.config, route, &record, attempt).await
+                let breaker = &route.guards(&self.proxy.resilience).breaker;
+                deliver(
+                    caches,
+                    &active.config,
+                    route,
+                    &record,
+                    attempt,
+                    Some(breaker),
+                )
+                .await
             }
             None => Delivery::Retry(format!("route {:?} is not configured", record.route)),
         };

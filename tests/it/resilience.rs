@@ -447,6 +447,42 @@ async fn a_post_is_captured_while_open_and_replayed_after_a_reset() {
     assert_eq!(r.status(), 404);
 }
 
+/// Replays go through the route's circuit as clients' requests do: on a
+/// route whose only traffic is replays, the replay that succeeds once the
+/// circuit is half-open closes it (else it would read half-open for ever).
+#[tokio::test]
+async fn a_successful_replay_closes_a_half_open_circuit() {
+    let failing = Arc::new(AtomicBool::new(true));
+    let backend = switchable(failing.clone(), Duration::ZERO).await;
+    let bs = Backstop::start(&route(
+        &backend.url(),
+        r#"
+  [routes.retry]
+  max_attempts = 1
+  [routes.circuit_breaker]
+  failure_threshold = 1
+  success_threshold = 1
+  reset_timeout = "1s"
+"#,
+    ));
+    let r = client()
+        .post(bs.url("/api/orders"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let (status, code, _) = error_of(r).await;
+    assert_eq!((status, code.as_str()), (503, "captured"));
+    assert_eq!(circuit(&bs).await["state"], "open");
+    failing.store(false, Ordering::SeqCst);
+    backend.wait_for_hits(2, Duration::from_secs(10)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while circuit(&bs).await["state"] != "closed" {
+        assert!(Instant::now() < deadline, "{}", circuit(&bs).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Another site's page in the operator's browser cannot act on the admin
 /// API (a form posting to the reset) nor read it through DNS rebinding (a
 /// name of its own resolving to 127.0.0.1); the admin's own pages and
