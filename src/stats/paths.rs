@@ -1,8 +1,9 @@
 //! Path normalisation and the per-route path budget, so that statistics per
 //! path stay bounded whatever clients send.
 //!
-//! A segment that looks like an identifier (all digits, a UUID, or a long
-//! hex string) becomes `{id}`, so `/users/42` and `/users/43` are one entry.
+//! A segment that looks like an identifier (all digits, a UUID, a long hex
+//! string, a ULID, or a random token such as Stripe's `cus_NffrFeUfNV2Hib`)
+//! becomes `{id}`, so `/users/42` and `/users/43` are one entry.
 //! Each route keeps at most `max_paths` distinct normalised paths; any new
 //! path past that is counted under [`OTHER`]. This module never allocates
 //! more than the budget allows and never looks at the query string.
@@ -21,6 +22,9 @@ const MAX_PATH_LEN: usize = 200;
 /// A hex segment at least this long is an id (a short one may be a word
 /// such as `cafe` or `add`).
 const MIN_HEX_ID_LEN: usize = 16;
+/// A token of letters and digits at least this long, with digits, capitals
+/// and small letters mixed, is an id (words and slugs are not so mixed).
+const MIN_TOKEN_LEN: usize = 12;
 
 /// The normalised form of a request path (without its query): the path
 /// itself, not copied, when it has no identifier and is not too long (the
@@ -65,10 +69,40 @@ fn is_id(b: &[u8]) -> bool {
     if b.iter().all(u8::is_ascii_digit) {
         return true;
     }
-    if is_uuid(b) {
-        return true;
+    // Most segments are short words: one length check and they are done.
+    if b.len() < MIN_TOKEN_LEN {
+        return false;
     }
-    b.len() >= MIN_HEX_ID_LEN && b.iter().all(u8::is_ascii_hexdigit)
+    is_uuid(b)
+        || (b.len() >= MIN_HEX_ID_LEN && b.iter().all(u8::is_ascii_hexdigit))
+        || is_ulid(b)
+        || is_token(b)
+}
+
+/// 26 characters of Crockford's base32, the first at most `7`.
+fn is_ulid(b: &[u8]) -> bool {
+    b.len() == 26
+        && matches!(b[0], b'0'..=b'7')
+        && b.iter().all(|c| {
+            c.is_ascii_alphanumeric()
+                && !matches!(c.to_ascii_uppercase(), b'I' | b'L' | b'O' | b'U')
+        })
+}
+
+/// A random token, after an optional short type prefix (`cus_`, `pi_`):
+/// letters and digits, with a digit, a capital and a small letter.
+fn is_token(b: &[u8]) -> bool {
+    let token = match b.iter().position(|&c| c == b'_') {
+        Some(at) if (1..=8).contains(&at) && b[..at].iter().all(u8::is_ascii_lowercase) => {
+            &b[at + 1..]
+        }
+        _ => b,
+    };
+    token.len() >= MIN_TOKEN_LEN
+        && token.iter().all(u8::is_ascii_alphanumeric)
+        && token.iter().any(u8::is_ascii_digit)
+        && token.iter().any(u8::is_ascii_uppercase)
+        && token.iter().any(u8::is_ascii_lowercase)
 }
 
 fn is_uuid(b: &[u8]) -> bool {
@@ -137,6 +171,20 @@ mod tests {
             ),
             ("/api/blobs/deadbeefdeadbeefdeadbeef", "/api/blobs/{id}"),
             ("/api/blobs/cafe", "/api/blobs/cafe"),
+            ("/api/users/01HZX3K8Q4ZJ7R6N5M2P1VWXYZ", "/api/users/{id}"),
+            ("/api/users/01hzx3k8q4zj7r6n5m2p1vwxyz", "/api/users/{id}"),
+            ("/v1/customers/cus_NffrFeUfNV2Hib", "/v1/customers/{id}"),
+            ("/s/dQw4w9WgXcQaZ", "/s/{id}"),
+            ("/api/authentication", "/api/authentication"),
+            (
+                "/api/InternationalizationSettings",
+                "/api/InternationalizationSettings",
+            ),
+            ("/blog/my-first-post-2024", "/blog/my-first-post-2024"),
+            (
+                "/api/get_user_by_email_address",
+                "/api/get_user_by_email_address",
+            ),
             ("/api/v1/users", "/api/v1/users"),
             ("/", "/"),
             ("", "/"),
