@@ -1313,6 +1313,12 @@ fn check_upstream_url(url: &str) -> Result<Uri, String> {
     if uri.host().is_none_or(str::is_empty) {
         return Err(format!("invalid URL {shown:?}: no host"));
     }
+    let host_port = uri.authority().map_or("", |a| a.as_str());
+    if !crate::upstream::port_is_valid(host_port) {
+        return Err(format!(
+            "invalid URL {shown:?}: the port must be a number from 1 to 65535"
+        ));
+    }
     if uri.query().is_some() {
         return Err(format!("invalid URL {shown:?}: must not have a query"));
     }

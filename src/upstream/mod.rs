@@ -318,6 +318,25 @@ fn unchanged_target<'a>(base: &Uri, client: &'a Uri, skip: usize) -> Option<&'a 
     })
 }
 
+/// Whether the port of `host_port` (an authority without credentials), if
+/// it names one, is a port number: `http::Uri` takes `host:80800` and
+/// `host:8o80`, and a connection would then go to the scheme's default
+/// port instead. An empty port (`host:`) is the default, as RFC 3986 has it.
+pub fn port_is_valid(host_port: &str) -> bool {
+    // An IPv6 address's colons are inside its brackets.
+    let after_host = host_port
+        .rfind(']')
+        .map_or(host_port, |end| &host_port[end + 1..]);
+    let Some(colon) = after_host.rfind(':') else {
+        return true;
+    };
+    let port = &after_host[colon + 1..];
+    port.is_empty()
+        || (port.len() <= 5
+            && port.bytes().all(|b| b.is_ascii_digit())
+            && port.parse::<u16>().is_ok_and(|p| p > 0))
+}
+
 /// The upstream URI for a target: its scheme and authority, its base path,
 /// then the (possibly stripped) request path and the query.
 pub fn upstream_uri(base: &Uri, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {

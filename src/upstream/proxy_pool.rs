@@ -237,6 +237,9 @@ pub(crate) fn parse_proxy_url(url: &str) -> Option<(String, u16, Option<HeaderVa
         Some(at) => (Some(&authority[..at]), &authority[at + 1..]),
         None => (None, authority),
     };
+    if !super::port_is_valid(hostport) {
+        return None;
+    }
     let uri: Uri = format!("http://{hostport}/").parse().ok()?;
     let host = uri.host().filter(|h| !h.is_empty())?;
     let host = host.trim_matches(['[', ']']).to_string();
@@ -480,5 +483,14 @@ mod tests {
         let (host, port, _) = parse_proxy_url("HTTP://proxy.local:3128").unwrap();
         assert_eq!((host.as_str(), port), ("proxy.local", 3128));
         assert!(parse_proxy_url("http://:3128").is_none(), "no host");
+        for bad_port in [
+            "http://proxy:3128x",
+            "http://proxy:80800",
+            "http://u:p@proxy:0",
+        ] {
+            assert!(parse_proxy_url(bad_port).is_none(), "{bad_port}");
+        }
+        let (host, port, _) = parse_proxy_url("http://[::1]:3128").unwrap();
+        assert_eq!((host.as_str(), port), ("::1", 3128));
     }
 }

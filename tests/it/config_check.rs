@@ -47,6 +47,13 @@ fn invalid_files_list_every_error_with_its_key() {
             ],
         ),
         (
+            "[[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nupstreams = [\"http://10.0.0.5:80800\", \"https://api:8o80/v1\", \"http://[::1]:8080\", \"http://h:\"]\n".into(),
+            vec![
+                "FILE: routes[0].upstreams[0]: invalid URL \"http://10.0.0.5:80800\": the port must be a number from 1 to 65535",
+                "FILE: routes[0].upstreams[1]: invalid URL \"https://api:8o80/v1\": the port must be a number from 1 to 65535",
+            ],
+        ),
+        (
             format!("{ROUTE}{ROUTE}"),
             vec![
                 "FILE: routes[1].name: duplicate route name \"a\" (also routes[0])",
@@ -200,10 +207,11 @@ fn invalid_files_list_every_error_with_its_key() {
             vec!["FILE: redis.url: invalid URL \"redis://:***@cache:6379/db1\": the path must be a database number, found \"db1\""],
         ),
         (
-            format!("[outbound_proxies]\nurls = [\"HTTP://proxy:3128\", \"socks5://x:1\", \"http://u:pw@:3128\"]\n{ROUTE}[routes.proxy]\nuse_proxy = true\n"),
+            format!("[outbound_proxies]\nurls = [\"HTTP://proxy:3128\", \"socks5://x:1\", \"http://u:pw@:3128\", \"http://u:pw@proxy:3128x\"]\n{ROUTE}[routes.proxy]\nuse_proxy = true\n"),
             vec![
                 "FILE: outbound_proxies.urls[1]: expected http://[user:pass@]host:port, found \"socks5://x:1\"",
                 "FILE: outbound_proxies.urls[2]: expected http://[user:pass@]host:port, found \"http://u:***@:3128\"",
+                "FILE: outbound_proxies.urls[3]: expected http://[user:pass@]host:port, found \"http://u:***@proxy:3128x\"",
             ],
         ),
         (
