@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::{Context, InstrumentationScope};
-use opentelemetry_otlp::{Protocol, WithExportConfig as _, WithHttpConfig as _};
+use opentelemetry_otlp::{Protocol, RetryPolicy, WithExportConfig as _, WithHttpConfig as _};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{
     Sampler, SdkTracer, SdkTracerProvider, Span, SpanData, SpanExporter as _, SpanLimits,
@@ -71,6 +71,11 @@ pub fn start(config: &OtlpConfig, metrics: Arc<Metrics>) -> Result<(SdkTracer, E
         .with_endpoint(config.endpoint.clone())
         .with_protocol(Protocol::HttpBinary)
         .with_timeout(config.timeout)
+        // One try per batch: the exporter waits between its own retries
+        // with `std::thread::sleep` (its `tokio` feature is off), which
+        // would stop one of the proxy's threads (with `workers = 1`, all
+        // of it) for up to `timeout`. A failed batch is dropped, counted.
+        .with_retry_policy(RetryPolicy::disabled())
         .build()
         .map_err(|e| format!("otlp: cannot build the exporter: {e}"))?;
     exporter.set_resource(&resource);

@@ -40,6 +40,8 @@ enum Mode {
     Accept,
     /// Reads the request, then never answers.
     Stall,
+    /// `503` with `Retry-After: 3`: a collector shedding load.
+    Throttle,
 }
 
 /// One export request as the collector received it.
@@ -165,6 +167,15 @@ async fn receive(
     });
     if mode == Mode::Stall {
         std::future::pending::<()>().await;
+    }
+    if mode == Mode::Throttle {
+        let mut response = Response::new(Full::new(Bytes::new()));
+        *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+        response.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from_static("3"),
+        );
+        return response;
     }
     let answer = ExportTraceServiceResponse::default().encode_to_vec();
     let mut response = Response::new(Full::new(Bytes::from(answer)));
@@ -509,6 +520,38 @@ async fn a_collector_that_is_down_costs_spans_not_requests() {
     // The cause, at debug level (the exporter only says "network error").
     bs.wait_for_log("Connection refused", Duration::from_secs(5))
         .await;
+}
+
+/// A collector that sheds load (`503`, `Retry-After`) is not waited for
+/// on the proxy's threads: with one worker, a wait there would stop every
+/// request and `/health` until it ended.
+#[tokio::test]
+async fn a_throttling_collector_holds_up_no_request() {
+    let collector = Collector::start(Mode::Throttle).await;
+    let backend = Backend::echo().await;
+    let bs = Backstop::start_with_env(
+        &format!(
+            "[server]\nworkers = 1\n{}",
+            config(&collector.url(), &backend.url(), "timeout = \"10s\"", "")
+        ),
+        FAST,
+    );
+    let c = client();
+    let mut slowest = Duration::ZERO;
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        let started = Instant::now();
+        let r = c.get(bs.url("/api/x")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        slowest = slowest.max(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!collector.exports().is_empty(), "the collector was asked");
+    assert!(
+        slowest < Duration::from_millis(500),
+        "the slowest request took {slowest:?}"
+    );
+    wait_for_counter(&bs, EXPORT_FAILED, 1.0, Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
