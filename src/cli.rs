@@ -109,6 +109,9 @@ pub fn main(cli: Cli) -> ExitCode {
 fn check(path: &Path) -> ExitCode {
     match runtime::load_checked(path, true) {
         Ok((active, _)) => {
+            for (route, warning) in crate::routing::warnings(&active.config) {
+                eprintln!("warning: route {route}: {warning}");
+            }
             println!(
                 "{}: OK ({} routes)",
                 path.display(),
@@ -142,6 +145,7 @@ fn run(path: &Path, mode: Mode) -> ExitCode {
         }
     };
     crate::logging::init(&active.config.log);
+    crate::routing::log_warnings(&active.config);
     let mut builder = match active.config.server.workers {
         // One worker: Tokio's single-threaded scheduler, which runs every
         // task on this thread without the work-stealing machinery (atomics,

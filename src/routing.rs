@@ -118,6 +118,38 @@ pub struct RouteTable {
     any_host: bool,
 }
 
+/// What a valid configuration does that its operator should hear of:
+/// `(route, warning)`. Logged at start and at each reload, and printed by
+/// `check` (not from [`RouteTable::build`], which runs before logging is
+/// set up).
+pub fn warnings(config: &Config) -> Vec<(&str, &'static str)> {
+    let mut warnings = Vec::new();
+    for rc in &config.routes {
+        if !rc.tls_verify {
+            warnings.push((
+                rc.name.as_str(),
+                "TLS certificate verification is off for this route",
+            ));
+        }
+        let plain_targets = rc.upstreams.iter().any(|u| u.scheme_str() == Some("http"));
+        let proxied = rc.proxy.use_proxy && rc.proxy.strategy != ProxyStrategy::Never;
+        if rc.upstream_h2c && proxied && plain_targets {
+            warnings.push((
+                rc.name.as_str(),
+                "upstream_h2c: requests through an outbound proxy go to http:// targets over HTTP/1.1",
+            ));
+        }
+    }
+    warnings
+}
+
+/// Logs [`warnings`].
+pub fn log_warnings(config: &Config) {
+    for (route, warning) in warnings(config) {
+        tracing::warn!(route, "{warning}");
+    }
+}
+
 impl RouteTable {
     /// Builds the runtime routes (upstream clients, TLS roots). Validation
     /// has read the CA files already: an error here is one that only
@@ -126,14 +158,6 @@ impl RouteTable {
         let mut routes = Vec::with_capacity(config.routes.len());
         let mut errors = Vec::new();
         for (i, rc) in config.routes.iter().enumerate() {
-            if !rc.tls_verify {
-                tracing::warn!(route = %rc.name, "TLS certificate verification is off for this route");
-            }
-            let plain_targets = rc.upstreams.iter().any(|u| u.scheme_str() == Some("http"));
-            let proxied = rc.proxy.use_proxy && rc.proxy.strategy != ProxyStrategy::Never;
-            if rc.upstream_h2c && proxied && plain_targets {
-                tracing::warn!(route = %rc.name, "upstream_h2c: requests through an outbound proxy go to http:// targets over HTTP/1.1");
-            }
             match Upstream::build(rc, &config.server, &config.outbound_proxies) {
                 Ok(upstream) => routes.push(Arc::new(Route {
                     prefix: normalize_prefix(&rc.path_prefix).to_string(),

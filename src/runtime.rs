@@ -417,6 +417,7 @@ fn reload(path: &Path, proxy: &Proxy, listener_cert: Option<&ListenerCert>) {
     proxy.resilience.forget_all_but(&active.config.routes);
     proxy.caches.forget_all_but(&active.config.routes);
     tracing::info!(routes, "configuration reloaded");
+    crate::routing::log_warnings(&active.config);
 }
 
 /// Gives `new` the running values of the keys read only at start (those of

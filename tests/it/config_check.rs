@@ -363,6 +363,22 @@ fn tls_files_are_read_and_listed_with_the_other_errors() {
     let toml = format!("{ROUTE}tls_ca_file = {junk:?}\ntls_verify = false\n");
     let (code, stdout, stderr) = check(&toml);
     assert_eq!(code, 0, "{stdout}{stderr}");
+    assert_eq!(
+        stderr.trim(),
+        "warning: route a: TLS certificate verification is off for this route"
+    );
+}
+
+/// What a valid file does that its operator must hear of is logged as the
+/// process starts (it was once logged before logging was set up: lost).
+#[tokio::test]
+async fn turning_certificate_verification_off_is_logged_at_start() {
+    let bs = crate::harness::Backstop::start(&format!("{ROUTE}tls_verify = false\n"));
+    bs.wait_for_log(
+        "TLS certificate verification is off for this route",
+        std::time::Duration::from_secs(5),
+    )
+    .await;
 }
 
 /// `[otlp] enabled = true` needs a build with the exporter; the rest of
