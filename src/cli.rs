@@ -297,7 +297,19 @@ async fn queue_action(
     as_json: bool,
     action: QueueAction,
 ) -> Result<(), String> {
-    let spool = Spool::open(runtime::data_dir(&active.config)).map_err(|e| e.to_string())?;
+    let data_dir = runtime::data_dir(&active.config);
+    // Never a new, empty spool: a `data_dir` that names none (relative, it
+    // is read from the working directory) would list nothing and act on
+    // nothing, with every record waiting in the real one.
+    let file = data_dir.join("spool.sqlite3");
+    if !file.is_file() {
+        let shown = std::path::absolute(&file).unwrap_or(file);
+        return Err(format!(
+            "no spool at {} (data_dir; a relative one is read from the working directory):              run from where the proxy runs, or set an absolute data_dir",
+            shown.display()
+        ));
+    }
+    let spool = Spool::open(data_dir).map_err(|e| e.to_string())?;
     let err = |e: crate::capture::spool::SpoolError| e.to_string();
     match action {
         QueueAction::List {

@@ -885,3 +885,35 @@ async fn requeue_all_and_purge_take_every_dead_letter_in_chunks() {
     assert_eq!(purged["purged"], 600);
     assert_eq!(queue_status(&bs).await["dead_letters"], 0);
 }
+
+/// `queue` commands never make a new, empty spool: run from another
+/// directory than the proxy's, a relative `data_dir` names none, and they
+/// say so rather than list nothing (with every record waiting elsewhere).
+#[test]
+fn queue_commands_refuse_a_data_dir_that_holds_no_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("backstop.toml");
+    std::fs::write(
+        &config,
+        "[server]\ndata_dir = \"spool-here\"\n[[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nupstreams = [\"http://127.0.0.1:1\"]\n",
+    )
+    .unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["queue", "list", "--json", "-c"])
+        .arg(&config)
+        .current_dir(elsewhere.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let spool = elsewhere.path().join("spool-here").join("spool.sqlite3");
+    assert!(
+        stderr.contains(&format!("no spool at {}", spool.display())),
+        "{stderr}"
+    );
+    assert!(
+        !elsewhere.path().join("spool-here").exists(),
+        "nothing made"
+    );
+}
