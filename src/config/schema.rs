@@ -466,10 +466,8 @@ impl ServerConfig {
         // listener, not here: a `queue` command may not be able to read
         // the key.
         for (k, path) in [("tls_cert", &tls_cert), ("tls_key", &tls_key)] {
-            if let Some(p) = path {
-                if !p.is_file() {
-                    s.error(k, format!("file {} does not exist", p.display()));
-                }
+            if let Some(message) = path.as_deref().and_then(not_a_file) {
+                s.error(k, message);
             }
         }
         let admin_token: Option<String> = s.opt("admin_token");
@@ -835,11 +833,8 @@ impl RouteConfig {
         let tls_ca_file: Option<PathBuf> = s.opt("tls_ca_file");
         let tls_verify = s.get("tls_verify", true);
         if let Some(path) = &tls_ca_file {
-            if !path.is_file() {
-                s.error(
-                    "tls_ca_file",
-                    format!("file {} does not exist", path.display()),
-                );
+            if let Some(message) = not_a_file(path) {
+                s.error("tls_ca_file", message);
             } else if tls_verify {
                 // Read as building the route will (which ignores it when
                 // verification is off), so that `check` lists it with the
@@ -1290,6 +1285,21 @@ fn read_upstreams(s: &Section<'_>) -> Vec<Uri> {
             }
         })
         .collect()
+}
+
+/// Why `path` is visibly not a file to read: missing, or something else.
+/// One this process may not look at (a key in a directory only its
+/// service user may enter) is left to the read, which `check` and `run` do
+/// with its own error, and which a `queue` command never needs.
+fn not_a_file(path: &std::path::Path) -> Option<String> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => None,
+        Ok(_) => Some(format!("{} is not a file", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Some(format!("file {} does not exist", path.display()))
+        }
+        Err(_) => None,
+    }
 }
 
 fn check_upstream_url(url: &str) -> Result<Uri, String> {

@@ -81,10 +81,11 @@ fn invalid_files_list_every_error_with_its_key() {
             ],
         ),
         (
-            format!("[server]\nadmin_listen = \"0.0.0.0:9901\"\ntls_cert = \"/nonexistent.pem\"\n{ROUTE}"),
+            format!("[server]\nadmin_listen = \"0.0.0.0:9901\"\ntls_cert = \"/nonexistent.pem\"\n{ROUTE}tls_ca_file = \"/\"\n"),
             vec![
                 "FILE: server.tls_key: required when tls_cert is set",
                 "FILE: server.tls_cert: file /nonexistent.pem does not exist",
+                "FILE: routes[0].tls_ca_file: / is not a file",
                 "FILE: server.admin_listen: 0.0.0.0:9901 is not a loopback address: set server.admin_token",
             ],
         ),
