@@ -94,6 +94,20 @@ impl<'a> Section<'a> {
         }
     }
 
+    /// [`Section::opt`] for a value that may be a secret (a token, a
+    /// header's value such as an API key): a value of the wrong type is
+    /// not shown in the error, which `check` prints and a reload logs.
+    pub(crate) fn opt_secret<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
+        let value = self.raw(key)?;
+        match T::deserialize(value.clone()) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.error(key, without_value(e.message()));
+                None
+            }
+        }
+    }
+
     /// A value with a default used when the key is absent (or wrong).
     pub(crate) fn get<T: DeserializeOwned>(&self, key: &str, default: T) -> T {
         self.opt(key).unwrap_or(default)
@@ -222,4 +236,54 @@ fn describe(value: &Value) -> &'static str {
 pub(crate) enum BoolOrList {
     Bool(bool),
     List(Vec<String>),
+}
+
+/// A type error without the value that came: serde's ``invalid type:
+/// integer `834729384`, expected a string`` becomes `invalid type:
+/// integer, expected a string`. Other messages are kept whole.
+fn without_value(message: &str) -> String {
+    let Some(rest) = message.strip_prefix("invalid type: ") else {
+        return message.to_string();
+    };
+    let Some(expected) = rest.find(", expected") else {
+        return message.to_string();
+    };
+    let found = &rest[..expected];
+    // The kind is what comes before the quoted value (`string "..."`,
+    // `floating point `...``); a kind alone (`map`) is kept as it is.
+    let kind = found
+        .find(['`', '"'])
+        .map_or(found, |at| found[..at].trim_end());
+    format!("invalid type: {kind}{}", &rest[expected..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_value;
+
+    #[test]
+    fn type_errors_lose_their_value() {
+        let cases = [
+            (
+                "invalid type: integer `834729384`, expected a string",
+                "invalid type: integer, expected a string",
+            ),
+            (
+                "invalid type: string \"s3cret\", expected u64",
+                "invalid type: string, expected u64",
+            ),
+            (
+                "invalid type: floating point `1.5`, expected a string",
+                "invalid type: floating point, expected a string",
+            ),
+            (
+                "invalid type: map, expected a string",
+                "invalid type: map, expected a string",
+            ),
+            ("missing field `x`", "missing field `x`"),
+        ];
+        for (message, want) in cases {
+            assert_eq!(without_value(message), want);
+        }
+    }
 }

@@ -13,6 +13,11 @@ use http::{HeaderName, HeaderValue, Method, Uri};
 use super::reader::{BoolOrList, NumberUnit, Section};
 use crate::canonical_path::{EscapedSlashes, PathRules, Resolved};
 
+/// The largest `server.max_header_bytes`: a request head this large is
+/// already far past any real client's (hyper's HTTP/2 limit is a `u32`).
+const MAX_HEADER_BYTES: usize = 1024 * 1024;
+/// The most `server.workers`.
+const MAX_WORKERS: usize = 1024;
 const SECONDS: NumberUnit = NumberUnit::Seconds;
 
 #[derive(Debug, Clone)]
@@ -451,8 +456,17 @@ impl ServerConfig {
             s.error("max_body_bytes", "must be greater than 0");
         }
         let max_header_bytes = s.get("max_header_bytes", 32 * 1024usize);
-        if max_header_bytes < 8192 {
-            s.error("max_header_bytes", "must be at least 8192");
+        if !(8192..=MAX_HEADER_BYTES).contains(&max_header_bytes) {
+            s.error(
+                "max_header_bytes",
+                format!("must be from 8192 to {MAX_HEADER_BYTES}"),
+            );
+        }
+        let workers = s.get("workers", 0usize);
+        if workers > MAX_WORKERS {
+            // Each is a thread made at start: a typo's 100000 would use up
+            // the process limit, or stall behind threads never made.
+            s.error("workers", format!("must be at most {MAX_WORKERS}"));
         }
         let tls_cert: Option<PathBuf> = s.opt("tls_cert");
         let tls_key: Option<PathBuf> = s.opt("tls_key");
@@ -470,7 +484,7 @@ impl ServerConfig {
                 s.error(k, message);
             }
         }
-        let admin_token: Option<String> = s.opt("admin_token");
+        let admin_token: Option<String> = s.opt_secret("admin_token");
         if admin_token.as_deref() == Some("") {
             s.error("admin_token", "must not be empty");
         } else if admin_token
@@ -508,7 +522,7 @@ impl ServerConfig {
             admin_listen,
             data_dir: s.get("data_dir", PathBuf::from("./backstop-data")),
             max_body_bytes,
-            workers: s.get("workers", 0usize),
+            workers,
             max_header_bytes,
             merge_slashes: s.get("merge_slashes", true),
             escaped_slashes: read_escaped_slashes(s),
@@ -1342,7 +1356,8 @@ fn check_upstream_url(url: &str) -> Result<Uri, String> {
 }
 
 fn read_header_map(s: &Section<'_>, key: &str) -> Vec<(HeaderName, HeaderValue)> {
-    let map: BTreeMap<String, String> = s.get(key, BTreeMap::new());
+    // Values may be secrets (an API key): not shown in a type error.
+    let map: BTreeMap<String, String> = s.opt_secret(key).unwrap_or_default();
     let mut headers: Vec<(HeaderName, HeaderValue)> = Vec::with_capacity(map.len());
     for (name, value) in map {
         let at = format!("{key}.{name}");
@@ -1392,10 +1407,27 @@ fn socket_addr(s: &Section<'_>, key: &str, default: &str) -> SocketAddr {
 
 fn header_name(s: &Section<'_>, key: &str, default: &'static str) -> HeaderName {
     let text = s.get(key, default.to_string());
-    HeaderName::try_from(text.as_str()).unwrap_or_else(|_| {
+    let fallback = HeaderName::from_static("idempotency-key");
+    let Ok(name) = HeaderName::try_from(text.as_str()) else {
         s.error(key, format!("invalid header name {text:?}"));
-        HeaderName::from_static("idempotency-key")
-    })
+        return fallback;
+    };
+    // Set on requests after everything else: one that frames the message,
+    // routes it or describes its body would corrupt every one.
+    let describing = [
+        http::header::HOST,
+        http::header::CONTENT_TYPE,
+        http::header::CONTENT_ENCODING,
+        crate::headers::X_REQUEST_ID,
+    ];
+    if crate::headers::PER_MESSAGE.contains(&name) || describing.contains(&name) {
+        s.error(
+            key,
+            format!("{text:?} frames, routes or describes the request; name a header of its own"),
+        );
+        return fallback;
+    }
+    name
 }
 
 fn header_names(s: &Section<'_>, key: &str) -> Vec<HeaderName> {

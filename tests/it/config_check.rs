@@ -54,6 +54,16 @@ fn invalid_files_list_every_error_with_its_key() {
             ],
         ),
         (
+            format!("[server]\nworkers = 100000\nmax_header_bytes = 4294967296\nadmin_token = 834729384\n[replay]\nidempotency_header = \"Content-Length\"\n{ROUTE}headers = {{ \"X-Api-Key\" = 112358 }}\n"),
+            vec![
+                "FILE: server.max_header_bytes: must be from 8192 to 1048576",
+                "FILE: server.workers: must be at most 1024",
+                "FILE: server.admin_token: invalid type: integer, expected a string",
+                "FILE: replay.idempotency_header: \"Content-Length\" frames, routes or describes the request; name a header of its own",
+                "FILE: routes[0].headers: invalid type: integer, expected a string",
+            ],
+        ),
+        (
             format!("{ROUTE}{ROUTE}"),
             vec![
                 "FILE: routes[1].name: duplicate route name \"a\" (also routes[0])",
@@ -189,7 +199,7 @@ fn invalid_files_list_every_error_with_its_key() {
                 "FILE: otlp.endpoint: invalid URL \"http://user:***@collector/v1/traces\": put credentials in otlp.headers, not in the URL",
                 "FILE: otlp.sample_ratio: must be a number between 0.0 and 1.0",
                 "FILE: otlp.timeout: invalid duration \"soon\"",
-                "FILE: otlp.headers: invalid type: string \"x\", expected a map",
+                "FILE: otlp.headers: invalid type: string, expected a map",
             ],
         ),
         (
