@@ -1054,7 +1054,13 @@ fn unroutable(req: &Request<ClientBody>, names: &RequestNames<'_>) -> Option<&'s
         (None, _) if req.version() != Version::HTTP_11 => None,
         (None, _) => Some("An HTTP/1.1 request must carry a Host header"),
         (_, 2..) => Some("A request must carry one Host header, not several"),
-        (Some(host), _) if !host.as_bytes().iter().all(|&b| HOST_BYTES[usize::from(b)]) => {
+        // A port that is not a number (`api.example.com:1,evil.com`) would
+        // match a route bound to the host before it, and go on in
+        // `X-Forwarded-Host` whole.
+        (Some(host), _)
+            if !host.as_bytes().iter().all(|&b| HOST_BYTES[usize::from(b)])
+                || !crate::upstream::port_is_valid(host.as_bytes()) =>
+        {
             Some("The Host header is not a host and port")
         }
         _ => None,

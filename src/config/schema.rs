@@ -1338,7 +1338,7 @@ fn check_upstream_url(url: &str) -> Result<Uri, String> {
         return Err(format!("invalid URL {shown:?}: no host"));
     }
     let host_port = uri.authority().map_or("", |a| a.as_str());
-    if !crate::upstream::port_is_valid(host_port) {
+    if !crate::upstream::port_is_valid(host_port.as_bytes()) {
         return Err(format!(
             "invalid URL {shown:?}: the port must be a number from 1 to 65535"
         ));

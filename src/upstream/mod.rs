@@ -322,19 +322,26 @@ fn unchanged_target<'a>(base: &Uri, client: &'a Uri, skip: usize) -> Option<&'a 
 /// it names one, is a port number: `http::Uri` takes `host:80800` and
 /// `host:8o80`, and a connection would then go to the scheme's default
 /// port instead. An empty port (`host:`) is the default, as RFC 3986 has it.
-pub fn port_is_valid(host_port: &str) -> bool {
+pub fn port_is_valid(host_port: &[u8]) -> bool {
     // An IPv6 address's colons are inside its brackets.
-    let after_host = host_port
-        .rfind(']')
-        .map_or(host_port, |end| &host_port[end + 1..]);
-    let Some(colon) = after_host.rfind(':') else {
+    let after_host = match host_port.iter().rposition(|&b| b == b']') {
+        Some(end) => &host_port[end + 1..],
+        None => host_port,
+    };
+    let Some(colon) = after_host.iter().rposition(|&b| b == b':') else {
         return true;
     };
-    let port = &after_host[colon + 1..];
-    port.is_empty()
-        || (port.len() <= 5
-            && port.bytes().all(|b| b.is_ascii_digit())
-            && port.parse::<u16>().is_ok_and(|p| p > 0))
+    match &after_host[colon + 1..] {
+        [] => true,
+        // Digits only: `u16`'s parser also takes a leading `+`.
+        port => {
+            port.iter().all(u8::is_ascii_digit)
+                && std::str::from_utf8(port)
+                    .ok()
+                    .and_then(|p| p.parse::<u16>().ok())
+                    .is_some_and(|p| p > 0)
+        }
+    }
 }
 
 /// The upstream URI for a target: its scheme and authority, its base path,

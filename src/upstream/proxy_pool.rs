@@ -237,7 +237,7 @@ pub(crate) fn parse_proxy_url(url: &str) -> Option<(String, u16, Option<HeaderVa
         Some(at) => (Some(&authority[..at]), &authority[at + 1..]),
         None => (None, authority),
     };
-    if !super::port_is_valid(hostport) {
+    if !super::port_is_valid(hostport.as_bytes()) {
         return None;
     }
     let uri: Uri = format!("http://{hostport}/").parse().ok()?;
