@@ -116,13 +116,24 @@ const NOT_HOP_BY_HOP: [HeaderName; 5] = [
     HeaderName::from_static("x-real-ip"),
 ];
 
+/// Whether `name` is one of Backstop's own headers (`X-Backstop-Error`,
+/// `-Capture-Id`, `-Replay-Attempt`), which only Backstop sets: a
+/// backend's would reach the client as Backstop's word (a capture that
+/// never happened), a client's the backend as a replay's.
+pub fn is_own(name: &HeaderName) -> bool {
+    name.as_str().starts_with("x-backstop-")
+}
+
 /// Removes hop-by-hop headers, including those that `Connection` names
-/// (but for [`NOT_HOP_BY_HOP`]).
+/// (but for [`NOT_HOP_BY_HOP`]), and Backstop's own ([`is_own`]).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none (HTTP/1.1 keeps connections alive without
     // `Connection`): one pass over the few names present is cheaper than
     // nine removals, each hashing a name.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    if !headers
+        .keys()
+        .any(|name| HOP_BY_HOP.contains(name) || is_own(name))
+    {
         return;
     }
     let named: Vec<HeaderName> = headers
@@ -132,6 +143,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .filter(|name| !NOT_HOP_BY_HOP.contains(name))
+        .chain(headers.keys().filter(|name| is_own(name)).cloned())
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
@@ -636,6 +648,7 @@ impl ProxySet {
             || FORWARDING_NAMES.contains(name)
             || SET_LAST.contains(name)
             || self.by_route(name)
+            || is_own(name)
     }
 
     fn by_route(&self, name: &HeaderName) -> bool {

@@ -296,6 +296,43 @@ async fn escaped_slashes_are_refused_decoded_or_kept() {
     assert_eq!((admin.hits(), other.hits()), (6, 1));
 }
 
+/// Backstop's own headers come only from Backstop: a backend's
+/// `X-Backstop-Capture-Id` would tell a client its request was queued, and
+/// a client's `X-Backstop-Replay-Attempt` would tell a backend a live
+/// request is a replay. Over HTTP/1.1 (Backstop's own exchange) and HTTP/2.
+#[tokio::test]
+async fn backstops_own_headers_come_only_from_backstop() {
+    let backend = Backend::start(|_| {
+        Reply::ok("done")
+            .header("x-backstop-capture-id", "fake")
+            .header("x-backstop-error", "captured")
+    })
+    .await;
+    let bs = Backstop::start(&format!(
+        "[[routes]]\nname = \"api\"\npath_prefix = \"/\"\nupstreams = [{:?}]\n",
+        backend.url()
+    ));
+    for client in [client(), h2_client()] {
+        let r = client
+            .get(bs.url("/x"))
+            .header("x-backstop-replay-attempt", "1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let own: Vec<_> = r
+            .headers()
+            .keys()
+            .filter(|name| name.as_str().starts_with("x-backstop-"))
+            .collect();
+        assert!(own.is_empty(), "{own:?}");
+    }
+    for seen in backend.seen() {
+        assert!(!seen.headers.contains_key("x-backstop-replay-attempt"));
+    }
+    assert_eq!(backend.hits(), 2);
+}
+
 #[tokio::test]
 async fn hop_by_hop_headers_are_removed_both_ways() {
     let backend = Backend::start(|_| {
