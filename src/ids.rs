@@ -4,7 +4,11 @@
 //!
 //! These ids must be unique, not secret: nothing trusts them, so the
 //! ChaCha generator behind `rand::random` (a few hundred instructions per
-//! request in its buffer refills) is more than they need.
+//! request in its buffer refills) is more than they need. Capture ids
+//! ([`ordered_uuid`]) are the exception: they go to the backend as an
+//! `Idempotency-Key`, so their random part comes from the cryptographic
+//! generator (the fast one's state could be worked out from the request
+//! ids a client is sent, and a victim's next key sent first).
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,8 +41,8 @@ static LAST_ORDERED: AtomicU64 = AtomicU64::new(0);
 /// within one millisecond: its 12 `rand_a` bits count within the
 /// millisecond (RFC 9562 §6.2, method 1), and a count past 4095 borrows
 /// the next millisecond. Lock-free, its random part from this thread's
-/// generator (`Uuid::now_v7` takes a lock and asks the kernel, a system
-/// call, for every id).
+/// cryptographic generator (`Uuid::now_v7` takes a lock and asks the
+/// kernel, a system call, for every id).
 pub fn ordered_uuid() -> uuid::Uuid {
     let millis = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -55,7 +59,7 @@ pub fn ordered_uuid() -> uuid::Uuid {
     let (millis, count) = (stamp >> 12, stamp & 0xfff);
     let mut bytes = [0u8; 16];
     bytes[..8].copy_from_slice(&(millis << 16 | count).to_be_bytes());
-    bytes[8..].copy_from_slice(&random_bytes::<8>());
+    rand::rng().fill_bytes(&mut bytes[8..]);
     uuid::Builder::from_bytes(bytes)
         .with_version(uuid::Version::SortRand)
         .with_variant(uuid::Variant::RFC4122)
