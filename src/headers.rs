@@ -639,16 +639,18 @@ fn those_set<'a, const N: usize>(
         .filter_map(|(name, value)| Some((name, value?)))
 }
 
+/// Whether every request Backstop sends upstream carries its own `name`
+/// (the client's never passes): `Host`, every forwarding header (also one
+/// the proxy leaves out, a host it does not know), the request id and
+/// trace context, and Backstop's own headers.
+pub fn set_by_backstop(name: &HeaderName) -> bool {
+    name == HOST || FORWARDING_NAMES.contains(name) || SET_LAST.contains(name) || is_own(name)
+}
+
 impl ProxySet {
     /// Whether the client's header `name` gives way to this set.
     pub fn covers(&self, name: &HeaderName) -> bool {
-        // Every forwarding header, also one the proxy leaves out (a host
-        // it does not know): the client's value never passes.
-        name == HOST
-            || FORWARDING_NAMES.contains(name)
-            || SET_LAST.contains(name)
-            || self.by_route(name)
-            || is_own(name)
+        set_by_backstop(name) || self.by_route(name)
     }
 
     fn by_route(&self, name: &HeaderName) -> bool {

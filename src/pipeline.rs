@@ -240,7 +240,7 @@ async fn proxy_request(
         match out_of_line(cache_phase(proxy, active, route, &req, &body, ctx)).await {
             Lookup::Answer(response, _) => return Ok(response),
             Lookup::Forward(state) => {
-                if state.fills() {
+                if state.validators().is_some() {
                     cache::conditional::strip_validators(req.headers_mut());
                 }
                 state
@@ -653,7 +653,9 @@ async fn forward(
         let last = attempt >= max_attempts;
         // A streamed upload's time is the client's (see `timed_from`): one
         // that goes away mid-upload says nothing of the backend's speed.
-        let timed = outgoing.upload().is_none();
+        // (Known before the attempt by its body: its upload's progress is
+        // set up only as it is sent.)
+        let timed = !matches!(outgoing.body, OutgoingBody::Streaming(_));
         let result = match route.upstream.balancer.slots(index) {
             None => {
                 if timed {
@@ -1043,6 +1045,11 @@ fn unroutable(req: &Request<ClientBody>, names: &RequestNames<'_>) -> Option<&'s
         }
         if authority.as_str().contains('@') {
             return Some("A request target must not carry user info");
+        }
+        // As for `Host` below: an absolute-form target's or HTTP/2's
+        // `:authority` is the host routed on.
+        if !crate::upstream::port_is_valid(authority.as_str().as_bytes()) {
+            return Some("The request target's port is not a number");
         }
     }
     if uri.path() == "*" && req.method() != Method::OPTIONS {

@@ -6,6 +6,11 @@
 //! for a `304` that only this client could use (and that would leave the
 //! requests coalesced behind it to go upstream one by one).
 //!
+//! Only `GET` and `HEAD` are judged so (RFC 9110 §13.1: a failed
+//! `If-None-Match` on another method is a `412`, the backend's to give). A
+//! `304` keeps the answer's headers but its representation's (RFC 9110
+//! §15.4.5), so a `Set-Cookie` on the miss's own answer still arrives.
+//!
 //! Requests whose conditions only the backend can judge (`If-Match`,
 //! `If-Unmodified-Since`) or that ask for part of the answer (`Range`,
 //! `If-Range`) are not cached: they go upstream as they came.
@@ -14,13 +19,13 @@
 
 use bytes::Bytes;
 use http::header::{
-    AGE, CACHE_CONTROL, CONTENT_LOCATION, DATE, ETAG, EXPIRES, IF_MATCH, IF_MODIFIED_SINCE,
-    IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, LAST_MODIFIED, RANGE, VARY,
+    CONTENT_ENCODING, CONTENT_LANGUAGE, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG,
+    IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, LAST_MODIFIED,
+    RANGE, TRANSFER_ENCODING,
 };
-use http::{HeaderMap, HeaderName, Response, StatusCode};
+use http::{HeaderMap, HeaderName, Method, Response, StatusCode};
 use http_body_util::{Either, Full};
 
-use super::X_CACHE;
 use crate::body::ResponseBody;
 
 /// The client's validators, judged here rather than by the backend.
@@ -29,19 +34,23 @@ const VALIDATORS: [HeaderName; 2] = [IF_NONE_MATCH, IF_MODIFIED_SINCE];
 /// What only the backend can answer: such a request bypasses the cache.
 const BACKENDS_TO_JUDGE: [HeaderName; 4] = [IF_MATCH, IF_UNMODIFIED_SINCE, RANGE, IF_RANGE];
 
-/// The headers a `304` keeps of the answer it stands for (RFC 9110
-/// §15.4.5), with the cache's own.
-const KEPT_IN_304: [HeaderName; 9] = [
-    CACHE_CONTROL,
-    CONTENT_LOCATION,
-    DATE,
-    ETAG,
-    EXPIRES,
-    LAST_MODIFIED,
-    VARY,
-    AGE,
-    X_CACHE,
+/// What a `304` leaves out of the answer it stands for: the
+/// representation's own metadata and framing (RFC 9110 §15.4.5).
+const NOT_IN_304: [HeaderName; 6] = [
+    CONTENT_TYPE,
+    CONTENT_ENCODING,
+    CONTENT_LANGUAGE,
+    CONTENT_LENGTH,
+    CONTENT_RANGE,
+    TRANSFER_ENCODING,
 ];
+
+/// Whether the request revalidates a copy the cache judges: a `GET` or
+/// `HEAD` with `If-None-Match` or `If-Modified-Since`.
+pub fn revalidates(method: &Method, request: &HeaderMap) -> bool {
+    (method == Method::GET || method == Method::HEAD)
+        && VALIDATORS.iter().any(|name| request.contains_key(name))
+}
 
 /// Whether the request has conditions or ranges only the backend can
 /// judge.
@@ -51,29 +60,26 @@ pub fn for_the_backend(request: &HeaderMap) -> bool {
         .any(|name| request.contains_key(name))
 }
 
-/// Removes the client's validators from a request that fills the cache:
-/// the backend is asked for the whole answer.
+/// Removes the client's validators from a request that [revalidates]
+/// and fills the cache: the backend is asked for the whole answer.
 pub fn strip_validators(request: &mut HeaderMap) {
     for name in &VALIDATORS {
         request.remove(name);
     }
 }
 
-/// `answer` as the client with `request`'s validators should get it: a
-/// `304` when the copy it holds still matches, else as it is.
+/// `answer` as the client of a request that [revalidates] with
+/// `request`'s validators should get it: a `304` when the copy it holds
+/// still matches, else as it is.
 pub fn answer_for(request: &HeaderMap, answer: Response<ResponseBody>) -> Response<ResponseBody> {
     if !not_modified(request, answer.status(), answer.headers()) {
         return answer;
     }
     let (mut parts, _body) = answer.into_parts();
     parts.status = StatusCode::NOT_MODIFIED;
-    let mut kept = HeaderMap::with_capacity(KEPT_IN_304.len());
-    for name in &KEPT_IN_304 {
-        for value in parts.headers.get_all(name) {
-            kept.append(name, value.clone());
-        }
+    for name in &NOT_IN_304 {
+        parts.headers.remove(name);
     }
-    parts.headers = kept;
     Response::from_parts(parts, Either::Right(Full::new(Bytes::new())))
 }
 
@@ -175,6 +181,15 @@ mod tests {
                 "{list} against {etag:?}"
             );
         }
+    }
+
+    #[test]
+    fn only_gets_and_heads_with_validators_revalidate() {
+        let with = headers(&[(IF_NONE_MATCH, "\"v1\"")]);
+        assert!(revalidates(&Method::GET, &with));
+        assert!(revalidates(&Method::HEAD, &with));
+        assert!(!revalidates(&Method::POST, &with), "a 412 is the backend's");
+        assert!(!revalidates(&Method::GET, &HeaderMap::new()));
     }
 
     #[test]

@@ -223,6 +223,8 @@ struct Slot {
     key: CacheKey,
     store: StoreRef,
     unkeyed_auth: bool,
+    /// The request revalidates its client's copy (`conditional`).
+    revalidates: bool,
     /// The client's request headers as they came, for the values of what
     /// the answer's `Vary` names (known only once it is here).
     request: HeaderMap,
@@ -301,17 +303,20 @@ impl CacheState {
         if let Some(leader) = self.leader.take() {
             leader.finish(Shared::Stale(entry.clone()));
         }
-        let answer = entry_response(&entry, Verdict::Stale);
-        Some(match &self.slot {
-            Some(slot) => conditional::answer_for(&slot.request, answer),
-            None => answer,
-        })
+        Some(judged(
+            self.validators(),
+            entry_response(&entry, Verdict::Stale),
+        ))
     }
 
-    /// Whether the backend's answer may fill the cache: the request then
-    /// goes without its client's validators (see [`conditional`]).
-    pub fn fills(&self) -> bool {
-        self.slot.is_some()
+    /// The client's validators, when its request revalidates and may fill
+    /// the cache: it goes upstream without them (see [`conditional`]), and
+    /// its answer is judged against them.
+    pub fn validators(&self) -> Option<&HeaderMap> {
+        self.slot
+            .as_ref()
+            .filter(|slot| slot.revalidates)
+            .map(|slot| &slot.request)
     }
 
     /// The upstream's answer (hop-by-hop headers already removed): served
@@ -324,10 +329,7 @@ impl CacheState {
         response: Response<ResponseBody>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let answer = self.store(route, response).await?;
-        Ok(match &self.slot {
-            Some(slot) => conditional::answer_for(&slot.request, answer),
-            None => answer,
-        })
+        Ok(judged(self.validators(), answer))
     }
 
     /// [`CacheState::finish`] but for the client's validators.
@@ -620,6 +622,8 @@ impl Caches {
             _ => return Lookup::Forward(CacheState::passthrough(Some(Verdict::Bypass))),
         };
         let key = key_of(route, &target, request.method(), body);
+        let revalidates = conditional::revalidates(request.method(), request.headers());
+        let validators = revalidates.then(|| request.headers());
         let (rc, store) = self.stores(config, &route.config);
         let mut verdict = Verdict::Miss;
         let mut stale = None;
@@ -636,7 +640,7 @@ impl Caches {
         } else {
             if let Some(entry) = store.get(route.name(), &key).await.filter(fits) {
                 match freshness(&entry, cache) {
-                    Freshness::Fresh => return hit(&entry, request.headers()),
+                    Freshness::Fresh => return hit(&entry, validators),
                     Freshness::Stale => stale = Some(entry),
                     Freshness::Expired => {}
                 }
@@ -655,7 +659,7 @@ impl Caches {
                         if let Some(entry) = store.get(route.name(), &key).await.filter(fits) {
                             if let Freshness::Fresh = freshness(&entry, cache) {
                                 joined.finish(Shared::Fresh(entry.clone()));
-                                return hit(&entry, request.headers());
+                                return hit(&entry, validators);
                             }
                         }
                         leader = Some(joined);
@@ -664,11 +668,11 @@ impl Caches {
                     Joined::Waiter(rx) => {
                         match tokio::time::timeout_at(deadline, flight::wait(rx)).await {
                             Ok(Shared::Fresh(entry)) if fits(&entry) => {
-                                return hit(&entry, request.headers())
+                                return hit(&entry, validators)
                             }
                             Ok(Shared::Stale(entry)) if fits(&entry) => {
                                 let answer = entry_response(&entry, Verdict::Stale);
-                                let answer = conditional::answer_for(request.headers(), answer);
+                                let answer = judged(validators, answer);
                                 return Lookup::Answer(answer, Verdict::Stale);
                             }
                             // The leader's answer may predate a write: join
@@ -698,6 +702,7 @@ impl Caches {
                 key,
                 store,
                 unkeyed_auth: policy::unkeyed_credentials(cache, request.headers()),
+                revalidates,
                 request: request.headers().clone(),
                 route: rc,
                 writes,
@@ -876,9 +881,21 @@ impl Caches {
 }
 
 /// A fresh entry's answer, or its `304` for a client whose copy matches.
-fn hit(entry: &Entry, request: &HeaderMap) -> Lookup {
-    let answer = conditional::answer_for(request, entry_response(entry, Verdict::Hit));
+fn hit(entry: &Entry, validators: Option<&HeaderMap>) -> Lookup {
+    let answer = judged(validators, entry_response(entry, Verdict::Hit));
     Lookup::Answer(answer, Verdict::Hit)
+}
+
+/// `answer`, or its `304` for a revalidating request (its `validators`)
+/// whose copy matches.
+fn judged(
+    validators: Option<&HeaderMap>,
+    answer: Response<ResponseBody>,
+) -> Response<ResponseBody> {
+    match validators {
+        Some(request) => conditional::answer_for(request, answer),
+        None => answer,
+    }
 }
 
 /// An answer from a stored entry, with `X-Cache` and `Age`.

@@ -1260,7 +1260,8 @@ impl HealthCheckConfig {
 }
 
 fn read_outbound_proxies(s: &Section<'_>) -> Vec<String> {
-    let urls: Vec<String> = s.get("urls", Vec::new());
+    // They may carry credentials: not shown in a type error.
+    let urls: Vec<String> = s.opt_secret("urls").unwrap_or_default();
     for (i, url) in urls.iter().enumerate() {
         match crate::upstream::proxy_pool::parse_proxy_url(url) {
             Some(_) => {}
@@ -1337,12 +1338,6 @@ fn check_upstream_url(url: &str) -> Result<Uri, String> {
     if uri.host().is_none_or(str::is_empty) {
         return Err(format!("invalid URL {shown:?}: no host"));
     }
-    let host_port = uri.authority().map_or("", |a| a.as_str());
-    if !crate::upstream::port_is_valid(host_port.as_bytes()) {
-        return Err(format!(
-            "invalid URL {shown:?}: the port must be a number from 1 to 65535"
-        ));
-    }
     if uri.query().is_some() {
         return Err(format!("invalid URL {shown:?}: must not have a query"));
     }
@@ -1350,6 +1345,12 @@ fn check_upstream_url(url: &str) -> Result<Uri, String> {
         return Err(format!(
             "invalid URL {:?}: credentials in upstream URLs are not supported, use headers",
             shown
+        ));
+    }
+    let host_port = uri.authority().map_or("", |a| a.as_str());
+    if !crate::upstream::port_is_valid(host_port.as_bytes()) {
+        return Err(format!(
+            "invalid URL {shown:?}: the port must be a number from 1 to 65535"
         ));
     }
     Ok(uri)
@@ -1412,18 +1413,18 @@ fn header_name(s: &Section<'_>, key: &str, default: &'static str) -> HeaderName 
         s.error(key, format!("invalid header name {text:?}"));
         return fallback;
     };
-    // Set on requests after everything else: one that frames the message,
-    // routes it or describes its body would corrupt every one.
-    let describing = [
-        http::header::HOST,
-        http::header::CONTENT_TYPE,
-        http::header::CONTENT_ENCODING,
-        crate::headers::X_REQUEST_ID,
-    ];
-    if crate::headers::PER_MESSAGE.contains(&name) || describing.contains(&name) {
+    // Set on requests after everything else: one that frames the message
+    // or describes its body would corrupt every one, and one Backstop sets
+    // itself (`Host`, `X-Forwarded-*`, `X-Request-Id`, `traceparent`,
+    // `X-Backstop-*`) would be the client's on some ways and not others.
+    let describing = [http::header::CONTENT_TYPE, http::header::CONTENT_ENCODING];
+    if crate::headers::PER_MESSAGE.contains(&name)
+        || describing.contains(&name)
+        || crate::headers::set_by_backstop(&name)
+    {
         s.error(
             key,
-            format!("{text:?} frames, routes or describes the request; name a header of its own"),
+            format!("{text:?} frames or describes the request, or Backstop sets it: name a header of its own"),
         );
         return fallback;
     }

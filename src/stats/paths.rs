@@ -22,9 +22,13 @@ const MAX_PATH_LEN: usize = 200;
 /// A hex segment at least this long is an id (a short one may be a word
 /// such as `cafe` or `add`).
 const MIN_HEX_ID_LEN: usize = 16;
-/// A token of letters and digits at least this long, with digits, capitals
-/// and small letters mixed, is an id (words and slugs are not so mixed).
+/// A token of letters and digits at least this long after a type prefix
+/// (`cus_`), with digits, capitals and small letters mixed, is an id.
 const MIN_TOKEN_LEN: usize = 12;
+/// Without a prefix, at least this long, and with no run of
+/// [`WORDLIKE_RUN`] small letters: `OAuth2Callback` is a name.
+const MIN_BARE_TOKEN_LEN: usize = 16;
+const WORDLIKE_RUN: usize = 5;
 
 /// The normalised form of a request path (without its query): the path
 /// itself, not copied, when it has no identifier and is not too long (the
@@ -90,19 +94,33 @@ fn is_ulid(b: &[u8]) -> bool {
 }
 
 /// A random token, after an optional short type prefix (`cus_`, `pi_`):
-/// letters and digits, with a digit, a capital and a small letter.
+/// letters and digits, with a digit, a capital and a small letter; one
+/// without a prefix longer, and not spelling words.
 fn is_token(b: &[u8]) -> bool {
-    let token = match b.iter().position(|&c| c == b'_') {
+    let (prefixed, token) = match b.iter().position(|&c| c == b'_') {
         Some(at) if (1..=8).contains(&at) && b[..at].iter().all(u8::is_ascii_lowercase) => {
-            &b[at + 1..]
+            (true, &b[at + 1..])
         }
-        _ => b,
+        _ => (false, b),
     };
-    token.len() >= MIN_TOKEN_LEN
+    let min_len = if prefixed {
+        MIN_TOKEN_LEN
+    } else {
+        MIN_BARE_TOKEN_LEN
+    };
+    token.len() >= min_len
         && token.iter().all(u8::is_ascii_alphanumeric)
         && token.iter().any(u8::is_ascii_digit)
         && token.iter().any(u8::is_ascii_uppercase)
         && token.iter().any(u8::is_ascii_lowercase)
+        && (prefixed || !spells_words(token))
+}
+
+/// Whether `token` has a run of [`WORDLIKE_RUN`] small letters.
+fn spells_words(token: &[u8]) -> bool {
+    token
+        .split(|c| !c.is_ascii_lowercase())
+        .any(|run| run.len() >= WORDLIKE_RUN)
 }
 
 fn is_uuid(b: &[u8]) -> bool {
@@ -174,7 +192,9 @@ mod tests {
             ("/api/users/01HZX3K8Q4ZJ7R6N5M2P1VWXYZ", "/api/users/{id}"),
             ("/api/users/01hzx3k8q4zj7r6n5m2p1vwxyz", "/api/users/{id}"),
             ("/v1/customers/cus_NffrFeUfNV2Hib", "/v1/customers/{id}"),
-            ("/s/dQw4w9WgXcQaZ", "/s/{id}"),
+            ("/s/aZ3kP9qLmN2xR7tY8wV1bC", "/s/{id}"),
+            ("/auth/OAuth2Callback", "/auth/OAuth2Callback"),
+            ("/x/HTML5ValidatorService", "/x/HTML5ValidatorService"),
             ("/api/authentication", "/api/authentication"),
             (
                 "/api/InternationalizationSettings",

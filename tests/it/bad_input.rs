@@ -518,12 +518,13 @@ async fn a_request_whose_client_leaves_runs_its_course_upstream() {
 async fn malformed_hosts_and_targets_get_400_and_stay_away_from_the_backend() {
     let backend = Backend::echo().await;
     let mut bs = Backstop::start(&config(&backend));
-    let cases: [&[u8]; 12] = [
+    let cases: [&[u8]; 13] = [
         b"GET /a HTTP/1.1\r\n\r\n",
         // A port that is not a number: the name before it would match a
         // route bound to it, and the whole go on as X-Forwarded-Host.
         b"GET /a HTTP/1.1\r\nHost: a.example:1,evil.example\r\n\r\n",
         b"GET /a HTTP/1.1\r\nHost: [2001:db8::1]:80x\r\n\r\n",
+        b"GET http://a.example:1,evil.example/a HTTP/1.1\r\nHost: a.example\r\n\r\n",
         b"GET /a HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
         b"GET /a HTTP/1.1\r\nHost: evil.example/x\r\n\r\n",
         // HTTP/1.0 may leave Host out, but one it sends is checked.

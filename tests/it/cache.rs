@@ -1119,6 +1119,12 @@ async fn conditional_requests_are_answered_by_the_cache() {
         {
             return Reply::status(304).header("etag", "\"v1\"");
         }
+        if seen.uri == "/session" {
+            // Not stored (it sets a cookie); its 304 still carries it.
+            return Reply::ok("yours")
+                .header("etag", "\"s1\"")
+                .header("set-cookie", "s=renewed");
+        }
         Reply::ok("the page")
             .header("etag", "\"v1\"")
             .header("last-modified", "Mon, 07 Dec 2026 10:00:00 GMT")
@@ -1164,6 +1170,16 @@ async fn conditional_requests_are_answered_by_the_cache() {
     let r = conditional("range", "bytes=0-2").await;
     assert_eq!(r.headers()["x-cache"], "BYPASS");
     assert_eq!(calls.load(Ordering::SeqCst), 2, "a range goes upstream");
+
+    let r = client()
+        .get(bs.url("/session"))
+        .header("if-none-match", "\"s1\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+    assert_eq!(r.headers()["set-cookie"], "s=renewed");
+    assert!(!r.headers().contains_key("content-type"));
 }
 
 #[tokio::test]

@@ -47,8 +47,9 @@ fn invalid_files_list_every_error_with_its_key() {
             ],
         ),
         (
-            "[[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nupstreams = [\"http://10.0.0.5:80800\", \"https://api:8o80/v1\", \"http://[::1]:8080\", \"http://h:\"]\n".into(),
+            "[[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nupstreams = [\"http://10.0.0.5:80800\", \"https://api:8o80/v1\", \"http://[::1]:8080\", \"http://h:\", \"http://user:secret@backend\"]\n".into(),
             vec![
+                "FILE: routes[0].upstreams[4]: invalid URL \"http://user:***@backend\": credentials in upstream URLs are not supported, use headers",
                 "FILE: routes[0].upstreams[0]: invalid URL \"http://10.0.0.5:80800\": the port must be a number from 1 to 65535",
                 "FILE: routes[0].upstreams[1]: invalid URL \"https://api:8o80/v1\": the port must be a number from 1 to 65535",
             ],
@@ -59,9 +60,13 @@ fn invalid_files_list_every_error_with_its_key() {
                 "FILE: server.max_header_bytes: must be from 8192 to 1048576",
                 "FILE: server.workers: must be at most 1024",
                 "FILE: server.admin_token: invalid type: integer, expected a string",
-                "FILE: replay.idempotency_header: \"Content-Length\" frames, routes or describes the request; name a header of its own",
+                "FILE: replay.idempotency_header: \"Content-Length\" frames or describes the request, or Backstop sets it: name a header of its own",
                 "FILE: routes[0].headers: invalid type: integer, expected a string",
             ],
+        ),
+        (
+            format!("[replay]\nidempotency_header = \"X-Backstop-Key\"\n{ROUTE}"),
+            vec!["FILE: replay.idempotency_header: \"X-Backstop-Key\" frames or describes the request, or Backstop sets it: name a header of its own"],
         ),
         (
             format!("{ROUTE}{ROUTE}"),
