@@ -78,6 +78,15 @@ impl OutboundProxy {
     fn usable_at(&self, ms: u64) -> bool {
         self.ejected_until_ms.load(Ordering::Relaxed) <= ms
     }
+
+    /// An answer came through it: it works again, whatever its last
+    /// failure said (with every proxy skipped, one is tried anyway, and
+    /// the one that answers should not wait out the rest of its skip).
+    fn restore(&self) {
+        if self.ejected_until_ms.load(Ordering::Relaxed) != 0 {
+            self.ejected_until_ms.store(0, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A route's outbound proxies.
@@ -209,7 +218,10 @@ impl ProxyPool {
                 tracing::warn!(proxy = %proxy.name, "the outbound proxy asks for credentials (407): check the user and password in its URL");
                 Err(Failure::ProxyFailed)
             }
-            Some(Ok(response)) => Ok(response),
+            Some(Ok(response)) => {
+                proxy.restore();
+                Ok(response)
+            }
             Some(Err(e)) => {
                 let failure = if e.is_connect() && proxy_at_fault(&e) {
                     Failure::ProxyFailed

@@ -45,8 +45,17 @@ impl ForwardProxy {
         ForwardProxy::start_with(name, true).await
     }
 
+    /// A proxy on `addr` (one that was down until now).
+    pub async fn start_at(name: &'static str, addr: SocketAddr) -> ForwardProxy {
+        ForwardProxy::start_on(name, false, TcpListener::bind(addr).await.unwrap())
+    }
+
     async fn start_with(name: &'static str, locked: bool) -> ForwardProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        ForwardProxy::start_on(name, locked, listener)
+    }
+
+    fn start_on(name: &'static str, locked: bool, listener: TcpListener) -> ForwardProxy {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();

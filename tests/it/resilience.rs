@@ -1041,6 +1041,33 @@ async fn a_dead_proxy_is_skipped() {
     assert!(!bs.logs().contains(PROXY_PASSWORD), "{}", bs.logs());
 }
 
+/// With every proxy skipped one is tried anyway, and the one that answers
+/// is used again at once: it does not wait out the rest of its skip while
+/// requests keep going to the one still down.
+#[tokio::test]
+async fn a_proxy_that_answers_again_is_no_longer_skipped() {
+    let backend = Backend::start(|_| Reply::ok("ok")).await;
+    let (first, second) = (dead_address().await, dead_address().await);
+    let bs = Backstop::start(&proxied_route(
+        &backend.url(),
+        &[proxy_url(first), proxy_url(second)],
+        "round_robin",
+        "",
+    ));
+    for _ in 0..2 {
+        let r = client().get(bs.url("/api/x")).send().await.unwrap();
+        assert_eq!(r.status(), 502, "both proxies are down");
+    }
+    let back = ForwardProxy::start_at("back", first).await;
+    let mut failed = 0;
+    for _ in 0..6 {
+        let r = client().get(bs.url("/api/x")).send().await.unwrap();
+        failed += usize::from(r.status() != 200);
+    }
+    assert!(failed <= 1, "{failed} of 6 went to the proxy still down");
+    assert_eq!(back.hits(), 6 - failed);
+}
+
 /// A proxy that asks for credentials (407) it was not given refused the
 /// request itself: the 407 is not the backend's answer. The proxy is
 /// skipped and the attempt retried through the other, a POST too (it never
