@@ -801,6 +801,39 @@ fn apply_batch(
     Ok(results)
 }
 
+/// Moves the dead letters with ids from `first` to `last` back to the
+/// queue, each with its capture time (its UUIDv7's own: the dead-letter
+/// table keeps none), so that the queue's oldest age stays true rather
+/// than starting again at the requeue. An id that is no UUIDv7 gets `now`.
+fn requeue(conn: &Connection, first: &str, last: &str, now: i64) -> rusqlite::Result<usize> {
+    let ids = conn
+        .prepare_cached("SELECT id FROM dead_letters WHERE id >= ?1 AND id <= ?2")?
+        .query_map(params![first, last], |row| row.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut insert = conn.prepare_cached(
+        "INSERT OR IGNORE INTO queue (id, route, record, dest, captured_ms) \
+         SELECT id, route, record, 'replay', ?2 FROM dead_letters WHERE id = ?1",
+    )?;
+    let mut moved = 0;
+    for id in &ids {
+        moved += insert.execute(params![id, captured_ms(id).unwrap_or(now)])?;
+    }
+    conn.execute(
+        "DELETE FROM dead_letters WHERE id >= ?1 AND id <= ?2",
+        params![first, last],
+    )?;
+    Ok(moved)
+}
+
+/// The capture time a UUIDv7 id carries, in milliseconds since the epoch.
+fn captured_ms(id: &str) -> Option<i64> {
+    let (secs, nanos) = uuid::Uuid::parse_str(id).ok()?.get_timestamp()?.to_unix();
+    i64::try_from(secs)
+        .ok()?
+        .checked_mul(1000)?
+        .checked_add(i64::from(nanos / 1_000_000))
+}
+
 /// One write of a batch.
 fn apply_one(conn: &Connection, write: &Write, now: i64) -> rusqlite::Result<usize> {
     match write {
@@ -827,22 +860,7 @@ fn apply_one(conn: &Connection, write: &Write, now: i64) -> rusqlite::Result<usi
                 params![id, attempts, error, now],
             )
             .and_then(|n| conn.execute("DELETE FROM queue WHERE id = ?1", params![id]).map(|_| n)),
-        Write::Requeue { first, last } => conn
-            .execute(
-                &format!(
-                    "INSERT OR IGNORE INTO queue (id, route, record, dest, captured_ms) \
-                     SELECT id, route, record, 'replay', {now} FROM dead_letters \
-                     WHERE id >= ?1 AND id <= ?2"
-                ),
-                params![first, last],
-            )
-            .and_then(|n| {
-                conn.execute(
-                    "DELETE FROM dead_letters WHERE id >= ?1 AND id <= ?2",
-                    params![first, last],
-                )
-                .map(|_| n)
-            }),
+        Write::Requeue { first, last } => requeue(conn, first, last, now),
         Write::ToReplay { id } => conn
             .prepare_cached(
                 "UPDATE queue SET dest = 'replay' WHERE dest = 'kafka' AND (id = ?1 OR ?1 IS NULL)",

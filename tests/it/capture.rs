@@ -886,6 +886,38 @@ async fn requeue_all_and_purge_take_every_dead_letter_in_chunks() {
     assert_eq!(queue_status(&bs).await["dead_letters"], 0);
 }
 
+/// A requeued dead letter is as old as its capture (its UUIDv7 says when),
+/// not as its requeue: `backstop_queue_oldest_age_seconds` and the
+/// dashboard's "oldest waiting" stay true.
+#[tokio::test]
+async fn a_requeued_dead_letter_keeps_its_capture_age() {
+    let addr = stopped_backend().await;
+    let toml =
+        config(&format!("http://{addr}"), "").replace("[replay]\n", "[replay]\nenabled = false\n");
+    let bs = Backstop::start(&toml);
+    let conn = rusqlite::Connection::open(bs.data_dir().join("spool.sqlite3")).unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let captured = now_ms - 60_000;
+    let id = format!(
+        "{:08x}-{:04x}-7000-8000-000000000001",
+        captured >> 16,
+        captured & 0xffff
+    );
+    conn.execute(
+        "INSERT INTO dead_letters (id, route, record, attempts, error, dead_at_ms) \
+         VALUES (?1, 'users', '{}', 1, 'test', 0)",
+        [&id],
+    )
+    .unwrap();
+    assert!(queue_cli(&bs, &["requeue", "--all"]).contains("requeued 1 record(s)"));
+    let q = wait_queue(&bs, "depth", 1).await;
+    let age = q["oldest_age_s"].as_f64().unwrap();
+    assert!((59.0..120.0).contains(&age), "{q}");
+}
+
 /// `queue` commands never make a new, empty spool: run from another
 /// directory than the proxy's, a relative `data_dir` names none, and they
 /// say so rather than list nothing (with every record waiting elsewhere).
