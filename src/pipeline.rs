@@ -324,7 +324,18 @@ fn route_phase<'t>(
     req: &Request<ClientBody>,
 ) -> Result<&'t Arc<Route>, ProxyError> {
     let host = if table.matches_hosts() {
-        request_host(req.uri(), req.headers()).map(strip_port)
+        let host = request_host(req.uri(), req.headers());
+        // A port that is not a number (`api.example.com:1,evil.com`) would
+        // match the route bound to the name before it, and go on whole in
+        // `X-Forwarded-Host`. Checked only here, where a route is bound to
+        // a host (+100 instructions a request).
+        if host.is_some_and(|h| !crate::upstream::port_is_valid(h.as_bytes())) {
+            return Err(ProxyError::new(
+                ErrorCode::BadRequest,
+                "The host asked for has a port that is not a number",
+            ));
+        }
+        host.map(strip_port)
     } else {
         None
     };
@@ -759,10 +770,10 @@ async fn forward(
             Admission::Allowed(next) => next,
             Admission::Rejected { retry_in } => {
                 tracing::debug!(route = %route.name(), attempt, "no retry: the circuit refused it after the backoff");
-                // The backend's own answer about this request (a 500, a
-                // 429: it may have applied it) is not turned into an open
-                // circuit's, which would capture it for a second go. Its
-                // answer was let go before the backoff; its error says
+                // The backend's own answer about this request (a 500,
+                // which it may have applied; a 429) is not turned into an
+                // open circuit's, which would capture it for a second go.
+                // Its answer was let go before the backoff; the error says
                 // what it was.
                 if !failure.is_capturable() {
                     return Forwarded::Failed {
@@ -1046,11 +1057,6 @@ fn unroutable(req: &Request<ClientBody>, names: &RequestNames<'_>) -> Option<&'s
         if authority.as_str().contains('@') {
             return Some("A request target must not carry user info");
         }
-        // As for `Host` below: an absolute-form target's or HTTP/2's
-        // `:authority` is the host routed on.
-        if !crate::upstream::port_is_valid(authority.as_str().as_bytes()) {
-            return Some("The request target's port is not a number");
-        }
     }
     if uri.path() == "*" && req.method() != Method::OPTIONS {
         return Some("The request target * is only for OPTIONS");
@@ -1061,13 +1067,7 @@ fn unroutable(req: &Request<ClientBody>, names: &RequestNames<'_>) -> Option<&'s
         (None, _) if req.version() != Version::HTTP_11 => None,
         (None, _) => Some("An HTTP/1.1 request must carry a Host header"),
         (_, 2..) => Some("A request must carry one Host header, not several"),
-        // A port that is not a number (`api.example.com:1,evil.com`) would
-        // match a route bound to the host before it, and go on in
-        // `X-Forwarded-Host` whole.
-        (Some(host), _)
-            if !host.as_bytes().iter().all(|&b| HOST_BYTES[usize::from(b)])
-                || !crate::upstream::port_is_valid(host.as_bytes()) =>
-        {
+        (Some(host), _) if !host.as_bytes().iter().all(|&b| HOST_BYTES[usize::from(b)]) => {
             Some("The Host header is not a host and port")
         }
         _ => None,

@@ -323,24 +323,32 @@ fn unchanged_target<'a>(base: &Uri, client: &'a Uri, skip: usize) -> Option<&'a 
 /// `host:8o80`, and a connection would then go to the scheme's default
 /// port instead. An empty port (`host:`) is the default, as RFC 3986 has it.
 pub fn port_is_valid(host_port: &[u8]) -> bool {
-    // An IPv6 address's colons are inside its brackets.
-    let after_host = match host_port.iter().rposition(|&b| b == b']') {
-        Some(end) => &host_port[end + 1..],
-        None => host_port,
-    };
-    let Some(colon) = after_host.iter().rposition(|&b| b == b':') else {
-        return true;
-    };
-    match &after_host[colon + 1..] {
-        [] => true,
-        // Digits only: `u16`'s parser also takes a leading `+`.
-        port => {
-            port.iter().all(u8::is_ascii_digit)
-                && std::str::from_utf8(port)
-                    .ok()
-                    .and_then(|p| p.parse::<u16>().ok())
-                    .is_some_and(|p| p > 0)
+    // Read from the end, as every request's `Host` is checked: the digits
+    // there, then what comes before them.
+    let digits = host_port
+        .iter()
+        .rev()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    let (rest, port) = host_port.split_at(host_port.len() - digits);
+    match rest.last() {
+        // `host:PORT` (or `host:`, the default port).
+        Some(b':') => {
+            port.is_empty()
+                || (port.len() <= 5
+                    && (1..=65535)
+                        .contains(&port.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0'))))
         }
+        // All digits (a name or address without a port), or an IPv6
+        // literal's end (`]`) without one.
+        None | Some(b']') => true,
+        // No port, unless a `:` comes before (after any `]`: an IPv6
+        // address's colons are inside its brackets).
+        Some(_) => !rest
+            .iter()
+            .rev()
+            .take_while(|&&c| c != b']')
+            .any(|&c| c == b':'),
     }
 }
 
@@ -398,6 +406,32 @@ impl std::fmt::Display for ErrorChain<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ports_are_numbers_from_1_to_65535() {
+        let cases = [
+            ("example.com", true),
+            ("example.com:8080", true),
+            ("127.0.0.1:19200", true),
+            ("1.2.3.4", true),
+            ("1234567", true),
+            ("h:", true),
+            ("h:65535", true),
+            ("[::1]", true),
+            ("[2001:db8::1]:443", true),
+            ("h:0", false),
+            ("h:65536", false),
+            ("h:123456", false),
+            ("h:8o80", false),
+            ("h:+80", false),
+            ("a.example:1,evil.example", false),
+            ("[2001:db8::1]:80x", false),
+            ("[::1]x", true),
+        ];
+        for (host_port, valid) in cases {
+            assert_eq!(port_is_valid(host_port.as_bytes()), valid, "{host_port}");
+        }
+    }
 
     #[test]
     fn uri_joins_base_path_and_request_path() {
