@@ -19,6 +19,7 @@ use crate::capture::record::{CaptureRecord, REDACTED};
 use crate::classify::{status_trips_breaker, Failure};
 use crate::config::Config;
 use crate::headers::{self, ClientInfo, X_REQUEST_ID};
+use crate::pipeline::{Active, Proxy};
 use crate::resilience::breaker::{Admission, Breaker};
 use crate::routing::Route;
 use crate::upstream::{deadline_after, proxy_pool, take_turn, upstream_uri};
@@ -39,6 +40,23 @@ pub enum Delivery {
     /// (`upstream_max_conns`) stayed in flight. Tried again later without
     /// spending an attempt, as when the circuit is open.
     Busy(String),
+}
+
+/// A replay worker's attempt: `record` sent once to its route in `active`,
+/// through the route's circuit breaker; a record whose route is not
+/// configured is tried again later (a reload may bring it back).
+pub async fn deliver_by_worker(
+    proxy: &Proxy,
+    active: &Active,
+    record: &CaptureRecord,
+    attempt: u32,
+) -> Delivery {
+    let Some(route) = active.routes.get(&record.route) else {
+        return Delivery::Retry(format!("route {:?} is not configured", record.route));
+    };
+    let breaker = &route.guards(&proxy.resilience).breaker;
+    let config = &active.config;
+    deliver(&proxy.caches, config, route, record, attempt, Some(breaker)).await
 }
 
 /// Sends `record` to `route`'s backend once; `config` is the one `route`

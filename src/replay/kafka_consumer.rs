@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{deliver, Delivery, ReplayCounters};
+use super::{deliver_by_worker, Delivery, ReplayCounters};
 use crate::capture::kafka_sink::{KafkaSink, Outbound};
 use crate::capture::record::CaptureRecord;
 use crate::config::KafkaConfig;
@@ -474,23 +474,7 @@ impl KafkaReplayer {
                 return self.dead_letter(&job, &e.to_string(), job.attempt).await;
             }
         };
-        let outcome = match active.routes.get(&record.route) {
-            Some(route) => {
-                let caches = &self.proxy.caches;
-                let breaker = &route.guards(&self.proxy.resilience).breaker;
-                let attempt = job.attempt;
-                deliver(
-                    caches,
-                    &active.config,
-                    route,
-                    &record,
-                    attempt,
-                    Some(breaker),
-                )
-                .await
-            }
-            None => Delivery::Retry(format!("route {:?} is not configured", record.route)),
-        };
+        let outcome = deliver_by_worker(&self.proxy, &active, &record, job.attempt).await;
         let sent = !matches!(outcome, Delivery::Busy(_));
         match outcome {
             Delivery::Delivered(status) => {

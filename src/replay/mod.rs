@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-pub use deliver::{deliver, Delivery, X_BACKSTOP_REPLAY_ATTEMPT};
+pub use deliver::{deliver, deliver_by_worker, Delivery, X_BACKSTOP_REPLAY_ATTEMPT};
 
 use crate::capture::record::CaptureRecord;
 use crate::capture::spool::{now_ms, QueuedRecord, Spool, SpoolError};
@@ -439,22 +439,7 @@ impl SpoolReplayer {
                 return Ok(None);
             }
         };
-        let outcome = match active.routes.get(&record.route) {
-            Some(route) => {
-                let caches = &self.proxy.caches;
-                let breaker = &route.guards(&self.proxy.resilience).breaker;
-                deliver(
-                    caches,
-                    &active.config,
-                    route,
-                    &record,
-                    attempt,
-                    Some(breaker),
-                )
-                .await
-            }
-            None => Delivery::Retry(format!("route {:?} is not configured", record.route)),
-        };
+        let outcome = deliver_by_worker(&self.proxy, &active, &record, attempt).await;
         let sent = !matches!(outcome, Delivery::Busy(_));
         match outcome {
             Delivery::Delivered(status) => {

@@ -44,6 +44,15 @@ async fn circuit(bs: &Backstop) -> serde_json::Value {
     status["circuits"][0].clone()
 }
 
+/// Waits (5 s at most) until the route's circuit is in `state`.
+async fn wait_for_circuit(bs: &Backstop, state: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while circuit(bs).await["state"] != state {
+        assert!(Instant::now() < deadline, "{}", circuit(bs).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn has_line(text: &str, line: &str) -> bool {
     text.lines().any(|l| l == line)
 }
@@ -476,11 +485,7 @@ async fn a_successful_replay_closes_a_half_open_circuit() {
     assert_eq!(circuit(&bs).await["state"], "open");
     failing.store(false, Ordering::SeqCst);
     backend.wait_for_hits(2, Duration::from_secs(10)).await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while circuit(&bs).await["state"] != "closed" {
-        assert!(Instant::now() < deadline, "{}", circuit(&bs).await);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_circuit(&bs, "closed").await;
 }
 
 /// Another site's page in the operator's browser cannot act on the admin
@@ -1224,11 +1229,7 @@ async fn an_attempt_its_client_cancels_counts_once_it_was_slow() {
         assert!(patient.get(&url).send().await.is_err());
     }
     // The cancellation reaches Backstop a moment after the client left.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while circuit(&bs).await["state"] != "open" {
-        assert!(Instant::now() < deadline, "{}", circuit(&bs).await);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_circuit(&bs, "open").await;
 }
 
 /// A proxy that takes the connection but never answers the `CONNECT` is
