@@ -84,28 +84,22 @@ impl<'a> Section<'a> {
 
     /// An optional value; a present value of the wrong type is an error.
     pub(crate) fn opt<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
-        let value = self.raw(key)?;
-        match T::deserialize(value.clone()) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                self.error(key, e.message().to_string());
-                None
-            }
-        }
+        self.read(key, str::to_string)
     }
 
     /// [`Section::opt`] for a value that may be a secret (a token, a
     /// header's value such as an API key): a value of the wrong type is
     /// not shown in the error, which `check` prints and a reload logs.
     pub(crate) fn opt_secret<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
+        self.read(key, without_value)
+    }
+
+    /// A present value, or its type error as `message` words it.
+    fn read<T: DeserializeOwned>(&self, key: &str, message: fn(&str) -> String) -> Option<T> {
         let value = self.raw(key)?;
-        match T::deserialize(value.clone()) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                self.error(key, without_value(e.message()));
-                None
-            }
-        }
+        T::deserialize(value.clone())
+            .map_err(|e| self.error(key, message(e.message())))
+            .ok()
     }
 
     /// A value with a default used when the key is absent (or wrong).
