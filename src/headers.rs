@@ -1,7 +1,6 @@
 //! Header rules of the request path: hop-by-hop removal (both ways), the
 //! `forward_headers` filter, `X-Forwarded-*` / `Forwarded`, and the request id.
 
-use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
@@ -394,47 +393,28 @@ fn forwarded_host(host: &[u8]) -> ForwardedHost {
     }
 }
 
-/// A client's `Forwarded` line as this hop passes it on: its elements with
-/// only their `for` and `by` parameters, the chain of nodes (as
-/// `X-Forwarded-For` is kept). Their `host` and `proto` are the claims of
-/// whoever sent them, and this hop's element states the real ones: a
-/// backend that reads the first element (Spring's does) must not find the
-/// client's there, just as `X-Forwarded-Host` and `-Proto` are replaced. A
-/// line that is no list of elements (RFC 7239 §4) is left out whole: an
-/// unbalanced quote would swallow this hop's element. `None`: nothing kept.
-/// A line of nodes only (a load balancer's) passes as it is, unallocated.
-fn prior_nodes(line: &[u8]) -> Option<Cow<'_, [u8]>> {
-    let is_node =
-        |name: &[u8]| name.eq_ignore_ascii_case(b"for") || name.eq_ignore_ascii_case(b"by");
-    let (mut nodes, mut claims) = (false, false);
-    let parsed = scan_forwarded(line, |_, name, _| {
-        if is_node(name) {
-            nodes = true;
-        } else {
-            claims = true;
+/// A trusted peer's `Forwarded` line as this hop passes it on: whole, if
+/// it is a list of elements; else left out, since an unbalanced quote
+/// would swallow this hop's element.
+fn prior_elements(line: &[u8]) -> Option<&[u8]> {
+    scan_forwarded(line, |_, _, _| {}).then_some(line)
+}
+
+/// The claims of a `Forwarded` line (`host`, `proto`: every parameter but
+/// the nodes `for` and `by`), each `name=value` as written with the index
+/// of its element; none from a line that does not parse, which is never
+/// passed on.
+pub fn forwarded_claims(line: &[u8]) -> Vec<(usize, &[u8])> {
+    let mut claims = Vec::new();
+    let parsed = scan_forwarded(line, |element, name, pair| {
+        if !name.eq_ignore_ascii_case(b"for") && !name.eq_ignore_ascii_case(b"by") {
+            claims.push((element, pair));
         }
     });
-    if !parsed || !nodes {
-        return None;
+    if !parsed {
+        claims.clear();
     }
-    if !claims {
-        return Some(Cow::Borrowed(line));
-    }
-    let mut kept = Vec::with_capacity(line.len());
-    let mut last_element = None;
-    scan_forwarded(line, |element, name, pair| {
-        if !is_node(name) {
-            return;
-        }
-        match last_element {
-            Some(last) if last == element => kept.push(b';'),
-            Some(_) => kept.extend_from_slice(b", "),
-            None => {}
-        }
-        kept.extend_from_slice(pair);
-        last_element = Some(element);
-    });
-    Some(Cow::Owned(kept))
+    claims
 }
 
 /// Walks the pairs of a `Forwarded` line: `visit(element, name, pair)` for
@@ -507,8 +487,8 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-/// Sets `X-Forwarded-For` (appended), `-Proto`, `-Host` and `Forwarded`.
-/// `original_host` is the host the client asked for.
+/// Sets `X-Forwarded-For`, `-Proto`, `-Host` and `Forwarded` (see
+/// [`Forwarding::new`]). `original_host` is the host the client asked for.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     client: &ClientInfo,
@@ -517,30 +497,55 @@ pub fn set_forwarded(
     Forwarding::new(headers, client, original_host).apply_to(headers);
 }
 
-/// This hop's forwarding headers for one request: `X-Forwarded-For`
-/// (appended to the client's), `-Proto`, `-Host` (when the client named a
-/// host) and `Forwarded` (appended to the client's).
+/// This hop's forwarding headers for one request: `X-Forwarded-For` and
+/// `Forwarded` naming the peer (appended to the lists a trusted peer
+/// sent), and `X-Forwarded-Proto` and `-Host` (a trusted peer's, else
+/// what this hop saw; `-Host` only when a host is known).
 #[derive(Debug, Clone)]
 pub struct Forwarding {
     forwarded_for: HeaderValue,
     forwarded_proto: HeaderValue,
+    /// The host the client asked this hop for.
     forwarded_host: Option<HeaderValue>,
+    /// A trusted peer's `X-Forwarded-Host`, which wins over this hop's.
+    passed_host: Option<HeaderValue>,
     forwarded: HeaderValue,
 }
 
 impl Forwarding {
     /// The values for a request with `client_headers` from `client`;
-    /// `original_host` is the host the client asked for.
+    /// `original_host` is the host the client asked for. Whatever
+    /// forwarding headers are left in `client_headers` are a trusted
+    /// peer's (an untrusted peer's were removed on arrival, see
+    /// [`strip_client_claims`]): its `X-Forwarded-For` and `Forwarded`
+    /// lists are appended to, its `X-Forwarded-Proto` and `-Host` pass.
     pub fn new(
         client_headers: &HeaderMap,
         client: &ClientInfo,
         original_host: Option<&HeaderValue>,
     ) -> Forwarding {
-        // The client's own values, found in one pass over its few headers
-        // rather than a hashed lookup each. Every line counts (RFC 9110
-        // §5.3: repeated lines are one list): the last is often the one a
-        // load balancer in front added.
+        let mut forwarding = Forwarding {
+            forwarded_for: client.ip.clone(),
+            forwarded_proto: HeaderValue::from_static(client.proto),
+            forwarded_host: original_host.cloned(),
+            passed_host: None,
+            forwarded: client.forwarded_element(original_host),
+        };
+        // Nearly every request's headers are the client's own, which
+        // carry none: one look over their few names first.
+        if client_headers.keys().any(is_client_claim) {
+            forwarding.keep_the_peers(client_headers);
+        }
+        forwarding
+    }
+
+    /// Takes in the trusted proxy's values, found in one pass over the
+    /// request's few headers rather than a hashed lookup each. Every line
+    /// counts (RFC 9110 §5.3: repeated lines are one list).
+    #[cold]
+    fn keep_the_peers(&mut self, client_headers: &HeaderMap) {
         let (mut prior_for, mut prior_forwarded) = (Vec::new(), Vec::new());
+        let (mut proto, mut host) = (Vec::new(), Vec::new());
         let blank =
             |value: &HeaderValue| value.as_bytes().iter().all(|b| matches!(b, b' ' | b'\t'));
         for (name, value) in client_headers {
@@ -549,20 +554,24 @@ impl Forwarding {
                     prior_for.push(value.as_bytes());
                 }
             } else if name == header::FORWARDED {
-                prior_forwarded.extend(prior_nodes(value.as_bytes()));
+                prior_forwarded.extend(prior_elements(value.as_bytes()));
+            } else if name == X_FORWARDED_PROTO {
+                if !blank(value) {
+                    proto.push(value.as_bytes());
+                }
+            } else if name == X_FORWARDED_HOST && !blank(value) {
+                host.push(value.as_bytes());
             }
         }
-        let forwarded_for = appended(&prior_for, client.ip.clone());
-        let forwarded = appended(&prior_forwarded, client.forwarded_element(original_host));
-        Forwarding {
-            forwarded_for,
-            forwarded_proto: HeaderValue::from_static(client.proto),
-            forwarded_host: original_host.cloned(),
-            forwarded,
+        self.forwarded_for = appended(&prior_for, self.forwarded_for.clone());
+        self.forwarded = appended(&prior_forwarded, self.forwarded.clone());
+        if let Some(proto) = listed(&proto) {
+            self.forwarded_proto = proto;
         }
+        self.passed_host = listed(&host);
     }
 
-    /// The host the client asked for, if it named one.
+    /// The host the client asked this hop for, if it named one.
     pub fn host(&self) -> Option<&HeaderValue> {
         self.forwarded_host.as_ref()
     }
@@ -572,7 +581,7 @@ impl Forwarding {
         let values = [
             Some(&self.forwarded_for),
             Some(&self.forwarded_proto),
-            self.forwarded_host.as_ref(),
+            self.passed_host.as_ref().or(self.forwarded_host.as_ref()),
             Some(&self.forwarded),
         ];
         those_set(&FORWARDING_NAMES, values)
@@ -582,11 +591,54 @@ impl Forwarding {
         for (name, value) in self.each() {
             headers.insert(name.clone(), value.clone());
         }
-        // No host known (an HTTP/1.0 request without `Host`): the client's
-        // own value must not pass for the proxy's.
-        if self.forwarded_host.is_none() {
+        // No host known (an HTTP/1.0 request without `Host`): nothing
+        // else may pass for one.
+        if self.forwarded_host.is_none() && self.passed_host.is_none() {
             headers.remove(X_FORWARDED_HOST);
         }
+    }
+}
+
+/// Whether `name` is one in which a request says something of its
+/// client, the scheme, or the host and path it first asked for: the four
+/// forwarding headers this hop sets, and those Rack, Rails, Spring,
+/// Werkzeug's `ProxyFix`, Express and nginx's `real_ip` read besides. From
+/// a peer that is not a trusted proxy these are the client's word about
+/// itself: a plain-HTTP client's `X-Forwarded-Ssl: on` would have a Rack
+/// backend believe it came over HTTPS, and its `X-Forwarded-For` would
+/// name whomever it liked.
+pub fn is_client_claim(name: &HeaderName) -> bool {
+    name == header::FORWARDED
+        || matches!(
+            name.as_str(),
+            "x-forwarded-for"
+                | "x-forwarded-proto"
+                | "x-forwarded-host"
+                | "x-real-ip"
+                | "x-client-ip"
+                | "client-ip"
+                | "true-client-ip"
+                | "x-forwarded-port"
+                | "x-forwarded-ssl"
+                | "x-forwarded-scheme"
+                | "x-forwarded-prefix"
+                | "x-forwarded-server"
+                | "x-url-scheme"
+                | "front-end-https"
+        )
+}
+
+/// Removes what a request from a peer that is not a trusted proxy claims
+/// of its client ([`is_client_claim`]), on arrival: neither the cache key,
+/// nor a capture, nor the backend sees it.
+pub fn strip_client_claims(headers: &mut HeaderMap) {
+    let claims: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_client_claim(name))
+        .cloned()
+        .collect();
+    for name in claims {
+        headers.remove(name);
     }
 }
 
@@ -705,6 +757,21 @@ impl ProxySet {
     }
 }
 
+/// One value of the list that `lines` make, if they make one.
+fn listed(lines: &[&[u8]]) -> Option<HeaderValue> {
+    match lines {
+        [] => None,
+        [line] => HeaderValue::from_bytes(line).ok(),
+        [first, rest @ ..] => {
+            let mut parts = vec![*first];
+            for line in rest {
+                parts.extend([b", ".as_slice(), line]);
+            }
+            joined(&parts)
+        }
+    }
+}
+
 /// `ours` appended to the list the client's `prior` lines make.
 #[inline]
 fn appended(prior: &[impl AsRef<[u8]>], ours: HeaderValue) -> HeaderValue {
@@ -744,6 +811,8 @@ pub struct RequestNames<'a> {
     pub host: Option<&'a HeaderValue>,
     /// How many `Host` lines there are (one is right).
     pub host_lines: usize,
+    /// Whether it says anything of its client ([`is_client_claim`]).
+    pub claims: bool,
 }
 
 impl<'a> RequestNames<'a> {
@@ -765,6 +834,7 @@ impl<'a> RequestNames<'a> {
                 found.host_lines += 1;
                 &mut found.host
             } else {
+                found.claims |= is_client_claim(name);
                 continue;
             };
             slot.get_or_insert(value);
@@ -1003,19 +1073,21 @@ mod tests {
     }
 
     #[test]
-    fn a_clients_forwarded_keeps_its_nodes_not_its_claims() {
+    fn a_trusted_peers_forwarded_elements_are_kept_whole_and_no_one_elses() {
         let client = ClientInfo::new("127.0.0.1:5000".parse().unwrap(), "http");
         let ours = "for=127.0.0.1;proto=http;host=shop.example";
         let cases = [
-            ("host=evil.example;proto=https", ours.to_string()),
             (
-                "for=10.0.0.1;host=evil.example;proto=https, For=\"[2001:db8::1]:80\";by=lb",
-                format!("for=10.0.0.1, For=\"[2001:db8::1]:80\";by=lb, {ours}"),
+                "for=10.0.0.1;host=public.example;proto=https, For=\"[2001:db8::1]:80\";by=lb",
+                format!(
+                    "for=10.0.0.1;host=public.example;proto=https, \
+                     For=\"[2001:db8::1]:80\";by=lb, {ours}"
+                ),
             ),
             // Quoted commas and semicolons are the value's.
             (
                 "for=\"a,b;c\";host=x, for=10.0.0.2",
-                format!("for=\"a,b;c\", for=10.0.0.2, {ours}"),
+                format!("for=\"a,b;c\";host=x, for=10.0.0.2, {ours}"),
             ),
             (
                 "for=\"esc\\\"aped\"",
@@ -1028,15 +1100,82 @@ mod tests {
             ("for=", ours.to_string()),
         ];
         for (prior, want) in cases {
-            let mut h = HeaderMap::new();
-            h.insert(header::FORWARDED, HeaderValue::from_str(prior).unwrap());
-            set_forwarded(
-                &mut h,
-                &client,
-                Some(&HeaderValue::from_static("shop.example")),
-            );
-            assert_eq!(h[header::FORWARDED], want.as_str(), "{prior}");
+            for trusted in [true, false] {
+                let mut h = HeaderMap::new();
+                h.insert(header::FORWARDED, HeaderValue::from_str(prior).unwrap());
+                if !trusted {
+                    strip_client_claims(&mut h);
+                }
+                let host = HeaderValue::from_static("shop.example");
+                set_forwarded(&mut h, &client, Some(&host));
+                let want = if trusted { want.as_str() } else { ours };
+                assert_eq!(h[header::FORWARDED], want, "{prior} {trusted}");
+            }
         }
+    }
+
+    /// From a peer that is not trusted (its claims stripped), the lists
+    /// start with the peer and this hop's own scheme and host win; a
+    /// trusted peer's pass.
+    #[test]
+    fn an_untrusted_peers_forwarding_headers_are_replaced() {
+        let client = ClientInfo::new("127.0.0.1:5000".parse().unwrap(), "http");
+        let mut peers = HeaderMap::new();
+        for (name, value) in [
+            (X_FORWARDED_FOR, "198.51.100.7"),
+            (X_FORWARDED_PROTO, "https"),
+            (X_FORWARDED_HOST, "public.example"),
+            (header::FORWARDED, "for=198.51.100.7;proto=https"),
+        ] {
+            peers.insert(name, HeaderValue::from_static(value));
+        }
+        let asked = HeaderValue::from_static("shop.internal");
+        let sent = |trusted: bool| {
+            let mut h = peers.clone();
+            if !trusted {
+                strip_client_claims(&mut h);
+            }
+            set_forwarded(&mut h, &client, Some(&asked));
+            [
+                X_FORWARDED_FOR,
+                X_FORWARDED_PROTO,
+                X_FORWARDED_HOST,
+                header::FORWARDED,
+            ]
+            .map(|name| h[&name].to_str().unwrap().to_string())
+        };
+        assert_eq!(
+            sent(false),
+            [
+                "127.0.0.1",
+                "http",
+                "shop.internal",
+                "for=127.0.0.1;proto=http;host=shop.internal"
+            ]
+        );
+        assert_eq!(
+            sent(true),
+            [
+                "198.51.100.7, 127.0.0.1",
+                "https",
+                "public.example",
+                "for=198.51.100.7;proto=https, for=127.0.0.1;proto=http;host=shop.internal"
+            ]
+        );
+        let mut h = HeaderMap::new();
+        for claim in [
+            "x-real-ip",
+            "x-forwarded-ssl",
+            "x-forwarded-prefix",
+            "x-kept",
+        ] {
+            h.insert(
+                HeaderName::from_static(claim),
+                HeaderValue::from_static("1"),
+            );
+        }
+        strip_client_claims(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"]);
     }
 
     #[test]

@@ -23,5 +23,6 @@ pub mod runtime;
 pub mod server;
 pub mod stats;
 pub mod traceparent;
+pub mod trusted_proxies;
 pub mod upload;
 pub mod upstream;

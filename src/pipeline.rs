@@ -29,6 +29,7 @@
 
 use std::borrow::Cow;
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -88,6 +89,12 @@ pub struct RequestContext<'a> {
     /// from [`RequestContext::request_id`].
     request_id: HeaderValue,
     pub client: &'a ClientInfo,
+    /// The client's address: the peer's, or behind a trusted proxy the
+    /// one it names (rate limits by `client_ip`, the access log, spans).
+    pub client_ip: IpAddr,
+    /// Whether the request says anything of its client
+    /// (`headers::is_client_claim`), as the client sent it.
+    carries_claims: bool,
     pub method: Method,
     pub started: Instant,
     /// The W3C trace context sent upstream (the client's, or a new one).
@@ -144,6 +151,8 @@ pub async fn handle(proxy: &Proxy, req: Box<Request<ClientBody>>, client: &Clien
     let mut ctx = RequestContext {
         request_id: headers::request_id(names.request_id),
         client,
+        client_ip: client.addr.ip(),
+        carries_claims: names.claims,
         method: req.method().clone(),
         started: Instant::now(),
         trace: TraceContext::from_client(&names, req.headers()),
@@ -223,7 +232,15 @@ async fn proxy_request(
     mut req: Box<Request<ClientBody>>,
     ctx: &mut RequestContext<'_>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
-    ctx.span = proxy.otel.server_span(&mut ctx.trace, &req, ctx.client);
+    // What the request says of its client is believed only from a trusted
+    // proxy; anyone else's claims go before anything reads the headers.
+    let trusted = &active.config.server.trusted_proxies;
+    if trusted.trusts(ctx.client_ip) {
+        ctx.client_ip = trusted.client_behind(req.headers(), ctx.client_ip);
+    } else if ctx.carries_claims {
+        headers::strip_client_claims(req.headers_mut());
+    }
+    ctx.span = proxy.otel.server_span(&mut ctx.trace, &req, ctx.client_ip);
     let route = route_phase(&active.routes, &req)?;
     ctx.span.set_route(route);
     // The request's one count on its route, for the statistics' event;
@@ -362,7 +379,7 @@ async fn rate_limit_phase(
     req: &Request<ClientBody>,
     ctx: &mut RequestContext<'_>,
 ) -> Result<(), ProxyError> {
-    let key = rate_limit::bucket_key(&limit.key, req.headers(), ctx.client.addr.ip());
+    let key = rate_limit::bucket_key(&limit.key, req.headers(), ctx.client_ip);
     let decision = match (&active.config.redis, limit.shared) {
         (Some(redis), true) => {
             let shared = &proxy.resilience.shared;
@@ -1014,6 +1031,7 @@ fn log_access(ctx: &RequestContext<'_>, path: &str, status: StatusCode) {
         target: "backstop::access",
         request_id = ctx.request_id(),
         client = %ctx.client.addr,
+        client_ip = %ctx.client_ip,
         method = %ctx.method,
         path,
         route = ctx.route_name().unwrap_or("-"),

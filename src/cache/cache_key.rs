@@ -19,10 +19,12 @@
 
 use std::borrow::Cow;
 
+use http::header::FORWARDED;
 use http::{HeaderMap, HeaderName, Method};
 use ring::digest::{Context, SHA256};
 
 use crate::config::HeaderStrategy;
+use crate::headers;
 
 /// The digest of one request's cache-relevant parts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -86,10 +88,10 @@ const NEVER_KEYED: [&str; 16] = [
 /// shared cache. So a request that sends one is keyed on it whatever
 /// `header_strategy` says (a load balancer in front that sets
 /// `X-Forwarded-Port` on every request gives every request the same
-/// value). `X-Forwarded-Host`, `-Proto` and `Forwarded` need no place here:
-/// Backstop replaces their claims with its own, and the key has the host
-/// and scheme.
-static REWRITING: [HeaderName; 11] = [
+/// value). Only a trusted proxy's reach the key: an untrusted peer's claims
+/// were removed on arrival (`headers::strip_client_claims`). `Forwarded`
+/// is keyed on its claims, not its nodes (see [`FORWARDED_CLAIMS`]).
+static REWRITING: [HeaderName; 13] = [
     // The method overrides first (see `METHOD_OVERRIDES`).
     HeaderName::from_static("x-http-method-override"),
     HeaderName::from_static("x-http-method"),
@@ -102,7 +104,14 @@ static REWRITING: [HeaderName; 11] = [
     HeaderName::from_static("x-forwarded-ssl"),
     HeaderName::from_static("x-forwarded-server"),
     HeaderName::from_static("x-host"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-host"),
 ];
+
+/// The section of a key that holds a trusted proxy's `Forwarded` claims
+/// (`proto`, `host`): its `for` nodes name each client, and keying on them
+/// would give every client its own entries.
+const FORWARDED_CLAIMS: &[u8] = b"forwarded-claims";
 
 /// How many of [`REWRITING`], from its start, are method overrides: a
 /// write's say what the write is, nothing of the reads whose entries it
@@ -111,11 +120,14 @@ const METHOD_OVERRIDES: usize = 3;
 
 /// The headers that name the reads a write makes stale, as keys have them:
 /// the write's own without its method overrides and, when it sends a
-/// rewriting header, also without any (the reads of clients that send
-/// none: one reached through a load balancer that sets `X-Forwarded-Port`,
-/// the other from inside).
+/// rewriting header (or `Forwarded`), also without any (the reads of
+/// clients that send none: one reached through a load balancer that sets
+/// `X-Forwarded-Port`, the other from inside).
 pub fn read_headers_of_write(headers: &HeaderMap) -> Vec<Cow<'_, HeaderMap>> {
-    if !headers.keys().any(|name| REWRITING.contains(name)) {
+    if !headers
+        .keys()
+        .any(|name| REWRITING.contains(name) || name == FORWARDED)
+    {
         return vec![Cow::Borrowed(headers)];
     }
     let without = |names: &[HeaderName]| {
@@ -123,9 +135,14 @@ pub fn read_headers_of_write(headers: &HeaderMap) -> Vec<Cow<'_, HeaderMap>> {
         for name in names {
             kept.remove(name);
         }
-        Cow::Owned(kept)
+        kept
     };
-    vec![without(&REWRITING[..METHOD_OVERRIDES]), without(&REWRITING)]
+    let mut none = without(&REWRITING);
+    none.remove(FORWARDED);
+    vec![
+        Cow::Owned(without(&REWRITING[..METHOD_OVERRIDES])),
+        Cow::Owned(none),
+    ]
 }
 
 /// What of the request head goes into the key.
@@ -219,6 +236,26 @@ impl KeyHead {
                 field(&mut ctx, b"rewriting");
                 for name in unkeyed {
                     keyed_header(&mut ctx, input.headers, name);
+                }
+            }
+        }
+        if !input.keys(&FORWARDED) {
+            let claims: Vec<Vec<(usize, &[u8])>> = input
+                .headers
+                .get_all(FORWARDED)
+                .iter()
+                .map(|line| headers::forwarded_claims(line.as_bytes()))
+                .collect();
+            // Nodes alone shape no answer: keyed as no header.
+            if claims.iter().any(|line| !line.is_empty()) {
+                field(&mut ctx, FORWARDED_CLAIMS);
+                count(&mut ctx, claims.len());
+                for line in claims {
+                    count(&mut ctx, line.len());
+                    for (element, pair) in line {
+                        count(&mut ctx, element);
+                        field(&mut ctx, pair);
+                    }
                 }
             }
         }
@@ -398,6 +435,59 @@ mod tests {
                 NoHeaders,
                 &[],
                 false,
+            ),
+            (
+                "a trusted proxy's scheme",
+                Req {
+                    headers: &[("x-forwarded-proto", "https")],
+                    ..get("/a")
+                },
+                Req {
+                    headers: &[("x-forwarded-proto", "http")],
+                    ..get("/a")
+                },
+                NoHeaders,
+                &[],
+                false,
+            ),
+            (
+                "Forwarded: its claims are keyed",
+                Req {
+                    headers: &[("forwarded", "for=192.0.2.1;proto=https")],
+                    ..get("/a")
+                },
+                Req {
+                    headers: &[("forwarded", "for=192.0.2.1;proto=http")],
+                    ..get("/a")
+                },
+                NoHeaders,
+                &[],
+                false,
+            ),
+            (
+                "Forwarded: its nodes are not (each client's own)",
+                Req {
+                    headers: &[("forwarded", "for=192.0.2.1;proto=https")],
+                    ..get("/a")
+                },
+                Req {
+                    headers: &[("forwarded", "for=198.51.100.9;proto=https")],
+                    ..get("/a")
+                },
+                NoHeaders,
+                &[],
+                true,
+            ),
+            (
+                "Forwarded: nodes alone are keyed as no header",
+                get("/a"),
+                Req {
+                    headers: &[("forwarded", "for=192.0.2.1")],
+                    ..get("/a")
+                },
+                NoHeaders,
+                &[],
+                true,
             ),
             (
                 "by its value",

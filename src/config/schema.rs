@@ -12,6 +12,7 @@ use http::{HeaderName, HeaderValue, Method, Uri};
 
 use super::reader::{BoolOrList, NumberUnit, Section};
 use crate::canonical_path::{EscapedSlashes, PathRules, Resolved};
+use crate::trusted_proxies::TrustedProxies;
 
 /// The largest `server.max_header_bytes`: a request head this large is
 /// already far past any real client's (hyper's HTTP/2 limit is a `u32`).
@@ -65,6 +66,9 @@ pub struct ServerConfig {
     pub tls_key: Option<PathBuf>,
     pub admin_token: Option<String>,
     pub admin_insecure: bool,
+    /// Peers whose forwarding headers are believed (load balancers in
+    /// front); from every other peer they are dropped.
+    pub trusted_proxies: TrustedProxies,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -538,6 +542,7 @@ impl ServerConfig {
             tls_key,
             admin_token,
             admin_insecure,
+            trusted_proxies: read_trusted_proxies(s),
         };
         for (k, d) in [
             ("header_read_timeout", config.header_read_timeout),
@@ -1429,6 +1434,21 @@ fn header_name(s: &Section<'_>, key: &str, default: &'static str) -> HeaderName 
         return fallback;
     }
     name
+}
+
+fn read_trusted_proxies(s: &Section<'_>) -> TrustedProxies {
+    let entries: Vec<String> = s.get("trusted_proxies", Vec::new());
+    let networks = entries.iter().enumerate().filter_map(|(i, entry)| {
+        let network = TrustedProxies::parse_entry(entry);
+        if network.is_none() {
+            s.error(
+                &format!("trusted_proxies[{i}]"),
+                format!("expected an IP address or a CIDR block such as \"10.0.0.0/8\", found {entry:?}"),
+            );
+        }
+        network
+    });
+    TrustedProxies::new(networks.collect())
 }
 
 fn header_names(s: &Section<'_>, key: &str) -> Vec<HeaderName> {

@@ -2,6 +2,7 @@
 //! on zero-sized types whose methods do nothing and compile away.
 //! (`[otlp] enabled = true` is refused by the config checker in this build.)
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +11,6 @@ use http::{HeaderValue, Request, Response};
 use crate::body::{ClientBody, ResponseBody};
 use crate::classify::Failure;
 use crate::config::OtlpConfig;
-use crate::headers::ClientInfo;
 use crate::pipeline::RequestContext;
 use crate::routing::Route;
 use crate::stats::metrics::Metrics;
@@ -33,7 +33,7 @@ impl Tracing {
         &self,
         _trace: &mut TraceContext,
         _request: &Request<ClientBody>,
-        _client: &ClientInfo,
+        _client_ip: IpAddr,
     ) -> RequestSpan {
         RequestSpan
     }

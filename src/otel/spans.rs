@@ -15,6 +15,7 @@
 //! at all; a caller's `traceparent` goes upstream exactly as without the
 //! exporter, one Backstop starts with its sampled flag clear.
 
+use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +34,6 @@ use crate::body::{ClientBody, ResponseBody};
 use crate::classify::Failure;
 use crate::config::{redact_url, OtlpConfig};
 use crate::error::X_BACKSTOP_ERROR;
-use crate::headers::ClientInfo;
 use crate::pipeline::RequestContext;
 use crate::routing::Route;
 use crate::stats::metrics::Metrics;
@@ -78,7 +78,7 @@ impl Tracing {
         &self,
         trace: &mut TraceContext,
         request: &Request<ClientBody>,
-        client: &ClientInfo,
+        client_ip: IpAddr,
     ) -> RequestSpan {
         let Some(active) = &self.active else {
             return RequestSpan(None);
@@ -108,7 +108,7 @@ impl Tracing {
         span.set_attributes([
             KeyValue::new("http.request.method", method.to_string()),
             KeyValue::new("url.path", request.uri().path().to_string()),
-            KeyValue::new("client.address", client.addr.ip().to_string()),
+            KeyValue::new("client.address", client_ip.to_string()),
         ]);
         RequestSpan(Some(Recording {
             cx: Context::new().with_span(span),

@@ -70,8 +70,7 @@ pub async fn deliver(
     attempt: u32,
     breaker: Option<&Breaker>,
 ) -> Delivery {
-    let idempotency_header = &config.replay.idempotency_header;
-    let (target, request) = match build_request(route, record, attempt, idempotency_header) {
+    let (target, request) = match build_request(config, route, record, attempt) {
         Ok(r) => r,
         Err(reason) => return Delivery::Dead(reason),
     };
@@ -205,11 +204,12 @@ fn describe(failure: Failure) -> String {
 }
 
 fn build_request(
+    config: &Config,
     route: &Route,
     record: &CaptureRecord,
     attempt: u32,
-    idempotency_header: &HeaderName,
 ) -> Result<(usize, Request<crate::body::RequestBody>), String> {
+    let idempotency_header = &config.replay.idempotency_header;
     let req = &record.request;
     let method = Method::from_bytes(req.method.as_bytes())
         .map_err(|_| format!("invalid method {:?}", req.method))?;
@@ -234,6 +234,14 @@ fn build_request(
         }
     };
     headers::strip_hop_by_hop_but_trailers(&mut headers, route.carries_trailers());
+    // Whether the peer is trusted is asked again of today's setting (a
+    // record made before it changed, or before Backstop dropped the
+    // claims of untrusted peers when capturing, may hold them).
+    let peer = record.client.addr.parse::<SocketAddr>().ok();
+    let peer_trusted = peer.is_some_and(|p| config.server.trusted_proxies.trusts(p.ip()));
+    if !peer_trusted {
+        headers::strip_client_claims(&mut headers);
+    }
     headers::filter_forwarded(&mut headers, &route.config.forward_headers);
     let recorded_host = headers.remove(HOST);
     let original_host = match &record.client.host {
@@ -241,8 +249,8 @@ fn build_request(
         None => recorded_host,
     };
     let proto = scheme(record);
-    if let Ok(addr) = record.client.addr.parse::<SocketAddr>() {
-        let client = ClientInfo::new(addr, proto);
+    if let Some(peer) = peer {
+        let client = ClientInfo::new(peer, proto);
         headers::set_forwarded(&mut headers, &client, original_host.as_ref());
     }
     for (name, value) in route.config.headers.iter() {

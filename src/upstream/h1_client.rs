@@ -983,10 +983,17 @@ mod tests {
             HeaderName::from_static("x-forwarded-host"),
             HeaderValue::from_static("client.example"),
         );
-        for route in route_sets {
+        // From a peer that is not trusted, its claims stripped on arrival.
+        let mut untrusted = client.clone();
+        crate::headers::strip_client_claims(&mut untrusted);
+        for (trusted, route) in [false, true]
+            .into_iter()
+            .flat_map(|t| route_sets.map(|r| (t, r)))
+        {
+            let client = if trusted { &client } else { &untrusted };
             let asked = (route.first() != Some(&("x-no-host", "1"))).then_some(&host);
             let set = ProxySet {
-                forwarding: Forwarding::new(&client, &info, asked),
+                forwarding: Forwarding::new(client, &info, asked),
                 route: route
                     .iter()
                     .map(|(n, v)| (HeaderName::from_static(n), HeaderValue::from_static(v)))
@@ -1000,13 +1007,13 @@ mod tests {
             let head = Head {
                 method: &Method::GET,
                 target: "/",
-                headers: &client,
+                headers: client,
                 set: Some(&set),
             };
             let written = written_fields(&head, &target);
             assert_eq!(
                 written,
-                applied_fields(&set, &client, &target),
+                applied_fields(&set, client, &target),
                 "route {route:?}"
             );
             let get = |name: &str| -> Vec<&str> {
@@ -1022,19 +1029,26 @@ mod tests {
                 "a trace Backstop started drops it"
             );
             assert_eq!(get("x-kept"), ["1", "2"]);
-            let forwarded_host: &[&str] = if asked.is_some() {
-                &["shop.example"]
-            } else {
-                &[]
+            // A trusted peer's `X-Forwarded-Host` passes; anyone else's
+            // never does, nor when no host was asked for.
+            let forwarded_host: &[&str] = match (trusted, asked) {
+                (true, _) => &["client.example"],
+                (false, Some(_)) => &["shop.example"],
+                (false, None) => &[],
             };
-            assert_eq!(get("x-forwarded-host"), forwarded_host);
+            assert_eq!(get("x-forwarded-host"), forwarded_host, "{trusted}");
             if route.is_empty() {
                 assert_eq!(get("host"), ["10.1.1.1:8080"]);
-                assert_eq!(get("x-forwarded-for"), ["10.0.0.1, 127.0.0.1"]);
-                assert_eq!(
-                    get("forwarded"),
-                    ["for=10.0.0.1, for=127.0.0.1;proto=http;host=shop.example"]
-                );
+                let (forwarded_for, forwarded) = if trusted {
+                    (
+                        "10.0.0.1, 127.0.0.1",
+                        "for=10.0.0.1, for=127.0.0.1;proto=http;host=shop.example",
+                    )
+                } else {
+                    ("127.0.0.1", "for=127.0.0.1;proto=http;host=shop.example")
+                };
+                assert_eq!(get("x-forwarded-for"), [forwarded_for]);
+                assert_eq!(get("forwarded"), [forwarded]);
             }
         }
     }

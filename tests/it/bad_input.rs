@@ -597,12 +597,16 @@ async fn a_host_whose_port_is_no_number_reaches_no_host_bound_route() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
-/// Every `X-Forwarded-For` and `Forwarded` line the client sent is one
-/// list (RFC 9110 §5.3), and Backstop appends to the whole of it.
+/// Every `X-Forwarded-For` and `Forwarded` line a trusted proxy sent is
+/// one list (RFC 9110 §5.3), and Backstop appends to the whole of it.
 #[tokio::test]
 async fn repeated_forwarding_lines_are_kept_as_one_list() {
     let backend = Backend::echo().await;
-    let bs = Backstop::start(&config(&backend));
+    let trusted = config(&backend).replace(
+        "[server]\n",
+        "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n",
+    );
+    let bs = Backstop::start(&trusted);
     let answer = bs
         .raw(
             b"GET /f HTTP/1.1\r\nHost: shop.example\r\nX-Forwarded-For: 10.0.0.1\r\n\

@@ -822,7 +822,9 @@ async fn requests_with_credentials_are_not_shared() {
 
 /// A header that rewrites what the backend answers (its URL, method, or the
 /// prefix it builds links with) is keyed whatever `header_strategy` says:
-/// its answer never serves clients who did not send it.
+/// its answer never serves clients who did not send it. (Behind a trusted
+/// proxy, whose such headers pass; an untrusted client's forwarding claims
+/// never reach the backend at all, see the next test.)
 #[tokio::test]
 async fn rewriting_headers_are_keyed_so_they_cannot_poison_the_cache() {
     let backend = Backend::start(|seen| {
@@ -833,7 +835,10 @@ async fn rewriting_headers_are_keyed_so_they_cannot_poison_the_cache() {
         Reply::ok(&format!("<a href=\"{prefix}/next\">"))
     })
     .await;
-    let bs = Backstop::start(&route("r", "/", &backend.url(), ""));
+    let bs = Backstop::start(&format!(
+        "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n{}",
+        route("r", "/", &backend.url(), "")
+    ));
     let poisoned = || {
         let req = client()
             .get(bs.url("/page"))
@@ -867,6 +872,49 @@ async fn rewriting_headers_are_keyed_so_they_cannot_poison_the_cache() {
         assert_eq!(get(&bs.url("/page")).await.x_cache, "MISS", "after {name}");
         assert_eq!(get(&bs.url("/page")).await.x_cache, "HIT");
     }
+}
+
+/// A trusted proxy's `X-Forwarded-Proto` reaches the backend, which builds
+/// links with it: it is keyed, so a page made for `https` never answers an
+/// `http` request. An untrusted client's is dropped on arrival: the
+/// backend sees Backstop's own, and one entry serves every client.
+#[tokio::test]
+async fn a_trusted_proxys_scheme_is_keyed_and_an_untrusted_clients_dropped() {
+    let backend = Backend::start(|seen| {
+        let proto = seen.headers.get("x-forwarded-proto");
+        let proto = proto.map_or("?", |v| v.to_str().unwrap_or("?"));
+        Reply::ok(&format!("{proto}://shop.example/next"))
+    })
+    .await;
+    for trusted in [true, false] {
+        let server = if trusted {
+            "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n"
+        } else {
+            ""
+        };
+        let bs = Backstop::start(&format!("{server}{}", route("r", "/", &backend.url(), "")));
+        let page = |proto: &'static str| {
+            let req = client()
+                .get(bs.url("/page"))
+                .header("x-forwarded-proto", proto);
+            async move {
+                let got = got(req.send().await.unwrap()).await;
+                (got.x_cache, got.body)
+            }
+        };
+        let pair = |cache: &str, body: &str| (cache.to_string(), body.to_string());
+        let https = "https://shop.example/next";
+        let http = "http://shop.example/next";
+        if trusted {
+            assert_eq!(page("https").await, pair("MISS", https));
+            assert_eq!(page("http").await, pair("MISS", http));
+            assert_eq!(page("https").await, pair("HIT", https));
+        } else {
+            assert_eq!(page("https").await, pair("MISS", http));
+            assert_eq!(page("http").await, pair("HIT", http));
+        }
+    }
+    assert_eq!(backend.hits(), 3);
 }
 
 /// A server-sent event stream on a caching route reaches the client as it

@@ -69,6 +69,7 @@ async fn strips_prefix_sets_configured_and_forwarded_headers() {
     let r = client()
         .get(bs.url("/api/ext/users/5"))
         .header("x-request-id", "req-abc")
+        // The client's own claim: dropped (no proxy is trusted).
         .header("x-forwarded-for", "10.1.1.1")
         .send()
         .await
@@ -83,7 +84,7 @@ async fn strips_prefix_sets_configured_and_forwarded_headers() {
     assert_eq!(seen.uri, "/v1/users/5");
     assert_eq!(seen.headers["x-api-key"], "k-123");
     assert_eq!(seen.headers["x-request-id"], "req-abc");
-    assert_eq!(seen.headers["x-forwarded-for"], "10.1.1.1, 127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
     assert_eq!(seen.headers["x-forwarded-proto"], "http");
     assert_eq!(seen.headers["x-forwarded-host"], bs.addr.to_string());
     assert_eq!(
@@ -108,37 +109,116 @@ async fn a_request_id_is_created_when_absent() {
     assert_eq!(backend.seen()[0].headers["x-request-id"], id.as_str());
 }
 
-/// A client's own `Forwarded` keeps its chain of nodes (`for`, `by`) but
-/// not its claims (`host`, `proto`): a backend that reads the first element
-/// finds the host and scheme Backstop saw, on either upstream way.
+/// What a client says of itself (the forwarding headers and their kin)
+/// when no proxy in front is trusted: nothing of it reaches the backend, on
+/// either upstream way (a GET takes the own exchange, a POST with a body of
+/// 20 KiB hyper's). A backend finds the client, scheme and host Backstop saw.
+const CLIENT_CLAIMS: [(&str, &str); 8] = [
+    ("x-forwarded-for", "203.0.113.9"),
+    ("x-forwarded-proto", "https"),
+    ("x-forwarded-host", "public.example"),
+    (
+        "forwarded",
+        "for=203.0.113.9;host=public.example;proto=https",
+    ),
+    ("x-real-ip", "203.0.113.9"),
+    ("x-forwarded-ssl", "on"),
+    ("x-forwarded-port", "443"),
+    ("x-forwarded-prefix", "/shop"),
+];
+
+/// Sends a GET and a 20 KiB POST to `bs`, each with [`CLIENT_CLAIMS`].
+async fn send_claiming(bs: &Backstop) {
+    let c = client();
+    for post in [false, true] {
+        let mut request = if post {
+            c.post(bs.url("/y")).body("x".repeat(20 * 1024))
+        } else {
+            c.get(bs.url("/x"))
+        };
+        for (name, value) in CLIENT_CLAIMS {
+            request = request.header(name, value);
+        }
+        assert_eq!(request.send().await.unwrap().status(), 200);
+    }
+}
+
 #[tokio::test]
-async fn a_clients_forwarded_host_and_proto_never_reach_the_backend() {
+async fn an_untrusted_clients_claims_about_itself_never_reach_the_backend() {
     let backend = Backend::echo().await;
     let bs = Backstop::start(&route("api", "/", &[backend.url()], ""));
-    let claim = "for=10.0.0.9;host=evil.example;proto=https";
-    let c = client();
-    let r = c
-        .get(bs.url("/x"))
-        .header("forwarded", claim)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let r = c
-        .post(bs.url("/y"))
-        .header("forwarded", claim)
-        .body("x".repeat(20 * 1024))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let want = format!(
-        "for=10.0.0.9, for=127.0.0.1;proto=http;host=\"{}\"",
-        bs.addr
-    );
-    for seen in backend.seen() {
-        assert_eq!(seen.headers["forwarded"], want.as_str(), "{}", seen.uri);
+    send_claiming(&bs).await;
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 2);
+    for seen in seen {
+        let h = &seen.headers;
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1", "{}", seen.uri);
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], bs.addr.to_string().as_str());
+        assert_eq!(
+            h["forwarded"],
+            format!("for=127.0.0.1;proto=http;host=\"{}\"", bs.addr).as_str()
+        );
+        for claim in [
+            "x-real-ip",
+            "x-forwarded-ssl",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+        ] {
+            assert!(!h.contains_key(claim), "{} kept {claim}", seen.uri);
+        }
     }
+}
+
+/// From a trusted proxy (`server.trusted_proxies`) the same headers are its
+/// word about the client: they pass, the lists get this hop appended, and
+/// the client it names is the one the access log shows.
+#[tokio::test]
+async fn a_trusted_proxys_word_about_the_client_passes() {
+    let backend = Backend::echo().await;
+    let bs = Backstop::start(&format!(
+        "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n[log]\nformat = \"json\"\naccess_log = true\n\n{}",
+        route("api", "/", &[backend.url()], "")
+    ));
+    send_claiming(&bs).await;
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 2);
+    for seen in seen {
+        let h = &seen.headers;
+        assert_eq!(
+            h["x-forwarded-for"], "203.0.113.9, 127.0.0.1",
+            "{}",
+            seen.uri
+        );
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "public.example");
+        assert_eq!(
+            h["forwarded"],
+            format!(
+                "for=203.0.113.9;host=public.example;proto=https, \
+                 for=127.0.0.1;proto=http;host=\"{}\"",
+                bs.addr
+            )
+            .as_str()
+        );
+        assert_eq!(h["x-real-ip"], "203.0.113.9");
+        assert_eq!(h["x-forwarded-ssl"], "on");
+        assert_eq!(h["x-forwarded-port"], "443");
+        assert_eq!(h["x-forwarded-prefix"], "/shop");
+    }
+    bs.wait_for_log("\"client_ip\"", Duration::from_secs(5))
+        .await;
+    let logs = bs.logs();
+    let line = logs.lines().find(|l| l.contains("\"client_ip\"")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(line).expect("JSON log line");
+    assert_eq!(v["fields"]["client_ip"], "203.0.113.9", "{line}");
+    assert!(
+        v["fields"]["client"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "the connection's peer: {line}"
+    );
 }
 
 /// A request without a host (HTTP/1.0 without `Host`) gets no
@@ -344,11 +424,14 @@ async fn hop_by_hop_headers_are_removed_both_ways() {
             .header("x-end-to-end", "yes")
     })
     .await;
-    let bs = Backstop::start(&route("api", "/", &[backend.url()], ""));
+    let bs = Backstop::start(&format!(
+        "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n{}",
+        route("api", "/", &[backend.url()], "")
+    ));
     let r = client()
         .get(bs.url("/x"))
-        // What a load balancer in front said of the client is not the
-        // client's to name away.
+        // What a trusted load balancer in front said of the client is not
+        // the client's to name away.
         .header("connection", "x-client-hop, X-Forwarded-For, x-real-ip")
         .header("x-forwarded-for", "203.0.113.7")
         .header("x-real-ip", "203.0.113.7")

@@ -845,6 +845,55 @@ async fn rate_limits_keyed_by_header_are_per_client() {
     assert_eq!(send("b").await, 200, "another key has its own bucket");
 }
 
+/// Behind a trusted proxy, `client_ip` is the client it names in
+/// `X-Forwarded-For` (the rightmost address it did not vouch for, so what a
+/// client wrote left of it is never read): each client has its own bucket.
+/// From a peer that is not trusted the header is the client's own claim:
+/// ignored, and every request shares the peer's bucket.
+#[tokio::test]
+async fn client_ip_limits_behind_a_trusted_proxy_are_per_client() {
+    let backend = Backend::start(|_| Reply::ok("ok")).await;
+    let limit = r#"
+  [routes.rate_limit]
+  requests_per_second = 0.1
+  burst = 1
+  key = "client_ip"
+"#;
+    for trusted in [true, false] {
+        let server = if trusted {
+            "[server]\ntrusted_proxies = [\"127.0.0.0/8\", \"10.0.0.0/8\"]\n"
+        } else {
+            ""
+        };
+        let bs = Backstop::start(&format!("{server}{}", route(&backend.url(), limit)));
+        let send = |forwarded_for: &'static str| {
+            let url = bs.url("/api/x");
+            async move {
+                let r = client()
+                    .get(url)
+                    .header("x-forwarded-for", forwarded_for)
+                    .send()
+                    .await
+                    .unwrap();
+                r.status().as_u16()
+            }
+        };
+        let statuses = [
+            send("203.0.113.1").await,
+            // Another client's address written by this one, then its own
+            // through a second trusted hop.
+            send("203.0.113.2, 203.0.113.1, 10.0.0.7").await,
+            send("203.0.113.2").await,
+        ];
+        let want = if trusted {
+            [200, 429, 200]
+        } else {
+            [200, 429, 429]
+        };
+        assert_eq!(statuses, want, "trusted: {trusted}");
+    }
+}
+
 fn proxied_route(upstream: &str, proxies: &[String], strategy: &str, extra: &str) -> String {
     proxied_routes(&[upstream.to_string()], proxies, strategy, extra)
 }

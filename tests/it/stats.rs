@@ -413,6 +413,7 @@ async fn json_access_log_has_the_useful_fields() {
     for key in [
         "request_id",
         "client",
+        "client_ip",
         "method",
         "path",
         "route",
