@@ -49,7 +49,9 @@ pub const PER_MESSAGE: [HeaderName; 8] = [
 /// Headers kept even with `forward_headers = false`: those that describe
 /// the body, without which the backend cannot read what it is sent, and
 /// `TE`, which only ever gets this far as the `te: trailers` that gRPC
-/// servers require (see [`strip_hop_by_hop_but_trailers`]).
+/// servers require (see [`strip_hop_by_hop_but_trailers`]). The four
+/// forwarding headers are kept too ([`FORWARDING_NAMES`]): only a trusted
+/// proxy's get this far, and Backstop appends to them.
 const ALWAYS_FORWARDED: [HeaderName; 4] = [
     header::CONTENT_TYPE,
     header::CONTENT_LENGTH,
@@ -102,19 +104,6 @@ pub fn strip_hop_by_hop_but_trailers(headers: &mut HeaderMap, keep: bool) {
     }
 }
 
-/// Headers that `Connection` may not name away: what a load balancer in
-/// front says of the client. A client that names them (`Connection:
-/// X-Forwarded-For`, passed on by a front proxy that appended its line)
-/// would otherwise have Backstop drop the front proxy's word, and the
-/// backend would see only the front proxy's own, trusted, address.
-const NOT_HOP_BY_HOP: [HeaderName; 5] = [
-    X_FORWARDED_FOR,
-    X_FORWARDED_PROTO,
-    X_FORWARDED_HOST,
-    header::FORWARDED,
-    HeaderName::from_static("x-real-ip"),
-];
-
 /// Whether `name` is one of Backstop's own headers (`X-Backstop-Error`,
 /// `-Capture-Id`, `-Replay-Attempt`), which only Backstop sets: a
 /// backend's would reach the client as Backstop's word (a capture that
@@ -123,8 +112,13 @@ pub fn is_own(name: &HeaderName) -> bool {
     name.as_str().starts_with("x-backstop-")
 }
 
-/// Removes hop-by-hop headers, including those that `Connection` names
-/// (but for [`NOT_HOP_BY_HOP`]), and Backstop's own ([`is_own`]).
+/// Removes hop-by-hop headers, including those that `Connection` names,
+/// and Backstop's own ([`is_own`]). `Connection` may not name away what a
+/// trusted load balancer in front says of the client ([`is_client_claim`]):
+/// a client that names them (`Connection: X-Forwarded-Prefix`, passed on by
+/// a front proxy that set its own) would have Backstop drop the front
+/// proxy's word after the cache key was made with it, and the backend
+/// would see only the front proxy's own address.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none (HTTP/1.1 keeps connections alive without
     // `Connection`): one pass over the few names present is cheaper than
@@ -140,7 +134,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .filter(|name| !NOT_HOP_BY_HOP.contains(name))
+        .filter(|name| !is_client_claim(name))
         .chain(headers.keys().filter(|name| is_own(name)).cloned())
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
@@ -268,8 +262,12 @@ pub fn filter_forwarded(headers: &mut HeaderMap, rule: &ForwardHeaders) {
 fn forwards(rule: &ForwardHeaders, name: &HeaderName) -> bool {
     match rule {
         ForwardHeaders::All => true,
-        ForwardHeaders::None => ALWAYS_FORWARDED.contains(name),
-        ForwardHeaders::Only(allowed) => ALWAYS_FORWARDED.contains(name) || allowed.contains(name),
+        ForwardHeaders::None => ALWAYS_FORWARDED.contains(name) || FORWARDING_NAMES.contains(name),
+        ForwardHeaders::Only(allowed) => {
+            ALWAYS_FORWARDED.contains(name)
+                || FORWARDING_NAMES.contains(name)
+                || allowed.contains(name)
+        }
     }
 }
 
@@ -393,11 +391,19 @@ fn forwarded_host(host: &[u8]) -> ForwardedHost {
     }
 }
 
-/// A trusted peer's `Forwarded` line as this hop passes it on: whole, if
-/// it is a list of elements; else left out, since an unbalanced quote
-/// would swallow this hop's element.
+/// A trusted peer's `Forwarded` line as this hop passes it on: whole (but
+/// for empty elements at its ends), if it is a list of elements; else left
+/// out, since an unbalanced quote would swallow this hop's element.
 fn prior_elements(line: &[u8]) -> Option<&[u8]> {
-    scan_forwarded(line, |_, _, _| {}).then_some(line)
+    let mut pairs = 0;
+    if !scan_forwarded(line, |_, _, _| pairs += 1) || pairs == 0 {
+        return None;
+    }
+    // Empty elements at either end would leave `, ,` before this hop's.
+    let edge = |b: &u8| matches!(b, b',' | b' ' | b'\t');
+    let start = line.iter().position(|b| !edge(b))?;
+    let end = line.iter().rposition(|b| !edge(b))?;
+    Some(&line[start..=end])
 }
 
 /// The claims of a `Forwarded` line (`host`, `proto`: every parameter but
@@ -542,24 +548,20 @@ impl Forwarding {
     /// Takes in the trusted proxy's values, found in one pass over the
     /// request's few headers rather than a hashed lookup each. Every line
     /// counts (RFC 9110 §5.3: repeated lines are one list).
-    #[cold]
+    #[inline(never)]
     fn keep_the_peers(&mut self, client_headers: &HeaderMap) {
         let (mut prior_for, mut prior_forwarded) = (Vec::new(), Vec::new());
         let (mut proto, mut host) = (Vec::new(), Vec::new());
         let blank =
             |value: &HeaderValue| value.as_bytes().iter().all(|b| matches!(b, b' ' | b'\t'));
-        for (name, value) in client_headers {
+        for (name, value) in client_headers.iter().filter(|(_, v)| !blank(v)) {
             if name == X_FORWARDED_FOR {
-                if !blank(value) {
-                    prior_for.push(value.as_bytes());
-                }
+                prior_for.push(value.as_bytes());
             } else if name == header::FORWARDED {
                 prior_forwarded.extend(prior_elements(value.as_bytes()));
             } else if name == X_FORWARDED_PROTO {
-                if !blank(value) {
-                    proto.push(value.as_bytes());
-                }
-            } else if name == X_FORWARDED_HOST && !blank(value) {
+                proto.push(value.as_bytes());
+            } else if name == X_FORWARDED_HOST {
                 host.push(value.as_bytes());
             }
         }
@@ -601,31 +603,59 @@ impl Forwarding {
 
 /// Whether `name` is one in which a request says something of its
 /// client, the scheme, or the host and path it first asked for: the four
-/// forwarding headers this hop sets, and those Rack, Rails, Spring,
-/// Werkzeug's `ProxyFix`, Express and nginx's `real_ip` read besides. From
-/// a peer that is not a trusted proxy these are the client's word about
-/// itself: a plain-HTTP client's `X-Forwarded-Ssl: on` would have a Rack
-/// backend believe it came over HTTPS, and its `X-Forwarded-For` would
-/// name whomever it liked.
+/// forwarding headers this hop sets, and those Rack, Rails, Spring, Django
+/// (and `django-ipware`), Tornado, Werkzeug's `ProxyFix`, Express, IIS's
+/// URL rewriting and nginx's `real_ip` read besides. From a peer that is
+/// not a trusted proxy these are the client's word about itself: a
+/// plain-HTTP client's `X-Forwarded-Ssl: on` would have a Rack backend
+/// believe it came over HTTPS, its `X-Forwarded-For` would name whomever
+/// it liked, its `X-Original-URL` would route a Symfony backend past the
+/// path a rule was written for. A name spelled with `_` for `-` counts too:
+/// servers that read both alike into one variable (CGI's `HTTP_*`, Puma
+/// before 6.4.3, Gunicorn before 22) would take `X_Forwarded_Ssl` for the
+/// real one.
 pub fn is_client_claim(name: &HeaderName) -> bool {
-    name == header::FORWARDED
-        || matches!(
-            name.as_str(),
-            "x-forwarded-for"
-                | "x-forwarded-proto"
-                | "x-forwarded-host"
-                | "x-real-ip"
-                | "x-client-ip"
-                | "client-ip"
-                | "true-client-ip"
-                | "x-forwarded-port"
-                | "x-forwarded-ssl"
-                | "x-forwarded-scheme"
-                | "x-forwarded-prefix"
-                | "x-forwarded-server"
-                | "x-url-scheme"
-                | "front-end-https"
-        )
+    if name == header::FORWARDED {
+        return true;
+    }
+    let name = name.as_str();
+    if name.contains('_') {
+        return is_claim_name(&name.replace('_', "-"));
+    }
+    is_claim_name(name)
+}
+
+fn is_claim_name(name: &str) -> bool {
+    matches!(
+        name,
+        "forwarded"
+            | "x-forwarded-for"
+            | "x-forwarded-proto"
+            | "x-forwarded-host"
+            | "x-forwarded-port"
+            | "x-forwarded-ssl"
+            | "x-forwarded-scheme"
+            | "x-forwarded-protocol"
+            | "x-forwarded-prefix"
+            | "x-forwarded-server"
+            | "x-forwarded"
+            | "forwarded-for"
+            | "x-original-forwarded-for"
+            | "x-real-ip"
+            | "x-client-ip"
+            | "client-ip"
+            | "true-client-ip"
+            | "x-cluster-client-ip"
+            | "cf-connecting-ip"
+            | "fastly-client-ip"
+            | "x-scheme"
+            | "x-url-scheme"
+            | "front-end-https"
+            | "x-host"
+            | "x-original-host"
+            | "x-original-url"
+            | "x-rewrite-url"
+    )
 }
 
 /// Removes what a request from a peer that is not a trusted proxy claims
@@ -962,12 +992,13 @@ mod tests {
         // A front proxy's word on the client cannot be named away.
         h.insert(
             header::CONNECTION,
-            HeaderValue::from_static("Forwarded, x-forwarded-for"),
+            HeaderValue::from_static("Forwarded, x-forwarded-for, X-Forwarded-Prefix"),
         );
         h.insert(header::FORWARDED, HeaderValue::from_static("for=10.0.0.1"));
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
+        h.insert("x-forwarded-prefix", HeaderValue::from_static("/shop"));
         strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 3, "{h:?}");
+        assert_eq!(h.len(), 4, "{h:?}");
     }
 
     #[test]
@@ -1098,6 +1129,10 @@ mod tests {
             ("for=1.2.3.4 junk", ours.to_string()),
             ("=x", ours.to_string()),
             ("for=", ours.to_string()),
+            // Empty elements at the ends are dropped; no elements, no line.
+            (", for=10.0.0.1 ,", format!("for=10.0.0.1, {ours}")),
+            (" , ", ours.to_string()),
+            ("", ours.to_string()),
         ];
         for (prior, want) in cases {
             for trusted in [true, false] {
@@ -1166,16 +1201,21 @@ mod tests {
         for claim in [
             "x-real-ip",
             "x-forwarded-ssl",
+            "x_forwarded_ssl",
+            "X_Real_IP",
             "x-forwarded-prefix",
+            "x-original-url",
+            "cf-connecting-ip",
             "x-kept",
+            "x_kept",
         ] {
-            h.insert(
-                HeaderName::from_static(claim),
-                HeaderValue::from_static("1"),
-            );
+            let name = HeaderName::from_bytes(claim.as_bytes()).unwrap();
+            h.insert(name, HeaderValue::from_static("1"));
         }
         strip_client_claims(&mut h);
-        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"]);
+        let mut kept: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, ["x-kept", "x_kept"]);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use http::HeaderMap;
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 
 use crate::headers::X_FORWARDED_FOR;
 
@@ -25,14 +25,26 @@ impl TrustedProxies {
     }
 
     /// One entry of the setting: an IP address (`10.0.0.7`, `::1`) or a
-    /// CIDR block (`10.0.0.0/8`, `fd00::/8`; host bits are ignored).
-    pub fn parse_entry(text: &str) -> Option<IpNet> {
+    /// CIDR block (`10.0.0.0/8`, `fd00::/8`). A block with host bits set
+    /// (`10.0.0.1/8`) is refused, as the typo it usually is: it would
+    /// trust the whole block. An IPv4 address mapped to IPv6
+    /// (`::ffff:10.0.0.7`) is read as the IPv4 one, as peers are.
+    pub fn parse_entry(text: &str) -> Result<IpNet, String> {
         let text = text.trim();
-        let network = match text.parse::<IpAddr>() {
-            Ok(ip) => IpNet::from(ip),
-            Err(_) => text.parse::<IpNet>().ok()?,
+        let expected = || {
+            format!("expected an IP address or a CIDR block such as \"10.0.0.0/8\", found {text:?}")
         };
-        Some(network.trunc())
+        let network = match text.parse::<IpAddr>() {
+            Ok(ip) => IpNet::from(ip.to_canonical()),
+            Err(_) => text.parse::<IpNet>().map_err(|_| expected())?,
+        };
+        if network.trunc() != network {
+            return Err(format!(
+                "{text:?} has host bits set: the block is {}",
+                network.trunc()
+            ));
+        }
+        Ok(mapped_to_ipv4(network))
     }
 
     /// Whether `peer` is a trusted proxy (an IPv4 peer of a dual-stack
@@ -56,14 +68,14 @@ impl TrustedProxies {
     pub fn client_behind(&self, headers: &HeaderMap, peer: IpAddr) -> IpAddr {
         let mut client = peer;
         for line in headers.get_all(X_FORWARDED_FOR).iter().rev() {
-            let Ok(line) = line.to_str() else {
-                return client;
-            };
-            for entry in line.rsplit(',').map(str::trim) {
+            // Read entry by entry: a byte beyond ASCII in the client's
+            // part must not hide the addresses the proxies appended.
+            for entry in line.as_bytes().rsplit(|&b| b == b',') {
+                let entry = entry.trim_ascii();
                 if entry.is_empty() {
                     continue;
                 }
-                let Some(ip) = node_address(entry) else {
+                let Some(ip) = std::str::from_utf8(entry).ok().and_then(node_address) else {
                     return client;
                 };
                 client = ip;
@@ -73,6 +85,18 @@ impl TrustedProxies {
             }
         }
         client
+    }
+}
+
+/// A block of IPv4 addresses mapped to IPv6 (`::ffff:10.0.0.0/104`) as
+/// the IPv4 block (`10.0.0.0/8`), which peers and entries are compared as.
+fn mapped_to_ipv4(network: IpNet) -> IpNet {
+    match network {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
+            Some(v4) => Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(network, IpNet::V4),
+            None => network,
+        },
+        _ => network,
     }
 }
 
@@ -106,10 +130,28 @@ mod tests {
         text.parse().unwrap()
     }
 
+    fn parsed(entry: &str) -> String {
+        match TrustedProxies::parse_entry(entry) {
+            Ok(network) => network.to_string(),
+            Err(message) => message,
+        }
+    }
+
     #[test]
     fn entries_are_addresses_or_blocks() {
-        for good in ["10.0.0.7", "10.0.0.0/8", "::1", "fd00::/8", "10.1.2.3/8"] {
-            assert!(TrustedProxies::parse_entry(good).is_some(), "{good}");
+        for (entry, read) in [
+            ("10.0.0.7", "10.0.0.7/32"),
+            (" 10.0.0.0/8 ", "10.0.0.0/8"),
+            ("::1", "::1/128"),
+            ("fd00::/8", "fd00::/8"),
+            ("::ffff:10.0.0.7", "10.0.0.7/32"),
+            ("::ffff:10.0.0.0/104", "10.0.0.0/8"),
+            (
+                "10.0.0.1/8",
+                "\"10.0.0.1/8\" has host bits set: the block is 10.0.0.0/8",
+            ),
+        ] {
+            assert_eq!(parsed(entry), read, "{entry}");
         }
         for bad in [
             "",
@@ -119,10 +161,11 @@ mod tests {
             "host.example",
             "10.0.0.0/",
         ] {
-            assert!(TrustedProxies::parse_entry(bad).is_none(), "{bad}");
+            assert!(parsed(bad).starts_with("expected an IP address"), "{bad}");
         }
-        let list = trusted(&["10.1.2.3/8", "2001:db8::/32"]);
-        assert!(list.trusts(ip("10.200.0.1")), "host bits ignored");
+        let list = trusted(&["10.0.0.0/8", "2001:db8::/32", "::ffff:192.0.2.0/120"]);
+        assert!(list.trusts(ip("10.200.0.1")));
+        assert!(list.trusts(ip("192.0.2.9")), "a mapped block, as IPv4");
         assert!(list.trusts(ip("::ffff:10.0.0.1")), "a mapped IPv4 peer");
         assert!(list.trusts(ip("2001:db8::5")));
         assert!(!list.trusts(ip("11.0.0.1")));
@@ -154,5 +197,13 @@ mod tests {
         assert_eq!(behind(&["[2001:db8::7]:5678"]), "2001:db8::7");
         assert_eq!(behind(&["[2001:db8::7]"]), "2001:db8::7");
         assert_eq!(behind(&["198.51.100.7, , 10.0.0.3"]), "198.51.100.7");
+        // A client's byte beyond ASCII does not hide what proxies appended.
+        let mut headers = HeaderMap::new();
+        let line = HeaderValue::from_bytes(b"caf\xe9, 198.51.100.7, 10.0.0.3").unwrap();
+        headers.insert(X_FORWARDED_FOR, line);
+        assert_eq!(
+            list.client_behind(&headers, peer).to_string(),
+            "198.51.100.7"
+        );
     }
 }

@@ -91,7 +91,7 @@ const NEVER_KEYED: [&str; 16] = [
 /// value). Only a trusted proxy's reach the key: an untrusted peer's claims
 /// were removed on arrival (`headers::strip_client_claims`). `Forwarded`
 /// is keyed on its claims, not its nodes (see [`FORWARDED_CLAIMS`]).
-static REWRITING: [HeaderName; 13] = [
+static REWRITING: [HeaderName; 17] = [
     // The method overrides first (see `METHOD_OVERRIDES`).
     HeaderName::from_static("x-http-method-override"),
     HeaderName::from_static("x-http-method"),
@@ -106,6 +106,10 @@ static REWRITING: [HeaderName; 13] = [
     HeaderName::from_static("x-host"),
     HeaderName::from_static("x-forwarded-proto"),
     HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-protocol"),
+    HeaderName::from_static("x-scheme"),
+    HeaderName::from_static("x-url-scheme"),
+    HeaderName::from_static("x-original-host"),
 ];
 
 /// The section of a key that holds a trusted proxy's `Forwarded` claims

@@ -1439,14 +1439,9 @@ fn header_name(s: &Section<'_>, key: &str, default: &'static str) -> HeaderName 
 fn read_trusted_proxies(s: &Section<'_>) -> TrustedProxies {
     let entries: Vec<String> = s.get("trusted_proxies", Vec::new());
     let networks = entries.iter().enumerate().filter_map(|(i, entry)| {
-        let network = TrustedProxies::parse_entry(entry);
-        if network.is_none() {
-            s.error(
-                &format!("trusted_proxies[{i}]"),
-                format!("expected an IP address or a CIDR block such as \"10.0.0.0/8\", found {entry:?}"),
-            );
-        }
-        network
+        TrustedProxies::parse_entry(entry)
+            .map_err(|message| s.error(&format!("trusted_proxies[{i}]"), message))
+            .ok()
     });
     TrustedProxies::new(networks.collect())
 }

@@ -789,6 +789,51 @@ async fn captures_left_for_kafka_are_replayed_after_a_restart_without_kafka() {
     assert_eq!(q["waiting_for_kafka"], 0, "{q}");
 }
 
+/// A record keeps a trusted proxy's word about the client, which its
+/// replay passes on as the first try did. A replay asks again whether the
+/// peer is trusted, under the setting of the day: a record from a peer no
+/// longer trusted is replayed without it.
+#[tokio::test]
+async fn a_replay_passes_a_trusted_proxys_word_only_while_it_is_trusted() {
+    for still_trusted in [true, false] {
+        let stopped = stopped_backend().await;
+        let upstream = format!("http://{}", stopped.addr);
+        let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+        let untrusted = config(&upstream, "");
+        let trusted = format!("[server]\ntrusted_proxies = [\"127.0.0.1\"]\n{untrusted}");
+        let bs = Backstop::start_in(dir.clone(), &trusted);
+        let r = client()
+            .post(bs.url("/api/users"))
+            .header("x-forwarded-for", "203.0.113.9")
+            .header("x-forwarded-proto", "https")
+            .header("x-real-ip", "203.0.113.9")
+            .body("b")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+        drop(bs);
+
+        let bs = Backstop::start_in(dir, if still_trusted { &trusted } else { &untrusted });
+        let backend = Backend::start_on(stopped, |_| Reply::status(200)).await;
+        backend.wait_for_hits(1, Duration::from_secs(10)).await;
+        let h = &backend.seen()[0].headers;
+        let real_ip = h.get("x-real-ip").map(|v| v.to_str().unwrap());
+        let got = (
+            h["x-forwarded-for"].to_str().unwrap(),
+            h["x-forwarded-proto"].to_str().unwrap(),
+            real_ip,
+        );
+        let want = if still_trusted {
+            ("203.0.113.9, 127.0.0.1", "https", Some("203.0.113.9"))
+        } else {
+            ("127.0.0.1", "http", None)
+        };
+        assert_eq!(got, want, "still trusted: {still_trusted}");
+        wait_queue(&bs, "depth", 0).await;
+    }
+}
+
 /// A `backstop replay` started beside `backstop run` on the same spool
 /// stands by while `run` replays: each record is delivered once, not once
 /// by each worker.

@@ -140,10 +140,11 @@ fn invalid_files_list_every_error_with_its_key() {
             vec!["FILE: server.escaped_slashes: expected \"reject\", \"keep\" or \"decode\", found \"sometimes\""],
         ),
         (
-            format!("[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"10.0.0.0/33\", \"lb.internal\", \"::1\"]\n{ROUTE}"),
+            format!("[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"10.0.0.0/33\", \"lb.internal\", \"::1\", \"10.0.0.1/8\"]\n{ROUTE}"),
             vec![
                 "FILE: server.trusted_proxies[1]: expected an IP address or a CIDR block such as \"10.0.0.0/8\", found \"10.0.0.0/33\"",
                 "FILE: server.trusted_proxies[2]: expected an IP address or a CIDR block such as \"10.0.0.0/8\", found \"lb.internal\"",
+                "FILE: server.trusted_proxies[4]: \"10.0.0.1/8\" has host bits set: the block is 10.0.0.0/8",
             ],
         ),
         (

@@ -113,8 +113,10 @@ async fn a_request_id_is_created_when_absent() {
 /// when no proxy in front is trusted: nothing of it reaches the backend, on
 /// either upstream way (a GET takes the own exchange, a POST with a body of
 /// 20 KiB hyper's). A backend finds the client, scheme and host Backstop saw.
-const CLIENT_CLAIMS: [(&str, &str); 8] = [
+const CLIENT_CLAIMS: [(&str, &str); 9] = [
     ("x-forwarded-for", "203.0.113.9"),
+    // Read as `X-Forwarded-Ssl` by servers that read `_` as `-`.
+    ("x_forwarded_ssl", "on"),
     ("x-forwarded-proto", "https"),
     ("x-forwarded-host", "public.example"),
     (
@@ -127,12 +129,15 @@ const CLIENT_CLAIMS: [(&str, &str); 8] = [
     ("x-forwarded-prefix", "/shop"),
 ];
 
-/// Sends a GET and a 20 KiB POST to `bs`, each with [`CLIENT_CLAIMS`].
+/// Sends a GET, a 20 KiB POST and an HTTP/2 GET to `bs`, each with
+/// [`CLIENT_CLAIMS`].
 async fn send_claiming(bs: &Backstop) {
-    let c = client();
-    for post in [false, true] {
+    let (c, h2) = (client(), h2_client());
+    for (post, http2) in [(false, false), (true, false), (false, true)] {
         let mut request = if post {
             c.post(bs.url("/y")).body("x".repeat(20 * 1024))
+        } else if http2 {
+            h2.get(bs.url("/h2"))
         } else {
             c.get(bs.url("/x"))
         };
@@ -149,7 +154,7 @@ async fn an_untrusted_clients_claims_about_itself_never_reach_the_backend() {
     let bs = Backstop::start(&route("api", "/", &[backend.url()], ""));
     send_claiming(&bs).await;
     let seen = backend.seen();
-    assert_eq!(seen.len(), 2);
+    assert_eq!(seen.len(), 3);
     for seen in seen {
         let h = &seen.headers;
         assert_eq!(h["x-forwarded-for"], "127.0.0.1", "{}", seen.uri);
@@ -162,6 +167,7 @@ async fn an_untrusted_clients_claims_about_itself_never_reach_the_backend() {
         for claim in [
             "x-real-ip",
             "x-forwarded-ssl",
+            "x_forwarded_ssl",
             "x-forwarded-port",
             "x-forwarded-prefix",
         ] {
@@ -182,9 +188,10 @@ async fn a_trusted_proxys_word_about_the_client_passes() {
     ));
     send_claiming(&bs).await;
     let seen = backend.seen();
-    assert_eq!(seen.len(), 2);
+    assert_eq!(seen.len(), 3);
     for seen in seen {
         let h = &seen.headers;
+        assert_eq!(h["x_forwarded_ssl"], "on");
         assert_eq!(
             h["x-forwarded-for"], "203.0.113.9, 127.0.0.1",
             "{}",
