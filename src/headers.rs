@@ -494,13 +494,15 @@ fn is_tchar(b: u8) -> bool {
 }
 
 /// Sets `X-Forwarded-For`, `-Proto`, `-Host` and `Forwarded` (see
-/// [`Forwarding::new`]). `original_host` is the host the client asked for.
+/// [`Forwarding::after_the_proxys`]). `original_host` is the host the client asked for.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     client: &ClientInfo,
     original_host: Option<&HeaderValue>,
 ) {
-    Forwarding::new(headers, client, original_host).apply_to(headers);
+    Forwarding::new(client, original_host)
+        .after_the_proxys(headers)
+        .apply_to(headers);
 }
 
 /// This hop's forwarding headers for one request: `X-Forwarded-For` and
@@ -519,37 +521,28 @@ pub struct Forwarding {
 }
 
 impl Forwarding {
-    /// The values for a request with `client_headers` from `client`;
-    /// `original_host` is the host the client asked for. Whatever
-    /// forwarding headers are left in `client_headers` are a trusted
-    /// peer's (an untrusted peer's were removed on arrival, see
-    /// [`strip_client_claims`]): its `X-Forwarded-For` and `Forwarded`
-    /// lists are appended to, its `X-Forwarded-Proto` and `-Host` pass.
-    pub fn new(
-        client_headers: &HeaderMap,
-        client: &ClientInfo,
-        original_host: Option<&HeaderValue>,
-    ) -> Forwarding {
-        let mut forwarding = Forwarding {
+    /// This hop's values for a request from `client`; `original_host` is
+    /// the host the client asked for.
+    pub fn new(client: &ClientInfo, original_host: Option<&HeaderValue>) -> Forwarding {
+        Forwarding {
             forwarded_for: client.ip.clone(),
             forwarded_proto: HeaderValue::from_static(client.proto),
             forwarded_host: original_host.cloned(),
             passed_host: None,
             forwarded: client.forwarded_element(original_host),
-        };
-        // Nearly every request's headers are the client's own, which
-        // carry none: one look over their few names first.
-        if client_headers.keys().any(is_client_claim) {
-            forwarding.keep_the_peers(client_headers);
         }
-        forwarding
     }
 
-    /// Takes in the trusted proxy's values, found in one pass over the
-    /// request's few headers rather than a hashed lookup each. Every line
-    /// counts (RFC 9110 §5.3: repeated lines are one list).
+    /// With the values of the proxy in front taken in. Whatever forwarding
+    /// headers are left in `client_headers` are a trusted proxy's (an
+    /// untrusted peer's were removed on arrival, see
+    /// [`strip_client_claims`]): its `X-Forwarded-For` and `Forwarded`
+    /// lists are appended to, its `X-Forwarded-Proto` and `-Host` pass.
+    /// Found in one pass over the request's few headers rather than a
+    /// hashed lookup each; every line counts (RFC 9110 §5.3: repeated lines
+    /// are one list). Out of line: most requests have no proxy in front.
     #[inline(never)]
-    fn keep_the_peers(&mut self, client_headers: &HeaderMap) {
+    pub fn after_the_proxys(mut self, client_headers: &HeaderMap) -> Forwarding {
         let (mut prior_for, mut prior_forwarded) = (Vec::new(), Vec::new());
         let (mut proto, mut host) = (Vec::new(), Vec::new());
         let blank =
@@ -571,6 +564,7 @@ impl Forwarding {
             self.forwarded_proto = proto;
         }
         self.passed_host = listed(&host);
+        self
     }
 
     /// The host the client asked this hop for, if it named one.

@@ -93,7 +93,9 @@ pub struct RequestContext<'a> {
     /// one it names (rate limits by `client_ip`, the access log, spans).
     pub client_ip: IpAddr,
     /// Whether the request says anything of its client
-    /// (`headers::is_client_claim`), as the client sent it.
+    /// (`headers::is_client_claim`): as the client sent it, and once an
+    /// untrusted peer's claims are removed, whether a trusted proxy's are
+    /// there.
     carries_claims: bool,
     pub method: Method,
     pub started: Instant,
@@ -239,6 +241,7 @@ async fn proxy_request(
         ctx.client_ip = trusted.client_behind(req.headers(), ctx.client_ip);
     } else if ctx.carries_claims {
         headers::strip_client_claims(req.headers_mut());
+        ctx.carries_claims = false;
     }
     ctx.span = proxy.otel.server_span(&mut ctx.trace, &req, ctx.client_ip);
     let route = route_phase(&active.routes, &req)?;
@@ -550,8 +553,12 @@ fn prepare(
             client.headers_mut().insert(idempotency_header.clone(), key);
         }
     }
+    let mut forwarding = Forwarding::new(ctx.client, original_host.as_ref());
+    if ctx.carries_claims {
+        forwarding = forwarding.after_the_proxys(client.headers());
+    }
     let set = ProxySet {
-        forwarding: Forwarding::new(client.headers(), ctx.client, original_host.as_ref()),
+        forwarding,
         route: route.config.headers.clone(),
         request_id: ctx.request_id.clone(),
         traceparent: ctx.trace.traceparent().clone(),

@@ -993,7 +993,7 @@ mod tests {
             let client = if trusted { &client } else { &untrusted };
             let asked = (route.first() != Some(&("x-no-host", "1"))).then_some(&host);
             let set = ProxySet {
-                forwarding: Forwarding::new(client, &info, asked),
+                forwarding: Forwarding::new(&info, asked).after_the_proxys(client),
                 route: route
                     .iter()
                     .map(|(n, v)| (HeaderName::from_static(n), HeaderValue::from_static(v)))
