@@ -1,7 +1,7 @@
 //! Header rules of the request path: hop-by-hop removal (both ways), the
 //! `forward_headers` filter, `X-Forwarded-*` / `Forwarded`, and the request id.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -399,7 +399,97 @@ fn prior_elements(line: &[u8]) -> Option<&[u8]> {
     if !scan_forwarded(line, |_, _, _| pairs += 1) || pairs == 0 {
         return None;
     }
-    // Empty elements at either end would leave `, ,` before this hop's.
+    without_empty_ends(line)
+}
+
+/// `Forwarded` elements for what a trusted proxy said only in
+/// `X-Forwarded-*` (it sent no `Forwarded`): `for=` each address of its
+/// `X-Forwarded-For`, the first element also with its `-Proto` and `-Host`
+/// (the first request's scheme and host, RFC 7239 §4). Without them a
+/// backend that reads `Forwarded` before `X-Forwarded-*` (Spring's
+/// `ForwardedHeaderFilter`) would find this hop's element first, and take
+/// the scheme and host the proxy reached Backstop with for the client's.
+fn forwarded_from_x(
+    prior_for: &[&[u8]],
+    proto: Option<&HeaderValue>,
+    host: Option<&HeaderValue>,
+) -> Option<Vec<u8>> {
+    let first_item = |value: &HeaderValue| {
+        let item = value.as_bytes().split(|&b| b == b',').next()?.trim_ascii();
+        Some(item.to_vec()).filter(|item| !item.is_empty())
+    };
+    let proto = proto
+        .and_then(first_item)
+        .filter(|p| p.iter().copied().all(is_tchar));
+    let host = host
+        .and_then(first_item)
+        .and_then(|h| match forwarded_host(&h) {
+            ForwardedHost::Token => Some(h),
+            ForwardedHost::Quoted => Some([&b"\""[..], &h, b"\""].concat()),
+            ForwardedHost::Unfit => None,
+        });
+    let nodes: Vec<&[u8]> = prior_for
+        .iter()
+        .flat_map(|line| line.split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|entry| !entry.is_empty())
+        .collect();
+    if nodes.is_empty() && proto.is_none() && host.is_none() {
+        return None;
+    }
+    let mut elements = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        if i > 0 {
+            elements.extend_from_slice(b", ");
+        }
+        let address = std::str::from_utf8(node)
+            .ok()
+            .and_then(forwarded_for_address);
+        match address {
+            Some(IpAddr::V4(v4)) => elements.extend_from_slice(format!("for={v4}").as_bytes()),
+            Some(IpAddr::V6(v6)) => {
+                elements.extend_from_slice(format!("for=\"[{v6}]\"").as_bytes())
+            }
+            None => elements.extend_from_slice(b"for=unknown"),
+        }
+        if i == 0 {
+            claims_of_the_first(&mut elements, proto.as_deref(), host.as_deref());
+        }
+    }
+    if nodes.is_empty() {
+        claims_of_the_first(&mut elements, proto.as_deref(), host.as_deref());
+        // No `for`: the element starts with its first claim, not `;`.
+        elements.remove(0);
+    }
+    Some(elements)
+}
+
+/// Appends `;proto=…;host=…`, each when known.
+fn claims_of_the_first(element: &mut Vec<u8>, proto: Option<&[u8]>, host: Option<&[u8]>) {
+    for (name, value) in [(&b";proto="[..], proto), (&b";host="[..], host)] {
+        if let Some(value) = value {
+            element.extend_from_slice(name);
+            element.extend_from_slice(value);
+        }
+    }
+}
+
+/// The address of one `X-Forwarded-For` entry: an IP address, or one with
+/// a port (`192.0.2.1:5678`, `[2001:db8::1]:5678`, as Azure's load balancers
+/// write them), or a bracketed IPv6 address; an IPv4 address mapped to
+/// IPv6 as the IPv4 one.
+pub fn forwarded_for_address(entry: &str) -> Option<IpAddr> {
+    let ip = entry
+        .parse::<IpAddr>()
+        .or_else(|_| entry.parse::<SocketAddr>().map(|a| a.ip()))
+        .ok()
+        .or_else(|| entry.strip_prefix('[')?.strip_suffix(']')?.parse().ok())?;
+    Some(ip.to_canonical())
+}
+
+/// A list's line without empty elements at either end, which would leave
+/// `, ,` before this hop's element; `None` if nothing is left.
+fn without_empty_ends(line: &[u8]) -> Option<&[u8]> {
     let edge = |b: &u8| matches!(b, b',' | b' ' | b'\t');
     let start = line.iter().position(|b| !edge(b))?;
     let end = line.iter().rposition(|b| !edge(b))?;
@@ -549,7 +639,7 @@ impl Forwarding {
             |value: &HeaderValue| value.as_bytes().iter().all(|b| matches!(b, b' ' | b'\t'));
         for (name, value) in client_headers.iter().filter(|(_, v)| !blank(v)) {
             if name == X_FORWARDED_FOR {
-                prior_for.push(value.as_bytes());
+                prior_for.extend(without_empty_ends(value.as_bytes()));
             } else if name == header::FORWARDED {
                 prior_forwarded.extend(prior_elements(value.as_bytes()));
             } else if name == X_FORWARDED_PROTO {
@@ -558,12 +648,19 @@ impl Forwarding {
                 host.push(value.as_bytes());
             }
         }
+        let (proto, host) = (listed(&proto), listed(&host));
+        let told_in_x = if prior_forwarded.is_empty() {
+            forwarded_from_x(&prior_for, proto.as_ref(), host.as_ref())
+        } else {
+            None
+        };
+        prior_forwarded.extend(told_in_x.as_deref());
         self.forwarded_for = appended(&prior_for, self.forwarded_for.clone());
         self.forwarded = appended(&prior_forwarded, self.forwarded.clone());
-        if let Some(proto) = listed(&proto) {
+        if let Some(proto) = proto {
             self.forwarded_proto = proto;
         }
-        self.passed_host = listed(&host);
+        self.passed_host = host;
         self
     }
 
@@ -609,47 +706,57 @@ impl Forwarding {
 /// before 6.4.3, Gunicorn before 22) would take `X_Forwarded_Ssl` for the
 /// real one.
 pub fn is_client_claim(name: &HeaderName) -> bool {
-    if name == header::FORWARDED {
-        return true;
-    }
-    let name = name.as_str();
-    if name.contains('_') {
-        return is_claim_name(&name.replace('_', "-"));
-    }
-    is_claim_name(name)
+    name == header::FORWARDED
+        || CLAIM_NAMES
+            .iter()
+            .any(|claim| read_alike(claim, name.as_str()))
 }
 
-fn is_claim_name(name: &str) -> bool {
-    matches!(
-        name,
-        "forwarded"
-            | "x-forwarded-for"
-            | "x-forwarded-proto"
-            | "x-forwarded-host"
-            | "x-forwarded-port"
-            | "x-forwarded-ssl"
-            | "x-forwarded-scheme"
-            | "x-forwarded-protocol"
-            | "x-forwarded-prefix"
-            | "x-forwarded-server"
-            | "x-forwarded"
-            | "forwarded-for"
-            | "x-original-forwarded-for"
-            | "x-real-ip"
-            | "x-client-ip"
-            | "client-ip"
-            | "true-client-ip"
-            | "x-cluster-client-ip"
-            | "cf-connecting-ip"
-            | "fastly-client-ip"
-            | "x-scheme"
-            | "x-url-scheme"
-            | "front-end-https"
-            | "x-host"
-            | "x-original-host"
-            | "x-original-url"
-            | "x-rewrite-url"
-    )
+/// The names [`is_client_claim`] knows, as the standards spell them.
+pub const CLAIM_NAMES: [&str; 32] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-ssl",
+    "x-forwarded-scheme",
+    "x-forwarded-protocol",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-forwarded-uri",
+    "x-forwarded",
+    "forwarded-for",
+    "x-original-forwarded-for",
+    "x-real-ip",
+    "x-client-ip",
+    "client-ip",
+    "true-client-ip",
+    "x-cluster-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-scheme",
+    "x-url-scheme",
+    "front-end-https",
+    "x-host",
+    "x-original-host",
+    "x-original-url",
+    "x-original-uri",
+    "x-rewrite-url",
+    "x-forwarded-client-cert",
+    "x-client-cert",
+    "x-arr-clientcert",
+];
+
+/// Whether the lower-case header name `name` is `spelled`, or reads alike
+/// with `_` for `-` (as CGI's `HTTP_*` variables and the servers that fill
+/// them read both). Compared in place: a name is seldom the length of one.
+pub fn read_alike(spelled: &str, name: &str) -> bool {
+    spelled.len() == name.len()
+        && spelled
+            .bytes()
+            .zip(name.bytes())
+            .all(|(s, n)| s == n || (s == b'-' && n == b'_'))
 }
 
 /// Removes what a request from a peer that is not a trusted proxy claims
@@ -1038,9 +1145,10 @@ mod tests {
         );
         assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
         assert_eq!(h[&X_FORWARDED_HOST], "example.com");
+        // The proxy in front named its client only in `X-Forwarded-For`.
         assert_eq!(
             h[header::FORWARDED],
-            "for=127.0.0.1;proto=http;host=example.com"
+            "for=10.0.0.1, for=127.0.0.1;proto=http;host=example.com"
         );
     }
 
@@ -1081,7 +1189,8 @@ mod tests {
         h.append(X_FORWARDED_FOR, HeaderValue::from_static(" "));
         h.append(
             X_FORWARDED_FOR,
-            HeaderValue::from_static("10.0.0.2, 10.0.0.3"),
+            // Empty elements at the ends are dropped.
+            HeaderValue::from_static(", 10.0.0.2, 10.0.0.3,"),
         );
         h.append(header::FORWARDED, HeaderValue::from_static("for=10.0.0.1"));
         h.append(header::FORWARDED, HeaderValue::from_static("for=10.0.0.2"));
@@ -1210,6 +1319,87 @@ mod tests {
         let mut kept: Vec<_> = h.keys().map(HeaderName::as_str).collect();
         kept.sort_unstable();
         assert_eq!(kept, ["x-kept", "x_kept"]);
+    }
+
+    /// A trusted proxy that sent only `X-Forwarded-*` has its word put in
+    /// `Forwarded` elements too, before this hop's, for backends that read
+    /// `Forwarded` first.
+    #[test]
+    fn a_trusted_proxys_x_forwarded_headers_become_forwarded_elements() {
+        let client = ClientInfo::new("127.0.0.1:5000".parse().unwrap(), "http");
+        let ours = "for=127.0.0.1;proto=http;host=shop.internal";
+        let cases: [(&[(&str, &str)], String); 5] = [
+            (
+                &[
+                    ("x-forwarded-for", "203.0.113.9, 10.0.0.2"),
+                    ("x-forwarded-proto", "https, http"),
+                    ("x-forwarded-host", "public.example:8443"),
+                ],
+                format!(
+                    "for=203.0.113.9;proto=https;host=\"public.example:8443\", for=10.0.0.2, {ours}"
+                ),
+            ),
+            (
+                &[("x-forwarded-for", "[2001:db8::1]:443, junk")],
+                format!("for=\"[2001:db8::1]\", for=unknown, {ours}"),
+            ),
+            (
+                &[("x-forwarded-proto", "https"), ("x-forwarded-host", "a;b")],
+                format!("proto=https, {ours}"),
+            ),
+            // Its own `Forwarded` is its word: nothing is made up.
+            (
+                &[
+                    ("x-forwarded-proto", "https"),
+                    ("forwarded", "for=10.0.0.1"),
+                ],
+                format!("for=10.0.0.1, {ours}"),
+            ),
+            (&[("x-other", "1")], ours.to_string()),
+        ];
+        for (sent, want) in cases {
+            let mut h = HeaderMap::new();
+            for (name, value) in sent {
+                let name = HeaderName::from_bytes(name.as_bytes()).unwrap();
+                h.append(name, HeaderValue::from_str(value).unwrap());
+            }
+            set_forwarded(
+                &mut h,
+                &client,
+                Some(&HeaderValue::from_static("shop.internal")),
+            );
+            assert_eq!(h[header::FORWARDED], want.as_str(), "{sent:?}");
+        }
+    }
+
+    /// Every claim is noted in the one pass that finds the request's names
+    /// (stripping hangs on it), spelled with `-` or `_`; nothing else is.
+    #[test]
+    fn the_request_names_note_every_claim() {
+        let claims = |name: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(HOST, HeaderValue::from_static("shop.example"));
+            h.insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static("1"),
+            );
+            RequestNames::find(&h).claims
+        };
+        for name in CLAIM_NAMES {
+            assert!(claims(name), "{name}");
+            assert!(claims(&name.replace('-', "_")), "{name} with _");
+            assert!(claims(&name.to_ascii_uppercase()), "{name} in capitals");
+        }
+        for other in [
+            "x-kept",
+            "x_kept",
+            "x-forwarded-forx",
+            "accept",
+            "x-forwarded",
+        ] {
+            let want = other == "x-forwarded";
+            assert_eq!(claims(other), want, "{other}");
+        }
     }
 
     #[test]

@@ -8,12 +8,12 @@
 //! and the client is the connection's peer (Traefik's `forwardedHeaders`
 //! does the same; nginx's `real_ip` module reads the address alike).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use http::HeaderMap;
 use ipnet::{IpNet, Ipv4Net};
 
-use crate::headers::X_FORWARDED_FOR;
+use crate::headers::{forwarded_for_address, X_FORWARDED_FOR};
 
 /// The networks whose peers are trusted; none by default.
 #[derive(Debug, Clone, Default)]
@@ -75,7 +75,10 @@ impl TrustedProxies {
                 if entry.is_empty() {
                     continue;
                 }
-                let Some(ip) = std::str::from_utf8(entry).ok().and_then(node_address) else {
+                let Some(ip) = std::str::from_utf8(entry)
+                    .ok()
+                    .and_then(forwarded_for_address)
+                else {
                     return client;
                 };
                 client = ip;
@@ -98,18 +101,6 @@ fn mapped_to_ipv4(network: IpNet) -> IpNet {
         },
         _ => network,
     }
-}
-
-/// The address of one `X-Forwarded-For` entry: an IP address, or one with
-/// a port (`192.0.2.1:5678`, `[2001:db8::1]:5678`, as Azure's load balancers
-/// write them), or a bracketed IPv6 address.
-fn node_address(entry: &str) -> Option<IpAddr> {
-    let ip = entry
-        .parse::<IpAddr>()
-        .or_else(|_| entry.parse::<SocketAddr>().map(|a| a.ip()))
-        .ok()
-        .or_else(|| entry.strip_prefix('[')?.strip_suffix(']')?.parse().ok())?;
-    Some(ip.to_canonical())
 }
 
 #[cfg(test)]

@@ -91,26 +91,40 @@ const NEVER_KEYED: [&str; 16] = [
 /// value). Only a trusted proxy's reach the key: an untrusted peer's claims
 /// were removed on arrival (`headers::strip_client_claims`). `Forwarded`
 /// is keyed on its claims, not its nodes (see [`FORWARDED_CLAIMS`]).
-static REWRITING: [HeaderName; 17] = [
+const REWRITING: [&str; 17] = [
     // The method overrides first (see `METHOD_OVERRIDES`).
-    HeaderName::from_static("x-http-method-override"),
-    HeaderName::from_static("x-http-method"),
-    HeaderName::from_static("x-method-override"),
-    HeaderName::from_static("x-original-url"),
-    HeaderName::from_static("x-rewrite-url"),
-    HeaderName::from_static("x-forwarded-prefix"),
-    HeaderName::from_static("x-forwarded-port"),
-    HeaderName::from_static("x-forwarded-scheme"),
-    HeaderName::from_static("x-forwarded-ssl"),
-    HeaderName::from_static("x-forwarded-server"),
-    HeaderName::from_static("x-host"),
-    HeaderName::from_static("x-forwarded-proto"),
-    HeaderName::from_static("x-forwarded-host"),
-    HeaderName::from_static("x-forwarded-protocol"),
-    HeaderName::from_static("x-scheme"),
-    HeaderName::from_static("x-url-scheme"),
-    HeaderName::from_static("x-original-host"),
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-forwarded-prefix",
+    "x-forwarded-port",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+    "x-forwarded-server",
+    "x-host",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-protocol",
+    "x-scheme",
+    "x-url-scheme",
+    "x-original-host",
 ];
+
+/// Whether `name` is one of [`REWRITING`], also spelled with `_` for `-`
+/// (which servers that read both alike take for it).
+fn is_rewriting(name: &HeaderName) -> bool {
+    REWRITING
+        .iter()
+        .any(|spelled| headers::read_alike(spelled, name.as_str()))
+}
+
+fn is_method_override(name: &HeaderName) -> bool {
+    REWRITING[..METHOD_OVERRIDES]
+        .iter()
+        .any(|spelled| headers::read_alike(spelled, name.as_str()))
+}
 
 /// The section of a key that holds a trusted proxy's `Forwarded` claims
 /// (`proto`, `host`): its `for` nodes name each client, and keying on them
@@ -128,25 +142,18 @@ const METHOD_OVERRIDES: usize = 3;
 /// clients that send none: one reached through a load balancer that sets
 /// `X-Forwarded-Port`, the other from inside).
 pub fn read_headers_of_write(headers: &HeaderMap) -> Vec<Cow<'_, HeaderMap>> {
-    if !headers
-        .keys()
-        .any(|name| REWRITING.contains(name) || name == FORWARDED)
-    {
+    let shapes_reads = |name: &HeaderName| is_rewriting(name) || name == FORWARDED;
+    if !headers.keys().any(shapes_reads) {
         return vec![Cow::Borrowed(headers)];
     }
-    let without = |names: &[HeaderName]| {
-        let mut kept = headers.clone();
-        for name in names {
-            kept.remove(name);
+    let without = |drop: &dyn Fn(&HeaderName) -> bool| {
+        let mut kept = HeaderMap::with_capacity(headers.len());
+        for (name, value) in headers.iter().filter(|(name, _)| !drop(name)) {
+            kept.append(name.clone(), value.clone());
         }
-        kept
+        Cow::Owned(kept)
     };
-    let mut none = without(&REWRITING);
-    none.remove(FORWARDED);
-    vec![
-        Cow::Owned(without(&REWRITING[..METHOD_OVERRIDES])),
-        Cow::Owned(none),
-    ]
+    vec![without(&is_method_override), without(&shapes_reads)]
 }
 
 /// What of the request head goes into the key.
@@ -225,22 +232,18 @@ impl KeyHead {
             }
         }
         // Only requests that send one get the section, so other requests'
-        // keys are what they were without it. A pass over the request's few
-        // headers first: most send none.
-        let sends_one = input
+        // keys are what they were without it.
+        let mut unkeyed: Vec<&HeaderName> = input
             .headers
             .keys()
-            .any(|name| name.as_str().starts_with("x-") && REWRITING.contains(name));
-        if sends_one {
-            let unkeyed: Vec<&HeaderName> = REWRITING
-                .iter()
-                .filter(|name| input.headers.contains_key(*name) && !input.keys(name))
-                .collect();
-            if !unkeyed.is_empty() {
-                field(&mut ctx, b"rewriting");
-                for name in unkeyed {
-                    keyed_header(&mut ctx, input.headers, name);
-                }
+            .filter(|name| is_rewriting(name) && !input.keys(name))
+            .collect();
+        if !unkeyed.is_empty() {
+            // One order, whatever order the request sent them in.
+            unkeyed.sort_unstable_by_key(|name| name.as_str());
+            field(&mut ctx, b"rewriting");
+            for name in unkeyed {
+                keyed_header(&mut ctx, input.headers, name);
             }
         }
         if !input.keys(&FORWARDED) {
@@ -439,6 +442,31 @@ mod tests {
                 NoHeaders,
                 &[],
                 false,
+            ),
+            (
+                "a rewriting header spelled with _ is keyed",
+                get("/a"),
+                Req {
+                    headers: &[("x_forwarded_host", "evil.example")],
+                    ..get("/a")
+                },
+                NoHeaders,
+                &[],
+                false,
+            ),
+            (
+                "rewriting headers in any order",
+                Req {
+                    headers: &[("x-forwarded-port", "443"), ("x-forwarded-proto", "https")],
+                    ..get("/a")
+                },
+                Req {
+                    headers: &[("x-forwarded-proto", "https"), ("x-forwarded-port", "443")],
+                    ..get("/a")
+                },
+                NoHeaders,
+                &[],
+                true,
             ),
             (
                 "a trusted proxy's scheme",

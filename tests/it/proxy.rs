@@ -176,6 +176,34 @@ async fn an_untrusted_clients_claims_about_itself_never_reach_the_backend() {
     }
 }
 
+/// A request whose only claim is one that Backstop never sets itself (and
+/// spelled with `_`) has it removed too: the removal does not hang on the
+/// forwarding headers being there.
+#[tokio::test]
+async fn a_lone_claim_is_removed_too() {
+    let backend = Backend::echo().await;
+    let bs = Backstop::start(&route("api", "/", &[backend.url()], ""));
+    for claim in ["x_forwarded_ssl", "cf-connecting-ip", "X-Original-URL"] {
+        let r = client()
+            .get(bs.url("/x"))
+            .header(claim, "1")
+            .header("x-kept", "1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 3);
+    for (seen, claim) in seen
+        .iter()
+        .zip(["x_forwarded_ssl", "cf-connecting-ip", "x-original-url"])
+    {
+        assert!(!seen.headers.contains_key(claim), "{claim} passed");
+        assert_eq!(seen.headers["x-kept"], "1");
+    }
+}
+
 /// From a trusted proxy (`server.trusted_proxies`) the same headers are its
 /// word about the client: they pass, the lists get this hop appended, and
 /// the client it names is the one the access log shows.
