@@ -311,12 +311,7 @@ impl ClientInfo {
         // address, not the IPv6 one it is mapped to.
         let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
         let ip = addr.ip().to_string();
-        let for_node = if addr.is_ipv6() {
-            format!("\"[{ip}]\"")
-        } else {
-            ip.clone()
-        };
-        let forwarded = format!("for={for_node};proto={proto}");
+        let forwarded = format!("for={};proto={proto}", for_node(addr.ip()));
         ClientInfo {
             addr,
             proto,
@@ -428,49 +423,42 @@ fn forwarded_from_x(
             ForwardedHost::Quoted => Some([&b"\""[..], &h, b"\""].concat()),
             ForwardedHost::Unfit => None,
         });
-    let nodes: Vec<&[u8]> = prior_for
+    let claims = [(&b"proto="[..], proto), (&b"host="[..], host)]
+        .into_iter()
+        .filter_map(|(name, value)| Some([name, &value?].concat()));
+    let mut elements: Vec<Vec<u8>> = prior_for
         .iter()
         .flat_map(|line| line.split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
         .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            let address = std::str::from_utf8(entry)
+                .ok()
+                .and_then(forwarded_for_address);
+            let node = address.map_or_else(|| "unknown".to_string(), for_node);
+            format!("for={node}").into_bytes()
+        })
         .collect();
-    if nodes.is_empty() && proto.is_none() && host.is_none() {
-        return None;
+    // The claims are the first element's: with no address, all of it.
+    if elements.is_empty() {
+        elements.push(Vec::new());
     }
-    let mut elements = Vec::new();
-    for (i, node) in nodes.iter().enumerate() {
-        if i > 0 {
-            elements.extend_from_slice(b", ");
+    let first = &mut elements[0];
+    for claim in claims {
+        if !first.is_empty() {
+            first.push(b';');
         }
-        let address = std::str::from_utf8(node)
-            .ok()
-            .and_then(forwarded_for_address);
-        match address {
-            Some(IpAddr::V4(v4)) => elements.extend_from_slice(format!("for={v4}").as_bytes()),
-            Some(IpAddr::V6(v6)) => {
-                elements.extend_from_slice(format!("for=\"[{v6}]\"").as_bytes())
-            }
-            None => elements.extend_from_slice(b"for=unknown"),
-        }
-        if i == 0 {
-            claims_of_the_first(&mut elements, proto.as_deref(), host.as_deref());
-        }
+        first.extend(claim);
     }
-    if nodes.is_empty() {
-        claims_of_the_first(&mut elements, proto.as_deref(), host.as_deref());
-        // No `for`: the element starts with its first claim, not `;`.
-        elements.remove(0);
-    }
-    Some(elements)
+    (!elements[0].is_empty()).then(|| elements.join(&b", "[..]))
 }
 
-/// Appends `;proto=…;host=…`, each when known.
-fn claims_of_the_first(element: &mut Vec<u8>, proto: Option<&[u8]>, host: Option<&[u8]>) {
-    for (name, value) in [(&b";proto="[..], proto), (&b";host="[..], host)] {
-        if let Some(value) = value {
-            element.extend_from_slice(name);
-            element.extend_from_slice(value);
-        }
+/// An address as a `Forwarded` node (RFC 7239 §6): an IPv6 one quoted in
+/// brackets.
+fn for_node(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
     }
 }
 
@@ -635,17 +623,16 @@ impl Forwarding {
     pub fn after_the_proxys(mut self, client_headers: &HeaderMap) -> Forwarding {
         let (mut prior_for, mut prior_forwarded) = (Vec::new(), Vec::new());
         let (mut proto, mut host) = (Vec::new(), Vec::new());
-        let blank =
-            |value: &HeaderValue| value.as_bytes().iter().all(|b| matches!(b, b' ' | b'\t'));
-        for (name, value) in client_headers.iter().filter(|(_, v)| !blank(v)) {
+        for (name, value) in client_headers {
+            let line = value.as_bytes();
             if name == X_FORWARDED_FOR {
-                prior_for.extend(without_empty_ends(value.as_bytes()));
+                prior_for.extend(without_empty_ends(line));
             } else if name == header::FORWARDED {
-                prior_forwarded.extend(prior_elements(value.as_bytes()));
+                prior_forwarded.extend(prior_elements(line));
             } else if name == X_FORWARDED_PROTO {
-                proto.push(value.as_bytes());
+                proto.extend(without_empty_ends(line));
             } else if name == X_FORWARDED_HOST {
-                host.push(value.as_bytes());
+                host.extend(without_empty_ends(line));
             }
         }
         let (proto, host) = (listed(&proto), listed(&host));
@@ -890,32 +877,24 @@ impl ProxySet {
 
 /// One value of the list that `lines` make, if they make one.
 fn listed(lines: &[&[u8]]) -> Option<HeaderValue> {
-    match lines {
-        [] => None,
-        [line] => HeaderValue::from_bytes(line).ok(),
-        [first, rest @ ..] => {
-            let mut parts = vec![*first];
-            for line in rest {
-                parts.extend([b", ".as_slice(), line]);
-            }
-            joined(&parts)
-        }
+    let (last, rest) = lines.split_last()?;
+    let mut parts = Vec::with_capacity(lines.len() * 2);
+    for line in rest {
+        parts.extend([*line, b", "]);
     }
+    parts.push(last);
+    // Header values joined by a comma are a header value.
+    joined(&parts)
 }
 
 /// `ours` appended to the list the client's `prior` lines make.
-#[inline]
-fn appended(prior: &[impl AsRef<[u8]>], ours: HeaderValue) -> HeaderValue {
+fn appended(prior: &[&[u8]], ours: HeaderValue) -> HeaderValue {
     if prior.is_empty() {
         return ours;
     }
-    let mut parts = Vec::with_capacity(prior.len() * 2 + 1);
-    for line in prior {
-        parts.extend([line.as_ref(), b", "]);
-    }
-    parts.push(ours.as_bytes());
-    // Header values joined by a comma are a header value.
-    joined(&parts).unwrap_or(ours)
+    let lines: Vec<&[u8]> = prior.iter().copied().chain([ours.as_bytes()]).collect();
+    let value = listed(&lines);
+    value.unwrap_or(ours)
 }
 
 /// The concatenation of `parts` as a header value (without `format!`: this
