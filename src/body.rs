@@ -277,6 +277,22 @@ impl UpstreamBody {
         self
     }
 
+    /// This body read to its end and held here, if it ends within `limit`
+    /// bytes and has no trailers; else `None` (the body let go).
+    pub async fn read_whole(mut self, limit: usize) -> Option<UpstreamBody> {
+        let mut chunks = Vec::new();
+        let mut total = 0usize;
+        while let Some(frame) = self.frame().await {
+            let chunk = frame.ok()?.into_data().ok()?;
+            total = total.saturating_add(chunk.len());
+            if total > limit {
+                return None;
+            }
+            chunks.push(chunk);
+        }
+        Some(self.prepend(chunks))
+    }
+
     /// Puts chunks read from this body back in front of it, in order.
     pub fn prepend(mut self, chunks: Vec<Bytes>) -> UpstreamBody {
         let limit = self.stall_limit();

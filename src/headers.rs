@@ -746,6 +746,31 @@ pub fn read_alike(spelled: &str, name: &str) -> bool {
             .all(|(s, n)| s == n || (s == b'-' && n == b'_'))
 }
 
+/// Removes from a request's trailers the fields no trailer may carry: those
+/// that frame the message or describe the connection, `Host`, what Backstop
+/// sets itself, and any claim about the client, whoever sent it (a trusted
+/// proxy says what it knows in the headers; a trailer could only bring in
+/// what the headers were cleared of). RFC 9110 §6.5.1: a recipient may not
+/// merge such trailers into the headers, but servers that expose request
+/// trailers in one map with the headers (gRPC metadata, Go's
+/// `Request.Trailer` read as headers) would.
+pub fn strip_from_request_trailers(trailers: &mut HeaderMap) {
+    let refused: Vec<HeaderName> = trailers
+        .keys()
+        .filter(|name| {
+            HOP_BY_HOP.contains(name)
+                || PER_MESSAGE.contains(name)
+                || *name == HOST
+                || set_by_backstop(name)
+                || is_client_claim(name)
+        })
+        .cloned()
+        .collect();
+    for name in refused {
+        trailers.remove(name);
+    }
+}
+
 /// Removes what a request from a peer that is not a trusted proxy claims
 /// of its client ([`is_client_claim`]), on arrival: neither the cache key,
 /// nor a capture, nor the backend sees it.

@@ -169,6 +169,16 @@ pub async fn handle(proxy: &Proxy, req: Box<Request<ClientBody>>, client: &Clien
     };
     let mut req = req;
     let active = proxy.active.load_full();
+    // What the request says of its client is believed only from a trusted
+    // proxy; anyone else's claims go before anything reads the headers. A
+    // request refused here is logged with the client a trusted proxy names.
+    let trusted = &active.config.server.trusted_proxies;
+    if trusted.trusts(ctx.client_ip) {
+        ctx.client_ip = trusted.client_behind(req.headers(), ctx.client_ip);
+    } else if ctx.carries_claims {
+        headers::strip_client_claims(req.headers_mut());
+        ctx.carries_claims = false;
+    }
     let path_rules = active.config.server.path_rules();
     let refused = refused
         .map(Cow::Borrowed)
@@ -234,15 +244,6 @@ async fn proxy_request(
     mut req: Box<Request<ClientBody>>,
     ctx: &mut RequestContext<'_>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
-    // What the request says of its client is believed only from a trusted
-    // proxy; anyone else's claims go before anything reads the headers.
-    let trusted = &active.config.server.trusted_proxies;
-    if trusted.trusts(ctx.client_ip) {
-        ctx.client_ip = trusted.client_behind(req.headers(), ctx.client_ip);
-    } else if ctx.carries_claims {
-        headers::strip_client_claims(req.headers_mut());
-        ctx.carries_claims = false;
-    }
     ctx.span = proxy.otel.server_span(&mut ctx.trace, &req, ctx.client_ip);
     let route = route_phase(&active.routes, &req)?;
     ctx.span.set_route(route);
@@ -782,10 +783,17 @@ async fn forward(
             return give_up(failure, response);
         }
         tracing::debug!(route = %route.name(), attempt, ?failure, ?delay, "retrying");
-        // The failed answer is dropped before waiting, so its connection is
-        // not held through the backoff.
-        drop(response);
-        tokio::time::sleep(delay).await;
+        let wake = tokio::time::Instant::now() + delay;
+        // The failed answer's connection is not held through the backoff.
+        // The backend's own word on this request (a 429 and its
+        // `Retry-After`, a 500 it may have applied) is what the client gets
+        // if the circuit refuses the retry, so a short one is read whole
+        // first, within the backoff; any other is let go.
+        let kept = match response {
+            Some(response) if !failure.is_capturable() => read_whole(response, delay).await,
+            _ => None,
+        };
+        tokio::time::sleep_until(wake).await;
         // Admitted after the backoff, not before: a half-open circuit's
         // probe place is not held through it (other requests would be
         // refused meanwhile), and other requests' failures may have opened
@@ -796,20 +804,32 @@ async fn forward(
                 tracing::debug!(route = %route.name(), attempt, "no retry: the circuit refused it after the backoff");
                 // The backend's own answer about this request (a 500,
                 // which it may have applied; a 429) is not turned into an
-                // open circuit's, which would capture it for a second go.
-                // Its answer was let go before the backoff; the error says
-                // what it was.
+                // open circuit's, which would capture it for a second go:
+                // the client gets it (or, if it was too long to keep
+                // through the backoff, an error that says what it was).
                 if !failure.is_capturable() {
-                    return Forwarded::Failed {
-                        failure,
-                        response: None,
-                    };
+                    return give_up(failure, kept);
                 }
                 return Forwarded::CircuitOpened { retry_in };
             }
         };
         sent_at = Instant::now();
     }
+}
+
+/// The most of a failed answer's body kept through a retry's backoff.
+const KEPT_ANSWER_BYTES: usize = 64 * 1024;
+
+/// `response` with its body read whole, if the body ends within
+/// [`KEPT_ANSWER_BYTES`] and `within`; else `None`, the answer let go.
+async fn read_whole(
+    response: Response<UpstreamBody>,
+    within: Duration,
+) -> Option<Response<UpstreamBody>> {
+    let (head, body) = response.into_parts();
+    let read = tokio::time::timeout(within, body.read_whole(KEPT_ANSWER_BYTES));
+    let body = read.await.ok()??;
+    Some(Response::from_parts(head, body))
 }
 
 /// An attempt's deadline: its `request_timeout` from `sent_at`, cut short

@@ -27,6 +27,7 @@ use http_body_util::Either;
 
 use crate::body::{BodyError, ClientIncoming};
 use crate::classify::Failure;
+use crate::headers;
 
 /// Where an upload is, as the attempt's timer reads it.
 const SENDING: u64 = 0;
@@ -162,7 +163,7 @@ impl Body for Upload {
                     Some(Err(_)) => BROKEN,
                     None => DONE,
                 });
-                Poll::Ready(frame.map(|f| f.map_err(BodyError::from)))
+                Poll::Ready(frame.map(|f| f.map(without_refused_trailers).map_err(BodyError::from)))
             }
             Poll::Pending => {
                 if this.progress.read().0 != WAITING_ON_CLIENT {
@@ -225,4 +226,13 @@ pub fn progress_of<B>(request: &http::Request<Either<Upload, B>>) -> Option<Arc<
         Either::Left(upload) => Some(upload.progress().clone()),
         Either::Right(_) => None,
     }
+}
+
+/// A trailers frame without the fields no request trailer may bring in
+/// ([`headers::strip_from_request_trailers`]); a data frame as it is.
+fn without_refused_trailers(mut frame: Frame<Bytes>) -> Frame<Bytes> {
+    if let Some(trailers) = frame.trailers_mut() {
+        headers::strip_from_request_trailers(trailers);
+    }
+    frame
 }

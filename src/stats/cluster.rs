@@ -362,7 +362,10 @@ impl Cluster {
 /// payload length, offset, digits, lowest, highest, ratio; 40 bytes, big
 /// endian) before hdrhistogram reads it: it sizes its buffers from these
 /// fields, so a value written to Redis by anything else could make it ask
-/// for gigabytes. Only this version's own histograms pass.
+/// for gigabytes. Only histograms this version (or an earlier one) makes
+/// pass: its digits and lowest value, and a highest value no larger than
+/// the one that covers [`window::LATENCY_MAX_US`] (a histogram grows to
+/// its longest latency, in powers of two).
 fn check_histogram_header(bytes: &[u8]) -> Result<(), String> {
     let field = |at: usize, len: usize| {
         bytes
@@ -374,12 +377,9 @@ fn check_histogram_header(bytes: &[u8]) -> Result<(), String> {
     else {
         return Err("latency histogram: too short".into());
     };
-    let own = (
-        u64::from(window::SIGNIFICANT_DIGITS),
-        1,
-        window::LATENCY_MAX_US,
-    );
-    if (digits, low, high) != own {
+    let highest = window::LATENCY_MAX_US.next_power_of_two();
+    let own = (digits, low) == (u64::from(window::SIGNIFICANT_DIGITS), 1);
+    if !own || !(2..highest).contains(&high) {
         return Err("latency histogram: not this version's bounds".into());
     }
     if payload > (bytes.len() as u64).saturating_sub(40) {
@@ -966,11 +966,22 @@ mod tests {
         for bad in [
             with(4, &[0xff; 4]),
             with(24, &u64::MAX.to_be_bytes()),
+            with(24, &(1u64 << 30).to_be_bytes()),
             with(12, &5u32.to_be_bytes()),
             good[..20].to_vec(),
         ] {
             assert!(decoded(&bad).is_err());
         }
+        // An earlier version's histograms had the clamp for their highest
+        // value; one grown to the clamp has the power of two above it.
+        let earlier = with(24, &window::LATENCY_MAX_US.to_be_bytes());
+        assert_eq!(decoded(&earlier), Ok(()));
+        counts.add(&sample(200, u64::MAX));
+        let wire = WireCounts::encode(&counts, &mut V2Serializer::new());
+        let mut into = Counts::default();
+        let grown = wire.add_to(&mut into, &mut Deserializer::new());
+        assert_eq!(grown, Ok(()));
+        assert_eq!(into.latency(), counts.latency());
     }
 
     #[test]

@@ -254,6 +254,18 @@ async fn a_trusted_proxys_word_about_the_client_passes() {
             .starts_with("127.0.0.1:"),
         "the connection's peer: {line}"
     );
+    // A request refused before routing is logged with that client too.
+    let refused = bs
+        .raw(b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\nX-Forwarded-For: 198.51.100.7\r\nConnection: close\r\n\r\n")
+        .await;
+    assert!(refused.starts_with("HTTP/1.1 400"), "{refused}");
+    bs.wait_for_log("198.51.100.7", Duration::from_secs(5))
+        .await;
+    let logs = bs.logs();
+    let line = logs.lines().find(|l| l.contains("198.51.100.7")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(line).expect("JSON log line");
+    assert_eq!(v["fields"]["client_ip"], "198.51.100.7", "{line}");
+    assert_eq!(v["fields"]["status"], 400, "{line}");
 }
 
 /// A request without a host (HTTP/1.0 without `Host`) gets no
@@ -663,19 +675,37 @@ async fn http2_from_the_client_and_to_the_upstream() {
 /// gRPC through an h2c route: the client's `te: trailers` reaches the
 /// backend (gRPC servers refuse a request without it), also with
 /// `forward_headers = false`, and the backend's trailers (`grpc-status`)
-/// reach the client after the body.
+/// reach the client after the body. The client's request trailers pass too,
+/// but for those no trailer may carry: a claim about the client (which the
+/// headers were cleared of), framing, what Backstop sets itself.
 #[tokio::test]
 async fn grpc_te_trailers_and_answer_trailers_pass_an_h2c_route() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let backend = listener.local_addr().unwrap();
     let te_seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = te_seen.clone();
+    let (trailers_seen, seen_trailers) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
         let mut connection = h2::server::handshake(tcp).await.unwrap();
+        let mut trailers_seen = Some(trailers_seen);
         while let Some(Ok((request, mut respond))) = connection.accept().await {
             let te = request.headers().get("te").cloned();
             seen.lock().unwrap().push(te);
+            let mut upload = request.into_body();
+            let trailers_seen = trailers_seen.take();
+            // The upload is read by a task of its own: its frames come in
+            // only while the connection is polled (`accept`).
+            tokio::spawn(async move {
+                while let Some(chunk) = upload.data().await {
+                    let chunk = chunk.unwrap();
+                    upload.flow_control().release_capacity(chunk.len()).unwrap();
+                }
+                let trailers = upload.trailers().await.unwrap();
+                if let Some(tx) = trailers_seen {
+                    let _ = tx.send(trailers);
+                }
+            });
             let head = http::Response::builder()
                 .header("content-type", "application/grpc")
                 .body(())
@@ -693,8 +723,10 @@ async fn grpc_te_trailers_and_answer_trailers_pass_an_h2c_route() {
         "grpc",
         "/",
         &[format!("http://{backend}")],
-        // The one TE goes on even when the client's headers do not.
-        "upstream_h2c = true\nforward_headers = false",
+        // The one TE goes on even when the client's headers do not. The
+        // body streams (nothing to retry or capture), trailers and all.
+        "upstream_h2c = true\nforward_headers = false\n\
+         [routes.retry]\nmax_attempts = 1\n[routes.capture]\nenabled = false",
     ));
     let tcp = TcpStream::connect(bs.addr).await.unwrap();
     let (mut h2, connection) = h2::client::handshake(tcp).await.unwrap();
@@ -706,8 +738,19 @@ async fn grpc_te_trailers_and_answer_trailers_pass_an_h2c_route() {
         .unwrap();
     let (answer, mut upload) = h2.send_request(request, false).unwrap();
     upload
-        .send_data(bytes::Bytes::from_static(b"\0\0\0\0\x00"), true)
+        .send_data(bytes::Bytes::from_static(b"\0\0\0\0\x00"), false)
         .unwrap();
+    let mut sent_trailers = http::HeaderMap::new();
+    for (name, value) in [
+        ("grpc-client-note", "kept"),
+        ("x-forwarded-for", "6.6.6.6"),
+        ("x_real_ip", "6.6.6.6"),
+        ("forwarded", "for=6.6.6.6;proto=https"),
+        ("x-request-id", "forged"),
+    ] {
+        sent_trailers.insert(name, http::HeaderValue::from_static(value));
+    }
+    upload.send_trailers(sent_trailers).unwrap();
     let answer = answer.await.unwrap();
     assert_eq!(answer.status(), 200);
     let mut body = answer.into_body();
@@ -726,6 +769,12 @@ async fn grpc_te_trailers_and_answer_trailers_pass_an_h2c_route() {
     assert_eq!(trailers["grpc-status"], "0");
     let te_seen = te_seen.lock().unwrap().clone();
     assert_eq!(te_seen, [Some(http::HeaderValue::from_static("trailers"))]);
+    let trailers = seen_trailers
+        .await
+        .unwrap()
+        .expect("the client's trailers reached the backend");
+    let names: Vec<&str> = trailers.keys().map(|name| name.as_str()).collect();
+    assert_eq!(names, ["grpc-client-note"], "{trailers:?}");
 }
 
 #[tokio::test]
