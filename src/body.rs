@@ -334,7 +334,7 @@ impl Body for UpstreamBody {
                     *extra.slot = None;
                 }
             }
-            return Poll::Ready(frame);
+            return Poll::Ready(frame.map(|f| f.map(without_refused_trailers)));
         }
         let limit = Duration::from_millis(u64::from(*this.stall_limit_ms));
         let extra = this.extra.get_or_insert_with(|| Extra::new(limit));
@@ -367,6 +367,16 @@ impl Body for UpstreamBody {
         }
         hint
     }
+}
+
+/// A trailers frame without the fields no answer's trailer may bring in
+/// ([`crate::headers::strip_from_response_trailers`]); a data frame as it
+/// is.
+fn without_refused_trailers(mut frame: Frame<Bytes>) -> Frame<Bytes> {
+    if let Some(trailers) = frame.trailers_mut() {
+        crate::headers::strip_from_response_trailers(trailers);
+    }
+    frame
 }
 
 /// A request body read whole, so it can be sent again or captured.

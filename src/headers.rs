@@ -755,19 +755,33 @@ pub fn read_alike(spelled: &str, name: &str) -> bool {
 /// trailers in one map with the headers (gRPC metadata, Go's
 /// `Request.Trailer` read as headers) would.
 pub fn strip_from_request_trailers(trailers: &mut HeaderMap) {
-    let refused: Vec<HeaderName> = trailers
+    remove_where(trailers, |name| {
+        never_trailing(name) || set_by_backstop(name) || is_client_claim(name)
+    });
+}
+
+/// Removes from an answer's trailers the fields no trailer may carry (a
+/// hop-by-hop one makes an HTTP/2 client's stream fail after the whole
+/// body) and Backstop's own (a backend's would reach the client as
+/// Backstop's word).
+pub fn strip_from_response_trailers(trailers: &mut HeaderMap) {
+    remove_where(trailers, never_trailing);
+}
+
+/// Whether `name` frames a message, describes a connection, or is
+/// Backstop's own: never a trailer that passes.
+fn never_trailing(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || PER_MESSAGE.contains(name) || name == HOST || is_own(name)
+}
+
+fn remove_where(headers: &mut HeaderMap, refused: impl Fn(&HeaderName) -> bool) {
+    let names: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| {
-            HOP_BY_HOP.contains(name)
-                || PER_MESSAGE.contains(name)
-                || *name == HOST
-                || set_by_backstop(name)
-                || is_client_claim(name)
-        })
+        .filter(|name| refused(name))
         .cloned()
         .collect();
-    for name in refused {
-        trailers.remove(name);
+    for name in names {
+        headers.remove(name);
     }
 }
 
@@ -775,14 +789,7 @@ pub fn strip_from_request_trailers(trailers: &mut HeaderMap) {
 /// of its client ([`is_client_claim`]), on arrival: neither the cache key,
 /// nor a capture, nor the backend sees it.
 pub fn strip_client_claims(headers: &mut HeaderMap) {
-    let claims: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| is_client_claim(name))
-        .cloned()
-        .collect();
-    for name in claims {
-        headers.remove(name);
-    }
+    remove_where(headers, is_client_claim);
 }
 
 /// The headers the proxy sets on an upstream request, kept apart from the

@@ -258,6 +258,11 @@ async fn proxy_request(
     }
     let body = read_body(route, &mut req, active.config.server.max_body_bytes).await?;
     let mut cache = if route.config.cache.enabled {
+        // What `Connection` names never reaches the backend, so it is not
+        // keyed either (`prepare` would remove it after the key was made
+        // with it: a client's `X-Tenant: 2` named away would store the
+        // backend's answer without it as tenant 2's).
+        headers::strip_hop_by_hop_but_trailers(req.headers_mut(), route.carries_trailers());
         match out_of_line(cache_phase(proxy, active, route, &req, &body, ctx)).await {
             Lookup::Answer(response, _) => return Ok(response),
             Lookup::Forward(state) => {
@@ -308,7 +313,7 @@ async fn proxy_request(
             // on this request, which no stale entry stands in for.
             let answered = matches!(failure, Failure::Status(_)) && !failure.is_capturable();
             if !answered {
-                if let Some(stale) = stale_phase(&mut cache, ctx) {
+                if let Some(stale) = stale_phase(route, &mut cache, ctx) {
                     return Ok(stale);
                 }
             }
@@ -437,7 +442,7 @@ async fn circuit_open(
     retry_in: Duration,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     ctx.failure = Some(Failure::CircuitOpen);
-    if let Some(stale) = stale_phase(cache, ctx) {
+    if let Some(stale) = stale_phase(route, cache, ctx) {
         return Ok(stale);
     }
     if capturable(proxy, route, &outgoing, Failure::CircuitOpen) {
@@ -610,8 +615,12 @@ async fn cache_phase(
 /// Stale-if-error: when the backend failed (or, for the circuit-breaker
 /// phase, the circuit is open), a stale entry within `stale_if_error` is
 /// served with `X-Cache: STALE` instead of an error or a capture.
-fn stale_phase(cache: &mut CacheState, ctx: &mut RequestContext) -> Option<Response<ResponseBody>> {
-    let stale = cache.stale_response()?;
+fn stale_phase(
+    route: &Route,
+    cache: &mut CacheState,
+    ctx: &mut RequestContext,
+) -> Option<Response<ResponseBody>> {
+    let stale = cache.stale_response(&route.config.cache)?;
     ctx.cache = Some(cache::Verdict::Stale.as_str());
     Some(stale)
 }

@@ -289,10 +289,15 @@ impl CacheState {
     }
 
     /// Stale-if-error: the remembered stale entry as an answer, if there is
-    /// one. Called when the upstream failed, and by the circuit-breaker phase
-    /// when the circuit is open. Waiting coalesced requests get it too.
-    pub fn stale_response(&mut self) -> Option<Response<ResponseBody>> {
+    /// one and it is still within `stale_if_error` of `cache` (the backend
+    /// may have taken up to the route's deadline to fail). Called when the
+    /// upstream failed, and by the circuit-breaker phase when the circuit is
+    /// open. Waiting coalesced requests get it too.
+    pub fn stale_response(&mut self, cache: &CacheConfig) -> Option<Response<ResponseBody>> {
         let entry = self.stale.clone()?;
+        if let Freshness::Expired = freshness(&entry, cache) {
+            return None;
+        }
         if self.slot.as_ref().is_some_and(Slot::overtaken) {
             // A write accepted since removed it from the store: no longer
             // an answer, not even a stale one.
@@ -346,7 +351,7 @@ impl CacheState {
         // or not the route retries it; a 500 or 429 is the backend's word
         // on this request and passed on.
         if Failure::Status(status.as_u16()).is_capturable() {
-            if let Some(stale) = self.stale_response() {
+            if let Some(stale) = self.stale_response(&route.cache) {
                 return Ok(stale);
             }
         }
@@ -399,7 +404,7 @@ impl CacheState {
                 tracing::debug!(route = %route.name, error = %e, "backend answer broke off");
                 // Nothing of it has reached the client yet: a stale entry
                 // can still stand in for it.
-                if let Some(stale) = self.stale_response() {
+                if let Some(stale) = self.stale_response(&route.cache) {
                     return Ok(stale);
                 }
                 return Err(ProxyError::new(

@@ -548,6 +548,8 @@ impl ServerConfig {
             ("header_read_timeout", config.header_read_timeout),
             ("idle_timeout", config.idle_timeout),
             ("send_timeout", config.send_timeout),
+            // Zero would cut every in-flight request at a stop.
+            ("drain_timeout", config.drain_timeout),
             ("connect_timeout", config.connect_timeout),
             ("upstream_idle_timeout", config.upstream_idle_timeout),
         ] {

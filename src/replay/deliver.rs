@@ -10,10 +10,12 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use bytes::Bytes;
 use http::header::{HeaderValue, HOST};
 use http::{HeaderName, Method, Request, Version};
+use http_body_util::BodyExt;
 
-use crate::body::BufferedBody;
+use crate::body::{BufferedBody, UpstreamBody};
 use crate::cache::{Caches, Target};
 use crate::capture::record::{CaptureRecord, REDACTED};
 use crate::classify::{status_trips_breaker, Failure};
@@ -129,12 +131,7 @@ pub async fn deliver(
     match result {
         Ok(response) => {
             let status = response.status().as_u16();
-            // Drain the body so the pooled connection can be reused, but
-            // only until the attempt's deadline: the status is all a replay
-            // needs, and a body that stalls (cut only after the route's
-            // `body_read_timeout`) must not hold up the queue behind it.
-            let drain = http_body_util::BodyExt::collect(response.into_body());
-            let _ = tokio::time::timeout_at(deadline.into(), drain).await;
+            let _ = tokio::time::timeout_at(deadline.into(), drain(response.into_body())).await;
             let delivery = classify_status(status);
             if let Delivery::Delivered(_) = delivery {
                 invalidate_cached_reads(caches, config, route, record).await;
@@ -144,6 +141,25 @@ pub async fn deliver(
         // The backend had the request: sent again, it would apply it twice.
         Err(Failure::InvalidResponse) => Delivery::Dead(describe(Failure::InvalidResponse)),
         Err(failure) => Delivery::Retry(describe(failure)),
+    }
+}
+
+/// The most of an answer's body a replay reads (and forgets) so that its
+/// connection can be reused; past it the connection is dropped instead.
+const DRAIN_BYTES: usize = 1024 * 1024;
+
+/// Reads and forgets an answer's body to its end, up to [`DRAIN_BYTES`]:
+/// the status is all a replay needs. Nothing is kept (a backend answering
+/// a replayed write with a large or endless body cannot grow the process),
+/// and the caller bounds the time (a body that stalls, cut only after the
+/// route's `body_read_timeout`, must not hold up the queue behind it).
+async fn drain(mut body: UpstreamBody) {
+    let mut read = 0usize;
+    while let Some(Ok(frame)) = body.frame().await {
+        read = read.saturating_add(frame.data_ref().map_or(0, Bytes::len));
+        if read > DRAIN_BYTES {
+            return;
+        }
     }
 }
 

@@ -158,6 +158,42 @@ type HeaderCase = (
     &'static str,
 );
 
+/// A keyed header the client's `Connection` names away never reaches the
+/// backend, so it is not keyed either: the backend's answer without it is
+/// not stored as the answer for that header's value.
+#[tokio::test]
+async fn a_keyed_header_named_in_connection_is_not_keyed() {
+    let backend = Backend::start(|seen| {
+        let tenant = seen.headers.get("x-tenant");
+        let tenant = tenant.map_or("none", |t| t.to_str().unwrap());
+        Reply::ok(&format!("tenant={tenant}"))
+    })
+    .await;
+    let bs = Backstop::start(&route(
+        "list",
+        "/list",
+        &backend.url(),
+        "header_strategy = \"list\"\nheaders = [\"X-Tenant\"]",
+    ));
+    let request = format!(
+        "GET /list/a HTTP/1.1\r\nHost: {}\r\nX-Tenant: 2\r\nConnection: x-tenant, close\r\n\r\n",
+        bs.addr
+    );
+    let answer = bs.raw(request.as_bytes()).await;
+    assert!(answer.ends_with("tenant=none"), "{answer}");
+    let tenant_2 = client().get(bs.url("/list/a")).header("x-tenant", "2");
+    let got = got(tenant_2.send().await.unwrap()).await;
+    assert_eq!(
+        (got.x_cache.as_str(), got.body.as_str()),
+        ("MISS", "tenant=2")
+    );
+    let got = get(&bs.url("/list/a")).await;
+    assert_eq!(
+        (got.x_cache.as_str(), got.body.as_str()),
+        ("HIT", "tenant=none")
+    );
+}
+
 #[tokio::test]
 async fn each_header_strategy_keys_its_headers() {
     let backend = counting_backend(vec![]).await;
@@ -685,6 +721,39 @@ async fn the_routes_ttl_counts_from_storing_whatever_the_backends_age() {
     for (path, _) in cases {
         assert_eq!(get(&bs.url(path)).await.x_cache, "MISS", "{path}: ttl over");
     }
+}
+
+/// A stale entry stands in for a failure only while it is within
+/// `stale_if_error`, judged when the failure comes: a backend that took
+/// its time to fail does not get an entry served past its window.
+#[tokio::test]
+async fn a_stale_entry_is_not_served_past_its_window_after_a_slow_failure() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let backend = Backend::start(move |_| {
+        if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            Reply::ok("fresh")
+        } else {
+            Reply::ok("late").delay(Duration::from_secs(10))
+        }
+    })
+    .await;
+    let bs = Backstop::start(&route_with(
+        "r",
+        "/",
+        &backend.url(),
+        "[routes.circuit_breaker]\nrequest_timeout = 2500",
+        "ttl = \"1s\"\nstale_if_error = \"2s\"",
+    ));
+    assert_eq!(get(&bs.url("/a")).await.x_cache, "MISS");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Stale for 1.5 s more as it goes upstream; held 4 s when it times out.
+    let r = client().get(bs.url("/a")).send().await.unwrap();
+    assert_ne!(
+        r.headers().get("x-cache").map(|v| v.to_str().unwrap()),
+        Some("STALE")
+    );
+    let (status, code, _) = error_of(r).await;
+    assert_eq!((status, code.as_str()), (504, "upstream_timeout"));
 }
 
 #[tokio::test]

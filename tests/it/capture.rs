@@ -425,6 +425,31 @@ async fn captured(request: reqwest::RequestBuilder) -> String {
     id
 }
 
+/// A backend that answers a replayed write with a large body does not
+/// grow the process: the replay reads the status and forgets the body.
+#[tokio::test]
+async fn a_replays_answer_body_is_not_kept() {
+    let addr = stopped_backend().await;
+    let bs = Backstop::start(&config(&format!("http://{addr}"), ""));
+    capture_one(&bs, "/api/export", "{}").await;
+    let before = bs.rss_kib();
+    let huge = bytes::Bytes::from(vec![b'x'; 256 * 1024 * 1024]);
+    let backend = Backend::start_on(addr, move |_| Reply::ok("").body(huge.clone())).await;
+    backend.wait_for_hits(1, Duration::from_secs(10)).await;
+    let mut peak = before;
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while queue_status(&bs).await["depth"] != 0 && tokio::time::Instant::now() < until {
+        peak = peak.max(bs.rss_kib());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    peak = peak.max(bs.rss_kib());
+    assert_eq!(queue_status(&bs).await["depth"], 0, "delivered");
+    assert!(
+        peak < before + 64 * 1024,
+        "RSS grew from {before} KiB to {peak} KiB"
+    );
+}
+
 #[tokio::test]
 async fn a_400_goes_to_the_dead_letters_and_can_be_requeued() {
     // The 200 comes after a requeue.

@@ -166,9 +166,10 @@ fn invalid_files_list_every_error_with_its_key() {
         ("[server\nlisten=1".into(), vec!["FILE: invalid TOML at line 1, column 8: "]),
 
         (
-            format!("[server]\nupstream_idle_timeout = \"0s\"\nidle_timeout = \"a while\"\n{ROUTE}"),
+            format!("[server]\nupstream_idle_timeout = \"0s\"\nidle_timeout = \"a while\"\ndrain_timeout = 0\n{ROUTE}"),
             vec![
                 "FILE: server.idle_timeout: invalid duration \"a while\"",
+                "FILE: server.drain_timeout: must be greater than 0",
                 "FILE: server.upstream_idle_timeout: must be greater than 0",
             ],
         ),

@@ -675,9 +675,10 @@ async fn http2_from_the_client_and_to_the_upstream() {
 /// gRPC through an h2c route: the client's `te: trailers` reaches the
 /// backend (gRPC servers refuse a request without it), also with
 /// `forward_headers = false`, and the backend's trailers (`grpc-status`)
-/// reach the client after the body. The client's request trailers pass too,
-/// but for those no trailer may carry: a claim about the client (which the
-/// headers were cleared of), framing, what Backstop sets itself.
+/// reach the client after the body, but for Backstop's own. The client's
+/// request trailers pass too, but for those no trailer may carry: a claim
+/// about the client (which the headers were cleared of), framing, what
+/// Backstop sets itself.
 #[tokio::test]
 async fn grpc_te_trailers_and_answer_trailers_pass_an_h2c_route() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -716,6 +717,11 @@ async fn grpc_te_trailers_and_answer_trailers_pass_an_h2c_route() {
                 .unwrap();
             let mut trailers = http::HeaderMap::new();
             trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            // Only Backstop says what it did with a request.
+            trailers.insert(
+                "x-backstop-capture-id",
+                http::HeaderValue::from_static("forged"),
+            );
             stream.send_trailers(trailers).unwrap();
         }
     });
@@ -767,6 +773,7 @@ async fn grpc_te_trailers_and_answer_trailers_pass_an_h2c_route() {
         .unwrap()
         .expect("the backend's trailers");
     assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers.len(), 1, "{trailers:?}");
     let te_seen = te_seen.lock().unwrap().clone();
     assert_eq!(te_seen, [Some(http::HeaderValue::from_static("trailers"))]);
     let trailers = seen_trailers
