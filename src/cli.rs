@@ -258,6 +258,9 @@ async fn replay_only(
             result
         }
         None => {
+            // What a run with `[kafka]` left waiting for it is replayed
+            // from the spool, as `backstop run` without Kafka does.
+            runtime::hand_kafkas_captures_to_replay(&spool).await;
             let worker = SpoolReplayer::new(spool, proxy, counters);
             worker.run(shutdown).await;
             Ok(())

@@ -124,18 +124,7 @@ pub async fn run(
     if let Some(sink) = &kafka {
         sink.warm_up().await;
     } else {
-        // Records a run with `[kafka]` left waiting for it: without Kafka
-        // nothing would forward them, so the spool replays them itself.
-        match spool.replay_instead_of_kafka(None).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(
-                records = n,
-                "captures spooled for Kafka are replayed from the spool (no [kafka] configured)"
-            ),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot hand captures spooled for Kafka to the spool's replay")
-            }
-        }
+        hand_kafkas_captures_to_replay(&spool).await;
     }
     let otel = otel::Tracing::start(&config.otlp, &metrics)?;
     let proxy = Arc::new(Proxy {
@@ -513,4 +502,19 @@ pub fn stamp(path: &Path) -> Option<FileStamp> {
 /// The config's data directory, for commands that work on the spool alone.
 pub fn data_dir(config: &Config) -> &Path {
     &config.server.data_dir
+}
+
+/// Records a run with `[kafka]` left waiting for it: without Kafka nothing
+/// would forward them, so the spool replays them itself.
+pub async fn hand_kafkas_captures_to_replay(spool: &Spool) {
+    match spool.replay_instead_of_kafka(None).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            records = n,
+            "captures spooled for Kafka are replayed from the spool (no [kafka] configured)"
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot hand captures spooled for Kafka to the spool's replay")
+        }
+    }
 }

@@ -158,11 +158,7 @@ impl Capturer {
         // behind them (the forwarder sends them in order), or the topic
         // would have it ahead of older captures of its route.
         if self.spool.holds_captures_for_kafka() {
-            self.metrics.kafka_fallbacks.inc();
-            return self
-                .spool
-                .append(&record.id, &record.route, payload, Destination::Kafka)
-                .await;
+            return self.fall_back(record, payload, Destination::Kafka).await;
         }
         let outbound = Outbound {
             id: &record.id,
@@ -176,19 +172,27 @@ impl Capturer {
                 // Kept and replayed from this instance's spool: forwarding
                 // it to Kafka later would fail the same way.
                 tracing::warn!(capture_id = %record.id, error = %e, "Kafka refuses this capture: it is replayed from the spool");
-                self.metrics.kafka_fallbacks.inc();
-                self.spool
-                    .append(&record.id, &record.route, payload, Destination::Replay)
-                    .await
+                self.fall_back(record, payload, Destination::Replay).await
             }
             Err(e) => {
                 tracing::warn!(capture_id = %record.id, error = %e, "Kafka unavailable: capture goes to the spool");
-                self.metrics.kafka_fallbacks.inc();
-                self.spool
-                    .append(&record.id, &record.route, payload, Destination::Kafka)
-                    .await
+                self.fall_back(record, payload, Destination::Kafka).await
             }
         }
+    }
+
+    /// Stores a record in the spool in Kafka's stead, counted once stored.
+    async fn fall_back(
+        &self,
+        record: &CaptureRecord,
+        payload: Vec<u8>,
+        to: Destination,
+    ) -> Result<(), spool::SpoolError> {
+        self.spool
+            .append(&record.id, &record.route, payload, to)
+            .await?;
+        self.metrics.kafka_fallbacks.inc();
+        Ok(())
     }
 
     fn captured_answer(&self, route: &Route, record: &CaptureRecord) -> ProxyError {

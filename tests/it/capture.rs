@@ -814,6 +814,33 @@ async fn captures_left_for_kafka_are_replayed_after_a_restart_without_kafka() {
     assert_eq!(q["waiting_for_kafka"], 0, "{q}");
 }
 
+/// So are they by a standalone `backstop replay` without `[kafka]` (a
+/// host whose instance died with captures waiting for Kafka, drained by
+/// hand).
+#[tokio::test]
+async fn captures_left_for_kafka_are_replayed_by_a_replay_worker_without_kafka() {
+    let stopped = stopped_backend().await;
+    let upstream = format!("http://{}", stopped.addr);
+    let no_broker = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let kafka = format!("[kafka]\nbrokers = \"{no_broker}\"\nack_timeout = \"300ms\"\n");
+    let bs = Backstop::start(&format!("{kafka}{}", config(&upstream, "")));
+    capture_one(&bs, "/api/users", "kept for kafka").await;
+    assert_eq!(queue_status(&bs).await["waiting_for_kafka"], 1);
+    bs.signal("TERM");
+    let with_kafka = std::fs::read_to_string(&bs.config_path).unwrap();
+    let without = bs.config_path.with_file_name("replay.toml");
+    std::fs::write(&without, with_kafka.replace(&kafka, "")).unwrap();
+    let backend = Backend::start_on(stopped, |_| Reply::status(200)).await;
+    let logs = tempfile::tempdir().unwrap();
+    let worker = ReplayWorker::start(&without, logs.path().join("worker.log"));
+    backend.wait_for_hits(1, Duration::from_secs(10)).await;
+    assert_eq!(&backend.seen()[0].body[..], b"kept for kafka");
+    drop(worker);
+}
+
 /// A record keeps a trusted proxy's word about the client, which its
 /// replay passes on as the first try did. A replay asks again whether the
 /// peer is trusted, under the setting of the day: a record from a peer no
