@@ -66,7 +66,13 @@ pub(crate) fn ping_http2_connections(builder: &mut hyper_util::client::legacy::B
 /// client.
 pub struct Upstream {
     h1: Option<H1Pool>,
+    /// `https://` targets (HTTP/2 or HTTP/1.1, as ALPN chooses), and
+    /// `http://` ones the own pool does not serve (HTTP/1.1).
     client: HttpClient,
+    /// With `upstream_h2c`: `http://` targets, over HTTP/2 with prior
+    /// knowledge (hyper's `http2_only` would skip ALPN for `https://` ones
+    /// too, and an HTTP/1.1-only TLS backend would get the h2 preface).
+    h2c: Option<HttpClient>,
     pub balancer: Balancer,
     /// The outbound proxies, when the route uses them.
     pub proxies: Option<ProxyPool>,
@@ -94,14 +100,17 @@ impl Upstream {
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http);
+        let connector = ConnectWithin::new(connector, server.connect_timeout);
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_idle_timeout(server.upstream_idle_timeout)
             .pool_max_idle_per_host(server.upstream_max_idle)
             .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .http2_only(route.upstream_h2c);
+            .timer(TokioTimer::new());
         ping_http2_connections(&mut builder);
+        let h2c = route
+            .upstream_h2c
+            .then(|| builder.clone().http2_only(true).build(connector.clone()));
         let h1 = if route.upstream_h2c {
             None
         } else {
@@ -115,7 +124,8 @@ impl Upstream {
         };
         Ok(Upstream {
             h1,
-            client: builder.build(ConnectWithin::new(connector, server.connect_timeout)),
+            client: builder.build(connector),
+            h2c,
             balancer: Balancer::new(&route.upstreams, server.upstream_max_conns),
             proxies: ProxyPool::build(outbound_proxies, route, server)?,
             stall_limit: route.body_read_timeout,
@@ -213,7 +223,11 @@ impl Upstream {
             set.apply_to(request.headers_mut());
         }
         let upload = upload::progress_of(&request);
-        match upload::answer_by(self.client.request(request), deadline, upload.as_deref()).await {
+        let client = match &self.h2c {
+            Some(h2c) if request.uri().scheme() == Some(&Scheme::HTTP) => h2c,
+            _ => &self.client,
+        };
+        match upload::answer_by(client.request(request), deadline, upload.as_deref()).await {
             Some(Ok(response)) => from_hyper(response, self.stall_limit),
             Some(Err(e)) => {
                 let failure = upload::blame(upload.as_deref(), Failure::from_client_error(&e));

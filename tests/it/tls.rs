@@ -82,6 +82,37 @@ async fn https_upstream_is_trusted_with_the_route_ca_and_refused_without() {
     assert_eq!(backend.hits(), 1, "the unverified upstream got nothing");
 }
 
+/// `upstream_h2c` is about `http://` targets: an `https://` target of the
+/// same route still negotiates by ALPN, and one that speaks only HTTP/1.1
+/// is answered over HTTP/1.1 (not sent the HTTP/2 preface).
+#[tokio::test]
+async fn an_h2c_routes_https_target_negotiates_by_alpn() {
+    let pki = make_pki();
+    let http1_only = Backend::start_tls(acceptor(&pki, false), |_| Reply::ok("tls 1.1")).await;
+    let h2c = Backend::start(|_| Reply::ok("h2c")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, &pki.ca_pem).unwrap();
+    let tls = format!("https://localhost:{}", http1_only.addr.port());
+    let toml = format!(
+        "[[routes]]\nname = \"mixed\"\npath_prefix = \"/\"\nupstreams = [{tls:?}, {:?}]\n\
+         upstream_h2c = true\ntls_ca_file = {ca_path:?}\n[routes.retry]\nmax_attempts = 1\n",
+        h2c.url()
+    );
+    let bs = Backstop::start(&toml);
+    let c = crate::harness::client();
+    let mut bodies = Vec::new();
+    for _ in 0..2 {
+        let r = c.get(bs.url("/x")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        bodies.push(r.text().await.unwrap());
+    }
+    bodies.sort();
+    assert_eq!(bodies, ["h2c", "tls 1.1"]);
+    assert_eq!(http1_only.seen()[0].version, http::Version::HTTP_11);
+    assert_eq!(h2c.seen()[0].version, http::Version::HTTP_2);
+}
+
 #[tokio::test]
 async fn tls_listener_speaks_h2_and_http1_by_alpn() {
     let pki = make_pki();
