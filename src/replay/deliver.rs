@@ -203,10 +203,16 @@ fn scheme(record: &CaptureRecord) -> &'static str {
     }
 }
 
+/// A replay's outcome by the backend's status. Besides 408 and 429, a 409
+/// is tried again: it is what a backend that keeps idempotency keys (the
+/// IETF draft, Stripe) answers while the request under the same key is
+/// still being processed, as the live attempt that timed out may be when
+/// its replay comes; and a 425 asks for the request to be sent again.
+/// Other 4xx say the request itself is wrong and go to the dead letters.
 fn classify_status(status: u16) -> Delivery {
     match status {
         200..=399 => Delivery::Delivered(status),
-        408 | 429 => Delivery::Retry(format!("backend answered {status}")),
+        408 | 409 | 425 | 429 => Delivery::Retry(format!("backend answered {status}")),
         400..=499 => Delivery::Dead(format!("backend answered {status}")),
         _ => Delivery::Retry(format!("backend answered {status}")),
     }
@@ -299,6 +305,9 @@ mod tests {
             (400, "dead"),
             (404, "dead"),
             (408, "retry"),
+            (409, "retry"),
+            (410, "dead"),
+            (425, "retry"),
             (429, "retry"),
             (500, "retry"),
             (503, "retry"),

@@ -450,6 +450,23 @@ async fn a_replays_answer_body_is_not_kept() {
     );
 }
 
+/// A `409` (the request under the same idempotency key still in
+/// progress) is tried again, not dead-lettered.
+#[tokio::test]
+async fn a_replay_answered_409_is_tried_again() {
+    let addr = stopped_backend().await;
+    let bs = Backstop::start(&config(&format!("http://{addr}"), ""));
+    capture_one(&bs, "/api/orders", "{}").await;
+    let backend = Backend::start_on(addr, {
+        let replies = std::sync::Mutex::new(vec![Reply::status(201), Reply::status(409)]);
+        move |_| replies.lock().unwrap().pop().unwrap_or(Reply::status(201))
+    })
+    .await;
+    backend.wait_for_hits(2, Duration::from_secs(10)).await;
+    let q = wait_queue(&bs, "depth", 0).await;
+    assert_eq!(q["dead_letters"], 0, "{q}");
+}
+
 #[tokio::test]
 async fn a_400_goes_to_the_dead_letters_and_can_be_requeued() {
     // The 200 comes after a requeue.
