@@ -260,8 +260,7 @@ async fn replay_only(
         None => {
             // What a run with `[kafka]` left waiting for it is replayed
             // from the spool, as `backstop run` without Kafka does.
-            runtime::hand_kafkas_captures_to_replay(&spool).await;
-            let worker = SpoolReplayer::new(spool, proxy, counters);
+            let worker = SpoolReplayer::new(spool, proxy, counters).taking_kafkas_captures();
             worker.run(shutdown).await;
             Ok(())
         }

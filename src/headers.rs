@@ -134,7 +134,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .filter(|name| !is_client_claim(name))
+        // Nor `Host`, which says where the request goes, not how this
+        // connection works (and is read after this, on caching routes).
+        .filter(|name| !is_client_claim(name) && name != HOST)
         .chain(headers.keys().filter(|name| is_own(name)).cloned())
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
@@ -1111,6 +1113,11 @@ mod tests {
         h.insert("x-forwarded-prefix", HeaderValue::from_static("/shop"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 4, "{h:?}");
+        // Nor where the request goes.
+        h.insert(header::CONNECTION, HeaderValue::from_static("host"));
+        h.insert(HOST, HeaderValue::from_static("shop.example"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h[HOST], "shop.example");
     }
 
     #[test]

@@ -796,10 +796,12 @@ async fn forward(
         // The failed answer's connection is not held through the backoff.
         // The backend's own word on this request (a 429 and its
         // `Retry-After`, a 500 it may have applied) is what the client gets
-        // if the circuit refuses the retry, so a short one is read whole
-        // first, within the backoff; any other is let go.
+        // if the circuit refuses the retry, so a short one that is all but
+        // there is read whole first; any other is let go at once.
         let kept = match response {
-            Some(response) if !failure.is_capturable() => read_whole(response, delay).await,
+            Some(response) if !failure.is_capturable() => {
+                read_whole(response, delay.min(KEPT_ANSWER_WAIT)).await
+            }
             _ => None,
         };
         tokio::time::sleep_until(wake).await;
@@ -828,6 +830,9 @@ async fn forward(
 
 /// The most of a failed answer's body kept through a retry's backoff.
 const KEPT_ANSWER_BYTES: usize = 64 * 1024;
+/// The longest a retry waits for the rest of a failed answer's body (which
+/// holds its connection, and its turn on a capped target, meanwhile).
+const KEPT_ANSWER_WAIT: Duration = Duration::from_millis(100);
 
 /// `response` with its body read whole, if the body ends within
 /// [`KEPT_ANSWER_BYTES`] and `within`; else `None`, the answer let go.
@@ -835,6 +840,9 @@ async fn read_whole(
     response: Response<UpstreamBody>,
     within: Duration,
 ) -> Option<Response<UpstreamBody>> {
+    if response.body().size_hint().lower() > KEPT_ANSWER_BYTES as u64 {
+        return None;
+    }
     let (head, body) = response.into_parts();
     let read = tokio::time::timeout(within, body.read_whole(KEPT_ANSWER_BYTES));
     let body = read.await.ok()??;

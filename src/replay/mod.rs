@@ -81,6 +81,9 @@ pub struct SpoolReplayer {
     proxy: Arc<Proxy>,
     counters: Arc<ReplayCounters>,
     write_failures: Arc<Mutex<WriteFailures>>,
+    /// Whether captures left waiting for Kafka are taken over once this
+    /// worker holds the replay lock (`backstop replay` without `[kafka]`).
+    takes_kafkas_captures: bool,
 }
 
 /// Spool writes failing (a full disk, a read-only file system): how many
@@ -120,7 +123,17 @@ impl SpoolReplayer {
             proxy,
             counters,
             write_failures: Arc::default(),
+            takes_kafkas_captures: false,
         }
+    }
+
+    /// Replays, once it holds the replay lock, the captures a run with
+    /// `[kafka]` left waiting for Kafka: taken before, they could be
+    /// replayed here while the running process that holds the lock still
+    /// forwards them to Kafka.
+    pub fn taking_kafkas_captures(mut self) -> Self {
+        self.takes_kafkas_captures = true;
+        self
     }
 
     /// Waits until this process is the one that replays the spool (a
@@ -157,6 +170,9 @@ impl SpoolReplayer {
         let Some(_replaying) = self.wait_for_replay_lock(&shutdown).await else {
             return;
         };
+        if self.takes_kafkas_captures {
+            crate::runtime::hand_kafkas_captures_to_replay(&self.spool).await;
+        }
         tracing::info!("replay worker started");
         let mut routes: HashMap<String, RouteTurn> = HashMap::new();
         let mut tasks: JoinSet<Duration> = JoinSet::new();

@@ -362,10 +362,10 @@ impl Cluster {
 /// payload length, offset, digits, lowest, highest, ratio; 40 bytes, big
 /// endian) before hdrhistogram reads it: it sizes its buffers from these
 /// fields, so a value written to Redis by anything else could make it ask
-/// for gigabytes. Only histograms this version (or an earlier one) makes
-/// pass: its digits and lowest value, and a highest value no larger than
-/// the one that covers [`window::LATENCY_MAX_US`] (a histogram grows to
-/// its longest latency, in powers of two).
+/// for gigabytes. Only histograms of this version's digits and lowest value
+/// pass, with a highest value no larger than the one that covers
+/// [`window::LATENCY_MAX_US`] (every version sends that bound itself; a
+/// later one may send histograms sized to their longest latency).
 fn check_histogram_header(bytes: &[u8]) -> Result<(), String> {
     let field = |at: usize, len: usize| {
         bytes
@@ -643,12 +643,20 @@ pub struct WireCounts {
 
 impl WireCounts {
     fn encode(c: &Counts, ser: &mut V2Serializer) -> WireCounts {
+        // Sent with the bounds every version reads (an earlier one refuses
+        // any other): a histogram here grows to its longest latency, so its
+        // own bounds vary. The format leaves out the empty buckets above
+        // the longest latency, so the wire size is the same.
+        let mut wire = window::wire_histogram();
         let mut bytes = Vec::new();
-        // Serializing into a Vec does not fail; if it ever did, the counts
-        // still go, without latencies.
-        let latency = match ser.serialize(c.latency_histogram(), &mut bytes) {
-            Ok(_) => BASE64.encode(&bytes),
-            Err(_) => String::new(),
+        // Adding into the widest bounds and serializing into a Vec do not
+        // fail; if either ever did, the counts still go, without latencies.
+        let serialized =
+            wire.add(c.latency_histogram()).is_ok() && ser.serialize(&wire, &mut bytes).is_ok();
+        let latency = if serialized {
+            BASE64.encode(&bytes)
+        } else {
+            String::new()
         };
         WireCounts {
             total: c.total,
@@ -972,12 +980,18 @@ mod tests {
         ] {
             assert!(decoded(&bad).is_err());
         }
-        // An earlier version's histograms had the clamp for their highest
-        // value; one grown to the clamp has the power of two above it.
-        let earlier = with(24, &window::LATENCY_MAX_US.to_be_bytes());
-        assert_eq!(decoded(&earlier), Ok(()));
+        // Every version sends the full bounds, which an earlier one
+        // requires; a histogram sized to its longest latency is read too.
+        let highest = |bytes: &[u8]| u64::from_be_bytes(bytes[24..32].try_into().unwrap());
+        assert_eq!(highest(&good), window::LATENCY_MAX_US);
+        let sized = with(24, &1023u64.to_be_bytes());
+        assert_eq!(decoded(&sized), Ok(()));
         counts.add(&sample(200, u64::MAX));
         let wire = WireCounts::encode(&counts, &mut V2Serializer::new());
+        assert_eq!(
+            highest(&BASE64.decode(&wire.latency).unwrap()),
+            window::LATENCY_MAX_US
+        );
         let mut into = Counts::default();
         let grown = wire.add_to(&mut into, &mut Deserializer::new());
         assert_eq!(grown, Ok(()));

@@ -63,6 +63,14 @@ impl Default for Counts {
     }
 }
 
+/// A histogram of the full bounds (1 µs to [`LATENCY_MAX_US`]), as every
+/// version of Backstop reads them from Redis (`cluster`).
+pub(crate) fn wire_histogram() -> Histogram<u32> {
+    // Constant bounds that hdrhistogram documents as valid: not input.
+    Histogram::new_with_bounds(1, LATENCY_MAX_US, SIGNIFICANT_DIGITS)
+        .expect("constant histogram bounds are valid")
+}
+
 fn new_histogram() -> Histogram<u32> {
     // Constant bounds that hdrhistogram documents as valid: not input.
     let mut histogram = Histogram::new_with_bounds(1, 2, SIGNIFICANT_DIGITS)
