@@ -803,21 +803,23 @@ async fn a_routes_backlog_or_slow_replays_never_hold_up_another_route() {
     assert!(queue_status(&bs).await["depth"].as_u64().unwrap() >= 520);
 }
 
+/// A `[kafka]` section whose broker never answers.
+fn unanswering_kafka() -> String {
+    let no_broker = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    format!("[kafka]\nbrokers = \"{no_broker}\"\nack_timeout = \"300ms\"\n")
+}
+
 /// Captures spooled for a Kafka that never answered are replayed by the
 /// spool after a restart without `[kafka]`: nothing else would send them.
 #[tokio::test]
 async fn captures_left_for_kafka_are_replayed_after_a_restart_without_kafka() {
     let stopped = stopped_backend().await;
     let upstream = format!("http://{}", stopped.addr);
-    let no_broker = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
     let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
-    let with_kafka = format!(
-        "[kafka]\nbrokers = \"{no_broker}\"\nack_timeout = \"300ms\"\n{}",
-        config(&upstream, "")
-    );
+    let with_kafka = format!("{}{}", unanswering_kafka(), config(&upstream, ""));
     let bs = Backstop::start_in(dir.clone(), &with_kafka);
     capture_one(&bs, "/api/users", "kept for kafka").await;
     assert_eq!(queue_status(&bs).await["waiting_for_kafka"], 1);
@@ -838,11 +840,7 @@ async fn captures_left_for_kafka_are_replayed_after_a_restart_without_kafka() {
 async fn captures_left_for_kafka_are_replayed_by_a_replay_worker_without_kafka() {
     let stopped = stopped_backend().await;
     let upstream = format!("http://{}", stopped.addr);
-    let no_broker = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let kafka = format!("[kafka]\nbrokers = \"{no_broker}\"\nack_timeout = \"300ms\"\n");
+    let kafka = unanswering_kafka();
     let bs = Backstop::start(&format!("{kafka}{}", config(&upstream, "")));
     capture_one(&bs, "/api/users", "kept for kafka").await;
     assert_eq!(queue_status(&bs).await["waiting_for_kafka"], 1);

@@ -44,6 +44,22 @@ async fn circuit(bs: &Backstop) -> serde_json::Value {
     status["circuits"][0].clone()
 }
 
+/// Sends `request`, whose first attempt fails and whose retry then waits
+/// out its backoff, while a GET of `/api/x` (answered `503` by `backend`)
+/// opens the circuit; `request`'s answer.
+async fn answer_once_the_circuit_opened(
+    bs: &Backstop,
+    backend: &Backend,
+    request: reqwest::RequestBuilder,
+) -> reqwest::Response {
+    let sent = tokio::spawn(async move { request.send().await.unwrap() });
+    backend.wait_for_hits(1, Duration::from_secs(5)).await;
+    let r = client().get(bs.url("/api/x")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(circuit(bs).await["state"], "open");
+    sent.await.unwrap()
+}
+
 /// Waits (5 s at most) until the route's circuit is in `state`.
 async fn wait_for_circuit(bs: &Backstop, state: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -172,15 +188,11 @@ async fn a_retry_is_not_sent_once_the_circuit_opened_during_its_backoff() {
   failure_threshold = 2
 "#,
     ));
-    let url = bs.url("/api/x");
-    let first = tokio::spawn(async move { client().get(url).send().await.unwrap() });
-    backend.wait_for_hits(1, Duration::from_secs(5)).await;
     // The second failure opens the circuit; this request's own retry is
     // refused at once.
-    let r = client().get(bs.url("/api/x")).send().await.unwrap();
-    assert_eq!(r.status(), 503);
-    assert_eq!(circuit(&bs).await["state"], "open");
-    let (status, code, _) = error_of(first.await.unwrap()).await;
+    let first = client().get(bs.url("/api/x"));
+    let first = answer_once_the_circuit_opened(&bs, &backend, first).await;
+    let (status, code, _) = error_of(first).await;
     assert_eq!(backend.hits(), 2, "the first request's retry was not sent");
     assert_eq!(
         (status, code.as_str()),
@@ -214,14 +226,8 @@ async fn a_retry_refused_after_its_backoff_does_not_capture_the_backends_answer(
   failure_threshold = 2
 "#,
     ));
-    let url = bs.url("/api/orders/1");
-    let put = tokio::spawn(async move { client().put(url).body("{}").send().await.unwrap() });
-    backend.wait_for_hits(1, Duration::from_secs(5)).await;
-    // Its failure opens the circuit while the PUT waits for its retry.
-    let r = client().get(bs.url("/api/x")).send().await.unwrap();
-    assert_eq!(r.status(), 503);
-    assert_eq!(circuit(&bs).await["state"], "open");
-    let r = put.await.unwrap();
+    let put = client().put(bs.url("/api/orders/1")).body("{}");
+    let r = answer_once_the_circuit_opened(&bs, &backend, put).await;
     assert!(!r.headers().contains_key("x-backstop-capture-id"));
     assert!(!r.headers().contains_key("x-backstop-error"));
     assert_eq!(r.status(), 500);
@@ -256,14 +262,8 @@ async fn a_429_whose_retry_is_refused_keeps_its_retry_after() {
   failure_threshold = 1
 "#,
     ));
-    let url = bs.url("/api/limited");
-    let limited = tokio::spawn(async move { client().get(url).send().await.unwrap() });
-    backend.wait_for_hits(1, Duration::from_secs(5)).await;
-    // A 503 opens the circuit while the 429's retry waits out its backoff.
-    let r = client().get(bs.url("/api/x")).send().await.unwrap();
-    assert_eq!(r.status(), 503);
-    assert_eq!(circuit(&bs).await["state"], "open");
-    let r = limited.await.unwrap();
+    let limited = client().get(bs.url("/api/limited"));
+    let r = answer_once_the_circuit_opened(&bs, &backend, limited).await;
     assert_eq!(backend.hits(), 2, "the 429's retry was not sent");
     assert_eq!(r.status(), 429);
     assert!(!r.headers().contains_key("x-backstop-error"));
