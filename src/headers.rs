@@ -695,10 +695,9 @@ impl Forwarding {
 /// before 6.4.3, Gunicorn before 22) would take `X_Forwarded_Ssl` for the
 /// real one.
 pub fn is_client_claim(name: &HeaderName) -> bool {
-    name == header::FORWARDED
-        || CLAIM_NAMES
-            .iter()
-            .any(|claim| read_alike(claim, name.as_str()))
+    CLAIM_NAMES
+        .iter()
+        .any(|claim| read_alike(claim, name.as_str()))
 }
 
 /// The names [`is_client_claim`] knows, as the standards spell them.

@@ -257,12 +257,12 @@ async fn proxy_request(
         out_of_line(phase).await?;
     }
     let body = read_body(route, &mut req, active.config.server.max_body_bytes).await?;
+    // What `Connection` names never reaches the backend, so from here on
+    // nothing sees it: not the cache key (a client's `X-Tenant: 2` named
+    // away would store the backend's answer without it as tenant 2's), nor
+    // a capture.
+    headers::strip_hop_by_hop_but_trailers(req.headers_mut(), route.carries_trailers());
     let mut cache = if route.config.cache.enabled {
-        // What `Connection` names never reaches the backend, so it is not
-        // keyed either (`prepare` would remove it after the key was made
-        // with it: a client's `X-Tenant: 2` named away would store the
-        // backend's answer without it as tenant 2's).
-        headers::strip_hop_by_hop_but_trailers(req.headers_mut(), route.carries_trailers());
         match out_of_line(cache_phase(proxy, active, route, &req, &body, ctx)).await {
             Lookup::Answer(response, _) => return Ok(response),
             Lookup::Forward(state) => {
@@ -532,7 +532,6 @@ fn prepare(
     if client.version() == Version::HTTP_2 {
         headers::join_cookies(client.headers_mut());
     }
-    headers::strip_hop_by_hop_but_trailers(client.headers_mut(), route.carries_trailers());
     let capture = &route.config.capture;
     let capturable = (capture.enabled && capture.methods.contains(client.method())).then(|| {
         let mut client_headers = client.headers().clone();

@@ -66,18 +66,21 @@ impl Default for Counts {
 /// A histogram of the full bounds (1 µs to [`LATENCY_MAX_US`]), as every
 /// version of Backstop reads them from Redis (`cluster`).
 pub(crate) fn wire_histogram() -> Histogram<u32> {
-    // Constant bounds that hdrhistogram documents as valid: not input.
-    Histogram::new_with_bounds(1, LATENCY_MAX_US, SIGNIFICANT_DIGITS)
-        .expect("constant histogram bounds are valid")
+    up_to(LATENCY_MAX_US)
 }
 
 fn new_histogram() -> Histogram<u32> {
-    // Constant bounds that hdrhistogram documents as valid: not input.
-    let mut histogram = Histogram::new_with_bounds(1, 2, SIGNIFICANT_DIGITS)
-        .expect("constant histogram bounds are valid");
+    let mut histogram = up_to(2);
     // Grown by a longer latency than it has room for, recorded or added.
     histogram.auto(true);
     histogram
+}
+
+/// A histogram from 1 µs to `highest`, a constant at least 2.
+fn up_to(highest: u64) -> Histogram<u32> {
+    // Constant bounds that hdrhistogram documents as valid: not input.
+    Histogram::new_with_bounds(1, highest, SIGNIFICANT_DIGITS)
+        .expect("constant histogram bounds are valid")
 }
 
 /// Latency percentiles in milliseconds.
