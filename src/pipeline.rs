@@ -377,8 +377,9 @@ fn route_phase<'t>(
 /// bucket for this request's key (route, client IP or header), in this
 /// process or, with `shared`, in Redis. Over the limit → 429
 /// `rate_limited` with `Retry-After`; the `RateLimit-*` headers go on every
-/// answer. When Redis cannot answer, the request goes on (fail open) and is
-/// counted.
+/// answer. When Redis cannot answer, this instance's own bucket judges the
+/// request (as without `shared`), and it is counted: an outage of Redis
+/// loosens the limit to the limit per instance, it does not lift it.
 async fn rate_limit_phase(
     proxy: &Proxy,
     active: &Active,
@@ -397,10 +398,10 @@ async fn rate_limit_phase(
                 None => {
                     proxy
                         .metrics
-                        .rate_limit_fail_open
+                        .rate_limit_local_fallback
                         .get_or_create(&crate::stats::metrics::route(route.name()))
                         .inc();
-                    return Ok(());
+                    guards.limiter.check(limit, &key)
                 }
             }
         }

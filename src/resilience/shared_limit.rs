@@ -3,9 +3,10 @@
 //! Lua script so that concurrent instances cannot both take the last token.
 //! The script reads Redis's own clock, so instances need not agree on time.
 //!
-//! Redis being down or slow must not take the proxy down with it: a call
-//! that fails or takes longer than `redis.timeout` lets the request through
-//! (fail open), counts `backstop_rate_limit_fail_open_total`, and Redis is
+//! Redis being down or slow must not take the proxy down with it, nor lift
+//! the limit: a call that fails or takes longer than `redis.timeout` leaves
+//! the request to the instance's own bucket (the pipeline's fallback,
+//! counted in `backstop_rate_limit_local_fallback_total`), and Redis is
 //! then skipped for a second instead of making every request wait for the
 //! timeout. The Redis URL (which may hold a password) is never logged.
 
@@ -70,8 +71,8 @@ impl Default for SharedLimiter {
 
 impl SharedLimiter {
     /// Takes a token from the shared bucket of (`route`, `key`); `None`
-    /// when Redis could not answer in time (the caller lets the request
-    /// through).
+    /// when Redis could not answer in time (the caller judges the request
+    /// by its own bucket).
     pub async fn check(
         &self,
         redis: &RedisConfig,
@@ -123,7 +124,7 @@ impl SharedLimiter {
                 // (the calls in flight when Redis failed all fail), so a
                 // Redis outage does not flood the log.
                 if before <= failed_ms {
-                    tracing::warn!(route, %error, "shared rate limit unavailable: letting requests through");
+                    tracing::warn!(route, %error, "shared rate limit unavailable: each instance limits on its own");
                 }
                 None
             }

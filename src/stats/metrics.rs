@@ -76,7 +76,7 @@ pub struct Metrics {
     pub spool_up: Gauge,
     pub kafka_fallbacks: Counter,
     pub replayed: Family<RouteOutcome, Counter>,
-    pub rate_limit_fail_open: Family<RouteLabel, Counter>,
+    pub rate_limit_local_fallback: Family<RouteLabel, Counter>,
     /// Read at scrape time from the targets of capped routes
     /// (`upstream_max_conns`), like the queue gauges: see [`Metrics::set_turns`].
     upstream_in_flight: Family<RouteUpstream, Gauge>,
@@ -178,11 +178,11 @@ impl Metrics {
             "Replay attempts by outcome (delivered, retry, dead_letter; busy: not sent, no turn at the target)",
             replayed.clone(),
         );
-        let rate_limit_fail_open = Family::<RouteLabel, Counter>::default();
+        let rate_limit_local_fallback = Family::<RouteLabel, Counter>::default();
         registry.register(
-            "rate_limit_fail_open",
-            "Requests let through unchecked because the shared (Redis) rate limit was unavailable",
-            rate_limit_fail_open.clone(),
+            "rate_limit_local_fallback",
+            "Requests of a route with a shared rate limit judged by this instance's own bucket because Redis could not answer",
+            rate_limit_local_fallback.clone(),
         );
         let upstream_in_flight = Family::<RouteUpstream, Gauge>::default();
         registry.register(
@@ -245,7 +245,7 @@ impl Metrics {
             spool_up,
             kafka_fallbacks,
             replayed,
-            rate_limit_fail_open,
+            rate_limit_local_fallback,
             upstream_in_flight,
             upstream_waiting,
             turn_series: Mutex::new(Vec::new()),

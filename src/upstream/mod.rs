@@ -8,6 +8,7 @@
 
 mod balance;
 mod connect_within;
+mod dial_target;
 mod h1_client;
 mod h1_pool;
 pub mod proxy_pool;
@@ -17,8 +18,9 @@ use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
+use http::header::HOST;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
@@ -29,6 +31,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 pub use balance::{Balancer, Slots, Target};
 use connect_within::ConnectWithin;
+use dial_target::DialTarget;
 pub use h1_client::ConnBody;
 use h1_pool::{H1Pool, PoolLimits};
 use proxy_pool::{ProxyPool, Via};
@@ -40,7 +43,7 @@ use crate::headers::{self, ProxySet};
 use crate::outgoing::Outgoing;
 use crate::upload;
 
-type HttpClient = Client<ConnectWithin<HttpsConnector<HttpConnector>>, RequestBody>;
+type HttpClient = Client<ConnectWithin<DialTarget<HttpsConnector<HttpConnector>>>, RequestBody>;
 
 /// When TCP starts probing an idle upstream connection.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
@@ -63,16 +66,16 @@ pub(crate) fn ping_http2_connections(builder: &mut hyper_util::client::legacy::B
 
 /// A route's way to its backends: plain `http://` targets over our own
 /// HTTP/1.1 pool (unless the route speaks h2c), the rest over hyper-util's
-/// client.
+/// clients.
 pub struct Upstream {
     h1: Option<H1Pool>,
-    /// `https://` targets (HTTP/2 or HTTP/1.1, as ALPN chooses), and
-    /// `http://` ones the own pool does not serve (HTTP/1.1).
-    client: HttpClient,
-    /// With `upstream_h2c`: `http://` targets, over HTTP/2 with prior
-    /// knowledge (hyper's `http2_only` would skip ALPN for `https://` ones
-    /// too, and an HTTP/1.1-only TLS backend would get the h2 preface).
-    h2c: Option<HttpClient>,
+    /// hyper-util's client of each target (by index), which dials only it
+    /// (see [`DialTarget`]): `https://` targets speak HTTP/2 or HTTP/1.1
+    /// as ALPN chooses; `http://` ones HTTP/1.1 (what the own pool does not
+    /// serve), or with `upstream_h2c` HTTP/2 with prior knowledge (only
+    /// theirs: hyper's `http2_only` skips ALPN, and an HTTP/1.1-only TLS
+    /// backend would get the h2 preface).
+    clients: Vec<HttpClient>,
     pub balancer: Balancer,
     /// The outbound proxies, when the route uses them.
     pub proxies: Option<ProxyPool>,
@@ -100,7 +103,6 @@ impl Upstream {
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http);
-        let connector = ConnectWithin::new(connector, server.connect_timeout);
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_idle_timeout(server.upstream_idle_timeout)
@@ -108,9 +110,21 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new());
         ping_http2_connections(&mut builder);
-        let h2c = route
-            .upstream_h2c
-            .then(|| builder.clone().http2_only(true).build(connector.clone()));
+        let mut h2c = builder.clone();
+        h2c.http2_only(true);
+        let clients = route
+            .upstreams
+            .iter()
+            .map(|target| {
+                let prior_knowledge = route.upstream_h2c && target.scheme() == Some(&Scheme::HTTP);
+                let dial = DialTarget::new(connector.clone(), target.clone());
+                let connector = ConnectWithin::new(dial, server.connect_timeout);
+                match prior_knowledge {
+                    true => h2c.build(connector),
+                    false => builder.build(connector),
+                }
+            })
+            .collect();
         let h1 = if route.upstream_h2c {
             None
         } else {
@@ -124,8 +138,7 @@ impl Upstream {
         };
         Ok(Upstream {
             h1,
-            client: builder.build(connector),
-            h2c,
+            clients,
             balancer: Balancer::new(&route.upstreams, server.upstream_max_conns),
             proxies: ProxyPool::build(outbound_proxies, route, server)?,
             stall_limit: route.body_read_timeout,
@@ -222,11 +235,9 @@ impl Upstream {
         if let Some(set) = set {
             set.apply_to(request.headers_mut());
         }
+        host_as_authority(&mut request);
+        let client = self.clients.get(index).ok_or(Failure::ConnectFailed)?;
         let upload = upload::progress_of(&request);
-        let client = match &self.h2c {
-            Some(h2c) if request.uri().scheme() == Some(&Scheme::HTTP) => h2c,
-            _ => &self.client,
-        };
         match upload::answer_by(client.request(request), deadline, upload.as_deref()).await {
             Some(Ok(response)) => from_hyper(response, self.stall_limit),
             Some(Err(e)) => {
@@ -236,6 +247,26 @@ impl Upstream {
             }
             None => Err(Failure::Timeout),
         }
+    }
+}
+
+/// Moves a request's `Host` (a route's `headers` set one) into its URI,
+/// where hyper-util's client takes it from: as HTTP/2's `:authority`, and
+/// as HTTP/1.1's `Host` (written from the URI when the head has none). The
+/// target's client still dials the target. A value that is not an
+/// authority stays a header.
+fn host_as_authority(request: &mut Request<RequestBody>) {
+    let Some(host) = request.headers().get(HOST) else {
+        return;
+    };
+    let Ok(authority) = Authority::try_from(host.as_bytes()) else {
+        return;
+    };
+    let mut parts = request.uri().clone().into_parts();
+    parts.authority = Some(authority);
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *request.uri_mut() = uri;
+        request.headers_mut().remove(HOST);
     }
 }
 

@@ -113,6 +113,65 @@ async fn an_h2c_routes_https_target_negotiates_by_alpn() {
     assert_eq!(h2c.seen()[0].version, http::Version::HTTP_2);
 }
 
+/// A route's `Host` reaches an HTTP/2 backend as `:authority`, HTTP/2's
+/// only name for it (a `host` field beside a different `:authority` is not
+/// allowed), by ALPN over TLS and with `upstream_h2c`, and an HTTP/1.1 one
+/// as `Host`; the connections still go to the targets, and TLS still
+/// verifies the target's name.
+#[tokio::test]
+async fn a_routes_host_reaches_http2_backends_as_the_authority() {
+    let pki = make_pki();
+    let h2 = Backend::start_tls(acceptor(&pki, true), |_| Reply::ok("h2")).await;
+    let http1_only = Backend::start_tls(acceptor(&pki, false), |_| Reply::ok("h1")).await;
+    let h2c = Backend::start(|_| Reply::ok("h2c")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, &pki.ca_pem).unwrap();
+    let route = |name: &str, target: String, h2c: bool| {
+        format!(
+            "[[routes]]\nname = {name:?}\npath_prefix = \"/{name}\"\nupstreams = [{target:?}]\n\
+             upstream_h2c = {h2c}\ntls_ca_file = {ca_path:?}\n\
+             headers = {{ Host = \"api.example:8443\" }}\n[routes.retry]\nmax_attempts = 1\n"
+        )
+    };
+    let toml = [
+        route("h2", format!("https://localhost:{}", h2.addr.port()), false),
+        route(
+            "h1",
+            format!("https://localhost:{}", http1_only.addr.port()),
+            false,
+        ),
+        route("cleartext", h2c.url(), true),
+    ]
+    .concat();
+    let bs = Backstop::start(&toml);
+    let c = crate::harness::client();
+    for (name, backend, scheme) in [("h2", &h2, "https"), ("cleartext", &h2c, "http")] {
+        let r = c
+            .get(bs.url(&format!("/{name}/x?q=1")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{name}");
+        let seen = &backend.seen()[0];
+        assert_eq!(seen.version, http::Version::HTTP_2, "{name}");
+        assert_eq!(
+            seen.uri,
+            format!("{scheme}://api.example:8443/{name}/x?q=1")
+        );
+        assert!(
+            seen.headers.get("host").is_none(),
+            "{name}: {:?}",
+            seen.headers
+        );
+    }
+    let r = c.get(bs.url("/h1/x")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "h1");
+    let seen = &http1_only.seen()[0];
+    assert_eq!(seen.version, http::Version::HTTP_11);
+    assert_eq!(seen.headers["host"], "api.example:8443");
+}
+
 #[tokio::test]
 async fn tls_listener_speaks_h2_and_http1_by_alpn() {
     let pki = make_pki();
