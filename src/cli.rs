@@ -239,10 +239,11 @@ async fn replay_only(
         // `replay.enabled = false` would otherwise keep for ever.
         Some(kafka) => {
             let sink = Arc::new(KafkaSink::new(kafka)?);
-            let spool_worker = SpoolReplayer::new(spool, proxy.clone(), counters.clone());
+            let spool_worker = SpoolReplayer::new(spool.clone(), proxy.clone(), counters.clone());
             let spool_task = tokio::spawn(spool_worker.run(shutdown.clone()));
             let worker = KafkaReplayer {
                 sink,
+                spool,
                 proxy,
                 counters,
             };

@@ -1034,8 +1034,8 @@ const CLIENT_CLOSED: u16 = 499;
 /// A request on its way through the pipeline. Dropped before it is
 /// answered — an HTTP/2 client's `RST_STREAM` (or a closed connection)
 /// cancels `handle` — it is still logged and counted, as `499` with error
-/// `client_closed`: the requests a slow backend loses to its clients'
-/// deadlines are what the statistics must show.
+/// `client_closed` (its span ended so too): the requests a slow backend
+/// loses to its clients' deadlines are what the statistics must show.
 struct Unanswered<'a, 'c> {
     proxy: &'a Proxy,
     active: &'a Active,
@@ -1046,11 +1046,15 @@ struct Unanswered<'a, 'c> {
 
 impl Drop for Unanswered<'_, '_> {
     fn drop(&mut self) {
-        let Some(path) = self.path.filter(|_| !self.answered) else {
+        if self.answered {
+            return;
+        }
+        let ctx = &mut *self.ctx;
+        ctx.span.cancelled(ctx);
+        let Some(path) = self.path else {
             return;
         };
         let (log, stats) = (&self.active.config.log, &self.active.config.stats);
-        let ctx = &mut *self.ctx;
         if log.access_log {
             let status = StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST);
             log_access(ctx, path, status);

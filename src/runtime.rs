@@ -187,6 +187,7 @@ pub async fn run(
             let replayer = KafkaReplayer {
                 proxy: proxy.clone(),
                 sink: sink.clone(),
+                spool: spool.clone(),
                 counters: counters.clone(),
             };
             let (kafka_config, group) = (kafka_config.clone(), config.replay.group_id.clone());

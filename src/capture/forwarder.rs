@@ -2,6 +2,7 @@
 //! or slow (`Destination::Kafka`) are sent to Kafka once it is back, oldest
 //! first, and removed from the spool only after Kafka acknowledged them.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,8 +19,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 pub async fn run(spool: Arc<Spool>, sink: Arc<KafkaSink>, shutdown: CancellationToken) {
     let mut backoff = POLL;
+    // Records Kafka acknowledged whose removal from the spool failed (a
+    // full or read-only disk): only their removal is tried again, or each
+    // try would put them in the topic once more.
+    let mut acknowledged = HashSet::new();
     loop {
-        let wait = match forward_batch(&spool, &sink).await {
+        let wait = match forward_batch(&spool, &sink, &mut acknowledged).await {
             Ok(0) => {
                 backoff = POLL;
                 POLL
@@ -49,12 +54,18 @@ pub async fn run(spool: Arc<Spool>, sink: Arc<KafkaSink>, shutdown: Cancellation
 /// spool in one commit: one at a time, each a round trip to Kafka and an
 /// fsync, a few hundred a second could not keep up with captures that
 /// queue behind the backlog.
-async fn forward_batch(spool: &Arc<Spool>, sink: &KafkaSink) -> Result<usize, String> {
+async fn forward_batch(
+    spool: &Arc<Spool>,
+    sink: &KafkaSink,
+    acknowledged: &mut HashSet<String>,
+) -> Result<usize, String> {
     let reader = spool.clone();
     let rows = tokio::task::spawn_blocking(move || reader.queued(Destination::Kafka, BATCH))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
+    let (in_kafka, rows): (Vec<_>, Vec<_>) =
+        (rows.into_iter()).partition(|row| acknowledged.contains(&row.id));
     // The reason header comes from the record; an unreadable record is
     // forwarded as it is and dead-lettered by the consumer.
     let reasons: Vec<String> = rows
@@ -75,11 +86,11 @@ async fn forward_batch(spool: &Arc<Spool>, sink: &KafkaSink) -> Result<usize, St
         sink.send(&outbound).await
     });
     let results = join_all(sends).await;
-    let mut forwarded = Vec::new();
+    let mut forwarded: Vec<&str> = in_kafka.iter().map(|row| row.id.as_str()).collect();
     let mut failed: Option<String> = None;
     for (row, result) in rows.iter().zip(results) {
         match result {
-            Ok(()) => forwarded.push(spool.delete(&row.id)),
+            Ok(()) => forwarded.push(&row.id),
             // One record Kafka will never take must not hold up the ones
             // behind it: it is replayed from the spool instead.
             Err(e) if e.refused => {
@@ -96,8 +107,19 @@ async fn forward_batch(spool: &Arc<Spool>, sink: &KafkaSink) -> Result<usize, St
     // Whatever failed, what Kafka acknowledged leaves the spool: left
     // there, it would go to the topic a second time.
     let sent = forwarded.len();
-    for deleted in join_all(forwarded).await {
-        deleted.map_err(|e| e.to_string())?;
+    let deletes = forwarded.iter().map(|id| spool.delete(id));
+    for (id, deleted) in forwarded.iter().zip(join_all(deletes).await) {
+        match deleted {
+            Ok(()) => {
+                acknowledged.remove(*id);
+            }
+            Err(e) => {
+                acknowledged.insert(id.to_string());
+                failed.get_or_insert(format!(
+                    "forwarded captures not removed from the spool: {e}"
+                ));
+            }
+        }
     }
     match failed {
         Some(e) => Err(e),

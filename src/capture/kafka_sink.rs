@@ -55,6 +55,9 @@ pub struct KafkaSink {
     /// producer was fenced after a broker lost its state): a fatal producer
     /// never recovers by itself.
     producer: ArcSwap<FutureProducer>,
+    /// Held while a broken producer is replaced, so that it is replaced
+    /// once, not by each of the sends that fail on it.
+    replacing: tokio::sync::Mutex<()>,
     client_config: ClientConfig,
     pub topic: String,
     pub dlq_topic: String,
@@ -81,6 +84,7 @@ impl KafkaSink {
             .map_err(|e| format!("kafka producer: {e}"))?;
         Ok(KafkaSink {
             producer: ArcSwap::from_pointee(producer),
+            replacing: tokio::sync::Mutex::new(()),
             client_config,
             topic: config.topic.clone(),
             dlq_topic: config.dlq_topic.clone(),
@@ -120,11 +124,11 @@ impl KafkaSink {
             .headers(headers);
         let producer = self.producer.load_full();
         let delivery = producer.send(message, Timeout::After(self.ack_timeout));
-        match tokio::time::timeout(self.ack_timeout, delivery).await {
+        let result = match tokio::time::timeout(self.ack_timeout, delivery).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err((e, _))) => {
                 if let Some(reason) = producer_is_broken(&producer, &e) {
-                    self.replace_producer(&reason);
+                    self.replace_producer(&producer, &reason).await;
                 }
                 Err(SendError {
                     message: format!("kafka delivery failed: {e}"),
@@ -135,18 +139,40 @@ impl KafkaSink {
                 message: format!("kafka did not acknowledge within {:?}", self.ack_timeout),
                 refused: false,
             }),
+        };
+        self.let_go(producer);
+        result
+    }
+
+    /// Replaces `broken` unless that is done already (every send queued on
+    /// a broken producer fails the same way). Making a producer blocks (it
+    /// starts a thread), so it is made off the runtime's threads.
+    async fn replace_producer(&self, broken: &Arc<FutureProducer>, reason: &str) {
+        let _alone = self.replacing.lock().await;
+        if !Arc::ptr_eq(&self.producer.load(), broken) {
+            return;
+        }
+        let config = self.client_config.clone();
+        let made = tokio::task::spawn_blocking(move || config.create::<FutureProducer>()).await;
+        match made {
+            Ok(Ok(fresh)) => {
+                tracing::warn!(%reason, "Kafka producer hit a fatal error; replaced it");
+                let old = self.producer.swap(Arc::new(fresh));
+                self.let_go(old);
+            }
+            Ok(Err(e)) => {
+                tracing::error!(%reason, error = %e, "Kafka producer hit a fatal error and cannot be recreated")
+            }
+            Err(e) => tracing::error!(%reason, error = %e, "Kafka producer could not be recreated"),
         }
     }
 
-    fn replace_producer(&self, reason: &str) {
-        match self.client_config.create::<FutureProducer>() {
-            Ok(fresh) => {
-                tracing::warn!(%reason, "Kafka producer hit a fatal error; replaced it");
-                self.producer.store(Arc::new(fresh));
-            }
-            Err(e) => {
-                tracing::error!(%reason, error = %e, "Kafka producer hit a fatal error and cannot be recreated")
-            }
+    /// Drops a send's hold on `producer`: off the runtime's threads when it
+    /// was replaced meanwhile, as the last hold's drop joins the producer's
+    /// polling thread and flushes its queue (up to half a second).
+    fn let_go(&self, producer: Arc<FutureProducer>) {
+        if !Arc::ptr_eq(&self.producer.load(), &producer) {
+            tokio::task::spawn_blocking(move || drop(producer));
         }
     }
 

@@ -157,8 +157,10 @@ impl Capturer {
         // Captures still waiting here for Kafka go first: a new one queues
         // behind them (the forwarder sends them in order), or the topic
         // would have it ahead of older captures of its route.
-        if self.spool.holds_captures_for_kafka() {
-            return self.fall_back(record, payload, Destination::Kafka).await;
+        if let Some(place) = self.spool.join_kafka_backlog() {
+            return self
+                .fall_back(record, payload, Destination::Kafka, Some(place))
+                .await;
         }
         let outbound = Outbound {
             id: &record.id,
@@ -172,25 +174,30 @@ impl Capturer {
                 // Kept and replayed from this instance's spool: forwarding
                 // it to Kafka later would fail the same way.
                 tracing::warn!(capture_id = %record.id, error = %e, "Kafka refuses this capture: it is replayed from the spool");
-                self.fall_back(record, payload, Destination::Replay).await
+                self.fall_back(record, payload, Destination::Replay, None)
+                    .await
             }
             Err(e) => {
                 tracing::warn!(capture_id = %record.id, error = %e, "Kafka unavailable: capture goes to the spool");
-                self.fall_back(record, payload, Destination::Kafka).await
+                let place = self.spool.kafka_backlog_place();
+                self.fall_back(record, payload, Destination::Kafka, Some(place))
+                    .await
             }
         }
     }
 
-    /// Stores a record in the spool in Kafka's stead, counted once stored.
+    /// Stores a record in the spool in Kafka's stead, counted once stored;
+    /// one bound for Kafka holds its `place` in the backlog until then.
     async fn fall_back(
         &self,
         record: &CaptureRecord,
         payload: Vec<u8>,
         to: Destination,
+        place: Option<spool::BacklogPlace>,
     ) -> Result<(), spool::SpoolError> {
-        self.spool
-            .append(&record.id, &record.route, payload, to)
-            .await?;
+        let stored = self.spool.append(&record.id, &record.route, payload, to);
+        stored.await?;
+        drop(place);
         self.metrics.kafka_fallbacks.inc();
         Ok(())
     }

@@ -11,7 +11,7 @@
 //! Only `capture/` and `replay/` (through this type) touch the spool.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -121,6 +121,14 @@ enum Write {
         attempts: u32,
         error: String,
     },
+    /// A record not in the queue written straight to the dead letters.
+    KeepDead {
+        id: String,
+        route: String,
+        record: Vec<u8>,
+        attempts: u32,
+        error: String,
+    },
     /// Dead letters with ids from `first` to `last` back to the queue.
     Requeue {
         first: String,
@@ -150,9 +158,45 @@ pub struct Spool {
     pub appended: Arc<Notify>,
     commits: Arc<std::sync::atomic::AtomicU64>,
     records_written: Arc<std::sync::atomic::AtomicU64>,
-    /// Whether records wait here for Kafka: kept by the writer, exact as
-    /// of its last commit.
-    kafka_backlog: Arc<AtomicBool>,
+    /// Whether records wait here for Kafka, or are on their way in.
+    kafka_backlog: Arc<KafkaBacklog>,
+}
+
+/// The captures waiting in the spool for Kafka, as one word: bit 0 says
+/// some are committed (the writer's word, exact as of its last commit);
+/// the rest counts those on their way in (their appends queued, not yet
+/// committed). A new capture that finds either queues behind them, or the
+/// topic would have it ahead of older captures of its route. One word, so
+/// that a capture's look and its joining are one step the writer's
+/// clearing cannot come between.
+#[derive(Default)]
+pub struct KafkaBacklog(AtomicUsize);
+
+const COMMITTED: usize = 1;
+const ARRIVING: usize = 2;
+
+impl KafkaBacklog {
+    fn holds(&self) -> bool {
+        self.0.load(Ordering::Acquire) != 0
+    }
+
+    fn set_committed(&self, holds: bool) {
+        match holds {
+            true => self.0.fetch_or(COMMITTED, Ordering::AcqRel),
+            false => self.0.fetch_and(!COMMITTED, Ordering::AcqRel),
+        };
+    }
+}
+
+/// A capture's place in the Kafka backlog while its append is on its way
+/// in: given up when dropped, after the append (whose commit marks the
+/// backlog) or its failure.
+pub struct BacklogPlace(Arc<KafkaBacklog>);
+
+impl Drop for BacklogPlace {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(ARRIVING, Ordering::AcqRel);
+    }
 }
 
 impl Spool {
@@ -177,7 +221,8 @@ impl Spool {
         let records_written = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let notify = appended.clone();
         let (c, r) = (commits.clone(), records_written.clone());
-        let kafka_backlog = Arc::new(AtomicBool::new(holds_kafka_records(&writer_conn)?));
+        let kafka_backlog = Arc::new(KafkaBacklog::default());
+        kafka_backlog.set_committed(holds_kafka_records(&writer_conn)?);
         let backlog = kafka_backlog.clone();
         std::thread::Builder::new()
             .name("spool-writer".into())
@@ -198,11 +243,30 @@ impl Spool {
     }
 
     /// Whether captures wait here for Kafka (it was down or slow when they
-    /// came). A new capture then queues behind them rather than going
-    /// straight to Kafka, so the topic keeps each route's order.
+    /// came), committed or on their way in.
     pub fn holds_captures_for_kafka(&self) -> bool {
-        self.kafka_backlog
-            .load(std::sync::atomic::Ordering::Acquire)
+        self.kafka_backlog.holds()
+    }
+
+    /// A place behind the captures waiting here for Kafka, if there are
+    /// any: the capture then goes to the spool, holding the place until its
+    /// append is done, rather than straight to Kafka ahead of them.
+    pub fn join_kafka_backlog(&self) -> Option<BacklogPlace> {
+        let backlog = &self.kafka_backlog.0;
+        let joined = backlog.fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+            (now != 0).then_some(now + ARRIVING)
+        });
+        joined
+            .is_ok()
+            .then(|| BacklogPlace(self.kafka_backlog.clone()))
+    }
+
+    /// A place in the Kafka backlog for a capture Kafka did not take: the
+    /// captures after it queue behind it from now on, not only once its
+    /// append is committed.
+    pub fn kafka_backlog_place(&self) -> BacklogPlace {
+        self.kafka_backlog.0.fetch_add(ARRIVING, Ordering::AcqRel);
+        BacklogPlace(self.kafka_backlog.clone())
     }
 
     /// The lock that one process at a time holds while it replays this
@@ -294,6 +358,27 @@ impl Spool {
     ) -> Result<(), SpoolError> {
         self.write(Write::DeadLetter {
             id: id.to_string(),
+            attempts,
+            error: error.to_string(),
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Keeps a record that is not in the queue (a Kafka capture whose dead
+    /// letter the dead-letter topic refuses) among the dead letters.
+    pub async fn keep_dead_letter(
+        &self,
+        id: &str,
+        route: &str,
+        record: Vec<u8>,
+        attempts: u32,
+        error: &str,
+    ) -> Result<(), SpoolError> {
+        self.write(Write::KeepDead {
+            id: id.to_string(),
+            route: route.to_string(),
+            record,
             attempts,
             error: error.to_string(),
         })
@@ -684,9 +769,9 @@ fn writer_loop(
     appended: Arc<Notify>,
     commits: Arc<std::sync::atomic::AtomicU64>,
     records_written: Arc<std::sync::atomic::AtomicU64>,
-    kafka_backlog: Arc<AtomicBool>,
+    kafka_backlog: Arc<KafkaBacklog>,
 ) {
-    use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+    use std::sync::atomic::Ordering::Relaxed;
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -719,12 +804,12 @@ fn writer_loop(
                     )
                 });
                 if to_kafka {
-                    kafka_backlog.store(true, Release);
-                } else if kafka_backlog.load(Acquire) && batch.iter().any(|j| j.write.removes()) {
+                    kafka_backlog.set_committed(true);
+                } else if kafka_backlog.holds() && batch.iter().any(|j| j.write.removes()) {
                     // Unknown on error: kept marked (captures queue here,
                     // in order, rather than go to Kafka ahead of them).
                     let holds = holds_kafka_records(&conn).unwrap_or(true);
-                    kafka_backlog.store(holds, Release);
+                    kafka_backlog.set_committed(holds);
                 }
                 commits.fetch_add(1, Relaxed);
                 records_written.fetch_add(appends as u64, Relaxed);
@@ -860,6 +945,17 @@ fn apply_one(conn: &Connection, write: &Write, now: i64) -> rusqlite::Result<usi
                 params![id, attempts, error, now],
             )
             .and_then(|n| conn.execute("DELETE FROM queue WHERE id = ?1", params![id]).map(|_| n)),
+        Write::KeepDead {
+            id,
+            route,
+            record,
+            attempts,
+            error,
+        } => conn.execute(
+            "INSERT OR REPLACE INTO dead_letters (id, route, record, attempts, error, dead_at_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![id, route, record, attempts, error, now],
+        ),
         Write::Requeue { first, last } => requeue(conn, first, last, now),
         Write::ToReplay { id } => conn
             .prepare_cached(
@@ -942,6 +1038,28 @@ mod tests {
             .collect();
         assert!(!answers[1], "the big one cannot fit");
         assert_eq!(answers, stored, "answered (ok?) vs stored");
+    }
+
+    /// A capture finds the Kafka backlog from the moment one before it
+    /// failed to reach Kafka (not only once that one's append commits),
+    /// and until the forwarder has taken the last one.
+    #[tokio::test]
+    async fn the_kafka_backlog_holds_from_a_failed_send_to_the_last_forward() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        assert!(spool.join_kafka_backlog().is_none());
+        let failed = spool.kafka_backlog_place();
+        let behind = spool.join_kafka_backlog();
+        assert!(behind.is_some(), "queued behind the one on its way in");
+        let record = b"{}".to_vec();
+        spool
+            .append("a", "r", record, Destination::Kafka)
+            .await
+            .unwrap();
+        drop((failed, behind));
+        assert!(spool.join_kafka_backlog().is_some(), "committed");
+        spool.delete("a").await.unwrap();
+        assert!(spool.join_kafka_backlog().is_none(), "none left");
     }
 
     #[test]

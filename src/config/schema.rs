@@ -775,10 +775,20 @@ impl KafkaConfig {
             dlq_topic: non_empty(s, "dlq_topic", "failed-requests.dlq"),
             ack_timeout: s.duration("ack_timeout", secs(5), SECONDS),
         };
-        // Zero: no acknowledgement is ever waited for, so every capture
-        // goes to the spool and the forwarder never gets one to Kafka.
-        if config.ack_timeout.is_zero() {
-            s.error("ack_timeout", "must be greater than 0");
+        // It becomes librdkafka's `message.timeout.ms`, which must exceed
+        // the producer's `linger.ms` (2), and `request.timeout.ms`, at most
+        // 900000: outside, the producer cannot be made and `run` would stop.
+        if !(Duration::from_millis(3)..=Duration::from_secs(15 * 60)).contains(&config.ack_timeout)
+        {
+            s.error("ack_timeout", "must be between 3ms and 15m");
+        }
+        for (key, topic) in [("topic", &config.topic), ("dlq_topic", &config.dlq_topic)] {
+            if !is_kafka_topic_name(topic) {
+                s.error(
+                    key,
+                    "must be a Kafka topic name: letters, digits, '.', '_' and '-', at most 249, not \".\" or \"..\"",
+                );
+            }
         }
         // The replay workers consume `topic`: dead letters written there
         // would come back as captures, over and over.
@@ -1379,6 +1389,11 @@ fn read_header_map(s: &Section<'_>, key: &str) -> Vec<(HeaderName, HeaderValue)>
                 &at,
                 "is set for each message or connection; it cannot be configured",
             ),
+            // It becomes HTTP/2's `:authority` (see `upstream::host_as_authority`).
+            (Ok(n), Ok(_)) if n == http::header::HOST && !is_host_and_port(&value) => s.error(
+                &at,
+                "must be a host name or address with an optional port (host[:port]), without credentials",
+            ),
             // TOML keys are case-sensitive, header names are not.
             (Ok(n), Ok(_)) if headers.iter().any(|(seen, _)| *seen == n) => {
                 s.error(&at, "duplicate header name (names are case-insensitive)")
@@ -1387,6 +1402,25 @@ fn read_header_map(s: &Section<'_>, key: &str) -> Vec<(HeaderName, HeaderValue)>
         }
     }
     headers
+}
+
+/// Kafka's rule for topic names (a broker refuses every record sent to
+/// another: captures would wait for Kafka for good).
+fn is_kafka_topic_name(name: &str) -> bool {
+    name.len() <= 249
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// Whether `value` is `host[:port]`: an authority without user info, whose
+/// port (if any) is a port number.
+fn is_host_and_port(value: &str) -> bool {
+    !value.contains('@')
+        && value.parse::<http::uri::Authority>().is_ok()
+        && crate::upstream::port_is_valid(value.as_bytes())
 }
 
 fn read_forward_headers(s: &Section<'_>) -> ForwardHeaders {

@@ -64,6 +64,9 @@ impl RequestSpan {
 
     #[inline(always)]
     pub fn finish(&self, _ctx: &RequestContext<'_>, _response: &Response<ResponseBody>) {}
+
+    #[inline(always)]
+    pub fn cancelled(&self, _ctx: &RequestContext<'_>) {}
 }
 
 pub struct AttemptSpan;

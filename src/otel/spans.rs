@@ -83,10 +83,10 @@ impl Tracing {
         let Some(active) = &self.active else {
             return RequestSpan(None);
         };
-        let method = request.method().as_str();
+        let method = Known::of(request.method());
         let builder = active
             .tracer
-            .span_builder(method.to_string())
+            .span_builder(method.span_name())
             .with_kind(SpanKind::Server);
         let parent = if trace.is_incoming() {
             remote_parent(trace)
@@ -106,14 +106,18 @@ impl Tracing {
             return RequestSpan(None);
         }
         span.set_attributes([
-            KeyValue::new("http.request.method", method.to_string()),
+            KeyValue::new("http.request.method", method.attribute()),
             KeyValue::new("url.path", request.uri().path().to_string()),
             KeyValue::new("client.address", client_ip.to_string()),
         ]);
+        if method.0.is_none() {
+            let original = request.method().as_str().to_string();
+            span.set_attribute(KeyValue::new("http.request.method_original", original));
+        }
         RequestSpan(Some(Recording {
             cx: Context::new().with_span(span),
             active: active.clone(),
-            method: request.method().clone(),
+            method,
         }))
     }
 
@@ -133,7 +137,31 @@ struct Recording {
     /// Holds the SDK span (a context is how the SDK takes a local parent).
     cx: Context,
     active: Arc<Active>,
-    method: http::Method,
+    method: Known,
+}
+
+/// A request's method as spans name it: one of HTTP's own, or `None` for
+/// any other (the semantic conventions' `_OTHER`, in a span named `HTTP`):
+/// a client's made-up methods would otherwise each name spans of their
+/// own in the trace store.
+#[derive(Clone, Copy)]
+struct Known(Option<&'static str>);
+
+impl Known {
+    fn of(method: &http::Method) -> Known {
+        const HTTPS_OWN: [&str; 9] = [
+            "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+        ];
+        Known(HTTPS_OWN.into_iter().find(|own| *own == method.as_str()))
+    }
+
+    fn span_name(self) -> &'static str {
+        self.0.unwrap_or("HTTP")
+    }
+
+    fn attribute(self) -> &'static str {
+        self.0.unwrap_or("_OTHER")
+    }
 }
 
 impl RequestSpan {
@@ -147,7 +175,7 @@ impl RequestSpan {
         let Some(rec) = &self.0 else { return };
         let span = rec.cx.span();
         let prefix = &route.config.path_prefix;
-        span.update_name(format!("{} {prefix}", rec.method));
+        span.update_name(format!("{} {prefix}", rec.method.span_name()));
         span.set_attribute(KeyValue::new("http.route", prefix.clone()));
         span.set_attribute(KeyValue::new("backstop.route", route.name().to_string()));
     }
@@ -169,7 +197,7 @@ impl RequestSpan {
             _ => 80,
         });
         let mut attributes = vec![
-            KeyValue::new("http.request.method", rec.method.as_str().to_string()),
+            KeyValue::new("http.request.method", rec.method.attribute()),
             KeyValue::new("server.address", target.host().unwrap_or("").to_string()),
             KeyValue::new("server.port", i64::from(port)),
             KeyValue::new("backstop.attempt", i64::from(attempt)),
@@ -184,7 +212,7 @@ impl RequestSpan {
         let builder = rec
             .active
             .tracer
-            .span_builder(rec.method.as_str().to_string())
+            .span_builder(rec.method.span_name())
             .with_kind(SpanKind::Client)
             .with_attributes(attributes);
         let span = rec.active.tracer.build_with_context(builder, &rec.cx);
@@ -208,6 +236,42 @@ impl RequestSpan {
             "http.response.status_code",
             i64::from(status),
         ));
+        self.describe(ctx);
+        // A proxy-made answer names its reason; otherwise a 5xx is an error
+        // of the server span (semantic conventions), a 4xx is not.
+        match error {
+            Some(code) => {
+                span.set_attribute(KeyValue::new("error.type", code.to_string()));
+                span.set_status(Status::error(code.to_string()));
+            }
+            None if status >= 500 => {
+                span.set_attribute(KeyValue::new("error.type", status.to_string()));
+                span.set_status(Status::error(""));
+            }
+            None => {}
+        }
+        span.end();
+    }
+
+    /// Ends the span of a request whose client left before its answer (a
+    /// reset, a closed connection, a drain's end), as the access log and
+    /// the statistics count it: 499, `client_closed`, an error. (Dropped
+    /// unended, the SDK would export it with no status at all.)
+    pub fn cancelled(&self, ctx: &RequestContext<'_>) {
+        let Some(rec) = &self.0 else { return };
+        let span = rec.cx.span();
+        span.set_attribute(KeyValue::new("http.response.status_code", 499));
+        self.describe(ctx);
+        span.set_attribute(KeyValue::new("error.type", "client_closed"));
+        span.set_status(Status::error("client_closed"));
+        span.end();
+    }
+
+    /// What the request's context says of it, for [`RequestSpan::finish`]
+    /// and [`RequestSpan::cancelled`].
+    fn describe(&self, ctx: &RequestContext<'_>) {
+        let Some(rec) = &self.0 else { return };
+        let span = rec.cx.span();
         span.set_attribute(KeyValue::new(
             "backstop.request_id",
             ctx.request_id().to_owned(),
@@ -223,20 +287,6 @@ impl RequestSpan {
         if let Some(id) = &ctx.capture_id {
             span.set_attribute(KeyValue::new("backstop.capture_id", id.clone()));
         }
-        // A proxy-made answer names its reason; otherwise a 5xx is an error
-        // of the server span (semantic conventions), a 4xx is not.
-        match error {
-            Some(code) => {
-                span.set_attribute(KeyValue::new("error.type", code.to_string()));
-                span.set_status(Status::error(code.to_string()));
-            }
-            None if status >= 500 => {
-                span.set_attribute(KeyValue::new("error.type", status.to_string()));
-                span.set_status(Status::error(""));
-            }
-            None => {}
-        }
-        span.end();
     }
 }
 
@@ -272,8 +322,10 @@ pub struct AttemptSpan(Option<Span>);
 impl AttemptSpan {
     /// Ends the span with the attempt's outcome: the backend's status, or
     /// why there was none.
-    pub fn end(self, result: &Result<Response<crate::body::UpstreamBody>, Failure>) {
-        let Some(mut span) = self.0 else { return };
+    pub fn end(mut self, result: &Result<Response<crate::body::UpstreamBody>, Failure>) {
+        let Some(mut span) = self.0.take() else {
+            return;
+        };
         match result {
             Ok(response) => {
                 let status = response.status().as_u16();
@@ -294,5 +346,17 @@ impl AttemptSpan {
             }
         }
         span.end();
+    }
+}
+
+/// An attempt dropped before its end (its request was: the client left):
+/// ended as cancelled, not exported with no status at all.
+impl Drop for AttemptSpan {
+    fn drop(&mut self) {
+        if let Some(mut span) = self.0.take() {
+            span.set_attribute(KeyValue::new("error.type", "cancelled"));
+            span.set_status(Status::error("cancelled"));
+            span.end();
+        }
     }
 }

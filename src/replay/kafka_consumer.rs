@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use super::{deliver_by_worker, Delivery, ReplayCounters};
 use crate::capture::kafka_sink::{KafkaSink, Outbound};
 use crate::capture::record::CaptureRecord;
+use crate::capture::spool::Spool;
 use crate::config::KafkaConfig;
 use crate::pipeline::Proxy;
 use crate::resilience::backoff::Backoff;
@@ -185,6 +186,8 @@ impl PartitionQueue {
 pub struct KafkaReplayer {
     pub proxy: Arc<Proxy>,
     pub sink: Arc<KafkaSink>,
+    /// Keeps the dead letters the dead-letter topic refuses.
+    pub spool: Arc<Spool>,
     pub counters: Arc<ReplayCounters>,
 }
 
@@ -508,7 +511,10 @@ impl KafkaReplayer {
 
     /// Sends the record to the dead-letter topic with the reason; if that
     /// fails the write is tried again later (the record is not lost, nor
-    /// delivered again).
+    /// delivered again). One the topic refuses for good (the `error` and
+    /// `attempts` headers took a record near the size limit over it) is
+    /// kept among this instance's spool's dead letters instead: tried again
+    /// it would hold its route and partition for ever.
     async fn dead_letter(&self, job: &Job, reason: &str, attempts: u32) -> Verdict {
         let attempts_text = attempts.to_string();
         let outbound = Outbound {
@@ -528,6 +534,30 @@ impl KafkaReplayer {
                 self.counters.add_dead();
                 tracing::warn!(id = %job.id, route = %job.route, %reason, "replay gave up: dead letter");
                 Verdict::Finished
+            }
+            Err(e) if e.refused => {
+                let kept = self.spool.keep_dead_letter(
+                    &job.id,
+                    &job.route,
+                    job.payload.clone(),
+                    attempts,
+                    reason,
+                );
+                match kept.await {
+                    Ok(()) => {
+                        self.count(&job.route, "dead_letter");
+                        self.counters.add_dead();
+                        tracing::warn!(id = %job.id, route = %job.route, %reason, error = %e, "replay gave up: the dead-letter topic refuses the record, kept in the spool's dead letters");
+                        Verdict::Finished
+                    }
+                    Err(spooled) => {
+                        tracing::error!(id = %job.id, error = %e, %spooled, "cannot write the dead letter to the topic or the spool; will retry");
+                        Verdict::DeadLetterUnwritten {
+                            reason: reason.to_string(),
+                            attempts,
+                        }
+                    }
+                }
             }
             Err(e) => {
                 tracing::error!(id = %job.id, error = %e, "cannot write the dead-letter topic; will retry");

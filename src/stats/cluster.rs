@@ -365,18 +365,27 @@ impl Cluster {
 /// for gigabytes. Only histograms of this version's digits and lowest value
 /// pass, with a highest value no larger than the one that covers
 /// [`window::LATENCY_MAX_US`] (every version sends that bound itself; a
-/// later one may send histograms sized to their longest latency).
+/// later one may send histograms sized to their longest latency). The
+/// cookie must be V2's, uncompressed: hdrhistogram also reads compressed
+/// values, whose header fields lie inside the zlib stream, unchecked here.
 fn check_histogram_header(bytes: &[u8]) -> Result<(), String> {
     let field = |at: usize, len: usize| {
         bytes
             .get(at..at + len)
             .map(|b| b.iter().fold(0u64, |n, &byte| n << 8 | u64::from(byte)))
     };
-    let (Some(payload), Some(digits), Some(low), Some(high)) =
-        (field(4, 4), field(12, 4), field(16, 8), field(24, 8))
-    else {
+    let (Some(cookie), Some(payload), Some(digits), Some(low), Some(high)) = (
+        field(0, 4),
+        field(4, 4),
+        field(12, 4),
+        field(16, 8),
+        field(24, 8),
+    ) else {
         return Err("latency histogram: too short".into());
     };
+    if cookie != V2_COOKIE {
+        return Err("latency histogram: not an uncompressed V2 histogram".into());
+    }
     let highest = window::LATENCY_MAX_US.next_power_of_two();
     let own = (digits, low) == (u64::from(window::SIGNIFICANT_DIGITS), 1);
     if !own || !(2..highest).contains(&high) {
@@ -387,6 +396,10 @@ fn check_histogram_header(bytes: &[u8]) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The first four bytes of hdrhistogram's uncompressed V2 serialization
+/// (`V2Serializer`, the one this version writes).
+const V2_COOKIE: u64 = 0x1c84_9313;
 
 /// What the push task remembers of the persisted history.
 #[derive(Default)]
@@ -980,6 +993,12 @@ mod tests {
         ] {
             assert!(decoded(&bad).is_err());
         }
+        // The compressed format's fields lie in its zlib stream, where the
+        // check would read bytes that only look like bounds: refused by
+        // its cookie, whatever follows.
+        assert_eq!(check_histogram_header(&good), Ok(()));
+        let compressed = with(0, &0x1c84_9314u32.to_be_bytes());
+        assert!(check_histogram_header(&compressed).is_err());
         // Every version sends the full bounds, which an earlier one
         // requires; a histogram sized to its longest latency is read too.
         let highest = |bytes: &[u8]| u64::from_be_bytes(bytes[24..32].try_into().unwrap());

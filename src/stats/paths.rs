@@ -30,6 +30,25 @@ const MIN_TOKEN_LEN: usize = 12;
 const MIN_BARE_TOKEN_LEN: usize = 16;
 const WORDLIKE_RUN: usize = 5;
 
+/// The longest path an event carries to the aggregator. What [`normalize`]
+/// keeps of a longer one is the same: it keeps at most [`MAX_PATH_LEN`]
+/// bytes, and it never makes less than 5 bytes of 6 (an id segment becomes
+/// `/{id}`; the shortest that shrinks is `/12345`), so 1,024 bytes of path
+/// are always more than it keeps.
+const MAX_EVENT_PATH_LEN: usize = 1024;
+
+/// Cuts `path` to [`MAX_EVENT_PATH_LEN`] bytes (at a character boundary),
+/// which changes nothing [`normalize`] makes of it.
+pub fn cut_for_counting(path: &mut String) {
+    if path.len() > MAX_EVENT_PATH_LEN {
+        let mut cut = MAX_EVENT_PATH_LEN;
+        while !path.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        path.truncate(cut);
+    }
+}
+
 /// The normalised form of a request path (without its query): the path
 /// itself, not copied, when it has no identifier and is not too long (the
 /// usual case, checked for every request).
@@ -163,6 +182,17 @@ impl PathBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_cut_for_counting_normalizes_as_the_whole() {
+        for segment in ["/12345", "/éé", "/word", "/0123456789abcdef0123"] {
+            let whole = format!("/a{}", segment.repeat(4000));
+            let mut cut = whole.clone();
+            cut_for_counting(&mut cut);
+            assert!(cut.len() <= MAX_EVENT_PATH_LEN && cut.len() > 1000);
+            assert_eq!(normalize(&cut), normalize(&whole), "{segment}");
+        }
+    }
 
     #[test]
     fn a_path_without_identifiers_is_not_copied() {

@@ -135,8 +135,12 @@ impl Stats {
     }
 
     /// Hands a finished request to the aggregator; never blocks.
-    pub fn record(&self, event: Event) {
+    pub fn record(&self, mut event: Event) {
         if let Some(tx) = &self.tx {
+            // The queue is bounded by count, not bytes: a path as long as
+            // the header limit allows, in every queued event, would hold
+            // gigabytes while the aggregator is behind.
+            paths::cut_for_counting(&mut event.path);
             if tx.try_send(Msg::Event(Box::new(event))).is_err() {
                 self.dropped.inc();
             }

@@ -69,13 +69,13 @@ pub(crate) fn ping_http2_connections(builder: &mut hyper_util::client::legacy::B
 /// clients.
 pub struct Upstream {
     h1: Option<H1Pool>,
-    /// hyper-util's client of each target (by index), which dials only it
-    /// (see [`DialTarget`]): `https://` targets speak HTTP/2 or HTTP/1.1
-    /// as ALPN chooses; `http://` ones HTTP/1.1 (what the own pool does not
-    /// serve), or with `upstream_h2c` HTTP/2 with prior knowledge (only
-    /// theirs: hyper's `http2_only` skips ALPN, and an HTTP/1.1-only TLS
-    /// backend would get the h2 preface).
-    clients: Vec<HttpClient>,
+    /// hyper-util's client of each target (by index) the own pool does not
+    /// serve, which dials only that target (see [`DialTarget`]): `https://`
+    /// targets speak HTTP/2 or HTTP/1.1 as ALPN chooses, `http://` ones of
+    /// an `upstream_h2c` route HTTP/2 with prior knowledge (only theirs:
+    /// hyper's `http2_only` skips ALPN, and an HTTP/1.1-only TLS backend
+    /// would get the h2 preface).
+    clients: Vec<Option<HttpClient>>,
     pub balancer: Balancer,
     /// The outbound proxies, when the route uses them.
     pub proxies: Option<ProxyPool>,
@@ -112,19 +112,6 @@ impl Upstream {
         ping_http2_connections(&mut builder);
         let mut h2c = builder.clone();
         h2c.http2_only(true);
-        let clients = route
-            .upstreams
-            .iter()
-            .map(|target| {
-                let prior_knowledge = route.upstream_h2c && target.scheme() == Some(&Scheme::HTTP);
-                let dial = DialTarget::new(connector.clone(), target.clone());
-                let connector = ConnectWithin::new(dial, server.connect_timeout);
-                match prior_knowledge {
-                    true => h2c.build(connector),
-                    false => builder.build(connector),
-                }
-            })
-            .collect();
         let h1 = if route.upstream_h2c {
             None
         } else {
@@ -136,6 +123,20 @@ impl Upstream {
             };
             H1Pool::new(&route.upstreams, limits)
         };
+        let clients = (route.upstreams.iter().enumerate())
+            .map(|(index, target)| {
+                if h1.as_ref().is_some_and(|pool| pool.serves(index)) {
+                    return None;
+                }
+                let dial = DialTarget::new(connector.clone(), target.clone());
+                let connector = ConnectWithin::new(dial, server.connect_timeout);
+                let prior_knowledge = route.upstream_h2c && target.scheme() == Some(&Scheme::HTTP);
+                Some(match prior_knowledge {
+                    true => h2c.build(connector),
+                    false => builder.build(connector),
+                })
+            })
+            .collect();
         Ok(Upstream {
             h1,
             clients,
@@ -236,7 +237,8 @@ impl Upstream {
             set.apply_to(request.headers_mut());
         }
         host_as_authority(&mut request);
-        let client = self.clients.get(index).ok_or(Failure::ConnectFailed)?;
+        let client =
+            (self.clients.get(index).and_then(Option::as_ref)).ok_or(Failure::ConnectFailed)?;
         let upload = upload::progress_of(&request);
         match upload::answer_by(client.request(request), deadline, upload.as_deref()).await {
             Some(Ok(response)) => from_hyper(response, self.stall_limit),

@@ -163,6 +163,22 @@ fn invalid_files_list_every_error_with_its_key() {
                 "FILE: routes[0].headers.Connection: is set for each message or connection; it cannot be configured",
             ],
         ),
+        (
+            format!("[kafka]\nack_timeout = \"20m\"\ntopic = \"failed requests\"\ndlq_topic = \"..\"\n{ROUTE}"),
+            vec![
+                "FILE: kafka.ack_timeout: must be between 3ms and 15m",
+                "FILE: kafka.topic: must be a Kafka topic name: letters, digits, '.', '_' and '-', at most 249, not \".\" or \"..\"",
+                "FILE: kafka.dlq_topic: must be a Kafka topic name: letters, digits, '.', '_' and '-', at most 249, not \".\" or \"..\"",
+            ],
+        ),
+        (
+            format!("{ROUTE}[routes.headers]\nHost = \"user:pw@api.example\"\n"),
+            vec!["FILE: routes[0].headers.Host: must be a host name or address with an optional port (host[:port]), without credentials"],
+        ),
+        (
+            format!("{ROUTE}[routes.headers]\nhost = \"api.example:8o80\"\n"),
+            vec!["FILE: routes[0].headers.host: must be a host name or address with an optional port (host[:port]), without credentials"],
+        ),
         ("[server\nlisten=1".into(), vec!["FILE: invalid TOML at line 1, column 8: "]),
 
         (
@@ -276,7 +292,7 @@ fn invalid_files_list_every_error_with_its_key() {
             format!("[redis]\ntimeout = \"0s\"\n[kafka]\nack_timeout = 0\n[replay]\ninitial_delay = \"0ms\"\nmax_delay = 0\n{ROUTE}[routes.circuit_breaker]\nreset_timeout = 0\n[routes.retry]\ninitial_delay = \"0s\"\n"),
             vec![
                 "FILE: redis.timeout: must be greater than 0",
-                "FILE: kafka.ack_timeout: must be greater than 0",
+                "FILE: kafka.ack_timeout: must be between 3ms and 15m",
                 "FILE: replay.initial_delay: must be greater than 0",
                 "FILE: routes[0].circuit_breaker.reset_timeout: must be greater than 0",
                 "FILE: routes[0].retry.initial_delay: must be greater than 0",

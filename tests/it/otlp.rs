@@ -25,7 +25,7 @@ use prost::Message;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::harness::{client, Backend, Backstop, Reply};
+use crate::harness::{client, h2_client_giving_up_after, Backend, Backstop, Reply};
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT_ID: &str = "00f067aa0ba902b7";
@@ -280,6 +280,54 @@ async fn wait_for_counter(bs: &Backstop, series: &str, at_least: f64, timeout: D
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A request its client gave up on is a 499 error span
+/// (as the access log and statistics count it), and its attempt a
+/// cancelled one, not spans with no status.
+#[tokio::test]
+async fn a_request_its_client_left_is_a_client_closed_span() {
+    let collector = Collector::start(Mode::Accept).await;
+    let backend = Backend::start(|_| Reply::ok("late").delay(Duration::from_secs(3))).await;
+    let bs = Backstop::start_with_env(&config(&collector.url(), &backend.url(), "", ""), FAST);
+    // Its stream reset: the request is cancelled at once.
+    let impatient = h2_client_giving_up_after(Duration::from_millis(300));
+    assert!(impatient.get(bs.url("/api/slow")).send().await.is_err());
+    let spans = collector.wait_for_spans(2, Duration::from_secs(10)).await;
+    let server = &of_kind(&spans, SpanKind::Server)[0];
+    let attempt = &of_kind(&spans, SpanKind::Client)[0];
+    assert_eq!(int(server, "http.response.status_code"), Some(499));
+    assert_eq!(text(server, "error.type").as_deref(), Some("client_closed"));
+    assert!(is_error(server));
+    assert_eq!(text(attempt, "error.type").as_deref(), Some("cancelled"));
+    assert!(is_error(attempt));
+}
+
+/// A method HTTP does not define names no span: each made-up one a client
+/// sends would otherwise be a span name of its own in the trace store.
+#[tokio::test]
+async fn a_made_up_method_is_other_in_spans() {
+    let collector = Collector::start(Mode::Accept).await;
+    let backend = Backend::echo().await;
+    let bs = Backstop::start_with_env(&config(&collector.url(), &backend.url(), "", ""), FAST);
+    let method = reqwest::Method::from_bytes(b"FROBNICATE7").unwrap();
+    let r = client()
+        .request(method, bs.url("/api/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let spans = collector.wait_for_spans(2, Duration::from_secs(10)).await;
+    let server = &of_kind(&spans, SpanKind::Server)[0];
+    let attempt = &of_kind(&spans, SpanKind::Client)[0];
+    assert_eq!(server.name, "HTTP /api");
+    assert_eq!(attempt.name, "HTTP");
+    for span in [server, attempt] {
+        let method = text(span, "http.request.method");
+        assert_eq!(method.as_deref(), Some("_OTHER"));
+    }
+    let original = text(server, "http.request.method_original");
+    assert_eq!(original.as_deref(), Some("FROBNICATE7"));
 }
 
 #[tokio::test]
