@@ -122,13 +122,14 @@ impl KafkaSink {
             .key(record.route)
             .payload(record.payload)
             .headers(headers);
-        let producer = self.producer.load_full();
+        let hold = Hold(self, Some(self.producer.load_full()));
+        let producer = hold.producer();
         let delivery = producer.send(message, Timeout::After(self.ack_timeout));
-        let result = match tokio::time::timeout(self.ack_timeout, delivery).await {
+        match tokio::time::timeout(self.ack_timeout, delivery).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err((e, _))) => {
-                if let Some(reason) = producer_is_broken(&producer, &e) {
-                    self.replace_producer(&producer, &reason).await;
+                if let Some(reason) = producer_is_broken(producer, &e) {
+                    self.replace_producer(producer, &reason).await;
                 }
                 Err(SendError {
                     message: format!("kafka delivery failed: {e}"),
@@ -139,9 +140,7 @@ impl KafkaSink {
                 message: format!("kafka did not acknowledge within {:?}", self.ack_timeout),
                 refused: false,
             }),
-        };
-        self.let_go(producer);
-        result
+        }
     }
 
     /// Replaces `broken` unless that is done already (every send queued on
@@ -167,8 +166,8 @@ impl KafkaSink {
         }
     }
 
-    /// Drops a send's hold on `producer`: off the runtime's threads when it
-    /// was replaced meanwhile, as the last hold's drop joins the producer's
+    /// Drops a hold on `producer`: off the runtime's threads when it was
+    /// replaced meanwhile, as the last hold's drop joins the producer's
     /// polling thread and flushes its queue (up to half a second).
     fn let_go(&self, producer: Arc<FutureProducer>) {
         if !Arc::ptr_eq(&self.producer.load(), &producer) {
@@ -203,6 +202,28 @@ impl KafkaSink {
     /// Waits for in-flight messages on shutdown.
     pub fn flush(&self, timeout: Duration) {
         let _ = self.producer.load().flush(Timeout::After(timeout));
+    }
+}
+
+/// A send's hold on the producer it sends with, let go as
+/// [`KafkaSink::let_go`] says also when the send is cancelled (a capture
+/// whose client left).
+struct Hold<'a>(&'a KafkaSink, Option<Arc<FutureProducer>>);
+
+impl Hold<'_> {
+    fn producer(&self) -> &Arc<FutureProducer> {
+        // Set when made, taken only when dropped.
+        self.1
+            .as_ref()
+            .expect("a hold holds its producer until dropped")
+    }
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        if let Some(producer) = self.1.take() {
+            self.0.let_go(producer);
+        }
     }
 }
 

@@ -151,7 +151,13 @@ impl Capturer {
         let Some(kafka) = &self.kafka else {
             return self
                 .spool
-                .append(&record.id, &record.route, payload, Destination::Replay)
+                .append(
+                    &record.id,
+                    &record.route,
+                    payload,
+                    Destination::Replay,
+                    None,
+                )
                 .await;
         };
         // Captures still waiting here for Kafka go first: a new one queues
@@ -187,7 +193,8 @@ impl Capturer {
     }
 
     /// Stores a record in the spool in Kafka's stead, counted once stored;
-    /// one bound for Kafka holds its `place` in the backlog until then.
+    /// one bound for Kafka holds its `place` in the backlog until then
+    /// (the spool's writer gives it up).
     async fn fall_back(
         &self,
         record: &CaptureRecord,
@@ -195,9 +202,10 @@ impl Capturer {
         to: Destination,
         place: Option<spool::BacklogPlace>,
     ) -> Result<(), spool::SpoolError> {
-        let stored = self.spool.append(&record.id, &record.route, payload, to);
+        let stored = self
+            .spool
+            .append(&record.id, &record.route, payload, to, place);
         stored.await?;
-        drop(place);
         self.metrics.kafka_fallbacks.inc();
         Ok(())
     }

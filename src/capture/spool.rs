@@ -148,6 +148,10 @@ enum Write {
 struct Job {
     write: Write,
     reply: oneshot::Sender<Result<u64, SpoolError>>,
+    /// A capture's place in the Kafka backlog, given up by the writer once
+    /// the append is committed (or failed): not by the caller, whose wait
+    /// may be cancelled (its client left) while the append is queued.
+    _place: Option<BacklogPlace>,
 }
 
 pub struct Spool {
@@ -176,8 +180,8 @@ const COMMITTED: usize = 1;
 const ARRIVING: usize = 2;
 
 impl KafkaBacklog {
-    fn holds(&self) -> bool {
-        self.0.load(Ordering::Acquire) != 0
+    fn committed(&self) -> bool {
+        self.0.load(Ordering::Acquire) & COMMITTED != 0
     }
 
     fn set_committed(&self, holds: bool) {
@@ -242,12 +246,6 @@ impl Spool {
         }))
     }
 
-    /// Whether captures wait here for Kafka (it was down or slow when they
-    /// came), committed or on their way in.
-    pub fn holds_captures_for_kafka(&self) -> bool {
-        self.kafka_backlog.holds()
-    }
-
     /// A place behind the captures waiting here for Kafka, if there are
     /// any: the capture then goes to the spool, holding the place until its
     /// append is done, rather than straight to Kafka ahead of them.
@@ -299,30 +297,44 @@ impl Spool {
     }
 
     async fn write(&self, write: Write) -> Result<u64, SpoolError> {
+        self.write_holding(write, None).await
+    }
+
+    async fn write_holding(
+        &self,
+        write: Write,
+        place: Option<BacklogPlace>,
+    ) -> Result<u64, SpoolError> {
         let (reply, answer) = oneshot::channel();
         self.writer
-            .send(Job { write, reply })
+            .send(Job {
+                write,
+                reply,
+                _place: place,
+            })
             .await
             .map_err(|_| SpoolError::Closed)?;
         answer.await.map_err(|_| SpoolError::Closed)?
     }
 
-    /// Stores a record; returns only once it is committed to disk.
+    /// Stores a record; returns only once it is committed to disk. A
+    /// capture bound for Kafka brings its `place` in the Kafka backlog,
+    /// held until then.
     pub async fn append(
         &self,
         id: &str,
         route: &str,
         record: Vec<u8>,
         dest: Destination,
+        place: Option<BacklogPlace>,
     ) -> Result<(), SpoolError> {
-        self.write(Write::Append {
+        let write = Write::Append {
             id: id.to_string(),
             route: route.to_string(),
             record,
             dest,
-        })
-        .await
-        .map(drop)
+        };
+        self.write_holding(write, place).await.map(drop)
     }
 
     /// Removes a delivered (or forwarded) record.
@@ -805,7 +817,7 @@ fn writer_loop(
                 });
                 if to_kafka {
                     kafka_backlog.set_committed(true);
-                } else if kafka_backlog.holds() && batch.iter().any(|j| j.write.removes()) {
+                } else if kafka_backlog.committed() && batch.iter().any(|j| j.write.removes()) {
                     // Unknown on error: kept marked (captures queue here,
                     // in order, rather than go to Kafka ahead of them).
                     let holds = holds_kafka_records(&conn).unwrap_or(true);
@@ -1020,6 +1032,7 @@ mod tests {
                 dest: Destination::Replay,
             },
             reply: oneshot::channel().0,
+            _place: None,
         };
         let batch = [append("a", 10), append("b", 1 << 20), append("c", 10)];
         let answers = match apply_batch(&mut c, &batch) {
@@ -1053,13 +1066,31 @@ mod tests {
         assert!(behind.is_some(), "queued behind the one on its way in");
         let record = b"{}".to_vec();
         spool
-            .append("a", "r", record, Destination::Kafka)
+            .append("a", "r", record, Destination::Kafka, None)
             .await
             .unwrap();
         drop((failed, behind));
         assert!(spool.join_kafka_backlog().is_some(), "committed");
         spool.delete("a").await.unwrap();
         assert!(spool.join_kafka_backlog().is_none(), "none left");
+    }
+
+    /// A Kafka capture's dead letter, which was never in the queue, is
+    /// kept whole among the dead letters and can be requeued like any.
+    #[tokio::test]
+    async fn a_dead_letter_the_queue_never_held_is_kept_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let record = b"{\"v\":1}".to_vec();
+        let kept = spool.keep_dead_letter("k1", "r", record.clone(), 3, "backend answered 400");
+        kept.await.unwrap();
+        let dead = spool.get_dead("k1").unwrap().unwrap();
+        let got = (dead.route.as_str(), dead.attempts, dead.error.as_str());
+        assert_eq!(got, ("r", 3, "backend answered 400"));
+        assert_eq!(dead.record, record);
+        assert_eq!(spool.requeue(Some("k1")).await.unwrap(), 1);
+        let queued = spool.queued_ids(Destination::Replay).unwrap();
+        assert_eq!(queued, [("k1".to_string(), "r".to_string())]);
     }
 
     #[test]

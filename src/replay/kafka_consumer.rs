@@ -536,8 +536,15 @@ impl KafkaReplayer {
                 Verdict::Finished
             }
             Err(e) if e.refused => {
+                // A record without an id (any producer can write the topic)
+                // is named by its place, so it cannot replace another.
+                let (topic, partition) = &job.partition;
+                let id = match job.id.is_empty() {
+                    true => format!("kafka-{topic}-{partition}-{}", job.offset),
+                    false => job.id.clone(),
+                };
                 let kept = self.spool.keep_dead_letter(
-                    &job.id,
+                    &id,
                     &job.route,
                     job.payload.clone(),
                     attempts,

@@ -30,22 +30,16 @@ const MIN_TOKEN_LEN: usize = 12;
 const MIN_BARE_TOKEN_LEN: usize = 16;
 const WORDLIKE_RUN: usize = 5;
 
-/// The longest path an event carries to the aggregator. What [`normalize`]
-/// keeps of a longer one is the same: it keeps at most [`MAX_PATH_LEN`]
-/// bytes, and it never makes less than 5 bytes of 6 (an id segment becomes
-/// `/{id}`; the shortest that shrinks is `/12345`), so 1,024 bytes of path
-/// are always more than it keeps.
+/// The longest path an event carries to the aggregator as it came.
 const MAX_EVENT_PATH_LEN: usize = 1024;
 
-/// Cuts `path` to [`MAX_EVENT_PATH_LEN`] bytes (at a character boundary),
-/// which changes nothing [`normalize`] makes of it.
-pub fn cut_for_counting(path: &mut String) {
+/// A path longer than [`MAX_EVENT_PATH_LEN`] bytes normalized at once (at
+/// most [`MAX_PATH_LEN`] bytes and an ellipsis): the aggregator's own
+/// [`normalize`] then leaves it as it is. Cutting it short instead could
+/// change what `normalize` makes of it (a long id cut in two is no id).
+pub fn bound_for_counting(path: &mut String) {
     if path.len() > MAX_EVENT_PATH_LEN {
-        let mut cut = MAX_EVENT_PATH_LEN;
-        while !path.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        path.truncate(cut);
+        *path = normalize(path).into_owned();
     }
 }
 
@@ -184,14 +178,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_path_cut_for_counting_normalizes_as_the_whole() {
-        for segment in ["/12345", "/éé", "/word", "/0123456789abcdef0123"] {
-            let whole = format!("/a{}", segment.repeat(4000));
-            let mut cut = whole.clone();
-            cut_for_counting(&mut cut);
-            assert!(cut.len() <= MAX_EVENT_PATH_LEN && cut.len() > 1000);
-            assert_eq!(normalize(&cut), normalize(&whole), "{segment}");
+    fn a_path_bounded_for_counting_normalizes_as_the_whole() {
+        let uuid = "/8c3f2a9e-1b7d-4c52-9e0f-3a6b8d1c7e24";
+        let hex = format!("/{}", "0123456789abcdef".repeat(125));
+        for segment in ["/12345", "/éé", "/word", uuid, &hex] {
+            let whole = format!("/a{}/meta", segment.repeat(400));
+            let mut bounded = whole.clone();
+            bound_for_counting(&mut bounded);
+            assert!(bounded.len() <= MAX_PATH_LEN + '…'.len_utf8());
+            assert_eq!(normalize(&bounded), normalize(&whole), "{segment}");
         }
+        let mut short = format!("/a{uuid}");
+        bound_for_counting(&mut short);
+        assert_eq!(short, format!("/a{uuid}"), "left for the aggregator");
     }
 
     #[test]

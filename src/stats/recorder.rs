@@ -140,7 +140,7 @@ impl Stats {
             // The queue is bounded by count, not bytes: a path as long as
             // the header limit allows, in every queued event, would hold
             // gigabytes while the aggregator is behind.
-            paths::cut_for_counting(&mut event.path);
+            paths::bound_for_counting(&mut event.path);
             if tx.try_send(Msg::Event(Box::new(event))).is_err() {
                 self.dropped.inc();
             }

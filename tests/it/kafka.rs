@@ -732,8 +732,12 @@ async fn a_dead_letter_that_cannot_be_written_is_not_delivered_again() {
         assert!(sent.unwrap().success(), "kill {name}");
     };
     let pause = signal.clone();
+    let paused = std::sync::atomic::AtomicBool::new(false);
     let backend = Backend::start_on(stopped, move |_| {
-        pause("-STOP");
+        // Once: a delivery again must find the broker running, to be seen.
+        if !paused.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            pause("-STOP");
+        }
         Reply::status(400)
     })
     .await;
