@@ -15,6 +15,8 @@ use crate::config::KafkaConfig;
 /// The longest one reading may take, all its calls together: `/metrics`
 /// waits for it, and Prometheus gives a scrape 10 s by default.
 const BUDGET: Duration = Duration::from_secs(2);
+/// Queued client events served before one reading, at most.
+const MAX_EVENTS_PER_READ: usize = 1000;
 
 pub struct KafkaLag {
     consumer: BaseConsumer,
@@ -51,6 +53,7 @@ impl KafkaLag {
     /// Kafka is slow: alerts on the queue's depth would clear in the middle
     /// of an incident). `None` before any read succeeded.
     pub fn lag(&self) -> Option<u64> {
+        self.serve_events();
         let read = self.read();
         let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
         match read {
@@ -71,6 +74,19 @@ impl KafkaLag {
             }
         }
         last.lag
+    }
+
+    /// Takes the client's queued events (its log lines, broker connection
+    /// errors): a consumer with a group sends them to its own queue, which
+    /// only a poll empties, and this one is never otherwise polled, so a
+    /// long Kafka outage would pile them up for the life of the process.
+    /// (A bounded loop: each poll takes one event.)
+    fn serve_events(&self) {
+        for _ in 0..MAX_EVENTS_PER_READ {
+            if self.consumer.poll(Duration::ZERO).is_none() {
+                return;
+            }
+        }
     }
 
     fn read(&self) -> Result<u64, String> {
