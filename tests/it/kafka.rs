@@ -772,6 +772,61 @@ async fn a_dead_letter_that_cannot_be_written_is_not_delivered_again() {
     .await;
 }
 
+/// A dead letter the dead-letter topic can never take (a foreign record of
+/// 1.5 MB that is no capture, so it is dead-lettered at once: past
+/// librdkafka's 1 MB message limit) is kept among the spool's dead letters
+/// and its offset committed: tried again, it would hold its partition.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_kafka_refuses_is_kept_in_the_spool() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let tansu = Tansu::start(false);
+    let backend = Backend::echo().await;
+    let bs = Backstop::start(&config(&tansu, &backend.url(), true));
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", tansu.brokers())
+        .set("message.max.bytes", "4000000")
+        .create()
+        .unwrap();
+    let payload = vec![b'x'; 1_500_000];
+    let record = FutureRecord::to("failed-requests")
+        .key("users")
+        .payload(&payload);
+    producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let listed = || async {
+        let r = client()
+            .get(bs.admin_url("/queue/dead-letters"))
+            .send()
+            .await;
+        let list: serde_json::Value = r.unwrap().json().await.unwrap();
+        list["dead_letters"].as_array().cloned().unwrap_or_default()
+    };
+    let started = Instant::now();
+    let mut dead = listed().await;
+    while dead.is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(30), "{}", bs.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        dead = listed().await;
+    }
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead[0]["id"], "kafka-failed-requests-0-0",
+        "named by its place"
+    );
+    assert_eq!(dead[0]["route"], "users");
+    assert!(bs
+        .logs()
+        .contains("the dead-letter topic refuses the record"));
+    wait_until("the record committed", Duration::from_secs(10), || {
+        tansu.committed("backstop-replay").get("0") == Some(&1)
+    })
+    .await;
+    assert!(tansu.messages("failed-requests.dlq").is_empty());
+    assert_eq!(backend.hits(), 0);
+}
+
 /// Routes share partitions (the key is hashed): a route whose backend is
 /// down keeps its own records in order and waiting, while another route's
 /// records behind them on the same partition are delivered. The committed
