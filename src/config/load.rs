@@ -88,20 +88,38 @@ fn read_all(
         }
     };
     let errors = Errors::default();
-    apply_env(&mut table, &env, &errors);
+    let from_env = apply_env(&mut table, &env, &errors);
     let root = Section::root(&table, &errors);
     let config = Config::read(&root);
     root.reject_unknown_keys();
-    (Some(config), errors.into_vec())
+    let mut errors = errors.into_vec();
+    // The key may not be in the file at all: the error names the variable.
+    for error in &mut errors {
+        let by_env = from_env.iter().find(|(key, _)| {
+            let under = error.key.strip_prefix(key);
+            under.is_some_and(|rest| rest.is_empty() || rest.starts_with('['))
+        });
+        if let Some((_, var)) = by_env {
+            error.message.push_str(&format!(" (set by {var})"));
+        }
+    }
+    (Some(config), errors)
 }
 
 /// Applies the environment variables of the reference setups. An empty
 /// variable counts as unset (`REDIS_PASSWORD=` in a compose file means
 /// "none given", not "an empty password"); a problem with a variable is
-/// reported under the key it overrides.
-fn apply_env(table: &mut Table, env: &impl Fn(&str) -> Option<String>, errors: &Errors) {
+/// reported under the key it overrides. Returns the keys set whole by a
+/// variable, with its name.
+fn apply_env(
+    table: &mut Table,
+    env: &impl Fn(&str) -> Option<String>,
+    errors: &Errors,
+) -> Vec<(&'static str, &'static str)> {
     let var = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+    let mut from_env = Vec::new();
     if let Some(urls) = var("PROXY_URLS") {
+        from_env.push(("outbound_proxies.urls", "PROXY_URLS"));
         let list: Vec<Value> = urls
             .split([';', ','])
             .map(str::trim)
@@ -135,8 +153,10 @@ fn apply_env(table: &mut Table, env: &impl Fn(&str) -> Option<String>, errors: &
         }
     }
     if let Some(brokers) = var("KAFKA_BROKERS") {
+        from_env.push(("kafka.brokers", "KAFKA_BROKERS"));
         subtable(table, "kafka").insert("brokers".into(), Value::String(brokers));
     }
+    from_env
 }
 
 /// The parts of `[redis] url` given by `REDIS_HOST`, `REDIS_PORT` and
@@ -391,6 +411,28 @@ mod tests {
             assert!(errors[0].message.starts_with(want), "{errors:?}");
             assert!(!errors[0].message.contains("s3cret"), "{errors:?}");
         }
+    }
+
+    /// A bad value from a variable is reported under the key it sets, which
+    /// the file may not have, and names the variable.
+    #[test]
+    fn an_error_in_a_value_from_the_environment_names_its_variable() {
+        let vars = [
+            ("PROXY_URLS", "http://p:3128;ftp://q"),
+            ("KAFKA_BROKERS", " "),
+        ];
+        let errors = load_with(None, &vars).unwrap_err().errors;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].key, "outbound_proxies.urls[1]");
+        assert!(
+            errors[0].message.ends_with(" (set by PROXY_URLS)"),
+            "{errors:?}"
+        );
+        let text = format!("{ROUTE}[outbound_proxies]\nurls = [\"ftp://q\"]\n");
+        let errors = load_str(&text, Path::new("t.toml"), |_| None)
+            .unwrap_err()
+            .errors;
+        assert!(!errors[0].message.contains("set by"), "{errors:?}");
     }
 
     #[test]
