@@ -403,7 +403,11 @@ fn reload(path: &Path, proxy: &Proxy, listener_cert: Option<&ListenerCert>) {
     }
     let routes = active.config.routes.len();
     let active = Arc::new(active);
-    proxy.active.store(active.clone());
+    let before = proxy.active.swap(active.clone());
+    let moved = (proxy.resilience).close_moved_routes(&before.config.routes, &active.config.routes);
+    for route in moved {
+        tracing::info!(%route, "circuit closed: the reload gave the route other upstreams");
+    }
     proxy.resilience.forget_all_but(&active.config.routes);
     proxy.caches.forget_all_but(&active.config.routes);
     tracing::info!(routes, "configuration reloaded");

@@ -89,6 +89,25 @@ impl Registry {
         guards
     }
 
+    /// Closes the circuit of each route a reload gave other upstreams: its
+    /// failures said how the old ones were, not the new (an operator who
+    /// moves a route off a dead backend wants it used now, not after
+    /// `reset_timeout`). Creates nothing; returns the routes closed.
+    pub fn close_moved_routes(&self, before: &[RouteConfig], now: &[RouteConfig]) -> Vec<String> {
+        let routes = self.routes.load();
+        let mut closed = Vec::new();
+        for route in now {
+            let moved = before
+                .iter()
+                .any(|old| old.name == route.name && old.upstreams != route.upstreams);
+            if let Some(guards) = routes.get(&route.name).filter(|_| moved) {
+                guards.breaker.reset(&route.circuit_breaker);
+                closed.push(route.name.clone());
+            }
+        }
+        closed
+    }
+
     /// Forgets the routes a reload removed: their breakers (which an
     /// operator could no longer reset) and their `backstop_circuit_state`
     /// series (an open one would alert forever). Requests still in flight

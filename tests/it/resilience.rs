@@ -73,6 +73,46 @@ fn has_line(text: &str, line: &str) -> bool {
     text.lines().any(|l| l == line)
 }
 
+/// A reload that gives a route other upstreams closes its circuit: the
+/// failures were the old backend's. One that changes anything else keeps
+/// the circuit as it is.
+#[tokio::test]
+async fn a_reload_that_moves_a_route_closes_its_circuit() {
+    let dead = Backend::start(|_| Reply::status(503)).await;
+    let live = Backend::start(|_| Reply::ok("moved")).await;
+    let toml = route(
+        &dead.url(),
+        "  [routes.retry]\n  max_attempts = 1\n  [routes.circuit_breaker]\n  \
+         failure_threshold = 2\n  reset_timeout = \"60s\"\n",
+    );
+    let bs = Backstop::start(&toml);
+    let c = client();
+    let reload = |text: String| {
+        let bs = &bs;
+        async move {
+            std::fs::write(&bs.config_path, text).unwrap();
+            bs.signal("HUP");
+            bs.wait_for_log("configuration reloaded", Duration::from_secs(5))
+                .await;
+        }
+    };
+    for _ in 0..2 {
+        assert_eq!(c.get(bs.url("/api/x")).send().await.unwrap().status(), 503);
+    }
+    let open = || async {
+        let r = c.get(bs.url("/api/x")).send().await.unwrap();
+        error_of(r).await.1 == "circuit_open"
+    };
+    assert!(open().await);
+    reload(toml.replace("reset_timeout = \"60s\"", "reset_timeout = \"50s\"")).await;
+    assert!(open().await, "the same upstreams: still open");
+    reload(toml.replace(&dead.url(), &live.url())).await;
+    let r = c.get(bs.url("/api/x")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "moved");
+    let closed = "circuit closed: the reload gave the route other upstreams";
+    assert_eq!(bs.logs().matches(closed).count(), 1);
+}
+
 #[tokio::test]
 async fn circuit_opens_after_the_threshold_and_closes_after_successful_probes() {
     let failing = Arc::new(AtomicBool::new(true));
