@@ -46,6 +46,18 @@ type Partition = (String, i32);
 /// half a gigabyte a partition).
 const BUFFER: usize = 512;
 const BUFFER_BYTES: usize = 32 << 20;
+/// The bytes all partitions' buffers may hold together: a worker given
+/// many partitions gives each a share (at least [`MIN_BUFFER_BYTES`], room
+/// for a record of Kafka's default size limit), not 32 MiB each, which
+/// over 48 partitions would be 1.5 GiB. Each partition keeps a buffer of
+/// its own, so that a route in backoff on one holds up no other.
+const WORKER_BUFFER_BYTES: usize = 128 << 20;
+const MIN_BUFFER_BYTES: usize = 2 << 20;
+
+/// The bytes each partition may buffer when `partitions` have buffers.
+fn buffer_bytes(partitions: usize) -> usize {
+    (WORKER_BUFFER_BYTES / partitions.max(1)).clamp(MIN_BUFFER_BYTES, BUFFER_BYTES)
+}
 /// Consume errors (broker down) are logged at most this often.
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -161,14 +173,15 @@ impl PartitionQueue {
         })
     }
 
-    /// Whether its buffer is full: the partition is paused.
-    fn full(&self) -> bool {
-        self.buffered >= BUFFER || self.buffered_bytes >= BUFFER_BYTES
+    /// Whether its buffer (of `bytes`, see [`buffer_bytes`]) is full: the
+    /// partition is paused.
+    fn full(&self, bytes: usize) -> bool {
+        self.buffered >= BUFFER || self.buffered_bytes >= bytes
     }
 
     /// Whether its buffer has drained to half: a paused partition resumes.
-    fn half_empty(&self) -> bool {
-        self.buffered < BUFFER / 2 && self.buffered_bytes < BUFFER_BYTES / 2
+    fn half_empty(&self, bytes: usize) -> bool {
+        self.buffered < BUFFER / 2 && self.buffered_bytes < bytes / 2
     }
 
     /// Whether a delivery of its records is under way (one that panicked
@@ -323,6 +336,7 @@ impl KafkaReplayer {
                 message = consumer.recv() => match message {
                     Ok(message) => {
                         let partition = (message.topic().to_string(), message.partition());
+                        let bytes = buffer_bytes(queues.len() + 1);
                         let queue = queues.entry(partition.clone()).or_insert_with(|| {
                             generations += 1;
                             PartitionQueue::new(generations)
@@ -330,7 +344,7 @@ impl KafkaReplayer {
                         let job = Job::from_message(&message, partition.clone());
                         let route = job.route.clone();
                         queue.push(job);
-                        if queue.full() && !queue.paused {
+                        if queue.full(bytes) && !queue.paused {
                             queue.paused = set_paused(&consumer, &partition, true);
                             if queue.paused {
                                 tracing::info!(topic = %partition.0, partition = partition.1, buffered = queue.buffered, bytes = queue.buffered_bytes, "Kafka partition paused until its buffered records drain");
@@ -674,6 +688,7 @@ fn settle(
     done: Done,
     mode: CommitMode,
 ) -> Option<(Partition, String)> {
+    let bytes = buffer_bytes(queues.len());
     let queue = queues
         .get_mut(&done.partition)
         .filter(|q| q.generation == done.generation)?;
@@ -684,7 +699,7 @@ fn settle(
             if let Some(next_offset) = queue.finish(&done.route) {
                 commit(consumer, &done.partition, next_offset, mode);
             }
-            if queue.paused && queue.half_empty() {
+            if queue.paused && queue.half_empty(bytes) {
                 queue.paused = !set_paused(consumer, &done.partition, false);
             }
         }
@@ -731,24 +746,36 @@ mod tests {
 
     #[test]
     fn a_partition_buffer_fills_by_records_or_by_bytes() {
+        let bytes = buffer_bytes(1);
+        assert_eq!(bytes, 32 << 20);
         let mut by_records = PartitionQueue::new(1);
         for offset in 0..BUFFER as i64 {
-            assert!(!by_records.full());
+            assert!(!by_records.full(bytes));
             by_records.push(job(offset, 10));
         }
-        assert!(by_records.full());
+        assert!(by_records.full(bytes));
         // A megabyte record at a time: full long before 512 records.
         let mut by_bytes = PartitionQueue::new(1);
         for offset in 0..32 {
             by_bytes.push(job(offset, 1 << 20));
         }
-        assert!(by_bytes.full());
-        assert!(!by_bytes.half_empty());
+        assert!(by_bytes.full(bytes));
+        assert!(!by_bytes.half_empty(bytes));
         for _ in 0..17 {
             by_bytes.finish("r");
         }
-        assert!(!by_bytes.full());
-        assert!(by_bytes.half_empty(), "15 MiB left");
+        assert!(!by_bytes.full(bytes));
+        assert!(by_bytes.half_empty(bytes), "15 MiB left");
         assert_eq!(by_bytes.buffered_bytes, 15 << 20);
+    }
+
+    /// Many partitions share the worker's budget, each keeping room for a
+    /// record of Kafka's default size limit.
+    #[test]
+    fn partitions_share_the_workers_buffer_budget() {
+        assert_eq!(buffer_bytes(4), 32 << 20);
+        assert_eq!(buffer_bytes(16), 8 << 20);
+        assert_eq!(buffer_bytes(48) * 48, (128 << 20) - (128 << 20) % 48);
+        assert_eq!(buffer_bytes(1000), 2 << 20);
     }
 }
