@@ -336,7 +336,8 @@ impl KafkaReplayer {
                 message = consumer.recv() => match message {
                     Ok(message) => {
                         let partition = (message.topic().to_string(), message.partition());
-                        let bytes = buffer_bytes(queues.len() + 1);
+                        let new = usize::from(!queues.contains_key(&partition));
+                        let bytes = buffer_bytes(queues.len() + new);
                         let queue = queues.entry(partition.clone()).or_insert_with(|| {
                             generations += 1;
                             PartitionQueue::new(generations)

@@ -6,20 +6,21 @@
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
 
 /// The longest one reading may take, all its calls together: `/metrics`
 /// waits for it, and Prometheus gives a scrape 10 s by default.
 const BUDGET: Duration = Duration::from_secs(2);
-/// Queued client events served before one reading, at most.
-const MAX_EVENTS_PER_READ: usize = 1000;
+/// How long each reading first serves the client's queued events.
+const SERVE_EVENTS_FOR: Duration = Duration::from_millis(5);
 
 pub struct KafkaLag {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<Quiet>,
     topic: String,
     last: Mutex<LastRead>,
 }
@@ -34,12 +35,12 @@ struct LastRead {
 impl KafkaLag {
     pub fn new(config: &KafkaConfig, group_id: &str) -> Result<KafkaLag, String> {
         // Never subscribes: it only reads the group's committed offsets.
-        let consumer: BaseConsumer = ClientConfig::new()
+        let consumer = ClientConfig::new()
             .set("bootstrap.servers", &config.brokers)
             .set("group.id", group_id)
             .set("enable.auto.commit", "false")
             .set("client.id", "backstop-lag")
-            .create()
+            .create_with_context(Quiet)
             .map_err(|e| format!("kafka lag reader: {e}"))?;
         Ok(KafkaLag {
             consumer,
@@ -80,10 +81,14 @@ impl KafkaLag {
     /// errors): a consumer with a group sends them to its own queue, which
     /// only a poll empties, and this one is never otherwise polled, so a
     /// long Kafka outage would pile them up for the life of the process.
-    /// (A bounded loop: each poll takes one event.)
+    /// A poll with time left serves every event queued (one without
+    /// returns after the first log line); it ends with the time, as this
+    /// consumer subscribes to nothing, or at an error event.
     fn serve_events(&self) {
-        for _ in 0..MAX_EVENTS_PER_READ {
-            if self.consumer.poll(Duration::ZERO).is_none() {
+        let until = Instant::now() + SERVE_EVENTS_FOR;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.consumer.poll(left).is_none() {
                 return;
             }
         }
@@ -135,6 +140,23 @@ fn partition_lag(committed: Offset, low: i64, high: i64) -> u64 {
     };
     u64::try_from(high - from).unwrap_or(0)
 }
+
+/// The lag reader's client context: its log lines and broker errors repeat
+/// what the replay consumer and the capture producer say (and `lag` says
+/// once per outage that reading fails), so they go to the debug log.
+struct Quiet;
+
+impl ClientContext for Quiet {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        tracing::debug!(?level, facility, message, "Kafka lag reader");
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!(%error, reason, "Kafka lag reader");
+    }
+}
+
+impl ConsumerContext for Quiet {}
 
 #[cfg(test)]
 mod tests {

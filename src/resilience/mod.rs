@@ -22,7 +22,7 @@ use foldhash::HashMap;
 
 use crate::config::RouteConfig;
 use crate::stats::metrics::{self, Metrics};
-use breaker::Breaker;
+use breaker::{Breaker, CircuitState};
 use budget::RetryBudget;
 use rate_limit::RateLimiter;
 use shared_limit::SharedLimiter;
@@ -42,6 +42,25 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     /// The rate limits shared across instances through Redis.
     pub shared: SharedLimiter,
+}
+
+/// A route's upstreams as a set, each as its URI reads: scheme, host,
+/// port and base path (`http://a` and `http://A:80/` are one target).
+fn targets(upstreams: &[http::Uri]) -> Vec<(String, String, u16, String)> {
+    let mut set: Vec<_> = (upstreams.iter())
+        .map(|uri| {
+            let scheme = uri.scheme_str().unwrap_or("").to_string();
+            let port = uri
+                .port_u16()
+                .unwrap_or(if scheme == "https" { 443 } else { 80 });
+            let host = uri.host().unwrap_or("").to_ascii_lowercase();
+            let base = uri.path().trim_end_matches('/').to_string();
+            (scheme, host, port, base)
+        })
+        .collect();
+    set.sort();
+    set.dedup();
+    set
 }
 
 impl Registry {
@@ -89,20 +108,24 @@ impl Registry {
         guards
     }
 
-    /// Closes the circuit of each route a reload gave other upstreams: its
-    /// failures said how the old ones were, not the new (an operator who
-    /// moves a route off a dead backend wants it used now, not after
-    /// `reset_timeout`). Creates nothing; returns the routes closed.
+    /// Resets the circuit of each route a reload gave other upstreams (not
+    /// the same ones in another order or spelling): its failures said how
+    /// the old ones were, not the new (an operator who moves a route off a
+    /// dead backend wants it used now, not after `reset_timeout`). Creates
+    /// nothing; returns the routes whose circuit was not closed.
     pub fn close_moved_routes(&self, before: &[RouteConfig], now: &[RouteConfig]) -> Vec<String> {
         let routes = self.routes.load();
         let mut closed = Vec::new();
         for route in now {
-            let moved = before
-                .iter()
-                .any(|old| old.name == route.name && old.upstreams != route.upstreams);
+            let moved = before.iter().any(|old| {
+                old.name == route.name && targets(&old.upstreams) != targets(&route.upstreams)
+            });
             if let Some(guards) = routes.get(&route.name).filter(|_| moved) {
+                let state = guards.breaker.snapshot(&route.circuit_breaker).state;
                 guards.breaker.reset(&route.circuit_breaker);
-                closed.push(route.name.clone());
+                if state != CircuitState::Closed {
+                    closed.push(route.name.clone());
+                }
             }
         }
         closed
@@ -128,5 +151,25 @@ impl Registry {
             keep
         });
         self.routes.store(Arc::new(next));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstreams_in_another_order_or_spelling_are_the_same_targets() {
+        let uris =
+            |list: &[&str]| -> Vec<http::Uri> { list.iter().map(|u| u.parse().unwrap()).collect() };
+        let same = |a: &[&str], b: &[&str]| targets(&uris(a)) == targets(&uris(b));
+        assert!(same(
+            &["http://a", "https://b/base/"],
+            &["https://B:443/base", "http://a:80/"]
+        ));
+        assert!(!same(&["http://a"], &["http://a:8080"]));
+        assert!(!same(&["http://a"], &["https://a"]));
+        assert!(!same(&["http://a/v1"], &["http://a/v2"]));
+        assert!(!same(&["http://a"], &["http://a", "http://b"]));
     }
 }
