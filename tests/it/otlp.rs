@@ -247,6 +247,14 @@ fn boolean(span: &Span, key: &str) -> Option<bool> {
     }
 }
 
+/// The server span and the first attempt's span of the one request sent.
+async fn server_and_attempt(collector: &Collector) -> (Span, Span) {
+    let spans = collector.wait_for_spans(2, Duration::from_secs(10)).await;
+    assert_eq!(spans.len(), 2, "one server and one client span");
+    let server = of_kind(&spans, SpanKind::Server).remove(0);
+    (server, of_kind(&spans, SpanKind::Client).remove(0))
+}
+
 fn of_kind(spans: &[Span], kind: SpanKind) -> Vec<Span> {
     let mut found: Vec<Span> = spans
         .iter()
@@ -293,9 +301,7 @@ async fn a_request_its_client_left_is_a_client_closed_span() {
     // Its stream reset: the request is cancelled at once.
     let impatient = h2_client_giving_up_after(Duration::from_millis(300));
     assert!(impatient.get(bs.url("/api/slow")).send().await.is_err());
-    let spans = collector.wait_for_spans(2, Duration::from_secs(10)).await;
-    let server = &of_kind(&spans, SpanKind::Server)[0];
-    let attempt = &of_kind(&spans, SpanKind::Client)[0];
+    let (server, attempt) = &server_and_attempt(&collector).await;
     assert_eq!(int(server, "http.response.status_code"), Some(499));
     assert_eq!(text(server, "error.type").as_deref(), Some("client_closed"));
     assert!(is_error(server));
@@ -317,9 +323,7 @@ async fn a_made_up_method_is_other_in_spans() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let spans = collector.wait_for_spans(2, Duration::from_secs(10)).await;
-    let server = &of_kind(&spans, SpanKind::Server)[0];
-    let attempt = &of_kind(&spans, SpanKind::Client)[0];
+    let (server, attempt) = &server_and_attempt(&collector).await;
     assert_eq!(server.name, "HTTP /api");
     assert_eq!(attempt.name, "HTTP");
     for span in [server, attempt] {
@@ -347,10 +351,7 @@ async fn a_traced_request_is_a_server_span_under_the_caller_and_a_client_span_th
     assert_eq!(r.status(), 200);
     let request_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
 
-    let spans = collector.wait_for_spans(2, Duration::from_secs(10)).await;
-    assert_eq!(spans.len(), 2, "one server and one client span");
-    let server = &of_kind(&spans, SpanKind::Server)[0];
-    let attempt = &of_kind(&spans, SpanKind::Client)[0];
+    let (server, attempt) = &server_and_attempt(&collector).await;
 
     // The server span continues the caller's trace, under the caller's span.
     assert_eq!(hex(&server.trace_id), TRACE_ID);
@@ -479,9 +480,7 @@ async fn without_a_traceparent_the_server_span_is_a_root_on_the_logged_trace_id(
         .unwrap();
     assert_eq!(r.status(), 200);
 
-    let spans = collector.wait_for_spans(2, Duration::from_secs(10)).await;
-    let server = &of_kind(&spans, SpanKind::Server)[0];
-    let attempt = &of_kind(&spans, SpanKind::Client)[0];
+    let (server, attempt) = &server_and_attempt(&collector).await;
     assert!(server.parent_span_id.is_empty(), "a root span");
     assert_eq!(server.name, "POST /api");
     assert_eq!(attempt.parent_span_id, server.span_id);
