@@ -170,8 +170,13 @@ impl KafkaSink {
     /// replaced meanwhile, as the last hold's drop joins the producer's
     /// polling thread and flushes its queue (up to half a second).
     fn let_go(&self, producer: Arc<FutureProducer>) {
-        if !Arc::ptr_eq(&self.producer.load(), &producer) {
-            tokio::task::spawn_blocking(move || drop(producer));
+        if Arc::ptr_eq(&self.producer.load(), &producer) {
+            return;
+        }
+        // Outside a runtime (a hold dropped as the process ends), where
+        // there is no runtime thread to spare, it is dropped here.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn_blocking(move || drop(producer));
         }
     }
 

@@ -149,10 +149,10 @@ struct Known(Option<&'static str>);
 
 impl Known {
     fn of(method: &http::Method) -> Known {
-        const HTTPS_OWN: [&str; 9] = [
+        const HTTP_METHODS: [&str; 9] = [
             "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
         ];
-        Known(HTTPS_OWN.into_iter().find(|own| *own == method.as_str()))
+        Known(HTTP_METHODS.into_iter().find(|own| *own == method.as_str()))
     }
 
     fn span_name(self) -> &'static str {

@@ -18,8 +18,7 @@ use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
-use http::header::HOST;
-use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
