@@ -20,7 +20,7 @@ use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -507,9 +507,18 @@ fn respond(
             transfer_encoding_lines += 1;
             transfer_encoding = Some(value.clone());
         } else if name == CONNECTION {
-            close |= headers::has_token(&value, "close");
+            // As bytes: a value that is not text (one odd byte beside
+            // `close`) must not hide the close.
+            close |= (value.as_bytes().split(|&b| b == b','))
+                .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"));
         }
         headers.append(name, value);
+    }
+    // HTTP/1.0 has no transfer codings: such a message's framing is
+    // faulty (RFC 9112 §6.1), as hyper's client holds too.
+    if parsed.version == Version::HTTP_10 && transfer_encoding.is_some() {
+        tracing::debug!("upstream sent Transfer-Encoding in an HTTP/1.0 answer");
+        return Err(Failed::invalid_answer());
     }
     let framing = framing(
         parsed.status,
@@ -537,13 +546,16 @@ fn respond(
     let mut body = ConnBody {
         conn: Some(conn),
         framing,
-        idle: reusable.then(|| idle.clone()),
+        idle: reusable.then(|| Arc::downgrade(idle)),
     };
     if body.framing == Framing::Length(0) {
         body.finish();
     }
     let mut response = Response::new(body);
     *response.status_mut() = parsed.status;
+    // The backend's (the pool reads an HTTP/1.0 answer's version); the
+    // client's side answers in its own.
+    *response.version_mut() = parsed.version;
     *response.headers_mut() = headers;
     Ok(response)
 }
@@ -635,8 +647,11 @@ enum Chunk {
 pub struct ConnBody {
     conn: Option<Box<Conn>>,
     framing: Framing,
-    /// Where the connection goes once the body is read, if it may be reused.
-    idle: Option<Arc<IdleConns>>,
+    /// Where the connection goes once the body is read, if it may be
+    /// reused and the pool is still there: a reload replaces the pools, and
+    /// a connection checked into a dropped one's list would stay open,
+    /// swept by no one, until the last body of its day ended.
+    idle: Option<Weak<IdleConns>>,
 }
 
 impl ConnBody {
@@ -644,7 +659,8 @@ impl ConnBody {
     /// else arrived behind the answer, otherwise it is closed.
     fn finish(&mut self) {
         self.framing = Framing::Done;
-        if let (Some(conn), Some(idle)) = (self.conn.take(), self.idle.take()) {
+        let idle = self.idle.take().and_then(|idle| idle.upgrade());
+        if let (Some(conn), Some(idle)) = (self.conn.take(), idle) {
             if conn.read.is_empty() {
                 idle.check_in(conn);
             }

@@ -249,6 +249,62 @@ async fn a_reload_closes_the_old_tables_idle_upstream_connections() {
     assert_eq!(backend.open(), 1);
 }
 
+/// A connection whose answer was still streaming at a reload is closed once
+/// the answer ends, not kept in the old table's idle list (which nothing
+/// sweeps), even while another answer of the old table streams on.
+#[tokio::test]
+async fn a_connection_freed_after_a_reload_is_closed_not_kept_idle() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let open = Arc::new(AtomicUsize::new(0));
+    let go_on = Arc::new(tokio::sync::Semaphore::new(0));
+    let (counted, released) = (open.clone(), go_on.clone());
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let (open, go_on) = (counted.clone(), released.clone());
+            open.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                // Each answer: its head and half its body, the rest when
+                // the test lets one go on. Until the connection closes.
+                while conn.read(&mut buf).await.is_ok_and(|n| n > 0) {
+                    let head = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nab";
+                    if conn.write_all(head).await.is_err() {
+                        break;
+                    }
+                    go_on.acquire().await.unwrap().forget();
+                    if conn.write_all(b"cd").await.is_err() {
+                        break;
+                    }
+                }
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    let bs = Backstop::start(&one_route(&format!("http://{addr}")));
+    let c = client();
+    let first = c.get(bs.url("/api/a")).send().await.unwrap();
+    let second = c.get(bs.url("/api/b")).send().await.unwrap();
+    assert_eq!(open.load(Ordering::SeqCst), 2);
+    bs.signal("HUP");
+    bs.wait_for_log("configuration reloaded", Duration::from_secs(5))
+        .await;
+    go_on.add_permits(1);
+    let one_done = tokio::time::timeout(Duration::from_secs(5), first.text());
+    assert_eq!(one_done.await.unwrap().unwrap(), "abcd");
+    let started = std::time::Instant::now();
+    while open.load(Ordering::SeqCst) > 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the freed connection is kept open by the old table"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    go_on.add_permits(1);
+    assert_eq!(second.text().await.unwrap(), "abcd");
+}
+
 /// `backstop replay` stops as `backstop run` does: on SIGTERM it finishes
 /// the record in delivery (so it is not delivered again by the next worker)
 /// and exits 0; SIGHUP reloads instead of ending the process.

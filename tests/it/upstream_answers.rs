@@ -371,6 +371,28 @@ async fn a_transfer_coding_other_than_chunked_is_refused_on_both_ways() {
     assert_eq!(backend.requests(), 2);
 }
 
+/// HTTP/1.0 has no transfer codings: an HTTP/1.0 answer that names one has
+/// faulty framing (RFC 9112 §6.1), refused on both ways as hyper's client
+/// refuses it.
+#[tokio::test]
+async fn a_transfer_coding_in_an_http_1_0_answer_is_refused_on_both_ways() {
+    let backend = StuckBackend::start(
+        b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_vec(),
+    )
+    .await;
+    let bs = Backstop::start(&route(
+        &backend.url,
+        "[routes.retry]\nmax_attempts = 1\n[routes.capture]\nenabled = false",
+    ));
+    let c = client();
+    let (status, code, _) = error_of(c.get(bs.url("/old")).send().await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (502, "upstream_invalid_response"));
+    assert_eq!(
+        streamed_post(&bs, "/old").await,
+        (502, "upstream_invalid_response".to_string())
+    );
+}
+
 #[tokio::test]
 async fn an_invalid_answer_does_not_close_a_half_open_circuit() {
     // A 503 opens the circuit; once it half-opens, the backend answers
