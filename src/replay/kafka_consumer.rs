@@ -569,11 +569,11 @@ impl KafkaReplayer {
                     Ok(()) => {
                         self.count(&job.route, "dead_letter");
                         self.counters.add_dead();
-                        tracing::warn!(id = %job.id, route = %job.route, %reason, error = %e, "replay gave up: the dead-letter topic refuses the record, kept in the spool's dead letters");
+                        tracing::warn!(%id, route = %job.route, %reason, error = %e, "replay gave up: the dead-letter topic refuses the record, kept in the spool's dead letters");
                         Verdict::Finished
                     }
                     Err(spooled) => {
-                        tracing::error!(id = %job.id, error = %e, %spooled, "cannot write the dead letter to the topic or the spool; will retry");
+                        tracing::error!(%id, error = %e, %spooled, "cannot write the dead letter to the topic or the spool; will retry");
                         Verdict::DeadLetterUnwritten {
                             reason: reason.to_string(),
                             attempts,
