@@ -9,13 +9,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Redis: the machine's server on 127.0.0.1:6379; start one if none answers.
-if ! command -v redis-server >/dev/null; then
-    apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server redis-tools
 fi
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
     redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
     for _ in $(seq 50); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.1; done
 fi
+redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 \
+    || { echo "test.sh: Redis does not answer on 127.0.0.1:6379" >&2; exit 1; }
 
 # Headless Chromium and chromedriver for the dashboard tests (tests/it/dashboards.rs).
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then

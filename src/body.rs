@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either, Full};
@@ -417,7 +417,12 @@ pub async fn buffer(
     if declared.is_some_and(|n| n > limit) {
         return Err(BufferError::TooLarge { limit });
     }
-    let mut chunks: Vec<Bytes> = Vec::new();
+    // A body of one frame is kept as it came; one of more is copied into
+    // one buffer. Kept as frames, a body sent in 1-byte chunks (or HTTP/2
+    // DATA frames) would cost a slice handle and a pinned receive buffer
+    // per byte: 50 times its size, under the limit.
+    let mut first: Option<Bytes> = None;
+    let mut joined = BytesMut::new();
     let mut total: u64 = 0;
     loop {
         let frame = match tokio::time::timeout(stall, body.frame()).await {
@@ -434,12 +439,15 @@ pub async fn buffer(
         if total > limit {
             return Err(BufferError::TooLarge { limit });
         }
-        chunks.push(data);
+        match first.take() {
+            None if joined.is_empty() => first = Some(data),
+            earlier => {
+                if let Some(earlier) = earlier {
+                    joined.extend_from_slice(&earlier);
+                }
+                joined.extend_from_slice(&data);
+            }
+        }
     }
-    let whole = match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.swap_remove(0),
-        _ => chunks.concat().into(),
-    };
-    Ok(BufferedBody(whole))
+    Ok(BufferedBody(first.unwrap_or_else(|| joined.freeze())))
 }

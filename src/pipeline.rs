@@ -294,6 +294,9 @@ async fn proxy_request(
                 // Nothing to store or mark.
                 return Ok(response);
             }
+            if ctx.attempts > 1 {
+                cache.retried();
+            }
             let answer = out_of_line(cache.finish(&route.config, response)).await;
             ctx.cache = cache.verdict().map(|v| v.as_str());
             answer

@@ -123,8 +123,6 @@ pub async fn run(
     };
     if let Some(sink) = &kafka {
         sink.warm_up().await;
-    } else {
-        hand_kafkas_captures_to_replay(&spool).await;
     }
     let otel = otel::Tracing::start(&config.otlp, &metrics)?;
     let proxy = Arc::new(Proxy {
@@ -201,7 +199,13 @@ pub async fn run(
     }
     if config.replay.enabled {
         // Also with Kafka: records requeued into the spool are replayed here.
-        let replayer = SpoolReplayer::new(spool.clone(), proxy.clone(), counters.clone());
+        let mut replayer = SpoolReplayer::new(spool.clone(), proxy.clone(), counters.clone());
+        if kafka.is_none() {
+            // What a run with `[kafka]` left waiting for it, once this
+            // process holds the replay lock: a process with `[kafka]` still
+            // running on this spool forwards them until then.
+            replayer = replayer.taking_kafkas_captures();
+        }
         background.spawn(replayer.run(shutdown.clone()));
     }
     let mut stop_signals = StopSignals::install();
@@ -507,19 +511,4 @@ pub fn stamp(path: &Path) -> Option<FileStamp> {
 /// The config's data directory, for commands that work on the spool alone.
 pub fn data_dir(config: &Config) -> &Path {
     &config.server.data_dir
-}
-
-/// Records a run with `[kafka]` left waiting for it: without Kafka nothing
-/// would forward them, so the spool replays them itself.
-pub async fn hand_kafkas_captures_to_replay(spool: &Spool) {
-    match spool.replay_instead_of_kafka(None).await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(
-            records = n,
-            "captures spooled for Kafka are replayed from the spool (no [kafka] configured)"
-        ),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot hand captures spooled for Kafka to the spool's replay")
-        }
-    }
 }

@@ -19,7 +19,7 @@
 
 use std::borrow::Cow;
 
-use http::header::FORWARDED;
+use http::header::{CONTENT_ENCODING, CONTENT_TYPE, FORWARDED};
 use http::{HeaderMap, HeaderName, Method};
 use ring::digest::{Context, SHA256};
 
@@ -270,8 +270,16 @@ impl KeyHead {
     }
 
     /// The key, once the body is known (empty for requests without one).
-    pub fn finish(self, body: &[u8]) -> CacheKey {
+    /// A body is keyed with the headers that say how to read it, whatever
+    /// `header_strategy` says: the same bytes sent as `text/plain` must not
+    /// store an answer (a JSON API's "no query") for those sent as JSON.
+    pub fn finish(self, headers: &HeaderMap, body: &[u8]) -> CacheKey {
         let mut ctx = self.0;
+        if !body.is_empty() {
+            field(&mut ctx, b"body-read-as");
+            keyed_header(&mut ctx, headers, &CONTENT_TYPE);
+            keyed_header(&mut ctx, headers, &CONTENT_ENCODING);
+        }
         field(&mut ctx, body);
         let digest = ctx.finish();
         let mut key = [0u8; 32];
@@ -365,7 +373,7 @@ mod tests {
             strategy,
             listed: &listed,
         })
-        .finish(req.body.as_bytes())
+        .finish(&headers, req.body.as_bytes())
     }
 
     use HeaderStrategy::{All, List, None as NoHeaders};
@@ -679,6 +687,52 @@ mod tests {
                     body: "{\"q\":1}",
                     ..get("/s")
                 },
+                NoHeaders,
+                &[],
+                true,
+            ),
+            (
+                "a body's type keyed whatever the strategy",
+                Req {
+                    method: "POST",
+                    body: "{\"q\":1}",
+                    headers: &[("content-type", "application/json")],
+                    ..get("/s")
+                },
+                Req {
+                    method: "POST",
+                    body: "{\"q\":1}",
+                    headers: &[("content-type", "text/plain")],
+                    ..get("/s")
+                },
+                NoHeaders,
+                &[],
+                false,
+            ),
+            (
+                "and its coding",
+                Req {
+                    method: "POST",
+                    body: "{\"q\":1}",
+                    headers: &[("content-encoding", "gzip")],
+                    ..get("/s")
+                },
+                Req {
+                    method: "POST",
+                    body: "{\"q\":1}",
+                    ..get("/s")
+                },
+                NoHeaders,
+                &[],
+                false,
+            ),
+            (
+                "a request without a body keys neither",
+                Req {
+                    headers: &[("content-type", "application/json")],
+                    ..get("/a")
+                },
+                get("/a"),
                 NoHeaders,
                 &[],
                 true,

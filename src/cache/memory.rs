@@ -100,7 +100,7 @@ mod tests {
             strategy: crate::config::HeaderStrategy::None,
             listed: &[],
         })
-        .finish(b"")
+        .finish(&HeaderMap::new(), b"")
     }
 
     #[tokio::test]

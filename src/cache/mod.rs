@@ -134,7 +134,7 @@ fn key_of(route: &Route, target: &Target, method: &Method, body: &[u8]) -> Cache
         strategy: cache.header_strategy,
         listed: &cache.headers,
     })
-    .finish(body)
+    .finish(target.headers, body)
 }
 
 /// What the lookup came to.
@@ -176,6 +176,10 @@ struct Invalidation {
     name: String,
     /// The write went upstream: from now on, its outcome may be a change.
     sent: bool,
+    /// An attempt before the one answering failed: sent (and timed out, or
+    /// reset), the backend may have applied the write whatever the last
+    /// attempt's status says (a DELETE retried after a lost answer gets 404).
+    retried: bool,
 }
 
 impl Invalidation {
@@ -288,6 +292,14 @@ impl CacheState {
         }
     }
 
+    /// The answer to come is a retry's: a write's invalidation runs
+    /// whatever its status (see [`Invalidation::retried`]).
+    pub fn retried(&mut self) {
+        if let Some(invalidation) = &mut self.invalidate {
+            invalidation.retried = true;
+        }
+    }
+
     /// Stale-if-error: the remembered stale entry as an answer, if there is
     /// one and it is still within `stale_if_error` of `cache` (the backend
     /// may have taken up to the route's deadline to fail). Called when the
@@ -359,7 +371,7 @@ impl CacheState {
             // Only a write the backend accepted changed anything. Done
             // before answering, so that the client's next read cannot find
             // the old entry; Redis is bounded by its timeout and its breaker.
-            if status.is_success() || status.is_redirection() {
+            if status.is_success() || status.is_redirection() || invalidation.retried {
                 (*invalidation).run().await;
             } else {
                 invalidation.keys.clear();
@@ -775,6 +787,7 @@ impl Caches {
             store,
             name,
             sent: false,
+            retried: false,
         })
     }
 
@@ -1003,7 +1016,7 @@ mod tests {
                 strategy: crate::config::HeaderStrategy::None,
                 listed: &[],
             })
-            .finish(b"")
+            .finish(&HeaderMap::new(), b"")
         };
         let written = key("/a");
         stripes.wrote(&[written]);

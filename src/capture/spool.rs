@@ -440,6 +440,7 @@ impl Spool {
 
     /// Removes a dead letter delivered by hand, in one write: moved back to
     /// the queue and deleted from there, a worker could deliver it between.
+    /// A copy of it requeued meanwhile (from the admin API) goes too.
     pub async fn delete_dead_letter(&self, id: &str) -> Result<(), SpoolError> {
         self.write(Write::DeleteDead { id: id.to_string() })
             .await
@@ -793,17 +794,22 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        let appends = batch
-            .iter()
-            .filter(|j| {
-                matches!(
-                    j.write,
-                    Write::Append { .. } | Write::Requeue { .. } | Write::ToReplay { .. }
-                )
-            })
-            .count();
         match apply_batch(&mut conn, &batch) {
             Ok(results) => {
+                // Records that came into the queue: those rows each write
+                // added or moved there (none for an append that failed or
+                // was there already; thousands for one requeue).
+                let appends: u64 = batch
+                    .iter()
+                    .zip(&results)
+                    .filter(|(j, _)| {
+                        matches!(
+                            j.write,
+                            Write::Append { .. } | Write::Requeue { .. } | Write::ToReplay { .. }
+                        )
+                    })
+                    .filter_map(|(_, result)| result.as_ref().ok())
+                    .sum();
                 // Before anyone hears of the commit: a client told its
                 // request was captured must find the backlog marked.
                 let to_kafka = batch.iter().any(|j| {
@@ -824,7 +830,7 @@ fn writer_loop(
                     kafka_backlog.set_committed(holds);
                 }
                 commits.fetch_add(1, Relaxed);
-                records_written.fetch_add(appends as u64, Relaxed);
+                records_written.fetch_add(appends, Relaxed);
                 for (job, result) in batch.drain(..).zip(results) {
                     let _ = job.reply.send(result);
                 }
@@ -978,9 +984,14 @@ fn apply_one(conn: &Connection, write: &Write, now: i64) -> rusqlite::Result<usi
             &format!("DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters ORDER BY id LIMIT {CHUNK})"),
             [],
         ),
-        Write::DeleteDead { id } => {
-            conn.execute("DELETE FROM dead_letters WHERE id = ?1", params![id])
-        }
+        // Its copy a requeue put back in the queue while it was being
+        // delivered goes too: the worker would deliver it a second time.
+        Write::DeleteDead { id } => conn
+            .execute("DELETE FROM dead_letters WHERE id = ?1", params![id])
+            .and_then(|dead| {
+                conn.execute("DELETE FROM queue WHERE id = ?1 AND dest = 'replay'", params![id])
+                    .map(|queued| dead + queued)
+            }),
     }
 }
 
@@ -1073,6 +1084,30 @@ mod tests {
         assert!(spool.join_kafka_backlog().is_some(), "committed");
         spool.delete("a").await.unwrap();
         assert!(spool.join_kafka_backlog().is_none(), "none left");
+    }
+
+    /// Records written counts the records that came into the queue, not
+    /// the writes: an append of a record already there adds none, a
+    /// requeue of many adds each.
+    #[tokio::test]
+    async fn records_written_counts_records_not_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let append =
+            |id: &'static str| spool.append(id, "r", b"{}".to_vec(), Destination::Replay, None);
+        append("a").await.unwrap();
+        append("a").await.unwrap();
+        assert_eq!(
+            spool.commit_stats().1,
+            1,
+            "the second append found it there"
+        );
+        for id in ["b", "c", "d"] {
+            let kept = spool.keep_dead_letter(id, "r", b"{}".to_vec(), 1, "test");
+            kept.await.unwrap();
+        }
+        assert_eq!(spool.requeue(None).await.unwrap(), 3);
+        assert_eq!(spool.commit_stats().1, 4, "one append and three requeued");
     }
 
     /// A Kafka capture's dead letter, which was never in the queue, is

@@ -231,6 +231,13 @@ impl ConsumerContext for RebalanceContext {
             let _ = self.revoked.send(partitions);
         }
     }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
+            tracing::info!(?partitions, "Kafka partitions assigned");
+        }
+    }
 }
 
 type ReplayConsumer = StreamConsumer<RebalanceContext>;

@@ -171,7 +171,7 @@ impl SpoolReplayer {
             return;
         };
         if self.takes_kafkas_captures {
-            crate::runtime::hand_kafkas_captures_to_replay(&self.spool).await;
+            hand_kafkas_captures_to_replay(&self.spool).await;
         }
         tracing::info!("replay worker started");
         let mut routes: HashMap<String, RouteTurn> = HashMap::new();
@@ -410,10 +410,19 @@ impl SpoolReplayer {
     /// How long the route's next record, due at `due_at_ms`, must wait: until
     /// then, or while the route's circuit is open (its backend is known to
     /// be down: wait for half-open rather than spend replay attempts).
+    ///
+    /// `due_at_ms` is wall-clock time (it outlives the process): a record
+    /// due further out than the longest backoff was scheduled before the
+    /// clock stepped back, and is due now rather than hours later, its
+    /// route stalled behind it.
     fn must_wait(&self, route: &str, due_at_ms: i64) -> Option<Duration> {
         let now = now_ms();
         if due_at_ms > now {
-            return Some(Duration::from_millis((due_at_ms - now) as u64));
+            let wait = Duration::from_millis((due_at_ms - now) as u64);
+            let longest = Backoff::longest(self.proxy.active.load().config.replay.max_delay);
+            if wait <= longest {
+                return Some(wait);
+            }
         }
         self.proxy.resilience.open_for(route)
     }
@@ -514,6 +523,21 @@ impl SpoolReplayer {
                 tracing::debug!(id = %queued.id, route = %record.route, attempt, %reason, ?wait, "replay failed; backing off");
                 Ok(Some(wait))
             }
+        }
+    }
+}
+
+/// Records a run with `[kafka]` left waiting for it: without Kafka nothing
+/// would forward them, so the spool replays them itself.
+async fn hand_kafkas_captures_to_replay(spool: &Spool) {
+    match spool.replay_instead_of_kafka(None).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            records = n,
+            "captures spooled for Kafka are replayed from the spool (no [kafka] configured)"
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot hand captures spooled for Kafka to the spool's replay")
         }
     }
 }

@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use rand::Rng;
 
+/// Jitter adds less than this share of the delay.
+const MAX_JITTER: f64 = 0.2;
+
 /// The exponential schedule of one retry policy.
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
@@ -30,7 +33,12 @@ impl Backoff {
     /// The delay with jitter: `base × (1 + U[0, 0.2))`.
     pub fn delay(&self, n: u32) -> Duration {
         let base = self.base_delay(n);
-        base.mul_f64(1.0 + rand::rng().random_range(0.0..0.2))
+        base.mul_f64(1.0 + rand::rng().random_range(0.0..MAX_JITTER))
+    }
+
+    /// The longest delay any policy capped at `max` gives, jitter included.
+    pub fn longest(max: Duration) -> Duration {
+        max.mul_f64(1.0 + MAX_JITTER)
     }
 
     /// The delay when the backend said `Retry-After: retry_after`: the longer
@@ -108,6 +116,7 @@ mod tests {
             let with_hint = policy.delay_with_hint(n, hint);
             proptest::prop_assert!(with_hint >= base.min(policy.max));
             proptest::prop_assert!(with_hint <= policy.max.max(base.mul_f64(1.2)));
+            proptest::prop_assert!(with_hint <= Backoff::longest(policy.max));
             if let Some(h) = hint {
                 proptest::prop_assert!(with_hint >= h.min(policy.max));
             }

@@ -34,6 +34,8 @@ struct TargetHealth {
     next_check: Instant,
     /// A check of this target is running: no second one starts beside it.
     checking: bool,
+    /// The last tick that found the target checked in the route table.
+    seen_at: u64,
 }
 
 /// A finished check: which target, and whether it passed.
@@ -53,6 +55,7 @@ pub async fn run(proxy: Arc<Proxy>, shutdown: CancellationToken) {
     let mut health: HashMap<(String, String), TargetHealth> = HashMap::new();
     let mut running = FuturesUnordered::new();
     let mut ticker = tokio::time::interval(TICK);
+    let mut tick: u64 = 0;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -62,6 +65,7 @@ pub async fn run(proxy: Arc<Proxy>, shutdown: CancellationToken) {
             }
             _ = ticker.tick() => {}
         }
+        tick += 1;
         let active = proxy.active.load_full();
         let now = Instant::now();
         for route in active.routes.iter() {
@@ -75,7 +79,9 @@ pub async fn run(proxy: Arc<Proxy>, shutdown: CancellationToken) {
                     streak: 0,
                     next_check: now,
                     checking: false,
+                    seen_at: tick,
                 });
+                state.seen_at = tick;
                 // Applied every tick: a reload builds new balancers.
                 route.upstream.balancer.set_healthy(index, state.healthy);
                 // A reload that shortens `interval` does not wait out the
@@ -98,6 +104,10 @@ pub async fn run(proxy: Arc<Proxy>, shutdown: CancellationToken) {
                 }
             }
         }
+        // A target a reload removed (or whose route stopped checking) is
+        // forgotten: back one day, it starts healthy rather than out of
+        // rotation on a verdict of the past (and the table stays bounded).
+        health.retain(|_, state| state.seen_at == tick);
     }
 }
 

@@ -463,6 +463,31 @@ async fn a_buffered_body_that_stops_coming_is_answered_408() {
     assert_healthy(&mut bs).await;
 }
 
+/// A body buffered for retries costs about its size, however it comes:
+/// in 1-byte chunks, kept chunk by chunk, a 1 MiB body took tens of MiB.
+#[tokio::test]
+async fn a_body_buffered_in_one_byte_chunks_costs_about_its_size() {
+    let backend = Backend::start(|seen| Reply::ok(&seen.body_len.to_string())).await;
+    let bs = Backstop::start(&config(&backend));
+    let warm = client().get(bs.url("/warm")).send().await.unwrap();
+    assert_eq!(warm.status(), 200);
+    let before = bs.peak_rss_kib();
+    const BYTES: usize = 1 << 20;
+    let mut request = b"POST /chunks HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\
+          Transfer-Encoding: chunked\r\n\r\n"
+        .to_vec();
+    request.extend(b"1\r\nx\r\n".repeat(BYTES));
+    request.extend(b"0\r\n\r\n");
+    let answer = bs.raw(&request).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with(&BYTES.to_string()), "{answer}");
+    let grew_mib = bs.peak_rss_kib().saturating_sub(before) as f64 / 1024.0;
+    assert!(
+        grew_mib < 12.0,
+        "peak RSS grew {grew_mib:.1} MiB for a 1 MiB body"
+    );
+}
+
 /// A client may shut down its sending side once its request is out (as
 /// `nc -N` does): it still gets the answer.
 #[tokio::test]

@@ -31,38 +31,12 @@ impl Browser {
             std::path::Path::new(CHROMIUM).exists(),
             "Chromium is missing: install the Debian packages `chromium` and `chromium-driver`"
         );
-        let port = free_port();
-        let driver = Command::new(CHROMEDRIVER)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start chromedriver ({e}): install the Debian package `chromium-driver`"
-                )
-            });
-        let base = format!("http://127.0.0.1:{port}");
         let http = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(60))
             .build()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let ready = http.get(format!("{base}/status")).send().await;
-            if let Ok(r) = ready {
-                let v: Value = r.json().await.unwrap_or_default();
-                if v["value"]["ready"] == true {
-                    break;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "chromedriver did not become ready"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let (driver, base) = start_driver(&http).await;
         let profile = tempfile::tempdir().unwrap();
         let args = [
             "--headless",
@@ -232,6 +206,43 @@ impl Drop for Browser {
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
+}
+
+/// chromedriver on a free port, ready. A port taken by another test
+/// before chromedriver binds it makes it exit: another port is tried.
+async fn start_driver(http: &reqwest::Client) -> (Child, String) {
+    for _ in 0..3 {
+        let port = free_port();
+        let mut driver = Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start chromedriver ({e}): install the Debian package `chromium-driver`"
+                )
+            });
+        let base = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if driver.try_wait().unwrap().is_some() {
+                break;
+            }
+            if let Ok(r) = http.get(format!("{base}/status")).send().await {
+                let v: Value = r.json().await.unwrap_or_default();
+                if v["value"]["ready"] == true {
+                    return (driver, base);
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "chromedriver did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    panic!("chromedriver exited on each of 3 ports")
 }
 
 fn free_port() -> u16 {

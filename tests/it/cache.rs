@@ -428,6 +428,39 @@ async fn a_write_the_backend_accepts_invalidates_the_reads_of_its_uri() {
     }
 }
 
+/// A write retried after an attempt that timed out may have been applied
+/// by that attempt, whatever the retry's answer: a DELETE whose first
+/// answer was lost gets 404 the second time, and the entry goes.
+#[tokio::test]
+async fn a_write_retried_after_a_lost_answer_invalidates_whatever_its_status() {
+    let deletes = Arc::new(AtomicUsize::new(0));
+    let backend = Backend::start(move |seen| match seen.method.as_str() {
+        "DELETE" if deletes.fetch_add(1, Ordering::SeqCst) == 0 => {
+            Reply::status(204).delay(Duration::from_millis(1500))
+        }
+        "DELETE" => Reply::status(404),
+        _ => Reply::ok("item 7"),
+    })
+    .await;
+    let toml = format!(
+        "[[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstreams = [{:?}]\n\
+         [routes.circuit_breaker]\nrequest_timeout = 300\n\
+         [routes.retry]\nmax_attempts = 2\ninitial_delay = \"10ms\"\n\
+         [routes.cache]\nenabled = true\n",
+        backend.url()
+    );
+    let bs = Backstop::start(&toml);
+    let url = bs.url("/items/7");
+    assert_eq!(send("GET", url.clone(), &[]).await, (200, "MISS".into()));
+    assert_eq!(send("GET", url.clone(), &[]).await, (200, "HIT".into()));
+    assert_eq!(
+        send("DELETE", url.clone(), &[]).await,
+        (404, "BYPASS".into())
+    );
+    assert_eq!(backend.seen().len(), 3, "the DELETE was tried twice");
+    assert_eq!(send("GET", url, &[]).await, (200, "MISS".into()));
+}
+
 #[tokio::test]
 async fn a_write_invalidates_the_variant_keyed_on_its_own_headers() {
     let backend = counting_backend(vec![]).await;
@@ -493,7 +526,7 @@ async fn a_read_in_flight_during_a_write_neither_stores_nor_shares_its_older_ans
         }
         let reply = Reply::ok(&format!("v{}", version.load(Ordering::SeqCst)));
         if reads.fetch_add(1, Ordering::SeqCst) == 0 {
-            reply.delay(Duration::from_millis(1000))
+            reply.delay(Duration::from_millis(3000))
         } else {
             reply
         }
@@ -502,9 +535,10 @@ async fn a_read_in_flight_during_a_write_neither_stores_nor_shares_its_older_ans
     let bs = Backstop::start(&route("r", "/", &backend.url(), ""));
     let first = tokio::spawn(get_at_once(bs.url("/doc"), 1));
     backend.wait_for_hits(1, Duration::from_secs(5)).await;
-    // Twins that wait for the first read's answer.
+    // Twins that wait for the first read's answer (given time to be
+    // waiting on a loaded machine).
     let twins = tokio::spawn(get_at_once(bs.url("/doc"), 3));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(send("PUT", bs.url("/doc"), &[]).await.0, 200);
     // A read after the write fetches anew rather than wait for the old read.
     let started = Instant::now();
@@ -514,7 +548,7 @@ async fn a_read_in_flight_during_a_write_neither_stores_nor_shares_its_older_ans
         ("MISS", "v2")
     );
     assert!(
-        started.elapsed() < Duration::from_millis(500),
+        started.elapsed() < Duration::from_millis(1500),
         "it waited for the read in flight: {:?}",
         started.elapsed()
     );
@@ -546,7 +580,7 @@ async fn a_write_leaves_the_reads_in_flight_of_other_uris_stored_and_shared() {
             return Reply::ok("updated");
         }
         let i = reads.fetch_add(1, Ordering::SeqCst) + 1;
-        Reply::ok(&format!("read {i}")).delay(Duration::from_millis(800))
+        Reply::ok(&format!("read {i}")).delay(Duration::from_millis(2000))
     })
     .await;
     let bs = Backstop::start(&route("r", "/", &backend.url(), ""));
@@ -555,7 +589,7 @@ async fn a_write_leaves_the_reads_in_flight_of_other_uris_stored_and_shared() {
     let twins: Vec<_> = (0..3)
         .map(|_| tokio::spawn(get_at_site(bs.url("/b"))))
         .collect();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     // A write to another URI of the route while /b is upstream.
     let write = send("PUT", bs.url("/a"), &[("host", "api.example")]).await;
     assert_eq!(write, (200, "BYPASS".to_string()));
@@ -1830,7 +1864,11 @@ struct OwnRedis {
 }
 
 impl OwnRedis {
-    fn start_on(port: u16) -> OwnRedis {
+    /// A redis-server on `port`; `None` if it exits first (the port was
+    /// taken meanwhile). Ready once it answers PING: a port that merely
+    /// accepts could be another test's listener.
+    fn try_start_on(port: u16) -> Option<OwnRedis> {
+        use std::io::{Read, Write};
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -1838,21 +1876,44 @@ impl OwnRedis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed");
+        let mut redis = OwnRedis { child, port };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        loop {
+            if redis.child.try_wait().unwrap().is_some() {
+                return None;
+            }
+            let pong = std::net::TcpStream::connect(("127.0.0.1", port)).and_then(|mut c| {
+                c.set_read_timeout(Some(Duration::from_secs(1)))?;
+                c.write_all(b"PING\r\n")?;
+                let mut answer = [0u8; 7];
+                c.read_exact(&mut answer)?;
+                Ok(answer == *b"+PONG\r\n")
+            });
+            if pong.unwrap_or(false) {
+                return Some(redis);
+            }
             assert!(Instant::now() < deadline, "redis-server did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        OwnRedis { child, port }
+    }
+
+    fn start_on(port: u16) -> OwnRedis {
+        Self::try_start_on(port)
+            .unwrap_or_else(|| panic!("redis-server could not take port {port}"))
     }
 
     fn start() -> OwnRedis {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Self::start_on(port)
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            if let Some(redis) = Self::try_start_on(port) {
+                return redis;
+            }
+        }
+        panic!("redis-server found no free port in 5 tries")
     }
 
     fn url(&self) -> String {
@@ -1951,12 +2012,16 @@ async fn monitor(redis: &OwnRedis) -> Arc<std::sync::Mutex<String>> {
 
 /// A raw HTTP/1.1 backend: a GET is answered with its head and half its
 /// body at once, the other half `pause` later; any other method with 200.
-async fn trickling_backend(pause: Duration) -> std::net::SocketAddr {
+/// Also the count of GET heads it has sent.
+async fn trickling_backend(pause: Duration) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(AtomicUsize::new(0));
+    let sent = heads.clone();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
+            let sent = sent.clone();
             tokio::spawn(async move {
                 let mut wire = Vec::new();
                 // The request's body, if any, is read before answering.
@@ -1972,6 +2037,7 @@ async fn trickling_backend(pause: Duration) -> std::net::SocketAddr {
                     if stream.write_all(start).await.is_err() {
                         return;
                     }
+                    sent.fetch_add(1, Ordering::SeqCst);
                     tokio::time::sleep(pause).await;
                     if stream.write_all(b" body").await.is_err() {
                         return;
@@ -1980,14 +2046,14 @@ async fn trickling_backend(pause: Duration) -> std::net::SocketAddr {
             });
         }
     });
-    addr
+    (addr, heads)
 }
 
 #[tokio::test]
 async fn a_write_while_a_reads_body_comes_keeps_it_from_being_stored_at_all() {
     let redis = OwnRedis::start();
     let commands = monitor(&redis).await;
-    let backend = trickling_backend(Duration::from_millis(800)).await;
+    let (backend, heads) = trickling_backend(Duration::from_millis(2000)).await;
     let config = format!(
         "{}{}",
         redis_section(&redis.url(), "bs:"),
@@ -1996,6 +2062,14 @@ async fn a_write_while_a_reads_body_comes_keeps_it_from_being_stored_at_all() {
     let bs = Backstop::start(&config);
     let read = tokio::spawn(get_at_once(bs.url("/doc"), 1));
     // The read's head is here, its body on its way: the write comes now.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while heads.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the read never reached the backend"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         send("PUT", bs.url("/doc"), &[]).await,
@@ -2006,7 +2080,25 @@ async fn a_write_while_a_reads_body_comes_keeps_it_from_being_stored_at_all() {
         (read.x_cache.as_str(), read.body.as_str()),
         ("MISS", "older body")
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Anything the read sends Redis goes before a command sent a while
+    // after it: once that shows, the record is complete.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut sentinel = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: String = redis::cmd("ECHO")
+        .arg("sentinel")
+        .query(&mut sentinel)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !commands.lock().unwrap().contains("\"sentinel\"") {
+        assert!(
+            Instant::now() < deadline,
+            "the monitor never saw the sentinel"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let commands = commands.lock().unwrap().clone();
     assert!(
         commands.contains("\"UNLINK\""),
@@ -2020,11 +2112,8 @@ async fn a_write_while_a_reads_body_comes_keeps_it_from_being_stored_at_all() {
 
 #[tokio::test]
 async fn an_unreachable_redis_at_startup_only_skips_the_cache() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let down = Backend::echo().await.stop().await;
+    let port = down.addr.port();
     let backend = counting_backend(vec![]).await;
     let config = format!(
         "{}{}",

@@ -712,6 +712,47 @@ async fn queue_replay_leaves_queued_records_to_a_running_worker() {
     assert_eq!(backend.hits(), 3);
 }
 
+/// A dead letter requeued (from the admin API) while `queue replay`
+/// delivers it by hand leaves the spool with that delivery: its queued
+/// copy would be delivered a second time.
+#[tokio::test]
+async fn a_dead_letter_requeued_while_delivered_by_hand_is_not_delivered_again() {
+    let addr = stopped_backend().await;
+    let toml =
+        config(&format!("http://{addr}"), "").replace("[replay]\n", "[replay]\nenabled = false\n");
+    let bs = Backstop::start(&toml);
+    let id = capture_one(&bs, "/api/orders", "order").await;
+    let conn = rusqlite::Connection::open(bs.data_dir().join("spool.sqlite3")).unwrap();
+    conn.execute(
+        "INSERT INTO dead_letters (id, route, record, attempts, error, dead_at_ms) \
+         SELECT id, route, record, 5, 'test', 0 FROM queue WHERE id = ?1",
+        [&id],
+    )
+    .unwrap();
+    conn.execute("DELETE FROM queue WHERE id = ?1", [&id])
+        .unwrap();
+    let backend = Backend::start_on(addr, |_| {
+        Reply::status(200).delay(Duration::from_millis(1500))
+    })
+    .await;
+    let mut by_hand = Command::new(env!("CARGO_BIN_EXE_backstop"));
+    by_hand
+        .args(["queue", "replay", &id, "-c"])
+        .arg(&bs.config_path);
+    let by_hand = tokio::task::spawn_blocking(move || by_hand.output());
+    backend.wait_for_hits(1, Duration::from_secs(10)).await;
+    let url = bs.admin_url(&format!("/queue/dead-letters/{id}/requeue"));
+    let r = client().post(url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(queue_status(&bs).await["depth"], 1, "requeued meanwhile");
+    let out = by_hand.await.unwrap().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("delivered (200)"), "{stdout}");
+    let q = queue_status(&bs).await;
+    let left = (q["depth"].as_u64(), q["dead_letters"].as_u64());
+    assert_eq!(left, (Some(0), Some(0)), "{q}");
+}
+
 /// `workers = 1` runs everything on Tokio's single-threaded scheduler: the
 /// proxy, capture, replay and the admin listener must all still make
 /// progress on that one thread, and SIGTERM must still drain and exit.
@@ -854,6 +895,37 @@ async fn captures_left_for_kafka_are_replayed_by_a_replay_worker_without_kafka()
     backend.wait_for_hits(1, Duration::from_secs(10)).await;
     assert_eq!(&backend.seen()[0].body[..], b"kept for kafka");
     drop(worker);
+}
+
+/// A run without `[kafka]` started on the spool of a running one with it
+/// (a second instance by mistake, or the new process of a hand-over) takes
+/// the captures waiting for Kafka only once it holds the replay lock: until
+/// then the first forwards them, and replaying them too would send them
+/// twice.
+#[tokio::test]
+async fn a_run_without_kafka_beside_one_with_it_leaves_its_captures_to_it() {
+    let backend = Backend::start(|_| Reply::status(200)).await;
+    let stopped = stopped_backend().await;
+    let with_kafka = format!(
+        "{}{}",
+        unanswering_kafka(),
+        config(&format!("http://{}", stopped.addr), "")
+    );
+    let first = Backstop::start(&with_kafka);
+    capture_one(&first, "/api/users", "kept for kafka").await;
+    let shared = format!("[server]\ndata_dir = {:?}\n", first.data_dir());
+    let second = Backstop::start(&(shared + &config(&backend.url(), "")));
+    second
+        .wait_for_log("this worker stands by", Duration::from_secs(10))
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(backend.hits(), 0, "{}", second.logs());
+    assert_eq!(queue_status(&first).await["waiting_for_kafka"], 1);
+
+    drop(first);
+    backend.wait_for_hits(1, Duration::from_secs(10)).await;
+    assert_eq!(&backend.seen()[0].body[..], b"kept for kafka");
+    wait_queue(&second, "depth", 0).await;
 }
 
 /// A record keeps a trusted proxy's word about the client, which its
@@ -1034,6 +1106,41 @@ async fn a_requeued_dead_letter_keeps_its_capture_age() {
     let q = wait_queue(&bs, "depth", 1).await;
     let age = q["oldest_age_s"].as_f64().unwrap();
     assert!((59.0..120.0).contains(&age), "{q}");
+}
+
+/// A record's next try is stored as wall-clock time; one due further out
+/// than the longest backoff (400 ms here, plus jitter) was put off before
+/// the clock stepped back, and is tried now rather than hours later, with
+/// its route's backlog stalled behind it.
+#[tokio::test]
+async fn a_retry_put_off_before_the_clock_stepped_back_is_not_waited_for() {
+    let addr = stopped_backend().await;
+    // The circuit stays closed through the failed tries.
+    let breaker = "[routes.circuit_breaker]\nfailure_threshold = 1000";
+    let bs = Backstop::start(&config(&format!("http://{addr}"), breaker));
+    let id = capture_one(&bs, "/api/stepped", "body").await;
+    wait_queue(&bs, "dead_letters", 1).await;
+    // Back in the queue as if its last try had set the next one three
+    // hours out by a clock since stepped back by as much.
+    let conn = rusqlite::Connection::open(bs.data_dir().join("spool.sqlite3")).unwrap();
+    let three_hours_out = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        + 3 * 3_600_000;
+    let moved = conn
+        .execute(
+            "INSERT INTO queue (id, route, record, dest, captured_ms, attempts, next_at_ms) \
+             SELECT id, route, record, 'replay', 0, 1, ?2 FROM dead_letters WHERE id = ?1",
+            rusqlite::params![id, three_hours_out],
+        )
+        .unwrap();
+    assert_eq!(moved, 1);
+    conn.execute("DELETE FROM dead_letters WHERE id = ?1", [&id])
+        .unwrap();
+    let backend = Backend::start_on(addr, |_| Reply::status(200)).await;
+    wait_queue(&bs, "replayed_total", 1).await;
+    assert_eq!(backend.seen()[0].headers["idempotency-key"], id.as_str());
 }
 
 /// `queue` commands never make a new, empty spool: run from another

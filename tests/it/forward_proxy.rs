@@ -18,6 +18,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
+use crate::harness::{bind_retrying, Stopped};
+
 /// One request the proxy handled.
 #[derive(Debug, Clone)]
 pub struct ProxySeen {
@@ -45,9 +47,11 @@ impl ForwardProxy {
         ForwardProxy::start_with(name, true).await
     }
 
-    /// A proxy on `addr` (one that was down until now).
-    pub async fn start_at(name: &'static str, addr: SocketAddr) -> ForwardProxy {
-        ForwardProxy::start_on(name, false, TcpListener::bind(addr).await.unwrap())
+    /// A proxy where one was down until now.
+    pub async fn start_at(name: &'static str, down: Stopped) -> ForwardProxy {
+        let addr = down.addr;
+        drop(down);
+        ForwardProxy::start_on(name, false, bind_retrying(addr).await)
     }
 
     async fn start_with(name: &'static str, locked: bool) -> ForwardProxy {

@@ -232,10 +232,19 @@ impl Backstop {
 
     /// Resident memory of the process, in KiB.
     pub fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS:")
+    }
+
+    /// The most resident memory the process has had so far, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.status_kib("VmHWM:")
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap()
     }
@@ -660,7 +669,7 @@ async fn read_request_head(conn: &mut TcpStream) -> bool {
     true
 }
 
-async fn bind_retrying(addr: SocketAddr) -> TcpListener {
+pub async fn bind_retrying(addr: SocketAddr) -> TcpListener {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         match TcpListener::bind(addr).await {

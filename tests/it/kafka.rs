@@ -23,13 +23,24 @@ struct Tansu {
 impl Tansu {
     /// Starts a broker; `durable` keeps topics and offsets across a restart.
     fn start(durable: bool) -> Tansu {
-        let port = free_port();
-        let tansu = Tansu {
-            port,
-            dir: tempfile::tempdir().unwrap(),
-            durable,
+        // A free port can be taken by another test before the broker binds
+        // it: the script then fails, and a new port is tried.
+        let mut tries = 0;
+        let tansu = loop {
+            let tansu = Tansu {
+                port: free_port(),
+                dir: tempfile::tempdir().unwrap(),
+                durable,
+            };
+            match tansu.try_launch() {
+                Ok(()) => break tansu,
+                Err(e) if tries < 2 => {
+                    eprintln!("Tansu did not start on port {}: {e}", tansu.port);
+                    tries += 1;
+                }
+                Err(e) => panic!("cannot start Tansu (run scripts/install-tansu.sh): {e}"),
+            }
         };
-        tansu.launch();
         for topic in ["failed-requests", "failed-requests.dlq"] {
             tansu.tool(&["create-topic", "--topic", topic, "--partitions", "1"]);
         }
@@ -37,6 +48,12 @@ impl Tansu {
     }
 
     fn launch(&self) {
+        if let Err(e) = self.try_launch() {
+            panic!("cannot start Tansu (run scripts/install-tansu.sh): {e}");
+        }
+    }
+
+    fn try_launch(&self) -> Result<(), String> {
         let out = Command::new("bash")
             .arg(format!("{SCRIPTS}/start-tansu.sh"))
             .arg(self.port.to_string())
@@ -45,11 +62,11 @@ impl Tansu {
             .stdin(Stdio::null())
             .output()
             .expect("run start-tansu.sh");
-        assert!(
-            out.status.success(),
-            "cannot start Tansu (run scripts/install-tansu.sh): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
     }
 
     /// Stops the broker, keeping its store for a restart.
@@ -502,7 +519,12 @@ async fn a_partition_paused_when_revoked_is_consumed_once_assigned_again() {
     // A second worker joins (every partition is revoked and assigned
     // anew), then dies: the partition is a's again, whoever had it between.
     let b = ReplayWorker::start(&bs.config_path, dir.path().join("b.log"));
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    wait_until(
+        "the rebalance to take the paused partition from worker a",
+        Duration::from_secs(30),
+        || a.log().contains("partition revoked"),
+    )
+    .await;
     drop(b);
     let backend = Backend::start_on(stopped, |_| Reply::status(200)).await;
     backend.wait_for_hits(600, Duration::from_secs(90)).await;
@@ -542,6 +564,22 @@ async fn two_replay_workers_share_the_group_and_deliver_everything() {
     let dir = tempfile::tempdir().unwrap();
     let a = ReplayWorker::start(&bs.config_path, dir.path().join("a.log"));
     let b = ReplayWorker::start(&bs.config_path, dir.path().join("b.log"));
+    // The backend comes back once the group holds both: started earlier,
+    // one worker could deliver everything before the other joins.
+    let holds_a_share = |worker: &ReplayWorker| {
+        let log = worker.log();
+        let last = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("Kafka partitions assigned"));
+        last.is_some_and(|l| !l.contains("[0, 1, 2, 3]") && !l.contains("[]"))
+    };
+    wait_until(
+        "both workers to hold partitions",
+        Duration::from_secs(60),
+        || holds_a_share(&a) && holds_a_share(&b),
+    )
+    .await;
     let backend = Backend::start_on(addr, |_| Reply::status(200)).await;
     backend.wait_for_hits(80, Duration::from_secs(90)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::forward_proxy::ForwardProxy;
 use crate::harness::{
-    client, error_of, h2_client_giving_up_after, Backend, Backstop, Reply, StuckBackend,
+    client, error_of, h2_client_giving_up_after, Backend, Backstop, Reply, Stopped, StuckBackend,
 };
 
 /// A backend that answers 503 while `failing` is set, else 200 (after
@@ -1016,9 +1016,10 @@ fn proxy_url(addr: std::net::SocketAddr) -> String {
 /// `Basic base64("user:s3cr3t-pw")`.
 const PROXY_AUTH: &str = "Basic dXNlcjpzM2NyM3QtcHc=";
 
-async fn dead_address() -> std::net::SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
+/// An address where nothing listens, kept from other tests' servers while
+/// it lives.
+async fn dead_address() -> Stopped {
+    Backend::echo().await.stop().await
 }
 
 #[tokio::test]
@@ -1167,7 +1168,7 @@ async fn a_dead_proxy_is_skipped() {
     let dead = dead_address().await;
     let bs = Backstop::start(&proxied_route(
         &backend.url(),
-        &[proxy_url(dead), proxy_url(live.addr)],
+        &[proxy_url(dead.addr), proxy_url(live.addr)],
         "round_robin",
         "",
     ));
@@ -1191,7 +1192,7 @@ async fn a_proxy_that_answers_again_is_no_longer_skipped() {
     let (first, second) = (dead_address().await, dead_address().await);
     let bs = Backstop::start(&proxied_route(
         &backend.url(),
-        &[proxy_url(first), proxy_url(second)],
+        &[proxy_url(first.addr), proxy_url(second.addr)],
         "round_robin",
         "",
     ));
@@ -1290,7 +1291,8 @@ fn proxied_https_route(
 #[tokio::test]
 async fn a_target_the_proxy_cannot_reach_is_skipped_not_the_proxy() {
     let (backend, ca_path, _dir) = secure_backend().await;
-    let dead = format!("localhost:{}", dead_address().await.port());
+    let down = dead_address().await;
+    let dead = format!("localhost:{}", down.addr.port());
     let live = format!("localhost:{}", backend.addr.port());
     let proxy = ForwardProxy::start("proxy-a").await;
     let bs = Backstop::start(&proxied_https_route(
@@ -1524,6 +1526,55 @@ upstreams = [{:?}]
         .await;
     bs.wait_for_log("target healthy again", Duration::from_secs(3))
         .await;
+}
+
+/// A target a reload removes is forgotten by the health checks: put back
+/// later, it starts healthy and is checked anew, not kept out of rotation
+/// on the verdict it had (here for an hour, the check's interval).
+#[tokio::test]
+async fn a_target_removed_and_put_back_is_not_judged_by_its_old_verdict() {
+    let sick = Arc::new(AtomicBool::new(true));
+    let flag = sick.clone();
+    let a = Backend::start(|_| Reply::ok("a")).await;
+    let b = Backend::start(move |seen| {
+        if seen.uri == "/healthz" && flag.load(Ordering::SeqCst) {
+            Reply::status(503)
+        } else {
+            Reply::ok("b")
+        }
+    })
+    .await;
+    let toml = |upstreams: &[&Backend]| {
+        let urls: Vec<String> = upstreams.iter().map(|u| u.url()).collect();
+        format!(
+            "[[routes]]\nname = \"pair\"\npath_prefix = \"/api\"\nupstreams = {urls:?}\n\
+             [routes.health_check]\npath = \"/healthz\"\ninterval = \"1h\"\n\
+             unhealthy_threshold = 1\nhealthy_threshold = 1\n"
+        )
+    };
+    let bs = Backstop::start(&toml(&[&a, &b]));
+    bs.wait_for_log("target unhealthy", Duration::from_secs(5))
+        .await;
+    sick.store(false, Ordering::SeqCst);
+    for (reloads, upstreams) in [(1, vec![&a]), (2, vec![&a, &b])] {
+        let text = std::fs::read_to_string(&bs.config_path).unwrap();
+        let (server, _) = text.split_once("[[routes]]").unwrap();
+        std::fs::write(&bs.config_path, format!("{server}{}", toml(&upstreams))).unwrap();
+        bs.signal("HUP");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while bs.logs().matches("configuration reloaded").count() < reloads {
+            assert!(Instant::now() < deadline, "reload {reloads}: {}", bs.logs());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A few health-check ticks under the new table.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        let r = client().get(bs.url("/api/x")).send().await.unwrap();
+        answers.push(r.text().await.unwrap());
+    }
+    assert!(answers.iter().any(|a| a == "b"), "{answers:?}");
 }
 
 #[tokio::test]

@@ -187,9 +187,8 @@ async fn redis_down_or_silent_gives_the_local_view_quickly_and_marked() {
     let backend = path_backend().await;
 
     // Nothing listens: connections are refused.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let refused_url = format!("redis://{}", closed.local_addr().unwrap());
-    drop(closed);
+    let closed = Backend::echo().await.stop().await;
+    let refused_url = format!("redis://{closed}");
     let bs = Backstop::start(&config(Some(&refused_url), &prefix("down"), &backend));
     for _ in 0..3 {
         assert_eq!(get_status(bs.url("/api/x")).await, 200);
