@@ -17,6 +17,7 @@ use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::buffer_budget::{Hold, Taking};
 use crate::server::InFlight;
 use crate::upload::Upload;
 use crate::upstream::ConnBody;
@@ -379,9 +380,10 @@ fn without_refused_trailers(mut frame: Frame<Bytes>) -> Frame<Bytes> {
     frame
 }
 
-/// A request body read whole, so it can be sent again or captured.
+/// A request body read whole, so it can be sent again or captured, with
+/// what it holds of the buffered-bodies budget while it lives.
 #[derive(Debug, Clone, Default)]
-pub struct BufferedBody(pub Bytes);
+pub struct BufferedBody(pub Bytes, pub Hold);
 
 impl BufferedBody {
     pub fn to_request_body(&self) -> RequestBody {
@@ -393,6 +395,10 @@ impl BufferedBody {
 #[derive(Debug)]
 pub enum BufferError {
     TooLarge {
+        limit: u64,
+    },
+    /// Buffered bodies hold `server.max_buffered_bytes` already.
+    Overloaded {
         limit: u64,
     },
     /// No byte came for `stall` (as nginx's `client_body_timeout`).
@@ -412,6 +418,7 @@ pub async fn buffer(
     mut body: ClientIncoming,
     limit: u64,
     stall: Duration,
+    mut budget: Taking,
 ) -> Result<BufferedBody, BufferError> {
     let declared = crate::headers::content_length(headers);
     if declared.is_some_and(|n| n > limit) {
@@ -439,15 +446,27 @@ pub async fn buffer(
         if total > limit {
             return Err(BufferError::TooLarge { limit });
         }
+        if !budget.take(data.len() as u64) {
+            return Err(BufferError::Overloaded {
+                limit: budget.limit(),
+            });
+        }
         match first.take() {
             None if joined.is_empty() => first = Some(data),
             earlier => {
                 if let Some(earlier) = earlier {
+                    // A declared length (within the limit) is the size to
+                    // come: one allocation, not a doubling one.
+                    let expected = declared.map_or(0, |n| usize::try_from(n).unwrap_or(0));
+                    joined.reserve(expected.max(earlier.len() + data.len()));
                     joined.extend_from_slice(&earlier);
                 }
                 joined.extend_from_slice(&data);
             }
         }
     }
-    Ok(BufferedBody(first.unwrap_or_else(|| joined.freeze())))
+    Ok(BufferedBody(
+        first.unwrap_or_else(|| joined.freeze()),
+        budget.hold(),
+    ))
 }

@@ -207,6 +207,7 @@ async fn replay_only(
         metrics,
         // A standalone replay worker serves no client requests.
         otel: crate::otel::Tracing::disabled(),
+        buffers: Arc::default(),
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
     let mut stop_signals = runtime::StopSignals::install();

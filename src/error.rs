@@ -23,6 +23,8 @@ pub enum ErrorCode {
     UpstreamUnreachable,
     UpstreamInvalidResponse,
     UpstreamBusy,
+    /// Buffered request bodies hold `server.max_buffered_bytes` already.
+    Overloaded,
     BodyTooLarge,
     RequestTimeout,
     Captured,
@@ -40,6 +42,7 @@ impl ErrorCode {
             ErrorCode::UpstreamUnreachable => "upstream_unreachable",
             ErrorCode::UpstreamInvalidResponse => "upstream_invalid_response",
             ErrorCode::UpstreamBusy => "upstream_busy",
+            ErrorCode::Overloaded => "overloaded",
             ErrorCode::BodyTooLarge => "body_too_large",
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::Captured => "captured",
@@ -55,7 +58,8 @@ impl ErrorCode {
             ErrorCode::CircuitOpen
             | ErrorCode::Captured
             | ErrorCode::CaptureFailed
-            | ErrorCode::UpstreamBusy => StatusCode::SERVICE_UNAVAILABLE,
+            | ErrorCode::UpstreamBusy
+            | ErrorCode::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::UpstreamUnreachable | ErrorCode::UpstreamInvalidResponse => {
                 StatusCode::BAD_GATEWAY

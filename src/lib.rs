@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod buffer_budget;
 pub mod cache;
 pub mod canonical_path;
 pub mod capture;

@@ -41,12 +41,13 @@ use http_body::Body as _;
 use http_body_util::Either;
 
 use crate::body::{self, BufferError, BufferedBody, ClientBody, ResponseBody, UpstreamBody};
+use crate::buffer_budget::{BufferBudget, Taking};
 use crate::cache::{self, CacheState, Caches, Lookup};
 use crate::canonical_path;
 use crate::capture::record::CaptureRecord;
 use crate::capture::{CaptureOutcome, Capturer};
 use crate::classify::{is_idempotent, status_failure, status_trips_breaker, Failure};
-use crate::config::{Config, RateLimitConfig};
+use crate::config::{Config, RateLimitConfig, ServerConfig};
 use crate::error::{ErrorCode, ProxyError};
 use crate::headers::{self, ClientInfo, Forwarding, ProxySet, RequestNames, X_REQUEST_ID};
 use crate::otel;
@@ -81,6 +82,8 @@ pub struct Proxy {
     pub caches: Caches,
     /// The OTLP trace exporter (settings fixed at start; a no-op when off).
     pub otel: otel::Tracing,
+    /// Bytes of request bodies buffered now (`server.max_buffered_bytes`).
+    pub buffers: Arc<BufferBudget>,
 }
 
 /// Per-request state carried through the phases, logged once at the end.
@@ -256,7 +259,7 @@ async fn proxy_request(
         let phase = rate_limit_phase(proxy, active, route, limit, guards, &req, ctx);
         out_of_line(phase).await?;
     }
-    let body = read_body(route, &mut req, active.config.server.max_body_bytes).await?;
+    let body = read_body(route, &mut req, &active.config.server, &proxy.buffers).await?;
     // What `Connection` names never reaches the backend, so from here on
     // nothing sees it: not the cache key (a client's `X-Tenant: 2` named
     // away would store the backend's answer without it as tenant 2's), nor
@@ -472,8 +475,10 @@ fn circuit_open_error(retry_in: Duration) -> ProxyError {
 async fn read_body(
     route: &Route,
     req: &mut Request<ClientBody>,
-    max_body_bytes: u64,
+    server: &ServerConfig,
+    buffers: &Arc<BufferBudget>,
 ) -> Result<OutgoingBody, ProxyError> {
+    let max_body_bytes = server.max_body_bytes;
     let incoming = match req.body_mut().take() {
         Some(incoming) if !incoming.is_end_stream() => incoming,
         _ => return Ok(OutgoingBody::Buffered(BufferedBody::default())),
@@ -494,12 +499,21 @@ async fn read_body(
         )));
     }
     let stall = route.config.body_read_timeout;
-    match out_of_line(body::buffer(req.headers(), incoming, max_body_bytes, stall)).await {
+    let budget = Taking::new(buffers.clone(), server.max_buffered_bytes);
+    let read = body::buffer(req.headers(), incoming, max_body_bytes, stall, budget);
+    match out_of_line(read).await {
         Ok(buffered) => Ok(OutgoingBody::Buffered(buffered)),
         Err(BufferError::TooLarge { limit }) => Err(ProxyError::new(
             ErrorCode::BodyTooLarge,
             format!("Request body is larger than {limit} bytes"),
         )),
+        Err(BufferError::Overloaded { limit }) => Err(ProxyError::new(
+            ErrorCode::Overloaded,
+            format!(
+                "Request bodies buffered here hold the server's {limit} bytes; try again shortly"
+            ),
+        )
+        .with_retry_after(1)),
         Err(BufferError::Stalled { stall }) => Err(ProxyError::new(
             ErrorCode::RequestTimeout,
             format!("The request body stopped coming for {stall:?}"),

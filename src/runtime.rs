@@ -21,7 +21,7 @@ use crate::otel;
 use crate::pipeline::{Active, Proxy};
 use crate::replay::kafka_consumer::KafkaReplayer;
 use crate::replay::kafka_lag::KafkaLag;
-use crate::replay::{ReplayCounters, SpoolReplayer};
+use crate::replay::{hand_kafkas_captures_over_if_free, ReplayCounters, SpoolReplayer};
 use crate::resilience::Registry;
 use crate::routing::RouteTable;
 use crate::server::tls::ListenerCert;
@@ -138,6 +138,7 @@ pub async fn run(
         caches: Caches::new(metrics.clone()),
         metrics,
         otel,
+        buffers: Arc::default(),
     });
     let shutdown = CancellationToken::new();
     let connections = TaskTracker::new();
@@ -203,10 +204,15 @@ pub async fn run(
         if kafka.is_none() {
             // What a run with `[kafka]` left waiting for it, once this
             // process holds the replay lock: a process with `[kafka]` still
-            // running on this spool forwards them until then.
+            // replaying this spool forwards them until then.
             replayer = replayer.taking_kafkas_captures();
         }
         background.spawn(replayer.run(shutdown.clone()));
+    } else if kafka.is_none() {
+        // Nothing here replays: they go to the spool's replay queue now
+        // (for `backstop replay` or `queue replay`), unless a process that
+        // replays this spool holds its lock, and takes them itself.
+        hand_kafkas_captures_over_if_free(&spool).await;
     }
     let mut stop_signals = StopSignals::install();
     background.spawn(watch_config(

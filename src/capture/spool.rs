@@ -796,20 +796,21 @@ fn writer_loop(
         }
         match apply_batch(&mut conn, &batch) {
             Ok(results) => {
-                // Records that came into the queue: those rows each write
-                // added or moved there (none for an append that failed or
-                // was there already; thousands for one requeue).
-                let appends: u64 = batch
-                    .iter()
-                    .zip(&results)
-                    .filter(|(j, _)| {
-                        matches!(
-                            j.write,
-                            Write::Append { .. } | Write::Requeue { .. } | Write::ToReplay { .. }
-                        )
-                    })
-                    .filter_map(|(_, result)| result.as_ref().ok())
-                    .sum();
+                // Records that came into the queue: the rows each write
+                // added (none for an append that failed or was there
+                // already; thousands for one requeue). Records handed from
+                // Kafka's side to replay were counted when they came, but
+                // wake the worker too.
+                let rows = |came: fn(&Write) -> bool| -> u64 {
+                    batch
+                        .iter()
+                        .zip(&results)
+                        .filter(|(j, _)| came(&j.write))
+                        .filter_map(|(_, result)| result.as_ref().ok())
+                        .sum()
+                };
+                let appends = rows(|w| matches!(w, Write::Append { .. } | Write::Requeue { .. }));
+                let handed = rows(|w| matches!(w, Write::ToReplay { .. }));
                 // Before anyone hears of the commit: a client told its
                 // request was captured must find the backlog marked.
                 let to_kafka = batch.iter().any(|j| {
@@ -834,7 +835,7 @@ fn writer_loop(
                 for (job, result) in batch.drain(..).zip(results) {
                     let _ = job.reply.send(result);
                 }
-                if appends > 0 {
+                if appends + handed > 0 {
                     appended.notify_one();
                 }
             }

@@ -40,6 +40,8 @@ pub struct ServerConfig {
     pub admin_listen: SocketAddr,
     pub data_dir: PathBuf,
     pub max_body_bytes: u64,
+    /// Bytes of request bodies buffered at once, across every request.
+    pub max_buffered_bytes: u64,
     pub workers: usize,
     pub max_header_bytes: usize,
     /// Whether repeated slashes in a request's path are merged before it
@@ -459,6 +461,15 @@ impl ServerConfig {
         if max_body_bytes == 0 {
             s.error("max_body_bytes", "must be greater than 0");
         }
+        let max_buffered_bytes = s.get("max_buffered_bytes", 256 * 1024 * 1024u64);
+        if max_buffered_bytes < max_body_bytes {
+            s.error(
+                "max_buffered_bytes",
+                format!(
+                    "must be at least max_body_bytes ({max_body_bytes}): a body that size could never be buffered"
+                ),
+            );
+        }
         let max_header_bytes = s.get("max_header_bytes", 32 * 1024usize);
         if !(8192..=MAX_HEADER_BYTES).contains(&max_header_bytes) {
             s.error(
@@ -526,6 +537,7 @@ impl ServerConfig {
             admin_listen,
             data_dir: s.get("data_dir", PathBuf::from("./backstop-data")),
             max_body_bytes,
+            max_buffered_bytes,
             workers,
             max_header_bytes,
             merge_slashes: s.get("merge_slashes", true),

@@ -16,6 +16,7 @@ use http::{HeaderName, Method, Request, Version};
 use http_body_util::BodyExt;
 
 use crate::body::{BufferedBody, UpstreamBody};
+use crate::buffer_budget::Hold;
 use crate::cache::{Caches, Target};
 use crate::capture::record::{CaptureRecord, REDACTED};
 use crate::classify::{status_trips_breaker, Failure};
@@ -284,7 +285,7 @@ fn build_request(
         headers.insert(X_REQUEST_ID, rid);
     }
 
-    let mut request = Request::new(BufferedBody(body.into()).to_request_body());
+    let mut request = Request::new(BufferedBody(body.into(), Hold::default()).to_request_body());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;

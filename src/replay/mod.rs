@@ -527,6 +527,24 @@ impl SpoolReplayer {
     }
 }
 
+/// For a process without `[kafka]` that replays nothing: hands the records
+/// a run with `[kafka]` left waiting for it to the spool's replay queue
+/// (where `backstop replay` and `queue replay` find them), unless a process
+/// that replays this spool holds its lock: that one takes them itself, or,
+/// with `[kafka]`, still forwards them.
+pub async fn hand_kafkas_captures_over_if_free(spool: &Spool) {
+    match spool.try_lock_replay() {
+        Ok(Some(lock)) => {
+            hand_kafkas_captures_to_replay(spool).await;
+            drop(lock);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open the replay lock: captures spooled for Kafka stay where they are")
+        }
+    }
+}
+
 /// Records a run with `[kafka]` left waiting for it: without Kafka nothing
 /// would forward them, so the spool replays them itself.
 async fn hand_kafkas_captures_to_replay(spool: &Spool) {

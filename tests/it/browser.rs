@@ -231,7 +231,9 @@ async fn start_driver(http: &reqwest::Client) -> (Child, String) {
             }
             if let Ok(r) = http.get(format!("{base}/status")).send().await {
                 let v: Value = r.json().await.unwrap_or_default();
-                if v["value"]["ready"] == true {
+                // Still running: the answer was not another test's
+                // chromedriver, which took the port first.
+                if v["value"]["ready"] == true && driver.try_wait().unwrap().is_none() {
                     return (driver, base);
                 }
             }

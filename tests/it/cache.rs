@@ -1890,7 +1890,14 @@ impl OwnRedis {
                 Ok(answer == *b"+PONG\r\n")
             });
             if pong.unwrap_or(false) {
-                return Some(redis);
+                // Ours, not another test's that took the port first.
+                let mut conn = redis::Client::open(redis.url())
+                    .ok()?
+                    .get_connection()
+                    .ok()?;
+                let info: String = redis::cmd("INFO").arg("server").query(&mut conn).ok()?;
+                let ours = format!("process_id:{}", redis.child.id());
+                return info.lines().any(|l| l.trim() == ours).then_some(redis);
             }
             assert!(Instant::now() < deadline, "redis-server did not start");
             std::thread::sleep(Duration::from_millis(20));

@@ -731,10 +731,8 @@ async fn a_dead_letter_requeued_while_delivered_by_hand_is_not_delivered_again()
     .unwrap();
     conn.execute("DELETE FROM queue WHERE id = ?1", [&id])
         .unwrap();
-    let backend = Backend::start_on(addr, |_| {
-        Reply::status(200).delay(Duration::from_millis(1500))
-    })
-    .await;
+    let backend =
+        Backend::start_on(addr, |_| Reply::status(200).delay(Duration::from_secs(5))).await;
     let mut by_hand = Command::new(env!("CARGO_BIN_EXE_backstop"));
     by_hand
         .args(["queue", "replay", &id, "-c"])
@@ -872,6 +870,28 @@ async fn captures_left_for_kafka_are_replayed_after_a_restart_without_kafka() {
     assert_eq!(&backend.seen()[0].body[..], b"kept for kafka");
     let q = wait_queue(&bs, "depth", 0).await;
     assert_eq!(q["waiting_for_kafka"], 0, "{q}");
+}
+
+/// A restart without `[kafka]` and without replay hands them to the
+/// spool's replay queue all the same, where `queue replay` finds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn captures_left_for_kafka_are_queued_for_replay_by_a_run_that_replays_nothing() {
+    let stopped = stopped_backend().await;
+    let upstream = format!("http://{}", stopped.addr);
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let with_kafka = format!("{}{}", unanswering_kafka(), config(&upstream, ""));
+    let bs = Backstop::start_in(dir.clone(), &with_kafka);
+    let id = capture_one(&bs, "/api/users", "kept for kafka").await;
+    drop(bs);
+
+    let without = config(&upstream, "").replace("[replay]\n", "[replay]\nenabled = false\n");
+    let bs = Backstop::start_in(dir, &without);
+    let q = wait_queue(&bs, "waiting_for_kafka", 0).await;
+    assert_eq!(q["depth"], 1, "{q}");
+    let backend = Backend::start_on(stopped, |_| Reply::status(200)).await;
+    let out = tokio::task::block_in_place(|| queue_cli(&bs, &["replay", &id]));
+    assert!(out.contains("delivered (200)"), "{out}");
+    assert_eq!(&backend.seen()[0].body[..], b"kept for kafka");
 }
 
 /// So are they by a standalone `backstop replay` without `[kafka]` (a

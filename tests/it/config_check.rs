@@ -40,6 +40,12 @@ fn invalid_files_list_every_error_with_its_key() {
             ],
         ),
         (
+            format!("[server]\nmax_body_bytes = 2048\nmax_buffered_bytes = 1024\n{ROUTE}"),
+            vec![
+                "FILE: server.max_buffered_bytes: must be at least max_body_bytes (2048): a body that size could never be buffered",
+            ],
+        ),
+        (
             "[[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nupstreams = [\"htp:/x\", \"http://h/?q=1\"]\n".into(),
             vec![
                 "FILE: routes[0].upstreams[0]: invalid URL \"htp:/x\": scheme must be http or https",

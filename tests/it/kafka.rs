@@ -525,6 +525,12 @@ async fn a_partition_paused_when_revoked_is_consumed_once_assigned_again() {
         || a.log().contains("partition revoked"),
     )
     .await;
+    wait_until(
+        "the rebalance to end with worker b in the group",
+        Duration::from_secs(30),
+        || b.log().contains("Kafka partitions assigned"),
+    )
+    .await;
     drop(b);
     let backend = Backend::start_on(stopped, |_| Reply::status(200)).await;
     backend.wait_for_hits(600, Duration::from_secs(90)).await;
