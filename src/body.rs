@@ -424,6 +424,14 @@ pub async fn buffer(
     if declared.is_some_and(|n| n > limit) {
         return Err(BufferError::TooLarge { limit });
     }
+    // A declared length is taken whole before a byte is read (the buffer
+    // is sized by it below); a body of unknown length takes as it comes.
+    let overloaded = |budget: &Taking| BufferError::Overloaded {
+        limit: budget.limit(),
+    };
+    if declared.is_some_and(|n| !budget.take(n)) {
+        return Err(overloaded(&budget));
+    }
     // A body of one frame is kept as it came; one of more is copied into
     // one buffer. Kept as frames, a body sent in 1-byte chunks (or HTTP/2
     // DATA frames) would cost a slice handle and a pinned receive buffer
@@ -446,10 +454,8 @@ pub async fn buffer(
         if total > limit {
             return Err(BufferError::TooLarge { limit });
         }
-        if !budget.take(data.len() as u64) {
-            return Err(BufferError::Overloaded {
-                limit: budget.limit(),
-            });
+        if declared.is_none() && !budget.take(data.len() as u64) {
+            return Err(overloaded(&budget));
         }
         match first.take() {
             None if joined.is_empty() => first = Some(data),

@@ -45,13 +45,18 @@ impl Taking {
     /// Takes `n` more bytes; `false`, taking nothing, if that would pass the
     /// limit.
     pub fn take(&mut self, n: u64) -> bool {
-        let before = self.budget.held.fetch_add(n, Ordering::Relaxed);
-        if before.saturating_add(n) > self.limit {
-            self.budget.held.fetch_sub(n, Ordering::Relaxed);
-            return false;
+        // Added only if it fits: a refused take never shows in `held`, where
+        // it could make another body's take that fits fail.
+        let fits = |held: u64| held.checked_add(n).filter(|&after| after <= self.limit);
+        let taken = self
+            .budget
+            .held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, fits)
+            .is_ok();
+        if taken {
+            self.bytes += n;
         }
-        self.bytes += n;
-        true
+        taken
     }
 
     /// The budget's limit.

@@ -3,7 +3,8 @@
 //! changed the queue (the worker, the CLI, another process), and keep their
 //! last values when it cannot be read; the turn gauges of capped targets
 //! from the route table, so the request path counts nothing for them; the
-//! circuit states as a caller would find them now.
+//! circuit states as a caller would find them now; the bytes of request
+//! bodies buffered, from the budget they are taken from.
 
 use std::collections::HashMap;
 
@@ -40,6 +41,9 @@ async fn metrics(State(state): State<AdminState>) -> Response {
             tracing::warn!(error = %e, "metrics: cannot read the spool; queue gauges not updated");
         }
     }
+    let buffered = state.proxy.buffers.held();
+    m.buffered_request_bytes
+        .set(i64::try_from(buffered).unwrap_or(i64::MAX));
     record_turns(&state);
     publish_circuits(&state);
     (

@@ -345,6 +345,16 @@ mod tests {
         }
     }
 
+    /// A POST of `body` to `/s` with `headers`.
+    const fn post(body: &'static str, headers: &'static [(&'static str, &'static str)]) -> Req {
+        Req {
+            method: "POST",
+            body,
+            headers,
+            ..get("/s")
+        }
+    }
+
     fn key(req: &Req, strategy: HeaderStrategy, listed: &[&str]) -> CacheKey {
         let (path, query) = match req.target.split_once('?') {
             Some((p, q)) => (p, Some(q)),
@@ -661,67 +671,32 @@ mod tests {
             ),
             (
                 "body",
-                Req {
-                    method: "POST",
-                    body: "{\"q\":1}",
-                    ..get("/s")
-                },
-                Req {
-                    method: "POST",
-                    body: "{\"q\":2}",
-                    ..get("/s")
-                },
+                post("{\"q\":1}", &[]),
+                post("{\"q\":2}", &[]),
                 NoHeaders,
                 &[],
                 false,
             ),
             (
                 "same body",
-                Req {
-                    method: "POST",
-                    body: "{\"q\":1}",
-                    ..get("/s")
-                },
-                Req {
-                    method: "POST",
-                    body: "{\"q\":1}",
-                    ..get("/s")
-                },
+                post("{\"q\":1}", &[]),
+                post("{\"q\":1}", &[]),
                 NoHeaders,
                 &[],
                 true,
             ),
             (
                 "a body's type keyed whatever the strategy",
-                Req {
-                    method: "POST",
-                    body: "{\"q\":1}",
-                    headers: &[("content-type", "application/json")],
-                    ..get("/s")
-                },
-                Req {
-                    method: "POST",
-                    body: "{\"q\":1}",
-                    headers: &[("content-type", "text/plain")],
-                    ..get("/s")
-                },
+                post("{\"q\":1}", &[("content-type", "application/json")]),
+                post("{\"q\":1}", &[("content-type", "text/plain")]),
                 NoHeaders,
                 &[],
                 false,
             ),
             (
                 "and its coding",
-                Req {
-                    method: "POST",
-                    body: "{\"q\":1}",
-                    headers: &[("content-encoding", "gzip")],
-                    ..get("/s")
-                },
-                Req {
-                    method: "POST",
-                    body: "{\"q\":1}",
-                    ..get("/s")
-                },
+                post("{\"q\":1}", &[("content-encoding", "gzip")]),
+                post("{\"q\":1}", &[]),
                 NoHeaders,
                 &[],
                 false,

@@ -538,7 +538,11 @@ pub async fn hand_kafkas_captures_over_if_free(spool: &Spool) {
             hand_kafkas_captures_to_replay(spool).await;
             drop(lock);
         }
-        Ok(None) => {}
+        Ok(None) => {
+            tracing::info!(
+                "another process replays this spool: captures spooled for Kafka are left to it"
+            )
+        }
         Err(e) => {
             tracing::warn!(error = %e, "cannot open the replay lock: captures spooled for Kafka stay where they are")
         }

@@ -74,6 +74,9 @@ pub struct Metrics {
     /// 1 when the last scrape read the spool, 0 when it could not (the
     /// queue gauges then keep their last values).
     pub spool_up: Gauge,
+    /// Bytes of request bodies buffered now (`server.max_buffered_bytes`),
+    /// read at scrape time.
+    pub buffered_request_bytes: Gauge,
     pub kafka_fallbacks: Counter,
     pub replayed: Family<RouteOutcome, Counter>,
     pub rate_limit_local_fallback: Family<RouteLabel, Counter>,
@@ -166,6 +169,12 @@ impl Metrics {
             "Whether the last scrape could read the spool (0: the queue gauges are stale)",
             spool_up.clone(),
         );
+        let buffered_request_bytes = Gauge::default();
+        registry.register(
+            "buffered_request_bytes",
+            "Bytes of request bodies buffered now (bounded by server.max_buffered_bytes)",
+            buffered_request_bytes.clone(),
+        );
         let kafka_fallbacks = Counter::default();
         registry.register(
             "kafka_fallbacks",
@@ -243,6 +252,7 @@ impl Metrics {
             queue_oldest_age_seconds,
             dead_letters,
             spool_up,
+            buffered_request_bytes,
             kafka_fallbacks,
             replayed,
             rate_limit_local_fallback,

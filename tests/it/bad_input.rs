@@ -489,8 +489,9 @@ async fn a_body_buffered_in_one_byte_chunks_costs_about_its_size() {
 }
 
 /// Bodies buffered side by side share `server.max_buffered_bytes`: one
-/// that would pass it gets `503 overloaded` (its client may retry), and
-/// what a body held is given back when its request ends.
+/// that would pass it gets `503 overloaded` (its client may retry); a body
+/// takes its declared length before it is read, and gives back what it
+/// took when its request ends.
 #[tokio::test]
 async fn buffered_bodies_share_the_servers_budget() {
     let backend = Backend::start(|seen| Reply::ok(&seen.body_len.to_string())).await;
@@ -507,32 +508,32 @@ async fn buffered_bodies_share_the_servers_budget() {
         .unwrap();
     slow.write_all(&vec![b'x'; 800_000]).await.unwrap();
     let post = |len: usize| client().post(bs.url("/quick")).body(vec![b'y'; len]).send();
+    // The slow body takes its whole declared length once its head is read.
     let deadline = Instant::now() + Duration::from_secs(5);
-    let mut passed = 0;
-    let refused = loop {
-        let r = post(300_000).await.unwrap();
-        if r.status() != 200 || Instant::now() > deadline {
-            break r;
-        }
-        // The slow body's bytes were not all read yet.
-        passed += 1;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    while bs.metric("backstop_buffered_request_bytes").await != 1_000_000.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow body never took its share"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // 48,576 bytes are left.
+    let refused = post(300_000).await.unwrap();
+    assert_eq!(refused.status(), 503);
     assert_eq!(refused.headers()["retry-after"], "1");
     let (status, code, error) = error_of(refused).await;
     assert_eq!((status, code.as_str()), (503, "overloaded"), "{error}");
     assert_eq!(error["code"], "overloaded");
-    assert_eq!(
-        post(100_000).await.unwrap().status(),
-        200,
-        "within what is left"
-    );
+    let within = post(40_000).await.unwrap();
+    assert_eq!(within.status(), 200, "within what is left");
     drop(slow);
+    // Each of two whole-budget bodies passes only if every body before
+    // gave back all it took.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let r = post(300_000).await.unwrap();
+        let r = post(1_048_576).await.unwrap();
         if r.status() == 200 {
-            assert_eq!(r.text().await.unwrap(), "300000");
+            assert_eq!(r.text().await.unwrap(), "1048576");
             break;
         }
         assert!(
@@ -541,7 +542,9 @@ async fn buffered_bodies_share_the_servers_budget() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(backend.hits(), passed + 2, "no refused body went upstream");
+    assert_eq!(post(1_048_576).await.unwrap().status(), 200);
+    assert_eq!(bs.metric("backstop_buffered_request_bytes").await, 0.0);
+    assert_eq!(backend.hits(), 3, "no refused body went upstream");
     assert_healthy(&mut bs).await;
 }
 

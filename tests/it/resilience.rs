@@ -1528,11 +1528,9 @@ upstreams = [{:?}]
         .await;
 }
 
-/// A target a reload removes is forgotten by the health checks: put back
-/// later, it starts healthy and is checked anew, not kept out of rotation
-/// on the verdict it had (here for an hour, the check's interval).
-#[tokio::test]
-async fn a_target_removed_and_put_back_is_not_judged_by_its_old_verdict() {
+/// Two backends answering "a" and "b"; b's `/healthz` fails while the
+/// flag is set (it starts set).
+async fn a_and_b_whose_health_check_fails() -> (Backend, Backend, Arc<AtomicBool>) {
     let sick = Arc::new(AtomicBool::new(true));
     let flag = sick.clone();
     let a = Backend::start(|_| Reply::ok("a")).await;
@@ -1544,6 +1542,15 @@ async fn a_target_removed_and_put_back_is_not_judged_by_its_old_verdict() {
         }
     })
     .await;
+    (a, b, sick)
+}
+
+/// A target a reload removes is forgotten by the health checks: put back
+/// later, it starts healthy and is checked anew, not kept out of rotation
+/// on the verdict it had (here for an hour, the check's interval).
+#[tokio::test]
+async fn a_target_removed_and_put_back_is_not_judged_by_its_old_verdict() {
+    let (a, b, sick) = a_and_b_whose_health_check_fails().await;
     let toml = |upstreams: &[&Backend]| {
         let urls: Vec<String> = upstreams.iter().map(|u| u.url()).collect();
         format!(
@@ -1579,17 +1586,7 @@ async fn a_target_removed_and_put_back_is_not_judged_by_its_old_verdict() {
 
 #[tokio::test]
 async fn active_health_checks_take_a_target_out_of_rotation_and_back() {
-    let sick = Arc::new(AtomicBool::new(true));
-    let flag = sick.clone();
-    let a = Backend::start(|_| Reply::ok("a")).await;
-    let b = Backend::start(move |seen| {
-        if seen.uri == "/healthz" && flag.load(Ordering::SeqCst) {
-            Reply::status(503)
-        } else {
-            Reply::ok("b")
-        }
-    })
-    .await;
+    let (a, b, sick) = a_and_b_whose_health_check_fails().await;
     let toml = format!(
         r#"
 [[routes]]
