@@ -397,7 +397,8 @@ pub enum BufferError {
     TooLarge {
         limit: u64,
     },
-    /// Buffered bodies hold `server.max_buffered_bytes` already.
+    /// The body would take the bodies buffered in the process past
+    /// `server.max_buffered_bytes`.
     Overloaded {
         limit: u64,
     },
@@ -434,8 +435,8 @@ pub async fn buffer(
     }
     // A body of one frame is kept as it came; one of more is copied into
     // one buffer. Kept as frames, a body sent in 1-byte chunks (or HTTP/2
-    // DATA frames) would cost a slice handle and a pinned receive buffer
-    // per byte: 50 times its size, under the limit.
+    // DATA frames) would cost a slice handle per byte and keep the receive
+    // buffers they were cut from: 50 times its size, under the limit.
     let mut first: Option<Bytes> = None;
     let mut joined = BytesMut::new();
     let mut total: u64 = 0;

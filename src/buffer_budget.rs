@@ -5,9 +5,10 @@
 //! clients could buffer thousands at once (HTTP/2 lets one connection send
 //! 200 bodies side by side, and buffering hands its flow-control window back
 //! as it reads) and run the process out of memory, losing every request in
-//! flight. A body takes its bytes from the budget as they come and gives
-//! them back when the request is done with it; one that finds the budget
-//! spent is refused with `503 overloaded`, which its client can retry.
+//! flight. A body takes its declared length before it is read (one of
+//! unknown length takes its bytes as they come) and gives them back when the
+//! request is done with it; one that would pass the limit is refused with
+//! `503 overloaded`, which its client can retry.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -23,7 +23,7 @@ pub enum ErrorCode {
     UpstreamUnreachable,
     UpstreamInvalidResponse,
     UpstreamBusy,
-    /// Buffered request bodies hold `server.max_buffered_bytes` already.
+    /// A request body would take those buffered past `server.max_buffered_bytes`.
     Overloaded,
     BodyTooLarge,
     RequestTimeout,

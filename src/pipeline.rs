@@ -510,7 +510,7 @@ async fn read_body(
         Err(BufferError::Overloaded { limit }) => Err(ProxyError::new(
             ErrorCode::Overloaded,
             format!(
-                "Request bodies buffered here hold the server's {limit} bytes; try again shortly"
+                "Too many request bodies are being buffered (at most {limit} bytes at once); try again shortly"
             ),
         )
         .with_retry_after(1)),
