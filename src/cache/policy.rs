@@ -51,10 +51,13 @@ pub fn request_plan(cache: &CacheConfig, method: &Method, headers: &HeaderMap) -
     if directives.no_store || super::conditional::for_the_backend(headers) {
         return RequestPlan::Bypass;
     }
-    let pragma_no_cache = headers
-        .get_all(PRAGMA)
-        .iter()
-        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"no-cache"));
+    // HTTP/1.0's word for it, read only without `Cache-Control`, which
+    // takes its place when both come (RFC 9111 §5.4).
+    let pragma_no_cache = !headers.contains_key(CACHE_CONTROL)
+        && headers
+            .get_all(PRAGMA)
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"no-cache"));
     if directives.no_cache || pragma_no_cache {
         return RequestPlan::Refresh;
     }
@@ -406,6 +409,13 @@ mod tests {
                 Method::GET,
                 &[("pragma", "no-cache")],
                 RequestPlan::Refresh,
+            ),
+            (
+                "pragma beside cache-control is ignored",
+                &default,
+                Method::GET,
+                &[("pragma", "no-cache"), ("cache-control", "max-age=10")],
+                RequestPlan::Lookup,
             ),
             (
                 "max-age only",
