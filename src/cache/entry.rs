@@ -8,7 +8,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use super::vary::Varied;
@@ -110,12 +110,18 @@ impl Entry {
 
     /// What the entry costs in memory, approximately.
     pub fn weight(&self) -> usize {
+        OVERHEAD_BYTES + self.bytes(HEADER_OVERHEAD_BYTES)
+    }
+
+    /// Its headers' names and values, each header counted `per_header`
+    /// bytes more, its `Vary` names and its body.
+    fn bytes(&self, per_header: usize) -> usize {
         let headers: usize = self
             .headers
             .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + HEADER_OVERHEAD_BYTES)
+            .map(|(n, v)| n.as_str().len() + v.len() + per_header)
             .sum();
-        OVERHEAD_BYTES + headers + self.vary.weight() + self.body.len()
+        headers + self.vary.weight() + self.body.len()
     }
 
     /// `[5][status u16][stored_at u64][age_at_store ms u64][max_age ms u64, MAX for none]
@@ -125,12 +131,8 @@ impl Entry {
     /// the `v` names are those `Vary` names, the digest that of their values.
     /// Small and copy-free to decode, unlike JSON + base64.
     pub fn encode(&self) -> Vec<u8> {
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(n, v)| 6 + n.as_str().len() + v.len())
-            .sum();
-        let mut out = BytesMut::with_capacity(64 + self.vary.weight() + headers + self.body.len());
+        // The fixed fields, then each header's two lengths.
+        let mut out = Vec::with_capacity(64 + self.bytes(6));
         out.put_u8(FORMAT);
         out.put_u16(self.status.as_u16());
         out.put_u64(self.stored_at_ms);
@@ -158,7 +160,7 @@ impl Entry {
         }
         out.put_u64(self.body.len() as u64);
         out.put_slice(&self.body);
-        out.to_vec()
+        out
     }
 
     pub fn decode(bytes: Bytes) -> Option<Entry> {
